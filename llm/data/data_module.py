@@ -1,0 +1,66 @@
+"""BaseDataModule: where a task's data comes from, split and batched per rank."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from llm.errors import UsageError
+from llm.training.core.config import Config
+
+
+class BaseDataModule(ABC):
+    """Subclass and implement the four methods below.
+
+    The engine calls ``prepare_data()`` on one process per node while the others
+    wait, then ``setup()`` on every process, then asks for the loaders.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    @abstractmethod
+    def prepare_data(self) -> None:
+        """Download, tokenize or otherwise prepare raw data (once per node)."""
+
+    @abstractmethod
+    def setup(self, stage: str | None = None) -> None:
+        """Load and split the prepared data (on every process)."""
+
+    @abstractmethod
+    def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        """The training loader for this rank and the sampler that shards it."""
+
+    @abstractmethod
+    def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        """The validation loader for this rank and the sampler that shards it."""
+
+    def build_dataloader(
+        self, dataset: Dataset, rank: int, world_size: int, train: bool
+    ) -> tuple[DataLoader, DistributedSampler]:
+        """A sharded loader: shuffled with the run's seed and full batches only when training.
+
+        Refuses a data set too small to give every rank one batch, since a rank
+        with no batches would leave the others waiting in a collective.
+        """
+        batch_size = self.config.training.batch_size
+        size = len(dataset)  # type: ignore[arg-type]
+        if train and size < batch_size * world_size:
+            raise UsageError(
+                f"the training set has {size} samples, fewer than one batch per rank "
+                f"({batch_size} x {world_size} ranks): lower training.batch_size or use fewer processes"
+            )
+        if not train and size < world_size:
+            raise UsageError(f"the validation set has {size} samples, fewer than the {world_size} ranks")
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=train,
+            seed=self.config.training.seed, drop_last=train,
+        )
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+            num_workers=self.config.data.num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.config.data.num_workers > 0,
+        )
+        return loader, sampler

@@ -1,0 +1,31 @@
+"""Errors that mean "the user asked for something that cannot work".
+
+Entry points catch :class:`UsageError`, print its one-line message and exit
+with :data:`EXIT_USAGE`, so bad input never ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_USAGE = 2
+"""Exit code for bad input: config, flags, paths, checkpoints."""
+
+
+class UsageError(Exception):
+    """Bad input that the user can fix; the message is one line saying how."""
+
+
+class ConfigError(UsageError):
+    """A config value that is unknown, of the wrong type, or out of range."""
+
+    def __init__(self, field: str, value: object, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}: got {value!r}, expected {allowed}")
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean X?)' suffix for the nearest valid name, or ''."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""

@@ -1,0 +1,199 @@
+"""Callbacks: code that runs at fixed points of the training loop.
+
+Where each hook fires (every hook takes the engine first)::
+
+    on_train_start(engine)                      # model built, checkpoint restored
+    while epochs and steps remain:
+        on_epoch_start(engine)
+        for each optimizer step:
+            forward, backward, clip, optimizer step  (the engine's own work)
+            on_step_end(engine)
+            on_log(engine, record)              # every logging.log_every_steps steps
+            if evaluation is due:
+                validate
+                on_validation_end(engine, metrics)
+                on_log(engine, record)
+            if a checkpoint is due: save
+        validate, on_validation_end, on_log     # end of epoch
+        on_epoch_end(engine, metrics)
+        on_log(engine, record)
+    on_train_end(engine, metrics)               # also after an error, for cleanup
+
+Metrics reaching a callback are already averaged over ranks, and hooks run on
+every rank: callbacks that write files check ``engine.is_main``. A callback adds
+metrics to the record being built with ``engine.log({...})`` and stops training
+with ``engine.request_stop(reason)``; the engine agrees on the stop across ranks.
+Callbacks with state implement ``state_dict``/``load_state_dict``; the state is
+saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llm.training.core.engine import TrainingEngine
+
+log = logging.getLogger("llm")
+
+
+class Callback:
+    """Base class: every hook does nothing until overridden."""
+
+    def on_train_start(self, engine: TrainingEngine) -> None: ...
+
+    def on_epoch_start(self, engine: TrainingEngine) -> None: ...
+
+    def on_step_end(self, engine: TrainingEngine) -> None: ...
+
+    def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
+
+    def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+"""The hook names, in the order they are declared above."""
+
+
+class MetricsLogger(Callback):
+    """Appends every log record to ``<log_dir>/metrics.jsonl`` and prints a line per epoch."""
+
+    def __init__(self, filename: str = "metrics.jsonl"):
+        self.filename = filename
+        self._file = None
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if engine.is_main:
+            # append: a resumed run continues the same file
+            self._file = open(Path(engine.run_dir) / self.filename, "a", buffering=1)
+
+    def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+
+    def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if engine.is_main:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            engine.print(f"epoch {engine.epoch}/{engine.config.training.epochs}  step {engine.step}  {shown}")
+
+    def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardLogger(Callback):
+    """Writes every logged metric as a TensorBoard scalar, tagged ``<split>/<name>``."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self._writer = None
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if engine.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+
+    def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        split, step = record["split"], record["step"]
+        for key, value in record.items():
+            if key not in ("split", "step", "epoch") and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{split}/{key}", value, step)
+
+    def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class EarlyStopping(Callback):
+    """Stops training when ``monitor`` has not improved for ``patience`` validations."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 5, mode: str = "min", min_delta: float = 0.0):
+        if patience < 0:
+            raise ValueError(f"EarlyStopping patience: got {patience}, expected an integer >= 0")
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode: got {mode!r}, expected 'min' or 'max'")
+        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
+        self.best: float | None = None
+        self.wait = 0
+
+    def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but validation reported {sorted(metrics)}")
+        value = metrics[self.monitor]
+        sign = 1.0 if self.mode == "min" else -1.0
+        if self.best is None or sign * (self.best - value) > self.min_delta:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            engine.request_stop(f"early stopping: {self.monitor} has not improved on {self.best:.6g} for {self.wait} evaluations")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+
+
+class LRSchedulerCallback(Callback):
+    """Adds the learning rate to the metrics logged during training and at each epoch end."""
+
+    def on_step_end(self, engine: TrainingEngine) -> None:
+        engine.log({"lr": engine.optimizer.param_groups[0]["lr"]})
+
+    def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        engine.log({"lr": engine.optimizer.param_groups[0]["lr"]})
+
+
+class ProgressBar(Callback):
+    """A tqdm bar on rank 0 with loss and throughput; only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bar = None
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if self.enabled and engine.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=engine.total_steps, initial=engine.step, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, engine: TrainingEngine) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
+        if self._bar is not None and record["split"] == "train":
+            shown = {k: f"{record[k]:.4g}" for k in ("loss", "samples_per_s", "tokens_per_s") if k in record}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def write(self, line: str) -> bool:
+        """Print above the bar; False when there is no bar."""
+        if self._bar is None:
+            return False
+        self._bar.write(line)
+        return True

@@ -1,0 +1,481 @@
+"""Typed run configuration: nested dataclasses, YAML in and out, flags and env.
+
+Precedence, lowest first: dataclass defaults < YAML (``--config FILE``) <
+environment (``LLM_<SECTION>_<FIELD>``) < command line (``--<section>-<field>``).
+
+Each field's help text is the one-line docstring written under it; ``--help``
+and ``docs/config.md`` read it from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import math
+import os
+import sys
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from llm.errors import ConfigError, UsageError, closest
+
+ENV_PREFIX = "LLM_"
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 10
+    """Passes over the training data."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: no limit beyond epochs)."""
+    batch_size: int = 32
+    """Samples per rank in one micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    seed: int = 0
+    """Seed for model init, data order and every random number generator."""
+    eval_every_steps: int = 0
+    """Validate every N optimizer steps (0: only at the end of each epoch)."""
+    eval_batches: int = 0
+    """Validation batches per evaluation on each rank (0: the whole validation set)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; fp16 adds a gradient scaler."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto picks cuda when available."""
+    compile: bool = False
+    """torch.compile the model."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a non-finite loss or gradient norm: stop the run, or skip the step."""
+    patience: int = 5
+    """Stop early after this many validations without improvement of checkpoint.monitor."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay, applied to matrices only."""
+    beta1: float = 0.9
+    """First moment decay (adam, adamw) or momentum (sgd)."""
+    beta2: float = 0.999
+    """Second moment decay (adam, adamw)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    """Learning-rate decay after warmup, down to min_lr at the last step."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    """Transformer blocks (lm) or hidden layers (regression, classification)."""
+    n_head: int = 4
+    """Attention heads per block (lm)."""
+    n_embd: int = 128
+    """Embedding width (lm) or hidden units (regression, classification)."""
+    block_size: int = 128
+    """Context length in tokens (lm)."""
+    dropout: float = 0.0
+    """Dropout probability."""
+    bias: bool = False
+    """Bias terms in linear and norm layers (lm)."""
+    pos_emb: Literal["rope", "learned"] = "rope"
+    """Position encoding (lm): rotary or learned absolute."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation layer (lm)."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """Feed-forward block (lm)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head (lm)."""
+
+
+@dataclass
+class DataConfig:
+    module: str = ""
+    """Data module: a built-in name or package.module:Class (default: the task's own)."""
+    path: str = ""
+    """Training data: a file, a folder or a glob (text data modules)."""
+    num_samples: int = 2048
+    """Samples in a synthetic data set."""
+    input_dim: int = 16
+    """Features per sample in a synthetic data set."""
+    num_classes: int = 4
+    """Classes in the synthetic classification data set."""
+    noise: float = 0.1
+    """Label noise of a synthetic data set."""
+    val_fraction: float = 0.1
+    """Share of the data held out for validation (the last part of a text corpus)."""
+    tokenizer: str = "char"
+    """Tokenizer: byte, char, bpe, or the path of a tokenizer.json."""
+    vocab_size: int = 512
+    """Vocabulary size when training a bpe tokenizer."""
+    cache_dir: str = ""
+    """Where tokenized corpora are cached (default: ~/.cache/llm)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Checkpoint directory (default: <log_dir>/checkpoints)."""
+    every_n_steps: int = 0
+    """Save every N optimizer steps (0: only at the end of training)."""
+    keep_last: int = 3
+    """Newest checkpoints kept; the best by monitor is kept too."""
+    resume: str = ""
+    """Resume: '' (start fresh), 'auto' (newest valid checkpoint in dir, if any) or a path."""
+    monitor: str = "val_loss"
+    """Metric that picks the best checkpoint."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a lower or a higher monitored value is better."""
+
+
+@dataclass
+class LoggingConfig:
+    log_dir: str = "runs/{task}"
+    """Run directory for config, metrics, TensorBoard events and summary ({task} is filled in)."""
+    log_every_steps: int = 10
+    """Log training metrics every N optimizer steps."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 when stderr is a terminal."""
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend: auto picks nccl with CUDA, gloo otherwise."""
+    timeout_s: int = 600
+    """Seconds a collective may wait for another rank before the run fails."""
+
+
+@dataclass
+class Config:
+    task: str = "regression"
+    """Task: a built-in name (regression, classification) or package.module:Class."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    # ---- loading and saving -------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "config") -> Config:
+        """A validated Config from a nested mapping of overrides."""
+        config = cls()
+        config._apply(data, origin)
+        return config.validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Config:
+        """Load and validate a YAML file of overrides (missing keys keep their defaults)."""
+        return cls.from_dict(_read_yaml(path), origin=str(path))
+
+    def save_to_yaml(self, path: str | os.PathLike) -> None:
+        """Write the whole config as YAML (atomically: no half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_args_and_env(
+        cls, argv: list[str] | None = None, environ: dict[str, str] | None = None
+    ) -> Config:
+        """Defaults < ``--config`` YAML < ``LLM_*`` environment < flags."""
+        argv = sys.argv[1:] if argv is None else argv
+        environ = os.environ if environ is None else environ
+        args = vars(build_parser().parse_args(argv))
+        config = cls()
+        config_path = args.pop("config_path", None)
+        if config_path:
+            config._apply(_read_yaml(config_path), origin=config_path)
+        config._apply(_env_overrides(environ), origin="environment")
+        flags: dict[str, Any] = {}
+        for dest, value in args.items():
+            section, _, name = dest.partition(".")
+            if name:
+                flags.setdefault(section, {})[name] = value
+            else:
+                flags[section] = value
+        config._apply(flags, origin="command line")
+        return config.validate()
+
+    def _apply(self, data: Any, origin: str) -> None:
+        if not isinstance(data, dict):
+            raise UsageError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
+        sections = {f.name for f in dataclasses.fields(self)}
+        for key, value in data.items():
+            if key not in sections:
+                raise ConfigError(str(key), value, f"a known section{closest(str(key), sections) or f': one of {sorted(sections)}'}")
+            target = getattr(self, key)
+            if not dataclasses.is_dataclass(target):
+                setattr(self, key, _convert(key, value, _hints(type(self))[key]))
+                continue
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, "a mapping of fields")
+            names = {f.name for f in dataclasses.fields(target)}
+            hints = _hints(type(target))
+            for name, raw in value.items():
+                if name not in names:
+                    raise ConfigError(f"{key}.{name}", raw, f"a field of {key}{closest(str(name), names) or f': one of {sorted(names)}'}")
+                setattr(target, name, _convert(f"{key}.{name}", raw, hints[name]))
+
+    # ---- validation -----------------------------------------------------------
+
+    def validate(self) -> Config:
+        """Check every value; fill in derived paths. Raises ConfigError."""
+        t, o, m, d, c, lg = self.training, self.optimizer, self.model, self.data, self.checkpoint, self.logging
+        _at_least("training.epochs", t.epochs, 1)
+        _at_least("training.max_steps", t.max_steps, 0)
+        _at_least("training.batch_size", t.batch_size, 1)
+        _at_least("training.grad_accum_steps", t.grad_accum_steps, 1)
+        _at_least("training.grad_clip", t.grad_clip, 0.0)
+        _at_least("training.seed", t.seed, 0)
+        _at_least("training.eval_every_steps", t.eval_every_steps, 0)
+        _at_least("training.eval_batches", t.eval_batches, 0)
+        _at_least("training.patience", t.patience, 0)
+        _positive("optimizer.lr", o.lr)
+        _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
+        _fraction("optimizer.beta1", o.beta1)
+        _fraction("optimizer.beta2", o.beta2)
+        _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
+        _at_least("optimizer.min_lr", o.min_lr, 0.0)
+        if o.min_lr > o.lr:
+            raise ConfigError("optimizer.min_lr", o.min_lr, f"a value <= optimizer.lr ({o.lr})")
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            _at_least(f"model.{name}", getattr(m, name), 1)
+        _fraction("model.dropout", m.dropout)
+        if m.n_embd % m.n_head:
+            raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
+        for name in ("num_samples", "input_dim", "vocab_size"):
+            _at_least(f"data.{name}", getattr(d, name), 1)
+        _at_least("data.num_classes", d.num_classes, 2)
+        _at_least("data.noise", d.noise, 0.0)
+        _at_least("data.num_workers", d.num_workers, 0)
+        if not 0.0 < d.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction", d.val_fraction, "a number between 0 and 1 (exclusive)")
+        _at_least("checkpoint.every_n_steps", c.every_n_steps, 0)
+        _at_least("checkpoint.keep_last", c.keep_last, 1)
+        _at_least("logging.log_every_steps", lg.log_every_steps, 1)
+        _at_least("distributed.timeout_s", self.distributed.timeout_s, 1)
+        if not self.task:
+            raise ConfigError("task", self.task, "a task name or package.module:Class")
+        if "{task}" in lg.log_dir:
+            lg.log_dir = lg.log_dir.replace("{task}", self.task.rpartition(":")[2].lower())
+        if not c.dir:
+            c.dir = str(Path(lg.log_dir) / "checkpoints")
+        return self
+
+
+# ---- field documentation -------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring written under each field of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = after.value.value.strip()
+    return docs
+
+
+def sections() -> dict[str, type]:
+    """Section name -> its dataclass, in declaration order."""
+    hints = _hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def describe(tp: Any) -> str:
+    """How a type reads in help text and error messages."""
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+# ---- the command line ------------------------------------------------------------
+
+ALIASES = {"training.epochs": ["--epochs"], "task": ["--task"]}
+"""Short flags the usage guide shows, beside the full --<section>-<field> form."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        if "unrecognized arguments:" in message:
+            bad = message.split(":", 1)[1].split()
+            flag = next((b for b in bad if b.startswith("--")), bad[0])
+            message += closest(flag.split("=")[0], [o for a in self._actions for o in a.option_strings])
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every config field as a flag, grouped by section, help text from the field docstring."""
+    parser = _Parser(
+        prog="llm-train",
+        description="Train a model. Every config field is a flag; values from --config and LLM_* env vars come first.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", dest="config_path", metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML file of overrides")
+    defaults = Config()
+    _add_flag(parser, "task", "--task", _hints(Config)["task"], defaults.task, field_docs(Config)["task"])
+    for section, cls in sections().items():
+        group = parser.add_argument_group(section)
+        docs = field_docs(cls)
+        section_default = getattr(defaults, section)
+        for sub in dataclasses.fields(cls):
+            flag = f"--{section}-{sub.name}".replace("_", "-")
+            _add_flag(group, f"{section}.{sub.name}", flag, _hints(cls)[sub.name],
+                      getattr(section_default, sub.name), docs.get(sub.name, ""))
+    return parser
+
+
+def _add_flag(parser: Any, dest: str, flag: str, tp: Any, default: Any, doc: str) -> None:
+    flags = [flag] + [a for a in ALIASES.get(dest, []) if a != flag]
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f"{doc} (default: {default!r})".replace("%", "%%")}
+    if get_origin(tp) is Literal:
+        kwargs["metavar"] = "{" + ",".join(map(str, get_args(tp))) + "}"
+    elif tp is bool:
+        kwargs.update(nargs="?", const="true", metavar="BOOL")
+    else:
+        kwargs["metavar"] = tp.__name__.upper()
+    parser.add_argument(*flags, **kwargs)
+
+
+# ---- conversion and checks --------------------------------------------------------
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _convert(name: str, value: Any, tp: Any) -> Any:
+    """Coerce a YAML, env or flag value to the field's type, or raise ConfigError."""
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(name, value, describe(tp) + closest(str(value), map(str, choices)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(name, value, describe(tp))
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        raise ConfigError(name, value, f"{kind} >= {low}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(name, value, "a number > 0")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(name, value, "a number in [0, 1)")
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
+    return {} if data is None else data
+
+
+def _env_overrides(environ: dict[str, str] | os._Environ) -> dict[str, Any]:
+    """LLM_<SECTION>_<FIELD> variables as nested overrides; unknown LLM_* names only warn."""
+    known: dict[str, tuple[str, str | None]] = {"LLM_TASK": ("task", None)}
+    for section, cls in sections().items():
+        for sub in dataclasses.fields(cls):
+            known[f"{ENV_PREFIX}{section}_{sub.name}".upper()] = (section, sub.name)
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        if key not in known:
+            warnings.warn(f"ignoring environment variable {key}: it names no config field{closest(key, known)}", stacklevel=3)
+            continue
+        section, name = known[key]
+        if name is None:
+            out[section] = value
+        else:
+            out.setdefault(section, {})[name] = value
+    return out

@@ -1,0 +1,101 @@
+"""Process groups and the few collectives every rank must agree through.
+
+Any decision that changes control flow (stop, save, fail) goes through
+:func:`any_rank` or :func:`agree_on_errors`, so no rank takes a branch the
+others do not and then waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from llm.errors import UsageError
+from llm.training.core.config import Config
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) when run plainly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(config: Config, local_rank: int) -> torch.device:
+    wanted = config.training.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UsageError("training.device is 'cuda' but no CUDA device is available: use --training-device cpu")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_process_group(config: Config, rank: int, world_size: int, local_rank: int) -> None:
+    """Join the default group (nccl with CUDA, gloo otherwise) when there is more than one process."""
+    if world_size == 1 or dist.is_initialized():
+        return
+    backend = config.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if pick_device(config, local_rank).type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=config.distributed.timeout_s),
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks, in one small all-reduce."""
+    if not active():
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The average of each metric over ranks; every rank must pass the same keys."""
+    if not active() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def agree_on_errors(fn: Callable[[], None], run_here: bool = True) -> None:
+    """Run ``fn`` where ``run_here``; if it raised a UsageError on any rank, raise it on every rank.
+
+    Used around work that only some ranks do (preparing data on one rank per
+    node): the ranks that wait learn of a failure instead of waiting for ever.
+    """
+    message = None
+    if run_here:
+        try:
+            fn()
+        except UsageError as e:
+            message = str(e)
+            if not active():
+                raise
+    if active():
+        gathered: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, message)
+        message = next((m for m in gathered if m), None)
+        if message:
+            raise UsageError(message)

@@ -1,0 +1,531 @@
+"""TrainingEngine: the loop. The task computes; the engine optimises.
+
+``train()`` reads top to bottom: set up, then epochs of optimizer steps with
+validation, logging and checkpoints at their intervals, then a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from llm.data.data_module import BaseDataModule
+from llm.errors import UsageError
+from llm.training.core import distributed as D
+from llm.training.core.callbacks import HOOKS, Callback, ProgressBar
+from llm.training.core.checkpoint import CheckpointManager, load_rank_state, load_shared_state, resolve_checkpoint
+from llm.training.core.config import Config
+from llm.training.core.registry import resolve_data_module
+from llm.training.tasks.base_task import TrainingTask
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CallbackError(RuntimeError):
+    """A user callback raised; the message names it."""
+
+
+class TrainingEngine:
+    def __init__(
+        self,
+        config: Config,
+        task: TrainingTask,
+        rank: int = 0,
+        world_size: int = 1,
+        data_module: BaseDataModule | None = None,
+        callbacks: list[Callback] | None = None,
+        local_rank: int | None = None,
+    ):
+        self.config, self.task, self.rank, self.world_size = config, task, rank, world_size
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        self.local_rank = local_rank
+        if data_module is None:
+            data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
+        self.data_module = data_module
+        self.callbacks = list(callbacks or [])
+        self.is_main = rank == 0
+        self.run_dir = Path(config.logging.log_dir)
+        self.device = D.pick_device(config, self.local_rank)
+        # progress: what a checkpoint must hold to continue exactly
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.samples_seen = 0  # training samples over all ranks
+        self.skipped_steps = 0  # steps dropped by nan_policy=skip
+        self.should_stop, self.stop_reason = False, ""
+        self.train_metrics: dict[str, float] = {}  # the last logged training record
+        self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
+        self._pending: dict[str, float] = {}
+        self._signal: int | None = None
+
+    # ---- the loop ------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Train until epochs or max_steps run out, or a stop is agreed; return the final metrics."""
+        t = self.config.training
+        self.setup()
+        start, metrics, ok = time.perf_counter(), {}, False
+        self._fire("on_train_start")
+        self._window_start = (time.perf_counter(), self.samples_seen, self.step)
+        try:
+            with self._stop_on_signals():
+                while self.epoch < t.epochs and not self.should_stop:
+                    self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, same on every rank
+                    self._fire("on_epoch_start")
+                    epoch_sums: dict[str, torch.Tensor] = {}
+                    for micro_batches in self._epoch_batches():
+                        self.optimizer_step(micro_batches, epoch_sums)
+                        self._fire("on_step_end")
+                        if self.step % self.config.logging.log_every_steps == 0:
+                            self._flush_log("train", self._window_metrics())
+                        if t.eval_every_steps and self.step % t.eval_every_steps == 0:
+                            self.validate()
+                        if self.config.checkpoint.every_n_steps and self.step % self.config.checkpoint.every_n_steps == 0:
+                            self.save_checkpoint()
+                        if t.max_steps and self.step >= t.max_steps:
+                            self.request_stop(f"reached max_steps={t.max_steps}")
+                        if self._agree_to_stop():
+                            break
+                    else:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                        epoch_metrics = {"train_loss": self._mean(epoch_sums, "loss"), **self.validate()}
+                        self._fire("on_epoch_end", epoch_metrics)
+                        self._flush_log("epoch", epoch_metrics)
+                        self._agree_to_stop()
+            if self._window:
+                self._flush_log("train", self._window_metrics())  # the steps since the last log
+            if self._signal is None and self.val_metrics.get("step") != self.step:
+                self.validate()  # the final weights always get a validation score
+            path = self.save_checkpoint()
+            metrics = self._summary(time.perf_counter() - start)
+            ok = True
+            if self._signal is not None:
+                raise TrainingInterrupted(self._signal, self.step, path)
+        finally:
+            self._fire_cleanup(metrics, ok)
+        return metrics
+
+    def optimizer_step(self, micro_batches: list[Any], epoch_sums: dict[str, torch.Tensor]) -> None:
+        """Forward and backward over the micro-batches, then one clipped optimizer step."""
+        self.model.train()
+        k = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            # no_sync: DDP all-reduces gradients once, on the last micro-step, not k times
+            sync = i == k - 1 or not isinstance(self.model, DDP)
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
+                loss, metrics = self.task.train_step(self._to_device(batch), self.model, self.criterion)
+            # dividing by k makes k micro-batches of b give the gradient of one batch of k*b
+            self.scaler.scale(loss / k).backward()
+            self._accumulate(self._window, loss, metrics)
+            self._accumulate(epoch_sums, loss, metrics)
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.training.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # a CPU-GPU sync point, the same one GradScaler makes; gradients are already
+        # all-reduced, so every rank sees the same norm and takes the same branch
+        finite = bool(torch.isfinite(grad_norm))
+        if finite or self.scaler.is_enabled():  # under fp16 the scaler skips overflowing steps itself
+            self.scaler.step(self.optimizer)
+        else:
+            self._non_finite(loss)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._window["grad_norm"] = self._window.get("grad_norm", 0.0) + grad_norm.detach().float()
+        self.step += 1
+        self.batch_in_epoch += k
+        self.samples_seen += k * self.config.training.batch_size * self.world_size
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean loss and metrics over the validation set (or eval_batches of it), averaged over ranks."""
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        limit = self.config.training.eval_batches or None
+        for batch in itertools.islice(self.val_loader, limit):
+            with self._autocast():
+                loss, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
+            self._accumulate(sums, loss, metrics)
+        model.train(was_training)
+        count = sums.pop("count")
+        local = {f"val_{k}": (v / count).item() for k, v in sums.items()}
+        metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
+        self.val_metrics = {**metrics, "step": self.step}
+        self._fire("on_validation_end", metrics)
+        self._flush_log("val", metrics)
+        return metrics
+
+    # ---- setup ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Data, model, optimizer, resume, wrapping; in that order, agreed across ranks."""
+        cfg = self.config
+        resume = self._find_resume()
+        D.agree_on_errors(self._check_run_dir, run_here=self.is_main)
+        D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
+        self.data_module.setup("fit")
+        self.train_loader, self.train_sampler = self.data_module.train_dataloader(self.rank, self.world_size)
+        self.val_loader, self.val_sampler = self.data_module.val_dataloader(self.rank, self.world_size)
+        self._resumable = _ResumableSampler.install(self.train_loader, self.train_sampler)
+        k = cfg.training.grad_accum_steps
+        steps_per_epoch = len(self.train_loader) // k
+        if steps_per_epoch == 0:
+            raise UsageError(
+                f"one epoch has {len(self.train_loader)} batches per rank, fewer than "
+                f"training.grad_accum_steps={k}: lower it or the batch size"
+            )
+        self.total_steps = steps_per_epoch * cfg.training.epochs
+        if cfg.training.max_steps:
+            self.total_steps = min(self.total_steps, cfg.training.max_steps)
+
+        torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
+        self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
+        self.raw_model = self.task.build_model().to(self.device)
+        self.criterion = self.task.build_criterion().to(self.device)
+        self.optimizer = self.task.build_optimizer(self.raw_model)
+        self.scheduler = self.task.build_scheduler(self.optimizer)
+        precision = cfg.training.precision
+        if precision == "fp16" and self.device.type != "cuda":
+            raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        _seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
+            cfg.checkpoint.monitor, cfg.checkpoint.mode,
+        )
+        if resume is not None:
+            self.load_checkpoint(resume)
+
+        model: nn.Module = self.raw_model
+        if cfg.training.compile:
+            model = torch.compile(model)
+        if self.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = model
+        self._window: dict[str, Any] = {}
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save_to_yaml(self.run_dir / "config.yaml")
+            self.task.save_artifacts(self.run_dir)
+
+    def _find_resume(self) -> Path | None:
+        spec = self.config.checkpoint.resume
+        if not spec:
+            return None
+        if spec == "auto":
+            directory = Path(self.config.checkpoint.dir)
+            return CheckpointManager(directory).latest_valid() if directory.exists() else None
+        return resolve_checkpoint(spec)
+
+    def _check_run_dir(self) -> None:
+        """A fresh run must not write over an earlier one's files."""
+        existing = [p.name for p in self.run_dir.iterdir()] if self.run_dir.is_dir() else []
+        if existing and not self.config.checkpoint.resume:
+            raise UsageError(
+                f"{self.run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
+                f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
+            )
+        probe = self.run_dir / ".write-test"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}") from None
+
+    # ---- checkpoints ---------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Save everything needed to continue exactly; every rank must call this."""
+        shared = {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "progress": {
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
+                "world_size": self.world_size,
+            },
+            "callbacks": {_callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)},
+            "config": self.config.to_dict(),
+        }
+        metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
+        return self.checkpoints.save(
+            self.step, shared, {"rng": _rng_state()}, metrics=metrics, write_extra=self._write_artifacts,
+        )
+
+    def _write_artifacts(self, directory: Path) -> None:
+        self.config.save_to_yaml(directory / "config.yaml")
+        self.task.save_artifacts(directory)
+
+    def load_checkpoint(self, path: Path) -> None:
+        shared = load_shared_state(path)
+        self.raw_model.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.scheduler is not None and shared["scheduler"] is not None:
+            self.scheduler.load_state_dict(shared["scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+        progress = shared["progress"]
+        self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+        self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
+        states = shared["callbacks"]
+        for i, cb in enumerate(self.callbacks):
+            if _callback_key(i, cb) in states:
+                cb.load_state_dict(states[_callback_key(i, cb)])
+        if progress["world_size"] == self.world_size:
+            _set_rng_state(load_rank_state(path, self.rank)["rng"])
+        else:
+            warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
+        self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    # ---- what callbacks use ----------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after this step; the stop is agreed across ranks."""
+        if not self.should_stop:
+            self.should_stop, self.stop_reason = True, reason
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Add metrics to the record the engine logs at the end of the current hook."""
+        self._pending.update(metrics)
+
+    def print(self, line: str) -> None:
+        """A line of output on rank 0, above the progress bar if there is one."""
+        if not self.is_main:
+            return
+        if not any(cb.write(line) for cb in self.callbacks if isinstance(cb, ProgressBar)):
+            print(line, flush=True)
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _epoch_batches(self) -> Iterator[list[Any]]:
+        """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped."""
+        k = self.config.training.grad_accum_steps
+        loader: Any = self.train_loader
+        if self._resumable is not None:
+            self._resumable.skip = self.batch_in_epoch * self.config.training.batch_size
+        elif self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
+            warnings.warn("the training loader has no BatchSampler over a sampler: replaying batches to resume mid-epoch")
+            loader = itertools.islice(loader, self.batch_in_epoch, None)
+        group: list[Any] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == k:
+                yield group
+                group = []
+        if self._resumable is not None:
+            self._resumable.skip = 0
+        # a last group shorter than k is dropped, like a last partial batch
+
+    def _agree_to_stop(self) -> bool:
+        stop, signalled = D.any_rank([self.should_stop, self._signal is not None], self.device)
+        if signalled and self._signal is None:
+            self._signal = signal.SIGTERM
+        if signalled:
+            self.request_stop(f"stopped by signal {signal.Signals(self._signal).name}")
+        self.should_stop = stop or signalled
+        return self.should_stop
+
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        seen = [not bool(torch.isfinite(loss.detach()))]
+        if D.active():
+            gathered: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, seen[0])
+            seen = gathered
+        ranks = [r for r, bad in enumerate(seen) if bad] or list(range(self.world_size))
+        where = f"at step {self.step + 1}, loss non-finite on rank(s) {ranks}"
+        if self.config.training.nan_policy == "skip":
+            self.skipped_steps += 1
+            self.print(f"warning: non-finite gradient norm {where}: step skipped")
+            self._window["skipped_steps"] = self._window.get("skipped_steps", 0) + 1
+            return
+        raise NonFiniteError(f"non-finite gradient norm {where}: stopping (training.nan_policy=stop); "
+                             f"the last checkpoint is left as it was")
+
+    def _accumulate(self, sums: dict, loss: torch.Tensor, metrics: dict) -> None:
+        # kept on the device: no sync until the values are logged
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+        for key, value in metrics.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            sums[key] = sums.get(key, 0.0) + value
+        sums["count"] = sums.get("count", 0) + 1
+
+    def _mean(self, sums: dict, key: str) -> float:
+        local = {key: float(sums[key]) / sums["count"]} if sums else {key: float("nan")}
+        return D.mean_over_ranks(local, self.device)[key]
+
+    def _window_metrics(self) -> dict[str, float]:
+        """Training metrics since the last log: means over micro-batches and ranks, and throughput."""
+        w, self._window = self._window, {}
+        count = w.pop("count", 1)
+        steps = max(1, self.step - self._window_start[2])
+        grad_norm = w.pop("grad_norm", 0.0)
+        skipped = w.pop("skipped_steps", 0)
+        local = {k: float(v) / count for k, v in w.items()}
+        local["grad_norm"] = float(grad_norm) / steps
+        metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start[0], 1e-9)
+        samples = self.samples_seen - self._window_start[1]
+        metrics["samples_per_s"] = samples / elapsed
+        if self.task.tokens_per_sample:
+            metrics["tokens_per_s"] = samples * self.task.tokens_per_sample / elapsed
+        if skipped:
+            metrics["skipped_steps"] = float(self.skipped_steps)
+        self._window_start = (now, self.samples_seen, self.step)
+        return metrics
+
+    def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
+        if split == "train":
+            self.train_metrics = metrics
+        record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending}
+        self._pending = {}
+        self._fire("on_log", record)
+
+    def _summary(self, elapsed: float) -> dict[str, float]:
+        final = {
+            "train_loss": self.train_metrics.get("loss", float("nan")),
+            **{k: v for k, v in self.val_metrics.items() if k != "step"},
+            "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
+        }
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
+        return final
+
+    def _fire(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            try:
+                getattr(cb, hook)(self, *args)
+            except Exception as e:
+                raise CallbackError(f"callback {type(cb).__name__}.{hook} failed: {type(e).__name__}: {e}") from e
+
+    def _fire_cleanup(self, metrics: dict[str, float], ok: bool) -> None:
+        """on_train_end for every callback; after an error, one failing callback does not stop the rest."""
+        if ok:
+            self._fire("on_train_end", metrics)
+            return
+        for cb in self.callbacks:
+            with contextlib.suppress(Exception):
+                cb.on_train_end(self, metrics)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AUTOCAST_DTYPES.get(self.config.training.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        return batch
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT finish the current step, save a checkpoint and stop (see train.py's exit code)."""
+        def handler(signum: int, frame: Any) -> None:
+            self._signal = signum
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient under training.nan_policy=stop."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped training after a step; a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved at {checkpoint}")
+
+
+class _ResumableSampler:
+    """Stands between a DataLoader's BatchSampler and its sampler to skip indices already trained on.
+
+    Skipping indices costs nothing, unlike replaying batches through the loader.
+    """
+
+    def __init__(self, sampler: Any):
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
+
+    @classmethod
+    def install(cls, loader: Any, sampler: Any) -> _ResumableSampler | None:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is None or getattr(batch_sampler, "sampler", None) is not sampler:
+            return None
+        wrapper = cls(sampler)
+        batch_sampler.sampler = wrapper
+        return wrapper
+
+
+def _callback_key(index: int, cb: Callback) -> str:
+    return f"{index}:{type(cb).__name__}"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,53 @@
+"""Built-in task and data-module names, and loading a user's ``package.module:Class``."""
+
+from __future__ import annotations
+
+import importlib
+
+from llm.errors import UsageError, closest
+
+TASKS = {
+    "regression": "llm.training.tasks.regression_task:RegressionTask",
+    "classification": "llm.training.tasks.classification_task:ClassificationTask",
+    "lm": "llm.training.tasks.lm_task:LMTask",
+}
+
+DATA_MODULES = {
+    "synthetic": "llm.data.synthetic_data_module:SyntheticDataModule",
+    "classification": "llm.data.classification_data_module:ClassificationDataModule",
+    "text": "llm.data.text_data_module:TextDataModule",
+}
+
+
+def resolve_task(name: str) -> type:
+    from llm.training.tasks.base_task import TrainingTask
+
+    return _resolve(name, TASKS, TrainingTask, "task")
+
+
+def resolve_data_module(name: str) -> type:
+    from llm.data.data_module import BaseDataModule
+
+    return _resolve(name, DATA_MODULES, BaseDataModule, "data module")
+
+
+def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type:
+    """A built-in name or ``package.module:Class``; imports only what the user named."""
+    if ":" not in name:
+        if name not in builtins:
+            raise UsageError(
+                f"unknown {kind} {name!r}{closest(name, builtins)}: use one of "
+                f"{', '.join(builtins)} or package.module:Class"
+            )
+        name = builtins[name]
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {kind} module {module_name!r}: {e}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise UsageError(f"module {module_name!r} has no {class_name!r} for the {kind}")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise UsageError(f"{name} is not a {base.__name__} subclass, so it cannot be used as the {kind}")
+    return cls

@@ -1,0 +1,67 @@
+"""TrainingTask: what to train and how to score it. The engine does the optimising."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn, optim
+from torch.optim.lr_scheduler import LRScheduler
+
+from llm.training.core.config import Config
+
+if TYPE_CHECKING:
+    from llm.data.data_module import BaseDataModule
+
+
+class TrainingTask(ABC):
+    """Subclass and implement the six methods below.
+
+    A task computes (model, loss, metrics); it never calls ``backward()`` or
+    steps the optimizer. Before building anything the engine sets
+    ``self.data_module`` (set up, so the task can read e.g. its vocabulary) and
+    ``self.total_steps`` (optimizer steps the run will take, for schedules).
+    """
+
+    default_data_module: str = "synthetic"
+    """Data module used when ``data.module`` is empty: a built-in name or package.module:Class."""
+    tokens_per_sample: int | None = None
+    """Set by language tasks so throughput is also reported in tokens/s."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.data_module: BaseDataModule | None = None
+        self.total_steps: int = 0
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model, on the CPU; the engine moves and wraps it."""
+
+    @abstractmethod
+    def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
+        """The optimizer over the model's parameters."""
+
+    @abstractmethod
+    def build_scheduler(self, optimizer: optim.Optimizer) -> LRScheduler | None:
+        """A learning-rate scheduler stepped once per optimizer step, or None."""
+
+    @abstractmethod
+    def build_criterion(self) -> nn.Module:
+        """The loss function."""
+
+    @abstractmethod
+    def train_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch (already on the device) and metrics to log (tensors or numbers)."""
+
+    @abstractmethod
+    def validation_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
+        """Loss and metrics of one validation batch; the engine averages them."""
+
+    def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Add metrics derived from rank-averaged ones (e.g. perplexity from loss); default: none."""
+        return metrics
+
+    def save_artifacts(self, directory: Path) -> None:
+        """Write files needed to use the model on its own (e.g. a tokenizer) into ``directory``."""
