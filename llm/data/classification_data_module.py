@@ -1,0 +1,40 @@
+"""ClassificationDataModule: Gaussian clusters, one per class.
+
+Written against the usage guide alone, as a user would write their own data
+module: it builds its own samplers and loaders rather than using the
+``build_dataloader`` helper of the base class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from llm.data.data_module import BaseDataModule
+
+
+class ClassificationDataModule(BaseDataModule):
+    def prepare_data(self) -> None:
+        pass  # made in memory from the seed
+
+    def setup(self, stage: str | None = None) -> None:
+        d = self.config.data
+        g = torch.Generator().manual_seed(self.config.training.seed)
+        centers = 2.0 * torch.randn(d.num_classes, d.input_dim, generator=g)
+        labels = torch.randint(0, d.num_classes, (d.num_samples,), generator=g)
+        features = centers[labels] + (1.0 + d.noise) * torch.randn(d.num_samples, d.input_dim, generator=g)
+        n_val = max(1, int(d.num_samples * d.val_fraction))
+        self.train_set = TensorDataset(features[n_val:], labels[n_val:])
+        self.val_set = TensorDataset(features[:n_val], labels[:n_val])
+
+    def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        sampler = DistributedSampler(
+            self.train_set, num_replicas=world_size, rank=rank, shuffle=True,
+            seed=self.config.training.seed, drop_last=True,
+        )
+        loader = DataLoader(self.train_set, batch_size=self.config.training.batch_size, sampler=sampler, drop_last=True)
+        return loader, sampler
+
+    def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        sampler = DistributedSampler(self.val_set, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.config.training.batch_size, sampler=sampler), sampler

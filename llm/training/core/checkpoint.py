@@ -1,0 +1,363 @@
+"""Checkpoints that a crash can never leave half-written but trusted.
+
+A checkpoint is a directory ``<dir>/step_00000100/`` holding ``state.pt`` (shared
+state, rank 0), ``rank_00000.pt``... (one per rank), any extra files rank 0 writes,
+and ``manifest.json`` (sizes and sha256 of every file). It is built in a hidden
+staging directory and renamed into place only after the manifest is on disk, so a
+``step_*`` directory without a valid manifest is never trusted. ``<dir>/latest``
+names the checkpoint of the last completed save.
+
+All ranks must see the same directory (a shared filesystem on multi-node jobs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llm.errors import UsageError
+
+MANIFEST = "manifest.json"
+SHARED = "state.pt"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+_SCRATCH_PREFIXES = (".staging-", ".trash-")
+_CHUNK = 1 << 20
+_UNKNOWN = 1 << 20  # failure code for errors that carry no errno
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be saved, found, trusted or loaded."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+class CheckpointManager:
+    """Saves checkpoints of one run into ``directory`` and prunes old ones."""
+
+    def __init__(self, directory: str | Path, rank: int = 0, world_size: int = 1, keep_last: int = 3,
+                 monitor: str = "val_loss", mode: str = "min"):
+        if keep_last < 1:
+            raise CheckpointError(f"keep_last: got {keep_last!r}, expected an int >= 1")
+        if mode not in ("min", "max"):
+            raise CheckpointError(f"mode: got {mode!r}, expected 'min' or 'max'")
+        if not 0 <= rank < world_size:
+            raise CheckpointError(f"rank: got {rank!r}, expected 0 <= rank < world_size ({world_size})")
+        self.directory = Path(directory)
+        self.rank, self.world_size = rank, world_size
+        self.keep_last, self.monitor, self.mode = keep_last, monitor, mode
+
+    def save(self, step: int, shared: dict, per_rank: dict, metrics: dict[str, float] | None = None,
+             write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Called on EVERY rank at the same step. Returns the final checkpoint path."""
+        if self._distributed() and dist.get_world_size() != self.world_size:
+            raise CheckpointError(f"world_size is {self.world_size} but the process group has "
+                                  f"{dist.get_world_size()} ranks")
+        final = self.directory / step_name(step)
+        staging = self.directory / f".staging-{final.name}"
+
+        error = None
+        if self.rank == 0:
+            error = _attempt(lambda: self._prepare(staging))
+        # doubles as the barrier: no rank writes before the staging directory exists
+        self._agree(error, staging, "preparing")
+
+        def write() -> None:
+            if self.rank == 0:
+                _save_torch(shared, staging / SHARED)
+                if write_extra is not None:
+                    write_extra(staging)
+            _save_torch(per_rank, staging / rank_file(self.rank))
+        self._agree(_attempt(write), staging, "writing")
+
+        error = None
+        if self.rank == 0:
+            error = _attempt(lambda: self._commit(step, staging, final, metrics or {}))
+            if error is None:
+                error = _attempt(lambda: self._retain(keep=final))
+        # no rank returns before the checkpoint is in place (or every rank raises)
+        self._agree(error, staging, "committing")
+        return final
+
+    def latest_valid(self) -> Path | None:
+        """The checkpoint of the last completed save, or the newest valid one; None if there is none."""
+        found, _ = _newest_valid(self.directory)
+        return found
+
+    def best(self) -> Path | None:
+        """The valid checkpoint with the best ``monitor`` metric; None if no manifest has it."""
+        ranked = sorted(self._scored(_checkpoints(self.directory)), key=lambda pair: pair[0])
+        for _, path in ranked:
+            if verify(path) is None:
+                return path
+        return None
+
+    # -- save protocol, in the order it runs ------------------------------------------------
+
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _prepare(self, staging: Path) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for entry in self.directory.iterdir():
+            if entry.name.startswith(_SCRATCH_PREFIXES):  # left by a save that crashed
+                shutil.rmtree(entry)
+        staging.mkdir()
+
+    def _agree(self, error: Exception | None, staging: Path, stage: str) -> None:
+        """Raise CheckpointError on every rank if any rank failed; a collective, so also a barrier."""
+        # slot r is set only by rank r, so MIN leaves each rank's failure code (a negated errno) in place
+        codes = torch.zeros(self.world_size, dtype=torch.int64)
+        if error is not None:
+            errno = error.errno if isinstance(error, OSError) else None
+            codes[self.rank] = -(errno or _UNKNOWN)
+        if self._distributed():
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            reduced = codes.to(device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+            codes = reduced.cpu()
+        failed = [r for r in range(self.world_size) if codes[r] < 0]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        reasons = []
+        for r in failed:
+            if r == self.rank:
+                reasons.append(f"rank {r}: {_one_line(error)}")
+            elif codes[r] == -_UNKNOWN:
+                reasons.append(f"rank {r}: failed (see that rank's error)")
+            else:
+                reasons.append(f"rank {r}: {os.strerror(-int(codes[r]))}")
+        name = staging.name.removeprefix(".staging-")
+        raise CheckpointError(f"checkpoint {name} not saved ({stage} failed on {'; '.join(reasons)})") from error
+
+    def _commit(self, step: int, staging: Path, final: Path, metrics: dict[str, float]) -> None:
+        files = {}
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                files[path.relative_to(staging).as_posix()] = {"size": path.stat().st_size,
+                                                               "sha256": _sha256(path, sync=True)}
+        manifest = {"step": step, "world_size": self.world_size,
+                    "metrics": {k: float(v) for k, v in metrics.items()}, "files": files,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2))
+        if final.exists():
+            # a rename cannot replace a non-empty directory: move the old one aside first
+            trash = self.directory / f".trash-{final.name}"
+            os.replace(final, trash)
+            os.replace(staging, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(staging, final)
+        _fsync_dir(self.directory)
+        _atomic_write(self.directory / LATEST, final.name + "\n")
+
+    def _retain(self, keep: Path) -> None:
+        # sizes, not hashes: rehashing every kept checkpoint at each save would cost as much I/O as
+        # the save; checkpoints that fail even this are left alone, never deleted unexamined
+        complete = [p for p in _checkpoints(self.directory) if _check(p, hashes=False) is None]
+        kept = set(complete[-self.keep_last:]) | {keep}
+        scored = sorted(self._scored(complete), key=lambda pair: pair[0])
+        if scored:
+            kept.add(scored[0][1])
+        for path in complete:
+            if path not in kept:
+                shutil.rmtree(path)
+
+    def _scored(self, paths: list[Path]) -> list[tuple[float, Path]]:
+        """(sort key, path) for checkpoints whose manifest has the monitored metric; lowest key is best."""
+        sign = 1.0 if self.mode == "min" else -1.0
+        scored = []
+        for path in paths:
+            value = (_read_manifest(path) or {}).get("metrics", {}).get(self.monitor)
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                scored.append((sign * value, path))
+        return scored
+
+
+# -- finding and checking checkpoints ---------------------------------------------------------
+
+
+def verify(path: str | Path) -> str | None:
+    """None if the checkpoint at path is complete and its checksums match, else the reason (one line)."""
+    return _check(Path(path), hashes=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint at ``path``, or the newest valid one in a directory of checkpoints."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory")
+    if _STEP_DIR.fullmatch(path.name) or (path / MANIFEST).exists() or (path / SHARED).exists():
+        reason = verify(path)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} is not valid: {reason}")
+        return path
+    found, seen = _newest_valid(path)
+    if found is not None:
+        return found
+    if seen == 0:
+        raise CheckpointError(f"{path} is not a checkpoint and holds no step_* checkpoints")
+    raise CheckpointError(f"no valid checkpoint in {path} ({seen} found, none valid)")
+
+
+def load_shared_state(ckpt: Path, map_location="cpu") -> dict:
+    """The shared state (model, optimizer, ...) of a checkpoint."""
+    return _load_torch(Path(ckpt) / SHARED, map_location)
+
+
+def load_rank_state(ckpt: Path, rank: int, map_location="cpu") -> dict:
+    """The state that ``rank`` saved (RNG states, ...)."""
+    return _load_torch(Path(ckpt) / rank_file(rank), map_location)
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """step_* directories, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _newest_valid(directory: Path) -> tuple[Path | None, int]:
+    """The valid checkpoint `latest` names, else the newest valid one; also how many were looked at."""
+    candidates = _checkpoints(directory)[::-1]
+    pointer = directory / LATEST
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        # only a plain step_* name: the pointer must not lead outside the directory
+        if _STEP_DIR.fullmatch(name) and directory / name in candidates:
+            candidates.remove(directory / name)
+            candidates.insert(0, directory / name)
+    for path in candidates:
+        reason = verify(path)
+        if reason is None:
+            return path, len(candidates)
+        warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=3)
+    return None, len(candidates)
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _check(path: Path, hashes: bool) -> str | None:
+    if not path.is_dir():
+        return "not a directory"
+    if not (path / MANIFEST).is_file():
+        return f"no {MANIFEST} (the save did not finish)"
+    manifest = _read_manifest(path)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        return f"{MANIFEST} is unreadable or malformed"
+    files = manifest["files"]
+    world_size = manifest.get("world_size")
+    required = [SHARED] + [rank_file(r) for r in range(world_size if isinstance(world_size, int) else 0)]
+    for name in required:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry.get("size"):
+            return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
+        if hashes and _sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its sha256 checksum"
+    return None
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def _attempt(action: Callable[[], None]) -> Exception | None:
+    """Run action; return its exception instead of raising, so every rank reaches the next agreement."""
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 - any failure must reach the other ranks
+        return error
+    return None
+
+
+def _one_line(error: BaseException | None) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _save_torch(obj: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_torch(path: Path, map_location) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise CheckpointError(f"{path} is truncated or corrupt ({_one_line(error)})") from None
+        found = re.search(r"GLOBAL (\S+?)\.?\s", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds objects that are not plain tensors/containers{what} "
+                              f"and was not loaded") from None
+    except Exception as error:  # noqa: BLE001 - torch reports corruption as many exception types
+        raise CheckpointError(f"{path} is truncated or corrupt ({_one_line(error)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+        if sync:  # extra files come from callbacks that may not have synced them
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

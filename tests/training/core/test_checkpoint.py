@@ -1,0 +1,344 @@
+"""Checkpoint save/verify/resolve/load on real files, including two-rank saves on gloo."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import socket
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from llm.errors import UsageError
+from llm.training.core import checkpoint as ckpt_mod
+from llm.training.core.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_rank_state,
+    load_shared_state,
+    resolve_checkpoint,
+    verify,
+)
+
+
+def shared_state(step: int = 0) -> dict:
+    return {
+        "model": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3) + step, "b": torch.zeros(3)},
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(2, 3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "progress": {"step": step, "epoch": 1},
+        "config": {"name": "tiny", "seed": None},
+    }
+
+
+def save(manager: CheckpointManager, step: int, **kwargs) -> Path:
+    return manager.save(step, shared_state(step), {"rng": torch.get_rng_state(), "rank": manager.rank}, **kwargs)
+
+
+def flip_byte(path: Path, offset: int = -10) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_roundtrip_restores_tensors_and_keys(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    rng = torch.get_rng_state()
+    path = manager.save(100, shared_state(100), {"rng": rng, "rank": 0})
+    assert path == tmp_path / "step_00000100"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rank_00000.pt", "state.pt"]
+
+    state = load_shared_state(path)
+    assert set(state) == {"model", "optimizer", "progress", "config"}
+    assert torch.equal(state["model"]["w"], shared_state(100)["model"]["w"])
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], torch.ones(2, 3))
+    assert state["progress"] == {"step": 100, "epoch": 1}
+    assert state["config"] == {"name": "tiny", "seed": None}
+    per_rank = load_rank_state(path, 0)
+    assert torch.equal(per_rank["rng"], rng) and per_rank["rank"] == 0
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
+    manager = CheckpointManager(tmp_path)
+
+    def write_extra(staging: Path) -> None:
+        (staging / "config.yaml").write_text("lr: 0.1\n")
+        (staging / "tok").mkdir()
+        (staging / "tok" / "tokenizer.json").write_text("{}")
+
+    path = save(manager, 7, metrics={"val_loss": 1.5, "acc": torch.tensor(0.25)}, write_extra=write_extra)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 7 and manifest["world_size"] == 1
+    assert manifest["metrics"] == {"val_loss": 1.5, "acc": 0.25}
+    assert set(manifest["files"]) == {"state.pt", "rank_00000.pt", "config.yaml", "tok/tokenizer.json"}
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert datetime.fromisoformat(manifest["created"]).tzinfo is not None
+
+
+def test_latest_points_at_last_save(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    assert manager.latest_valid() is None
+    save(manager, 1)
+    assert (tmp_path / "latest").read_text().strip() == "step_00000001"
+    save(manager, 2)
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert manager.latest_valid() == tmp_path / "step_00000002"
+    assert not list(tmp_path.glob(".*"))  # no staging, trash or tmp files left behind
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 5)
+    path = manager.save(5, {"model": {"w": torch.full((2,), 9.0)}}, {})
+    assert verify(path) is None
+    assert torch.equal(load_shared_state(path)["model"]["w"], torch.full((2,), 9.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000005"]
+
+
+def test_verify_detects_truncation_flipped_byte_missing_manifest_and_file(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=10)
+    paths = [save(manager, step) for step in range(1, 5)]
+    assert all(verify(p) is None for p in paths)
+
+    state = paths[0] / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    assert "state.pt has 100 bytes" in verify(paths[0])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_shared_state(paths[0])
+
+    flip_byte(paths[1] / "state.pt")
+    assert verify(paths[1]) == "state.pt does not match its sha256 checksum"
+
+    (paths[2] / "manifest.json").unlink()
+    assert "no manifest.json" in verify(paths[2])
+
+    (paths[3] / "rank_00000.pt").unlink()
+    assert verify(paths[3]) == "rank_00000.pt is missing"
+    assert verify(tmp_path / "nope") == "not a directory"
+
+
+def test_resolve_skips_corrupt_newer_checkpoint_with_warning(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    for step in (1, 2, 3):
+        save(manager, step)
+    flip_byte(tmp_path / "step_00000003" / "rank_00000.pt")
+    with pytest.warns(UserWarning, match=r"step_00000003: rank_00000.pt does not match"):
+        assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    assert resolve_checkpoint(tmp_path / "step_00000001") == tmp_path / "step_00000001"
+    with pytest.raises(CheckpointError, match="step_00000003 is not valid: rank_00000.pt"):
+        resolve_checkpoint(tmp_path / "step_00000003")
+
+
+def test_resolve_follows_latest_pointer_over_a_higher_step(tmp_path):
+    # resumed from an early checkpoint: the abandoned run's step 5 is newer by number, not by save
+    manager = CheckpointManager(tmp_path)
+    save(manager, 5)
+    save(manager, 3)
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000003"
+    assert manager.latest_valid() == tmp_path / "step_00000003"
+
+
+def test_resolve_rejects_missing_path_plain_dir_file_and_all_invalid(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CheckpointError, match="is not a checkpoint and holds no step_"):
+        resolve_checkpoint(tmp_path / "plain")
+    (tmp_path / "file.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        resolve_checkpoint(tmp_path / "file.pt")
+
+    run = tmp_path / "run"
+    save(CheckpointManager(run), 1)
+    (run / "step_00000001" / "manifest.json").unlink()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"\(1 found, none valid\)"):
+        resolve_checkpoint(run)
+    assert issubclass(CheckpointError, UsageError)
+
+
+@pytest.mark.parametrize("keep_last, survivors", [(1, [1, 6]), (2, [1, 5, 6]), (3, [1, 4, 5, 6])])
+def test_retention_keeps_last_k_plus_best(tmp_path, keep_last, survivors):
+    manager = CheckpointManager(tmp_path, keep_last=keep_last, monitor="val_loss", mode="min")
+    losses = {1: 0.1, 2: 0.9, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.5}
+    for step, loss in losses.items():
+        save(manager, step, metrics={"val_loss": loss})
+    assert sorted(int(p.name[5:]) for p in tmp_path.glob("step_*")) == survivors
+    assert manager.best() == tmp_path / "step_00000001"
+    assert manager.latest_valid() == tmp_path / "step_00000006"
+
+
+def test_retention_and_best_with_mode_max_and_missing_metric(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1, monitor="acc", mode="max")
+    save(manager, 1, metrics={"acc": 0.3})
+    save(manager, 2, metrics={"acc": 0.9})
+    save(manager, 3, metrics={"acc": float("nan")})
+    save(manager, 4)  # no metric: still the newest, so kept
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert manager.best() == tmp_path / "step_00000002"
+    flip_byte(tmp_path / "step_00000002" / "state.pt")
+    assert manager.best() is None  # the only one with the metric is corrupt
+    assert CheckpointManager(tmp_path / "empty").best() is None
+
+
+def test_retention_never_deletes_a_checkpoint_it_cannot_vouch_for(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 1)
+    (tmp_path / "step_00000001" / "manifest.json").unlink()
+    save(manager, 2)
+    save(manager, 3)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000001", "step_00000003"]
+
+
+def test_stale_staging_dir_is_ignored_then_cleaned(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 1)
+    stale = tmp_path / ".staging-step_00000009"
+    stale.mkdir()
+    (stale / "state.pt").write_bytes(b"half written")
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"
+    assert manager.latest_valid() == tmp_path / "step_00000001"
+    save(manager, 2)
+    assert not stale.exists()
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000002"
+
+
+def test_failed_extra_write_keeps_previous_checkpoint_and_latest(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 1)
+
+    def disk_full(staging: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staging / "tokenizer.json"))
+
+    for step in (2, 1):  # a new step, and replacing the existing one
+        with pytest.raises(CheckpointError, match=r"step_0000000\d not saved .*rank 0: .*No space left on device"):
+            save(manager, step, write_extra=disk_full)
+        assert verify(tmp_path / "step_00000001") is None
+        assert (tmp_path / "latest").read_text().strip() == "step_00000001"
+        assert not (tmp_path / "step_00000002").exists()
+        assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_failed_torch_save_raises_with_the_os_error(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 1)
+
+    def read_only(obj, f):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(torch, "save", read_only)
+    with pytest.raises(CheckpointError, match="Read-only file system") as info:
+        save(manager, 2)
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
+
+
+class Payload:
+    """Unpickling this runs a shell command; weights_only loading must refuse it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = CheckpointManager(tmp_path).save(1, {"model": {}}, {})
+    torch.save({"model": Payload(marker)}, path / "state.pt")
+    torch.save({"rng": Payload(marker)}, path / "rank_00000.pt")
+    with pytest.raises(CheckpointError, match="not plain tensors/containers .*and was not loaded"):
+        load_shared_state(path)
+    with pytest.raises(CheckpointError, match="not plain tensors/containers"):
+        load_rank_state(path, 0)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="rank_00003.pt does not exist"):
+        load_rank_state(path, 3)
+
+
+def test_constructor_rejects_bad_arguments(tmp_path):
+    with pytest.raises(CheckpointError, match="mode: got 'avg'"):
+        CheckpointManager(tmp_path, mode="avg")
+    with pytest.raises(CheckpointError, match="keep_last: got 0"):
+        CheckpointManager(tmp_path, keep_last=0)
+    with pytest.raises(CheckpointError, match="rank: got 2"):
+        CheckpointManager(tmp_path, rank=2, world_size=2)
+
+
+# -- two ranks on gloo --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_rank_worker(rank: int, directory: str, port: int, scenario: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    result: dict = {}
+    try:
+        manager = CheckpointManager(directory, rank=rank, world_size=2)
+        result["first"] = str(manager.save(1, shared_state(1), {"rank": rank, "rng": torch.get_rng_state()}))
+        if scenario == "rank1_fails":
+            if rank == 1:
+                def disk_full(obj, f):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+                ckpt_mod.torch.save = disk_full  # this process only
+            start = time.monotonic()
+            try:
+                manager.save(2, shared_state(2), {"rank": rank})
+                result["error"] = None
+            except CheckpointError as error:
+                result["error"] = str(error)
+            result["seconds"] = time.monotonic() - start
+    finally:
+        Path(directory, f"result_{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def run_two_ranks(directory: Path, scenario: str) -> list[dict]:
+    context = mp.start_processes(two_rank_worker, args=(str(directory), free_port(), scenario), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("two-rank save hung")
+    return [json.loads((directory / f"result_{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_ranks_save_one_checkpoint_with_both_rank_files(tmp_path):
+    results = run_two_ranks(tmp_path, "ok")
+    path = tmp_path / "step_00000001"
+    assert [r["first"] for r in results] == [str(path)] * 2
+    assert verify(path) is None
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert {"state.pt", "rank_00000.pt", "rank_00001.pt"} <= set(manifest["files"])
+    assert [load_rank_state(path, r)["rank"] for r in range(2)] == [0, 1]
+    assert torch.equal(load_shared_state(path)["model"]["w"], shared_state(1)["model"]["w"])
+
+
+def test_write_failure_on_rank_1_raises_on_both_ranks(tmp_path):
+    results = run_two_ranks(tmp_path, "rank1_fails")
+    for result in results:
+        assert result["error"] is not None
+        assert "step_00000002 not saved (writing failed on rank 1:" in result["error"]
+        assert "No space left on device" in result["error"]
+        assert result["seconds"] < 5
+    assert "rank_00001.pt" in results[1]["error"]  # the failing rank names its own file
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"
+    assert not (tmp_path / "step_00000002").exists() and not list(tmp_path.glob(".staging-*"))
