@@ -20,7 +20,7 @@ class ClassificationDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         d = self.config.data
         g = torch.Generator().manual_seed(self.config.training.seed)
-        centers = 2.0 * torch.randn(d.num_classes, d.input_dim, generator=g)
+        centers = 3.0 * torch.randn(d.num_classes, d.input_dim, generator=g)
         labels = torch.randint(0, d.num_classes, (d.num_samples,), generator=g)
         features = centers[labels] + (1.0 + d.noise) * torch.randn(d.num_samples, d.input_dim, generator=g)
         n_val = max(1, int(d.num_samples * d.val_fraction))

@@ -345,8 +345,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         if "unrecognized arguments:" in message:
             bad = message.split(":", 1)[1].split()
-            flag = next((b for b in bad if b.startswith("--")), bad[0])
-            message += closest(flag.split("=")[0], [o for a in self._actions for o in a.option_strings])
+            flag = next((b for b in bad if b.startswith("--")), "")
+            if flag:
+                message += closest(flag.split("=")[0], [o for a in self._actions for o in a.option_strings])
+            else:
+                message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
         raise UsageError(message)
 
 

@@ -164,7 +164,7 @@ class TrainingEngine:
         for batch in itertools.islice(self.val_loader, limit):
             with self._autocast():
                 loss, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
-            self._accumulate(sums, loss, metrics)
+            self._accumulate(sums, loss, metrics, weight=_batch_len(batch))
         model.train(was_training)
         count = sums.pop("count")
         local = {f"val_{k}": (v / count).item() for k, v in sums.items()}
@@ -362,13 +362,13 @@ class TrainingEngine:
         raise NonFiniteError(f"non-finite gradient norm {where}: stopping (training.nan_policy=stop); "
                              f"the last checkpoint is left as it was")
 
-    def _accumulate(self, sums: dict, loss: torch.Tensor, metrics: dict) -> None:
+    def _accumulate(self, sums: dict, loss: torch.Tensor, metrics: dict, weight: int = 1) -> None:
         # kept on the device: no sync until the values are logged
-        sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+        sums["loss"] = sums.get("loss", 0.0) + weight * loss.detach().float()
         for key, value in metrics.items():
             value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-            sums[key] = sums.get(key, 0.0) + value
-        sums["count"] = sums.get("count", 0) + 1
+            sums[key] = sums.get(key, 0.0) + weight * value
+        sums["count"] = sums.get("count", 0) + weight
 
     def _mean(self, sums: dict, key: str) -> float:
         local = {key: float(sums[key]) / sums["count"]} if sums else {key: float("nan")}
@@ -496,6 +496,17 @@ class _ResumableSampler:
         wrapper = cls(sampler)
         batch_sampler.sampler = wrapper
         return wrapper
+
+
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (1 if it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_len(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_len(next(iter(batch.values())))
+    return 1
 
 
 def _callback_key(index: int, cb: Callback) -> str:

@@ -1,0 +1,131 @@
+"""Small stand-ins shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.training.core.callbacks import Callback
+from llm.training.core.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---- configs and engines ---------------------------------------------------------------
+
+
+def tiny_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    """A regression config small enough to train in well under a second, writing under tmp_path."""
+    overrides: dict[str, Any] = {
+        "training": {"epochs": 2, "batch_size": 16},
+        "model": {"n_layer": 1, "n_embd": 16},
+        "optimizer": {"lr": 0.02},
+        "data": {"num_samples": 256, "input_dim": 4},
+        "logging": {"log_dir": str(tmp_path / "run"), "progress_bar": False, "log_every_steps": 2},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            overrides.setdefault(name, {}).update(values)
+        else:
+            overrides[name] = values
+    return Config.from_dict(overrides)
+
+
+class Recorder(Callback):
+    """Records every hook the engine calls, in order, with the metrics it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("on_"):
+            calls = object.__getattribute__(self, "calls")
+            return lambda engine, *args: calls.append((name, args[0] if args else None))
+        return object.__getattribute__(self, name)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+class StubEngine:
+    """Just enough of TrainingEngine for testing callbacks without a training run."""
+
+    def __init__(self, config: Config | None = None, is_main: bool = True, run_dir: Path | None = None):
+        self.config = config or Config()
+        self.is_main = is_main
+        self.run_dir = run_dir or Path(self.config.logging.log_dir)
+        self.step, self.epoch, self.total_steps = 0, 0, 10
+        self.stop_reason = ""
+        self.should_stop = False
+        self.logged: dict[str, float] = {}
+        self.printed: list[str] = []
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+
+    def request_stop(self, reason: str) -> None:
+        self.should_stop, self.stop_reason = True, reason
+
+    def log(self, metrics: dict[str, float]) -> None:
+        self.logged.update(metrics)
+
+    def print(self, line: str) -> None:
+        self.printed.append(line)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- processes ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the repo importable; output captured as text."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_cli(*flags: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "llm.training.train", *flags], cwd=cwd, **kwargs)
+
+
+def torchrun(nproc: int, script: str | Path, *flags: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    return run([*launcher, str(script), *flags], cwd=cwd, **kwargs)
+
+
+# ---- tasks that misbehave on purpose ---------------------------------------------------
+
+from llm.training.tasks.regression_task import RegressionTask  # noqa: E402
+
+
+class NaNRegressionTask(RegressionTask):
+    """Regression whose loss turns NaN on one rank at one optimizer step (env NAN_AT_STEP, NAN_ON_RANK)."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.nan_at_step = int(os.environ.get("NAN_AT_STEP", 3))
+        self.nan_on_rank = int(os.environ.get("NAN_ON_RANK", 0))
+        self.calls = 0
+
+    def train_step(self, batch, model, criterion):
+        loss, metrics = super().train_step(batch, model, criterion)
+        self.calls += 1
+        rank = int(os.environ.get("RANK", 0))
+        step = (self.calls - 1) // self.config.training.grad_accum_steps + 1
+        if step == self.nan_at_step and rank == self.nan_on_rank:
+            loss = loss * float("nan")
+        return loss, metrics

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from llm.training.core.callbacks import (
+    HOOKS,
+    Callback,
+    EarlyStopping,
+    LRSchedulerCallback,
+    MetricsLogger,
+    ProgressBar,
+    TensorBoardLogger,
+)
+from tests.helpers import StubEngine
+
+
+def test_hooks_are_the_callback_methods():
+    assert HOOKS == ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end",
+                     "on_epoch_end", "on_log", "on_train_end")
+    assert all(callable(getattr(Callback(), h)) for h in HOOKS)
+
+
+def test_early_stopping_waits_patience_validations_then_stops():
+    engine = StubEngine()
+    cb = EarlyStopping(monitor="val_loss", patience=2)
+    for loss in [1.0, 0.5, 0.6, 0.7]:
+        cb.on_validation_end(engine, {"val_loss": loss})
+        assert not engine.should_stop
+    cb.on_validation_end(engine, {"val_loss": 0.55})
+    assert engine.should_stop and "val_loss" in engine.stop_reason
+    assert cb.best == 0.5 and cb.wait == 3
+
+
+def test_early_stopping_mode_max_and_improvement_resets_wait():
+    engine = StubEngine()
+    cb = EarlyStopping(monitor="val_acc", patience=1, mode="max")
+    for acc in [0.5, 0.4, 0.6, 0.55]:
+        cb.on_validation_end(engine, {"val_acc": acc})
+    assert not engine.should_stop and cb.best == 0.6 and cb.wait == 1
+    cb.on_validation_end(engine, {"val_acc": 0.59})
+    assert engine.should_stop
+
+
+def test_early_stopping_state_roundtrip_and_bad_arguments():
+    cb = EarlyStopping(patience=3)
+    cb.on_validation_end(StubEngine(), {"val_loss": 2.0})
+    cb.on_validation_end(StubEngine(), {"val_loss": 3.0})
+    restored = EarlyStopping(patience=3)
+    restored.load_state_dict(cb.state_dict())
+    assert (restored.best, restored.wait) == (2.0, 1)
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=-1)
+    with pytest.raises(KeyError, match="val_acc"):
+        EarlyStopping(monitor="val_acc").on_validation_end(StubEngine(), {"val_loss": 1.0})
+
+
+def test_lr_callback_logs_the_current_learning_rate():
+    engine = StubEngine()
+    LRSchedulerCallback().on_step_end(engine)
+    assert engine.logged == {"lr": 0.5}
+
+
+def test_metrics_logger_writes_one_json_object_per_record_on_rank_0_only(tmp_path):
+    for is_main in (True, False):
+        run_dir = tmp_path / str(is_main)
+        run_dir.mkdir()
+        engine = StubEngine(is_main=is_main, run_dir=run_dir)
+        cb = MetricsLogger()
+        cb.on_train_start(engine)
+        cb.on_log(engine, {"split": "train", "step": 1, "epoch": 0, "loss": 2.5})
+        cb.on_log(engine, {"split": "val", "step": 1, "epoch": 0, "val_loss": 3.0})
+        cb.on_train_end(engine, {})
+        path = run_dir / "metrics.jsonl"
+        if is_main:
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            assert lines == [{"split": "train", "step": 1, "epoch": 0, "loss": 2.5},
+                             {"split": "val", "step": 1, "epoch": 0, "val_loss": 3.0}]
+        else:
+            assert not path.exists()
+
+
+def test_tensorboard_logger_events_read_back(tmp_path):
+    engine = StubEngine()
+    cb = TensorBoardLogger(log_dir=str(tmp_path))
+    cb.on_train_start(engine)
+    for step in (1, 2, 3):
+        cb.on_log(engine, {"split": "train", "step": step, "epoch": 0, "loss": 1.0 / step})
+    cb.on_log(engine, {"split": "val", "step": 3, "epoch": 1, "val_loss": 0.25})
+    cb.on_train_end(engine, {})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
+    assert [e.value for e in events.Scalars("val/val_loss")] == [0.25]
+
+
+def test_progress_bar_stays_off_without_a_terminal(capsys):
+    engine = StubEngine()
+    bar = ProgressBar(enabled=True)
+    bar.on_train_start(engine)  # pytest's stderr is not a terminal
+    assert bar._bar is None and bar.write("x") is False

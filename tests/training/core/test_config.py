@@ -1,0 +1,173 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llm.errors import ConfigError, UsageError
+from llm.training.core.config import Config, build_parser, field_docs, sections
+from llm.training.train import main
+
+
+def test_precedence_defaults_yaml_env_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  batch_size: 8\n  epochs: 4\noptimizer:\n  lr: 0.5\n  weight_decay: 0.2\n")
+    env = {"LLM_TRAINING_BATCH_SIZE": "16", "LLM_OPTIMIZER_LR": "0.25"}
+    config = Config.from_args_and_env(["--config", str(path), "--optimizer-lr", "0.125"], environ=env)
+    assert config.training.epochs == 4  # yaml over default
+    assert config.training.batch_size == 16  # env over yaml
+    assert config.optimizer.lr == 0.125  # flag over env
+    assert config.optimizer.weight_decay == 0.2  # yaml, untouched by env and flags
+    assert config.training.seed == 0  # default
+
+
+def test_unknown_env_variable_warns_and_is_ignored():
+    with pytest.warns(UserWarning, match="LLM_TRAINING_BATCHSIZE.*did you mean LLM_TRAINING_BATCH_SIZE"):
+        config = Config.from_args_and_env([], environ={"LLM_TRAINING_BATCHSIZE": "3"})
+    assert config.training.batch_size == Config().training.batch_size
+
+
+def test_every_field_is_a_flag_with_its_help_and_default():
+    help_text = " ".join(build_parser().format_help().split())
+    for section, cls in sections().items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag = f"--{section}-{f.name}".replace("_", "-")
+            assert flag in help_text
+            assert docs[f.name], f"{section}.{f.name} has no docstring"
+            assert " ".join(docs[f.name].split()) in help_text
+            default = getattr(getattr(Config(), section), f.name)
+            assert f"(default: {default!r})" in help_text
+
+
+def test_guide_flags_and_aliases():
+    config = Config.from_args_and_env(
+        ["--task", "classification", "--epochs", "3", "--training-batch-size", "64", "--logging-progress-bar", "false",
+         "--training-compile"], environ={})
+    assert (config.task, config.training.epochs, config.training.batch_size) == ("classification", 3, 64)
+    assert config.logging.progress_bar is False and config.training.compile is True
+    assert config.logging.log_dir == "runs/classification"
+    assert config.checkpoint.dir == "runs/classification/checkpoints"
+
+
+def test_yaml_roundtrip_gives_an_equal_config(tmp_path):
+    config = Config.from_args_and_env(["--optimizer-lr", "3e-4", "--model-pos-emb", "learned"], environ={})
+    config.save_to_yaml(tmp_path / "config.yaml")
+    assert Config.from_yaml(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"training": {"batch_size": 0}}, ["training.batch_size", "0", ">= 1"]),
+        ({"training": {"epochs": -1}}, ["training.epochs", "-1"]),
+        ({"optimizer": {"lr": -0.1}}, ["optimizer.lr", "-0.1", "> 0"]),
+        ({"training": {"patience": -1}}, ["training.patience", "-1", ">= 0"]),
+        ({"training": {"batch_size": "many"}}, ["training.batch_size", "'many'", "an integer"]),
+        ({"training": {"batch_size": 2.5}}, ["training.batch_size", "2.5", "an integer"]),
+        ({"training": {"compile": "maybe"}}, ["training.compile", "true or false"]),
+        ({"training": {"precision": "fp8"}}, ["training.precision", "fp32, bf16, fp16"]),
+        ({"training": {"batch_sise": 4}}, ["training.batch_sise", "did you mean batch_size"]),
+        ({"trainer": {}}, ["trainer", "did you mean training"]),
+        ({"model": {"n_embd": 100, "n_head": 3}}, ["model.n_embd", "100", "multiple of model.n_head"]),
+        ({"model": {"block_size": 0}}, ["model.block_size", "0"]),
+        ({"training": "fast"}, ["training", "a mapping"]),
+    ],
+)
+def test_bad_values_name_the_field_value_and_what_is_allowed(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict(overrides)
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training:\n  batch_size: [1,\n")
+    with pytest.raises(UsageError, match="not valid YAML at line"):
+        Config.from_yaml(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="top level must be a mapping"):
+        Config.from_yaml(listing)
+    with pytest.raises(UsageError, match="cannot read config file"):
+        Config.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    path = tmp_path / "evil.yaml"
+    marker = tmp_path / "ran"
+    path.write_text(f"task: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        Config.from_yaml(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--training-batch-size", "0"], ["training.batch_size", "0"]),
+        (["--training-bach-size", "4"], ["unrecognized", "--training-batch-size"]),
+        (["--optimizer-lr", "fast"], ["optimizer.lr", "'fast'", "a number"]),
+        (["--task", "nope"], ["unknown task 'nope'"]),
+        (["--task", "no.such.module:Task"], ["cannot import task module 'no.such.module'"]),
+        (["--task", "collections:OrderedDict"], ["not a TrainingTask subclass"]),
+        (["--data-module", "synthetc"], ["unknown data module", "did you mean synthetic"]),
+    ],
+)
+def test_main_exits_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_exits_0_and_lists_flags():
+    out = subprocess.run([sys.executable, "-m", "llm.training.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "--training-batch-size" in out.stdout and "--checkpoint-resume" in out.stdout
+
+
+# a value of any shape where any field goes: the loader gives a valid Config or a UsageError, nothing else
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True), st.text(max_size=8),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+_names = st.sampled_from(
+    ["training", "optimizer", "model", "data", "checkpoint", "logging", "distributed", "task", "trainer", "x"]
+)
+_fields = st.sampled_from(["batch_size", "epochs", "lr", "n_head", "n_embd", "precision", "dir", "progress_bar", "bogus"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    st.dictionaries(_names, st.one_of(_values, st.dictionaries(_fields, _values, max_size=3)), max_size=3),
+    _values,
+))
+def test_random_yaml_loads_or_fails_cleanly(tmp_path, data):
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        config = Config.from_yaml(path)
+    except UsageError as e:
+        assert "\n" not in str(e)
+    else:
+        assert Config.from_dict(config.to_dict()) == config
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(
+    ["--training-batch-size", "--optimizer-lr", "--epochs", "--model-n-head", "--training-precision", "--bogus",
+     "3", "-1", "0", "abc", "1e-3", "bf16", "true", ""]), max_size=6))
+def test_random_flags_load_or_fail_cleanly(argv):
+    try:
+        Config.from_args_and_env(argv, environ={})
+    except UsageError as e:
+        assert "\n" not in str(e)

@@ -1,0 +1,158 @@
+import json
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from llm.errors import UsageError
+from llm.training.core.callbacks import HOOKS, Callback
+from llm.training.core.config import Config
+from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine
+from llm.training.tasks.regression_task import RegressionTask
+from llm.training.train import default_callbacks
+from tests.helpers import NaNRegressionTask, Recorder, tiny_config, weights
+
+
+def train(config, task_cls=RegressionTask, callbacks=None):
+    engine = TrainingEngine(config, task_cls(config), 0, 1, callbacks=callbacks)
+    return engine, engine.train()
+
+
+def test_training_lowers_loss_and_fills_the_run_dir(tmp_path):
+    config = tiny_config(tmp_path, training={"epochs": 4})
+    engine, metrics = train(config, callbacks=default_callbacks(config))
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert train_losses[-1] < 0.5 * train_losses[0]
+    assert {r["split"] for r in records} == {"train", "val", "epoch"}
+    assert all("lr" in r and "grad_norm" in r and "samples_per_s" in r for r in records if r["split"] == "train")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == engine.step == 4 * (230 // 16) and summary["epochs"] == 4
+    assert summary["val_loss"] == metrics["val_loss"] and summary["elapsed_s"] > 0
+    assert Config.from_yaml(run_dir / "config.yaml") == config
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == len(train_losses)
+    assert events.Scalars("val/val_loss")[-1].value == pytest.approx(metrics["val_loss"], rel=1e-6)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{engine.step:08d}"
+
+
+def test_hooks_fired_are_exactly_the_callback_hooks_in_loop_order(tmp_path):
+    recorder = Recorder()
+    train(tiny_config(tmp_path, training={"eval_every_steps": 5}), callbacks=[recorder])
+    names = recorder.names()
+    assert set(names) == set(HOOKS)
+    assert names[0] == "on_train_start" and names[-1] == "on_train_end"
+    first_epoch = names[names.index("on_epoch_start"):names.index("on_epoch_end") + 1]
+    assert first_epoch.count("on_step_end") == 230 // 16
+    assert first_epoch.count("on_validation_end") == 2 + 1  # steps 5 and 10, then the epoch end
+
+
+def test_grad_accumulation_gives_the_gradient_of_the_larger_batch(tmp_path):
+    sgd = {"name": "sgd", "beta1": 0.0, "weight_decay": 0.0, "scheduler": "constant", "lr": 0.05}
+    big = tiny_config(tmp_path / "a", training={"batch_size": 32, "grad_clip": 0.0}, optimizer=sgd)
+    small = tiny_config(tmp_path / "b", training={"batch_size": 16, "grad_accum_steps": 2, "grad_clip": 0.0}, optimizer=sgd)
+    a, _ = train(big)
+    b, _ = train(small)
+    assert a.step == b.step == 2 * (230 // 32)
+    for (name, wa), wb in zip(weights(a.raw_model).items(), weights(b.raw_model).values()):
+        torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, engine):
+        if engine.step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("crash_step", [9, 14, 20])
+def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path, crash_step):
+    settings = {"training": {"epochs": 3, "eval_every_steps": 4}, "checkpoint": {"every_n_steps": 3},
+                "model": {"dropout": 0.1}}
+    reference, _ = train(tiny_config(tmp_path / "ref", **settings), callbacks=default_callbacks(Config()))
+    crashed = tiny_config(tmp_path / "crash", **settings)
+    with pytest.raises(CallbackError, match="CrashAt.on_step_end failed: RuntimeError: simulated crash"):
+        train(crashed, callbacks=[CrashAt(crash_step), *default_callbacks(crashed)])
+    resumed_config = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 3, "resume": "auto"},
+                                 **{k: v for k, v in settings.items() if k != "checkpoint"})
+    resumed, _ = train(resumed_config, callbacks=default_callbacks(resumed_config))
+    assert resumed.step == reference.step
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crash/run/metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == reference.step
+
+
+def test_resume_restores_callback_state(tmp_path):
+    config = tiny_config(tmp_path, training={"epochs": 2})
+    first, _ = train(config, callbacks=default_callbacks(config))
+    resumed = tiny_config(tmp_path, training={"epochs": 3}, checkpoint={"resume": "auto"})
+    callbacks = default_callbacks(resumed)
+    engine = TrainingEngine(resumed, RegressionTask(resumed), 0, 1, callbacks=callbacks)
+    engine.setup()
+    early = next(cb for cb in callbacks if type(cb).__name__ == "EarlyStopping")
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert early.best == min(r["val_loss"] for r in records if r["split"] == "val")
+    assert engine.step == first.step and engine.epoch == 2
+
+
+def test_fresh_run_refuses_to_overwrite_an_earlier_run(tmp_path):
+    config = tiny_config(tmp_path, training={"epochs": 1})
+    train(config)
+    before = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(UsageError, match="already holds a run.*--checkpoint-resume auto"):
+        train(config)
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+
+
+def test_max_steps_and_eval_batches(tmp_path):
+    recorder = Recorder()
+    engine, metrics = train(tiny_config(tmp_path, training={"max_steps": 5, "eval_batches": 1}), callbacks=[recorder])
+    assert engine.step == 5 and metrics["stop_reason"] == "reached max_steps=5"
+    assert recorder.names().count("on_validation_end") == 1  # no full epoch: only the final validation
+
+
+def test_nan_policy_stop_names_the_step_and_saves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAN_AT_STEP", "4")
+    config = tiny_config(tmp_path, checkpoint={"every_n_steps": 2})
+    with pytest.raises(NonFiniteError, match=r"at step 4, loss non-finite on rank\(s\) \[0\]"):
+        train(config, task_cls=NaNRegressionTask)
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000002"
+
+
+def test_nan_policy_skip_counts_the_skipped_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAN_AT_STEP", "4")
+    engine, metrics = train(tiny_config(tmp_path, training={"nan_policy": "skip"}), task_cls=NaNRegressionTask)
+    assert metrics["skipped_steps"] == 1 and engine.step == 2 * (230 // 16)
+    assert all(torch.isfinite(w).all() for w in weights(engine.raw_model).values())
+
+
+def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
+    class Broken(Callback):
+        def on_epoch_end(self, engine, metrics):
+            raise ValueError("bad callback")
+
+    recorder = Recorder()
+    with pytest.raises(CallbackError, match="Broken.on_epoch_end failed: ValueError: bad callback"):
+        train(tiny_config(tmp_path), callbacks=[Broken(), recorder])
+    assert recorder.names()[-1] == "on_train_end"
+
+
+def test_run_directory_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    config = tiny_config(tmp_path, logging={"log_dir": str(blocker / "run")})
+    with pytest.raises(UsageError, match="cannot write to the run directory"):
+        train(config)
+
+
+def test_resolved_config_is_saved_as_yaml(tmp_path):
+    config = tiny_config(tmp_path, optimizer={"lr": 0.003})
+    train(config)
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    assert saved["optimizer"]["lr"] == 0.003 and saved["checkpoint"]["dir"] == str(tmp_path / "run/checkpoints")

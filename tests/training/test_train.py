@@ -1,0 +1,73 @@
+"""The entry point as users run it: python -m, torchrun, exit codes."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.helpers import REPO, torchrun, train_cli
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+SMALL = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-num-samples", "512", "--data-input-dim", "4",
+         "--logging-progress-bar", "false"]
+
+
+def test_guide_command_trains_regression(tmp_path):
+    out = train_cli("--task", "regression", "--epochs", "2", "--training-batch-size", "32", *SMALL, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "runs/regression/summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * ((512 - 51) // 32)
+    assert "epoch 2/2" in out.stdout
+
+
+def test_bad_flag_exits_2_with_one_line_and_no_traceback(tmp_path):
+    out = train_cli("--training-batch-size", "0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr == "error: training.batch_size: got 0, expected an integer >= 1\n"
+
+
+def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_path):
+    common = [*SMALL, "--epochs", "2", "--optimizer-name", "sgd", "--optimizer-lr", "0.05"]
+    dist = torchrun(2, WORKER, *common, "--training-batch-size", "16", "--logging-log-dir", "ddp", cwd=tmp_path)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    single = torchrun(1, WORKER, *common, "--training-batch-size", "32", "--logging-log-dir", "one", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    rank0, rank1, one = (torch.load(tmp_path / p, weights_only=True)
+                         for p in ("ddp/weights_rank0.pt", "ddp/weights_rank1.pt", "one/weights_rank0.pt"))
+    for name in one:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    d, s = (json.loads((tmp_path / p / "summary.json").read_text()) for p in ("ddp", "one"))
+    assert d["steps"] == s["steps"] and d["samples_seen"] == s["samples_seen"]
+    # validation pads 51 samples to 2 x 26 (one sample counted twice), so only close
+    assert abs(d["val_loss"] - s["val_loss"]) < 0.02 * s["val_loss"]
+
+
+def test_torchrun_by_file_path_and_early_stopping_ends_both_ranks(tmp_path):
+    # mode max on a falling loss: no validation ever improves on the first one
+    out = torchrun(2, REPO / "llm/training/train.py", "--task", "regression", *SMALL,
+                   "--training-eval-every-steps", "2", "--training-patience", "1", "--checkpoint-mode", "max",
+                   cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/regression/summary.json").read_text())
+    assert summary["steps"] == 6 and summary["stop_reason"].startswith("early stopping: val_loss")
+
+
+def test_user_task_and_data_module_by_module_path(tmp_path):
+    out = train_cli("--task", "llm.training.tasks.classification_task:ClassificationTask",
+                    "--data-module", "llm.data.classification_data_module:ClassificationDataModule",
+                    "--epochs", "3", "--optimizer-lr", "0.01", *SMALL, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "runs/classificationtask/summary.json").read_text())
+    assert summary["val_acc"] > 0.9
+
+
+def test_nan_on_one_rank_stops_both_and_names_it(tmp_path):
+    out = torchrun(2, REPO / "llm/training/train.py", "--task", "tests.helpers:NaNRegressionTask", *SMALL,
+                   "--checkpoint-every-n-steps", "2", cwd=tmp_path, timeout=120,
+                   env={"NAN_AT_STEP": "5", "NAN_ON_RANK": "1", "PYTHONPATH": f"{REPO}"})
+    assert out.returncode != 0
+    assert out.stderr.count("at step 5, loss non-finite on rank(s) [1]") == 2  # both ranks say so
+    latest = tmp_path / "runs/nanregressiontask/checkpoints/latest"
+    assert latest.read_text().strip() == "step_00000004"
