@@ -1,0 +1,253 @@
+"""TextDataModule: a text corpus, tokenized once into a cached memory-mapped token file.
+
+The cache entry is a folder ``<data.cache_dir>/<key>/`` holding ``tokens.bin``
+and the ``tokenizer.json`` that made it. The key hashes the corpus bytes and the
+tokenizer recipe, so an edited corpus or another tokenizer gets a new entry.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tokenizers as hf
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from llm.data.data_module import BaseDataModule
+from llm.data.tokenizers import BUILTIN, Tokenizer, build_tokenizer, check_spec, load_tokenizer
+from llm.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "1"
+"""Bump when the cache layout or the tokenization changes, so old entries are not trusted."""
+DEFAULT_CORPUS_BYTES = 4 << 20
+"""Cap on the default corpus (the stdlib sources): about a million tokens, tokenized in seconds."""
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_CHUNK_CHARS = 1 << 20
+TOKENS, TOKENIZER = "tokens.bin", "tokenizer.json"
+
+
+def default_corpus_files(limit_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
+    """The Python standard library's own ``.py`` files, in sorted path order, up to ``limit_bytes``.
+
+    Real text present on every machine with Python. Test suites and installed
+    packages (site-packages) are left out: they vary between machines.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]
+        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    files, total = [], 0
+    for path in sorted(found, key=lambda p: p.relative_to(root).parts):
+        size = path.stat().st_size
+        if total + size > limit_bytes:
+            break
+        files.append(path)
+        total += size
+    return files
+
+
+def corpus_files(spec: str) -> list[Path]:
+    """``data.path`` as a sorted list of files: one file, a folder (recursively) or a glob.
+
+    Hidden files and folders (names starting with a dot) are skipped in folders.
+    """
+    if not spec:
+        return default_corpus_files()
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+        if not files:
+            raise UsageError(f"data.path: the glob {spec!r} matches no files")
+        return files
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            files += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+        if not files:
+            raise UsageError(f"data.path: the folder {spec} holds no files")
+        return sorted(files)
+    raise UsageError(f"data.path: {spec} does not exist (expected a text file, a folder or a glob)")
+
+
+def read_text(path: Path, strict: bool = True) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not strict:
+            return ""
+        raise UsageError(f"data.path: {path} is not UTF-8 text (byte {e.start}); convert or remove it") from None
+
+
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned type that holds every id: uint16 up to 65536 symbols."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+class TokenWindows(Dataset):
+    """Windows of ``block_size + 1`` tokens from a token file, as (inputs, targets) shifted by one.
+
+    The file is mapped lazily in each process, so loader workers re-open it
+    instead of receiving a copy.
+    """
+
+    def __init__(self, path: Path, dtype: type, start: int, stop: int, block_size: int, offsets: np.ndarray):
+        self.path, self.dtype, self.start, self.stop = path, dtype, start, stop
+        self.block_size, self.offsets = block_size, offsets
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")[self.start:self.stop]
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        o = int(self.offsets[i])
+        chunk = torch.from_numpy(self.tokens[o:o + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class TextDataModule(BaseDataModule):
+    """Next-token windows of a text corpus (``data.path``; by default the stdlib sources).
+
+    Training windows start at random offsets drawn once from ``training.seed``;
+    validation is the last ``data.val_fraction`` of the token stream, cut into
+    consecutive windows.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.tokenizer: Tokenizer | None = None
+        self.cache_hit = False
+        """Whether the last prepare_data() found the tokenized corpus already cached."""
+        self.cache_path: Path | None = None
+        self.train_set: TokenWindows | None = None
+        self.val_set: TokenWindows | None = None
+
+    # ---- the cache ---------------------------------------------------------------
+
+    def _files(self) -> list[Path]:
+        files = corpus_files(self.config.data.path)
+        if self.config.data.path and sum(f.stat().st_size for f in files) == 0:
+            raise UsageError(f"data.path: {self.config.data.path} is empty (0 bytes of text)")
+        return files
+
+    def _texts(self, files: list[Path]) -> Iterator[str]:
+        strict = bool(self.config.data.path)  # the default corpus skips the odd non-UTF-8 file
+        return (read_text(f, strict) for f in files)
+
+    def _cache_entry(self, files: list[Path]) -> Path:
+        """``<cache_dir>/<key>``, the key hashing the corpus bytes and the tokenizer recipe."""
+        d = self.config.data
+        check_spec(d.tokenizer)
+        if d.tokenizer == "bpe":
+            recipe = f"bpe:{d.vocab_size}:tokenizers-{hf.__version__}"
+        elif d.tokenizer in BUILTIN:
+            recipe = d.tokenizer
+        else:
+            recipe = "file:" + load_tokenizer(d.tokenizer).fingerprint()
+        h = hashlib.sha256(f"text-cache-{CACHE_FORMAT}\0{recipe}\0".encode())
+        for f in files:
+            data = f.read_bytes()
+            h.update(len(data).to_bytes(8, "little"))  # file boundaries are part of the content
+            h.update(data)
+        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
+        return cache_dir / h.hexdigest()[:32]
+
+    def prepare_data(self) -> None:
+        """Build the tokenizer and tokenize the corpus into the cache, unless it is there already."""
+        files = self._files()
+        entry = self.cache_path = self._cache_entry(files)
+        self.cache_hit = (entry / TOKENS).is_file() and (entry / TOKENIZER).is_file()
+        if self.cache_hit:
+            return
+        if entry.exists():  # an entry someone emptied by hand: the rename below needs the name free
+            shutil.rmtree(entry)
+        d = self.config.data
+        tokenizer = build_tokenizer(d.tokenizer, self._texts(files), d.vocab_size)
+        dtype = token_dtype(tokenizer.vocab_size)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        # fill a private folder, then rename it into place: a crash leaves no entry to trust
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:
+            tokenizer.save(tmp / TOKENIZER)
+            n = 0
+            with open(tmp / TOKENS, "wb") as out:
+                for text in self._texts(files):
+                    for chunk in _chunks(text):
+                        ids = np.asarray(tokenizer.encode(chunk), dtype=np.int64)
+                        out.write(ids.astype(dtype).tobytes())
+                        n += len(ids)
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another node sharing the cache folder finished first
+                if not (entry / TOKENS).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("tokenized %d files into %d tokens (vocab %d) at %s", len(files), n, tokenizer.vocab_size, entry)
+
+    # ---- splits and loaders ------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        entry = self._cache_entry(self._files())
+        if not (entry / TOKENS).is_file():
+            raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
+        self.cache_path = entry
+        self.tokenizer = load_tokenizer(entry / TOKENIZER)
+        dtype = token_dtype(self.tokenizer.vocab_size)
+        n = (entry / TOKENS).stat().st_size // np.dtype(dtype).itemsize
+        d, bs = self.config.data, self.config.model.block_size
+        n_val = int(n * d.val_fraction)
+        n_train = n - n_val
+        for split, size in (("training", n_train), ("validation", n_val)):
+            if size < bs + 1:
+                raise UsageError(
+                    f"the corpus has {n} tokens, so its {split} split ({size} tokens at "
+                    f"data.val_fraction={d.val_fraction}) is shorter than one window of model.block_size+1 = "
+                    f"{bs + 1} tokens: lower model.block_size, adjust data.val_fraction or use more text"
+                )
+        rng = np.random.default_rng(self.config.training.seed)
+        train_offsets = rng.integers(0, n_train - bs, size=(n_train - 1) // bs)
+        val_offsets = np.arange((n_val - 1) // bs) * bs
+        self.train_set = TokenWindows(entry / TOKENS, dtype, 0, n_train, bs, train_offsets)
+        self.val_set = TokenWindows(entry / TOKENS, dtype, n_train, n, bs, val_offsets)
+
+    def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        return self.build_dataloader(self.train_set, rank, world_size, train=True)
+
+    def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        return self.build_dataloader(self.val_set, rank, world_size, train=False)
+
+
+def _chunks(text: str, size: int = _CHUNK_CHARS) -> Iterator[str]:
+    """Pieces of about ``size`` characters, cut after a newline, so memory stays bounded."""
+    start = 0
+    while start < len(text):
+        stop = start + size
+        if stop < len(text):
+            cut = text.rfind("\n", start, stop)
+            stop = cut + 1 if cut > start else stop
+        yield text[start:stop]
+        start = stop

@@ -1,0 +1,196 @@
+"""Tokenizers for text data: byte, char, byte-level BPE, or an existing HF ``tokenizer.json``.
+
+All share one interface (:class:`Tokenizer`) and save to one JSON file that
+:func:`load_tokenizer` reads back: Hugging Face's format for BPE and loaded
+tokenizers, a small ``{"type": ...}`` document of our own for byte and char.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers as hf
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llm.errors import UsageError, closest
+
+BUILTIN = ("byte", "char", "bpe")
+"""Tokenizer names accepted by ``data.tokenizer`` besides a path."""
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. ``fingerprint()`` changes whenever the mapping does."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @abstractmethod
+    def to_json(self) -> str:
+        """The whole tokenizer as the text of a ``tokenizer.json``."""
+
+    def fingerprint(self) -> str:
+        """A stable id of the mapping (a hash of the saved form), used in cache keys."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` to ``path`` (atomically: no half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values of the UTF-8 encoding; nothing to train."""
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # a sampled sequence may cut a multi-byte character in half
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "byte"})
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character of the training text, in sorted order."""
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        self._ids = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(seen)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as e:
+            raise UsageError(
+                f"character {e.args[0]!r} is not in the char tokenizer's vocabulary of {self.vocab_size}"
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer: a trained byte-level BPE or a loaded file."""
+
+    def __init__(self, tokenizer: hf.Tokenizer):
+        self.hf = tokenizer
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+        """Byte-level BPE (GPT-2 style): any text encodes, with no unknown token."""
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet):
+            raise UsageError(
+                f"data.vocab_size: got {vocab_size}, a byte-level bpe tokenizer needs at least {len(alphabet)}"
+            )
+        tok = hf.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=[], show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        # a corpus is one stream: no [CLS]/[SEP]-style tokens around each piece
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+
+def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """``byte``, ``char`` or ``bpe`` (trained on ``texts``), or the path of a saved tokenizer.
+
+    ``texts`` is only read by the tokenizers that need training.
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "char":
+        return CharTokenizer.train(texts)
+    if spec == "bpe":
+        return HFTokenizer.train_bpe(texts, vocab_size)
+    check_spec(spec)
+    return load_tokenizer(spec)
+
+
+def check_spec(spec: str) -> None:
+    """Raise UsageError unless ``spec`` names a built-in tokenizer or an existing file."""
+    if spec in BUILTIN or Path(spec).expanduser().is_file():
+        return
+    hint = closest(spec, BUILTIN)
+    raise UsageError(
+        f"data.tokenizer: got {spec!r}{hint}, expected one of {', '.join(BUILTIN)} or the path of a tokenizer.json"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read any tokenizer saved by :meth:`Tokenizer.save`, or a Hugging Face ``tokenizer.json``."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"tokenizer file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not a tokenizer file: {getattr(e, 'strerror', None) or e}") from None
+    not_one = f"{path} is not a tokenizer file (expected a tokenizer.json saved by llm or by Hugging Face tokenizers)"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError(not_one) from None
+    if not isinstance(data, dict):
+        raise UsageError(not_one)
+    kind = data.get("type")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char" and isinstance(data.get("chars"), list) and data["chars"]:
+        return CharTokenizer(data["chars"])
+    if "model" not in data:
+        raise UsageError(not_one)
+    try:
+        return HFTokenizer(hf.Tokenizer.from_str(text))
+    except Exception as e:  # the library raises a bare Exception with a parse message
+        raise UsageError(f"{not_one}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

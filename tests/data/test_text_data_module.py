@@ -1,0 +1,234 @@
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm.data import text_data_module as tdm
+from llm.data.text_data_module import TextDataModule, corpus_files, default_corpus_files, token_dtype
+from llm.data.tokenizers import CharTokenizer
+from llm.errors import UsageError
+from llm.training.core.config import Config
+
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(40))  # 2130 chars
+BS = 16
+
+
+def make(tmp_path, path, **data) -> TextDataModule:
+    config = Config.from_dict({
+        "data": {"path": str(path), "cache_dir": str(tmp_path / "cache"), "tokenizer": "char", **data},
+        "model": {"block_size": BS}, "training": {"batch_size": 4, "seed": 3},
+    })
+    return TextDataModule(config)
+
+
+def ready(tmp_path, path, **data) -> TextDataModule:
+    dm = make(tmp_path, path, **data)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def tokens_of(dm) -> np.ndarray:
+    return np.fromfile(dm.cache_path / "tokens.bin", dtype=np.uint16)
+
+
+def test_the_corpus_is_tokenized_into_a_cached_token_file(tmp_path, corpus):
+    dm = ready(tmp_path, corpus)
+    assert isinstance(dm.tokenizer, CharTokenizer) and dm.tokenizer.decode(tokens_of(dm).tolist()) == TEXT
+    assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin"]
+    assert dm.cache_path.parent == tmp_path / "cache"
+
+
+def test_validation_is_the_last_fraction_in_consecutive_windows(tmp_path, corpus):
+    dm = ready(tmp_path, corpus, val_fraction=0.25)
+    tokens = tokens_of(dm)
+    n_val = int(len(tokens) * 0.25)
+    val = tokens[-n_val:]
+    assert len(dm.val_set) == (n_val - 1) // BS
+    for i in range(len(dm.val_set)):
+        x, y = dm.val_set[i]
+        assert x.tolist() == val[i * BS:(i + 1) * BS].tolist()
+        assert y.tolist() == val[i * BS + 1:(i + 1) * BS + 1].tolist()
+
+
+def test_training_windows_are_shifted_pairs_from_the_training_split(tmp_path, corpus):
+    dm = ready(tmp_path, corpus, val_fraction=0.25)
+    tokens = tokens_of(dm)
+    train = tokens[:len(tokens) - int(len(tokens) * 0.25)]
+    assert len(dm.train_set) == (len(train) - 1) // BS
+    offsets = dm.train_set.offsets
+    assert offsets.min() >= 0 and offsets.max() + BS + 1 <= len(train)  # never reaches into validation
+    assert len(set(offsets.tolist())) > len(offsets) // 2  # spread out, not one repeated window
+    for i, o in enumerate(offsets):
+        x, y = dm.train_set[i]
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (BS,)
+        assert x.tolist() == train[o:o + BS].tolist() and y.tolist() == train[o + 1:o + BS + 1].tolist()
+
+
+def test_training_windows_depend_only_on_the_seed(tmp_path, corpus):
+    a, b = ready(tmp_path, corpus), ready(tmp_path, corpus)
+    assert all(torch.equal(a.train_set[i][0], b.train_set[i][0]) for i in range(len(a.train_set)))
+    c = make(tmp_path, corpus)
+    c.config.training.seed = 4
+    c.setup()
+    assert not np.array_equal(a.train_set.offsets, c.train_set.offsets)
+
+
+def test_loaders_batch_the_windows(tmp_path, corpus):
+    dm = ready(tmp_path, corpus)
+    loader, sampler = dm.train_dataloader(rank=0, world_size=1)
+    x, y = next(iter(loader))
+    assert x.shape == y.shape == (4, BS) and x.dtype == torch.int64
+    val_loader, _ = dm.val_dataloader(rank=0, world_size=1)
+    assert sum(len(x) for x, _ in val_loader) == len(dm.val_set)
+
+
+def test_a_second_run_reuses_the_cache(tmp_path, corpus):
+    first = make(tmp_path, corpus)
+    first.prepare_data()
+    assert not first.cache_hit
+    tokens = first.cache_path / "tokens.bin"
+    stamp = tokens.stat().st_mtime_ns
+    second = make(tmp_path, corpus)
+    second.prepare_data()
+    assert second.cache_hit and second.cache_path == first.cache_path
+    assert tokens.stat().st_mtime_ns == stamp
+    # an entry missing its token file is rebuilt, not trusted
+    tokens.unlink()
+    second.prepare_data()
+    assert not second.cache_hit and tokens.is_file()
+    # other text or another tokenizer: another entry
+    corpus.write_text(TEXT + "more\n")
+    third = make(tmp_path, corpus)
+    third.prepare_data()
+    fourth = make(tmp_path, corpus, tokenizer="byte")
+    fourth.prepare_data()
+    assert not third.cache_hit and not fourth.cache_hit
+    assert len({first.cache_path, third.cache_path, fourth.cache_path}) == 3
+
+
+def test_a_crash_while_tokenizing_leaves_no_cache(tmp_path, corpus, monkeypatch):
+    def boom(self, text):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(CharTokenizer, "encode", boom)
+    dm = make(tmp_path, corpus)
+    with pytest.raises(KeyboardInterrupt):
+        dm.prepare_data()
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.undo()
+    dm.prepare_data()
+    assert not dm.cache_hit and (dm.cache_path / "tokens.bin").is_file()
+
+
+def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
+    root = tmp_path / "texts"
+    (root / "b").mkdir(parents=True)
+    (root / ".git").mkdir()
+    for name, text in {"b/2.txt": "second\n" * 40, "a.txt": "first\n" * 40, "b/1.md": "middle\n" * 40,
+                       ".hidden": "no", ".git/x": "no"}.items():
+        (root / name).write_text(text)
+    assert [p.relative_to(root).as_posix() for p in corpus_files(str(root))] == ["a.txt", "b/1.md", "b/2.txt"]
+    assert [p.name for p in corpus_files(str(root / "**" / "*.txt"))] == ["a.txt", "2.txt"]
+    dm = ready(tmp_path, root, val_fraction=0.2)
+    assert dm.tokenizer.decode(tokens_of(dm).tolist()) == "first\n" * 40 + "middle\n" * 40 + "second\n" * 40
+
+
+def test_the_default_corpus_is_the_stdlib_sources():
+    files = default_corpus_files()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert len(files) > 50 and all(f.suffix == ".py" and f.is_relative_to(stdlib) for f in files)
+    assert not any({"site-packages", "test"} & set(f.relative_to(stdlib).parts) for f in files)
+    assert files == sorted(files, key=lambda f: f.relative_to(stdlib).parts)
+    assert sum(f.stat().st_size for f in files) <= tdm.DEFAULT_CORPUS_BYTES
+    assert default_corpus_files(limit_bytes=1 << 16) == files[:len(default_corpus_files(limit_bytes=1 << 16))]
+
+
+def test_with_no_path_the_stdlib_sources_are_the_corpus(tmp_path):
+    dm = ready(tmp_path, "", val_fraction=0.01)
+    files = default_corpus_files()
+    text = "".join(f.read_text() for f in files)
+    tokens = tokens_of(dm)
+    assert len(tokens) == len(text)  # char tokens: one per character
+    assert dm.tokenizer.decode(tokens[:5000].tolist()) == text[:5000]
+
+
+def test_token_dtype_fits_the_vocabulary():
+    assert token_dtype(256) is np.uint16 and token_dtype(65536) is np.uint16 and token_dtype(65537) is np.uint32
+
+
+def test_long_texts_are_tokenized_in_chunks_cut_after_newlines():
+    text = "abc\n" * 10 + "x" * 25
+    pieces = list(tdm._chunks(text, size=10))
+    assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
+    assert pieces[:5] == ["abc\nabc\n"] * 5 and pieces[5:] == ["x" * 10, "x" * 10, "x" * 5]
+
+
+def test_bpe_from_the_config_vocab_size(tmp_path, corpus):
+    dm = ready(tmp_path, corpus, tokenizer="bpe", vocab_size=280)
+    assert dm.tokenizer.vocab_size == 280
+    assert dm.tokenizer.decode(tokens_of(dm).tolist()) == TEXT
+    # the saved tokenizer as the spec of another run
+    again = ready(tmp_path, corpus, tokenizer=str(dm.cache_path / "tokenizer.json"))
+    assert again.tokenizer.fingerprint() == dm.tokenizer.fingerprint()
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("missing.txt", None, "missing.txt does not exist"),
+    ("empty", "folder", "the folder .*empty holds no files"),
+    ("e.txt", b"", "e.txt is empty"),
+    ("*.nothing", None, "matches no files"),
+    ("bin.txt", b"ok\xff\xfe", "bin.txt is not UTF-8 text"),
+])
+def test_bad_paths_are_usage_errors(tmp_path, name, content, words):
+    path = tmp_path / name
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=words) as e:
+        make(tmp_path, path).prepare_data()
+    assert "\n" not in str(e.value)
+
+
+def test_a_corpus_shorter_than_one_window_says_what_to_lower(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 100)
+    dm = make(tmp_path, path)  # validation gets 10 tokens < 17
+    dm.prepare_data()
+    words = r"100 tokens.*validation split \(10 tokens.*block_size\+1 = 17.*lower model.block_size"
+    with pytest.raises(UsageError, match=words) as e:
+        dm.setup()
+    assert "\n" not in str(e.value)
+
+
+def test_a_tokenizer_file_that_is_not_one(tmp_path, corpus):
+    bad = tmp_path / "tok.json"
+    bad.write_text('{"vocab": [1, 2]}')
+    with pytest.raises(UsageError, match="is not a tokenizer file"):
+        make(tmp_path, corpus, tokenizer=str(bad)).prepare_data()
+    with pytest.raises(UsageError, match="data.tokenizer: got 'chr'"):
+        make(tmp_path, corpus, tokenizer="chr").prepare_data()
+
+
+def test_setup_before_prepare_data_is_an_error(tmp_path, corpus):
+    with pytest.raises(RuntimeError, match="prepare_data"):
+        make(tmp_path, corpus).setup()
+
+
+def test_datasets_pickle_without_the_token_map(tmp_path, corpus):
+    import pickle
+    dm = ready(tmp_path, corpus)
+    x0 = dm.train_set[0][0]
+    clone = pickle.loads(pickle.dumps(dm.train_set))
+    assert clone._tokens is None and torch.equal(clone[0][0], x0)
+    assert os.path.samefile(clone.path, dm.cache_path / "tokens.bin")

@@ -1,0 +1,99 @@
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from llm.data.tokenizers import (
+    ByteTokenizer, CharTokenizer, HFTokenizer, build_tokenizer, load_tokenizer,
+)
+from llm.errors import UsageError
+
+SAMPLE = "Héllo, wörld!\n\tdef f(x):\n    return x * 2  # ✓ 🙂\n"
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    """Real text that every machine has: a few standard-library modules."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [(stdlib / name).read_text() for name in ("textwrap.py", "string.py", "fnmatch.py", "shlex.py")] + [SAMPLE]
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus) -> HFTokenizer:
+    return build_tokenizer("bpe", corpus, vocab_size=320)
+
+
+def test_byte_tokenizer_round_trips_utf8():
+    tok = build_tokenizer("byte", [], 0)
+    assert tok.vocab_size == 256
+    ids = tok.encode(SAMPLE)
+    assert ids == list(SAMPLE.encode("utf-8"))
+    assert tok.decode(ids) == SAMPLE
+    assert tok.decode(ids[:-2]).endswith("\ufffd")  # "\n" and the last byte of 🙂 cut: replaced
+
+
+def test_char_vocabulary_is_the_sorted_set_of_corpus_characters():
+    tok = build_tokenizer("char", iter(["banana", "cab\n"]), 0)
+    assert tok.chars == ["\n", "a", "b", "c", "n"] and tok.vocab_size == 5
+    assert tok.encode("cab") == [3, 1, 2]
+    assert tok.decode(tok.encode("banana\ncab")) == "banana\ncab"
+    with pytest.raises(UsageError, match="'z' is not in the char tokenizer's vocabulary"):
+        tok.encode("zebra")
+
+
+def test_bpe_honours_the_vocab_size_and_round_trips(bpe):
+    assert bpe.vocab_size == 320
+    ids = bpe.encode(SAMPLE)
+    assert max(ids) < 320 and bpe.decode(ids) == SAMPLE
+    code = "def fill(text, width=70, **kwargs):\n    return text\n"
+    assert len(bpe.encode(code)) < len(code.encode())  # merges learned from the corpus compress it
+    # bytes never seen in training still encode (byte-level: no unknown token)
+    assert bpe.decode(bpe.encode("ǅ∑")) == "ǅ∑"
+
+
+def test_bpe_needs_room_for_the_byte_alphabet(corpus):
+    with pytest.raises(UsageError, match="data.vocab_size: got 100"):
+        build_tokenizer("bpe", corpus, vocab_size=100)
+
+
+@pytest.mark.parametrize("spec", ["byte", "char", "bpe"])
+def test_save_and_load_give_the_same_tokenizer(spec, corpus, tmp_path):
+    tok = build_tokenizer(spec, corpus, vocab_size=300)
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left behind
+    back = load_tokenizer(path)
+    assert type(back) is type(tok)
+    assert back.vocab_size == tok.vocab_size and back.fingerprint() == tok.fingerprint()
+    assert back.encode(SAMPLE) == tok.encode(SAMPLE) and back.decode(tok.encode(SAMPLE)) == SAMPLE
+    if spec != "bpe":
+        assert json.loads(path.read_text())["type"] == spec
+    # a saved file is also a valid spec
+    assert build_tokenizer(str(path), [], 0).fingerprint() == tok.fingerprint()
+
+
+def test_fingerprints_are_stable_and_follow_the_mapping(corpus):
+    assert CharTokenizer.train(["abc"]).fingerprint() == CharTokenizer.train(["cba"]).fingerprint()
+    assert CharTokenizer.train(["abc"]).fingerprint() != CharTokenizer.train(["abd"]).fingerprint()
+    assert ByteTokenizer().fingerprint() == ByteTokenizer().fingerprint()
+    a = HFTokenizer.train_bpe(corpus, 300)
+    assert a.fingerprint() == HFTokenizer.train_bpe(corpus, 300).fingerprint()
+    assert a.fingerprint() != HFTokenizer.train_bpe(corpus, 310).fingerprint()
+
+
+@pytest.mark.parametrize("content", ['{"hello": 1}', "[1, 2]", "not json at all", '{"model": {"type": "Nope"}}',
+                                     '{"type": "char", "chars": []}'])
+def test_a_file_that_is_not_a_tokenizer_is_a_usage_error(content, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    with pytest.raises(UsageError, match="is not a tokenizer file") as e:
+        load_tokenizer(path)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_unknown_name_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing.json")
+    with pytest.raises(UsageError, match=r"'bpee' \(did you mean bpe\?\), expected one of byte, char, bpe"):
+        build_tokenizer("bpee", [], 0)

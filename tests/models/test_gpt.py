@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+
+from llm.models.gpt import GPT, Block, GPTConfig, Rotary, swiglu_hidden
+
+V, T, L, H, C = 50, 16, 2, 2, 32
+VARIANTS = {
+    "rope-rms-swiglu-tied": {},
+    "learned-ln-gelu-untied-bias": dict(
+        pos_emb="learned", norm="layernorm", mlp="gelu", tie_embeddings=False, bias=True
+    ),
+    "rope-ln-gelu": dict(norm="layernorm", mlp="gelu"),
+    "learned-rms-swiglu-untied": dict(pos_emb="learned", tie_embeddings=False),
+}
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, **kw)).eval()
+
+
+def test_config_round_trips_through_a_dict_and_rejects_unknown_fields():
+    cfg = GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, pos_emb="learned", dropout=0.1)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="n_heads"):
+        GPTConfig.from_dict({**cfg.to_dict(), "n_heads": 4})
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("n_embd", 33, "multiple of n_head"), ("norm", "batchnorm", "rmsnorm, layernorm"), ("n_layer", 0, ">= 1"),
+])
+def test_config_rejects_bad_values(field, value, words):
+    kw = dict(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C) | {field: value}
+    with pytest.raises(ValueError, match=words):
+        GPTConfig(**kw)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_gives_logits_per_position(variant):
+    model = tiny(**VARIANTS[variant])
+    logits = model(torch.randint(0, V, (3, T)))
+    assert logits.shape == (3, T, V)
+    assert torch.isfinite(logits).all()
+    assert model(torch.randint(0, V, (2, 5))).shape == (2, 5, V)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_future_token_does_not_change_earlier_logits(variant):
+    model = tiny(**VARIANTS[variant])
+    idx = torch.randint(0, V, (1, T))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % V
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_positions_matter_with_either_encoding():
+    for pos in ("rope", "learned"):
+        model = tiny(pos_emb=pos)
+        idx = torch.tensor([[1, 2, 3, 4]])
+        swapped = torch.tensor([[2, 1, 3, 4]])
+        # the last token sees the same set of tokens; only their order differs
+        assert not torch.allclose(model(idx)[0, -1], model(swapped)[0, -1]), pos
+
+
+def test_too_long_a_sequence_raises():
+    with pytest.raises(ValueError, match="block_size 16"):
+        tiny()(torch.zeros(1, T + 1, dtype=torch.long))
+
+
+def test_blocks_are_a_module_list_of_self_contained_blocks():
+    model = tiny()
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == L
+    x = torch.randn(2, 7, C)
+    assert all(isinstance(b, Block) and b(x).shape == x.shape for b in model.blocks)
+
+
+def test_tied_embeddings_share_one_matrix():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_num_params_matches_a_hand_count():
+    # gelu, learned, layernorm with bias, untied: per block 12C^2 + 13C
+    model = tiny(pos_emb="learned", norm="layernorm", mlp="gelu", tie_embeddings=False, bias=True)
+    total = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C + V * C
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - T * C - V * C
+    # swiglu, rope, rmsnorm, tied, no bias: per block 4C^2 + 3*C*hidden + 2C
+    hidden = swiglu_hidden(C)
+    assert hidden == 128 and swiglu_hidden(768) == 2048
+    model = tiny()
+    assert model.num_params() == model.num_params(False) == V * C + L * (4 * C * C + 3 * C * hidden + 2 * C) + C
+
+
+def test_flops_per_token_is_six_n_plus_the_attention_term():
+    model = tiny()
+    assert model.flops_per_token(8) == 6 * model.num_params() + 12 * L * C * 8
+    assert model.flops_per_token() == model.flops_per_token(T)
+
+
+def test_init_scales_residual_projections_by_depth():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=8, n_head=4, n_embd=128))
+    attn = model.blocks[0].attn
+    assert attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.blocks[3].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+def test_initial_loss_is_near_uniform():
+    model = tiny()
+    idx, targets = torch.randint(0, V, (2, 4, T))  # targets unrelated to inputs
+    loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert loss.item() == pytest.approx(math.log(V), abs=0.1)
+
+
+def test_rotary_keeps_norms_and_makes_scores_depend_on_relative_position():
+    rope = Rotary(head_dim=8, max_len=32)
+    q, k = torch.randn(8), torch.randn(8)
+    # the same vector at every position: rotation keeps its length
+    qs = rope(q.expand(1, 1, 32, 8))
+    torch.testing.assert_close(qs.norm(dim=-1), q.norm().expand(1, 1, 32))
+    ks = rope(k.expand(1, 1, 32, 8))
+    score = lambda i, j: (qs[0, 0, i] @ ks[0, 0, j]).item()  # noqa: E731
+    assert score(5, 3) == pytest.approx(score(20, 18), abs=1e-5)
+    assert score(5, 3) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+def test_greedy_generation_follows_the_argmax_and_crops_the_context():
+    model = tiny()
+    prompt = torch.randint(0, V, (T + 5,))  # longer than block_size: cropped
+    out = list(model.generate_stream(prompt, 6, temperature=0))
+    assert len(out) == 6 and all(isinstance(t, int) and 0 <= t < V for t in out)
+    seq = prompt.tolist()
+    for token in out:
+        expected = model(torch.tensor([seq[-T:]]))[0, -1].argmax().item()
+        assert token == expected
+        seq.append(token)
+    assert list(model.generate_stream(prompt[None], 6, temperature=0.7, top_k=1)) == out
+
+
+def test_sampling_is_reproducible_with_a_generator_and_stays_in_the_top_k():
+    model = tiny()
+    prompt = torch.tensor([1, 2, 3])
+    a = list(model.generate_stream(prompt, 20, generator=torch.Generator().manual_seed(1)))
+    b = list(model.generate_stream(prompt, 20, generator=torch.Generator().manual_seed(1)))
+    assert a == b
+    first_top3 = model(prompt[None])[0, -1].topk(3).indices.tolist()
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        assert next(model.generate_stream(prompt, 1, temperature=2.0, top_k=3, generator=g)) in first_top3
+
+
+def test_generation_rejects_bad_arguments():
+    model = tiny()
+    for kwargs in (dict(temperature=-1.0), dict(top_k=0)):
+        with pytest.raises(ValueError):
+            next(model.generate_stream(torch.tensor([1]), 1, **kwargs))
+    with pytest.raises(ValueError, match="one non-empty prompt"):
+        next(model.generate_stream(torch.zeros(2, 3, dtype=torch.long), 1))
+
+
+def test_dropout_is_active_only_in_training_mode():
+    model = tiny(dropout=0.5)
+    idx = torch.randint(0, V, (2, T))
+    torch.testing.assert_close(model(idx), model(idx))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))

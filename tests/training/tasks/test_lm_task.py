@@ -1,0 +1,119 @@
+import json
+import math
+
+import pytest
+import torch
+
+from llm.data.synthetic_data_module import SyntheticDataModule
+from llm.data.text_data_module import TextDataModule
+from llm.data.tokenizers import load_tokenizer
+from llm.errors import UsageError
+from llm.models.gpt import GPT, GPTConfig
+from llm.training.core.config import Config
+from llm.training.core.registry import resolve_data_module, resolve_task
+from llm.training.tasks.lm_task import LMTask
+
+TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
+
+
+@pytest.fixture
+def task(tmp_path) -> LMTask:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    config = Config.from_dict({
+        "task": "lm",
+        "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "tokenizer": "char"},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "training": {"batch_size": 8, "seed": 0},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0, "scheduler": "constant"},
+    })
+    task = LMTask(config)
+    data = TextDataModule(config)
+    data.prepare_data()
+    data.setup()
+    task.data_module, task.total_steps = data, 40
+    return task
+
+
+def test_the_registry_names_lm_and_text():
+    assert resolve_task("lm") is LMTask and resolve_data_module("text") is TextDataModule
+    assert LMTask.default_data_module == "text"
+
+
+def test_the_model_follows_the_config_and_the_tokenizer(task):
+    torch.manual_seed(0)
+    model = task.build_model()
+    assert isinstance(model, GPT) and task.tokens_per_sample == 16
+    vocab = task.data_module.tokenizer.vocab_size
+    assert model.config == GPTConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_steps_return_next_token_cross_entropy(task):
+    torch.manual_seed(0)
+    model, criterion = task.build_model(), task.build_criterion()
+    x, y = next(iter(task.data_module.train_dataloader(0, 1)[0]))
+    loss, metrics = task.train_step((x, y), model, criterion)
+    assert metrics == {} and loss.shape == ()
+    logits = model(x)
+    manual = -torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).mean()
+    torch.testing.assert_close(loss, manual)
+    val_loss, _ = task.validation_step((x, y), model, criterion)
+    torch.testing.assert_close(val_loss, loss)
+    assert loss.item() == pytest.approx(math.log(task.data_module.tokenizer.vocab_size), abs=0.3)
+
+
+def test_a_few_optimizer_steps_lower_the_loss(task):
+    torch.manual_seed(0)
+    model = task.build_model()
+    optimizer = task.build_optimizer(model)
+    scheduler = task.build_scheduler(optimizer)
+    criterion = task.build_criterion()
+    loader, sampler = task.data_module.train_dataloader(0, 1)
+    losses = []
+    sampler.set_epoch(0)
+    for batch, _ in zip(loader, range(30)):
+        loss, _ = task.train_step(batch, model, criterion)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    model.eval()
+    val = [task.validation_step(b, model, criterion)[0].item() for b in task.data_module.val_dataloader(0, 1)[0]]
+    assert sum(val) / len(val) < losses[0] - 1.0
+
+
+def test_finalize_metrics_adds_perplexity(task):
+    metrics = {"loss": 2.0, "val_loss": 1.5, "lr": 0.1}
+    out = task.finalize_metrics(metrics)
+    assert out == {"loss": 2.0, "val_loss": 1.5, "lr": 0.1, "ppl": pytest.approx(math.exp(2.0)),
+                   "val_ppl": pytest.approx(math.exp(1.5))}
+    assert "ppl" not in metrics  # the caller's dict is left alone
+    assert task.finalize_metrics({"val_loss": 1e4}) == {"val_loss": 1e4, "val_ppl": math.inf}
+    assert task.finalize_metrics({"lr": 0.1}) == {"lr": 0.1}
+
+
+def test_artifacts_rebuild_the_model_and_its_tokenizer(task, tmp_path):
+    model = task.build_model()
+    out = tmp_path / "artifacts"
+    task.save_artifacts(out)
+    assert sorted(p.name for p in out.iterdir()) == ["model_config.json", "tokenizer.json"]
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    assert tokenizer.fingerprint() == task.data_module.tokenizer.fingerprint()
+    config = GPTConfig.from_dict(json.loads((out / "model_config.json").read_text()))
+    assert config == model.config
+    clone = GPT(config)
+    clone.load_state_dict(model.state_dict())
+    x = torch.tensor([tokenizer.encode("the cat sat")])
+    torch.testing.assert_close(clone(x), model(x))
+
+
+def test_building_without_a_text_data_module_fails_clearly(task):
+    task.data_module = None
+    with pytest.raises(RuntimeError, match="data_module"):
+        task.build_model()
+    task.data_module = SyntheticDataModule(task.config)
+    with pytest.raises(UsageError, match="needs a data module with a tokenizer.*SyntheticDataModule"):
+        task.build_model()
