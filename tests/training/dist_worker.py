@@ -1,28 +1,61 @@
-"""Trains like llm/training/train.py and also saves each rank's final weights (for tests)."""
+"""``llm/training/train.py`` plus faults on demand, for tests.
+
+Also saves each rank's final weights to ``<log_dir>/weights_rank<r>.pt``.
+Faults, set by environment variables (each fires once per run directory, so a
+restarted worker does not fault again):
+  KILL_AT_STEP=N [KILL_RANK=r]     SIGKILL this rank after optimizer step N
+  KILL_IN_SAVE=N [KILL_RANK=r]     SIGKILL this rank in the middle of writing checkpoint N
+  TERM_AT_STEP=N [TERM_RANK=r]     SIGTERM this rank after optimizer step N
+"""
 
 import os
+import signal
 import sys
+from pathlib import Path
 
 import torch
 
-from llm.training.core import distributed as D
+from llm.training import train
 from llm.training.core.callbacks import Callback
-from llm.training.core.config import Config
 from llm.training.core.engine import TrainingEngine
-from llm.training.core.registry import resolve_task
-from llm.training.train import default_callbacks
 
 
-class SaveWeights(Callback):
+def _fire_once(engine, name: str, step: int) -> bool:
+    wanted = os.environ.get(name)
+    rank = int(os.environ.get(name.split("_")[0] + "_RANK", 0))
+    if wanted is None or int(wanted) != step or engine.rank != rank:
+        return False
+    marker = Path(engine.run_dir) / f".fired-{name}"
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
+    return True
+
+
+class Faults(Callback):
+    def on_step_end(self, engine):
+        if _fire_once(engine, "KILL_AT_STEP", engine.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if _fire_once(engine, "TERM_AT_STEP", engine.step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def on_train_end(self, engine, metrics):
-        torch.save(engine.raw_model.state_dict(), engine.run_dir / f"weights_rank{engine.rank}.pt")
+        torch.save(engine.raw_model.state_dict(), Path(engine.run_dir) / f"weights_rank{engine.rank}.pt")
 
+
+_write_artifacts = TrainingEngine._write_artifacts
+
+
+def _write_artifacts_then_maybe_die(self, directory):
+    _write_artifacts(self, directory)  # state.pt is written; the manifest is not
+    if _fire_once(self, "KILL_IN_SAVE", self.step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+TrainingEngine._write_artifacts = _write_artifacts_then_maybe_die
+_default_callbacks = train.default_callbacks
+train.default_callbacks = lambda config: [*_default_callbacks(config), Faults()]
 
 if __name__ == "__main__":
-    config = Config.from_args_and_env(sys.argv[1:])
-    rank, world_size, local_rank = D.env_ranks()
-    D.init_process_group(config, rank, world_size, local_rank)
-    task = resolve_task(config.task)(config)
-    TrainingEngine(config, task, rank, world_size, callbacks=[*default_callbacks(config), SaveWeights()]).train()
-    D.destroy_process_group()
-    os._exit(0)
+    sys.exit(train.main())

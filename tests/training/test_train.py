@@ -1,7 +1,6 @@
 """The entry point as users run it: python -m, torchrun, exit codes."""
 
 import json
-import sys
 from pathlib import Path
 
 import torch

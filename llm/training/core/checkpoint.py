@@ -203,12 +203,14 @@ def verify(path: str | Path) -> str | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint at ``path``, or the newest valid one in a directory of checkpoints."""
+    """The checkpoint at ``path``, or the newest valid one in a directory of checkpoints or a run directory."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint directory")
+    if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+        path = path / "checkpoints"  # a run directory
     if _STEP_DIR.fullmatch(path.name) or (path / MANIFEST).exists() or (path / SHARED).exists():
         reason = verify(path)
         if reason is not None:

@@ -144,6 +144,8 @@ class CheckpointConfig:
     """Metric that picks the best checkpoint."""
     mode: Literal["min", "max"] = "min"
     """Whether a lower or a higher monitored value is better."""
+    allow_config_change: bool = False
+    """Resume even when the model, data, batch size, seed or world size differ from the checkpoint's."""
 
 
 @dataclass

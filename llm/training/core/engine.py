@@ -27,13 +27,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError
 from llm.training.core import distributed as D
-from llm.training.core.callbacks import HOOKS, Callback, ProgressBar
+from llm.training.core.callbacks import Callback, ProgressBar
 from llm.training.core.checkpoint import CheckpointManager, load_rank_state, load_shared_state, resolve_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.grad_accum_steps", "training.seed",
+                  "world_size")
+"""Settings a resumed run cannot change without training a different model or on different data."""
+HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
 
 
 class CallbackError(RuntimeError):
@@ -228,18 +232,20 @@ class TrainingEngine:
             self.task.save_artifacts(self.run_dir)
 
     def _find_resume(self) -> Path | None:
+        """The checkpoint to start from; a worker restarted by torchrun always resumes."""
         spec = self.config.checkpoint.resume
-        if not spec:
-            return None
+        if not spec and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+            spec = "auto"
+        self.resuming = bool(spec)
         if spec == "auto":
             directory = Path(self.config.checkpoint.dir)
             return CheckpointManager(directory).latest_valid() if directory.exists() else None
-        return resolve_checkpoint(spec)
+        return resolve_checkpoint(spec) if spec else None
 
     def _check_run_dir(self) -> None:
         """A fresh run must not write over an earlier one's files."""
         existing = [p.name for p in self.run_dir.iterdir()] if self.run_dir.is_dir() else []
-        if existing and not self.config.checkpoint.resume:
+        if existing and not self.resuming:
             raise UsageError(
                 f"{self.run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
                 f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
@@ -280,6 +286,7 @@ class TrainingEngine:
 
     def load_checkpoint(self, path: Path) -> None:
         shared = load_shared_state(path)
+        self._check_config_change(path, shared)
         self.raw_model.load_state_dict(shared["model"])
         self.optimizer.load_state_dict(shared["optimizer"])
         if self.scheduler is not None and shared["scheduler"] is not None:
@@ -297,6 +304,21 @@ class TrainingEngine:
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def _check_config_change(self, path: Path, shared: dict[str, Any]) -> None:
+        """Show what changed since the checkpoint; refuse changes that break the model or the data order."""
+        saved, now = _flatten(shared["config"]), _flatten(self.config.to_dict())
+        saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "checkpoint.resume")
+        if not changed:
+            return
+        self.print("resuming with a changed config: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+        binding = [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
+        if binding and not self.config.checkpoint.allow_config_change:
+            raise UsageError(
+                f"cannot resume {path}: {', '.join(binding)} changed, which changes the model or the data order; "
+                f"pass --checkpoint-allow-config-change true to resume anyway"
+            )
 
     # ---- what callbacks use ----------------------------------------------------------
 
@@ -496,6 +518,16 @@ class _ResumableSampler:
         wrapper = cls(sampler)
         batch_sampler.sampler = wrapper
         return wrapper
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _batch_len(batch: Any) -> int:

@@ -156,3 +156,30 @@ def test_resolved_config_is_saved_as_yaml(tmp_path):
     train(config)
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
     assert saved["optimizer"]["lr"] == 0.003 and saved["checkpoint"]["dir"] == str(tmp_path / "run/checkpoints")
+
+
+def test_resume_with_a_changed_model_is_refused_unless_allowed(tmp_path, capsys):
+    train(tiny_config(tmp_path, training={"epochs": 1}))
+    changed = tiny_config(tmp_path, model={"n_embd": 32}, checkpoint={"resume": "auto"})
+    with pytest.raises(UsageError, match=r"model.n_embd changed.*--checkpoint-allow-config-change"):
+        train(changed)
+    assert "model.n_embd 16 -> 32" in capsys.readouterr().out
+
+
+def test_resume_with_harmless_changes_goes_through(tmp_path, capsys):
+    first, _ = train(tiny_config(tmp_path, training={"epochs": 1}))
+    more = tiny_config(tmp_path, training={"epochs": 2}, optimizer={"lr": 0.01}, checkpoint={"resume": "auto"})
+    engine, _ = train(more)
+    assert engine.step == 2 * first.step
+    out = capsys.readouterr().out
+    assert "training.epochs 1 -> 2" in out and "optimizer.lr 0.02 -> 0.01" in out
+
+
+def test_restarted_torchrun_worker_resumes_automatically(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, training={"epochs": 2}, checkpoint={"every_n_steps": 5})
+    with pytest.raises(CallbackError):
+        train(config, callbacks=[CrashAt(12)])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    engine = TrainingEngine(config, RegressionTask(config), 0, 1)
+    engine.setup()
+    assert engine.step == 10
