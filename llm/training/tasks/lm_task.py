@@ -1,4 +1,4 @@
-"""LMTask: train a GPT on next-token prediction over a text corpus."""
+"""LMTask: train a GPT on next-token prediction over a text corpus; load_lm: load one back."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import torch
 from torch import nn, optim
 from torch.optim.lr_scheduler import LRScheduler
 
+from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
+from llm.training.core.checkpoint import SHARED, load_shared_state, resolve_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.optim import build_optimizer, build_scheduler
 from llm.training.tasks.base_task import TrainingTask
+
+MODEL_CONFIG, TOKENIZER = "model_config.json", "tokenizer.json"
+"""The files LMTask.save_artifacts writes beside the weights; load_lm needs both."""
 
 
 class LMTask(TrainingTask):
@@ -82,3 +87,61 @@ class LMTask(TrainingTask):
         tmp = directory / f".model_config.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         os.replace(tmp, directory / "model_config.json")
+
+
+def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Path]:
+    """A trained GPT in eval mode on ``device``, its tokenizer, and the checkpoint directory they came from.
+
+    ``checkpoint`` is one checkpoint, a directory of checkpoints (the newest valid one is
+    taken) or a run directory (its ``checkpoints/``). Raises UsageError with one line when
+    the checkpoint is missing, invalid, not a language model, or inconsistent.
+    """
+    device = _usable_device(device)
+    path = Path(checkpoint)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    ckpt = resolve_checkpoint(path)
+    missing = [name for name in (MODEL_CONFIG, TOKENIZER) if not (ckpt / name).is_file()]
+    if missing:
+        raise UsageError(f"{ckpt} is not a language-model checkpoint (no {' or '.join(missing)}; "
+                         f"those are saved by --task lm)")
+    config = _read_model_config(ckpt / MODEL_CONFIG)
+    tokenizer = load_tokenizer(ckpt / TOKENIZER)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UsageError(f"the vocabulary does not fit the model in {ckpt}: {TOKENIZER} has "
+                         f"{tokenizer.vocab_size} tokens, {MODEL_CONFIG} says vocab_size {config.vocab_size}")
+    state = load_shared_state(ckpt).get("model")
+    if not isinstance(state, dict):
+        raise UsageError(f"{ckpt / SHARED} holds no model weights (no 'model' entry)")
+    model = GPT(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        # torch lists every mismatch on its own line: the first one says enough
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        first = details[0] if details else " ".join(str(e).split())
+        first = first if len(first) <= 240 else first[:240] + "..."
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise UsageError(f"the weights in {ckpt} belong to a different model than its {MODEL_CONFIG} "
+                         f"describes: {first}{more}") from None
+    return model.to(device).eval(), tokenizer, ckpt
+
+
+def _read_model_config(path: Path) -> GPTConfig:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return GPTConfig.from_dict(data)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{path} is not a valid model config: {' '.join(str(e).split())}") from None
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"device: {' '.join(str(e).split())}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was asked for but no CUDA device is available: use cpu")
+    return device

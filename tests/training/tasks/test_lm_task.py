@@ -1,17 +1,22 @@
+import hashlib
 import json
 import math
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.data.text_data_module import TextDataModule
-from llm.data.tokenizers import load_tokenizer
+from llm.data.tokenizers import CharTokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module, resolve_task
-from llm.training.tasks.lm_task import LMTask
+from llm.training.tasks.lm_task import LMTask, load_lm
+from tests.helpers import train_cli
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 
@@ -117,3 +122,96 @@ def test_building_without_a_text_data_module_fails_clearly(task):
     task.data_module = SyntheticDataModule(task.config)
     with pytest.raises(UsageError, match="needs a data module with a tokenizer.*SyntheticDataModule"):
         task.build_model()
+
+
+# ---- load_lm: a trained model back from its checkpoint ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run of a tiny char-level GPT, trained once for the load_lm tests."""
+    root = tmp_path_factory.mktemp("lm")
+    (root / "corpus.txt").write_text(TEXT)
+    out = train_cli("--task", "lm", "--training-max-steps", "30", "--training-batch-size", "8",
+                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
+                    "--model-block-size", "32", "--data-path", "corpus.txt", "--data-cache-dir", "cache",
+                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
+    assert out.returncode == 0, out.stderr
+    return root / "run"
+
+
+def reseal(ckpt: Path) -> None:
+    """Rewrite the manifest to match the files as they are now, as if the checkpoint had been saved so."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_load_lm_takes_a_run_a_folder_of_checkpoints_or_one_checkpoint(run_dir):
+    step = run_dir / "checkpoints" / "step_00000030"
+    loads = [load_lm(path) for path in (run_dir, run_dir / "checkpoints", step, str(step))]
+    assert [ckpt for _, _, ckpt in loads] == [step] * 4
+    model, tokenizer, _ = loads[0]
+    assert isinstance(model, GPT) and not model.training
+    assert model.config == GPTConfig.from_dict(json.loads((step / "model_config.json").read_text()))
+    assert tokenizer.fingerprint() == load_tokenizer(run_dir / "tokenizer.json").fingerprint()
+    saved = torch.load(step / "state.pt", weights_only=True)["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    x = torch.tensor([tokenizer.encode("the cat sat")])
+    torch.testing.assert_close(loads[1][0](x), model(x))
+
+
+def _drop_artifacts(ckpt: Path) -> None:
+    (ckpt / "model_config.json").unlink()
+    (ckpt / "tokenizer.json").unlink()
+
+
+def _edit_config(**changes):
+    def edit(ckpt: Path) -> None:
+        path = ckpt / "model_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def _truncate_state(ckpt: Path) -> None:
+    data = (ckpt / "state.pt").read_bytes()
+    (ckpt / "state.pt").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("breakage, resealed, message", [
+    (_drop_artifacts, True,
+     r"\S+step_00000030 is not a language-model checkpoint \(no model_config.json or tokenizer.json; .*\)"),
+    (lambda c: CharTokenizer("xyz").save(c / "tokenizer.json"), True,
+     r"the vocabulary does not fit the model in \S+: tokenizer.json has 3 tokens, model_config.json says .* 15"),
+    (_edit_config(n_embd=64), True,
+     r"the weights in \S+ belong to a different model .*: size mismatch for tok_emb.weight: .* \(and \d+ more\)"),
+    (_edit_config(n_layer=2), True,
+     r"the weights in \S+ belong to a different model .*: Missing key\(s\) in state_dict: \"blocks\.1\..*"),
+    (_edit_config(n_heads=4), True,
+     r"\S+model_config.json is not a valid model config: unknown GPTConfig fields: n_heads"),
+    (lambda c: (c / "model_config.json").write_text("[1, 2"), True,
+     r"\S+model_config.json is not a valid model config: .*"),
+    (lambda c: torch.save({"optimizer": {}}, c / "state.pt"), True, r"\S+state.pt holds no model weights.*"),
+    (_truncate_state, True, r"\S+state.pt is truncated or corrupt \(.*\)"),
+    (_truncate_state, False, r"checkpoint \S+ is not valid: state.pt has \d+ bytes, the manifest says \d+"),
+])
+def test_load_lm_names_what_is_wrong_in_one_line(run_dir, tmp_path, breakage, resealed, message):
+    ckpt = tmp_path / "step_00000030"
+    shutil.copytree(run_dir / "checkpoints" / ckpt.name, ckpt)
+    breakage(ckpt)
+    if resealed:
+        reseal(ckpt)
+    with pytest.raises(UsageError) as caught:
+        load_lm(ckpt)
+    assert "\n" not in str(caught.value)
+    assert re.fullmatch(message, str(caught.value)), str(caught.value)
+
+
+def test_load_lm_checks_the_device_first(run_dir):
+    with pytest.raises(UsageError, match="^device: .*"):
+        load_lm(run_dir, device="tpu:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device is available"):
+            load_lm(run_dir, device="cuda")

@@ -1,0 +1,123 @@
+"""Sample text from a trained language model: ``python -m llm.generate --checkpoint PATH --prompt TEXT``.
+
+Prints the prompt, then its continuation as the tokens come, then a newline.
+The same seed gives the same text. Exit codes: 0 done; 2 bad input (one line
+on stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from llm.data.tokenizers import Tokenizer
+from llm.errors import EXIT_USAGE, UsageError
+from llm.models.gpt import GPT
+from llm.training.tasks.lm_task import load_lm
+
+_REPLACEMENT = "\ufffd"  # what decoders print for a multi-byte character cut in half
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgParser(prog="python -m llm.generate", allow_abbrev=False,
+                       description="Continue a prompt with a language model trained by --task lm.")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a checkpoint, a folder of checkpoints (the newest valid one is used) or a run folder")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (not empty)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                        help="tokens to generate (default: 200)")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="sampling temperature; 0 always picks the most likely token (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="sample only among the K most likely tokens (default: all)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="random seed: the same seed gives the same text (default: 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not args.prompt:
+        raise UsageError("--prompt must not be empty")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens: got {args.max_new_tokens}, expected an integer >= 0")
+    if not args.temperature >= 0:  # also rejects nan
+        raise UsageError(f"--temperature: got {args.temperature}, expected a number >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k: got {args.top_k}, expected an integer >= 1")
+    if args.seed < 0:
+        raise UsageError(f"--seed: got {args.seed}, expected an integer >= 0")
+
+
+def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
+                temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Iterator[str]:
+    """Yield the text that continues ``prompt_ids``, piece by piece, as it is sampled.
+
+    Each step decodes the whole sequence and yields what is new, so tokens that are
+    only part of a character (byte and BPE tokenizers) print once the character is
+    complete: a trailing replacement character is held back until the last token.
+    """
+    device = next(model.parameters()).device
+    idx = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    start = len(tokenizer.decode(prompt_ids))
+    ids, shown = list(prompt_ids), ""
+    for i, token in enumerate(model.generate_stream(idx, max_new_tokens, temperature, top_k, generator), start=1):
+        ids.append(token)
+        text = tokenizer.decode(ids)[start:]
+        if i < max_new_tokens:
+            text = text.rstrip(_REPLACEMENT)
+        if len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        model, tokenizer, _ = load_lm(args.checkpoint, args.device)
+        try:
+            prompt_ids = tokenizer.encode(args.prompt)  # before any output: a char the vocabulary lacks fails here
+        except UsageError as e:
+            raise UsageError(f"--prompt: {e}") from None
+        if not prompt_ids:
+            raise UsageError(f"--prompt {args.prompt!r} encodes to no tokens")
+        torch.manual_seed(args.seed)
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
+                                 generator):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader left (`| head`): Python would fail again flushing stdout at exit, so point it at devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""python -m llm.evaluate and evaluate(): loss over every token of a file, one-line errors with exit 2."""
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.data.text_data_module import TextDataModule
+from llm.evaluate import evaluate, main
+from llm.training.core.config import Config
+from llm.training.tasks.lm_task import load_lm
+from tests.helpers import run, train_cli
+
+TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
+BLOCK = 32
+HELD_OUT = "a bat sat on my mat. the dog ate one hat. " * 7  # 294 chars: 9 windows of 32 and a tail
+
+
+@pytest.fixture(scope="module")
+def step_dir(tmp_path_factory) -> Path:
+    """The checkpoint of a tiny char-level GPT, trained once for the whole module."""
+    root = tmp_path_factory.mktemp("lm")
+    (root / "corpus.txt").write_text(TEXT)
+    out = train_cli("--task", "lm", "--training-max-steps", "30", "--training-batch-size", "8",
+                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
+                    "--model-block-size", str(BLOCK), "--data-path", "corpus.txt", "--data-cache-dir", "cache",
+                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
+    assert out.returncode == 0, out.stderr
+    return root / "run" / "checkpoints" / "step_00000030"
+
+
+@pytest.fixture(scope="module")
+def loaded(step_dir):
+    model, tokenizer, _ = load_lm(step_dir)
+    return model, tokenizer
+
+
+def window_by_window(model, ids: list[int]) -> float:
+    """The mean loss written out plainly: each window of BLOCK targets on its own, no batching."""
+    total = 0.0
+    for start in range(0, len(ids) - 1, BLOCK):
+        chunk = torch.tensor(ids[start:start + BLOCK + 1])
+        with torch.no_grad():
+            logits = model(chunk[None, :-1])[0]
+        total += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
+    return total / (len(ids) - 1)
+
+
+# ---- evaluate() ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 20, BLOCK + 1, 3 * BLOCK + 1, 3 * BLOCK + 2, 5 * BLOCK + 17])
+@pytest.mark.parametrize("batch_size", [1, 2, 64])
+def test_the_mean_covers_every_token_once_however_it_is_batched(loaded, n, batch_size):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(HELD_OUT * 2)[:n]
+    loss, n_tokens = evaluate(model, ids, BLOCK, batch_size)
+    assert n_tokens == n - 1
+    assert loss == pytest.approx(window_by_window(model, ids), abs=1e-5)
+
+
+class Uniform(nn.Module):
+    """Equal logits over V tokens; records the length of every sequence it is given."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.lengths = vocab, []
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx):
+        self.lengths += [idx.size(1)] * idx.size(0)
+        return torch.zeros(*idx.shape, self.vocab)
+
+
+def test_uniform_predictions_score_log_vocab_on_windows_of_at_most_block_size():
+    model = Uniform(vocab=7)
+    model.train()
+    loss, n_tokens = evaluate(model, torch.arange(100) % 7, block_size=8, batch_size=5)
+    assert loss == pytest.approx(math.log(7), abs=1e-6) and n_tokens == 99
+    assert model.lengths == [8] * 12 + [3]  # 12 full windows, then the 3 targets left over
+    assert model.training  # the caller's mode is restored
+
+
+def test_on_the_validation_split_it_agrees_with_training(step_dir, loaded, monkeypatch):
+    """Training's val_loss (in the manifest) scored the same windows with the same weights."""
+    model, _ = loaded
+    monkeypatch.chdir(step_dir.parents[2])  # the run was started there, with relative data paths
+    config = Config.from_yaml(step_dir / "config.yaml")
+    data = TextDataModule(config)
+    data.prepare_data()
+    data.setup()
+    assert data.cache_hit
+    val = data.val_set.tokens
+    full = (len(val) - 1) // BLOCK * BLOCK + 1  # validation during training skips the tail
+    loss, _ = evaluate(model, val[:full], BLOCK, batch_size=3)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert loss == pytest.approx(manifest["metrics"]["val_loss"], abs=1e-5)
+
+
+def test_bad_arguments_raise_value_error(loaded):
+    model, _ = loaded
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        evaluate(model, [3], BLOCK)
+    with pytest.raises(ValueError, match="block_size and batch_size must be >= 1"):
+        evaluate(model, [3, 4], BLOCK, batch_size=0)
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+
+def evaluate_cli(*flags: str, cwd: Path):
+    return run([sys.executable, "-m", "llm.evaluate", *flags], cwd=cwd, timeout=60)
+
+
+def test_prints_loss_perplexity_and_tokens_of_the_whole_file(step_dir, loaded, tmp_path):
+    model, tokenizer = loaded
+    (tmp_path / "held_out.txt").write_text(HELD_OUT)
+    out = evaluate_cli("--checkpoint", str(step_dir.parent.parent), "--data-path", "held_out.txt",
+                       "--batch-size", "4", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    found = re.fullmatch(r"loss (\S+)  ppl (\S+)  tokens (\d+)  checkpoint (\S+)\n", out.stdout)
+    assert found, out.stdout
+    loss, ppl, tokens, ckpt = float(found[1]), float(found[2]), int(found[3]), Path(found[4])
+    expected = window_by_window(model, tokenizer.encode(HELD_OUT))
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert ppl == pytest.approx(math.exp(expected), rel=1e-3)
+    assert tokens == len(HELD_OUT) - 1 and ckpt == step_dir
+    assert loss < math.log(tokenizer.vocab_size) - 0.2  # trained weights: an untrained model scores about log V
+
+
+@pytest.mark.parametrize("data, flags, message", [
+    (None, ["--data-path", "missing.txt"], "error: --data-path: missing.txt does not exist"),
+    ("", [], "error: --data-path: data.txt is empty"),
+    ("the cat", ["--checkpoint", "nope"], "error: checkpoint path nope does not exist"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, data, flags, message):
+    if data is not None:
+        (tmp_path / "data.txt").write_text(data)
+    given = {"--checkpoint": str(step_dir), "--data-path": "data.txt", **dict(zip(flags[::2], flags[1::2]))}
+    out = evaluate_cli(*[x for pair in given.items() for x in pair], cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == message + "\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"t", "--data-path: {path} holds 1 token; at least 2 are needed to score a prediction"),
+    (b"the Zebra", "--data-path: {path}: character 'Z' is not in the char tokenizer's vocabulary of 15"),
+    (b"the \xff cat", "--data-path: {path} is not UTF-8 text (byte 4)"),
+    (None, "--data-path: {path} is not a file"),
+])
+def test_unusable_data_exits_2_with_one_line(step_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "data.txt"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert main(["--checkpoint", str(step_dir), "--data-path", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "error: " + message.format(path=path) + "\n"
+
+
+def test_a_batch_size_below_1_exits_2(step_dir, capsys):
+    assert main(["--checkpoint", str(step_dir), "--data-path", "x", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "error: --batch-size: got 0, expected an integer >= 1\n"

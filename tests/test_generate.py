@@ -1,0 +1,233 @@
+"""python -m llm.generate as users run it: streamed, seeded text; one-line errors with exit 2."""
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from llm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, load_tokenizer
+from llm.generate import main, stream_text
+from llm.training.tasks.lm_task import load_lm
+from tests.helpers import run, train_cli
+
+TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
+BLOCK = 32
+PROMPT = "the cat sat"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run of a tiny char-level GPT, trained once for the whole module."""
+    root = tmp_path_factory.mktemp("lm")
+    (root / "corpus.txt").write_text(TEXT)
+    out = train_cli("--task", "lm", "--training-max-steps", "30", "--training-batch-size", "8",
+                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
+                    "--model-block-size", str(BLOCK), "--data-path", "corpus.txt", "--data-cache-dir", "cache",
+                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
+    assert out.returncode == 0, out.stderr
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def step_dir(run_dir) -> Path:
+    return run_dir / "checkpoints" / "step_00000030"
+
+
+def generate(*flags: str, cwd: Path):
+    return run([sys.executable, "-m", "llm.generate", *flags], cwd=cwd, timeout=60)
+
+
+def reseal(ckpt: Path) -> None:
+    """Rewrite the manifest to match the files as they are now, as if the checkpoint had been saved so."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def continuation(stdout: str, prompt: str = PROMPT) -> str:
+    assert stdout.startswith(prompt) and stdout.endswith("\n"), stdout
+    return stdout[len(prompt):-1]
+
+
+# ---- the happy path, as a subprocess -------------------------------------------------------
+
+
+def test_prints_the_prompt_then_exactly_n_tokens_and_the_seed_fixes_the_text(run_dir, step_dir, tmp_path):
+    tokenizer = load_tokenizer(step_dir / "tokenizer.json")
+    common = ["--prompt", PROMPT, "--max-new-tokens", "40", "--temperature", "1.0"]
+    first = generate("--checkpoint", str(run_dir), *common, "--seed", "1", cwd=tmp_path)
+    again = generate("--checkpoint", str(step_dir), *common, "--seed", "1", cwd=tmp_path)
+    other = generate("--checkpoint", str(run_dir), *common, "--seed", "2", "--top-k", "5", cwd=tmp_path)
+    for out in (first, again, other):
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert len(tokenizer.encode(continuation(out.stdout))) == 40
+    assert first.stdout == again.stdout  # a run folder and its checkpoint are the same model
+    assert first.stdout != other.stdout  # 40 tokens sampled at temperature 1: equal only by a fluke
+
+
+# ---- what is generated, in-process ----------------------------------------------------------
+
+
+def greedy(model, tokenizer, prompt: str, n: int) -> str:
+    ids = tokenizer.encode(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids[-BLOCK:]]))[0, -1].argmax()))
+    return tokenizer.decode(ids[len(tokenizer.encode(prompt)):])
+
+
+def test_temperature_zero_continues_with_the_most_likely_tokens(step_dir, capsys):
+    model, tokenizer, _ = load_lm(step_dir)
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "20",
+                 "--temperature", "0"]) == 0
+    assert continuation(capsys.readouterr().out) == greedy(model, tokenizer, PROMPT, 20)
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_to_its_end(step_dir, capsys):
+    model, tokenizer, _ = load_lm(step_dir)
+    prompt = "one bat sat on the mat. " * 5 + "a dog"  # 125 chars, context 32
+    assert main(["--checkpoint", str(step_dir), "--prompt", prompt, "--max-new-tokens", "10",
+                 "--temperature", "0"]) == 0
+    assert continuation(capsys.readouterr().out, prompt) == greedy(model, tokenizer, prompt, 10)
+
+
+def test_zero_new_tokens_prints_just_the_prompt(step_dir, capsys):
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == PROMPT + "\n"
+
+
+class Scripted(nn.Module):
+    """Stands in for GPT: "samples" a fixed list of token ids."""
+
+    def __init__(self, ids: list[int]):
+        super().__init__()
+        self.ids = ids
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def generate_stream(self, idx, max_new_tokens, temperature, top_k, generator):
+        yield from self.ids[:max_new_tokens]
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_pieces_of_a_multibyte_character_print_once_it_is_whole(kind):
+    text = "naïve café — 日本語 ok"
+    tokenizer = ByteTokenizer() if kind == "byte" else HFTokenizer.train_bpe([text * 3], vocab_size=270)
+    prompt_ids, ids = tokenizer.encode("x"), tokenizer.encode(text)
+    pieces = list(stream_text(Scripted(ids), tokenizer, prompt_ids, len(ids)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    if kind == "byte":
+        assert len(pieces) == len(text)  # one piece per character, however many bytes it takes
+
+
+def test_a_character_cut_off_by_the_last_token_still_prints():
+    ids = list("ok é".encode())[:-1]  # the last token is half of é
+    pieces = list(stream_text(Scripted(ids), ByteTokenizer(), [120], len(ids)))
+    assert "".join(pieces) == "ok \ufffd"
+
+
+def test_char_pieces_follow_the_tokens_one_by_one():
+    tokenizer = CharTokenizer("abc ")
+    ids = tokenizer.encode("ab ca")
+    assert list(stream_text(Scripted(ids), tokenizer, [0], 5)) == ["a", "b", " ", "c", "a"]
+
+
+# ---- bad input: exit 2, one line on stderr -------------------------------------------------
+
+
+def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
+    ckpt = tmp_path / "checkpoints" / "step_00000030"
+    shutil.copytree(step_dir, ckpt)
+    if how == "other vocabulary":
+        CharTokenizer("abc").save(ckpt / "tokenizer.json")
+        reseal(ckpt)
+    elif how == "tokenizer swapped after the save":
+        CharTokenizer("abc").save(ckpt / "tokenizer.json")
+    elif how == "truncated state":
+        data = (ckpt / "state.pt").read_bytes()
+        (ckpt / "state.pt").write_bytes(data[: len(data) // 2])
+    elif how == "flipped byte in state":
+        data = bytearray((ckpt / "state.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (ckpt / "state.pt").write_bytes(bytes(data))
+    return ckpt
+
+
+@pytest.mark.parametrize("how, message", [
+    ("other vocabulary",
+     r"error: the vocabulary does not fit the model in \S+: tokenizer.json has 3 tokens, model_config.json .*"),
+    ("tokenizer swapped after the save",
+     r"error: checkpoint \S+ is not valid: tokenizer.json has \d+ bytes, the manifest says \d+"),
+    ("truncated state", r"error: checkpoint \S+ is not valid: state.pt has \d+ bytes, the manifest says \d+"),
+])
+def test_a_broken_checkpoint_exits_2_with_one_line(step_dir, tmp_path, how, message):
+    ckpt = broken_copy(step_dir, tmp_path, how)
+    out = generate("--checkpoint", str(ckpt), "--prompt", PROMPT, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.endswith("\n") and out.stderr.count("\n") == 1, out.stderr
+    assert re.fullmatch(message, out.stderr.strip()), out.stderr
+
+
+def test_a_corrupt_newest_checkpoint_in_a_folder_is_skipped_with_a_warning(step_dir, tmp_path):
+    newest = broken_copy(step_dir, tmp_path, "flipped byte in state")
+    shutil.copytree(step_dir, tmp_path / "checkpoints" / "step_00000010")
+    out = generate("--checkpoint", str(tmp_path), "--prompt", PROMPT, "--max-new-tokens", "3", cwd=tmp_path)
+    assert out.returncode == 0 and len(continuation(out.stdout)) == 3
+    assert out.stderr == f"warning: skipping checkpoint {newest}: state.pt does not match its sha256 checksum\n"
+
+
+def test_a_folder_of_only_corrupt_checkpoints_exits_2(step_dir, tmp_path, capsys):
+    broken_copy(step_dir, tmp_path, "flipped byte in state")
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000030: state.pt does not match"):
+        assert main(["--checkpoint", str(tmp_path / "checkpoints"), "--prompt", PROMPT]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == f"error: no valid checkpoint in {tmp_path / 'checkpoints'} (1 found, none valid)\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint", "nope"], "error: checkpoint path nope does not exist"),
+    (["--checkpoint", "."], r"error: \. is not a checkpoint and holds no step_\* checkpoints"),
+    (["--prompt", ""], "error: --prompt must not be empty"),
+    (["--prompt", "the Zebra"], "error: --prompt: character 'Z' is not in the char tokenizer's vocabulary of \\d+"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, flags, message):
+    defaults = {"--checkpoint": str(step_dir), "--prompt": PROMPT}
+    defaults.update(zip(flags[::2], flags[1::2]))
+    out = generate(*[x for pair in defaults.items() for x in pair], cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.fullmatch(message, out.stderr.strip()), out.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens: got -1, expected an integer >= 0"),
+    (["--temperature", "-0.5"], "--temperature: got -0.5, expected a number >= 0"),
+    (["--temperature", "nan"], "--temperature: got nan, expected a number >= 0"),
+    (["--top-k", "0"], "--top-k: got 0, expected an integer >= 1"),
+    (["--seed", "-3"], "--seed: got -3, expected an integer >= 0"),
+    (["--max-new-tokens", "ten"], "argument --max-new-tokens: invalid int value: 'ten'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from "),
+    (["--promt", "x"], "unrecognized arguments: --promt x"),
+])
+def test_bad_flag_values_exit_2_with_one_line(step_dir, capsys, flags, message):
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, *flags]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"error: {message}") and out.err.count("\n") == 1
+
+
+def test_missing_required_flags_exit_2(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --checkpoint, --prompt\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_a_gpu_exits_2(step_dir, capsys):
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: device 'cuda' was asked for but no CUDA device is available: use cpu\n"
