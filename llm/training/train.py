@@ -25,19 +25,30 @@ from llm.training.core.callbacks import (
 )
 from llm.training.core.config import Config
 from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted
+from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.registry import resolve_data_module, resolve_task
 
 EXIT_NON_FINITE = 3
 
 
 def default_callbacks(config: Config) -> list[Callback]:
-    return [
+    """The callbacks of a run from the command line; trackers as ``logging.loggers`` names them."""
+    c = config.checkpoint
+    callbacks: list[Callback] = [
         MetricsLogger(),
-        EarlyStopping(monitor=config.checkpoint.monitor, patience=config.training.patience, mode=config.checkpoint.mode),
-        TensorBoardLogger(log_dir=config.logging.log_dir),
+        EarlyStopping(monitor=c.monitor, patience=config.training.patience, mode=c.mode),
         LRSchedulerCallback(),
         ProgressBar(enabled=config.logging.progress_bar),
     ]
+    for name in config.logging.logger_names():
+        if name == "tensorboard":
+            callbacks.append(TensorBoardLogger(log_dir=config.logging.log_dir))
+            continue
+        problem = missing_package(name)
+        if problem:
+            raise UsageError(problem)
+        callbacks.append(LOGGERS[name]())
+    return callbacks
 
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:
@@ -55,14 +66,38 @@ def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]
     return engine.train()
 
 
+def summary_table(config: Config, metrics: dict[str, float]) -> str:
+    """The lines printed when a run ends: results, speed, and where everything is."""
+    monitor = config.checkpoint.monitor
+    speed = "tokens_per_s" if "tokens_per_s" in metrics else "samples_per_s"
+    rows = [
+        (f"best {monitor}", metrics.get(f"best_{monitor}")),
+        (f"final {monitor}", metrics.get(monitor)),
+        ("final train loss", metrics.get("train_loss")),
+        ("steps / epochs", f"{metrics['steps']} / {metrics['epochs']}"),
+        (speed.replace("_per_s", "/s"), metrics.get(speed)),
+        ("elapsed", f"{metrics['elapsed_s']:.1f} s"),
+        ("checkpoints", config.checkpoint.dir),
+        ("logs", config.logging.log_dir),
+    ]
+    width = max(len(name) for name, _ in rows)
+    shown = [f"{name:<{width}}  {value:.4g}" if isinstance(value, float) else f"{name:<{width}}  {value}"
+             for name, value in rows if value is not None]
+    return "\n".join(shown)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    argv = sys.argv[1:] if argv is None else argv
     try:
         config = Config.from_args_and_env(argv)
+        if "--print-config" in argv:
+            print(config.to_yaml(), end="")
+            return 0
         rank, world_size, local_rank = D.env_ranks()
         D.init_process_group(config, rank, world_size, local_rank)
         try:
-            train_worker(rank, world_size, config)
+            metrics = train_worker(rank, world_size, config)
         finally:
             D.destroy_process_group()
     except UsageError as e:
@@ -74,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"{e}; continue with --checkpoint-resume auto", file=sys.stderr)
         return 128 + e.signum
+    if rank == 0:
+        print(summary_table(config, metrics))
     return 0
 
 

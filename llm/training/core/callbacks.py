@@ -33,6 +33,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -67,6 +68,25 @@ class Callback:
 
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 """The hook names, in the order they are declared above."""
+
+
+def scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """The numeric values of a log record as ``(<split>/<name>, value)``; split, step and epoch are the index."""
+    split = record["split"]
+    for key, value in record.items():
+        if key not in ("split", "step", "epoch") and isinstance(value, (int, float)):
+            yield f"{split}/{key}", float(value)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"batch_size": 32}}`` -> ``{"training.batch_size": 32}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class MetricsLogger(Callback):
@@ -106,16 +126,19 @@ class TensorBoardLogger(Callback):
     def on_train_start(self, engine: TrainingEngine) -> None:
         if engine.is_main:
             from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
 
             self._writer = SummaryWriter(log_dir=self.log_dir)
+            # the run's config as hparams, written into this run's own event file
+            params = {k: v for k, v in flatten(engine.config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+            for summary in hparams(params, {f"val/{engine.config.checkpoint.monitor}": float("nan")}):
+                self._writer.file_writer.add_summary(summary)
 
     def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
         if self._writer is None:
             return
-        split, step = record["split"], record["step"]
-        for key, value in record.items():
-            if key not in ("split", "step", "epoch") and isinstance(value, (int, float)):
-                self._writer.add_scalar(f"{split}/{key}", value, step)
+        for tag, value in scalars(record):
+            self._writer.add_scalar(tag, value, record["step"])
 
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._writer is not None:

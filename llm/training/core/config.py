@@ -148,6 +148,9 @@ class CheckpointConfig:
     """Resume even when the model, data, batch size, seed or world size differ from the checkpoint's."""
 
 
+LOGGER_NAMES = ("tensorboard", "mlflow", "wandb")
+
+
 @dataclass
 class LoggingConfig:
     log_dir: str = "runs/{task}"
@@ -156,6 +159,11 @@ class LoggingConfig:
     """Log training metrics every N optimizer steps."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 when stderr is a terminal."""
+    loggers: str = "tensorboard"
+    """Comma-separated trackers: tensorboard, mlflow, wandb (metrics.jsonl is always written)."""
+
+    def logger_names(self) -> list[str]:
+        return [name.strip() for name in self.loggers.split(",") if name.strip()]
 
 
 @dataclass
@@ -216,6 +224,7 @@ class Config:
         args = vars(build_parser().parse_args(argv))
         config = cls()
         config_path = args.pop("config_path", None)
+        args.pop("print_config", None)
         if config_path:
             config._apply(_read_yaml(config_path), origin=config_path)
         config._apply(_env_overrides(environ), origin="environment")
@@ -288,6 +297,9 @@ class Config:
         _at_least("checkpoint.every_n_steps", c.every_n_steps, 0)
         _at_least("checkpoint.keep_last", c.keep_last, 1)
         _at_least("logging.log_every_steps", lg.log_every_steps, 1)
+        for name in lg.logger_names():
+            if name not in LOGGER_NAMES:
+                raise ConfigError("logging.loggers", lg.loggers, f"names from {', '.join(LOGGER_NAMES)}{closest(name, LOGGER_NAMES)}")
         _at_least("distributed.timeout_s", self.distributed.timeout_s, 1)
         if not self.task:
             raise ConfigError("task", self.task, "a task name or package.module:Class")
@@ -364,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", dest="config_path", metavar="FILE", default=argparse.SUPPRESS,
                         help="YAML file of overrides")
+    parser.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                        help="print the resolved config as YAML and exit (save it, edit it, pass it back with --config)")
     defaults = Config()
     _add_flag(parser, "task", "--task", _hints(Config)["task"], defaults.task, field_docs(Config)["task"])
     for section, cls in sections().items():

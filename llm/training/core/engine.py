@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError
 from llm.training.core import distributed as D
-from llm.training.core.callbacks import Callback, ProgressBar
+from llm.training.core.callbacks import Callback, ProgressBar, flatten
 from llm.training.core.checkpoint import CheckpointManager, load_rank_state, load_shared_state, resolve_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module
@@ -75,6 +75,7 @@ class TrainingEngine:
         self.should_stop, self.stop_reason = False, ""
         self.train_metrics: dict[str, float] = {}  # the last logged training record
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
+        self.best_metric: float | None = None  # best value of checkpoint.monitor so far
         self._pending: dict[str, float] = {}
         self._signal: int | None = None
 
@@ -87,6 +88,7 @@ class TrainingEngine:
         start, metrics, ok = time.perf_counter(), {}, False
         self._fire("on_train_start")
         self._window_start = (time.perf_counter(), self.samples_seen, self.step)
+        first_sample = self.samples_seen
         try:
             with self._stop_on_signals():
                 while self.epoch < t.epochs and not self.should_stop:
@@ -117,6 +119,7 @@ class TrainingEngine:
             if self._signal is None and self.val_metrics.get("step") != self.step:
                 self.validate()  # the final weights always get a validation score
             path = self.save_checkpoint()
+            self.samples_seen_this_run = self.samples_seen - first_sample
             metrics = self._summary(time.perf_counter() - start)
             ok = True
             if self._signal is not None:
@@ -174,6 +177,9 @@ class TrainingEngine:
         local = {f"val_{k}": (v / count).item() for k, v in sums.items()}
         metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
         self.val_metrics = {**metrics, "step": self.step}
+        monitor, sign = self.config.checkpoint.monitor, (1 if self.config.checkpoint.mode == "min" else -1)
+        if monitor in metrics and (self.best_metric is None or sign * metrics[monitor] < sign * self.best_metric):
+            self.best_metric = metrics[monitor]
         self._fire("on_validation_end", metrics)
         self._flush_log("val", metrics)
         return metrics
@@ -267,6 +273,7 @@ class TrainingEngine:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
+            "best_metric": self.best_metric,
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
@@ -295,6 +302,7 @@ class TrainingEngine:
         progress = shared["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
+        self.best_metric = shared["best_metric"]
         states = shared["callbacks"]
         for i, cb in enumerate(self.callbacks):
             if _callback_key(i, cb) in states:
@@ -307,7 +315,7 @@ class TrainingEngine:
 
     def _check_config_change(self, path: Path, shared: dict[str, Any]) -> None:
         """Show what changed since the checkpoint; refuse changes that break the model or the data order."""
-        saved, now = _flatten(shared["config"]), _flatten(self.config.to_dict())
+        saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
         changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "checkpoint.resume")
         if not changed:
@@ -430,7 +438,11 @@ class TrainingEngine:
             **{k: v for k, v in self.val_metrics.items() if k != "step"},
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
+            f"best_{self.config.checkpoint.monitor}": self.best_metric,
+            "samples_per_s": self.samples_seen_this_run / elapsed,
         }
+        if self.task.tokens_per_sample:
+            final["tokens_per_s"] = final["samples_per_s"] * self.task.tokens_per_sample
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
         return final
@@ -518,16 +530,6 @@ class _ResumableSampler:
         wrapper = cls(sampler)
         batch_sampler.sampler = wrapper
         return wrapper
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _batch_len(batch: Any) -> int:

@@ -1,0 +1,162 @@
+"""Plot loss curves of one or more runs: ``python -m llm.plot RUN_DIR [RUN_DIR ...] --out loss.png``.
+
+Reads each run's ``metrics.jsonl`` and draws training loss (``train`` records,
+``loss``) as solid lines and validation loss (``val`` records, ``val_loss``)
+as dashed lines with markers, against the optimizer step, one colour per run.
+When training records carry ``lr``, a second panel below shows the learning
+rate. Needs matplotlib (``pip install matplotlib``); the image is written
+atomically, so a viewer never sees half a file.
+
+Exit codes: 0 written; 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from llm.errors import EXIT_USAGE, UsageError
+
+Curve = list[tuple[int, float]]
+"""(step, value) pairs, sorted by step."""
+
+MAX_PIXELS = 65535
+"""Agg's limit on each side of an image."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m llm.plot", description="Plot the loss curves of one or more runs.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=Path("loss.png"),
+                        help="the image to write; its suffix picks the format (default: loss.png)")
+    parser.add_argument("--width", type=float, default=10.0, help="figure width in inches (default: 10)")
+    parser.add_argument("--height", type=float, default=6.0, help="figure height in inches (default: 6)")
+    parser.add_argument("--dpi", type=float, default=100.0, help="pixels per inch (default: 100)")
+    return parser
+
+
+def read_curves(run_dir: Path) -> dict[str, Curve]:
+    """The ``train`` loss, ``val`` loss and ``lr`` curves of a run; UsageError when it has no loss."""
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such run directory")
+    path = run_dir / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir} has no metrics.jsonl: is it a run directory?") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+
+    # a dict per curve: a resumed run logs again the steps after its checkpoint, and the later record wins
+    points: dict[str, dict[int, float]] = {"train": {}, "val": {}, "lr": {}}
+    wanted = {("train", "loss"): "train", ("val", "val_loss"): "val", ("train", "lr"): "lr"}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # a live run may be writing its last line right now
+            raise UsageError(f"{path} line {number}: not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UsageError(f"{path} line {number}: expected a record with an integer step")
+        for (split, key), curve in wanted.items():
+            value = record.get(key)
+            if record.get("split") == split and _is_number(value) and math.isfinite(value):
+                points[curve][record["step"]] = float(value)
+    if not points["train"] and not points["val"]:
+        raise UsageError(f"{path} has no loss records (train 'loss' or val 'val_loss')")
+    return {name: sorted(curve.items()) for name, curve in points.items()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name, or the path as given when two runs share a name."""
+    names = [d.resolve().name or str(d) for d in run_dirs]
+    return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
+
+
+def draw(runs: dict[str, dict[str, Curve]], width: float, height: float, dpi: float) -> Any:
+    """A matplotlib Figure: loss above, learning rate below when any run logged it."""
+    # Figure + the Agg canvas, not pyplot: no global figure state and no GUI backend to pick
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    if any(curves["lr"] for curves in runs.values()):
+        loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    else:
+        loss_ax, lr_ax = fig.subplots(), None
+    for i, (label, curves) in enumerate(runs.items()):
+        color = f"C{i % 10}"  # one colour per run, train and val alike
+        if curves["train"]:
+            loss_ax.plot(*zip(*curves["train"]), color=color, linewidth=1.5, label=f"{label} train")
+        if curves["val"]:
+            loss_ax.plot(*zip(*curves["val"]), color=color, linestyle="--", marker="o", markersize=4,
+                         label=f"{label} val")
+        if lr_ax is not None and curves["lr"]:
+            lr_ax.plot(*zip(*curves["lr"]), color=color, linewidth=1.5, label=label)
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend(fontsize="small")
+    loss_ax.grid(alpha=0.3)
+    if lr_ax is not None:
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.grid(alpha=0.3)
+    (lr_ax or loss_ax).set_xlabel("step")
+    return fig
+
+
+def save(fig: Any, out: Path, dpi: float) -> None:
+    """Write the figure to ``out`` through a temporary file beside it, then rename."""
+    fmt = out.suffix[1:].lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise UsageError(f"--out {out}: cannot write .{fmt} files, expected one of "
+                         f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=dpi)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        for flag in ("width", "height", "dpi"):
+            if not getattr(args, flag) > 0:
+                raise UsageError(f"--{flag}: got {getattr(args, flag):g}, expected a number > 0")
+        if max(args.width, args.height) * args.dpi > MAX_PIXELS:
+            raise UsageError(f"--width/--height x --dpi: at most {MAX_PIXELS} pixels a side")
+        runs = {label: read_curves(d) for label, d in zip(labels(args.run_dirs), args.run_dirs)}
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("llm.plot needs matplotlib: pip install matplotlib") from None
+        save(draw(runs, args.width, args.height, args.dpi), args.out, args.dpi)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Experiment trackers as callbacks: MLflow and Weights & Biases.
+
+Each imports its library in ``on_train_start``, so the framework runs without
+them; :func:`missing_package` says what to install before a run starts. Both
+act on rank 0 only, log the config once, then every numeric value of every log
+record as ``<split>/<name>`` at the record's step (``train/loss``,
+``val/val_loss``), the same tags the TensorBoard logger writes. The tracker's
+run id is saved with the checkpoint, so a resumed training continues its run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from llm.errors import UsageError, closest
+from llm.training.core.callbacks import Callback, flatten, scalars
+
+if TYPE_CHECKING:
+    from llm.training.core.engine import TrainingEngine
+
+log = logging.getLogger("llm")
+
+
+def _import(logger: str, module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(missing_package(logger) or f"logger {logger!r}: cannot import {module}") from None
+
+
+class MLflowLogger(Callback):
+    """Logs params and metrics to MLflow; by default to a file store in ``<run_dir>/mlruns``, no server.
+
+    The tracking URI is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else that
+    file store (browse it with ``mlflow ui --backend-store-uri <run_dir>/mlruns``).
+    """
+
+    package = "mlflow"
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "llm", run_name: str | None = None):
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.run_id: str | None = None
+        self._client = None
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if not engine.is_main:
+            return
+        _import("mlflow", "mlflow")
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (Path(engine.run_dir).resolve() / "mlruns").as_uri()
+        if urlparse(uri).scheme in ("", "file"):
+            # MLflow 3 refuses its file store unless this is set; it is the only store
+            # that needs no database and no server. An explicit setting is kept.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(uri)
+        run = None
+        if self.run_id is not None:  # restored from a checkpoint: continue that run
+            try:
+                run = client.get_run(self.run_id)
+                client.update_run(self.run_id, status="RUNNING")
+            except MlflowException:
+                log.warning(f"MLflow run {self.run_id} is not in {uri}: starting a new run")
+                run = None
+        if run is None:
+            found = client.get_experiment_by_name(self.experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
+            run = client.create_run(experiment_id, run_name=self.run_name or Path(engine.run_dir).name)
+        self.run_id, self._client = run.info.run_id, client
+        # MLflow forbids changing a param, so a resumed run keeps the values it started with
+        params = [Param(k, str(v)) for k, v in flatten(engine.config.to_dict()).items() if k not in run.data.params]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params
+            client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, record["step"]) for key, value in scalars(record)]
+        if metrics:
+            self._client.log_batch(self.run_id, metrics=metrics)
+
+    def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self._client is None:
+            return
+        # the engine hands empty metrics when training raised
+        self._client.set_terminated(self.run_id, status="FINISHED" if metrics else "FAILED")
+        self._client = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id")
+
+
+class WandbLogger(Callback):
+    """Logs the config and metrics to Weights & Biases; offline by default (``wandb sync`` uploads later).
+
+    Files go to ``<dir>/wandb``, ``dir`` defaulting to the run directory.
+    """
+
+    package = "wandb"
+    MODES = ("offline", "online", "disabled")
+
+    def __init__(self, project: str = "llm", mode: str = "offline", dir: str | None = None, run_name: str | None = None):
+        if mode not in self.MODES:
+            raise ValueError(f"WandbLogger mode: got {mode!r}, expected one of {', '.join(self.MODES)}")
+        self.project, self.mode, self.dir, self.run_name = project, mode, dir, run_name
+        self.run_id: str | None = None
+        self._run = None
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if not engine.is_main:
+            return
+        wandb = _import("wandb", "wandb")
+        run_dir = Path(engine.run_dir)
+        self._run = wandb.init(
+            project=self.project,
+            mode=self.mode,
+            dir=str(self.dir or run_dir),  # wandb creates it
+            name=self.run_name or run_dir.name,
+            config=engine.config.to_dict(),
+            id=self.run_id,  # None starts a new run; a restored id continues it
+            resume="allow" if self.run_id else None,
+        )
+        self.run_id = self._run.id
+
+    def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
+        if self._run is None:
+            return
+        values = dict(scalars(record))
+        if values:
+            # wandb keeps a row per step; the train and val records of one step share it
+            self._run.log(values, step=record["step"])
+
+    def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self._run is None:
+            return
+        self._run.finish(exit_code=0 if metrics else 1)  # empty metrics: training raised
+        self._run = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id")
+
+
+LOGGERS: dict[str, type[MLflowLogger] | type[WandbLogger]] = {"mlflow": MLflowLogger, "wandb": WandbLogger}
+"""Experiment trackers by the name a config uses."""
+
+
+def missing_package(name: str) -> str | None:
+    """A one-line install hint when logger ``name``'s library cannot be imported, else None."""
+    if name not in LOGGERS:
+        raise UsageError(f"unknown logger {name!r}: expected one of {', '.join(LOGGERS)}{closest(name, LOGGERS)}")
+    package = LOGGERS[name].package
+    # find_spec finds the package without importing it (mlflow and wandb take a second to import)
+    if importlib.util.find_spec(package) is None:
+        return f"logger {name!r} needs the {package} package: pip install {package}"
+    return None

@@ -1,0 +1,145 @@
+"""python -m llm.plot: the real command on fake run directories, the image checked with PIL."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm.plot import labels, main, read_curves
+from tests.helpers import run
+
+pytest.importorskip("matplotlib")
+Image = pytest.importorskip("PIL.Image")
+
+BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two cycle colours: run 1 and run 2
+
+
+def write_run(run_dir: Path, scale: float = 1.0, lr: bool = True, extra: str = "") -> Path:
+    run_dir.mkdir(parents=True)
+    lines = []
+    for step in range(10, 201, 10):
+        record = {"split": "train", "step": step, "epoch": step // 100, "loss": scale * (2 + math.exp(-step / 50))}
+        if lr:
+            record["lr"] = 1e-3 * min(1.0, step / 50)
+        lines.append(json.dumps(record))
+        if step % 50 == 0:
+            lines.append(json.dumps({"split": "val", "step": step, "epoch": 0, "val_loss": scale * (2.2 + math.exp(-step / 50))}))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + extra)
+    return run_dir
+
+
+def plot(*args: str | Path, cwd: Path):
+    return run([sys.executable, "-m", "llm.plot", *map(str, args)], cwd=cwd, timeout=60)
+
+
+def colours(path: Path) -> set[tuple[int, int, int]]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return {rgba[:3] for _, rgba in image.convert("RGBA").getcolors(maxcolors=1 << 20)}
+
+
+def size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def assert_usage_error(result, *expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_two_runs_overlaid_in_a_png_of_the_asked_size(tmp_path):
+    a = write_run(tmp_path / "runs" / "a")
+    b = write_run(tmp_path / "runs" / "b", scale=0.8, lr=False)
+    out = tmp_path / "plots" / "loss.png"
+    out.parent.mkdir()
+    result = plot(a, b, "--out", out, "--width", 4, "--height", 3, "--dpi", 80, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert size(out) == (4 * 80, 3 * 80)
+    found = colours(out)
+    assert len(found) > 20  # lines, text and antialiasing: far from a blank canvas
+    assert BLUE in found and ORANGE in found  # both runs were drawn
+    assert [p.name for p in out.parent.iterdir()] == ["loss.png"]  # no temporary file left beside it
+
+
+def test_default_size_replaces_an_existing_image(tmp_path):
+    write_run(tmp_path / "only", lr=False)
+    (tmp_path / "loss.png").write_bytes(b"an old plot")
+    result = plot("only", cwd=tmp_path)  # --out defaults to loss.png in the working directory
+
+    assert result.returncode == 0, result.stderr
+    assert size(tmp_path / "loss.png") == (1000, 600) and len(colours(tmp_path / "loss.png")) > 20
+
+
+def test_read_curves_keeps_the_later_record_of_a_step_and_skips_what_is_not_loss(tmp_path):
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    records = [
+        {"split": "train", "step": 2, "epoch": 0, "loss": 3.0, "lr": 0.1},
+        {"split": "train", "step": 4, "epoch": 0, "loss": 2.0, "lr": 0.1},
+        {"split": "val", "step": 4, "epoch": 0, "val_loss": 2.5},
+        {"split": "epoch", "step": 4, "epoch": 1, "train_loss": 2.0, "val_loss": 2.5, "lr": 0.2},
+        {"split": "train", "step": 4, "epoch": 0, "loss": 1.5, "lr": 0.05},  # resumed from the checkpoint at step 2
+        {"split": "train", "step": 6, "epoch": 1, "loss": float("nan")},
+    ]
+    text = "\n".join(json.dumps(r) for r in records) + '\n{"split": "train", "st'  # the live run's unfinished line
+    (run_dir / "metrics.jsonl").write_text(text)
+
+    assert read_curves(run_dir) == {"train": [(2, 3.0), (4, 1.5)], "val": [(4, 2.5)], "lr": [(2, 0.1), (4, 0.05)]}
+
+
+def test_labels_are_folder_names_unless_two_runs_share_one(tmp_path):
+    assert labels([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]
+    assert labels([tmp_path / "x" / "run", tmp_path / "y" / "run", tmp_path / "z"]) == [
+        str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run"), "z"]
+
+
+def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "bad")  # 20 train and 4 val lines
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write("not json\n" + json.dumps({"split": "train", "step": 300, "loss": 1.0}) + "\n")
+    assert main([str(run_dir), "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == f"error: {run_dir / 'metrics.jsonl'} line 25: not valid JSON\n"
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing run dir", ["missing: no such run directory"]),
+    ("no metrics.jsonl", ["empty has no metrics.jsonl"]),
+    ("no loss records", ["has no loss records"]),
+    ("out folder missing", ["cannot write", "No such file or directory"]),
+    ("out is a directory", ["cannot write", "Is a directory"]),
+    ("unknown format", ["cannot write .txt files"]),
+    ("zero dpi", ["--dpi: got 0, expected a number > 0"]),
+    ("unknown flag", ["unrecognized arguments: --colour"]),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
+    good = write_run(tmp_path / "good")
+    (tmp_path / "empty").mkdir()
+    write_run(tmp_path / "lr_only")
+    (tmp_path / "lr_only" / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "lr": 0.1}) + "\n")
+    (tmp_path / "taken").mkdir()
+    out = tmp_path / "out.png"
+    args = {
+        "missing run dir": [good, tmp_path / "missing", "--out", out],
+        "no metrics.jsonl": [tmp_path / "empty", "--out", out],
+        "no loss records": [tmp_path / "lr_only", "--out", out],
+        "out folder missing": [good, "--out", tmp_path / "nowhere" / "loss.png"],
+        "out is a directory": [good, "--out", tmp_path / "taken"],
+        "unknown format": [good, "--out", tmp_path / "loss.txt"],
+        "zero dpi": [good, "--out", out, "--dpi", 0],
+        "unknown flag": [good, "--out", out, "--colour", "red"],
+    }[case]
+    assert_usage_error(plot(*args, cwd=tmp_path), *expected)
+    assert not out.exists() and not list((tmp_path / "taken").iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
