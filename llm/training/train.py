@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 from llm.errors import EXIT_USAGE, UsageError
 from llm.training.core import distributed as D
@@ -24,7 +25,7 @@ from llm.training.core.callbacks import (
     TensorBoardLogger,
 )
 from llm.training.core.config import Config
-from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted
+from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted, resume_spec
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.registry import resolve_data_module, resolve_task
 
@@ -49,6 +50,27 @@ def default_callbacks(config: Config) -> list[Callback]:
             raise UsageError(problem)
         callbacks.append(LOGGERS[name]())
     return callbacks
+
+
+def claim_run_dir(config: Config) -> None:
+    """A fresh run never writes into an earlier run's directory: it takes the next free name (runs/lm-2, ...)."""
+    if resume_spec(config):
+        return
+    chosen = None
+    if D.env_ranks()[0] == 0:
+        base = candidate = Path(config.logging.log_dir)
+        n = 1
+        while candidate.is_dir() and any(candidate.iterdir()):
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        chosen = str(candidate)
+    chosen = D.broadcast_from_rank0(chosen)
+    if chosen != config.logging.log_dir:
+        if D.env_ranks()[0] == 0:
+            print(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}", file=sys.stderr)
+        if Path(config.checkpoint.dir) == Path(config.logging.log_dir) / "checkpoints":
+            config.checkpoint.dir = str(Path(chosen) / "checkpoints")
+        config.logging.log_dir = chosen
 
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:
@@ -97,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world_size, local_rank = D.env_ranks()
         D.init_process_group(config, rank, world_size, local_rank)
         try:
+            claim_run_dir(config)
             metrics = train_worker(rank, world_size, config)
         finally:
             D.destroy_process_group()

@@ -70,3 +70,20 @@ def test_nan_on_one_rank_stops_both_and_names_it(tmp_path):
     assert out.stderr.count("at step 5, loss non-finite on rank(s) [1]") == 2  # both ranks say so
     latest = tmp_path / "runs/nanregressiontask/checkpoints/latest"
     assert latest.read_text().strip() == "step_00000004"
+
+
+def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path):
+    for _ in range(2):
+        out = train_cli("--epochs", "1", *SMALL, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+    assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in out.stderr
+    assert (tmp_path / "runs/regression/summary.json").exists() and (tmp_path / "runs/regression-2/summary.json").exists()
+
+
+def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):
+    out = train_cli("--print-config", "--optimizer-lr", "0.25", cwd=tmp_path)
+    assert out.returncode == 0 and not (tmp_path / "runs").exists()
+    saved = tmp_path / "c.yaml"
+    saved.write_text(out.stdout)
+    from llm.training.core.config import Config
+    assert Config.from_yaml(saved) == Config.from_args_and_env(["--optimizer-lr", "0.25"], environ={})

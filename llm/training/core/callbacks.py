@@ -90,7 +90,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MetricsLogger(Callback):
-    """Appends every log record to ``<log_dir>/metrics.jsonl`` and prints a line per epoch."""
+    """Appends every log record to ``<log_dir>/metrics.jsonl``; prints a line per validation and per epoch."""
 
     def __init__(self, filename: str = "metrics.jsonl"):
         self.filename = filename
@@ -102,13 +102,15 @@ class MetricsLogger(Callback):
             self._file = open(Path(engine.run_dir) / self.filename, "a", buffering=1)
 
     def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-
-    def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        if engine.is_main:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            engine.print(f"epoch {engine.epoch}/{engine.config.training.epochs}  step {engine.step}  {shown}")
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
+                          if k not in ("split", "step", "epoch", "lr") and isinstance(v, (int, float)))
+        if record["split"] == "val":
+            engine.print(f"step {record['step']}  {shown}")
+        elif record["split"] == "epoch":
+            engine.print(f"epoch {record['epoch']}/{engine.config.training.epochs}  step {record['step']}  {shown}")
 
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._file is not None:

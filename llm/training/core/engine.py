@@ -91,7 +91,7 @@ class TrainingEngine:
         first_sample = self.samples_seen
         try:
             with self._stop_on_signals():
-                while self.epoch < t.epochs and not self.should_stop:
+                while self.epoch < t.epochs and not self.should_stop and not (t.max_steps and self.step >= t.max_steps):
                     self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, same on every rank
                     self._fire("on_epoch_start")
                     epoch_sums: dict[str, torch.Tensor] = {}
@@ -238,10 +238,8 @@ class TrainingEngine:
             self.task.save_artifacts(self.run_dir)
 
     def _find_resume(self) -> Path | None:
-        """The checkpoint to start from; a worker restarted by torchrun always resumes."""
-        spec = self.config.checkpoint.resume
-        if not spec and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
-            spec = "auto"
+        """The checkpoint to start from, if any."""
+        spec = resume_spec(self.config)
         self.resuming = bool(spec)
         if spec == "auto":
             directory = Path(self.config.checkpoint.dir)
@@ -493,6 +491,13 @@ class TrainingEngine:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def resume_spec(config: Config) -> str:
+    """``checkpoint.resume``, except that a worker restarted by torchrun always resumes ('auto')."""
+    if not config.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        return "auto"
+    return config.checkpoint.resume
 
 
 class NonFiniteError(RuntimeError):

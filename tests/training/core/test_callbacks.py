@@ -73,6 +73,7 @@ def test_metrics_logger_writes_one_json_object_per_record_on_rank_0_only(tmp_pat
         cb.on_train_end(engine, {})
         path = run_dir / "metrics.jsonl"
         if is_main:
+            assert engine.printed == ["step 1  val_loss 3"]
             lines = [json.loads(line) for line in path.read_text().splitlines()]
             assert lines == [{"split": "train", "step": 1, "epoch": 0, "loss": 2.5},
                              {"split": "val", "step": 1, "epoch": 0, "val_loss": 3.0}]
