@@ -20,14 +20,14 @@ import yaml
 from safetensors.torch import save_file
 
 from llm.errors import EXIT_USAGE, UsageError
-from llm.training.core.checkpoint import load_shared_state, resolve_checkpoint
+from llm.training.core.checkpoint import load_shared_state, model_weights, resolve_checkpoint
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out`` (safetensors) and its ``.json`` description; returns the checkpoint used."""
     ckpt = resolve_checkpoint(checkpoint)
     state = load_shared_state(ckpt)
-    model = state.get("model")
+    model = model_weights(ckpt)
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise UsageError(f"{ckpt} holds no model weights")
     # clone: tied weights share storage, and safetensors refuses shared tensors

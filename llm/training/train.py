@@ -27,6 +27,7 @@ from llm.training.core.callbacks import (
 from llm.training.core.config import Config
 from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted, resume_spec
 from llm.training.core.loggers import LOGGERS, missing_package
+from llm.training.core.throughput import ThroughputMonitor
 from llm.training.core.registry import resolve_data_module, resolve_task
 
 EXIT_NON_FINITE = 3
@@ -39,6 +40,7 @@ def default_callbacks(config: Config) -> list[Callback]:
         MetricsLogger(),
         EarlyStopping(monitor=c.monitor, patience=config.training.patience, mode=c.mode),
         LRSchedulerCallback(),
+        ThroughputMonitor(),
         ProgressBar(enabled=config.logging.progress_bar),
     ]
     for name in config.logging.logger_names():

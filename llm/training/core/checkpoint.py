@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -31,6 +32,8 @@ from llm.errors import UsageError
 
 MANIFEST = "manifest.json"
 SHARED = "state.pt"
+SHARDED = "sharded"
+"""Folder of torch.distributed.checkpoint shards, in checkpoints of FSDP runs."""
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _SCRATCH_PREFIXES = (".staging-", ".trash-")
@@ -66,8 +69,13 @@ class CheckpointManager:
         self.keep_last, self.monitor, self.mode = keep_last, monitor, mode
 
     def save(self, step: int, shared: dict, per_rank: dict, metrics: dict[str, float] | None = None,
-             write_extra: Callable[[Path], None] | None = None) -> Path:
-        """Called on EVERY rank at the same step. Returns the final checkpoint path."""
+             write_extra: Callable[[Path], None] | None = None,
+             write_sharded: Callable[[Path], None] | None = None) -> Path:
+        """Called on EVERY rank at the same step. Returns the final checkpoint path.
+
+        ``write_extra(staging)`` runs on rank 0; ``write_sharded(staging)`` on every rank, first,
+        for collective writers such as torch.distributed.checkpoint.
+        """
         if self._distributed() and dist.get_world_size() != self.world_size:
             raise CheckpointError(f"world_size is {self.world_size} but the process group has "
                                   f"{dist.get_world_size()} ranks")
@@ -81,6 +89,8 @@ class CheckpointManager:
         self._agree(error, staging, "preparing")
 
         def write() -> None:
+            if write_sharded is not None:  # collective: every rank enters it before any rank-0-only work
+                write_sharded(staging)
             if self.rank == 0:
                 _save_torch(shared, staging / SHARED)
                 if write_extra is not None:
@@ -227,6 +237,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_shared_state(ckpt: Path, map_location="cpu") -> dict:
     """The shared state (model, optimizer, ...) of a checkpoint."""
     return _load_torch(Path(ckpt) / SHARED, map_location)
+
+
+def model_weights(ckpt: Path) -> dict | None:
+    """The model's full state dict from a checkpoint, gathering FSDP shards if it was written sharded."""
+    ckpt = Path(ckpt)
+    if not (ckpt / SHARDED).is_dir():
+        return load_shared_state(ckpt).get("model")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dcp_to_torch_save(str(ckpt / SHARDED), Path(tmp) / "full.pt")
+        except Exception as e:  # a damaged shard set; verify() normally catches it first
+            raise CheckpointError(f"cannot read the sharded weights in {ckpt}: {e}") from None
+        return _load_torch(Path(tmp) / "full.pt", "cpu").get("model")
 
 
 def load_rank_state(ckpt: Path, rank: int, map_location="cpu") -> dict:

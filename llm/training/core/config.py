@@ -53,7 +53,9 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model (block by block when it has .blocks); compile time is reported apart."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them."""
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient norm: stop the run, or skip the step."""
     patience: int = 5
@@ -62,8 +64,8 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    """Optimizer."""
+    name: Literal["adamw", "adam", "sgd", "muon"] = "adamw"
+    """Optimizer; muon: Muon on the hidden matrices, AdamW on embeddings, head and vectors."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.01
@@ -170,6 +172,8 @@ class LoggingConfig:
 class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend: auto picks nccl with CUDA, gloo otherwise."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallel (DDP) or fully sharded (FSDP2, per block) across processes."""
     timeout_s: int = 600
     """Seconds a collective may wait for another rank before the run fails."""
 

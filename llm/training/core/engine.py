@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError
 from llm.training.core import distributed as D
+from llm.training.core import parallel
 from llm.training.core.callbacks import Callback, ProgressBar, flatten
 from llm.training.core.checkpoint import CheckpointManager, load_rank_state, load_shared_state, resolve_checkpoint
 from llm.training.core.config import Config
@@ -72,6 +71,8 @@ class TrainingEngine:
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.samples_seen = 0  # training samples over all ranks
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
+        self.data_wait_s = 0.0  # time spent waiting for the training loader
+        self.first_step_s: float | None = None  # the first step of this process, compilation included
         self.should_stop, self.stop_reason = False, ""
         self.train_metrics: dict[str, float] = {}  # the last logged training record
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
@@ -87,8 +88,7 @@ class TrainingEngine:
         self.setup()
         start, metrics, ok = time.perf_counter(), {}, False
         self._fire("on_train_start")
-        self._window_start = (time.perf_counter(), self.samples_seen, self.step)
-        first_sample = self.samples_seen
+        self._window_step, first_sample = self.step, self.samples_seen
         try:
             with self._stop_on_signals():
                 while self.epoch < t.epochs and not self.should_stop and not (t.max_steps and self.step >= t.max_steps):
@@ -96,7 +96,10 @@ class TrainingEngine:
                     self._fire("on_epoch_start")
                     epoch_sums: dict[str, torch.Tensor] = {}
                     for micro_batches in self._epoch_batches():
+                        began = time.perf_counter()
                         self.optimizer_step(micro_batches, epoch_sums)
+                        if self.first_step_s is None:
+                            self.first_step_s = time.perf_counter() - began
                         self._fire("on_step_end")
                         if self.step % self.config.logging.log_every_steps == 0:
                             self._flush_log("train", self._window_metrics())
@@ -133,9 +136,8 @@ class TrainingEngine:
         self.model.train()
         k = len(micro_batches)
         for i, batch in enumerate(micro_batches):
-            # no_sync: DDP all-reduces gradients once, on the last micro-step, not k times
-            sync = i == k - 1 or not isinstance(self.model, DDP)
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
+            # gradients are all-reduced once, on the last micro-step, not k times
+            with parallel.gradient_sync(self.model, self.raw_model, i == k - 1), self._autocast():
                 loss, metrics = self.task.train_step(self._to_device(batch), self.model, self.criterion)
             # dividing by k makes k micro-batches of b give the gradient of one batch of k*b
             self.scaler.scale(loss / k).backward()
@@ -143,7 +145,7 @@ class TrainingEngine:
             self._accumulate(epoch_sums, loss, metrics)
         self.scaler.unscale_(self.optimizer)
         clip = self.config.training.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         # a CPU-GPU sync point, the same one GradScaler makes; gradients are already
         # all-reduced, so every rank sees the same norm and takes the same branch
         finite = bool(torch.isfinite(grad_norm))
@@ -209,7 +211,8 @@ class TrainingEngine:
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
-        self.raw_model = self.task.build_model().to(self.device)
+        self.raw_model = parallel.prepare(self.task.build_model().to(self.device), cfg, self.world_size)
+        self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.criterion = self.task.build_criterion().to(self.device)
         self.optimizer = self.task.build_optimizer(self.raw_model)
         self.scheduler = self.task.build_scheduler(self.optimizer)
@@ -224,13 +227,7 @@ class TrainingEngine:
         )
         if resume is not None:
             self.load_checkpoint(resume)
-
-        model: nn.Module = self.raw_model
-        if cfg.training.compile:
-            model = torch.compile(model)
-        if self.world_size > 1:
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.model = model
+        self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
         self._window: dict[str, Any] = {}
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,9 +263,9 @@ class TrainingEngine:
 
     def save_checkpoint(self) -> Path:
         """Save everything needed to continue exactly; every rank must call this."""
+        weights, write_sharded = parallel.model_and_optimizer_state(self.raw_model, self.optimizer, self.sharded)
         shared = {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
@@ -283,6 +280,7 @@ class TrainingEngine:
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
         return self.checkpoints.save(
             self.step, shared, {"rng": _rng_state()}, metrics=metrics, write_extra=self._write_artifacts,
+            write_sharded=write_sharded,
         )
 
     def _write_artifacts(self, directory: Path) -> None:
@@ -292,8 +290,7 @@ class TrainingEngine:
     def load_checkpoint(self, path: Path) -> None:
         shared = load_shared_state(path)
         self._check_config_change(path, shared)
-        self.raw_model.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
+        parallel.load_model_and_optimizer(self.raw_model, self.optimizer, shared, path)
         if self.scheduler is not None and shared["scheduler"] is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
@@ -356,7 +353,13 @@ class TrainingEngine:
             warnings.warn("the training loader has no BatchSampler over a sampler: replaying batches to resume mid-epoch")
             loader = itertools.islice(loader, self.batch_in_epoch, None)
         group: list[Any] = []
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, _END)
+            self.data_wait_s += time.perf_counter() - waited  # read by ThroughputMonitor
+            if batch is _END:
+                break
             group.append(batch)
             if len(group) == k:
                 yield group
@@ -403,24 +406,18 @@ class TrainingEngine:
         return D.mean_over_ranks(local, self.device)[key]
 
     def _window_metrics(self) -> dict[str, float]:
-        """Training metrics since the last log: means over micro-batches and ranks, and throughput."""
+        """Training metrics since the last log: means over micro-batches and ranks."""
         w, self._window = self._window, {}
         count = w.pop("count", 1)
-        steps = max(1, self.step - self._window_start[2])
+        steps = max(1, self.step - self._window_step)
         grad_norm = w.pop("grad_norm", 0.0)
         skipped = w.pop("skipped_steps", 0)
         local = {k: float(v) / count for k, v in w.items()}
         local["grad_norm"] = float(grad_norm) / steps
         metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
-        now = time.perf_counter()
-        elapsed = max(now - self._window_start[0], 1e-9)
-        samples = self.samples_seen - self._window_start[1]
-        metrics["samples_per_s"] = samples / elapsed
-        if self.task.tokens_per_sample:
-            metrics["tokens_per_s"] = samples * self.task.tokens_per_sample / elapsed
         if skipped:
             metrics["skipped_steps"] = float(self.skipped_steps)
-        self._window_start = (now, self.samples_seen, self.step)
+        self._window_step = self.step
         return metrics
 
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
@@ -438,6 +435,7 @@ class TrainingEngine:
             "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
             f"best_{self.config.checkpoint.monitor}": self.best_metric,
             "samples_per_s": self.samples_seen_this_run / elapsed,
+            "first_step_s": self.first_step_s,
         }
         if self.task.tokens_per_sample:
             final["tokens_per_s"] = final["samples_per_s"] * self.task.tokens_per_sample
@@ -502,6 +500,9 @@ def resume_spec(config: Config) -> str:
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under training.nan_policy=stop."""
+
+
+_END = object()
 
 
 class TrainingInterrupted(Exception):

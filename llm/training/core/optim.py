@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,8 +13,13 @@ from llm.training.core.config import OptimizerConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD; weight decay on matrices only (not on biases, norms or gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW, Adam, SGD or Muon; weight decay on matrices only (not on biases, norms or gains)."""
+    if cfg.name == "muon":
+        return MuonWithAdamW(model, cfg)
+    return _optimizer([p for p in model.parameters() if p.requires_grad], cfg.name, cfg)
+
+
+def _optimizer(params: list[nn.Parameter], name: str, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -21,11 +27,52 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     groups = [g for g in groups if g["params"]]
     # fused kernels exist only for CUDA parameters; elsewhere torch picks foreach itself
     fused = {"fused": True} if params and params[0].is_cuda else {}
-    if cfg.name == "adamw":
+    if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
-    if cfg.name == "adam":
+    if name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon on the hidden matrices, AdamW on the rest, stepped and scheduled as one optimizer.
+
+    Hidden matrices are the 2-D weights inside ``model.blocks`` (or, for a model
+    without blocks, every 2-D weight but the first and the last). Embeddings,
+    the output head and vectors go to AdamW: Muon is meant for hidden layers
+    only. Muon's update is scaled to AdamW's RMS, so one learning rate serves both.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig):
+        hidden = _hidden_matrices(model)
+        hidden_ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
+        self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = _optimizer(rest, "adamw", cfg)
+        super().__init__(hidden + rest, {"lr": cfg.lr})
+        # the inner optimizers' own groups: a scheduler that sets "lr" here sets it there
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+
+def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        return [p for p in blocks.parameters() if p.requires_grad and p.ndim == 2]
+    return [p for p in model.parameters() if p.requires_grad and p.ndim == 2][1:-1]
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:

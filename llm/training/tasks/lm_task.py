@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
-from llm.training.core.checkpoint import SHARED, load_shared_state, resolve_checkpoint
+from llm.training.core.checkpoint import SHARED, model_weights, resolve_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.optim import build_optimizer, build_scheduler
 from llm.training.tasks.base_task import TrainingTask
@@ -110,7 +110,7 @@ def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple
     if tokenizer.vocab_size != config.vocab_size:
         raise UsageError(f"the vocabulary does not fit the model in {ckpt}: {TOKENIZER} has "
                          f"{tokenizer.vocab_size} tokens, {MODEL_CONFIG} says vocab_size {config.vocab_size}")
-    state = load_shared_state(ckpt).get("model")
+    state = model_weights(ckpt)
     if not isinstance(state, dict):
         raise UsageError(f"{ckpt / SHARED} holds no model weights (no 'model' entry)")
     model = GPT(config)

@@ -1,0 +1,106 @@
+"""How the model is laid out for training, and how its state is saved and restored.
+
+Per-block features (activation checkpointing, regional compile, FSDP2 sharding)
+apply to models that expose their repeated layers as ``model.blocks``, as the
+GPT does; other models are compiled and sharded whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+from llm.errors import UsageError
+from llm.training.core.checkpoint import SHARDED
+from llm.training.core.config import Config
+
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    return list(getattr(model, "blocks", []))
+
+
+def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
+    """Activation checkpointing, compile and FSDP2 sharding, in place; call before building the optimizer."""
+    t = config.training
+    if t.activation_checkpointing:
+        if not blocks(model):
+            raise UsageError("training.activation_checkpointing needs a model with a .blocks list of layers (as the GPT has)")
+        for block in blocks(model):
+            # an instance attribute: the state dict keys stay those of the plain model
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if t.compile:
+        # regional: compiling each block (they share code, so it compiles once) is much faster than the
+        # whole model; Module.compile is in place, so parameter names do not change
+        for part in blocks(model) or [model]:
+            part.compile()
+    if is_sharded(config, world_size):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device) -> nn.Module:
+    """The module the training step calls: DDP over the model when several processes train without FSDP."""
+    if world_size > 1 and not is_sharded(config, world_size):
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def gradient_sync(model: nn.Module, raw_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last micro-step."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(raw_model, "set_requires_gradient_sync"):  # an FSDP2 module
+        raw_model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (as FSDP2's gradient norm is) gathered into a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_sharded(config: Config, world_size: int) -> bool:
+    return config.distributed.strategy == "fsdp" and world_size > 1
+
+
+def model_and_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
+) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
+    """Entries for the checkpoint's shared state, and for FSDP a writer of the shards (run on every rank)."""
+    if not sharded:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, None
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {}, lambda staging: dcp.save({"model": model_state, "optimizer": optim_state},
+                                        checkpoint_id=str(staging / SHARDED))
+
+
+def load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, shared: dict, path: Path) -> None:
+    """Restore weights and optimizer from a checkpoint, whichever way it was written."""
+    if "model" in shared:
+        model.load_state_dict(shared["model"])
+        optimizer.load_state_dict(shared["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # torch.distributed.checkpoint reshards on load, so the loading layout may differ from the saving one
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -1,0 +1,98 @@
+"""ThroughputMonitor: speed, data wait, memory and model FLOPs utilisation, every logging step."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from llm.training.core.callbacks import Callback
+
+if TYPE_CHECKING:
+    from llm.training.core.engine import TrainingEngine
+
+PEAK_FLOPS = {
+    # dense bf16 tensor-core peak per device, without sparsity; the first name found in the device name wins
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,
+}
+"""Dense bf16 (fp16 for V100) peak FLOP/s per device, used as the MFU denominator."""
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The table's peak for a CUDA device, or None (CPUs and unknown devices get no MFU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+class ThroughputMonitor(Callback):
+    """Adds to each training log record:
+
+    ``samples_per_s`` and ``tokens_per_s`` (all ranks together), ``step_time_ms``,
+    ``data_wait_pct`` (share of wall time spent waiting for the loader),
+    ``peak_mem_mb`` (CUDA allocator peak, or the process's peak RSS on CPU) and,
+    when the model reports ``flops_per_token`` and the device's peak is known,
+    ``mfu``: achieved model FLOP/s over the peak of all devices in the run.
+    The window after the first step excludes it, since it holds compilation.
+    """
+
+    def __init__(self, peak_flops_per_device: float | None = None):
+        self.peak = peak_flops_per_device
+        self._mark: tuple[float, int, int, float] | None = None
+        self._first = True
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        self.peak = self.peak or peak_flops(engine.device)
+        self._first = True
+        self._set_mark(engine)
+
+    def on_step_end(self, engine: TrainingEngine) -> None:
+        if self._first:  # compilation and warm-up stay out of the figures
+            self._first = False
+            self._set_mark(engine)
+            return
+        if engine.step % engine.config.logging.log_every_steps == 0:
+            engine.log(self.measure(engine))
+            self._set_mark(engine)
+
+    def measure(self, engine: TrainingEngine) -> dict[str, float]:
+        then, samples, steps, waited = self._mark
+        elapsed = max(time.perf_counter() - then, 1e-9)
+        done = engine.samples_seen - samples
+        metrics = {
+            "samples_per_s": done / elapsed,
+            "step_time_ms": 1000 * elapsed / max(1, engine.step - steps),
+            "data_wait_pct": 100 * (engine.data_wait_s - waited) / elapsed,
+            "peak_mem_mb": _peak_memory_mb(engine.device),
+        }
+        tokens = engine.task.tokens_per_sample
+        if tokens:
+            metrics["tokens_per_s"] = metrics["samples_per_s"] * tokens
+            flops_per_token = getattr(engine.raw_model, "flops_per_token", None)
+            if self.peak and callable(flops_per_token):
+                achieved = metrics["tokens_per_s"] * flops_per_token(tokens)
+                metrics["mfu"] = achieved / (self.peak * engine.world_size)
+        return metrics
+
+    def _set_mark(self, engine: TrainingEngine) -> None:
+        self._mark = (time.perf_counter(), engine.samples_seen, engine.step, engine.data_wait_s)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
