@@ -129,3 +129,26 @@ class NaNRegressionTask(RegressionTask):
         if step == self.nan_at_step and rank == self.nan_on_rank:
             loss = loss * float("nan")
         return loss, metrics
+
+
+# ---- language-model runs ------------------------------------------------------------
+
+
+def lm_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    """A tiny char-level GPT on a small corpus written under tmp_path."""
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
+    base: dict[str, Any] = {
+        "task": "lm",
+        "training": {"max_steps": 6, "batch_size": 4, "eval_batches": 2},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache")},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            base.setdefault(name, {}).update(values)
+        else:
+            base[name] = values
+    return tiny_config(tmp_path, **base)

@@ -91,6 +91,10 @@ def read_text(path: Path, strict: bool = True) -> str:
         if not strict:
             return ""
         raise UsageError(f"data.path: {path} is not UTF-8 text (byte {e.start}); convert or remove it") from None
+    except OSError as e:
+        if not strict:
+            return ""
+        raise UsageError(f"data.path: cannot read {path}: {e.strerror or e}") from None
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -186,6 +190,17 @@ class TextDataModule(BaseDataModule):
             shutil.rmtree(entry)
         d = self.config.data
         tokenizer = build_tokenizer(d.tokenizer, self._texts(files), d.vocab_size)
+        try:
+            n = self._write_entry(tokenizer, files, entry)
+        except OSError as e:  # a cache folder under a file, read-only or full
+            raise UsageError(
+                f"data.cache_dir: cannot write the tokenized corpus to {entry.parent}: {e.strerror or e}; "
+                f"choose a writable folder with --data-cache-dir DIR"
+            ) from None
+        log.info("tokenized %d files into %d tokens (vocab %d) at %s", len(files), n, tokenizer.vocab_size, entry)
+
+    def _write_entry(self, tokenizer: Tokenizer, files: list[Path], entry: Path) -> int:
+        """Tokenize the files into the cache entry; the number of tokens written."""
         dtype = token_dtype(tokenizer.vocab_size)
         entry.parent.mkdir(parents=True, exist_ok=True)
         # fill a private folder, then rename it into place: a crash leaves no entry to trust
@@ -194,9 +209,15 @@ class TextDataModule(BaseDataModule):
             tokenizer.save(tmp / TOKENIZER)
             n = 0
             with open(tmp / TOKENS, "wb") as out:
-                for text in self._texts(files):
+                for file, text in zip(files, self._texts(files)):
                     for chunk in _chunks(text):
-                        ids = np.asarray(tokenizer.encode(chunk), dtype=np.int64)
+                        try:
+                            ids = np.asarray(tokenizer.encode(chunk), dtype=np.int64)
+                        except UsageError as e:  # a tokenizer file that does not cover the corpus
+                            raise UsageError(
+                                f"data.path: {file}: {e} (data.tokenizer {self.config.data.tokenizer}); "
+                                f"use a tokenizer that covers the corpus, such as byte"
+                            ) from None
                         out.write(ids.astype(dtype).tobytes())
                         n += len(ids)
             try:
@@ -206,7 +227,7 @@ class TextDataModule(BaseDataModule):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("tokenized %d files into %d tokens (vocab %d) at %s", len(files), n, tokenizer.vocab_size, entry)
+        return n
 
     # ---- splits and loaders ------------------------------------------------------
 

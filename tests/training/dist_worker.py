@@ -41,7 +41,9 @@ class Faults(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_end(self, engine, metrics):
-        torch.save(engine.raw_model.state_dict(), Path(engine.run_dir) / f"weights_rank{engine.rank}.pt")
+        # under FSDP each rank holds a shard: save the local tensors
+        state = {k: getattr(v, "to_local", lambda v=v: v)() for k, v in engine.raw_model.state_dict().items()}
+        torch.save(state, Path(engine.run_dir) / f"weights_rank{engine.rank}.pt")
 
 
 _write_artifacts = TrainingEngine._write_artifacts

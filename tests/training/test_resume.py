@@ -107,3 +107,32 @@ def test_torchrun_max_restarts_resumes_a_dead_worker_and_completes(tmp_path, ref
     assert (tmp_path / "run/.fired-KILL_AT_STEP").exists()
     assert "resumed from" in out.stdout
     assert_same(reference_2proc[0], weights(tmp_path / "run", 0))
+
+
+def fsdp_flags(tmp_path: Path) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{i}: it was the best of times, it was the worst of times.\n" for i in range(400)))
+    return ["--task", "lm", "--distributed-strategy", "fsdp", "--data-path", str(corpus),
+            "--data-cache-dir", str(tmp_path / "cache"), "--model-n-layer", "2", "--model-n-head", "2",
+            "--model-n-embd", "32", "--model-block-size", "16", "--model-dropout", "0.1",
+            "--training-batch-size", "4", "--training-max-steps", "12", "--training-eval-every-steps", "6",
+            "--training-eval-batches", "2", "--checkpoint-every-n-steps", "4", "--checkpoint-resume", "auto",
+            "--logging-progress-bar", "false"]
+
+
+def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path):
+    flags = fsdp_flags(tmp_path)
+    ref = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "ref"), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert (tmp_path / "ref/checkpoints/step_00000004/sharded").is_dir()
+    killed = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path,
+                      env={"KILL_AT_STEP": "7", "KILL_RANK": "1"})
+    assert killed.returncode != 0
+    resumed = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
+    for rank in (0, 1):  # each rank's final shard of the weights, as a plain state dict
+        assert_same(weights(tmp_path / "ref", rank), weights(tmp_path / "run", rank))
+    exported = run([sys.executable, "-m", "llm.export", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")],
+                   cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr

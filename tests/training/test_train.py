@@ -1,11 +1,14 @@
 """The entry point as users run it: python -m, torchrun, exit codes."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from tests.helpers import REPO, torchrun, train_cli
+from tests.helpers import REPO, free_port, torchrun, train_cli
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 SMALL = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-num-samples", "512", "--data-input-dim", "4",
@@ -87,3 +90,23 @@ def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):
     saved.write_text(out.stdout)
     from llm.training.core.config import Config
     assert Config.from_yaml(saved) == Config.from_args_and_env(["--optimizer-lr", "0.25"], environ={})
+
+
+def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
+    """The multi-node recipe of docs/distributed.md, with both "nodes" on this machine."""
+    port = free_port()
+    worker = Path(__file__).with_name("dist_worker.py")
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=llm-test",
+             str(worker), *SMALL, "--epochs", "2", "--logging-log-dir", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env["PYTHONPATH"] = str(REPO)
+    nodes = [subprocess.Popen(agent, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"run/weights_rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["samples_seen"] == 2 * ((512 - 51) // 2 // 32) * 32 * 2  # two ranks, two epochs

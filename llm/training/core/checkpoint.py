@@ -108,8 +108,17 @@ class CheckpointManager:
         return final
 
     def latest_valid(self) -> Path | None:
-        """The checkpoint of the last completed save, or the newest valid one; None if there is none."""
-        found, _ = _newest_valid(self.directory)
+        """The checkpoint of the last completed save, or the newest valid one; None if there are none.
+
+        Raises CheckpointError when there are checkpoints but none is valid: a run that started
+        over instead would write over them and over the run they belong to.
+        """
+        found, seen = _newest_valid(self.directory)
+        if found is None and seen:
+            raise CheckpointError(
+                f"no valid checkpoint in {self.directory} ({seen} found, none valid): resume from one you trust "
+                f"with --checkpoint-resume PATH, or start a new run with --logging-log-dir DIR"
+            )
         return found
 
     def best(self) -> Path | None:
@@ -210,6 +219,35 @@ class CheckpointManager:
 def verify(path: str | Path) -> str | None:
     """None if the checkpoint at path is complete and its checksums match, else the reason (one line)."""
     return _check(Path(path), hashes=True)
+
+
+def check_checkpoint_dir(directory: str | Path, fresh: bool) -> None:
+    """Refuse, before training, a checkpoint directory that cannot be written, or that holds checkpoints when
+    the run is ``fresh`` (saving there would replace and prune another run's checkpoints).
+
+    Creates nothing: a run refused later for another reason leaves no directory behind.
+    """
+    directory = Path(directory)
+    if fresh and _checkpoints(directory):
+        raise CheckpointError(
+            f"{directory} already holds checkpoints of an earlier run: continue it with --checkpoint-resume auto, "
+            f"or give this run another --checkpoint-dir"
+        )
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problem = e.strerror or str(e)
+    if problem:
+        raise CheckpointError(
+            f"cannot write checkpoints to {directory}: {problem}; choose another folder with --checkpoint-dir DIR"
+        )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

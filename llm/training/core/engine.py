@@ -170,7 +170,7 @@ class TrainingEngine:
         model.eval()
         sums: dict[str, torch.Tensor] = {}
         limit = self.config.training.eval_batches or None
-        for batch in itertools.islice(self.val_loader, limit):
+        for batch in itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit):
             with self._autocast():
                 loss, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
             self._accumulate(sums, loss, metrics, weight=_batch_len(batch))
@@ -353,7 +353,7 @@ class TrainingEngine:
             warnings.warn("the training loader has no BatchSampler over a sampler: replaying batches to resume mid-epoch")
             loader = itertools.islice(loader, self.batch_in_epoch, None)
         group: list[Any] = []
-        batches = iter(loader)
+        batches = self._iterate(loader, -1 - self.epoch) if loader is self.train_loader else iter(loader)
         while True:
             waited = time.perf_counter()
             batch = next(batches, _END)
@@ -367,6 +367,19 @@ class TrainingEngine:
         if self._resumable is not None:
             self._resumable.skip = 0
         # a last group shorter than k is dropped, like a last partial batch
+
+    def _iterate(self, loader: Any, salt: int) -> Iterator[Any]:
+        """An iterator over a loader that leaves the global RNG alone.
+
+        Starting a DataLoader iterator draws a worker seed from the global torch RNG
+        unless the loader has its own generator; that draw would shift dropout's
+        random stream by where a resumed run happened to start. A generator seeded
+        from (seed, rank, salt) keeps it off the global stream and reproducible.
+        """
+        if isinstance(loader, torch.utils.data.DataLoader):
+            seed = hash((self.config.training.seed, self.rank, salt)) % 2**62
+            loader.generator = torch.Generator().manual_seed(seed)
+        return iter(loader)
 
     def _agree_to_stop(self) -> bool:
         stop, signalled = D.any_rank([self.should_stop, self._signal is not None], self.device)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import traceback
 
 from llm.errors import UsageError, closest
 
@@ -41,13 +43,30 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
             )
         name = builtins[name]
     module_name, _, class_name = name.partition(":")
+    if not module_name or not class_name or module_name.startswith("."):
+        raise UsageError(f"{kind} {name!r}: expected a built-in name or package.module:Class")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UsageError(f"cannot import {kind} module {module_name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while it ran: say where, in one line
+        raise UsageError(f"cannot import {kind} module {module_name!r}: {_where(e)}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise UsageError(f"module {module_name!r} has no {class_name!r} for the {kind}")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise UsageError(f"{name} is not a {base.__name__} subclass, so it cannot be used as the {kind}")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise UsageError(f"{name} cannot be used as the {kind}: it does not implement {missing}")
     return cls
+
+
+def _where(error: Exception) -> str:
+    """``Type: message`` of an exception, and the file and line it came from (a SyntaxError names its own)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, SyntaxError):
+        return f"{type(error).__name__}: {text}"
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (raised at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {text}{where}"

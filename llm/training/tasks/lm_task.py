@@ -43,11 +43,17 @@ class LMTask(TrainingTask):
                 f"got {type(self.data_module).__name__}"
             )
         m = self.config.model
-        return GPTConfig(
-            vocab_size=tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-            n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, pos_emb=m.pos_emb, norm=m.norm, mlp=m.mlp,
-            tie_embeddings=m.tie_embeddings,
-        )
+        try:
+            return GPTConfig(
+                vocab_size=tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, pos_emb=m.pos_emb, norm=m.norm, mlp=m.mlp,
+                tie_embeddings=m.tie_embeddings,
+            )
+        except ValueError as e:  # what only a GPT needs, e.g. an even head size for rotary positions
+            raise UsageError(
+                f"model: {e} (model.n_embd={m.n_embd}, model.n_head={m.n_head}, model.pos_emb={m.pos_emb}): "
+                f"change model.n_embd or model.n_head, or use --model-pos-emb learned"
+            ) from None
 
     def build_model(self) -> nn.Module:
         return GPT(self.gpt_config())
@@ -114,8 +120,25 @@ def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple
     if not isinstance(state, dict):
         raise UsageError(f"{ckpt / SHARED} holds no model weights (no 'model' entry)")
     model = GPT(config)
+    _load_weights(model, state, ckpt)
+    return model.to(device).eval(), tokenizer, ckpt
+
+
+def check_lm_weights(ckpt: Path, state: dict) -> GPTConfig:
+    """The model config of a language-model checkpoint, once ``state`` is known to be exactly its weights.
+
+    Compares names and shapes against a GPT built on the meta device: no memory, nothing copied.
+    """
+    config = _read_model_config(Path(ckpt) / MODEL_CONFIG)
+    with torch.device("meta"):
+        model = GPT(config)
+    _load_weights(model, state, Path(ckpt), assign=True)
+    return config
+
+
+def _load_weights(model: GPT, state: dict, ckpt: Path, assign: bool = False) -> None:
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as e:
         # torch lists every mismatch on its own line: the first one says enough
         details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
@@ -124,7 +147,6 @@ def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple
         more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
         raise UsageError(f"the weights in {ckpt} belong to a different model than its {MODEL_CONFIG} "
                          f"describes: {first}{more}") from None
-    return model.to(device).eval(), tokenizer, ckpt
 
 
 def _read_model_config(path: Path) -> GPTConfig:

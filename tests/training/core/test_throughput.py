@@ -1,0 +1,39 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llm.training.core import throughput
+from llm.training.core.config import Config
+from llm.training.core.throughput import ThroughputMonitor, peak_flops
+
+
+def test_throughput_figures_over_a_logging_window(monkeypatch):
+    clock = iter([100.0, 101.0, 103.0, 103.0])  # start, after the first step, measuring, re-marking
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    config = Config.from_dict({"logging": {"log_every_steps": 4}})
+    engine = SimpleNamespace(
+        config=config, device=torch.device("cpu"), world_size=2, step=0, samples_seen=0, data_wait_s=0.0,
+        task=SimpleNamespace(tokens_per_sample=128), raw_model=SimpleNamespace(flops_per_token=lambda t: 1e6),
+        logged={},
+    )
+    engine.log = engine.logged.update
+    monitor = ThroughputMonitor(peak_flops_per_device=1e9)
+    monitor.on_train_start(engine)
+    engine.step, engine.samples_seen, engine.data_wait_s = 1, 64, 0.5
+    monitor.on_step_end(engine)  # the first step (compilation) is left out
+    assert engine.logged == {}
+    engine.step, engine.samples_seen, engine.data_wait_s = 4, 64 + 3 * 64, 0.52
+    monitor.on_step_end(engine)
+    m = engine.logged
+    assert m["samples_per_s"] == pytest.approx(192 / 2.0)
+    assert m["tokens_per_s"] == pytest.approx(96 * 128)
+    assert m["step_time_ms"] == pytest.approx(2000 / 3)
+    assert m["data_wait_pct"] == pytest.approx(1.0)
+    assert m["mfu"] == pytest.approx(96 * 128 * 1e6 / (1e9 * 2))
+    assert m["peak_mem_mb"] > 10
+
+
+def test_peak_flops_table():
+    assert peak_flops(torch.device("cpu")) is None
+    assert throughput.PEAK_FLOPS["H100"] == 989e12
