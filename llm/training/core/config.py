@@ -181,7 +181,7 @@ class DistributedConfig:
 @dataclass
 class Config:
     task: str = "regression"
-    """Task: a built-in name (regression, classification) or package.module:Class."""
+    """Task: a built-in name (regression, classification, lm) or package.module:Class."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -353,6 +353,31 @@ def describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
+def reference() -> str:
+    """docs/config.md: every field with its flag, environment variable, default and help text."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the field docstrings in `llm/training/core/config.py` by",
+        "`python -m llm.training.core.config > docs/config.md`; a test keeps it current.",
+        "Precedence, lowest first: defaults < YAML (`--config FILE`) < environment < flags.",
+        "",
+    ]
+    defaults = Config()
+    entries = [("", Config, [f for f in dataclasses.fields(Config) if f.name == "task"], defaults)]
+    entries += [(name, cls, dataclasses.fields(cls), getattr(defaults, name)) for name, cls in sections().items()]
+    for section, cls, fields, values in entries:
+        lines += [f"## {section or 'top level'}", "", "| flag | environment | default | |", "|---|---|---|---|"]
+        for f in fields:
+            flag = f"--{section}-{f.name}".replace("_", "-") if section else f"--{f.name}"
+            env = f"{ENV_PREFIX}{section}_{f.name}".upper() if section else f"{ENV_PREFIX}{f.name}".upper()
+            kind = describe(_hints(cls)[f.name])
+            default = getattr(values, f.name)
+            lines.append(f"| `{flag}` | `{env}` | `{default!r}` | {field_docs(cls)[f.name]} ({kind}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ---- the command line ------------------------------------------------------------
 
 ALIASES = {"training.epochs": ["--epochs"], "task": ["--task"]}
@@ -502,3 +527,7 @@ def _env_overrides(environ: dict[str, str] | os._Environ) -> dict[str, Any]:
         else:
             out.setdefault(section, {})[name] = value
     return out
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

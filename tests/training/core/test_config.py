@@ -171,3 +171,15 @@ def test_random_flags_load_or_fail_cleanly(argv):
         Config.from_args_and_env(argv, environ={})
     except UsageError as e:
         assert "\n" not in str(e)
+
+
+def test_config_reference_in_docs_is_current():
+    from pathlib import Path
+
+    from llm.training.core.config import reference
+
+    path = Path(__file__).resolve().parents[3] / "docs" / "config.md"
+    assert path.read_text() == reference(), "regenerate: python -m llm.training.core.config > docs/config.md"
+    for section, cls in sections().items():
+        for f in dataclasses.fields(cls):
+            assert f"--{section}-{f.name}".replace("_", "-") in path.read_text()
