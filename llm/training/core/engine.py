@@ -84,55 +84,59 @@ class TrainingEngine:
 
     def train(self) -> dict[str, float]:
         """Train until epochs or max_steps run out, or a stop is agreed; return the final metrics."""
-        t = self.config.training
         self.setup()
-        start, metrics, ok = time.perf_counter(), {}, False
+        started, metrics, ok = time.perf_counter(), {}, False
         self._fire("on_train_start")
-        self._window_step, first_sample = self.step, self.samples_seen
+        self._window_step, self._first_sample = self.step, self.samples_seen
         try:
             with self._stop_on_signals():
-                while self.epoch < t.epochs and not self.should_stop and not (t.max_steps and self.step >= t.max_steps):
-                    self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, same on every rank
-                    self._fire("on_epoch_start")
-                    epoch_sums: dict[str, torch.Tensor] = {}
-                    for micro_batches in self._epoch_batches():
-                        began = time.perf_counter()
-                        self.optimizer_step(micro_batches, epoch_sums)
-                        if self.first_step_s is None:
-                            self.first_step_s = time.perf_counter() - began
-                        self._fire("on_step_end")
-                        if self.step % self.config.logging.log_every_steps == 0:
-                            self._flush_log("train", self._window_metrics())
-                        if t.eval_every_steps and self.step % t.eval_every_steps == 0:
-                            self.validate()
-                        if self.config.checkpoint.every_n_steps and self.step % self.config.checkpoint.every_n_steps == 0:
-                            self.save_checkpoint()
-                        if t.max_steps and self.step >= t.max_steps:
-                            self.request_stop(f"reached max_steps={t.max_steps}")
-                        if self._agree_to_stop():
-                            break
-                    else:
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                        epoch_metrics = {"train_loss": self._mean(epoch_sums, "loss"), **self.validate()}
-                        self._fire("on_epoch_end", epoch_metrics)
-                        self._flush_log("epoch", epoch_metrics)
-                        self._agree_to_stop()
-            if self._window:
-                self._flush_log("train", self._window_metrics())  # the steps since the last log
-            if self._signal is None and self.val_metrics.get("step") != self.step:
-                self.validate()  # the final weights always get a validation score
-            path = self.save_checkpoint()
-            self.samples_seen_this_run = self.samples_seen - first_sample
-            metrics = self._summary(time.perf_counter() - start)
+                while not self._finished():
+                    self.train_epoch()
+                metrics, checkpoint = self.finish(time.perf_counter() - started)
             ok = True
-            if self._signal is not None:
-                raise TrainingInterrupted(self._signal, self.step, path)
         finally:
             self._fire_cleanup(metrics, ok)
+        if self._signal is not None:
+            raise TrainingInterrupted(self._signal, self.step, checkpoint)
         return metrics
+
+    def train_epoch(self) -> None:
+        """Optimizer steps until the epoch ends or a stop is agreed, with logs, evaluations and saves due."""
+        t = self.config.training
+        self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
+        self._fire("on_epoch_start")
+        epoch_sums: dict[str, torch.Tensor] = {}
+        for micro_batches in self._epoch_batches():
+            self.optimizer_step(micro_batches, epoch_sums)
+            self._fire("on_step_end")
+            if self._due(self.config.logging.log_every_steps):
+                self._flush_log("train", self._window_metrics())
+            if self._due(t.eval_every_steps):
+                self.validate()
+            if self._due(self.config.checkpoint.every_n_steps):
+                self.save_checkpoint()
+            if t.max_steps and self.step >= t.max_steps:
+                self.request_stop(f"reached max_steps={t.max_steps}")
+            if self._agree_to_stop():
+                return
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        metrics = {"train_loss": self._mean(epoch_sums, "loss"), **self.validate()}
+        self._fire("on_epoch_end", metrics)
+        self._flush_log("epoch", metrics)
+        self._agree_to_stop()
+
+    def finish(self, elapsed: float) -> tuple[dict[str, float], Path]:
+        """Log the last steps, validate the final weights, save them, write the summary."""
+        if self._window:
+            self._flush_log("train", self._window_metrics())
+        if self._signal is None and self.val_metrics.get("step") != self.step:
+            self.validate()
+        checkpoint = self.save_checkpoint()
+        return self._summary(elapsed), checkpoint
 
     def optimizer_step(self, micro_batches: list[Any], epoch_sums: dict[str, torch.Tensor]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
+        began = time.perf_counter()
         self.model.train()
         k = len(micro_batches)
         for i, batch in enumerate(micro_batches):
@@ -161,6 +165,8 @@ class TrainingEngine:
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - began
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -381,6 +387,13 @@ class TrainingEngine:
             loader.generator = torch.Generator().manual_seed(seed)
         return iter(loader)
 
+    def _finished(self) -> bool:
+        t = self.config.training
+        return self.should_stop or self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
     def _agree_to_stop(self) -> bool:
         stop, signalled = D.any_rank([self.should_stop, self._signal is not None], self.device)
         if signalled and self._signal is None:
@@ -447,7 +460,7 @@ class TrainingEngine:
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
             f"best_{self.config.checkpoint.monitor}": self.best_metric,
-            "samples_per_s": self.samples_seen_this_run / elapsed,
+            "samples_per_s": (self.samples_seen - self._first_sample) / elapsed,
             "first_step_s": self.first_step_s,
         }
         if self.task.tokens_per_sample:
