@@ -5,12 +5,18 @@ Writes the consolidated weights as safetensors and, beside them
 the run's full config, so the weights can be rebuilt without this package's
 checkpoint format. CHECKPOINT is one checkpoint, a directory of them, or a run
 directory (its newest valid checkpoint).
+
+``--format hf --out DIR`` writes a language model as a Hugging Face
+``transformers`` GPT-2 instead (``GPT2LMHeadModel.from_pretrained(DIR)``):
+``config.json``, ``model.safetensors`` and, for a Hugging Face tokenizer,
+``tokenizer.json`` with a ``tokenizer_config.json`` that loads it as it is.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,10 +25,17 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError
 from llm.generate import ArgParser
+from llm.models.hf import NotGPT2, to_gpt2_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, resolve_checkpoint
-from llm.training.tasks.lm_task import MODEL_CONFIG, check_lm_weights
+from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
+
+FORMATS = ("safetensors", "hf")
+HF_WEIGHTS, HF_CONFIG, HF_TOKENIZER_CONFIG = "model.safetensors", "config.json", "tokenizer_config.json"
+HF_FILES = (HF_CONFIG, HF_WEIGHTS, TOKENIZER, HF_TOKENIZER_CONFIG)
+"""What ``--format hf`` writes; a folder holding nothing else may be written over."""
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
@@ -56,6 +69,87 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     return ckpt
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
+    """Write the folder ``out`` for ``transformers.GPT2LMHeadModel``; returns the checkpoint and
+    whether its tokenizer went with it (only a Hugging Face one has a form transformers reads)."""
+    out = Path(out)
+    check_hf_out(out)
+    transformers = _import_transformers()  # before loading: a big checkpoint takes a while
+    ckpt = resolve_checkpoint(checkpoint)
+    if not (ckpt / MODEL_CONFIG).is_file():
+        raise UsageError(f"--format hf exports language models (--task lm): {ckpt} has no {MODEL_CONFIG}")
+    weights = model_weights(ckpt)
+    if not isinstance(weights, dict):
+        raise UsageError(f"{ckpt} holds no model weights")
+    config = check_lm_weights(ckpt, weights)
+    try:
+        hf_config, hf_state = to_gpt2_state_dict(weights, config)
+    except NotGPT2 as e:
+        flag = f"--model-{e.field.replace('_', '-')} {e.needed}"
+        raise UsageError(f"--format hf: model.{e.field} {e.value} has no GPT-2 form; "
+                         f"train with {flag} to export to Hugging Face") from None
+    del weights
+    gpt2_config = transformers.GPT2Config(**hf_config)
+    _check_gpt2_names(transformers, gpt2_config, hf_state)
+    tokenizer = load_tokenizer(ckpt / TOKENIZER) if (ckpt / TOKENIZER).is_file() else None
+    with_tokenizer = isinstance(tokenizer, HFTokenizer)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{HF_WEIGHTS}.tmp"
+        save_file(hf_state, str(tmp), metadata={"format": "pt"})  # transformers reads only "pt" files
+        os.replace(tmp, out / HF_WEIGHTS)
+        gpt2_config.save_pretrained(out)
+        for name in (TOKENIZER, HF_TOKENIZER_CONFIG):  # none stale from an earlier export
+            (out / name).unlink(missing_ok=True)
+        if with_tokenizer:
+            shutil.copyfile(ckpt / TOKENIZER, out / TOKENIZER)
+            # without it AutoTokenizer takes a GPT-2 model for GPT-2's own tokenizer and
+            # adds its <|endoftext|> token; this class loads tokenizer.json as it is
+            (out / HF_TOKENIZER_CONFIG).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    return ckpt, with_tokenizer
+
+
+def check_hf_out(out: Path) -> None:
+    """Refuse an ``--out`` for ``--format hf`` unless it is a new or empty folder, or an earlier such export."""
+    if out.suffix in (".safetensors", ".json"):
+        raise UsageError(f"--out {out}: --format hf writes a folder (config.json, model.safetensors, ...), "
+                         f"not one file: name a folder, such as {out.with_suffix('')}")
+    folder = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: {folder} is a file, not a folder")
+    if folder == out:
+        others = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES and p.name != f".{HF_WEIGHTS}.tmp")
+        if others:
+            raise UsageError(f"--out {out} holds files --format hf does not write ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}), so it is left as it is: "
+                             f"choose a new or empty folder")
+
+
+def _import_transformers():
+    try:
+        import transformers  # only here: the safetensors export does not need it
+    except ImportError:
+        raise UsageError("--format hf needs the transformers package: pip install transformers") from None
+    return transformers
+
+
+def _check_gpt2_names(transformers, config, hf_state: dict[str, torch.Tensor]) -> None:
+    """Compare names and shapes with the installed transformers' GPT-2, built on the meta device
+    (nothing allocated): from_pretrained would only warn about weights it does not find."""
+    with torch.device("meta"):
+        expected = transformers.GPT2LMHeadModel(config).state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # the embedding, restored on load
+    wrong = sorted(set(expected) ^ set(hf_state)) or [
+        name for name, t in hf_state.items() if tuple(t.shape) != tuple(expected[name].shape)]
+    if wrong:
+        raise UsageError(f"transformers {transformers.__version__} lays out GPT-2 differently from what "
+                         f"this export writes (first difference: {wrong[0]}): "
+                         f"please report it, with the transformers version")
 
 
 def check_out(out: Path) -> None:
@@ -107,14 +201,27 @@ def _run_config(ckpt: Path, state: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgParser(prog="llm-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, or a run directory")
-    parser.add_argument("--out", required=True, help="where to write the .safetensors file")
+    parser.add_argument("--out", required=True,
+                        help="where to write: the .safetensors file, or for --format hf a folder")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors",
+                        help="safetensors: our weights and a .json description (default); "
+                             "hf: a Hugging Face transformers GPT-2 folder (language models)")
     try:
         args = parser.parse_args(argv)
-        ckpt = export(args.checkpoint, args.out)
+        if args.format == "hf":
+            ckpt, with_tokenizer = export_hf(args.checkpoint, args.out)
+        else:
+            ckpt = export(args.checkpoint, args.out)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"exported {ckpt} to {args.out} (+ {Path(args.out).with_suffix('.json').name})")
+    if args.format == "hf":
+        tokenizer = ("tokenizer.json" if with_tokenizer
+                     else "no tokenizer: only a Hugging Face one has a form transformers reads")
+        print(f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "
+              f"(config.json, model.safetensors; {tokenizer})")
+    else:
+        print(f"exported {ckpt} to {args.out} (+ {Path(args.out).with_suffix('.json').name})")
     return 0
 
 

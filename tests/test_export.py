@@ -1,14 +1,16 @@
 import json
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from llm.export import main
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.engine import TrainingEngine
+from llm.training.tasks.lm_task import LMTask, load_lm
 from llm.training.tasks.regression_task import RegressionTask
-from tests.helpers import run, tiny_config
+from tests.helpers import lm_config, run, tiny_config, train_cli
 
 
 def test_export_regression_weights_load_back_strictly(tmp_path):
@@ -45,3 +47,101 @@ def test_export_lm_with_tied_embeddings(tmp_path):
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert capsys.readouterr().err == f"error: checkpoint path {tmp_path / 'nope'} does not exist\n"
+
+
+# ---- --format hf: a Hugging Face transformers GPT-2 ------------------------------------
+
+GPT2_FLAGS = ["--model-pos-emb", "learned", "--model-norm", "layernorm", "--model-mlp", "gelu"]
+
+
+def train_lm_cli(tmp_path, *flags):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    result = train_cli("--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
+                       "--training-max-steps", "4", "--training-batch-size", "4", "--optimizer-lr", "0.01",
+                       "--model-n-layer", "2", "--model-n-embd", "32", "--model-n-head", "2",
+                       "--model-block-size", "16", "--logging-progress-bar", "false",
+                       "--logging-log-dir", str(tmp_path / "run"), *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "run"
+
+
+def export_hf_cli(run_dir, out):
+    result = run([sys.executable, "-m", "llm.export", str(run_dir), "--format", "hf", "--out", str(out)],
+                 cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def assert_same_logits(run_dir, out, ids):
+    transformers = pytest.importorskip("transformers")
+    ours, _, _ = load_lm(run_dir)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx), rtol=0, atol=1e-5)
+    return theirs
+
+
+def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run_dir = train_lm_cli(tmp_path, *GPT2_FLAGS, "--model-bias", "true", "--model-dropout", "0.1",
+                           "--data-tokenizer", "bpe", "--data-vocab-size", "300")
+    out = tmp_path / "hf"
+    result = export_hf_cli(run_dir, out)
+    assert "GPT2LMHeadModel" in result.stdout and "tokenizer.json" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    _, tokenizer, ckpt = load_lm(run_dir)
+    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the lazy fox jumps over 12 quick dogs"
+    ids = tokenizer.encode(text)
+    assert hf_tokenizer(text)["input_ids"] == ids and len(hf_tokenizer) == tokenizer.vocab_size
+    model = assert_same_logits(run_dir, out, ids)
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_positions"] == 16 and config["vocab_size"] == tokenizer.vocab_size
+    assert config["activation_function"] == "gelu" and config["resid_pdrop"] == 0.1
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
+
+
+def test_export_hf_without_biases_writes_zero_biases(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    run_dir = train_lm_cli(tmp_path, *GPT2_FLAGS, "--model-tie-embeddings", "false")  # bias false by default
+    out = tmp_path / "hf"
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # in-process: transformers is loaded
+    assert "no tokenizer" in capsys.readouterr().out  # char: no Hugging Face form
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    weights = load_file(out / "model.safetensors")
+    biases = [t for name, t in weights.items() if name.endswith(".bias")]
+    assert len(biases) == 2 * 6 + 1 and all(torch.equal(t, torch.zeros_like(t)) for t in biases)
+    assert not torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])  # untied
+    model = assert_same_logits(run_dir, out, [1, 5, 2, 7, 3, 0, 4])
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+
+
+def test_export_hf_of_a_rotary_model_exits_2_naming_the_setting(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    config = lm_config(tmp_path)  # rope, rmsnorm, swiglu
+    TrainingEngine(config, LMTask(config), 0, 1).train()
+    out = tmp_path / "hf"
+    assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("error: --format hf: model.pos_emb rope has no GPT-2 form; "
+                                       "train with --model-pos-emb learned to export to Hugging Face\n")
+    assert not out.exists()
+
+
+def test_export_hf_without_transformers_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    # checked before the checkpoint is read, so a missing one is not reached
+    assert main([str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == "error: --format hf needs the transformers package: pip install transformers\n"
+
+
+def test_export_hf_leaves_a_folder_of_other_files_alone(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main([str(tmp_path / "nope"), "--format", "hf", "--out", str(out)]) == 2
+    assert "holds files --format hf does not write (notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from llm.models.gpt import GPT, GPTConfig
+from llm.models.hf import NotGPT2, to_gpt2_state_dict
+
+GPT2_SHAPED = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.1, **GPT2_SHAPED | kw)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        # the init's small weights leave every activation near 0, where the GELU variants
+        # agree; unit-scale activations (as after training) and non-trivial biases and
+        # norms let a wrong mapping show in the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.size(1) ** -0.5)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def gpt2(model: GPT, **config_changes):
+    transformers = pytest.importorskip("transformers")
+    hf_config, hf_state = to_gpt2_state_dict(model.state_dict(), model.config)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config | config_changes))
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+    tied = ["lm_head.weight"] if model.config.tie_embeddings else []
+    assert (missing, unexpected) == (tied, [])
+    if tied:
+        assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    return hf.eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_computes_the_same_logits(bias, tie):
+    model = tiny(bias=bias, tie_embeddings=tie)
+    hf = gpt2(model)
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf(idx[:, :5]).logits, model(idx[:, :5]), rtol=0, atol=1e-5)
+
+
+def test_the_comparison_tells_gelu_from_its_tanh_approximation():
+    # GPT-2's own "gelu_new" (tanh) is within ~5e-4 of F.gelu (erf): the comparison must see that
+    model = tiny(bias=True)
+    hf = gpt2(model, activation_function="gelu_new")
+    idx = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max() > 1e-4
+
+
+def test_without_biases_gpt2_gets_zero_biases_and_conv1d_weights():
+    model = tiny(bias=False)
+    hf_config, hf_state = to_gpt2_state_dict(model.state_dict(), model.config)
+    biases = {name: t for name, t in hf_state.items() if name.endswith(".bias")}
+    assert len(biases) == 2 * 2 + 2 * 4 + 1  # per block: 2 LayerNorms and 4 projections; then ln_f
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in biases.values())
+    # Conv1D is (in, out): the transpose of nn.Linear; c_attn keeps q, k, v in our order
+    qkv = model.blocks[0].attn.qkv.weight
+    assert torch.equal(hf_state["transformer.h.0.attn.c_attn.weight"], qkv.t())
+    assert hf_state["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
+    assert "lm_head.weight" not in hf_state  # tied: the embedding, restored on load
+    assert hf_config["activation_function"] == "gelu" and hf_config["n_positions"] == 16
+    assert hf_config["resid_pdrop"] == hf_config["embd_pdrop"] == hf_config["attn_pdrop"] == 0.1
+
+
+@pytest.mark.parametrize("field, value, needed", [
+    ("pos_emb", "rope", "learned"), ("norm", "rmsnorm", "layernorm"), ("mlp", "swiglu", "gelu"),
+])
+def test_shapes_gpt2_lacks_are_refused_by_name(field, value, needed):
+    model = tiny(**{field: value})
+    with pytest.raises(NotGPT2) as e:
+        to_gpt2_state_dict(model.state_dict(), model.config)
+    assert (e.value.field, e.value.value, e.value.needed) == (field, value, needed)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused():
+    model = tiny(bias=True)
+    state = model.state_dict()
+    with pytest.raises(ValueError, match="no blocks.1.mlp.fc.bias"):
+        to_gpt2_state_dict({k: v for k, v in state.items() if k != "blocks.1.mlp.fc.bias"}, model.config)
+    with pytest.raises(ValueError, match="no GPT-2 counterpart: extra"):
+        to_gpt2_state_dict(state | {"extra": torch.zeros(1)}, model.config)
