@@ -152,3 +152,14 @@ def lm_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         else:
             base[name] = values
     return tiny_config(tmp_path, **base)
+
+
+def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30) -> Path:
+    """Train a tiny char-level GPT through the CLI on ``text``; returns its run directory."""
+    (root / "corpus.txt").write_text(text)
+    out = train_cli("--task", "lm", "--training-max-steps", str(steps), "--training-batch-size", "8",
+                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
+                    "--model-block-size", str(block_size), "--data-path", "corpus.txt", "--data-cache-dir", "cache",
+                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
+    assert out.returncode == 0, out.stderr
+    return root / "run"

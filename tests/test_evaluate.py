@@ -15,7 +15,7 @@ from llm.data.text_data_module import TextDataModule
 from llm.evaluate import evaluate, main
 from llm.training.core.config import Config
 from llm.training.tasks.lm_task import load_lm
-from tests.helpers import run, train_cli
+from tests.helpers import run, train_tiny_lm
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 BLOCK = 32
@@ -26,13 +26,7 @@ HELD_OUT = "a bat sat on my mat. the dog ate one hat. " * 7  # 294 chars: 9 wind
 def step_dir(tmp_path_factory) -> Path:
     """The checkpoint of a tiny char-level GPT, trained once for the whole module."""
     root = tmp_path_factory.mktemp("lm")
-    (root / "corpus.txt").write_text(TEXT)
-    out = train_cli("--task", "lm", "--training-max-steps", "30", "--training-batch-size", "8",
-                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
-                    "--model-block-size", str(BLOCK), "--data-path", "corpus.txt", "--data-cache-dir", "cache",
-                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
-    assert out.returncode == 0, out.stderr
-    return root / "run" / "checkpoints" / "step_00000030"
+    return train_tiny_lm(root, TEXT, BLOCK) / "checkpoints" / "step_00000030"
 
 
 @pytest.fixture(scope="module")

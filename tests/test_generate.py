@@ -14,7 +14,7 @@ from torch import nn
 from llm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, load_tokenizer
 from llm.generate import main, stream_text
 from llm.training.tasks.lm_task import load_lm
-from tests.helpers import run, train_cli
+from tests.helpers import run, train_tiny_lm
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 BLOCK = 32
@@ -25,13 +25,7 @@ PROMPT = "the cat sat"
 def run_dir(tmp_path_factory) -> Path:
     """A run of a tiny char-level GPT, trained once for the whole module."""
     root = tmp_path_factory.mktemp("lm")
-    (root / "corpus.txt").write_text(TEXT)
-    out = train_cli("--task", "lm", "--training-max-steps", "30", "--training-batch-size", "8",
-                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
-                    "--model-block-size", str(BLOCK), "--data-path", "corpus.txt", "--data-cache-dir", "cache",
-                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
-    assert out.returncode == 0, out.stderr
-    return root / "run"
+    return train_tiny_lm(root, TEXT, BLOCK)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module, resolve_task
 from llm.training.tasks.lm_task import LMTask, load_lm
-from tests.helpers import train_cli
+from tests.helpers import train_tiny_lm
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 
@@ -131,13 +131,7 @@ def test_building_without_a_text_data_module_fails_clearly(task):
 def run_dir(tmp_path_factory) -> Path:
     """A run of a tiny char-level GPT, trained once for the load_lm tests."""
     root = tmp_path_factory.mktemp("lm")
-    (root / "corpus.txt").write_text(TEXT)
-    out = train_cli("--task", "lm", "--training-max-steps", "30", "--training-batch-size", "8",
-                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
-                    "--model-block-size", "32", "--data-path", "corpus.txt", "--data-cache-dir", "cache",
-                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
-    assert out.returncode == 0, out.stderr
-    return root / "run"
+    return train_tiny_lm(root, TEXT)
 
 
 def reseal(ckpt: Path) -> None:
