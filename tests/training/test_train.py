@@ -21,6 +21,9 @@ def test_guide_command_trains_regression(tmp_path):
     summary = json.loads((tmp_path / "runs/regression/summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 2 * ((512 - 51) // 32)
     assert "epoch 2/2" in out.stdout
+    # the closing table: results, speed, and where things are
+    for row in ("best val_loss", "final val_loss", "steps / epochs", "samples/s", "elapsed", "checkpoints", "logs"):
+        assert row in out.stdout
 
 
 def test_bad_flag_exits_2_with_one_line_and_no_traceback(tmp_path):
@@ -110,3 +113,21 @@ def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["samples_seen"] == 2 * ((512 - 51) // 2 // 32) * 32 * 2  # two ranks, two epochs
+
+
+def test_nan_skip_policy_on_two_ranks_skips_the_step_everywhere(tmp_path):
+    out = torchrun(2, WORKER, "--task", "tests.helpers:NaNRegressionTask", *SMALL, "--training-nan-policy", "skip",
+                   "--epochs", "1", "--logging-log-dir", "run", cwd=tmp_path, timeout=120,
+                   env={"NAN_AT_STEP": "3", "NAN_ON_RANK": "1", "PYTHONPATH": f"{REPO}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "at step 3, loss non-finite on rank(s) [1]: step skipped" in out.stdout
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["steps"] == (512 - 51) // 2 // 32
+    rank0, rank1 = (torch.load(tmp_path / f"run/weights_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in rank0)
+
+
+def test_console_scripts_answer_help():
+    for script in ("llm-train", "llm-generate", "llm-evaluate", "llm-export", "llm-plot"):
+        out = subprocess.run([script, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage:" in out.stdout, script

@@ -37,6 +37,8 @@ def test_training_lowers_loss_and_fills_the_run_dir(tmp_path):
     assert len(events.Scalars("train/loss")) == len(train_losses)
     assert events.Scalars("val/val_loss")[-1].value == pytest.approx(metrics["val_loss"], rel=1e-6)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{engine.step:08d}"
+    hparams = events.PluginTagToContent("hparams")  # the config, logged as TensorBoard hparams
+    assert hparams and any(b"training.batch_size" in content for content in hparams.values())
 
 
 def test_hooks_fired_are_exactly_the_callback_hooks_in_loop_order(tmp_path):
