@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llm.training.core.callbacks import Callback
+from llm.training.core.callbacks import HOOKS, Callback
 from llm.training.core.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +42,18 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("on_"):
-            calls = object.__getattribute__(self, "calls")
-            return lambda engine, *args: calls.append((name, args[0] if args else None))
-        return object.__getattribute__(self, name)
-
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
+
+
+def _recording(hook: str) -> Any:
+    def record(self: Recorder, engine: Any, *args: Any) -> None:
+        self.calls.append((hook, args[0] if args else None))
+    return record
+
+
+for _hook in HOOKS:
+    setattr(Recorder, _hook, _recording(_hook))
 
 
 class StubEngine:

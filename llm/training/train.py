@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch.distributed as dist
+
 from llm.errors import EXIT_USAGE, UsageError
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
@@ -67,7 +69,7 @@ def claim_run_dir(config: Config) -> None:
             candidate = base.with_name(f"{base.name}-{n}")
         chosen = str(candidate)
     chosen = D.broadcast_from_rank0(chosen)
-    if chosen != config.logging.log_dir:
+    if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         if D.env_ranks()[0] == 0:
             print(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}", file=sys.stderr)
         if Path(config.checkpoint.dir) == Path(config.logging.log_dir) / "checkpoints":
@@ -79,6 +81,7 @@ def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]
     """Train on this process; the process group must already exist when world_size > 1."""
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
+    claim_run_dir(config)
     engine = TrainingEngine(
         config,
         task,
@@ -110,9 +113,16 @@ def summary_table(config: Config, metrics: dict[str, float]) -> str:
     return "\n".join(shown)
 
 
+def _lost_a_rank(e: RuntimeError) -> bool:
+    """A collective that failed because a peer process went away or stopped answering."""
+    text = str(e)
+    return isinstance(e, dist.DistBackendError) or ("gloo" in text and ("Connection" in text or "Timed out" in text))
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     argv = sys.argv[1:] if argv is None else argv
+    rank = D.env_ranks()[0]
     try:
         config = Config.from_args_and_env(argv)
         if "--print-config" in argv:
@@ -121,13 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         rank, world_size, local_rank = D.env_ranks()
         D.init_process_group(config, rank, world_size, local_rank)
         try:
-            claim_run_dir(config)
             metrics = train_worker(rank, world_size, config)
         finally:
             D.destroy_process_group()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as e:
+        if not _lost_a_rank(e):
+            raise
+        # another rank died or hung: one line here, and torchrun's report names the rank that failed
+        print(f"error: rank {rank} lost contact with another rank, which failed or hung: "
+              f"{' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return 1
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE

@@ -231,7 +231,11 @@ class Config:
         args.pop("print_config", None)
         if config_path:
             config._apply(_read_yaml(config_path), origin=config_path)
-        config._apply(_env_overrides(environ), origin="environment")
+        env = _env_overrides(environ)
+        try:
+            config._apply(env, origin="environment")
+        except ConfigError as e:  # a value of the wrong type: say which variable holds it
+            raise _from_env_variable(e) from None
         flags: dict[str, Any] = {}
         for dest, value in args.items():
             section, _, name = dest.partition(".")
@@ -240,7 +244,12 @@ class Config:
             else:
                 flags[section] = value
         config._apply(flags, origin="command line")
-        return config.validate()
+        try:
+            return config.validate()
+        except ConfigError as e:
+            if _sets(env, e.field) and not _sets(flags, e.field):
+                raise _from_env_variable(e) from None
+            raise
 
     def _apply(self, data: Any, origin: str) -> None:
         if not isinstance(data, dict):
@@ -506,6 +515,17 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
     return {} if data is None else data
+
+
+def _sets(overrides: dict[str, Any], field: str) -> bool:
+    """Whether nested overrides give ``field`` ("training.batch_size", "task") a value."""
+    section, _, name = field.partition(".")
+    return name in overrides.get(section, {}) if name else section in overrides
+
+
+def _from_env_variable(error: ConfigError) -> ConfigError:
+    variable = ENV_PREFIX + error.field.replace(".", "_").upper()
+    return ConfigError(error.field, error.value, f"{error.allowed} (set by the environment variable {variable})")
 
 
 def _env_overrides(environ: dict[str, str] | os._Environ) -> dict[str, Any]:

@@ -26,8 +26,14 @@ from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError
 from llm.training.core import distributed as D
 from llm.training.core import parallel
-from llm.training.core.callbacks import Callback, ProgressBar, flatten
-from llm.training.core.checkpoint import CheckpointManager, load_rank_state, load_shared_state, resolve_checkpoint
+from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten
+from llm.training.core.checkpoint import (
+    CheckpointManager,
+    check_checkpoint_dir,
+    load_rank_state,
+    load_shared_state,
+    resolve_checkpoint,
+)
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.base_task import TrainingTask
@@ -62,6 +68,9 @@ class TrainingEngine:
             data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
         self.data_module = data_module
         self.callbacks = list(callbacks or [])
+        # per hook, only the callbacks that override it: most hooks of most callbacks do nothing
+        self._listeners = {hook: [cb for cb in self.callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]
+                           for hook in HOOKS}
         self.is_main = rank == 0
         self.run_dir = Path(config.logging.log_dir)
         self.device = D.pick_device(config, self.local_rank)
@@ -78,6 +87,8 @@ class TrainingEngine:
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
         self._pending: dict[str, float] = {}
+        self._window: dict[str, Any] = {}  # sums over micro-batches since the last training log
+        self._epoch_sums: dict[str, Any] = {}  # loss sums of the epoch's logged windows
         self._signal: int | None = None
 
     # ---- the loop ------------------------------------------------------------------
@@ -105,9 +116,10 @@ class TrainingEngine:
         t = self.config.training
         self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
         self._fire("on_epoch_start")
-        epoch_sums: dict[str, torch.Tensor] = {}
+        self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
+        self._epoch_sums: dict[str, Any] = {}
         for micro_batches in self._epoch_batches():
-            self.optimizer_step(micro_batches, epoch_sums)
+            self.optimizer_step(micro_batches)
             self._fire("on_step_end")
             if self._due(self.config.logging.log_every_steps):
                 self._flush_log("train", self._window_metrics())
@@ -120,7 +132,7 @@ class TrainingEngine:
             if self._agree_to_stop():
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        metrics = {"train_loss": self._mean(epoch_sums, "loss"), **self.validate()}
+        metrics = {"train_loss": self._epoch_loss(), **self.validate()}
         self._fire("on_epoch_end", metrics)
         self._flush_log("epoch", metrics)
         self._agree_to_stop()
@@ -134,10 +146,9 @@ class TrainingEngine:
         checkpoint = self.save_checkpoint()
         return self._summary(elapsed), checkpoint
 
-    def optimizer_step(self, micro_batches: list[Any], epoch_sums: dict[str, torch.Tensor]) -> None:
+    def optimizer_step(self, micro_batches: list[Any]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
         began = time.perf_counter()
-        self.model.train()
         k = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             # gradients are all-reduced once, on the last micro-step, not k times
@@ -146,7 +157,6 @@ class TrainingEngine:
             # dividing by k makes k micro-batches of b give the gradient of one batch of k*b
             self.scaler.scale(loss / k).backward()
             self._accumulate(self._window, loss, metrics)
-            self._accumulate(epoch_sums, loss, metrics)
         self.scaler.unscale_(self.optimizer)
         clip = self.config.training.grad_clip or math.inf
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
@@ -234,7 +244,6 @@ class TrainingEngine:
         if resume is not None:
             self.load_checkpoint(resume)
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
-        self._window: dict[str, Any] = {}
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_to_yaml(self.run_dir / "config.yaml")
@@ -250,7 +259,7 @@ class TrainingEngine:
         return resolve_checkpoint(spec) if spec else None
 
     def _check_run_dir(self) -> None:
-        """A fresh run must not write over an earlier one's files."""
+        """A fresh run must not write over an earlier one's files; the run and checkpoint folders can be written."""
         existing = [p.name for p in self.run_dir.iterdir()] if self.run_dir.is_dir() else []
         if existing and not self.resuming:
             raise UsageError(
@@ -263,7 +272,10 @@ class TrainingEngine:
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise UsageError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}") from None
+            raise UsageError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}; "
+                             f"choose another with --logging-log-dir DIR") from None
+        # now, not at the first save after hours of training; and never into another run's checkpoints
+        check_checkpoint_dir(self.config.checkpoint.dir, fresh=not self.resuming)
 
     # ---- checkpoints ---------------------------------------------------------------
 
@@ -427,13 +439,17 @@ class TrainingEngine:
             sums[key] = sums.get(key, 0.0) + weight * value
         sums["count"] = sums.get("count", 0) + weight
 
-    def _mean(self, sums: dict, key: str) -> float:
-        local = {key: float(sums[key]) / sums["count"]} if sums else {key: float("nan")}
-        return D.mean_over_ranks(local, self.device)[key]
+    def _epoch_loss(self) -> float:
+        """Mean training loss of the epoch: the windows already logged plus the one still open."""
+        loss = float(self._epoch_sums.get("loss", 0.0)) + float(self._window.get("loss", 0.0))
+        count = self._epoch_sums.get("count", 0) + self._window.get("count", 0)
+        return D.mean_over_ranks({"loss": loss / count if count else float("nan")}, self.device)["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
         w, self._window = self._window, {}
+        for key in ("loss", "count"):  # the epoch's mean loss is kept from the windows
+            self._epoch_sums[key] = self._epoch_sums.get(key, 0) + w.get(key, 0)
         count = w.pop("count", 1)
         steps = max(1, self.step - self._window_step)
         grad_norm = w.pop("grad_norm", 0.0)
@@ -470,7 +486,7 @@ class TrainingEngine:
         return final
 
     def _fire(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks:
+        for cb in self._listeners[hook]:
             try:
                 getattr(cb, hook)(self, *args)
             except Exception as e:
