@@ -1,0 +1,456 @@
+"""Bad input and bad runs, through the real command lines.
+
+Every kind of bad input gets one line on stderr, ``error: ...``, naming the problem and what to do,
+exit code 2 and no traceback, and leaves the files of an earlier run byte for byte as they were. A rank
+that fails or hangs under torchrun ends the whole run instead of leaving the others waiting.
+
+Every command of the module runs at once, a few at a time, in ``outcomes``: the tests then only look at
+what each one did. Each case runs in a folder of its own holding a copy of an earlier run (``run/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.models.gpt import GPT, GPTConfig
+from llm.training.tasks.regression_task import RegressionTask
+from tests.helpers import REPO, free_port, run, torchrun
+
+TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
+QUIET = ["--logging-progress-bar", "false", "--logging-loggers", ""]
+LM = ["--task", "lm", "--training-max-steps", "4", "--training-batch-size", "8", "--model-n-layer", "1",
+      "--model-n-embd", "32", "--model-n-head", "2", "--model-block-size", "32", "--data-path", "corpus.txt",
+      "--checkpoint-every-n-steps", "2"]
+CONTINUE = ["--logging-log-dir", "run", "--checkpoint-resume", "auto"]
+"""Continue the earlier run: whatever is wrong, its files must be left as they were."""
+REGRESSION = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-input-dim", "4", "--training-device", "cpu"]
+TRAIN_PY = REPO / "llm/training/train.py"
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the message for machines without CUDA")
+
+
+# ---- a task that fails on one rank, for torchrun ------------------------------------------------
+
+
+class RaisingTask(RegressionTask):
+    """Regression that raises RuntimeError (FAULT=raise) or sleeps ten minutes (FAULT=hang) at optimizer
+    step FAULT_AT_STEP (default 3) on rank FAULT_RANK (default 1)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = 0
+
+    def train_step(self, batch, model, criterion):
+        self.calls += 1
+        step = (self.calls - 1) // self.config.training.grad_accum_steps + 1
+        if step == int(os.environ.get("FAULT_AT_STEP", 3)) and \
+                int(os.environ.get("RANK", 0)) == int(os.environ.get("FAULT_RANK", 1)):
+            if os.environ.get("FAULT") == "hang":
+                time.sleep(600)
+            raise RuntimeError(f"injected failure at step {step}")
+        return super().train_step(batch, model, criterion)
+
+
+# ---- the cases ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One bad input: the command (``tool`` and its arguments, run in a folder that holds ``run/``,
+    ``corpus.txt``, ``afile.txt``, ``emptydir/`` and the broken checkpoints), and the words its one
+    line of stderr must hold."""
+
+    id: str
+    tool: str
+    args: list[str]
+    words: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+    """Files to write first, name -> text."""
+    prepare: Callable[[Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    warnings_ok: bool = False
+    """Lines starting 'warning: ' may come before the error (checkpoints skipped on the way)."""
+    absent: list[str] = field(default_factory=list)
+    """Paths that must not exist afterwards (nothing trained, nothing written)."""
+
+
+def truncate_every_checkpoint(cwd: Path) -> None:
+    for state in (cwd / "run" / "checkpoints").glob("step_*/state.pt"):
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+
+TOOLS = {
+    "train": [sys.executable, "-m", "llm.training.train", *QUIET],
+    "generate": [sys.executable, "-m", "llm.generate", "--prompt", "the cat", "--max-new-tokens", "5"],
+    "evaluate": [sys.executable, "-m", "llm.evaluate", "--data-path", "corpus.txt"],
+    "export": [sys.executable, "-m", "llm.export"],
+    "plot": [sys.executable, "-m", "llm.plot"],
+}
+BROKEN_CHECKPOINTS = [
+    ("missing", "nope", ["nope", "does not exist"]),
+    ("a-file", "corpus.txt", ["corpus.txt", "not a checkpoint"]),
+    ("an-empty-folder", "emptydir", ["emptydir", "holds no step_* checkpoints"]),
+    ("truncated", "truncated", ["truncated", "state.pt has", "the manifest says"]),
+]
+
+
+def checkpoint_flag(tool: str, path: str) -> list[str]:
+    return [path, "--out", "model.safetensors"] if tool == "export" else ["--checkpoint", path]
+
+
+
+
+CASES = [
+    # config: YAML, flags, environment
+    Case("yaml-does-not-parse", "train", ["--config", "bad.yaml", *CONTINUE], ["bad.yaml", "not valid YAML", "line 3"],
+         files={"bad.yaml": "training:\n  epochs: 1\n   batch_size: 2\n"}),
+    Case("yaml-top-level-not-a-mapping", "train", ["--config", "list.yaml", *CONTINUE],
+         ["list.yaml", "top level must be a mapping"], files={"list.yaml": "- 1\n- 2\n"}),
+    Case("yaml-unknown-section", "train", ["--config", "c.yaml", *CONTINUE], ["trainin", "did you mean training?"],
+         files={"c.yaml": "trainin:\n  epochs: 1\n"}),
+    Case("yaml-unknown-key", "train", ["--config", "c.yaml", *CONTINUE], ["training.epoch", "did you mean epochs?"],
+         files={"c.yaml": "training:\n  epoch: 1\n"}),
+    Case("yaml-wrong-type", "train", ["--config", "c.yaml", *CONTINUE], ["training.epochs", "'ten'", "an integer"],
+         files={"c.yaml": "training:\n  epochs: ten\n"}),
+    Case("negative-batch-size", "train", [*LM, *CONTINUE, "--training-batch-size", "-8"],
+         ["training.batch_size", "-8", ">= 1"]),
+    Case("zero-epochs", "train", [*LM, *CONTINUE, "--epochs", "0"], ["training.epochs", "0", ">= 1"]),
+    Case("negative-lr", "train", [*LM, *CONTINUE, "--optimizer-lr", "-0.001"], ["optimizer.lr", "-0.001", "> 0"]),
+    Case("zero-block-size", "train", [*LM, *CONTINUE, "--model-block-size", "0"], ["model.block_size", "0", ">= 1"]),
+    Case("n-embd-not-divisible-by-n-head", "train", [*LM, *CONTINUE, "--model-n-embd", "30", "--model-n-head", "4"],
+         ["model.n_embd", "30", "multiple of model.n_head"]),
+    Case("odd-head-size-with-rotary-positions", "train", [*LM, *CONTINUE, "--model-n-embd", "6", "--model-n-head", "2"],
+         ["model.n_embd", "even head size", "--model-pos-emb learned"]),
+    pytest.param(
+        Case("environment-variable-wrong-type", "train", [*LM, *CONTINUE], ["LLM_TRAINING_BATCH_SIZE", "'many'"],
+             env={"LLM_TRAINING_BATCH_SIZE": "many"})),
+    # data
+    Case("data-path-missing", "train", [*LM, *CONTINUE, "--data-path", "nope.txt"],
+         ["data.path", "nope.txt", "does not exist"]),
+    Case("data-path-empty-file", "train", [*LM, *CONTINUE, "--data-path", "empty.txt"],
+         ["data.path", "empty.txt", "is empty"], files={"empty.txt": ""}),
+    Case("data-path-empty-folder", "train", [*LM, *CONTINUE, "--data-path", "emptydir"],
+         ["data.path", "emptydir", "holds no files"]),
+    Case("corpus-shorter-than-one-window", "train", [*LM, *CONTINUE, "--data-path", "short.txt"],
+         ["11 tokens", "model.block_size+1 = 33", "lower model.block_size"], files={"short.txt": "hello world"}),
+    Case("tokenizer-file-that-is-not-one", "train", [*LM, *CONTINUE, "--data-tokenizer", "tok.json"],
+         ["tok.json", "is not a tokenizer file"], files={"tok.json": '{"x": 1}'}),
+    Case("tokenizer-that-does-not-cover-the-corpus", "train", [*LM, *CONTINUE, "--data-tokenizer", "ab.json"],
+         ["data.path", "corpus.txt", "character 't'", "data.tokenizer ab.json"],
+         files={"ab.json": '{"type": "char", "chars": ["a", "b"]}'}),
+    Case("cache-dir-under-a-file", "train", [*LM, *CONTINUE, "--data-cache-dir", "afile.txt/cache"],
+         ["data.cache_dir", "afile.txt", "--data-cache-dir"]),
+    # tasks and data modules by name
+    Case("unknown-task", "train", [*LM, *CONTINUE, "--task", "lmm"], ["unknown task 'lmm'", "did you mean lm?"]),
+    Case("unknown-data-module", "train", [*LM, *CONTINUE, "--data-module", "txt"],
+         ["unknown data module 'txt'", "did you mean text?"]),
+    Case("task-module-that-does-not-exist", "train", [*LM, *CONTINUE, "--task", "no_such_module:Task"],
+         ["cannot import task module 'no_such_module'"]),
+    Case("task-module-that-raises-on-import", "train", [*LM, *CONTINUE, "--task", "broken_task:Task"],
+         ["cannot import task module 'broken_task'", "RuntimeError: no GPU here", "broken_task.py:2"],
+         files={"broken_task.py": "import os\nraise RuntimeError('no GPU here')\n"}),
+    Case("task-module-with-a-syntax-error", "train", [*LM, *CONTINUE, "--task", "typo_task:Task"],
+         ["cannot import task module 'typo_task'", "SyntaxError", "line 1"], files={"typo_task.py": "def f(:\n"}),
+    Case("task-class-that-is-not-a-training-task", "train", [*LM, *CONTINUE, "--task", "collections:OrderedDict"],
+         ["collections:OrderedDict", "not a TrainingTask subclass"]),
+    Case("task-class-that-is-abstract", "train",
+         [*LM, *CONTINUE, "--task", "llm.training.tasks.base_task:TrainingTask"],
+         ["TrainingTask", "does not implement", "build_model"]),
+    # checkpoints to resume from
+    *[Case(f"resume-checkpoint-{name}", "train", [*LM, "--logging-log-dir", "run", "--checkpoint-resume", path], words)
+      for name, path, words in BROKEN_CHECKPOINTS],
+    Case("resume-checkpoint-truncated-and-resealed", "train",
+         [*LM, "--logging-log-dir", "run", "--checkpoint-resume", "resealed"],
+         ["resealed", "state.pt is truncated or corrupt"]),
+    Case("resume-with-a-different-model", "train", [*LM, *CONTINUE, "--model-n-embd", "64"],
+         ["cannot resume", "model.n_embd changed", "--checkpoint-allow-config-change true"]),
+    Case("resume-auto-when-every-checkpoint-is-corrupt", "train", [*LM, *CONTINUE],
+         ["no valid checkpoint in run/checkpoints (2 found, none valid)", "--checkpoint-resume PATH"],
+         prepare=truncate_every_checkpoint, warnings_ok=True),
+    # folders that cannot be written
+    pytest.param(
+        Case("log-dir-under-a-file", "train", [*LM, "--logging-log-dir", "afile.txt/run"],
+             ["afile.txt/run", "--logging-log-dir"])),
+    pytest.param(
+        Case("checkpoint-dir-under-a-file", "train", [*LM, "--logging-log-dir", "fresh", "--checkpoint-dir",
+                                                      "afile.txt/ckpt"],
+             ["afile.txt/ckpt", "--checkpoint-dir"], absent=["fresh/metrics.jsonl"])),
+    pytest.param(
+        Case("checkpoint-dir-of-an-earlier-run", "train",
+             [*LM, "--logging-log-dir", "fresh", "--checkpoint-dir", "run/checkpoints"],
+             ["run/checkpoints", "already holds checkpoints", "--checkpoint-resume auto"])),
+    pytest.param(
+        Case("log-dir-with-a-trailing-slash", "train", [*LM, "--logging-log-dir", "fresh/", "--data-path", "nope.txt"],
+             ["data.path", "nope.txt"])),
+    # devices and precision
+    pytest.param(Case("fp16-on-the-cpu", "train", [*LM, *CONTINUE, "--training-precision", "fp16"],
+                      ["fp16 needs a CUDA device", "bf16 or fp32"]), marks=NO_CUDA),
+    # generate, evaluate, export: checkpoints that are missing, not checkpoints, truncated, of another model
+    *[Case(f"{tool}-checkpoint-{name}", tool, checkpoint_flag(tool, path), words)
+      for tool in ("generate", "evaluate", "export") for name, path, words in BROKEN_CHECKPOINTS
+      if name != "an-empty-folder"],
+    *[Case(f"{tool}-checkpoint-of-another-model", tool, checkpoint_flag(tool, "other"),
+           ["other", "belong to a different model", "size mismatch"]) for tool in ("generate", "evaluate", "export")],
+    # export and plot: outputs that would write over an earlier run's files
+    Case("export-out-over-a-file-of-the-run", "export", ["run", "--out", "run/model_config.safetensors"],
+         ["run/model_config.json", "left as it is", "choose another --out"]),
+    Case("export-out-ending-in-json", "export", ["run", "--out", "model.json"],
+         ["model.json", "another suffix"], absent=["model.json"]),
+    Case("export-out-under-a-file", "export", ["run", "--out", "afile.txt/model.safetensors"],
+         ["afile.txt", "is a file, not a folder"]),
+    Case("export-without-out", "export", ["run"], ["required", "--out"]),
+    Case("plot-out-over-a-file-of-the-run", "plot", ["run", "--out", "run/metrics.jsonl"],
+         ["run/metrics.jsonl", "cannot write .jsonl files"]),
+]
+
+
+def case_of(param) -> Case:
+    return param.values[0] if hasattr(param, "values") else param
+
+
+# ---- running everything once ---------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under folder, by relative path, as a hash of its bytes."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def reseal(ckpt: Path) -> None:
+    """Rewrite the manifest to match the files as they are, as if the checkpoint had been saved so."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@dataclass
+class Outcome:
+    out: object  # subprocess.CompletedProcess, or the TimeoutExpired that ended it
+    seconds: float
+    cwd: Path
+    before: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hung(self) -> bool:
+        return not hasattr(self.out, "returncode")
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory) -> Path:
+    """A small language-model run with two checkpoints, and broken checkpoints made from it."""
+    root = tmp_path_factory.mktemp("earlier")
+    (root / "corpus.txt").write_text(TEXT)
+    out = run([*TOOLS["train"], *LM, "--logging-log-dir", "run"], cwd=root,
+              env={"LLM_DATA_CACHE_DIR": str(root / "cache")})
+    assert out.returncode == 0, out.stderr
+    step = root / "run" / "checkpoints" / "step_00000004"
+    for name in ("truncated", "resealed", "other"):
+        shutil.copytree(step, root / name)
+    for name in ("truncated", "resealed"):
+        state = root / name / "state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    reseal(root / "resealed")
+    # the weights of a narrower model, sealed in as if saved so: only its shapes give it away
+    config = json.loads((step / "model_config.json").read_text())
+    shared = torch.load(step / "state.pt", weights_only=True)
+    shared["model"] = GPT(GPTConfig.from_dict({**config, "n_embd": 16})).state_dict()
+    torch.save(shared, root / "other" / "state.pt")
+    reseal(root / "other")
+    return root
+
+
+def case_folder(earlier: Path, cwd: Path, case: Case) -> None:
+    cwd.mkdir(parents=True)
+    shutil.copytree(earlier / "run", cwd / "run")
+    (cwd / "corpus.txt").write_text(TEXT)
+    (cwd / "afile.txt").write_text("a file, where a folder is expected\n")
+    (cwd / "emptydir").mkdir()
+    for name in ("truncated", "resealed", "other"):
+        (cwd / name).symlink_to(earlier / name, target_is_directory=True)
+    for name, text in case.files.items():
+        (cwd / name).write_text(text)
+    if case.prepare:
+        case.prepare(cwd)
+
+
+def run_case(earlier: Path, cwd: Path, case: Case) -> Outcome:
+    case_folder(earlier, cwd, case)
+    before = snapshot(cwd / "run")
+    env = {"LLM_DATA_CACHE_DIR": str(earlier / "cache"), **case.env}
+    start = time.monotonic()
+    try:
+        out = run([*TOOLS[case.tool], *case.args], cwd=cwd, env=env, timeout=120)
+    except Exception as e:  # noqa: BLE001 - a hang (TimeoutExpired) is an outcome to report, not a crash
+        out = e
+    return Outcome(out, time.monotonic() - start, cwd, before)
+
+
+def run_torchrun(cwd: Path, *flags: str, env: dict[str, str] | None = None, patient: bool = False) -> Outcome:
+    """torchrun with 2 processes on train.py; ``patient``: torchrun looks at its workers every 5 s instead of
+    every 0.1 s, so a rank that fails a moment after another still prints its line before torchrun stops it."""
+    cwd.mkdir(parents=True)
+    start = time.monotonic()
+    try:
+        if patient:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--monitor-interval=5",
+                        "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+            out = run([*launcher, str(TRAIN_PY), *QUIET, *flags], cwd=cwd, env=env, timeout=120)
+        else:
+            out = torchrun(2, TRAIN_PY, *QUIET, *flags, cwd=cwd, env=env, timeout=120)
+    except Exception as e:  # noqa: BLE001
+        out = e
+    return Outcome(out, time.monotonic() - start, cwd)
+
+
+JOB_OF_TEST = {
+    "test_more_processes_than_data_stops_every_rank_with_the_same_line": "more-processes-than-data",
+    "test_a_rank_that_raises_ends_the_run_on_every_rank": "raise",
+    "test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down": "hang",
+    "test_code_in_a_data_file_is_only_ever_text": "code-in-data",
+}
+
+
+def selected_jobs(session: pytest.Session) -> set[str]:
+    """The commands the selected tests of this module look at: with -k, only those run."""
+    names = set()
+    for item in session.items:
+        if Path(item.path) == Path(__file__):
+            case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+            names.add(case.id if case else JOB_OF_TEST.get(item.originalname))
+    return names
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, earlier, tmp_path_factory) -> dict[str, Future]:
+    """The commands of the selected tests, started at once (the slow torchrun ones first), three at a time."""
+    root = tmp_path_factory.mktemp("cases")
+    pool = ThreadPoolExecutor(max_workers=3)
+    jobs = {
+        "hang": lambda: run_torchrun(root / "hang", "--task", "tests.test_bad_input:RaisingTask", *REGRESSION,
+                                     "--distributed-timeout-s", "15", env={"FAULT": "hang"}),
+        "raise": lambda: run_torchrun(root / "raise", "--task", "tests.test_bad_input:RaisingTask", *REGRESSION,
+                                      "--distributed-timeout-s", "30", env={"FAULT": "raise"}, patient=True),
+        "more-processes-than-data": lambda: run_torchrun(
+            root / "more-processes-than-data", "--task", "regression", *REGRESSION, "--data-num-samples", "20",
+            "--training-batch-size", "16", "--distributed-timeout-s", "30", patient=True),
+        "code-in-data": lambda: run_code_in_data(earlier, root / "code-in-data"),
+    }
+    for param in CASES:
+        case = case_of(param)
+        jobs[case.id] = lambda case=case: run_case(earlier, root / case.id, case)
+    wanted = selected_jobs(request.session)
+    futures = {name: pool.submit(job) for name, job in jobs.items() if name in wanted}
+    yield futures
+    pool.shutdown(wait=True)
+
+
+# ---- bad input: one line, exit 2, nothing of the earlier run changed ---------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_exits_2_with_one_line_and_leaves_the_earlier_run_alone(case, outcomes):
+    outcome = outcomes[case.id].result()
+    assert not outcome.hung, f"no answer in 120 s: {outcome.out}"
+    out = outcome.out
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = out.stderr.splitlines()
+    if case.warnings_ok:
+        lines = [line for line in lines if not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert out.stderr.endswith("\n")
+    for word in case.words:
+        assert word in lines[0], lines[0]
+    assert out.returncode == 2, out.stderr
+    assert snapshot(outcome.cwd / "run") == outcome.before, "the earlier run's files changed"
+    for path in case.absent:
+        assert not (outcome.cwd / path).exists(), path
+
+
+def test_more_processes_than_data_stops_every_rank_with_the_same_line(outcomes):
+    outcome = outcomes["more-processes-than-data"].result()
+    assert not outcome.hung and outcome.seconds < 120
+    out = outcome.out
+    assert out.returncode != 0
+    line = ("error: the training set has 18 samples, fewer than one batch per rank (16 x 2 ranks): "
+            "lower training.batch_size or use fewer processes")
+    assert out.stderr.count(line + "\n") == 2, out.stderr[-3000:]  # one from each rank
+    assert len(re.findall(r"exitcode\s*: 2 ", out.stderr)) == 2, out.stderr[-3000:]  # torchrun's report: both ranks
+    assert not re.search(r"^\[rank\d\]: Traceback", out.stderr, re.M)
+
+
+# ---- a rank that fails or hangs under torchrun -----------------------------------------------------
+
+
+def test_a_rank_that_raises_ends_the_run_on_every_rank(outcomes):
+    outcome = outcomes["raise"].result()
+    assert not outcome.hung and outcome.seconds < 90, outcome.seconds
+    out = outcome.out
+    assert out.returncode != 0
+    assert "[rank1]: RuntimeError: injected failure at step 3" in out.stderr
+    # torchrun's report: rank 1 ended with its own error (exit code 1), and rank 0 ended too
+    exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s+exitcode\s*: (-?\d+)", out.stderr))
+    assert exits.get("1") == "1" and "0" in exits, out.stderr[-3000:]
+
+
+def test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down(outcomes):
+    outcome = outcomes["hang"].result()
+    assert not outcome.hung and outcome.seconds < 120, outcome.seconds
+    out = outcome.out
+    assert out.returncode != 0
+    # rank 0 says, in one line, why it gave up
+    rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 lost contact")]
+    assert len(rank0) == 1 and re.search(r"(?i)timed? ?out", rank0[0]), out.stderr[-3000:]
+
+
+# ---- what a data file holds is data ---------------------------------------------------------------
+
+
+PAYLOADS = ("__import__('pathlib').Path('ran-python').touch()\n"
+            "!!python/object/apply:os.system ['touch ran-yaml']\n"
+            "$(touch ran-shell) `touch ran-backticks`\n")
+
+
+def run_code_in_data(earlier: Path, cwd: Path) -> Outcome:
+    cwd.mkdir(parents=True)
+    (cwd / "corpus.txt").write_text(PAYLOADS * 40)
+    start = time.monotonic()
+    out = run([*TOOLS["train"], *LM, "--training-max-steps", "1", "--logging-log-dir", "run"], cwd=cwd,
+              env={"LLM_DATA_CACHE_DIR": str(cwd / "cache")})
+    return Outcome(out, time.monotonic() - start, cwd)
+
+
+def test_code_in_a_data_file_is_only_ever_text(outcomes):
+    outcome = outcomes["code-in-data"].result()
+    assert outcome.out.returncode == 0, outcome.out.stderr[-3000:]
+    assert not list(outcome.cwd.glob("ran-*"))
+    tokenizer = json.loads((outcome.cwd / "run" / "tokenizer.json").read_text())
+    assert set(tokenizer["chars"]) == set(PAYLOADS)  # read as characters, all of them
+
+
+# ---- docs/reliability.md names only tests that exist ---------------------------------------------
+
+
+def test_reliability_doc_names_tests_that_exist():
+    doc = (REPO / "docs/reliability.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([^\]]+)\])?`", doc)
+    assert len(named) > 50
+    ids = {case_of(param).id for param in CASES}
+    for path, name, case in named:
+        assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{path}::{name}"
+        if case:
+            assert path == "tests/test_bad_input.py" and case in ids, f"{path}::{name}[{case}]"
+    assert {case for _, _, case in named} >= ids  # and every case is in the table
