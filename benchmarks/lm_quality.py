@@ -15,20 +15,18 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout: import this llm, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: import this llm
 
+from benchmarks import common  # noqa: E402
 from llm.data.text_data_module import TextDataModule  # noqa: E402
 from llm.evaluate import evaluate, perplexity  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
@@ -49,16 +47,13 @@ MODEL_AND_OPTIMIZER = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", required=True, metavar="FILE", help="UTF-8 text to train and validate on")
+    common.add_common_args(parser, data_help="UTF-8 text to train and validate on", quick=False)
     parser.add_argument("--max-steps", type=int, default=400, metavar="N",
                         help="optimizer steps (default: 400: about a minute on 2 idle CPU cores; 1000 for 2-3 minutes)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train and evaluate (default: auto)")
-    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md", metavar="FILE",
-                        help="Markdown file the section is appended to (default: BENCHMARKS.md in the repo)")
     args = parser.parse_args(argv)
-    if not Path(args.data_path).is_file():
-        parser.error(f"--data-path: {args.data_path} is not a file")
+    common.check_data_path(parser, args.data_path)
     if args.max_steps < EVAL_EVERY:
         parser.error(f"--max-steps: got {args.max_steps}, expected at least {EVAL_EVERY} (one validation)")
     return args
@@ -70,8 +65,8 @@ def train(args: argparse.Namespace, work: Path) -> tuple[list[str], float]:
     paths = ["--data-path", str(Path(args.data_path).resolve()), "--data-cache-dir", str(work / "cache"),
              "--logging-log-dir", str(work / "run")]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "llm.training.train", *flags, *paths], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    done = subprocess.run([sys.executable, "-m", "llm.training.train", *flags, *paths], cwd=common.REPO,
+                          env={**os.environ, "PYTHONPATH": str(common.REPO)}, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"training failed with exit code {done.returncode}")
@@ -88,31 +83,6 @@ def full_validation(run: Path, device: str) -> tuple[float, int, float, int]:
     start = time.perf_counter()
     loss, n_tokens = evaluate(model, data.val_set.tokens, model.config.block_size, batch_size=BATCH_SIZE)
     return loss, n_tokens, time.perf_counter() - start, tokenizer.vocab_size
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads){gpu}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}")
-
-
-def git_commit() -> str:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + (" + uncommitted changes" if dirty else "")
 
 
 def section(args: argparse.Namespace, flags: list[str], wall: float, run: Path,
@@ -141,23 +111,11 @@ def section(args: argparse.Namespace, flags: list[str], wall: float, run: Path,
          f"{(uniform - best) / minutes:.3f} nats/min (from ln V = {uniform:.3f}, uniform guessing, to best val loss)"),
     ]
     curve = ", ".join(f"{step}: {loss:.3f}" for step, loss in evals)
-    command = shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "(called in-process)"
-    return "\n".join([
-        f"## LM quality: char-level GPT on {Path(args.data_path).name}, {summary['steps']} steps",
-        "",
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {machine()}",
-        f"- commit: {git_commit()}",
-        f"- command: `{command}`",
-        f"- training flags: `{shlex.join(flags)}` (plus the data path and temporary cache and log folders)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {name} | {value} |" for name, value in rows),
-        "",
-        f"Validation loss by step (20 batches): {curve}.",
-        "",
-    ])
+    return common.section(
+        f"LM quality: char-level GPT on {Path(args.data_path).name}, {summary['steps']} steps",
+        [("training flags", f"`{shlex.join(flags)}` (plus the data path and temporary cache and log folders)")],
+        [common.markdown_table(("metric", "value"), rows), f"Validation loss by step (20 batches): {curve}."],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,13 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         flags, wall = train(args, work)
         full = full_validation(work / "run", args.device)
         text = section(args, flags, wall, work / "run", full)
-    print("\n" + text)
-    new_file = not args.out.exists()
-    with open(args.out, "a", encoding="utf-8") as f:
-        if new_file:
-            f.write("# Benchmarks\n\nMeasurements, not assertions; each section says where and how it was taken.\n")
-        f.write("\n" + text)
-    print(f"appended to {args.out}")
+    common.append_section(args.out, text)
     return 0
 
 

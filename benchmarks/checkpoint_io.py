@@ -1,0 +1,242 @@
+"""Checkpoint I/O: CheckpointManager against plain torch.save/torch.load, and the cost of resuming mid-epoch.
+
+    python benchmarks/checkpoint_io.py [--out BENCHMARKS.md] [--quick] [--dir FOLDER]
+
+Save and load: the state the engine saves for a GPT (8 layers, 256 wide) and
+its AdamW moments, about 75 MB, written and read back in turn by
+
+- ``torch.save`` to a file, and ``torch.save`` followed by ``fsync`` (what
+  makes a save survive a power cut);
+- ``CheckpointManager.save``: fsync'd files, a sha256 manifest, an atomic
+  rename, the ``latest`` pointer and pruning to ``keep_last``;
+- ``torch.load(weights_only=True)``, ``load_shared_state`` (the same call
+  behind the manager's checks), and ``resolve_checkpoint`` + ``load_shared_state``,
+  which is what a resume does: it checks every file's sha256 first.
+
+Loads read files the save just wrote, so from the page cache: they measure
+deserialisation and hashing, not the disk.
+
+Resume at step k of an epoch (one epoch of 12,500 steps of synthetic data):
+the time until the first batch arrives, (a) through the engine's
+``_ResumableSampler``, which skips k x batch indices in the sampler, (b) by
+replaying k batches through the loader, as a loader without a sampler must,
+and (c) through the engine itself: ``setup()`` loading a checkpoint saved at
+step k, then the first batch of its epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: import this llm
+
+from benchmarks import common  # noqa: E402
+from llm.data.synthetic_data_module import SyntheticDataModule  # noqa: E402
+from llm.models.gpt import GPT, GPTConfig  # noqa: E402
+from llm.training.core.checkpoint import (  # noqa: E402
+    SHARED,
+    CheckpointManager,
+    load_shared_state,
+    resolve_checkpoint,
+)
+from llm.training.core.config import Config  # noqa: E402
+from llm.training.core.engine import TrainingEngine, _ResumableSampler  # noqa: E402
+from llm.training.tasks.regression_task import RegressionTask  # noqa: E402
+
+GPT_SHAPE = {"vocab_size": 65, "block_size": 256, "n_layer": 8, "n_head": 8, "n_embd": 256}
+RESUME_STEPS = (0, 100, 1000, 10000)
+BATCH, SAMPLES = 32, 445_000  # 90% for training: 12,515 steps of 32 in one epoch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, data_help=None)
+    parser.add_argument("--dir", type=Path, default=None, metavar="FOLDER",
+                        help="where to write the checkpoints (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    args.rounds = 2 if args.quick else 5
+    args.resume_steps = RESUME_STEPS[:3] if args.quick else RESUME_STEPS
+    return args
+
+
+# ---- save and load ------------------------------------------------------------------------------
+
+
+def gpt_state() -> tuple[dict[str, Any], int]:
+    """The engine's shared state for a GPT after one AdamW step (so the moments exist), and its parameter count."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT_SHAPE))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": None, "scaler": {},
+        "best_metric": None, "callbacks": {}, "config": Config().to_dict(),
+        "progress": {"step": 1, "epoch": 0, "batch_in_epoch": 1, "samples_seen": 32, "skipped_steps": 0,
+                     "world_size": 1},
+    }
+    return state, model.num_params()
+
+
+def save_plain(state: dict, path: Path, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def save_load_rounds(folder: Path, state: dict, rounds: int) -> tuple[dict[str, list[float]], int]:
+    """Seconds per save and per load, contenders interleaved; and the size of the shared-state file."""
+    manager = CheckpointManager(folder / "managed", keep_last=2)
+    plain, step = folder / "plain.pt", itertools.count(1)
+    saved: dict[str, Path] = {}
+
+    def plain_save(fsync: bool) -> float:
+        plain.unlink(missing_ok=True)  # a new file each time, as the manager writes
+        return common.timed(lambda: save_plain(state, plain, fsync))[0]
+
+    def managed_save() -> float:
+        seconds, saved["ckpt"] = common.timed(lambda: manager.save(next(step), state, {"rng": torch.get_rng_state()}))
+        return seconds
+
+    contenders = {
+        "save: torch.save": lambda: plain_save(False),
+        "save: torch.save + fsync": lambda: plain_save(True),
+        "save: CheckpointManager.save": managed_save,
+        "load: torch.load": lambda: common.timed(lambda: torch.load(plain, weights_only=True))[0],
+        "load: load_shared_state": lambda: common.timed(lambda: load_shared_state(saved["ckpt"]))[0],
+        "load: resolve_checkpoint + load_shared_state":
+            lambda: common.timed(lambda: load_shared_state(resolve_checkpoint(manager.directory)))[0],
+    }
+    seconds = common.interleaved(contenders, rounds)
+    return seconds, (saved["ckpt"] / SHARED).stat().st_size
+
+
+# ---- resume mid-epoch ------------------------------------------------------------------------------
+
+
+def resume_config(log_dir: Path, resume: str = "") -> Config:
+    return Config.from_dict({
+        "task": "regression",
+        "model": {"n_layer": 1, "n_embd": 32},
+        "data": {"num_samples": SAMPLES, "input_dim": 16},
+        "training": {"batch_size": BATCH, "epochs": 1, "device": "cpu"},
+        "checkpoint": {"resume": resume},
+        "logging": {"log_dir": str(log_dir), "progress_bar": False},
+    })
+
+
+def first_batch_skipping(data: SyntheticDataModule, k: int) -> float:
+    """Seconds to the first batch after step k, skipping indices with the engine's _ResumableSampler."""
+    loader, sampler = data.train_dataloader(0, 1)
+    resumable = _ResumableSampler.install(loader, sampler)
+    sampler.set_epoch(0)
+    resumable.skip = k * BATCH
+    return common.timed(lambda: next(iter(loader)))[0]
+
+
+def first_batch_replaying(data: SyntheticDataModule, k: int) -> float:
+    """Seconds to the first batch after step k, reading and dropping the k batches before it."""
+    loader, sampler = data.train_dataloader(0, 1)
+    sampler.set_epoch(0)
+    return common.timed(lambda: next(itertools.islice(iter(loader), k, None)))[0]
+
+
+def engine_resume(folder: Path, k: int) -> tuple[float, float]:
+    """A checkpoint saved at step k of epoch 0; then seconds for a new engine's setup() (which loads it)
+    and for the first batch of its epoch."""
+    run = folder / f"resume-{k}"
+    first = TrainingEngine(resume_config(run), RegressionTask(resume_config(run)), callbacks=[])
+    first.setup()
+    first.step = first.batch_in_epoch = k
+    first.samples_seen = k * BATCH
+    checkpoint = first.save_checkpoint()
+
+    config = resume_config(run, resume=str(checkpoint))
+    engine = TrainingEngine(config, RegressionTask(config), callbacks=[])
+    with contextlib.redirect_stdout(io.StringIO()):  # "resumed from ..."
+        setup_s, _ = common.timed(engine.setup)
+    assert engine.batch_in_epoch == k, (engine.batch_in_epoch, k)
+    engine.train_sampler.set_epoch(engine.epoch)
+    batch_s, _ = common.timed(lambda: next(iter(engine._epoch_batches())))
+    shutil.rmtree(run)
+    return setup_s, batch_s
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if args.dir is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="checkpoint_io-")))
+        else:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="checkpoint_io-", dir=args.dir)))
+        state, params = gpt_state()
+        seconds, size = save_load_rounds(folder, state, args.rounds)
+        del state
+
+        data = SyntheticDataModule(resume_config(folder / "data"))
+        data.setup("fit")
+        skipping = common.interleaved({k: (lambda k=k: first_batch_skipping(data, k)) for k in args.resume_steps},
+                                      args.rounds)
+        replaying = common.interleaved({k: (lambda k=k: first_batch_replaying(data, k)) for k in args.resume_steps},
+                                       1, warmup=False)  # seconds each at large k: once is enough
+        engine = common.interleaved({k: (lambda k=k: engine_resume(folder, k)) for k in args.resume_steps},
+                                    args.rounds)
+        steps_per_epoch = len(data.train_dataloader(0, 1)[0])
+        filesystem = os.statvfs(folder)
+        free_gb = filesystem.f_bavail * filesystem.f_frsize / 1e9
+
+    mb = size / 1e6
+    plain_save, plain_load = common.median(seconds["save: torch.save"]), common.median(seconds["load: torch.load"])
+    rows = []
+    for name, values in seconds.items():
+        median = common.median(values)
+        base = plain_save if name.startswith("save") else plain_load
+        rows.append((name, f"{1000 * median:.0f}", common.spread([1000 * v for v in values]),
+                     f"{mb / median:,.0f}", f"{base / median:.2f}"))
+    io_table = common.markdown_table(
+        ("operation", "median ms", "min-max ms", "MB/s", "speed vs plain torch.save / torch.load"), rows)
+
+    rows = []
+    for k in args.resume_steps:
+        setup_s = common.median([s for s, _ in engine[k]])
+        batch_s = common.median([b for _, b in engine[k]])
+        rows.append((f"{k:,}", f"{1000 * common.median(skipping[k]):.2f}", f"{1000 * replaying[k][0]:.1f}",
+                     f"{1000 * setup_s:.0f}", f"{1000 * batch_s:.2f}"))
+    resume_table = common.markdown_table(
+        ("resume at step k", "first batch, sampler skip (ms)", "first batch, replaying k batches (ms)",
+         "engine setup() incl. checkpoint load (ms)", "engine first batch (ms)"), rows)
+
+    facts = [
+        ("state", (f"GPT {GPT_SHAPE['n_layer']} layers x {GPT_SHAPE['n_embd']} wide ({params / 1e6:.1f}M parameters) "
+                   f"+ AdamW moments + the engine's progress and config: state.pt is {mb:.1f} MB")),
+        ("where", f"a folder under {args.dir or tempfile.gettempdir()} ({free_gb:.0f} GB free); loads hit the page cache"),
+        ("repetitions", f"a warm-up round, then {args.rounds} rounds, interleaved; replaying: one run per k"),
+        ("resume", (f"regression task, {SAMPLES:,} synthetic samples, batch {BATCH}: {steps_per_epoch:,} steps "
+                    f"in the epoch")),
+    ]
+    text = common.section("Checkpoint I/O: save, load and resume mid-epoch" + (" (quick)" if args.quick else ""),
+                          facts, ["Save and load of the same state:", io_table,
+                                  "Resuming at step k of an epoch, time to the first batch:", resume_table])
+    common.append_section(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

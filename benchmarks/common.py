@@ -1,0 +1,160 @@
+"""What every benchmark shares: where it ran, on which commit, and how its section reaches BENCHMARKS.md.
+
+A benchmark builds a Markdown section with :func:`section` (title, the
+date/machine/commit/command lines, then its own notes and tables) and hands it
+to :func:`append_section`, which prints it and appends it to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS_HEADER = "# Benchmarks\n\nMeasurements, not assertions; each section says where and how it was taken.\n"
+"""What a new BENCHMARKS.md starts with."""
+T = TypeVar("T")
+
+
+def add_common_args(parser: argparse.ArgumentParser, data_help: str | None = "UTF-8 text corpus to use",
+                    quick: bool = True) -> None:
+    """``--data-path`` (unless ``data_help`` is None), ``--out`` and ``--quick`` (unless False)."""
+    if data_help is not None:
+        parser.add_argument("--data-path", required=True, metavar="FILE", help=data_help)
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md", metavar="FILE",
+                        help="Markdown file the section is appended to (default: BENCHMARKS.md in the repo)")
+    if quick:
+        parser.add_argument("--quick", action="store_true",
+                            help="fewer and shorter repetitions: a smoke run, not a measurement to record")
+
+
+def check_data_path(parser: argparse.ArgumentParser, path: str) -> None:
+    if not Path(path).is_file():
+        parser.error(f"--data-path: {path} is not a file")
+
+
+def machine() -> str:
+    """CPU model, core and thread counts, GPU if any, torch and Python versions, OS."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    threads = torch.get_num_threads()
+    return (f"{cpu}, {os.cpu_count()} CPUs ({threads} torch thread{'s' if threads != 1 else ''}){gpu}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}")
+
+
+def git_commit() -> str:
+    """The short commit of the checkout, marked when tracked files have uncommitted changes."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
+def command_line() -> str:
+    """How this process was started, as a shell line to copy."""
+    return shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "(called in-process)"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; cells are written with str()."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def section(title: str, facts: Sequence[tuple[str, str]] = (), body: Sequence[str] = ()) -> str:
+    """A BENCHMARKS.md section: title, date, machine, commit, command, then ``facts`` as bullets, then ``body``.
+
+    Each entry of ``body`` is a paragraph or a table; they are separated by blank lines.
+    """
+    bullets = [
+        ("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("machine", machine()),
+        ("commit", git_commit()),
+        ("command", f"`{command_line()}`"),
+        *facts,
+    ]
+    lines = [f"## {title}", "", *(f"- {name}: {value}" for name, value in bullets), ""]
+    for block in body:
+        lines += [block, ""]
+    return "\n".join(lines)
+
+
+def append_section(out: Path, text: str) -> None:
+    """Print the section, then append it to ``out`` (started with the usual header if new)."""
+    print("\n" + text)
+    new_file = not out.exists()
+    with open(out, "a", encoding="utf-8") as f:
+        if new_file:
+            f.write(BENCHMARKS_HEADER)
+        f.write("\n" + text)
+    print(f"appended to {out}")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: Sequence[float]) -> str:
+    """``min-max`` of repeated measurements, to show how noisy the median is."""
+    def number(v: float) -> str:
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return f"{number(min(values))}-{number(max(values))}"
+
+
+def clock() -> tuple[float, float]:
+    """Wall time, and the CPU time of this process (all its threads).
+
+    On a shared machine other processes stretch the wall time of a step, but
+    hardly its CPU time: with one torch thread, CPU time measures the work done.
+    """
+    return time.perf_counter(), time.process_time()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds ``fn()`` took, and what it returned."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def interleaved(contenders: dict[str, Callable[[], T]], rounds: int, warmup: bool = True) -> dict[str, list[T]]:
+    """Run every contender once per round, in turn, ``rounds`` times; each call returns one measurement.
+
+    Interleaving spreads the slow patches of a shared machine over all
+    contenders instead of letting one of them take a whole slow patch. The
+    warm-up round, not kept, pays for first-use costs (lazy imports, allocator
+    growth) that would otherwise land on whoever runs first.
+    """
+    if warmup:
+        for name, run in contenders.items():
+            print(f"warm-up: {name}: {run()}", flush=True)
+    results: dict[str, list[T]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, run in contenders.items():
+            results[name].append(run())
+            print(f"round {r + 1}/{rounds}: {name}: {results[name][-1]}", flush=True)
+    return results
