@@ -188,7 +188,8 @@ class LRSchedulerCallback(Callback):
     """Adds the learning rate to the metrics logged during training and at each epoch end."""
 
     def on_step_end(self, engine: TrainingEngine) -> None:
-        engine.log({"lr": engine.optimizer.param_groups[0]["lr"]})
+        if engine.step % engine.config.logging.log_every_steps == 0:  # only steps that are logged
+            engine.log({"lr": engine.optimizer.param_groups[0]["lr"]})
 
     def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         engine.log({"lr": engine.optimizer.param_groups[0]["lr"]})

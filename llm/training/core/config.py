@@ -157,7 +157,7 @@ LOGGER_NAMES = ("tensorboard", "mlflow", "wandb")
 class LoggingConfig:
     log_dir: str = "runs/{task}"
     """Run directory for config, metrics, TensorBoard events and summary ({task} is filled in)."""
-    log_every_steps: int = 10
+    log_every_steps: int = 50
     """Log training metrics every N optimizer steps."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 when stderr is a terminal."""

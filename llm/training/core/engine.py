@@ -87,8 +87,9 @@ class TrainingEngine:
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
         self._pending: dict[str, float] = {}
-        self._window: dict[str, Any] = {}  # sums over micro-batches since the last training log
-        self._epoch_sums: dict[str, Any] = {}  # loss sums of the epoch's logged windows
+        self._window = _Running()  # losses and metrics since the last training log
+        self._grad_norms: list[float] = []  # gradient norms since the last training log
+        self._epoch_loss_sum = (0.0, 0.0)  # loss sum and count of the epoch's logged windows
         self._signal: int | None = None
 
     # ---- the loop ------------------------------------------------------------------
@@ -98,7 +99,7 @@ class TrainingEngine:
         self.setup()
         started, metrics, ok = time.perf_counter(), {}, False
         self._fire("on_train_start")
-        self._window_step, self._first_sample = self.step, self.samples_seen
+        self._first_sample = self.samples_seen
         try:
             with self._stop_on_signals():
                 while not self._finished():
@@ -117,7 +118,7 @@ class TrainingEngine:
         self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
         self._fire("on_epoch_start")
         self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
-        self._epoch_sums: dict[str, Any] = {}
+        self._epoch_loss_sum = (0.0, 0.0)
         for micro_batches in self._epoch_batches():
             self.optimizer_step(micro_batches)
             self._fire("on_step_end")
@@ -139,7 +140,7 @@ class TrainingEngine:
 
     def finish(self, elapsed: float) -> tuple[dict[str, float], Path]:
         """Log the last steps, validate the final weights, save them, write the summary."""
-        if self._window:
+        if len(self._window):
             self._flush_log("train", self._window_metrics())
         if self._signal is None and self.val_metrics.get("step") != self.step:
             self.validate()
@@ -152,18 +153,18 @@ class TrainingEngine:
         k = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             # gradients are all-reduced once, on the last micro-step, not k times
-            with parallel.gradient_sync(self.model, self.raw_model, i == k - 1), self._autocast():
+            with self._gradient_sync(i == k - 1), self._autocast():
                 loss, metrics = self.task.train_step(self._to_device(batch), self.model, self.criterion)
             # dividing by k makes k micro-batches of b give the gradient of one batch of k*b
-            self.scaler.scale(loss / k).backward()
-            self._accumulate(self._window, loss, metrics)
+            self.scaler.scale(loss / k if k > 1 else loss).backward()
+            self._window.add(loss, metrics)
         self.scaler.unscale_(self.optimizer)
         clip = self.config.training.grad_clip or math.inf
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         # a CPU-GPU sync point, the same one GradScaler makes; gradients are already
         # all-reduced, so every rank sees the same norm and takes the same branch
-        finite = bool(torch.isfinite(grad_norm))
-        if finite or self.scaler.is_enabled():  # under fp16 the scaler skips overflowing steps itself
+        norm = float(grad_norm)
+        if math.isfinite(norm) or self.scaler.is_enabled():  # under fp16 the scaler skips overflows itself
             self.scaler.step(self.optimizer)
         else:
             self._non_finite(loss)
@@ -171,7 +172,7 @@ class TrainingEngine:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._window["grad_norm"] = self._window.get("grad_norm", 0.0) + grad_norm.detach().float()
+        self._grad_norms.append(norm)
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size
@@ -184,15 +185,14 @@ class TrainingEngine:
         model = self.raw_model
         was_training = model.training
         model.eval()
-        sums: dict[str, torch.Tensor] = {}
+        sums = _Running()
         limit = self.config.training.eval_batches or None
         for batch in itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit):
             with self._autocast():
                 loss, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
-            self._accumulate(sums, loss, metrics, weight=_batch_len(batch))
+            sums.add(loss, metrics, weight=_batch_len(batch))
         model.train(was_training)
-        count = sums.pop("count")
-        local = {f"val_{k}": (v / count).item() for k, v in sums.items()}
+        local = {f"val_{k}": v for k, v in sums.means().items()}
         metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
         self.val_metrics = {**metrics, "step": self.step}
         monitor, sign = self.config.checkpoint.monitor, (1 if self.config.checkpoint.mode == "min" else -1)
@@ -244,6 +244,7 @@ class TrainingEngine:
         if resume is not None:
             self.load_checkpoint(resume)
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
+        self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_to_yaml(self.run_dir / "config.yaml")
@@ -426,40 +427,29 @@ class TrainingEngine:
         if self.config.training.nan_policy == "skip":
             self.skipped_steps += 1
             self.print(f"warning: non-finite gradient norm {where}: step skipped")
-            self._window["skipped_steps"] = self._window.get("skipped_steps", 0) + 1
             return
         raise NonFiniteError(f"non-finite gradient norm {where}: stopping (training.nan_policy=stop); "
                              f"the last checkpoint is left as it was")
 
-    def _accumulate(self, sums: dict, loss: torch.Tensor, metrics: dict, weight: int = 1) -> None:
-        # kept on the device: no sync until the values are logged
-        sums["loss"] = sums.get("loss", 0.0) + weight * loss.detach().float()
-        for key, value in metrics.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-            sums[key] = sums.get(key, 0.0) + weight * value
-        sums["count"] = sums.get("count", 0) + weight
-
     def _epoch_loss(self) -> float:
         """Mean training loss of the epoch: the windows already logged plus the one still open."""
-        loss = float(self._epoch_sums.get("loss", 0.0)) + float(self._window.get("loss", 0.0))
-        count = self._epoch_sums.get("count", 0) + self._window.get("count", 0)
-        return D.mean_over_ranks({"loss": loss / count if count else float("nan")}, self.device)["loss"]
+        loss_sum, count = self._epoch_loss_sum
+        open_sum, open_count = self._window.total("loss")
+        count += open_count
+        local = (loss_sum + open_sum) / count if count else float("nan")
+        return D.mean_over_ranks({"loss": local}, self.device)["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
-        w, self._window = self._window, {}
-        for key in ("loss", "count"):  # the epoch's mean loss is kept from the windows
-            self._epoch_sums[key] = self._epoch_sums.get(key, 0) + w.get(key, 0)
-        count = w.pop("count", 1)
-        steps = max(1, self.step - self._window_step)
-        grad_norm = w.pop("grad_norm", 0.0)
-        skipped = w.pop("skipped_steps", 0)
-        local = {k: float(v) / count for k, v in w.items()}
-        local["grad_norm"] = float(grad_norm) / steps
+        window, self._window = self._window, _Running()
+        loss_sum, count = window.total("loss")
+        self._epoch_loss_sum = (self._epoch_loss_sum[0] + loss_sum, self._epoch_loss_sum[1] + count)
+        local = window.means()
+        local["grad_norm"] = sum(self._grad_norms) / max(1, len(self._grad_norms))
+        self._grad_norms = []
         metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
-        if skipped:
+        if self.skipped_steps:
             metrics["skipped_steps"] = float(self.skipped_steps)
-        self._window_step = self.step
         return metrics
 
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
@@ -508,6 +498,8 @@ class TrainingEngine:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _to_device(self, batch: Any) -> Any:
+        if self.device.type == "cpu":  # loaders yield CPU tensors
+            return batch
         if isinstance(batch, torch.Tensor):
             return batch.to(self.device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
@@ -578,6 +570,43 @@ class _ResumableSampler:
         wrapper = cls(sampler)
         batch_sampler.sampler = wrapper
         return wrapper
+
+
+class _Running:
+    """Losses and metrics of consecutive batches, kept as they come and averaged when read.
+
+    Appending a tensor is all a step costs: nothing is summed, and nothing leaves
+    the device, until a log record asks for the means.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[Any]] = {}
+        self.weights: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float = 1.0) -> None:
+        self.weights.append(weight)
+        self.values.setdefault("loss", []).append(loss.detach())
+        for key, value in metrics.items():
+            self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+
+    def total(self, key: str) -> tuple[float, float]:
+        """The weighted sum of ``key`` and the total weight."""
+        values = self.values.get(key, [])
+        if values and all(isinstance(v, torch.Tensor) for v in values):
+            stacked = torch.stack([v.reshape(()) for v in values]).double().cpu()  # one sync for the window
+            weights = torch.tensor(self.weights, dtype=torch.float64)
+            return float((stacked * weights).sum()), float(weights.sum())
+        return sum(float(v) * w for v, w in zip(values, self.weights)), float(sum(self.weights))
+
+    def means(self) -> dict[str, float]:
+        out = {}
+        for key in self.values:
+            total, weight = self.total(key)
+            out[key] = total / weight if weight else float("nan")
+        return out
 
 
 def _batch_len(batch: Any) -> int:

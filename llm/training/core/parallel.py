@@ -58,13 +58,19 @@ def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device
     return model
 
 
-def gradient_sync(model: nn.Module, raw_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last micro-step."""
+def gradient_sync(model: nn.Module, raw_model: nn.Module) -> Callable[[bool], contextlib.AbstractContextManager]:
+    """``sync(enabled)`` for this layout: skip the gradient all-reduce (DDP) or reduce-scatter
+    (FSDP2) on all but the last micro-step; a no-op on one process."""
     if isinstance(model, DDP):
-        return contextlib.nullcontext() if enabled else model.no_sync()
+        return lambda enabled: contextlib.nullcontext() if enabled else model.no_sync()
     if hasattr(raw_model, "set_requires_gradient_sync"):  # an FSDP2 module
-        raw_model.set_requires_gradient_sync(enabled)
-    return contextlib.nullcontext()
+
+        def fsdp_sync(enabled: bool) -> contextlib.AbstractContextManager:
+            raw_model.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+
+        return fsdp_sync
+    return lambda enabled: contextlib.nullcontext()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
