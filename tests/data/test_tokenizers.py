@@ -97,3 +97,18 @@ def test_missing_file_and_unknown_name_are_usage_errors(tmp_path):
         load_tokenizer(tmp_path / "missing.json")
     with pytest.raises(UsageError, match=r"'bpee' \(did you mean bpe\?\), expected one of byte, char, bpe"):
         build_tokenizer("bpee", [], 0)
+
+
+def test_a_tokenizer_json_made_by_the_tokenizers_library_itself_is_used_as_is(tmp_path):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HF(models.WordPiece(unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(["the cat sat on the mat", "a dog ate my hat"] * 20,
+                           trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    path = tmp_path / "pretrained.json"
+    hf.save(str(path))
+    ours = load_tokenizer(path)
+    assert ours.vocab_size == hf.get_vocab_size()
+    assert ours.encode("the dog sat") == hf.encode("the dog sat", add_special_tokens=False).ids
