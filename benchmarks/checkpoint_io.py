@@ -18,7 +18,7 @@ deserialisation and hashing, not the disk.
 
 Resume at step k of an epoch (one epoch of 12,500 steps of synthetic data):
 the time until the first batch arrives, (a) through the engine's
-``_ResumableSampler``, which skips k x batch indices in the sampler, (b) by
+``ResumableSampler``, which skips k x batch indices in the sampler, (b) by
 replaying k batches through the loader, as a loader without a sampler must,
 and (c) through the engine itself: ``setup()`` loading a checkpoint saved at
 step k, then the first batch of its epoch.
@@ -51,7 +51,8 @@ from llm.training.core.checkpoint import (  # noqa: E402
     resolve_checkpoint,
 )
 from llm.training.core.config import Config  # noqa: E402
-from llm.training.core.engine import TrainingEngine, _ResumableSampler  # noqa: E402
+from llm.training.core.engine import TrainingEngine  # noqa: E402
+from llm.training.core.resume import ResumableSampler  # noqa: E402
 from llm.training.tasks.regression_task import RegressionTask  # noqa: E402
 
 GPT_SHAPE = {"vocab_size": 65, "block_size": 256, "n_layer": 8, "n_head": 8, "n_embd": 256}
@@ -140,9 +141,9 @@ def resume_config(log_dir: Path, resume: str = "") -> Config:
 
 
 def first_batch_skipping(data: SyntheticDataModule, k: int) -> float:
-    """Seconds to the first batch after step k, skipping indices with the engine's _ResumableSampler."""
+    """Seconds to the first batch after step k, skipping indices with the resume.ResumableSampler."""
     loader, sampler = data.train_dataloader(0, 1)
-    resumable = _ResumableSampler.install(loader, sampler)
+    resumable = ResumableSampler.install(loader, sampler)
     sampler.set_epoch(0)
     resumable.skip = k * BATCH
     return common.timed(lambda: next(iter(loader)))[0]

@@ -11,7 +11,6 @@ import itertools
 import json
 import math
 import os
-import random
 import signal
 import time
 import warnings
@@ -19,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llm.data.data_module import BaseDataModule
@@ -36,6 +34,7 @@ from llm.training.core.checkpoint import (
 )
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module
+from llm.training.core.resume import ResumableSampler, rng_state, seed_everything, set_rng_state
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -213,7 +212,7 @@ class TrainingEngine:
         self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self.data_module.train_dataloader(self.rank, self.world_size)
         self.val_loader, self.val_sampler = self.data_module.val_dataloader(self.rank, self.world_size)
-        self._resumable = _ResumableSampler.install(self.train_loader, self.train_sampler)
+        self._resumable = ResumableSampler.install(self.train_loader, self.train_sampler)
         k = cfg.training.grad_accum_steps
         steps_per_epoch = len(self.train_loader) // k
         if steps_per_epoch == 0:
@@ -236,7 +235,7 @@ class TrainingEngine:
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        _seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
+        seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
             cfg.checkpoint.monitor, cfg.checkpoint.mode,
@@ -298,7 +297,7 @@ class TrainingEngine:
         }
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
         return self.checkpoints.save(
-            self.step, shared, {"rng": _rng_state()}, metrics=metrics, write_extra=self._write_artifacts,
+            self.step, shared, {"rng": rng_state()}, metrics=metrics, write_extra=self._write_artifacts,
             write_sharded=write_sharded,
         )
 
@@ -322,7 +321,7 @@ class TrainingEngine:
             if _callback_key(i, cb) in states:
                 cb.load_state_dict(states[_callback_key(i, cb)])
         if progress["world_size"] == self.world_size:
-            _set_rng_state(load_rank_state(path, self.rank)["rng"])
+            set_rng_state(load_rank_state(path, self.rank)["rng"])
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
@@ -547,31 +546,6 @@ class TrainingInterrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved at {checkpoint}")
 
 
-class _ResumableSampler:
-    """Stands between a DataLoader's BatchSampler and its sampler to skip indices already trained on.
-
-    Skipping indices costs nothing, unlike replaying batches through the loader.
-    """
-
-    def __init__(self, sampler: Any):
-        self.sampler, self.skip = sampler, 0
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self.skip
-
-    @classmethod
-    def install(cls, loader: Any, sampler: Any) -> _ResumableSampler | None:
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if batch_sampler is None or getattr(batch_sampler, "sampler", None) is not sampler:
-            return None
-        wrapper = cls(sampler)
-        batch_sampler.sampler = wrapper
-        return wrapper
-
-
 class _Running:
     """Losses and metrics of consecutive batches, kept as they come and averaged when read.
 
@@ -624,30 +598,3 @@ def _callback_key(index: int, cb: Callback) -> str:
     return f"{index}:{type(cb).__name__}"
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
