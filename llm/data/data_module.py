@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -38,7 +39,7 @@ class BaseDataModule(ABC):
         """The validation loader for this rank and the sampler that shards it."""
 
     def build_dataloader(
-        self, dataset: Dataset, rank: int, world_size: int, train: bool
+        self, dataset: Dataset, rank: int, world_size: int, train: bool, collate_fn: Callable | None = None
     ) -> tuple[DataLoader, DistributedSampler]:
         """A sharded loader: shuffled with the run's seed and full batches only when training.
 
@@ -61,6 +62,6 @@ class BaseDataModule(ABC):
         loader = DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
             num_workers=self.config.data.num_workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.config.data.num_workers > 0,
+            persistent_workers=self.config.data.num_workers > 0, collate_fn=collate_fn,
         )
         return loader, sampler
