@@ -6,6 +6,7 @@ restarted worker does not fault again):
   KILL_AT_STEP=N [KILL_RANK=r]     SIGKILL this rank after optimizer step N
   KILL_IN_SAVE=N [KILL_RANK=r]     SIGKILL this rank in the middle of writing checkpoint N
   TERM_AT_STEP=N [TERM_RANK=r]     SIGTERM this rank after optimizer step N
+  TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N
 """
 
 import os
@@ -38,6 +39,9 @@ class Faults(Callback):
         if _fire_once(engine, "KILL_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGKILL)
         if _fire_once(engine, "TERM_AT_STEP", engine.step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if _fire_once(engine, "TWICE_AT_STEP", engine.step):
+            os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_end(self, engine, metrics):

@@ -68,6 +68,15 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, refe
     assert_same(reference, weights(tmp_path / "run"))
 
 
+def test_a_second_sigterm_ends_the_process_at_once_and_leaves_checkpoints_valid(tmp_path, reference):
+    out = single(tmp_path / "run", tmp_path, env={"TWICE_AT_STEP": "10"})
+    assert out.returncode == -signal.SIGTERM
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000008"
+    resumed = single(tmp_path / "run", tmp_path)
+    assert resumed.returncode == 0
+    assert_same(reference, weights(tmp_path / "run"))
+
+
 @pytest.fixture(scope="module")
 def reference_2proc(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference2")

@@ -8,6 +8,7 @@ others do not and then waits forever in a collective.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,9 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
 
 def destroy_process_group() -> None:
     if dist.is_initialized():
+        # objects still holding gloo work (a DDP reducer in a reference cycle) must go while the
+        # interpreter is alive: freed during its shutdown they abort the process (SIGABRT)
+        gc.collect()
         dist.destroy_process_group()
 
 

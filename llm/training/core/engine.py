@@ -107,6 +107,7 @@ class TrainingEngine:
             ok = True
         finally:
             self._fire_cleanup(metrics, ok)
+            self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
         if self._signal is not None:
             raise TrainingInterrupted(self._signal, self.step, checkpoint)
         return metrics
@@ -150,24 +151,28 @@ class TrainingEngine:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
         began = time.perf_counter()
         k = len(micro_batches)
+        scaler = self.scaler if self.scaler.is_enabled() else None
         for i, batch in enumerate(micro_batches):
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
                 loss, metrics = self.task.train_step(self._to_device(batch), self.model, self.criterion)
             # dividing by k makes k micro-batches of b give the gradient of one batch of k*b
-            self.scaler.scale(loss / k if k > 1 else loss).backward()
+            scaled = loss / k if k > 1 else loss
+            (scaled if scaler is None else scaler.scale(scaled)).backward()
             self._window.add(loss, metrics)
-        self.scaler.unscale_(self.optimizer)
-        clip = self.config.training.grad_clip or math.inf
-        grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
         # a CPU-GPU sync point, the same one GradScaler makes; gradients are already
         # all-reduced, so every rank sees the same norm and takes the same branch
         norm = float(grad_norm)
-        if math.isfinite(norm) or self.scaler.is_enabled():  # under fp16 the scaler skips overflows itself
-            self.scaler.step(self.optimizer)
+        if scaler is not None:  # fp16: the scaler skips overflowing steps itself
+            scaler.step(self.optimizer)
+            scaler.update()
+        elif math.isfinite(norm):
+            self.optimizer.step()
         else:
             self._non_finite(loss)
-        self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -244,6 +249,8 @@ class TrainingEngine:
             self.load_checkpoint(resume)
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
         self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
+        self._params = list(self.model.parameters())
+        self._clip = cfg.training.grad_clip or math.inf
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_to_yaml(self.run_dir / "config.yaml")
@@ -509,8 +516,15 @@ class TrainingEngine:
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT finish the current step, save a checkpoint and stop (see train.py's exit code)."""
+        """SIGTERM/SIGINT finish the current step, save a checkpoint and stop (see train.py's exit code).
+
+        A second signal does not wait: the default action ends the process at once
+        (a second Ctrl-C, or a rank stuck where the first one cannot be acted on).
+        """
         def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
             self._signal = signum
 
         try:
