@@ -102,7 +102,7 @@ def summary_table(config: Config, metrics: dict[str, float]) -> str:
         (f"final {monitor}", metrics.get(monitor)),
         ("final train loss", metrics.get("train_loss")),
         ("steps / epochs", f"{metrics['steps']} / {metrics['epochs']}"),
-        (speed.replace("_per_s", "/s"), metrics.get(speed)),
+        (speed.replace("_per_s", "/s"), metrics.get(speed) or None),  # none when this run took no step
         ("elapsed", f"{metrics['elapsed_s']:.1f} s"),
         ("checkpoints", config.checkpoint.dir),
         ("logs", config.logging.log_dir),

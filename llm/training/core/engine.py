@@ -467,7 +467,7 @@ class TrainingEngine:
 
     def _summary(self, elapsed: float) -> dict[str, float]:
         final = {
-            "train_loss": self.train_metrics.get("loss", float("nan")),
+            "train_loss": self.train_metrics.get("loss"),  # None when this run took no step
             **{k: v for k, v in self.val_metrics.items() if k != "step"},
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
