@@ -15,6 +15,8 @@ from llm.training.core.callbacks import HOOKS, Callback
 from llm.training.core.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = str(Path(sys.executable).parent)
+"""Where this Python's console scripts (torchrun, llm-train, ...) are, whatever PATH holds."""
 
 # ---- configs and engines ---------------------------------------------------------------
 
@@ -97,6 +99,7 @@ def run(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | 
     """Run a command with the repo importable; output captured as text."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["PATH"] = SCRIPTS + os.pathsep + full_env.get("PATH", "")
     full_env.update(env or {})
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, SCRIPTS, free_port
 
 BLOCK = re.compile(r"(?:<!-- file: (?P<file>\S+) -->\n)?```(?P<lang>\w*)\n(?P<code>.*?)```", re.S)
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
@@ -49,6 +49,7 @@ def test_shell_commands_run_in_order(doc, tmp_path):
     (tmp_path / "llm").symlink_to(REPO / "llm")
     (tmp_path / "my_corpus.txt").write_text((REPO / "README.md").read_text() * 20)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env["PATH"] = SCRIPTS + os.pathsep + env.get("PATH", "")
     env.update(LLM_LOGGING_PROGRESS_BAR="false", LLM_DATA_CACHE_DIR=str(tmp_path / "cache"),
                PET_MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
     script = "set -euo pipefail\n" + shell_script(doc)

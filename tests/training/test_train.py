@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers import REPO, free_port, torchrun, train_cli
+from tests.helpers import REPO, SCRIPTS, free_port, torchrun, train_cli
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 SMALL = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-num-samples", "512", "--data-input-dim", "4",
@@ -144,5 +144,5 @@ def test_nan_skip_policy_on_two_ranks_skips_the_step_everywhere(tmp_path):
 
 def test_console_scripts_answer_help():
     for script in ("llm-train", "llm-generate", "llm-evaluate", "llm-export", "llm-plot"):
-        out = subprocess.run([script, "--help"], capture_output=True, text=True)
+        out = subprocess.run([str(Path(SCRIPTS) / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, script
