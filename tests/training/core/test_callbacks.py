@@ -24,17 +24,27 @@ def test_hooks_are_the_callback_methods():
 def test_early_stopping_waits_patience_validations_then_stops():
     engine = StubEngine()
     cb = EarlyStopping(monitor="val_loss", patience=2)
-    for loss in [1.0, 0.5, 0.6, 0.7]:
+    for loss in [1.0, 0.5, 0.6]:
         cb.on_validation_end(engine, {"val_loss": loss})
         assert not engine.should_stop
-    cb.on_validation_end(engine, {"val_loss": 0.55})
+    cb.on_validation_end(engine, {"val_loss": 0.55})  # the second validation in a row without improvement
     assert engine.should_stop and "val_loss" in engine.stop_reason
-    assert cb.best == 0.5 and cb.wait == 3
+    assert cb.best == 0.5 and cb.wait == 2
+
+
+def test_early_stopping_with_patience_0_stops_at_the_first_validation_without_improvement():
+    engine = StubEngine()
+    cb = EarlyStopping(patience=0)
+    cb.on_validation_end(engine, {"val_loss": 1.0})
+    cb.on_validation_end(engine, {"val_loss": 0.9})
+    assert not engine.should_stop
+    cb.on_validation_end(engine, {"val_loss": 0.9})
+    assert engine.should_stop
 
 
 def test_early_stopping_mode_max_and_improvement_resets_wait():
     engine = StubEngine()
-    cb = EarlyStopping(monitor="val_acc", patience=1, mode="max")
+    cb = EarlyStopping(monitor="val_acc", patience=2, mode="max")
     for acc in [0.5, 0.4, 0.6, 0.55]:
         cb.on_validation_end(engine, {"val_acc": acc})
     assert not engine.should_stop and cb.best == 0.6 and cb.wait == 1
@@ -93,6 +103,27 @@ def test_tensorboard_logger_events_read_back(tmp_path):
     events.Reload()
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
     assert [e.value for e in events.Scalars("val/val_loss")] == [0.25]
+
+
+def test_tensorboard_logger_hands_records_over_every_flush_secs(tmp_path):
+    engine = StubEngine()
+
+    def scalars_on_disk(cb):
+        cb._writer.flush()
+        events = EventAccumulator(str(tmp_path / "run"))
+        events.Reload()
+        return [e.step for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
+
+    held = TensorBoardLogger(log_dir=str(tmp_path / "run"), flush_secs=3600)
+    held.on_train_start(engine)
+    held.on_log(engine, {"split": "train", "step": 1, "epoch": 0, "loss": 1.0})
+    assert scalars_on_disk(held) == []  # held back until an hour has passed, or the end
+    held.on_train_end(engine, {})
+    prompt = TensorBoardLogger(log_dir=str(tmp_path / "run"), flush_secs=0)
+    prompt.on_train_start(engine)
+    prompt.on_log(engine, {"split": "train", "step": 2, "epoch": 0, "loss": 0.5})
+    assert scalars_on_disk(prompt) == [1, 2]  # the first logger's record, written at its end, and this one
+    prompt.on_train_end(engine, {})
 
 
 def test_progress_bar_stays_off_without_a_terminal(capsys):
