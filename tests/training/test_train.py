@@ -53,11 +53,22 @@ def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_pa
 def test_torchrun_by_file_path_and_early_stopping_ends_both_ranks(tmp_path):
     # mode max on a falling loss: no validation ever improves on the first one
     out = torchrun(2, REPO / "llm/training/train.py", "--task", "regression", *SMALL,
-                   "--training-eval-every-steps", "2", "--training-patience", "1", "--checkpoint-mode", "max",
+                   "--training-eval-every-steps", "2", "--training-patience", "2", "--checkpoint-mode", "max",
                    cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/regression/summary.json").read_text())
     assert summary["steps"] == 6 and summary["stop_reason"].startswith("early stopping: val_loss")
+
+
+def test_torch_distributed_launch_as_the_guide_names_it(tmp_path):
+    # the older launcher passes --local-rank=N to the script as well as setting LOCAL_RANK
+    launcher = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    out = subprocess.run([*launcher, str(REPO / "llm/training/train.py"), "--task", "regression", *SMALL,
+                          "--training-max-steps", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/regression/summary.json").read_text())
+    assert summary["steps"] == 3 and summary["samples_seen"] == 3 * 2 * 32
 
 
 def test_user_task_and_data_module_by_module_path(tmp_path):

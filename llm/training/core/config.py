@@ -229,6 +229,7 @@ class Config:
         config = cls()
         config_path = args.pop("config_path", None)
         args.pop("print_config", None)
+        args.pop("local_rank", None)
         if config_path:
             config._apply(_read_yaml(config_path), origin=config_path)
         env = _env_overrides(environ)
@@ -416,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML file of overrides")
     parser.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
                         help="print the resolved config as YAML and exit (save it, edit it, pass it back with --config)")
+    # torch.distributed.launch passes --local-rank=N; the LOCAL_RANK variable it also sets is what is read
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
+                        help="set by torch.distributed.launch and ignored: the rank comes from LOCAL_RANK")
     defaults = Config()
     _add_flag(parser, "task", "--task", _hints(Config)["task"], defaults.task, field_docs(Config)["task"])
     for section, cls in sections().items():
