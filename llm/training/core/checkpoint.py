@@ -233,21 +233,26 @@ def check_checkpoint_dir(directory: str | Path, fresh: bool) -> None:
             f"{directory} already holds checkpoints of an earlier run: continue it with --checkpoint-resume auto, "
             f"or give this run another --checkpoint-dir"
         )
-    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is not a folder"
-    else:
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            problem = e.strerror or str(e)
+    problem = unwritable_reason(directory)
     if problem:
         raise CheckpointError(
             f"cannot write checkpoints to {directory}: {problem}; choose another folder with --checkpoint-dir DIR"
         )
+
+
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Why files could not be created in ``directory`` (made as needed), or None; creates nothing."""
+    directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -282,14 +287,33 @@ def model_weights(ckpt: Path) -> dict | None:
     ckpt = Path(ckpt)
     if not (ckpt / SHARDED).is_dir():
         return load_shared_state(ckpt).get("model")
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from llm.training.core import sharded
 
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            dcp_to_torch_save(str(ckpt / SHARDED), Path(tmp) / "full.pt")
-        except Exception as e:  # a damaged shard set; verify() normally catches it first
-            raise CheckpointError(f"cannot read the sharded weights in {ckpt}: {e}") from None
-        return _load_torch(Path(tmp) / "full.pt", "cpu").get("model")
+    try:
+        return sharded.load_whole(ckpt / SHARDED).get("model")
+    except Exception as e:  # a damaged or unsafe shard set; verify() catches damage first
+        raise CheckpointError(f"cannot read the sharded weights in {ckpt}: {error_cause(e)}") from None
+
+
+def load_weights_strictly(model: torch.nn.Module, state: dict, source: str, than: str = "",
+                          assign: bool = False) -> None:
+    """``model.load_state_dict(state, strict=True)``, or one line: "<source> belong to a different model<than>: ..."."""
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as e:
+        # torch lists every mismatch on its own line: the first one says enough
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        first = details[0] if details else " ".join(str(e).split())
+        first = first if len(first) <= 240 else first[:240] + "..."
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise CheckpointError(f"{source} belong to a different model{than}: {first}{more}") from None
+
+
+def error_cause(e: BaseException) -> str:
+    """The innermost message of an error that torch.distributed.checkpoint wrapped, on one line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return " ".join(str(e).split())[:300]
 
 
 def load_rank_state(ckpt: Path, rank: int, map_location="cpu") -> dict:

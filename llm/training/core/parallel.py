@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from llm.errors import UsageError
-from llm.training.core.checkpoint import SHARDED
+from llm.training.core import sharded
+from llm.training.core.checkpoint import SHARDED, CheckpointError, error_cause, load_weights_strictly
 from llm.training.core.config import Config
 
 
@@ -99,14 +100,16 @@ def model_and_optimizer_state(
 def load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, shared: dict, path: Path) -> None:
     """Restore weights and optimizer from a checkpoint, whichever way it was written."""
     if "model" in shared:
-        model.load_state_dict(shared["model"])
+        load_weights_strictly(model, shared["model"], f"cannot load {path}: its weights")
         optimizer.load_state_dict(shared["optimizer"])
         return
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     # torch.distributed.checkpoint reshards on load, so the loading layout may differ from the saving one
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    try:
+        sharded.load_into(state, path / SHARDED)
+    except Exception as e:  # noqa: BLE001 - shapes that differ, or metadata that is not checkpoint metadata
+        raise CheckpointError(f"cannot load the sharded state in {path}: {error_cause(e)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
-from llm.training.core.checkpoint import SHARED, model_weights, resolve_checkpoint
+from llm.training.core.checkpoint import SHARED, load_weights_strictly, model_weights, resolve_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.optim import build_optimizer, build_scheduler
 from llm.training.tasks.base_task import TrainingTask
@@ -137,16 +137,7 @@ def check_lm_weights(ckpt: Path, state: dict) -> GPTConfig:
 
 
 def _load_weights(model: GPT, state: dict, ckpt: Path, assign: bool = False) -> None:
-    try:
-        model.load_state_dict(state, strict=True, assign=assign)
-    except RuntimeError as e:
-        # torch lists every mismatch on its own line: the first one says enough
-        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        first = details[0] if details else " ".join(str(e).split())
-        first = first if len(first) <= 240 else first[:240] + "..."
-        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
-        raise UsageError(f"the weights in {ckpt} belong to a different model than its {MODEL_CONFIG} "
-                         f"describes: {first}{more}") from None
+    load_weights_strictly(model, state, f"the weights in {ckpt}", f" than its {MODEL_CONFIG} describes", assign)
 
 
 def _read_model_config(path: Path) -> GPTConfig:
