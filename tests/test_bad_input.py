@@ -168,6 +168,10 @@ CASES = [
     Case("task-class-that-is-abstract", "train",
          [*LM, *CONTINUE, "--task", "llm.training.tasks.base_task:TrainingTask"],
          ["TrainingTask", "does not implement", "build_model"]),
+    Case("task-and-data-module-that-do-not-fit", "train",
+         [*LM, "--logging-log-dir", "fresh", "--task", "regression", "--data-module", "text"],
+         ["RegressionTask.validation_step failed on the first batch of TextDataModule", "regression_task.py:",
+          "--data-module"], absent=["fresh"]),
     # checkpoints to resume from
     *[Case(f"resume-checkpoint-{name}", "train", [*LM, "--logging-log-dir", "run", "--checkpoint-resume", path], words)
       for name, path, words in BROKEN_CHECKPOINTS],
@@ -176,6 +180,9 @@ CASES = [
          ["resealed", "state.pt is truncated or corrupt"]),
     Case("resume-with-a-different-model", "train", [*LM, *CONTINUE, "--model-n-embd", "64"],
          ["cannot resume", "model.n_embd changed", "--checkpoint-allow-config-change true"]),
+    Case("resume-from-the-weights-of-another-model", "train",
+         [*LM, "--logging-log-dir", "run", "--checkpoint-resume", "other"],
+         ["cannot load other", "different model", "size mismatch"]),
     Case("resume-auto-when-every-checkpoint-is-corrupt", "train", [*LM, *CONTINUE],
          ["no valid checkpoint in run/checkpoints (2 found, none valid)", "--checkpoint-resume PATH"],
          prepare=truncate_every_checkpoint, warnings_ok=True),

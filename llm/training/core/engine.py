@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from llm.training.core.checkpoint import (
     load_rank_state,
     load_shared_state,
     resolve_checkpoint,
+    unwritable_reason,
 )
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module
@@ -231,9 +233,11 @@ class TrainingEngine:
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
-        self.raw_model = parallel.prepare(self.task.build_model().to(self.device), cfg, self.world_size)
-        self.sharded = parallel.is_sharded(cfg, self.world_size)
+        model = self.task.build_model().to(self.device)
         self.criterion = self.task.build_criterion().to(self.device)
+        D.agree_on_errors(lambda: self._check_task_takes_the_data(model))
+        self.raw_model = parallel.prepare(model, cfg, self.world_size)
+        self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)
         self.scheduler = self.task.build_scheduler(self.optimizer)
         precision = cfg.training.precision
@@ -256,6 +260,34 @@ class TrainingEngine:
             cfg.save_to_yaml(self.run_dir / "config.yaml")
             self.task.save_artifacts(self.run_dir)
 
+    def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
+        """One validation step on one batch, before anything is written or wrapped.
+
+        A task given a data module whose batches it cannot use then fails here in
+        one line, not at its first training step with a traceback. The step runs
+        in eval mode without gradients, and on forked random streams, so the run
+        itself is the same with or without it.
+        """
+        batch = next(self._iterate(self.val_loader, 0), None)
+        if batch is None:
+            return
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                with self._autocast():
+                    self.task.validation_step(self._to_device(batch), model, self.criterion)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
+            task, data = type(self.task).__name__, type(self.data_module).__name__
+            raise UsageError(
+                f"{task}.validation_step failed on the first batch of {data}: {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]} ({_where(e)}); does the data module yield what the task "
+                f"takes? Choose another with --data-module"
+            ) from None
+        finally:
+            model.train()
+
     def _find_resume(self) -> Path | None:
         """The checkpoint to start from, if any."""
         spec = resume_spec(self.config)
@@ -273,14 +305,10 @@ class TrainingEngine:
                 f"{self.run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
                 f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
             )
-        probe = self.run_dir / ".write-test"
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UsageError(f"cannot write to the run directory {self.run_dir}: {e.strerror or e}; "
-                             f"choose another with --logging-log-dir DIR") from None
+        problem = unwritable_reason(self.run_dir)  # creates nothing: a run refused later leaves no folder
+        if problem:
+            raise UsageError(f"cannot write to the run directory {self.run_dir}: {problem}; "
+                             f"choose another with --logging-log-dir DIR")
         # now, not at the first save after hours of training; and never into another run's checkpoints
         check_checkpoint_dir(self.config.checkpoint.dir, fresh=not self.resuming)
 
@@ -606,6 +634,12 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return _batch_len(next(iter(batch.values())))
     return 1
+
+
+def _where(e: BaseException) -> str:
+    """file:line of the innermost frame of ``e`` outside torch: most often the task's own code."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "inside torch"
 
 
 def _callback_key(index: int, cb: Callback) -> str:
