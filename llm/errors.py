@@ -7,6 +7,7 @@ with :data:`EXIT_USAGE`, so bad input never ends in a traceback.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 EXIT_USAGE = 2
@@ -22,7 +23,8 @@ class ConfigError(UsageError):
 
     def __init__(self, field: str, value: object, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field}: got {value!r}, expected {allowed}")
+        shown = field if re.fullmatch(r"[\w.]+", field) else repr(field)  # a key of any text stays on one line
+        super().__init__(f"{shown}: got {value!r}, expected {allowed}")
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

@@ -162,6 +162,33 @@ def test_random_yaml_loads_or_fails_cleanly(tmp_path, data):
         assert Config.from_dict(config.to_dict()) == config
 
 
+_flags = st.lists(st.sampled_from(
+    ["--training-batch-size", "--optimizer-lr", "--epochs", "--model-n-head", "--training-precision", "--bogus",
+     "--data-val-fraction", "--logging-loggers", "3", "-1", "0", "abc", "1e-3", "bf16", "true", "", "mlflow,x"]),
+    max_size=6)
+_yaml_text = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=60),  # anything at all, mostly not YAML
+    st.dictionaries(_names, st.one_of(_values, st.dictionaries(_fields, _values, max_size=3)), max_size=3)
+    .map(yaml.safe_dump),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_yaml_text, argv=_flags)
+def test_any_yaml_file_and_flags_give_a_config_or_exit_2_with_one_line(tmp_path, capsys, text, argv):
+    from llm.training.train import main
+
+    path = tmp_path / "random.yaml"
+    path.write_text(text, encoding="utf-8")
+    code = main(["--config", str(path), *argv, "--print-config"])
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert Config.from_dict(yaml.safe_load(out)).to_yaml() == out  # what it printed loads back the same
+    else:
+        assert code == 2, err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.sampled_from(
     ["--training-batch-size", "--optimizer-lr", "--epochs", "--model-n-head", "--training-precision", "--bogus",
