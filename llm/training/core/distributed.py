@@ -79,6 +79,14 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, (t / dist.get_world_size()).tolist()))
 
 
+def mean_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over ranks, left on its device (no CPU-GPU sync)."""
+    if not active():
+        return t
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank."""
     if not active():

@@ -154,14 +154,14 @@ class TrainingEngine:
         began = time.perf_counter()
         k = len(micro_batches)
         scaler = self.scaler if self.scaler.is_enabled() else None
+        scales, counts = self._loss_scales(micro_batches)
         for i, batch in enumerate(micro_batches):
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
                 loss, metrics = self.task.train_step(self._to_device(batch), self.model, self.criterion)
-            # dividing by k makes k micro-batches of b give the gradient of one batch of k*b
-            scaled = loss / k if k > 1 else loss
+            scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
-            self._window.add(loss, metrics)
+            self._window.add(loss, metrics, weight=counts[i] if counts else 1.0)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
@@ -185,6 +185,24 @@ class TrainingEngine:
         if self.first_step_s is None:
             self.first_step_s = time.perf_counter() - began
 
+    def _loss_scales(self, micro_batches: list[Any]) -> tuple[list[Any], list[float]]:
+        """What each micro-batch's loss is multiplied by before backward, and the task's item counts.
+
+        1/k for k micro-batches, so that they give the gradient of one batch k times
+        as large. When the task counts the items each loss is a mean over
+        (``loss_weight``), each micro-batch's share of the step's items over all
+        ranks instead: DDP and FSDP average gradients over ranks, so the share is
+        taken against the mean over ranks of each rank's total. The total stays a
+        device tensor: no CPU-GPU sync.
+        """
+        k = len(micro_batches)
+        counts = [self.task.loss_weight(batch) for batch in micro_batches]
+        if counts[0] is None:
+            return [1.0 / k] * k, []
+        counts = [float(c) for c in counts]  # the batches are still on the CPU
+        total = D.mean_tensor_over_ranks(torch.tensor(sum(counts), dtype=torch.float32, device=self.device))
+        return [c / total.clamp(min=1.0) for c in counts], counts
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean loss and metrics over the validation set (or eval_batches of it), averaged over ranks."""
@@ -196,7 +214,8 @@ class TrainingEngine:
         for batch in itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit):
             with self._autocast():
                 loss, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
-            sums.add(loss, metrics, weight=_batch_len(batch))
+            count = self.task.loss_weight(batch)
+            sums.add(loss, metrics, weight=_batch_len(batch) if count is None else float(count))
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.means().items()}
         metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))

@@ -59,6 +59,19 @@ class TrainingTask(ABC):
     def validation_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         """Loss and metrics of one validation batch; the engine averages them."""
 
+    def loss_weight(self, batch: Any) -> float | torch.Tensor | None:
+        """How many items the loss of ``batch`` is a mean over (e.g. its target tokens that are not ignored).
+
+        Called on the batch as the loader yields it, before it moves to the device.
+        When it returns a count, the engine weights each micro-batch's loss by its
+        share of the items in the whole optimizer step, over every micro-batch and
+        rank, so the gradient is that of one mean over all of them however the
+        step is split; validation means are weighted the same way. None (the
+        default): every micro-batch weighs the same, and validation batches by
+        their number of samples.
+        """
+        return None
+
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add metrics derived from rank-averaged ones (e.g. perplexity from loss); default: none."""
         return metrics

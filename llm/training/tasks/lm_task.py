@@ -19,6 +19,8 @@ from llm.training.core.config import Config
 from llm.training.core.optim import build_optimizer, build_scheduler
 from llm.training.tasks.base_task import TrainingTask
 
+IGNORE_INDEX = -100
+"""A target token with this id adds nothing to the loss (padding, a prompt not to be learned)."""
 MODEL_CONFIG, TOKENIZER = "model_config.json", "tokenizer.json"
 """The files LMTask.save_artifacts writes beside the weights; load_lm needs both."""
 
@@ -65,7 +67,7 @@ class LMTask(TrainingTask):
         return build_scheduler(optimizer, self.config.optimizer, self.total_steps)
 
     def build_criterion(self) -> nn.Module:
-        return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
     def train_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         x, y = batch
@@ -74,6 +76,10 @@ class LMTask(TrainingTask):
 
     def validation_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         return self.train_step(batch, model, criterion)
+
+    def loss_weight(self, batch) -> torch.Tensor:
+        """Target tokens that count: a data module may mark padding or prompts with IGNORE_INDEX."""
+        return (batch[1] != IGNORE_INDEX).sum()
 
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add perplexity, exp(mean loss): ``ppl`` from ``loss``, ``val_ppl`` from ``val_loss``."""

@@ -5,7 +5,7 @@ import torch
 
 from llm.errors import UsageError
 from llm.training.core.engine import TrainingEngine
-from llm.training.tasks.lm_task import LMTask
+from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask
 from llm.training.tasks.regression_task import RegressionTask
 from tests.helpers import lm_config, tiny_config, weights
 
@@ -57,10 +57,36 @@ def test_fp16_on_cpu_is_refused(tmp_path):
         TrainingEngine(config, RegressionTask(config), 0, 1).train()
 
 
+class PartlyMaskedLM(LMTask):
+    """Targets past a point that varies from window to window are ignored, as padding would be."""
+
+    counts: list[int] = []
+
+    @staticmethod
+    def mask(batch):
+        x, y = batch
+        keep = torch.arange(y.shape[1]) <= x[:, :1] % y.shape[1]
+        return x, y.masked_fill(~keep, IGNORE_INDEX)
+
+    def train_step(self, batch, model, criterion):
+        return super().train_step(self.mask(batch), model, criterion)
+
+    def loss_weight(self, batch):
+        count = super().loss_weight(self.mask(batch))
+        self.counts.append(int(count))
+        return count
+
+
 def test_token_weighted_lm_loss_accumulates_to_the_larger_batch(tmp_path):
     sgd = {"name": "sgd", "beta1": 0.0, "weight_decay": 0.0, "scheduler": "constant", "lr": 0.1}
-    big, _ = train_lm(lm_config(tmp_path / "a", training={"batch_size": 8, "grad_clip": 0.0}, optimizer=sgd))
-    small, _ = train_lm(lm_config(tmp_path / "b", training={"batch_size": 4, "grad_accum_steps": 2, "grad_clip": 0.0},
-                                  optimizer=sgd))
+    runs = []
+    for name, training in (("a", {"batch_size": 8}), ("b", {"batch_size": 4, "grad_accum_steps": 2})):
+        config = lm_config(tmp_path / name, training={**training, "grad_clip": 0.0}, optimizer=sgd)
+        engine = TrainingEngine(config, PartlyMaskedLM(config), 0, 1)
+        engine.train()
+        runs.append(engine)
+    big, small = runs
     assert big.step == small.step == 6
+    halves = PartlyMaskedLM.counts[-12:]  # the accumulated run's micro-batches, in pairs
+    assert any(halves[i] != halves[i + 1] for i in range(0, 12, 2))  # so a plain 1/k would weigh them wrongly
     assert_close(weights(big.raw_model), weights(small.raw_model), rtol=1e-5, atol=1e-6)
