@@ -411,6 +411,10 @@ def test_a_rank_that_raises_ends_the_run_on_every_rank(outcomes):
     # torchrun's report: rank 1 ended with its own error (exit code 1), and rank 0 ended too
     exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s+exitcode\s*: (-?\d+)", out.stderr))
     assert exits.get("1") == "1" and "0" in exits, out.stderr[-3000:]
+    # and rank 0, left waiting, names the rank that failed and its error in one line
+    rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 lost contact")]
+    assert len(rank0) == 1, out.stderr[-3000:]
+    assert "rank 1 failed with RuntimeError: injected failure at step 3" in rank0[0]
 
 
 def test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down(outcomes):
@@ -421,6 +425,7 @@ def test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down(outcomes):
     # rank 0 says, in one line, why it gave up
     rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 lost contact")]
     assert len(rank0) == 1 and re.search(r"(?i)timed? ?out", rank0[0]), out.stderr[-3000:]
+    assert "rank 1 did not answer (hung, or killed)" in rank0[0]
 
 
 # ---- what a data file holds is data ---------------------------------------------------------------

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         D.init_process_group(config, rank, world_size, local_rank)
         try:
             metrics = train_worker(rank, world_size, config)
+        except Exception as e:
+            if not _lost_a_rank(e):
+                D.record_failure(rank, e)  # before the group goes: the ranks left waiting look for it
+            raise
         finally:
             D.destroy_process_group()
     except UsageError as e:
@@ -140,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if not _lost_a_rank(e):
             raise
-        # another rank died or hung: one line here, and torchrun's report names the rank that failed
-        print(f"error: rank {rank} lost contact with another rank, which failed or hung: "
-              f"{' '.join(str(e).split())[:300]}", file=sys.stderr)
+        # another rank died or hung: one line here naming it, as far as the store can tell
+        who = D.lost_ranks(rank, D.env_ranks()[1]) or "another rank failed or hung"
+        print(f"error: rank {rank} lost contact with the others: {who}: {' '.join(str(e).split())[:300]}",
+              file=sys.stderr)
         return 1
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,54 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
         backend, rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=config.distributed.timeout_s),
     )
+    global _store
+    # kept apart from the group: after a collective fails, ranks still leave word here for each other
+    _store = dist.distributed_c10d._get_default_store()
+
+
+_store: dist.Store | None = None
+_STORE_WAIT = datetime.timedelta(seconds=5)
+
+
+def _key(kind: str, rank: int) -> str:
+    # a worker restarted by torchrun must not read what the ranks of an earlier attempt left
+    return f"llm/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/{kind}/{rank}"
+
+
+def record_failure(rank: int, error: BaseException) -> None:
+    """Leave word in the rendezvous store that this rank failed and why, for the ranks it leaves waiting."""
+    if _store is None:
+        return
+    try:
+        _store.set_timeout(_STORE_WAIT)
+        _store.set(_key("failed", rank), f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")
+    except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it; nothing to add then
+        pass
+
+
+def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
+    """After a collective failed on this rank: which other ranks failed (and why) or never answered.
+
+    Each rank that lost contact says so in the store, waits ``settle_s`` for the
+    others to do the same, then names the ranks that reported a failure, or else
+    those that said nothing (hung, or killed without a word). '' if the store
+    cannot be reached.
+    """
+    if _store is None:
+        return ""
+    try:
+        _store.set_timeout(_STORE_WAIT)
+        _store.set(_key("lost", rank), "")
+        time.sleep(settle_s)
+        others = [r for r in range(world_size) if r != rank]
+        failed = [f"rank {r} failed with {_store.get(_key('failed', r)).decode()}"
+                  for r in others if _store.check([_key("failed", r)])]
+        if failed:
+            return "; ".join(failed)
+        silent = [str(r) for r in others if not _store.check([_key("lost", r)])]
+        return f"rank {', '.join(silent)} did not answer (hung, or killed)" if silent else ""
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def destroy_process_group() -> None:
