@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.helpers import run, torchrun
 
@@ -85,10 +86,14 @@ def reference_2proc(tmp_path_factory):
     return weights(tmp / "run", 0), weights(tmp / "run", 1)
 
 
-def test_two_processes_sigkill_of_one_rank_then_resume_matches(tmp_path, reference_2proc):
-    killed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path,
-                      env={"KILL_AT_STEP": "7", "KILL_RANK": "1"})
+@pytest.mark.parametrize("fault", [
+    {"KILL_AT_STEP": "7", "KILL_RANK": "1"},  # mid-epoch, three steps after a checkpoint
+    {"KILL_IN_SAVE": "8", "KILL_RANK": "0"},  # rank 0 dies while writing checkpoint 8: resume from 4
+])
+def test_two_processes_sigkill_of_one_rank_then_resume_matches(tmp_path, reference_2proc, fault):
+    killed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, env=fault)
     assert killed.returncode != 0
+    assert (tmp_path / "run" / f".fired-{next(iter(fault))}").exists()
     resumed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):
@@ -145,3 +150,9 @@ def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path):
     exported = run([sys.executable, "-m", "llm.export", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")],
                    cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
+    # the export gathers the shards: each tensor is rank 0's rows, then rank 1's
+    whole = load_file(tmp_path / "m.safetensors")
+    shards = weights(tmp_path / "run", 0), weights(tmp_path / "run", 1)
+    assert whole.keys() <= shards[0].keys() and "blocks.0.attn.qkv.weight" in whole
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, torch.cat([shards[0][name], shards[1][name]])), name
