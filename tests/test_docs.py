@@ -56,3 +56,34 @@ def test_shell_commands_run_in_order(doc, tmp_path):
     out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert list(tmp_path.glob("runs/*/summary.json"))
+
+
+def test_custom_task_commands_run_on_the_sine_py_the_page_builds(tmp_path):
+    """docs/custom-task.md: its first two Python blocks as my_project/sine.py, then its commands, as it says."""
+    doc = REPO / "docs/custom-task.md"
+    code = [c for _, c in blocks(doc, "python")]
+    project = tmp_path / "my_project"
+    project.mkdir()
+    (project / "sine.py").write_text(code[0] + "\n" + code[1])
+    text = next(c for _, c in blocks(doc, "text") if "cd my_project" in c)
+    commands = text.split("cd my_project\n", 1)[1].replace("\\\n", " ").splitlines()
+    assert [c.split()[0] for c in commands] == ["python", "torchrun"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env["PATH"] = SCRIPTS + os.pathsep + env.get("PATH", "")
+    env.update(LLM_LOGGING_PROGRESS_BAR="false", PYTHONPATH=str(REPO), PET_MASTER_PORT=str(free_port()))
+    for command in commands:
+        out = subprocess.run(["bash", "-c", command.replace("torchrun ", "torchrun --master_addr=127.0.0.1 ")],
+                             cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    first, second = (project / "runs/sinetask/summary.json"), (project / "runs/sinetask-2/summary.json")
+    assert first.is_file() and second.is_file()
+
+
+def test_the_hook_loop_in_the_usage_guide_is_the_one_in_callbacks_py():
+    import textwrap
+
+    from llm.training.core import callbacks
+
+    shown = next(c for _, c in blocks(REPO / "docs/usage.md", "text") if "on_train_start(engine)" in c)
+    docstring = callbacks.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]
+    assert shown == textwrap.dedent(docstring) + "\n"
