@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import REPO, SCRIPTS, free_port, torchrun, train_cli
@@ -157,3 +158,26 @@ def test_console_scripts_answer_help():
     for script in ("llm-train", "llm-generate", "llm-evaluate", "llm-export", "llm-plot"):
         out = subprocess.run([str(Path(SCRIPTS) / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, script
+
+
+def test_trackers_chosen_on_the_command_line_both_record_the_run(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for reading the store back here
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train_cli("--task", "regression", "--epochs", "2", *SMALL, "--logging-log-every-steps", "5",
+                    "--logging-loggers", "tensorboard,mlflow", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "runs/regression"
+    client = mlflow.tracking.MlflowClient((run_dir / "mlruns").as_uri())
+    [experiment] = [e for e in client.search_experiments() if e.name == "llm"]
+    [run] = client.search_runs([experiment.experiment_id])
+    steps = 2 * ((512 - 51) // 32)
+    assert run.info.status == "FINISHED" and run.data.params["training.epochs"] == "2"
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert logged == list(range(5, steps + 1, 5)) + ([steps] if steps % 5 else [])
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == logged
+    assert [e.step for e in events.Scalars("val/val_loss")] == [m.step for m in client.get_metric_history(
+        run.info.run_id, "val/val_loss")]
