@@ -19,7 +19,7 @@ swing several-fold, its CPU time hardly.
 ``--gpu-preset`` runs the GPT-2 124M shape (12 layers, 12 heads, 768 wide,
 context 1024) in bf16 with torch.compile and a batch of 16 on a CUDA GPU, and
 reports model FLOPs utilisation: tokens/s x ``flops_per_token`` over the
-device's dense bf16 peak (see PEAK_FLOPS; ``--peak-flops`` for other devices).
+device's dense bf16 peak (llm.training.core.throughput.PEAK_FLOPS; ``--peak-flops`` for other devices).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from llm.models.gpt import GPT, GPTConfig  # noqa: E402
 from llm.training.core.callbacks import Callback  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
 from llm.training.core.engine import TrainingEngine  # noqa: E402
+from llm.training.core.throughput import peak_flops_of  # noqa: E402
 from llm.training.tasks.lm_task import LMTask  # noqa: E402
 from llm.training.train import default_callbacks  # noqa: E402
 
@@ -53,18 +54,6 @@ CPU_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "batch
 """The default lm model (and lm_quality's): a CPU trains it at a few steps per second."""
 GPU_PRESET = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "batch_size": 16}
 """GPT-2 124M's shape (the vocabulary is the corpus's characters, not GPT-2's 50257 tokens)."""
-PEAK_FLOPS = [
-    # (part of torch.cuda.get_device_name(), dense bf16 tensor FLOP/s without sparsity); the first match wins
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-]
 TARGET = 0.98
 """engine/hand tokens/s the engine should reach."""
 SEED, LR, WEIGHT_DECAY, CLIP, LOG_EVERY = 0, 1e-3, 0.01, 1.0, 10
@@ -117,10 +106,10 @@ def peak_flops(args: argparse.Namespace) -> tuple[float | None, str]:
     if args.device != "cuda":
         return None, "none for a CPU"
     name = torch.cuda.get_device_name()
-    for part, peak in PEAK_FLOPS:
-        if part in name:
-            return peak, f"{name} matches '{part}' in the table"
-    return None, f"{name} is not in the table: pass --peak-flops"
+    peak = peak_flops_of(name)
+    if peak is None:
+        return None, f"{name} is not in llm.training.core.throughput.PEAK_FLOPS: pass --peak-flops"
+    return peak, f"{name}, from llm.training.core.throughput.PEAK_FLOPS"
 
 
 def make_config(args: argparse.Namespace, work: Path, log_dir: Path, precision: str, compiled: bool) -> Config:

@@ -14,28 +14,33 @@ from llm.training.core.callbacks import Callback
 if TYPE_CHECKING:
     from llm.training.core.engine import TrainingEngine
 
-PEAK_FLOPS = {
-    # dense bf16 tensor-core peak per device, without sparsity; the first name found in the device name wins
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "V100": 125e12,
-}
-"""Dense bf16 (fp16 for V100) peak FLOP/s per device, used as the MFU denominator."""
+PEAK_FLOPS = (
+    # (part of the device name, dense bf16 tensor-core FLOP/s without sparsity; fp16 for V100).
+    # The first entry whose part is in the name wins, so longer names come before their prefixes.
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("V100", 125e12),
+)
+"""The MFU denominator per device."""
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The table's peak for a device name such as ``torch.cuda.get_device_name()`` gives, or None."""
+    return next((peak for part, peak in PEAK_FLOPS if part in name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The table's peak for a CUDA device, or None (CPUs and unknown devices get no MFU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 class ThroughputMonitor(Callback):

@@ -5,7 +5,7 @@ import torch
 
 from llm.training.core import throughput
 from llm.training.core.config import Config
-from llm.training.core.throughput import ThroughputMonitor, peak_flops
+from llm.training.core.throughput import ThroughputMonitor, peak_flops, peak_flops_of
 
 
 def test_throughput_figures_over_a_logging_window(monkeypatch):
@@ -34,6 +34,13 @@ def test_throughput_figures_over_a_logging_window(monkeypatch):
     assert m["peak_mem_mb"] > 10
 
 
-def test_peak_flops_table():
+def test_peak_flops_by_device_name():
     assert peak_flops(torch.device("cpu")) is None
-    assert throughput.PEAK_FLOPS["H100"] == 989e12
+    names = {  # as torch.cuda.get_device_name() gives them
+        "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+        "NVIDIA H200": 989e12, "NVIDIA GH200 480GB": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "Tesla V100-SXM2-16GB": 125e12,
+    }
+    for name, peak in names.items():
+        assert peak_flops_of(name) == peak, name
+    assert peak_flops_of("Some Future GPU") is None
