@@ -39,7 +39,8 @@ def shell_script(doc: Path) -> str:
         for line in code.splitlines():
             line = re.sub(r"^pip install .*? && ", "", line)
             if line.strip() and not line.startswith("#") and "pip install" not in line and "pytest" not in line:
-                lines.append(re.sub(r"--training-max-steps \d+", "--training-max-steps 20", line))
+                line = re.sub(r"--training-max-steps \d+", "--training-max-steps 20", line)
+                lines.append(re.sub(r"--training-eval-every-steps \d+", "--training-eval-every-steps 10", line))
     return "\n".join(lines)
 
 
@@ -56,6 +57,11 @@ def test_shell_commands_run_in_order(doc, tmp_path):
     out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert list(tmp_path.glob("runs/*/summary.json"))
+    if doc.name == "README.md":  # the main job: the validation loss falls, and a sample is printed at the end
+        parts = re.split(r"^(def .*)$", out.stdout, maxsplit=1, flags=re.M)  # the sample starts with the prompt
+        assert len(parts) == 3 and len(parts[1]) > len("def "), out.stdout[-2000:]
+        val = [float(v) for v in re.findall(r"^step \d+  val_loss (\S+)", parts[0], re.M)]
+        assert len(val) >= 2 and all(b < a for a, b in zip(val, val[1:])), parts[0][-2000:]
 
 
 def test_custom_task_commands_run_on_the_sine_py_the_page_builds(tmp_path):

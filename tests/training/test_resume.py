@@ -79,11 +79,29 @@ def test_a_second_sigterm_ends_the_process_at_once_and_leaves_checkpoints_valid(
 
 
 @pytest.fixture(scope="module")
-def reference_2proc(tmp_path_factory):
+def reference_2proc_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference2")
     out = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp / "run"), cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
-    return weights(tmp / "run", 0), weights(tmp / "run", 1)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def reference_2proc(reference_2proc_dir):
+    return weights(reference_2proc_dir, 0), weights(reference_2proc_dir, 1)
+
+
+def test_resuming_two_processes_checkpoint_on_one_is_refused_unless_allowed(tmp_path, reference_2proc_dir):
+    # a different world size changes which samples each step takes: not the run that was saved
+    checkpoint = reference_2proc_dir / "checkpoints"  # its newest valid checkpoint
+    flags = [*FLAGS[:-2], "--logging-log-dir", str(tmp_path / "run"), "--checkpoint-resume", str(checkpoint)]
+    refused = run([sys.executable, str(WORKER), *flags], cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "world_size changed" in refused.stderr and "--checkpoint-allow-config-change" in refused.stderr
+    assert not (tmp_path / "run").exists()
+    allowed = run([sys.executable, str(WORKER), *flags, "--checkpoint-allow-config-change", "true"], cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "world_size 2 -> 1" in allowed.stdout and "resumed from" in allowed.stdout
 
 
 @pytest.mark.parametrize("fault", [
