@@ -154,11 +154,12 @@ class TrainingEngine:
         began = time.perf_counter()
         k = len(micro_batches)
         scaler = self.scaler if self.scaler.is_enabled() else None
-        scales, counts = self._loss_scales(micro_batches)
-        for i, batch in enumerate(micro_batches):
+        batches = [self._to_device(batch) for batch in micro_batches]
+        scales, counts = self._loss_scales(batches)
+        for i, batch in enumerate(batches):
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
-                loss, metrics = self.task.train_step(self._to_device(batch), self.model, self.criterion)
+                loss, metrics = self.task.train_step(batch, self.model, self.criterion)
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
             self._window.add(loss, metrics, weight=counts[i] if counts else 1.0)
@@ -185,22 +186,22 @@ class TrainingEngine:
         if self.first_step_s is None:
             self.first_step_s = time.perf_counter() - began
 
-    def _loss_scales(self, micro_batches: list[Any]) -> tuple[list[Any], list[float]]:
+    def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
         """What each micro-batch's loss is multiplied by before backward, and the task's item counts.
 
         1/k for k micro-batches, so that they give the gradient of one batch k times
         as large. When the task counts the items each loss is a mean over
         (``loss_weight``), each micro-batch's share of the step's items over all
         ranks instead: DDP and FSDP average gradients over ranks, so the share is
-        taken against the mean over ranks of each rank's total. The total stays a
-        device tensor: no CPU-GPU sync.
+        taken against the mean over ranks of each rank's total. Counts and shares
+        stay tensors on the device: no CPU-GPU sync.
         """
-        k = len(micro_batches)
-        counts = [self.task.loss_weight(batch) for batch in micro_batches]
+        k = len(batches)
+        counts = [self.task.loss_weight(batch) for batch in batches]
         if counts[0] is None:
             return [1.0 / k] * k, []
-        counts = [float(c) for c in counts]  # the batches are still on the CPU
-        total = D.mean_tensor_over_ranks(torch.tensor(sum(counts), dtype=torch.float32, device=self.device))
+        counts = [torch.as_tensor(c, dtype=torch.float32, device=self.device) for c in counts]
+        total = D.mean_tensor_over_ranks(torch.stack(counts).sum())
         return [c / total.clamp(min=1.0) for c in counts], counts
 
     @torch.no_grad()
@@ -212,10 +213,11 @@ class TrainingEngine:
         sums = _Running()
         limit = self.config.training.eval_batches or None
         for batch in itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit):
+            batch = self._to_device(batch)
             with self._autocast():
-                loss, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
+                loss, metrics = self.task.validation_step(batch, model, self.criterion)
             count = self.task.loss_weight(batch)
-            sums.add(loss, metrics, weight=_batch_len(batch) if count is None else float(count))
+            sums.add(loss, metrics, weight=_batch_len(batch) if count is None else count)
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.means().items()}
         metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
@@ -616,12 +618,12 @@ class _Running:
 
     def __init__(self) -> None:
         self.values: dict[str, list[Any]] = {}
-        self.weights: list[float] = []
+        self.weights: list[float | torch.Tensor] = []  # tensors when the task counts items (loss_weight)
 
     def __len__(self) -> int:
         return len(self.weights)
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float = 1.0) -> None:
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0) -> None:
         self.weights.append(weight)
         self.values.setdefault("loss", []).append(loss.detach())
         for key, value in metrics.items():
@@ -630,11 +632,16 @@ class _Running:
     def total(self, key: str) -> tuple[float, float]:
         """The weighted sum of ``key`` and the total weight."""
         values = self.values.get(key, [])
+        weights = self._weights()
         if values and all(isinstance(v, torch.Tensor) for v in values):
             stacked = torch.stack([v.reshape(()) for v in values]).double().cpu()  # one sync for the window
-            weights = torch.tensor(self.weights, dtype=torch.float64)
             return float((stacked * weights).sum()), float(weights.sum())
-        return sum(float(v) * w for v, w in zip(values, self.weights)), float(sum(self.weights))
+        return sum(float(v) * float(w) for v, w in zip(values, weights)), float(weights.sum())
+
+    def _weights(self) -> torch.Tensor:
+        if all(isinstance(w, (int, float)) for w in self.weights):
+            return torch.tensor(self.weights, dtype=torch.float64)
+        return torch.stack([torch.as_tensor(w).reshape(()).double() for w in self.weights]).cpu()  # one sync
 
     def means(self) -> dict[str, float]:
         out = {}

@@ -62,7 +62,8 @@ class TrainingTask(ABC):
     def loss_weight(self, batch: Any) -> float | torch.Tensor | None:
         """How many items the loss of ``batch`` is a mean over (e.g. its target tokens that are not ignored).
 
-        Called on the batch as the loader yields it, before it moves to the device.
+        Called on the batch as ``train_step`` gets it, on the device: return a
+        tensor there (not a Python number) and the step needs no CPU-GPU sync.
         When it returns a count, the engine weights each micro-batch's loss by its
         share of the items in the whole optimizer step, over every micro-batch and
         rank, so the gradient is that of one mean over all of them however the
