@@ -138,6 +138,17 @@ class NaNRegressionTask(RegressionTask):
         return loss, metrics
 
 
+class SampleRecordingTask(RegressionTask):
+    """Regression that appends the first feature of every training sample it takes, one per line, to
+    ``<log_dir>/seen_rank<RANK>.txt``: which samples each rank saw, in order."""
+
+    def train_step(self, batch, model, criterion):
+        rank = int(os.environ.get("RANK", 0))
+        with open(Path(self.config.logging.log_dir) / f"seen_rank{rank}.txt", "a") as f:
+            f.writelines(f"{v!r}\n" for v in batch[0][:, 0].tolist())
+        return super().train_step(batch, model, criterion)
+
+
 # ---- language-model runs ------------------------------------------------------------
 
 

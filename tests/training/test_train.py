@@ -51,6 +51,26 @@ def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_pa
     assert abs(d["val_loss"] - s["val_loss"]) < 0.02 * s["val_loss"]
 
 
+def test_two_ranks_split_each_epoch_reshuffle_every_epoch_and_only_rank_0_writes(tmp_path):
+    out = torchrun(2, REPO / "llm/training/train.py", "--task", "tests.helpers:SampleRecordingTask", *SMALL,
+                   "--epochs", "2", "--logging-log-every-steps", "2", cwd=tmp_path, timeout=120,
+                   env={"PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs/samplerecordingtask"
+    seen = [(run_dir / f"seen_rank{r}.txt").read_text().split() for r in (0, 1)]
+    per_epoch = len(seen[0]) // 2
+    assert len(seen[0]) == len(seen[1]) == 2 * per_epoch == 2 * 7 * 32  # 461 samples: 230 a rank, 7 batches
+    first, second = ([s[:per_epoch] for s in seen], [s[per_epoch:] for s in seen])
+    for epoch in (first, second):
+        assert len(set(epoch[0]) & set(epoch[1])) <= 1  # each rank its own part (the sampler pads one sample)
+    for rank in (0, 1):
+        assert first[rank] != second[rank]  # set_epoch: a new shuffle each epoch
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["split"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)) and ("train", 14) in keys  # written once, by rank 0 alone
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+
+
 def test_torchrun_by_file_path_and_early_stopping_ends_both_ranks(tmp_path):
     # mode max on a falling loss: no validation ever improves on the first one
     out = torchrun(2, REPO / "llm/training/train.py", "--task", "regression", *SMALL,
