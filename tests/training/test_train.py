@@ -201,3 +201,36 @@ def test_trackers_chosen_on_the_command_line_both_record_the_run(tmp_path, monke
     assert [e.step for e in events.Scalars("train/loss")] == logged
     assert [e.step for e in events.Scalars("val/val_loss")] == [m.step for m in client.get_metric_history(
         run.info.run_id, "val/val_loss")]
+
+
+def test_progress_bar_on_a_terminal_shows_steps_and_loss(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()  # stderr a terminal, as in an interactive shell
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns: room for the bar
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env["PYTHONPATH"] = str(REPO)
+    flags = [f for f in SMALL if f not in ("--logging-progress-bar", "false")]
+    proc = subprocess.Popen([sys.executable, "-m", "llm.training.train", "--task", "regression", *flags,
+                             "--epochs", "2", "--logging-log-every-steps", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the process closed its end
+            break
+        if not chunk:
+            break
+        shown += chunk
+    stdout, _ = proc.communicate(timeout=120)
+    os.close(controller)
+    assert proc.returncode == 0, shown.decode(errors="replace")[-2000:]
+    bar = shown.decode(errors="replace")
+    steps = 2 * ((512 - 51) // 32)
+    assert f"{steps}/{steps}" in bar and "step/s" in bar and "loss=" in bar and "samples_per_s=" in bar
+    assert "epoch 2/2" in stdout  # lines printed above the bar still reach stdout
