@@ -310,7 +310,7 @@ def load_weights_strictly(model: torch.nn.Module, state: dict, source: str, than
 
 
 def error_cause(e: BaseException) -> str:
-    """The innermost message of an error that torch.distributed.checkpoint wrapped, on one line."""
+    """An error's message on one line: its innermost cause's, where it was raised from another."""
     while e.__cause__ is not None:
         e = e.__cause__
     return " ".join(str(e).split())[:300]

@@ -130,4 +130,3 @@ def _one_line_errors() -> Iterator[None]:
             raise UnsafeCheckpointError("an entry of the sharded checkpoint is not plain data (it would need code "
                                         "to be run to load): refused, nothing was run") from None
         raise ShardedReadError(f"{type(first).__name__}: {' '.join(str(first).split())[:300]}") from None
-
