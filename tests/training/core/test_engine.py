@@ -6,7 +6,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llm.errors import UsageError
-from llm.training.core.callbacks import HOOKS, Callback
+from llm.training.core.callbacks import HOOKS, Callback, MetricsLogger
 from llm.training.core.config import Config
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine
 from llm.training.tasks.regression_task import RegressionTask
@@ -185,3 +185,42 @@ def test_restarted_torchrun_worker_resumes_automatically(tmp_path, monkeypatch):
     engine = TrainingEngine(config, RegressionTask(config), 0, 1)
     engine.setup()
     assert engine.step == 10
+
+
+def test_retention_keeps_the_newest_and_an_old_best_checkpoint(tmp_path):
+    # mode max on a falling loss: the first validated checkpoint stays the best, however old it gets
+    config = tiny_config(tmp_path, training={"epochs": 2, "eval_every_steps": 2},
+                         checkpoint={"every_n_steps": 2, "keep_last": 2, "mode": "max"})
+    engine, _ = train(config, callbacks=default_callbacks(config))
+    kept = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
+    last = engine.step  # 28: saved every 2 steps, and at the end
+    assert kept == ["step_00000002", f"step_{last - 2:08d}", f"step_{last:08d}"]
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == f"step_{last:08d}"
+
+
+def test_a_save_that_fails_mid_run_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from llm.training.core import checkpoint
+
+    saves = []
+    real_save = torch.save
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        if str(getattr(f, "name", f)).endswith("state.pt"):
+            saves.append(f)
+            if len(saves) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    config = tiny_config(tmp_path, checkpoint={"every_n_steps": 4})
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device") as failed:
+        train(config, callbacks=[MetricsLogger()])
+    assert "\n" not in str(failed.value)
+    directory = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in directory.iterdir()) == ["latest", "step_00000004", "step_00000008"]
+    assert checkpoint.verify(directory / "step_00000008") is None  # the last good one is still whole
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 12  # training stopped at the failed save instead of going on without it
