@@ -6,6 +6,7 @@ restarted worker does not fault again):
   KILL_AT_STEP=N [KILL_RANK=r]     SIGKILL this rank after optimizer step N
   KILL_IN_SAVE=N [KILL_RANK=r]     SIGKILL this rank in the middle of writing checkpoint N
   TERM_AT_STEP=N [TERM_RANK=r]     SIGTERM this rank after optimizer step N
+  INT_AT_STEP=N [INT_RANK=r]       SIGINT (Ctrl-C) this rank after optimizer step N
   TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N
 """
 
@@ -40,6 +41,8 @@ class Faults(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         if _fire_once(engine, "TERM_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if _fire_once(engine, "INT_AT_STEP", engine.step):
+            os.kill(os.getpid(), signal.SIGINT)
         if _fire_once(engine, "TWICE_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)

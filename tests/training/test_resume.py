@@ -59,10 +59,11 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, reference, 
         assert "resumed from" in resumed.stdout and "step_00000008" in resumed.stdout
 
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, reference):
-    stopped = single(tmp_path / "run", tmp_path, env={"TERM_AT_STEP": "10"})
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert "stopped by SIGTERM at step 10" in stopped.stderr
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resumes_exactly(tmp_path, reference, name):
+    stopped = single(tmp_path / "run", tmp_path, env={f"{name}_AT_STEP": "10"})
+    assert stopped.returncode == 128 + getattr(signal, f"SIG{name}"), stopped.stderr[-3000:]  # 143, 130
+    assert f"stopped by SIG{name} at step 10" in stopped.stderr
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000010"
     resumed = single(tmp_path / "run", tmp_path)
     assert resumed.returncode == 0
