@@ -138,6 +138,27 @@ class NaNRegressionTask(RegressionTask):
         return loss, metrics
 
 
+class PartlyIgnoredRegressionTask(RegressionTask):
+    """Regression whose loss leaves out the samples with a negative first feature, as padding would be left
+    out, and says how many it kept (``loss_weight``): batches and ranks then differ in how much they count."""
+
+    @staticmethod
+    def kept(batch) -> torch.Tensor:
+        return batch[0][:, 0] >= 0
+
+    def train_step(self, batch, model, criterion):
+        x, y = batch
+        keep = self.kept(batch)
+        per_sample = (model(x) - y).pow(2).mean(dim=-1)
+        return (per_sample * keep).sum() / keep.sum().clamp(min=1), {}
+
+    def validation_step(self, batch, model, criterion):
+        return self.train_step(batch, model, criterion)
+
+    def loss_weight(self, batch):
+        return self.kept(batch).sum()
+
+
 class SampleRecordingTask(RegressionTask):
     """Regression that appends the first feature of every training sample it takes, one per line, to
     ``<log_dir>/seen_rank<RANK>.txt``: which samples each rank saw, in order."""

@@ -34,8 +34,11 @@ def test_bad_flag_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert out.stderr == "error: training.batch_size: got 0, expected an integer >= 1\n"
 
 
-def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_path):
-    common = [*SMALL, "--epochs", "2", "--optimizer-name", "sgd", "--optimizer-lr", "0.05"]
+@pytest.mark.parametrize("task", ["regression", "tests.helpers:PartlyIgnoredRegressionTask"])
+def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_path, task):
+    # the second task's batches count different numbers of samples: ranks must weigh theirs by it
+    common = [*SMALL, "--task", task, "--epochs", "2", "--optimizer-name", "sgd", "--optimizer-lr", "0.05",
+              "--logging-log-every-steps", "1"]
     dist = torchrun(2, WORKER, *common, "--training-batch-size", "16", "--logging-log-dir", "ddp", cwd=tmp_path)
     assert dist.returncode == 0, dist.stderr[-3000:]
     single = torchrun(1, WORKER, *common, "--training-batch-size", "32", "--logging-log-dir", "one", cwd=tmp_path)

@@ -118,14 +118,21 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The average of each metric over ranks; every rank must pass the same keys."""
-    if not active() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]], device: torch.device) -> dict[str, float]:
+    """Each metric's mean over all ranks' items, from each rank's (weighted sum, total weight).
+
+    Sums and weights are added up over ranks before dividing, so every sample or
+    token counts once whichever rank had it, however unevenly ranks were filled.
+    Every rank must pass the same keys.
+    """
+    keys = sorted(totals)
+    if active() and keys:
+        t = torch.tensor([totals[k][0] for k in keys] + [totals[k][1] for k in keys], dtype=torch.float64,
+                         device=device)
+        dist.all_reduce(t)
+        summed = t.tolist()
+        totals = {k: (summed[i], summed[len(keys) + i]) for i, k in enumerate(keys)}
+    return {k: total / weight if weight else float("nan") for k, (total, weight) in totals.items()}
 
 
 def mean_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:

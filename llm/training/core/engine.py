@@ -219,8 +219,8 @@ class TrainingEngine:
             count = self.task.loss_weight(batch)
             sums.add(loss, metrics, weight=_batch_len(batch) if count is None else count)
         model.train(was_training)
-        local = {f"val_{k}": v for k, v in sums.means().items()}
-        metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
+        local = {f"val_{k}": v for k, v in sums.totals().items()}
+        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         self.val_metrics = {**metrics, "step": self.step}
         monitor, sign = self.config.checkpoint.monitor, (1 if self.config.checkpoint.mode == "min" else -1)
         if monitor in metrics and (self.best_metric is None or sign * metrics[monitor] < sign * self.best_metric):
@@ -490,19 +490,17 @@ class TrainingEngine:
         """Mean training loss of the epoch: the windows already logged plus the one still open."""
         loss_sum, count = self._epoch_loss_sum
         open_sum, open_count = self._window.total("loss")
-        count += open_count
-        local = (loss_sum + open_sum) / count if count else float("nan")
-        return D.mean_over_ranks({"loss": local}, self.device)["loss"]
+        return D.weighted_mean_over_ranks({"loss": (loss_sum + open_sum, count + open_count)}, self.device)["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
         window, self._window = self._window, _Running()
-        loss_sum, count = window.total("loss")
+        local = window.totals()
+        loss_sum, count = local["loss"]
         self._epoch_loss_sum = (self._epoch_loss_sum[0] + loss_sum, self._epoch_loss_sum[1] + count)
-        local = window.means()
-        local["grad_norm"] = sum(self._grad_norms) / max(1, len(self._grad_norms))
+        local["grad_norm"] = (sum(self._grad_norms), float(len(self._grad_norms)))  # the same on every rank
         self._grad_norms = []
-        metrics = self.task.finalize_metrics(D.mean_over_ranks(local, self.device))
+        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         if self.skipped_steps:
             metrics["skipped_steps"] = float(self.skipped_steps)
         return metrics
@@ -643,12 +641,9 @@ class _Running:
             return torch.tensor(self.weights, dtype=torch.float64)
         return torch.stack([torch.as_tensor(w).reshape(()).double() for w in self.weights]).cpu()  # one sync
 
-    def means(self) -> dict[str, float]:
-        out = {}
-        for key in self.values:
-            total, weight = self.total(key)
-            out[key] = total / weight if weight else float("nan")
-        return out
+    def totals(self) -> dict[str, tuple[float, float]]:
+        """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
+        return {key: self.total(key) for key in self.values}
 
 
 def _batch_len(batch: Any) -> int:
