@@ -165,7 +165,9 @@ class SampleRecordingTask(RegressionTask):
 
     def train_step(self, batch, model, criterion):
         rank = int(os.environ.get("RANK", 0))
-        with open(Path(self.config.logging.log_dir) / f"seen_rank{rank}.txt", "a") as f:
+        out = Path(self.config.logging.log_dir)
+        out.mkdir(parents=True, exist_ok=True)  # rank 0 makes the run folder; another rank may get here first
+        with open(out / f"seen_rank{rank}.txt", "a") as f:
             f.writelines(f"{v!r}\n" for v in batch[0][:, 0].tolist())
         return super().train_step(batch, model, criterion)
 
