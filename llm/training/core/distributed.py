@@ -75,22 +75,29 @@ def record_failure(rank: int, error: BaseException) -> None:
 def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
     """After a collective failed on this rank: which other ranks failed (and why) or never answered.
 
-    Each rank that lost contact says so in the store, waits ``settle_s`` for the
-    others to do the same, then names the ranks that reported a failure, or else
-    those that said nothing (hung, or killed without a word). '' if the store
-    cannot be reached.
+    Each rank that lost contact says so in the store. Ranks that reported a
+    failure are named at once: a failing rank writes its report before its
+    connections close, and torchrun may end the others moments later. Otherwise
+    this rank waits ``settle_s`` for the others to say they lost contact too, and
+    names those that said nothing (hung, or killed without a word). '' if the
+    store cannot be reached.
     """
     if _store is None:
         return ""
+    others = [r for r in range(world_size) if r != rank]
+
+    def failed() -> str:
+        return "; ".join(f"rank {r} failed with {_store.get(_key('failed', r)).decode()}"
+                         for r in others if _store.check([_key("failed", r)]))
+
     try:
         _store.set_timeout(_STORE_WAIT)
         _store.set(_key("lost", rank), "")
+        if reported := failed():
+            return reported
         time.sleep(settle_s)
-        others = [r for r in range(world_size) if r != rank]
-        failed = [f"rank {r} failed with {_store.get(_key('failed', r)).decode()}"
-                  for r in others if _store.check([_key("failed", r)])]
-        if failed:
-            return "; ".join(failed)
+        if reported := failed():
+            return reported
         silent = [str(r) for r in others if not _store.check([_key("lost", r)])]
         return f"rank {', '.join(silent)} did not answer (hung, or killed)" if silent else ""
     except Exception:  # noqa: BLE001
