@@ -627,10 +627,10 @@ class _Running:
         for key, value in metrics.items():
             self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
-    def total(self, key: str) -> tuple[float, float]:
-        """The weighted sum of ``key`` and the total weight."""
+    def total(self, key: str, weights: torch.Tensor | None = None) -> tuple[float, float]:
+        """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read)."""
         values = self.values.get(key, [])
-        weights = self._weights()
+        weights = self._weights() if weights is None else weights
         if values and all(isinstance(v, torch.Tensor) for v in values):
             stacked = torch.stack([v.reshape(()) for v in values]).double().cpu()  # one sync for the window
             return float((stacked * weights).sum()), float(weights.sum())
@@ -643,7 +643,8 @@ class _Running:
 
     def totals(self) -> dict[str, tuple[float, float]]:
         """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
-        return {key: self.total(key) for key in self.values}
+        weights = self._weights()  # read once: with counted items each read is a device sync
+        return {key: self.total(key, weights) for key in self.values}
 
 
 def _batch_len(batch: Any) -> int:
