@@ -89,6 +89,11 @@ def test_loaders_batch_the_windows(tmp_path, corpus):
     loader, sampler = dm.train_dataloader(rank=0, world_size=1)
     x, y = next(iter(loader))
     assert x.shape == y.shape == (4, BS) and x.dtype == torch.int64
+    assert x.is_contiguous() and y.is_contiguous()
+    # the whole-batch gather returns the sampler's windows, each as __getitem__ gives it
+    first = list(sampler)[:4]
+    assert torch.equal(x, torch.stack([dm.train_set[i][0] for i in first]))
+    assert torch.equal(y, torch.stack([dm.train_set[i][1] for i in first]))
     val_loader, _ = dm.val_dataloader(rank=0, world_size=1)
     assert sum(len(x) for x, _ in val_loader) == len(dm.val_set)
 
