@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_HEADER = "# Benchmarks\n\nMeasurements, not assertions; each section says where and how it was taken.\n"
 """What a new BENCHMARKS.md starts with."""
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 def add_common_args(parser: argparse.ArgumentParser, data_help: str | None = "UTF-8 text corpus to use",
@@ -141,7 +142,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def interleaved(contenders: dict[str, Callable[[], T]], rounds: int, warmup: bool = True) -> dict[str, list[T]]:
+def interleaved(contenders: dict[K, Callable[[], T]], rounds: int, warmup: bool = True) -> dict[K, list[T]]:
     """Run every contender once per round, in turn, ``rounds`` times; each call returns one measurement.
 
     Interleaving spreads the slow patches of a shared machine over all
@@ -152,7 +153,7 @@ def interleaved(contenders: dict[str, Callable[[], T]], rounds: int, warmup: boo
     if warmup:
         for name, run in contenders.items():
             print(f"warm-up: {name}: {run()}", flush=True)
-    results: dict[str, list[T]] = {name: [] for name in contenders}
+    results: dict[K, list[T]] = {name: [] for name in contenders}
     for r in range(rounds):
         for name, run in contenders.items():
             results[name].append(run())
