@@ -126,6 +126,17 @@ def spread(values: Sequence[float]) -> str:
     return f"{number(min(values))}-{number(max(values))}"
 
 
+def paired_ratio(values: Sequence[float], references: Sequence[float]) -> tuple[float, float, float]:
+    """Median, min and max over rounds of ``values[r] / references[r]``.
+
+    Interleaved rounds run each pair close together in time, so a slow patch
+    of a shared machine stretches both sides of a pair alike: the ratio of a
+    pair is steadier than the ratio of two medians taken over all rounds.
+    """
+    ratios = [v / r for v, r in zip(values, references, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def clock() -> tuple[float, float]:
     """Wall time, and the CPU time of this process (all its threads).
 

@@ -56,6 +56,8 @@ GPU_PRESET = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "b
 """GPT-2 124M's shape (the vocabulary is the corpus's characters, not GPT-2's 50257 tokens)."""
 TARGET = 0.98
 """engine/hand tokens/s the engine should reach."""
+MFU_TARGET = 0.50
+"""Model FLOPs utilisation the engine should reach with --gpu-preset."""
 SEED, LR, WEIGHT_DECAY, CLIP, LOG_EVERY = 0, 1e-3, 0.01, 1.0, 10
 """The engine's defaults, written out for the hand loop."""
 
@@ -258,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     medians = {name: common.median(values) for name, values in rates.items()}
     wall = {name: common.median([m.tokens_per_s for m in ms]) for name, ms in runs.items()}
     tokens_per_step = args.shape["batch_size"] * args.shape["block_size"]
-    base = medians[engine_name]
+    vs_base = {name: common.paired_ratio(rates[name], rates[engine_name]) for name in runs}
+    wall_vs_base = {name: common.paired_ratio([m.tokens_per_s for m in runs[name]],
+                                              [m.tokens_per_s for m in runs[engine_name]]) for name in runs}
     rows = []
     for name, ms in runs.items():
         first = [m.first_step_s for m in ms]
         compile_s = first[0] - tokens_per_step / wall[name] if "compiled" in name else None
         mfu = common.median([m.mfu for m in ms]) if ms[0].mfu is not None else None
-        row = [name, f"{medians[name]:,.0f}", common.spread(rates[name]), f"{medians[name] / base:.3f}"]
+        ratio, low, high = vs_base[name]
+        row = [name, f"{medians[name]:,.0f}", common.spread(rates[name]), f"{ratio:.3f} ({low:.3f}-{high:.3f})"]
         if args.device == "cpu":
             row += [f"{wall[name]:,.0f}", common.spread([m.tokens_per_s for m in ms])]
         row += [f"{first[0]:.2f}" + (f" (later runs {common.median(first[1:]):.2f})" if len(first) > 1 else ""),
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             row.append("n/a" if mfu is None else f"{mfu:.1%}")
         rows.append((*row, f"{ms[-1].train_loss:.4f}"))
     header = ["run", "median tokens/s" + (" per CPU second" if args.device == "cpu" else ""), "min-max",
-              f"vs {engine_name}"]
+              f"vs {engine_name}, paired by round (min-max)"]
     if args.device == "cpu":
         header += ["median tokens/s (wall)", "min-max"]
     header += ["first step s (first run)", "compile s (first step minus a step)"]
@@ -281,18 +286,25 @@ def main(argv: list[str] | None = None) -> int:
         header.append("MFU")
     table = common.markdown_table((*header, "last logged train loss"), rows)
 
-    ratio, wall_ratio = medians[engine_name] / medians[hand_name], wall[engine_name] / wall[hand_name]
+    ratio, low, high = common.paired_ratio(rates[engine_name], rates[hand_name])
+    wall_ratio = common.paired_ratio([m.tokens_per_s for m in runs[engine_name]],
+                                     [m.tokens_per_s for m in runs[hand_name]])[0]
     measured = "in CPU time" if args.device == "cpu" else "by the wall clock"
     same = abs(runs[engine_name][-1].train_loss - runs[hand_name][-1].train_loss) <= 1e-4
-    notes = [f"engine/hand tokens/s = {ratio:.3f} {measured}"
+    notes = [f"engine/hand tokens/s = {ratio:.3f} {measured}, the median over rounds of each round's ratio "
+             f"(rounds {low:.3f}-{high:.3f})"
              + (f", {wall_ratio:.3f} by the wall clock" if args.device == "cpu" else "")
              + f" (target >= {TARGET} {measured}: {'met' if ratio >= TARGET else 'NOT met'}); the engine's and the hand loop's "
              + "train losses are "
              + ("equal: the same arithmetic on the same batches." if same else "NOT equal: check they do the same work.")]
+    engine_mfu = common.median([m.mfu for m in runs[engine_name]]) if runs[engine_name][0].mfu is not None else None
+    if engine_mfu is not None:
+        notes.append(f"Engine MFU = {engine_mfu:.1%} (target >= {MFU_TARGET:.0%}: "
+                     f"{'met' if engine_mfu >= MFU_TARGET else 'NOT met'}).")
     if not args.gpu_preset:
         notes.append("Through the engine, against fp32 eager: "
-                     + "; ".join(f"{name.removeprefix('engine, ')}: {medians[name] / base:.2f}x the tokens/s "
-                                 f"({wall[name] / wall[engine_name]:.2f}x by the wall clock)"
+                     + "; ".join(f"{name.removeprefix('engine, ')}: {vs_base[name][0]:.2f}x the tokens/s "
+                                 f"({wall_vs_base[name][0]:.2f}x by the wall clock)"
                                  for name in contenders if name.startswith("engine, ") and name != engine_name) + ".")
 
     s, first = args.shape, runs[engine_name][0]
