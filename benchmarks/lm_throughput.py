@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.threads} torch thread{'s' if args.threads != 1 else ''}, CPU time is the measure, "
                     "since a shared machine stretches the wall clock" if args.device == "cpu" else
                     "the wall clock, with the GPU synchronised at the end of warm-up and of the run")),
-        ("MFU peak", f"{peak / 1e12:,.0f} TFLOP/s ({peak_note})" if peak else peak_note),
+        ("MFU peak", f"{peak / 1e12:,.4g} TFLOP/s ({peak_note})" if peak else peak_note),
     ]
     title = "LM throughput: engine vs hand-written loop" + (", GPU preset (GPT-2 124M shape)" if args.gpu_preset else "")
     text = common.section(title + (" (quick)" if args.quick else ""), facts, [table, " ".join(notes)])
