@@ -124,13 +124,14 @@ class MetricsLogger(Callback):
 class TensorBoardLogger(Callback):
     """Writes every logged metric as a TensorBoard scalar, tagged ``<split>/<name>``.
 
+    ``log_dir`` defaults to the engine's run directory (``logging.log_dir``).
     Records are handed to the event writer in batches, every ``flush_secs`` seconds
     and at the end: its writer thread wakes once per batch rather than once per
     record, which cost a few hundred microseconds each. The writer itself puts
     events on disk no more often than that.
     """
 
-    def __init__(self, log_dir: str, flush_secs: float = 30.0):
+    def __init__(self, log_dir: str | None = None, flush_secs: float = 30.0):
         self.log_dir, self.flush_secs = log_dir, flush_secs
         self._writer = None
         self._batch: list[tuple[Any, int]] = []
@@ -141,7 +142,8 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard import SummaryWriter
             from torch.utils.tensorboard.summary import hparams
 
-            self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=max(1, round(self.flush_secs)))
+            log_dir = engine.run_dir if self.log_dir is None else self.log_dir
+            self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=max(1, round(self.flush_secs)))
             # the run's config as hparams, written into this run's own event file
             params = {k: v for k, v in flatten(engine.config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
             for summary in hparams(params, {f"val/{engine.config.checkpoint.monitor}": float("nan")}):

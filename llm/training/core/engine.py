@@ -61,7 +61,9 @@ class TrainingEngine:
         callbacks: list[Callback] | None = None,
         local_rank: int | None = None,
     ):
-        self.config, self.task, self.rank, self.world_size = config, task, rank, world_size
+        # a config built in code has not been through from_dict or the command line: check it and fill
+        # in its derived paths ({task} in logging.log_dir, checkpoint.dir) here; validate() is idempotent
+        self.config, self.task, self.rank, self.world_size = config.validate(), task, rank, world_size
         if local_rank is None:
             local_rank = int(os.environ.get("LOCAL_RANK", rank))
         self.local_rank = local_rank

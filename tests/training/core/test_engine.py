@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llm.errors import UsageError
-from llm.training.core.callbacks import HOOKS, Callback, MetricsLogger
+from llm.training.core.callbacks import HOOKS, Callback, MetricsLogger, TensorBoardLogger
 from llm.training.core.config import Config
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine
 from llm.training.tasks.regression_task import RegressionTask
@@ -39,6 +40,23 @@ def test_training_lowers_loss_and_fills_the_run_dir(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{engine.step:08d}"
     hparams = events.PluginTagToContent("hparams")  # the config, logged as TensorBoard hparams
     assert hparams and any(b"training.batch_size" in content for content in hparams.values())
+
+
+def test_a_config_built_in_code_is_checked_and_writes_under_the_task_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Config()  # defaults, then fields set by hand: neither from_dict nor the command line has checked it
+    config.training.epochs, config.training.max_steps, config.logging.progress_bar = 1, 3, False
+    config.data.num_samples, config.data.input_dim, config.training.batch_size = 64, 4, 8
+    engine, _ = train(config, callbacks=[MetricsLogger(), TensorBoardLogger()])
+    assert engine.run_dir == Path("runs/regression") and config.checkpoint.dir == "runs/regression/checkpoints"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["regression"]  # no folder named "{task}"
+    events = EventAccumulator(str(engine.run_dir))  # TensorBoardLogger() writes into the engine's run folder
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")][-1] == 3
+    bad = Config()
+    bad.training.batch_size = 0
+    with pytest.raises(UsageError, match=r"training\.batch_size"):
+        TrainingEngine(bad, RegressionTask(bad))
 
 
 def test_hooks_fired_are_exactly_the_callback_hooks_in_loop_order(tmp_path):
@@ -76,7 +94,8 @@ class CrashAt(Callback):
 def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path, crash_step):
     settings = {"training": {"epochs": 3, "eval_every_steps": 4}, "checkpoint": {"every_n_steps": 3},
                 "model": {"dropout": 0.1}}
-    reference, _ = train(tiny_config(tmp_path / "ref", **settings), callbacks=default_callbacks(Config()))
+    ref = tiny_config(tmp_path / "ref", **settings)
+    reference, _ = train(ref, callbacks=default_callbacks(ref))
     crashed = tiny_config(tmp_path / "crash", **settings)
     with pytest.raises(CallbackError, match="CrashAt.on_step_end failed: RuntimeError: simulated crash"):
         train(crashed, callbacks=[CrashAt(crash_step), *default_callbacks(crashed)])
