@@ -1,0 +1,181 @@
+"""The checks only a CUDA machine can run, in one command, then the GPU throughput benchmark.
+
+    python benchmarks/gpu_check.py --data-path FILE [--out BENCHMARKS.md]
+    python benchmarks/gpu_check.py --data-path FILE --device cpu     # a dry run of the same commands
+
+Each check runs the command line a user would type, in a fresh process, and
+reads back what the run wrote (summary.json, metrics.jsonl, the export):
+
+- lm in bf16 with torch.compile: the loss falls, and the throughput callback
+  logs tokens/s and MFU (MFU needs the device in the peak-FLOPS table);
+- lm in fp16: the gradient scaler's path;
+- exact resume: a run of 40 steps resumed from its own step-20 checkpoint in
+  a new folder, against the same 40 steps run straight through twice, so that
+  a GPU kernel's own run-to-run noise (atomics in some backward kernels) is
+  told apart from a resume error;
+- torchrun with one process on nccl, DDP and FSDP, and an export of the FSDP
+  run's sharded checkpoint.
+
+Then ``lm_throughput.py --gpu-preset`` (GPT-2 124M shape, bf16, compile, MFU)
+appends its own section. With ``--device cpu`` the fp16, nccl and benchmark
+steps are left out and the rest runs on the CPU with gloo: a way to check
+the script before spending GPU time on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: import this llm
+
+from benchmarks import common  # noqa: E402
+
+SMALL_LM = ["--task", "lm", "--data-tokenizer", "char", "--model-n-layer", "4", "--model-n-head", "4",
+            "--model-n-embd", "128", "--model-block-size", "128", "--training-batch-size", "16",
+            "--training-eval-batches", "4", "--logging-progress-bar", "false", "--logging-log-every-steps", "10"]
+"""The default lm model: seconds per run on a GPU, so the checks cost little device time."""
+
+
+class Checks:
+    def __init__(self, args: argparse.Namespace, work: Path):
+        self.args, self.work, self.rows = args, work, []
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO),
+                                                                               os.environ.get("PYTHONPATH")]))}
+
+    def train(self, name: str, *flags: str, launcher: list[str] | None = None) -> Path:
+        """Run training with the given flags into work/name; the run folder. Raises on a non-zero exit."""
+        run = self.work / name
+        command = [*(launcher or [sys.executable, "-m", "llm.training.train"]), *SMALL_LM,
+                   "--data-path", str(Path(self.args.data_path).resolve()), "--data-cache-dir",
+                   str(self.work / "cache"), "--training-device", self.args.device,
+                   "--logging-log-dir", str(run), *flags]
+        self.command(command)
+        return run
+
+    def command(self, command: list[str]) -> None:
+        print("$", shlex.join(command), flush=True)
+        done = subprocess.run(command, env=self.env, cwd=self.work, capture_output=True, text=True)
+        sys.stdout.write(done.stdout[-2000:])
+        sys.stderr.write(done.stderr[-4000:])
+        if done.returncode:
+            last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+            raise RuntimeError(f"exit {done.returncode}: {last}")
+
+    def check(self, name: str, run: Callable[[], str]) -> None:
+        start = time.perf_counter()
+        try:
+            result, ok = run(), True
+        except Exception as e:  # a check that fails is reported, and the others still run
+            result, ok = f"{type(e).__name__}: {e}", False
+        seconds = time.perf_counter() - start
+        self.rows.append((name, "pass" if ok else "FAIL", f"{seconds:.0f}", result))
+        print(f"{'PASS' if ok else 'FAIL'} {name} ({seconds:.0f} s): {result}", flush=True)
+
+    # ---- the checks --------------------------------------------------------------------------
+
+    def bf16_compiled(self) -> str:
+        run = self.train("bf16-compiled", "--training-precision", "bf16", "--training-compile", "true",
+                         "--training-max-steps", "200", "--training-eval-every-steps", "100")
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if r["split"] == "train"]
+        first, last = train[0]["loss"], train[-1]["loss"]
+        if not last < first:
+            raise RuntimeError(f"the training loss did not fall: {first:.3f} -> {last:.3f}")
+        rates = [r for r in train if "tokens_per_s" in r]
+        mfu = [r["mfu"] for r in rates if "mfu" in r]
+        summary = json.loads((run / "summary.json").read_text())
+        text = (f"loss {first:.3f} -> {last:.3f}; {rates[-1]['tokens_per_s']:,.0f} tokens/s, step "
+                f"{rates[-1]['step_time_ms']:.1f} ms, data wait {rates[-1]['data_wait_pct']:.2f}%, peak memory "
+                f"{rates[-1]['peak_mem_mb']:,.0f} MB; first step (compile) {summary['first_step_s']:.1f} s")
+        if self.args.device == "cuda" and not mfu:
+            raise RuntimeError(text + "; no mfu logged: is the device in throughput.PEAK_FLOPS?")
+        return text + (f"; MFU {mfu[-1]:.1%} (a model this small is not expected to fill the GPU)" if mfu else "")
+
+    def fp16(self) -> str:
+        run = self.train("fp16", "--training-precision", "fp16", "--training-max-steps", "100",
+                         "--training-eval-every-steps", "50")
+        summary = json.loads((run / "summary.json").read_text())
+        if not math.isfinite(summary["train_loss"]):
+            raise RuntimeError(f"train_loss {summary['train_loss']}")
+        return (f"train_loss {summary['train_loss']:.3f}, val_loss {summary['val_loss']:.3f}, "
+                f"skipped steps {summary['skipped_steps']} (the scaler's overflow skips)")
+
+    def exact_resume(self) -> str:
+        flags = ["--training-precision", "bf16", "--training-eval-every-steps", "20", "--model-dropout", "0.1",
+                 "--training-max-steps", "40", "--checkpoint-every-n-steps", "20"]
+        straight = [self.train(f"straight-{i}", *flags) for i in (1, 2)]
+        # the first run's checkpoint at step 20, continued in a run folder of its own
+        resumed = self.train("resumed", *flags, "--checkpoint-resume",
+                             str(straight[0] / "checkpoints" / "step_00000020"))
+
+        def losses(run: Path) -> list[float]:
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            return [r["loss"] for r in records if r["split"] == "train" and r["step"] > 20]
+
+        noise = max(abs(a - b) for a, b in zip(losses(straight[0]), losses(straight[1]), strict=True))
+        error = max(abs(a - b) for a, b in zip(losses(straight[0]), losses(resumed), strict=True))
+        text = (f"steps 21-40, largest train-loss gap: resumed vs straight {error:.2e}, straight vs straight "
+                f"(the device's own noise) {noise:.2e}")
+        if error > noise:
+            raise RuntimeError(text)
+        return text + ("; bit for bit" if error == 0 else "")
+
+    def torchrun(self, strategy: str) -> str:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(common.REPO / "llm/training/train.py")]
+        backend = "nccl" if self.args.device == "cuda" else "gloo"
+        run = self.train(f"torchrun-{strategy}", "--distributed-strategy", strategy, "--distributed-backend", backend,
+                         "--training-max-steps", "30", "--training-eval-every-steps", "15", launcher=launcher)
+        summary = json.loads((run / "summary.json").read_text())
+        text = f"{backend}, {strategy}: {summary['steps']} steps, val_loss {summary['val_loss']:.3f}"
+        if strategy == "fsdp":
+            out = self.work / "fsdp.safetensors"
+            self.command([sys.executable, "-m", "llm.export", str(run), "--out", str(out)])
+            text += f"; exported {out.stat().st_size / 1e6:.1f} MB of weights from the sharded checkpoint"
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, quick=False)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (default), or cpu for a dry run of the same commands")
+    args = parser.parse_args(argv)
+    common.check_data_path(parser, args.data_path)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device (torch.cuda.is_available() is False); --device cpu runs a dry run")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        checks = Checks(args, Path(tmp))
+        checks.check("lm, bf16, compiled", checks.bf16_compiled)
+        if args.device == "cuda":
+            checks.check("lm, fp16 (gradient scaler)", checks.fp16)
+        checks.check("exact resume, bf16, dropout", checks.exact_resume)
+        checks.check("torchrun, 1 process, ddp", lambda: checks.torchrun("ddp"))
+        checks.check("torchrun, 1 process, fsdp, export", lambda: checks.torchrun("fsdp"))
+    table = common.markdown_table(("check", "result", "s", "what it measured"), checks.rows)
+    facts = [("device", f"{device}, torch {torch.__version__}, CUDA {torch.version.cuda}"),
+             ("model", "the default lm GPT (4 layers, 128 wide, context 128, batch 16), char tokenizer")]
+    common.append_section(args.out, common.section(f"GPU checks on {device}", facts, [table]))
+    failed = sum(row[1] == "FAIL" for row in checks.rows)
+    if args.device == "cuda":
+        preset = [sys.executable, str(common.REPO / "benchmarks/lm_throughput.py"), "--data-path", args.data_path,
+                  "--gpu-preset", "--out", str(args.out)]
+        print("$", shlex.join(preset), flush=True)
+        failed += subprocess.run(preset).returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
