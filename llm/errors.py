@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Iterable
 
 EXIT_USAGE = 2
@@ -31,3 +32,14 @@ def closest(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for the nearest valid name, or ''."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]}?)" if match else ""
+
+
+def print_error(line: str) -> None:
+    """Write one line to stderr in a single write.
+
+    ``print`` writes the text and its newline separately, and stderr is not
+    buffered, so two ranks sharing a terminal or a pipe can interleave their
+    lines ("...processeserror: ...") even when each is one line.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

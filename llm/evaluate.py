@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.data.tokenizers import Tokenizer
-from llm.errors import EXIT_USAGE, UsageError
+from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.generate import ArgParser
 from llm.training.tasks.lm_task import load_lm
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = read_tokens(args.data_path, tokenizer)
         loss, n_tokens = evaluate(model, ids, model.config.block_size, args.batch_size)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {e}")
         return EXIT_USAGE
     print(f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}")
     return 0

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
-from llm.errors import EXIT_USAGE, UsageError
+from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.generate import ArgParser
 from llm.models.hf import NotGPT2, to_gpt2_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, resolve_checkpoint
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ckpt = export(args.checkpoint, args.out)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {e}")
         return EXIT_USAGE
     if args.format == "hf":
         tokenizer = ("tokenizer.json" if with_tokenizer

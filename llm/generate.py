@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from llm.data.tokenizers import Tokenizer
-from llm.errors import EXIT_USAGE, UsageError
+from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.models.gpt import GPT
 from llm.training.tasks.lm_task import load_lm
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm.errors import EXIT_USAGE, UsageError
+from llm.errors import EXIT_USAGE, UsageError, print_error
 
 Curve = list[tuple[int, float]]
 """(step, value) pairs, sorted by step."""
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("llm.plot needs matplotlib: pip install matplotlib") from None
         save(draw(runs, args.width, args.height, args.dpi), args.out, args.dpi)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {e}")
         return EXIT_USAGE
     print(args.out)
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from llm.errors import EXIT_USAGE, UsageError
+from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
     Callback,
@@ -71,7 +71,7 @@ def claim_run_dir(config: Config) -> None:
     chosen = D.broadcast_from_rank0(chosen)
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         if D.env_ranks()[0] == 0:
-            print(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}", file=sys.stderr)
+            print_error(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}")
         if Path(config.checkpoint.dir) == Path(config.logging.log_dir) / "checkpoints":
             config.checkpoint.dir = str(Path(chosen) / "checkpoints")
         config.logging.log_dir = chosen
@@ -139,21 +139,20 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             D.destroy_process_group()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {e}")
         return EXIT_USAGE
     except RuntimeError as e:
         if not _lost_a_rank(e):
             raise
         # another rank died or hung: one line here naming it, as far as the store can tell
         who = D.lost_ranks(rank, D.env_ranks()[1]) or "another rank failed or hung"
-        print(f"error: rank {rank} lost contact with the others: {who}: {' '.join(str(e).split())[:300]}",
-              file=sys.stderr)
+        print_error(f"error: rank {rank} lost contact with the others: {who}: {' '.join(str(e).split())[:300]}")
         return 1
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {e}")
         return EXIT_NON_FINITE
     except TrainingInterrupted as e:
-        print(f"{e}; continue with --checkpoint-resume auto", file=sys.stderr)
+        print_error(f"{e}; continue with --checkpoint-resume auto")
         return 128 + e.signum
     if rank == 0:
         print(summary_table(config, metrics))

@@ -34,6 +34,30 @@ def test_bad_flag_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert out.stderr == "error: training.batch_size: got 0, expected an integer >= 1\n"
 
 
+class _Writes:
+    """A stderr that keeps each write apart, as two ranks sharing a pipe would see them."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_an_error_line_goes_out_in_one_write(monkeypatch):
+    # two ranks print the same error at once: written as text, then newline, the lines interleave
+    from llm.training.train import main
+
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["--training-batch-size", "0"]) == 2
+    assert stderr.writes == ["error: training.batch_size: got 0, expected an integer >= 1\n"]
+
+
 @pytest.mark.parametrize("task", ["regression", "tests.helpers:PartlyIgnoredRegressionTask"])
 def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_path, task):
     # the second task's batches count different numbers of samples: ranks must weigh theirs by it
