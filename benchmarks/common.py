@@ -63,12 +63,13 @@ def machine() -> str:
 
 
 def git_commit() -> str:
-    """The short commit of the checkout, marked when tracked files have uncommitted changes."""
+    """The short commit of the checkout, marked when tracked files other than BENCHMARKS.md
+    (which a run of several benchmarks keeps appending to) have uncommitted changes."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)BENCHMARKS.md")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + (" + uncommitted changes" if dirty else "")
