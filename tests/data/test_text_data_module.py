@@ -235,5 +235,5 @@ def test_datasets_pickle_without_the_token_map(tmp_path, corpus):
     dm = ready(tmp_path, corpus)
     x0 = dm.train_set[0][0]
     clone = pickle.loads(pickle.dumps(dm.train_set))
-    assert clone._tokens is None and torch.equal(clone[0][0], x0)
+    assert clone._tokens is None and clone._windows is None and torch.equal(clone[0][0], x0)
     assert os.path.samefile(clone.path, dm.cache_path / "tokens.bin")
