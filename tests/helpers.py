@@ -97,11 +97,16 @@ def free_port() -> int:
 
 def run(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command with the repo importable; output captured as text."""
+    return subprocess.run(args, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment with the repo importable, its scripts on PATH and no LLM_* overrides."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env["PATH"] = SCRIPTS + os.pathsep + full_env.get("PATH", "")
     full_env.update(env or {})
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return full_env
 
 
 def train_cli(*flags: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:

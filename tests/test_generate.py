@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from torch import nn
 from llm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, load_tokenizer
 from llm.generate import main, stream_text
 from llm.training.tasks.lm_task import load_lm
-from tests.helpers import run, train_tiny_lm
+from tests.helpers import cli_env, run, train_tiny_lm
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 BLOCK = 32
@@ -74,6 +76,24 @@ def greedy(model, tokenizer, prompt: str, n: int) -> str:
     for _ in range(n):
         ids.append(int(model(torch.tensor([ids[-BLOCK:]]))[0, -1].argmax()))
     return tokenizer.decode(ids[len(tokenizer.encode(prompt)):])
+
+
+def test_text_reaches_the_reader_piece_by_piece(step_dir, tmp_path):
+    # unflushed, a pipe's reader gets nothing until 8 KiB of text have piled up in the writer's buffer
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}  # the program's own flushing, not -u's
+    proc = subprocess.Popen([sys.executable, "-m", "llm.generate", "--checkpoint", str(step_dir), "--prompt", PROMPT,
+                             "--max-new-tokens", "1000000", "--seed", "1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = os.read(proc.stdout.fileno(), 1 << 16)  # whatever the pipe holds when the first write lands
+        assert 0 < len(first) < 1024, (len(first), proc.stderr.read().decode()[-2000:] if not first else "")
+        received = first
+        while len(received) < len(PROMPT) + 20:
+            received += os.read(proc.stdout.fileno(), 1 << 16)
+        assert received.decode().startswith(PROMPT)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_temperature_zero_continues_with_the_most_likely_tokens(step_dir, capsys):
