@@ -89,7 +89,9 @@ def test_text_reaches_the_reader_piece_by_piece(step_dir, tmp_path):
         assert 0 < len(first) < 1024, (len(first), proc.stderr.read().decode()[-2000:] if not first else "")
         received = first
         while len(received) < len(PROMPT) + 20:
-            received += os.read(proc.stdout.fileno(), 1 << 16)
+            more = os.read(proc.stdout.fileno(), 1 << 16)
+            assert more, proc.stderr.read().decode()[-2000:]  # the process ended early
+            received += more
         assert received.decode().startswith(PROMPT)
     finally:
         proc.kill()

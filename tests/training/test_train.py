@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.training.train import main
 from tests.helpers import REPO, SCRIPTS, free_port, torchrun, train_cli
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -50,8 +51,6 @@ class _Writes:
 
 def test_an_error_line_goes_out_in_one_write(monkeypatch):
     # two ranks print the same error at once: written as text, then newline, the lines interleave
-    from llm.training.train import main
-
     stderr = _Writes()
     monkeypatch.setattr(sys, "stderr", stderr)
     assert main(["--training-batch-size", "0"]) == 2
