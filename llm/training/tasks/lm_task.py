@@ -67,12 +67,14 @@ class LMTask(TrainingTask):
         return build_scheduler(optimizer, self.config.optimizer, self.total_steps)
 
     def build_criterion(self) -> nn.Module:
-        return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
     def train_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         x, y = batch
         logits = model(x)
-        return criterion(logits.flatten(0, 1), y.flatten()), {}
+        # a sum over the counted targets, then their mean: a batch with none of them counted (all
+        # padding) has loss 0 and weighs nothing, where a plain mean would be 0/0 = nan
+        return criterion(logits.flatten(0, 1), y.flatten()) / (y != IGNORE_INDEX).sum().clamp(min=1), {}
 
     def validation_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         return self.train_step(batch, model, criterion)

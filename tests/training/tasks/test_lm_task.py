@@ -15,7 +15,7 @@ from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module, resolve_task
-from llm.training.tasks.lm_task import LMTask, load_lm
+from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask, load_lm
 from tests.helpers import train_tiny_lm
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
@@ -65,6 +65,24 @@ def test_steps_return_next_token_cross_entropy(task):
     val_loss, _ = task.validation_step((x, y), model, criterion)
     torch.testing.assert_close(val_loss, loss)
     assert loss.item() == pytest.approx(math.log(task.data_module.tokenizer.vocab_size), abs=0.3)
+
+
+def test_ignored_targets_leave_the_loss_and_a_batch_of_only_padding_weighs_nothing(task):
+    torch.manual_seed(0)
+    model, criterion = task.build_model(), task.build_criterion()
+    x, y = next(iter(task.data_module.train_dataloader(0, 1)[0]))
+    half = y.clone()
+    half[:, 8:] = IGNORE_INDEX
+    logits = model(x)
+    manual = -torch.log_softmax(logits[:, :8], -1).gather(-1, y[:, :8].unsqueeze(-1)).mean()
+    torch.testing.assert_close(task.train_step((x, half), model, criterion)[0], manual)
+    assert int(task.loss_weight((x, half))) == y.shape[0] * 8
+
+    padding = torch.full_like(y, IGNORE_INDEX)  # a micro-batch of nothing but padding: 0/0 as a plain mean
+    loss, _ = task.train_step((x, padding), model, criterion)
+    loss.backward()
+    assert loss.item() == 0.0 and int(task.loss_weight((x, padding))) == 0
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
 
 
 def test_a_few_optimizer_steps_lower_the_loss(task):
