@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE
+    except NonFiniteError as e:  # a RuntimeError: caught before the clause below
+        print_error(f"error: {e}")
+        return EXIT_NON_FINITE
     except RuntimeError as e:
         if not _lost_a_rank(e):
             raise
@@ -148,9 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         who = D.lost_ranks(rank, D.env_ranks()[1]) or "another rank failed or hung"
         print_error(f"error: rank {rank} lost contact with the others: {who}: {' '.join(str(e).split())[:300]}")
         return 1
-    except NonFiniteError as e:
-        print_error(f"error: {e}")
-        return EXIT_NON_FINITE
     except TrainingInterrupted as e:
         print_error(f"{e}; continue with --checkpoint-resume auto")
         return 128 + e.signum

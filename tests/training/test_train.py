@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -133,8 +134,18 @@ def test_nan_on_one_rank_stops_both_and_names_it(tmp_path):
                    env={"NAN_AT_STEP": "5", "NAN_ON_RANK": "1", "PYTHONPATH": f"{REPO}"})
     assert out.returncode != 0
     assert out.stderr.count("at step 5, loss non-finite on rank(s) [1]") == 2  # both ranks say so
+    assert re.search(r"exitcode\s*:\s*3\b", out.stderr), out.stderr[-2000:]  # torchrun reports each worker's 3
     latest = tmp_path / "runs/nanregressiontask/checkpoints/latest"
     assert latest.read_text().strip() == "step_00000004"
+
+
+def test_a_non_finite_loss_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NAN_AT_STEP", "3")
+    assert main(["--task", "tests.helpers:NaNRegressionTask", *SMALL, "--training-max-steps", "5"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: non-finite gradient norm at step 3, loss non-finite on rank(s) [0]: stopping "
+                       "(training.nan_policy=stop); the last checkpoint is left as it was")
 
 
 def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path):
