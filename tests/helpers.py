@@ -180,6 +180,30 @@ class SampleRecordingTask(RegressionTask):
 # ---- language-model runs ------------------------------------------------------------
 
 
+from llm.data.synthetic_data_module import SyntheticDataModule  # noqa: E402
+
+
+class UnskippableData(SyntheticDataModule):
+    """Synthetic regression data whose training loader hides its sampler behind a batch sampler of its own,
+    as many hand-made loaders do: a resumed run cannot skip indices and must replay batches."""
+
+    def train_dataloader(self, rank, world_size):
+        loader, sampler = super().train_dataloader(rank, world_size)
+        batches = _OpaqueBatches(loader.batch_sampler)
+        return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches), sampler
+
+
+class _OpaqueBatches:
+    def __init__(self, batch_sampler):
+        self._inner = batch_sampler
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def __len__(self):
+        return len(self._inner)
+
+
 def lm_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     """A tiny char-level GPT on a small corpus written under tmp_path."""
     corpus = tmp_path / "corpus.txt"

@@ -93,7 +93,8 @@ class TrainingEngine:
         self._window = _Running()  # losses and metrics since the last training log
         self._grad_norms: list[float] = []  # gradient norms since the last training log
         self._epoch_loss_sum = (0.0, 0.0)  # loss sum and count of the epoch's logged windows
-        self._signal: int | None = None
+        self._signal: int | None = None  # a signal this process received
+        self._interrupted = False  # a signal some rank received, agreed by all of them
 
     # ---- the loop ------------------------------------------------------------------
 
@@ -112,8 +113,8 @@ class TrainingEngine:
         finally:
             self._fire_cleanup(metrics, ok)
             self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
-        if self._signal is not None:
-            raise TrainingInterrupted(self._signal, self.step, checkpoint)
+        if self._interrupted:
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, checkpoint)
         return metrics
 
     def train_epoch(self) -> None:
@@ -137,7 +138,7 @@ class TrainingEngine:
             if self._agree_to_stop():
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        metrics = {"train_loss": self._epoch_loss(), **self.validate()}
+        metrics = {"train_loss": self._epoch_loss(), **self._validated()}
         self._fire("on_epoch_end", metrics)
         self._flush_log("epoch", metrics)
         self._agree_to_stop()
@@ -146,8 +147,8 @@ class TrainingEngine:
         """Log the last steps, validate the final weights, save them, write the summary."""
         if len(self._window):
             self._flush_log("train", self._window_metrics())
-        if self._signal is None and self.val_metrics.get("step") != self.step:
-            self.validate()
+        if not self._interrupted:
+            self._validated()
         checkpoint = self.save_checkpoint()
         return self._summary(elapsed), checkpoint
 
@@ -422,14 +423,13 @@ class TrainingEngine:
     def _epoch_batches(self) -> Iterator[list[Any]]:
         """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped."""
         k = self.config.training.grad_accum_steps
-        loader: Any = self.train_loader
-        if self._resumable is not None:
+        if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
             self._resumable.skip = self.batch_in_epoch * self.config.training.batch_size
-        elif self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
+        batches = self._iterate(self.train_loader, -1 - self.epoch)
+        if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
             warnings.warn("the training loader has no BatchSampler over a sampler: replaying batches to resume mid-epoch")
-            loader = itertools.islice(loader, self.batch_in_epoch, None)
+            batches = itertools.islice(batches, self.batch_in_epoch, None)
         group: list[Any] = []
-        batches = self._iterate(loader, -1 - self.epoch) if loader is self.train_loader else iter(loader)
         while True:
             waited = time.perf_counter()
             batch = next(batches, _END)
@@ -457,6 +457,12 @@ class TrainingEngine:
             loader.generator = torch.Generator().manual_seed(seed)
         return iter(loader)
 
+    def _validated(self) -> dict[str, float]:
+        """The validation of the current step: run now unless it already ran (eval_every_steps may end an epoch)."""
+        if self.val_metrics.get("step") == self.step:
+            return {k: v for k, v in self.val_metrics.items() if k != "step"}
+        return self.validate()
+
     def _finished(self) -> bool:
         t = self.config.training
         return self.should_stop or self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
@@ -465,11 +471,16 @@ class TrainingEngine:
         return every > 0 and self.step % every == 0
 
     def _agree_to_stop(self) -> bool:
+        """Whether any rank asked to stop or was signalled; every rank gets the same answer.
+
+        A signal that lands after the last agreement is not acted on: every rank then
+        finishes the same way, validating and saving, rather than some skipping the
+        validation's collectives and waiting on the others forever.
+        """
         stop, signalled = D.any_rank([self.should_stop, self._signal is not None], self.device)
-        if signalled and self._signal is None:
-            self._signal = signal.SIGTERM
         if signalled:
-            self.request_stop(f"stopped by signal {signal.Signals(self._signal).name}")
+            self._interrupted = True
+            self.request_stop(f"stopped by signal {signal.Signals(self._signal or signal.SIGTERM).name}")
         self.should_stop = stop or signalled
         return self.should_stop
 

@@ -10,10 +10,12 @@ from llm.training.core.optim import build_optimizer, build_scheduler
 from llm.training.tasks.base_task import TrainingTask
 
 
-def mlp(n_in: int, n_hidden: int, n_layers: int, n_out: int) -> nn.Sequential:
+def mlp(n_in: int, n_hidden: int, n_layers: int, n_out: int, dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_layers):
         layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), nn.GELU()]
+        if dropout:  # no layer at all without it: the weights keep their names
+            layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(n_hidden if n_layers else n_in, n_out))
     return nn.Sequential(*layers)
 
@@ -25,7 +27,7 @@ class RegressionTask(TrainingTask):
 
     def build_model(self) -> nn.Module:
         m = self.config.model
-        return mlp(self.config.data.input_dim, m.n_embd, m.n_layer, 1)
+        return mlp(self.config.data.input_dim, m.n_embd, m.n_layer, 1, m.dropout)
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
         return build_optimizer(model, self.config.optimizer)

@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,20 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path
     assert max(steps) == reference.step
 
 
+def test_a_loader_that_cannot_skip_is_replayed_and_the_resume_is_still_exact(tmp_path):
+    settings = {"training": {"epochs": 2}, "checkpoint": {"every_n_steps": 3}, "model": {"dropout": 0.1},
+                "data": {"module": "tests.helpers:UnskippableData"}}
+    reference, _ = train(tiny_config(tmp_path / "ref", **settings))
+    with pytest.raises(CallbackError, match="simulated crash"):
+        train(tiny_config(tmp_path / "crash", **settings), callbacks=[CrashAt(10)])  # saved at 9, mid-epoch
+    resumed_config = tiny_config(tmp_path / "crash", **{**settings, "checkpoint": {"resume": "auto"}})
+    with pytest.warns(UserWarning, match="replaying batches to resume mid-epoch"):
+        resumed, _ = train(resumed_config)
+    assert resumed.step == reference.step
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
+
+
 def test_resume_restores_callback_state(tmp_path):
     config = tiny_config(tmp_path, training={"epochs": 2})
     first, _ = train(config, callbacks=default_callbacks(config))
@@ -136,6 +152,27 @@ def test_max_steps_and_eval_batches(tmp_path):
     engine, metrics = train(tiny_config(tmp_path, training={"max_steps": 5, "eval_batches": 1}), callbacks=[recorder])
     assert engine.step == 5 and metrics["stop_reason"] == "reached max_steps=5"
     assert recorder.names().count("on_validation_end") == 1  # no full epoch: only the final validation
+
+
+def test_an_evaluation_that_ends_an_epoch_is_not_run_twice(tmp_path):
+    recorder = Recorder()  # 14 steps an epoch, validation every 7: steps 7, 14, 21, 28 and no more
+    train(tiny_config(tmp_path, training={"epochs": 2, "eval_every_steps": 7, "patience": 1}), callbacks=[recorder])
+    validations = [metrics for name, metrics in recorder.calls if name == "on_validation_end"]
+    epochs = [metrics for name, metrics in recorder.calls if name == "on_epoch_end"]
+    assert len(validations) == 4 and len(epochs) == 2
+    assert epochs[0]["val_loss"] == validations[1]["val_loss"] and epochs[1]["val_loss"] == validations[3]["val_loss"]
+
+
+def test_a_signal_after_the_last_stop_agreement_lets_the_run_finish_as_every_rank_would(tmp_path):
+    class SignalDuringFinalValidation(Callback):
+        def on_validation_end(self, engine, metrics):
+            if engine.step == 5:  # max_steps reached and agreed: the final validation is under way
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    engine, metrics = train(tiny_config(tmp_path, training={"max_steps": 5}),
+                            callbacks=[SignalDuringFinalValidation()])
+    assert metrics["stop_reason"] == "reached max_steps=5" and engine.step == 5
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000005"
 
 
 def test_nan_policy_stop_names_the_step_and_saves_nothing(tmp_path, monkeypatch):
