@@ -25,7 +25,8 @@ class ConfigError(UsageError):
     def __init__(self, field: str, value: object, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         shown = field if re.fullmatch(r"[\w.]+", field) else repr(field)  # a key of any text stays on one line
-        super().__init__(f"{shown}: got {value!r}, expected {allowed}")
+        got = repr(value) if len(repr(value)) <= 80 else repr(value)[:60] + f"... ({len(repr(value))} characters)"
+        super().__init__(f"{shown}: got {got}, expected {allowed}")
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

@@ -57,8 +57,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature: got {args.temperature}, expected a number >= 0")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k: got {args.top_k}, expected an integer >= 1")
-    if args.seed < 0:
-        raise UsageError(f"--seed: got {args.seed}, expected an integer >= 0")
+    if not 0 <= args.seed < 2**64:  # what torch.manual_seed takes
+        raise UsageError(f"--seed: got {args.seed}, expected an integer from 0 to 2**64 - 1")
 
 
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,

@@ -285,6 +285,8 @@ class Config:
         _at_least("training.grad_accum_steps", t.grad_accum_steps, 1)
         _at_least("training.grad_clip", t.grad_clip, 0.0)
         _at_least("training.seed", t.seed, 0)
+        if t.seed >= 2**63:  # each rank seeds torch with seed + rank, which must stay below 2**64
+            raise ConfigError("training.seed", t.seed, "an integer below 2**63")
         _at_least("training.eval_every_steps", t.eval_every_steps, 0)
         _at_least("training.eval_batches", t.eval_batches, 0)
         _at_least("training.patience", t.patience, 0)
@@ -319,6 +321,8 @@ class Config:
             raise ConfigError("task", self.task, "a task name or package.module:Class")
         if "{task}" in lg.log_dir:
             lg.log_dir = lg.log_dir.replace("{task}", self.task.rpartition(":")[2].lower())
+        if Path(lg.log_dir).name in ("", ".."):  # '', '.', '/', 'runs/..': no name to give a run of its own
+            raise ConfigError("logging.log_dir", lg.log_dir, "a path ending in a folder name, such as runs/lm")
         if not c.dir:
             c.dir = str(Path(lg.log_dir) / "checkpoints")
         return self
@@ -471,13 +475,10 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isfinite(value):
-                return float(value)
-        elif isinstance(value, str):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 number = float(value)
-            except ValueError:
+            except (ValueError, OverflowError):  # an integer too large for a float overflows
                 pass
             else:
                 if math.isfinite(number):

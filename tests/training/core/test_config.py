@@ -75,6 +75,10 @@ def test_yaml_roundtrip_gives_an_equal_config(tmp_path):
         ({"model": {"n_embd": 100, "n_head": 3}}, ["model.n_embd", "100", "multiple of model.n_head"]),
         ({"model": {"block_size": 0}}, ["model.block_size", "0"]),
         ({"training": "fast"}, ["training", "a mapping"]),
+        ({"optimizer": {"lr": 10**400}}, ["optimizer.lr", "(401 characters)", "a number"]),  # no float holds it
+        ({"training": {"seed": 2**64}}, ["training.seed", str(2**64), "below 2**63"]),
+        ({"logging": {"log_dir": "."}}, ["logging.log_dir", "'.'", "folder name"]),
+        ({"logging": {"log_dir": "runs/.."}}, ["logging.log_dir", "'runs/..'", "folder name"]),
     ],
 )
 def test_bad_values_name_the_field_value_and_what_is_allowed(overrides, words):
