@@ -51,11 +51,13 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
         raise UsageError(f"{run_dir}: no such run directory")
     path = run_dir / "metrics.jsonl"
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UsageError(f"{run_dir} has no metrics.jsonl: is it a run directory?") from None
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not text (byte {e.start} is not UTF-8): is it a run's metrics.jsonl?") from None
 
     # a dict per curve: a resumed run logs again the steps after its checkpoint, and the later record wins
     points: dict[str, dict[int, float]] = {"train": {}, "val": {}, "lr": {}}

@@ -117,6 +117,7 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
     ("missing run dir", ["missing: no such run directory"]),
     ("no metrics.jsonl", ["empty has no metrics.jsonl"]),
     ("no loss records", ["has no loss records"]),
+    ("binary metrics", ["metrics.jsonl is not text (byte 0 is not UTF-8)"]),
     ("out folder missing", ["cannot write", "No such file or directory"]),
     ("out is a directory", ["cannot write", "Is a directory"]),
     ("unknown format", ["cannot write .txt files"]),
@@ -129,11 +130,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
     write_run(tmp_path / "lr_only")
     (tmp_path / "lr_only" / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "lr": 0.1}) + "\n")
     (tmp_path / "taken").mkdir()
+    write_run(tmp_path / "binary")
+    (tmp_path / "binary" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     out = tmp_path / "out.png"
     args = {
         "missing run dir": [good, tmp_path / "missing", "--out", out],
         "no metrics.jsonl": [tmp_path / "empty", "--out", out],
         "no loss records": [tmp_path / "lr_only", "--out", out],
+        "binary metrics": [tmp_path / "binary", "--out", out],
         "out folder missing": [good, "--out", tmp_path / "nowhere" / "loss.png"],
         "out is a directory": [good, "--out", tmp_path / "taken"],
         "unknown format": [good, "--out", tmp_path / "loss.txt"],

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from llm.errors import UsageError
 from llm.training.core.config import OptimizerConfig
 
 
@@ -45,6 +46,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, cfg: OptimizerConfig):
         hidden = _hidden_matrices(model)
+        if not hidden:
+            raise UsageError(f"optimizer muon: {type(model).__name__} has no hidden matrices for Muon (its first and "
+                             f"last layers go to AdamW): add layers, or choose --optimizer-name adamw")
         hidden_ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
         self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,

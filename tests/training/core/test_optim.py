@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.config import OptimizerConfig
 from llm.training.core.optim import MuonWithAdamW, build_optimizer, build_scheduler, lr_factor
@@ -42,6 +43,11 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert adamw.isdisjoint(muon) and adamw | muon == {id(p) for p in model.parameters()}
     assert id(model.tok_emb.weight) in adamw
+
+
+def test_muon_on_a_model_without_hidden_matrices_is_refused_in_one_line():
+    with pytest.raises(UsageError, match="Sequential has no hidden matrices for Muon"):
+        build_optimizer(mlp(4, 8, 1, 1), OptimizerConfig(name="muon"))  # one hidden layer: two matrices
 
 
 def test_muon_learns_follows_the_schedule_and_restores_state():
