@@ -27,7 +27,7 @@ from llm.training.core.callbacks import (
     TensorBoardLogger,
 )
 from llm.training.core.config import Config
-from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted, resume_spec
+from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.throughput import ThroughputMonitor
 from llm.training.core.registry import resolve_data_module, resolve_task
@@ -57,17 +57,17 @@ def default_callbacks(config: Config) -> list[Callback]:
 
 
 def claim_run_dir(config: Config) -> None:
-    """A fresh run never writes into an earlier run's directory: it takes the next free name (runs/lm-2, ...)."""
-    if resume_spec(config):
+    """A fresh run never writes into an earlier run's directory: it takes the next free name (runs/lm-2, ...).
+
+    Workers that torchrun restarted after a failure take the directory their launch
+    claimed, found by the launch the engine records there, and resume from its
+    checkpoints; never an earlier run's.
+    """
+    if config.checkpoint.resume:  # the user named what to continue
         return
     chosen = None
     if D.env_ranks()[0] == 0:
-        base = candidate = Path(config.logging.log_dir)
-        n = 1
-        while candidate.is_dir() and any(candidate.iterdir()):
-            n += 1
-            candidate = base.with_name(f"{base.name}-{n}")
-        chosen = str(candidate)
+        chosen = str(_free_run_dir(Path(config.logging.log_dir)))
     chosen = D.broadcast_from_rank0(chosen)
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         if D.env_ranks()[0] == 0:
@@ -75,6 +75,18 @@ def claim_run_dir(config: Config) -> None:
         if Path(config.checkpoint.dir) == Path(config.logging.log_dir) / "checkpoints":
             config.checkpoint.dir = str(Path(chosen) / "checkpoints")
         config.logging.log_dir = chosen
+
+
+def _free_run_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``...: the first that is empty, or that this launch wrote before a restart."""
+    launch = D.launch_id() if D.restarted() else None
+    candidate, n = base, 1
+    while candidate.is_dir() and any(candidate.iterdir()):
+        if launch is not None and D.launched_by(candidate) == launch:
+            break
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:
@@ -129,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_yaml(), end="")
             return 0
         rank, world_size, local_rank = D.env_ranks()
+        asked_dir = config.logging.log_dir  # a fresh run may move on to the next free name
         D.init_process_group(config, rank, world_size, local_rank)
         try:
             metrics = train_worker(rank, world_size, config)
@@ -152,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"error: rank {rank} lost contact with the others: {who}: {' '.join(str(e).split())[:300]}")
         return 1
     except TrainingInterrupted as e:
-        print_error(f"{e}; continue with --checkpoint-resume auto")
+        moved = "" if config.logging.log_dir == asked_dir else f" --logging-log-dir {config.logging.log_dir}"
+        print_error(f"{e}; continue with --checkpoint-resume auto{moved}")
         return 128 + e.signum
     if rank == 0:
         print(summary_table(config, metrics))

@@ -142,6 +142,30 @@ def test_torchrun_max_restarts_resumes_a_dead_worker_and_completes(tmp_path, ref
     assert_same(reference_2proc[0], weights(tmp_path / "run", 0))
 
 
+def test_restarted_workers_return_to_the_folder_their_launch_took_not_to_an_earlier_run(tmp_path, reference_2proc):
+    earlier = tmp_path / "runs/regression"
+    earlier.mkdir(parents=True)
+    (earlier / "notes.txt").write_text("an earlier run\n")
+    flags = [f for f in FLAGS if f not in ("--checkpoint-resume", "auto")]  # a fresh run, as users start one
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(WORKER), *flags],
+              cwd=tmp_path, env={"KILL_AT_STEP": "9", "KILL_RANK": "0", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from runs/regression-2/checkpoints/step_00000008" in out.stdout
+    assert sorted(p.name for p in earlier.iterdir()) == ["notes.txt"]
+    assert_same(reference_2proc[0], weights(tmp_path / "runs/regression-2", 0))
+
+
+def test_a_stopped_run_in_the_next_free_folder_is_told_how_to_continue_there(tmp_path):
+    (tmp_path / "runs/regression").mkdir(parents=True)
+    (tmp_path / "runs/regression/notes.txt").write_text("an earlier run\n")
+    flags = [f for f in FLAGS if f not in ("--checkpoint-resume", "auto")]
+    stopped = run([sys.executable, str(WORKER), *flags], cwd=tmp_path, env={"TERM_AT_STEP": "5"})
+    assert stopped.returncode == 143
+    assert stopped.stderr.strip().endswith(
+        "continue with --checkpoint-resume auto --logging-log-dir runs/regression-2"), stopped.stderr[-1000:]
+
+
 def fsdp_flags(tmp_path: Path) -> list[str]:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"{i}: it was the best of times, it was the worst of times.\n" for i in range(400)))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import socket
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,33 @@ from llm.training.core.config import Config
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) when run plainly."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+LAUNCH_FILE = ".launch"
+"""In a run directory: the torchrun launch that writes it, so that the workers torchrun restarts find it again."""
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this worker after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+
+
+def launch_id() -> str | None:
+    """What names this torchrun launch through its restarts; None when torchrun did not start this process."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    if run_id == "none":  # no --rdzv-id: the agent process, which starts and restarts this node's workers
+        return f"agent {os.getppid()} on {socket.gethostname()}"
+    return run_id
+
+
+def launched_by(run_dir: Path) -> str | None:
+    """The launch recorded in ``run_dir``, if any."""
+    try:
+        return (run_dir / LAUNCH_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def pick_device(config: Config, local_rank: int) -> torch.device:

@@ -238,7 +238,7 @@ class TrainingEngine:
         """Data, model, optimizer, resume, wrapping; in that order, agreed across ranks."""
         cfg = self.config
         resume = self._find_resume()
-        D.agree_on_errors(self._check_run_dir, run_here=self.is_main)
+        D.agree_on_errors(lambda: self._check_run_dir(resume), run_here=self.is_main)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self.data_module.train_dataloader(self.rank, self.world_size)
@@ -283,6 +283,8 @@ class TrainingEngine:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_to_yaml(self.run_dir / "config.yaml")
             self.task.save_artifacts(self.run_dir)
+            if D.launch_id() is not None:  # so that workers torchrun restarts come back to this folder
+                (self.run_dir / D.LAUNCH_FILE).write_text(D.launch_id() + "\n")
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
         """One validation step on one batch, before anything is written or wrapped.
@@ -313,28 +315,44 @@ class TrainingEngine:
             model.train()
 
     def _find_resume(self) -> Path | None:
-        """The checkpoint to start from, if any."""
-        spec = resume_spec(self.config)
-        self.resuming = bool(spec)
-        if spec == "auto":
-            directory = Path(self.config.checkpoint.dir)
-            return CheckpointManager(directory).latest_valid() if directory.exists() else None
+        """The checkpoint to start from, if any.
+
+        'auto': the newest valid one in checkpoint.dir. A worker that torchrun
+        restarted resumes that way too, whatever checkpoint.resume says, once its
+        run has saved a checkpoint of its own.
+        """
+        spec, directory = self.config.checkpoint.resume, Path(self.config.checkpoint.dir)
+        self.resuming = bool(spec) or D.restarted()
+        if spec == "auto" or D.restarted():
+            own = CheckpointManager(directory).latest_valid() if directory.exists() else None
+            if own is not None or spec in ("", "auto"):
+                return own
         return resolve_checkpoint(spec) if spec else None
 
-    def _check_run_dir(self) -> None:
-        """A fresh run must not write over an earlier one's files; the run and checkpoint folders can be written."""
+    def _check_run_dir(self, resume: Path | None) -> None:
+        """A run must not write over another run's files; the run and checkpoint folders can be written."""
         existing = [p.name for p in self.run_dir.iterdir()] if self.run_dir.is_dir() else []
         if existing and not self.resuming:
             raise UsageError(
                 f"{self.run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
                 f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
             )
+        # a checkpoint of another run branches into a folder of its own, not into this run's files (unless
+        # torchrun restarted this launch before it saved a checkpoint of its own: the files are its own)
+        elsewhere = resume is not None and resume.resolve().parent != Path(self.config.checkpoint.dir).resolve()
+        elsewhere = elsewhere and not (D.restarted() and D.launched_by(self.run_dir) == D.launch_id())
+        if existing and elsewhere:
+            raise UsageError(
+                f"{self.run_dir} already holds a run and {resume} is not one of its checkpoints: continue that "
+                f"checkpoint's run with --logging-log-dir set to its folder, or branch from it into a new "
+                f"--logging-log-dir DIR"
+            )
         problem = unwritable_reason(self.run_dir)  # creates nothing: a run refused later leaves no folder
         if problem:
             raise UsageError(f"cannot write to the run directory {self.run_dir}: {problem}; "
                              f"choose another with --logging-log-dir DIR")
         # now, not at the first save after hours of training; and never into another run's checkpoints
-        check_checkpoint_dir(self.config.checkpoint.dir, fresh=not self.resuming)
+        check_checkpoint_dir(self.config.checkpoint.dir, fresh=not self.resuming or elsewhere)
 
     # ---- checkpoints ---------------------------------------------------------------
 
@@ -596,13 +614,6 @@ class TrainingEngine:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-
-def resume_spec(config: Config) -> str:
-    """``checkpoint.resume``, except that a worker restarted by torchrun always resumes ('auto')."""
-    if not config.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
-        return "auto"
-    return config.checkpoint.resume
 
 
 class NonFiniteError(RuntimeError):

@@ -233,6 +233,20 @@ def test_resume_with_harmless_changes_goes_through(tmp_path, capsys):
     assert "training.epochs 1 -> 2" in out and "optimizer.lr 0.02 -> 0.01" in out
 
 
+def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_third_runs(tmp_path):
+    first, _ = train(tiny_config(tmp_path / "a", training={"max_steps": 6}, checkpoint={"every_n_steps": 3}))
+    other, _ = train(tiny_config(tmp_path / "b", training={"max_steps": 2}))
+    before = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    step_3 = str(tmp_path / "a/run/checkpoints/step_00000003")
+    with pytest.raises(UsageError, match=r"b/run already holds a run and .*step_00000003 is not one of its checkpoints"):
+        train(tiny_config(tmp_path / "b", training={"max_steps": 6}, checkpoint={"resume": step_3}))
+    assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
+    branch, _ = train(tiny_config(tmp_path / "c", training={"max_steps": 6}, checkpoint={"resume": step_3}))
+    assert branch.step == 6 and (tmp_path / "c/run/checkpoints/latest").read_text().strip() == "step_00000006"
+    for (name, w_first), w_branch in zip(weights(first.raw_model).items(), weights(branch.raw_model).values()):
+        assert torch.equal(w_first, w_branch), name  # the branch retrains steps 4-6 exactly
+
+
 def test_restarted_torchrun_worker_resumes_automatically(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, training={"epochs": 2}, checkpoint={"every_n_steps": 5})
     with pytest.raises(CallbackError):
