@@ -36,6 +36,8 @@ LM = ["--task", "lm", "--training-max-steps", "4", "--training-batch-size", "8",
       "--checkpoint-every-n-steps", "2"]
 CONTINUE = ["--logging-log-dir", "run", "--checkpoint-resume", "auto"]
 """Continue the earlier run: whatever is wrong, its files must be left as they were."""
+BRANCH = ["--logging-log-dir", "fresh", "--checkpoint-resume"]
+"""Start a new run from a checkpoint (followed by its path): refused, it must leave no folder behind."""
 REGRESSION = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-input-dim", "4", "--training-device", "cpu"]
 TRAIN_PY = REPO / "llm/training/train.py"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the message for machines without CUDA")
@@ -173,16 +175,20 @@ CASES = [
          ["RegressionTask.validation_step failed on the first batch of TextDataModule", "regression_task.py:",
           "--data-module"], absent=["fresh"]),
     # checkpoints to resume from
-    *[Case(f"resume-checkpoint-{name}", "train", [*LM, "--logging-log-dir", "run", "--checkpoint-resume", path], words)
+    *[Case(f"resume-checkpoint-{name}", "train", [*LM, *BRANCH, path], words, absent=["fresh"])
       for name, path, words in BROKEN_CHECKPOINTS],
     Case("resume-checkpoint-truncated-and-resealed", "train",
-         [*LM, "--logging-log-dir", "run", "--checkpoint-resume", "resealed"],
-         ["resealed", "state.pt is truncated or corrupt"]),
+         [*LM, *BRANCH, "resealed"], ["resealed", "state.pt is truncated or corrupt"], absent=["fresh"]),
     Case("resume-with-a-different-model", "train", [*LM, *CONTINUE, "--model-n-embd", "64"],
          ["cannot resume", "model.n_embd changed", "--checkpoint-allow-config-change true"]),
     Case("resume-from-the-weights-of-another-model", "train",
-         [*LM, "--logging-log-dir", "run", "--checkpoint-resume", "other"],
-         ["cannot load other", "different model", "size mismatch"]),
+         [*LM, *BRANCH, "other"], ["cannot load other", "different model", "size mismatch"], absent=["fresh"]),
+    Case("resume-a-checkpoint-of-another-run-into-a-run", "train", [*LM, "--logging-log-dir", "run",
+                                                                     "--checkpoint-resume", "other"],
+         ["run already holds a run and other", "is not one of its checkpoints", "new --logging-log-dir"]),
+    Case("monitor-that-is-not-a-validation-metric", "train",
+         [*LM, "--logging-log-dir", "fresh", "--checkpoint-monitor", "val_los"],
+         ["checkpoint.monitor", "'val_los'", "val_loss, val_ppl", "did you mean val_loss?"], absent=["fresh"]),
     Case("resume-auto-when-every-checkpoint-is-corrupt", "train", [*LM, *CONTINUE],
          ["no valid checkpoint in run/checkpoints (2 found, none valid)", "--checkpoint-resume PATH"],
          prepare=truncate_every_checkpoint, warnings_ok=True),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from llm.data.data_module import BaseDataModule
-from llm.errors import UsageError
+from llm.errors import UsageError, closest
 from llm.training.core import distributed as D
 from llm.training.core import parallel
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten
@@ -301,7 +301,7 @@ class TrainingEngine:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 with self._autocast():
-                    self.task.validation_step(self._to_device(batch), model, self.criterion)
+                    _, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
         except torch.OutOfMemoryError:
             raise
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
@@ -313,6 +313,11 @@ class TrainingEngine:
             ) from None
         finally:
             model.train()
+        names = sorted(self.task.finalize_metrics({f"val_{k}": 1.0 for k in ("loss", *metrics)}))
+        monitor = self.config.checkpoint.monitor
+        if monitor not in names:  # found now, not at the first validation after an epoch of training
+            raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
+                             f"{type(self.task).__name__}: {', '.join(names)}{closest(monitor, names)}")
 
     def _find_resume(self) -> Path | None:
         """The checkpoint to start from, if any.
