@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError, closest
@@ -41,8 +42,9 @@ from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.grad_accum_steps", "training.seed",
-                  "world_size")
-"""Settings a resumed run cannot change without training a different model or on different data."""
+                  "world_size", "optimizer.name")
+"""Settings a resumed run cannot change without training a different model, on different data, or with an
+optimizer that cannot take the saved state (allowed, it starts afresh)."""
 HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
 
 
@@ -389,11 +391,16 @@ class TrainingEngine:
 
     def load_checkpoint(self, path: Path) -> None:
         shared = load_shared_state(path)
-        self._check_config_change(path, shared)
-        parallel.load_model_and_optimizer(self.raw_model, self.optimizer, shared, path)
-        if self.scheduler is not None and shared["scheduler"] is not None:
+        changed = self._check_config_change(path, shared)
+        # another optimizer cannot take the saved one's state: it starts afresh, at the saved step of the schedule
+        same_optimizer = "optimizer.name" not in changed
+        settings = _optimizer_settings(self.optimizer, self.scheduler)  # this run's config, before the load
+        optimizer = self.optimizer if same_optimizer else None
+        parallel.load_model_and_optimizer(self.raw_model, optimizer, shared, path, self.sharded)
+        if self.scheduler is not None and shared["scheduler"] is not None and same_optimizer:
             self.scheduler.load_state_dict(shared["scheduler"])
-        self.scaler.load_state_dict(shared["scaler"])
+        if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
+            self.scaler.load_state_dict(shared["scaler"])
         progress = shared["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
@@ -406,22 +413,58 @@ class TrainingEngine:
             set_rng_state(load_rank_state(path, self.rank)["rng"])
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
+        if not same_optimizer and self.scheduler is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
+                for _ in range(self.step):
+                    self.scheduler.step()
+        elif any(k.startswith(("optimizer.", "training.epochs", "training.max_steps")) for k in changed):
+            self._keep_optimizer_settings(*settings)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
-    def _check_config_change(self, path: Path, shared: dict[str, Any]) -> None:
-        """Show what changed since the checkpoint; refuse changes that break the model or the data order."""
+    def _keep_optimizer_settings(self, groups: list[dict[str, Any]], base_lrs: list[float] | None) -> None:
+        """After a resume that changed optimizer settings: the settings are this run's, the state the checkpoint's.
+
+        ``optimizer.load_state_dict`` brings back the saved learning rate, weight
+        decay and betas along with the moments; a run resumed with new ones in its
+        config means them. The schedule keeps its place: a LambdaLR (the built-in
+        tasks') gives the rate at the resumed step of the new schedule, as its
+        next steps will; another scheduler's current rate is scaled by the change
+        of its peak rate.
+        """
+        current = self.optimizer.param_groups
+        if len(current) != len(groups):
+            warnings.warn("the optimizer's parameter groups differ from the checkpoint's: its saved settings stay")
+            return
+        for group, fresh in zip(current, groups):
+            group.update({k: v for k, v in fresh.items() if k not in ("lr", "initial_lr")})
+        if self.scheduler is None or base_lrs is None:
+            for group, fresh in zip(current, groups):
+                group["lr"] = fresh["lr"]
+            return
+        lambdas = getattr(self.scheduler, "lr_lambdas", None) if isinstance(self.scheduler, LambdaLR) else None
+        for i, (group, new, old) in enumerate(zip(current, base_lrs, self.scheduler.base_lrs)):
+            group["lr"] = new * lambdas[i](self.scheduler.last_epoch) if lambdas else group["lr"] * new / old
+            if "initial_lr" in group:
+                group["initial_lr"] = new
+        self.scheduler.base_lrs = list(base_lrs)
+
+    def _check_config_change(self, path: Path, shared: dict[str, Any]) -> list[str]:
+        """Show what changed since the checkpoint; refuse changes that break the model, the data order or the
+        optimizer's state. Returns the changed settings."""
         saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
         changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "checkpoint.resume")
         if not changed:
-            return
+            return changed
         self.print("resuming with a changed config: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
         binding = [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
         if binding and not self.config.checkpoint.allow_config_change:
             raise UsageError(
-                f"cannot resume {path}: {', '.join(binding)} changed, which changes the model or the data order; "
-                f"pass --checkpoint-allow-config-change true to resume anyway"
+                f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "
+                f"the optimizer; pass --checkpoint-allow-config-change true to resume anyway"
             )
+        return changed
 
     # ---- what callbacks use ----------------------------------------------------------
 
@@ -674,6 +717,12 @@ class _Running:
         """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
         weights = self._weights()  # read once: with counted items each read is a device sync
         return {key: self.total(key, weights) for key in self.values}
+
+
+def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[list[dict[str, Any]], list[float] | None]:
+    """Each parameter group's settings (all but its parameters), and the schedule's peak rates."""
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return groups, list(scheduler.base_lrs) if scheduler is not None else None
 
 
 def _batch_len(batch: Any) -> int:

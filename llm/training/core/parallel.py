@@ -97,19 +97,28 @@ def model_and_optimizer_state(
                                         checkpoint_id=str(staging / SHARDED))
 
 
-def load_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, shared: dict, path: Path) -> None:
-    """Restore weights and optimizer from a checkpoint, whichever way it was written."""
+def load_model_and_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, shared: dict, path: Path, fsdp: bool
+) -> None:
+    """Restore weights, and the optimizer unless it is None, from a checkpoint, whichever way it was written."""
     if "model" in shared:
+        if fsdp:
+            raise CheckpointError(f"cannot resume {path} with distributed.strategy fsdp: it holds whole tensors, "
+                                  f"saved without sharding; resume it with --distributed-strategy ddp")
         load_weights_strictly(model, shared["model"], f"cannot load {path}: its weights")
-        optimizer.load_state_dict(shared["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(shared["optimizer"])
         return
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
     # torch.distributed.checkpoint reshards on load, so the loading layout may differ from the saving one
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
+    state = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
     try:
         sharded.load_into(state, path / SHARDED)
     except Exception as e:  # noqa: BLE001 - shapes that differ, or metadata that is not checkpoint metadata
         raise CheckpointError(f"cannot load the sharded state in {path}: {error_cause(e)}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -12,6 +12,7 @@ from llm.errors import UsageError
 from llm.training.core.callbacks import HOOKS, Callback, MetricsLogger, TensorBoardLogger
 from llm.training.core.config import Config
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine
+from llm.training.core.optim import lr_factor
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.train import default_callbacks
 from tests.helpers import NaNRegressionTask, Recorder, tiny_config, weights
@@ -245,6 +246,38 @@ def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_thi
     assert branch.step == 6 and (tmp_path / "c/run/checkpoints/latest").read_text().strip() == "step_00000006"
     for (name, w_first), w_branch in zip(weights(first.raw_model).items(), weights(branch.raw_model).values()):
         assert torch.equal(w_first, w_branch), name  # the branch retrains steps 4-6 exactly
+
+
+class RatesAtStart(Callback):
+    """The optimizer's settings and state once setup (and any resume) is done."""
+
+    def on_train_start(self, engine):
+        self.lrs = [g["lr"] for g in engine.optimizer.param_groups]
+        self.decays = [g["weight_decay"] for g in engine.optimizer.param_groups]
+        self.moments = len(engine.optimizer.state)
+
+
+def test_a_resume_with_a_new_learning_rate_and_weight_decay_uses_them_where_the_schedule_stands(tmp_path):
+    train(tiny_config(tmp_path, training={"max_steps": 10}))  # cosine over 10 steps: lr 0 at the end
+    config = tiny_config(tmp_path, optimizer={"lr": 0.005, "weight_decay": 0.1}, checkpoint={"resume": "auto"})
+    start = RatesAtStart()
+    engine, _ = train(config, callbacks=[start])
+    assert engine.total_steps == 28 and start.moments > 0  # the saved moments are loaded
+    expected = 0.005 * lr_factor(10, config.optimizer, 28)  # step 10 of the new 28-step schedule
+    assert start.lrs == pytest.approx([expected, expected], rel=1e-12) and start.decays == [0.1, 0.0]
+
+
+def test_a_resume_with_another_optimizer_is_refused_unless_allowed_then_starts_it_afresh(tmp_path):
+    train(tiny_config(tmp_path, training={"max_steps": 10}, optimizer={"scheduler": "linear"}))
+    sgd = {"name": "sgd", "scheduler": "linear"}
+    with pytest.raises(UsageError, match=r"optimizer.name changed.*--checkpoint-allow-config-change"):
+        train(tiny_config(tmp_path, training={"max_steps": 20}, optimizer=sgd, checkpoint={"resume": "auto"}))
+    config = tiny_config(tmp_path, training={"max_steps": 20}, optimizer=sgd,
+                         checkpoint={"resume": "auto", "allow_config_change": True})
+    start = RatesAtStart()
+    engine, _ = train(config, callbacks=[start])
+    assert isinstance(engine.optimizer, torch.optim.SGD) and start.moments == 0 and engine.step == 20
+    assert start.lrs == pytest.approx([0.02 * lr_factor(10, config.optimizer, 20)] * 2, rel=1e-12)
 
 
 def test_restarted_torchrun_worker_resumes_automatically(tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from llm.errors import UsageError
+from llm.training.core.checkpoint import CheckpointError
 from llm.training.core.engine import TrainingEngine
+from llm.training.core.parallel import load_model_and_optimizer
 from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask
 from llm.training.tasks.regression_task import RegressionTask
 from tests.helpers import lm_config, tiny_config, weights
@@ -90,3 +92,12 @@ def test_token_weighted_lm_loss_accumulates_to_the_larger_batch(tmp_path):
     halves = PartlyMaskedLM.counts[-12:]  # the accumulated run's micro-batches, in pairs
     assert any(halves[i] != halves[i + 1] for i in range(0, 12, 2))  # so a plain 1/k would weigh them wrongly
     assert_close(weights(big.raw_model), weights(small.raw_model), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_whole_tensors_is_refused_by_a_sharded_run_in_one_line(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}  # as DDP and one process save
+    with pytest.raises(CheckpointError, match="holds whole tensors.*--distributed-strategy ddp"):
+        load_model_and_optimizer(model, optimizer, saved, tmp_path / "step_00000004", fsdp=True)
+    load_model_and_optimizer(model, optimizer, saved, tmp_path / "step_00000004", fsdp=False)
