@@ -163,18 +163,19 @@ def check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: {folder} is a file, not a folder")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: name the file to write, such as {out / 'model.safetensors'}")
-    if out.exists() and not _is_safetensors(out):
-        raise UsageError(f"--out {out} exists and is not a safetensors file, so it is left as it is: "
-                         f"choose another --out")
+    if out.exists() and not _is_export(out):
+        raise UsageError(f"--out {out} exists and is not an earlier export (a safetensors file with the task in "
+                         f"its metadata), so it is left as it is: choose another --out")
     if description.exists() and not _is_description(description):
         raise UsageError(f"--out {out}: {description} exists and is not the description of an export, "
                          f"so it is left as it is: choose another --out")
 
 
-def _is_safetensors(path: Path) -> bool:
+def _is_export(path: Path) -> bool:
+    """A safetensors file that ``export`` wrote: its metadata names the task (another model's file does not)."""
     try:
-        with safe_open(str(path), "pt"):
-            return True
+        with safe_open(str(path), "pt") as f:
+            return "task" in (f.metadata() or {})
     except Exception:  # noqa: BLE001 - safetensors reports a bad header as several exception types
         return False
 

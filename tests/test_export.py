@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llm.export import main
 from llm.models.gpt import GPT, GPTConfig
@@ -42,6 +42,19 @@ def test_export_lm_with_tied_embeddings(tmp_path):
     model = GPT(GPTConfig.from_dict(description["model_config"]))
     model.load_state_dict(load_file(out), strict=True)
     assert description["model_config"]["tie_embeddings"] is True
+
+
+def test_export_replaces_an_earlier_export_but_not_another_safetensors_file(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    TrainingEngine(config, RegressionTask(config), 0, 1).train()
+    out = tmp_path / "model.safetensors"
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0  # an earlier export: replaced
+    downloaded = tmp_path / "downloaded.safetensors"
+    save_file({"wte": torch.zeros(3)}, str(downloaded), metadata={"format": "pt"})
+    before = downloaded.read_bytes()
+    assert main([str(tmp_path / "run"), "--out", str(downloaded)]) == 2
+    assert "is not an earlier export" in capsys.readouterr().err and downloaded.read_bytes() == before
 
 
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
