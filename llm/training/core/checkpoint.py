@@ -12,6 +12,7 @@ All ranks must see the same directory (a shared filesystem on multi-node jobs).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -113,6 +114,7 @@ class CheckpointManager:
         Raises CheckpointError when there are checkpoints but none is valid: a run that started
         over instead would write over them and over the run they belong to.
         """
+        self._restore_replaced()
         found, seen = _newest_valid(self.directory)
         if found is None and seen:
             raise CheckpointError(
@@ -136,10 +138,19 @@ class CheckpointManager:
 
     def _prepare(self, staging: Path) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._restore_replaced()
         for entry in self.directory.iterdir():
             if entry.name.startswith(_SCRATCH_PREFIXES):  # left by a save that crashed
                 shutil.rmtree(entry)
         staging.mkdir()
+
+    def _restore_replaced(self) -> None:
+        """Put back a checkpoint that a save replacing it had moved aside when it crashed (see ``_commit``)."""
+        for trash in self.directory.glob(".trash-step_*") if self.directory.is_dir() else []:
+            final = self.directory / trash.name.removeprefix(".trash-")
+            if not final.exists() and _check(trash, hashes=True) is None:
+                with contextlib.suppress(OSError):  # another rank may have put it back first
+                    os.replace(trash, final)
 
     def _agree(self, error: Exception | None, staging: Path, stage: str) -> None:
         """Raise CheckpointError on every rank if any rank failed; a collective, so also a barrier."""
@@ -180,7 +191,8 @@ class CheckpointManager:
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2))
         if final.exists():
-            # a rename cannot replace a non-empty directory: move the old one aside first
+            # a rename cannot replace a non-empty directory: move the old one aside first (a crash
+            # before the second rename leaves it aside, and _restore_replaced puts it back)
             trash = self.directory / f".trash-{final.name}"
             os.replace(final, trash)
             os.replace(staging, final)

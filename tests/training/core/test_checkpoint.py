@@ -210,6 +210,20 @@ def test_stale_staging_dir_is_ignored_then_cleaned(tmp_path):
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000002"
 
 
+def test_a_checkpoint_moved_aside_by_a_replacing_save_that_crashed_is_put_back(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 1)
+    save(manager, 2)
+    # the final save of a run replaces a periodic one of the same step: killed between its two renames
+    os.replace(tmp_path / "step_00000002", tmp_path / ".trash-step_00000002")
+    (tmp_path / ".staging-step_00000002").mkdir()
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"  # read-only tools see what is there
+    assert CheckpointManager(tmp_path).latest_valid() == tmp_path / "step_00000002"  # a resume puts it back
+    assert verify(tmp_path / "step_00000002") is None and not (tmp_path / ".trash-step_00000002").exists()
+    save(manager, 3)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_failed_extra_write_keeps_previous_checkpoint_and_latest(tmp_path):
     manager = CheckpointManager(tmp_path)
     save(manager, 1)
