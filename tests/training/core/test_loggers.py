@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,4 +202,9 @@ def test_wandb_offline_run_in_the_run_dir_with_config_and_metrics(tmp_path):
 
     assert logger._run is None and logger.state_dict() == {"run_id": run.id}
     files = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run.id}/run-{run.id}.wandb"))
-    assert len(files) == 1 and b"val/val_loss" in files[0].read_bytes()
+    assert len(files) == 1
+    # finish() can return before wandb's own service process has written the records out
+    deadline = time.monotonic() + 30
+    while b"val/val_loss" not in files[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b"val/val_loss" in files[0].read_bytes()
