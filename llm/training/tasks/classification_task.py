@@ -17,8 +17,8 @@ class ClassificationTask(TrainingTask):
 
     def build_model(self) -> nn.Module:
         d, m = self.config.data, self.config.model
-        dropout = [nn.Dropout(m.dropout)] if m.dropout else []
-        return nn.Sequential(nn.Linear(d.input_dim, m.n_embd), nn.ReLU(), *dropout, nn.Linear(m.n_embd, d.num_classes))
+        act = nn.Sequential(nn.ReLU(), nn.Dropout(m.dropout)) if m.dropout else nn.ReLU()  # weight names as without
+        return nn.Sequential(nn.Linear(d.input_dim, m.n_embd), act, nn.Linear(m.n_embd, d.num_classes))
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
         o = self.config.optimizer

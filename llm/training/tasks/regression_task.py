@@ -13,9 +13,9 @@ from llm.training.tasks.base_task import TrainingTask
 def mlp(n_in: int, n_hidden: int, n_layers: int, n_out: int, dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_layers):
-        layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), nn.GELU()]
-        if dropout:  # no layer at all without it: the weights keep their names
-            layers.append(nn.Dropout(dropout))
+        # dropout goes with the activation: a layer of its own would renumber the weights after it
+        act = nn.Sequential(nn.GELU(), nn.Dropout(dropout)) if dropout else nn.GELU()
+        layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), act]
     layers.append(nn.Linear(n_hidden if n_layers else n_in, n_out))
     return nn.Sequential(*layers)
 
