@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.training.train import main
+from llm.training.core import distributed as D
+from llm.training.train import _free_run_dir, main
 from tests.helpers import REPO, SCRIPTS, free_port, torchrun, train_cli
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -154,6 +155,22 @@ def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path):
         assert out.returncode == 0, out.stderr
     assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in out.stderr
     assert (tmp_path / "runs/regression/summary.json").exists() and (tmp_path / "runs/regression-2/summary.json").exists()
+
+
+def test_a_restart_takes_its_own_launchs_folder_not_one_of_another_launch_with_the_same_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")  # a --rdzv-id that a script gives every launch
+    for name, agent in (("lm", 111), ("lm-2", 222), ("lm-3", 333)):
+        (tmp_path / name).mkdir()
+        monkeypatch.setattr(os, "getppid", lambda agent=agent: agent)
+        (tmp_path / name / D.LAUNCH_FILE).write_text(D.launch_id() + "\n")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr(os, "getppid", lambda: 222)
+    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
+    monkeypatch.setattr(os, "getppid", lambda: 444)  # restarted before it wrote anything: a folder of its own
+    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-4"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first start never takes a folder that holds a run
+    monkeypatch.setattr(os, "getppid", lambda: 222)
+    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-4"
 
 
 def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):

@@ -38,13 +38,26 @@ def restarted() -> bool:
 
 
 def launch_id() -> str | None:
-    """What names this torchrun launch through its restarts; None when torchrun did not start this process."""
+    """What names this torchrun launch through its restarts; None when torchrun did not start this process.
+
+    torchrun's run id (a fresh uuid under --standalone, else --rdzv-id, else "none"),
+    with the agent that starts and restarts this node's workers: the parent process,
+    by host, pid and start time, so that two launches given the same --rdzv-id differ.
+    """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
         return None
-    if run_id == "none":  # no --rdzv-id: the agent process, which starts and restarts this node's workers
-        return f"agent {os.getppid()} on {socket.gethostname()}"
-    return run_id
+    agent = os.getppid()
+    return f"{run_id} agent {agent} on {socket.gethostname()} started {_start_time(agent)}"
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (Linux); '?' where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in parentheses may hold spaces
+    except (OSError, IndexError):
+        return "?"
 
 
 def launched_by(run_dir: Path) -> str | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from llm.data.data_module import BaseDataModule
@@ -125,7 +126,6 @@ class TrainingEngine:
         self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
         self._fire("on_epoch_start")
         self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
-        self._epoch_loss_sum = (0.0, 0.0)
         for micro_batches in self._epoch_batches():
             self.optimizer_step(micro_batches)
             self._fire("on_step_end")
@@ -141,6 +141,7 @@ class TrainingEngine:
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         metrics = {"train_loss": self._epoch_loss(), **self._validated()}
+        self._epoch_loss_sum = (0.0, 0.0)  # here, not at the start: a resumed epoch starts with its saved sum
         self._fire("on_epoch_end", metrics)
         self._flush_log("epoch", metrics)
         self._agree_to_stop()
@@ -324,17 +325,33 @@ class TrainingEngine:
     def _find_resume(self) -> Path | None:
         """The checkpoint to start from, if any.
 
-        'auto': the newest valid one in checkpoint.dir. A worker that torchrun
-        restarted resumes that way too, whatever checkpoint.resume says, once its
-        run has saved a checkpoint of its own.
+        'auto': the newest valid one in checkpoint.dir. A run that continues in its
+        own folder resumes that way too, once it has saved a checkpoint there: a
+        worker that torchrun restarted, or the command that started a branch from a
+        checkpoint, run again.
         """
         spec, directory = self.config.checkpoint.resume, Path(self.config.checkpoint.dir)
         self.resuming = bool(spec) or D.restarted()
-        if spec == "auto" or D.restarted():
+        self._own_folder = self._restarted_here() or self._branched_here(spec)
+        if spec == "auto" or self._own_folder or D.restarted():
             own = CheckpointManager(directory).latest_valid() if directory.exists() else None
             if own is not None or spec in ("", "auto"):
                 return own
         return resolve_checkpoint(spec) if spec else None
+
+    def _restarted_here(self) -> bool:
+        """Whether torchrun restarted this launch, which wrote the run folder before."""
+        return D.restarted() and D.launch_id() is not None and D.launched_by(self.run_dir) == D.launch_id()
+
+    def _branched_here(self, spec: str) -> bool:
+        """Whether the run folder holds a run started from the checkpoint ``spec``: the same command again."""
+        if spec in ("", "auto"):
+            return False
+        try:
+            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())["checkpoint"]["resume"]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
+            return False
+        return isinstance(saved, str) and saved not in ("", "auto") and Path(saved).resolve() == Path(spec).resolve()
 
     def _check_run_dir(self, resume: Path | None) -> None:
         """A run must not write over another run's files; the run and checkpoint folders can be written."""
@@ -344,15 +361,13 @@ class TrainingEngine:
                 f"{self.run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
                 f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
             )
-        # a checkpoint of another run branches into a folder of its own, not into this run's files (unless
-        # torchrun restarted this launch before it saved a checkpoint of its own: the files are its own)
+        # a checkpoint of another run branches into a folder of its own, not into another run's files
         elsewhere = resume is not None and resume.resolve().parent != Path(self.config.checkpoint.dir).resolve()
-        elsewhere = elsewhere and not (D.restarted() and D.launched_by(self.run_dir) == D.launch_id())
+        elsewhere = elsewhere and not self._own_folder
         if existing and elsewhere:
             raise UsageError(
-                f"{self.run_dir} already holds a run and {resume} is not one of its checkpoints: continue that "
-                f"checkpoint's run with --logging-log-dir set to its folder, or branch from it into a new "
-                f"--logging-log-dir DIR"
+                f"{self.run_dir} already holds a run and {resume} is not one of its checkpoints: continue the run "
+                f"there with --checkpoint-resume auto, or branch from {resume} into a new --logging-log-dir DIR"
             )
         problem = unwritable_reason(self.run_dir)  # creates nothing: a run refused later leaves no folder
         if problem:
@@ -371,6 +386,7 @@ class TrainingEngine:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
+            "val_metrics": self.val_metrics,  # a resume at a step already validated does not validate it again
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
@@ -381,7 +397,8 @@ class TrainingEngine:
         }
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
         return self.checkpoints.save(
-            self.step, shared, {"rng": rng_state()}, metrics=metrics, write_extra=self._write_artifacts,
+            self.step, shared, {"rng": rng_state(), "epoch_loss": self._epoch_loss_so_far()}, metrics=metrics,
+            write_extra=self._write_artifacts,
             write_sharded=write_sharded,
         )
 
@@ -404,13 +421,15 @@ class TrainingEngine:
         progress = shared["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
-        self.best_metric = shared["best_metric"]
+        self.best_metric, self.val_metrics = shared["best_metric"], shared.get("val_metrics") or {}
         states = shared["callbacks"]
         for i, cb in enumerate(self.callbacks):
             if _callback_key(i, cb) in states:
                 cb.load_state_dict(states[_callback_key(i, cb)])
         if progress["world_size"] == self.world_size:
-            set_rng_state(load_rank_state(path, self.rank)["rng"])
+            mine = load_rank_state(path, self.rank)
+            set_rng_state(mine["rng"])
+            self._epoch_loss_sum = tuple(mine.get("epoch_loss", (0.0, 0.0)))
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         if not same_optimizer and self.scheduler is not None:
@@ -418,7 +437,7 @@ class TrainingEngine:
                 warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
                 for _ in range(self.step):
                     self.scheduler.step()
-        elif any(k.startswith(("optimizer.", "training.epochs", "training.max_steps")) for k in changed):
+        elif changed:  # new settings, or a schedule of another length (epochs, max_steps, batch size...)
             self._keep_optimizer_settings(*settings)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
@@ -566,10 +585,14 @@ class TrainingEngine:
                              f"the last checkpoint is left as it was")
 
     def _epoch_loss(self) -> float:
-        """Mean training loss of the epoch: the windows already logged plus the one still open."""
+        """Mean training loss of the epoch over every rank."""
+        return D.weighted_mean_over_ranks({"loss": self._epoch_loss_so_far()}, self.device)["loss"]
+
+    def _epoch_loss_so_far(self) -> tuple[float, float]:
+        """This rank's loss sum and count in the epoch: the windows already logged plus the one still open."""
         loss_sum, count = self._epoch_loss_sum
         open_sum, open_count = self._window.total("loss")
-        return D.weighted_mean_over_ranks({"loss": (loss_sum + open_sum, count + open_count)}, self.device)["loss"]
+        return loss_sum + open_sum, count + open_count
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from llm.errors import UsageError
 from llm.training.core.callbacks import HOOKS, Callback, MetricsLogger, TensorBoardLogger
 from llm.training.core.config import Config
-from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine
+from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.optim import lr_factor
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.train import default_callbacks
@@ -126,6 +126,33 @@ def test_a_loader_that_cannot_skip_is_replayed_and_the_resume_is_still_exact(tmp
         assert torch.equal(w_ref, w), name
 
 
+def test_a_run_stopped_after_an_epochs_last_validation_resumes_without_validating_it_again(tmp_path):
+    class TermAt(Callback):
+        def on_step_end(self, engine):
+            if engine.step == 14:  # the epoch's last step, validated and saved before the stop
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    settings = {"training": {"epochs": 2, "eval_every_steps": 7, "patience": 1}, "checkpoint": {"every_n_steps": 7},
+                "model": {"dropout": 0.1}}
+    ref = tiny_config(tmp_path / "ref", **settings)
+    reference, _ = train(ref, callbacks=default_callbacks(ref))
+    stopped = tiny_config(tmp_path / "stop", **settings)
+    with pytest.raises(TrainingInterrupted):
+        train(stopped, callbacks=[TermAt(), *default_callbacks(stopped)])
+    resumed_config = tiny_config(tmp_path / "stop", **{**settings, "checkpoint": {"resume": "auto"}})
+    resumed, _ = train(resumed_config, callbacks=default_callbacks(resumed_config))
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
+
+    def records(run):
+        return [json.loads(line) for line in (tmp_path / run / "run/metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in records("stop") if r["split"] == "val"] == [7, 14, 21, 28]
+    epochs = [r for r in records("stop") if r["split"] == "epoch"]
+    assert [r["train_loss"] for r in epochs] == pytest.approx(
+        [r["train_loss"] for r in records("ref") if r["split"] == "epoch"], rel=1e-6)  # not nan after the resume
+
+
 def test_resume_restores_callback_state(tmp_path):
     config = tiny_config(tmp_path, training={"epochs": 2})
     first, _ = train(config, callbacks=default_callbacks(config))
@@ -234,7 +261,7 @@ def test_resume_with_harmless_changes_goes_through(tmp_path, capsys):
     assert "training.epochs 1 -> 2" in out and "optimizer.lr 0.02 -> 0.01" in out
 
 
-def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_third_runs(tmp_path):
+def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_third_runs(tmp_path, capsys):
     first, _ = train(tiny_config(tmp_path / "a", training={"max_steps": 6}, checkpoint={"every_n_steps": 3}))
     other, _ = train(tiny_config(tmp_path / "b", training={"max_steps": 2}))
     before = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
@@ -246,6 +273,9 @@ def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_thi
     assert branch.step == 6 and (tmp_path / "c/run/checkpoints/latest").read_text().strip() == "step_00000006"
     for (name, w_first), w_branch in zip(weights(first.raw_model).items(), weights(branch.raw_model).values()):
         assert torch.equal(w_first, w_branch), name  # the branch retrains steps 4-6 exactly
+    capsys.readouterr()
+    again, _ = train(tiny_config(tmp_path / "c", training={"max_steps": 8}, checkpoint={"resume": step_3}))
+    assert again.step == 8 and "c/run/checkpoints/step_00000006 at step 6" in capsys.readouterr().out
 
 
 class RatesAtStart(Callback):
