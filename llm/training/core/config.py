@@ -57,7 +57,7 @@ class TrainingConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them."""
     nan_policy: Literal["stop", "skip"] = "stop"
-    """On a non-finite loss or gradient norm: stop the run, or skip the step."""
+    """On a non-finite loss or gradient norm: stop the run, or skip the step (fp16 overflows: the scaler skips)."""
     patience: int = 5
     """Stop early after this many validations without improvement of checkpoint.monitor."""
 

@@ -162,6 +162,7 @@ class TrainingEngine:
         scaler = self.scaler if self.scaler.is_enabled() else None
         batches = [self._to_device(batch) for batch in micro_batches]
         scales, counts = self._loss_scales(batches)
+        losses = []
         for i, batch in enumerate(batches):
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
@@ -169,19 +170,20 @@ class TrainingEngine:
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
             self._window.add(loss, metrics, weight=counts[i] if counts else 1.0)
+            losses.append(loss.detach())
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
         # a CPU-GPU sync point, the same one GradScaler makes; gradients are already
         # all-reduced, so every rank sees the same norm and takes the same branch
         norm = float(grad_norm)
-        if scaler is not None:  # fp16: the scaler skips overflowing steps itself
-            scaler.step(self.optimizer)
-            scaler.update()
-        elif math.isfinite(norm):
-            self.optimizer.step()
-        else:
-            self._non_finite(loss)
+        if math.isfinite(norm):
+            (self.optimizer.step() if scaler is None else scaler.step(self.optimizer))
+        elif scaler is None or D.any_rank([not bool(torch.isfinite(torch.stack(losses)).all())], self.device)[0]:
+            # fp16 gradients that overflow are the scaler's to skip; a non-finite loss is not an overflow
+            self._non_finite(losses)
+        if scaler is not None:
+            scaler.update()  # lowers the scale after an overflow, whichever branch was taken
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -569,8 +571,9 @@ class TrainingEngine:
         self.should_stop = stop or signalled
         return self.should_stop
 
-    def _non_finite(self, loss: torch.Tensor) -> None:
-        seen = [not bool(torch.isfinite(loss.detach()))]
+    def _non_finite(self, losses: list[torch.Tensor]) -> None:
+        """A step whose gradient norm is not finite: skipped or stopped at, as training.nan_policy says."""
+        seen = [not bool(torch.isfinite(torch.stack(losses)).all())]
         if D.active():
             gathered: list[Any] = [None] * self.world_size
             torch.distributed.all_gather_object(gathered, seen[0])

@@ -211,6 +211,35 @@ def test_nan_policy_stop_names_the_step_and_saves_nothing(tmp_path, monkeypatch)
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000002"
 
 
+class LossScaled(Callback):
+    """The fp16 path on the CPU: a gradient scaler, which the engine turns on only for fp16 on CUDA."""
+
+    def on_train_start(self, engine):
+        engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+
+class OverflowAt(RegressionTask):
+    """A finite loss at step 3 whose scaled gradients overflow, as fp16 gradients do now and then."""
+
+    calls = 0
+
+    def train_step(self, batch, model, criterion):
+        loss, metrics = super().train_step(batch, model, criterion)
+        OverflowAt.calls += 1
+        return (loss * 1e36 if OverflowAt.calls == 3 else loss), metrics
+
+
+def test_with_a_loss_scaler_an_overflow_is_skipped_by_the_scaler_and_a_nan_loss_is_not(tmp_path, monkeypatch):
+    OverflowAt.calls = 0
+    engine, metrics = train(tiny_config(tmp_path / "a", training={"max_steps": 5}), task_cls=OverflowAt,
+                            callbacks=[LossScaled()])
+    assert engine.step == 5 and metrics["skipped_steps"] == 0 and engine.scaler.get_scale() == 2.0**15
+    monkeypatch.setenv("NAN_AT_STEP", "3")
+    with pytest.raises(NonFiniteError, match=r"at step 3, loss non-finite on rank\(s\) \[0\]"):
+        train(tiny_config(tmp_path / "b", training={"max_steps": 5}), task_cls=NaNRegressionTask,
+              callbacks=[LossScaled()])
+
+
 def test_nan_policy_skip_counts_the_skipped_step(tmp_path, monkeypatch):
     monkeypatch.setenv("NAN_AT_STEP", "4")
     engine, metrics = train(tiny_config(tmp_path, training={"nan_policy": "skip"}), task_cls=NaNRegressionTask)
