@@ -95,7 +95,7 @@ class TrainingEngine:
         self._pending: dict[str, float] = {}
         self._window = _Running()  # losses and metrics since the last training log
         self._grad_norms: list[float] = []  # gradient norms since the last training log
-        self._epoch_loss_sum = (0.0, 0.0)  # loss sum and count of the epoch's logged windows
+        self._epoch_loss_sum = (0.0, 0.0)  # this rank's loss sum and count over the epoch's logged windows
         self._signal: int | None = None  # a signal this process received
         self._interrupted = False  # a signal some rank received, agreed by all of them
 
@@ -399,10 +399,14 @@ class TrainingEngine:
         }
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
         return self.checkpoints.save(
-            self.step, shared, {"rng": rng_state(), "epoch_loss": self._epoch_loss_so_far()}, metrics=metrics,
-            write_extra=self._write_artifacts,
+            self.step, shared, self._rank_state(), metrics=metrics, write_extra=self._write_artifacts,
             write_sharded=write_sharded,
         )
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: random streams, and the losses of the epoch and of the log window so far."""
+        return {"rng": rng_state(), "epoch_loss": self._epoch_loss_sum, "window": self._window.totals(),
+                "grad_norms": list(self._grad_norms)}
 
     def _write_artifacts(self, directory: Path) -> None:
         self.config.save_to_yaml(directory / "config.yaml")
@@ -431,7 +435,8 @@ class TrainingEngine:
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
             set_rng_state(mine["rng"])
-            self._epoch_loss_sum = tuple(mine.get("epoch_loss", (0.0, 0.0)))
+            self._epoch_loss_sum = tuple(mine.get("epoch_loss", (0.0, 0.0)))  # checkpoints of older versions lack them
+            self._window, self._grad_norms = _Running.resumed(mine.get("window", {})), list(mine.get("grad_norms", []))
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         if not same_optimizer and self.scheduler is not None:
@@ -588,14 +593,10 @@ class TrainingEngine:
                              f"the last checkpoint is left as it was")
 
     def _epoch_loss(self) -> float:
-        """Mean training loss of the epoch over every rank."""
-        return D.weighted_mean_over_ranks({"loss": self._epoch_loss_so_far()}, self.device)["loss"]
-
-    def _epoch_loss_so_far(self) -> tuple[float, float]:
-        """This rank's loss sum and count in the epoch: the windows already logged plus the one still open."""
+        """Mean training loss of the epoch: the windows already logged plus the one still open."""
         loss_sum, count = self._epoch_loss_sum
         open_sum, open_count = self._window.total("loss")
-        return loss_sum + open_sum, count + open_count
+        return D.weighted_mean_over_ranks({"loss": (loss_sum + open_sum, count + open_count)}, self.device)["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
@@ -727,22 +728,35 @@ class _Running:
 
     def total(self, key: str, weights: torch.Tensor | None = None) -> tuple[float, float]:
         """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read)."""
-        values = self.values.get(key, [])
         weights = self._weights() if weights is None else weights
-        if values and all(isinstance(v, torch.Tensor) for v in values):
-            stacked = torch.stack([v.reshape(()) for v in values]).double().cpu()  # one sync for the window
-            return float((stacked * weights).sum()), float(weights.sum())
-        return sum(float(v) * float(w) for v, w in zip(values, weights)), float(weights.sum())
+        stacked = _on_host(self.values.get(key, []))  # one sync for the window
+        return float((stacked * weights).sum()), float(weights.sum())
 
     def _weights(self) -> torch.Tensor:
-        if all(isinstance(w, (int, float)) for w in self.weights):
-            return torch.tensor(self.weights, dtype=torch.float64)
-        return torch.stack([torch.as_tensor(w).reshape(()).double() for w in self.weights]).cpu()  # one sync
+        return _on_host(self.weights)
 
     def totals(self) -> dict[str, tuple[float, float]]:
         """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
         weights = self._weights()  # read once: with counted items each read is a device sync
         return {key: self.total(key, weights) for key in self.values}
+
+    @classmethod
+    def resumed(cls, totals: dict[str, tuple[float, float]]) -> _Running:
+        """A window that a checkpoint saved while it was open (its ``totals()``), as one entry of the same means."""
+        window = cls()
+        weight = next(iter(totals.values()), (0.0, 0.0))[1]  # every key of a window has the same total weight
+        if weight:
+            window.weights.append(weight)
+            window.values = {key: [value / weight] for key, (value, _) in totals.items()}
+        return window
+
+
+def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
+    """Numbers and one-element tensors as one float64 tensor on the CPU: a single device sync, whatever the mix."""
+    device = next((item.device for item in items if isinstance(item, torch.Tensor)), None)
+    if device is None:
+        return torch.tensor(items, dtype=torch.float64)
+    return torch.stack([torch.as_tensor(item, device=device).reshape(()).double() for item in items]).cpu()
 
 
 def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[list[dict[str, Any]], list[float] | None]:

@@ -95,21 +95,29 @@ class CrashAt(Callback):
 
 @pytest.mark.parametrize("crash_step", [9, 14, 20])
 def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path, crash_step):
-    settings = {"training": {"epochs": 3, "eval_every_steps": 4}, "checkpoint": {"every_n_steps": 3},
+    # saves every 5 steps, logs every 2: the saves at 5 and 15 hold a log window still open
+    settings = {"training": {"epochs": 3, "eval_every_steps": 4}, "checkpoint": {"every_n_steps": 5},
                 "model": {"dropout": 0.1}}
     ref = tiny_config(tmp_path / "ref", **settings)
     reference, _ = train(ref, callbacks=default_callbacks(ref))
     crashed = tiny_config(tmp_path / "crash", **settings)
     with pytest.raises(CallbackError, match="CrashAt.on_step_end failed: RuntimeError: simulated crash"):
         train(crashed, callbacks=[CrashAt(crash_step), *default_callbacks(crashed)])
-    resumed_config = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 3, "resume": "auto"},
+    resumed_config = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 5, "resume": "auto"},
                                  **{k: v for k, v in settings.items() if k != "checkpoint"})
     resumed, _ = train(resumed_config, callbacks=default_callbacks(resumed_config))
     assert resumed.step == reference.step
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "crash/run/metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == reference.step
+
+    def logged(run):  # the last record of each split and step: a resumed run logs again the steps after its save
+        records = [json.loads(line) for line in (tmp_path / run / "run/metrics.jsonl").read_text().splitlines()]
+        timings = ("samples_per_s", "tokens_per_s", "step_time_ms", "data_wait_pct", "peak_mem_mb", "mfu")
+        return {(r["split"], r["step"]): {k: v for k, v in r.items() if k not in timings} for r in records}
+
+    assert logged("crash").keys() == logged("ref").keys()
+    for key, record in logged("ref").items():
+        assert logged("crash")[key] == pytest.approx(record, rel=1e-9), key  # the open log window was saved too
 
 
 def test_a_loader_that_cannot_skip_is_replayed_and_the_resume_is_still_exact(tmp_path):
