@@ -129,7 +129,9 @@ class HFTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
+        # the largest id + 1, which the embedding needs: a loaded file's ids may skip numbers, and
+        # get_vocab_size counts entries (vocab {a: 0, b: 70000} has 2 of them)
+        return max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str) -> list[int]:
         # a corpus is one stream: no [CLS]/[SEP]-style tokens around each piece

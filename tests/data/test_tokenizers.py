@@ -112,3 +112,16 @@ def test_a_tokenizer_json_made_by_the_tokenizers_library_itself_is_used_as_is(tm
     ours = load_tokenizer(path)
     assert ours.vocab_size == hf.get_vocab_size()
     assert ours.encode("the dog sat") == hf.encode("the dog sat", add_special_tokens=False).ids
+
+
+def test_a_tokenizer_whose_ids_skip_numbers_has_room_for_its_largest_id(tmp_path):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    hf = HF(models.WordLevel({"a": 0, "[UNK]": 1, "b": 70000}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "sparse.json"
+    hf.save(str(path))
+    ours = load_tokenizer(path)
+    assert hf.get_vocab_size() == 3 and ours.vocab_size == 70001  # an embedding of 3 rows would not hold b
+    assert ours.encode("a b") == [0, 70000]
