@@ -142,6 +142,7 @@ def test_greedy_generation_follows_the_argmax_and_crops_the_context():
         assert token == expected
         seq.append(token)
     assert list(model.generate_stream(prompt[None], 6, temperature=0.7, top_k=1)) == out
+    assert list(model.generate_stream(prompt, 6, temperature=1e-39)) == out  # logits / 1e-39 would overflow
 
 
 def test_sampling_is_reproducible_with_a_generator_and_stays_in_the_top_k():

@@ -18,7 +18,8 @@ PEAK_FLOPS = (
     # (part of the device name, dense bf16 tensor-core FLOP/s without sparsity; fp16 for V100).
     # The first entry whose part is in the name wins, so longer names come before their prefixes.
     ("GH200", 989e12),
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
