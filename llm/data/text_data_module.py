@@ -13,10 +13,9 @@ import logging
 import os
 import shutil
 import sysconfig
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -226,8 +225,10 @@ class TextDataModule(BaseDataModule):
         """Tokenize the files into the cache entry; the number of tokens written."""
         dtype = token_dtype(tokenizer.vocab_size)
         entry.parent.mkdir(parents=True, exist_ok=True)
-        # fill a private folder, then rename it into place: a crash leaves no entry to trust
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        # fill a folder of this process's own, then rename it into place: a crash leaves no entry to trust.
+        # Not mkdtemp: its mode 0700 would stay with the entry and lock out others sharing the cache folder
+        tmp = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         try:
             tokenizer.save(tmp / TOKENIZER)
             n = 0

@@ -47,6 +47,9 @@ def test_the_corpus_is_tokenized_into_a_cached_token_file(tmp_path, corpus):
     assert isinstance(dm.tokenizer, CharTokenizer) and dm.tokenizer.decode(tokens_of(dm).tolist()) == TEXT
     assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin"]
     assert dm.cache_path.parent == tmp_path / "cache"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dm.cache_path.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others who share the cache
 
 
 def test_validation_is_the_last_fraction_in_consecutive_windows(tmp_path, corpus):
