@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import common  # noqa: E402
 from llm.data.text_data_module import TextDataModule  # noqa: E402
+from llm.errors import UsageError  # noqa: E402
 from llm.models.gpt import GPT, GPTConfig  # noqa: E402
 from llm.training.core.callbacks import Callback  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
@@ -221,6 +222,25 @@ def run_hand(config: Config, warmup: int, peak: float | None) -> Measure:
     return measure(config, times, start, warmup, loss, raw, peak)
 
 
+def check_corpus(config: Config) -> None:
+    """Stop, before any timing, when one epoch of the corpus is shorter than the steps to time.
+
+    The hand-written loop makes one pass; the engine would go on into a second epoch
+    and time its validation: the two would not do the same work.
+    """
+    data = TextDataModule(config)
+    try:
+        data.prepare_data()  # tokenizes once: the runs then hit the cache
+        data.setup("fit")
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    batches, steps = len(data.train_dataloader(0, 1)[0]), config.training.max_steps
+    if batches < steps:
+        sys.exit(f"error: {config.data.path or 'the default corpus'} gives {batches} batches of "
+                 f"{config.training.batch_size} x {config.model.block_size} tokens, fewer than the {steps} steps "
+                 f"to time: give a larger --data-path")
+
+
 # ---- the report ---------------------------------------------------------------------------------
 
 
@@ -241,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run(make_config(args, work, log_dir, precision, compiled), args.warmup, peak)
             return go
 
+        check_corpus(make_config(args, work, work / "check", "fp32", False))
         if args.gpu_preset:
             contenders = {"engine, bf16, compiled": contender(run_engine, "bf16", True),
                           "hand, bf16, compiled": contender(run_hand, "bf16", True)}
