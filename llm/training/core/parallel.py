@@ -19,7 +19,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from llm.errors import UsageError
-from llm.training.core import sharded
 from llm.training.core.checkpoint import SHARDED, CheckpointError, error_cause, load_weights_strictly
 from llm.training.core.config import Config
 
@@ -110,6 +109,8 @@ def load_model_and_optimizer(
             optimizer.load_state_dict(shared["optimizer"])
         return
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+
+    from llm.training.core import sharded  # torch.distributed.checkpoint takes a second to import: only for FSDP
 
     # torch.distributed.checkpoint reshards on load, so the loading layout may differ from the saving one
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
