@@ -7,14 +7,16 @@ tokenizer recipe, so an edited corpus or another tokenizer gets a new entry.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import shutil
 import sysconfig
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,9 @@ DEFAULT_CORPUS_BYTES = 4 << 20
 """Cap on the default corpus (the stdlib sources): about a million tokens, tokenized in seconds."""
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _CHUNK_CHARS = 1 << 20
+_BLOCK_BYTES = 1 << 20
+_PARALLEL_PIECES = max(2, min(os.cpu_count() or 1, 32))
+"""Pieces handed to the tokenizer at once: a fast tokenizer encodes them on as many threads."""
 TOKENS, TOKENIZER = "tokens.bin", "tokenizer.json"
 
 
@@ -87,15 +92,40 @@ def corpus_files(spec: str) -> list[Path]:
 
 
 def read_text(path: Path, strict: bool = True) -> str:
+    """A whole UTF-8 file; with ``strict`` False, "" for a file that is not UTF-8 or cannot be read."""
+    return "".join(read_pieces(path, strict))
+
+
+def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS) -> Iterator[str]:
+    """A UTF-8 file as pieces of about ``size`` characters cut after a newline, read a block at a time,
+    so a corpus larger than memory is never held whole. ``strict`` False (for the default corpus) skips
+    a file that is not UTF-8 or cannot be read; such files are small, so they are read whole first."""
+    if not strict:
+        try:
+            yield from _pieces([path.read_bytes().decode("utf-8")], size)
+        except (UnicodeDecodeError, OSError):
+            pass
+        return
+    yield from _pieces(_decoded_blocks(path), size)
+
+
+def _decoded_blocks(path: Path) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes read before this block
     try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        if not strict:
-            return ""
-        raise UsageError(f"data.path: {path} is not UTF-8 text (byte {e.start}); convert or remove it") from None
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(_BLOCK_BYTES)
+                pending = len(decoder.getstate()[0])  # the tail of a character cut by the last block
+                try:
+                    yield decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:  # e.start counts from the pending bytes
+                    raise UsageError(f"data.path: {path} is not UTF-8 text (byte {offset - pending + e.start}); "
+                                     f"convert or remove it") from None
+                if not block:
+                    return
+                offset += len(block)
     except OSError as e:
-        if not strict:
-            return ""
         raise UsageError(f"data.path: cannot read {path}: {e.strerror or e}") from None
 
 
@@ -180,8 +210,9 @@ class TextDataModule(BaseDataModule):
         return files
 
     def _texts(self, files: list[Path]) -> Iterator[str]:
+        """The corpus as pieces of about a million characters, file after file."""
         strict = bool(self.config.data.path)  # the default corpus skips the odd non-UTF-8 file
-        return (read_text(f, strict) for f in files)
+        return (piece for f in files for piece in read_pieces(f, strict))
 
     def _cache_entry(self, files: list[Path]) -> Path:
         """``<cache_dir>/<key>``, the key hashing the corpus bytes and the tokenizer recipe."""
@@ -195,9 +226,12 @@ class TextDataModule(BaseDataModule):
             recipe = "file:" + load_tokenizer(d.tokenizer).fingerprint()
         h = hashlib.sha256(f"text-cache-{CACHE_FORMAT}\0{recipe}\0".encode())
         for f in files:
-            data = f.read_bytes()
-            h.update(len(data).to_bytes(8, "little"))  # file boundaries are part of the content
-            h.update(data)
+            try:
+                _hash_file(h, f)
+            except OSError as e:
+                if self.config.data.path:
+                    raise UsageError(f"data.path: cannot read {f}: {e.strerror or e}") from None
+                h.update(b"unreadable")  # the default corpus skips it
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
         return cache_dir / h.hexdigest()[:32]
 
@@ -233,17 +267,18 @@ class TextDataModule(BaseDataModule):
             tokenizer.save(tmp / TOKENIZER)
             n = 0
             with open(tmp / TOKENS, "wb") as out:
-                for file, text in zip(files, self._texts(files)):
-                    for chunk in _chunks(text):
+                for file in files:
+                    for batch in _batched(self._texts([file]), _PARALLEL_PIECES):
                         try:
-                            ids = np.asarray(tokenizer.encode(chunk), dtype=np.int64)
+                            encoded = tokenizer.encode_batch(batch)
                         except UsageError as e:  # a tokenizer file that does not cover the corpus
                             raise UsageError(
                                 f"data.path: {file}: {e} (data.tokenizer {self.config.data.tokenizer}); "
                                 f"use a tokenizer that covers the corpus, such as byte"
                             ) from None
-                        out.write(ids.astype(dtype).tobytes())
-                        n += len(ids)
+                        for ids in encoded:
+                            out.write(np.asarray(ids, dtype=dtype).tobytes())
+                            n += len(ids)
             try:
                 os.replace(tmp, entry)
             except OSError:  # another node sharing the cache folder finished first
@@ -256,7 +291,8 @@ class TextDataModule(BaseDataModule):
     # ---- splits and loaders ------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        entry = self._cache_entry(self._files())
+        # the entry prepare_data() found in this process; other ranks hash the corpus themselves
+        entry = self.cache_path or self._cache_entry(self._files())
         if not (entry / TOKENS).is_file():
             raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
         self.cache_path = entry
@@ -286,13 +322,35 @@ class TextDataModule(BaseDataModule):
         return self.build_dataloader(self.val_set, rank, world_size, train=False, collate_fn=already_batched)
 
 
-def _chunks(text: str, size: int = _CHUNK_CHARS) -> Iterator[str]:
-    """Pieces of about ``size`` characters, cut after a newline, so memory stays bounded."""
-    start = 0
-    while start < len(text):
-        stop = start + size
-        if stop < len(text):
-            cut = text.rfind("\n", start, stop)
-            stop = cut + 1 if cut > start else stop
-        yield text[start:stop]
-        start = stop
+def _hash_file(h: Any, path: Path) -> None:
+    """Add the file's length, then its bytes, to the hash ``h``, reading a block at a time."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))  # file boundaries are part of the content
+        for block in iter(lambda: f.read(_BLOCK_BYTES), b""):
+            h.update(block)
+            size -= len(block)
+    if size:
+        raise UsageError(f"data.path: {path} changed while it was read; run again once it is written")
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    """Lists of ``n`` items (the last may hold fewer); itertools.batched from Python 3.12."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
+    """The text of ``blocks`` joined, as pieces of about ``size`` characters, each cut after its last newline
+    (or at ``size`` if it has none): the same pieces however the text is split into blocks."""
+    buffer = ""
+    for block in blocks:
+        buffer += block
+        while len(buffer) > size:  # there is text after this piece: cut it
+            cut = buffer.rfind("\n", 0, size)
+            stop = cut + 1 if cut > 0 else size
+            yield buffer[:stop]
+            buffer = buffer[stop:]
+    if buffer:
+        yield buffer

@@ -33,6 +33,10 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text; tokenizers that can encode them in parallel do."""
+        return [self.encode(text) for text in texts]
+
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -136,6 +140,9 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         # a corpus is one stream: no [CLS]/[SEP]-style tokens around each piece
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]  # one thread per core
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

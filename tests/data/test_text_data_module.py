@@ -176,9 +176,84 @@ def test_token_dtype_fits_the_vocabulary():
 
 def test_long_texts_are_tokenized_in_chunks_cut_after_newlines():
     text = "abc\n" * 10 + "x" * 25
-    pieces = list(tdm._chunks(text, size=10))
+    pieces = list(tdm._pieces([text], size=10))
     assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
     assert pieces[:5] == ["abc\nabc\n"] * 5 and pieces[5:] == ["x" * 10, "x" * 10, "x" * 5]
+    for cut in range(len(text) + 1):  # however the file's blocks split the text, the pieces are the same
+        assert list(tdm._pieces([text[:cut], "", text[cut:]], size=10)) == pieces, cut
+
+
+def test_a_file_is_read_in_blocks_and_a_bad_byte_is_named_where_it_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(tdm, "_BLOCK_BYTES", 7)  # blocks that cut the two-byte characters in half
+    text = "é\nab" * 40
+    path = tmp_path / "c.txt"
+    path.write_text(text, encoding="utf-8")
+    assert list(tdm.read_pieces(path, size=16)) == list(tdm._pieces([text], size=16))
+    data = text.encode()
+    for at in [*range(30), len(data) - 1]:  # the offset a whole-file decode gives, across block boundaries
+        bad = data[:at] + b"\xff" + data[at:]
+        path.write_bytes(bad)
+        with pytest.raises(UnicodeDecodeError) as whole:
+            bad.decode("utf-8")
+        with pytest.raises(UsageError, match=rf"is not UTF-8 text \(byte {whole.value.start}\)"):
+            list(tdm.read_pieces(path))
+    path.write_bytes(data + "é".encode()[:1])  # a character cut short at the end of the file
+    with pytest.raises(UsageError, match=rf"is not UTF-8 text \(byte {len(data)}\)"):
+        list(tdm.read_pieces(path))
+    assert tdm.read_text(path, strict=False) == ""
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_corpus_of_many_pieces_is_the_pieces_tokens_in_order(tmp_path, corpus, monkeypatch, tokenizer):
+    import functools
+
+    monkeypatch.setattr(tdm, "read_pieces", functools.partial(tdm.read_pieces, size=100))
+    monkeypatch.setattr(tdm, "_PARALLEL_PIECES", 3)  # 40 pieces (one line each): 13 batches of 3, then 1
+    dm = ready(tmp_path, corpus, tokenizer=tokenizer, vocab_size=300)
+    pieces = list(tdm._pieces([TEXT], size=100))
+    assert len(pieces) == 40 and all(p.endswith("\n") for p in pieces)
+    expected = [i for piece in pieces for i in dm.tokenizer.encode(piece)]
+    assert tokens_of(dm).tolist() == expected and dm.tokenizer.decode(expected) == TEXT
+
+
+def test_the_corpus_is_hashed_once_by_the_process_that_prepares_it(tmp_path, corpus, monkeypatch):
+    hashed = []
+    real = tdm._hash_file
+    monkeypatch.setattr(tdm, "_hash_file", lambda h, path: (hashed.append(path), real(h, path)))
+    ready(tmp_path, corpus)
+    assert hashed == [corpus]
+    make(tmp_path, corpus).setup()  # a rank that did not prepare the data finds the entry by the hash
+    assert hashed == [corpus, corpus]
+
+
+def test_a_file_that_grows_while_it_is_hashed_is_named(tmp_path, corpus, monkeypatch):
+    import hashlib
+
+    size = corpus.stat().st_size
+    monkeypatch.setattr(tdm.os, "fstat", lambda fd: os.stat_result((0,) * 6 + (size - 1,) + (0,) * 3))
+    with pytest.raises(UsageError, match=r"corpus.txt changed while it was read"):
+        tdm._hash_file(hashlib.sha256(), corpus)
+
+
+def test_a_large_corpus_is_hashed_and_read_without_holding_it_whole(tmp_path):
+    import hashlib
+    import tracemalloc
+
+    path = tmp_path / "big.txt"
+    with open(path, "w") as f:
+        for _ in range(24):
+            f.write(("word " * 99 + "word\n") * 2_000)  # 24 x 1 MB
+    tracemalloc.start()
+    try:
+        tdm._hash_file(hashlib.sha256(), path)
+        hashed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        chars = sum(len(piece) for piece in tdm.read_pieces(path))
+        read = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert chars == path.stat().st_size == 24_000_000
+    assert hashed < 4 << 20 and read < 8 << 20, (hashed, read)  # a few blocks, not the 24 MB
 
 
 def test_bpe_from_the_config_vocab_size(tmp_path, corpus):

@@ -125,3 +125,10 @@ def test_a_tokenizer_whose_ids_skip_numbers_has_room_for_its_largest_id(tmp_path
     ours = load_tokenizer(path)
     assert hf.get_vocab_size() == 3 and ours.vocab_size == 70001  # an embedding of 3 rows would not hold b
     assert ours.encode("a b") == [0, 70000]
+
+
+@pytest.mark.parametrize("spec", ["byte", "char", "bpe"])
+def test_encode_batch_is_encode_of_each_text(spec, corpus, bpe):
+    tok = bpe if spec == "bpe" else build_tokenizer(spec, corpus, 0)
+    assert tok.encode_batch(corpus) == [tok.encode(text) for text in corpus]
+    assert tok.encode_batch([]) == []
