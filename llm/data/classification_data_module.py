@@ -32,9 +32,12 @@ class ClassificationDataModule(BaseDataModule):
             self.train_set, num_replicas=world_size, rank=rank, shuffle=True,
             seed=self.config.training.seed, drop_last=True,
         )
-        loader = DataLoader(self.train_set, batch_size=self.config.training.batch_size, sampler=sampler, drop_last=True)
+        loader = DataLoader(self.train_set, batch_size=self.config.training.batch_size, sampler=sampler,
+                            drop_last=True, num_workers=self.config.data.num_workers)
         return loader, sampler
 
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         sampler = DistributedSampler(self.val_set, num_replicas=world_size, rank=rank, shuffle=False)
-        return DataLoader(self.val_set, batch_size=self.config.training.batch_size, sampler=sampler), sampler
+        loader = DataLoader(self.val_set, batch_size=self.config.training.batch_size, sampler=sampler,
+                            num_workers=self.config.data.num_workers)
+        return loader, sampler
