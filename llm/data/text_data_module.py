@@ -16,6 +16,7 @@ import os
 import shutil
 import sysconfig
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,7 @@ class TextDataModule(BaseDataModule):
         tmp.mkdir()
         try:
             tokenizer.save(tmp / TOKENIZER)
-            n = 0
+            n = unknown = 0
             with open(tmp / TOKENS, "wb") as out:
                 for file in files:
                     for batch in _batched(self._texts([file]), _PARALLEL_PIECES):
@@ -277,8 +278,15 @@ class TextDataModule(BaseDataModule):
                                 f"use a tokenizer that covers the corpus, such as byte"
                             ) from None
                         for ids in encoded:
-                            out.write(np.asarray(ids, dtype=dtype).tobytes())
+                            array = np.asarray(ids, dtype=dtype)
+                            out.write(array.tobytes())
                             n += len(ids)
+                            if tokenizer.unknown_id is not None:
+                                unknown += int(np.count_nonzero(array == tokenizer.unknown_id))
+            if unknown:
+                warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
+                              f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "
+                              f"all of the text; training goes on with them")
             try:
                 os.replace(tmp, entry)
             except OSError:  # another node sharing the cache folder finished first

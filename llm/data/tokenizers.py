@@ -7,6 +7,7 @@ tokenizers, a small ``{"type": ...}`` document of our own for byte and char.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,6 +37,11 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` of each text; tokenizers that can encode them in parallel do."""
         return [self.encode(text) for text in texts]
+
+    @property
+    def unknown_id(self) -> int | None:
+        """The id text outside the vocabulary encodes to, if there is one (byte and char have none)."""
+        return None
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
@@ -143,6 +149,13 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]  # one thread per core
+
+    @functools.cached_property
+    def unknown_id(self) -> int | None:
+        model = json.loads(self.hf.to_str())["model"]  # WordPiece and BPE name the token, Unigram gives its id
+        if model.get("unk_id") is not None:
+            return model["unk_id"]
+        return self.hf.token_to_id(model["unk_token"]) if model.get("unk_token") else None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

@@ -235,6 +235,25 @@ def test_a_file_that_grows_while_it_is_hashed_is_named(tmp_path, corpus, monkeyp
         tdm._hash_file(hashlib.sha256(), corpus)
 
 
+def test_text_outside_a_tokenizer_files_vocabulary_is_counted_in_a_warning(tmp_path, corpus):
+    import warnings
+
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["line", "the", "fox", "dog", ":"])}}
+    hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "words.json"))
+    with pytest.warns(UserWarning, match=r"data.path: 240 of the corpus's 480 tokens \(50.00%\) are the unknown "
+                                         r"token of data.tokenizer .*words.json: it does not cover all of the text"):
+        dm = ready(tmp_path, corpus, tokenizer=str(tmp_path / "words.json"))
+    assert int((tokens_of(dm) == 0).sum()) == 240  # 40 lines of 12 words: the number and 5 others unknown
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tokenizer that covers the corpus: no warning
+        ready(tmp_path / "covered", corpus, tokenizer="bpe", vocab_size=300)
+
+
 def test_a_large_corpus_is_hashed_and_read_without_holding_it_whole(tmp_path):
     import hashlib
     import tracemalloc

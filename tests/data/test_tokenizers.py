@@ -132,3 +132,14 @@ def test_encode_batch_is_encode_of_each_text(spec, corpus, bpe):
     tok = bpe if spec == "bpe" else build_tokenizer(spec, corpus, 0)
     assert tok.encode_batch(corpus) == [tok.encode(text) for text in corpus]
     assert tok.encode_batch([]) == []
+
+
+def test_the_unknown_token_is_found_whichever_way_the_model_names_it(bpe):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
+
+    wordpiece = HFTokenizer(HF(models.WordPiece({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    unigram = HFTokenizer(HF(models.Unigram([("a", -1.0), ("b", -1.0), ("<unk>", 0.0)], unk_id=2)))
+    assert wordpiece.unknown_id == 1 and wordpiece.encode("z") == [1]
+    assert unigram.unknown_id == 2 and unigram.encode("z") == [2]
+    assert bpe.unknown_id is None and ByteTokenizer().unknown_id is None and CharTokenizer("ab").unknown_id is None
