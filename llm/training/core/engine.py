@@ -89,6 +89,7 @@ class TrainingEngine:
         self.data_wait_s = 0.0  # time spent waiting for the training loader
         self.first_step_s: float | None = None  # the first step of this process, compilation included
         self.should_stop, self.stop_reason = False, ""
+        self._saved_step: int | None = None  # the step of this process's last checkpoint
         self.train_metrics: dict[str, float] = {}  # the last logged training record
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
@@ -126,25 +127,36 @@ class TrainingEngine:
         self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
         self._fire("on_epoch_start")
         self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
-        for micro_batches in self._epoch_batches():
+        for micro_batches, last_of_epoch in self._epoch_batches():
             self.optimizer_step(micro_batches)
             self._fire("on_step_end")
             if self._due(self.config.logging.log_every_steps):
                 self._flush_log("train", self._window_metrics())
             if self._due(t.eval_every_steps):
                 self.validate()
-            if self._due(self.config.checkpoint.every_n_steps):
-                self.save_checkpoint()
-            if t.max_steps and self.step >= t.max_steps:
-                self.request_stop(f"reached max_steps={t.max_steps}")
-            if self._agree_to_stop():
+            if last_of_epoch:
+                break  # the epoch's end comes first: its validation, then the stop and the save below
+            if self._end_step():
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         metrics = {"train_loss": self._epoch_loss(), **self._validated()}
-        self._epoch_loss_sum = (0.0, 0.0)  # here, not at the start: a resumed epoch starts with its saved sum
+        # the open log window is now counted in this epoch: the next epoch takes its totals back off
+        open_sum, open_count = self._window.total("loss")
+        self._epoch_loss_sum = (-open_sum, -open_count)  # reset here: a resumed epoch starts with its saved sum
         self._fire("on_epoch_end", metrics)
         self._flush_log("epoch", metrics)
-        self._agree_to_stop()
+        self._end_step()
+
+    def _end_step(self) -> bool:
+        """After a step, and after the epoch it ends: agree whether to stop, then save if due. A run about to
+        finish is saved by finish(), after its last validation. Returns whether to stop."""
+        max_steps = self.config.training.max_steps
+        if max_steps and self.step >= max_steps:
+            self.request_stop(f"reached max_steps={max_steps}")
+        stop = self._agree_to_stop()
+        if not self._finished() and self._due(self.config.checkpoint.every_n_steps) and self._saved_step != self.step:
+            self.save_checkpoint()
+        return stop
 
     def finish(self, elapsed: float) -> tuple[dict[str, float], Path]:
         """Log the last steps, validate the final weights, save them, write the summary."""
@@ -392,16 +404,18 @@ class TrainingEngine:
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
-                "world_size": self.world_size,
+                "world_size": self.world_size, "stop": self._held_stop(),
             },
             "callbacks": {_callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)},
             "config": self.config.to_dict(),
         }
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
-        return self.checkpoints.save(
+        saved = self.checkpoints.save(
             self.step, shared, self._rank_state(), metrics=metrics, write_extra=self._write_artifacts,
             write_sharded=write_sharded,
         )
+        self._saved_step = self.step
+        return saved
 
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks: random streams, and the losses of the epoch and of the log window so far."""
@@ -417,16 +431,21 @@ class TrainingEngine:
         changed = self._check_config_change(path, shared)
         # another optimizer cannot take the saved one's state: it starts afresh, at the saved step of the schedule
         same_optimizer = "optimizer.name" not in changed
-        settings = _optimizer_settings(self.optimizer, self.scheduler)  # this run's config, before the load
-        optimizer = self.optimizer if same_optimizer else None
-        parallel.load_model_and_optimizer(self.raw_model, optimizer, shared, path, self.sharded)
-        if self.scheduler is not None and shared["scheduler"] is not None and same_optimizer:
-            self.scheduler.load_state_dict(shared["scheduler"])
-        if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
-            self.scaler.load_state_dict(shared["scaler"])
+        fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
+                                          self.sharded)
         progress = shared["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
+        if progress.get("stop") and "training.patience" not in changed:  # a run that stopped early stays stopped
+            self.should_stop, self.stop_reason = True, progress["stop"]
+        schedule_changed = any(k not in HARMLESS_CONFIG for k in changed)
+        if schedule_changed:  # the settings are this run's, the moments the checkpoint's
+            self._keep_optimizer_settings(fresh_groups)
+        elif self.scheduler is not None and shared["scheduler"] is not None:
+            self.scheduler.load_state_dict(shared["scheduler"])
+        if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
+            self.scaler.load_state_dict(shared["scaler"])
         self.best_metric, self.val_metrics = shared["best_metric"], shared.get("val_metrics") or {}
         states = shared["callbacks"]
         for i, cb in enumerate(self.callbacks):
@@ -439,41 +458,36 @@ class TrainingEngine:
             self._window, self._grad_norms = _Running.resumed(mine.get("window", {})), list(mine.get("grad_norms", []))
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
-        if not same_optimizer and self.scheduler is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
-                for _ in range(self.step):
-                    self.scheduler.step()
-        elif changed:  # new settings, or a schedule of another length (epochs, max_steps, batch size...)
-            self._keep_optimizer_settings(*settings)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
-    def _keep_optimizer_settings(self, groups: list[dict[str, Any]], base_lrs: list[float] | None) -> None:
-        """After a resume that changed optimizer settings: the settings are this run's, the state the checkpoint's.
+    def _keep_optimizer_settings(self, fresh_groups: list[dict[str, Any]]) -> None:
+        """After a resume with a changed config: the optimizer's settings are this run's, and its rate is the
+        new schedule's at the resumed step.
 
-        ``optimizer.load_state_dict`` brings back the saved learning rate, weight
-        decay and betas along with the moments; a run resumed with new ones in its
-        config means them. The schedule keeps its place: a LambdaLR (the built-in
-        tasks') gives the rate at the resumed step of the new schedule, as its
-        next steps will; another scheduler's current rate is scaled by the change
-        of its peak rate.
+        ``optimizer.load_state_dict`` brings back the saved learning rate, weight decay
+        and betas along with the moments, and the saved scheduler would keep the old
+        schedule's length; a run resumed with new epochs, max_steps or rates means
+        the new ones. So the groups get this run's settings back, and this run's
+        scheduler is stepped to the resumed step: step by step, so that a recursive
+        schedule (CosineAnnealingLR's) gives the rates an uninterrupted run with the
+        new settings would; a LambdaLR, whose rate depends on the step alone, jumps.
         """
         current = self.optimizer.param_groups
-        if len(current) != len(groups):
+        if len(current) != len(fresh_groups):
             warnings.warn("the optimizer's parameter groups differ from the checkpoint's: its saved settings stay")
             return
-        for group, fresh in zip(current, groups):
-            group.update({k: v for k, v in fresh.items() if k not in ("lr", "initial_lr")})
-        if self.scheduler is None or base_lrs is None:
-            for group, fresh in zip(current, groups):
-                group["lr"] = fresh["lr"]
+        for group, fresh in zip(current, fresh_groups):
+            group.update(fresh)
+        if self.scheduler is None:
             return
-        lambdas = getattr(self.scheduler, "lr_lambdas", None) if isinstance(self.scheduler, LambdaLR) else None
-        for i, (group, new, old) in enumerate(zip(current, base_lrs, self.scheduler.base_lrs)):
-            group["lr"] = new * lambdas[i](self.scheduler.last_epoch) if lambdas else group["lr"] * new / old
-            if "initial_lr" in group:
-                group["initial_lr"] = new
-        self.scheduler.base_lrs = list(base_lrs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
+            if isinstance(self.scheduler, LambdaLR):
+                self.scheduler.last_epoch = self.step - 1
+                self.scheduler.step()
+            else:
+                for _ in range(self.step):
+                    self.scheduler.step()
 
     def _check_config_change(self, path: Path, shared: dict[str, Any]) -> list[str]:
         """Show what changed since the checkpoint; refuse changes that break the model, the data order or the
@@ -512,15 +526,18 @@ class TrainingEngine:
 
     # ---- helpers -------------------------------------------------------------------
 
-    def _epoch_batches(self) -> Iterator[list[Any]]:
-        """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped."""
+    def _epoch_batches(self) -> Iterator[tuple[list[Any], bool]]:
+        """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped, each with whether
+        it is the epoch's last full group (never known for a loader without a length: it ends when it runs out)."""
         k = self.config.training.grad_accum_steps
         if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
             self._resumable.skip = self.batch_in_epoch * self.config.training.batch_size
+        left = _length(self.train_loader)  # the skipped batches are not counted
         batches = self._iterate(self.train_loader, -1 - self.epoch)
         if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
             warnings.warn("the training loader has no BatchSampler over a sampler: replaying batches to resume mid-epoch")
             batches = itertools.islice(batches, self.batch_in_epoch, None)
+            left = None if left is None else left - self.batch_in_epoch
         group: list[Any] = []
         while True:
             waited = time.perf_counter()
@@ -530,7 +547,8 @@ class TrainingEngine:
                 break
             group.append(batch)
             if len(group) == k:
-                yield group
+                left = None if left is None else left - k
+                yield group, left is not None and left < k
                 group = []
         if self._resumable is not None:
             self._resumable.skip = 0
@@ -554,6 +572,14 @@ class TrainingEngine:
         if self.val_metrics.get("step") == self.step:
             return {k: v for k, v in self.val_metrics.items() if k != "step"}
         return self.validate()
+
+    def _held_stop(self) -> str:
+        """The reason for a stop that a resume from this step must keep (early stopping, a callback's); "" for
+        none, and for the stops that a resume should go past: a signal's, and max_steps' (a resume may raise it)."""
+        max_steps = self.config.training.max_steps
+        if not self.should_stop or self._interrupted or (max_steps and self.step >= max_steps):
+            return ""
+        return self.stop_reason or "a stop agreed with another rank"
 
     def _finished(self) -> bool:
         t = self.config.training
@@ -756,13 +782,16 @@ def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
     device = next((item.device for item in items if isinstance(item, torch.Tensor)), None)
     if device is None:
         return torch.tensor(items, dtype=torch.float64)
-    return torch.stack([torch.as_tensor(item, device=device).reshape(()).double() for item in items]).cpu()
+    return torch.stack([torch.as_tensor(item, dtype=None if isinstance(item, torch.Tensor) else torch.float64,
+                                        device=device).reshape(()).double() for item in items]).cpu()
 
 
-def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[list[dict[str, Any]], list[float] | None]:
-    """Each parameter group's settings (all but its parameters), and the schedule's peak rates."""
-    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    return groups, list(scheduler.base_lrs) if scheduler is not None else None
+def _length(loader: Any) -> int | None:
+    """Batches in a loader; None for one that does not know (an iterable dataset without a length)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _batch_len(batch: Any) -> int:

@@ -398,3 +398,80 @@ def test_a_save_that_fails_mid_run_stops_training_and_keeps_the_last_checkpoint(
     assert checkpoint.verify(directory / "step_00000008") is None  # the last good one is still whole
     steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 12  # training stopped at the failed save instead of going on without it
+
+
+def records_of(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_a_run_stopped_early_stays_stopped_when_resumed(tmp_path):
+    settings = {"training": {"epochs": 20, "eval_every_steps": 2, "patience": 0},
+                "optimizer": {"lr": 0.3, "scheduler": "constant"}, "checkpoint": {"every_n_steps": 2}}
+    first, metrics = train(tiny_config(tmp_path, **settings), callbacks=default_callbacks(tiny_config(tmp_path, **settings)))
+    assert metrics["stop_reason"].startswith("early stopping") and first.step < 20 * 14
+    again = tiny_config(tmp_path, **{**settings, "checkpoint": {"every_n_steps": 2, "resume": "auto"}})
+    resumed, metrics = train(again, callbacks=default_callbacks(again))
+    assert resumed.step == first.step and metrics["stop_reason"] == first.stop_reason  # not trained any further
+    for (name, w_first), w in zip(weights(first.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_first, w), name
+    patient = tiny_config(tmp_path, **{**settings, "training": {**settings["training"], "patience": 2},
+                                       "checkpoint": {"every_n_steps": 2, "resume": "auto"}})
+    longer, _ = train(patient, callbacks=default_callbacks(patient))  # more patience: it trains on
+    assert longer.step > first.step
+
+
+def test_the_epoch_train_loss_is_the_epochs_own_whatever_the_log_window(tmp_path):
+    by_window = {}
+    for every in (1, 4):  # 14 steps an epoch: a window of 4 is still open at each epoch's end
+        config = tiny_config(tmp_path / str(every), training={"epochs": 3}, logging={"log_every_steps": every})
+        train(config, callbacks=default_callbacks(config))
+        by_window[every] = [r["train_loss"] for r in records_of(tmp_path / str(every) / "run", "epoch")]
+    assert len(by_window[1]) == 3 and by_window[4] == pytest.approx(by_window[1], rel=1e-12)
+
+
+def test_a_save_at_an_epochs_end_comes_after_its_validation_and_holds_its_score(tmp_path):
+    config = tiny_config(tmp_path, training={"epochs": 3}, checkpoint={"every_n_steps": 14, "keep_last": 10})
+    engine, _ = train(config, callbacks=default_callbacks(config))
+    for step in (14, 28):  # each epoch's last step: saved once, after the epoch's validation
+        manifest = json.loads((tmp_path / f"run/checkpoints/step_{step:08d}/manifest.json").read_text())
+        validated = next(r for r in records_of(tmp_path / "run", "val") if r["step"] == step)
+        assert manifest["metrics"]["val_loss"] == validated["val_loss"], step
+        state = torch.load(tmp_path / f"run/checkpoints/step_{step:08d}/state.pt", weights_only=False)
+        assert state["progress"]["epoch"] == step // 14 and state["progress"]["batch_in_epoch"] == 0
+
+
+def test_max_steps_on_an_epochs_last_step_still_ends_the_epoch(tmp_path):
+    config = tiny_config(tmp_path, training={"epochs": 3, "max_steps": 28})
+    engine, metrics = train(config, callbacks=default_callbacks(config))
+    assert engine.step == 28 and engine.epoch == 2 and metrics["stop_reason"] == "reached max_steps=28"
+    assert [r["step"] for r in records_of(tmp_path / "run", "epoch")] == [14, 28]
+    assert json.loads((tmp_path / "run/summary.json").read_text())["epochs"] == 2
+
+
+def test_a_resumed_log_window_keeps_double_precision():
+    from llm.training.core.engine import _on_host
+
+    assert _on_host([torch.tensor(1.0), 0.1])[1].item() == 0.1  # not float32's 0.10000000149
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])  # LambdaLR, and a user's CosineAnnealingLR
+def test_a_resume_with_more_steps_follows_the_longer_schedule_from_the_resumed_step(tmp_path, task):
+    from llm.training.tasks.classification_task import ClassificationTask
+
+    task_cls = ClassificationTask if task == "classification" else RegressionTask
+
+    def config(name, max_steps, **more):
+        return tiny_config(tmp_path / name, task=task, training={"epochs": 100, "max_steps": max_steps},
+                           logging={"log_every_steps": 1}, optimizer={"scheduler": "cosine", "warmup_steps": 0}, **more)
+
+    def lrs(name):
+        return {r["step"]: r["lr"] for r in records_of(tmp_path / name / "run", "train")}
+
+    for name, max_steps in (("long", 12), ("cut", 6)):
+        train(config(name, max_steps), task_cls, callbacks=default_callbacks(config(name, max_steps)))
+    assert lrs("cut")[6] < lrs("long")[6]  # the short schedule had decayed further
+    resumed = config("cut", 12, checkpoint={"resume": "auto"})
+    train(resumed, task_cls, callbacks=default_callbacks(resumed))
+    long, cut = lrs("long"), lrs("cut")
+    assert [cut[s] for s in range(7, 13)] == pytest.approx([long[s] for s in range(7, 13)], rel=1e-12)
