@@ -28,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llm.data.data_module import BaseDataModule
-from llm.data.tokenizers import BUILTIN, Tokenizer, build_tokenizer, check_spec, load_tokenizer
+from llm.data.tokenizers import BUILTIN, HFTokenizer, Tokenizer, build_tokenizer, check_spec, load_tokenizer
 from llm.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ DEFAULT_CORPUS_BYTES = 4 << 20
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _CHUNK_CHARS = 1 << 20
 _BLOCK_BYTES = 1 << 20
-_PARALLEL_PIECES = max(2, min(os.cpu_count() or 1, 32))
-"""Pieces handed to the tokenizer at once: a fast tokenizer encodes them on as many threads."""
+_PARALLEL_PIECES = max(2, min(os.cpu_count() or 1, 8))
+"""Pieces a Hugging Face tokenizer encodes at once, on as many threads (each piece costs ~100-200 MB)."""
 TOKENS, TOKENIZER = "tokens.bin", "tokenizer.json"
 
 
@@ -268,8 +268,9 @@ class TextDataModule(BaseDataModule):
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
             with open(tmp / TOKENS, "wb") as out:
+                at_once = _PARALLEL_PIECES if isinstance(tokenizer, HFTokenizer) else 1  # the others use one thread
                 for file in files:
-                    for batch in _batched(self._texts([file]), _PARALLEL_PIECES):
+                    for batch in _batched(self._texts([file]), at_once):
                         try:
                             encoded = tokenizer.encode_batch(batch)
                         except UsageError as e:  # a tokenizer file that does not cover the corpus

@@ -118,6 +118,9 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer: a trained byte-level BPE or a loaded file."""
 
     def __init__(self, tokenizer: hf.Tokenizer):
+        # a file made for model inputs may pad or truncate: on a corpus stream that would invent or drop text
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.hf = tokenizer
 
     @classmethod

@@ -243,7 +243,7 @@ class GPT(nn.Module):
             raise ValueError(f"generate_stream takes one non-empty prompt, (T,) or (1, T), got {tuple(idx.shape)}")
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()
-            if temperature == 0:
+            if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that float32 rounds it to 0
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
                 # the largest logit subtracted first: a tiny temperature then gives -inf, not inf - inf = nan

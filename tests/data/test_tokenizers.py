@@ -143,3 +143,17 @@ def test_the_unknown_token_is_found_whichever_way_the_model_names_it(bpe):
     assert wordpiece.unknown_id == 1 and wordpiece.encode("z") == [1]
     assert unigram.unknown_id == 2 and unigram.encode("z") == [2]
     assert bpe.unknown_id is None and ByteTokenizer().unknown_id is None and CharTokenizer("ab").unknown_id is None
+
+
+def test_a_tokenizer_file_that_pads_or_truncates_encodes_text_whole(tmp_path):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    hf = HF(models.WordLevel({"[UNK]": 0, "[PAD]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.enable_padding(pad_id=1, pad_token="[PAD]")  # as files made for batched model inputs often are
+    hf.enable_truncation(max_length=3)
+    hf.save(str(tmp_path / "padded.json"))
+    tok = load_tokenizer(tmp_path / "padded.json")
+    assert tok.encode("a b a b a") == [2, 3, 2, 3, 2]
+    assert tok.encode_batch(["a b a b", "a"]) == [[2, 3, 2, 3], [2]]  # no pads, nothing cut

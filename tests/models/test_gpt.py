@@ -142,7 +142,8 @@ def test_greedy_generation_follows_the_argmax_and_crops_the_context():
         assert token == expected
         seq.append(token)
     assert list(model.generate_stream(prompt[None], 6, temperature=0.7, top_k=1)) == out
-    assert list(model.generate_stream(prompt, 6, temperature=1e-39)) == out  # logits / 1e-39 would overflow
+    for temperature in (1e-39, 1e-300):  # logits / 1e-39 would overflow; 1e-300 is 0 in float32
+        assert list(model.generate_stream(prompt, 6, temperature=temperature)) == out, temperature
 
 
 def test_sampling_is_reproducible_with_a_generator_and_stays_in_the_top_k():
