@@ -104,8 +104,10 @@ def draw(runs: dict[str, dict[str, Curve]], width: float, height: float, dpi: fl
         loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     else:
         loss_ax, lr_ax = fig.subplots(), None
-    for i, (label, curves) in enumerate(runs.items()):
+    for i, (name, curves) in enumerate(runs.items()):
         color = f"C{i % 10}"  # one colour per run, train and val alike
+        # a folder name is text, not markup: "$" would start maths, and a leading "_" hides the legend entry
+        label = ("\u200b" if name.startswith("_") else "") + name.replace("$", r"\$")
         if curves["train"]:
             loss_ax.plot(*zip(*curves["train"]), color=color, linewidth=1.5, label=f"{label} train")
         if curves["val"]:
@@ -135,8 +137,9 @@ def save(fig: Any, out: Path, dpi: float) -> None:
             fig.savefig(f, format=fmt, dpi=dpi)
         os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,20 @@ def test_labels_are_folder_names_unless_two_runs_share_one(tmp_path):
         str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run"), "z"]
 
 
+def test_folder_names_are_shown_as_written_in_the_legend(tmp_path):
+    import io
+
+    from llm.plot import draw
+
+    names = ["_base", r"lr$\frac{$", "plain"]  # "$" would start maths; a leading "_" would hide the entry
+    runs = {name: read_curves(write_run(tmp_path / str(i), lr=False)) for i, name in enumerate(names)}
+    fig = draw(runs, 4, 3, 50)
+    fig.savefig(io.BytesIO(), format="png")  # the maths parser would raise on the second name
+    shown = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert [t.replace("\u200b", "").replace(r"\$", "$") for t in shown] == [
+        f"{name} {split}" for name in names for split in ("train", "val")]
+
+
 def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
     run_dir = write_run(tmp_path / "bad")  # 20 train and 4 val lines
     with open(run_dir / "metrics.jsonl", "a") as f:
