@@ -82,6 +82,10 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     """Join the default group (nccl with CUDA, gloo otherwise) when there is more than one process."""
     if world_size == 1 or dist.is_initialized():
         return
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # WORLD_SIZE left in the environment by hand, or by another launcher
+        raise UsageError(f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         f"not: start the processes with torchrun, which sets them all, or unset WORLD_SIZE")
     backend = config.distributed.backend
     if backend == "auto":
         backend = "nccl" if pick_device(config, local_rank).type == "cuda" else "gloo"

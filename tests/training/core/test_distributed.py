@@ -1,0 +1,18 @@
+import pytest
+
+from llm.training import train
+
+
+@pytest.mark.parametrize("unset", [["MASTER_ADDR", "MASTER_PORT"], ["MASTER_PORT"]])
+def test_world_size_without_a_launcher_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, unset):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for name in unset:
+        monkeypatch.delenv(name, raising=False)
+    assert train.main(["--task", "regression", "--training-max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: WORLD_SIZE=2 is set but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not: "
+                   f"start the processes with torchrun, which sets them all, or unset WORLD_SIZE\n")
+    assert not (tmp_path / "runs").exists()
