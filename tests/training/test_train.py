@@ -13,7 +13,7 @@ import torch
 
 from llm.training.core import distributed as D
 from llm.training.train import _free_run_dir, main
-from tests.helpers import REPO, SCRIPTS, free_port, torchrun, train_cli
+from tests.helpers import REPO, SCRIPTS, free_port, run, torchrun, train_cli
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 SMALL = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-num-samples", "512", "--data-input-dim", "4",
@@ -66,7 +66,8 @@ def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_pa
               "--logging-log-every-steps", "1"]
     dist = torchrun(2, WORKER, *common, "--training-batch-size", "16", "--logging-log-dir", "ddp", cwd=tmp_path)
     assert dist.returncode == 0, dist.stderr[-3000:]
-    single = torchrun(1, WORKER, *common, "--training-batch-size", "32", "--logging-log-dir", "one", cwd=tmp_path)
+    single = run([sys.executable, str(WORKER), *common, "--training-batch-size", "32", "--logging-log-dir", "one"],
+                 cwd=tmp_path)  # one process, no launcher
     assert single.returncode == 0, single.stderr[-3000:]
     rank0, rank1, one = (torch.load(tmp_path / p, weights_only=True)
                          for p in ("ddp/weights_rank0.pt", "ddp/weights_rank1.pt", "one/weights_rank0.pt"))
