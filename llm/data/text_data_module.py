@@ -28,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llm.data.data_module import BaseDataModule
-from llm.data.tokenizers import BUILTIN, HFTokenizer, Tokenizer, build_tokenizer, check_spec, load_tokenizer
+from llm.data.tokenizers import BUILTIN, Tokenizer, build_tokenizer, check_spec, load_tokenizer
 from llm.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ DEFAULT_CORPUS_BYTES = 4 << 20
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _CHUNK_CHARS = 1 << 20
 _BLOCK_BYTES = 1 << 20
-_PARALLEL_PIECES = max(2, min(os.cpu_count() or 1, 8))
-"""Pieces a Hugging Face tokenizer encodes at once, on as many threads (each piece costs ~100-200 MB)."""
 TOKENS, TOKENIZER = "tokens.bin", "tokenizer.json"
 
 
@@ -267,10 +265,10 @@ class TextDataModule(BaseDataModule):
         try:
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
+            unknown_id = tokenizer.unknown_id
             with open(tmp / TOKENS, "wb") as out:
-                at_once = _PARALLEL_PIECES if isinstance(tokenizer, HFTokenizer) else 1  # the others use one thread
                 for file in files:
-                    for batch in _batched(self._texts([file]), at_once):
+                    for batch in _batched(self._texts([file]), tokenizer.pieces_at_once):
                         try:
                             encoded = tokenizer.encode_batch(batch)
                         except UsageError as e:  # a tokenizer file that does not cover the corpus
@@ -282,8 +280,8 @@ class TextDataModule(BaseDataModule):
                             array = np.asarray(ids, dtype=dtype)
                             out.write(array.tobytes())
                             n += len(ids)
-                            if tokenizer.unknown_id is not None:
-                                unknown += int(np.count_nonzero(array == tokenizer.unknown_id))
+                            if unknown_id is not None:
+                                unknown += int(np.count_nonzero(array == unknown_id))
             if unknown:
                 warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "

@@ -34,6 +34,9 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
 
+    pieces_at_once = 1
+    """How many texts ``encode_batch`` is worth being given at once: more only where they run in parallel."""
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` of each text; tokenizers that can encode them in parallel do."""
         return [self.encode(text) for text in texts]
@@ -116,6 +119,8 @@ class CharTokenizer(Tokenizer):
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer: a trained byte-level BPE or a loaded file."""
+
+    pieces_at_once = max(2, min(os.cpu_count() or 1, 8))  # one thread each; a corpus piece costs ~100-200 MB
 
     def __init__(self, tokenizer: hf.Tokenizer):
         # a file made for model inputs may pad or truncate: on a corpus stream that would invent or drop text

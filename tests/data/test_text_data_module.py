@@ -8,7 +8,7 @@ import torch
 
 from llm.data import text_data_module as tdm
 from llm.data.text_data_module import TextDataModule, corpus_files, default_corpus_files, token_dtype
-from llm.data.tokenizers import CharTokenizer
+from llm.data.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
 from llm.errors import UsageError
 from llm.training.core.config import Config
 
@@ -208,7 +208,8 @@ def test_a_corpus_of_many_pieces_is_the_pieces_tokens_in_order(tmp_path, corpus,
     import functools
 
     monkeypatch.setattr(tdm, "read_pieces", functools.partial(tdm.read_pieces, size=100))
-    monkeypatch.setattr(tdm, "_PARALLEL_PIECES", 3)  # 40 pieces (one line each): 13 batches of 3, then 1
+    for cls in (Tokenizer, HFTokenizer):  # 40 pieces (one line each): 13 batches of 3, then 1
+        monkeypatch.setattr(cls, "pieces_at_once", 3)
     dm = ready(tmp_path, corpus, tokenizer=tokenizer, vocab_size=300)
     pieces = list(tdm._pieces([TEXT], size=100))
     assert len(pieces) == 40 and all(p.endswith("\n") for p in pieces)
