@@ -139,10 +139,7 @@ class TrainingEngine:
             if self._end_step():
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        metrics = {"train_loss": self._epoch_loss(), **self._validated()}
-        # the open log window is now counted in this epoch: the next epoch takes its totals back off
-        open_sum, open_count = self._window.total("loss")
-        self._epoch_loss_sum = (-open_sum, -open_count)  # reset here: a resumed epoch starts with its saved sum
+        metrics = {"train_loss": self._close_epoch_loss(), **self._validated()}
         self._fire("on_epoch_end", metrics)
         self._flush_log("epoch", metrics)
         self._end_step()
@@ -472,11 +469,8 @@ class TrainingEngine:
         schedule (CosineAnnealingLR's) gives the rates an uninterrupted run with the
         new settings would; a LambdaLR, whose rate depends on the step alone, jumps.
         """
-        current = self.optimizer.param_groups
-        if len(current) != len(fresh_groups):
-            warnings.warn("the optimizer's parameter groups differ from the checkpoint's: its saved settings stay")
-            return
-        for group, fresh in zip(current, fresh_groups):
+        # the same groups: optimizer.load_state_dict refuses a state with other groups
+        for group, fresh in zip(self.optimizer.param_groups, fresh_groups, strict=True):
             group.update(fresh)
         if self.scheduler is None:
             return
@@ -618,10 +612,15 @@ class TrainingEngine:
         raise NonFiniteError(f"non-finite gradient norm {where}: stopping (training.nan_policy=stop); "
                              f"the last checkpoint is left as it was")
 
-    def _epoch_loss(self) -> float:
-        """Mean training loss of the epoch: the windows already logged plus the one still open."""
+    def _close_epoch_loss(self) -> float:
+        """Mean training loss of the epoch: the windows already logged plus the one still open.
+
+        That open window will be logged in the next epoch, so the next epoch's sum starts with its
+        totals taken back off. Reset here, not when an epoch starts: a resumed epoch starts with its saved sum.
+        """
         loss_sum, count = self._epoch_loss_sum
         open_sum, open_count = self._window.total("loss")
+        self._epoch_loss_sum = (-open_sum, -open_count)
         return D.weighted_mean_over_ranks({"loss": (loss_sum + open_sum, count + open_count)}, self.device)["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
