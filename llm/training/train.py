@@ -71,10 +71,10 @@ def claim_run_dir(config: Config) -> None:
     chosen = D.broadcast_from_rank0(chosen)
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         if D.env_ranks()[0] == 0:
-            print_error(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}")
-        if Path(config.checkpoint.dir) == Path(config.logging.log_dir) / "checkpoints":
-            config.checkpoint.dir = str(Path(chosen) / "checkpoints")
+            # news, not a problem: on stdout, so that stderr holds only the one line of an error that may follow
+            print(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}", flush=True)
         config.logging.log_dir = chosen
+        config.validate()  # a checkpoint.dir filled in from the old folder moves with it
 
 
 def _free_run_dir(base: Path) -> Path:

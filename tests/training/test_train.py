@@ -154,7 +154,7 @@ def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path):
     for _ in range(2):
         out = train_cli("--epochs", "1", *SMALL, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-    assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in out.stderr
+    assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in out.stdout
     assert (tmp_path / "runs/regression/summary.json").exists() and (tmp_path / "runs/regression-2/summary.json").exists()
 
 

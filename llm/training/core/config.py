@@ -19,6 +19,7 @@ import os
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -216,7 +217,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as a YAML file to pass back with ``--config``: a path that validate() filled in is
+        written as what it was filled in from (``runs/{task}``, an empty checkpoint.dir), so that the file
+        given another task or log_dir puts the run, and its checkpoints, where those say."""
+        data = self.to_dict()
+        for key, (source, filled) in getattr(self, "_filled", {}).items():
+            section, name = key.split(".")
+            if data[section][name] == filled:
+                data[section][name] = source
+        return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
     def from_args_and_env(
@@ -278,6 +287,10 @@ class Config:
 
     def validate(self) -> Config:
         """Check every value; fill in derived paths. Raises ConfigError."""
+        for name, value, tp in self._fields():  # what YAML, variables and flags went through, for values set in code
+            if not _is_a(value, tp):
+                choices = map(str, get_args(tp)) if get_origin(tp) is Literal else []
+                raise ConfigError(name, value, describe(tp) + closest(str(value), choices))
         t, o, m, d, c, lg = self.training, self.optimizer, self.model, self.data, self.checkpoint, self.logging
         _at_least("training.epochs", t.epochs, 1)
         _at_least("training.max_steps", t.max_steps, 0)
@@ -319,13 +332,31 @@ class Config:
         _at_least("distributed.timeout_s", self.distributed.timeout_s, 1)
         if not self.task:
             raise ConfigError("task", self.task, "a task name or package.module:Class")
+        # filled-in paths follow what they were filled in from: validated again after a change of task or
+        # log_dir (a sweep in code, train.py moving a run to the next free folder), a path still as filled in
+        # is filled in anew
+        filled, self._filled = getattr(self, "_filled", {}), {}
+        if lg.log_dir == filled.get("logging.log_dir", (None, None))[1]:
+            lg.log_dir = filled["logging.log_dir"][0]
+        if c.dir == filled.get("checkpoint.dir", (None, None))[1]:
+            c.dir = ""
         if "{task}" in lg.log_dir:
-            lg.log_dir = lg.log_dir.replace("{task}", self.task.rpartition(":")[2].lower())
+            resolved = lg.log_dir.replace("{task}", self.task.rpartition(":")[2].lower())
+            self._filled["logging.log_dir"], lg.log_dir = (lg.log_dir, resolved), resolved
         if Path(lg.log_dir).name in ("", ".."):  # '', '.', '/', 'runs/..': no name to give a run of its own
             raise ConfigError("logging.log_dir", lg.log_dir, "a path ending in a folder name, such as runs/lm")
         if not c.dir:
             c.dir = str(Path(lg.log_dir) / "checkpoints")
+            self._filled["checkpoint.dir"] = ("", c.dir)
         return self
+
+    def _fields(self) -> Iterator[tuple[str, Any, Any]]:
+        """(section.field, value, type) of every field."""
+        yield "task", self.task, _hints(Config)["task"]
+        for section, cls in sections().items():
+            values, hints = getattr(self, section), _hints(cls)
+            for f in dataclasses.fields(cls):
+                yield f"{section}.{f.name}", getattr(values, f.name), hints[f.name]
 
 
 # ---- field documentation -------------------------------------------------------
@@ -489,6 +520,17 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(name, value, describe(tp))
+
+
+def _is_a(value: Any, tp: Any) -> bool:
+    """Whether a value set in code has the field's type (an int is a float; a bool is neither)."""
+    if get_origin(tp) is Literal:
+        return value in get_args(tp)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
+    return isinstance(value, tp) and not isinstance(value, bool)
 
 
 def _at_least(name: str, value: float, low: float) -> None:

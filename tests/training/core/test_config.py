@@ -59,6 +59,61 @@ def test_yaml_roundtrip_gives_an_equal_config(tmp_path):
     assert Config.from_yaml(tmp_path / "config.yaml") == config
 
 
+def test_a_saved_config_given_another_log_dir_or_task_puts_the_run_and_its_checkpoints_there(tmp_path):
+    config = Config.from_args_and_env(["--task", "regression"], environ={})
+    config.save_to_yaml(tmp_path / "config.yaml")
+    moved = Config.from_args_and_env(["--config", str(tmp_path / "config.yaml"), "--logging-log-dir", "runs/new"],
+                                     environ={})
+    assert moved.checkpoint.dir == "runs/new/checkpoints"
+    other = Config.from_args_and_env(["--config", str(tmp_path / "config.yaml"), "--task", "lm"], environ={})
+    assert (other.logging.log_dir, other.checkpoint.dir) == ("runs/lm", "runs/lm/checkpoints")
+    # a path given on purpose is written and kept as it is
+    kept = Config.from_args_and_env(["--checkpoint-dir", "/ckpt/a", "--logging-log-dir", "runs/b"], environ={})
+    kept.save_to_yaml(tmp_path / "kept.yaml")
+    again = Config.from_args_and_env(["--config", str(tmp_path / "kept.yaml"), "--task", "lm"], environ={})
+    assert (again.logging.log_dir, again.checkpoint.dir) == ("runs/b", "/ckpt/a")
+
+
+def test_a_config_changed_in_code_after_validation_fills_its_paths_in_anew():
+    config = Config.from_args_and_env([], environ={})
+    config.logging.log_dir = "runs/lr0.1"
+    assert config.validate().checkpoint.dir == "runs/lr0.1/checkpoints"
+    config.task = "classification"
+    config.logging.log_dir = "runs/{task}"
+    assert config.validate().checkpoint.dir == "runs/classification/checkpoints"
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("optimizer.name", "adamx", ["optimizer.name", "'adamx'", "adamw"]),
+        ("optimizer.scheduler", "cosin", ["optimizer.scheduler", "did you mean cosine?"]),
+        ("training.precision", "fp8", ["training.precision", "one of fp32, bf16, fp16"]),
+        ("training.device", "gpu", ["training.device", "one of auto, cpu, cuda"]),
+        ("logging.progress_bar", "false", ["logging.progress_bar", "true or false"]),
+        ("training.epochs", 2.5, ["training.epochs", "2.5", "an integer"]),
+        ("training.batch_size", "64", ["training.batch_size", "'64'", "an integer"]),
+        ("training.batch_size", True, ["training.batch_size", "True", "an integer"]),
+        ("optimizer.lr", float("nan"), ["optimizer.lr", "a number"]),
+        ("checkpoint.mode", "maximum", ["checkpoint.mode", "one of min, max"]),
+        ("task", None, ["task", "a string"]),
+    ],
+)
+def test_a_config_set_in_code_is_checked_like_the_command_line(field, value, words):
+    config = Config()
+    section, _, name = field.rpartition(".")
+    setattr(getattr(config, section) if section else config, name, value)
+    with pytest.raises(ConfigError) as e:
+        config.validate()
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_config_set_in_code_takes_an_integer_for_a_number():
+    config = Config()
+    config.optimizer.lr = 1
+    assert config.validate().optimizer.lr == 1
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [
