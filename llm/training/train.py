@@ -14,6 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
+if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # run by path (torchrun llm/training/train.py): Python put this file's folder first, whose tasks/ and
+    # core/ would hide a user's packages of those names; the checkout that holds this file goes there instead
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
 import torch.distributed as dist
 
 from llm.errors import EXIT_USAGE, UsageError, print_error

@@ -8,6 +8,7 @@ restarted worker does not fault again):
   TERM_AT_STEP=N [TERM_RANK=r]     SIGTERM this rank after optimizer step N
   INT_AT_STEP=N [INT_RANK=r]       SIGINT (Ctrl-C) this rank after optimizer step N
   TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N
+  STOP_AT_STEP=N [STOP_RANK=r]     this rank's callback asks the run to stop after optimizer step N
 """
 
 import os
@@ -46,6 +47,8 @@ class Faults(Callback):
         if _fire_once(engine, "TWICE_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
+        if _fire_once(engine, "STOP_AT_STEP", engine.step):
+            engine.request_stop(f"asked by rank {engine.rank}")
 
     def on_train_end(self, engine, metrics):
         # under FSDP each rank holds a shard: save the local tensors

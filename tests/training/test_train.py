@@ -121,12 +121,18 @@ def test_torch_distributed_launch_as_the_guide_names_it(tmp_path):
     assert summary["steps"] == 3 and summary["samples_seen"] == 3 * 2 * 32
 
 
-def test_user_task_and_data_module_by_module_path(tmp_path):
-    out = train_cli("--task", "llm.training.tasks.classification_task:ClassificationTask",
-                    "--data-module", "llm.data.classification_data_module:ClassificationDataModule",
-                    "--epochs", "3", "--optimizer-lr", "0.01", *SMALL, cwd=tmp_path)
+def test_user_task_and_data_module_by_module_path_in_packages_named_like_the_frameworks_own(tmp_path):
+    """Run by path, as torchrun runs it: train.py's folder holds tasks/ and core/, which must not hide the user's."""
+    for package, code in (("tasks", "from llm.training.tasks.classification_task import ClassificationTask as Mine"),
+                          ("core", "from llm.data.classification_data_module import ClassificationDataModule as Data")):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "mine.py").write_text(code + "\n")
+    out = run([sys.executable, str(REPO / "llm/training/train.py"), "--task", "tasks.mine:Mine", "--data-module",
+               "core.mine:Data", "--epochs", "3", "--optimizer-lr", "0.01", *SMALL], cwd=tmp_path,
+              env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
     assert out.returncode == 0, out.stderr
-    summary = json.loads((tmp_path / "runs/classificationtask/summary.json").read_text())
+    summary = json.loads((tmp_path / "runs/mine/summary.json").read_text())
     assert summary["val_acc"] > 0.9
 
 
@@ -217,14 +223,17 @@ def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
     assert summary["samples_seen"] == 2 * ((512 - 51) // 2 // 32) * 32 * 2  # two ranks, two epochs
 
 
-def test_nan_skip_policy_on_two_ranks_skips_the_step_everywhere(tmp_path):
+def test_two_ranks_skip_a_nan_step_everywhere_and_stop_with_the_reason_of_the_rank_that_asked(tmp_path):
     out = torchrun(2, WORKER, "--task", "tests.helpers:NaNRegressionTask", *SMALL, "--training-nan-policy", "skip",
                    "--epochs", "1", "--logging-log-dir", "run", cwd=tmp_path, timeout=120,
-                   env={"NAN_AT_STEP": "3", "NAN_ON_RANK": "1", "PYTHONPATH": f"{REPO}"})
+                   env={"NAN_AT_STEP": "3", "NAN_ON_RANK": "1", "STOP_AT_STEP": "5", "STOP_RANK": "1",
+                        "PYTHONPATH": f"{REPO}"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "at step 3, loss non-finite on rank(s) [1]: step skipped" in out.stdout
-    summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert summary["skipped_steps"] == 1 and summary["steps"] == (512 - 51) // 2 // 32
+    summary = json.loads((tmp_path / "run/summary.json").read_text())  # written by rank 0
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 5 and summary["stop_reason"] == "asked by rank 1"
+    state = torch.load(tmp_path / "run/checkpoints/step_00000005/state.pt", weights_only=False)
+    assert state["progress"]["stop"] == "asked by rank 1"  # a resume stays stopped, for the same reason
     rank0, rank1 = (torch.load(tmp_path / f"run/weights_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in rank0)
 

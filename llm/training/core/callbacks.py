@@ -21,7 +21,9 @@ Where each hook fires (every hook takes the engine first)::
 
 Metrics reaching a callback are already averaged over ranks, and hooks run on
 every rank: callbacks that write files check ``engine.is_main``. A callback adds
-metrics to the record being built with ``engine.log({...})`` and stops training
+metrics with ``engine.log({...})``: to the validation's record in
+``on_validation_end``, the epoch's in ``on_epoch_end``, else to the next
+training record. It stops training
 with ``engine.request_stop(reason)``; the engine agrees on the stop across ranks.
 Callbacks with state implement ``state_dict``/``load_state_dict``; the state is
 saved in checkpoints.
@@ -33,9 +35,11 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llm.errors import UsageError, closest
 
 if TYPE_CHECKING:
     from llm.training.core.engine import TrainingEngine
@@ -124,10 +128,11 @@ class MetricsLogger(Callback):
 class TensorBoardLogger(Callback):
     """Writes every logged metric as a TensorBoard scalar, tagged ``<split>/<name>``.
 
-    ``log_dir`` defaults to the engine's run directory (``logging.log_dir``).
-    Records are handed to the event writer in batches, every ``flush_secs`` seconds
-    and at the end: its writer thread wakes once per batch rather than once per
-    record, which cost a few hundred microseconds each. The writer itself puts
+    ``log_dir`` defaults to the engine's run directory (``logging.log_dir``; a
+    ``{task}`` in it is filled in as there). Records are handed to the event writer
+    in batches, at the first step or record ``flush_secs`` seconds after the last
+    batch, and at the end: its writer thread wakes once per batch rather than once
+    per record, which cost a few hundred microseconds each. The writer itself puts
     events on disk no more often than that.
     """
 
@@ -142,7 +147,7 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard import SummaryWriter
             from torch.utils.tensorboard.summary import hparams
 
-            log_dir = engine.run_dir if self.log_dir is None else self.log_dir
+            log_dir = engine.run_dir if self.log_dir is None else engine.config.fill_in(str(self.log_dir))
             self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=max(1, round(self.flush_secs)))
             # the run's config as hparams, written into this run's own event file
             params = {k: v for k, v in flatten(engine.config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
@@ -157,14 +162,20 @@ class TensorBoardLogger(Callback):
 
         values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars(record)]
         self._batch.append((Summary(value=values), record["step"]))
-        if time.monotonic() - self._handed_at >= self.flush_secs:
-            self._hand_over()
+        self._hand_over_if_due()
+
+    def on_step_end(self, engine: TrainingEngine) -> None:
+        self._hand_over_if_due()  # a record logged just before a long stretch without records is not held back
 
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._writer is not None:
             self._hand_over()
             self._writer.close()
             self._writer = None
+
+    def _hand_over_if_due(self) -> None:
+        if self._batch and time.monotonic() - self._handed_at >= self.flush_secs:
+            self._hand_over()
 
     def _hand_over(self) -> None:
         for summary, step in self._batch:
@@ -187,6 +198,12 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.wait = 0
 
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        names = engine.validation_metrics  # None when setup had no validation batch to find them on
+        if names is not None and self.monitor not in names:  # now, not after an epoch of training
+            raise UsageError(f"EarlyStopping monitor: got {self.monitor!r}, expected a validation metric of "
+                             f"{type(engine.task).__name__}: {', '.join(names)}{closest(self.monitor, names)}")
+
     def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
             raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but validation reported {sorted(metrics)}")
@@ -207,14 +224,27 @@ class EarlyStopping(Callback):
 
 
 class LRSchedulerCallback(Callback):
-    """Adds the learning rate to the metrics logged during training and at each epoch end."""
+    """Adds ``lr``, the learning rate the last step took, to the training records and to each epoch's.
+
+    The scheduler has already set the next step's rate when a step ends, so the
+    rate each step takes is read before it: at the end of the step before.
+    """
+
+    def __init__(self) -> None:
+        self._next: float | None = None  # the rate the coming step takes
+        self._last: float | None = None  # the rate the last step took
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        self._next = engine.optimizer.param_groups[0]["lr"]
 
     def on_step_end(self, engine: TrainingEngine) -> None:
+        self._last, self._next = self._next, engine.optimizer.param_groups[0]["lr"]
         if engine.step % engine.config.logging.log_every_steps == 0:  # only steps that are logged
-            engine.log({"lr": engine.optimizer.param_groups[0]["lr"]})
+            engine.log({"lr": self._last})
 
     def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        engine.log({"lr": engine.optimizer.param_groups[0]["lr"]})
+        if self._last is not None:
+            engine.log({"lr": self._last})
 
 
 class ProgressBar(Callback):

@@ -341,14 +341,17 @@ class Config:
         if c.dir == filled.get("checkpoint.dir", (None, None))[1]:
             c.dir = ""
         if "{task}" in lg.log_dir:
-            resolved = lg.log_dir.replace("{task}", self.task.rpartition(":")[2].lower())
-            self._filled["logging.log_dir"], lg.log_dir = (lg.log_dir, resolved), resolved
+            self._filled["logging.log_dir"], lg.log_dir = (lg.log_dir, self.fill_in(lg.log_dir)), self.fill_in(lg.log_dir)
         if Path(lg.log_dir).name in ("", ".."):  # '', '.', '/', 'runs/..': no name to give a run of its own
             raise ConfigError("logging.log_dir", lg.log_dir, "a path ending in a folder name, such as runs/lm")
         if not c.dir:
             c.dir = str(Path(lg.log_dir) / "checkpoints")
             self._filled["checkpoint.dir"] = ("", c.dir)
         return self
+
+    def fill_in(self, path: str) -> str:
+        """``path`` with ``{task}`` replaced by the task's name, as in logging.log_dir (runs/{task} -> runs/lm)."""
+        return path.replace("{task}", self.task.rpartition(":")[2].lower())
 
     def _fields(self) -> Iterator[tuple[str, Any, Any]]:
         """(section.field, value, type) of every field."""

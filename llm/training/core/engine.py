@@ -47,6 +47,8 @@ BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.gr
 """Settings a resumed run cannot change without training a different model, on different data, or with an
 optimizer that cannot take the saved state (allowed, it starts afresh)."""
 HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
+RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
+"""The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
 
 class CallbackError(RuntimeError):
@@ -87,13 +89,16 @@ class TrainingEngine:
         self.samples_seen = 0  # training samples over all ranks
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
         self.data_wait_s = 0.0  # time spent waiting for the training loader
+        self.aside_s = 0.0  # time spent validating and saving, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
         self.should_stop, self.stop_reason = False, ""
+        self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self.train_metrics: dict[str, float] = {}  # the last logged training record
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
-        self._pending: dict[str, float] = {}
+        self._pending: dict[str, dict[str, float]] = {}  # engine.log() values by the record they go to
+        self._hook = ""  # the hook now firing
         self._window = _Running()  # losses and metrics since the last training log
         self._grad_norms: list[float] = []  # gradient norms since the last training log
         self._epoch_loss_sum = (0.0, 0.0)  # this rank's loss sum and count over the epoch's logged windows
@@ -224,6 +229,7 @@ class TrainingEngine:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean loss and metrics over the validation set (or eval_batches of it), averaged over ranks."""
+        began = time.perf_counter()
         model = self.raw_model
         was_training = model.training
         model.eval()
@@ -242,6 +248,7 @@ class TrainingEngine:
         monitor, sign = self.config.checkpoint.monitor, (1 if self.config.checkpoint.mode == "min" else -1)
         if monitor in metrics and (self.best_metric is None or sign * metrics[monitor] < sign * self.best_metric):
             self.best_metric = metrics[monitor]
+        self.aside_s += time.perf_counter() - began
         self._fire("on_validation_end", metrics)
         self._flush_log("val", metrics)
         return metrics
@@ -328,6 +335,7 @@ class TrainingEngine:
         finally:
             model.train()
         names = sorted(self.task.finalize_metrics({f"val_{k}": 1.0 for k in ("loss", *metrics)}))
+        self.validation_metrics = names
         monitor = self.config.checkpoint.monitor
         if monitor not in names:  # found now, not at the first validation after an epoch of training
             raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
@@ -391,6 +399,7 @@ class TrainingEngine:
 
     def save_checkpoint(self) -> Path:
         """Save everything needed to continue exactly; every rank must call this."""
+        began = time.perf_counter()
         weights, write_sharded = parallel.model_and_optimizer_state(self.raw_model, self.optimizer, self.sharded)
         shared = {
             **weights,
@@ -412,6 +421,7 @@ class TrainingEngine:
             write_sharded=write_sharded,
         )
         self._saved_step = self.step
+        self.aside_s += time.perf_counter() - began
         return saved
 
     def _rank_state(self) -> dict[str, Any]:
@@ -508,8 +518,9 @@ class TrainingEngine:
             self.should_stop, self.stop_reason = True, reason
 
     def log(self, metrics: dict[str, float]) -> None:
-        """Add metrics to the record the engine logs at the end of the current hook."""
-        self._pending.update(metrics)
+        """Add metrics to the record of the current hook: the validation's in on_validation_end, the epoch's in
+        on_epoch_end, else the next training record (on a step that logs none, the values wait for it)."""
+        self._pending.setdefault(RECORD_OF_HOOK.get(self._hook, "train"), {}).update(metrics)
 
     def print(self, line: str) -> None:
         """A line of output on rank 0, above the progress bar if there is one."""
@@ -573,7 +584,7 @@ class TrainingEngine:
         max_steps = self.config.training.max_steps
         if not self.should_stop or self._interrupted or (max_steps and self.step >= max_steps):
             return ""
-        return self.stop_reason or "a stop agreed with another rank"
+        return self.stop_reason or "a stop asked for without a reason"
 
     def _finished(self) -> bool:
         t = self.config.training
@@ -593,6 +604,10 @@ class TrainingEngine:
         if signalled:
             self._interrupted = True
             self.request_stop(f"stopped by signal {signal.Signals(self._signal or signal.SIGTERM).name}")
+        elif stop and D.active():  # once, at the stop: every rank, and summary.json, gives the asking rank's reason
+            reasons: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(reasons, self.stop_reason)
+            self.stop_reason = self.stop_reason or next((r for r in reasons if r), "")
         self.should_stop = stop or signalled
         return self.should_stop
 
@@ -639,8 +654,7 @@ class TrainingEngine:
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
         if split == "train":
             self.train_metrics = metrics
-        record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending}
-        self._pending = {}
+        record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending.pop(split, {})}
         self._fire("on_log", record)
 
     def _summary(self, elapsed: float) -> dict[str, float]:
@@ -660,9 +674,12 @@ class TrainingEngine:
         return final
 
     def _fire(self, hook: str, *args: Any) -> None:
+        self._hook = hook
         for cb in self._listeners[hook]:
             try:
                 getattr(cb, hook)(self, *args)
+            except UsageError:
+                raise  # a callback refusing its settings: one line, exit 2
             except Exception as e:
                 raise CallbackError(f"callback {type(cb).__name__}.{hook} failed: {type(e).__name__}: {e}") from e
 

@@ -48,16 +48,17 @@ class ThroughputMonitor(Callback):
     """Adds to each training log record:
 
     ``samples_per_s`` and ``tokens_per_s`` (all ranks together), ``step_time_ms``,
-    ``data_wait_pct`` (share of wall time spent waiting for the loader),
+    ``data_wait_pct`` (share of the time spent waiting for the loader),
     ``peak_mem_mb`` (CUDA allocator peak, or the process's peak RSS on CPU) and,
     when the model reports ``flops_per_token`` and the device's peak is known,
     ``mfu``: achieved model FLOP/s over the peak of all devices in the run.
-    The window after the first step excludes it, since it holds compilation.
+    The figures are of training: the time spent validating and saving is left out
+    (``engine.aside_s``), and so is the first step, since it holds compilation.
     """
 
     def __init__(self, peak_flops_per_device: float | None = None):
         self.peak = peak_flops_per_device
-        self._mark: tuple[float, int, int, float] | None = None
+        self._mark: tuple[float, int, int, float, float] | None = None
         self._first = True
 
     def on_train_start(self, engine: TrainingEngine) -> None:
@@ -75,8 +76,8 @@ class ThroughputMonitor(Callback):
             self._set_mark(engine)
 
     def measure(self, engine: TrainingEngine) -> dict[str, float]:
-        then, samples, steps, waited = self._mark
-        elapsed = max(time.perf_counter() - then, 1e-9)
+        then, samples, steps, waited, aside = self._mark
+        elapsed = max(time.perf_counter() - then - (engine.aside_s - aside), 1e-9)
         done = engine.samples_seen - samples
         metrics = {
             "samples_per_s": done / elapsed,
@@ -94,7 +95,7 @@ class ThroughputMonitor(Callback):
         return metrics
 
     def _set_mark(self, engine: TrainingEngine) -> None:
-        self._mark = (time.perf_counter(), engine.samples_seen, engine.step, engine.data_wait_s)
+        self._mark = (time.perf_counter(), engine.samples_seen, engine.step, engine.data_wait_s, engine.aside_s)
 
 
 def _peak_memory_mb(device: torch.device) -> float:

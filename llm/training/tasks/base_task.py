@@ -11,13 +11,14 @@ from torch import nn, optim
 from torch.optim.lr_scheduler import LRScheduler
 
 from llm.training.core.config import Config
+from llm.training.core.optim import build_scheduler
 
 if TYPE_CHECKING:
     from llm.data.data_module import BaseDataModule
 
 
 class TrainingTask(ABC):
-    """Subclass and implement the six methods below.
+    """Subclass and implement the abstract methods below; build_scheduler is optional.
 
     A task computes (model, loss, metrics); it never calls ``backward()`` or
     steps the optimizer. Before building anything the engine sets
@@ -43,9 +44,14 @@ class TrainingTask(ABC):
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
         """The optimizer over the model's parameters."""
 
-    @abstractmethod
     def build_scheduler(self, optimizer: optim.Optimizer) -> LRScheduler | None:
-        """A learning-rate scheduler stepped once per optimizer step, or None."""
+        """A learning-rate scheduler stepped once per optimizer step, or None for a constant rate.
+
+        Optional: by default, the schedule the config sets (optimizer.scheduler,
+        warmup_steps, min_lr) over the run's ``total_steps``, scaling the rate each
+        group of ``optimizer`` starts with.
+        """
+        return build_scheduler(optimizer, self.config.optimizer, self.total_steps)
 
     @abstractmethod
     def build_criterion(self) -> nn.Module:

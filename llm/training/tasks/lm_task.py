@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 from torch import nn, optim
-from torch.optim.lr_scheduler import LRScheduler
 
 from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.checkpoint import SHARED, load_weights_strictly, model_weights, resolve_checkpoint
 from llm.training.core.config import Config
-from llm.training.core.optim import build_optimizer, build_scheduler
+from llm.training.core.optim import build_optimizer
 from llm.training.tasks.base_task import TrainingTask
 
 IGNORE_INDEX = -100
@@ -62,9 +61,6 @@ class LMTask(TrainingTask):
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
         return build_optimizer(model, self.config.optimizer)
-
-    def build_scheduler(self, optimizer: optim.Optimizer) -> LRScheduler | None:
-        return build_scheduler(optimizer, self.config.optimizer, self.total_steps)
 
     def build_criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")

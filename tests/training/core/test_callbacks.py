@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -65,9 +66,14 @@ def test_early_stopping_state_roundtrip_and_bad_arguments():
         EarlyStopping(monitor="val_acc").on_validation_end(StubEngine(), {"val_loss": 1.0})
 
 
-def test_lr_callback_logs_the_current_learning_rate():
+def test_lr_callback_logs_the_rate_the_step_took_not_the_next_ones():
     engine = StubEngine()
-    LRSchedulerCallback().on_step_end(engine)
+    cb = LRSchedulerCallback()
+    cb.on_train_start(engine)
+    engine.step, engine.optimizer.param_groups[0]["lr"] = 50, 0.25  # the scheduler has set step 51's rate
+    cb.on_step_end(engine)
+    assert engine.logged == {"lr": 0.5}
+    cb.on_epoch_end(engine, {})
     assert engine.logged == {"lr": 0.5}
 
 
@@ -103,6 +109,24 @@ def test_tensorboard_logger_events_read_back(tmp_path):
     events.Reload()
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
     assert [e.value for e in events.Scalars("val/val_loss")] == [0.25]
+
+
+def test_tensorboard_logger_hands_a_held_record_over_at_a_later_step(tmp_path, monkeypatch):
+    engine = StubEngine()
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    cb = TensorBoardLogger(log_dir=str(tmp_path), flush_secs=30)
+    cb.on_train_start(engine)
+    cb.on_log(engine, {"split": "val", "step": 5, "epoch": 0, "val_loss": 0.5})
+    assert cb._batch  # held: less than flush_secs since the start
+    now[0] += 31
+    cb.on_step_end(engine)  # no record comes for a long while: the step hands it over
+    assert not cb._batch
+    cb._writer.flush()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/val_loss")] == [5]
+    cb.on_train_end(engine, {})
 
 
 def test_tensorboard_logger_hands_records_over_every_flush_secs(tmp_path):

@@ -9,7 +9,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llm.errors import UsageError
-from llm.training.core.callbacks import HOOKS, Callback, MetricsLogger, TensorBoardLogger
+from llm.training.core.callbacks import HOOKS, Callback, EarlyStopping, MetricsLogger, TensorBoardLogger
 from llm.training.core.config import Config
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.optim import lr_factor
@@ -50,10 +50,11 @@ def test_a_config_built_in_code_is_checked_and_writes_under_the_task_name(tmp_pa
     config = Config()  # defaults, then fields set by hand: neither from_dict nor the command line has checked it
     config.training.epochs, config.training.max_steps, config.logging.progress_bar = 1, 3, False
     config.data.num_samples, config.data.input_dim, config.training.batch_size = 64, 4, 8
-    engine, _ = train(config, callbacks=[MetricsLogger(), TensorBoardLogger()])
+    # as the usage guide builds it: before the engine has filled in log_dir's {task}
+    engine, _ = train(config, callbacks=[MetricsLogger(), TensorBoardLogger(log_dir=config.logging.log_dir)])
     assert engine.run_dir == Path("runs/regression") and config.checkpoint.dir == "runs/regression/checkpoints"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["regression"]  # no folder named "{task}"
-    events = EventAccumulator(str(engine.run_dir))  # TensorBoardLogger() writes into the engine's run folder
+    events = EventAccumulator(str(engine.run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")][-1] == 3
     bad = Config()
@@ -278,11 +279,12 @@ def test_run_directory_that_cannot_be_written(tmp_path):
         train(config)
 
 
-def test_resolved_config_is_saved_as_yaml(tmp_path):
+def test_the_config_is_saved_as_yaml_that_loads_back_equal(tmp_path):
     config = tiny_config(tmp_path, optimizer={"lr": 0.003})
     train(config)
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
-    assert saved["optimizer"]["lr"] == 0.003 and saved["checkpoint"]["dir"] == str(tmp_path / "run/checkpoints")
+    assert saved["optimizer"]["lr"] == 0.003 and saved["checkpoint"]["dir"] == ""  # filled in from log_dir again
+    assert Config.from_yaml(tmp_path / "run/config.yaml") == config
 
 
 def test_resume_with_a_changed_model_is_refused_unless_allowed(tmp_path, capsys):
@@ -475,3 +477,36 @@ def test_a_resume_with_more_steps_follows_the_longer_schedule_from_the_resumed_s
     train(resumed, task_cls, callbacks=default_callbacks(resumed))
     long, cut = lrs("long"), lrs("cut")
     assert [cut[s] for s in range(7, 13)] == pytest.approx([long[s] for s in range(7, 13)], rel=1e-12)
+
+
+def test_the_lr_in_each_record_is_the_rate_its_step_took(tmp_path):
+    config = tiny_config(tmp_path, training={"epochs": 1}, logging={"log_every_steps": 1},
+                         optimizer={"lr": 0.01, "warmup_steps": 4, "scheduler": "constant"})
+    train(config, callbacks=default_callbacks(config))
+    lrs = [r["lr"] for r in records_of(tmp_path / "run", "train")]
+    assert lrs[:6] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01, 0.01], rel=1e-12)
+    assert records_of(tmp_path / "run", "epoch")[0]["lr"] == pytest.approx(0.01, rel=1e-12)
+
+
+def test_engine_log_adds_to_the_record_of_the_hook_it_is_called_from(tmp_path):
+    class Logs(Callback):
+        def on_step_end(self, engine):
+            engine.log({"from_step": engine.step})
+
+        def on_validation_end(self, engine, metrics):
+            engine.log({"from_validation": engine.step})
+
+    config = tiny_config(tmp_path, training={"epochs": 1, "eval_every_steps": 3}, logging={"log_every_steps": 2})
+    train(config, callbacks=[MetricsLogger(), Logs()])
+    val, logged = records_of(tmp_path / "run", "val"), records_of(tmp_path / "run", "train")
+    assert [r["step"] for r in val] == [3, 6, 9, 12, 14]  # step 3 is validated but not logged
+    assert all("from_step" not in r and r["from_validation"] == r["step"] for r in val)
+    assert all(r["from_step"] == r["step"] and "from_validation" not in r for r in logged)
+
+
+def test_an_early_stopping_monitor_that_validation_does_not_report_is_refused_before_training(tmp_path):
+    config = tiny_config(tmp_path)
+    engine = TrainingEngine(config, RegressionTask(config), callbacks=[EarlyStopping(monitor="val_los")])
+    with pytest.raises(UsageError, match=r"EarlyStopping monitor: got 'val_los'.*did you mean val_loss\?"):
+        engine.train()
+    assert engine.step == 0 and not (tmp_path / "run/checkpoints").exists()

@@ -9,11 +9,11 @@ from llm.training.core.throughput import ThroughputMonitor, peak_flops, peak_flo
 
 
 def test_throughput_figures_over_a_logging_window(monkeypatch):
-    clock = iter([100.0, 101.0, 103.0, 103.0])  # start, after the first step, measuring, re-marking
+    clock = iter([100.0, 101.0, 103.5, 103.5])  # start, after the first step, measuring, re-marking
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     config = Config.from_dict({"logging": {"log_every_steps": 4}})
     engine = SimpleNamespace(
-        config=config, device=torch.device("cpu"), world_size=2, step=0, samples_seen=0, data_wait_s=0.0,
+        config=config, device=torch.device("cpu"), world_size=2, step=0, samples_seen=0, data_wait_s=0.0, aside_s=0.0,
         task=SimpleNamespace(tokens_per_sample=128), raw_model=SimpleNamespace(flops_per_token=lambda t: 1e6),
         logged={},
     )
@@ -24,6 +24,7 @@ def test_throughput_figures_over_a_logging_window(monkeypatch):
     monitor.on_step_end(engine)  # the first step (compilation) is left out
     assert engine.logged == {}
     engine.step, engine.samples_seen, engine.data_wait_s = 4, 64 + 3 * 64, 0.52
+    engine.aside_s = 0.5  # a validation or a save: not training time, so the window is 2 s of training
     monitor.on_step_end(engine)
     m = engine.logged
     assert m["samples_per_s"] == pytest.approx(192 / 2.0)
