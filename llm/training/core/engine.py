@@ -442,7 +442,8 @@ class TrainingEngine:
         parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
                                           self.sharded)
         progress = shared["progress"]
-        self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+        self.step, self.epoch = progress["step"], progress["epoch"]
+        self.batch_in_epoch = self._batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"])
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
         if progress.get("stop") and "training.patience" not in changed:  # a run that stopped early stays stopped
             self.should_stop, self.stop_reason = True, progress["stop"]
@@ -466,6 +467,22 @@ class TrainingEngine:
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def _batches_done_in_epoch(self, progress: dict[str, Any], saved_batch_size: int) -> int:
+        """The resumed epoch's micro-batches already trained on, counted in this run's batches.
+
+        The ranks take interleaved shares of one shuffled order, so the epoch's first
+        batches x batch size x processes samples of it are done, whatever the number of
+        processes. A resume with other processes or another batch size (allowed by
+        checkpoint.allow_config_change) goes on from there; where that is not a whole
+        number of this run's batches, the samples past the last whole one are seen again.
+        """
+        done = progress["batch_in_epoch"] * saved_batch_size * progress["world_size"]
+        per_batch = self.config.training.batch_size * self.world_size
+        if done % per_batch:
+            warnings.warn(f"resuming mid-epoch with {self.world_size} process(es) of batch "
+                          f"{self.config.training.batch_size}: {done % per_batch} samples of the epoch are seen again")
+        return done // per_batch
 
     def _keep_optimizer_settings(self, fresh_groups: list[dict[str, Any]]) -> None:
         """After a resume with a changed config: the optimizer's settings are this run's, and its rate is the

@@ -510,3 +510,20 @@ def test_an_early_stopping_monitor_that_validation_does_not_report_is_refused_be
     with pytest.raises(UsageError, match=r"EarlyStopping monitor: got 'val_los'.*did you mean val_loss\?"):
         engine.train()
     assert engine.step == 0 and not (tmp_path / "run/checkpoints").exists()
+
+
+def test_a_resume_mid_epoch_with_another_batch_size_goes_on_from_the_samples_already_done(tmp_path):
+    first = tiny_config(tmp_path, training={"epochs": 1, "max_steps": 4})  # 4 batches of 16: 64 samples
+    train(first)
+    bigger = tiny_config(tmp_path, training={"epochs": 1, "batch_size": 32},
+                         checkpoint={"resume": "auto", "allow_config_change": True})
+    engine, metrics = train(bigger)
+    # 2 batches of 32 are done; the other 230 - 64 samples of the epoch make 5 whole batches of 32
+    assert engine.step == 4 + 5 and metrics["samples_seen"] == 64 + 5 * 32
+    odd = tiny_config(tmp_path / "odd", training={"epochs": 1, "max_steps": 3})  # 48 samples: 1.5 batches of 32
+    train(odd)
+    again = tiny_config(tmp_path / "odd", training={"epochs": 1, "batch_size": 32},
+                        checkpoint={"resume": "auto", "allow_config_change": True})
+    with pytest.warns(UserWarning, match="16 samples of the epoch are seen again"):
+        engine, _ = train(again)
+    assert engine.step == 3 + (230 - 32) // 32
