@@ -13,13 +13,16 @@ reads back what the run wrote (summary.json, metrics.jsonl, the export):
   a new folder, against the same 40 steps run straight through twice, so that
   a GPU kernel's own run-to-run noise (atomics in some backward kernels) is
   told apart from a resume error;
-- torchrun with one process on nccl, DDP and FSDP, and an export of the FSDP
-  run's sharded checkpoint.
+- torchrun on nccl with DDP, then with FSDP and an export of its sharded
+  checkpoint: two processes on two GPUs. With one GPU only one process can run
+  (nccl puts each on a GPU of its own), and one process forms no process group,
+  wraps nothing in DDP and shards nothing: the check then says so, and DDP and
+  FSDP across GPUs are left unchecked.
 
 Then ``lm_throughput.py --gpu-preset`` (GPT-2 124M shape, bf16, compile, MFU)
 appends its own section. With ``--device cpu`` the fp16, nccl and benchmark
-steps are left out and the rest runs on the CPU with gloo: a way to check
-the script before spending GPU time on it.
+steps are left out and the rest runs on the CPU, torchrun with two processes
+on gloo: a way to check the script before spending GPU time on it.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ SMALL_LM = ["--task", "lm", "--data-tokenizer", "char", "--model-n-layer", "4", 
 
 
 class Checks:
-    def __init__(self, args: argparse.Namespace, work: Path):
-        self.args, self.work, self.rows = args, work, []
+    def __init__(self, args: argparse.Namespace, work: Path, nproc: int):
+        self.args, self.work, self.nproc, self.rows = args, work, nproc, []
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO),
                                                                                os.environ.get("PYTHONPATH")]))}
 
@@ -131,16 +134,28 @@ class Checks:
         return text + ("; bit for bit" if error == 0 else "")
 
     def torchrun(self, strategy: str) -> str:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(common.REPO / "llm/training/train.py")]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(self.nproc),
+                    str(common.REPO / "llm/training/train.py")]
         backend = "nccl" if self.args.device == "cuda" else "gloo"
         run = self.train(f"torchrun-{strategy}", "--distributed-strategy", strategy, "--distributed-backend", backend,
                          "--training-max-steps", "30", "--training-eval-every-steps", "15", launcher=launcher)
         summary = json.loads((run / "summary.json").read_text())
+        ckpt = max((run / "checkpoints").glob("step_*"))
+        ranks = len(list(ckpt.glob("rank_*.pt")))  # one file per process that saved
+        if ranks != self.nproc:
+            raise RuntimeError(f"{ckpt.name} holds {ranks} rank files, expected {self.nproc}")
+        sharded = (ckpt / "sharded").is_dir()
+        if sharded != (strategy == "fsdp" and self.nproc > 1):
+            raise RuntimeError(f"{ckpt.name} {'has' if sharded else 'lacks'} a sharded/ folder")
         text = f"{backend}, {strategy}: {summary['steps']} steps, val_loss {summary['val_loss']:.3f}"
         if strategy == "fsdp":
             out = self.work / "fsdp.safetensors"
             self.command([sys.executable, "-m", "llm.export", str(run), "--out", str(out)])
-            text += f"; exported {out.stat().st_size / 1e6:.1f} MB of weights from the sharded checkpoint"
+            text += (f"; exported {out.stat().st_size / 1e6:.1f} MB of weights from the "
+                     f"{'sharded checkpoint' if sharded else 'checkpoint, not sharded'}")
+        if self.nproc == 1:  # parallel.wrap and is_sharded need world_size > 1, and so does a process group
+            text += (f"; one process checks the torchrun launch only (no {backend} process group, no DDP wrap, "
+                     f"no sharding): DDP and FSDP across GPUs need 2 GPUs")
         return text
 
 
@@ -156,14 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device (torch.cuda.is_available() is False); --device cpu runs a dry run")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    # two processes are enough to wrap in DDP and shard; nccl needs a GPU for each, gloo shares the CPU
+    nproc = min(torch.cuda.device_count(), 2) if args.device == "cuda" else 2
+    processes = f"{nproc} process{'es' if nproc > 1 else ''}"
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        checks = Checks(args, Path(tmp))
+        checks = Checks(args, Path(tmp), nproc)
         checks.check("lm, bf16, compiled", checks.bf16_compiled)
         if args.device == "cuda":
             checks.check("lm, fp16 (gradient scaler)", checks.fp16)
         checks.check("exact resume, bf16, dropout", checks.exact_resume)
-        checks.check("torchrun, 1 process, ddp", lambda: checks.torchrun("ddp"))
-        checks.check("torchrun, 1 process, fsdp, export", lambda: checks.torchrun("fsdp"))
+        checks.check(f"torchrun, {processes}, ddp", lambda: checks.torchrun("ddp"))
+        checks.check(f"torchrun, {processes}, fsdp, export", lambda: checks.torchrun("fsdp"))
     table = common.markdown_table(("check", "result", "s", "what it measured"), checks.rows)
     facts = [("device", f"{device}, torch {torch.__version__}, CUDA {torch.version.cuda}"),
              ("model", "the default lm GPT (4 layers, 128 wide, context 128, batch 16), char tokenizer")]

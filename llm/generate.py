@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if not args.prompt:
         raise UsageError("--prompt must not be empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # Python turns argv bytes that are not UTF-8 into lone surrogates ("\udcff" for 0xff): no tokenizer takes them
+        raise UsageError(f"--prompt is not valid UTF-8 text (at character {e.start + 1})") from None
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens: got {args.max_new_tokens}, expected an integer >= 0")
     if not args.temperature >= 0:  # also rejects nan

@@ -2,7 +2,8 @@
 
 Reads each run's ``metrics.jsonl`` and draws training loss (``train`` records,
 ``loss``) as solid lines and validation loss (``val`` records, ``val_loss``)
-as dashed lines with markers, against the optimizer step, one colour per run.
+as dashed lines with markers, against the optimizer step, one colour per run;
+a curve of one point is drawn as a dot.
 When training records carry ``lr``, a second panel below shows the learning
 rate. Needs matplotlib (``pip install matplotlib``); the image is written
 atomically, so a viewer never sees half a file.
@@ -109,12 +110,11 @@ def draw(runs: dict[str, dict[str, Curve]], width: float, height: float, dpi: fl
         # a folder name is text, not markup: "$" would start maths, and a leading "_" hides the legend entry
         label = ("\u200b" if name.startswith("_") else "") + name.replace("$", r"\$")
         if curves["train"]:
-            loss_ax.plot(*zip(*curves["train"]), color=color, linewidth=1.5, label=f"{label} train")
+            _plot(loss_ax, curves["train"], color=color, linewidth=1.5, label=f"{label} train")
         if curves["val"]:
-            loss_ax.plot(*zip(*curves["val"]), color=color, linestyle="--", marker="o", markersize=4,
-                         label=f"{label} val")
+            _plot(loss_ax, curves["val"], color=color, linestyle="--", marker="o", label=f"{label} val")
         if lr_ax is not None and curves["lr"]:
-            lr_ax.plot(*zip(*curves["lr"]), color=color, linewidth=1.5, label=label)
+            _plot(lr_ax, curves["lr"], color=color, linewidth=1.5, label=label)
     loss_ax.set_ylabel("loss")
     loss_ax.legend(fontsize="small")
     loss_ax.grid(alpha=0.3)
@@ -123,6 +123,12 @@ def draw(runs: dict[str, dict[str, Curve]], width: float, height: float, dpi: fl
         lr_ax.grid(alpha=0.3)
     (lr_ax or loss_ax).set_xlabel("step")
     return fig
+
+
+def _plot(ax: Any, curve: Curve, **style: Any) -> None:
+    if len(curve) == 1:  # a line through one point draws nothing: a run shorter than log_every_steps logs just one
+        style.setdefault("marker", "o")
+    ax.plot(*zip(*curve), markersize=4, **style)
 
 
 def save(fig: Any, out: Path, dpi: float) -> None:

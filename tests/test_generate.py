@@ -212,6 +212,8 @@ def test_a_folder_of_only_corrupt_checkpoints_exits_2(step_dir, tmp_path, capsys
     (["--checkpoint", "."], r"error: \. is not a checkpoint and holds no step_\* checkpoints"),
     (["--prompt", ""], "error: --prompt must not be empty"),
     (["--prompt", "the Zebra"], "error: --prompt: character 'Z' is not in the char tokenizer's vocabulary of \\d+"),
+    # passed as the byte 0xff, as a shell passes $'ab\xffc': Python reads it as a lone surrogate, which no tokenizer takes
+    (["--prompt", "ab\udcffc"], r"error: --prompt is not valid UTF-8 text \(at character 3\)"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, flags, message):
     defaults = {"--checkpoint": str(step_dir), "--prompt": PROMPT}

@@ -118,6 +118,20 @@ def test_folder_names_are_shown_as_written_in_the_legend(tmp_path):
         f"{name} {split}" for name in names for split in ("train", "val")]
 
 
+def test_a_curve_of_one_point_is_a_dot_and_a_longer_one_a_plain_line(tmp_path):
+    from llm.plot import draw
+
+    short = tmp_path / "short"  # ran fewer steps than logging.log_every_steps: one train record
+    short.mkdir()
+    (short / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 5, "loss": 2.0, "lr": 0.1}) + "\n")
+    fig = draw({"short": read_curves(short), "long": read_curves(write_run(tmp_path / "long"))}, 4, 3, 50)
+
+    loss_ax, lr_ax = fig.axes
+    markers = {line.get_label(): (line.get_marker(), len(line.get_xdata())) for line in loss_ax.get_lines()}
+    assert markers == {"short train": ("o", 1), "long train": ("None", 20), "long val": ("o", 4)}
+    assert [(line.get_marker(), len(line.get_xdata())) for line in lr_ax.get_lines()] == [("o", 1), ("None", 20)]
+
+
 def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
     run_dir = write_run(tmp_path / "bad")  # 20 train and 4 val lines
     with open(run_dir / "metrics.jsonl", "a") as f:
