@@ -102,10 +102,10 @@ class CheckpointManager:
         error = None
         if self.rank == 0:
             error = _attempt(lambda: self._commit(step, staging, final, metrics or {}))
-            if error is None:
-                error = _attempt(lambda: self._retain(keep=final))
         # no rank returns before the checkpoint is in place (or every rank raises)
         self._agree(error, staging, "committing")
+        if self.rank == 0:  # after the agreement: the new checkpoint is saved, whatever pruning runs into
+            self._retain(keep=final)
         return final
 
     def latest_valid(self) -> Path | None:
@@ -212,7 +212,11 @@ class CheckpointManager:
             kept.add(scored[0][1])
         for path in complete:
             if path not in kept:
-                shutil.rmtree(path)
+                try:
+                    shutil.rmtree(path)
+                except OSError as error:  # the new checkpoint is committed: an old one left is no failed save
+                    warnings.warn(f"old checkpoint {path} not deleted ({_one_line(error)}): delete it by hand",
+                                  stacklevel=3)
 
     def _scored(self, paths: list[Path]) -> list[tuple[float, Path]]:
         """(sort key, path) for checkpoints whose manifest has the monitored metric; lowest key is best."""

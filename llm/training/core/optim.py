@@ -55,21 +55,40 @@ class MuonWithAdamW(torch.optim.Optimizer):
                                      adjust_lr_fn="match_rms_adamw")
         self.adamw = _optimizer(rest, "adamw", cfg)
         super().__init__(hidden + rest, {"lr": cfg.lr})
-        # the inner optimizers' own groups: a scheduler that sets "lr" here sets it there
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self._share_state_and_groups(self.muon.param_groups + self.adamw.param_groups)
+
+    def _share_state_and_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Make ``groups`` (Muon's first) this optimizer's and the inner ones', and this one's state theirs.
+
+        Their parameters are disjoint, so one state dict holds both: torch's own
+        state_dict/load_state_dict then cover both in the standard form that
+        torch.distributed.checkpoint needs, and a scheduler's "lr" here is theirs.
+        """
+        self.param_groups = groups
+        self.muon.state = self.adamw.state = self.state
+        muon_groups = len(self.muon.param_groups)  # a load rebuilds the groups, never changes how many
+        self.muon.param_groups, self.adamw.param_groups = groups[:muon_groups], groups[muon_groups:]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         self.muon.step()
         self.adamw.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        if "muon" in state_dict:  # saved before the state was torch's standard form: one dict per inner optimizer
+            state_dict = _merged(state_dict["muon"], state_dict["adamw"])
+        super().load_state_dict(state_dict)
+        # the load replaced self.state and rebuilt the group dicts: the inner optimizers must follow
+        self._share_state_and_groups(self.param_groups)
+
+
+def _merged(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two optimizers' state dicts as one optimizer's that holds both groups, first's parameters first."""
+    offset = sum(len(group["params"]) for group in first["param_groups"])
+    groups = first["param_groups"] + [{**group, "params": [i + offset for i in group["params"]]}
+                                      for group in second["param_groups"]]
+    return {"state": {**first["state"], **{i + offset: s for i, s in second["state"].items()}},
+            "param_groups": groups}
 
 
 def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:

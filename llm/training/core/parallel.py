@@ -88,12 +88,12 @@ def model_and_optimizer_state(
     """Entries for the checkpoint's shared state, and for FSDP a writer of the shards (run on every rank)."""
     if not sharded:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, None
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from llm.training.core import sharded  # torch.distributed.checkpoint takes a second to import: only for FSDP
+
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {}, lambda staging: dcp.save({"model": model_state, "optimizer": optim_state},
-                                        checkpoint_id=str(staging / SHARDED))
+    return {}, lambda staging: sharded.save({"model": model_state, "optimizer": optim_state}, staging / SHARDED)
 
 
 def load_model_and_optimizer(

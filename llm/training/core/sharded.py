@@ -1,4 +1,4 @@
-"""Reading FSDP checkpoints (``torch.distributed.checkpoint``) without running code from them.
+"""Writing FSDP checkpoints (``torch.distributed.checkpoint``), and reading them without running code from them.
 
 The stock reader unpickles the ``.metadata`` file with plain :mod:`pickle` and
 loads non-tensor entries with ``torch.load(weights_only=False)``: a crafted
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
@@ -31,6 +32,10 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 class ShardedReadError(Exception):
     """A sharded checkpoint that cannot be read; the message is one line."""
+
+
+class ShardedWriteError(Exception):
+    """Shards that could not be written; the message is one line."""
 
 
 class UnsafeCheckpointError(ShardedReadError):
@@ -100,6 +105,25 @@ class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
     load_bytes = _load_bytes_safely
 
 
+def save(state: dict[str, Any], directory: Path) -> None:
+    """Write this rank's shards of ``state`` into ``directory``; collective: every rank calls it.
+
+    Raises only this rank's own failure, in one line: an OSError as itself, so that its errno
+    reaches the other ranks. A rank whose own part was written returns even when another
+    rank's failed: the caller agrees across ranks afterwards, as CheckpointManager.save does.
+    """
+    try:
+        dcp.save(state, checkpoint_id=str(directory))
+    except CheckpointException as e:  # a BaseException, holding every rank's failure: `except Exception` misses it
+        mine = e.failures.get(dist.get_rank() if dist.is_initialized() else 0)
+        if mine is None:
+            return
+        error = mine[0]
+        if isinstance(error, OSError):
+            raise error from None
+        raise ShardedWriteError(_describe(error)) from None
+
+
 def load_into(state: dict[str, Any], directory: Path) -> None:
     """Fill ``state`` (laid out as it was saved, sharded as this process group is) from ``directory``."""
     read_metadata(Path(directory) / ".metadata")  # refused here, before torch logs its fallbacks
@@ -129,4 +153,8 @@ def _one_line_errors() -> Iterator[None]:
         if isinstance(first, pickle.UnpicklingError):
             raise UnsafeCheckpointError("an entry of the sharded checkpoint is not plain data (it would need code "
                                         "to be run to load): refused, nothing was run") from None
-        raise ShardedReadError(f"{type(first).__name__}: {' '.join(str(first).split())[:300]}") from None
+        raise ShardedReadError(_describe(first)) from None
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from llm.errors import UsageError
 from llm.training.core import checkpoint as ckpt_mod
+from llm.training.core import sharded
 from llm.training.core.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -256,6 +257,27 @@ def test_failed_torch_save_raises_with_the_os_error(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
 
 
+def test_an_old_checkpoint_that_cannot_be_deleted_leaves_a_warning_not_a_failed_save(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 1)
+
+    rmtree = ckpt_mod.shutil.rmtree
+
+    def step_1_undeletable(path, *args, **kwargs):
+        if Path(path).name == "step_00000001":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", step_1_undeletable)
+    with pytest.warns(UserWarning, match=r"old checkpoint .*step_00000001 not deleted \(.*Permission denied"):
+        assert save(manager, 2) == tmp_path / "step_00000002"
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002" and verify(tmp_path / "step_00000002") is None
+    assert verify(tmp_path / "step_00000001") is None  # left whole, and pruned by a later save
+    monkeypatch.undo()
+    save(manager, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003"]
+
+
 class Payload:
     """Unpickling this runs a shell command; weights_only loading must refuse it."""
 
@@ -302,17 +324,23 @@ def two_rank_worker(rank: int, directory: str, port: int, scenario: str) -> None
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=20))
     result: dict = {}
+
+    def shards(staging: Path) -> None:  # as FSDP saves: every rank writes its part with torch.distributed.checkpoint
+        sharded.save({f"rank{rank}": torch.full((4,), float(rank))}, staging / "sharded")
+
+    write_sharded = shards if scenario == "rank1_shards_fail" else None
     try:
         manager = CheckpointManager(directory, rank=rank, world_size=2)
-        result["first"] = str(manager.save(1, shared_state(1), {"rank": rank, "rng": torch.get_rng_state()}))
-        if scenario == "rank1_fails":
+        result["first"] = str(manager.save(1, shared_state(1), {"rank": rank, "rng": torch.get_rng_state()},
+                                           write_sharded=write_sharded))
+        if scenario != "ok":
             if rank == 1:
                 def disk_full(obj, f):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
-                ckpt_mod.torch.save = disk_full  # this process only
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(f, "name", None))
+                ckpt_mod.torch.save = disk_full  # this process only (torch.distributed.checkpoint writes with it too)
             start = time.monotonic()
             try:
-                manager.save(2, shared_state(2), {"rank": rank})
+                manager.save(2, shared_state(2), {"rank": rank}, write_sharded=write_sharded)
                 result["error"] = None
             except CheckpointError as error:
                 result["error"] = str(error)
@@ -346,13 +374,16 @@ def test_two_ranks_save_one_checkpoint_with_both_rank_files(tmp_path):
     assert torch.equal(load_shared_state(path)["model"]["w"], shared_state(1)["model"]["w"])
 
 
-def test_write_failure_on_rank_1_raises_on_both_ranks(tmp_path):
-    results = run_two_ranks(tmp_path, "rank1_fails")
+@pytest.mark.parametrize("scenario", ["rank1_fails", "rank1_shards_fail"])
+def test_write_failure_on_rank_1_raises_on_both_ranks_in_one_line(tmp_path, scenario):
+    results = run_two_ranks(tmp_path, scenario)
     for result in results:
         assert result["error"] is not None
         assert "step_00000002 not saved (writing failed on rank 1:" in result["error"]
-        assert "No space left on device" in result["error"]
+        assert "No space left on device" in result["error"] and "rank 0" not in result["error"]
+        assert "\n" not in result["error"]
         assert result["seconds"] < 5
-    assert "rank_00001.pt" in results[1]["error"]  # the failing rank names its own file
+    if scenario == "rank1_fails":
+        assert "rank_00001.pt" in results[1]["error"]  # the failing rank names its own file
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"
     assert not (tmp_path / "step_00000002").exists() and not list(tmp_path.glob(".staging-*"))

@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -50,24 +51,84 @@ def test_muon_on_a_model_without_hidden_matrices_is_refused_in_one_line():
         build_optimizer(mlp(4, 8, 1, 1), OptimizerConfig(name="muon"))  # one hidden layer: two matrices
 
 
-def test_muon_learns_follows_the_schedule_and_restores_state():
-    model = tiny_gpt()
-    cfg = OptimizerConfig(name="muon", lr=0.02, warmup_steps=2)
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, total_steps=30)
-    x = torch.randint(0, 20, (8, 8))
+def lm_loss(model, x):
+    return torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+
+
+def train(model, opt, sched, x, steps):
     losses = []
-    for _ in range(30):
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    for _ in range(steps):
+        loss = lm_loss(model, x)
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.75 * losses[0]
+    return losses
+
+
+def test_muon_learns_and_follows_the_schedule():
+    model = tiny_gpt()
+    cfg = OptimizerConfig(name="muon", lr=0.02, warmup_steps=2)
+    opt = build_optimizer(model, cfg)
+    losses = train(model, opt, build_scheduler(opt, cfg, total_steps=30), torch.randint(0, 20, (8, 8)), 30)
+    assert losses[-1] < 0.75 * losses[0] and not math.isnan(losses[-1])
     # the scheduler's lr reaches both inner optimizers
     assert opt.muon.param_groups[0]["lr"] == opt.adamw.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """``state`` through torch.save and a weights_only load, as a checkpoint's state.pt goes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_muon_state_round_trips_and_the_restored_optimizer_steps_identically():
+    cfg = OptimizerConfig(name="muon", lr=0.02, warmup_steps=2)
+    x = torch.randint(0, 20, (8, 8))
+    model = tiny_gpt()
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=10)
+    train(model, opt, sched, x, 3)
+    state = saved_and_loaded(opt.state_dict())
+    assert state["state"].keys() == set(range(len(list(model.parameters()))))  # torch's form, every parameter
+
+    restored_model = tiny_gpt()
+    restored_model.load_state_dict(model.state_dict())
+    restored = build_optimizer(restored_model, cfg)
+    restored_sched = build_scheduler(restored, cfg, total_steps=10)
+    restored.load_state_dict(state)
+    restored_sched.load_state_dict(sched.state_dict())
+    # momenta and the schedule's rate must reach the inner optimizers, or these steps differ
+    train(model, opt, sched, x, 3)
+    train(restored_model, restored, restored_sched, x, 3)
+    for (name, a), b in zip(model.named_parameters(), restored_model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_muon_state_saved_as_two_inner_dicts_still_loads():
+    # the form of checkpoints written before the wrapper's state was torch's: {"muon": ..., "adamw": ...}
+    cfg = OptimizerConfig(name="muon", lr=0.02)
+    x = torch.randint(0, 20, (8, 8))
+    model = tiny_gpt()
+    opt = build_optimizer(model, cfg)
+    train(model, opt, build_scheduler(opt, cfg, total_steps=10), x, 2)
+    # the old form, rebuilt from the state: the inner optimizers' own state dicts as they were
+    muon_params = [p for g in opt.muon.param_groups for p in g["params"]]
+    adamw_params = [p for g in opt.adamw.param_groups for p in g["params"]]
+
+    def inner(params, groups):
+        index = {id(p): i for i, p in enumerate(params)}
+        return {"state": {index[id(p)]: opt.state[p] for p in params},
+                "param_groups": [{**g, "params": [index[id(p)] for p in g["params"]]} for g in groups]}
+
+    old = {"muon": inner(muon_params, opt.muon.param_groups), "adamw": inner(adamw_params, opt.adamw.param_groups)}
     restored = build_optimizer(tiny_gpt(), cfg)
-    restored.load_state_dict(opt.state_dict())
-    assert restored.state_dict()["muon"]["state"].keys() == opt.state_dict()["muon"]["state"].keys()
-    assert not math.isnan(losses[-1])
+    restored.load_state_dict(saved_and_loaded(old))
+    before, after = opt.state_dict(), restored.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, saved in before["state"].items():
+        assert saved.keys() == after["state"][i].keys() and all(torch.equal(saved[k], after["state"][i][k]) for k in saved)

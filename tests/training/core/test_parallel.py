@@ -1,15 +1,25 @@
-"""Layout features through the engine: activation checkpointing, compile, precision, accumulation."""
+"""Layout features through the engine: activation checkpointing, compile, precision, accumulation; FSDP state."""
+
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from llm.errors import UsageError
-from llm.training.core.checkpoint import CheckpointError
+from llm.models.gpt import GPT, GPTConfig
+from llm.training.core import sharded
+from llm.training.core.checkpoint import CheckpointError, CheckpointManager
+from llm.training.core.config import Config, OptimizerConfig
 from llm.training.core.engine import TrainingEngine
-from llm.training.core.parallel import load_model_and_optimizer
+from llm.training.core.optim import build_optimizer
+from llm.training.core.parallel import load_model_and_optimizer, model_and_optimizer_state, prepare
 from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask
 from llm.training.tasks.regression_task import RegressionTask
-from tests.helpers import lm_config, tiny_config, weights
+from tests.helpers import free_port, lm_config, tiny_config, weights
 
 
 def train_lm(config):
@@ -101,3 +111,67 @@ def test_a_checkpoint_of_whole_tensors_is_refused_by_a_sharded_run_in_one_line(t
     with pytest.raises(CheckpointError, match="holds whole tensors.*--distributed-strategy ddp"):
         load_model_and_optimizer(model, optimizer, saved, tmp_path / "step_00000004", fsdp=True)
     load_model_and_optimizer(model, optimizer, saved, tmp_path / "step_00000004", fsdp=False)
+
+
+def muon_gpt(world_size: int = 1) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    config = Config()
+    config.distributed.strategy = "fsdp"
+    model = prepare(model, config, world_size)  # FSDP2-sharded when world_size > 1
+    return model, build_optimizer(model, OptimizerConfig(name="muon", lr=0.02))
+
+
+def lm_steps(model, optimizer, batches) -> None:
+    for x in batches:
+        torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def local_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.to_local().clone() for k, v in model.state_dict().items()}
+
+
+def fsdp_muon_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        batches = torch.randint(0, 20, (4, 4, 8), generator=torch.Generator().manual_seed(rank))
+        model, optimizer = muon_gpt(2)
+        lm_steps(model, optimizer, batches[:2])
+        shared, write_sharded = model_and_optimizer_state(model, optimizer, sharded=True)
+        ckpt = CheckpointManager(directory, rank, 2).save(2, shared, {}, write_sharded=write_sharded)
+        lm_steps(model, optimizer, batches[2:])
+        resumed, resumed_optimizer = muon_gpt(2)
+        load_model_and_optimizer(resumed, resumed_optimizer, {}, ckpt, fsdp=True)
+        lm_steps(resumed, resumed_optimizer, batches[2:])
+        torch.save({"uninterrupted": local_weights(model), "resumed": local_weights(resumed)},
+                   Path(directory, f"weights_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_with_muon_saves_resumes_exactly_and_its_checkpoint_loads_unsharded(tmp_path):
+    context = mp.start_processes(fsdp_muon_worker, args=(str(tmp_path), free_port()), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("two-rank FSDP run hung")
+    for rank in (0, 1):  # each rank's shards, bit for bit
+        shards = torch.load(tmp_path / f"weights_rank{rank}.pt")
+        assert_close(shards["uninterrupted"], shards["resumed"], rtol=0, atol=0)
+
+    # unsharded (one process, or DDP): every parameter takes its saved optimizer state
+    ckpt = tmp_path / "step_00000002"
+    model, optimizer = muon_gpt()
+    load_model_and_optimizer(model, optimizer, {}, ckpt, fsdp=False)
+    saved = sharded.load_whole(ckpt / "sharded")["optimizer"]["state"]
+    for name, param in model.named_parameters():
+        assert saved[name].keys() == optimizer.state[param].keys(), name
+        for key, value in saved[name].items():
+            assert torch.equal(value, optimizer.state[param][key]), f"{name} {key}"
+    assert {"momentum_buffer", "exp_avg"} <= {key for state in saved.values() for key in state}
