@@ -196,7 +196,9 @@ class CheckpointManager:
             trash = self.directory / f".trash-{final.name}"
             os.replace(final, trash)
             os.replace(staging, final)
-            shutil.rmtree(trash)
+            # the new checkpoint is in place: an old copy that cannot be deleted is no failed save (the
+            # next save clears it, or says what stops it)
+            shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, final)
         _fsync_dir(self.directory)

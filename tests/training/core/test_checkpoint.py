@@ -104,6 +104,26 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000005"]
 
 
+def test_a_replaced_checkpoint_that_cannot_be_deleted_does_not_fail_the_save(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 5)
+    rmtree = ckpt_mod.shutil.rmtree
+
+    def trash_undeletable(path, *args, ignore_errors=False, **kwargs):
+        if Path(path).name.startswith(".trash-"):
+            if ignore_errors:
+                return
+            raise PermissionError(13, "Permission denied", str(path))
+        rmtree(path, *args, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", trash_undeletable)
+    path = manager.save(5, {"model": {"w": torch.full((2,), 9.0)}}, {})
+    assert verify(path) is None and (tmp_path / "latest").read_text().strip() == "step_00000005"
+    assert torch.equal(load_shared_state(path)["model"]["w"], torch.full((2,), 9.0))
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", rmtree)
+    assert verify(save(manager, 6)) is None and not list(tmp_path.glob(".trash-*"))  # the next save clears it
+
+
 def test_verify_detects_truncation_flipped_byte_missing_manifest_and_file(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=10)
     paths = [save(manager, step) for step in range(1, 5)]
