@@ -288,7 +288,10 @@ class Config:
     def validate(self) -> Config:
         """Check every value; fill in derived paths. Raises ConfigError."""
         for name, value, tp in self._fields():  # what YAML, variables and flags went through, for values set in code
-            if not _is_a(value, tp):
+            if tp is str and isinstance(value, os.PathLike):  # a Path set in code: the same path, as text
+                section, _, field_name = name.rpartition(".")
+                setattr(getattr(self, section) if section else self, field_name, os.fspath(value))
+            elif not _is_a(value, tp):
                 choices = map(str, get_args(tp)) if get_origin(tp) is Literal else []
                 raise ConfigError(name, value, describe(tp) + closest(str(value), choices))
         t, o, m, d, c, lg = self.training, self.optimizer, self.model, self.data, self.checkpoint, self.logging

@@ -108,10 +108,12 @@ def test_a_config_set_in_code_is_checked_like_the_command_line(field, value, wor
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_a_config_set_in_code_takes_an_integer_for_a_number():
+def test_a_config_set_in_code_takes_an_integer_for_a_number_and_a_path_for_text(tmp_path):
     config = Config()
-    config.optimizer.lr = 1
-    assert config.validate().optimizer.lr == 1
+    config.optimizer.lr, config.logging.log_dir = 1, tmp_path / "run"
+    config.validate()
+    assert config.optimizer.lr == 1 and config.logging.log_dir == str(tmp_path / "run")
+    assert config.checkpoint.dir == str(tmp_path / "run" / "checkpoints")
 
 
 @pytest.mark.parametrize(
