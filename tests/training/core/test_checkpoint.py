@@ -6,7 +6,6 @@ import errno
 import hashlib
 import json
 import os
-import socket
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llm.errors import UsageError
 from llm.training.core import checkpoint as ckpt_mod
@@ -27,6 +25,7 @@ from llm.training.core.checkpoint import (
     resolve_checkpoint,
     verify,
 )
+from tests.helpers import free_port, spawn
 
 
 def shared_state(step: int = 0) -> dict:
@@ -334,12 +333,6 @@ def test_constructor_rejects_bad_arguments(tmp_path):
 # -- two ranks on gloo --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_rank_worker(rank: int, directory: str, port: int, scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=20))
@@ -371,14 +364,7 @@ def two_rank_worker(rank: int, directory: str, port: int, scenario: str) -> None
 
 
 def run_two_ranks(directory: Path, scenario: str) -> list[dict]:
-    context = mp.start_processes(two_rank_worker, args=(str(directory), free_port(), scenario), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("two-rank save hung")
+    spawn(two_rank_worker, str(directory), free_port(), scenario)
     return [json.loads((directory / f"result_{r}.json").read_text()) for r in range(2)]
 
 

@@ -1,13 +1,11 @@
 """Layout features through the engine: activation checkpointing, compile, precision, accumulation; FSDP state."""
 
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
@@ -19,7 +17,7 @@ from llm.training.core.optim import build_optimizer
 from llm.training.core.parallel import load_model_and_optimizer, model_and_optimizer_state, prepare
 from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask
 from llm.training.tasks.regression_task import RegressionTask
-from tests.helpers import free_port, lm_config, tiny_config, weights
+from tests.helpers import free_port, lm_config, spawn, tiny_config, weights
 
 
 def train_lm(config):
@@ -153,14 +151,7 @@ def fsdp_muon_worker(rank: int, directory: str, port: int) -> None:
 
 
 def test_fsdp_with_muon_saves_resumes_exactly_and_its_checkpoint_loads_unsharded(tmp_path):
-    context = mp.start_processes(fsdp_muon_worker, args=(str(tmp_path), free_port()), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("two-rank FSDP run hung")
+    spawn(fsdp_muon_worker, str(tmp_path), free_port(), timeout=120)
     for rank in (0, 1):  # each rank's shards, bit for bit
         shards = torch.load(tmp_path / f"weights_rank{rank}.pt")
         assert_close(shards["uninterrupted"], shards["resumed"], rtol=0, atol=0)
