@@ -344,7 +344,8 @@ class Config:
         if c.dir == filled.get("checkpoint.dir", (None, None))[1]:
             c.dir = ""
         if "{task}" in lg.log_dir:
-            self._filled["logging.log_dir"], lg.log_dir = (lg.log_dir, self.fill_in(lg.log_dir)), self.fill_in(lg.log_dir)
+            resolved = self.fill_in(lg.log_dir)
+            self._filled["logging.log_dir"], lg.log_dir = (lg.log_dir, resolved), resolved
         if Path(lg.log_dir).name in ("", ".."):  # '', '.', '/', 'runs/..': no name to give a run of its own
             raise ConfigError("logging.log_dir", lg.log_dir, "a path ending in a folder name, such as runs/lm")
         if not c.dir:
