@@ -35,6 +35,12 @@ def closest(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An error's message on one line (whitespace runs made single spaces), cut to ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def print_error(line: str) -> None:
     """Write one line to stderr in a single write.
 
