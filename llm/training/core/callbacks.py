@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -73,6 +74,19 @@ class Callback:
 
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 """The hook names, in the order they are declared above."""
+
+
+def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` of a monitored metric beats ``best`` by more than ``min_delta`` (``mode``: min or max).
+
+    NaN never improves, and anything that is not NaN beats a NaN best: one diverged
+    evaluation must not become the best for good and hold every later one back.
+    """
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return (best - value if mode == "min" else value - best) > min_delta
 
 
 def scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
@@ -207,10 +221,8 @@ class EarlyStopping(Callback):
     def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
             raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but validation reported {sorted(metrics)}")
-        value = metrics[self.monitor]
-        sign = 1.0 if self.mode == "min" else -1.0
-        if self.best is None or sign * (self.best - value) > self.min_delta:
-            self.best, self.wait = value, 0
+        if improves(metrics[self.monitor], self.best, self.mode, self.min_delta):
+            self.best, self.wait = metrics[self.monitor], 0
             return
         self.wait += 1
         if self.wait >= self.patience:

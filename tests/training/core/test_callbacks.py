@@ -5,21 +5,30 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llm.training.core.callbacks import (
-    HOOKS,
-    Callback,
     EarlyStopping,
     LRSchedulerCallback,
     MetricsLogger,
     ProgressBar,
     TensorBoardLogger,
+    improves,
 )
 from tests.helpers import StubEngine
 
 
-def test_hooks_are_the_callback_methods():
-    assert HOOKS == ("on_train_start", "on_epoch_start", "on_step_end", "on_validation_end",
-                     "on_epoch_end", "on_log", "on_train_end")
-    assert all(callable(getattr(Callback(), h)) for h in HOOKS)
+def test_improves_compares_by_mode_and_margin_and_never_takes_nan_as_best():
+    assert improves(0.9, 1.0, "min") and not improves(1.0, 1.0, "min") and not improves(1.1, 1.0, "min")
+    assert improves(1.1, 1.0, "max") and not improves(0.9, 1.0, "max")
+    assert not improves(0.95, 1.0, "min", min_delta=0.1) and improves(0.85, 1.0, "min", min_delta=0.1)
+    assert improves(5.0, None, "min") and improves(5.0, float("nan"), "max")
+    assert not improves(float("nan"), None, "min") and not improves(float("nan"), 1.0, "max")
+
+
+def test_early_stopping_after_a_nan_validation_waits_for_a_real_improvement():
+    engine = StubEngine()
+    cb = EarlyStopping(monitor="val_loss", patience=2)
+    for loss in [float("nan"), 0.5, 0.4]:  # a diverged first evaluation, then the run recovers
+        cb.on_validation_end(engine, {"val_loss": loss})
+    assert not engine.should_stop and cb.best == 0.4 and cb.wait == 0
 
 
 def test_early_stopping_waits_patience_validations_then_stops():
