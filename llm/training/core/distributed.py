@@ -205,9 +205,13 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` on one process."""
+    if not active():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def agree_on_errors(fn: Callable[[], None], run_here: bool = True) -> None:
@@ -225,8 +229,6 @@ def agree_on_errors(fn: Callable[[], None], run_here: bool = True) -> None:
             if not active():
                 raise
     if active():
-        gathered: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, message)
-        message = next((m for m in gathered if m), None)
+        message = next((m for m in gather(message) if m), None)
         if message:
             raise UsageError(message)

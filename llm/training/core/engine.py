@@ -27,7 +27,7 @@ from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError, closest
 from llm.training.core import distributed as D
 from llm.training.core import parallel
-from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten
+from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
 from llm.training.core.checkpoint import (
     CheckpointManager,
     check_checkpoint_dir,
@@ -64,14 +64,11 @@ class TrainingEngine:
         world_size: int = 1,
         data_module: BaseDataModule | None = None,
         callbacks: list[Callback] | None = None,
-        local_rank: int | None = None,
     ):
         # a config built in code has not been through from_dict or the command line: check it and fill
         # in its derived paths ({task} in logging.log_dir, checkpoint.dir) here; validate() is idempotent
         self.config, self.task, self.rank, self.world_size = config.validate(), task, rank, world_size
-        if local_rank is None:
-            local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        self.local_rank = local_rank
+        self.local_rank = int(os.environ.get("LOCAL_RANK", rank))  # set by torchrun; a rank of its own when spawned
         if data_module is None:
             data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
         self.data_module = data_module
@@ -111,9 +108,9 @@ class TrainingEngine:
         """Train until epochs or max_steps run out, or a stop is agreed; return the final metrics."""
         self.setup()
         started, metrics, ok = time.perf_counter(), {}, False
-        self._fire("on_train_start")
         self._first_sample = self.samples_seen
         try:
+            self._fire("on_train_start")
             with self._stop_on_signals():
                 while not self._finished():
                     self.train_epoch()
@@ -193,9 +190,12 @@ class TrainingEngine:
         norm = float(grad_norm)
         if math.isfinite(norm):
             (self.optimizer.step() if scaler is None else scaler.step(self.optimizer))
-        elif scaler is None or D.any_rank([not bool(torch.isfinite(torch.stack(losses)).all())], self.device)[0]:
-            # fp16 gradients that overflow are the scaler's to skip; a non-finite loss is not an overflow
-            self._non_finite(losses)
+        else:
+            # which ranks' losses are not finite; fp16 gradients that overflow with finite losses are the
+            # scaler's to skip, not a non-finite step
+            bad = D.gather(not bool(torch.isfinite(torch.stack(losses)).all()))
+            if scaler is None or any(bad):
+                self._non_finite(bad)
         if scaler is not None:
             scaler.update()  # lowers the scale after an overflow, whichever branch was taken
         if self.scheduler is not None:
@@ -245,8 +245,8 @@ class TrainingEngine:
         local = {f"val_{k}": v for k, v in sums.totals().items()}
         metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         self.val_metrics = {**metrics, "step": self.step}
-        monitor, sign = self.config.checkpoint.monitor, (1 if self.config.checkpoint.mode == "min" else -1)
-        if monitor in metrics and (self.best_metric is None or sign * metrics[monitor] < sign * self.best_metric):
+        monitor = self.config.checkpoint.monitor
+        if monitor in metrics and improves(metrics[monitor], self.best_metric, self.config.checkpoint.mode):
             self.best_metric = metrics[monitor]
         self.aside_s += time.perf_counter() - began
         self._fire("on_validation_end", metrics)
@@ -266,10 +266,17 @@ class TrainingEngine:
         self.val_loader, self.val_sampler = self.data_module.val_dataloader(self.rank, self.world_size)
         self._resumable = ResumableSampler.install(self.train_loader, self.train_sampler)
         k = cfg.training.grad_accum_steps
-        steps_per_epoch = len(self.train_loader) // k
+        try:
+            batches = len(self.train_loader)
+        except TypeError:  # a DataLoader over an IterableDataset without __len__
+            raise UsageError(
+                f"{type(self.data_module).__name__}.train_dataloader() has no length: epochs, the schedule and "
+                f"resuming mid-epoch count batches; give its dataset a __len__"
+            ) from None
+        steps_per_epoch = batches // k
         if steps_per_epoch == 0:
             raise UsageError(
-                f"one epoch has {len(self.train_loader)} batches per rank, fewer than "
+                f"one epoch has {batches} batches per rank, fewer than "
                 f"training.grad_accum_steps={k}: lower it or the batch size"
             )
         self.total_steps = steps_per_epoch * cfg.training.epochs
@@ -550,16 +557,16 @@ class TrainingEngine:
 
     def _epoch_batches(self) -> Iterator[tuple[list[Any], bool]]:
         """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped, each with whether
-        it is the epoch's last full group (never known for a loader without a length: it ends when it runs out)."""
+        it is the epoch's last full group."""
         k = self.config.training.grad_accum_steps
         if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
             self._resumable.skip = self.batch_in_epoch * self.config.training.batch_size
-        left = _length(self.train_loader)  # the skipped batches are not counted
+        left = len(self.train_loader)  # the skipped batches are not counted
         batches = self._iterate(self.train_loader, -1 - self.epoch)
         if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
             warnings.warn("the training loader has no BatchSampler over a sampler: replaying batches to resume mid-epoch")
             batches = itertools.islice(batches, self.batch_in_epoch, None)
-            left = None if left is None else left - self.batch_in_epoch
+            left -= self.batch_in_epoch
         group: list[Any] = []
         while True:
             waited = time.perf_counter()
@@ -569,8 +576,8 @@ class TrainingEngine:
                 break
             group.append(batch)
             if len(group) == k:
-                left = None if left is None else left - k
-                yield group, left is not None and left < k
+                left -= k
+                yield group, left < k
                 group = []
         if self._resumable is not None:
             self._resumable.skip = 0
@@ -622,20 +629,14 @@ class TrainingEngine:
             self._interrupted = True
             self.request_stop(f"stopped by signal {signal.Signals(self._signal or signal.SIGTERM).name}")
         elif stop and D.active():  # once, at the stop: every rank, and summary.json, gives the asking rank's reason
-            reasons: list[Any] = [None] * self.world_size
-            torch.distributed.all_gather_object(reasons, self.stop_reason)
-            self.stop_reason = self.stop_reason or next((r for r in reasons if r), "")
+            self.stop_reason = self.stop_reason or next((r for r in D.gather(self.stop_reason) if r), "")
         self.should_stop = stop or signalled
         return self.should_stop
 
-    def _non_finite(self, losses: list[torch.Tensor]) -> None:
-        """A step whose gradient norm is not finite: skipped or stopped at, as training.nan_policy says."""
-        seen = [not bool(torch.isfinite(torch.stack(losses)).all())]
-        if D.active():
-            gathered: list[Any] = [None] * self.world_size
-            torch.distributed.all_gather_object(gathered, seen[0])
-            seen = gathered
-        ranks = [r for r, bad in enumerate(seen) if bad] or list(range(self.world_size))
+    def _non_finite(self, bad_loss: list[bool]) -> None:
+        """A step whose gradient norm is not finite: skipped or stopped at, as training.nan_policy says.
+        ``bad_loss``: by rank, whether its loss was not finite."""
+        ranks = [r for r, bad in enumerate(bad_loss) if bad] or list(range(self.world_size))
         where = f"at step {self.step + 1}, loss non-finite on rank(s) {ranks}"
         if self.config.training.nan_policy == "skip":
             self.skipped_steps += 1
@@ -817,14 +818,6 @@ def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
         return torch.tensor(items, dtype=torch.float64)
     return torch.stack([torch.as_tensor(item, dtype=None if isinstance(item, torch.Tensor) else torch.float64,
                                         device=device).reshape(()).double() for item in items]).cpu()
-
-
-def _length(loader: Any) -> int | None:
-    """Batches in a loader; None for one that does not know (an iterable dataset without a length)."""
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 def _batch_len(batch: Any) -> int:

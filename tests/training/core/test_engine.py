@@ -8,6 +8,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.errors import UsageError
 from llm.training.core.callbacks import HOOKS, Callback, EarlyStopping, MetricsLogger, TensorBoardLogger
 from llm.training.core.config import Config
@@ -63,15 +64,52 @@ def test_a_config_built_in_code_is_checked_and_writes_under_the_task_name(tmp_pa
         TrainingEngine(bad, RegressionTask(bad))
 
 
-def test_hooks_fired_are_exactly_the_callback_hooks_in_loop_order(tmp_path):
+def test_hooks_fire_in_the_order_of_the_documented_loop(tmp_path):
+    # 3 steps per epoch, 2 epochs; logs and evaluations every 2 steps. The epoch-end validation of
+    # step 6 is the one already run at step 6, not a second one.
     recorder = Recorder()
-    train(tiny_config(tmp_path, training={"eval_every_steps": 5}), callbacks=[recorder])
-    names = recorder.names()
-    assert set(names) == set(HOOKS)
-    assert names[0] == "on_train_start" and names[-1] == "on_train_end"
-    first_epoch = names[names.index("on_epoch_start"):names.index("on_epoch_end") + 1]
-    assert first_epoch.count("on_step_end") == 230 // 16
-    assert first_epoch.count("on_validation_end") == 2 + 1  # steps 5 and 10, then the epoch end
+    config = tiny_config(tmp_path, training={"eval_every_steps": 2}, data={"num_samples": 64, "input_dim": 4})
+    train(config, callbacks=[recorder])
+    fired = [f"{name} {args['split']} {args['step']}" if name == "on_log" else name for name, args in recorder.calls]
+    steps = ["on_step_end"]
+    assert fired == [
+        "on_train_start", "on_epoch_start",
+        *steps * 2, "on_log train 2", "on_validation_end", "on_log val 2",
+        *steps, "on_validation_end", "on_log val 3", "on_epoch_end", "on_log epoch 3",
+        "on_epoch_start",
+        *steps, "on_log train 4", "on_validation_end", "on_log val 4",
+        *steps * 2, "on_log train 6", "on_validation_end", "on_log val 6", "on_epoch_end", "on_log epoch 6",
+        "on_train_end",
+    ]
+    assert set(recorder.names()) == set(HOOKS)  # every hook the engine calls is a Callback method, and back
+
+
+class RefuseToStart(Callback):
+    def on_train_start(self, engine):
+        raise UsageError("RefuseToStart: bad settings")
+
+
+def test_a_callback_refusing_to_start_still_lets_every_callback_clean_up(tmp_path):
+    recorder = Recorder()
+    with pytest.raises(UsageError, match="RefuseToStart"):
+        train(tiny_config(tmp_path), callbacks=[recorder, RefuseToStart()])
+    assert recorder.names() == ["on_train_start", "on_train_end"]
+
+
+def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.zeros(4), torch.zeros(1))] * 8)
+
+    class StreamData(SyntheticDataModule):
+        def train_dataloader(self, rank, world_size):
+            return torch.utils.data.DataLoader(Stream(), batch_size=4), None
+
+    config = tiny_config(tmp_path)
+    engine = TrainingEngine(config, RegressionTask(config), data_module=StreamData(config))
+    with pytest.raises(UsageError, match=r"StreamData\.train_dataloader\(\) has no length: .* give its dataset a __len__"):
+        engine.train()
+    assert not (tmp_path / "run").exists()
 
 
 def test_grad_accumulation_gives_the_gradient_of_the_larger_batch(tmp_path):
