@@ -20,33 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from torch.optim.lr_scheduler import LambdaLR
 
 from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError, closest
 from llm.training.core import distributed as D
 from llm.training.core import parallel
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
-from llm.training.core.checkpoint import (
-    CheckpointManager,
-    check_checkpoint_dir,
-    load_rank_state,
-    load_shared_state,
-    resolve_checkpoint,
-    unwritable_reason,
-)
+from llm.training.core.checkpoint import CheckpointManager, load_rank_state, load_shared_state
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module
+from llm.training.core import resume
 from llm.training.core.resume import ResumableSampler, rng_state, seed_everything, set_rng_state
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.grad_accum_steps", "training.seed",
-                  "world_size", "optimizer.name")
-"""Settings a resumed run cannot change without training a different model, on different data, or with an
-optimizer that cannot take the saved state (allowed, it starts afresh)."""
-HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
@@ -258,8 +245,8 @@ class TrainingEngine:
     def setup(self) -> None:
         """Data, model, optimizer, resume, wrapping; in that order, agreed across ranks."""
         cfg = self.config
-        resume = self._find_resume()
-        D.agree_on_errors(lambda: self._check_run_dir(resume), run_here=self.is_main)
+        start = resume.find_start(cfg, self.run_dir)
+        D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self.data_module.train_dataloader(self.rank, self.world_size)
@@ -301,8 +288,8 @@ class TrainingEngine:
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
             cfg.checkpoint.monitor, cfg.checkpoint.mode,
         )
-        if resume is not None:
-            self.load_checkpoint(resume)
+        if start.checkpoint is not None:
+            self.load_checkpoint(start.checkpoint)
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
         self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
         self._params = list(self.model.parameters())
@@ -348,60 +335,6 @@ class TrainingEngine:
             raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
                              f"{type(self.task).__name__}: {', '.join(names)}{closest(monitor, names)}")
 
-    def _find_resume(self) -> Path | None:
-        """The checkpoint to start from, if any.
-
-        'auto': the newest valid one in checkpoint.dir. A run that continues in its
-        own folder resumes that way too, once it has saved a checkpoint there: a
-        worker that torchrun restarted, or the command that started a branch from a
-        checkpoint, run again.
-        """
-        spec, directory = self.config.checkpoint.resume, Path(self.config.checkpoint.dir)
-        self.resuming = bool(spec) or D.restarted()
-        self._own_folder = self._restarted_here() or self._branched_here(spec)
-        if spec == "auto" or self._own_folder or D.restarted():
-            own = CheckpointManager(directory).latest_valid() if directory.exists() else None
-            if own is not None or spec in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec) if spec else None
-
-    def _restarted_here(self) -> bool:
-        """Whether torchrun restarted this launch, which wrote the run folder before."""
-        return D.restarted() and D.launch_id() is not None and D.launched_by(self.run_dir) == D.launch_id()
-
-    def _branched_here(self, spec: str) -> bool:
-        """Whether the run folder holds a run started from the checkpoint ``spec``: the same command again."""
-        if spec in ("", "auto"):
-            return False
-        try:
-            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())["checkpoint"]["resume"]
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
-            return False
-        return isinstance(saved, str) and saved not in ("", "auto") and Path(saved).resolve() == Path(spec).resolve()
-
-    def _check_run_dir(self, resume: Path | None) -> None:
-        """A run must not write over another run's files; the run and checkpoint folders can be written."""
-        existing = [p.name for p in self.run_dir.iterdir()] if self.run_dir.is_dir() else []
-        if existing and not self.resuming:
-            raise UsageError(
-                f"{self.run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
-                f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
-            )
-        # a checkpoint of another run branches into a folder of its own, not into another run's files
-        elsewhere = resume is not None and resume.resolve().parent != Path(self.config.checkpoint.dir).resolve()
-        elsewhere = elsewhere and not self._own_folder
-        if existing and elsewhere:
-            raise UsageError(
-                f"{self.run_dir} already holds a run and {resume} is not one of its checkpoints: continue the run "
-                f"there with --checkpoint-resume auto, or branch from {resume} into a new --logging-log-dir DIR"
-            )
-        problem = unwritable_reason(self.run_dir)  # creates nothing: a run refused later leaves no folder
-        if problem:
-            raise UsageError(f"cannot write to the run directory {self.run_dir}: {problem}; "
-                             f"choose another with --logging-log-dir DIR")
-        # now, not at the first save after hours of training; and never into another run's checkpoints
-        check_checkpoint_dir(self.config.checkpoint.dir, fresh=not self.resuming or elsewhere)
-
     # ---- checkpoints ---------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
@@ -442,7 +375,13 @@ class TrainingEngine:
 
     def load_checkpoint(self, path: Path) -> None:
         shared = load_shared_state(path)
-        changed = self._check_config_change(path, shared)
+        saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
+        saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
+        changed = resume.config_changes(saved, now)
+        if changed:
+            self.print("resuming with a changed config: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}"
+                                                                      for k in changed))
+        resume.check_changes(changed, self.config.checkpoint.allow_config_change, path)
         # another optimizer cannot take the saved one's state: it starts afresh, at the saved step of the schedule
         same_optimizer = "optimizer.name" not in changed
         fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
@@ -450,18 +389,18 @@ class TrainingEngine:
                                           self.sharded)
         progress = shared["progress"]
         self.step, self.epoch = progress["step"], progress["epoch"]
-        self.batch_in_epoch = self._batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"])
+        self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
+                                                           self.config.training.batch_size, self.world_size)
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
-        if progress.get("stop") and "training.patience" not in changed:  # a run that stopped early stays stopped
+        if progress["stop"] and "training.patience" not in changed:  # a run that stopped early stays stopped
             self.should_stop, self.stop_reason = True, progress["stop"]
-        schedule_changed = any(k not in HARMLESS_CONFIG for k in changed)
-        if schedule_changed:  # the settings are this run's, the moments the checkpoint's
-            self._keep_optimizer_settings(fresh_groups)
+        if any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
+            resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, self.step)
         elif self.scheduler is not None and shared["scheduler"] is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
             self.scaler.load_state_dict(shared["scaler"])
-        self.best_metric, self.val_metrics = shared["best_metric"], shared.get("val_metrics") or {}
+        self.best_metric, self.val_metrics = shared["best_metric"], shared["val_metrics"]
         states = shared["callbacks"]
         for i, cb in enumerate(self.callbacks):
             if _callback_key(i, cb) in states:
@@ -469,70 +408,11 @@ class TrainingEngine:
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
             set_rng_state(mine["rng"])
-            self._epoch_loss_sum = tuple(mine.get("epoch_loss", (0.0, 0.0)))  # checkpoints of older versions lack them
-            self._window, self._grad_norms = _Running.resumed(mine.get("window", {})), list(mine.get("grad_norms", []))
+            self._epoch_loss_sum = tuple(mine["epoch_loss"])
+            self._window, self._grad_norms = _Running.resumed(mine["window"]), list(mine["grad_norms"])
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-
-    def _batches_done_in_epoch(self, progress: dict[str, Any], saved_batch_size: int) -> int:
-        """The resumed epoch's micro-batches already trained on, counted in this run's batches.
-
-        The ranks take interleaved shares of one shuffled order, so the epoch's first
-        batches x batch size x processes samples of it are done, whatever the number of
-        processes. A resume with other processes or another batch size (allowed by
-        checkpoint.allow_config_change) goes on from there; where that is not a whole
-        number of this run's batches, the samples past the last whole one are seen again.
-        """
-        done = progress["batch_in_epoch"] * saved_batch_size * progress["world_size"]
-        per_batch = self.config.training.batch_size * self.world_size
-        if done % per_batch:
-            warnings.warn(f"resuming mid-epoch with {self.world_size} process(es) of batch "
-                          f"{self.config.training.batch_size}: {done % per_batch} samples of the epoch are seen again")
-        return done // per_batch
-
-    def _keep_optimizer_settings(self, fresh_groups: list[dict[str, Any]]) -> None:
-        """After a resume with a changed config: the optimizer's settings are this run's, and its rate is the
-        new schedule's at the resumed step.
-
-        ``optimizer.load_state_dict`` brings back the saved learning rate, weight decay
-        and betas along with the moments, and the saved scheduler would keep the old
-        schedule's length; a run resumed with new epochs, max_steps or rates means
-        the new ones. So the groups get this run's settings back, and this run's
-        scheduler is stepped to the resumed step: step by step, so that a recursive
-        schedule (CosineAnnealingLR's) gives the rates an uninterrupted run with the
-        new settings would; a LambdaLR, whose rate depends on the step alone, jumps.
-        """
-        # the same groups: optimizer.load_state_dict refuses a state with other groups
-        for group, fresh in zip(self.optimizer.param_groups, fresh_groups, strict=True):
-            group.update(fresh)
-        if self.scheduler is None:
-            return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
-            if isinstance(self.scheduler, LambdaLR):
-                self.scheduler.last_epoch = self.step - 1
-                self.scheduler.step()
-            else:
-                for _ in range(self.step):
-                    self.scheduler.step()
-
-    def _check_config_change(self, path: Path, shared: dict[str, Any]) -> list[str]:
-        """Show what changed since the checkpoint; refuse changes that break the model, the data order or the
-        optimizer's state. Returns the changed settings."""
-        saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
-        saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
-        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "checkpoint.resume")
-        if not changed:
-            return changed
-        self.print("resuming with a changed config: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
-        binding = [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
-        if binding and not self.config.checkpoint.allow_config_change:
-            raise UsageError(
-                f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "
-                f"the optimizer; pass --checkpoint-allow-config-change true to resume anyway"
-            )
-        return changed
 
     # ---- what callbacks use ----------------------------------------------------------
 

@@ -70,25 +70,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.param_groups, self.adamw.param_groups = groups[:muon_groups], groups[muon_groups:]
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:  # torch's optimizer contract: re-evaluate the loss first, with gradients on
+            with torch.enable_grad():
+                loss = closure()
         self.muon.step()
         self.adamw.step()
+        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "muon" in state_dict:  # saved before the state was torch's standard form: one dict per inner optimizer
-            state_dict = _merged(state_dict["muon"], state_dict["adamw"])
         super().load_state_dict(state_dict)
         # the load replaced self.state and rebuilt the group dicts: the inner optimizers must follow
         self._share_state_and_groups(self.param_groups)
-
-
-def _merged(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """Two optimizers' state dicts as one optimizer's that holds both groups, first's parameters first."""
-    offset = sum(len(group["params"]) for group in first["param_groups"])
-    groups = first["param_groups"] + [{**group, "params": [i + offset for i in group["params"]]}
-                                      for group in second["param_groups"]]
-    return {"state": {**first["state"], **{i + offset: s for i, s in second["state"].items()}},
-            "param_groups": groups}
 
 
 def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:

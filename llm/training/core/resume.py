@@ -1,14 +1,24 @@
-"""What a run must restore to continue exactly where it stopped: random streams and data position."""
+"""Resuming: which checkpoint a run starts from and whether its folder may be used, what a config may change
+on resume, and what a run must restore to continue exactly where it stopped (random streams, data position)."""
 
 from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import yaml
+from torch.optim.lr_scheduler import LambdaLR
+
+from llm.errors import UsageError
+from llm.training.core import distributed as D
+from llm.training.core.checkpoint import CheckpointManager, check_checkpoint_dir, resolve_checkpoint, unwritable_reason
+from llm.training.core.config import Config
 
 
 class ResumableSampler:
@@ -63,3 +73,144 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- where a run starts from -------------------------------------------------------------
+
+class Start(NamedTuple):
+    """Where a run starts: the checkpoint to resume from, and how the run folder may be used."""
+
+    checkpoint: Path | None
+    resuming: bool  # asked to resume (or restarted by torchrun): the run folder may hold this run already
+    own_folder: bool  # the run folder holds this very run: restarted by torchrun, or the same branch again
+
+
+def find_start(config: Config, run_dir: Path) -> Start:
+    """The checkpoint to start from, if any.
+
+    'auto': the newest valid one in checkpoint.dir. A run that continues in its
+    own folder resumes that way too, once it has saved a checkpoint there: a
+    worker that torchrun restarted, or the command that started a branch from a
+    checkpoint, run again.
+    """
+    spec, directory = config.checkpoint.resume, Path(config.checkpoint.dir)
+    resuming = bool(spec) or D.restarted()
+    own_folder = _restarted_here(run_dir) or _branched_here(run_dir, spec)
+    if spec == "auto" or own_folder or D.restarted():
+        own = CheckpointManager(directory).latest_valid() if directory.exists() else None
+        if own is not None or spec in ("", "auto"):
+            return Start(own, resuming, own_folder)
+    return Start(resolve_checkpoint(spec) if spec else None, resuming, own_folder)
+
+
+def _restarted_here(run_dir: Path) -> bool:
+    """Whether torchrun restarted this launch, which wrote the run folder before."""
+    return D.restarted() and D.launch_id() is not None and D.launched_by(run_dir) == D.launch_id()
+
+
+def _branched_here(run_dir: Path, spec: str) -> bool:
+    """Whether the run folder holds a run started from the checkpoint ``spec``: the same command again."""
+    if spec in ("", "auto"):
+        return False
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["checkpoint"]["resume"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
+        return False
+    return isinstance(saved, str) and saved not in ("", "auto") and Path(saved).resolve() == Path(spec).resolve()
+
+
+def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
+    """A run must not write over another run's files; the run and checkpoint folders can be written."""
+    existing = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    if existing and not start.resuming:
+        raise UsageError(
+            f"{run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
+            f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
+        )
+    # a checkpoint of another run branches into a folder of its own, not into another run's files
+    resume = start.checkpoint
+    elsewhere = resume is not None and resume.resolve().parent != Path(config.checkpoint.dir).resolve()
+    elsewhere = elsewhere and not start.own_folder
+    if existing and elsewhere:
+        raise UsageError(
+            f"{run_dir} already holds a run and {resume} is not one of its checkpoints: continue the run "
+            f"there with --checkpoint-resume auto, or branch from {resume} into a new --logging-log-dir DIR"
+        )
+    problem = unwritable_reason(run_dir)  # creates nothing: a run refused later leaves no folder
+    if problem:
+        raise UsageError(f"cannot write to the run directory {run_dir}: {problem}; "
+                         f"choose another with --logging-log-dir DIR")
+    # now, not at the first save after hours of training; and never into another run's checkpoints
+    check_checkpoint_dir(config.checkpoint.dir, fresh=not start.resuming or elsewhere)
+
+
+# ---- resuming with a changed config ------------------------------------------------------
+
+BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.grad_accum_steps", "training.seed",
+                  "world_size", "optimizer.name")
+"""Settings a resumed run cannot change without training a different model, on different data, or with an
+optimizer that cannot take the saved state (allowed, it starts afresh)."""
+HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
+"""Settings that change neither the model, nor the data order, nor the schedule."""
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings that differ between a checkpoint's flattened config and this run's (each with a
+    ``world_size`` entry), ``checkpoint.resume`` aside."""
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "checkpoint.resume")
+
+
+def check_changes(changed: list[str], allowed: bool, path: Path) -> None:
+    """Refuse changes that break the model, the data order or the optimizer's state, unless ``allowed``."""
+    binding = [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
+    if binding and not allowed:
+        raise UsageError(
+            f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "
+            f"the optimizer; pass --checkpoint-allow-config-change true to resume anyway"
+        )
+
+
+def batches_done_in_epoch(progress: dict[str, Any], saved_batch_size: int, batch_size: int, world_size: int) -> int:
+    """The resumed epoch's micro-batches already trained on, counted in this run's batches.
+
+    The ranks take interleaved shares of one shuffled order, so the epoch's first
+    batches x batch size x processes samples of it are done, whatever the number of
+    processes. A resume with other processes or another batch size (allowed by
+    checkpoint.allow_config_change) goes on from there; where that is not a whole
+    number of this run's batches, the samples past the last whole one are seen again.
+    """
+    done = progress["batch_in_epoch"] * saved_batch_size * progress["world_size"]
+    per_batch = batch_size * world_size
+    if done % per_batch:
+        warnings.warn(f"resuming mid-epoch with {world_size} process(es) of batch "
+                      f"{batch_size}: {done % per_batch} samples of the epoch are seen again")
+    return done // per_batch
+
+
+def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list[dict[str, Any]],
+                            scheduler: Any, step: int) -> None:
+    """After a resume with a changed config: the optimizer's settings are this run's, and its rate is the
+    new schedule's at the resumed step.
+
+    ``optimizer.load_state_dict`` brings back the saved learning rate, weight decay
+    and betas along with the moments, and the saved scheduler would keep the old
+    schedule's length; a run resumed with new epochs, max_steps or rates means
+    the new ones. So the groups get this run's settings back (``fresh_groups``:
+    taken before the load), and this run's scheduler is stepped to the resumed
+    step: step by step, so that a recursive schedule (CosineAnnealingLR's) gives
+    the rates an uninterrupted run with the new settings would; a LambdaLR, whose
+    rate depends on the step alone, jumps.
+    """
+    # the same groups: optimizer.load_state_dict refuses a state with other groups
+    for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+        group.update(fresh)
+    if scheduler is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
+        if isinstance(scheduler, LambdaLR):
+            scheduler.last_epoch = step - 1
+            scheduler.step()
+        else:
+            for _ in range(step):
+                scheduler.step()

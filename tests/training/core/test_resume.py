@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.errors import UsageError
+from llm.training.core.resume import (
+    ResumableSampler,
+    batches_done_in_epoch,
+    check_changes,
+    config_changes,
+    keep_optimizer_settings,
+)
+
+
+def test_the_position_in_an_epoch_converts_across_processes_and_batch_sizes():
+    progress = {"batch_in_epoch": 6, "world_size": 2}  # 6 batches of 8 on each of 2 ranks: 96 samples done
+    assert batches_done_in_epoch(progress, 8, 8, 2) == 6
+    assert batches_done_in_epoch(progress, 8, 16, 1) == 6
+    assert batches_done_in_epoch(progress, 8, 4, 4) == 6
+    assert batches_done_in_epoch(progress, 8, 32, 1) == 3
+    with pytest.warns(UserWarning, match="1 process.* of batch 10: 6 samples of the epoch are seen again"):
+        assert batches_done_in_epoch(progress, 8, 10, 1) == 9
+
+
+def test_config_changes_lists_what_changed_and_refuses_what_binds_unless_allowed():
+    saved = {"task": "lm", "training.epochs": 2, "data.num_workers": 0, "world_size": 1, "checkpoint.resume": ""}
+    now = {**saved, "training.epochs": 4, "data.num_workers": 2, "checkpoint.resume": "auto"}
+    assert config_changes(saved, now) == ["data.num_workers", "training.epochs"]
+    check_changes(config_changes(saved, now), allowed=False, path=Path("ckpt"))  # nothing that binds
+    binding = config_changes(saved, {**now, "world_size": 2, "model.n_layer": 4})
+    with pytest.raises(UsageError, match=r"cannot resume ckpt: model\.n_layer, world_size changed"):
+        check_changes(binding, allowed=False, path=Path("ckpt"))
+    check_changes(binding, allowed=True, path=Path("ckpt"))
+
+
+def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():
+    def optimizer_and_schedule(t_max):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, weight_decay=0.0)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+
+    uninterrupted, schedule = optimizer_and_schedule(20)
+    for _ in range(7):
+        uninterrupted.step()
+        schedule.step()
+    # a run saved at step 7 with T_max=10 and weight decay 0.5, resumed with T_max=20 and no decay
+    saved, old = optimizer_and_schedule(10)
+    saved.param_groups[0]["weight_decay"] = 0.5
+    for _ in range(7):
+        saved.step()
+        old.step()
+    resumed, new = optimizer_and_schedule(20)
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in resumed.param_groups]
+    resumed.load_state_dict(saved.state_dict())  # brings back the saved rate and weight decay
+    keep_optimizer_settings(resumed, fresh, new, step=7)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(uninterrupted.param_groups[0]["lr"], rel=1e-12)
+    assert resumed.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_resumable_sampler_skips_indices_already_trained_on():
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
+    sampler = ResumableSampler.install(loader, loader.batch_sampler.sampler)
+    sampler.skip = 4
+    assert [batch.tolist() for batch in loader] == [[4, 5, 6], [7, 8, 9]] and len(loader) == 2
+    sampler.skip = 0
+    assert len(list(loader)) == 4
+    other = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
+    assert ResumableSampler.install(other, torch.utils.data.SequentialSampler(range(10))) is None
