@@ -9,9 +9,7 @@ on stderr).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.cli import ArgParser, add_checkpoint, add_device, one_line_warnings
 from llm.data.tokenizers import Tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
-from llm.generate import ArgParser
-from llm.training.tasks.lm_task import load_lm
+from llm.training.tasks.lm_task import load_lm, perplexity
 
 
 def evaluate(model: nn.Module, ids: Sequence[int] | np.ndarray | torch.Tensor, block_size: int,
@@ -65,10 +63,6 @@ def _summed_loss(model: nn.Module, windows: torch.Tensor) -> float:
     return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum").item()
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
-
-
 def read_tokens(path: str | Path, tokenizer: Tokenizer) -> list[int]:
     """The token ids of a UTF-8 text file; UsageError (one line) if it is missing, empty or untokenizable."""
     path = Path(path).expanduser()
@@ -96,17 +90,16 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgParser(prog="python -m llm.evaluate", allow_abbrev=False,
                        description="Loss and perplexity of a language model trained by --task lm on a text file.")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a checkpoint, a folder of checkpoints (the newest valid one is used) or a run folder")
+    add_checkpoint(parser)
     parser.add_argument("--data-path", required=True, metavar="FILE", help="UTF-8 text file to score")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B",
                         help="windows of block_size tokens per forward pass (default: 8)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    add_device(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    one_line_warnings()
     try:
         args = build_parser().parse_args(argv)
         if args.batch_size < 1:

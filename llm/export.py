@@ -25,9 +25,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llm.cli import ArgParser
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
-from llm.generate import ArgParser
 from llm.models.hf import NotGPT2, to_gpt2_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, resolve_checkpoint
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights

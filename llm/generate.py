@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 
 import torch
 
+from llm.cli import ArgParser, add_checkpoint, add_device, one_line_warnings
 from llm.data.tokenizers import Tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.models.gpt import GPT
@@ -23,18 +23,10 @@ from llm.training.tasks.lm_task import load_lm
 _REPLACEMENT = "\ufffd"  # what decoders print for a multi-byte character cut in half
 
 
-class ArgParser(argparse.ArgumentParser):
-    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgParser(prog="python -m llm.generate", allow_abbrev=False,
                        description="Continue a prompt with a language model trained by --task lm.")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a checkpoint, a folder of checkpoints (the newest valid one is used) or a run folder")
+    add_checkpoint(parser)
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (not empty)")
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
                         help="tokens to generate (default: 200)")
@@ -44,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample only among the K most likely tokens (default: all)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="random seed: the same seed gives the same text (default: 0)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    add_device(parser)
     return parser
 
 
@@ -90,7 +82,7 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    one_line_warnings()
     try:
         args = build_parser().parse_args(argv)
         check_args(args)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llm.cli import ArgParser
 from llm.errors import EXIT_USAGE, UsageError, print_error
 
 Curve = list[tuple[int, float]]
@@ -30,13 +31,8 @@ MAX_PIXELS = 65535
 """Agg's limit on each side of an image."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m llm.plot", description="Plot the loss curves of one or more runs.")
+    parser = ArgParser(prog="python -m llm.plot", description="Plot the loss curves of one or more runs.")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("loss.png"),
                         help="the image to write; its suffix picks the format (default: loss.png)")

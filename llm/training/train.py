@@ -11,7 +11,6 @@ stopped the run after saving a checkpoint (143, 130).
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -21,6 +20,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).re
 
 import torch.distributed as dist
 
+from llm.cli import one_line_warnings
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
@@ -137,7 +137,7 @@ def _lost_a_rank(e: RuntimeError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    one_line_warnings()
     argv = sys.argv[1:] if argv is None else argv
     rank = D.env_ranks()[0]
     try:

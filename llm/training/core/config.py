@@ -22,10 +22,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
 import yaml
 
+from llm.cli import ArgParser
 from llm.errors import ConfigError, UsageError, closest
 
 ENV_PREFIX = "LLM_"
@@ -436,8 +437,10 @@ ALIASES = {"training.epochs": ["--epochs"], "task": ["--task"]}
 """Short flags the usage guide shows, beside the full --<section>-<field> form."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+class _Parser(ArgParser):
+    """ArgParser whose unknown-flag error names the nearest flag: there are dozens, one per config field."""
+
+    def error(self, message: str) -> NoReturn:
         if "unrecognized arguments:" in message:
             bad = message.split(":", 1)[1].split()
             flag = next((b for b in bad if b.startswith("--")), "")
@@ -445,7 +448,7 @@ class _Parser(argparse.ArgumentParser):
                 message += closest(flag.split("=")[0], [o for a in self._actions for o in a.option_strings])
             else:
                 message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
-        raise UsageError(message)
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

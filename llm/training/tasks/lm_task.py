@@ -24,6 +24,11 @@ MODEL_CONFIG, TOKENIZER = "model_config.json", "tokenizer.json"
 """The files LMTask.save_artifacts writes beside the weights; load_lm needs both."""
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss): the perplexity of a mean next-token cross-entropy in nats."""
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
+
+
 class LMTask(TrainingTask):
     """Next-token cross-entropy over every position of (inputs, targets) windows."""
 
@@ -84,8 +89,7 @@ class LMTask(TrainingTask):
         out = dict(metrics)
         for loss_key, ppl_key in (("loss", "ppl"), ("val_loss", "val_ppl")):
             if loss_key in metrics:
-                loss = float(metrics[loss_key])
-                out[ppl_key] = math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
+                out[ppl_key] = perplexity(float(metrics[loss_key]))
         return out
 
     def save_artifacts(self, directory: Path) -> None:

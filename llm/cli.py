@@ -1,0 +1,32 @@
+"""What the command-line tools share: a parser that fails in one line, their common flags, one-line warnings."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from typing import NoReturn
+
+from llm.errors import UsageError
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint PATH``: the trained model to load, as ``load_lm`` takes it."""
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a checkpoint, a folder of checkpoints (the newest valid one is used) or a run folder")
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device {cpu,cuda}``, cpu unless asked."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+
+
+def one_line_warnings() -> None:
+    """Print each warning as ``warning: MESSAGE``: the file, line and source Python adds mean nothing to a user."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"

@@ -1,0 +1,43 @@
+import warnings
+
+import pytest
+
+from llm import evaluate, export, generate, plot
+from llm.cli import ArgParser, one_line_warnings
+from llm.errors import UsageError
+from llm.training import train
+
+TOOLS = {
+    "generate": (generate.main, ["--checkpoint", "x", "--prompt", "y"]),
+    "evaluate": (evaluate.main, ["--checkpoint", "x", "--data-path", "y"]),
+    "export": (export.main, ["x", "--out", "y"]),
+    "plot": (plot.main, ["run"]),
+    "train": (train.main, []),
+}
+
+
+def test_a_parse_error_raises_usage_error_instead_of_exiting():
+    with pytest.raises(UsageError, match=r"^unrecognized arguments: --nope$"):
+        ArgParser(prog="tool").parse_args(["--nope"])
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_an_unknown_flag_exits_2_with_one_line_on_stderr(tool, capsys):
+    main, required = TOOLS[tool]
+    assert main([*required, "--bogus"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "error: unrecognized arguments: --bogus\n"
+
+
+def test_one_line_warnings_drops_file_line_and_category(monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    one_line_warnings()
+    assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12, "warnings.warn(...)") == "warning: skipping x\n"
+
+
+@pytest.mark.parametrize("tool", ["generate", "evaluate", "train"])
+def test_tools_that_load_checkpoints_print_warnings_in_one_line(tool, monkeypatch, capsys):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    main, required = TOOLS[tool]
+    main([*required, "--bogus"])
+    assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12) == "warning: skipping x\n"
