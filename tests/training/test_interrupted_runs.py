@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import run, torchrun
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 FLAGS = ["--model-n-layer", "2", "--model-n-embd", "16", "--model-dropout", "0.1", "--data-num-samples", "512",
          "--data-input-dim", "4", "--logging-progress-bar", "false", "--training-batch-size", "16", "--epochs", "2",
-         "--checkpoint-every-n-steps", "4", "--training-eval-every-steps", "6", "--checkpoint-resume", "auto"]
+         "--checkpoint-every-n-steps", "4", "--training-eval-every-steps", "6", "--checkpoint-resume", "auto",
+         "--logging-log-every-steps", "4"]
 STEPS = 2 * ((512 - 51) // 16)  # 28 per epoch on one process
+TIMING = ("samples_per_s", "step_time_ms", "data_wait_pct", "peak_mem_mb")
 
 
 def weights(run_dir: Path, rank: int = 0) -> dict[str, torch.Tensor]:
@@ -29,6 +32,29 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+def logged(run_dir: Path) -> tuple[dict, dict]:
+    """metrics.jsonl's records by (split, step), the last of each (a resumed run logs again the steps after its
+    checkpoint), timings aside; and TensorBoard's scalars by tag, as (step, value) pairs."""
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["split"], record["step"]] = {k: v for k, v in record.items() if k not in TIMING}
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+               if tag.split("/")[1] not in TIMING}
+    return records, scalars
+
+
+def assert_logged_the_same(reference: Path, run_dir: Path, extra: set = frozenset()) -> None:
+    """The same records and TensorBoard scalars as the uninterrupted run, but for ``extra`` (split, step) records:
+    the training loss logged by a run stopped between logs."""
+    (want, want_tb), (got, got_tb) = logged(reference), logged(run_dir)
+    assert got.keys() - want.keys() == set(extra) and want.keys() <= got.keys()
+    assert {key: got[key] for key in want} == want
+    assert {tag: [e for e in events if ("train", e[0]) not in extra] for tag, events in got_tb.items()} == want_tb
+
+
 def single(run_dir: Path, cwd: Path, env: dict | None = None):
     return run([sys.executable, str(WORKER), *FLAGS, "--logging-log-dir", str(run_dir)], cwd=cwd, env=env)
 
@@ -38,7 +64,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     out = single(tmp / "run", tmp)
     assert out.returncode == 0, out.stderr[-3000:]
-    return weights(tmp / "run")
+    return tmp / "run"
 
 
 @pytest.mark.parametrize("fault", [
@@ -52,7 +78,8 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, reference, 
     assert killed.returncode == -signal.SIGKILL
     resumed = single(tmp_path / "run", tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same(reference, weights(tmp_path / "run"))
+    assert_same(weights(reference), weights(tmp_path / "run"))
+    assert_logged_the_same(reference, tmp_path / "run")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == STEPS
     if "KILL_IN_SAVE" in fault:
@@ -67,7 +94,21 @@ def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resumes_
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000010"
     resumed = single(tmp_path / "run", tmp_path)
     assert resumed.returncode == 0
-    assert_same(reference, weights(tmp_path / "run"))
+    assert_same(weights(reference), weights(tmp_path / "run"))
+    # the stopped run logged steps 9 and 10 early; the resumed one logs them again with 11 and 12, as the
+    # uninterrupted run does
+    assert_logged_the_same(reference, tmp_path / "run", extra={("train", 10)})
+
+
+def test_a_stop_asked_for_on_the_step_of_a_signal_is_kept_by_the_resume(tmp_path):
+    # early stopping (here a callback's request_stop) on the very step a SIGTERM arrives: the resume ends at once
+    stopped = single(tmp_path / "run", tmp_path, env={"TERM_AT_STEP": "10", "STOP_AT_STEP": "10"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    resumed = single(tmp_path / "run", tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["steps"] == 10 and summary["stop_reason"] == "asked by rank 0"
+    assert summary["train_loss"] is not None  # the last training record, kept by the checkpoint
 
 
 def test_a_second_sigterm_ends_the_process_at_once_and_leaves_checkpoints_valid(tmp_path, reference):
@@ -76,7 +117,7 @@ def test_a_second_sigterm_ends_the_process_at_once_and_leaves_checkpoints_valid(
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000008"
     resumed = single(tmp_path / "run", tmp_path)
     assert resumed.returncode == 0
-    assert_same(reference, weights(tmp_path / "run"))
+    assert_same(weights(reference), weights(tmp_path / "run"))
 
 
 @pytest.fixture(scope="module")

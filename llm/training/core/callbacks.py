@@ -147,7 +147,10 @@ class TensorBoardLogger(Callback):
     in batches, at the first step or record ``flush_secs`` seconds after the last
     batch, and at the end: its writer thread wakes once per batch rather than once
     per record, which cost a few hundred microseconds each. The writer itself puts
-    events on disk no more often than that.
+    events on disk no more often than that, and at each checkpoint, so that what was
+    logged before a checkpoint is on disk with it. A resumed run hides, with
+    TensorBoard's purge_step, what an earlier process logged after its checkpoint:
+    those steps are trained and logged again.
     """
 
     def __init__(self, log_dir: str | None = None, flush_secs: float = 30.0):
@@ -162,7 +165,8 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard.summary import hparams
 
             log_dir = engine.run_dir if self.log_dir is None else engine.config.fill_in(str(self.log_dir))
-            self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=max(1, round(self.flush_secs)))
+            self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=max(1, round(self.flush_secs)),
+                                         purge_step=engine.step + 1 if engine.step else None)
             # the run's config as hparams, written into this run's own event file
             params = {k: v for k, v in flatten(engine.config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
             for summary in hparams(params, {f"val/{engine.config.checkpoint.monitor}": float("nan")}):
@@ -186,6 +190,13 @@ class TensorBoardLogger(Callback):
             self._hand_over()
             self._writer.close()
             self._writer = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to restore; called at each save, it puts what was logged so far on disk."""
+        if self._writer is not None:
+            self._hand_over()
+            self._writer.flush()
+        return {}
 
     def _hand_over_if_due(self) -> None:
         if self._batch and time.monotonic() - self._handed_at >= self.flush_secs:

@@ -7,6 +7,7 @@ validation, logging and checkpoints at their intervals, then a summary.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -76,8 +77,10 @@ class TrainingEngine:
         self.aside_s = 0.0  # time spent validating and saving, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
         self.should_stop, self.stop_reason = False, ""
+        self._held_stop = ""  # a stop asked for with request_stop, which a resume from here keeps
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
         self._saved_step: int | None = None  # the step of this process's last checkpoint
+        self._loaded: Path | None = None  # the checkpoint this run resumed from
         self.train_metrics: dict[str, float] = {}  # the last logged training record
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
@@ -137,20 +140,28 @@ class TrainingEngine:
         """After a step, and after the epoch it ends: agree whether to stop, then save if due. A run about to
         finish is saved by finish(), after its last validation. Returns whether to stop."""
         max_steps = self.config.training.max_steps
-        if max_steps and self.step >= max_steps:
-            self.request_stop(f"reached max_steps={max_steps}")
+        if max_steps and self.step >= max_steps and not self.should_stop:
+            self.should_stop, self.stop_reason = True, f"reached max_steps={max_steps}"  # a resume may raise it
         stop = self._agree_to_stop()
         if not self._finished() and self._due(self.config.checkpoint.every_n_steps) and self._saved_step != self.step:
             self.save_checkpoint()
         return stop
 
     def finish(self, elapsed: float) -> tuple[dict[str, float], Path]:
-        """Log the last steps, validate the final weights, save them, write the summary."""
+        """Log the last steps, validate the final weights, save them, write the summary.
+
+        The checkpoint holds the state from before that last log and validation, which
+        may fall off their schedule: a run continued from it (a higher max_steps, after
+        a signal) logs the open window with the steps that follow and counts, for early
+        stopping, only the validations a run that never stopped would have made.
+        """
+        state = self._resumable_state()
         if len(self._window):
             self._flush_log("train", self._window_metrics())
         if not self._interrupted:
             self._validated()
-        checkpoint = self.save_checkpoint()
+        # a finished run started again has nothing new to save
+        checkpoint = self._loaded if self._saved_step == self.step else self.save_checkpoint(state)
         return self._summary(elapsed), checkpoint
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
@@ -337,37 +348,43 @@ class TrainingEngine:
 
     # ---- checkpoints ---------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path:
-        """Save everything needed to continue exactly; every rank must call this."""
+    def save_checkpoint(self, state: dict[str, Any] | None = None) -> Path:
+        """Save everything needed to continue exactly; every rank must call this. ``state``: what
+        _resumable_state() gave earlier in this step, for the parts that have changed since."""
         began = time.perf_counter()
+        state = state or self._resumable_state()
         weights, write_sharded = parallel.model_and_optimizer_state(self.raw_model, self.optimizer, self.sharded)
         shared = {
             **weights,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
-            "best_metric": self.best_metric,
+            "best_metric": state["best_metric"],
             "val_metrics": self.val_metrics,  # a resume at a step already validated does not validate it again
+            "train_metrics": self.train_metrics,  # the last training record, for the summary
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
-                "world_size": self.world_size, "stop": self._held_stop(),
+                "world_size": self.world_size, "stop": self._held_stop,
             },
-            "callbacks": {_callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)},
+            "callbacks": state["callbacks"],
             "config": self.config.to_dict(),
         }
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
         saved = self.checkpoints.save(
-            self.step, shared, self._rank_state(), metrics=metrics, write_extra=self._write_artifacts,
+            self.step, shared, state["rank"], metrics=metrics, write_extra=self._write_artifacts,
             write_sharded=write_sharded,
         )
         self._saved_step = self.step
         self.aside_s += time.perf_counter() - began
         return saved
 
-    def _rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: random streams, and the losses of the epoch and of the log window so far."""
-        return {"rng": rng_state(), "epoch_loss": self._epoch_loss_sum, "window": self._window.totals(),
+    def _resumable_state(self) -> dict[str, Any]:
+        """The state that logging and validating change: the callbacks', the best metric, and each rank's own
+        (random streams, and the losses of the epoch and of the log window so far)."""
+        callbacks = {_callback_key(i, cb): copy.deepcopy(cb.state_dict()) for i, cb in enumerate(self.callbacks)}
+        rank = {"rng": rng_state(), "epoch_loss": self._epoch_loss_sum, "window": self._window.totals(),
                 "grad_norms": list(self._grad_norms)}
+        return {"callbacks": callbacks, "best_metric": self.best_metric, "rank": rank}
 
     def _write_artifacts(self, directory: Path) -> None:
         self.config.save_to_yaml(directory / "config.yaml")
@@ -394,6 +411,7 @@ class TrainingEngine:
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
         if progress["stop"] and "training.patience" not in changed:  # a run that stopped early stays stopped
             self.should_stop, self.stop_reason = True, progress["stop"]
+            self._held_stop = progress["stop"]
         if any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, self.step)
         elif self.scheduler is not None and shared["scheduler"] is not None:
@@ -412,14 +430,20 @@ class TrainingEngine:
             self._window, self._grad_norms = _Running.resumed(mine["window"]), list(mine["grad_norms"])
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
+        self.train_metrics = shared["train_metrics"]
+        self._loaded = path
+        if path.parent.resolve() == Path(self.config.checkpoint.dir).resolve():
+            self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ---- what callbacks use ----------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop after this step; the stop is agreed across ranks."""
+        """Ask the loop to stop after this step; the stop is agreed across ranks, and a resume keeps it."""
+        reason = reason or "a stop asked for without a reason"
         if not self.should_stop:
             self.should_stop, self.stop_reason = True, reason
+        self._held_stop = self._held_stop or reason
 
     def log(self, metrics: dict[str, float]) -> None:
         """Add metrics to the record of the current hook: the validation's in on_validation_end, the epoch's in
@@ -482,14 +506,6 @@ class TrainingEngine:
             return {k: v for k, v in self.val_metrics.items() if k != "step"}
         return self.validate()
 
-    def _held_stop(self) -> str:
-        """The reason for a stop that a resume from this step must keep (early stopping, a callback's); "" for
-        none, and for the stops that a resume should go past: a signal's, and max_steps' (a resume may raise it)."""
-        max_steps = self.config.training.max_steps
-        if not self.should_stop or self._interrupted or (max_steps and self.step >= max_steps):
-            return ""
-        return self.stop_reason or "a stop asked for without a reason"
-
     def _finished(self) -> bool:
         t = self.config.training
         return self.should_stop or self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
@@ -507,9 +523,12 @@ class TrainingEngine:
         stop, signalled = D.any_rank([self.should_stop, self._signal is not None], self.device)
         if signalled:
             self._interrupted = True
-            self.request_stop(f"stopped by signal {signal.Signals(self._signal or signal.SIGTERM).name}")
+            if not self.should_stop:
+                self.stop_reason = f"stopped by signal {signal.Signals(self._signal or signal.SIGTERM).name}"
         elif stop and D.active():  # once, at the stop: every rank, and summary.json, gives the asking rank's reason
-            self.stop_reason = self.stop_reason or next((r for r in D.gather(self.stop_reason) if r), "")
+            reasons = D.gather((self.stop_reason, self._held_stop))
+            self.stop_reason = self.stop_reason or next((r for r, _ in reasons if r), "")
+            self._held_stop = self._held_stop or next((h for _, h in reasons if h), "")
         self.should_stop = stop or signalled
         return self.should_stop
 
@@ -562,11 +581,12 @@ class TrainingEngine:
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
             f"best_{self.config.checkpoint.monitor}": self.best_metric,
-            "samples_per_s": (self.samples_seen - self._first_sample) / elapsed,
+            # None when this process took no step (a finished run started again)
+            "samples_per_s": (self.samples_seen - self._first_sample) / elapsed if self.first_step_s else None,
             "first_step_s": self.first_step_s,
         }
         if self.task.tokens_per_sample:
-            final["tokens_per_s"] = final["samples_per_s"] * self.task.tokens_per_sample
+            final["tokens_per_s"] = final["samples_per_s"] and final["samples_per_s"] * self.task.tokens_per_sample
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
         return final

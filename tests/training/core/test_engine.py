@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.errors import UsageError
 from llm.training.core.callbacks import HOOKS, Callback, EarlyStopping, MetricsLogger, TensorBoardLogger
+from llm.training.core.checkpoint import load_shared_state
 from llm.training.core.config import Config
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.optim import lr_factor
@@ -215,6 +216,42 @@ def test_resume_restores_callback_state(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert early.best == min(r["val_loss"] for r in records if r["split"] == "val")
     assert engine.step == first.step and engine.epoch == 2
+
+
+def test_a_run_extended_past_its_max_steps_trains_as_one_that_never_stopped(tmp_path):
+    # max_steps=9 falls between evaluations (every 4 steps): the run's final validation at step 9 is off the
+    # schedule, and must not count towards early stopping when a higher max_steps continues the run
+    settings = {"training": {"epochs": 2, "eval_every_steps": 4, "patience": 3}, "optimizer": {"scheduler": "constant"},
+                "model": {"dropout": 0.1}}
+    ref_config = tiny_config(tmp_path / "ref", **settings)
+    reference, _ = train(ref_config, callbacks=default_callbacks(ref_config))
+    short = tiny_config(tmp_path, **{**settings, "training": {**settings["training"], "max_steps": 9}})
+    stopped, _ = train(short, callbacks=default_callbacks(short))
+    assert stopped.step == 9 and stopped.val_metrics["step"] == 9
+    saved = load_shared_state(tmp_path / "run/checkpoints/step_00000009")
+    scheduled = [r["val_loss"] for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
+                 if r["split"] == "val" and r["step"] in (4, 8)]
+    assert saved["best_metric"] == min(scheduled) > stopped.best_metric  # step 9's validation: logged, not counted
+    longer = tiny_config(tmp_path, checkpoint={"resume": "auto"}, **settings)
+    callbacks = default_callbacks(longer)
+    extended, _ = train(longer, callbacks=callbacks)
+    assert extended.step == reference.step and extended.stop_reason == reference.stop_reason
+    assert extended.best_metric == reference.best_metric
+    early = [next(cb for cb in e.callbacks if isinstance(cb, EarlyStopping)) for e in (reference, extended)]
+    assert early[0].state_dict() == early[1].state_dict()
+    for (name, a), b in zip(weights(reference.raw_model).items(), weights(extended.raw_model).values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_finished_run_started_again_changes_nothing(tmp_path):
+    config = tiny_config(tmp_path, training={"epochs": 1}, checkpoint={"resume": "auto"})
+    first, metrics = train(config, callbacks=default_callbacks(config))
+    checkpoint = tmp_path / "run/checkpoints" / f"step_{first.step:08d}"
+    written = {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*")}
+    again, repeated = train(config, callbacks=default_callbacks(config))
+    assert again.step == first.step and {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*")} == written
+    assert repeated["train_loss"] == metrics["train_loss"] and repeated["val_loss"] == metrics["val_loss"]
+    assert repeated["samples_per_s"] is None  # this process took no step
 
 
 def test_fresh_run_refuses_to_overwrite_an_earlier_run(tmp_path):
