@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import common  # noqa: E402
 from llm.data.text_data_module import TextDataModule  # noqa: E402
-from llm.evaluate import evaluate, perplexity  # noqa: E402
+from llm.evaluate import evaluate  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
-from llm.training.tasks.lm_task import load_lm  # noqa: E402
+from llm.training.tasks.lm_task import load_lm, perplexity  # noqa: E402
 
 BLOCK_SIZE, BATCH_SIZE, EVAL_EVERY = 128, 16, 50
 MODEL_AND_OPTIMIZER = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.cli import ArgParser
+from llm.cli import ArgParser, one_line_warnings
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.models.hf import NotGPT2, to_gpt2_state_dict
@@ -62,9 +63,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "task": str(config["task"])})
-        os.replace(tmp, out)
+        _save_safetensors(tensors, out, metadata={"format": "pt", "task": str(config["task"])})
         out.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
@@ -86,10 +85,11 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
     config = check_lm_weights(ckpt, weights)
     try:
         hf_config, hf_state = to_gpt2_state_dict(weights, config)
-    except NotGPT2 as e:
-        flag = f"--model-{e.field.replace('_', '-')} {e.needed}"
-        raise UsageError(f"--format hf: model.{e.field} {e.value} has no GPT-2 form; "
-                         f"train with {flag} to export to Hugging Face") from None
+    except NotGPT2 as e:  # every setting at once: one retrain, not one per setting
+        settings = ", ".join(f"model.{field} {value}" for field, value, _ in e.mismatches)
+        flags = " ".join(f"--model-{field.replace('_', '-')} {needed}" for field, _, needed in e.mismatches)
+        raise UsageError(f"--format hf: {settings} {'has' if len(e.mismatches) == 1 else 'have'} no GPT-2 form; "
+                         f"train with {flags} to export to Hugging Face") from None
     del weights
     gpt2_config = transformers.GPT2Config(**hf_config)
     _check_gpt2_names(transformers, gpt2_config, hf_state)
@@ -97,9 +97,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
     with_tokenizer = isinstance(tokenizer, HFTokenizer)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{HF_WEIGHTS}.tmp"
-        save_file(hf_state, str(tmp), metadata={"format": "pt"})  # transformers reads only "pt" files
-        os.replace(tmp, out / HF_WEIGHTS)
+        _save_safetensors(hf_state, out / HF_WEIGHTS, metadata={"format": "pt"})  # transformers reads only "pt"
         gpt2_config.save_pretrained(out)
         for name in (TOKENIZER, HF_TOKENIZER_CONFIG):  # none stale from an earlier export
             (out / name).unlink(missing_ok=True)
@@ -111,6 +109,24 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     return ckpt, with_tokenizer
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` through a temporary file beside ``path``, then rename, so a reader never sees half a file.
+
+    safetensors makes its files 0600; the export gets the mode every other new file gets (0666 less the
+    umask), read off the temporary file as ``open`` creates it rather than by setting the process's umask.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)  # one left by a failed export keeps its old mode
+        tmp.touch()
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write
 
 
 def check_hf_out(out: Path) -> None:
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="safetensors: our weights and a .json description (default); "
                              "hf: a Hugging Face transformers GPT-2 folder (language models)")
+    one_line_warnings()  # "skipping checkpoint ...": one line, as generate and evaluate print it
     try:
         args = parser.parse_args(argv)
         if args.format == "hf":

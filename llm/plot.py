@@ -8,6 +8,11 @@ When training records carry ``lr``, a second panel below shows the learning
 rate. Needs matplotlib (``pip install matplotlib``); the image is written
 atomically, so a viewer never sees half a file.
 
+``--out`` never writes over anything but an earlier image: its suffix must be
+a format matplotlib writes (.png, .pdf, .svg, ...), a file already there is
+replaced only if its first bytes are those of that format, and nothing is
+written inside a checkpoint folder.
+
 Exit codes: 0 written; 2 bad input (one line on stderr).
 """
 
@@ -30,12 +35,27 @@ Curve = list[tuple[int, float]]
 MAX_PIXELS = 65535
 """Agg's limit on each side of an image."""
 
+IMAGE_STARTS = {
+    "png": (b"\x89PNG\r\n\x1a\n",), "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",),
+    "gif": (b"GIF87a", b"GIF89a"), "tif": (b"II*\0", b"MM\0*"), "tiff": (b"II*\0", b"MM\0*"),
+    "webp": (b"RIFF",), "pdf": (b"%PDF-",), "ps": (b"%!PS",), "eps": (b"%!PS",),
+    "svg": (b"<?xml", b"<svg"), "svgz": (b"\x1f\x8b",), "pgf": (b"%% Creator: Matplotlib",),
+}
+"""How a file of each format begins. A format not here (raw and rgba pixels have no header) is
+written only as a new file: nothing tells an earlier plot from someone's data."""
+
+CHECKPOINT_FILES = ("manifest.json", "state.pt")
+"""What every checkpoint (a ``step_*`` folder) holds: named here, not imported from
+llm.training.core.checkpoint, so that plotting does not load torch."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgParser(prog="python -m llm.plot", description="Plot the loss curves of one or more runs.")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("loss.png"),
-                        help="the image to write; its suffix picks the format (default: loss.png)")
+                        help="the image to write; its suffix picks the format (.png, .pdf, .svg, ...); "
+                             "a file already there is replaced only if it is an image of that format "
+                             "(by its first bytes), never inside a checkpoint folder (default: loss.png)")
     parser.add_argument("--width", type=float, default=10.0, help="figure width in inches (default: 10)")
     parser.add_argument("--height", type=float, default=6.0, help="figure height in inches (default: 6)")
     parser.add_argument("--dpi", type=float, default=100.0, help="pixels per inch (default: 100)")
@@ -127,12 +147,51 @@ def _plot(ax: Any, curve: Curve, **style: Any) -> None:
     ax.plot(*zip(*curve), markersize=4, **style)
 
 
-def save(fig: Any, out: Path, dpi: float) -> None:
+def check_out(out: Path) -> str:
+    """The format ``out`` names; UsageError unless writing it can only add or replace a plot."""
+    try:  # the first use of matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise UsageError("llm.plot needs matplotlib: pip install matplotlib") from None
+
+    formats = ", ".join(f".{name}" for name in sorted(FigureCanvasAgg.get_supported_filetypes()))
+    checkpoints = checkpoint_folder(out)
+    if checkpoints is not None:
+        raise UsageError(f"--out {out} would write into a checkpoint folder ({checkpoints}), where a file "
+                         f"can break a checkpoint: write the plot elsewhere")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder: name the image to write, such as {out / 'loss.png'}")
+    fmt = out.suffix[1:].lower()
+    if not fmt:
+        raise UsageError(f"--out {out} has no suffix to pick the image format: end it in one of {formats}")
+    if fmt not in FigureCanvasAgg.get_supported_filetypes():
+        raise UsageError(f"--out {out}: cannot write .{fmt} files, expected one of {formats}")
+    if out.exists() and not _starts_as(out, IMAGE_STARTS.get(fmt, ())):
+        raise UsageError(f"--out {out} exists and is not a .{fmt} image (by its first bytes), so it is left "
+                         f"as it is: choose another --out")
+    return fmt
+
+
+def checkpoint_folder(out: Path) -> Path | None:
+    """The checkpoint, or folder of ``step_*`` checkpoints, that ``out`` is or would be written into."""
+    def is_checkpoint(folder: Path) -> bool:
+        return all((folder / name).is_file() for name in CHECKPOINT_FILES)
+
+    return next((folder for folder in (out.resolve(), *out.resolve().parents)
+                 if is_checkpoint(folder) or any(map(is_checkpoint, folder.glob("step_*")))), None)
+
+
+def _starts_as(path: Path, starts: tuple[bytes, ...]) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(map(len, starts), default=0))
+    except OSError:
+        return False  # unreadable: certainly not known to be an earlier plot
+    return any(head.startswith(start) for start in starts)
+
+
+def save(fig: Any, out: Path, fmt: str, dpi: float) -> None:
     """Write the figure to ``out`` through a temporary file beside it, then rename."""
-    fmt = out.suffix[1:].lower() or "png"
-    if fmt not in fig.canvas.get_supported_filetypes():
-        raise UsageError(f"--out {out}: cannot write .{fmt} files, expected one of "
-                         f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -153,11 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         if max(args.width, args.height) * args.dpi > MAX_PIXELS:
             raise UsageError(f"--width/--height x --dpi: at most {MAX_PIXELS} pixels a side")
         runs = {label: read_curves(d) for label, d in zip(labels(args.run_dirs), args.run_dirs)}
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("llm.plot needs matplotlib: pip install matplotlib") from None
-        save(draw(runs, args.width, args.height, args.dpi), args.out, args.dpi)
+        fmt = check_out(args.out)
+        save(draw(runs, args.width, args.height, args.dpi), args.out, fmt, args.dpi)
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -55,6 +57,35 @@ def test_export_replaces_an_earlier_export_but_not_another_safetensors_file(tmp_
     before = downloaded.read_bytes()
     assert main([str(tmp_path / "run"), "--out", str(downloaded)]) == 2
     assert "is not an earlier export" in capsys.readouterr().err and downloaded.read_bytes() == before
+
+
+@pytest.fixture
+def umask_002():
+    old = os.umask(0o002)  # not the usual 022: the files must follow the umask, not a fixed mode
+    yield
+    os.umask(old)
+
+
+def test_exported_files_follow_the_umask(tmp_path, umask_002):
+    config = tiny_config(tmp_path)
+    TrainingEngine(config, RegressionTask(config), 0, 1).train()
+    out = tmp_path / "model.safetensors"
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0  # safetensors alone makes its files 0600
+    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in (out, out.with_suffix(".json"))] == [oct(0o664)] * 2
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_one_line_warning(tmp_path):
+    config = tiny_config(tmp_path, checkpoint={"every_n_steps": 10})
+    TrainingEngine(config, RegressionTask(config), 0, 1).train()
+    newest = tmp_path / "run/checkpoints/step_00000028"
+    state = bytearray((newest / "state.pt").read_bytes())
+    state[-100] ^= 0xFF
+    (newest / "state.pt").write_bytes(bytes(state))
+    result = run([sys.executable, "-m", "llm.export", "run", "--out", "m.safetensors"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"warning: skipping checkpoint {newest.relative_to(tmp_path)}: " \
+                            f"state.pt does not match its sha256 checksum\n"
+    assert "step_00000020" in result.stdout
 
 
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
@@ -133,14 +164,25 @@ def test_export_hf_without_biases_writes_zero_biases(tmp_path, capsys):
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
 
 
-def test_export_hf_of_a_rotary_model_exits_2_naming_the_setting(tmp_path, capsys):
+def test_export_hf_files_follow_the_umask(tmp_path, umask_002):
     pytest.importorskip("transformers")
-    config = lm_config(tmp_path)  # rope, rmsnorm, swiglu
+    config = lm_config(tmp_path, model={"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"})
+    TrainingEngine(config, LMTask(config), 0, 1).train()
+    out = tmp_path / "hf"
+    assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 0
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert modes == {"config.json": oct(0o664), "model.safetensors": oct(0o664)}
+
+
+def test_export_hf_of_a_default_model_exits_2_naming_every_setting(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    config = lm_config(tmp_path)  # rope, rmsnorm, swiglu: all three in one line, so one retrain does
     TrainingEngine(config, LMTask(config), 0, 1).train()
     out = tmp_path / "hf"
     assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 2
-    assert capsys.readouterr().err == ("error: --format hf: model.pos_emb rope has no GPT-2 form; "
-                                       "train with --model-pos-emb learned to export to Hugging Face\n")
+    assert capsys.readouterr().err == (
+        "error: --format hf: model.pos_emb rope, model.norm rmsnorm, model.mlp swiglu have no GPT-2 form; "
+        f"train with {' '.join(GPT2_FLAGS)} to export to Hugging Face\n")
     assert not out.exists()
 
 

@@ -16,6 +16,7 @@ pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two cycle colours: run 1 and run 2
+PNG_START = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(run_dir: Path, scale: float = 1.0, lr: bool = True, extra: str = "") -> Path:
@@ -74,7 +75,7 @@ def test_two_runs_overlaid_in_a_png_of_the_asked_size(tmp_path):
 
 def test_default_size_replaces_an_existing_image(tmp_path):
     write_run(tmp_path / "only", lr=False)
-    (tmp_path / "loss.png").write_bytes(b"an old plot")
+    (tmp_path / "loss.png").write_bytes(PNG_START + b"an old plot")
     result = plot("only", cwd=tmp_path)  # --out defaults to loss.png in the working directory
 
     assert result.returncode == 0, result.stderr
@@ -147,7 +148,7 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
     ("no loss records", ["has no loss records"]),
     ("binary metrics", ["metrics.jsonl is not text (byte 0 is not UTF-8)"]),
     ("out folder missing", ["cannot write", "No such file or directory"]),
-    ("out is a directory", ["cannot write", "Is a directory"]),
+    ("out is a directory", ["taken is a folder", "taken/loss.png"]),
     ("unknown format", ["cannot write .txt files"]),
     ("zero dpi", ["--dpi: got 0, expected a number > 0"]),
     ("unknown flag", ["unrecognized arguments: --colour"]),
@@ -175,3 +176,77 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
     assert_usage_error(plot(*args, cwd=tmp_path), *expected)
     assert not out.exists() and not list((tmp_path / "taken").iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def write_checkpoints(run_dir: Path) -> Path:
+    """A run's checkpoint folder as training leaves it: the latest pointer beside a step folder."""
+    step = run_dir / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{}")
+    (step / "state.pt").write_bytes(b"weights")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000010\n")
+    return run_dir / "checkpoints"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("checkpoint pointer", ["checkpoints/latest", "would write into a checkpoint folder"]),
+    ("new file in the checkpoint folder", ["checkpoints/loss.png", "would write into a checkpoint folder"]),
+    ("new file in a checkpoint", ["step_00000010/loss.png", "would write into a checkpoint folder"]),
+    ("no suffix", ["notes has no suffix", ".png", ".pdf", ".svg"]),
+    ("new file without a suffix", ["loss has no suffix", ".png"]),
+    ("text in a .png", ["report.png exists and is not a .png image (by its first bytes)", "choose another --out"]),
+    ("a png named .pdf", ["plot.pdf exists and is not a .pdf image"]),
+    ("raw data", ["data.raw exists and is not a .raw image"]),
+])
+def test_out_over_a_file_that_is_not_an_image_of_its_format_is_refused_and_left_alone(tmp_path, case, expected):
+    good = write_run(tmp_path / "good")
+    checkpoints = write_checkpoints(good)
+    (tmp_path / "notes").write_text("my notes")
+    (tmp_path / "report.png").write_text("not an image")
+    (tmp_path / "plot.pdf").write_bytes(PNG_START + b"...")
+    (tmp_path / "data.raw").write_bytes(bytes(range(256)))  # raw pixels have no header to recognise
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    out = {
+        "checkpoint pointer": checkpoints / "latest",
+        "new file in the checkpoint folder": checkpoints / "loss.png",
+        "new file in a checkpoint": checkpoints / "step_00000010" / "loss.png",
+        "no suffix": tmp_path / "notes",
+        "new file without a suffix": tmp_path / "loss",
+        "text in a .png": tmp_path / "report.png",
+        "a png named .pdf": tmp_path / "plot.pdf",
+        "raw data": tmp_path / "data.raw",
+    }[case]
+    assert_usage_error(plot(good, "--out", out, cwd=tmp_path), *expected)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or changed
+
+
+def test_an_earlier_image_of_another_format_is_replaced(tmp_path):
+    run_dir = write_run(tmp_path / "run", lr=False)
+    (tmp_path / "loss.svg").write_text('<?xml version="1.0"?><svg/>')
+    result = plot(run_dir, "--out", "loss.svg", "--width", 2, "--height", 2, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "loss.svg").read_text()
+    assert text.startswith("<?xml") and "<path" in text and len(text) > 1000
+
+
+def test_checkpoint_folders_are_told_by_the_files_training_writes(tmp_path):
+    from llm.plot import CHECKPOINT_FILES, checkpoint_folder
+    from llm.training.core.checkpoint import MANIFEST, SHARED, step_name
+
+    assert CHECKPOINT_FILES == (MANIFEST, SHARED)  # plot names them itself, so that it does not import torch
+    assert step_name(10) == "step_00000010"
+    checkpoints = write_checkpoints(tmp_path / "run")
+    assert checkpoint_folder(checkpoints / "step_00000010" / "sharded" / "x.png") == checkpoints / "step_00000010"
+    assert checkpoint_folder(checkpoints) == checkpoints
+    assert checkpoint_folder(tmp_path / "run" / "loss.png") is None
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "manifest.json").write_text("{}")  # another program's manifest alone is no checkpoint
+    assert checkpoint_folder(tmp_path / "web" / "loss.png") is None
+
+
+def test_without_matplotlib_exits_2_with_the_install_line(tmp_path, capsys, monkeypatch):
+    for name in ("matplotlib", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    assert main([str(write_run(tmp_path / "run")), "--out", str(tmp_path / "loss.png")]) == 2
+    assert capsys.readouterr().err == "error: llm.plot needs matplotlib: pip install matplotlib\n"
+    assert not (tmp_path / "loss.png").exists()

@@ -27,19 +27,22 @@ GPT2_SHAPE = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}
 
 
 class NotGPT2(ValueError):
-    """A GPTConfig setting GPT-2 cannot express; ``field`` and ``needed`` say what it would take."""
+    """The GPTConfig settings GPT-2 cannot express: ``mismatches`` holds ``(field, value, needed)`` for each."""
 
-    def __init__(self, field: str, value: object, needed: str):
-        self.field, self.value, self.needed = field, value, needed
-        super().__init__(f"GPT-2 has no {field}={value!r}: it needs {field}={needed!r}")
+    def __init__(self, mismatches: list[tuple[str, object, str]]):
+        self.mismatches = mismatches
+        has = ", ".join(f"{field}={value!r}" for field, value, _ in mismatches)
+        needs = ", ".join(f"{field}={needed!r}" for field, _, needed in mismatches)
+        super().__init__(f"GPT-2 has no {has}: it needs {needs}")
 
 
 def check_gpt2_shape(config: GPTConfig) -> None:
-    """Raise :class:`NotGPT2` for the first setting of ``config`` that GPT-2 cannot express."""
-    for field, needed in GPT2_SHAPE.items():
-        value = getattr(config, field)
-        if value != needed:
-            raise NotGPT2(field, value, needed)
+    """Raise :class:`NotGPT2` naming every setting of ``config`` that GPT-2 cannot express, so that
+    one retrain fixes them all."""
+    mismatches = [(field, getattr(config, field), needed) for field, needed in GPT2_SHAPE.items()
+                  if getattr(config, field) != needed]
+    if mismatches:
+        raise NotGPT2(mismatches)
 
 
 def to_gpt2_state_dict(

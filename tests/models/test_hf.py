@@ -77,7 +77,16 @@ def test_shapes_gpt2_lacks_are_refused_by_name(field, value, needed):
     model = tiny(**{field: value})
     with pytest.raises(NotGPT2) as e:
         to_gpt2_state_dict(model.state_dict(), model.config)
-    assert (e.value.field, e.value.value, e.value.needed) == (field, value, needed)
+    assert e.value.mismatches == [(field, value, needed)]
+
+
+def test_every_shape_gpt2_lacks_is_named_at_once():
+    # one retrain, not one per setting: the refusal lists them all
+    model = tiny(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
+    with pytest.raises(NotGPT2) as e:
+        to_gpt2_state_dict(model.state_dict(), model.config)
+    assert e.value.mismatches == [("pos_emb", "rope", "learned"), ("norm", "rmsnorm", "layernorm"),
+                                  ("mlp", "swiglu", "gelu")]
 
 
 def test_weights_that_do_not_fit_the_config_are_refused():
