@@ -352,9 +352,12 @@ def _newest_valid(directory: Path) -> tuple[Path | None, int]:
     candidates = _checkpoints(directory)[::-1]
     pointer = directory / LATEST
     if pointer.is_file():
-        name = pointer.read_text().strip()
+        name = pointer.read_bytes().decode("ascii", errors="replace").strip()  # any bytes at all: written over
         # only a plain step_* name: the pointer must not lead outside the directory
-        if _STEP_DIR.fullmatch(name) and directory / name in candidates:
+        if not _STEP_DIR.fullmatch(name):
+            warnings.warn(f"{pointer} does not hold a checkpoint's name: taking the newest valid checkpoint",
+                          stacklevel=3)
+        elif directory / name in candidates:
             candidates.remove(directory / name)
             candidates.insert(0, directory / name)
     for path in candidates:

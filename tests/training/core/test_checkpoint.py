@@ -166,6 +166,16 @@ def test_resolve_follows_latest_pointer_over_a_higher_step(tmp_path):
     assert manager.latest_valid() == tmp_path / "step_00000003"
 
 
+@pytest.mark.parametrize("pointer", [b"\x89PNG\r\n\x1a\n\x00\x00", b"../../etc", b""])
+def test_a_pointer_written_over_gives_the_newest_valid_checkpoint_with_a_warning(tmp_path, pointer):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 3)
+    save(manager, 5)
+    (tmp_path / "latest").write_bytes(pointer)
+    with pytest.warns(UserWarning, match="latest does not hold a checkpoint's name: taking the newest valid"):
+        assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000005"
+
+
 def test_resolve_rejects_missing_path_plain_dir_file_and_all_invalid(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint(tmp_path / "missing")
