@@ -16,6 +16,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import sys
 import textwrap
 import warnings
@@ -204,7 +205,12 @@ class Config:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Config:
         """Load and validate a YAML file of overrides (missing keys keep their defaults)."""
-        return cls.from_dict(_read_yaml(path), origin=str(path))
+        config = cls()
+        data = config._apply_file(path)
+        try:
+            return config.validate()
+        except ConfigError as e:
+            raise (_from_file(e, path) if _sets(data, e.field) else e) from None
 
     def save_to_yaml(self, path: str | os.PathLike) -> None:
         """Write the whole config as YAML (atomically: no half-written file)."""
@@ -240,8 +246,7 @@ class Config:
         config_path = args.pop("config_path", None)
         args.pop("print_config", None)
         args.pop("local_rank", None)
-        if config_path:
-            config._apply(_read_yaml(config_path), origin=config_path)
+        file = config._apply_file(config_path) if config_path else {}
         env = _env_overrides(environ)
         try:
             config._apply(env, origin="environment")
@@ -257,10 +262,23 @@ class Config:
         config._apply(flags, origin="command line")
         try:
             return config.validate()
-        except ConfigError as e:
-            if _sets(env, e.field) and not _sets(flags, e.field):
+        except ConfigError as e:  # name where the value came from, unless that was a flag (in sight already)
+            if _sets(flags, e.field):
+                raise
+            if _sets(env, e.field):
                 raise _from_env_variable(e) from None
+            if _sets(file, e.field):
+                raise _from_file(e, config_path) from None
             raise
+
+    def _apply_file(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Apply a YAML file's overrides, an error naming the file; they are returned, for validate's errors."""
+        data = _read_yaml(path)
+        try:
+            self._apply(data, origin=str(path))
+        except ConfigError as e:  # an unknown key or a value of the wrong type: all from the file
+            raise _from_file(e, path) from None
+        return data
 
     def _apply(self, data: Any, origin: str) -> None:
         if not isinstance(data, dict):
@@ -268,7 +286,7 @@ class Config:
         sections = {f.name for f in dataclasses.fields(self)}
         for key, value in data.items():
             if key not in sections:
-                raise ConfigError(str(key), value, f"a known section{closest(str(key), sections) or f': one of {sorted(sections)}'}")
+                raise ConfigError(str(key), value, f"a known section{_placed(str(key), sections)}")
             target = getattr(self, key)
             if not dataclasses.is_dataclass(target):
                 setattr(self, key, _convert(key, value, _hints(type(self))[key]))
@@ -565,19 +583,72 @@ def _read_yaml(path: str | os.PathLike) -> Any:
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)  # yaml.safe_load's steps, with a look at the keys between them
+        try:
+            node = loader.get_single_node()
+            repeated = _repeated_key(node, "", set()) if node is not None else None
+            data = loader.construct_document(node) if node is not None and not repeated else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
+    if repeated:
+        name, first, again = repeated
+        shown = name if re.fullmatch(r"[\w.\[\]]+", name) else repr(name)  # a key of any text stays on one line
+        raise UsageError(f"{path}: {shown} is given twice (lines {first} and {again}); keep one")
     return {} if data is None else data
+
+
+def _repeated_key(node: yaml.Node, prefix: str, seen: set[int]) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping, as (dotted name, line, line again), or None.
+
+    PyYAML keeps the last of the two without a word. Looked for in the composed nodes, before merge keys
+    (``<<: *base``) are applied: a key overriding a merged one is written once.
+    """
+    if id(node) in seen:  # an alias of a node already looked at, maybe of its own parent
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _repeated_key(item, f"{prefix.rstrip('.')}[{i}].", seen)
+            if found:
+                return found
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):  # a list or mapping as a key: refused when built, as unhashable
+                continue
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in lines:  # the tag tells the string "1" from the integer 1
+                return prefix + key.value, lines[key.tag, key.value], line
+            lines[key.tag, key.value] = line
+            found = _repeated_key(value, f"{prefix}{key.value}.", seen)
+            if found:
+                return found
+    return None
 
 
 def _sets(overrides: dict[str, Any], field: str) -> bool:
     """Whether nested overrides give ``field`` ("training.batch_size", "task") a value."""
     section, _, name = field.partition(".")
-    return name in overrides.get(section, {}) if name else section in overrides
+    if not name:
+        return section in overrides
+    return isinstance(overrides.get(section), dict) and name in overrides[section]  # a YAML section may be empty
+
+
+def _placed(key: str, names: set[str]) -> str:
+    """' (did you mean training.epochs?)' for a field given at the top level, else the closest top-level name."""
+    owners = [f"{s}.{key}" for s, cls in sections().items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if owners:
+        return f" (did you mean {' or '.join(owners)}?)"
+    return closest(key, names) or f": one of {sorted(names)}"
+
+
+def _from_file(error: ConfigError, path: str | os.PathLike) -> ConfigError:
+    return ConfigError(error.field, error.value, f"{error.allowed} (in {path})")
 
 
 def _from_env_variable(error: ConfigError) -> ConfigError:

@@ -129,6 +129,8 @@ def test_a_config_set_in_code_takes_an_integer_for_a_number_and_a_path_for_text(
         ({"training": {"precision": "fp8"}}, ["training.precision", "fp32, bf16, fp16"]),
         ({"training": {"batch_sise": 4}}, ["training.batch_sise", "did you mean batch_size"]),
         ({"trainer": {}}, ["trainer", "did you mean training"]),
+        ({"lr": 0.1}, ["lr", "did you mean optimizer.lr?"]),  # a field put at the top level: where it goes
+        ({"epochs": 20}, ["epochs", "did you mean training.epochs?"]),  # --epochs is a flag, not a YAML key
         ({"model": {"n_embd": 100, "n_head": 3}}, ["model.n_embd", "100", "multiple of model.n_head"]),
         ({"model": {"block_size": 0}}, ["model.block_size", "0"]),
         ({"training": "fast"}, ["training", "a mapping"]),
@@ -157,6 +159,78 @@ def test_bad_yaml_files(tmp_path):
         Config.from_yaml(listing)
     with pytest.raises(UsageError, match="cannot read config file"):
         Config.from_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("training:\n  epoch: 3\n", ["training.epoch: got 3", "did you mean epochs?"]),  # unknown key
+        ("trainer:\n  epochs: 3\n", ["trainer", "did you mean training?"]),  # unknown section
+        ("batch_size: 8\n", ["batch_size", "did you mean training.batch_size?"]),  # a field at the top level
+        ("training:\n  epochs: ten\n", ["training.epochs", "'ten'", "an integer"]),  # wrong type
+        ("training: fast\n", ["training", "'fast'", "a mapping"]),  # a section that is not a mapping
+        ("training:\n  epochs: 0\n", ["training.epochs", "0", ">= 1"]),  # out of range, found by validate
+        ("optimizer:\n  lr: 0.1\n  min_lr: 0.5\n", ["optimizer.min_lr", "<= optimizer.lr"]),
+        ("training:\n\ntask: ''\n", ["task", "a task name"]),  # an empty section beside the bad value
+    ],
+)
+def test_errors_from_a_config_file_name_the_file(text, words, tmp_path, monkeypatch, capsys):
+    (tmp_path / "b.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        Config.from_yaml("b.yaml")
+    assert str(err.value).endswith(" (in b.yaml)") and all(w in str(err.value) for w in words), str(err.value)
+    assert main(["--config", "b.yaml"]) == 2
+    line = capsys.readouterr().err
+    assert line.endswith(" (in b.yaml)\n") and line.count("\n") == 1, line
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_value_from_the_file_overridden_is_not_blamed_on_the_file(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("training:\n  epochs: 0\n")
+    with pytest.raises(ConfigError) as err:  # the variable's bad value is the one that counts
+        Config.from_args_and_env(["--config", str(path)], environ={"LLM_TRAINING_EPOCHS": "-1"})
+    assert str(err.value).endswith("(set by the environment variable LLM_TRAINING_EPOCHS)"), str(err.value)
+    with pytest.raises(ConfigError) as err:  # a flag is in sight on the command line: no source named
+        Config.from_args_and_env(["--config", str(path), "--epochs", "-1"], environ={})
+    assert str(err.value) == "training.epochs: got -1, expected an integer >= 1"
+    path.write_text("training:\n  epochs: 0\nmodel:\n")  # model: an empty section
+    with pytest.raises(ConfigError) as err:  # a flag sets n_head, and the error names n_embd, a default
+        Config.from_args_and_env(["--config", str(path), "--epochs", "1", "--model-n-head", "3"], environ={})
+    assert "(in" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("training:\n  epochs: 1\noptimizer:\n  lr: 0.1\ntraining:\n  batch_size: 2\n",
+         ["b.yaml: training is given twice (lines 1 and 5)"]),
+        ("training:\n  epochs: 1\n  batch_size: 2\n  epochs: 3\n", ["b.yaml: training.epochs is given twice (lines 2 and 4)"]),
+        ("task: lm\ntask: regression\n", ["b.yaml: task is given twice"]),
+        ('"a\\nb": 1\n"a\\nb": 2\n', ["b.yaml: 'a\\nb' is given twice"]),  # a key of any text, on one line
+        ("x: &a [*a, {k: 1, k: 2}]\n", ["b.yaml: x[1].k is given twice"]),  # an alias of itself ends the search
+    ],
+)
+def test_a_key_given_twice_is_refused(text, words, tmp_path, monkeypatch, capsys):
+    (tmp_path / "b.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "b.yaml"]) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and all(w in line for w in words), line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_key_over_a_merged_one_is_not_a_repeat(tmp_path):
+    path = tmp_path / "b.yaml"
+    # <<: merges base's keys into training, and epochs written beside it wins, as YAML means it to
+    path.write_text("base: &b {epochs: 1}\ntraining:\n  <<: *b\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"^base: .*known section"):  # the next problem: base is no section
+        Config.from_yaml(path)
+    path.write_text("training: {1: a, '1': b}\n")  # the integer 1 and the string '1' are two keys
+    with pytest.raises(ConfigError, match="training.1:"):
+        Config.from_yaml(path)
 
 
 def test_yaml_cannot_construct_python_objects(tmp_path):
