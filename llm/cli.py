@@ -1,8 +1,11 @@
-"""What the command-line tools share: a parser that fails in one line, their common flags, one-line warnings."""
+"""What the command-line tools share: a parser that fails in one line, their common flags, one-line warnings,
+and output that outlives its reader."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 from typing import NoReturn
 
@@ -30,3 +33,17 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 def one_line_warnings() -> None:
     """Print each warning as ``warning: MESSAGE``: the file, line and source Python adds mean nothing to a user."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def say(line: str) -> None:
+    """Print a line on stdout; if its reader has gone away (``| head``), carry on without it (``stdout_gone``)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        stdout_gone()
+
+
+def stdout_gone() -> None:
+    """After a BrokenPipeError on stdout: send the rest of the output to devnull. A training run must not die
+    because nobody reads its progress, and Python would otherwise fail again flushing stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

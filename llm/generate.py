@@ -8,13 +8,12 @@ on stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator
 
 import torch
 
-from llm.cli import ArgParser, add_checkpoint, add_device, one_line_warnings
+from llm.cli import ArgParser, add_checkpoint, add_device, one_line_warnings, stdout_gone
 from llm.data.tokenizers import Tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.models.gpt import GPT
@@ -109,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader left (`| head`): Python would fail again flushing stdout at exit, so point it at devnull
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # the reader left (`| head`): nothing more to generate for
+        stdout_gone()
         return 1
     return 0
 

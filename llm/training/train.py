@@ -20,7 +20,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).re
 
 import torch.distributed as dist
 
-from llm.cli import one_line_warnings
+from llm.cli import one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
@@ -77,7 +77,7 @@ def claim_run_dir(config: Config) -> None:
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         if D.env_ranks()[0] == 0:
             # news, not a problem: on stdout, so that stderr holds only the one line of an error that may follow
-            print(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}", flush=True)
+            say(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}")
         config.logging.log_dir = chosen
         config.validate()  # a checkpoint.dir filled in from the old folder moves with it
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"{e}; continue with --checkpoint-resume auto{moved}")
         return 128 + e.signum
     if rank == 0:
-        print(summary_table(config, metrics))
+        say(summary_table(config, metrics))
     return 0
 
 

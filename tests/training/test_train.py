@@ -13,7 +13,7 @@ import torch
 
 from llm.training.core import distributed as D
 from llm.training.train import _free_run_dir, main
-from tests.helpers import REPO, SCRIPTS, free_port, run, torchrun, train_cli
+from tests.helpers import REPO, SCRIPTS, cli_env, free_port, run, torchrun, train_cli
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 SMALL = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-num-samples", "512", "--data-input-dim", "4",
@@ -29,6 +29,18 @@ def test_guide_command_trains_regression(tmp_path):
     # the closing table: results, speed, and where things are
     for row in ("best val_loss", "final val_loss", "steps / epochs", "samples/s", "elapsed", "checkpoints", "logs"):
         assert row in out.stdout
+
+
+def test_a_reader_of_stdout_that_goes_away_does_not_end_the_run(tmp_path):
+    # `python -m llm.training.train | head -1`: the pipe closes after the first line, the run trains on to its end
+    command = [sys.executable, "-m", "llm.training.train", "--epochs", "3", "--training-eval-every-steps", "1", *SMALL]
+    process = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"step 1 ")
+    process.stdout.close()
+    assert process.wait(timeout=240) == 0, process.stderr.read().decode()[-3000:]
+    assert process.stderr.read() == b""
+    summary = json.loads((tmp_path / "runs/regression/summary.json").read_text())
+    assert summary["epochs"] == 3 and (tmp_path / "runs/regression/checkpoints/latest").exists()
 
 
 def test_bad_flag_exits_2_with_one_line_and_no_traceback(tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llm.cli import stdout_gone
 from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError, closest
 from llm.training.core import distributed as D
@@ -454,8 +455,11 @@ class TrainingEngine:
         """A line of output on rank 0, above the progress bar if there is one."""
         if not self.is_main:
             return
-        if not any(cb.write(line) for cb in self.callbacks if isinstance(cb, ProgressBar)):
-            print(line, flush=True)
+        try:
+            if not any(cb.write(line) for cb in self.callbacks if isinstance(cb, ProgressBar)):
+                print(line, flush=True)
+        except BrokenPipeError:  # `train | head`: the run goes on, its records still in metrics.jsonl
+            stdout_gone()
 
     # ---- helpers -------------------------------------------------------------------
 
