@@ -61,25 +61,36 @@ def default_callbacks(config: Config) -> list[Callback]:
     return callbacks
 
 
-def claim_run_dir(config: Config) -> None:
+def claim_run_dir(config: Config) -> str:
     """A fresh run never writes into an earlier run's directory: it takes the next free name (runs/lm-2, ...).
 
     Workers that torchrun restarted after a failure take the directory their launch
     claimed, found by the launch the engine records there, and resume from its
-    checkpoints; never an earlier run's.
+    checkpoints; never an earlier run's. Returns the line that says so, or "".
     """
     if config.checkpoint.resume:  # the user named what to continue
-        return
+        return ""
     chosen = None
     if D.env_ranks()[0] == 0:
         chosen = str(_free_run_dir(Path(config.logging.log_dir)))
     chosen = D.broadcast_from_rank0(chosen)
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
-        if D.env_ranks()[0] == 0:
-            # news, not a problem: on stdout, so that stderr holds only the one line of an error that may follow
-            say(f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}")
+        note = f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}"
         config.logging.log_dir = chosen
         config.validate()  # a checkpoint.dir filled in from the old folder moves with it
+        return note
+    return ""
+
+
+class Announce(Callback):
+    """Prints a line when training starts: after the checks of setup, so that a run refused there
+    announces nothing it will not do. News, not a problem: on stdout, above the progress bar."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        engine.print(self.line)
 
 
 def _free_run_dir(base: Path) -> Path:
@@ -98,15 +109,11 @@ def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]
     """Train on this process; the process group must already exist when world_size > 1."""
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
-    claim_run_dir(config)
-    engine = TrainingEngine(
-        config,
-        task,
-        rank,
-        world_size,
-        data_module=data_module,
-        callbacks=default_callbacks(config),
-    )
+    note = claim_run_dir(config)
+    callbacks = default_callbacks(config)
+    if note:  # last: the callbacks' checkpointed state is keyed by their place in the list
+        callbacks.append(Announce(note))
+    engine = TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)
     return engine.train()
 
 
