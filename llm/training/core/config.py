@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", dest="config_path", metavar="FILE", default=argparse.SUPPRESS,
                         help="YAML file of overrides")
     parser.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
-                        help="print the resolved config as YAML and exit (save it, edit it, pass it back with --config)")
+                        help="print the config, every setting, as YAML and exit (save it, edit it, pass it back with --config)")
     # torch.distributed.launch passes --local-rank=N; the LOCAL_RANK variable it also sets is what is read
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
                         help="set by torch.distributed.launch and ignored: the rank comes from LOCAL_RANK")
