@@ -35,7 +35,7 @@ def test_one_line_warnings_drops_file_line_and_category(monkeypatch):
     assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12, "warnings.warn(...)") == "warning: skipping x\n"
 
 
-@pytest.mark.parametrize("tool", ["generate", "evaluate", "train"])
+@pytest.mark.parametrize("tool", ["generate", "evaluate", "export", "train"])
 def test_tools_that_load_checkpoints_print_warnings_in_one_line(tool, monkeypatch, capsys):
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     main, required = TOOLS[tool]

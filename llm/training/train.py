@@ -21,7 +21,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).re
 import torch.distributed as dist
 
 from llm.cli import one_line_warnings, say
-from llm.errors import EXIT_USAGE, UsageError, print_error
+from llm.errors import EXIT_USAGE, UsageError, one_line, print_error
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
     Callback,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # another rank died or hung: one line here naming it, as far as the store can tell
         who = D.lost_ranks(rank, D.env_ranks()[1]) or "another rank failed or hung"
-        print_error(f"error: rank {rank} lost contact with the others: {who}: {' '.join(str(e).split())[:300]}")
+        print_error(f"error: rank {rank} lost contact with the others: {who}: {one_line(e)}")
         return 1
     except TrainingInterrupted as e:
         moved = "" if config.logging.log_dir == asked_dir else f" --logging-log-dir {config.logging.log_dir}"

@@ -100,14 +100,21 @@ def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resumes_
     assert_logged_the_same(reference, tmp_path / "run", extra={("train", 10)})
 
 
-def test_a_stop_asked_for_on_the_step_of_a_signal_is_kept_by_the_resume(tmp_path):
-    # early stopping (here a callback's request_stop) on the very step a SIGTERM arrives: the resume ends at once
-    stopped = single(tmp_path / "run", tmp_path, env={"TERM_AT_STEP": "10", "STOP_AT_STEP": "10"})
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    resumed = single(tmp_path / "run", tmp_path)
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_stop_asked_for_on_the_step_of_a_signal_is_kept_by_the_resume(tmp_path, nproc):
+    # early stopping (here a callback's request_stop) on the very step a SIGTERM arrives: the resume ends at
+    # once. With two processes the stop is rank 1's and the signal rank 0's, which writes the checkpoint.
+    def launch(env=None):
+        if nproc == 1:
+            return single(tmp_path / "run", tmp_path, env=env)
+        return torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, env=env)
+
+    stopped = launch({"TERM_AT_STEP": "10", "STOP_AT_STEP": "10", "STOP_RANK": str(nproc - 1)})
+    assert stopped.returncode != 0 and "stopped by SIGTERM at step 10" in stopped.stderr, stopped.stderr[-3000:]
+    resumed = launch()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert summary["steps"] == 10 and summary["stop_reason"] == "asked by rank 0"
+    assert summary["steps"] == 10 and summary["stop_reason"] == f"asked by rank {nproc - 1}"
     assert summary["train_loss"] is not None  # the last training record, kept by the checkpoint
 
 

@@ -237,7 +237,8 @@ class EarlyStopping(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            engine.request_stop(f"early stopping: {self.monitor} has not improved on {self.best:.6g} for {self.wait} evaluations")
+            how = "been a number" if self.best is None else f"improved on {self.best:.6g}"  # None: all NaN so far
+            engine.request_stop(f"early stopping: {self.monitor} has not {how} for {self.wait} evaluations")
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait}

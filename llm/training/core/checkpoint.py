@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm.errors import UsageError
+from llm.errors import UsageError, one_line
 
 MANIFEST = "manifest.json"
 SHARED = "state.pt"
@@ -321,8 +321,7 @@ def load_weights_strictly(model: torch.nn.Module, state: dict, source: str, than
     except RuntimeError as e:
         # torch lists every mismatch on its own line: the first one says enough
         details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        first = details[0] if details else " ".join(str(e).split())
-        first = first if len(first) <= 240 else first[:240] + "..."
+        first = one_line(details[0] if details else e, 240)
         more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
         raise CheckpointError(f"{source} belong to a different model{than}: {first}{more}") from None
 
@@ -331,7 +330,7 @@ def error_cause(e: BaseException) -> str:
     """An error's message on one line: its innermost cause's, where it was raised from another."""
     while e.__cause__ is not None:
         e = e.__cause__
-    return " ".join(str(e).split())[:300]
+    return one_line(e)
 
 
 def load_rank_state(ckpt: Path, rank: int, map_location="cpu") -> dict:
@@ -415,8 +414,7 @@ def _attempt(action: Callable[[], None]) -> Exception | None:
 
 
 def _one_line(error: BaseException | None) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    return one_line(error) or type(error).__name__
 
 
 def _save_torch(obj: dict, path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm.errors import UsageError
+from llm.errors import UsageError, one_line
 from llm.training.core.config import Config
 
 
@@ -113,7 +113,7 @@ def record_failure(rank: int, error: BaseException) -> None:
         return
     try:
         _store.set_timeout(_STORE_WAIT)
-        _store.set(_key("failed", rank), f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")
+        _store.set(_key("failed", rank), f"{type(error).__name__}: {one_line(error, 200)}")
     except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it; nothing to add then
         pass
 

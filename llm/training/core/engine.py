@@ -24,18 +24,18 @@ import torch
 
 from llm.cli import stdout_gone
 from llm.data.data_module import BaseDataModule
-from llm.errors import UsageError, closest
+from llm.errors import UsageError, closest, one_line
 from llm.training.core import distributed as D
-from llm.training.core import parallel
+from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
-from llm.training.core.checkpoint import CheckpointManager, load_rank_state, load_shared_state
+from llm.training.core.checkpoint import CheckpointError, CheckpointManager, load_rank_state, load_shared_state
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module
-from llm.training.core import resume
-from llm.training.core.resume import ResumableSampler, rng_state, seed_everything, set_rng_state
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
+"""What save_checkpoint writes beside the weights, and a resume reads."""
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
@@ -157,13 +157,15 @@ class TrainingEngine:
         stopping, only the validations a run that never stopped would have made.
         """
         state = self._resumable_state()
-        if len(self._window):
+        trained = self.first_step_s is not None  # else a finished run started again: its last record is logged
+        if trained and len(self._window):
             self._flush_log("train", self._window_metrics())
+        validating = not self._interrupted and self.val_metrics.get("step") != self.step
         if not self._interrupted:
-            self._validated()
-        # a finished run started again has nothing new to save
-        checkpoint = self._loaded if self._saved_step == self.step else self.save_checkpoint(state)
-        return self._summary(elapsed), checkpoint
+            self._note_best(self._validated())  # the saved best predates a final validation off the schedule
+        if trained or validating or self._saved_step != self.step:
+            return self._summary(elapsed), self.save_checkpoint(state)
+        return self._summary(elapsed), self._loaded  # nothing new to save
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
@@ -192,9 +194,9 @@ class TrainingEngine:
         else:
             # which ranks' losses are not finite; fp16 gradients that overflow with finite losses are the
             # scaler's to skip, not a non-finite step
-            bad = D.gather(not bool(torch.isfinite(torch.stack(losses)).all()))
-            if scaler is None or any(bad):
-                self._non_finite(bad)
+            bad_loss = not bool(torch.isfinite(torch.stack(losses)).all())
+            if scaler is None or D.any_rank([bad_loss], self.device)[0]:
+                self._non_finite(D.gather(bad_loss))
         if scaler is not None:
             scaler.update()  # lowers the scale after an overflow, whichever branch was taken
         if self.scheduler is not None:
@@ -244,9 +246,7 @@ class TrainingEngine:
         local = {f"val_{k}": v for k, v in sums.totals().items()}
         metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         self.val_metrics = {**metrics, "step": self.step}
-        monitor = self.config.checkpoint.monitor
-        if monitor in metrics and improves(metrics[monitor], self.best_metric, self.config.checkpoint.mode):
-            self.best_metric = metrics[monitor]
+        self._note_best(metrics)
         self.aside_s += time.perf_counter() - began
         self._fire("on_validation_end", metrics)
         self._flush_log("val", metrics)
@@ -263,7 +263,7 @@ class TrainingEngine:
         self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self.data_module.train_dataloader(self.rank, self.world_size)
         self.val_loader, self.val_sampler = self.data_module.val_dataloader(self.rank, self.world_size)
-        self._resumable = ResumableSampler.install(self.train_loader, self.train_sampler)
+        self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
         k = cfg.training.grad_accum_steps
         try:
             batches = len(self.train_loader)
@@ -295,7 +295,7 @@ class TrainingEngine:
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
+        resume.seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
             cfg.checkpoint.monitor, cfg.checkpoint.mode,
@@ -335,7 +335,7 @@ class TrainingEngine:
             task, data = type(self.task).__name__, type(self.data_module).__name__
             raise UsageError(
                 f"{task}.validation_step failed on the first batch of {data}: {type(e).__name__}: "
-                f"{' '.join(str(e).split())[:200]} ({_where(e)}); does the data module yield what the task "
+                f"{one_line(e, 200)} ({_where(e)}); does the data module yield what the task "
                 f"takes? Choose another with --data-module"
             ) from None
         finally:
@@ -365,7 +365,7 @@ class TrainingEngine:
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
-                "world_size": self.world_size, "stop": self._held_stop,
+                "world_size": self.world_size, "stop": state["held_stop"],
             },
             "callbacks": state["callbacks"],
             "config": self.config.to_dict(),
@@ -380,12 +380,12 @@ class TrainingEngine:
         return saved
 
     def _resumable_state(self) -> dict[str, Any]:
-        """The state that logging and validating change: the callbacks', the best metric, and each rank's own
-        (random streams, and the losses of the epoch and of the log window so far)."""
+        """The state that logging and validating change: the callbacks', the best metric, a stop they asked
+        for, and each rank's own (random streams, and the losses of the epoch and of the log window so far)."""
         callbacks = {_callback_key(i, cb): copy.deepcopy(cb.state_dict()) for i, cb in enumerate(self.callbacks)}
-        rank = {"rng": rng_state(), "epoch_loss": self._epoch_loss_sum, "window": self._window.totals(),
+        rank = {"rng": resume.rng_state(), "epoch_loss": self._epoch_loss_sum, "window": self._window.totals(),
                 "grad_norms": list(self._grad_norms)}
-        return {"callbacks": callbacks, "best_metric": self.best_metric, "rank": rank}
+        return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank}
 
     def _write_artifacts(self, directory: Path) -> None:
         self.config.save_to_yaml(directory / "config.yaml")
@@ -393,6 +393,10 @@ class TrainingEngine:
 
     def load_checkpoint(self, path: Path) -> None:
         shared = load_shared_state(path)
+        missing = [key for key in SHARED_STATE if key not in shared]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was written by another version of llm; "
+                                  f"start a new run with --logging-log-dir DIR, or export its weights")
         saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
         changed = resume.config_changes(saved, now)
@@ -426,7 +430,7 @@ class TrainingEngine:
                 cb.load_state_dict(states[_callback_key(i, cb)])
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
-            set_rng_state(mine["rng"])
+            resume.set_rng_state(mine["rng"])
             self._epoch_loss_sum = tuple(mine["epoch_loss"])
             self._window, self._grad_norms = _Running.resumed(mine["window"]), list(mine["grad_norms"])
         else:
@@ -510,6 +514,11 @@ class TrainingEngine:
             return {k: v for k, v in self.val_metrics.items() if k != "step"}
         return self.validate()
 
+    def _note_best(self, metrics: dict[str, float]) -> None:
+        monitor = self.config.checkpoint.monitor
+        if monitor in metrics and improves(metrics[monitor], self.best_metric, self.config.checkpoint.mode):
+            self.best_metric = metrics[monitor]
+
     def _finished(self) -> bool:
         t = self.config.training
         return self.should_stop or self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
@@ -529,7 +538,7 @@ class TrainingEngine:
             self._interrupted = True
             if not self.should_stop:
                 self.stop_reason = f"stopped by signal {signal.Signals(self._signal or signal.SIGTERM).name}"
-        elif stop and D.active():  # once, at the stop: every rank, and summary.json, gives the asking rank's reason
+        if (stop or signalled) and D.active():  # once, at the stop: every rank gives the asking rank's reason
             reasons = D.gather((self.stop_reason, self._held_stop))
             self.stop_reason = self.stop_reason or next((r for r, _ in reasons if r), "")
             self._held_stop = self._held_stop or next((h for _, h in reasons if h), "")

@@ -6,7 +6,7 @@ import importlib
 import inspect
 import traceback
 
-from llm.errors import UsageError, closest
+from llm.errors import UsageError, closest, one_line
 
 TASKS = {
     "regression": "llm.training.tasks.regression_task:RegressionTask",
@@ -64,7 +64,7 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
 
 def _where(error: Exception) -> str:
     """``Type: message`` of an exception, and the file and line it came from (a SyntaxError names its own)."""
-    text = " ".join(str(error).split())
+    text = one_line(error, 1000)
     if isinstance(error, SyntaxError):
         return f"{type(error).__name__}: {text}"
     frames = traceback.extract_tb(error.__traceback__)

@@ -29,6 +29,8 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from llm.errors import one_line
+
 
 class ShardedReadError(Exception):
     """A sharded checkpoint that cannot be read; the message is one line."""
@@ -157,4 +159,4 @@ def _one_line_errors() -> Iterator[None]:
 
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    return f"{type(error).__name__}: {one_line(error)}"

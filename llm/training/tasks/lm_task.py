@@ -11,7 +11,7 @@ import torch
 from torch import nn, optim
 
 from llm.data.tokenizers import Tokenizer, load_tokenizer
-from llm.errors import UsageError
+from llm.errors import UsageError, one_line
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.checkpoint import SHARED, load_weights_strictly, model_weights, resolve_checkpoint
 from llm.training.core.config import Config
@@ -155,14 +155,14 @@ def _read_model_config(path: Path) -> GPTConfig:
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         return GPTConfig.from_dict(data)
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise UsageError(f"{path} is not a valid model config: {' '.join(str(e).split())}") from None
+        raise UsageError(f"{path} is not a valid model config: {one_line(e)}") from None
 
 
 def _usable_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError as e:
-        raise UsageError(f"device: {' '.join(str(e).split())}") from None
+        raise UsageError(f"device: {one_line(e)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("device 'cuda' was asked for but no CUDA device is available: use cpu")
     return device

@@ -23,6 +23,15 @@ def test_improves_compares_by_mode_and_margin_and_never_takes_nan_as_best():
     assert not improves(float("nan"), None, "min") and not improves(float("nan"), 1.0, "max")
 
 
+def test_early_stopping_on_nothing_but_nan_validations_stops_and_says_so():
+    engine = StubEngine()
+    cb = EarlyStopping(monitor="val_loss", patience=2)
+    for loss in [float("nan"), float("nan")]:
+        cb.on_validation_end(engine, {"val_loss": loss})
+    assert engine.should_stop and cb.best is None
+    assert engine.stop_reason == "early stopping: val_loss has not been a number for 2 evaluations"
+
+
 def test_early_stopping_after_a_nan_validation_waits_for_a_real_improvement():
     engine = StubEngine()
     cb = EarlyStopping(monitor="val_loss", patience=2)

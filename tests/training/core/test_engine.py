@@ -232,6 +232,7 @@ def test_a_run_extended_past_its_max_steps_trains_as_one_that_never_stopped(tmp_
     scheduled = [r["val_loss"] for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
                  if r["split"] == "val" and r["step"] in (4, 8)]
     assert saved["best_metric"] == min(scheduled) > stopped.best_metric  # step 9's validation: logged, not counted
+    assert saved["progress"]["stop"] == ""  # nor a stop it would have asked for
     longer = tiny_config(tmp_path, checkpoint={"resume": "auto"}, **settings)
     callbacks = default_callbacks(longer)
     extended, _ = train(longer, callbacks=callbacks)
@@ -243,15 +244,30 @@ def test_a_run_extended_past_its_max_steps_trains_as_one_that_never_stopped(tmp_
         assert torch.equal(a, b), name
 
 
-def test_a_finished_run_started_again_changes_nothing(tmp_path):
-    config = tiny_config(tmp_path, training={"epochs": 1}, checkpoint={"resume": "auto"})
+@pytest.mark.parametrize("training", [{"epochs": 1}, {"max_steps": 9, "eval_every_steps": 4}])
+def test_a_finished_run_started_again_changes_nothing(tmp_path, training):
+    # max_steps 9: the run ends with a log window still open and a validation off the schedule
+    config = tiny_config(tmp_path, training=training, checkpoint={"resume": "auto"})
     first, metrics = train(config, callbacks=default_callbacks(config))
     checkpoint = tmp_path / "run/checkpoints" / f"step_{first.step:08d}"
     written = {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*")}
+    logged = (tmp_path / "run/metrics.jsonl").read_text()
     again, repeated = train(config, callbacks=default_callbacks(config))
     assert again.step == first.step and {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*")} == written
-    assert repeated["train_loss"] == metrics["train_loss"] and repeated["val_loss"] == metrics["val_loss"]
+    assert (tmp_path / "run/metrics.jsonl").read_text() == logged  # no record logged twice
+    for key in ("train_loss", "val_loss", "best_val_loss"):
+        assert repeated[key] == metrics[key], key
     assert repeated["samples_per_s"] is None  # this process took no step
+
+
+def test_a_checkpoint_of_another_version_is_refused_in_one_line(tmp_path, monkeypatch):
+    import llm.training.core.engine as engine_module
+
+    train(tiny_config(tmp_path, training={"epochs": 1}))
+    # as if this version wrote a key the checkpoint's did not
+    monkeypatch.setattr(engine_module, "SHARED_STATE", (*engine_module.SHARED_STATE, "later_key"))
+    with pytest.raises(UsageError, match=r"step_00000014 lacks later_key: it was written by another version of llm"):
+        train(tiny_config(tmp_path, training={"epochs": 2}, checkpoint={"resume": "auto"}))
 
 
 def test_fresh_run_refuses_to_overwrite_an_earlier_run(tmp_path):

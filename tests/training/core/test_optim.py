@@ -106,3 +106,21 @@ def test_muon_state_round_trips_and_the_restored_optimizer_steps_identically():
     train(restored_model, restored, restored_sched, x, 3)
     for (name, a), b in zip(model.named_parameters(), restored_model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_muon_with_adamw_step_evaluates_a_closure_with_gradients_on_and_returns_its_loss():
+    model = tiny_gpt()
+    opt = build_optimizer(model, OptimizerConfig(name="muon", lr=0.02))
+    x = torch.randint(0, 20, (8, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        assert torch.is_grad_enabled()  # step() itself runs under no_grad
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # every parameter moved
