@@ -205,12 +205,7 @@ class Config:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Config:
         """Load and validate a YAML file of overrides (missing keys keep their defaults)."""
-        config = cls()
-        data = config._apply_file(path)
-        try:
-            return config.validate()
-        except ConfigError as e:
-            raise (_from_file(e, path) if _sets(data, e.field) else e) from None
+        return cls.from_args_and_env([f"--config={os.fspath(path)}"], environ={})
 
     def save_to_yaml(self, path: str | os.PathLike) -> None:
         """Write the whole config as YAML (atomically: no half-written file)."""

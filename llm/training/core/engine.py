@@ -162,7 +162,7 @@ class TrainingEngine:
             self._flush_log("train", self._window_metrics())
         validating = not self._interrupted and self.val_metrics.get("step") != self.step
         if not self._interrupted:
-            self._note_best(self._validated())  # the saved best predates a final validation off the schedule
+            self._validated()
         if trained or validating or self._saved_step != self.step:
             return self._summary(elapsed), self.save_checkpoint(state)
         return self._summary(elapsed), self._loaded  # nothing new to save
@@ -511,7 +511,9 @@ class TrainingEngine:
     def _validated(self) -> dict[str, float]:
         """The validation of the current step: run now unless it already ran (eval_every_steps may end an epoch)."""
         if self.val_metrics.get("step") == self.step:
-            return {k: v for k, v in self.val_metrics.items() if k != "step"}
+            metrics = {k: v for k, v in self.val_metrics.items() if k != "step"}
+            self._note_best(metrics)  # a resumed best can predate it: saved before a validation off the schedule
+            return metrics
         return self.validate()
 
     def _note_best(self, metrics: dict[str, float]) -> None:
