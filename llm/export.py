@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from llm.cli import ArgParser, one_line_warnings
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
+from llm.files import replacing
 from llm.models.hf import NotGPT2, to_gpt2_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, resolve_checkpoint
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
@@ -117,16 +118,11 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     safetensors makes its files 0600; the export gets the mode every other new file gets (0666 less the
     umask), read off the temporary file as ``open`` creates it rather than by setting the process's umask.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)  # one left by a failed export keeps its old mode
+    with replacing(path) as tmp:
         tmp.touch()
         mode = stat.S_IMODE(tmp.stat().st_mode)
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only by a failed write
 
 
 def check_hf_out(out: Path) -> None:
@@ -138,11 +134,16 @@ def check_hf_out(out: Path) -> None:
     if not folder.is_dir():
         raise UsageError(f"--out {out}: {folder} is a file, not a folder")
     if folder == out:
-        others = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES and p.name != f".{HF_WEIGHTS}.tmp")
+        others = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES and not _temporary(p.name))
         if others:
             raise UsageError(f"--out {out} holds files --format hf does not write ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}), so it is left as it is: "
                              f"choose a new or empty folder")
+
+
+def _temporary(name: str) -> bool:
+    """Whether ``name`` is the temporary file of a write to the folder (see llm.files.replacing)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _import_transformers():

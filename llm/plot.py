@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from llm.cli import ArgParser
 from llm.errors import EXIT_USAGE, UsageError, print_error
+from llm.files import replacing
 
 Curve = list[tuple[int, float]]
 """(step, value) pairs, sorted by step."""
@@ -76,7 +76,7 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not text (byte {e.start} is not UTF-8): is it a run's metrics.jsonl?") from None
 
-    # a dict per curve: a resumed run logs again the steps after its checkpoint, and the later record wins
+    # a dict per curve: should a step have two records (a file appended to by hand), the later one wins
     points: dict[str, dict[int, float]] = {"train": {}, "val": {}, "lr": {}}
     wanted = {("train", "loss"): "train", ("val", "val_loss"): "val", ("train", "lr"): "lr"}
     for number, line in enumerate(lines, 1):
@@ -192,15 +192,11 @@ def _starts_as(path: Path, starts: tuple[bytes, ...]) -> bool:
 
 def save(fig: Any, out: Path, fmt: str, dpi: float) -> None:
     """Write the figure to ``out`` through a temporary file beside it, then rename."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with replacing(out) as tmp, open(tmp, "wb") as f:
             fig.savefig(f, format=fmt, dpi=dpi)
-        os.replace(tmp, out)
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # left only by a failed write
 
 
 def main(argv: list[str] | None = None) -> int:

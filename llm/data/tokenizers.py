@@ -19,6 +19,7 @@ import tokenizers as hf
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llm.errors import UsageError, closest
+from llm.files import write_atomically
 
 BUILTIN = ("byte", "char", "bpe")
 """Tokenizer names accepted by ``data.tokenizer`` besides a path."""
@@ -61,9 +62,7 @@ class Tokenizer(ABC):
         """Write ``tokenizer.json`` to ``path`` (atomically: no half-written file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, self.to_json())
 
 
 class ByteTokenizer(Tokenizer):

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from llm.errors import UsageError, one_line
+from llm.files import fsync, write_atomically
 
 MANIFEST = "manifest.json"
 SHARED = "state.pt"
@@ -189,7 +190,7 @@ class CheckpointManager:
         manifest = {"step": step, "world_size": self.world_size,
                     "metrics": {k: float(v) for k, v in metrics.items()}, "files": files,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=2))
+        write_atomically(staging / MANIFEST, json.dumps(manifest, indent=2), durable=True)
         if final.exists():
             # a rename cannot replace a non-empty directory: move the old one aside first (a crash
             # before the second rename leaves it aside, and _restore_replaced puts it back)
@@ -201,8 +202,8 @@ class CheckpointManager:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, final)
-        _fsync_dir(self.directory)
-        _atomic_write(self.directory / LATEST, final.name + "\n")
+        fsync(self.directory)
+        write_atomically(self.directory / LATEST, final.name + "\n", durable=True)
 
     def _retain(self, keep: Path) -> None:
         # sizes, not hashes: rehashing every kept checkpoint at each save would cost as much I/O as
@@ -451,21 +452,3 @@ def _sha256(path: Path, sync: bool = False) -> str:
         if sync:  # extra files come from callbacks that may not have synced them
             os.fsync(f.fileno())
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -29,6 +29,7 @@ import yaml
 
 from llm.cli import ArgParser
 from llm.errors import ConfigError, UsageError, closest
+from llm.files import write_atomically
 
 ENV_PREFIX = "LLM_"
 
@@ -211,9 +212,7 @@ class Config:
         """Write the whole config as YAML (atomically: no half-written file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        write_atomically(path, self.to_yaml())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn, optim
 
 from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.errors import UsageError, one_line
+from llm.files import write_atomically
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.checkpoint import SHARED, load_weights_strictly, model_weights, resolve_checkpoint
 from llm.training.core.config import Config
@@ -98,9 +98,7 @@ class LMTask(TrainingTask):
         directory.mkdir(parents=True, exist_ok=True)
         config = self.gpt_config()
         self.data_module.tokenizer.save(directory / "tokenizer.json")
-        tmp = directory / f".model_config.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, directory / "model_config.json")
+        write_atomically(directory / "model_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Path]:

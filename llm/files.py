@@ -1,0 +1,47 @@
+"""Writing files so that a reader, or a run killed mid-write, never sees half of one. Imports no torch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed over ``path`` when the block ends without error.
+
+    A failed write leaves ``path`` as it was and no temporary file behind.
+    ``durable``: the file and the rename are on disk (fsync) before the block
+    returns, for what must survive a power cut, not only a killed process.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if durable:
+            fsync(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write
+
+
+def write_atomically(path: str | os.PathLike, content: str | bytes, durable: bool = False) -> None:
+    """Write ``content`` (text as UTF-8) to ``path`` through a temporary file; see ``replacing``."""
+    with replacing(path, durable) as tmp:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Put a file, or a folder's entries (a rename in it), on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
