@@ -272,15 +272,12 @@ class TrainingEngine:
                 f"{type(self.data_module).__name__}.train_dataloader() has no length: epochs, the schedule and "
                 f"resuming mid-epoch count batches; give its dataset a __len__"
             ) from None
-        steps_per_epoch = batches // k
-        if steps_per_epoch == 0:
+        if batches < k:
             raise UsageError(
                 f"one epoch has {batches} batches per rank, fewer than "
                 f"training.grad_accum_steps={k}: lower it or the batch size"
             )
-        self.total_steps = steps_per_epoch * cfg.training.epochs
-        if cfg.training.max_steps:
-            self.total_steps = min(self.total_steps, cfg.training.max_steps)
+        self.total_steps = self._last_step(batches)
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
@@ -417,6 +414,10 @@ class TrainingEngine:
         if progress["stop"] and "training.patience" not in changed:  # a run that stopped early stays stopped
             self.should_stop, self.stop_reason = True, progress["stop"]
             self._held_stop = progress["stop"]
+        last_step = self._last_step(len(self.train_loader))
+        if last_step != self.total_steps:  # another layout of the same samples: the schedule spans this run's steps
+            self.total_steps = self.task.total_steps = last_step
+            self.scheduler = self.task.build_scheduler(self.optimizer)
         if any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, self.step)
         elif self.scheduler is not None and shared["scheduler"] is not None:
@@ -520,6 +521,20 @@ class TrainingEngine:
         monitor = self.config.checkpoint.monitor
         if monitor in metrics and improves(metrics[monitor], self.best_metric, self.config.checkpoint.mode):
             self.best_metric = metrics[monitor]
+
+    def _last_step(self, batches: int) -> int:
+        """The step this run will end at, from where it stands: the rest of this epoch and the epochs after it,
+        in groups of grad_accum_steps of its ``batches`` per epoch, capped by max_steps.
+
+        From step 0 that is epochs x steps per epoch. A run resumed with another
+        number of processes or batch size counts the rest in its own steps, which
+        the checkpoint's layout would have counted otherwise.
+        """
+        t = self.config.training
+        k = t.grad_accum_steps
+        left = (batches - self.batch_in_epoch) // k + max(0, t.epochs - self.epoch - 1) * (batches // k)
+        last = self.step + (left if self.epoch < t.epochs else 0)
+        return min(last, t.max_steps) if t.max_steps else last
 
     def _finished(self) -> bool:
         t = self.config.training

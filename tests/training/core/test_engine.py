@@ -603,14 +603,30 @@ def test_an_early_stopping_monitor_that_validation_does_not_report_is_refused_be
     assert engine.step == 0 and not (tmp_path / "run/checkpoints").exists()
 
 
+class LearningRates(Callback):
+    """The learning rate after each step: the one the next step takes."""
+
+    def __init__(self):
+        self.after_step = {}
+
+    def on_step_end(self, engine):
+        self.after_step[engine.step] = engine.optimizer.param_groups[0]["lr"]
+
+
 def test_a_resume_mid_epoch_with_another_batch_size_goes_on_from_the_samples_already_done(tmp_path):
     first = tiny_config(tmp_path, training={"epochs": 1, "max_steps": 4})  # 4 batches of 16: 64 samples
     train(first)
     bigger = tiny_config(tmp_path, training={"epochs": 1, "batch_size": 32},
                          checkpoint={"resume": "auto", "allow_config_change": True})
-    engine, metrics = train(bigger)
+    rates = LearningRates()
+    engine, metrics = train(bigger, callbacks=[rates])
     # 2 batches of 32 are done; the other 230 - 64 samples of the epoch make 5 whole batches of 32
     assert engine.step == 4 + 5 and metrics["samples_seen"] == 64 + 5 * 32
+    # the cosine schedule spans the steps this run takes, counted in batches of 32: it reaches
+    # min_lr (0) at the last of them, not at step 4 + 3 (the 7 steps an epoch has in batches of 32)
+    assert engine.total_steps == 9 and list(rates.after_step) == [5, 6, 7, 8, 9]
+    assert rates.after_step[8] > 0.02 * 0.01 and rates.after_step[9] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(list(rates.after_step.values()), list(rates.after_step.values())[1:]))
     odd = tiny_config(tmp_path / "odd", training={"epochs": 1, "max_steps": 3})  # 48 samples: 1.5 batches of 32
     train(odd)
     again = tiny_config(tmp_path / "odd", training={"epochs": 1, "batch_size": 32},
