@@ -33,11 +33,12 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def logged(run_dir: Path) -> tuple[dict, dict]:
-    """metrics.jsonl's records by (split, step), the last of each (a resumed run logs again the steps after its
-    checkpoint), timings aside; and TensorBoard's scalars by tag, as (step, value) pairs."""
+    """metrics.jsonl's records by (split, step), each logged once (a resumed run drops those an earlier process
+    logged after its checkpoint), timings aside; and TensorBoard's scalars by tag, as (step, value) pairs."""
     records = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
+        assert (record["split"], record["step"]) not in records, f"logged twice: {record}"
         records[record["split"], record["step"]] = {k: v for k, v in record.items() if k not in TIMING}
     events = EventAccumulator(str(run_dir))
     events.Reload()

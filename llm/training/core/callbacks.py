@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm.errors import UsageError, closest
+from llm.files import write_atomically
 
 if TYPE_CHECKING:
     from llm.training.core.engine import TrainingEngine
@@ -109,7 +110,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MetricsLogger(Callback):
-    """Appends every log record to ``<log_dir>/metrics.jsonl``; prints a line per validation and per epoch."""
+    """Appends every log record to ``<log_dir>/metrics.jsonl``; prints a line per validation and per epoch.
+
+    A resumed run continues the same file, from the step it resumed at: the records
+    an earlier process wrote after that step (it was killed before its next
+    checkpoint, or the run went back to an older one) are dropped, since those steps
+    are trained and logged again. So is a record cut off halfway by a kill.
+    """
 
     def __init__(self, filename: str = "metrics.jsonl"):
         self.filename = filename
@@ -117,8 +124,12 @@ class MetricsLogger(Callback):
 
     def on_train_start(self, engine: TrainingEngine) -> None:
         if engine.is_main:
-            # append: a resumed run continues the same file
-            self._file = open(Path(engine.run_dir) / self.filename, "a", buffering=1)
+            path = Path(engine.run_dir) / self.filename
+            dropped = _drop_records_after(path, engine.step)
+            if dropped:
+                engine.print(f"{path}: dropped {dropped} record(s) logged after step {engine.step}, "
+                             f"where this run resumes")
+            self._file = open(path, "a", buffering=1)
 
     def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
         if self._file is None:
@@ -137,6 +148,26 @@ class MetricsLogger(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _drop_records_after(path: Path, step: int) -> int:
+    """Rewrite the JSON lines file ``path`` without its records past ``step`` or cut off; return how many."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        write_atomically(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> float:
+    """A record's step; infinite for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, TypeError, KeyError):
+        return math.inf
 
 
 class TensorBoardLogger(Callback):
