@@ -155,9 +155,9 @@ CASES = [
     Case("cache-dir-under-a-file", "train", [*LM, *CONTINUE, "--data-cache-dir", "afile.txt/cache"],
          ["data.cache_dir", "afile.txt", "--data-cache-dir"]),
     # tasks and data modules by name
-    Case("unknown-task", "train", [*LM, *CONTINUE, "--task", "lmm"], ["unknown task 'lmm'", "did you mean lm?"]),
+    Case("unknown-task", "train", [*LM, *CONTINUE, "--task", "lmm"], ["task: got 'lmm'", "did you mean lm?"]),
     Case("unknown-data-module", "train", [*LM, *CONTINUE, "--data-module", "txt"],
-         ["unknown data module 'txt'", "did you mean text?"]),
+         ["data.module: got 'txt'", "did you mean text?"]),
     Case("task-module-that-does-not-exist", "train", [*LM, *CONTINUE, "--task", "no_such_module:Task"],
          ["cannot import task module 'no_such_module'"]),
     Case("task-module-that-raises-on-import", "train", [*LM, *CONTINUE, "--task", "broken_task:Task"],

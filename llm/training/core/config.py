@@ -30,6 +30,7 @@ import yaml
 from llm.cli import ArgParser
 from llm.errors import ConfigError, UsageError, closest
 from llm.files import write_atomically
+from llm.training.core.registry import DATA_MODULES, TASKS
 
 ENV_PREFIX = "LLM_"
 
@@ -346,8 +347,9 @@ class Config:
             if name not in LOGGER_NAMES:
                 raise ConfigError("logging.loggers", lg.loggers, f"names from {', '.join(LOGGER_NAMES)}{closest(name, LOGGER_NAMES)}")
         _at_least("distributed.timeout_s", self.distributed.timeout_s, 1)
-        if not self.task:
-            raise ConfigError("task", self.task, "a task name or package.module:Class")
+        _component("task", self.task, TASKS)
+        if d.module:
+            _component("data.module", d.module, DATA_MODULES)
         # filled-in paths follow what they were filled in from: validated again after a change of task or
         # log_dir (a sweep in code, train.py moving a run to the next free folder), a path still as filled in
         # is filled in anew
@@ -623,6 +625,14 @@ def _repeated_key(node: yaml.Node, prefix: str, seen: set[int]) -> tuple[str, in
             if found:
                 return found
     return None
+
+
+def _component(field: str, name: str, builtins: dict[str, str]) -> None:
+    """A built-in name or the form package.module:Class; whether that class imports is the registry's to say."""
+    module, colon, cls = name.partition(":")
+    if name in builtins or (colon and module and cls and not module.startswith(".")):
+        return
+    raise ConfigError(field, name, f"one of {', '.join(builtins)} or package.module:Class{closest(name, builtins)}")
 
 
 def _sets(overrides: dict[str, Any], field: str) -> bool:

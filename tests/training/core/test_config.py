@@ -171,7 +171,7 @@ def test_bad_yaml_files(tmp_path):
         ("training: fast\n", ["training", "'fast'", "a mapping"]),  # a section that is not a mapping
         ("training:\n  epochs: 0\n", ["training.epochs", "0", ">= 1"]),  # out of range, found by validate
         ("optimizer:\n  lr: 0.1\n  min_lr: 0.5\n", ["optimizer.min_lr", "<= optimizer.lr"]),
-        ("training:\n\ntask: ''\n", ["task", "a task name"]),  # an empty section beside the bad value
+        ("training:\n\ntask: ''\n", ["task: got ''", "package.module:Class"]),  # an empty section beside the bad value
     ],
 )
 def test_errors_from_a_config_file_name_the_file(text, words, tmp_path, monkeypatch, capsys):
@@ -248,10 +248,10 @@ def test_yaml_cannot_construct_python_objects(tmp_path):
         (["--training-batch-size", "0"], ["training.batch_size", "0"]),
         (["--training-bach-size", "4"], ["unrecognized", "--training-batch-size"]),
         (["--optimizer-lr", "fast"], ["optimizer.lr", "'fast'", "a number"]),
-        (["--task", "nope"], ["unknown task 'nope'"]),
+        (["--task", "nope"], ["task: got 'nope'", "regression, classification, lm or package.module:Class"]),
         (["--task", "no.such.module:Task"], ["cannot import task module 'no.such.module'"]),
         (["--task", "collections:OrderedDict"], ["not a TrainingTask subclass"]),
-        (["--data-module", "synthetc"], ["unknown data module", "did you mean synthetic"]),
+        (["--data-module", "synthetc"], ["data.module: got 'synthetc'", "did you mean synthetic"]),
     ],
 )
 def test_main_exits_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
@@ -262,6 +262,18 @@ def test_main_exits_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     for word in words:
         assert word in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_task_or_data_module_name_that_is_neither_built_in_nor_a_class_path_names_its_source(tmp_path):
+    path = tmp_path / "lm.yaml"
+    path.write_text("task: lmm\ndata:\n  module: text\n")
+    with pytest.raises(UsageError, match=rf"task: got 'lmm'.*\(did you mean lm\?\) \(in {path}\)"):
+        Config.from_yaml(path)
+    with pytest.raises(UsageError, match=r"data\.module: got 'txt'.*LLM_DATA_MODULE"):
+        Config.from_args_and_env([], environ={"LLM_DATA_MODULE": "txt"})
+    with pytest.raises(UsageError, match=r"task: got 'pkg:'"):
+        Config.from_dict({"task": "pkg:"})
+    assert Config.from_dict({"task": "pkg.tasks:MyTask", "data": {"module": "pkg.data:Mine"}}).task == "pkg.tasks:MyTask"
 
 
 def test_help_exits_0_and_lists_flags():
