@@ -401,11 +401,6 @@ class TrainingEngine:
             self.print("resuming with a changed config: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}"
                                                                       for k in changed))
         resume.check_changes(changed, self.config.checkpoint.allow_config_change, path)
-        # another optimizer cannot take the saved one's state: it starts afresh, at the saved step of the schedule
-        same_optimizer = "optimizer.name" not in changed
-        fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
-                                          self.sharded)
         progress = shared["progress"]
         self.step, self.epoch = progress["step"], progress["epoch"]
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
@@ -415,9 +410,15 @@ class TrainingEngine:
             self.should_stop, self.stop_reason = True, progress["stop"]
             self._held_stop = progress["stop"]
         last_step = self._last_step(len(self.train_loader))
-        if last_step != self.total_steps:  # another layout of the same samples: the schedule spans this run's steps
+        if last_step != self.total_steps:  # resumed in another layout, now or before: the schedule spans the steps
+            # this run takes, counted in its own; built before the optimizer's state is loaded, like the first one
             self.total_steps = self.task.total_steps = last_step
             self.scheduler = self.task.build_scheduler(self.optimizer)
+        # another optimizer cannot take the saved one's state: it starts afresh, at the saved step of the schedule
+        same_optimizer = "optimizer.name" not in changed
+        fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
+                                          self.sharded)
         if any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, self.step)
         elif self.scheduler is not None and shared["scheduler"] is not None:

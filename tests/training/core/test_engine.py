@@ -444,6 +444,26 @@ def test_a_resume_with_another_optimizer_is_refused_unless_allowed_then_starts_i
     assert start.lrs == pytest.approx([0.02 * lr_factor(10, config.optimizer, 20)] * 2, rel=1e-12)
 
 
+def test_a_run_resumed_in_another_layout_then_again_in_its_own_is_exact_and_keeps_its_new_rate(tmp_path):
+    # 4 steps of 16, then batches of 32 and a new lr: a schedule of 4 + 5 + 7 = 16 steps, not the 14 that
+    # 2 epochs of 32 would make from step 0. That run crashes, and resumes with its own config, unchanged.
+    new = {"training": {"epochs": 2, "batch_size": 32}, "optimizer": {"lr": 0.05, "warmup_steps": 6},
+           "checkpoint": {"resume": "auto", "allow_config_change": True, "every_n_steps": 3}}
+    for run in ("ref", "crash"):
+        train(tiny_config(tmp_path / run, training={"epochs": 2, "max_steps": 4}))
+    rates = LearningRates()
+    reference, _ = train(tiny_config(tmp_path / "ref", **new), callbacks=[rates])
+    config = tiny_config(tmp_path / "crash", **new)
+    with pytest.raises(CallbackError, match="simulated crash"):
+        train(config, callbacks=[CrashAt(11)])
+    resumed, _ = train(config)  # from step 9
+    assert reference.total_steps == resumed.total_steps == resumed.step == 16
+    assert rates.after_step[5] == pytest.approx(0.05 * lr_factor(5, config.optimizer, 16), rel=1e-12)
+    assert rates.after_step[16] == pytest.approx(0.0, abs=1e-12)
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
+
+
 def test_restarted_torchrun_worker_resumes_automatically(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, training={"epochs": 2}, checkpoint={"every_n_steps": 5})
     with pytest.raises(CallbackError):
