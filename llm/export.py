@@ -134,16 +134,11 @@ def check_hf_out(out: Path) -> None:
     if not folder.is_dir():
         raise UsageError(f"--out {out}: {folder} is a file, not a folder")
     if folder == out:
-        others = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES and not _temporary(p.name))
+        others = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES and p.name != f".{HF_WEIGHTS}.tmp")
         if others:
             raise UsageError(f"--out {out} holds files --format hf does not write ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}), so it is left as it is: "
                              f"choose a new or empty folder")
-
-
-def _temporary(name: str) -> bool:
-    """Whether ``name`` is the temporary file of a write to the folder (see llm.files.replacing)."""
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _import_transformers():

@@ -10,15 +10,19 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write; renamed over ``path`` when the block ends without error.
+    """A temporary path beside ``path`` to write, ``.<name>.tmp``; renamed over ``path`` when the block ends
+    without error.
 
-    A failed write leaves ``path`` as it was and no temporary file behind.
-    ``durable``: the file and the rename are on disk (fsync) before the block
-    returns, for what must survive a power cut, not only a killed process.
+    A failed write leaves ``path`` as it was and no temporary file behind; one
+    left by a killed process is replaced by the next write (never reused: it
+    would keep its mode). ``durable``: the file and the rename are on disk
+    (fsync) before the block returns, for what must survive a power cut, not
+    only a killed process.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
+        tmp.unlink(missing_ok=True)
         yield tmp
         if durable:
             fsync(tmp)
