@@ -112,10 +112,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class MetricsLogger(Callback):
     """Appends every log record to ``<log_dir>/metrics.jsonl``; prints a line per validation and per epoch.
 
-    A resumed run continues the same file, from the step it resumed at: the records
-    an earlier process wrote after that step (it was killed before its next
-    checkpoint, or the run went back to an older one) are dropped, since those steps
-    are trained and logged again. So is a record cut off halfway by a kill.
+    A resumed run continues the same file from the step it starts at. The records
+    an earlier process logged after that step (it was killed before its next
+    checkpoint, or the run went back to an older one), and a record a kill cut off
+    halfway, are moved to ``metrics.dropped.jsonl``: this run trains and logs
+    those steps again, so each step keeps one record, and nothing is deleted.
     """
 
     def __init__(self, filename: str = "metrics.jsonl"):
@@ -125,10 +126,11 @@ class MetricsLogger(Callback):
     def on_train_start(self, engine: TrainingEngine) -> None:
         if engine.is_main:
             path = Path(engine.run_dir) / self.filename
-            dropped = _drop_records_after(path, engine.step)
-            if dropped:
-                engine.print(f"{path}: dropped {dropped} record(s) logged after step {engine.step}, "
-                             f"where this run resumes")
+            aside = path.with_name(f"{path.stem}.dropped{path.suffix}")
+            moved = _move_records_after(path, engine.step, aside)
+            if moved:
+                engine.print(f"{path}: {moved} record(s) logged after step {engine.step}, where this run starts, "
+                             f"moved to {aside.name}")
             self._file = open(path, "a", buffering=1)
 
     def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
@@ -150,24 +152,28 @@ class MetricsLogger(Callback):
             self._file = None
 
 
-def _drop_records_after(path: Path, step: int) -> int:
-    """Rewrite the JSON lines file ``path`` without its records past ``step`` or cut off; return how many."""
+def _move_records_after(path: Path, step: int, aside: Path) -> int:
+    """Move the records of the JSON lines file ``path`` past ``step``, and a last line cut off before its
+    end, to the end of ``aside``; return how many. Lines that are not records are left where they are."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines = path.read_bytes().splitlines(keepends=True)
     except FileNotFoundError:
         return 0
-    kept = [line for line in lines if _step_of(line) <= step]
-    if len(kept) < len(lines):
-        write_atomically(path, "".join(kept))
-    return len(lines) - len(kept)
+    late = {i for i, line in enumerate(lines) if not line.endswith(b"\n") or _step_of(line) > step}
+    if late:
+        with open(aside, "ab") as f:  # first: a kill between the two writes then loses nothing
+            f.writelines(line if line.endswith(b"\n") else line + b"\n" for i, line in enumerate(lines) if i in late)
+        write_atomically(path, b"".join(line for i, line in enumerate(lines) if i not in late))
+    return len(late)
 
 
-def _step_of(line: str) -> float:
-    """A record's step; infinite for a line that is not a whole record."""
+def _step_of(line: bytes) -> float:
+    """A record's step; minus infinity for a line that is not a record with a step."""
     try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+        step = json.loads(line)["step"]
     except (ValueError, TypeError, KeyError):
-        return math.inf
+        return -math.inf
+    return step if isinstance(step, (int, float)) else -math.inf
 
 
 class TensorBoardLogger(Callback):

@@ -115,20 +115,22 @@ def test_metrics_logger_writes_one_json_object_per_record_on_rank_0_only(tmp_pat
             assert not path.exists()
 
 
-def test_metrics_logger_resumed_at_a_step_drops_the_records_logged_after_it_and_a_cut_off_one(tmp_path):
-    records = [{"split": "train", "step": step, "epoch": 0, "loss": 1.0 / step} for step in (2, 4, 6)]
-    written = "".join(json.dumps(r) + "\n" for r in records) + '{"split": "train", "st'  # killed mid-write
-    (tmp_path / "metrics.jsonl").write_text(written)
+def test_metrics_logger_resumed_at_a_step_moves_the_records_logged_after_it_aside(tmp_path):
+    records = [json.dumps({"split": "train", "step": step, "epoch": 0, "loss": 1.0 / step}) + "\n" for step in (2, 4, 6)]
+    not_a_record = "written by hand \xe9\n".encode("latin-1")  # not even UTF-8: left where it is
+    cut_off = b'{"split": "train", "st'  # killed mid-write
+    (tmp_path / "metrics.jsonl").write_bytes("".join(records[:2]).encode() + not_a_record + records[2].encode() + cut_off)
     engine = StubEngine(run_dir=tmp_path)
     engine.step = 4  # the checkpoint this run resumes from
     cb = MetricsLogger()
     cb.on_train_start(engine)
     cb.on_log(engine, {"split": "train", "step": 6, "epoch": 0, "loss": 0.2})
     cb.on_train_end(engine, {})
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [*records[:2], {"split": "train", "step": 6, "epoch": 0, "loss": 0.2}]
-    assert engine.printed == [f"{tmp_path / 'metrics.jsonl'}: dropped 2 record(s) logged after step 4, "
-                              f"where this run resumes"]
+    again = json.dumps({"split": "train", "step": 6, "epoch": 0, "loss": 0.2}) + "\n"
+    assert (tmp_path / "metrics.jsonl").read_bytes() == "".join(records[:2]).encode() + not_a_record + again.encode()
+    assert (tmp_path / "metrics.dropped.jsonl").read_bytes() == records[2].encode() + cut_off + b"\n"
+    assert engine.printed == [f"{tmp_path / 'metrics.jsonl'}: 2 record(s) logged after step 4, where this run "
+                              f"starts, moved to metrics.dropped.jsonl"]
 
 
 def test_tensorboard_logger_events_read_back(tmp_path):
