@@ -1,4 +1,5 @@
-"""Writing files so that a reader, or a run killed mid-write, never sees half of one. Imports no torch."""
+"""Files on disk: writing them so that a reader, or a run killed mid-write, never sees half of one, and
+telling the checkpoint folders that nothing else may write into. Imports no torch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+CHECKPOINT_MANIFEST = "manifest.json"
+"""A checkpoint folder's list of its files with their sizes and hashes, written last."""
+CHECKPOINT_STATE = "state.pt"
+"""A checkpoint folder's weights, optimizer and progress (all of it, or what the ranks share when sharded)."""
 
 
 @contextlib.contextmanager
@@ -49,3 +55,14 @@ def fsync(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checkpoint_folder(path: str | os.PathLike) -> Path | None:
+    """The checkpoint, or folder of ``step_*`` checkpoints, that ``path`` is or would be written into: a file
+    there can break a checkpoint, and retention deletes old checkpoints with everything in them."""
+    def is_checkpoint(folder: Path) -> bool:
+        return all((folder / name).is_file() for name in (CHECKPOINT_MANIFEST, CHECKPOINT_STATE))
+
+    path = Path(path).resolve()
+    return next((folder for folder in (path, *path.parents)
+                 if is_checkpoint(folder) or any(map(is_checkpoint, folder.glob("step_*")))), None)

@@ -27,7 +27,7 @@ from typing import Any
 
 from llm.cli import ArgParser
 from llm.errors import EXIT_USAGE, UsageError, print_error
-from llm.files import replacing
+from llm.files import checkpoint_folder, replacing
 
 Curve = list[tuple[int, float]]
 """(step, value) pairs, sorted by step."""
@@ -43,10 +43,6 @@ IMAGE_STARTS = {
 }
 """How a file of each format begins. A format not here (raw and rgba pixels have no header) is
 written only as a new file: nothing tells an earlier plot from someone's data."""
-
-CHECKPOINT_FILES = ("manifest.json", "state.pt")
-"""What every checkpoint (a ``step_*`` folder) holds: named here, not imported from
-llm.training.core.checkpoint, so that plotting does not load torch."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,15 +166,6 @@ def check_out(out: Path) -> str:
         raise UsageError(f"--out {out} exists and is not a .{fmt} image (by its first bytes), so it is left "
                          f"as it is: choose another --out")
     return fmt
-
-
-def checkpoint_folder(out: Path) -> Path | None:
-    """The checkpoint, or folder of ``step_*`` checkpoints, that ``out`` is or would be written into."""
-    def is_checkpoint(folder: Path) -> bool:
-        return all((folder / name).is_file() for name in CHECKPOINT_FILES)
-
-    return next((folder for folder in (out.resolve(), *out.resolve().parents)
-                 if is_checkpoint(folder) or any(map(is_checkpoint, folder.glob("step_*")))), None)
 
 
 def _starts_as(path: Path, starts: tuple[bytes, ...]) -> bool:

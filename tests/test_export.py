@@ -59,6 +59,22 @@ def test_export_replaces_an_earlier_export_but_not_another_safetensors_file(tmp_
     assert "is not an earlier export" in capsys.readouterr().err and downloaded.read_bytes() == before
 
 
+def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_line(tmp_path):
+    config = tiny_config(tmp_path)
+    TrainingEngine(config, RegressionTask(config), 0, 1).train()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, expected in [
+        (".", "--out . is a folder"),
+        ("", "--out . is a folder"),
+        ("run/checkpoints/step_00000028/mine.safetensors", "would write into a checkpoint folder"),
+        ("run/checkpoints/mine.safetensors", "would write into a checkpoint folder"),
+    ]:
+        result = run([sys.executable, "-m", "llm.export", "run", "--out", out], cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert expected in result.stderr, out
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 @pytest.fixture
 def umask_002():
     old = os.umask(0o002)  # not the usual 022: the files must follow the umask, not a fixed mode

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from llm.files import replacing, write_atomically
+from llm.files import checkpoint_folder, replacing, write_atomically
 
 
 def test_write_atomically_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
@@ -36,3 +36,18 @@ def test_a_temporary_file_left_by_a_killed_write_is_replaced_not_reused(tmp_path
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_checkpoint_folders_are_told_by_the_files_a_checkpoint_holds(tmp_path):
+    import torch
+
+    from llm.training.core.checkpoint import CheckpointManager
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    step = CheckpointManager(checkpoints).save(10, {"model": {"w": torch.zeros(2)}}, {})
+    assert checkpoint_folder(step / "sharded" / "x.png") == step
+    assert checkpoint_folder(checkpoints / "latest") == checkpoint_folder(checkpoints) == checkpoints
+    assert checkpoint_folder(tmp_path / "run" / "loss.png") is None
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "manifest.json").write_text("{}")  # another program's manifest alone is no checkpoint
+    assert checkpoint_folder(tmp_path / "web" / "loss.png") is None

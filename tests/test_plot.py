@@ -229,21 +229,6 @@ def test_an_earlier_image_of_another_format_is_replaced(tmp_path):
     assert text.startswith("<?xml") and "<path" in text and len(text) > 1000
 
 
-def test_checkpoint_folders_are_told_by_the_files_training_writes(tmp_path):
-    from llm.plot import CHECKPOINT_FILES, checkpoint_folder
-    from llm.training.core.checkpoint import MANIFEST, SHARED, step_name
-
-    assert CHECKPOINT_FILES == (MANIFEST, SHARED)  # plot names them itself, so that it does not import torch
-    assert step_name(10) == "step_00000010"
-    checkpoints = write_checkpoints(tmp_path / "run")
-    assert checkpoint_folder(checkpoints / "step_00000010" / "sharded" / "x.png") == checkpoints / "step_00000010"
-    assert checkpoint_folder(checkpoints) == checkpoints
-    assert checkpoint_folder(tmp_path / "run" / "loss.png") is None
-    (tmp_path / "web").mkdir()
-    (tmp_path / "web" / "manifest.json").write_text("{}")  # another program's manifest alone is no checkpoint
-    assert checkpoint_folder(tmp_path / "web" / "loss.png") is None
-
-
 def test_without_matplotlib_exits_2_with_the_install_line(tmp_path, capsys, monkeypatch):
     for name in ("matplotlib", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError

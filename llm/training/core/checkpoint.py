@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from llm.errors import UsageError, one_line
-from llm.files import fsync, write_atomically
+from llm.files import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, fsync, write_atomically
 
-MANIFEST = "manifest.json"
-SHARED = "state.pt"
+MANIFEST = CHECKPOINT_MANIFEST
+SHARED = CHECKPOINT_STATE
 SHARDED = "sharded"
 """Folder of torch.distributed.checkpoint shards, in checkpoints of FSDP runs."""
 LATEST = "latest"
