@@ -71,7 +71,7 @@ def corpus_files(spec: str) -> list[Path]:
     """
     if not spec:
         return default_corpus_files()
-    if glob.has_magic(spec):
+    if glob.has_magic(spec) and not Path(spec).expanduser().exists():  # a name with [ ] * ? is a name first
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
         if not files:
             raise UsageError(f"data.path: the glob {spec!r} matches no files")

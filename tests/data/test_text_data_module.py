@@ -151,6 +151,13 @@ def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
     assert dm.tokenizer.decode(tokens_of(dm).tolist()) == "first\n" * 40 + "middle\n" * 40 + "second\n" * 40
 
 
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
+    (tmp_path / "corpus[1].txt").write_text("the file named\n")
+    (tmp_path / "corpus1.txt").write_text("what the glob matches\n")
+    assert corpus_files(str(tmp_path / "corpus[1].txt")) == [tmp_path / "corpus[1].txt"]
+    assert corpus_files(str(tmp_path / "corpus[0-9].txt")) == [tmp_path / "corpus1.txt"]  # no such file: a glob
+
+
 def test_the_default_corpus_is_the_stdlib_sources():
     files = default_corpus_files()
     stdlib = Path(sysconfig.get_paths()["stdlib"])

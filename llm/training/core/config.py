@@ -33,6 +33,8 @@ from llm.files import write_atomically
 from llm.training.core.registry import DATA_MODULES, TASKS
 
 ENV_PREFIX = "LLM_"
+MAX_VOCAB_SIZE = 1 << 20
+"""The largest data.vocab_size: four times the largest vocabularies in use."""
 
 
 @dataclass
@@ -130,7 +132,7 @@ class DataConfig:
     tokenizer: str = "char"
     """Tokenizer: byte, char, bpe, or the path of a tokenizer.json."""
     vocab_size: int = 512
-    """Vocabulary size when training a bpe tokenizer."""
+    """Vocabulary size when training a bpe tokenizer (at most 2**20)."""
     cache_dir: str = ""
     """Where tokenized corpora are cached (default: ~/.cache/llm)."""
     num_workers: int = 0
@@ -335,6 +337,8 @@ class Config:
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
         for name in ("num_samples", "input_dim", "vocab_size"):
             _at_least(f"data.{name}", getattr(d, name), 1)
+        if d.vocab_size > MAX_VOCAB_SIZE:  # training a bpe tokenizer allocates for every entry up front
+            raise ConfigError("data.vocab_size", d.vocab_size, f"at most {MAX_VOCAB_SIZE:,}")
         _at_least("data.num_classes", d.num_classes, 2)
         _at_least("data.noise", d.noise, 0.0)
         _at_least("data.num_workers", d.num_workers, 0)

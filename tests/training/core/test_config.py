@@ -250,6 +250,7 @@ def test_yaml_cannot_construct_python_objects(tmp_path):
         (["--optimizer-lr", "fast"], ["optimizer.lr", "'fast'", "a number"]),
         (["--task", "nope"], ["task: got 'nope'", "regression, classification, lm or package.module:Class"]),
         (["--task", "no.such.module:Task"], ["cannot import task module 'no.such.module'"]),
+        (["--data-vocab-size", str(2**32)], ["data.vocab_size: got 4294967296", "at most 1,048,576"]),
         (["--task", "collections:OrderedDict"], ["not a TrainingTask subclass"]),
         (["--data-module", "synthetc"], ["data.module: got 'synthetc'", "did you mean synthetic"]),
     ],
