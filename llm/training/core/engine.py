@@ -396,11 +396,11 @@ class TrainingEngine:
                                   f"start a new run with --logging-log-dir DIR, or export its weights")
         saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
-        changed = resume.config_changes(saved, now)
-        if changed:
-            self.print("resuming with a changed config: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}"
-                                                                      for k in changed))
-        resume.check_changes(changed, self.config.checkpoint.allow_config_change, path)
+        changed, files = resume.config_changes(saved, now), resume.changed_artifacts(self.task, path)
+        if changed or files:
+            self.print("resuming with a changed config: " + ", ".join(
+                [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed] + [f"{name} differs" for name in files]))
+        resume.check_changes(changed, self.config.checkpoint.allow_config_change, path, files)
         progress = shared["progress"]
         self.step, self.epoch = progress["step"], progress["epoch"]
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],

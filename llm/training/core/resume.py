@@ -3,8 +3,11 @@ on resume, and what a run must restore to continue exactly where it stopped (ran
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import random
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,9 +163,28 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "checkpoint.resume")
 
 
-def check_changes(changed: list[str], allowed: bool, path: Path) -> None:
-    """Refuse changes that break the model, the data order or the optimizer's state, unless ``allowed``."""
+def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
+    """The files the task writes beside the weights (``save_artifacts``: a tokenizer, the model's shape) that
+    this run would write otherwise than the checkpoint holds them: a corpus or a tokenizer file edited since,
+    which the config does not show. JSON files are compared as what they hold, not byte for byte."""
+    def content(path: Path) -> Any:
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            with contextlib.suppress(ValueError):
+                return json.loads(data)
+        return data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        task.save_artifacts(Path(tmp))
+        return sorted(f.name for f in Path(tmp).iterdir()
+                      if f.is_file() and (checkpoint / f.name).is_file() and content(f) != content(checkpoint / f.name))
+
+
+def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = ()) -> None:
+    """Refuse changes that break the model, the data order or the optimizer's state, unless ``allowed``:
+    settings (``changed``), and the task's files (``files``, from changed_artifacts)."""
     binding = [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
+    binding += [f"{name} (as this run builds it)" for name in files]
     if binding and not allowed:
         raise UsageError(
             f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "

@@ -142,6 +142,35 @@ def test_building_without_a_text_data_module_fails_clearly(task):
         task.build_model()
 
 
+def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_allowed(tmp_path):
+    from llm.training.core.engine import TrainingEngine
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+
+    def config(**checkpoint):
+        return Config.from_dict({
+            "task": "lm", "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache")},
+            "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+            "training": {"batch_size": 8, "max_steps": 3, "epochs": 1},
+            "logging": {"log_dir": str(tmp_path / "run"), "progress_bar": False},
+            "checkpoint": {"resume": "auto", **checkpoint},
+        })
+
+    def train(cfg):
+        engine = TrainingEngine(cfg, LMTask(cfg))
+        engine.train()
+        return engine
+
+    train(config())
+    assert train(config()).step == 3  # the same corpus: the same tokenizer, nothing refused
+    corpus.write_text(TEXT.replace("c", "\u00e9"))  # as many characters: only their meaning moves
+    with pytest.raises(UsageError, match=r"cannot resume .*step_00000003: tokenizer\.json \(as this run builds it\) "
+                                         r"changed.*--checkpoint-allow-config-change true"):
+        train(config())
+    assert train(config(allow_config_change=True)).step == 3
+
+
 # ---- load_lm: a trained model back from its checkpoint ----------------------------------------
 
 
