@@ -84,4 +84,5 @@ class TrainingTask(ABC):
         return metrics
 
     def save_artifacts(self, directory: Path) -> None:
-        """Write files needed to use the model on its own (e.g. a tokenizer) into ``directory``."""
+        """Write files needed to use the model on its own (e.g. a tokenizer) into ``directory``: the same
+        files for the same model and data (a resume compares them with the checkpoint's)."""
