@@ -396,7 +396,9 @@ class TrainingEngine:
                                   f"start a new run with --logging-log-dir DIR, or export its weights")
         saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
-        changed, files = resume.config_changes(saved, now), resume.changed_artifacts(self.task, path)
+        changed = resume.config_changes(saved, now)
+        # the task's files, when no setting already says why they would differ (model.*, data.*)
+        files = [] if resume.binding_changes(changed) else resume.changed_artifacts(self.task, path)
         if changed or files:
             self.print("resuming with a changed config: " + ", ".join(
                 [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed] + [f"{name} differs" for name in files]))

@@ -180,11 +180,15 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
                       if f.is_file() and (checkpoint / f.name).is_file() and content(f) != content(checkpoint / f.name))
 
 
+def binding_changes(changed: list[str]) -> list[str]:
+    """The settings among ``changed`` that bind a checkpoint to its model, data order or optimizer."""
+    return [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
+
+
 def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = ()) -> None:
     """Refuse changes that break the model, the data order or the optimizer's state, unless ``allowed``:
     settings (``changed``), and the task's files (``files``, from changed_artifacts)."""
-    binding = [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
-    binding += [f"{name} (as this run builds it)" for name in files]
+    binding = binding_changes(changed) + [f"{name} (as this run builds it)" for name in files]
     if binding and not allowed:
         raise UsageError(
             f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "
