@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config.from_args_and_env(argv)
         if "--print-config" in argv:
-            print(config.to_yaml(), end="")
+            say(config.to_yaml().rstrip("\n"))
             return 0
         rank, world_size, local_rank = D.env_ranks()
         asked_dir = config.logging.log_dir  # a fresh run may move on to the next free name

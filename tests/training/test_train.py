@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -41,6 +42,10 @@ def test_a_reader_of_stdout_that_goes_away_does_not_end_the_run(tmp_path):
     assert process.stderr.read() == b""
     summary = json.loads((tmp_path / "runs/regression/summary.json").read_text())
     assert summary["epochs"] == 3 and (tmp_path / "runs/regression/checkpoints/latest").exists()
+    # `--print-config | head -0`: nobody reads the config, which is no error either
+    printed = subprocess.run(f"{shlex.quote(sys.executable)} -m llm.training.train --print-config | head -0",
+                             shell=True, cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert printed.returncode == 0 and printed.stderr == "", printed.stderr
 
 
 def test_bad_flag_exits_2_with_one_line_and_no_traceback(tmp_path):

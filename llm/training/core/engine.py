@@ -399,10 +399,10 @@ class TrainingEngine:
         changed = resume.config_changes(saved, now)
         # the task's files, when no setting already says why they would differ (model.*, data.*)
         files = [] if resume.binding_changes(changed) else resume.changed_artifacts(self.task, path)
+        resume.check_changes(changed, self.config.checkpoint.allow_config_change, path, files)
         if changed or files:
             self.print("resuming with a changed config: " + ", ".join(
                 [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed] + [f"{name} differs" for name in files]))
-        resume.check_changes(changed, self.config.checkpoint.allow_config_change, path, files)
         progress = shared["progress"]
         self.step, self.epoch = progress["step"], progress["epoch"]
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],

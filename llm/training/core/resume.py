@@ -153,14 +153,16 @@ BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.gr
                   "world_size", "optimizer.name")
 """Settings a resumed run cannot change without training a different model, on different data, or with an
 optimizer that cannot take the saved state (allowed, it starts afresh)."""
+HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change")
+"""Settings that say how to resume, not what the run is: never a change."""
 HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
 """Settings that change neither the model, nor the data order, nor the schedule."""
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The settings that differ between a checkpoint's flattened config and this run's (each with a
-    ``world_size`` entry), ``checkpoint.resume`` aside."""
-    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "checkpoint.resume")
+    ``world_size`` entry), but for those that say how to resume (checkpoint.resume, allow_config_change)."""
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME)
 
 
 def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:

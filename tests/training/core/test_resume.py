@@ -24,14 +24,18 @@ def test_the_position_in_an_epoch_converts_across_processes_and_batch_sizes():
 
 
 def test_config_changes_lists_what_changed_and_refuses_what_binds_unless_allowed():
-    saved = {"task": "lm", "training.epochs": 2, "data.num_workers": 0, "world_size": 1, "checkpoint.resume": ""}
-    now = {**saved, "training.epochs": 4, "data.num_workers": 2, "checkpoint.resume": "auto"}
+    saved = {"task": "lm", "training.epochs": 2, "data.num_workers": 0, "world_size": 1, "checkpoint.resume": "",
+             "checkpoint.allow_config_change": True}
+    now = {**saved, "training.epochs": 4, "data.num_workers": 2, "checkpoint.resume": "auto",
+           "checkpoint.allow_config_change": False}  # how to resume is no change of the run
     assert config_changes(saved, now) == ["data.num_workers", "training.epochs"]
     check_changes(config_changes(saved, now), allowed=False, path=Path("ckpt"))  # nothing that binds
     binding = config_changes(saved, {**now, "world_size": 2, "model.n_layer": 4})
     with pytest.raises(UsageError, match=r"cannot resume ckpt: model\.n_layer, world_size changed"):
         check_changes(binding, allowed=False, path=Path("ckpt"))
     check_changes(binding, allowed=True, path=Path("ckpt"))
+    with pytest.raises(UsageError, match=r"cannot resume ckpt: tokenizer\.json \(as this run builds it\) changed"):
+        check_changes([], allowed=False, path=Path("ckpt"), files=["tokenizer.json"])
 
 
 def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():

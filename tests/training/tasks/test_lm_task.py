@@ -142,7 +142,7 @@ def test_building_without_a_text_data_module_fails_clearly(task):
         task.build_model()
 
 
-def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_allowed(tmp_path):
+def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_allowed(tmp_path, capsys):
     from llm.training.core.engine import TrainingEngine
 
     corpus = tmp_path / "corpus.txt"
@@ -165,9 +165,11 @@ def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_al
     train(config())
     assert train(config()).step == 3  # the same corpus: the same tokenizer, nothing refused
     corpus.write_text(TEXT.replace("c", "\u00e9"))  # as many characters: only their meaning moves
+    capsys.readouterr()
     with pytest.raises(UsageError, match=r"cannot resume .*step_00000003: tokenizer\.json \(as this run builds it\) "
                                          r"changed.*--checkpoint-allow-config-change true"):
         train(config())
+    assert "resuming" not in capsys.readouterr().out  # a refused resume does not first announce itself
     assert train(config(allow_config_change=True)).step == 3
 
 
