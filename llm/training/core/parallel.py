@@ -35,9 +35,11 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
         if not blocks(model):
             raise UsageError("training.activation_checkpointing needs a model with a .blocks list of layers (as the GPT has)")
         for block in blocks(model):
-            # an instance attribute: the state dict keys stay those of the plain model
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    if t.compile:
+            # checkpoint() is hidden from the compiler: what it calls must be compiled already. An instance
+            # attribute: the state dict keys stay those of the plain model
+            forward = torch.compile(block.forward) if t.compile else block.forward
+            block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+    elif t.compile:
         # regional: compiling each block (they share code, so it compiles once) is much faster than the
         # whole model; Module.compile is in place, so parameter names do not change
         for part in blocks(model) or [model]:

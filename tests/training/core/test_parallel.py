@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
@@ -51,6 +52,13 @@ def test_compiled_blocks_train_like_eager_and_report_the_first_step_apart(tmp_pa
     compiled, metrics = train_lm(lm_config(tmp_path / "b", training={"compile": True}, optimizer=sgd))
     assert_close(weights(eager.raw_model), weights(compiled.raw_model), rtol=1e-5, atol=1e-6)
     assert metrics["first_step_s"] > 0 and "tokens_per_s" in metrics
+    # with activation checkpointing too: still compiled (checkpoint() hides what it calls from the compiler)
+    torch._dynamo.reset()
+    counters.clear()
+    both, _ = train_lm(lm_config(tmp_path / "c", training={"compile": True, "activation_checkpointing": True},
+                                 optimizer=sgd))
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["stats"]["calls_captured"] > 0
+    assert_close(weights(eager.raw_model), weights(both.raw_model), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
