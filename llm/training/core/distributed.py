@@ -87,8 +87,12 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
         raise UsageError(f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                          f"not: start the processes with torchrun, which sets them all, or unset WORLD_SIZE")
     backend = config.distributed.backend
+    device = pick_device(config, local_rank)
     if backend == "auto":
-        backend = "nccl" if pick_device(config, local_rank).type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
+        raise UsageError("distributed.backend nccl needs CUDA devices and a torch built with NCCL: "
+                         "use --distributed-backend gloo (or auto) on the CPU")
     dist.init_process_group(
         backend, rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=config.distributed.timeout_s),
