@@ -134,6 +134,37 @@ def torchrun(nproc: int, script: str | Path, *flags: str, cwd: Path, **kwargs: A
     return run([*launcher, str(script), *flags], cwd=cwd, **kwargs)
 
 
+def two_nodes(script: str | Path, *flags: str, cwd: Path, done: list[Path], torchrun_flags: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, timeout: float = 240) -> None:
+    """Two torchrun agents with --nnodes=2, one process each, against a rendezvous on 127.0.0.1: two "nodes"
+    of this machine, as docs/distributed.md starts them. Returns once every path in ``done`` exists."""
+    import pytest
+
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *torchrun_flags,
+             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=llm-test",
+             str(script), *flags]
+    logs = [open(cwd / f"agent{i}.log", "w") for i in range(2)]
+    nodes = [subprocess.Popen(agent, cwd=cwd, env=cli_env(env), stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    output = lambda: "".join(p.read_text()[-2000:] for p in cwd.glob("agent*.log"))  # noqa: E731
+    try:
+        # the training is what is tested; an agent can then linger in torchrun's exit barrier on a busy machine
+        deadline = time.monotonic() + timeout
+        while not all(p.exists() for p in done) and time.monotonic() < deadline:
+            if any(n.poll() not in (None, 0) for n in nodes):
+                pytest.fail(output())
+            time.sleep(0.5)
+        if not all(p.exists() for p in done):
+            pytest.fail(output())
+    finally:
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        for log in logs:
+            log.close()
+
+
 # ---- tasks that misbehave on purpose ---------------------------------------------------
 
 from llm.training.tasks.regression_task import RegressionTask  # noqa: E402

@@ -98,7 +98,7 @@ def _free_run_dir(base: Path) -> Path:
     launch = D.launch_id() if D.restarted() else None
     candidate, n = base, 1
     while candidate.is_dir() and any(candidate.iterdir()):
-        if launch is not None and D.launched_by(candidate) == launch:
+        if launch is not None and launch in D.launched_by(candidate):
             break
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")

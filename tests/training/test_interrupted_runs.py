@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import run, torchrun
+from tests.helpers import run, torchrun, two_nodes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 FLAGS = ["--model-n-layer", "2", "--model-n-embd", "16", "--model-dropout", "0.1", "--data-num-samples", "512",
@@ -194,6 +194,24 @@ def test_torchrun_max_restarts_resumes_a_dead_worker_in_its_launchs_folder_not_a
     assert "resumed from runs/regression-2/checkpoints/step_00000008" in out.stdout
     assert sorted(p.name for p in earlier.iterdir()) == ["notes.txt"]
     assert_same(reference_2proc[0], weights(tmp_path / "runs/regression-2", 0))
+
+
+def test_torchrun_max_restarts_on_two_nodes_resumes_every_rank_in_the_launchs_folder(tmp_path, reference_2proc):
+    # torchrun counts a restart only on the node whose worker failed: the other node's restarted worker is told
+    # it is a first start. The ranks agree that the launch was restarted, and find its folder from either node.
+    earlier = tmp_path / "runs/regression"
+    earlier.mkdir(parents=True)
+    (earlier / "notes.txt").write_text("an earlier run\n")
+    flags = [f for f in FLAGS if f not in ("--checkpoint-resume", "auto")]  # a fresh run, as users start one
+    run_dir = tmp_path / "runs/regression-2"
+    two_nodes(WORKER, *flags, cwd=tmp_path, torchrun_flags=("--max-restarts=1",),
+              env={"KILL_AT_STEP": "9", "KILL_RANK": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+              done=[run_dir / "weights_rank0.pt", run_dir / "weights_rank1.pt", run_dir / "summary.json"])
+    assert (run_dir / ".fired-KILL_AT_STEP").exists() and not (tmp_path / "runs/regression-3").exists()
+    assert "resumed from runs/regression-2/checkpoints/step_00000008" in (tmp_path / "agent0.log").read_text() + \
+        (tmp_path / "agent1.log").read_text()
+    for rank in (0, 1):
+        assert_same(reference_2proc[rank], weights(run_dir, rank))
 
 
 def test_a_stopped_run_in_the_next_free_folder_is_told_how_to_continue_there(tmp_path):

@@ -6,7 +6,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from llm.training.core import distributed as D
 from llm.training.train import _free_run_dir, main
-from tests.helpers import REPO, SCRIPTS, cli_env, free_port, run, torchrun, train_cli
+from tests.helpers import REPO, SCRIPTS, cli_env, free_port, run, torchrun, train_cli, two_nodes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 SMALL = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-num-samples", "512", "--data-input-dim", "4",
@@ -211,31 +210,8 @@ def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):
 
 def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
     """The multi-node recipe of docs/distributed.md, with both "nodes" on this machine."""
-    port = free_port()
-    worker = Path(__file__).with_name("dist_worker.py")
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=llm-test",
-             str(worker), *SMALL, "--epochs", "2", "--logging-log-dir", str(tmp_path / "run")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
-    env["PYTHONPATH"] = str(REPO)
-    logs = [open(tmp_path / f"agent{i}.log", "w") for i in range(2)]
-    nodes = [subprocess.Popen(agent, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
-    try:
-        # the training is what is tested; an agent can then linger in torchrun's exit barrier on a busy machine
-        deadline = time.monotonic() + 240
-        done = [tmp_path / f"run/weights_rank{r}.pt" for r in (0, 1)] + [tmp_path / "run/summary.json"]
-        while not all(p.exists() for p in done) and time.monotonic() < deadline:
-            assert all(n.poll() in (None, 0) for n in nodes), "".join(p.read_text() for p in tmp_path.glob("agent*.log"))
-            time.sleep(0.5)
-        assert all(p.exists() for p in done), "".join(p.read_text()[-2000:] for p in tmp_path.glob("agent*.log"))
-    finally:
-        for node in nodes:
-            try:
-                node.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                node.kill()
-        for log in logs:
-            log.close()
+    done = [tmp_path / f"run/weights_rank{r}.pt" for r in (0, 1)] + [tmp_path / "run/summary.json"]
+    two_nodes(WORKER, *SMALL, "--epochs", "2", "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, done=done)
     rank0, rank1 = (torch.load(tmp_path / f"run/weights_rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name

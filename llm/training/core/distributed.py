@@ -33,8 +33,19 @@ LAUNCH_FILE = ".launch"
 
 
 def restarted() -> bool:
-    """Whether torchrun restarted this worker after a failure (``--max-restarts``)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    """Whether torchrun restarted the workers after a failure (``--max-restarts``); the same on every rank."""
+    return attempt() > 0
+
+
+def attempt() -> int:
+    """Which start of this launch this is: 0 the first, more after torchrun restarted the workers.
+
+    torchrun counts restarts per node, and a node whose workers it restarts because
+    another node's failed keeps its count: every rank's own count would not agree.
+    Once the process group exists, the ranks' counts are added up (``_attempt``), a
+    number every rank shares and every restart raises.
+    """
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) if _attempt is None else _attempt
 
 
 def launch_id() -> str | None:
@@ -60,12 +71,12 @@ def _start_time(pid: int) -> str:
         return "?"
 
 
-def launched_by(run_dir: Path) -> str | None:
-    """The launch recorded in ``run_dir``, if any."""
+def launched_by(run_dir: Path) -> set[str]:
+    """The launches recorded in ``run_dir``: one per node, since rank 0 may start on another node after a restart."""
     try:
-        return (run_dir / LAUNCH_FILE).read_text().strip()
+        return set((run_dir / LAUNCH_FILE).read_text().split("\n")) - {""}
     except (OSError, UnicodeDecodeError):
-        return None
+        return set()
 
 
 def pick_device(config: Config, local_rank: int) -> torch.device:
@@ -97,18 +108,22 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
         backend, rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=config.distributed.timeout_s),
     )
-    global _store
+    global _store, _attempt
+    count = torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
+    dist.all_reduce(count)
+    _attempt = int(count.item())
     # kept apart from the group: after a collective fails, ranks still leave word here for each other
     _store = dist.distributed_c10d._get_default_store()
 
 
 _store: dist.Store | None = None
+_attempt: int | None = None
 _STORE_WAIT = datetime.timedelta(seconds=5)
 
 
 def _key(kind: str, rank: int) -> str:
     # a worker restarted by torchrun must not read what the ranks of an earlier attempt left
-    return f"llm/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/{kind}/{rank}"
+    return f"llm/{attempt()}/{kind}/{rank}"
 
 
 def record_failure(rank: int, error: BaseException) -> None:

@@ -303,12 +303,13 @@ class TrainingEngine:
         self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
         self._params = list(self.model.parameters())
         self._clip = cfg.training.grad_clip or math.inf
+        launches = D.gather(D.launch_id())  # each node's: rank 0 may start on another one after a restart
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_to_yaml(self.run_dir / "config.yaml")
             self.task.save_artifacts(self.run_dir)
             if D.launch_id() is not None:  # so that workers torchrun restarts come back to this folder
-                (self.run_dir / D.LAUNCH_FILE).write_text(D.launch_id() + "\n")
+                (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
         """One validation step on one batch, before anything is written or wrapped.

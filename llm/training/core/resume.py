@@ -108,7 +108,7 @@ def find_start(config: Config, run_dir: Path) -> Start:
 
 def _restarted_here(run_dir: Path) -> bool:
     """Whether torchrun restarted this launch, which wrote the run folder before."""
-    return D.restarted() and D.launch_id() is not None and D.launched_by(run_dir) == D.launch_id()
+    return D.restarted() and D.launch_id() is not None and D.launch_id() in D.launched_by(run_dir)
 
 
 def _branched_here(run_dir: Path, spec: str) -> bool:
