@@ -82,9 +82,9 @@ class OptimizerConfig:
     beta2: float = 0.999
     """Second moment decay (adam, adamw)."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to lr over this many optimizer steps."""
+    """Linear warmup from 0 to lr over this many optimizer steps (not in classification's own schedule)."""
     scheduler: Literal["constant", "cosine", "linear"] = "cosine"
-    """Learning-rate decay after warmup, down to min_lr at the last step."""
+    """Learning-rate decay after warmup, down to min_lr at the last step (classification: always cosine)."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
 

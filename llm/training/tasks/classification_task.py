@@ -1,6 +1,9 @@
 """ClassificationTask: an MLP classifier with cross-entropy and accuracy.
 
-Written against the usage guide alone, as a user would write their own task.
+Written against the usage guide alone, as a user would write their own task,
+with a learning-rate schedule of its own: cosine from optimizer.lr down to
+optimizer.min_lr over the run, without warmup (optimizer.scheduler and
+warmup_steps are for the built-in schedule, which this task does not use).
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ import torch
 from torch import nn, optim
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
+from llm.training.core.optim import build_optimizer
 from llm.training.tasks.base_task import TrainingTask
+from llm.training.tasks.regression_task import mlp
 
 
 class ClassificationTask(TrainingTask):
@@ -17,12 +22,10 @@ class ClassificationTask(TrainingTask):
 
     def build_model(self) -> nn.Module:
         d, m = self.config.data, self.config.model
-        act = nn.Sequential(nn.ReLU(), nn.Dropout(m.dropout)) if m.dropout else nn.ReLU()  # weight names as without
-        return nn.Sequential(nn.Linear(d.input_dim, m.n_embd), act, nn.Linear(m.n_embd, d.num_classes))
+        return mlp(d.input_dim, m.n_embd, m.n_layer, d.num_classes, m.dropout)
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
-        o = self.config.optimizer
-        return optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        return build_optimizer(model, self.config.optimizer)
 
     def build_scheduler(self, optimizer: optim.Optimizer) -> LRScheduler | None:
         # total_steps is set by the engine before this is called
