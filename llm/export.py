@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from llm.cli import ArgParser, one_line_warnings
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
-from llm.files import checkpoint_folder, replacing
+from llm.files import refuse_checkpoint_folder, replacing
 from llm.models.hf import NotGPT2, to_gpt2_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, resolve_checkpoint
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
@@ -127,7 +127,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 def check_hf_out(out: Path) -> None:
     """Refuse an ``--out`` for ``--format hf`` unless it is a new or empty folder, or an earlier such export."""
-    _not_in_a_checkpoint(out)
+    refuse_checkpoint_folder(out, "export elsewhere")
     if out.suffix in (".safetensors", ".json"):
         raise UsageError(f"--out {out}: --format hf writes a folder (config.json, model.safetensors, ...), "
                          f"not one file: name a folder, such as {out.with_suffix('')}")
@@ -167,7 +167,7 @@ def _check_gpt2_names(transformers, config, hf_state: dict[str, torch.Tensor]) -
 
 def check_out(out: Path) -> None:
     """Refuse an ``--out`` whose weights or description would replace a file that is not an earlier export."""
-    _not_in_a_checkpoint(out)
+    refuse_checkpoint_folder(out, "export elsewhere")
     if out.is_dir() or out.name in ("", ".", ".."):
         raise UsageError(f"--out {out} is a folder: name the file to write, such as {out / 'model.safetensors'}")
     description = out.with_suffix(".json")
@@ -183,13 +183,6 @@ def check_out(out: Path) -> None:
     if description.exists() and not _is_description(description):
         raise UsageError(f"--out {out}: {description} exists and is not the description of an export, "
                          f"so it is left as it is: choose another --out")
-
-
-def _not_in_a_checkpoint(out: Path) -> None:
-    checkpoints = checkpoint_folder(out)
-    if checkpoints is not None:
-        raise UsageError(f"--out {out} would write into a checkpoint folder ({checkpoints}), which retention "
-                         f"deletes whole and where a file can break a checkpoint: export elsewhere")
 
 
 def _is_export(path: Path) -> bool:

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from llm.errors import UsageError
+
 CHECKPOINT_MANIFEST = "manifest.json"
 """A checkpoint folder's list of its files with their sizes and hashes, written last."""
 CHECKPOINT_STATE = "state.pt"
@@ -66,3 +68,11 @@ def checkpoint_folder(path: str | os.PathLike) -> Path | None:
     path = Path(path).resolve()
     return next((folder for folder in (path, *path.parents)
                  if is_checkpoint(folder) or any(map(is_checkpoint, folder.glob("step_*")))), None)
+
+
+def refuse_checkpoint_folder(out: Path, instead: str) -> None:
+    """UsageError when a tool's ``--out`` would write into a checkpoint folder; ``instead``: what to do."""
+    checkpoints = checkpoint_folder(out)
+    if checkpoints is not None:
+        raise UsageError(f"--out {out} would write into a checkpoint folder ({checkpoints}), where a file can "
+                         f"break a checkpoint and retention deletes it with the checkpoint: {instead}")

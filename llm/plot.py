@@ -27,7 +27,7 @@ from typing import Any
 
 from llm.cli import ArgParser
 from llm.errors import EXIT_USAGE, UsageError, print_error
-from llm.files import checkpoint_folder, replacing
+from llm.files import refuse_checkpoint_folder, replacing
 
 Curve = list[tuple[int, float]]
 """(step, value) pairs, sorted by step."""
@@ -151,10 +151,7 @@ def check_out(out: Path) -> str:
         raise UsageError("llm.plot needs matplotlib: pip install matplotlib") from None
 
     formats = ", ".join(f".{name}" for name in sorted(FigureCanvasAgg.get_supported_filetypes()))
-    checkpoints = checkpoint_folder(out)
-    if checkpoints is not None:
-        raise UsageError(f"--out {out} would write into a checkpoint folder ({checkpoints}), where a file "
-                         f"can break a checkpoint: write the plot elsewhere")
+    refuse_checkpoint_folder(out, "write the plot elsewhere")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: name the image to write, such as {out / 'loss.png'}")
     fmt = out.suffix[1:].lower()
