@@ -116,7 +116,7 @@ def checkpoint_flag(tool: str, path: str) -> list[str]:
 
 CASES = [
     # config: YAML, flags, environment
-    Case("yaml-does-not-parse", "train", ["--config", "bad.yaml", *CONTINUE], ["bad.yaml", "not valid YAML", "line 3"],
+    Case("yaml-does-not-parse", "train", ["--config", "bad.yaml", *CONTINUE], ["bad.yaml", "not valid YAML", "line 3, column 14"],
          files={"bad.yaml": "training:\n  epochs: 1\n   batch_size: 2\n"}),
     Case("yaml-top-level-not-a-mapping", "train", ["--config", "list.yaml", *CONTINUE],
          ["list.yaml", "top level must be a mapping"], files={"list.yaml": "- 1\n- 2\n"}),
@@ -136,7 +136,7 @@ CASES = [
     Case("odd-head-size-with-rotary-positions", "train", [*LM, *CONTINUE, "--model-n-embd", "6", "--model-n-head", "2"],
          ["model.n_embd", "even head size", "--model-pos-emb learned"]),
     pytest.param(
-        Case("environment-variable-wrong-type", "train", [*LM, *CONTINUE], ["LLM_TRAINING_BATCH_SIZE", "'many'"],
+        Case("environment-variable-wrong-type", "train", [*LM, *CONTINUE], ["LLM_TRAINING_BATCH_SIZE", "training.batch_size", "'many'", "an integer"],
              env={"LLM_TRAINING_BATCH_SIZE": "many"})),
     # data
     Case("data-path-missing", "train", [*LM, *CONTINUE, "--data-path", "nope.txt"],

@@ -16,6 +16,13 @@ TOOLS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def python_warning_format(monkeypatch):
+    """Each tool installs its one-line warning format for the rest of the process. Start every test from
+    another format, and put the original back after it, so that a test can tell whether a tool installed it."""
+    monkeypatch.setattr(warnings, "formatwarning", lambda message, *args, **kwargs: f"python's format: {message}\n")
+
+
 def test_a_parse_error_raises_usage_error_instead_of_exiting():
     with pytest.raises(UsageError, match=r"^unrecognized arguments: --nope$"):
         ArgParser(prog="tool").parse_args(["--nope"])
@@ -29,15 +36,13 @@ def test_an_unknown_flag_exits_2_with_one_line_on_stderr(tool, capsys):
     assert out.out == "" and out.err == "error: unrecognized arguments: --bogus\n"
 
 
-def test_one_line_warnings_drops_file_line_and_category(monkeypatch):
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+def test_one_line_warnings_drops_file_line_and_category():
     one_line_warnings()
     assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12, "warnings.warn(...)") == "warning: skipping x\n"
 
 
 @pytest.mark.parametrize("tool", ["generate", "evaluate", "export", "train"])
-def test_tools_that_load_checkpoints_print_warnings_in_one_line(tool, monkeypatch, capsys):
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+def test_tools_that_load_checkpoints_print_warnings_in_one_line(tool, capsys):
     main, required = TOOLS[tool]
     main([*required, "--bogus"])
     assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12) == "warning: skipping x\n"

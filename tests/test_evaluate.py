@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,6 +127,20 @@ def test_prints_loss_perplexity_and_tokens_of_the_whole_file(step_dir, loaded, t
     assert ppl == pytest.approx(math.exp(expected), rel=1e-3)
     assert tokens == len(HELD_OUT) - 1 and ckpt == step_dir
     assert loss < math.log(tokenizer.vocab_size) - 0.2  # trained weights: an untrained model scores about log V
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_one_line_warning(step_dir, tmp_path):
+    older, newest = tmp_path / "checkpoints" / "step_00000010", tmp_path / "checkpoints" / "step_00000030"
+    shutil.copytree(step_dir, older)
+    shutil.copytree(step_dir, newest)
+    state = bytearray((newest / "state.pt").read_bytes())
+    state[len(state) // 2] ^= 0xFF
+    (newest / "state.pt").write_bytes(bytes(state))
+    (tmp_path / "held_out.txt").write_text(HELD_OUT)
+    out = evaluate_cli("--checkpoint", str(tmp_path), "--data-path", "held_out.txt", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == f"warning: skipping checkpoint {newest}: state.pt does not match its sha256 checksum\n"
+    assert out.stdout.rstrip("\n").endswith(f"checkpoint {older}")
 
 
 @pytest.mark.parametrize("data, flags, message", [

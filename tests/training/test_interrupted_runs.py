@@ -158,7 +158,8 @@ def test_resuming_two_processes_checkpoint_on_one_is_refused_unless_allowed(tmp_
     {"KILL_AT_STEP": "7", "KILL_RANK": "1"},  # mid-epoch, three steps after a checkpoint
     {"KILL_IN_SAVE": "8", "KILL_RANK": "0"},  # rank 0 dies while writing checkpoint 8: resume from 4
 ])
-def test_two_processes_sigkill_of_one_rank_then_resume_matches(tmp_path, reference_2proc, fault):
+def test_two_processes_sigkill_of_one_rank_then_resume_matches(tmp_path, reference_2proc, reference_2proc_dir,
+                                                             fault):
     killed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, env=fault)
     assert killed.returncode != 0
     assert (tmp_path / "run" / f".fired-{next(iter(fault))}").exists()
@@ -166,16 +167,22 @@ def test_two_processes_sigkill_of_one_rank_then_resume_matches(tmp_path, referen
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):
         assert_same(reference_2proc[rank], weights(tmp_path / "run", rank))
+    assert_logged_the_same(reference_2proc_dir, tmp_path / "run")
 
 
-def test_two_processes_sigterm_on_one_rank_stops_and_saves_on_both(tmp_path, reference_2proc):
+def test_two_processes_sigterm_on_one_rank_stops_and_saves_on_both(tmp_path, reference_2proc, reference_2proc_dir):
+    # step 5 is off the every-4-steps schedule: only the stop itself can have saved it
     stopped = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path,
                        env={"TERM_AT_STEP": "5", "TERM_RANK": "1"})
     assert stopped.returncode != 0
     assert stopped.stderr.count("stopped by SIGTERM at step 5") == 2
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000005"
     resumed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same(reference_2proc[0], weights(tmp_path / "run", 0))
+    assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
+    for rank in (0, 1):
+        assert_same(reference_2proc[rank], weights(tmp_path / "run", rank))
+    assert_logged_the_same(reference_2proc_dir, tmp_path / "run", extra={("train", 5)})
 
 
 def test_torchrun_max_restarts_resumes_a_dead_worker_in_its_launchs_folder_not_an_earlier_runs(tmp_path,
@@ -248,6 +255,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path):
     assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
     for rank in (0, 1):  # each rank's final shard of the weights, as a plain state dict
         assert_same(weights(tmp_path / "ref", rank), weights(tmp_path / "run", rank))
+    assert_logged_the_same(tmp_path / "ref", tmp_path / "run")
     exported = run([sys.executable, "-m", "llm.export", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")],
                    cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr

@@ -356,6 +356,9 @@ def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
         def on_epoch_end(self, engine, metrics):
             raise ValueError("bad callback")
 
+        def on_train_end(self, engine, metrics):
+            raise OSError("its clean-up fails too")  # neither hides the first error nor stops the others' clean-up
+
     recorder = Recorder()
     with pytest.raises(CallbackError, match="Broken.on_epoch_end failed: ValueError: bad callback"):
         train(tiny_config(tmp_path), callbacks=[Broken(), recorder])
@@ -388,11 +391,13 @@ def test_resume_with_a_changed_model_is_refused_unless_allowed(tmp_path, capsys)
 
 def test_resume_with_harmless_changes_goes_through(tmp_path, capsys):
     first, _ = train(tiny_config(tmp_path, training={"epochs": 1}))
-    more = tiny_config(tmp_path, training={"epochs": 2}, optimizer={"lr": 0.01}, checkpoint={"resume": "auto"})
+    more = tiny_config(tmp_path, training={"epochs": 2}, optimizer={"lr": 0.01}, checkpoint={"resume": "auto"},
+                       data={"cache_dir": str(tmp_path / "elsewhere"), "num_workers": 1})
     engine, _ = train(more)
     assert engine.step == 2 * first.step
     out = capsys.readouterr().out
     assert "training.epochs 1 -> 2" in out and "optimizer.lr 0.02 -> 0.01" in out
+    assert "data.num_workers 0 -> 1" in out and "data.cache_dir" in out
 
 
 def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_third_runs(tmp_path, capsys):

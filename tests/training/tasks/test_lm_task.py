@@ -142,15 +142,18 @@ def test_building_without_a_text_data_module_fails_clearly(task):
         task.build_model()
 
 
-def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_allowed(tmp_path, capsys):
+@pytest.mark.parametrize("edited", ["corpus", "tokenizer file"])
+def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_allowed(tmp_path, capsys, edited):
     from llm.training.core.engine import TrainingEngine
 
-    corpus = tmp_path / "corpus.txt"
+    corpus, tokenizer_file = tmp_path / "corpus.txt", tmp_path / "chars.json"
     corpus.write_text(TEXT)
+    CharTokenizer({*TEXT, "\u00e9"}).save(tokenizer_file)
+    tokenizer = {"tokenizer": str(tokenizer_file)} if edited == "tokenizer file" else {}
 
     def config(**checkpoint):
         return Config.from_dict({
-            "task": "lm", "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache")},
+            "task": "lm", "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), **tokenizer},
             "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
             "training": {"batch_size": 8, "max_steps": 3, "epochs": 1},
             "logging": {"log_dir": str(tmp_path / "run"), "progress_bar": False},
@@ -164,7 +167,10 @@ def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_al
 
     train(config())
     assert train(config()).step == 3  # the same corpus: the same tokenizer, nothing refused
-    corpus.write_text(TEXT.replace("c", "\u00e9"))  # as many characters: only their meaning moves
+    if edited == "corpus":
+        corpus.write_text(TEXT.replace("c", "\u00e9"))  # as many characters: only their meaning moves
+    else:
+        CharTokenizer({*TEXT, "!"}).save(tokenizer_file)  # as many ids, "!" sorts first: every id moves
     capsys.readouterr()
     with pytest.raises(UsageError, match=r"cannot resume .*step_00000003: tokenizer\.json \(as this run builds it\) "
                                          r"changed.*--checkpoint-allow-config-change true"):
@@ -252,9 +258,10 @@ def test_load_lm_names_what_is_wrong_in_one_line(run_dir, tmp_path, breakage, re
     assert re.fullmatch(message, str(caught.value)), str(caught.value)
 
 
-def test_load_lm_checks_the_device_first(run_dir):
+def test_load_lm_checks_the_device_first(tmp_path):
+    missing = tmp_path / "no checkpoint here"  # so a device checked after the checkpoint would not be reached
     with pytest.raises(UsageError, match="^device: .*"):
-        load_lm(run_dir, device="tpu:x")
+        load_lm(missing, device="tpu:x")
     if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="no CUDA device is available"):
-            load_lm(run_dir, device="cuda")
+        with pytest.raises(UsageError, match="no CUDA device is available: use cpu$"):
+            load_lm(missing, device="cuda")
