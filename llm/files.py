@@ -59,15 +59,20 @@ def fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def checkpoint_folder(path: str | os.PathLike) -> Path | None:
+def checkpoint_folder(path: str | os.PathLike, own: bool = False) -> Path | None:
     """The checkpoint, or folder of ``step_*`` checkpoints, that ``path`` is or would be written into: a file
-    there can break a checkpoint, and retention deletes old checkpoints with everything in them."""
+    there can break a checkpoint, and retention deletes old checkpoints with everything in them. ``own``:
+    ``path`` is a run's own checkpoint folder, whose ``step_*`` checkpoints it may hold."""
     def is_checkpoint(folder: Path) -> bool:
         return all((folder / name).is_file() for name in (CHECKPOINT_MANIFEST, CHECKPOINT_STATE))
 
+    def holds_checkpoints(folder: Path) -> bool:
+        return any(map(is_checkpoint, folder.glob("step_*")))
+
     path = Path(path).resolve()
-    return next((folder for folder in (path, *path.parents)
-                 if is_checkpoint(folder) or any(map(is_checkpoint, folder.glob("step_*")))), None)
+    if is_checkpoint(path) or (not own and holds_checkpoints(path)):
+        return path
+    return next((folder for folder in path.parents if is_checkpoint(folder) or holds_checkpoints(folder)), None)
 
 
 def refuse_checkpoint_folder(out: Path, instead: str) -> None:

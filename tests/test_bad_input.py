@@ -205,6 +205,13 @@ CASES = [
              [*LM, "--logging-log-dir", "fresh", "--checkpoint-dir", "run/checkpoints"],
              ["run/checkpoints", "already holds checkpoints", "--checkpoint-resume auto"])),
     pytest.param(
+        Case("checkpoint-dir-inside-an-earlier-runs-checkpoint", "train",
+             [*LM, "--logging-log-dir", "fresh", "--checkpoint-dir", "run/checkpoints/step_00000004/mine"],
+             ["checkpoint.dir", "run/checkpoints/step_00000004", "retention", "outside it"], absent=["fresh"])),
+    pytest.param(
+        Case("log-dir-inside-an-earlier-runs-checkpoint-folder", "train", [*LM, "--logging-log-dir", "run/checkpoints/mine"],
+             ["logging.log_dir", "run/checkpoints", "retention", "outside it"], absent=["run/checkpoints/mine"])),
+    pytest.param(
         Case("log-dir-with-a-trailing-slash", "train", [*LM, "--logging-log-dir", "fresh/", "--data-path", "nope.txt"],
              ["data.path", "nope.txt"])),
     # devices and precision

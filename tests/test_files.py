@@ -48,6 +48,10 @@ def test_checkpoint_folders_are_told_by_the_files_a_checkpoint_holds(tmp_path):
     assert checkpoint_folder(step / "sharded" / "x.png") == step
     assert checkpoint_folder(checkpoints / "latest") == checkpoint_folder(checkpoints) == checkpoints
     assert checkpoint_folder(tmp_path / "run" / "loss.png") is None
+    # a run's own folder of checkpoints may hold them; not a folder inside it, nor one of them
+    assert checkpoint_folder(checkpoints, own=True) is None
+    assert checkpoint_folder(checkpoints / "mine", own=True) == checkpoints
+    assert checkpoint_folder(step, own=True) == step
     (tmp_path / "web").mkdir()
     (tmp_path / "web" / "manifest.json").write_text("{}")  # another program's manifest alone is no checkpoint
     assert checkpoint_folder(tmp_path / "web" / "loss.png") is None

@@ -19,6 +19,7 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from llm.errors import UsageError
+from llm.files import checkpoint_folder
 from llm.training.core import distributed as D
 from llm.training.core.checkpoint import CheckpointManager, check_checkpoint_dir, resolve_checkpoint, unwritable_reason
 from llm.training.core.config import Config
@@ -139,6 +140,13 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
             f"{run_dir} already holds a run and {resume} is not one of its checkpoints: continue the run "
             f"there with --checkpoint-resume auto, or branch from {resume} into a new --logging-log-dir DIR"
         )
+    checkpoints = Path(config.checkpoint.dir)
+    for name, folder in (("logging.log_dir", run_dir), ("checkpoint.dir", checkpoints)):
+        # another run's retention would delete this run's files with the checkpoint that holds them
+        holder = checkpoint_folder(folder, own=folder.resolve() == checkpoints.resolve())
+        if holder is not None:
+            raise UsageError(f"{name} {folder} lies in the checkpoint folder {holder}, whose retention deletes "
+                             f"what it holds: choose a folder outside it")
     problem = unwritable_reason(run_dir)  # creates nothing: a run refused later leaves no folder
     if problem:
         raise UsageError(f"cannot write to the run directory {run_dir}: {problem}; "
