@@ -278,10 +278,12 @@ class EarlyStopping(Callback):
             engine.request_stop(f"early stopping: {self.monitor} has not {how} for {self.wait} evaluations")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait}
+        return {"best": self.best, "wait": self.wait, "monitor": self.monitor, "mode": self.mode}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.wait = state["best"], state["wait"]
+        # a best of another metric, or of the other direction, is no bar for this one: it starts afresh
+        if (state.get("monitor", self.monitor), state.get("mode", self.mode)) == (self.monitor, self.mode):
+            self.best, self.wait = state["best"], state["wait"]
 
 
 class LRSchedulerCallback(Callback):

@@ -409,7 +409,8 @@ class TrainingEngine:
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
                                                            self.config.training.batch_size, self.world_size)
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
-        if progress["stop"] and "training.patience" not in changed:  # a run that stopped early stays stopped
+        watched = {"training.patience", "checkpoint.monitor", "checkpoint.mode"}  # what early stopping went by
+        if progress["stop"] and not watched & set(changed):  # a run that stopped early stays stopped
             self.should_stop, self.stop_reason = True, progress["stop"]
             self._held_stop = progress["stop"]
         last_step = self._last_step(len(self.train_loader))
@@ -428,7 +429,9 @@ class TrainingEngine:
             self.scheduler.load_state_dict(shared["scheduler"])
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
             self.scaler.load_state_dict(shared["scaler"])
-        self.best_metric, self.val_metrics = shared["best_metric"], shared["val_metrics"]
+        self.val_metrics = shared["val_metrics"]
+        if not {"checkpoint.monitor", "checkpoint.mode"} & set(changed):  # else a best of another metric
+            self.best_metric = shared["best_metric"]
         states = shared["callbacks"]
         for i, cb in enumerate(self.callbacks):
             if _callback_key(i, cb) in states:

@@ -40,6 +40,22 @@ def test_early_stopping_after_a_nan_validation_waits_for_a_real_improvement():
     assert not engine.should_stop and cb.best == 0.4 and cb.wait == 0
 
 
+def test_early_stopping_restores_its_state_only_for_the_same_metric_and_direction():
+    engine = StubEngine()
+    saved = EarlyStopping(monitor="val_loss", patience=3)
+    for loss in [1.0, 1.1]:
+        saved.on_validation_end(engine, {"val_loss": loss})
+    state = saved.state_dict()
+    same, other_metric, other_mode = EarlyStopping(patience=3), EarlyStopping("val_acc", 3, "max"), EarlyStopping(mode="max")
+    for cb in (same, other_metric, other_mode):
+        cb.load_state_dict(state)
+    assert (same.best, same.wait) == (1.0, 1)
+    assert (other_metric.best, other_metric.wait) == (other_mode.best, other_mode.wait) == (None, 0)
+    older = EarlyStopping(patience=3)
+    older.load_state_dict({"best": 1.0, "wait": 1})  # saved before the state named its metric
+    assert (older.best, older.wait) == (1.0, 1)
+
+
 def test_early_stopping_waits_patience_validations_then_stops():
     engine = StubEngine()
     cb = EarlyStopping(monitor="val_loss", patience=2)

@@ -539,6 +539,24 @@ def test_a_run_stopped_early_stays_stopped_when_resumed(tmp_path):
     assert longer.step > first.step
 
 
+def test_a_resume_that_monitors_another_metric_starts_its_best_and_patience_afresh(tmp_path):
+    # the saved best is val_loss's, about log(4) after one step: held as val_acc's best, no accuracy beats it
+    from llm.training.tasks.classification_task import ClassificationTask
+
+    def run(**settings):
+        config = tiny_config(tmp_path, task="classification", **settings)
+        return train(config, ClassificationTask, callbacks=default_callbacks(config))
+
+    first, metrics = run(training={"max_steps": 1, "eval_every_steps": 1})
+    assert metrics["best_val_loss"] > 1.0
+    resumed, metrics = run(training={"max_steps": 12, "eval_every_steps": 2, "patience": 1},
+                           checkpoint={"resume": "auto", "monitor": "val_acc", "mode": "max"})
+    accuracies = [r["val_acc"] for r in records_of(tmp_path / "run", "val") if r["step"] > 1]
+    assert resumed.step > 2 and metrics["best_val_acc"] == max(accuracies) > accuracies[0]
+    assert metrics["stop_reason"] in ("reached max_steps=12", f"early stopping: val_acc has not improved on "
+                                      f"{max(accuracies):.6g} for 1 evaluations")
+
+
 def test_the_epoch_train_loss_is_the_epochs_own_whatever_the_log_window(tmp_path):
     by_window = {}
     for every in (1, 4):  # 14 steps an epoch: a window of 4 is still open at each epoch's end
