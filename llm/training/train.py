@@ -10,7 +10,9 @@ stopped the run after saving a checkpoint (143, 130).
 
 from __future__ import annotations
 
+import errno
 import sys
+import threading
 from pathlib import Path
 
 if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -137,6 +139,26 @@ def summary_table(config: Config, metrics: dict[str, float]) -> str:
     return "\n".join(shown)
 
 
+OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""Why a file of the run could not be written that a user fixes on the machine, not in the code."""
+
+
+def _out_of_space(e: BaseException | None) -> OSError | None:
+    """The full disk (or quota, or read-only mount) behind ``e``, through the errors raised while handling it."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _quiet_out_of_space(args: threading.ExceptHookArgs) -> None:
+    """A full disk in a logger's writing thread is not printed there: the main thread meets it too, at its
+    next write, and says it in one line."""
+    if _out_of_space(args.exc_value) is None:
+        threading.__excepthook__(args)
+
+
 def _lost_a_rank(e: RuntimeError) -> bool:
     """A collective that failed because a peer process went away or stopped answering."""
     text = str(e)
@@ -145,6 +167,7 @@ def _lost_a_rank(e: RuntimeError) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     one_line_warnings()
+    threading.excepthook = _quiet_out_of_space
     argv = sys.argv[1:] if argv is None else argv
     rank = D.env_ranks()[0]
     try:
@@ -169,17 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:  # a RuntimeError: caught before the clause below
         print_error(f"error: {e}")
         return EXIT_NON_FINITE
-    except RuntimeError as e:
-        if not _lost_a_rank(e):
+    except TrainingInterrupted as e:
+        moved = "" if config.logging.log_dir == asked_dir else f" --logging-log-dir {config.logging.log_dir}"
+        print_error(f"{e}; continue with --checkpoint-resume auto{moved}")
+        return 128 + e.signum
+    except Exception as e:
+        full = _out_of_space(e)
+        if full is not None:  # the logs, the summary or the config: the checkpoints say it themselves
+            where = full.filename or f"to the run directory {config.logging.log_dir}"  # none when closing a file
+            print_error(f"error: cannot write {where}: {full.strerror}; make room, then continue the run with "
+                        f"--checkpoint-resume auto")
+            return EXIT_USAGE
+        if not isinstance(e, RuntimeError) or not _lost_a_rank(e):
             raise
         # another rank died or hung: one line here naming it, as far as the store can tell
         who = D.lost_ranks(rank, D.env_ranks()[1]) or "another rank failed or hung"
         print_error(f"error: rank {rank} lost contact with the others: {who}: {one_line(e)}")
         return 1
-    except TrainingInterrupted as e:
-        moved = "" if config.logging.log_dir == asked_dir else f" --logging-log-dir {config.logging.log_dir}"
-        print_error(f"{e}; continue with --checkpoint-resume auto{moved}")
-        return 128 + e.signum
     if rank == 0:
         say(summary_table(config, metrics))
     return 0

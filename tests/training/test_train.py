@@ -31,6 +31,37 @@ def test_guide_command_trains_regression(tmp_path):
         assert row in out.stdout
 
 
+def test_a_full_disk_under_the_logs_is_one_line_and_the_run_continues_once_there_is_room(tmp_path):
+    # a real full disk: a small tmpfs, mounted in a user and mount namespace of the test's own
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -rm to mount a small tmpfs")
+    train = shlex.join([sys.executable, "-m", "llm.training.train", "--task", "regression", "--epochs", "3",
+                        "--training-batch-size", "32", "--logging-log-every-steps", "1", "--checkpoint-every-n-steps",
+                        "4", "--logging-log-dir", "disk/run", "--checkpoint-dir", "checkpoints", *SMALL])
+    script = f"""
+        mkdir disk && mount -t tmpfs -o size=64k tmpfs disk && mkdir disk/run
+        head -c $((44 * 1024)) /dev/zero > disk/filler
+        {train} > full.out 2> full.err; echo $? > full.rc
+        rm disk/filler
+        {train} --checkpoint-resume auto > resumed.out 2> resumed.err; echo $? > resumed.rc
+        cp -r disk/run run_copy
+    """
+    out = subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    full_err = (tmp_path / "full.err").read_text()
+    assert (tmp_path / "full.rc").read_text().strip() == "2", full_err
+    assert re.fullmatch(r"error: cannot write (\S+|to the run directory disk/run): No space left on device; make room, then continue the run with "
+                        r"--checkpoint-resume auto\n", full_err), full_err
+    assert (tmp_path / "resumed.rc").read_text().strip() == "0", (tmp_path / "resumed.err").read_text()[-3000:]
+    assert "resumed from checkpoints/step_" in (tmp_path / "resumed.out").read_text()
+    summary = json.loads((tmp_path / "run_copy/summary.json").read_text())
+    assert summary["steps"] == 3 * ((512 - 51) // 32)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run_copy/metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    assert steps == list(range(1, summary["steps"] + 1))  # each step logged once, none lost to the full disk
+
+
 def test_a_reader_of_stdout_that_goes_away_does_not_end_the_run(tmp_path):
     # `python -m llm.training.train | head -1`: the pipe closes after the first line, the run trains on to its end
     command = [sys.executable, "-m", "llm.training.train", "--epochs", "3", "--training-eval-every-steps", "1", *SMALL]

@@ -25,6 +25,7 @@ import torch
 from llm.cli import stdout_gone
 from llm.data.data_module import BaseDataModule
 from llm.errors import UsageError, closest, one_line
+from llm.files import write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
@@ -164,7 +165,8 @@ class TrainingEngine:
         if not self._interrupted:
             self._validated()
         if trained or validating or self._saved_step != self.step:
-            return self._summary(elapsed), self.save_checkpoint(state)
+            checkpoint = self.save_checkpoint(state)  # first: what the summary fails to write must not cost it
+            return self._summary(elapsed), checkpoint
         return self._summary(elapsed), self._loaded  # nothing new to save
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
@@ -625,7 +627,7 @@ class TrainingEngine:
         if self.task.tokens_per_sample:
             final["tokens_per_s"] = final["samples_per_s"] and final["samples_per_s"] * self.task.tokens_per_sample
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
+            write_atomically(self.run_dir / "summary.json", json.dumps(final, indent=2) + "\n")
         return final
 
     def _fire(self, hook: str, *args: Any) -> None:
