@@ -205,6 +205,11 @@ CASES = [
              [*LM, "--logging-log-dir", "fresh", "--checkpoint-dir", "run/checkpoints"],
              ["run/checkpoints", "already holds checkpoints", "--checkpoint-resume auto"])),
     pytest.param(
+        Case("checkpoint-dir-of-an-earlier-run-resumed-from-another-folder", "train",
+             [*LM, "--logging-log-dir", "fresh", "--checkpoint-dir", "run/checkpoints", "--checkpoint-resume", "auto"],
+             ["run/checkpoints", "holds the checkpoints of the run in run, not of fresh", "--logging-log-dir run"],
+             absent=["fresh"])),
+    pytest.param(
         Case("checkpoint-dir-inside-an-earlier-runs-checkpoint", "train",
              [*LM, "--logging-log-dir", "fresh", "--checkpoint-dir", "run/checkpoints/step_00000004/mine"],
              ["checkpoint.dir", "run/checkpoints/step_00000004", "retention", "outside it"], absent=["fresh"])),

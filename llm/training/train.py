@@ -78,6 +78,9 @@ def claim_run_dir(config: Config) -> str:
     chosen = D.broadcast_from_rank0(chosen)
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         note = f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}"
+        old, checkpoints = Path(config.logging.log_dir).resolve(), Path(config.checkpoint.dir).resolve()
+        if checkpoints.is_relative_to(old):  # a checkpoint folder given inside the earlier run's moves too
+            config.checkpoint.dir = str(Path(chosen) / checkpoints.relative_to(old))
         config.logging.log_dir = chosen
         config.validate()  # a checkpoint.dir filled in from the old folder moves with it
         return note

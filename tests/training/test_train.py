@@ -204,11 +204,13 @@ def test_a_non_finite_loss_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path):
-    for _ in range(2):
-        out = train_cli("--epochs", "1", *SMALL, cwd=tmp_path)
+    for _ in range(2):  # a checkpoint folder given inside the run's folder moves with it
+        out = train_cli("--epochs", "1", "--checkpoint-dir", "runs/regression/ckpt", *SMALL, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
     assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in out.stdout
     assert (tmp_path / "runs/regression/summary.json").exists() and (tmp_path / "runs/regression-2/summary.json").exists()
+    for run in ("regression", "regression-2"):
+        assert [p.name for p in (tmp_path / "runs" / run / "ckpt").glob("step_*")] == ["step_00000014"]
     refused = train_cli("--epochs", "1", "--training-precision", "fp16", *SMALL, cwd=tmp_path)  # fp16 needs CUDA
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
     assert not (tmp_path / "runs/regression-3").exists()  # nor announced a folder it never writes

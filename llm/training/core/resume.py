@@ -141,6 +141,14 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
             f"there with --checkpoint-resume auto, or branch from {resume} into a new --logging-log-dir DIR"
         )
     checkpoints = Path(config.checkpoint.dir)
+    other = None if resume is None or elsewhere else _run_of(resume, run_dir)
+    if other is not None:
+        # this run would go on writing its checkpoints among that run's, and its logs here
+        raise UsageError(
+            f"checkpoint.dir {checkpoints} holds the checkpoints of the run in {other}, not of {run_dir}: continue "
+            f"that run with --logging-log-dir {other} --checkpoint-resume auto, or branch from one of its "
+            f"checkpoints into a new --logging-log-dir DIR"
+        )
     for name, folder in (("logging.log_dir", run_dir), ("checkpoint.dir", checkpoints)):
         # another run's retention would delete this run's files with the checkpoint that holds them
         holder = checkpoint_folder(folder, own=folder.resolve() == checkpoints.resolve())
@@ -153,6 +161,19 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
                          f"choose another with --logging-log-dir DIR")
     # now, not at the first save after hours of training; and never into another run's checkpoints
     check_checkpoint_dir(config.checkpoint.dir, fresh=not start.resuming or elsewhere)
+
+
+def _run_of(checkpoint: Path, run_dir: Path) -> Path | None:
+    """The folder of another run that wrote ``checkpoint`` and still holds that run; None for a checkpoint inside
+    ``run_dir`` (it is this folder's run's, however the folder was moved or copied)."""
+    if checkpoint.resolve().is_relative_to(run_dir.resolve()):
+        return None
+    try:
+        run = Path(Config.from_yaml(checkpoint / "config.yaml").logging.log_dir)  # {task} filled in
+    except (UsageError, OSError):
+        return None
+    same = run.resolve() == run_dir.resolve()
+    return None if same or not (run / "config.yaml").is_file() else run
 
 
 # ---- resuming with a changed config ------------------------------------------------------
