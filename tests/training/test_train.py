@@ -209,8 +209,8 @@ def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path):
         assert out.returncode == 0, out.stderr
     assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in out.stdout
     assert (tmp_path / "runs/regression/summary.json").exists() and (tmp_path / "runs/regression-2/summary.json").exists()
-    for run in ("regression", "regression-2"):
-        assert [p.name for p in (tmp_path / "runs" / run / "ckpt").glob("step_*")] == ["step_00000014"]
+    for name in ("regression", "regression-2"):
+        assert [p.name for p in (tmp_path / "runs" / name / "ckpt").glob("step_*")] == ["step_00000014"]
     refused = train_cli("--epochs", "1", "--training-precision", "fp16", *SMALL, cwd=tmp_path)  # fp16 needs CUDA
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
     assert not (tmp_path / "runs/regression-3").exists()  # nor announced a folder it never writes
