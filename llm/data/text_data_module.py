@@ -80,13 +80,20 @@ def corpus_files(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = []
+        files, others = [], []
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            files += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+            for name in filenames:
+                if not name.startswith("."):  # a broken link or a pipe is no text to read (a pipe never ends)
+                    (files if os.path.isfile(os.path.join(dirpath, name)) else others).append(Path(dirpath, name))
+        if others:
+            warnings.warn(f"data.path: skipping {len(others)} entries of {spec} that are not files (broken links, "
+                          f"pipes, ...), such as {min(others)}", stacklevel=2)
         if not files:
             raise UsageError(f"data.path: the folder {spec} holds no files")
         return sorted(files)
+    if path.exists():
+        raise UsageError(f"data.path: {spec} is neither a file nor a folder (expected a text file, a folder or a glob)")
     raise UsageError(f"data.path: {spec} does not exist (expected a text file, a folder or a glob)")
 
 

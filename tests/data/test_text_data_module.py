@@ -159,6 +159,19 @@ def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
     assert corpus_files(str(tmp_path / "corpus[0-9].txt")) == [tmp_path / "corpus1.txt"]  # no such file: a glob
 
 
+def test_a_folder_entry_that_is_not_a_file_is_skipped_with_a_warning_and_a_pipe_is_refused(tmp_path):
+    root = tmp_path / "texts"
+    root.mkdir()
+    (root / "a.txt").write_text("text\n")
+    (root / "gone.txt").symlink_to(tmp_path / "deleted.txt")  # a broken link: reading it raised FileNotFoundError
+    os.mkfifo(root / "pipe.txt")  # reading a pipe that nobody writes waits for ever
+    with pytest.warns(UserWarning, match=r"^data.path: skipping 2 entries of .*texts that are not files .* "
+                                         r"such as .*gone.txt$"):
+        assert corpus_files(str(root)) == [root / "a.txt"]
+    with pytest.raises(UsageError, match=r"^data.path: .*pipe.txt is neither a file nor a folder"):
+        corpus_files(str(root / "pipe.txt"))
+
+
 def test_the_default_corpus_is_the_stdlib_sources():
     files = default_corpus_files()
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -35,6 +35,10 @@ from llm.training.core.registry import DATA_MODULES, TASKS
 ENV_PREFIX = "LLM_"
 MAX_VOCAB_SIZE = 1 << 20
 """The largest data.vocab_size: four times the largest vocabularies in use."""
+MAX_LAYERS = 1024
+"""The largest model.n_layer: eight times the deepest models in use."""
+MAX_WORKERS = 256
+"""The largest data.num_workers: each is a process of its own."""
 
 
 @dataclass
@@ -310,6 +314,10 @@ class Config:
             elif not _is_a(value, tp):
                 choices = map(str, get_args(tp)) if get_origin(tp) is Literal else []
                 raise ConfigError(name, value, describe(tp) + closest(str(value), choices))
+            elif isinstance(value, str) and "\0" in value:  # no path or name holds one
+                raise ConfigError(name, value, "text without a NUL character")
+            elif isinstance(value, int) and not -2**63 <= value < 2**63:  # what torch and itertools can count to
+                raise ConfigError(name, value, "an integer below 2**63")
         t, o, m, d, c, lg = self.training, self.optimizer, self.model, self.data, self.checkpoint, self.logging
         _at_least("training.epochs", t.epochs, 1)
         _at_least("training.max_steps", t.max_steps, 0)
@@ -317,8 +325,6 @@ class Config:
         _at_least("training.grad_accum_steps", t.grad_accum_steps, 1)
         _at_least("training.grad_clip", t.grad_clip, 0.0)
         _at_least("training.seed", t.seed, 0)
-        if t.seed >= 2**63:  # each rank seeds torch with seed + rank, which must stay below 2**64
-            raise ConfigError("training.seed", t.seed, "an integer below 2**63")
         _at_least("training.eval_every_steps", t.eval_every_steps, 0)
         _at_least("training.eval_batches", t.eval_batches, 0)
         _at_least("training.patience", t.patience, 0)
@@ -332,6 +338,8 @@ class Config:
             raise ConfigError("optimizer.min_lr", o.min_lr, f"a value <= optimizer.lr ({o.lr})")
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             _at_least(f"model.{name}", getattr(m, name), 1)
+        if m.n_layer > MAX_LAYERS:  # building that many blocks takes hours before memory runs out
+            raise ConfigError("model.n_layer", m.n_layer, f"at most {MAX_LAYERS}")
         _fraction("model.dropout", m.dropout)
         if m.n_embd % m.n_head:
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
@@ -342,6 +350,8 @@ class Config:
         _at_least("data.num_classes", d.num_classes, 2)
         _at_least("data.noise", d.noise, 0.0)
         _at_least("data.num_workers", d.num_workers, 0)
+        if d.num_workers > MAX_WORKERS:  # each is a process
+            raise ConfigError("data.num_workers", d.num_workers, f"at most {MAX_WORKERS}")
         if not 0.0 < d.val_fraction < 1.0:
             raise ConfigError("data.val_fraction", d.val_fraction, "a number between 0 and 1 (exclusive)")
         _at_least("checkpoint.every_n_steps", c.every_n_steps, 0)
@@ -362,6 +372,7 @@ class Config:
             lg.log_dir = filled["logging.log_dir"][0]
         if c.dir == filled.get("checkpoint.dir", (None, None))[1]:
             c.dir = ""
+        lg.log_dir, c.dir = os.path.expanduser(lg.log_dir), os.path.expanduser(c.dir)  # bash keeps ~ after "="
         if "{task}" in lg.log_dir:
             resolved = self.fill_in(lg.log_dir)
             self._filled["logging.log_dir"], lg.log_dir = (lg.log_dir, resolved), resolved
@@ -579,9 +590,11 @@ def _fraction(name: str, value: float) -> None:
 
 def _read_yaml(path: str | os.PathLike) -> Any:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save the config file as UTF-8") from None
     try:
         loader = yaml.SafeLoader(text)  # yaml.safe_load's steps, with a look at the keys between them
         try:

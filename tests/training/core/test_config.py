@@ -1,6 +1,7 @@
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -136,6 +137,10 @@ def test_a_config_set_in_code_takes_an_integer_for_a_number_and_a_path_for_text(
         ({"training": "fast"}, ["training", "a mapping"]),
         ({"optimizer": {"lr": 10**400}}, ["optimizer.lr", "(401 characters)", "a number"]),  # no float holds it
         ({"training": {"seed": 2**64}}, ["training.seed", str(2**64), "below 2**63"]),
+        ({"training": {"eval_batches": 2**63}}, ["training.eval_batches", str(2**63), "below 2**63"]),
+        ({"model": {"n_layer": 10**8}}, ["model.n_layer", "100000000", "at most 1024"]),
+        ({"data": {"num_workers": 100000}}, ["data.num_workers", "100000", "at most 256"]),
+        ({"logging": {"log_dir": "runs/a\0b"}}, ["logging.log_dir", "'runs/a\\x00b'", "without a NUL"]),
         ({"logging": {"log_dir": "."}}, ["logging.log_dir", "'.'", "folder name"]),
         ({"logging": {"log_dir": "runs/.."}}, ["logging.log_dir", "'runs/..'", "folder name"]),
     ],
@@ -159,6 +164,17 @@ def test_bad_yaml_files(tmp_path):
         Config.from_yaml(listing)
     with pytest.raises(UsageError, match="cannot read config file"):
         Config.from_yaml(tmp_path / "missing.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("logging:\n  log_dir: runs/caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"^\S+latin1.yaml: not UTF-8 text \(byte 28\); save the config file as UTF-8$"):
+        Config.from_yaml(latin1)
+
+
+def test_a_home_folder_in_the_run_and_checkpoint_folders_is_expanded():
+    config = Config.from_dict({"logging": {"log_dir": "~/runs/x"}})
+    assert config.logging.log_dir == str(Path.home() / "runs/x")
+    assert config.checkpoint.dir == str(Path.home() / "runs/x/checkpoints")
+    assert Config.from_dict({"checkpoint": {"dir": "~/ckpt"}}).checkpoint.dir == str(Path.home() / "ckpt")
 
 
 @pytest.mark.parametrize(
