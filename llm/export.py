@@ -98,7 +98,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
     with_tokenizer = isinstance(tokenizer, HFTokenizer)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _save_safetensors(hf_state, out / HF_WEIGHTS, metadata={"format": "pt"})  # transformers reads only "pt"
+        # transformers reads "format" only; "task" marks the folder as an export that a new one may replace
+        _save_safetensors(hf_state, out / HF_WEIGHTS, metadata={"format": "pt", "task": "lm"})
         gpt2_config.save_pretrained(out)
         for name in (TOKENIZER, HF_TOKENIZER_CONFIG):  # none stale from an earlier export
             (out / name).unlink(missing_ok=True)
@@ -135,11 +136,15 @@ def check_hf_out(out: Path) -> None:
     if not folder.is_dir():
         raise UsageError(f"--out {out}: {folder} is a file, not a folder")
     if folder == out:
-        others = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES and p.name != f".{HF_WEIGHTS}.tmp")
+        names = sorted(p.name for p in out.iterdir() if p.name != f".{HF_WEIGHTS}.tmp")
+        others = [name for name in names if name not in HF_FILES]
         if others:
             raise UsageError(f"--out {out} holds files --format hf does not write ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}), so it is left as it is: "
                              f"choose a new or empty folder")
+        if names and not _is_export(out / HF_WEIGHTS):  # the same names, of another model: the user's
+            raise UsageError(f"--out {out} holds {', '.join(names)} of another model (not an earlier export, whose "
+                             f"{HF_WEIGHTS} names its task), so it is left as it is: choose a new or empty folder")
 
 
 def _import_transformers():

@@ -34,6 +34,8 @@ Curve = list[tuple[int, float]]
 
 MAX_PIXELS = 65535
 """Agg's limit on each side of an image."""
+MIN_PIXELS = 16
+"""The smallest side worth drawing; below one pixel there is no image to write."""
 
 IMAGE_STARTS = {
     "png": (b"\x89PNG\r\n\x1a\n",), "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",),
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--{flag}: got {getattr(args, flag):g}, expected a number > 0")
         if max(args.width, args.height) * args.dpi > MAX_PIXELS:
             raise UsageError(f"--width/--height x --dpi: at most {MAX_PIXELS} pixels a side")
+        if min(args.width, args.height) * args.dpi < MIN_PIXELS:
+            raise UsageError(f"--width/--height x --dpi: at least {MIN_PIXELS} pixels a side")
         runs = {label: read_curves(d) for label, d in zip(labels(args.run_dirs), args.run_dirs)}
         fmt = check_out(args.out)
         save(draw(runs, args.width, args.height, args.dpi), args.out, fmt, args.dpi)

@@ -169,7 +169,8 @@ def test_export_hf_without_biases_writes_zero_biases(tmp_path, capsys):
     pytest.importorskip("transformers")
     run_dir = train_lm_cli(tmp_path, *GPT2_FLAGS, "--model-tie-embeddings", "false")  # bias false by default
     out = tmp_path / "hf"
-    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # in-process: transformers is loaded
+    for _ in range(2):  # the second replaces the first export: its model.safetensors names its task
+        assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # in-process: transformers is loaded
     assert "no tokenizer" in capsys.readouterr().out  # char: no Hugging Face form
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     weights = load_file(out / "model.safetensors")
@@ -216,3 +217,9 @@ def test_export_hf_leaves_a_folder_of_other_files_alone(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--format", "hf", "--out", str(out)]) == 2
     assert "holds files --format hf does not write (notes.txt)" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    theirs = tmp_path / "bert"  # the names an export writes, of another model: not replaced either
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "bert"}')
+    assert main([str(tmp_path / "nope"), "--format", "hf", "--out", str(theirs)]) == 2
+    assert "holds config.json of another model" in capsys.readouterr().err
+    assert (theirs / "config.json").read_text() == '{"model_type": "bert"}'

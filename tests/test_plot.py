@@ -151,6 +151,7 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
     ("out is a directory", ["taken is a folder", "taken/loss.png"]),
     ("unknown format", ["cannot write .txt files"]),
     ("zero dpi", ["--dpi: got 0, expected a number > 0"]),
+    ("tiny dpi", ["--width/--height x --dpi: at least 16 pixels a side"]),
     ("unknown flag", ["unrecognized arguments: --colour"]),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
@@ -171,6 +172,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
         "out is a directory": [good, "--out", tmp_path / "taken"],
         "unknown format": [good, "--out", tmp_path / "loss.txt"],
         "zero dpi": [good, "--out", out, "--dpi", 0],
+        "tiny dpi": [good, "--out", out, "--dpi", 0.01],
         "unknown flag": [good, "--out", out, "--colour", "red"],
     }[case]
     assert_usage_error(plot(*args, cwd=tmp_path), *expected)

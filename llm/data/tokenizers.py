@@ -215,8 +215,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     kind = data.get("type")
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "char" and isinstance(data.get("chars"), list) and data["chars"]:
-        return CharTokenizer(data["chars"])
+    if kind == "char":
+        chars = data.get("chars")
+        if not isinstance(chars, list) or not chars or len(set(map(repr, chars))) < len(chars) or \
+                not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise UsageError(f"{path}: 'chars' of a char tokenizer must be a list of distinct single characters")
+        return CharTokenizer(chars)
     if "model" not in data:
         raise UsageError(not_one)
     try:

@@ -82,14 +82,21 @@ def test_fingerprints_are_stable_and_follow_the_mapping(corpus):
     assert a.fingerprint() != HFTokenizer.train_bpe(corpus, 310).fingerprint()
 
 
-@pytest.mark.parametrize("content", ['{"hello": 1}', "[1, 2]", "not json at all", '{"model": {"type": "Nope"}}',
-                                     '{"type": "char", "chars": []}'])
+@pytest.mark.parametrize("content", ['{"hello": 1}', "[1, 2]", "not json at all", '{"model": {"type": "Nope"}}'])
 def test_a_file_that_is_not_a_tokenizer_is_a_usage_error(content, tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text(content)
     with pytest.raises(UsageError, match="is not a tokenizer file") as e:
         load_tokenizer(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("chars", ['[]', '"ab"', '[1, "a"]', '[["a"]]', '["ab", "c"]', '["a", "a"]', 'null'])
+def test_a_char_tokenizer_file_with_bad_chars_is_a_usage_error(chars, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(f'{{"type": "char", "chars": {chars}}}')
+    with pytest.raises(UsageError, match=r"'chars' of a char tokenizer must be a list of distinct single characters$"):
+        load_tokenizer(path)
 
 
 def test_missing_file_and_unknown_name_are_usage_errors(tmp_path):
