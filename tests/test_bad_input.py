@@ -219,6 +219,14 @@ CASES = [
     pytest.param(
         Case("log-dir-with-a-trailing-slash", "train", [*LM, "--logging-log-dir", "fresh/", "--data-path", "nope.txt"],
              ["data.path", "nope.txt"])),
+    # more memory than the machine has, asked for at once
+    pytest.param(Case("model-larger-than-memory", "train",
+                      [*LM, "--logging-log-dir", "fresh", "--model-n-embd", "2000000000", "--model-n-head", "1"],
+                      ["build_model() ran out of memory", "GiB", "model.n_embd"], absent=["fresh"])),
+    pytest.param(Case("data-larger-than-memory", "train",
+                      ["--task", "regression", *REGRESSION, "--logging-log-dir", "fresh", "--data-num-samples",
+                       "100000000000"], ["SyntheticDataModule.setup() ran out of memory", "GiB", "data.num_samples"],
+                      absent=["fresh"])),
     # devices and precision
     pytest.param(Case("fp16-on-the-cpu", "train", [*LM, *CONTINUE, "--training-precision", "fp16"],
                       ["fp16 needs a CUDA device", "bf16 or fp32"]), marks=NO_CUDA),

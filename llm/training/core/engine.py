@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import time
 import traceback
@@ -262,7 +263,8 @@ class TrainingEngine:
         start = resume.find_start(cfg, self.run_dir)
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
-        self.data_module.setup("fit")
+        with _out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
+            self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self.data_module.train_dataloader(self.rank, self.world_size)
         self.val_loader, self.val_sampler = self.data_module.val_dataloader(self.rank, self.world_size)
         self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
@@ -283,7 +285,8 @@ class TrainingEngine:
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
-        model = self.task.build_model().to(self.device)
+        with _out_of_memory(f"{type(self.task).__name__}.build_model()", "a smaller model (model.n_embd, ...)"):
+            model = self.task.build_model().to(self.device)
         self.criterion = self.task.build_criterion().to(self.device)
         D.agree_on_errors(lambda: self._check_task_takes_the_data(model))
         self.raw_model = parallel.prepare(model, cfg, self.world_size)
@@ -757,6 +760,20 @@ def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
         return torch.tensor(items, dtype=torch.float64)
     return torch.stack([torch.as_tensor(item, dtype=None if isinstance(item, torch.Tensor) else torch.float64,
                                         device=device).reshape(()).double() for item in items]).cpu()
+
+
+@contextlib.contextmanager
+def _out_of_memory(what: str, instead: str) -> Iterator[None]:
+    """An allocation larger than the machine can give, in one line (not one the kernel grants and then kills)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        asked = re.search(r"tried to allocate (\d+) bytes", str(e))
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and asked is None:
+            raise
+        size = f": it asked for {int(asked[1]) / 2**30:,.1f} GiB at once" if asked else ""
+        raise UsageError(f"{what} ran out of memory{size}; ask for {instead}, "
+                         f"or use a machine with more memory") from None
 
 
 def _batch_len(batch: Any) -> int:
