@@ -168,7 +168,7 @@ class TrainingEngine:
         if trained or validating or self._saved_step != self.step:
             checkpoint = self.save_checkpoint(state)  # first: what the summary fails to write must not cost it
             return self._summary(elapsed), checkpoint
-        return self._summary(elapsed), self._loaded  # nothing new to save
+        return self._summary(elapsed, write=False), self._loaded  # nothing new: summary.json stays the run's
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
@@ -616,7 +616,7 @@ class TrainingEngine:
         record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending.pop(split, {})}
         self._fire("on_log", record)
 
-    def _summary(self, elapsed: float) -> dict[str, float]:
+    def _summary(self, elapsed: float, write: bool = True) -> dict[str, float]:
         final = {
             "train_loss": self.train_metrics.get("loss"),  # None when this run took no step
             **{k: v for k, v in self.val_metrics.items() if k != "step"},
@@ -629,7 +629,7 @@ class TrainingEngine:
         }
         if self.task.tokens_per_sample:
             final["tokens_per_s"] = final["samples_per_s"] and final["samples_per_s"] * self.task.tokens_per_sample
-        if self.is_main:
+        if self.is_main and write:
             write_atomically(self.run_dir / "summary.json", json.dumps(final, indent=2) + "\n")
         return final
 

@@ -251,10 +251,11 @@ def test_a_finished_run_started_again_changes_nothing(tmp_path, training):
     first, metrics = train(config, callbacks=default_callbacks(config))
     checkpoint = tmp_path / "run/checkpoints" / f"step_{first.step:08d}"
     written = {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*")}
-    logged = (tmp_path / "run/metrics.jsonl").read_text()
+    logged, summary = ((tmp_path / "run" / name).read_text() for name in ("metrics.jsonl", "summary.json"))
     again, repeated = train(config, callbacks=default_callbacks(config))
     assert again.step == first.step and {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*")} == written
     assert (tmp_path / "run/metrics.jsonl").read_text() == logged  # no record logged twice
+    assert (tmp_path / "run/summary.json").read_text() == summary  # the run's speed and stop reason, kept
     for key in ("train_loss", "val_loss", "best_val_loss"):
         assert repeated[key] == metrics[key], key
     assert repeated["samples_per_s"] is None  # this process took no step
