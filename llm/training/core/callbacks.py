@@ -36,7 +36,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,26 +116,39 @@ class MetricsLogger(Callback):
     an earlier process logged after that step (it was killed before its next
     checkpoint, or the run went back to an older one), and a record a kill cut off
     halfway, are moved to ``metrics.dropped.jsonl``: this run trains and logs
-    those steps again, so each step keeps one record, and nothing is deleted.
+    those steps again, so each step keeps one record, and nothing is deleted. A
+    record of the step it starts at is moved there too if this run logs it again
+    (a validation that ran after the checkpoint was taken).
     """
 
     def __init__(self, filename: str = "metrics.jsonl"):
         self.filename = filename
         self._file = None
+        self._path = self._aside = Path(filename)
+        self._at_start: set[tuple[Any, Any]] = set()  # (split, step) of the records at the step resumed from
 
     def on_train_start(self, engine: TrainingEngine) -> None:
         if engine.is_main:
-            path = Path(engine.run_dir) / self.filename
-            aside = path.with_name(f"{path.stem}.dropped{path.suffix}")
-            moved = _move_records_after(path, engine.step, aside)
+            self._path = Path(engine.run_dir) / self.filename
+            self._aside = self._path.with_name(f"{self._path.stem}.dropped{self._path.suffix}")
+            moved = _move_lines(self._path, self._aside,
+                                lambda line: not line.endswith(b"\n") or _step_of(line) > engine.step)
             if moved:
-                engine.print(f"{path}: {moved} record(s) logged after step {engine.step}, where this run starts, "
-                             f"moved to {aside.name}")
-            self._file = open(path, "a", buffering=1)
+                engine.print(f"{self._path}: {moved} record(s) logged after step {engine.step}, where this run "
+                             f"starts, moved to {self._aside.name}")
+            if engine.step:
+                self._at_start = {key for key in map(_key_of, _lines(self._path)) if key and key[1] == engine.step}
+            self._file = open(self._path, "a", buffering=1)
 
     def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
         if self._file is None:
             return
+        key = (record["split"], record["step"])
+        if key in self._at_start:  # logged again: the earlier record goes aside (once, just after a resume)
+            self._at_start.discard(key)
+            self._file.close()
+            _move_lines(self._path, self._aside, lambda line: line.endswith(b"\n") and _key_of(line) == key)
+            self._file = open(self._path, "a", buffering=1)
         self._file.write(json.dumps(record) + "\n")
         if record["split"] == "train":
             return  # the progress bar shows these
@@ -152,19 +165,32 @@ class MetricsLogger(Callback):
             self._file = None
 
 
-def _move_records_after(path: Path, step: int, aside: Path) -> int:
-    """Move the records of the JSON lines file ``path`` past ``step``, and a last line cut off before its
-    end, to the end of ``aside``; return how many. Lines that are not records are left where they are."""
+def _lines(path: Path) -> list[bytes]:
     try:
-        lines = path.read_bytes().splitlines(keepends=True)
+        return path.read_bytes().splitlines(keepends=True)
     except FileNotFoundError:
-        return 0
-    late = {i for i, line in enumerate(lines) if not line.endswith(b"\n") or _step_of(line) > step}
-    if late:
+        return []
+
+
+def _move_lines(path: Path, aside: Path, late: Callable[[bytes], bool]) -> int:
+    """Move the lines of the JSON lines file ``path`` that are ``late`` to the end of ``aside``; return how many."""
+    lines = _lines(path)
+    moved = {i for i, line in enumerate(lines) if late(line)}
+    if moved:
         with open(aside, "ab") as f:  # first: a kill between the two writes then loses nothing
-            f.writelines(line if line.endswith(b"\n") else line + b"\n" for i, line in enumerate(lines) if i in late)
-        write_atomically(path, b"".join(line for i, line in enumerate(lines) if i not in late))
-    return len(late)
+            f.writelines(line if line.endswith(b"\n") else line + b"\n" for i, line in enumerate(lines) if i in moved)
+        write_atomically(path, b"".join(line for i, line in enumerate(lines) if i not in moved))
+    return len(moved)
+
+
+def _key_of(line: bytes) -> tuple[Any, Any] | None:
+    """A record's (split, step); None for a line that is not a record."""
+    try:
+        record = json.loads(line)
+        split, step = record["split"], record["step"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return (split, step) if isinstance(split, str) and isinstance(step, (int, float)) else None
 
 
 def _step_of(line: bytes) -> float:

@@ -205,6 +205,30 @@ def test_a_run_stopped_after_an_epochs_last_validation_resumes_without_validatin
         [r["train_loss"] for r in records("ref") if r["split"] == "epoch"], rel=1e-6)  # not nan after the resume
 
 
+def test_a_validation_logged_again_after_a_resume_keeps_one_record(tmp_path):
+    # stopped by a signal on its last step, before its final validation; the run that validates it dies
+    # before its save: the run after that validates step 6 again, and step 6 keeps one validation record
+    class TermAt6(Callback):
+        def on_step_end(self, engine):
+            if engine.step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    class DieAfterValidationLog(Callback):
+        def on_log(self, engine, record):
+            if record["split"] == "val":
+                raise RuntimeError("killed before the save")
+
+    config = tiny_config(tmp_path, training={"max_steps": 6, "eval_every_steps": 4}, checkpoint={"resume": "auto"})
+    with pytest.raises(TrainingInterrupted):
+        train(config, callbacks=[TermAt6(), *default_callbacks(config)])
+    with pytest.raises(CallbackError, match="killed before the save"):
+        train(config, callbacks=[*default_callbacks(config), DieAfterValidationLog()])
+    train(config, callbacks=default_callbacks(config))
+    assert [r["step"] for r in records_of(tmp_path / "run", "val")] == [4, 6]
+    dropped = (tmp_path / "run/metrics.dropped.jsonl").read_text().splitlines()
+    assert [(r["split"], r["step"]) for r in map(json.loads, dropped)] == [("val", 6)]
+
+
 def test_resume_restores_callback_state(tmp_path):
     config = tiny_config(tmp_path, training={"epochs": 2})
     first, _ = train(config, callbacks=default_callbacks(config))
