@@ -105,8 +105,7 @@ class CheckpointManager:
             error = _attempt(lambda: self._commit(step, staging, final, metrics or {}))
         # no rank returns before the checkpoint is in place (or every rank raises)
         self._agree(error, staging, "committing")
-        if self.rank == 0:  # after the agreement: the new checkpoint is saved, whatever pruning runs into
-            self._retain(keep=final)
+        self.retain(keep=final)  # after the agreement: the new checkpoint is saved, whatever pruning runs into
         return final
 
     def latest_valid(self) -> Path | None:
@@ -204,6 +203,12 @@ class CheckpointManager:
             os.replace(staging, final)
         fsync(self.directory)
         write_atomically(self.directory / LATEST, final.name + "\n", durable=True)
+
+    def retain(self, keep: Path) -> None:
+        """Delete the checkpoints retention does not keep, beside ``keep``; rank 0 alone. Each save does it;
+        a resume does it too, for a run killed between a save and its pruning that will save nothing more."""
+        if self.rank == 0:
+            self._retain(keep)
 
     def _retain(self, keep: Path) -> None:
         # sizes, not hashes: rehashing every kept checkpoint at each save would cost as much I/O as

@@ -452,6 +452,7 @@ class TrainingEngine:
         self._loaded = path
         if path.parent.resolve() == Path(self.config.checkpoint.dir).resolve():
             self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
+            self.checkpoints.retain(keep=path)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ---- what callbacks use ----------------------------------------------------------

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -513,6 +514,13 @@ def test_retention_keeps_the_newest_and_an_old_best_checkpoint(tmp_path):
     last = engine.step  # 28: saved every 2 steps, and at the end
     assert kept == ["step_00000002", f"step_{last - 2:08d}", f"step_{last:08d}"]
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == f"step_{last:08d}"
+    # killed between its last save and the pruning after it: the finished run started again saves nothing,
+    # and prunes as it loads
+    shutil.copytree(tmp_path / "run/checkpoints/step_00000002", tmp_path / "run/checkpoints/step_00000004")
+    again = tiny_config(tmp_path, training={"epochs": 2, "eval_every_steps": 2},
+                        checkpoint={"every_n_steps": 2, "keep_last": 2, "mode": "max", "resume": "auto"})
+    train(again, callbacks=default_callbacks(again))
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*")) == kept
 
 
 def test_a_save_that_fails_mid_run_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
