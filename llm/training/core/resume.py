@@ -185,7 +185,8 @@ optimizer that cannot take the saved state (allowed, it starts afresh)."""
 HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change")
 """Settings that say how to resume, not what the run is: never a change."""
 HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
-"""Settings that change neither the model, nor the data order, nor the schedule."""
+"""Settings that change neither the model, nor the data order, nor the schedule (num_workers does change what a
+data module draws at random in its workers, which a checkpoint never holds: see docs/checkpoints.md)."""
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
