@@ -11,6 +11,7 @@ what each one did. Each case runs in a folder of its own holding a copy of an ea
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -219,6 +220,12 @@ CASES = [
     pytest.param(
         Case("log-dir-with-a-trailing-slash", "train", [*LM, "--logging-log-dir", "fresh/", "--data-path", "nope.txt"],
              ["data.path", "nope.txt"])),
+    # trackers
+    pytest.param(Case("mlflow-tracking-uri-that-is-not-one", "train",
+                      [*LM, "--logging-log-dir", "fresh", "--logging-loggers", "mlflow"],
+                      ["MLflow tracking URI bogus://x", "unsupported URI", "MLFLOW_TRACKING_URI"],
+                      env={"MLFLOW_TRACKING_URI": "bogus://x"}),
+                 marks=pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs mlflow")),
     # more memory than the machine has, asked for at once
     pytest.param(Case("model-larger-than-memory", "train",
                       [*LM, "--logging-log-dir", "fresh", "--model-n-embd", "2000000000", "--model-n-head", "1"],

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from llm.errors import UsageError, closest
+from llm.errors import UsageError, closest, one_line
 from llm.training.core.callbacks import Callback, flatten, scalars
 
 if TYPE_CHECKING:
@@ -61,7 +61,12 @@ class MLflowLogger(Callback):
             # MLflow 3 refuses its file store unless this is set; it is the only store
             # that needs no database and no server. An explicit setting is kept.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        client = MlflowClient(uri)
+        try:
+            client = MlflowClient(uri)
+            found = client.get_experiment_by_name(self.experiment)  # the first call that reaches the store
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own and its HTTP library's errors
+            raise UsageError(f"MLflow tracking URI {uri}: {one_line(e)}; check MLFLOW_TRACKING_URI, or unset it "
+                             f"for the run's own file store") from None
         run = None
         if self.run_id is not None:  # restored from a checkpoint: continue that run
             try:
@@ -71,7 +76,6 @@ class MLflowLogger(Callback):
                 log.warning(f"MLflow run {self.run_id} is not in {uri}: starting a new run")
                 run = None
         if run is None:
-            found = client.get_experiment_by_name(self.experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
             run = client.create_run(experiment_id, run_name=self.run_name or Path(engine.run_dir).name)
         self.run_id, self._client = run.info.run_id, client
