@@ -32,6 +32,7 @@ from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
 from llm.training.core.checkpoint import CheckpointError, CheckpointManager, load_rank_state, load_shared_state
 from llm.training.core.config import Config
+from llm.training.core.metrics import RunningMeans, TrainingSums
 from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.base_task import TrainingTask
 
@@ -89,9 +90,7 @@ class TrainingEngine:
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
         self._pending: dict[str, dict[str, float]] = {}  # engine.log() values by the record they go to
         self._hook = ""  # the hook now firing
-        self._window = _Running()  # losses and metrics since the last training log
-        self._grad_norms: list[float] = []  # gradient norms since the last training log
-        self._epoch_loss_sum = (0.0, 0.0)  # this rank's loss sum and count over the epoch's logged windows
+        self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
         self._signal: int | None = None  # a signal this process received
         self._interrupted = False  # a signal some rank received, agreed by all of them
 
@@ -160,7 +159,7 @@ class TrainingEngine:
         """
         state = self._resumable_state()
         trained = self.first_step_s is not None  # else a finished run started again: its last record is logged
-        if trained and len(self._window):
+        if trained and len(self._sums):
             self._flush_log("train", self._window_metrics())
         validating = not self._interrupted and self.val_metrics.get("step") != self.step
         if not self._interrupted:
@@ -184,7 +183,7 @@ class TrainingEngine:
                 loss, metrics = self.task.train_step(batch, self.model, self.criterion)
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
-            self._window.add(loss, metrics, weight=counts[i] if counts else 1.0)
+            self._sums.add_micro_batch(loss, metrics, counts[i] if counts else 1.0)
             losses.append(loss.detach())
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -205,7 +204,7 @@ class TrainingEngine:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._grad_norms.append(norm)
+        self._sums.add_step(norm)
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size
@@ -237,7 +236,7 @@ class TrainingEngine:
         model = self.raw_model
         was_training = model.training
         model.eval()
-        sums = _Running()
+        sums = RunningMeans()
         limit = self.config.training.eval_batches or None
         for batch in itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit):
             batch = self._to_device(batch)
@@ -330,11 +329,13 @@ class TrainingEngine:
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                with self._autocast():
+                with self._autocast(), warnings.catch_warnings():
+                    # a loss that broadcasts targets against predictions of another shape trains on nonsense
+                    warnings.filterwarnings("error", message=".*different to the input size", category=UserWarning)
                     _, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
         except torch.OutOfMemoryError:
             raise
-        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, UserWarning) as e:
             task, data = type(self.task).__name__, type(self.data_module).__name__
             raise UsageError(
                 f"{task}.validation_step failed on the first batch of {data}: {type(e).__name__}: "
@@ -386,8 +387,7 @@ class TrainingEngine:
         """The state that logging and validating change: the callbacks', the best metric, a stop they asked
         for, and each rank's own (random streams, and the losses of the epoch and of the log window so far)."""
         callbacks = {_callback_key(i, cb): copy.deepcopy(cb.state_dict()) for i, cb in enumerate(self.callbacks)}
-        rank = {"rng": resume.rng_state(), "epoch_loss": self._epoch_loss_sum, "window": self._window.totals(),
-                "grad_norms": list(self._grad_norms)}
+        rank = {"rng": resume.rng_state(), **self._sums.state_dict()}
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank}
 
     def _write_artifacts(self, directory: Path) -> None:
@@ -444,8 +444,7 @@ class TrainingEngine:
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
             resume.set_rng_state(mine["rng"])
-            self._epoch_loss_sum = tuple(mine["epoch_loss"])
-            self._window, self._grad_norms = _Running.resumed(mine["window"]), list(mine["grad_norms"])
+            self._sums.load_state_dict(mine)
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.train_metrics = shared["train_metrics"]
@@ -588,24 +587,12 @@ class TrainingEngine:
                              f"the last checkpoint is left as it was")
 
     def _close_epoch_loss(self) -> float:
-        """Mean training loss of the epoch: the windows already logged plus the one still open.
-
-        That open window will be logged in the next epoch, so the next epoch's sum starts with its
-        totals taken back off. Reset here, not when an epoch starts: a resumed epoch starts with its saved sum.
-        """
-        loss_sum, count = self._epoch_loss_sum
-        open_sum, open_count = self._window.total("loss")
-        self._epoch_loss_sum = (-open_sum, -open_count)
-        return D.weighted_mean_over_ranks({"loss": (loss_sum + open_sum, count + open_count)}, self.device)["loss"]
+        """Mean training loss of the epoch over micro-batches and ranks, the window not yet logged included."""
+        return D.weighted_mean_over_ranks({"loss": self._sums.close_epoch()}, self.device)["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
-        window, self._window = self._window, _Running()
-        local = window.totals()
-        loss_sum, count = local["loss"]
-        self._epoch_loss_sum = (self._epoch_loss_sum[0] + loss_sum, self._epoch_loss_sum[1] + count)
-        local["grad_norm"] = (sum(self._grad_norms), float(len(self._grad_norms)))  # the same on every rank
-        self._grad_norms = []
+        local = self._sums.take_window()
         metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         if self.skipped_steps:
             metrics["skipped_steps"] = float(self.skipped_steps)
@@ -707,60 +694,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Path):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved at {checkpoint}")
-
-
-class _Running:
-    """Losses and metrics of consecutive batches, kept as they come and averaged when read.
-
-    Appending a tensor is all a step costs: nothing is summed, and nothing leaves
-    the device, until a log record asks for the means.
-    """
-
-    def __init__(self) -> None:
-        self.values: dict[str, list[Any]] = {}
-        self.weights: list[float | torch.Tensor] = []  # tensors when the task counts items (loss_weight)
-
-    def __len__(self) -> int:
-        return len(self.weights)
-
-    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0) -> None:
-        self.weights.append(weight)
-        self.values.setdefault("loss", []).append(loss.detach())
-        for key, value in metrics.items():
-            self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
-
-    def total(self, key: str, weights: torch.Tensor | None = None) -> tuple[float, float]:
-        """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read)."""
-        weights = self._weights() if weights is None else weights
-        stacked = _on_host(self.values.get(key, []))  # one sync for the window
-        return float((stacked * weights).sum()), float(weights.sum())
-
-    def _weights(self) -> torch.Tensor:
-        return _on_host(self.weights)
-
-    def totals(self) -> dict[str, tuple[float, float]]:
-        """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
-        weights = self._weights()  # read once: with counted items each read is a device sync
-        return {key: self.total(key, weights) for key in self.values}
-
-    @classmethod
-    def resumed(cls, totals: dict[str, tuple[float, float]]) -> _Running:
-        """A window that a checkpoint saved while it was open (its ``totals()``), as one entry of the same means."""
-        window = cls()
-        weight = next(iter(totals.values()), (0.0, 0.0))[1]  # every key of a window has the same total weight
-        if weight:
-            window.weights.append(weight)
-            window.values = {key: [value / weight] for key, (value, _) in totals.items()}
-        return window
-
-
-def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
-    """Numbers and one-element tensors as one float64 tensor on the CPU: a single device sync, whatever the mix."""
-    device = next((item.device for item in items if isinstance(item, torch.Tensor)), None)
-    if device is None:
-        return torch.tensor(items, dtype=torch.float64)
-    return torch.stack([torch.as_tensor(item, dtype=None if isinstance(item, torch.Tensor) else torch.float64,
-                                        device=device).reshape(()).double() for item in items]).cpu()
 
 
 @contextlib.contextmanager

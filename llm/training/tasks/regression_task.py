@@ -40,17 +40,9 @@ class RegressionTask(TrainingTask):
 
     def train_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         x, y = batch
-        return criterion(_matching(model(x), y), y), {}
+        return criterion(model(x), y), {}
 
     def validation_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         x, y = batch
-        pred = _matching(model(x), y)
+        pred = model(x)
         return criterion(pred, y), {"mae": (pred - y).abs().mean()}
-
-
-def _matching(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``pred``, once its shape is known to be the targets': a mean squared error would broadcast (B, 1)
-    against (B,) class labels into a (B, B) loss without a word, and train on it."""
-    if pred.shape != y.shape:
-        raise ValueError(f"targets of shape {tuple(y.shape)} for predictions of shape {tuple(pred.shape)}")
-    return pred

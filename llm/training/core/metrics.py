@@ -1,0 +1,117 @@
+"""Training metrics between log records: what each step adds, and the sums a record averages.
+
+A step only appends tensors: nothing is summed, and nothing leaves the device, until a
+record asks for the means, which it reads with one device sync for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TrainingSums:
+    """One rank's training metrics since the last log record, and its loss over the epoch's records so far.
+
+    The engine averages what ``take_window`` and ``close_epoch`` return over the
+    ranks. A checkpoint holds each rank's ``state_dict()``, so that a resumed run
+    logs the same means as one that never stopped.
+    """
+
+    def __init__(self) -> None:
+        self.window = RunningMeans()  # losses and metrics since the last training record
+        self.grad_norms: list[float] = []  # the steps' gradient norms since then
+        self.epoch_loss = (0.0, 0.0)  # loss sum and count over the epoch's records so far
+
+    def __len__(self) -> int:
+        """Micro-batches since the last training record."""
+        return len(self.window)
+
+    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor) -> None:
+        self.window.add(loss, metrics, weight)
+
+    def add_step(self, grad_norm: float) -> None:
+        self.grad_norms.append(grad_norm)
+
+    def take_window(self) -> dict[str, tuple[float, float]]:
+        """Each metric's weighted sum and total weight since the last record, ``grad_norm`` among them (the same
+        on every rank); the window's loss joins the epoch's, and a new window starts."""
+        local = self.window.totals()
+        loss_sum, count = local["loss"]
+        self.epoch_loss = (self.epoch_loss[0] + loss_sum, self.epoch_loss[1] + count)
+        local["grad_norm"] = (sum(self.grad_norms), float(len(self.grad_norms)))
+        self.window, self.grad_norms = RunningMeans(), []
+        return local
+
+    def close_epoch(self) -> tuple[float, float]:
+        """The epoch's loss sum and count: the windows already logged plus the one still open.
+
+        That open window will be logged in the next epoch, so the next epoch's sum starts with its
+        totals taken back off. Reset here, not when an epoch starts: a resumed epoch starts with its saved sum.
+        """
+        loss_sum, count = self.epoch_loss
+        open_sum, open_count = self.window.total("loss")
+        self.epoch_loss = (-open_sum, -open_count)
+        return loss_sum + open_sum, count + open_count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_loss": self.epoch_loss, "window": self.window.totals(), "grad_norms": list(self.grad_norms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch_loss = tuple(state["epoch_loss"])
+        self.window, self.grad_norms = RunningMeans.resumed(state["window"]), list(state["grad_norms"])
+
+
+class RunningMeans:
+    """Losses and metrics of consecutive batches, kept as they come and averaged when read.
+
+    Appending a tensor is all a step costs: nothing is summed, and nothing leaves
+    the device, until a log record asks for the means.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[Any]] = {}
+        self.weights: list[float | torch.Tensor] = []  # tensors when the task counts items (loss_weight)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0) -> None:
+        self.weights.append(weight)
+        self.values.setdefault("loss", []).append(loss.detach())
+        for key, value in metrics.items():
+            self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+
+    def total(self, key: str, weights: torch.Tensor | None = None) -> tuple[float, float]:
+        """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read)."""
+        weights = self._weights() if weights is None else weights
+        stacked = _on_host(self.values.get(key, []))  # one sync for the window
+        return float((stacked * weights).sum()), float(weights.sum())
+
+    def _weights(self) -> torch.Tensor:
+        return _on_host(self.weights)
+
+    def totals(self) -> dict[str, tuple[float, float]]:
+        """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
+        weights = self._weights()  # read once: with counted items each read is a device sync
+        return {key: self.total(key, weights) for key in self.values}
+
+    @classmethod
+    def resumed(cls, totals: dict[str, tuple[float, float]]) -> RunningMeans:
+        """A window that a checkpoint saved while it was open (its ``totals()``), as one entry of the same means."""
+        window = cls()
+        weight = next(iter(totals.values()), (0.0, 0.0))[1]  # every key of a window has the same total weight
+        if weight:
+            window.weights.append(weight)
+            window.values = {key: [value / weight] for key, (value, _) in totals.items()}
+        return window
+
+
+def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
+    """Numbers and one-element tensors as one float64 tensor on the CPU: a single device sync, whatever the mix."""
+    device = next((item.device for item in items if isinstance(item, torch.Tensor)), None)
+    if device is None:
+        return torch.tensor(items, dtype=torch.float64)
+    return torch.stack([torch.as_tensor(item, dtype=None if isinstance(item, torch.Tensor) else torch.float64,
+                                        device=device).reshape(()).double() for item in items]).cpu()

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from llm.training.core.metrics import RunningMeans, TrainingSums, _on_host
+
+
+def test_running_means_weigh_each_batch_by_its_items():
+    means = RunningMeans()
+    means.add(torch.tensor(1.0), {"acc": torch.tensor(0.5)}, weight=torch.tensor(3.0))
+    means.add(torch.tensor(3.0), {"acc": 1.0}, weight=torch.tensor(1.0))  # numbers and tensors mixed
+    assert len(means) == 2
+    assert means.totals() == {"loss": (6.0, 4.0), "acc": (2.5, 4.0)}
+
+
+def test_a_window_is_taken_once_and_its_loss_joins_the_epochs():
+    sums = TrainingSums()
+    for loss in (1.0, 2.0, 3.0):
+        sums.add_micro_batch(torch.tensor(loss), {}, 1.0)
+    sums.add_step(0.5)
+    sums.add_step(1.5)
+    assert sums.take_window() == {"loss": (6.0, 3.0), "grad_norm": (2.0, 2.0)}
+    assert len(sums) == 0 and sums.grad_norms == []
+    sums.add_micro_batch(torch.tensor(4.0), {}, 1.0)  # still open when the epoch ends
+    assert sums.close_epoch() == (10.0, 4.0)
+    # the open window is logged in the next epoch: that epoch's sum starts with it taken back off
+    sums.add_micro_batch(torch.tensor(5.0), {}, 1.0)
+    sums.take_window()
+    assert sums.close_epoch() == (5.0, 1.0)
+
+
+def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives():
+    def fill(sums, losses):
+        for loss in losses:
+            sums.add_micro_batch(torch.tensor(loss), {"mae": torch.tensor(loss / 2)}, torch.tensor(2.0))
+            sums.add_step(loss / 4)
+
+    uninterrupted, before = TrainingSums(), TrainingSums()
+    fill(uninterrupted, [1.0, 2.0, 3.0, 4.0])
+    fill(before, [1.0, 2.0])
+    resumed = TrainingSums()
+    resumed.load_state_dict(before.state_dict())
+    fill(resumed, [3.0, 4.0])
+    want, got = uninterrupted.take_window(), resumed.take_window()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert resumed.epoch_loss == pytest.approx(uninterrupted.epoch_loss, rel=1e-12)
+
+
+def test_a_resumed_log_window_keeps_double_precision():
+    assert _on_host([torch.tensor(1.0), 0.1])[1].item() == 0.1  # not float32's 0.10000000149
