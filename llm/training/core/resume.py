@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import random
 import tempfile
 import warnings
@@ -141,18 +142,21 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
             f"there with --checkpoint-resume auto, or branch from {resume} into a new --logging-log-dir DIR"
         )
     checkpoints = Path(config.checkpoint.dir)
-    other = None if resume is None or elsewhere else _run_of(resume, run_dir)
+    mine = elsewhere or start.own_folder or config.checkpoint.allow_config_change  # a branch, or said to be
+    other = None if resume is None or mine else _run_of(resume, run_dir)
     if other is not None:
         # this run would go on writing its checkpoints among that run's, and its logs here
         raise UsageError(
             f"checkpoint.dir {checkpoints} holds the checkpoints of the run in {other}, not of {run_dir}: continue "
-            f"that run with --logging-log-dir {other} --checkpoint-resume auto, or branch from one of its "
-            f"checkpoints into a new --logging-log-dir DIR"
+            f"that run with --logging-log-dir {other} --checkpoint-resume auto, branch from one of its checkpoints "
+            f"into a new --logging-log-dir DIR, or, if {run_dir} is a copy of that run, pass "
+            f"--checkpoint-allow-config-change true"
         )
     for name, folder in (("logging.log_dir", run_dir), ("checkpoint.dir", checkpoints)):
-        # another run's retention would delete this run's files with the checkpoint that holds them
+        # another run's retention would delete this run's files with the checkpoint that holds them (its own
+        # deletes only step_* folders)
         holder = checkpoint_folder(folder, own=folder.resolve() == checkpoints.resolve())
-        if holder is not None:
+        if holder is not None and holder != checkpoints.resolve():
             raise UsageError(f"{name} {folder} lies in the checkpoint folder {holder}, whose retention deletes "
                              f"what it holds: choose a folder outside it")
     problem = unwritable_reason(run_dir)  # creates nothing: a run refused later leaves no folder
@@ -169,11 +173,27 @@ def _run_of(checkpoint: Path, run_dir: Path) -> Path | None:
     if checkpoint.resolve().is_relative_to(run_dir.resolve()):
         return None
     try:
-        run = Path(Config.from_yaml(checkpoint / "config.yaml").logging.log_dir)  # {task} filled in
-    except (UsageError, OSError):
+        saved = Config.from_yaml(checkpoint / "config.yaml")  # its log_dir with {task} filled in
+        given = yaml.safe_load((checkpoint / "config.yaml").read_text())["checkpoint"]["dir"]
+    except (UsageError, OSError, yaml.YAMLError, TypeError, KeyError):
         return None
-    same = run.resolve() == run_dir.resolve()
-    return None if same or not (run / "config.yaml").is_file() else run
+    run = _where_it_was(Path(saved.logging.log_dir), Path(given) if given else None, checkpoint)
+    if run.resolve() == run_dir.resolve() or not (run / "config.yaml").is_file():
+        return None
+    return run
+
+
+def _where_it_was(log_dir: Path, checkpoint_dir: Path | None, checkpoint: Path) -> Path:
+    """A run's ``log_dir`` as its checkpoint places it, whatever folder it was started from: a checkpoint folder
+    filled in is ``<log_dir>/checkpoints``; a relative one given tells the folder the run was started from."""
+    if checkpoint_dir is None:
+        return checkpoint.parent.parent
+    if log_dir.is_absolute() or checkpoint_dir.is_absolute() or ".." in checkpoint_dir.parts:
+        return log_dir  # as it stands from here
+    started_in = checkpoint.parent.resolve()
+    for _ in Path(os.path.normpath(checkpoint_dir)).parts:
+        started_in = started_in.parent
+    return started_in / log_dir
 
 
 # ---- resuming with a changed config ------------------------------------------------------

@@ -434,13 +434,47 @@ def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_thi
     with pytest.raises(UsageError, match=r"b/run already holds a run and .*step_00000003 is not one of its checkpoints"):
         train(tiny_config(tmp_path / "b", training={"max_steps": 6}, checkpoint={"resume": step_3}))
     assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
-    branch, _ = train(tiny_config(tmp_path / "c", training={"max_steps": 6}, checkpoint={"resume": step_3}))
+    branch_config = tiny_config(tmp_path / "c", training={"max_steps": 6}, checkpoint={"resume": step_3})
+    with pytest.raises(CallbackError, match="simulated crash"):  # before the branch saves a checkpoint of its own
+        train(branch_config, callbacks=[CrashAt(4)])
+    branch, _ = train(branch_config)  # the same command again: the branch starts over from step 3
     assert branch.step == 6 and (tmp_path / "c/run/checkpoints/latest").read_text().strip() == "step_00000006"
     for (name, w_first), w_branch in zip(weights(first.raw_model).items(), weights(branch.raw_model).values()):
         assert torch.equal(w_first, w_branch), name  # the branch retrains steps 4-6 exactly
     capsys.readouterr()
     again, _ = train(tiny_config(tmp_path / "c", training={"max_steps": 8}, checkpoint={"resume": step_3}))
     assert again.step == 8 and "c/run/checkpoints/step_00000006 at step 6" in capsys.readouterr().out
+
+
+def test_another_runs_checkpoint_folder_is_refused_from_any_folder_and_a_copy_is_taken_when_said(tmp_path,
+                                                                                                  monkeypatch):
+    def config(log_dir, checkpoint_dir="", **checkpoint):
+        return tiny_config(tmp_path, training={"epochs": 1}, logging={"log_dir": log_dir},
+                           checkpoint={"dir": checkpoint_dir, **checkpoint})
+
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        train(config(f"runs/{name}"))
+    train(config("ck/c_logs", "ck/c"))  # checkpoints outside the run folder
+    monkeypatch.chdir(tmp_path / "sub")  # the runs' relative paths now point elsewhere
+    before = (tmp_path / "runs/a/summary.json").read_bytes()
+    with pytest.raises(UsageError, match=r"checkpoint.dir ../runs/b/checkpoints holds the checkpoints of the run in "
+                                         r"\S*runs/b, not of ../runs/a"):
+        train(config("../runs/a", "../runs/b/checkpoints", resume="auto"))
+    with pytest.raises(UsageError, match=r"holds the checkpoints of the run in \S*ck/c_logs, not of ../runs/d"):
+        train(config("../runs/d", "../ck/c", resume="auto"))
+    assert (tmp_path / "runs/a/summary.json").read_bytes() == before and not (tmp_path / "runs/d").exists()
+    shutil.copytree(tmp_path / "ck/c", tmp_path / "ck/d")  # a copy of the run, checkpoints and logs
+    shutil.copytree(tmp_path / "ck/c_logs", tmp_path / "ck/d_logs")
+    copy, _ = train(tiny_config(tmp_path, training={"epochs": 2}, logging={"log_dir": "../ck/d_logs"},
+                                checkpoint={"dir": "../ck/d", "resume": "auto", "allow_config_change": True}))
+    assert copy.step == 2 * 14 and (tmp_path / "ck/d/latest").read_text().strip() == "step_00000028"
+    # a run whose logs lie inside its own checkpoint folder: retention deletes only step_* folders there
+    train(config("../own/logs", "../own"))
+    again, _ = train(tiny_config(tmp_path, training={"epochs": 2}, logging={"log_dir": "../own/logs"},
+                                 checkpoint={"dir": "../own", "resume": "auto"}))
+    assert again.step == 2 * 14
 
 
 class RatesAtStart(Callback):
