@@ -37,6 +37,8 @@ from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
 FORMATS = ("safetensors", "hf")
 HF_WEIGHTS, HF_CONFIG, HF_TOKENIZER_CONFIG = "model.safetensors", "config.json", "tokenizer_config.json"
 HF_FILES = (HF_CONFIG, HF_WEIGHTS, TOKENIZER, HF_TOKENIZER_CONFIG)
+HF_MARK = ("llm_export", "hf")
+"""The metadata entry of an --format hf export's weights: its folder may be exported into again."""
 """What ``--format hf`` writes; a folder holding nothing else may be written over."""
 
 
@@ -98,8 +100,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
     with_tokenizer = isinstance(tokenizer, HFTokenizer)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        # transformers reads "format" only; "task" marks the folder as an export that a new one may replace
-        _save_safetensors(hf_state, out / HF_WEIGHTS, metadata={"format": "pt", "task": "lm"})
+        # transformers reads "format" only; the mark tells a folder that a new export may replace
+        _save_safetensors(hf_state, out / HF_WEIGHTS, metadata={"format": "pt", HF_MARK[0]: HF_MARK[1]})
         gpt2_config.save_pretrained(out)
         for name in (TOKENIZER, HF_TOKENIZER_CONFIG):  # none stale from an earlier export
             (out / name).unlink(missing_ok=True)
@@ -142,9 +144,9 @@ def check_hf_out(out: Path) -> None:
             raise UsageError(f"--out {out} holds files --format hf does not write ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}), so it is left as it is: "
                              f"choose a new or empty folder")
-        if names and not _is_export(out / HF_WEIGHTS):  # the same names, of another model: the user's
+        if names and _metadata(out / HF_WEIGHTS).get(HF_MARK[0]) != HF_MARK[1]:  # those names, of another model
             raise UsageError(f"--out {out} holds {', '.join(names)} of another model (not an earlier export, whose "
-                             f"{HF_WEIGHTS} names its task), so it is left as it is: choose a new or empty folder")
+                             f"{HF_WEIGHTS} carries its mark), so it is left as it is: choose a new or empty folder")
 
 
 def _import_transformers():
@@ -192,11 +194,16 @@ def check_out(out: Path) -> None:
 
 def _is_export(path: Path) -> bool:
     """A safetensors file that ``export`` wrote: its metadata names the task (another model's file does not)."""
+    return "task" in _metadata(path)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata; {} for a missing or broken file."""
     try:
         with safe_open(str(path), "pt") as f:
-            return "task" in (f.metadata() or {})
+            return f.metadata() or {}
     except Exception:  # noqa: BLE001 - safetensors reports a bad header as several exception types
-        return False
+        return {}
 
 
 def _is_description(path: Path) -> bool:

@@ -169,9 +169,12 @@ def test_export_hf_without_biases_writes_zero_biases(tmp_path, capsys):
     pytest.importorskip("transformers")
     run_dir = train_lm_cli(tmp_path, *GPT2_FLAGS, "--model-tie-embeddings", "false")  # bias false by default
     out = tmp_path / "hf"
-    for _ in range(2):  # the second replaces the first export: its model.safetensors names its task
+    for _ in range(2):  # the second replaces the first export: its model.safetensors carries the mark
         assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # in-process: transformers is loaded
     assert "no tokenizer" in capsys.readouterr().out  # char: no Hugging Face form
+    # nor does that mark let the plain export write its own tensor names over the folder's weights
+    assert main([str(run_dir), "--out", str(out / "model.safetensors")]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     weights = load_file(out / "model.safetensors")
     biases = [t for name, t in weights.items() if name.endswith(".bias")]

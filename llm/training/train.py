@@ -79,7 +79,8 @@ def claim_run_dir(config: Config) -> str:
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         note = f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}"
         old, checkpoints = Path(config.logging.log_dir).resolve(), Path(config.checkpoint.dir).resolve()
-        if checkpoints.is_relative_to(old):  # a checkpoint folder given inside the earlier run's moves too
+        given = config.given("checkpoint.dir")  # "" when filled in from log_dir: validate() fills it anew
+        if given and checkpoints.is_relative_to(old):  # a checkpoint folder given inside the earlier run's moves too
             config.checkpoint.dir = str(Path(chosen) / checkpoints.relative_to(old))
         config.logging.log_dir = chosen
         config.validate()  # a checkpoint.dir filled in from the old folder moves with it
@@ -162,6 +163,11 @@ def _quiet_out_of_space(args: threading.ExceptHookArgs) -> None:
         threading.__excepthook__(args)
 
 
+def _moved(config: Config, asked_dir: str) -> str:
+    """The flag that names the folder a fresh run moved to, for the command that continues it; "" if it did not."""
+    return "" if config.logging.log_dir == asked_dir else f" --logging-log-dir {config.logging.log_dir}"
+
+
 def _lost_a_rank(e: RuntimeError) -> bool:
     """A collective that failed because a peer process went away or stopped answering."""
     text = str(e)
@@ -196,15 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"error: {e}")
         return EXIT_NON_FINITE
     except TrainingInterrupted as e:
-        moved = "" if config.logging.log_dir == asked_dir else f" --logging-log-dir {config.logging.log_dir}"
-        print_error(f"{e}; continue with --checkpoint-resume auto{moved}")
+        print_error(f"{e}; continue with --checkpoint-resume auto{_moved(config, asked_dir)}")
         return 128 + e.signum
     except Exception as e:
         full = _out_of_space(e)
         if full is not None:  # the logs, the summary or the config: the checkpoints say it themselves
             where = full.filename or f"to the run directory {config.logging.log_dir}"  # none when closing a file
-            print_error(f"error: cannot write {where}: {full.strerror}; make room, then continue the run with "
-                        f"--checkpoint-resume auto")
+            fix = "make it writable" if full.errno == errno.EROFS else "make room"
+            print_error(f"error: cannot write {where}: {full.strerror}; {fix}, then run again with "
+                        f"--checkpoint-resume auto{_moved(config, asked_dir)}")
             return EXIT_USAGE
         if not isinstance(e, RuntimeError) or not _lost_a_rank(e):
             raise

@@ -224,15 +224,21 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def given(self, key: str) -> Any:
+        """``section.field`` as given: a path that validate() filled in is what it was filled in from."""
+        section, name = key.split(".")
+        value = getattr(getattr(self, section), name)
+        source, filled = getattr(self, "_filled", {}).get(key, (value, value))
+        return source if value == filled else value
+
     def to_yaml(self) -> str:
         """The config as a YAML file to pass back with ``--config``: a path that validate() filled in is
         written as what it was filled in from (``runs/{task}``, an empty checkpoint.dir), so that the file
         given another task or log_dir puts the run, and its checkpoints, where those say."""
         data = self.to_dict()
-        for key, (source, filled) in getattr(self, "_filled", {}).items():
+        for key in getattr(self, "_filled", {}):
             section, name = key.split(".")
-            if data[section][name] == filled:
-                data[section][name] = source
+            data[section][name] = self.given(key)
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
@@ -317,7 +323,7 @@ class Config:
             elif isinstance(value, str) and "\0" in value:  # no path or name holds one
                 raise ConfigError(name, value, "text without a NUL character")
             elif isinstance(value, int) and not -2**63 <= value < 2**63:  # what torch and itertools can count to
-                raise ConfigError(name, value, "an integer below 2**63")
+                raise ConfigError(name, value, "an integer from -2**63 to below 2**63")
         t, o, m, d, c, lg = self.training, self.optimizer, self.model, self.data, self.checkpoint, self.logging
         _at_least("training.epochs", t.epochs, 1)
         _at_least("training.max_steps", t.max_steps, 0)

@@ -167,7 +167,10 @@ class TrainingEngine:
         if trained or validating or self._saved_step != self.step:
             checkpoint = self.save_checkpoint(state)  # first: what the summary fails to write must not cost it
             return self._summary(elapsed), checkpoint
-        return self._summary(elapsed, write=False), self._loaded  # nothing new: summary.json stays the run's
+        # nothing new to save: the checkpoints are pruned, as a save that was killed before pruning would have,
+        # and summary.json stays the run's (it is written if a full disk lost it)
+        self.checkpoints.retain(keep=self._loaded)
+        return self._summary(elapsed, write=not (self.run_dir / "summary.json").exists()), self._loaded
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
@@ -451,7 +454,6 @@ class TrainingEngine:
         self._loaded = path
         if path.parent.resolve() == Path(self.config.checkpoint.dir).resolve():
             self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
-            self.checkpoints.retain(keep=path)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ---- what callbacks use ----------------------------------------------------------
@@ -702,10 +704,12 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, MemoryError) as e:
-        asked = re.search(r"tried to allocate (\d+) bytes", str(e))
+        # the CPU allocator says "tried to allocate 4000 bytes", CUDA's "Tried to allocate 20.00 GiB"
+        asked = re.search(r"(?i)tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", str(e))
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and asked is None:
             raise
-        size = f": it asked for {int(asked[1]) / 2**30:,.1f} GiB at once" if asked else ""
+        scale = {"bytes": 2**-30, "kib": 2**-20, "mib": 2**-10, "gib": 1, "tib": 2**10}
+        size = f": it asked for {float(asked[1]) * scale[asked[2].lower()]:,.1f} GiB at once" if asked else ""
         raise UsageError(f"{what} ran out of memory{size}; ask for {instead}, "
                          f"or use a machine with more memory") from None
 

@@ -136,8 +136,8 @@ def test_a_config_set_in_code_takes_an_integer_for_a_number_and_a_path_for_text(
         ({"model": {"block_size": 0}}, ["model.block_size", "0"]),
         ({"training": "fast"}, ["training", "a mapping"]),
         ({"optimizer": {"lr": 10**400}}, ["optimizer.lr", "(401 characters)", "a number"]),  # no float holds it
-        ({"training": {"seed": 2**64}}, ["training.seed", str(2**64), "below 2**63"]),
-        ({"training": {"eval_batches": 2**63}}, ["training.eval_batches", str(2**63), "below 2**63"]),
+        ({"training": {"seed": 2**64}}, ["training.seed", str(2**64), "from -2**63 to below 2**63"]),
+        ({"training": {"eval_batches": 2**63}}, ["training.eval_batches", str(2**63), "from -2**63 to below 2**63"]),
         ({"model": {"n_layer": 10**8}}, ["model.n_layer", "100000000", "at most 1024"]),
         ({"data": {"num_workers": 100000}}, ["data.num_workers", "100000", "at most 256"]),
         ({"logging": {"log_dir": "runs/a\0b"}}, ["logging.log_dir", "'runs/a\\x00b'", "without a NUL"]),

@@ -284,6 +284,9 @@ def test_a_finished_run_started_again_changes_nothing(tmp_path, training):
     for key in ("train_loss", "val_loss", "best_val_loss"):
         assert repeated[key] == metrics[key], key
     assert repeated["samples_per_s"] is None  # this process took no step
+    (tmp_path / "run/summary.json").unlink()  # lost to a full disk after the last save
+    train(config, callbacks=default_callbacks(config))
+    assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == first.step
 
 
 def test_a_checkpoint_of_another_version_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -738,3 +741,18 @@ def test_a_resume_mid_epoch_with_another_batch_size_goes_on_from_the_samples_alr
     with pytest.warns(UserWarning, match="16 samples of the epoch are seen again"):
         engine, _ = train(again)
     assert engine.step == 3 + (230 - 32) // 32
+
+
+def test_an_allocation_too_large_is_one_line_with_its_size_from_either_allocator():
+    from llm.training.core.engine import _out_of_memory
+
+    for error, size in ((RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                      "64000000000 bytes. Error code 12"), "59.6"),
+                        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0)"), "20.0")):
+        with pytest.raises(UsageError, match=rf"^build_model\(\) ran out of memory: it asked for {size} GiB at once; "
+                                             rf"ask for less, or use a machine with more memory$"):
+            with _out_of_memory("build_model()", "less"):
+                raise error
+    with pytest.raises(RuntimeError, match="^another error$"):  # anything else goes through as it is
+        with _out_of_memory("build_model()", "less"):
+            raise RuntimeError("another error")
