@@ -170,6 +170,17 @@ def test_bad_yaml_files(tmp_path):
         Config.from_yaml(latin1)
 
 
+def test_a_filled_in_checkpoint_dir_stays_filled_in_when_the_run_moves():
+    config = Config.from_dict({"logging": {"log_dir": "runs/lm"}})
+    assert config.given("checkpoint.dir") == "" and config.checkpoint.dir == "runs/lm/checkpoints"
+    config.logging.log_dir = "runs/lm-2"  # as a fresh run moves to the next free folder
+    config.validate()
+    assert config.given("checkpoint.dir") == "" and config.checkpoint.dir == "runs/lm-2/checkpoints"
+    given = Config.from_dict({"checkpoint": {"dir": "ckpt"}})
+    assert given.given("checkpoint.dir") == "ckpt"
+    assert yaml.safe_load(config.to_yaml())["checkpoint"]["dir"] == ""
+
+
 def test_a_home_folder_in_the_run_and_checkpoint_folders_is_expanded():
     config = Config.from_dict({"logging": {"log_dir": "~/runs/x"}})
     assert config.logging.log_dir == str(Path.home() / "runs/x")
