@@ -149,9 +149,11 @@ OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 def _out_of_space(e: BaseException | None) -> OSError | None:
     """The full disk (or quota, or read-only mount) behind ``e``, through the errors raised while handling it."""
-    while e is not None:
+    seen = set()
+    while e is not None and id(e) not in seen:
         if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
             return e
+        seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
 
@@ -163,9 +165,10 @@ def _quiet_out_of_space(args: threading.ExceptHookArgs) -> None:
         threading.__excepthook__(args)
 
 
-def _moved(config: Config, asked_dir: str) -> str:
+def _moved(config: Config | None, asked_dir: str) -> str:
     """The flag that names the folder a fresh run moved to, for the command that continues it; "" if it did not."""
-    return "" if config.logging.log_dir == asked_dir else f" --logging-log-dir {config.logging.log_dir}"
+    moved = config is not None and asked_dir and config.logging.log_dir != asked_dir
+    return f" --logging-log-dir {config.logging.log_dir}" if moved else ""
 
 
 def _lost_a_rank(e: RuntimeError) -> bool:
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.excepthook = _quiet_out_of_space
     argv = sys.argv[1:] if argv is None else argv
     rank = D.env_ranks()[0]
+    config, asked_dir = None, ""
     try:
         config = Config.from_args_and_env(argv)
         if "--print-config" in argv:
@@ -207,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         full = _out_of_space(e)
         if full is not None:  # the logs, the summary or the config: the checkpoints say it themselves
-            where = full.filename or f"to the run directory {config.logging.log_dir}"  # none when closing a file
+            # no file name when closing a file; no run directory yet for --print-config
+            where = full.filename or (f"to the run directory {config.logging.log_dir}" if asked_dir else "its output")
             fix = "make it writable" if full.errno == errno.EROFS else "make room"
-            print_error(f"error: cannot write {where}: {full.strerror}; {fix}, then run again with "
-                        f"--checkpoint-resume auto{_moved(config, asked_dir)}")
+            again = f" with --checkpoint-resume auto{_moved(config, asked_dir)}" if asked_dir else ""
+            print_error(f"error: cannot write {where}: {full.strerror}; {fix}, then run again{again}")
             return EXIT_USAGE
         if not isinstance(e, RuntimeError) or not _lost_a_rank(e):
             raise
