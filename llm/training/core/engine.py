@@ -169,7 +169,8 @@ class TrainingEngine:
             return self._summary(elapsed), checkpoint
         # nothing new to save: the checkpoints are pruned, as a save that was killed before pruning would have,
         # and summary.json stays the run's (it is written if a full disk lost it)
-        self.checkpoints.retain(keep=self._loaded)
+        if self._loaded is not None:
+            self.checkpoints.retain(keep=self._loaded)
         return self._summary(elapsed, write=not (self.run_dir / "summary.json").exists()), self._loaded
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
