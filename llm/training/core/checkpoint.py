@@ -206,7 +206,7 @@ class CheckpointManager:
 
     def retain(self, keep: Path) -> None:
         """Delete the checkpoints retention does not keep, beside ``keep``; rank 0 alone. Each save does it;
-        a resume does it too, for a run killed between a save and its pruning that will save nothing more."""
+        so does a finished run started again, for one killed between its last save and that pruning."""
         if self.rank == 0:
             self._retain(keep)
 

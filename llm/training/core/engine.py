@@ -418,8 +418,8 @@ class TrainingEngine:
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
                                                            self.config.training.batch_size, self.world_size)
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
-        watched = {"training.patience", "checkpoint.monitor", "checkpoint.mode"}  # what early stopping went by
-        if progress["stop"] and not watched & set(changed):  # a run that stopped early stays stopped
+        monitor_changed = bool({"checkpoint.monitor", "checkpoint.mode"} & set(changed))  # a best of another metric
+        if progress["stop"] and not monitor_changed and "training.patience" not in changed:  # early stop holds
             self.should_stop, self.stop_reason = True, progress["stop"]
             self._held_stop = progress["stop"]
         last_step = self._last_step(len(self.train_loader))
@@ -439,7 +439,7 @@ class TrainingEngine:
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
             self.scaler.load_state_dict(shared["scaler"])
         self.val_metrics = shared["val_metrics"]
-        if not {"checkpoint.monitor", "checkpoint.mode"} & set(changed):  # else a best of another metric
+        if not monitor_changed:
             self.best_metric = shared["best_metric"]
         states = shared["callbacks"]
         for i, cb in enumerate(self.callbacks):

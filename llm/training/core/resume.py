@@ -174,9 +174,9 @@ def _run_of(checkpoint: Path, run_dir: Path) -> Path | None:
         return None
     try:
         saved = Config.from_yaml(checkpoint / "config.yaml")  # its log_dir with {task} filled in
-        given = yaml.safe_load((checkpoint / "config.yaml").read_text())["checkpoint"]["dir"]
-    except (UsageError, OSError, yaml.YAMLError, TypeError, KeyError):
+    except (UsageError, OSError):
         return None
+    given = saved.given("checkpoint.dir")
     run = _where_it_was(Path(saved.logging.log_dir), Path(given) if given else None, checkpoint)
     if run.resolve() == run_dir.resolve() or not (run / "config.yaml").is_file():
         return None
