@@ -11,6 +11,7 @@ stopped the run after saving a checkpoint (143, 130).
 from __future__ import annotations
 
 import errno
+import re
 import sys
 import threading
 from pathlib import Path
@@ -171,6 +172,13 @@ def _moved(config: Config | None, asked_dir: str) -> str:
     return f" --logging-log-dir {config.logging.log_dir}" if moved else ""
 
 
+def _set_by(config: Config | None, e: UsageError) -> str:
+    """Where the field an error found later names (``data.path: ...``) was set, if not by a flag."""
+    field = re.match(r"(task|[a-z_]+\.[a-z_]+): ", str(e))
+    note = config.set_by(field.group(1)) if config is not None and field else ""
+    return "" if note in str(e) else note  # a ConfigError of validate() names it already
+
+
 def _lost_a_rank(e: RuntimeError) -> bool:
     """A collective that failed because a peer process went away or stopped answering."""
     text = str(e)
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             D.destroy_process_group()
     except UsageError as e:
-        print_error(f"error: {e}")
+        print_error(f"error: {e}{_set_by(config, e)}")
         return EXIT_USAGE
     except NonFiniteError as e:  # a RuntimeError: caught before the clause below
         print_error(f"error: {e}")

@@ -231,6 +231,11 @@ class Config:
         source, filled = getattr(self, "_filled", {}).get(key, (value, value))
         return source if value == filled else value
 
+    def set_by(self, key: str) -> str:
+        """Where ``section.field`` got its value, when that was not a flag, for an error about it to name:
+        " (in FILE)", " (set by the environment variable LLM_...)"; "" for a flag, a default or code."""
+        return getattr(self, "_set_by", {}).get(key, "")
+
     def to_yaml(self) -> str:
         """The config as a YAML file to pass back with ``--config``: a path that validate() filled in is
         written as what it was filled in from (``runs/{task}``, an empty checkpoint.dir), so that the file
@@ -258,7 +263,7 @@ class Config:
         try:
             config._apply(env, origin="environment")
         except ConfigError as e:  # a value of the wrong type: say which variable holds it
-            raise _from_env_variable(e) from None
+            raise _noted(e, _env_note(e.field)) from None
         flags: dict[str, Any] = {}
         for dest, value in args.items():
             section, _, name = dest.partition(".")
@@ -267,16 +272,18 @@ class Config:
             else:
                 flags[section] = value
         config._apply(flags, origin="command line")
+        # where each value that no flag gave came from, for errors found later; a flag is in sight already
+        config._set_by = {key: f" (in {config_path})" for key in _keys(file)}
+        config._set_by.update({key: _env_note(key) for key in _keys(env)})
+        for key in _keys(flags):
+            config._set_by.pop(key, None)
         try:
             return config.validate()
-        except ConfigError as e:  # name where the value came from, unless that was a flag (in sight already)
-            if _sets(flags, e.field):
+        except ConfigError as e:
+            note = config.set_by(e.field)
+            if not note:
                 raise
-            if _sets(env, e.field):
-                raise _from_env_variable(e) from None
-            if _sets(file, e.field):
-                raise _from_file(e, config_path) from None
-            raise
+            raise _noted(e, note) from None
 
     def _apply_file(self, path: str | os.PathLike) -> dict[str, Any]:
         """Apply a YAML file's overrides, an error naming the file; they are returned, for validate's errors."""
@@ -284,7 +291,7 @@ class Config:
         try:
             self._apply(data, origin=str(path))
         except ConfigError as e:  # an unknown key or a value of the wrong type: all from the file
-            raise _from_file(e, path) from None
+            raise _noted(e, f" (in {path})") from None
         return data
 
     def _apply(self, data: Any, origin: str) -> None:
@@ -658,14 +665,6 @@ def _component(field: str, name: str, builtins: dict[str, str]) -> None:
     raise ConfigError(field, name, f"one of {', '.join(builtins)} or package.module:Class{closest(name, builtins)}")
 
 
-def _sets(overrides: dict[str, Any], field: str) -> bool:
-    """Whether nested overrides give ``field`` ("training.batch_size", "task") a value."""
-    section, _, name = field.partition(".")
-    if not name:
-        return section in overrides
-    return isinstance(overrides.get(section), dict) and name in overrides[section]  # a YAML section may be empty
-
-
 def _placed(key: str, names: set[str]) -> str:
     """' (did you mean training.epochs?)' for a field given at the top level, else the closest top-level name."""
     owners = [f"{s}.{key}" for s, cls in sections().items() if key in {f.name for f in dataclasses.fields(cls)}]
@@ -674,13 +673,23 @@ def _placed(key: str, names: set[str]) -> str:
     return closest(key, names) or f": one of {sorted(names)}"
 
 
-def _from_file(error: ConfigError, path: str | os.PathLike) -> ConfigError:
-    return ConfigError(error.field, error.value, f"{error.allowed} (in {path})")
+def _keys(overrides: dict[str, Any]) -> list[str]:
+    """The fields nested overrides give a value: "training.batch_size", "task"."""
+    keys = []
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            keys += [f"{section}.{name}" for name in values]
+        else:
+            keys.append(section)
+    return keys
 
 
-def _from_env_variable(error: ConfigError) -> ConfigError:
-    variable = ENV_PREFIX + error.field.replace(".", "_").upper()
-    return ConfigError(error.field, error.value, f"{error.allowed} (set by the environment variable {variable})")
+def _env_note(key: str) -> str:
+    return f" (set by the environment variable {ENV_PREFIX}{key.replace('.', '_').upper()})"
+
+
+def _noted(error: ConfigError, note: str) -> ConfigError:
+    return ConfigError(error.field, error.value, error.allowed + note)
 
 
 def _env_overrides(environ: dict[str, str] | os._Environ) -> dict[str, Any]:

@@ -229,6 +229,23 @@ def test_a_value_from_the_file_overridden_is_not_blamed_on_the_file(tmp_path):
     assert "(in" not in str(err.value)
 
 
+def test_an_error_found_after_the_config_was_read_names_where_its_field_was_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--task", "lm", "--logging-progress-bar", "false"]
+    (tmp_path / "b.yaml").write_text("data:\n  path: nope.txt\n")
+    monkeypatch.setenv("LLM_DATA_PATH", "nope.txt")  # found missing by the data module, not by validate()
+    for extra, note in (([], " (set by the environment variable LLM_DATA_PATH)"),
+                        (["--data-path", "nope.txt"], ""),  # a flag is in sight on the command line
+                        (["--config", "b.yaml"], " (set by the environment variable LLM_DATA_PATH)")):
+        assert main([*flags, *extra]) == 2
+        assert capsys.readouterr().err == f"error: data.path: nope.txt does not exist (expected a text file, " \
+                                          f"a folder or a glob){note}\n"
+    monkeypatch.delenv("LLM_DATA_PATH")
+    assert main([*flags, "--config", "b.yaml"]) == 2
+    assert capsys.readouterr().err.endswith("a folder or a glob) (in b.yaml)\n")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "text, words",
     [
