@@ -329,6 +329,9 @@ class Config:
                 raise ConfigError(name, value, describe(tp) + closest(str(value), choices))
             elif isinstance(value, str) and "\0" in value:  # no path or name holds one
                 raise ConfigError(name, value, "text without a NUL character")
+            elif isinstance(value, str) and not value.isascii() and _undecoded(value):
+                # bytes of a command line or variable that are not UTF-8: no TensorBoard, YAML or JSON file takes them
+                raise ConfigError(name, value, "UTF-8 text (rename what holds other bytes)")
             elif isinstance(value, int) and not -2**63 <= value < 2**63:  # what torch and itertools can count to
                 raise ConfigError(name, value, "an integer from -2**63 to below 2**63")
         t, o, m, d, c, lg = self.training, self.optimizer, self.model, self.data, self.checkpoint, self.logging
@@ -671,6 +674,15 @@ def _placed(key: str, names: set[str]) -> str:
     if owners:
         return f" (did you mean {' or '.join(owners)}?)"
     return closest(key, names) or f": one of {sorted(names)}"
+
+
+def _undecoded(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8, as Python decodes them from argv and the environment."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _keys(overrides: dict[str, Any]) -> list[str]:

@@ -141,6 +141,7 @@ def test_a_config_set_in_code_takes_an_integer_for_a_number_and_a_path_for_text(
         ({"model": {"n_layer": 10**8}}, ["model.n_layer", "100000000", "at most 1024"]),
         ({"data": {"num_workers": 100000}}, ["data.num_workers", "100000", "at most 256"]),
         ({"logging": {"log_dir": "runs/a\0b"}}, ["logging.log_dir", "'runs/a\\x00b'", "without a NUL"]),
+        ({"logging": {"log_dir": "runs/\udcff"}}, ["logging.log_dir", "'runs/\\udcff'", "UTF-8"]),  # argv's byte 0xff
         ({"logging": {"log_dir": "."}}, ["logging.log_dir", "'.'", "folder name"]),
         ({"logging": {"log_dir": "runs/.."}}, ["logging.log_dir", "'runs/..'", "folder name"]),
     ],
