@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 EXIT_USAGE = 2
 """Exit code for bad input: config, flags, paths, checkpoints."""
@@ -33,6 +33,15 @@ def closest(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for the nearest valid name, or ''."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]}?)" if match else ""
+
+
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error``, then each error it was raised from or while handling, to the innermost (a loop ends the walk)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def one_line(error: BaseException | str, limit: int = 300) -> str:

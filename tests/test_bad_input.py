@@ -231,6 +231,11 @@ CASES = [
                       ["MLflow tracking URI bogus://x", "unsupported URI", "MLFLOW_TRACKING_URI"],
                       env={"MLFLOW_TRACKING_URI": "bogus://x"}),
                  marks=pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs mlflow")),
+    pytest.param(Case("mlflow-server-not-there", "train",  # said at once, not after minutes of retries
+                      [*LM, "--logging-log-dir", "fresh", "--logging-loggers", "mlflow"],
+                      ["MLflow tracking URI http://127.0.0.1:", "cannot reach it (Connection refused)"],
+                      env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}),  # nothing listens there
+                 marks=pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs mlflow")),
     # more memory than the machine has, asked for at once
     pytest.param(Case("model-larger-than-memory", "train",
                       [*LM, "--logging-log-dir", "fresh", "--model-n-embd", "2000000000", "--model-n-head", "1"],

@@ -24,7 +24,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).re
 import torch.distributed as dist
 
 from llm.cli import one_line_warnings, say
-from llm.errors import EXIT_USAGE, UsageError, one_line, print_error
+from llm.errors import EXIT_USAGE, UsageError, causes, one_line, print_error
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
     Callback,
@@ -150,13 +150,7 @@ OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 def _out_of_space(e: BaseException | None) -> OSError | None:
     """The full disk (or quota, or read-only mount) behind ``e``, through the errors raised while handling it."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
+    return next((c for c in causes(e) if isinstance(c, OSError) and c.errno in OUT_OF_SPACE), None)
 
 
 def _quiet_out_of_space(args: threading.ExceptHookArgs) -> None:

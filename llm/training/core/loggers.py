@@ -10,21 +10,35 @@ run id is saved with the checkpoint, so a resumed training continues its run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from llm.errors import UsageError, closest, one_line
+from llm.errors import UsageError, causes, closest, one_line
 from llm.training.core.callbacks import Callback, flatten, scalars
 
 if TYPE_CHECKING:
     from llm.training.core.engine import TrainingEngine
 
 log = logging.getLogger("llm")
+
+
+@contextlib.contextmanager
+def _unless_set(**variables: str) -> Iterator[None]:
+    """Set environment variables for the ``with`` block, keeping each that is set already."""
+    added = [name for name in variables if name not in os.environ]
+    os.environ.update({name: variables[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _import(logger: str, module: str) -> Any:
@@ -62,10 +76,14 @@ class MLflowLogger(Callback):
             # that needs no database and no server. An explicit setting is kept.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
-            client = MlflowClient(uri)
-            found = client.get_experiment_by_name(self.experiment)  # the first call that reaches the store
+            with _unless_set(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="20"):
+                # a server that is not there is said now, not after minutes of retries; later calls retry
+                client = MlflowClient(uri)
+                found = client.get_experiment_by_name(self.experiment)  # the first call that reaches the store
         except Exception as e:  # noqa: BLE001 - MLflow raises its own and its HTTP library's errors
-            raise UsageError(f"MLflow tracking URI {uri}: {one_line(e)}; check MLFLOW_TRACKING_URI, or unset it "
+            socket = [c for c in causes(e) if isinstance(c, OSError)][-1:]  # the server not reached, and why
+            why = f"cannot reach it ({socket[0].strerror or one_line(socket[0])})" if socket else one_line(e)
+            raise UsageError(f"MLflow tracking URI {uri}: {why}; check MLFLOW_TRACKING_URI, or unset it "
                              f"for the run's own file store") from None
         run = None
         if self.run_id is not None:  # restored from a checkpoint: continue that run
