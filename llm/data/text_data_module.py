@@ -204,6 +204,8 @@ class TextDataModule(BaseDataModule):
         self.cache_hit = False
         """Whether the last prepare_data() found the tokenized corpus already cached."""
         self.cache_path: Path | None = None
+        self.corpus_digest: str | None = None
+        """SHA-256 of the corpus's files, set with the cache entry: the text the windows are drawn from."""
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
 
@@ -230,16 +232,18 @@ class TextDataModule(BaseDataModule):
             recipe = d.tokenizer
         else:
             recipe = "file:" + load_tokenizer(d.tokenizer).fingerprint()
-        h = hashlib.sha256(f"text-cache-{CACHE_FORMAT}\0{recipe}\0".encode())
+        corpus = hashlib.sha256()
         for f in files:
             try:
-                _hash_file(h, f)
+                _hash_file(corpus, f)
             except OSError as e:
                 if self.config.data.path:
                     raise UsageError(f"data.path: cannot read {f}: {e.strerror or e}") from None
-                h.update(b"unreadable")  # the default corpus skips it
+                corpus.update(b"unreadable")  # the default corpus skips it
+        self.corpus_digest = corpus.hexdigest()
+        key = hashlib.sha256(f"text-cache-{CACHE_FORMAT}\0{recipe}\0{self.corpus_digest}".encode()).hexdigest()
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
-        return cache_dir / h.hexdigest()[:32]
+        return cache_dir / key[:32]
 
     def prepare_data(self) -> None:
         """Build the tokenizer and tokenize the corpus into the cache, unless it is there already."""

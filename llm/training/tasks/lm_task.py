@@ -20,8 +20,9 @@ from llm.training.tasks.base_task import TrainingTask
 
 IGNORE_INDEX = -100
 """A target token with this id adds nothing to the loss (padding, a prompt not to be learned)."""
-MODEL_CONFIG, TOKENIZER = "model_config.json", "tokenizer.json"
-"""The files LMTask.save_artifacts writes beside the weights; load_lm needs both."""
+MODEL_CONFIG, TOKENIZER, CORPUS = "model_config.json", "tokenizer.json", "corpus.json"
+"""The files LMTask.save_artifacts writes beside the weights; load_lm needs the first two. The third names
+the corpus the training windows came from, so that a resume on an edited one is refused."""
 
 
 def perplexity(loss: float) -> float:
@@ -93,12 +94,16 @@ class LMTask(TrainingTask):
         return out
 
     def save_artifacts(self, directory: Path) -> None:
-        """``tokenizer.json`` and ``model_config.json``: with the weights, all a user needs to sample."""
+        """``tokenizer.json`` and ``model_config.json``, with the weights all a user needs to sample, and
+        ``corpus.json``, the corpus's digest."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.gpt_config()
-        self.data_module.tokenizer.save(directory / "tokenizer.json")
-        write_atomically(directory / "model_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        self.data_module.tokenizer.save(directory / TOKENIZER)
+        write_atomically(directory / MODEL_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+        digest = getattr(self.data_module, "corpus_digest", None)  # a data module of the user's may have none
+        if digest:  # an edited corpus moves the windows and the split even when its tokenizer comes out the same
+            write_atomically(directory / CORPUS, json.dumps({"sha256": digest}) + "\n")
 
 
 def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Path]:

@@ -122,7 +122,8 @@ def test_artifacts_rebuild_the_model_and_its_tokenizer(task, tmp_path):
     model = task.build_model()
     out = tmp_path / "artifacts"
     task.save_artifacts(out)
-    assert sorted(p.name for p in out.iterdir()) == ["model_config.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "model_config.json", "tokenizer.json"]
+    assert json.loads((out / "corpus.json").read_text()) == {"sha256": task.data_module.corpus_digest}
     tokenizer = load_tokenizer(out / "tokenizer.json")
     assert tokenizer.fingerprint() == task.data_module.tokenizer.fingerprint()
     config = GPTConfig.from_dict(json.loads((out / "model_config.json").read_text()))
@@ -142,8 +143,8 @@ def test_building_without_a_text_data_module_fails_clearly(task):
         task.build_model()
 
 
-@pytest.mark.parametrize("edited", ["corpus", "tokenizer file"])
-def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_allowed(tmp_path, capsys, edited):
+@pytest.mark.parametrize("edited", ["corpus", "corpus, the same characters", "tokenizer file"])
+def test_a_resume_on_an_edited_corpus_or_tokenizer_is_refused_unless_allowed(tmp_path, capsys, edited):
     from llm.training.core.engine import TrainingEngine
 
     corpus, tokenizer_file = tmp_path / "corpus.txt", tmp_path / "chars.json"
@@ -167,14 +168,20 @@ def test_a_resume_whose_corpus_now_builds_another_tokenizer_is_refused_unless_al
 
     train(config())
     assert train(config()).step == 3  # the same corpus: the same tokenizer, nothing refused
+    files = {"corpus": "corpus.json (as this run builds it), tokenizer.json (as this run builds it)",
+             "corpus, the same characters": "corpus.json (as this run builds it)",  # the windows and split move
+             "tokenizer file": "tokenizer.json (as this run builds it)"}[edited]
     if edited == "corpus":
         corpus.write_text(TEXT.replace("c", "\u00e9"))  # as many characters: only their meaning moves
+    elif edited == "corpus, the same characters":
+        corpus.write_text(TEXT + TEXT[:40])  # more of the same text
     else:
         CharTokenizer({*TEXT, "!"}).save(tokenizer_file)  # as many ids, "!" sorts first: every id moves
     capsys.readouterr()
-    with pytest.raises(UsageError, match=r"cannot resume .*step_00000003: tokenizer\.json \(as this run builds it\) "
-                                         r"changed.*--checkpoint-allow-config-change true"):
+    with pytest.raises(UsageError) as refused:
         train(config())
+    assert f"step_00000003: {files} changed" in str(refused.value), str(refused.value)
+    assert str(refused.value).endswith("--checkpoint-allow-config-change true to resume anyway")
     assert "resuming" not in capsys.readouterr().out  # a refused resume does not first announce itself
     assert train(config(allow_config_change=True)).step == 3
 
