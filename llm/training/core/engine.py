@@ -180,21 +180,21 @@ class TrainingEngine:
         scaler = self.scaler if self.scaler.is_enabled() else None
         batches = [self._to_device(batch) for batch in micro_batches]
         scales, counts = self._loss_scales(batches)
-        losses = []
+        losses, recorded = [], []
         for i, batch in enumerate(batches):
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
                 loss, metrics = self.task.train_step(batch, self.model, self.criterion)
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
-            self._sums.add_micro_batch(loss, metrics, counts[i] if counts else 1.0)
+            recorded.append((loss, metrics, counts[i] if counts else 1.0))
             losses.append(loss.detach())
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
         # a CPU-GPU sync point, the same one GradScaler makes; gradients are already
         # all-reduced, so every rank sees the same norm and takes the same branch
-        norm = float(grad_norm)
+        norm, skipped = float(grad_norm), False
         if math.isfinite(norm):
             (self.optimizer.step() if scaler is None else scaler.step(self.optimizer))
         else:
@@ -202,13 +202,18 @@ class TrainingEngine:
             # scaler's to skip, not a non-finite step
             bad_loss = not bool(torch.isfinite(torch.stack(losses)).all())
             if scaler is None or D.any_rank([bad_loss], self.device)[0]:
-                self._non_finite(D.gather(bad_loss))
+                self._non_finite(D.gather(bad_loss))  # raises, unless training.nan_policy is skip
+                skipped = True
         if scaler is not None:
             scaler.update()  # lowers the scale after an overflow, whichever branch was taken
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._sums.add_step(norm)
+        if not skipped:  # a skipped step's losses and norm would turn the window's and the epoch's means to NaN
+            for loss, metrics, weight in recorded:
+                self._sums.add_micro_batch(loss, metrics, weight)
+        if math.isfinite(norm):
+            self._sums.add_step(norm)
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size

@@ -38,6 +38,7 @@ class TrainingSums:
         """Each metric's weighted sum and total weight since the last record, ``grad_norm`` among them (the same
         on every rank); the window's loss joins the epoch's, and a new window starts."""
         local = self.window.totals()
+        local.setdefault("loss", (0.0, 0.0))  # a window of skipped steps only: its loss is NaN, not absent
         loss_sum, count = local["loss"]
         self.epoch_loss = (self.epoch_loss[0] + loss_sum, self.epoch_loss[1] + count)
         local["grad_norm"] = (sum(self.grad_norms), float(len(self.grad_norms)))

@@ -27,7 +27,7 @@ the corpus the training windows came from, so that a resume on an edited one is 
 
 def perplexity(loss: float) -> float:
     """exp(loss): the perplexity of a mean next-token cross-entropy in nats."""
-    return math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
+    return math.inf if loss > 700 else math.exp(loss)  # exp overflows past ~709; a NaN loss stays NaN
 
 
 class LMTask(TrainingTask):

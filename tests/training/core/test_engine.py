@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -373,11 +374,29 @@ def test_with_a_loss_scaler_an_overflow_is_skipped_by_the_scaler_and_a_nan_loss_
               callbacks=[LossScaled()])
 
 
-def test_nan_policy_skip_counts_the_skipped_step(tmp_path, monkeypatch):
+def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(tmp_path, monkeypatch):
     monkeypatch.setenv("NAN_AT_STEP", "4")
-    engine, metrics = train(tiny_config(tmp_path, training={"nan_policy": "skip"}), task_cls=NaNRegressionTask)
+    records = []
+
+    class Records(Callback):
+        def on_log(self, engine, record):
+            records.append(record)
+
+    engine, metrics = train(tiny_config(tmp_path, training={"nan_policy": "skip"}, logging={"log_every_steps": 5}),
+                            task_cls=NaNRegressionTask, callbacks=[Records()])
     assert metrics["skipped_steps"] == 1 and engine.step == 2 * (230 // 16)
     assert all(torch.isfinite(w).all() for w in weights(engine.raw_model).values())
+    # the window and the epoch that held the skipped step average the steps taken
+    [window] = [r for r in records if r["split"] == "train" and r["step"] == 5]
+    assert math.isfinite(window["loss"]) and math.isfinite(window["grad_norm"]) and window["skipped_steps"] == 1
+    epochs = [r["train_loss"] for r in records if r["split"] == "epoch"]
+    assert len(epochs) == 2 and all(map(math.isfinite, epochs)) and math.isfinite(metrics["train_loss"])
+    # a window of the skipped step alone has no loss to average: NaN, not a number made up
+    records.clear()
+    train(tiny_config(tmp_path / "b", training={"nan_policy": "skip", "max_steps": 5}, logging={"log_every_steps": 1}),
+          task_cls=NaNRegressionTask, callbacks=[Records()])
+    losses = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    assert math.isnan(losses.pop(4)) and all(map(math.isfinite, losses.values())) and len(losses) == 4
 
 
 def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):

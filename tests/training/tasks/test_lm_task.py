@@ -115,6 +115,7 @@ def test_finalize_metrics_adds_perplexity(task):
                    "val_ppl": pytest.approx(math.exp(1.5))}
     assert "ppl" not in metrics  # the caller's dict is left alone
     assert task.finalize_metrics({"val_loss": 1e4}) == {"val_loss": 1e4, "val_ppl": math.inf}
+    assert math.isnan(task.finalize_metrics({"loss": math.nan})["ppl"])  # no loss to exponentiate: not infinity
     assert task.finalize_metrics({"lr": 0.1}) == {"lr": 0.1}
 
 
