@@ -80,6 +80,7 @@ class TrainingEngine:
         self.data_wait_s = 0.0  # time spent waiting for the training loader
         self.aside_s = 0.0  # time spent validating and saving, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
+        self._after_first_step = 0  # samples_seen when that step ended: where the summary's rate starts counting
         self.should_stop, self.stop_reason = False, ""
         self._held_stop = ""  # a stop asked for with request_stop, which a resume from here keeps
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
@@ -158,6 +159,7 @@ class TrainingEngine:
         stopping, only the validations a run that never stopped would have made.
         """
         state = self._resumable_state()
+        training_s = elapsed - self.aside_s  # before the last validation and save below
         trained = self.first_step_s is not None  # else a finished run started again: its last record is logged
         if trained and len(self._sums):
             self._flush_log("train", self._window_metrics())
@@ -166,12 +168,12 @@ class TrainingEngine:
             self._validated()
         if trained or validating or self._saved_step != self.step:
             checkpoint = self.save_checkpoint(state)  # first: what the summary fails to write must not cost it
-            return self._summary(elapsed), checkpoint
+            return self._summary(elapsed, training_s), checkpoint
         # nothing new to save: the checkpoints are pruned, as a save that was killed before pruning would have,
         # and summary.json stays the run's (it is written if a full disk lost it)
         if self._loaded is not None:
             self.checkpoints.retain(keep=self._loaded)
-        return self._summary(elapsed, write=not (self.run_dir / "summary.json").exists()), self._loaded
+        return self._summary(elapsed, training_s, write=not (self.run_dir / "summary.json").exists()), self._loaded
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
@@ -219,6 +221,7 @@ class TrainingEngine:
         self.samples_seen += k * self.config.training.batch_size * self.world_size
         if self.first_step_s is None:
             self.first_step_s = time.perf_counter() - began
+            self._after_first_step = self.samples_seen
 
     def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
         """What each micro-batch's loss is multiplied by before backward, and the task's item counts.
@@ -612,15 +615,14 @@ class TrainingEngine:
         record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending.pop(split, {})}
         self._fire("on_log", record)
 
-    def _summary(self, elapsed: float, write: bool = True) -> dict[str, float]:
+    def _summary(self, elapsed: float, training_s: float, write: bool = True) -> dict[str, float]:
         final = {
             "train_loss": self.train_metrics.get("loss"),  # None when this run took no step
             **{k: v for k, v in self.val_metrics.items() if k != "step"},
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
             f"best_{self.config.checkpoint.monitor}": self.best_metric,
-            # None when this process took no step (a finished run started again)
-            "samples_per_s": (self.samples_seen - self._first_sample) / elapsed if self.first_step_s else None,
+            "samples_per_s": self._samples_per_s(training_s),
             "first_step_s": self.first_step_s,
         }
         if self.task.tokens_per_sample:
@@ -628,6 +630,17 @@ class TrainingEngine:
         if self.is_main and write:
             write_atomically(self.run_dir / "summary.json", json.dumps(final, indent=2) + "\n")
         return final
+
+    def _samples_per_s(self, training_s: float) -> float | None:
+        """The rate ThroughputMonitor logs, over the whole run: seconds validating and saving left out, and the
+        first step (compilation) too unless it was the only one. None when this process took no step (a
+        finished run started again)."""
+        if self.first_step_s is None:
+            return None
+        after_first, seconds = self.samples_seen - self._after_first_step, training_s - self.first_step_s
+        if after_first and seconds > 0:
+            return after_first / seconds
+        return (self.samples_seen - self._first_sample) / max(training_s, 1e-9)
 
     def _fire(self, hook: str, *args: Any) -> None:
         self._hook = hook

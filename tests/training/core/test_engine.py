@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from llm.errors import UsageError
 from llm.training.core.callbacks import HOOKS, Callback, EarlyStopping, MetricsLogger, TensorBoardLogger
 from llm.training.core.checkpoint import load_shared_state
 from llm.training.core.config import Config
+from llm.training.core import engine as engine_module
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.optim import lr_factor
 from llm.training.tasks.regression_task import RegressionTask
@@ -397,6 +399,29 @@ def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(
           task_cls=NaNRegressionTask, callbacks=[Records()])
     losses = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
     assert math.isnan(losses.pop(4)) and all(map(math.isfinite, losses.values())) and len(losses) == 4
+
+
+def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_saving(tmp_path, monkeypatch):
+    now = [0.0]  # the engine's clock, which the task moves: 100 s compiling, 1 s a step, 10 s a validation batch
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class Clocked(RegressionTask):
+        steps = 0
+
+        def train_step(self, batch, model, criterion):
+            Clocked.steps += 1
+            now[0] += 100.0 if Clocked.steps == 1 else 1.0
+            return super().train_step(batch, model, criterion)
+
+        def validation_step(self, batch, model, criterion):
+            now[0] += 10.0
+            return super().validation_step(batch, model, criterion)
+
+    config = tiny_config(tmp_path, training={"max_steps": 10, "eval_every_steps": 5},
+                         checkpoint={"every_n_steps": 5})
+    _, metrics = train(config, task_cls=Clocked)
+    assert metrics["elapsed_s"] > 100 + 9 + 10  # the wall clock holds it all: compiling, steps, validation
+    assert metrics["samples_per_s"] == 16.0 and metrics["first_step_s"] == 100.0  # 16 samples a step
 
 
 def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
