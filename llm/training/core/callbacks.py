@@ -17,6 +17,8 @@ Where each hook fires (every hook takes the engine first)::
         validate, on_validation_end, on_log     # end of epoch
         on_epoch_end(engine, metrics)
         on_log(engine, record)
+    on_log(engine, record)                      # the last steps, when off the logging schedule
+    validate, on_validation_end, on_log         # the last step, when not validated yet
     on_train_end(engine, metrics)               # also after an error, for cleanup
 
 Metrics reaching a callback are already averaged over ranks, and hooks run on
