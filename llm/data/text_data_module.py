@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import shutil
+import socket
 import sysconfig
 import uuid
 import warnings
@@ -271,7 +272,8 @@ class TextDataModule(BaseDataModule):
         entry.parent.mkdir(parents=True, exist_ok=True)
         # fill a folder of this process's own, then rename it into place: a crash leaves no entry to trust.
         # Not mkdtemp: its mode 0700 would stay with the entry and lock out others sharing the cache folder
-        tmp = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        _remove_abandoned(entry.parent)
+        tmp = entry.parent / f".{entry.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             tokenizer.save(tmp / TOKENIZER)
@@ -338,6 +340,25 @@ class TextDataModule(BaseDataModule):
 
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.val_set, rank, world_size, train=False, collate_fn=already_batched)
+
+
+def _remove_abandoned(cache_dir: Path) -> None:
+    """Delete what tokenizations on this machine left half-written when their process was killed: their
+    folders (``.<key>.<host>.<pid>.<random>``) would otherwise hold a partial token file for good."""
+    for tmp in cache_dir.glob(f".*.{glob.escape(socket.gethostname())}.*.*"):
+        pid = tmp.name.rsplit(".", 2)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _hash_file(h: Any, path: Path) -> None:

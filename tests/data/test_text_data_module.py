@@ -1,5 +1,9 @@
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -137,6 +141,26 @@ def test_a_crash_while_tokenizing_leaves_no_cache(tmp_path, corpus, monkeypatch)
     monkeypatch.undo()
     dm.prepare_data()
     assert not dm.cache_hit and (dm.cache_path / "tokens.bin").is_file()
+
+
+def test_what_a_killed_tokenization_left_is_deleted_by_the_next_one_on_the_machine(tmp_path, corpus):
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from llm.data.tokenizers import CharTokenizer
+from tests.data.test_text_data_module import make
+from pathlib import Path
+CharTokenizer.encode_batch = lambda self, texts: os.kill(os.getpid(), signal.SIGKILL)
+make(Path({str(tmp_path)!r}), Path({str(corpus)!r})).prepare_data()
+"""], cwd=Path(__file__).parents[2], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [left] = (tmp_path / "cache").iterdir()  # half-written, by a process that is gone
+    assert left.name.startswith(".") and (left / "tokenizer.json").is_file()
+    alive = tmp_path / "cache" / f".{'0' * 32}.{socket.gethostname()}.{os.getpid()}.0000"  # one being written now
+    elsewhere = tmp_path / "cache" / f".{'0' * 32}.other-host.999999.0000"  # another machine's
+    alive.mkdir(), elsewhere.mkdir()
+    dm = make(tmp_path, corpus)
+    dm.prepare_data()
+    assert sorted((tmp_path / "cache").iterdir()) == sorted([dm.cache_path, alive, elsewhere])
 
 
 def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
