@@ -168,7 +168,7 @@ def _moved(config: Config | None, asked_dir: str) -> str:
 
 def _set_by(config: Config | None, e: UsageError) -> str:
     """Where the field an error found later names (``data.path: ...``) was set, if not by a flag."""
-    field = re.match(r"(task|[a-z_]+\.[a-z_]+): ", str(e))
+    field = re.match(r"(task|[a-z_]+\.[a-z0-9_]+): ", str(e))
     note = config.set_by(field.group(1)) if config is not None and field else ""
     return "" if note in str(e) else note  # a ConfigError of validate() names it already
 

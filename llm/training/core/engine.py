@@ -214,8 +214,7 @@ class TrainingEngine:
         if not skipped:  # a skipped step's losses and norm would turn the window's and the epoch's means to NaN
             for loss, metrics, weight in recorded:
                 self._sums.add_micro_batch(loss, metrics, weight)
-        if math.isfinite(norm):
-            self._sums.add_step(norm)
+        self._sums.add_step(norm)
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size

@@ -6,6 +6,7 @@ record asks for the means, which it reads with one device sync for all of them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,18 +22,22 @@ class TrainingSums:
 
     def __init__(self) -> None:
         self.window = RunningMeans()  # losses and metrics since the last training record
-        self.grad_norms: list[float] = []  # the steps' gradient norms since then
+        self.steps = 0  # optimizer steps since then, skipped ones included
+        self.grad_norms: list[float] = []  # their gradient norms, where finite
         self.epoch_loss = (0.0, 0.0)  # loss sum and count over the epoch's records so far
 
     def __len__(self) -> int:
-        """Micro-batches since the last training record."""
-        return len(self.window)
+        """Optimizer steps since the last training record."""
+        return self.steps
 
     def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor) -> None:
         self.window.add(loss, metrics, weight)
 
     def add_step(self, grad_norm: float) -> None:
-        self.grad_norms.append(grad_norm)
+        """A step taken or skipped; a non-finite norm (a skipped step, an fp16 overflow) stays out of the mean."""
+        self.steps += 1
+        if math.isfinite(grad_norm):
+            self.grad_norms.append(grad_norm)
 
     def take_window(self) -> dict[str, tuple[float, float]]:
         """Each metric's weighted sum and total weight since the last record, ``grad_norm`` among them (the same
@@ -42,7 +47,7 @@ class TrainingSums:
         loss_sum, count = local["loss"]
         self.epoch_loss = (self.epoch_loss[0] + loss_sum, self.epoch_loss[1] + count)
         local["grad_norm"] = (sum(self.grad_norms), float(len(self.grad_norms)))
-        self.window, self.grad_norms = RunningMeans(), []
+        self.window, self.steps, self.grad_norms = RunningMeans(), 0, []
         return local
 
     def close_epoch(self) -> tuple[float, float]:
@@ -57,11 +62,13 @@ class TrainingSums:
         return loss_sum + open_sum, count + open_count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_loss": self.epoch_loss, "window": self.window.totals(), "grad_norms": list(self.grad_norms)}
+        return {"epoch_loss": self.epoch_loss, "window": self.window.totals(), "grad_norms": list(self.grad_norms),
+                "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss = tuple(state["epoch_loss"])
         self.window, self.grad_norms = RunningMeans.resumed(state["window"]), list(state["grad_norms"])
+        self.steps = state.get("steps", len(self.grad_norms))  # saved before skipped steps were counted apart
 
 
 class RunningMeans:

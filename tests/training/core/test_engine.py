@@ -399,6 +399,13 @@ def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(
           task_cls=NaNRegressionTask, callbacks=[Records()])
     losses = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
     assert math.isnan(losses.pop(4)) and all(map(math.isfinite, losses.values())) and len(losses) == 4
+    # and so does the last, off the logging schedule, when it is the run's last step
+    records.clear()
+    monkeypatch.setenv("NAN_AT_STEP", "5")
+    train(tiny_config(tmp_path / "c", training={"nan_policy": "skip", "max_steps": 5}, logging={"log_every_steps": 2}),
+          task_cls=NaNRegressionTask, callbacks=[Records()])
+    last = [r for r in records if r["split"] == "train"][-1]
+    assert last["step"] == 5 and math.isnan(last["loss"]) and last["skipped_steps"] == 1
 
 
 def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_saving(tmp_path, monkeypatch):
