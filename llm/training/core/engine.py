@@ -80,7 +80,7 @@ class TrainingEngine:
         self.data_wait_s = 0.0  # time spent waiting for the training loader
         self.aside_s = 0.0  # time spent validating and saving, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
-        self._after_first_step = 0  # samples_seen when that step ended: where the summary's rate starts counting
+        self._after_first_step = (0.0, 0.0, 0)  # when that step ended, aside_s then, samples_seen then
         self.should_stop, self.stop_reason = False, ""
         self._held_stop = ""  # a stop asked for with request_stop, which a resume from here keeps
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
@@ -159,7 +159,7 @@ class TrainingEngine:
         stopping, only the validations a run that never stopped would have made.
         """
         state = self._resumable_state()
-        training_s = elapsed - self.aside_s  # before the last validation and save below
+        rate = self._samples_per_s(elapsed)  # before the last validation and save below
         trained = self.first_step_s is not None  # else a finished run started again: its last record is logged
         if trained and len(self._sums):
             self._flush_log("train", self._window_metrics())
@@ -168,12 +168,12 @@ class TrainingEngine:
             self._validated()
         if trained or validating or self._saved_step != self.step:
             checkpoint = self.save_checkpoint(state)  # first: what the summary fails to write must not cost it
-            return self._summary(elapsed, training_s), checkpoint
+            return self._summary(elapsed, rate), checkpoint
         # nothing new to save: the checkpoints are pruned, as a save that was killed before pruning would have,
         # and summary.json stays the run's (it is written if a full disk lost it)
         if self._loaded is not None:
             self.checkpoints.retain(keep=self._loaded)
-        return self._summary(elapsed, training_s, write=not (self.run_dir / "summary.json").exists()), self._loaded
+        return self._summary(elapsed, rate, write=not (self.run_dir / "summary.json").exists()), self._loaded
 
     def optimizer_step(self, micro_batches: list[Any]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
@@ -219,8 +219,8 @@ class TrainingEngine:
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size
         if self.first_step_s is None:
-            self.first_step_s = time.perf_counter() - began
-            self._after_first_step = self.samples_seen
+            self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
+            self.first_step_s = self._after_first_step[0] - began
 
     def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
         """What each micro-batch's loss is multiplied by before backward, and the task's item counts.
@@ -614,14 +614,14 @@ class TrainingEngine:
         record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending.pop(split, {})}
         self._fire("on_log", record)
 
-    def _summary(self, elapsed: float, training_s: float, write: bool = True) -> dict[str, float]:
+    def _summary(self, elapsed: float, samples_per_s: float | None, write: bool = True) -> dict[str, float]:
         final = {
             "train_loss": self.train_metrics.get("loss"),  # None when this run took no step
             **{k: v for k, v in self.val_metrics.items() if k != "step"},
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
             f"best_{self.config.checkpoint.monitor}": self.best_metric,
-            "samples_per_s": self._samples_per_s(training_s),
+            "samples_per_s": samples_per_s,
             "first_step_s": self.first_step_s,
         }
         if self.task.tokens_per_sample:
@@ -630,16 +630,17 @@ class TrainingEngine:
             write_atomically(self.run_dir / "summary.json", json.dumps(final, indent=2) + "\n")
         return final
 
-    def _samples_per_s(self, training_s: float) -> float | None:
-        """The rate ThroughputMonitor logs, over the whole run: seconds validating and saving left out, and the
-        first step (compilation) too unless it was the only one. None when this process took no step (a
-        finished run started again)."""
+    def _samples_per_s(self, elapsed: float) -> float | None:
+        """The training rate since the first step ended, as ThroughputMonitor counts it: the first step
+        (compilation), what came before it and the time validating and saving left out; over the whole run
+        when it took one step. None when this process took no step (a finished run started again)."""
         if self.first_step_s is None:
             return None
-        after_first, seconds = self.samples_seen - self._after_first_step, training_s - self.first_step_s
-        if after_first and seconds > 0:
-            return after_first / seconds
-        return (self.samples_seen - self._first_sample) / max(training_s, 1e-9)
+        then, aside_then, samples_then = self._after_first_step
+        seconds = time.perf_counter() - then - (self.aside_s - aside_then)
+        if self.samples_seen > samples_then and seconds > 0:
+            return (self.samples_seen - samples_then) / seconds
+        return (self.samples_seen - self._first_sample) / max(elapsed - self.aside_s, 1e-9)
 
     def _fire(self, hook: str, *args: Any) -> None:
         self._hook = hook

@@ -409,7 +409,7 @@ def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(
 
 
 def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_saving(tmp_path, monkeypatch):
-    now = [0.0]  # the engine's clock, which the task moves: 100 s compiling, 1 s a step, 10 s a validation batch
+    now = [0.0]  # the engine's clock, which the run moves: 100 s compiling, 1 s a step, 10 s a validation batch
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     class Clocked(RegressionTask):
@@ -424,10 +424,14 @@ def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_
             now[0] += 10.0
             return super().validation_step(batch, model, criterion)
 
+    class SlowStart(Callback):  # a tracker that takes its time to connect
+        def on_train_start(self, engine):
+            now[0] += 50.0
+
     config = tiny_config(tmp_path, training={"max_steps": 10, "eval_every_steps": 5},
                          checkpoint={"every_n_steps": 5})
-    _, metrics = train(config, task_cls=Clocked)
-    assert metrics["elapsed_s"] > 100 + 9 + 10  # the wall clock holds it all: compiling, steps, validation
+    _, metrics = train(config, task_cls=Clocked, callbacks=[SlowStart()])
+    assert metrics["elapsed_s"] > 50 + 100 + 9 + 10  # the wall clock holds it all: start, compiling, steps, validation
     assert metrics["samples_per_s"] == 16.0 and metrics["first_step_s"] == 100.0  # 16 samples a step
 
 
