@@ -8,6 +8,7 @@ tokenizer recipe, so an edited corpus or another tokenizer gets a new entry.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import glob
 import hashlib
 import itertools
@@ -34,8 +35,11 @@ from llm.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "1"
-"""Bump when the cache layout or the tokenization changes, so old entries are not trusted."""
+CACHE_FORMAT = "2"
+"""Bump when the cache layout, the key or the tokenization changes, so old entries are not trusted
+(2: the key hashes the corpus's digest, which checkpoints keep)."""
+WRITING = ".writing"
+"""In an entry being written: a file its writer holds locked (flock) for as long as it is at work."""
 DEFAULT_CORPUS_BYTES = 4 << 20
 """Cap on the default corpus (the stdlib sources): about a million tokens, tokenized in seconds."""
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -275,7 +279,9 @@ class TextDataModule(BaseDataModule):
         _remove_abandoned(entry.parent)
         tmp = entry.parent / f".{entry.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        writing = os.open(tmp / WRITING, os.O_RDWR | os.O_CREAT, 0o666)
         try:
+            fcntl.flock(writing, fcntl.LOCK_EX)  # released when this process ends, however it ends
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
             unknown_id = tokenizer.unknown_id
@@ -299,12 +305,14 @@ class TextDataModule(BaseDataModule):
                 warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "
                               f"all of the text; training goes on with them")
+            (tmp / WRITING).unlink()  # the entry holds its two files only; the lock is held until the close below
             try:
                 os.replace(tmp, entry)
             except OSError:  # another node sharing the cache folder finished first
                 if not (entry / TOKENS).is_file():
                     raise
         finally:
+            os.close(writing)
             shutil.rmtree(tmp, ignore_errors=True)
         return n
 
@@ -344,21 +352,25 @@ class TextDataModule(BaseDataModule):
 
 def _remove_abandoned(cache_dir: Path) -> None:
     """Delete what tokenizations on this machine left half-written when their process was killed: their
-    folders (``.<key>.<host>.<pid>.<random>``) would otherwise hold a partial token file for good."""
-    for tmp in cache_dir.glob(f".*.{glob.escape(socket.gethostname())}.*.*"):
-        pid = tmp.name.rsplit(".", 2)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+    folders (``.<key>.<host>.<pid>.<random>``) would otherwise hold a partial token file for good. A folder
+    whose lock is free has no writer, whatever pid namespace it ran in; another machine's is left alone,
+    since a lock on a shared file system may not reach across machines."""
+    for tmp in cache_dir.glob(".*"):
+        name = tmp.name[1:].partition(".")[2].rsplit(".", 2)  # host, pid, random
+        if len(name) != 3 or name[0] != socket.gethostname():
+            continue
+        try:
+            lock = os.open(tmp / WRITING, os.O_RDWR)
+        except OSError:  # none: not an entry being written, or one about to be renamed into place
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its writer is at work
+            continue
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # no signal sent: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        finally:
+            os.close(lock)
 
 
 def _hash_file(h: Any, path: Path) -> None:

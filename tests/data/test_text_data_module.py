@@ -1,3 +1,4 @@
+import fcntl
 import os
 import re
 import signal
@@ -155,12 +156,25 @@ make(Path({str(tmp_path)!r}), Path({str(corpus)!r})).prepare_data()
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     [left] = (tmp_path / "cache").iterdir()  # half-written, by a process that is gone
     assert left.name.startswith(".") and (left / "tokenizer.json").is_file()
-    alive = tmp_path / "cache" / f".{'0' * 32}.{socket.gethostname()}.{os.getpid()}.0000"  # one being written now
-    elsewhere = tmp_path / "cache" / f".{'0' * 32}.other-host.999999.0000"  # another machine's
-    alive.mkdir(), elsewhere.mkdir()
-    dm = make(tmp_path, corpus)
-    dm.prepare_data()
-    assert sorted((tmp_path / "cache").iterdir()) == sorted([dm.cache_path, alive, elsewhere])
+    host, gone = socket.gethostname(), int(left.name.rsplit(".", 2)[1])  # a pid no process has now, likely
+
+    def folder(name: str) -> Path:
+        path = tmp_path / "cache" / f".{'0' * 32}.{name}.0000"
+        path.mkdir()
+        (path / tdm.WRITING).touch()
+        return path
+
+    at_work = folder(f"{host}.{gone}")  # its pid means nothing here (another pid namespace): its lock is held
+    lock = os.open(at_work / tdm.WRITING, os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    kept = [at_work, folder(f"other-host.{gone}"), folder(f"{host}.cluster.{gone}")]  # other machines' folders
+    try:
+        dm = make(tmp_path, corpus)
+        dm.prepare_data()
+    finally:
+        os.close(lock)
+    assert sorted((tmp_path / "cache").iterdir()) == sorted([dm.cache_path, *kept])
+    assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin"]
 
 
 def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
