@@ -53,6 +53,7 @@ def test_shell_commands_run_in_order(doc, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     env["PATH"] = SCRIPTS + os.pathsep + env.get("PATH", "")
     env.update(LLM_LOGGING_PROGRESS_BAR="false", LLM_DATA_CACHE_DIR=str(tmp_path / "cache"),
+               LLM_TRAINING_EPOCHS="2",  # for the commands that train the default 10 epochs; flags still win
                PET_MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
     script = "set -euo pipefail\n" + shell_script(doc)
     out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
