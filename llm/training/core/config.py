@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 import os
 import re
 import sys
@@ -321,9 +322,10 @@ class Config:
     def validate(self) -> Config:
         """Check every value; fill in derived paths. Raises ConfigError."""
         for name, value, tp in self._fields():  # what YAML, variables and flags went through, for values set in code
-            if tp is str and isinstance(value, os.PathLike):  # a Path set in code: the same path, as text
+            plain = _plain(value, tp)
+            if plain is not value:  # a Path or a NumPy number set in code: the same value, as YAML can write it
                 section, _, field_name = name.rpartition(".")
-                setattr(getattr(self, section) if section else self, field_name, os.fspath(value))
+                setattr(getattr(self, section) if section else self, field_name, plain)
             elif not _is_a(value, tp):
                 choices = map(str, get_args(tp)) if get_origin(tp) is Literal else []
                 raise ConfigError(name, value, describe(tp) + closest(str(value), choices))
@@ -540,8 +542,20 @@ def _add_flag(parser: Any, dest: str, flag: str, tp: Any, default: Any, doc: str
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
+def _plain(value: Any, tp: Any) -> Any:
+    """A value set in code as the built-in type its field takes: a Path as text, a NumPy number as a number
+    (``np.logspace`` gives np.float64); ``value`` itself otherwise."""
+    if tp is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if tp in (int, float) and type(value) not in (int, float, bool) and isinstance(value, numbers.Real):
+        if tp is float or isinstance(value, numbers.Integral):
+            return tp(value)
+    return value
+
+
 def _convert(name: str, value: Any, tp: Any) -> Any:
     """Coerce a YAML, env or flag value to the field's type, or raise ConfigError."""
+    value = _plain(value, tp)  # from_dict's mapping may hold what code holds
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if value in choices:

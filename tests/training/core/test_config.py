@@ -117,6 +117,18 @@ def test_a_config_set_in_code_takes_an_integer_for_a_number_and_a_path_for_text(
     assert config.checkpoint.dir == str(tmp_path / "run" / "checkpoints")
 
 
+def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = Config()
+    config.optimizer.lr, config.training.batch_size = np.logspace(-4, -2, 3)[1], np.int64(8)  # from a sweep
+    config.validate()
+    assert type(config.optimizer.lr) is float and type(config.training.batch_size) is int
+    config.save_to_yaml(tmp_path / "c.yaml")  # YAML cannot write NumPy's types
+    assert Config.from_yaml(tmp_path / "c.yaml").optimizer.lr == pytest.approx(1e-3)
+    given = Config.from_dict({"logging": {"log_dir": tmp_path / "run"}, "training": {"epochs": np.int32(3)}})
+    assert given.logging.log_dir == str(tmp_path / "run") and type(given.training.epochs) is int
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [
