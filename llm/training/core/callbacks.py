@@ -289,6 +289,8 @@ class EarlyStopping(Callback):
         self.wait = 0
 
     def on_train_start(self, engine: TrainingEngine) -> None:
+        if engine.step == 0:  # a fresh run: a best and a count left by an earlier run of this instance go
+            self.best, self.wait = None, 0
         names = engine.validation_metrics  # None when setup had no validation batch to find them on
         if names is not None and self.monitor not in names:  # now, not after an epoch of training
             raise UsageError(f"EarlyStopping monitor: got {self.monitor!r}, expected a validation metric of "

@@ -11,13 +11,14 @@ import copy
 import itertools
 import json
 import math
+import numbers
 import os
 import re
 import signal
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -275,8 +276,8 @@ class TrainingEngine:
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         with _out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
             self.data_module.setup("fit")
-        self.train_loader, self.train_sampler = self.data_module.train_dataloader(self.rank, self.world_size)
-        self.val_loader, self.val_sampler = self.data_module.val_dataloader(self.rank, self.world_size)
+        self.train_loader, self.train_sampler = self._loaders("train_dataloader")
+        self.val_loader, self.val_sampler = self._loaders("val_dataloader")
         self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
         k = cfg.training.grad_accum_steps
         try:
@@ -286,6 +287,11 @@ class TrainingEngine:
                 f"{type(self.data_module).__name__}.train_dataloader() has no length: epochs, the schedule and "
                 f"resuming mid-epoch count batches; give its dataset a __len__"
             ) from None
+        if not hasattr(self.train_sampler, "set_epoch"):
+            raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() returned the sampler "
+                             f"{type(self.train_sampler).__name__}, expected one with set_epoch, such as the "
+                             f"DistributedSampler of self.build_dataloader(...): it shards each epoch across ranks, "
+                             f"reshuffles it and resumes it mid-epoch")
         if batches < k:
             raise UsageError(
                 f"one epoch has {batches} batches per rank, fewer than "
@@ -325,6 +331,19 @@ class TrainingEngine:
             self.task.save_artifacts(self.run_dir)
             if D.launch_id() is not None:  # so that workers torchrun restarts come back to this folder
                 (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
+
+    def _loaders(self, method: str) -> tuple[Any, Any]:
+        """The data module's ``method``, checked: a (loader, sampler) pair; else one line, not a traceback."""
+        got = getattr(self.data_module, method)(self.rank, self.world_size)
+        name = f"{type(self.data_module).__name__}.{method}()"
+        pair = isinstance(got, (tuple, list)) and len(got) == 2
+        if not pair or got[0] is None:
+            shown = f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, (tuple, list)) else \
+                type(got).__name__
+            raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
+                             f"self.build_dataloader(...) gives; without validation data, a loader over an empty "
+                             f"data set")
+        return got[0], got[1]
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
         """One validation step on one batch, before anything is written or wrapped.
@@ -476,7 +495,19 @@ class TrainingEngine:
     def log(self, metrics: dict[str, float]) -> None:
         """Add metrics to the record of the current hook: the validation's in on_validation_end, the epoch's in
         on_epoch_end, else the next training record (on a step that logs none, the values wait for it)."""
-        self._pending.setdefault(RECORD_OF_HOOK.get(self._hook, "train"), {}).update(metrics)
+        values = {}
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                value = int(value)  # NumPy's too: the JSON and TensorBoard writers take built-in numbers
+            elif isinstance(value, numbers.Real):
+                value = float(value)
+            else:
+                raise UsageError(f"engine.log in {self._hook or 'training'}: {key} is a {type(value).__name__}, "
+                                 f"expected a number or a one-element tensor")
+            values[key] = value
+        self._pending.setdefault(RECORD_OF_HOOK.get(self._hook, "train"), {}).update(values)
 
     def print(self, line: str) -> None:
         """A line of output on rank 0, above the progress bar if there is one."""
@@ -668,15 +699,7 @@ class TrainingEngine:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _to_device(self, batch: Any) -> Any:
-        if self.device.type == "cpu":  # loaders yield CPU tensors
-            return batch
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._to_device(b) for b in batch)
-        if isinstance(batch, dict):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        return batch
+        return batch if self.device.type == "cpu" else _moved(batch, self.device)  # loaders yield CPU tensors
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -734,14 +757,37 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
 
 
 def _batch_len(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor (1 if it has none)."""
+    """Samples in a batch: the first dimension of its first tensor that has one, at any depth (1 if none)."""
+    found = _first_dim(batch)
+    return 1 if found is None else found
+
+
+def _first_dim(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_len(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_len(next(iter(batch.values())))
-    return 1
+        return batch.shape[0] if batch.ndim else None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:  # past names, ids and scalars: a list of strings is no count of samples
+        found = _first_dim(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _moved(batch: Any, device: torch.device) -> Any:
+    """``batch`` with its tensors on ``device``, in lists, tuples, named tuples and mappings at any depth."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields one by one
+        return type(batch)(*(_moved(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_moved(b, device) for b in batch)
+    if isinstance(batch, Mapping):  # a dict, or a UserDict such as transformers' BatchEncoding
+        moved = {k: _moved(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)
+        except TypeError:  # a mapping that is not built from a dict (defaultdict): a plain one
+            return moved
+    return batch
 
 
 def _where(e: BaseException) -> str:

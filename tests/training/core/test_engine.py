@@ -435,6 +435,64 @@ def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_
     assert metrics["samples_per_s"] == 16.0 and metrics["first_step_s"] == 100.0  # 16 samples a step
 
 
+def test_a_callback_instance_used_again_gives_a_fresh_run_a_fresh_start(tmp_path):
+    stopper = EarlyStopping(patience=1)  # made once in a notebook, passed to each run
+    first, again = (train(tiny_config(tmp_path / name, training={"epochs": 4}), callbacks=[stopper])[1] for name in "ab")
+    assert again["steps"] == first["steps"] and again["stop_reason"] == first["stop_reason"]
+
+
+def test_engine_log_takes_tensors_and_numpy_numbers_and_refuses_the_rest_in_one_line(tmp_path):
+    np = pytest.importorskip("numpy")
+
+    class Extra(Callback):
+        def __init__(self, value):
+            self.value = value
+
+        def on_validation_end(self, engine, metrics):
+            engine.log({"a": torch.tensor(0.5), "b": np.float32(0.25), "c": np.int64(3), "d": self.value})
+
+    train(tiny_config(tmp_path / "a"), callbacks=[Extra(1.5), MetricsLogger()])
+    record = [json.loads(line) for line in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()][-2]
+    assert record["split"] == "val" and (record["a"], record["b"], record["c"], record["d"]) == (0.5, 0.25, 3, 1.5)
+    with pytest.raises(UsageError, match=r"^engine.log in on_validation_end: d is a list, expected a number or a "
+                                         r"one-element tensor$"):
+        train(tiny_config(tmp_path / "b"), callbacks=[Extra([1.0])])
+
+
+def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
+    from collections import UserDict, namedtuple
+
+    assert engine_module._batch_len({"id": ["a", "b", "c"], "x": torch.zeros(3, 2)}) == 3  # names first
+    assert engine_module._batch_len((["a"] * 5, {"scale": torch.tensor(2.0), "x": torch.zeros(5)})) == 5
+    assert engine_module._batch_len(["just", "text"]) == 1
+    Pair = namedtuple("Pair", "x y")
+    moved = engine_module._moved([Pair(torch.ones(2), torch.ones(2)), UserDict(x=torch.ones(2))], torch.device("meta"))
+    assert type(moved[0]) is Pair and moved[0].y.device.type == "meta"
+    assert type(moved[1]) is UserDict and moved[1]["x"].device.type == "meta"
+
+
+@pytest.mark.parametrize("returned, words", [
+    ("loader", "train_dataloader() returned DataLoader, expected a (DataLoader, DistributedSampler) pair"),
+    ("no sampler", "train_dataloader() returned the sampler NoneType, expected one with set_epoch"),
+    ("no validation", "val_dataloader() returned (NoneType, NoneType), expected a (DataLoader, DistributedSampler) "
+                      "pair, as self.build_dataloader(...) gives; without validation data, a loader over an empty"),
+])
+def test_a_data_module_that_returns_no_loader_and_sampler_pair_is_refused_in_one_line(tmp_path, returned, words):
+    class Odd(SyntheticDataModule):
+        def train_dataloader(self, rank, world_size):
+            loader, sampler = super().train_dataloader(rank, world_size)
+            return {"loader": loader, "no sampler": (loader, None)}.get(returned, (loader, sampler))
+
+        def val_dataloader(self, rank, world_size):
+            return (None, None) if returned == "no validation" else super().val_dataloader(rank, world_size)
+
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError) as refused:
+        TrainingEngine(config, RegressionTask(config), data_module=Odd(config)).train()
+    assert str(refused.value).startswith("Odd.") and words in str(refused.value), str(refused.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
     class Broken(Callback):
         def on_epoch_end(self, engine, metrics):
