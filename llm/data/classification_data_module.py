@@ -28,16 +28,7 @@ class ClassificationDataModule(BaseDataModule):
         self.val_set = TensorDataset(features[:n_val], labels[:n_val])
 
     def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
-        sampler = DistributedSampler(
-            self.train_set, num_replicas=world_size, rank=rank, shuffle=True,
-            seed=self.config.training.seed, drop_last=True,
-        )
-        loader = DataLoader(self.train_set, batch_size=self.config.training.batch_size, sampler=sampler,
-                            drop_last=True, num_workers=self.config.data.num_workers)
-        return loader, sampler
+        return self.build_dataloader(self.train_set, rank, world_size, train=True)
 
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
-        sampler = DistributedSampler(self.val_set, num_replicas=world_size, rank=rank, shuffle=False)
-        loader = DataLoader(self.val_set, batch_size=self.config.training.batch_size, sampler=sampler,
-                            num_workers=self.config.data.num_workers)
-        return loader, sampler
+        return self.build_dataloader(self.val_set, rank, world_size, train=False)

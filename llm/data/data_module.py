@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -55,7 +55,7 @@ class BaseDataModule(ABC):
             )
         if not train and size < world_size:
             raise UsageError(f"the validation set has {size} samples, fewer than the {world_size} ranks")
-        sampler = DistributedSampler(
+        sampler = (DistributedSampler if train else ShardSampler)(
             dataset, num_replicas=world_size, rank=rank, shuffle=train,
             seed=self.config.training.seed, drop_last=train,
         )
@@ -65,3 +65,17 @@ class BaseDataModule(ABC):
             persistent_workers=self.config.data.num_workers > 0, collate_fn=collate_fn,
         )
         return loader, sampler
+
+
+class ShardSampler(DistributedSampler):
+    """Rank r's items r, r + world_size, r + 2 * world_size, ...: each item on one rank, none repeated.
+
+    For validation: DistributedSampler pads the last ranks' shares with items
+    other ranks have, and a mean over ranks would count those twice.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
