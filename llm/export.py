@@ -26,7 +26,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.cli import ArgParser, one_line_warnings
+from llm.cli import ArgParser, one_line_warnings, say
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.files import refuse_checkpoint_folder, replacing
@@ -246,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "hf":
         tokenizer = ("tokenizer.json" if with_tokenizer
                      else "no tokenizer: only a Hugging Face one has a form transformers reads")
-        print(f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "
+        say(f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "
               f"(config.json, model.safetensors; {tokenizer})")
     else:
-        print(f"exported {ckpt} to {args.out} (+ {Path(args.out).with_suffix('.json').name})")
+        say(f"exported {ckpt} to {args.out} (+ {Path(args.out).with_suffix('.json').name})")
     return 0
 
 

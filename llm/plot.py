@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm.cli import ArgParser
+from llm.cli import ArgParser, say
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.files import refuse_checkpoint_folder, replacing
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE
-    print(args.out)
+    say(str(args.out))
     return 0
 
 

@@ -237,3 +237,19 @@ def test_without_matplotlib_exits_2_with_the_install_line(tmp_path, capsys, monk
     assert main([str(write_run(tmp_path / "run")), "--out", str(tmp_path / "loss.png")]) == 2
     assert capsys.readouterr().err == "error: llm.plot needs matplotlib: pip install matplotlib\n"
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_a_reader_of_stdout_that_went_away_costs_no_traceback(tmp_path):
+    import os
+    import subprocess
+
+    write_run(tmp_path / "a")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `llm-plot ... | head -c 0` leaves it
+    try:
+        out = subprocess.run([sys.executable, "-m", "llm.plot", "a", "--out", "a.png"], cwd=tmp_path,
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert (tmp_path / "a.png").is_file()
