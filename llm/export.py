@@ -59,6 +59,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     config = _run_config(ckpt, state)
     is_lm = model_config_file.is_file()
     description = {
+        "weights": out.name,
         "task": config["task"],
         "step": (state.get("progress") or {}).get("step"),
         "model_config": json.loads(model_config_file.read_text()) if is_lm else config.get("model"),
@@ -67,7 +68,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _save_safetensors(tensors, out, metadata={"format": "pt", "task": str(config["task"])})
-        out.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
+        description_of(out).write_text(json.dumps(description, indent=2) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     return ckpt
@@ -177,7 +178,7 @@ def check_out(out: Path) -> None:
     refuse_checkpoint_folder(out, "export elsewhere")
     if out.is_dir() or out.name in ("", ".", ".."):
         raise UsageError(f"--out {out} is a folder: name the file to write, such as {out / 'model.safetensors'}")
-    description = out.with_suffix(".json")
+    description = description_of(out)
     if out.suffix == ".json":
         raise UsageError(f"--out {out}: the description is written beside the weights as {description.name}, "
                          f"so the weights need another suffix, such as .safetensors")
@@ -187,9 +188,9 @@ def check_out(out: Path) -> None:
     if out.exists() and not _is_export(out):
         raise UsageError(f"--out {out} exists and is not an earlier export (a safetensors file with the task in "
                          f"its metadata), so it is left as it is: choose another --out")
-    if description.exists() and not _is_description(description):
-        raise UsageError(f"--out {out}: {description} exists and is not the description of an export, "
-                         f"so it is left as it is: choose another --out")
+    if description.exists() and not _is_description(description, of=out):
+        raise UsageError(f"--out {out}: {description} exists and is not the description of an export to "
+                         f"{out.name}, so it is left as it is: choose another --out")
 
 
 def _is_export(path: Path) -> bool:
@@ -206,12 +207,20 @@ def _metadata(path: Path) -> dict[str, str]:
         return {}
 
 
-def _is_description(path: Path) -> bool:
+def description_of(out: Path) -> Path:
+    """The ``.json`` beside exported weights: ``model.json`` for ``model.safetensors``, ``gpt-v1.1.json`` for
+    ``gpt-v1.1`` (whose ``.1`` is no suffix to replace: ``gpt-v1.2`` would share its description)."""
+    return out.with_suffix(".json") if out.suffix == ".safetensors" else out.with_name(out.name + ".json")
+
+
+def _is_description(path: Path, of: Path) -> bool:
+    """Whether ``path`` is an export's description, of the weights ``of`` (or of weights it does not name)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(data, dict) and {"task", "model_config", "config"} <= data.keys()
+    return (isinstance(data, dict) and {"task", "model_config", "config"} <= data.keys()
+            and data.get("weights", of.name) == of.name)
 
 
 def _run_config(ckpt: Path, state: dict) -> dict:
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "
               f"(config.json, model.safetensors; {tokenizer})")
     else:
-        say(f"exported {ckpt} to {args.out} (+ {Path(args.out).with_suffix('.json').name})")
+        say(f"exported {ckpt} to {args.out} (+ {description_of(Path(args.out)).name})")
     return 0
 
 

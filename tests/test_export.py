@@ -29,6 +29,20 @@ def test_export_regression_weights_load_back_strictly(tmp_path):
     torch.testing.assert_close(model(x), engine.raw_model(x), rtol=0, atol=0)
 
 
+def test_each_export_has_a_description_of_its_own_whatever_dots_its_name_holds(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    TrainingEngine(config, RegressionTask(config), 0, 1).train()
+    for name in ("gpt-v1.1", "gpt-v1.2"):  # no suffix to replace: the second must not take the first's .json
+        assert main([str(tmp_path / "run"), "--out", str(tmp_path / name)]) == 0
+        assert capsys.readouterr().out.endswith(f"(+ {name}.json)\n")
+        assert json.loads((tmp_path / f"{name}.json").read_text())["weights"] == name
+    assert not (tmp_path / "gpt-v1.json").exists()
+    (tmp_path / "a.json").write_text((tmp_path / "gpt-v1.1.json").read_text())  # another export's description
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "a.safetensors")]) == 2
+    assert "a.json exists and is not the description of an export to a.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_export_lm_with_tied_embeddings(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 60)
