@@ -90,10 +90,13 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
             raise UsageError(f"{path} line {number}: expected a record with an integer step")
         for (split, key), curve in wanted.items():
             value = record.get(key)
-            if record.get("split") == split and _is_number(value) and math.isfinite(value):
-                points[curve][record["step"]] = float(value)
-    if not points["train"] and not points["val"]:
+            if record.get("split") == split and _is_number(value):  # NaN, not left out: the line breaks there
+                points[curve][record["step"]] = float(value) if math.isfinite(value) else math.nan
+    losses = [*points["train"].values(), *points["val"].values()]
+    if not losses:
         raise UsageError(f"{path} has no loss records (train 'loss' or val 'val_loss')")
+    if not any(map(math.isfinite, losses)):
+        raise UsageError(f"{path}: all {len(losses)} of its losses are NaN or infinite, so there is no curve to draw")
     return {name: sorted(curve.items()) for name, curve in points.items()}
 
 
@@ -143,6 +146,10 @@ def _plot(ax: Any, curve: Curve, **style: Any) -> None:
     if len(curve) == 1:  # a line through one point draws nothing: a run shorter than log_every_steps logs just one
         style.setdefault("marker", "o")
     ax.plot(*zip(*curve), markersize=4, **style)
+    lost = [step for step, value in curve if math.isnan(value)]
+    if lost:  # a gap in the line, and an x at the top of the axes over each step whose value was NaN or infinite
+        ax.scatter(lost, [1.0] * len(lost), marker="x", color=style["color"], clip_on=False,
+                   transform=ax.get_xaxis_transform(), label=f"{style.get('label', '')} NaN or inf".strip())
 
 
 def check_out(out: Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.plot import labels, main, read_curves
+from llm.plot import draw, labels, main, read_curves
 from tests.helpers import run
 
 pytest.importorskip("matplotlib")
@@ -96,7 +96,27 @@ def test_read_curves_keeps_the_later_record_of_a_step_and_skips_what_is_not_loss
     text = "\n".join(json.dumps(r) for r in records) + '\n{"split": "train", "st'  # the live run's unfinished line
     (run_dir / "metrics.jsonl").write_text(text)
 
-    assert read_curves(run_dir) == {"train": [(2, 3.0), (4, 1.5)], "val": [(4, 2.5)], "lr": [(2, 0.1), (4, 0.05)]}
+    curves = read_curves(run_dir)
+    (step, lost), = curves["train"][2:]  # a NaN loss stays, as a gap in the line
+    assert step == 6 and math.isnan(lost)
+    assert curves == {"train": [(2, 3.0), (4, 1.5), (6, lost)], "val": [(4, 2.5)], "lr": [(2, 0.1), (4, 0.05)]}
+
+
+def test_non_finite_losses_break_the_line_and_are_marked_and_all_of_them_is_an_error(tmp_path):
+    run_dir = tmp_path / "diverged"
+    run_dir.mkdir()
+    losses = [1.0, float("nan"), float("inf"), 0.5]
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"split": "train", "step": i + 1, "epoch": 0, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    assert [math.isnan(v) for _, v in read_curves(run_dir)["train"]] == [False, True, True, False]
+    [marks] = draw({"diverged": read_curves(run_dir)}, 4, 3, 50).axes[0].collections  # an x over steps 2 and 3
+    assert [x for x, _ in marks.get_offsets()] == [2, 3]
+    result = plot("diverged", "--out", "a.png", cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "a.png").is_file(), result.stderr
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "epoch": 0, "loss": None}) + "\n"
+                                           + json.dumps({"split": "train", "step": 2, "epoch": 0, "loss": float("nan")}))
+    assert_usage_error(plot("diverged", "--out", "c.png", cwd=tmp_path),
+                       "all 1 of its losses are NaN or infinite, so there is no curve to draw")
 
 
 def test_labels_are_folder_names_unless_two_runs_share_one(tmp_path):
