@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from llm.errors import UsageError, one_line
 from llm.files import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, fsync, write_atomically
@@ -297,8 +298,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if found is not None:
         return found
     if seen == 0:
-        raise CheckpointError(f"{path} is not a checkpoint and holds no step_* checkpoints")
+        raise CheckpointError(f"{path} is not a checkpoint and holds no step_* checkpoints{_kept_elsewhere(path)}")
     raise CheckpointError(f"no valid checkpoint in {path} ({seen} found, none valid)")
+
+
+def _kept_elsewhere(run_dir: Path) -> str:
+    """For a run folder whose run kept its checkpoints in a --checkpoint-dir of its own: where, as a hint."""
+    try:
+        folder = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["checkpoint"]["dir"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        return ""
+    if not isinstance(folder, str) or not folder:  # "": the run's own checkpoints/ folder
+        return ""
+    return f"; its run kept them in {folder} (checkpoint.dir in its config.yaml, from where it was started)"
 
 
 def load_shared_state(ckpt: Path, map_location="cpu") -> dict:

@@ -157,6 +157,17 @@ def test_resolve_skips_corrupt_newer_checkpoint_with_warning(tmp_path):
         resolve_checkpoint(tmp_path / "step_00000003")
 
 
+def test_a_run_folder_whose_checkpoints_are_kept_elsewhere_says_where(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("checkpoint:\n  dir: ck_else\n")  # --checkpoint-dir ck_else
+    with pytest.raises(CheckpointError, match=r"holds no step_\* checkpoints; its run kept them in ck_else "):
+        resolve_checkpoint(run_dir)
+    (run_dir / "config.yaml").write_text("checkpoint:\n  dir: ''\n")  # its own checkpoints/, never written
+    with pytest.raises(CheckpointError, match=r"run is not a checkpoint and holds no step_\* checkpoints$"):
+        resolve_checkpoint(run_dir)
+
+
 def test_resolve_follows_latest_pointer_over_a_higher_step(tmp_path):
     # resumed from an early checkpoint: the abandoned run's step 5 is newer by number, not by save
     manager = CheckpointManager(tmp_path)
