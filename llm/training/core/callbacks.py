@@ -120,7 +120,9 @@ class MetricsLogger(Callback):
     halfway, are moved to ``metrics.dropped.jsonl``: this run trains and logs
     those steps again, so each step keeps one record, and nothing is deleted. A
     record of the step it starts at is moved there too if this run logs it again
-    (a validation that ran after the checkpoint was taken).
+    (a validation that ran after the checkpoint was taken). The training record a
+    stop writes off the logging schedule stays: the next record averages the steps
+    it covered again, with those that follow, as a run that never stopped does.
     """
 
     def __init__(self, filename: str = "metrics.jsonl"):
