@@ -328,6 +328,8 @@ def model_weights(ckpt: Path) -> dict | None:
     try:
         return sharded.load_whole(ckpt / SHARDED).get("model")
     except Exception as e:  # a damaged or unsafe shard set; verify() catches damage first
+        if not ckpt.is_dir():
+            raise CheckpointError(_deleted(ckpt)) from None
         raise CheckpointError(f"cannot read the sharded weights in {ckpt}: {error_cause(e)}") from None
 
 
@@ -443,6 +445,20 @@ def _save_torch(obj: dict, path: Path) -> None:
 
 
 def _load_torch(path: Path, map_location) -> dict:
+    try:
+        return _load_torch_file(path, map_location)
+    except CheckpointError:
+        if path.parent.is_dir():
+            raise
+        raise CheckpointError(_deleted(path.parent)) from None
+
+
+def _deleted(ckpt: Path) -> str:
+    return (f"checkpoint {ckpt} was deleted while it was read, most likely by the retention of a run still "
+            f"saving beside it: run again to take the newest checkpoint")
+
+
+def _load_torch_file(path: Path, map_location) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:

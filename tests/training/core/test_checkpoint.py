@@ -157,6 +157,23 @@ def test_resolve_skips_corrupt_newer_checkpoint_with_warning(tmp_path):
         resolve_checkpoint(tmp_path / "step_00000003")
 
 
+def test_a_checkpoint_pruned_while_a_tool_reads_it_is_said_to_be_deleted_not_missing(tmp_path, monkeypatch):
+    import shutil
+
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    chosen = resolve_checkpoint(save(manager, 1).parent)
+    load = torch.load
+
+    def pruned_meanwhile(path, *args, **kwargs):  # the run's next save deletes it while the tool reads
+        shutil.rmtree(chosen)
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", pruned_meanwhile)
+    with pytest.raises(CheckpointError, match=r"step_00000001 was deleted while it was read, most likely by the "
+                                              r"retention of a run still saving beside it: run again"):
+        load_shared_state(chosen)
+
+
 def test_a_run_folder_whose_checkpoints_are_kept_elsewhere_says_where(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
