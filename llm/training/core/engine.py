@@ -187,7 +187,7 @@ class TrainingEngine:
         for i, batch in enumerate(batches):
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
-                loss, metrics = self.task.train_step(batch, self.model, self.criterion)
+                loss, metrics = _loss_and_metrics(self.task, self.task.train_step(batch, self.model, self.criterion))
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
@@ -754,6 +754,17 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
         size = f": it asked for {float(asked[1]) * scale[asked[2].lower()]:,.1f} GiB at once" if asked else ""
         raise UsageError(f"{what} ran out of memory{size}; ask for {instead}, "
                          f"or use a machine with more memory") from None
+
+
+def _loss_and_metrics(task: Any, returned: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What ``train_step`` returned, checked: a loss tensor and a dict; else one line, not an unpacking error."""
+    if isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[0], torch.Tensor) \
+            and isinstance(returned[1], Mapping):
+        return returned
+    shown = f"({', '.join(type(x).__name__ for x in returned)})" if isinstance(returned, tuple) else \
+        type(returned).__name__
+    raise UsageError(f"{type(task).__name__}.train_step returned {shown}, expected (loss, metrics): the loss "
+                     f"tensor and a dict of metrics, such as (loss, {{}})")
 
 
 def _batch_len(batch: Any) -> int:

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -491,6 +492,16 @@ def test_a_data_module_that_returns_no_loader_and_sampler_pair_is_refused_in_one
         TrainingEngine(config, RegressionTask(config), data_module=Odd(config)).train()
     assert str(refused.value).startswith("Odd.") and words in str(refused.value), str(refused.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("returned, shown", [(lambda loss, m: loss, "Tensor"), (lambda loss, m: (loss, None), "(Tensor, NoneType)")])
+def test_a_train_step_that_returns_no_loss_and_metrics_pair_is_one_line(tmp_path, returned, shown):
+    class LossOnly(RegressionTask):
+        def train_step(self, batch, model, criterion):
+            return returned(*super().train_step(batch, model, criterion))
+
+    with pytest.raises(UsageError, match=rf"^LossOnly.train_step returned {re.escape(shown)}, expected \(loss, metrics\)"):
+        train(tiny_config(tmp_path), task_cls=LossOnly)
 
 
 def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
