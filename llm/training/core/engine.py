@@ -758,10 +758,11 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
 
 def _loss_and_metrics(task: Any, returned: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """What ``train_step`` returned, checked: a loss tensor and a dict; else one line, not an unpacking error."""
-    if isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[0], torch.Tensor) \
-            and isinstance(returned[1], Mapping):
-        return returned
-    shown = f"({', '.join(type(x).__name__ for x in returned)})" if isinstance(returned, tuple) else \
+    if isinstance(returned, (tuple, list)) and len(returned) == 2:
+        loss, metrics = returned
+        if isinstance(loss, torch.Tensor) and isinstance(metrics, Mapping):
+            return loss, metrics
+    shown = f"({', '.join(type(x).__name__ for x in returned)})" if isinstance(returned, (tuple, list)) else \
         type(returned).__name__
     raise UsageError(f"{type(task).__name__}.train_step returned {shown}, expected (loss, metrics): the loss "
                      f"tensor and a dict of metrics, such as (loss, {{}})")
