@@ -178,10 +178,10 @@ def check_out(out: Path) -> None:
     refuse_checkpoint_folder(out, "export elsewhere")
     if out.is_dir() or out.name in ("", ".", ".."):
         raise UsageError(f"--out {out} is a folder: name the file to write, such as {out / 'model.safetensors'}")
-    description = description_of(out)
-    if out.suffix == ".json":
-        raise UsageError(f"--out {out}: the description is written beside the weights as {description.name}, "
+    if out.suffix == ".json":  # the name of a description, not of weights
+        raise UsageError(f"--out {out}: the weights are safetensors and their description beside them is JSON, "
                          f"so the weights need another suffix, such as .safetensors")
+    description = description_of(out)
     folder = next((p for p in out.parents if p.exists()), Path("."))
     if not folder.is_dir():
         raise UsageError(f"--out {out}: {folder} is a file, not a folder")
