@@ -34,7 +34,7 @@ from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, i
 from llm.training.core.checkpoint import CheckpointError, CheckpointManager, load_rank_state, load_shared_state
 from llm.training.core.config import Config
 from llm.training.core.metrics import RunningMeans, TrainingSums
-from llm.training.core.registry import resolve_data_module
+from llm.training.core.registry import data_module_name, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +65,11 @@ class TrainingEngine:
         if data_module is None:
             data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
         self.data_module = data_module
+        # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
+        config.task = task_name(type(task), config.task)
+        named = config.data.module or task.default_data_module
+        if data_module_name(type(data_module), named) != named:
+            config.data.module = data_module_name(type(data_module), named)
         self.callbacks = list(callbacks or [])
         # per hook, only the callbacks that override it: most hooks of most callbacks do nothing
         self._listeners = {hook: [cb for cb in self.callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]

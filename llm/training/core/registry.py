@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import traceback
+from collections.abc import Callable
 
 from llm.errors import UsageError, closest, one_line
 
@@ -31,6 +32,28 @@ def resolve_data_module(name: str) -> type:
     from llm.data.data_module import BaseDataModule
 
     return _resolve(name, DATA_MODULES, BaseDataModule, "data module")
+
+
+def task_name(cls: type, named: str) -> str:
+    """What ``config.task`` should say for a task of class ``cls`` that came with the config's name ``named``."""
+    return _name(cls, named, TASKS, resolve_task)
+
+
+def data_module_name(cls: type, named: str) -> str:
+    """Likewise for ``config.data.module``; ``named`` is empty for the task's default data module."""
+    return _name(cls, named, DATA_MODULES, resolve_data_module)
+
+
+def _name(cls: type, named: str, builtins: dict[str, str], resolve: Callable[[str], type]) -> str:
+    """``named`` if it resolves to ``cls``, else its built-in name or ``package.module:Class``: what a run
+    records in config.yaml, so that a resume and the tools rebuild the class that trained, not the one named."""
+    try:
+        if resolve(named) is cls:
+            return named
+    except UsageError:  # a name set in code that names nothing: the class at hand is what ran
+        pass
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    return next((name for name, where in builtins.items() if where == path), path)
 
 
 def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type:

@@ -20,9 +20,11 @@ from llm.training.core.config import Config
 from llm.training.core import engine as engine_module
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.optim import lr_factor
+from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
-from llm.training.train import default_callbacks
-from tests.helpers import NaNRegressionTask, Recorder, tiny_config, weights
+from llm.training.tasks.classification_task import ClassificationTask
+from llm.training.train import default_callbacks, main
+from tests.helpers import NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, tiny_config, weights
 
 
 def train(config, task_cls=RegressionTask, callbacks=None):
@@ -116,6 +118,36 @@ def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
     with pytest.raises(UsageError, match=r"StreamData\.train_dataloader\(\) has no length: .* give its dataset a __len__"):
         engine.train()
     assert not (tmp_path / "run").exists()
+
+
+class ShiftedData(SyntheticDataModule):
+    """The synthetic data, targets moved up by one: a data module that no built-in name gives."""
+
+    def setup(self, stage):
+        super().setup(stage)
+        for split in (self.train_set, self.val_set):
+            split.tensors = split.tensors[0], split.tensors[1] + 1
+
+
+def test_a_run_records_the_task_and_data_module_that_trained_not_those_the_config_named(tmp_path, capsys):
+    # a task and data module passed in code, their config left at its defaults: config.yaml names what ran, so
+    # that the command line resumes the run with the same classes (it used to say task: regression)
+    config = tiny_config(tmp_path)
+    assert (config.task, config.data.module) == ("regression", "")
+    TrainingEngine(config, PartlyIgnoredRegressionTask(config), data_module=ShiftedData(config)).train()
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    assert saved["task"] == "tests.helpers:PartlyIgnoredRegressionTask"
+    assert resolve_data_module(saved["data"]["module"]) is ShiftedData  # this file's module:ShiftedData
+    more = ["--logging-log-dir", str(tmp_path / "run"), "--checkpoint-resume", "auto", "--epochs", "3",
+            "--logging-progress-bar", "false"]
+    assert main(["--config", str(tmp_path / "run/config.yaml"), *more]) == 0  # the resume finds no change
+    assert "resumed from" in capsys.readouterr().out
+
+    # built-in classes take their short names, and the default data module stays unnamed
+    config = tiny_config(tmp_path / "c", task="regression")
+    TrainingEngine(config, ClassificationTask(config)).train()
+    saved = yaml.safe_load((tmp_path / "c/run/config.yaml").read_text())
+    assert (saved["task"], saved["data"]["module"]) == ("classification", "")
 
 
 def test_grad_accumulation_gives_the_gradient_of_the_larger_batch(tmp_path):
