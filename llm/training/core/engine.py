@@ -68,8 +68,8 @@ class TrainingEngine:
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
         config.task = task_name(type(task), config.task)
         named = config.data.module or task.default_data_module
-        if data_module_name(type(data_module), named) != named:
-            config.data.module = data_module_name(type(data_module), named)
+        if (recorded := data_module_name(type(data_module), named)) != named:  # the task's default stays unnamed
+            config.data.module = recorded
         self.callbacks = list(callbacks or [])
         # per hook, only the callbacks that override it: most hooks of most callbacks do nothing
         self._listeners = {hook: [cb for cb in self.callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]

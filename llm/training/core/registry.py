@@ -40,7 +40,7 @@ def task_name(cls: type, named: str) -> str:
 
 
 def data_module_name(cls: type, named: str) -> str:
-    """Likewise for ``config.data.module``; ``named`` is empty for the task's default data module."""
+    """Likewise for ``config.data.module``, where ``named`` is the data module the config resolves to."""
     return _name(cls, named, DATA_MODULES, resolve_data_module)
 
 
