@@ -271,11 +271,14 @@ def lm_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
 
 
 def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30) -> Path:
-    """Train a tiny char-level GPT through the CLI on ``text``; returns its run directory."""
+    """Train a tiny char-level GPT on ``text`` through the command line's main(), in this process; returns its
+    run directory."""
+    from llm.training import train
+
     (root / "corpus.txt").write_text(text)
-    out = train_cli("--task", "lm", "--training-max-steps", str(steps), "--training-batch-size", "8",
-                    "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
-                    "--model-block-size", str(block_size), "--data-path", "corpus.txt", "--data-cache-dir", "cache",
-                    "--logging-log-dir", "run", "--logging-progress-bar", "false", cwd=root)
-    assert out.returncode == 0, out.stderr
+    assert train.main(["--task", "lm", "--training-max-steps", str(steps), "--training-batch-size", "8",
+                       "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
+                       "--model-block-size", str(block_size), "--data-path", str(root / "corpus.txt"),
+                       "--data-cache-dir", str(root / "cache"), "--logging-log-dir", str(root / "run"),
+                       "--logging-progress-bar", "false"]) == 0
     return root / "run"

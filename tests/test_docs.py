@@ -33,7 +33,7 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
 
 
 def shell_script(doc: Path) -> str:
-    """The doc's bash lines as one script; install steps dropped, long trainings cut to a few steps or epochs."""
+    """The doc's bash lines as one script; install steps dropped, long trainings and evaluations cut short."""
     lines = []
     for _, code in blocks(doc, "bash"):
         for line in code.splitlines():
@@ -41,6 +41,7 @@ def shell_script(doc: Path) -> str:
             if line.strip() and not line.startswith("#") and "pip install" not in line and "pytest" not in line:
                 line = re.sub(r"--training-max-steps \d+", "--training-max-steps 20", line)
                 line = re.sub(r"--epochs \d\d+", "--epochs 2", line)
+                line = re.sub(r"--training-eval-batches \d+", "--training-eval-batches 2", line)
                 lines.append(re.sub(r"--training-eval-every-steps \d+", "--training-eval-every-steps 10", line))
     return "\n".join(lines)
 

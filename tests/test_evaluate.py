@@ -148,13 +148,14 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_one_line_warning(step_dir
     ("", [], "error: --data-path: data.txt is empty"),
     ("the cat", ["--checkpoint", "nope"], "error: checkpoint path nope does not exist"),
 ])
-def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, data, flags, message):
+def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, monkeypatch, capsys, data, flags, message):
+    monkeypatch.chdir(tmp_path)
     if data is not None:
         (tmp_path / "data.txt").write_text(data)
     given = {"--checkpoint": str(step_dir), "--data-path": "data.txt", **dict(zip(flags[::2], flags[1::2]))}
-    out = evaluate_cli(*[x for pair in given.items() for x in pair], cwd=tmp_path)
-    assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr == message + "\n"
+    assert main([x for pair in given.items() for x in pair]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == message + "\n"
 
 
 @pytest.mark.parametrize("content, message", [

@@ -12,7 +12,8 @@ from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.engine import TrainingEngine
 from llm.training.tasks.lm_task import LMTask, load_lm
 from llm.training.tasks.regression_task import RegressionTask
-from tests.helpers import lm_config, run, tiny_config, train_cli
+from llm.training import train
+from tests.helpers import lm_config, run, tiny_config
 
 
 def test_export_regression_weights_load_back_strictly(tmp_path):
@@ -44,16 +45,10 @@ def test_each_export_has_a_description_of_its_own_whatever_dots_its_name_holds(t
 
 
 def test_export_lm_with_tied_embeddings(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 60)
-    flags = ["--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
-             "--training-max-steps", "3", "--training-batch-size", "4", "--model-n-layer", "1", "--model-n-embd", "32",
-             "--model-n-head", "2", "--model-block-size", "16", "--logging-progress-bar", "false",
-             "--logging-log-dir", str(tmp_path / "run")]
-    assert run([sys.executable, "-m", "llm.training.train", *flags], cwd=tmp_path).returncode == 0
+    config = lm_config(tmp_path, training={"max_steps": 3})
+    TrainingEngine(config, LMTask(config), 0, 1).train()
     out = tmp_path / "lm.safetensors"
-    result = run([sys.executable, "-m", "llm.export", str(tmp_path / "run/checkpoints"), "--out", str(out)], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert main([str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0
     description = json.loads(out.with_suffix(".json").read_text())
     model = GPT(GPTConfig.from_dict(description["model_config"]))
     model.load_state_dict(load_file(out), strict=True)
@@ -73,7 +68,8 @@ def test_export_replaces_an_earlier_export_but_not_another_safetensors_file(tmp_
     assert "is not an earlier export" in capsys.readouterr().err and downloaded.read_bytes() == before
 
 
-def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_line(tmp_path):
+def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     config = tiny_config(tmp_path)
     TrainingEngine(config, RegressionTask(config), 0, 1).train()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -83,9 +79,9 @@ def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_lin
         ("run/checkpoints/step_00000028/mine.safetensors", "would write into a checkpoint folder"),
         ("run/checkpoints/mine.safetensors", "would write into a checkpoint folder"),
     ]:
-        result = run([sys.executable, "-m", "llm.export", "run", "--out", out], cwd=tmp_path)
-        assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-        assert expected in result.stderr, out
+        assert main(["run", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, out
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
@@ -128,23 +124,16 @@ def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
 GPT2_FLAGS = ["--model-pos-emb", "learned", "--model-norm", "layernorm", "--model-mlp", "gelu"]
 
 
-def train_lm_cli(tmp_path, *flags):
+def train_lm(tmp_path, *flags):
+    """A tiny LM trained through the command line's own main(), in this process."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
-    result = train_cli("--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
+    assert train.main(["--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
                        "--training-max-steps", "4", "--training-batch-size", "4", "--optimizer-lr", "0.01",
                        "--model-n-layer", "2", "--model-n-embd", "32", "--model-n-head", "2",
                        "--model-block-size", "16", "--logging-progress-bar", "false",
-                       "--logging-log-dir", str(tmp_path / "run"), *flags, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+                       "--logging-log-dir", str(tmp_path / "run"), *flags]) == 0
     return tmp_path / "run"
-
-
-def export_hf_cli(run_dir, out):
-    result = run([sys.executable, "-m", "llm.export", str(run_dir), "--format", "hf", "--out", str(out)],
-                 cwd=run_dir.parent)
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def assert_same_logits(run_dir, out, ids):
@@ -157,13 +146,15 @@ def assert_same_logits(run_dir, out, ids):
     return theirs
 
 
-def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_path):
+def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    run_dir = train_lm_cli(tmp_path, *GPT2_FLAGS, "--model-bias", "true", "--model-dropout", "0.1",
+    run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--model-bias", "true", "--model-dropout", "0.1",
                            "--data-tokenizer", "bpe", "--data-vocab-size", "300")
     out = tmp_path / "hf"
-    result = export_hf_cli(run_dir, out)
-    assert "GPT2LMHeadModel" in result.stdout and "tokenizer.json" in result.stdout
+    capsys.readouterr()
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in printed and "tokenizer.json" in printed
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                      "tokenizer_config.json"]
     _, tokenizer, ckpt = load_lm(run_dir)
@@ -181,7 +172,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_
 
 def test_export_hf_without_biases_writes_zero_biases(tmp_path, capsys):
     pytest.importorskip("transformers")
-    run_dir = train_lm_cli(tmp_path, *GPT2_FLAGS, "--model-tie-embeddings", "false")  # bias false by default
+    run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--model-tie-embeddings", "false")  # bias false by default
     out = tmp_path / "hf"
     for _ in range(2):  # the second replaces the first export: its model.safetensors carries the mark
         assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # in-process: transformers is loaded

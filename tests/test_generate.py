@@ -55,17 +55,23 @@ def continuation(stdout: str, prompt: str = PROMPT) -> str:
 # ---- the happy path, as a subprocess -------------------------------------------------------
 
 
-def test_prints_the_prompt_then_exactly_n_tokens_and_the_seed_fixes_the_text(run_dir, step_dir, tmp_path):
+def test_prints_the_prompt_then_exactly_n_tokens_and_the_seed_fixes_the_text(run_dir, step_dir, tmp_path, capsys):
     tokenizer = load_tokenizer(step_dir / "tokenizer.json")
     common = ["--prompt", PROMPT, "--max-new-tokens", "40", "--temperature", "1.0"]
-    first = generate("--checkpoint", str(run_dir), *common, "--seed", "1", cwd=tmp_path)
-    again = generate("--checkpoint", str(step_dir), *common, "--seed", "1", cwd=tmp_path)
-    other = generate("--checkpoint", str(run_dir), *common, "--seed", "2", "--top-k", "5", cwd=tmp_path)
-    for out in (first, again, other):
-        assert out.returncode == 0 and out.stderr == "", out.stderr
-        assert len(tokenizer.encode(continuation(out.stdout))) == 40
-    assert first.stdout == again.stdout  # a run folder and its checkpoint are the same model
-    assert first.stdout != other.stdout  # 40 tokens sampled at temperature 1: equal only by a fluke
+    out = generate("--checkpoint", str(run_dir), *common, "--seed", "1", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    texts = [out.stdout]
+    # then in this process, which has drawn other random numbers before: the seed alone fixes the text
+    for flags in (["--checkpoint", str(step_dir), "--seed", "1"],
+                  ["--checkpoint", str(run_dir), "--seed", "2", "--top-k", "5"]):
+        assert main([*common, *flags]) == 0
+        out = capsys.readouterr()
+        assert out.err == ""
+        texts.append(out.out)
+    first, again, other = texts
+    assert all(len(tokenizer.encode(continuation(text))) == 40 for text in texts)
+    assert first == again  # a run folder and its checkpoint are the same model
+    assert first != other  # 40 tokens sampled at temperature 1: equal only by a fluke
 
 
 # ---- what is generated, in-process ----------------------------------------------------------
@@ -182,12 +188,12 @@ def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
      r"error: checkpoint \S+ is not valid: tokenizer.json has \d+ bytes, the manifest says \d+"),
     ("truncated state", r"error: checkpoint \S+ is not valid: state.pt has \d+ bytes, the manifest says \d+"),
 ])
-def test_a_broken_checkpoint_exits_2_with_one_line(step_dir, tmp_path, how, message):
+def test_a_broken_checkpoint_exits_2_with_one_line(step_dir, tmp_path, capsys, how, message):
     ckpt = broken_copy(step_dir, tmp_path, how)
-    out = generate("--checkpoint", str(ckpt), "--prompt", PROMPT, cwd=tmp_path)
-    assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.endswith("\n") and out.stderr.count("\n") == 1, out.stderr
-    assert re.fullmatch(message, out.stderr.strip()), out.stderr
+    assert main(["--checkpoint", str(ckpt), "--prompt", PROMPT]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.endswith("\n") and out.err.count("\n") == 1, out.err
+    assert re.fullmatch(message, out.err.strip()), out.err
 
 
 def test_a_corrupt_newest_checkpoint_in_a_folder_is_skipped_with_a_warning(step_dir, tmp_path):
@@ -212,16 +218,21 @@ def test_a_folder_of_only_corrupt_checkpoints_exits_2(step_dir, tmp_path, capsys
     (["--checkpoint", "."], r"error: \. is not a checkpoint and holds no step_\* checkpoints"),
     (["--prompt", ""], "error: --prompt must not be empty"),
     (["--prompt", "the Zebra"], "error: --prompt: character 'Z' is not in the char tokenizer's vocabulary of \\d+"),
-    # passed as the byte 0xff, as a shell passes $'ab\xffc': Python reads it as a lone surrogate, which no tokenizer takes
-    (["--prompt", "ab\udcffc"], r"error: --prompt is not valid UTF-8 text \(at character 3\)"),
 ])
-def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, flags, message):
-    defaults = {"--checkpoint": str(step_dir), "--prompt": PROMPT}
-    defaults.update(zip(flags[::2], flags[1::2]))
-    out = generate(*[x for pair in defaults.items() for x in pair], cwd=tmp_path)
+def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    given = {"--checkpoint": str(step_dir), "--prompt": PROMPT, **dict(zip(flags[::2], flags[1::2]))}
+    assert main([x for pair in given.items() for x in pair]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and "Traceback" not in out.err, out.err
+    assert re.fullmatch(message, out.err.strip()), out.err
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_exits_2_with_one_line(step_dir, tmp_path):
+    # as a shell passes $'ab\xffc': the program's argv then holds a lone surrogate, which no tokenizer takes
+    out = generate("--checkpoint", str(step_dir), "--prompt", "ab\udcffc", cwd=tmp_path)
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
-    assert re.fullmatch(message, out.stderr.strip()), out.stderr
+    assert out.stderr == "error: --prompt is not valid UTF-8 text (at character 3)\n"
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -203,16 +203,17 @@ def test_a_non_finite_loss_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
                        "(training.nan_policy=stop); the last checkpoint is left as it was")
 
 
-def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path):
+def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     for _ in range(2):  # a checkpoint folder given inside the run's folder moves with it
-        out = train_cli("--epochs", "1", "--checkpoint-dir", "runs/regression/ckpt", *SMALL, cwd=tmp_path)
-        assert out.returncode == 0, out.stderr
-    assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in out.stdout
+        assert main(["--epochs", "1", "--checkpoint-dir", "runs/regression/ckpt", *SMALL]) == 0
+    assert "runs/regression holds an earlier run: this one writes to runs/regression-2" in capsys.readouterr().out
     assert (tmp_path / "runs/regression/summary.json").exists() and (tmp_path / "runs/regression-2/summary.json").exists()
     for name in ("regression", "regression-2"):
         assert [p.name for p in (tmp_path / "runs" / name / "ckpt").glob("step_*")] == ["step_00000014"]
-    refused = train_cli("--epochs", "1", "--training-precision", "fp16", *SMALL, cwd=tmp_path)  # fp16 needs CUDA
-    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
+    assert main(["--epochs", "1", "--training-precision", "fp16", *SMALL]) == 2  # fp16 needs CUDA
+    refused = capsys.readouterr()
+    assert refused.out == "" and refused.err.count("\n") == 1, refused.err
     assert not (tmp_path / "runs/regression-3").exists()  # nor announced a folder it never writes
 
 
@@ -268,9 +269,11 @@ def test_two_ranks_skip_a_nan_step_everywhere_and_stop_with_the_reason_of_the_ra
 
 
 def test_console_scripts_answer_help():
-    for script in ("llm-train", "llm-generate", "llm-evaluate", "llm-export", "llm-plot"):
-        out = subprocess.run([str(Path(SCRIPTS) / script), "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "usage:" in out.stdout, script
+    scripts = ("llm-train", "llm-generate", "llm-evaluate", "llm-export", "llm-plot")
+    started = {s: subprocess.Popen([str(Path(SCRIPTS) / s), "--help"], stdout=subprocess.PIPE, text=True) for s in scripts}
+    for script, process in started.items():  # started together: each spends its time importing torch
+        stdout, _ = process.communicate(timeout=120)
+        assert process.returncode == 0 and "usage:" in stdout, script
 
 
 def test_trackers_chosen_on_the_command_line_both_record_the_run(tmp_path, monkeypatch):
