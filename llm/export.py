@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import sys
 from pathlib import Path
@@ -30,8 +29,9 @@ from llm.cli import ArgParser, one_line_warnings, say
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.files import refuse_checkpoint_folder, replacing
+from llm.models.gpt import GPTConfig
 from llm.models.hf import NotGPT2, to_gpt2_state_dict
-from llm.training.core.checkpoint import load_shared_state, model_weights, resolve_checkpoint
+from llm.training.core.checkpoint import load_shared_state, model_weights, read_checkpoint
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
 
 FORMATS = ("safetensors", "hf")
@@ -46,32 +46,36 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out`` (safetensors) and its ``.json`` description; returns the checkpoint used."""
     out = Path(out)
     check_out(out)  # before loading: a big checkpoint takes a while
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt, tensors, description = read_checkpoint(checkpoint, _read_for_export)
+    description = {"weights": out.name, **description}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _save_safetensors(tensors, out, metadata={"format": "pt", "task": str(description["task"])})
+        description_of(out).write_text(json.dumps(description, indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    return ckpt
+
+
+def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """``ckpt``, its weights as safetensors takes them, and the description written beside them."""
     state = load_shared_state(ckpt)
     model = model_weights(ckpt)
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise UsageError(f"{ckpt} holds no model weights")
     model_config_file = ckpt / MODEL_CONFIG
-    if model_config_file.is_file():  # a language model: the weights must be the model its config describes
+    is_lm = model_config_file.is_file()
+    if is_lm:  # a language model: the weights must be the model its config describes
         check_lm_weights(ckpt, model)
     # clone: tied weights share storage, and safetensors refuses shared tensors
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.items()}
     config = _run_config(ckpt, state)
-    is_lm = model_config_file.is_file()
-    description = {
-        "weights": out.name,
+    return ckpt, tensors, {
         "task": config["task"],
         "step": (state.get("progress") or {}).get("step"),
         "model_config": json.loads(model_config_file.read_text()) if is_lm else config.get("model"),
         "config": config,
     }
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _save_safetensors(tensors, out, metadata={"format": "pt", "task": str(config["task"])})
-        description_of(out).write_text(json.dumps(description, indent=2) + "\n")
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-    return ckpt
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
@@ -80,13 +84,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
     out = Path(out)
     check_hf_out(out)
     transformers = _import_transformers()  # before loading: a big checkpoint takes a while
-    ckpt = resolve_checkpoint(checkpoint)
-    if not (ckpt / MODEL_CONFIG).is_file():
-        raise UsageError(f"--format hf exports language models (--task lm): {ckpt} has no {MODEL_CONFIG}")
-    weights = model_weights(ckpt)
-    if not isinstance(weights, dict):
-        raise UsageError(f"{ckpt} holds no model weights")
-    config = check_lm_weights(ckpt, weights)
+    ckpt, weights, config, tokenizer_json = read_checkpoint(checkpoint, _read_for_hf)
     try:
         hf_config, hf_state = to_gpt2_state_dict(weights, config)
     except NotGPT2 as e:  # every setting at once: one retrain, not one per setting
@@ -97,8 +95,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
     del weights
     gpt2_config = transformers.GPT2Config(**hf_config)
     _check_gpt2_names(transformers, gpt2_config, hf_state)
-    tokenizer = load_tokenizer(ckpt / TOKENIZER) if (ckpt / TOKENIZER).is_file() else None
-    with_tokenizer = isinstance(tokenizer, HFTokenizer)
     try:
         out.mkdir(parents=True, exist_ok=True)
         # transformers reads "format" only; the mark tells a folder that a new export may replace
@@ -106,14 +102,27 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
         gpt2_config.save_pretrained(out)
         for name in (TOKENIZER, HF_TOKENIZER_CONFIG):  # none stale from an earlier export
             (out / name).unlink(missing_ok=True)
-        if with_tokenizer:
-            shutil.copyfile(ckpt / TOKENIZER, out / TOKENIZER)
+        if tokenizer_json is not None:
+            (out / TOKENIZER).write_bytes(tokenizer_json)
             # without it AutoTokenizer takes a GPT-2 model for GPT-2's own tokenizer and
             # adds its <|endoftext|> token; this class loads tokenizer.json as it is
             (out / HF_TOKENIZER_CONFIG).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-    return ckpt, with_tokenizer
+    return ckpt, tokenizer_json is not None
+
+
+def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, bytes | None]:
+    """``ckpt``, its language model's weights and config, and its tokenizer.json if it is a Hugging Face one."""
+    if not (ckpt / MODEL_CONFIG).is_file():
+        raise UsageError(f"--format hf exports language models (--task lm): {ckpt} has no {MODEL_CONFIG}")
+    weights = model_weights(ckpt)
+    if not isinstance(weights, dict):
+        raise UsageError(f"{ckpt} holds no model weights")
+    config = check_lm_weights(ckpt, weights)
+    tokenizer = ckpt / TOKENIZER
+    hf = tokenizer.is_file() and isinstance(load_tokenizer(tokenizer), HFTokenizer)
+    return ckpt, weights, config, tokenizer.read_bytes() if hf else None
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

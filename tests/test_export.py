@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import stat
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm import export
 from llm.export import main
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.engine import TrainingEngine
@@ -112,6 +114,29 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_one_line_warning(tmp_path
     assert result.stderr == f"warning: skipping checkpoint {newest.relative_to(tmp_path)}: " \
                             f"state.pt does not match its sha256 checksum\n"
     assert "step_00000020" in result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hf"])
+def test_an_export_of_a_live_runs_folder_takes_the_newest_again_when_the_one_it_reads_is_pruned(tmp_path, monkeypatch,
+                                                                                                 fmt):
+    if fmt == "hf":
+        pytest.importorskip("transformers")
+    config = lm_config(tmp_path, model={"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"})
+    TrainingEngine(config, LMTask(config), 0, 1).train()
+    folder = tmp_path / "run/checkpoints"
+    read = export.model_weights
+
+    def saved_and_pruned(ckpt):  # meanwhile the run saves step 9, and its retention deletes step 6
+        if ckpt.name == "step_00000006":
+            shutil.copytree(ckpt, folder / "step_00000009")
+            (folder / "latest").write_text("step_00000009\n")
+            shutil.rmtree(ckpt)
+        return read(ckpt)
+
+    monkeypatch.setattr(export, "model_weights", saved_and_pruned)
+    write = export.export_hf if fmt == "hf" else export.export
+    taken = write(folder, tmp_path / "out")
+    assert (taken[0] if fmt == "hf" else taken) == folder / "step_00000009"
 
 
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):

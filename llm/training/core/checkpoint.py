@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ SHARED = CHECKPOINT_STATE
 SHARDED = "sharded"
 """Folder of torch.distributed.checkpoint shards, in checkpoints of FSDP runs."""
 LATEST = "latest"
+_T = TypeVar("_T")
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _SCRATCH_PREFIXES = (".staging-", ".trash-")
 _CHUNK = 1 << 20
@@ -302,6 +304,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no valid checkpoint in {path} ({seen} found, none valid)")
 
 
+def read_checkpoint(path: str | Path, read: Callable[[Path], _T], attempts: int = 3) -> _T:
+    """``read(resolve_checkpoint(path))``, for tools that may read the checkpoints of a run still saving.
+
+    When ``path`` is a folder of checkpoints or a run folder and the checkpoint taken is deleted while it
+    is read (the retention of that run removing it after its next save), the newest one then is read
+    instead, up to ``attempts`` times in all. A checkpoint named itself is not swapped for another.
+    """
+    for _ in range(attempts):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return read(ckpt)
+        except Exception:
+            if ckpt.is_dir():
+                raise
+            if ckpt == Path(path):  # named by the user: another checkpoint is not what was asked for
+                raise CheckpointError(_deleted(ckpt, f"give its folder {ckpt.parent} to take the newest")) from None
+    raise CheckpointError(_deleted(ckpt, f"the newest was taken {attempts} times and deleted each time; run again"))
+
+
 def _kept_elsewhere(run_dir: Path) -> str:
     """For a run folder whose run kept its checkpoints in a --checkpoint-dir of its own: where, as a hint."""
     try:
@@ -453,9 +474,9 @@ def _load_torch(path: Path, map_location) -> dict:
         raise CheckpointError(_deleted(path.parent)) from None
 
 
-def _deleted(ckpt: Path) -> str:
+def _deleted(ckpt: Path, advice: str = "run again to take the newest checkpoint") -> str:
     return (f"checkpoint {ckpt} was deleted while it was read, most likely by the retention of a run still "
-            f"saving beside it: run again to take the newest checkpoint")
+            f"saving beside it: {advice}")
 
 
 def _load_torch_file(path: Path, map_location) -> dict:

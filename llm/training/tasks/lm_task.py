@@ -13,7 +13,7 @@ from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.errors import UsageError, one_line
 from llm.files import write_atomically
 from llm.models.gpt import GPT, GPTConfig
-from llm.training.core.checkpoint import SHARED, load_weights_strictly, model_weights, resolve_checkpoint
+from llm.training.core.checkpoint import SHARED, load_weights_strictly, model_weights, read_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.optim import build_optimizer
 from llm.training.tasks.base_task import TrainingTask
@@ -117,7 +117,11 @@ def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple
     path = Path(checkpoint)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    ckpt = resolve_checkpoint(path)
+    model, tokenizer, ckpt = read_checkpoint(path, _read_lm)
+    return model.to(device).eval(), tokenizer, ckpt
+
+
+def _read_lm(ckpt: Path) -> tuple[GPT, Tokenizer, Path]:
     missing = [name for name in (MODEL_CONFIG, TOKENIZER) if not (ckpt / name).is_file()]
     if missing:
         raise UsageError(f"{ckpt} is not a language-model checkpoint (no {' or '.join(missing)}; "
@@ -132,7 +136,7 @@ def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple
         raise UsageError(f"{ckpt / SHARED} holds no model weights (no 'model' entry)")
     model = GPT(config)
     _load_weights(model, state, ckpt)
-    return model.to(device).eval(), tokenizer, ckpt
+    return model, tokenizer, ckpt
 
 
 def check_lm_weights(ckpt: Path, state: dict) -> GPTConfig:

@@ -22,6 +22,7 @@ from llm.training.core.checkpoint import (
     CheckpointManager,
     load_rank_state,
     load_shared_state,
+    read_checkpoint,
     resolve_checkpoint,
     verify,
 )
@@ -172,6 +173,45 @@ def test_a_checkpoint_pruned_while_a_tool_reads_it_is_said_to_be_deleted_not_mis
     with pytest.raises(CheckpointError, match=r"step_00000001 was deleted while it was read, most likely by the "
                                               r"retention of a run still saving beside it: run again"):
         load_shared_state(chosen)
+
+
+def test_a_folder_whose_checkpoint_is_pruned_while_it_is_read_is_read_again_at_its_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 1)
+    taken, saves = [], [2]
+
+    def read(ckpt):  # the first reads race the run: it saves its next checkpoint and its retention deletes this one
+        taken.append(ckpt.name)
+        if saves[0] > 0:
+            saves[0] -= 1
+            save(manager, int(ckpt.name.removeprefix("step_")) + 1)
+        return load_shared_state(ckpt)["progress"]["step"]
+
+    assert read_checkpoint(tmp_path, read) == 3
+    assert taken == ["step_00000001", "step_00000002", "step_00000003"]
+    # named itself, a checkpoint is not swapped for a newer one
+    saves[0] = 1
+    with pytest.raises(CheckpointError, match=rf"step_00000003 was deleted while it was read, .*: give its "
+                                              rf"folder {tmp_path} to take the newest$"):
+        read_checkpoint(tmp_path / "step_00000003", read)
+    # nor does a folder whose newest vanishes every time keep the tool reading for ever
+    saves[0] = 2
+    with pytest.raises(CheckpointError, match=r"step_00000005 was deleted while it was read, .*: the newest was "
+                                              r"taken 2 times and deleted each time; run again$"):
+        read_checkpoint(tmp_path, read, attempts=2)
+
+
+def test_an_error_reading_a_checkpoint_that_is_still_there_is_not_retried(tmp_path):
+    save(CheckpointManager(tmp_path), 1)
+    calls = []
+
+    def read(ckpt):
+        calls.append(ckpt)
+        raise CheckpointError("bad weights")
+
+    with pytest.raises(CheckpointError, match="^bad weights$"):
+        read_checkpoint(tmp_path, read)
+    assert calls == [tmp_path / "step_00000001"]
 
 
 def test_a_run_folder_whose_checkpoints_are_kept_elsewhere_says_where(tmp_path):

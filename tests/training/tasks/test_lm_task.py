@@ -15,6 +15,7 @@ from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module, resolve_task
+from llm.training.tasks import lm_task
 from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask, load_lm
 from tests.helpers import train_tiny_lm
 
@@ -264,6 +265,23 @@ def test_load_lm_names_what_is_wrong_in_one_line(run_dir, tmp_path, breakage, re
         load_lm(ckpt)
     assert "\n" not in str(caught.value)
     assert re.fullmatch(message, str(caught.value)), str(caught.value)
+
+
+def test_load_lm_of_a_live_runs_folder_takes_the_newest_again_when_the_one_it_reads_is_pruned(run_dir, tmp_path,
+                                                                                             monkeypatch):
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000030", folder / "step_00000030")
+    read = lm_task.model_weights
+
+    def saved_and_pruned(ckpt):  # meanwhile the run saves step 40, and its retention deletes step 30
+        if ckpt.name == "step_00000030":
+            shutil.copytree(ckpt, folder / "step_00000040")
+            shutil.rmtree(ckpt)
+        return read(ckpt)
+
+    monkeypatch.setattr(lm_task, "model_weights", saved_and_pruned)
+    model, _, ckpt = load_lm(folder)
+    assert ckpt == folder / "step_00000040" and isinstance(model, GPT)
 
 
 def test_load_lm_checks_the_device_first(tmp_path):
