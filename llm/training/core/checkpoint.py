@@ -42,6 +42,8 @@ LATEST = "latest"
 _T = TypeVar("_T")
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _SCRATCH_PREFIXES = (".staging-", ".trash-")
+_PRUNED = ".pruned-"
+"""Prefix of an old checkpoint while retention deletes it: gone from readers at once, not file by file."""
 _CHUNK = 1 << 20
 _UNKNOWN = 1 << 20  # failure code for errors that carry no errno
 
@@ -216,6 +218,8 @@ class CheckpointManager:
     def _retain(self, keep: Path) -> None:
         # sizes, not hashes: rehashing every kept checkpoint at each save would cost as much I/O as
         # the save; checkpoints that fail even this are left alone, never deleted unexamined
+        for aside in self.directory.glob(f"{_PRUNED}step_*"):  # what an earlier pruning could not delete
+            shutil.rmtree(aside, ignore_errors=True)
         complete = [p for p in _checkpoints(self.directory) if _check(p, hashes=False) is None]
         kept = set(complete[-self.keep_last:]) | {keep}
         scored = sorted(self._scored(complete), key=lambda pair: pair[0])
@@ -223,11 +227,7 @@ class CheckpointManager:
             kept.add(scored[0][1])
         for path in complete:
             if path not in kept:
-                try:
-                    shutil.rmtree(path)
-                except OSError as error:  # the new checkpoint is committed: an old one left is no failed save
-                    warnings.warn(f"old checkpoint {path} not deleted ({_one_line(error)}): delete it by hand",
-                                  stacklevel=3)
+                _prune(path)
 
     def _scored(self, paths: list[Path]) -> list[tuple[float, Path]]:
         """(sort key, path) for checkpoints whose manifest has the monitored metric; lowest key is best."""
@@ -238,6 +238,18 @@ class CheckpointManager:
             if isinstance(value, (int, float)) and not math.isnan(value):
                 scored.append((sign * value, path))
         return scored
+
+
+def _prune(path: Path) -> None:
+    """Delete an old checkpoint, renamed aside first: a tool reading it (a run's checkpoints may be read while
+    it trains) then finds it whole or gone, never half deleted."""
+    aside = path.with_name(_PRUNED + path.name)
+    try:
+        os.replace(path, aside)
+        shutil.rmtree(aside)
+    except OSError as error:  # the new checkpoint is committed: an old one left is no failed save
+        left = aside if aside.exists() else path
+        warnings.warn(f"old checkpoint {left} not deleted ({_one_line(error)}): delete it by hand", stacklevel=4)
 
 
 # -- finding and checking checkpoints ---------------------------------------------------------
@@ -387,8 +399,11 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _newest_valid(directory: Path) -> tuple[Path | None, int]:
-    """The valid checkpoint `latest` names, else the newest valid one; also how many were looked at."""
+def _newest_valid(directory: Path, rescans: int = 2) -> tuple[Path | None, int]:
+    """The valid checkpoint `latest` names, else the newest valid one; also how many were looked at.
+
+    A checkpoint deleted meanwhile, by the retention of a run saving newer ones there, is passed over in
+    silence, and the folder looked at again (up to ``rescans`` times) if no other one was valid."""
     candidates = _checkpoints(directory)[::-1]
     pointer = directory / LATEST
     if pointer.is_file():
@@ -400,11 +415,17 @@ def _newest_valid(directory: Path) -> tuple[Path | None, int]:
         elif directory / name in candidates:
             candidates.remove(directory / name)
             candidates.insert(0, directory / name)
+    vanished = False
     for path in candidates:
         reason = verify(path)
         if reason is None:
             return path, len(candidates)
+        if not path.exists():
+            vanished = True
+            continue
         warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=3)
+    if vanished and rescans > 0:
+        return _newest_valid(directory, rescans - 1)
     return None, len(candidates)
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -361,18 +362,51 @@ def test_an_old_checkpoint_that_cannot_be_deleted_leaves_a_warning_not_a_failed_
     rmtree = ckpt_mod.shutil.rmtree
 
     def step_1_undeletable(path, *args, **kwargs):
-        if Path(path).name == "step_00000001":
+        if Path(path).name.endswith("step_00000001"):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_mod.shutil, "rmtree", step_1_undeletable)
-    with pytest.warns(UserWarning, match=r"old checkpoint .*step_00000001 not deleted \(.*Permission denied"):
+    with pytest.warns(UserWarning, match=r"old checkpoint .*/\.pruned-step_00000001 not deleted \(.*Permission denied"):
         assert save(manager, 2) == tmp_path / "step_00000002"
     assert (tmp_path / "latest").read_text().strip() == "step_00000002" and verify(tmp_path / "step_00000002") is None
-    assert verify(tmp_path / "step_00000001") is None  # left whole, and pruned by a later save
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000002"]  # out of the readers' sight all the same
     monkeypatch.undo()
-    save(manager, 3)
+    save(manager, 3)  # and deleted by a later save
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003"]
+
+
+def test_retention_takes_an_old_checkpoint_out_of_sight_at_once_then_deletes_it(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 1)
+    listed = []
+    rmtree = ckpt_mod.shutil.rmtree
+
+    def deleting(path, *args, **kwargs):  # what a tool listing the folder finds while the files go one by one
+        listed.append(sorted(p.name for p in tmp_path.glob("step_*")))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", deleting)
+    save(manager, 2)
+    assert listed == [["step_00000002"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]
+
+
+def test_a_checkpoint_deleted_while_resolve_checks_it_is_passed_over_in_silence(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 1)
+    check = ckpt_mod._check
+
+    def saved_meanwhile(path, hashes):  # while step 1 is hashed, the run saves step 2 and prunes step 1
+        if path.name == "step_00000001" and hashes:
+            monkeypatch.setattr(ckpt_mod, "_check", check)
+            save(manager, 2)
+        return check(path, hashes)
+
+    monkeypatch.setattr(ckpt_mod, "_check", saved_meanwhile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping checkpoint" for one that is simply gone
+        assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000002"
 
 
 class Payload:
