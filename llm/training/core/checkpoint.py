@@ -403,30 +403,38 @@ def _newest_valid(directory: Path, rescans: int = 2) -> tuple[Path | None, int]:
     """The valid checkpoint `latest` names, else the newest valid one; also how many were looked at.
 
     A checkpoint deleted meanwhile, by the retention of a run saving newer ones there, is passed over in
-    silence, and the folder looked at again (up to ``rescans`` times) if no other one was valid."""
-    candidates = _checkpoints(directory)[::-1]
-    pointer = directory / LATEST
-    if pointer.is_file():
-        name = pointer.read_bytes().decode("ascii", errors="replace").strip()  # any bytes at all: written over
-        # only a plain step_* name: the pointer must not lead outside the directory
-        if not _STEP_DIR.fullmatch(name):
-            warnings.warn(f"{pointer} does not hold a checkpoint's name: taking the newest valid checkpoint",
-                          stacklevel=3)
-        elif directory / name in candidates:
-            candidates.remove(directory / name)
-            candidates.insert(0, directory / name)
-    vanished = False
-    for path in candidates:
-        reason = verify(path)
-        if reason is None:
-            return path, len(candidates)
-        if not path.exists():
-            vanished = True
-            continue
-        warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=3)
-    if vanished and rescans > 0:
-        return _newest_valid(directory, rescans - 1)
-    return None, len(candidates)
+    silence, and the folder looked at again (up to ``rescans`` times) if no other one was valid. Each
+    checkpoint is checked, and each warning given, once."""
+    invalid: dict[Path, str] = {}
+    notes: dict[str, None] = {}  # the warnings, in order, each once
+    try:
+        for _ in range(rescans + 1):
+            candidates = _checkpoints(directory)[::-1]
+            pointer = directory / LATEST
+            if pointer.is_file():
+                name = pointer.read_bytes().decode("ascii", errors="replace").strip()  # any bytes: written over
+                # only a plain step_* name: the pointer must not lead outside the directory
+                if not _STEP_DIR.fullmatch(name):
+                    notes[f"{pointer} does not hold a checkpoint's name: taking the newest valid checkpoint"] = None
+                elif directory / name in candidates:
+                    candidates.remove(directory / name)
+                    candidates.insert(0, directory / name)
+            vanished = False
+            for path in candidates:
+                reason = invalid.get(path) or verify(path)
+                if reason is None:
+                    return path, len(candidates)
+                if not path.exists():
+                    vanished = True
+                    continue
+                invalid[path] = reason
+                notes[f"skipping checkpoint {path}: {reason}"] = None
+            if not vanished:
+                break
+        return None, len(candidates)
+    finally:
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
 
 
 def _read_manifest(path: Path) -> dict | None:

@@ -395,18 +395,25 @@ def test_retention_takes_an_old_checkpoint_out_of_sight_at_once_then_deletes_it(
 def test_a_checkpoint_deleted_while_resolve_checks_it_is_passed_over_in_silence(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path, keep_last=1)
     save(manager, 1)
+    state = tmp_path / "step_00000001" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-1])  # damaged: retention leaves it alone, resolve warns of it
+    save(manager, 2)
     check = ckpt_mod._check
 
-    def saved_meanwhile(path, hashes):  # while step 1 is hashed, the run saves step 2 and prunes step 1
-        if path.name == "step_00000001" and hashes:
+    def saved_meanwhile(path, hashes):  # while step 2 is hashed, the run saves step 3 and prunes step 2
+        if path.name == "step_00000002" and hashes:
             monkeypatch.setattr(ckpt_mod, "_check", check)
-            save(manager, 2)
+            save(manager, 3)
         return check(path, hashes)
 
     monkeypatch.setattr(ckpt_mod, "_check", saved_meanwhile)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "skipping checkpoint" for one that is simply gone
-        assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000003"
+    # nothing said of step 2, which is simply gone; step 1 named once, though the folder was looked at twice
+    assert [str(w.message) for w in caught] == [f"skipping checkpoint {tmp_path / 'step_00000001'}: state.pt has "
+                                                f"{state.stat().st_size} bytes, the manifest says "
+                                                f"{state.stat().st_size + 1}"]
 
 
 class Payload:
