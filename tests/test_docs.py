@@ -39,10 +39,10 @@ def shell_script(doc: Path) -> str:
         for line in code.splitlines():
             line = re.sub(r"^pip install .*? && ", "", line)
             if line.strip() and not line.startswith("#") and "pip install" not in line and "pytest" not in line:
-                line = re.sub(r"--training-max-steps \d+", "--training-max-steps 20", line)
+                line = re.sub(r"--training-max-steps \d{3,}", "--training-max-steps 10", line)
                 line = re.sub(r"--epochs \d\d+", "--epochs 2", line)
                 line = re.sub(r"--training-eval-batches \d+", "--training-eval-batches 2", line)
-                lines.append(re.sub(r"--training-eval-every-steps \d+", "--training-eval-every-steps 10", line))
+                lines.append(re.sub(r"--training-eval-every-steps \d+", "--training-eval-every-steps 5", line))
     return "\n".join(lines)
 
 
