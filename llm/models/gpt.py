@@ -3,9 +3,10 @@
 Pre-norm blocks of causal self-attention (``scaled_dot_product_attention``) and
 an MLP, with rotary or learned positions, RMSNorm or LayerNorm, SwiGLU or GELU.
 
-Each :class:`Block` takes and returns only the residual stream ``x`` (rotary
-tables live inside the attention), so the engine can wrap blocks one by one
-for FSDP, ``torch.compile`` or activation checkpointing.
+Each :class:`Block` takes and returns the residual stream ``x`` (rotary tables
+live inside the attention), so the engine can wrap blocks one by one for FSDP,
+``torch.compile`` or activation checkpointing. Generation passes a
+:class:`KVCache` as well, so that each new token reads only its own position.
 """
 
 from __future__ import annotations
@@ -86,11 +87,46 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rotate ``x``, whose positions are ``start``, ``start + 1``, ..."""
         t = x.size(-2)
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        cos, sin = self.cos[start:start + t].to(x.dtype), self.sin[start:start + t].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class LayerCache:
+    """One block's keys and values of the positions read so far, in buffers of block_size positions."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the keys and values (B, H, T, D) of T new positions; all of them so far."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions, {end} were asked for")
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """The keys and values of every block for the positions a model has read, so that generating a token
+    costs one position's work, not the whole context's. For inference: no gradients flow through it."""
+
+    def __init__(self, config: GPTConfig):
+        self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Positions read so far."""
+        return self.layers[0].length
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,13 +138,19 @@ class CausalSelfAttention(nn.Module):
         self.rope = Rotary(config.head_dim, config.block_size) if config.pos_emb == "rope" else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        start = 0 if cache is None else cache.length
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, start), self.rope(k, start)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.extend(k, v)
+            if start > 0:  # the new positions see all the cached ones, and each other causally
+                mask, causal = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start), False
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -144,8 +186,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -177,16 +219,19 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits for the positions of ``idx``; with ``cache``, they follow the positions it holds, and their
+        keys and values are added to it."""
+        start = 0 if cache is None else cache.length
         T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds the model's block_size {self.config.block_size}")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x) if cache is None else block(x, cache.layers[i])
         return self.lm_head(self.norm_f(x))
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -230,8 +275,11 @@ class GPT(nn.Module):
         ``idx`` is one prompt of ids, shaped (T,) or (1, T); the context is cropped
         to the last block_size tokens. ``temperature=0`` picks the most likely token;
         ``top_k`` samples among the k most likely; ``generator`` (on the model's
-        device) makes sampling reproducible. No KV cache: each token re-reads the
-        context. Call ``model.eval()`` first to turn dropout off.
+        device) makes sampling reproducible. A :class:`KVCache` keeps each block's keys
+        and values, so a token costs one position's work until the context fills the
+        block; past that the window slides, every position moves, and each token
+        reads the last block_size tokens again. Call ``model.eval()`` first to turn
+        dropout off.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -241,8 +289,13 @@ class GPT(nn.Module):
             idx = idx.unsqueeze(0)
         if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) == 0:
             raise ValueError(f"generate_stream takes one non-empty prompt, (T,) or (1, T), got {tuple(idx.shape)}")
+        block_size = self.config.block_size
+        cache, unread = KVCache(self.config), idx[:, -block_size:]
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()
+            if cache.length + unread.size(1) <= block_size:
+                logits = self(unread, cache)[:, -1, :].float()
+            else:
+                logits = self(idx[:, -block_size:])[:, -1, :].float()
             if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that float32 rounds it to 0
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -252,5 +305,5 @@ class GPT(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, next_id], dim=1)
+            idx, unread = torch.cat([idx, next_id], dim=1), next_id
             yield int(next_id)  # a device-to-host sync per token: the caller consumes it now

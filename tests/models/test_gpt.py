@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llm.models.gpt import GPT, Block, GPTConfig, Rotary, swiglu_hidden
+from llm.models.gpt import GPT, Block, GPTConfig, KVCache, Rotary, swiglu_hidden
 
 V, T, L, H, C = 50, 16, 2, 2, 32
 VARIANTS = {
@@ -144,6 +144,33 @@ def test_greedy_generation_follows_the_argmax_and_crops_the_context():
     assert list(model.generate_stream(prompt[None], 6, temperature=0.7, top_k=1)) == out
     for temperature in (1e-39, 1e-300):  # logits / 1e-39 would overflow; 1e-300 is 0 in float32
         assert list(model.generate_stream(prompt, 6, temperature=temperature)) == out, temperature
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_kv_cache_gives_the_logits_of_reading_the_whole_context(variant):
+    model = tiny(**VARIANTS[variant])
+    idx = torch.randint(0, V, (1, T))
+    cache = KVCache(model.config)
+    with torch.no_grad():
+        full = model(idx)
+        # a prompt, a few tokens at once (each sees the cache and the ones before it), then one at a time
+        parts = [model(idx[:, :5], cache), model(idx[:, 5:8], cache)]
+        parts += [model(idx[:, t:t + 1], cache) for t in range(8, T)]
+    assert cache.length == T
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=f"sequence length {T + 1} exceeds the model's block_size {T}"):
+        model(idx[:, :1], cache)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_generation_from_a_short_prompt_reads_as_the_whole_context_would_past_the_block(variant):
+    model = tiny(**VARIANTS[variant])
+    prompt = torch.randint(0, V, (4,))
+    out = list(model.generate_stream(prompt, 2 * T, temperature=0))  # the cache fills, then the window slides
+    seq = prompt.tolist()
+    for token in out:
+        assert token == model(torch.tensor([seq[-T:]]))[0, -1].argmax().item()
+        seq.append(token)
 
 
 def test_sampling_is_reproducible_with_a_generator_and_stays_in_the_top_k():
