@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling temperature; 0 always picks the most likely token (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
                         help="sample only among the K most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="sample only among the most likely tokens that make up probability P (default: all)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="random seed: the same seed gives the same text (default: 0)")
     add_device(parser)
@@ -53,13 +55,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature: got {args.temperature}, expected a number >= 0")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k: got {args.top_k}, expected an integer >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # also rejects nan
+        raise UsageError(f"--top-p: got {args.top_p}, expected a number above 0 and at most 1")
     if not 0 <= args.seed < 2**64:  # what torch.manual_seed takes
         raise UsageError(f"--seed: got {args.seed}, expected an integer from 0 to 2**64 - 1")
 
 
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
                 temperature: float = 1.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> Iterator[str]:
+                generator: torch.Generator | None = None, top_p: float | None = None) -> Iterator[str]:
     """Yield the text that continues ``prompt_ids``, piece by piece, as it is sampled.
 
     Each step decodes the whole sequence and yields what is new, so tokens that are
@@ -70,7 +74,8 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     start = len(tokenizer.decode(prompt_ids))
     ids, shown = list(prompt_ids), ""
-    for i, token in enumerate(model.generate_stream(idx, max_new_tokens, temperature, top_k, generator), start=1):
+    tokens = model.generate_stream(idx, max_new_tokens, temperature, top_k, generator=generator, top_p=top_p)
+    for i, token in enumerate(tokens, start=1):
         ids.append(token)
         text = tokenizer.decode(ids)[start:]
         if i < max_new_tokens:
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
         for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-                                 generator):
+                                 generator=generator, top_p=args.top_p):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -109,6 +109,10 @@ def test_temperature_zero_continues_with_the_most_likely_tokens(step_dir, capsys
     assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "20",
                  "--temperature", "0"]) == 0
     assert continuation(capsys.readouterr().out) == greedy(model, tokenizer, PROMPT, 20)
+    # a nucleus so small that it holds only the most likely token: the same text, at any temperature
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "20",
+                 "--temperature", "5", "--top-p", "1e-6"]) == 0
+    assert continuation(capsys.readouterr().out) == greedy(model, tokenizer, PROMPT, 20)
 
 
 def test_a_prompt_longer_than_the_context_is_cropped_to_its_end(step_dir, capsys):
@@ -132,7 +136,7 @@ class Scripted(nn.Module):
         self.ids = ids
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def generate_stream(self, idx, max_new_tokens, temperature, top_k, generator):
+    def generate_stream(self, idx, max_new_tokens, temperature, top_k, generator, top_p):
         yield from self.ids[:max_new_tokens]
 
 
@@ -240,6 +244,9 @@ def test_a_prompt_of_bytes_that_are_not_utf8_exits_2_with_one_line(step_dir, tmp
     (["--temperature", "-0.5"], "--temperature: got -0.5, expected a number >= 0"),
     (["--temperature", "nan"], "--temperature: got nan, expected a number >= 0"),
     (["--top-k", "0"], "--top-k: got 0, expected an integer >= 1"),
+    (["--top-p", "0"], "--top-p: got 0.0, expected a number above 0 and at most 1"),
+    (["--top-p", "1.5"], "--top-p: got 1.5, expected a number above 0 and at most 1"),
+    (["--top-p", "nan"], "--top-p: got nan, expected a number above 0 and at most 1"),
     (["--seed", "-3"], "--seed: got -3, expected an integer from 0 to 2**64 - 1"),
     (["--seed", str(2**64)], f"--seed: got {2**64}, expected an integer from 0 to 2**64 - 1"),
     (["--max-new-tokens", "ten"], "argument --max-new-tokens: invalid int value: 'ten'"),

@@ -269,12 +269,15 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
     ) -> Iterator[int]:
         """Yield ``max_new_tokens`` sampled token ids, one at a time, continuing ``idx``.
 
         ``idx`` is one prompt of ids, shaped (T,) or (1, T); the context is cropped
         to the last block_size tokens. ``temperature=0`` picks the most likely token;
-        ``top_k`` samples among the k most likely; ``generator`` (on the model's
+        ``top_k`` samples among the k most likely; ``top_p`` among the fewest most likely
+        tokens whose probabilities add up to at least p (nucleus sampling), after top_k and
+        temperature; ``generator`` (on the model's
         device) makes sampling reproducible. A :class:`KVCache` keeps each block's keys
         and values, so a token costs one position's work until the context fills the
         block; past that the window slides, every position moves, and each token
@@ -285,6 +288,8 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
         if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) == 0:
@@ -304,6 +309,18 @@ class GPT(nn.Module):
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
+                if top_p is not None and top_p < 1:
+                    logits = _nucleus(logits, top_p)
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx, unread = torch.cat([idx, next_id], dim=1), next_id
             yield int(next_id)  # a device-to-host sync per token: the caller consumes it now
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits`` with -inf for every token outside the fewest most likely ones whose probabilities add up to
+    at least ``top_p``; the most likely token always stays."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = F.softmax(ordered, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # the probability of the more likely tokens
+    ordered = ordered.masked_fill(before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)

@@ -185,9 +185,24 @@ def test_sampling_is_reproducible_with_a_generator_and_stays_in_the_top_k():
         assert next(model.generate_stream(prompt, 1, temperature=2.0, top_k=3, generator=g)) in first_top3
 
 
+def test_top_p_samples_only_from_the_smallest_set_of_likeliest_tokens_that_reaches_p():
+    model = tiny()
+    prompt = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        probs = model(prompt[None])[0, -1].softmax(-1)
+    ordered = probs.sort(descending=True)
+    nucleus = ordered.indices[:int((ordered.values.cumsum(0) < 0.3).sum()) + 1].tolist()
+    assert 1 < len(nucleus) < V
+    drawn = {next(model.generate_stream(prompt, 1, generator=torch.Generator().manual_seed(seed), top_p=0.3))
+             for seed in range(200)}
+    assert drawn == set(nucleus)  # every one of them, and no other
+    greedy = list(model.generate_stream(prompt, 5, temperature=0))
+    assert list(model.generate_stream(prompt, 5, temperature=3.0, top_p=1e-6)) == greedy
+
+
 def test_generation_rejects_bad_arguments():
     model = tiny()
-    for kwargs in (dict(temperature=-1.0), dict(top_k=0)):
+    for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             next(model.generate_stream(torch.tensor([1]), 1, **kwargs))
     with pytest.raises(ValueError, match="one non-empty prompt"):
