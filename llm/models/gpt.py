@@ -148,7 +148,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)
             if start > 0:  # the new positions see all the cached ones, and each other causally
-                mask, causal = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start), False
+                causal = False  # one new position sees them all: no mask, which keeps the fastest kernels
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )

@@ -271,9 +271,14 @@ def test_two_ranks_skip_a_nan_step_everywhere_and_stop_with_the_reason_of_the_ra
 def test_console_scripts_answer_help():
     scripts = ("llm-train", "llm-generate", "llm-evaluate", "llm-export", "llm-plot")
     started = {s: subprocess.Popen([str(Path(SCRIPTS) / s), "--help"], stdout=subprocess.PIPE, text=True) for s in scripts}
-    for script, process in started.items():  # started together: each spends its time importing torch
-        stdout, _ = process.communicate(timeout=120)
-        assert process.returncode == 0 and "usage:" in stdout, script
+    try:
+        for script, process in started.items():  # started together: each spends its time importing torch
+            stdout, _ = process.communicate(timeout=120)
+            assert process.returncode == 0 and "usage:" in stdout, script
+    finally:
+        for process in started.values():
+            process.kill()
+            process.wait()
 
 
 def test_trackers_chosen_on_the_command_line_both_record_the_run(tmp_path, monkeypatch):

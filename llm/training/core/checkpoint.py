@@ -219,7 +219,7 @@ class CheckpointManager:
         # sizes, not hashes: rehashing every kept checkpoint at each save would cost as much I/O as
         # the save; checkpoints that fail even this are left alone, never deleted unexamined
         for aside in self.directory.glob(f"{_PRUNED}step_*"):  # what an earlier pruning could not delete
-            shutil.rmtree(aside, ignore_errors=True)
+            _delete_pruned(aside)
         complete = [p for p in _checkpoints(self.directory) if _check(p, hashes=False) is None]
         kept = set(complete[-self.keep_last:]) | {keep}
         scored = sorted(self._scored(complete), key=lambda pair: pair[0])
@@ -242,14 +242,23 @@ class CheckpointManager:
 
 def _prune(path: Path) -> None:
     """Delete an old checkpoint, renamed aside first: a tool reading it (a run's checkpoints may be read while
-    it trains) then finds it whole or gone, never half deleted."""
+    it trains) then finds it whole or gone, never half deleted. The new checkpoint is committed by then, so
+    an old one that cannot be deleted is a warning, not a failed save."""
     aside = path.with_name(_PRUNED + path.name)
     try:
         os.replace(path, aside)
+    except OSError as error:
+        warnings.warn(f"old checkpoint {path} not deleted ({_one_line(error)}): delete it by hand", stacklevel=4)
+        return
+    _delete_pruned(aside)
+
+
+def _delete_pruned(aside: Path) -> None:
+    try:
         shutil.rmtree(aside)
-    except OSError as error:  # the new checkpoint is committed: an old one left is no failed save
-        left = aside if aside.exists() else path
-        warnings.warn(f"old checkpoint {left} not deleted ({_one_line(error)}): delete it by hand", stacklevel=4)
+    except OSError as error:
+        warnings.warn(f"old checkpoint {aside} not deleted ({_one_line(error)}): the next save tries again, "
+                      f"or delete it by hand", stacklevel=5)
 
 
 # -- finding and checking checkpoints ---------------------------------------------------------
@@ -461,13 +470,16 @@ def _check(path: Path, hashes: bool) -> str | None:
             return f"{MANIFEST} does not list {name}"
     for name, entry in files.items():
         file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != entry.get("size"):
-            return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
-        if hashes and _sha256(file) != entry.get("sha256"):
-            return f"{name} does not match its sha256 checksum"
+        try:
+            if not file.is_file():
+                return f"{name} is missing"
+            size = file.stat().st_size
+            if size != entry.get("size"):
+                return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
+            if hashes and _sha256(file) != entry.get("sha256"):
+                return f"{name} does not match its sha256 checksum"
+        except OSError as error:  # unreadable, or gone since it was listed (pruned by a run saving beside it)
+            return f"{name} cannot be read ({_one_line(error)})"
     return None
 
 

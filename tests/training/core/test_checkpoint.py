@@ -416,6 +416,28 @@ def test_a_checkpoint_deleted_while_resolve_checks_it_is_passed_over_in_silence(
                                                 f"{state.stat().st_size + 1}"]
 
 
+def test_a_checkpoint_pruned_while_its_files_are_hashed_is_passed_over_too(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 1)
+    sha256 = ckpt_mod._sha256
+
+    def pruned_meanwhile(path, *args, **kwargs):  # listed and opened by name after the run's pruning renamed it
+        if path.parent.name == "step_00000001":
+            monkeypatch.setattr(ckpt_mod, "_sha256", sha256)
+            save(manager, 2)
+        return sha256(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "_sha256", pruned_meanwhile)
+    assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000002"
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(ckpt_mod, "_sha256", unreadable)  # for any other reason: one line, not a traceback
+    with pytest.raises(CheckpointError, match=r"step_00000002 is not valid: \S+ cannot be read \(.*denied"):
+        resolve_checkpoint(tmp_path / "step_00000002")
+
+
 class Payload:
     """Unpickling this runs a shell command; weights_only loading must refuse it."""
 
