@@ -148,8 +148,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)
             if start > 0:  # the new positions see all the cached ones, and each other causally
-                causal = False  # one new position sees them all: no mask, which keeps the fastest kernels
-                if T > 1:
+                causal = False
+                if T > 1:  # one new position needs no mask at all, which keeps the fastest kernels
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
@@ -277,14 +277,13 @@ class GPT(nn.Module):
 
         ``idx`` is one prompt of ids, shaped (T,) or (1, T); the context is cropped
         to the last block_size tokens. ``temperature=0`` picks the most likely token;
-        ``top_k`` samples among the k most likely; ``top_p`` among the fewest most likely
-        tokens whose probabilities add up to at least p (nucleus sampling), after top_k and
-        temperature; ``generator`` (on the model's
-        device) makes sampling reproducible. A :class:`KVCache` keeps each block's keys
-        and values, so a token costs one position's work until the context fills the
-        block; past that the window slides, every position moves, and each token
-        reads the last block_size tokens again. Call ``model.eval()`` first to turn
-        dropout off.
+        ``top_k`` samples among the k most likely; ``top_p`` among the fewest most
+        likely tokens whose probabilities add up to at least p (nucleus sampling),
+        after temperature and top_k; ``generator`` (on the model's device) makes
+        sampling reproducible. A :class:`KVCache` keeps each block's keys and values,
+        so a token costs one position's work until the context fills the block; past
+        that the window slides, every position moves, and each token reads the last
+        block_size tokens again. Call ``model.eval()`` first to turn dropout off.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
