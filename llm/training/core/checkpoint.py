@@ -416,34 +416,40 @@ def _newest_valid(directory: Path, rescans: int = 2) -> tuple[Path | None, int]:
     checkpoint is checked, and each warning given, once."""
     invalid: dict[Path, str] = {}
     notes: dict[str, None] = {}  # the warnings, in order, each once
-    try:
-        for _ in range(rescans + 1):
-            candidates = _checkpoints(directory)[::-1]
-            pointer = directory / LATEST
-            if pointer.is_file():
-                name = pointer.read_bytes().decode("ascii", errors="replace").strip()  # any bytes: written over
-                # only a plain step_* name: the pointer must not lead outside the directory
-                if not _STEP_DIR.fullmatch(name):
-                    notes[f"{pointer} does not hold a checkpoint's name: taking the newest valid checkpoint"] = None
-                elif directory / name in candidates:
-                    candidates.remove(directory / name)
-                    candidates.insert(0, directory / name)
-            vanished = False
-            for path in candidates:
-                reason = invalid.get(path) or verify(path)
-                if reason is None:
-                    return path, len(candidates)
-                if not path.exists():
-                    vanished = True
-                    continue
+    found, candidates = None, []
+    for _ in range(rescans + 1):
+        candidates = _candidates(directory, notes)
+        vanished = False
+        for path in candidates:
+            reason = invalid.get(path) or verify(path)
+            if reason is None:
+                found = path
+                break
+            if path.exists():
                 invalid[path] = reason
                 notes[f"skipping checkpoint {path}: {reason}"] = None
-            if not vanished:
-                break
-        return None, len(candidates)
-    finally:
-        for note in notes:
-            warnings.warn(note, stacklevel=3)
+            else:
+                vanished = True
+        if found is not None or not vanished:
+            break
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return found, len(candidates)
+
+
+def _candidates(directory: Path, notes: dict[str, None]) -> list[Path]:
+    """step_* directories, newest first, but the one `latest` names before all; a note if it names none."""
+    candidates = _checkpoints(directory)[::-1]
+    pointer = directory / LATEST
+    if pointer.is_file():
+        name = pointer.read_bytes().decode("ascii", errors="replace").strip()  # any bytes at all: written over
+        # only a plain step_* name: the pointer must not lead outside the directory
+        if not _STEP_DIR.fullmatch(name):
+            notes[f"{pointer} does not hold a checkpoint's name: taking the newest valid checkpoint"] = None
+        elif directory / name in candidates:
+            candidates.remove(directory / name)
+            candidates.insert(0, directory / name)
+    return candidates
 
 
 def _read_manifest(path: Path) -> dict | None:
