@@ -1,4 +1,4 @@
-"""The checks only a CUDA machine can run, in one command, then the GPU throughput benchmark.
+"""The GPU throughput benchmark, then the checks only a CUDA machine can run, in one command.
 
     python benchmarks/gpu_check.py --data-path FILE [--out BENCHMARKS.md]
     python benchmarks/gpu_check.py --data-path FILE --device cpu     # a dry run of the same commands
@@ -19,8 +19,8 @@ reads back what the run wrote (summary.json, metrics.jsonl, the export):
   wraps nothing in DDP and shards nothing: the check then says so, and DDP and
   FSDP across GPUs are left unchecked.
 
-Then ``lm_throughput.py --gpu-preset`` (GPT-2 124M shape, bf16, compile, MFU)
-appends its own section. With ``--device cpu`` the fp16, nccl and benchmark
+Before them ``lm_throughput.py --gpu-preset`` (GPT-2 124M shape, bf16,
+compile, MFU) runs and appends its own section. With ``--device cpu`` the fp16, nccl and benchmark
 steps are left out and the rest runs on the CPU, torchrun with two processes
 on gloo: a way to check the script before spending GPU time on it.
 """
@@ -49,6 +49,10 @@ SMALL_LM = ["--task", "lm", "--data-tokenizer", "char", "--model-n-layer", "4", 
 """The default lm model: seconds per run on a GPU, so the checks cost little device time."""
 
 
+COMMAND_TIMEOUT_S = 240
+"""Longest a check's command may run: each takes well under a minute on a GPU."""
+
+
 class Checks:
     def __init__(self, args: argparse.Namespace, work: Path, nproc: int):
         self.args, self.work, self.nproc, self.rows = args, work, nproc, []
@@ -67,7 +71,9 @@ class Checks:
 
     def command(self, command: list[str]) -> None:
         print("$", shlex.join(command), flush=True)
-        done = subprocess.run(command, env=self.env, cwd=self.work, capture_output=True, text=True)
+        # a hung run is a failed check, not the end of the device time
+        done = subprocess.run(command, env=self.env, cwd=self.work, capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
         sys.stdout.write(done.stdout[-2000:])
         sys.stderr.write(done.stderr[-4000:])
         if done.returncode:
@@ -174,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     # two processes are enough to wrap in DDP and shard; nccl needs a GPU for each, gloo shares the CPU
     nproc = min(torch.cuda.device_count(), 2) if args.device == "cuda" else 2
     processes = f"{nproc} process{'es' if nproc > 1 else ''}"
+    failed = 0
+    if args.device == "cuda":  # the benchmark first: it is what the device time is for
+        preset = [sys.executable, str(common.REPO / "benchmarks/lm_throughput.py"), "--data-path", args.data_path,
+                  "--gpu-preset", "--out", str(args.out)]
+        print("$", shlex.join(preset), flush=True)
+        failed += subprocess.run(preset).returncode != 0
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         checks = Checks(args, Path(tmp), nproc)
         checks.check("lm, bf16, compiled", checks.bf16_compiled)
@@ -186,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = [("device", f"{device}, torch {torch.__version__}, CUDA {torch.version.cuda}"),
              ("model", "the default lm GPT (4 layers, 128 wide, context 128, batch 16), char tokenizer")]
     common.append_section(args.out, common.section(f"GPU checks on {device}", facts, [table]))
-    failed = sum(row[1] == "FAIL" for row in checks.rows)
-    if args.device == "cuda":
-        preset = [sys.executable, str(common.REPO / "benchmarks/lm_throughput.py"), "--data-path", args.data_path,
-                  "--gpu-preset", "--out", str(args.out)]
-        print("$", shlex.join(preset), flush=True)
-        failed += subprocess.run(preset).returncode != 0
+    failed += sum(row[1] == "FAIL" for row in checks.rows)
     return 1 if failed else 0
 
 

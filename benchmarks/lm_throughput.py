@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="GPT-2 124M shape, bf16, torch.compile, batch 16, on a CUDA GPU; reports MFU")
     parser.add_argument("--peak-flops", type=float, default=None, metavar="FLOPS",
                         help="the device's dense bf16 peak FLOP/s, for a GPU not in the table")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="sequences per step, in place of the shape's (16)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch threads on the CPU (default: 1, so that CPU time measures the work; "
                              "see the docstring)")
@@ -97,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sys.exit("error: --gpu-preset needs a CUDA GPU, and torch.cuda.is_available() is False on this machine")
     args.rounds = args.rounds or (1 if args.quick else 2 if args.gpu_preset else 5)
     args.warmup, args.steps = (2, 4) if args.quick else (10, 40) if args.gpu_preset else (3, 12)
-    args.shape = GPU_PRESET if args.gpu_preset else CPU_SHAPE
+    args.shape = {**(GPU_PRESET if args.gpu_preset else CPU_SHAPE), **({"batch_size": args.batch_size} if args.batch_size else {})}
     args.device = "cuda" if args.gpu_preset else "cpu"
     return args
 
@@ -177,7 +179,10 @@ def run_engine(config: Config, warmup: int, peak: float | None) -> Measure:
 # ---- by hand ------------------------------------------------------------------------------------
 
 
-def run_hand(config: Config, warmup: int, peak: float | None) -> Measure:
+def run_hand(config: Config, warmup: int, peak: float | None, sync_norm: bool = False,
+             regional: bool = False) -> Measure:
+    """The same steps written out. ``sync_norm`` reads the gradient norm on the host every step (the
+    engine's non-finite check); ``regional`` compiles block by block (the engine's compile)."""
     data = TextDataModule(config)
     data.prepare_data()  # a cache hit after the first run
     data.setup("fit")
@@ -189,7 +194,10 @@ def run_hand(config: Config, warmup: int, peak: float | None) -> Measure:
     torch.manual_seed(SEED)
     raw = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
                         n_head=m.n_head, n_embd=m.n_embd)).to(device)
-    model = torch.compile(raw) if t.compile else raw
+    model = torch.compile(raw) if t.compile and not regional else raw
+    if t.compile and regional:
+        for block in raw.blocks:
+            block.compile()
     params = list(raw.parameters())
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
@@ -207,7 +215,9 @@ def run_hand(config: Config, warmup: int, peak: float | None) -> Measure:
         with autocast:
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if sync_norm:
+            float(norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -311,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     wall_ratio = common.paired_ratio([m.tokens_per_s for m in runs[engine_name]],
                                      [m.tokens_per_s for m in runs[hand_name]])[0]
     measured = "in CPU time" if args.device == "cpu" else "by the wall clock"
-    same = abs(runs[engine_name][-1].train_loss - runs[hand_name][-1].train_loss) <= 1e-4
+    gap = abs(runs[engine_name][-1].train_loss - runs[hand_name][-1].train_loss)
+    # on a GPU the engine compiles block by block and the hand loop the whole model: bf16 kernels fused
+    # differently round differently (about 1e-3 after 50 steps on an H200)
+    tolerance = 1e-4 if args.device == "cpu" else 1e-2
     best = max(rates[engine_name]) / max(rates[hand_name])
     notes = [f"engine/hand tokens/s = {ratio:.3f} {measured}, the median over rounds of each round's ratio "
              f"(rounds {low:.3f}-{high:.3f}; best run against best run {best:.3f}, since noise only slows)"
              + (f", {wall_ratio:.3f} by the wall clock" if args.device == "cpu" else "")
              + f" (target >= {TARGET} {measured}: {'met' if ratio >= TARGET else 'NOT met'}); the engine's and the hand loop's "
-             + "train losses are "
-             + ("equal: the same arithmetic on the same batches." if same else "NOT equal: check they do the same work.")]
+             + f"train losses differ by {gap:.1e}, "
+             + (f"within {tolerance:.0e}: the same work on the same batches." if gap <= tolerance
+                else f"more than {tolerance:.0e}: check they do the same work.")]
     engine_mfu = common.median([m.mfu for m in runs[engine_name]]) if runs[engine_name][0].mfu is not None else None
     if engine_mfu is not None:
         notes.append(f"Engine MFU = {engine_mfu:.1%} (target >= {MFU_TARGET:.0%}: "
