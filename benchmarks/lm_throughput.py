@@ -199,9 +199,8 @@ def run_hand(config: Config, warmup: int, peak: float | None, sync_norm: bool = 
         for block in raw.blocks:
             block.compile()
     params = list(raw.parameters())
-    fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=LR, **fused)
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=LR, fused=True)
     total = t.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total))))

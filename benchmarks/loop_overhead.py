@@ -4,7 +4,7 @@
 
 The same work, done by each contender: a one-hidden-layer MLP (16 -> 32 -> 1, RegressionTask's
 model) on the synthetic regression data, through SyntheticDataModule's own
-DataLoader and DistributedSampler, with AdamW (decay on matrices only), gradient
+DataLoader and DistributedSampler, with fused AdamW (decay on matrices only), gradient
 clipping at 1.0, a cosine schedule, ``zero_grad(set_to_none=True)`` and a full
 validation pass per epoch:
 
@@ -148,7 +148,7 @@ def run_hand(config: Config) -> Run:
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=LR)
+                                   {"params": vectors, "weight_decay": 0.0}], lr=LR, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps))))
     loss_fn = nn.MSELoss()
@@ -214,7 +214,7 @@ def lightning_runner() -> tuple[Callable[[Config], Run] | None, str]:
             matrices = [p for p in self.parameters() if p.ndim >= 2]
             vectors = [p for p in self.parameters() if p.ndim < 2]
             optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
-                                           {"params": vectors, "weight_decay": 0.0}], lr=LR)
+                                           {"params": vectors, "weight_decay": 0.0}], lr=LR, fused=True)
             total = self.total_steps
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total))))

@@ -98,6 +98,7 @@ class TrainingEngine:
         self._pending: dict[str, dict[str, float]] = {}  # engine.log() values by the record they go to
         self._hook = ""  # the hook now firing
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
+        self._unchecked: list[tuple[int, _HostCopy, list[torch.Tensor]]] = []  # (step, taken, losses) to check
         self._signal: int | None = None  # a signal this process received
         self._interrupted = False  # a signal some rank received, agreed by all of them
 
@@ -200,27 +201,27 @@ class TrainingEngine:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
-        # a CPU-GPU sync point, the same one GradScaler makes; gradients are already
-        # all-reduced, so every rank sees the same norm and takes the same branch
-        norm, skipped = float(grad_norm), False
-        if math.isfinite(norm):
-            (self.optimizer.step() if scaler is None else scaler.step(self.optimizer))
-        else:
-            # which ranks' losses are not finite; fp16 gradients that overflow with finite losses are the
-            # scaler's to skip, not a non-finite step
-            bad_loss = not bool(torch.isfinite(torch.stack(losses)).all())
-            if scaler is None or D.any_rank([bad_loss], self.device)[0]:
-                self._non_finite(D.gather(bad_loss))  # raises, unless training.nan_policy is skip
-                skipped = True
+        taken = torch.isfinite(grad_norm)  # the same on every rank: gradients are already all-reduced
+        self._check_steps()  # the last step's: its work is done by now, so reading it stalls nothing
         if scaler is not None:
-            scaler.update()  # lowers the scale after an overflow, whichever branch was taken
+            scaler.step(self.optimizer)  # skips a step whose gradients are not finite, overflowed or NaN
+            scaler.update()  # and lowers the scale after one
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
+            # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the CPU
+            self.optimizer.found_inf = (~taken).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif bool(taken):  # any other optimizer: the host decides, at the cost of a sync
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not skipped:  # a skipped step's losses and norm would turn the window's and the epoch's means to NaN
-            for loss, metrics, weight in recorded:
-                self._sums.add_micro_batch(loss, metrics, weight)
-        self._sums.add_step(norm)
+        # a step not taken stays out of the window's and the epoch's means (its NaN would make them NaN)
+        for loss, metrics, weight in recorded:
+            self._sums.add_micro_batch(loss, metrics, weight, taken)
+        self._sums.add_step(grad_norm, taken)
+        self._unchecked.append((self.step + 1, _HostCopy(taken), losses))
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size
@@ -392,6 +393,7 @@ class TrainingEngine:
         """Save everything needed to continue exactly; every rank must call this. ``state``: what
         _resumable_state() gave earlier in this step, for the parts that have changed since."""
         began = time.perf_counter()
+        self._check_steps()  # a non-finite step with nan_policy=stop leaves the last checkpoint as it was
         state = state or self._resumable_state()
         weights, write_sharded = parallel.model_and_optimizer_state(self.raw_model, self.optimizer, self.sharded)
         shared = {
@@ -620,11 +622,31 @@ class TrainingEngine:
         self.should_stop = stop or signalled
         return self.should_stop
 
-    def _non_finite(self, bad_loss: list[bool]) -> None:
-        """A step whose gradient norm is not finite: skipped or stopped at, as training.nan_policy says.
-        ``bad_loss``: by rank, whether its loss was not finite."""
+    def _check_steps(self) -> None:
+        """Act on the steps since the last check whose gradient norm was not finite, as training.nan_policy says.
+
+        Each step leaves its flags on their way to the host (``_unchecked``); the next
+        step reads them after queuing its own forward and backward, so the GPU never
+        waits for the host. Whatever logs, saves or finishes checks first: a run that
+        stops leaves its last checkpoint as it was. Such a step's update was not
+        applied (optimizer_step), so reading it a step late changes no weights. Every
+        rank checks at the same points and sees the same norms: the collectives match.
+        """
+        scaler = self.scaler.is_enabled()
+        for step, taken, losses in self._unchecked:
+            if bool(taken.wait()):
+                continue
+            bad_loss = not bool(torch.isfinite(torch.stack(losses)).all())
+            # with a loss scaler, finite losses with overflowing gradients are the scaler's to skip
+            if not scaler or D.any_rank([bad_loss], self.device)[0]:
+                self._non_finite(step, D.gather(bad_loss))
+        self._unchecked.clear()
+
+    def _non_finite(self, step: int, bad_loss: list[bool]) -> None:
+        """Step ``step`` had a non-finite gradient norm and was not taken: count it or stop, as
+        training.nan_policy says. ``bad_loss``: by rank, whether its loss was not finite."""
         ranks = [r for r, bad in enumerate(bad_loss) if bad] or list(range(self.world_size))
-        where = f"at step {self.step + 1}, loss non-finite on rank(s) {ranks}"
+        where = f"at step {step}, loss non-finite on rank(s) {ranks}"
         if self.config.training.nan_policy == "skip":
             self.skipped_steps += 1
             self.print(f"warning: non-finite gradient norm {where}: step skipped")
@@ -638,6 +660,7 @@ class TrainingEngine:
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
+        self._check_steps()
         local = self._sums.take_window()
         metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         if self.skipped_steps:
@@ -728,6 +751,22 @@ class TrainingEngine:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+class _HostCopy:
+    """A small tensor on its way to the host: copied without blocking the host, read once the copy is done."""
+
+    def __init__(self, tensor: torch.Tensor):
+        cuda = tensor.device.type == "cuda"
+        self.value = tensor.to("cpu", non_blocking=cuda)  # into pinned memory, behind the work queued so far
+        self.done = torch.cuda.Event() if cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    def wait(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.value
 
 
 class NonFiniteError(RuntimeError):

@@ -6,7 +6,6 @@ record asks for the means, which it reads with one device sync for all of them.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -23,21 +22,24 @@ class TrainingSums:
     def __init__(self) -> None:
         self.window = RunningMeans()  # losses and metrics since the last training record
         self.steps = 0  # optimizer steps since then, skipped ones included
-        self.grad_norms: list[float] = []  # their gradient norms, where finite
+        self.grad_norms: list[tuple[Any, Any]] = []  # each step's norm and whether it was taken
         self.epoch_loss = (0.0, 0.0)  # loss sum and count over the epoch's records so far
 
     def __len__(self) -> int:
         """Optimizer steps since the last training record."""
         return self.steps
 
-    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor) -> None:
-        self.window.add(loss, metrics, weight)
+    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor,
+                        taken: torch.Tensor) -> None:
+        """One micro-batch of a step; ``taken``, a boolean tensor: whether the optimizer took the step. One not
+        taken (a non-finite gradient norm) weighs nothing, so that its NaN leaves the means finite."""
+        self.window.add(loss, metrics, weight, kept=taken)
 
-    def add_step(self, grad_norm: float) -> None:
-        """A step taken or skipped; a non-finite norm (a skipped step, an fp16 overflow) stays out of the mean."""
+    def add_step(self, grad_norm: torch.Tensor, taken: torch.Tensor) -> None:
+        """A step taken or not (a non-finite norm: a skipped step, an fp16 overflow); only those taken
+        count in the mean norm. Both stay on the device until the window is read."""
         self.steps += 1
-        if math.isfinite(grad_norm):
-            self.grad_norms.append(grad_norm)
+        self.grad_norms.append((grad_norm.detach(), taken))
 
     def take_window(self) -> dict[str, tuple[float, float]]:
         """Each metric's weighted sum and total weight since the last record, ``grad_norm`` among them (the same
@@ -46,9 +48,19 @@ class TrainingSums:
         local.setdefault("loss", (0.0, 0.0))  # a window of skipped steps only: its loss is NaN, not absent
         loss_sum, count = local["loss"]
         self.epoch_loss = (self.epoch_loss[0] + loss_sum, self.epoch_loss[1] + count)
-        local["grad_norm"] = (sum(self.grad_norms), float(len(self.grad_norms)))
+        local["grad_norm"] = self._grad_norm_total()
         self.window, self.steps, self.grad_norms = RunningMeans(), 0, []
         return local
+
+    def _grad_norm_total(self) -> tuple[float, float]:
+        """The window's sum of gradient norms over the steps taken, and how many were taken: one device sync."""
+        norms, taken = self._grad_norms()
+        return float(norms[taken].sum()), float(taken.sum())
+
+    def _grad_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's gradient norms and whether each step was taken (a mask), on the host."""
+        pairs = _on_host([x for pair in self.grad_norms for x in pair]).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1] != 0
 
     def close_epoch(self) -> tuple[float, float]:
         """The epoch's loss sum and count: the windows already logged plus the one still open.
@@ -62,12 +74,14 @@ class TrainingSums:
         return loss_sum + open_sum, count + open_count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_loss": self.epoch_loss, "window": self.window.totals(), "grad_norms": list(self.grad_norms),
-                "steps": self.steps}
+        norms, taken = self._grad_norms()
+        return {"epoch_loss": self.epoch_loss, "window": self.window.totals(), "steps": self.steps,
+                "grad_norms": norms[taken].tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss = tuple(state["epoch_loss"])
-        self.window, self.grad_norms = RunningMeans.resumed(state["window"]), list(state["grad_norms"])
+        self.window = RunningMeans.resumed(state["window"])
+        self.grad_norms = [(norm, 1.0) for norm in state["grad_norms"]]
         self.steps = state.get("steps", len(self.grad_norms))  # saved before skipped steps were counted apart
 
 
@@ -81,12 +95,15 @@ class RunningMeans:
     def __init__(self) -> None:
         self.values: dict[str, list[Any]] = {}
         self.weights: list[float | torch.Tensor] = []  # tensors when the task counts items (loss_weight)
+        self.kept: list[bool | torch.Tensor] = []  # False (or a false boolean tensor): the entry weighs nothing
 
     def __len__(self) -> int:
         return len(self.weights)
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0) -> None:
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0,
+            kept: bool | torch.Tensor = True) -> None:
         self.weights.append(weight)
+        self.kept.append(kept)
         self.values.setdefault("loss", []).append(loss.detach())
         for key, value in metrics.items():
             self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
@@ -95,10 +112,12 @@ class RunningMeans:
         """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read)."""
         weights = self._weights() if weights is None else weights
         stacked = _on_host(self.values.get(key, []))  # one sync for the window
-        return float((stacked * weights).sum()), float(weights.sum())
+        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken
+        return float(torch.where(weights != 0, stacked * weights, 0.0).sum()), float(weights.sum())
 
     def _weights(self) -> torch.Tensor:
-        return _on_host(self.weights)
+        both = _on_host(self.weights + self.kept).reshape(2, -1)  # one sync for the two
+        return both[0] * both[1]
 
     def totals(self) -> dict[str, tuple[float, float]]:
         """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
@@ -112,6 +131,7 @@ class RunningMeans:
         weight = next(iter(totals.values()), (0.0, 0.0))[1]  # every key of a window has the same total weight
         if weight:
             window.weights.append(weight)
+            window.kept.append(True)
             window.values = {key: [value / weight] for key, (value, _) in totals.items()}
         return window
 

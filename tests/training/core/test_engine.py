@@ -441,6 +441,26 @@ def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(
     assert last["step"] == 5 and math.isnan(last["loss"]) and last["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_path, monkeypatch, optimizer):
+    """adamw is fused: the step is skipped on the device (found_inf), with no sync. muon has no such
+    path: the host decides. Either way the run ends where the one that stopped before that step does."""
+    monkeypatch.setenv("NAN_AT_STEP", "3")
+    runs = {}
+    for steps in (2, 3):  # a constant schedule: the first two steps are the same in both runs
+        config = tiny_config(tmp_path / str(steps), training={"nan_policy": "skip", "max_steps": steps},
+                             model={"n_layer": 2}, optimizer={"name": optimizer, "scheduler": "constant"})
+        runs[steps] = train(config, task_cls=NaNRegressionTask)
+    (clean, _), (skipped, metrics) = runs[2], runs[3]
+    assert metrics["skipped_steps"] == 1 and skipped.step == 3
+    assert weights(clean.raw_model).keys() == weights(skipped.raw_model).keys()
+    for name, value in weights(clean.raw_model).items():
+        assert torch.equal(value, weights(skipped.raw_model)[name]), name
+    for p, q in zip(clean.optimizer.param_groups[0]["params"], skipped.optimizer.param_groups[0]["params"]):
+        for key, value in clean.optimizer.state[p].items():
+            assert torch.equal(value, skipped.optimizer.state[q][key]), key  # moments and step count
+
+
 def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_saving(tmp_path, monkeypatch):
     now = [0.0]  # the engine's clock, which the run moves: 100 s compiling, 1 s a step, 10 s a validation batch
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))

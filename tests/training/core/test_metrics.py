@@ -3,6 +3,8 @@ import torch
 
 from llm.training.core.metrics import RunningMeans, TrainingSums, _on_host
 
+TAKEN, NOT_TAKEN = torch.tensor(True), torch.tensor(False)
+
 
 def test_running_means_weigh_each_batch_by_its_items():
     means = RunningMeans()
@@ -15,24 +17,39 @@ def test_running_means_weigh_each_batch_by_its_items():
 def test_a_window_is_taken_once_and_its_loss_joins_the_epochs():
     sums = TrainingSums()
     for loss in (1.0, 2.0, 3.0):
-        sums.add_micro_batch(torch.tensor(loss), {}, 1.0)
-    sums.add_step(0.5)
-    sums.add_step(1.5)
+        sums.add_micro_batch(torch.tensor(loss), {}, 1.0, TAKEN)
+    sums.add_step(torch.tensor(0.5), TAKEN)
+    sums.add_step(torch.tensor(1.5), TAKEN)
     assert sums.take_window() == {"loss": (6.0, 3.0), "grad_norm": (2.0, 2.0)}
     assert len(sums) == 0 and sums.grad_norms == []
-    sums.add_micro_batch(torch.tensor(4.0), {}, 1.0)  # still open when the epoch ends
+    sums.add_micro_batch(torch.tensor(4.0), {}, 1.0, TAKEN)  # still open when the epoch ends
     assert sums.close_epoch() == (10.0, 4.0)
     # the open window is logged in the next epoch: that epoch's sum starts with it taken back off
-    sums.add_micro_batch(torch.tensor(5.0), {}, 1.0)
+    sums.add_micro_batch(torch.tensor(5.0), {}, 1.0, TAKEN)
     sums.take_window()
     assert sums.close_epoch() == (5.0, 1.0)
+
+
+def test_a_step_not_taken_weighs_nothing_and_a_window_of_it_alone_has_no_mean():
+    sums = TrainingSums()
+    sums.add_micro_batch(torch.tensor(1.0), {"acc": torch.tensor(0.5)}, torch.tensor(3.0), TAKEN)
+    sums.add_step(torch.tensor(2.0), TAKEN)
+    nan = torch.tensor(float("nan"))
+    sums.add_micro_batch(nan, {"acc": nan}, torch.tensor(5.0), NOT_TAKEN)
+    sums.add_step(torch.tensor(float("inf")), NOT_TAKEN)
+    assert len(sums) == 2 and sums.take_window() == {"loss": (3.0, 3.0), "acc": (1.5, 3.0), "grad_norm": (2.0, 1.0)}
+    sums.add_micro_batch(nan, {}, 1.0, NOT_TAKEN)
+    sums.add_step(nan, NOT_TAKEN)
+    assert sums.take_window() == {"loss": (0.0, 0.0), "grad_norm": (0.0, 0.0)}  # the engine logs 0/0 as NaN
 
 
 def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives():
     def fill(sums, losses):
         for loss in losses:
-            sums.add_micro_batch(torch.tensor(loss), {"mae": torch.tensor(loss / 2)}, torch.tensor(2.0))
-            sums.add_step(loss / 4)
+            taken = torch.tensor(loss != 2.0)  # the second step is not taken: its NaN weighs nothing
+            value = torch.tensor(loss if taken else float("nan"))
+            sums.add_micro_batch(value, {"mae": value / 2, "acc": 1.0}, torch.tensor(2.0), taken)
+            sums.add_step(value / 4, taken)
 
     uninterrupted, before = TrainingSums(), TrainingSums()
     fill(uninterrupted, [1.0, 2.0, 3.0, 4.0])
