@@ -203,17 +203,7 @@ class TrainingEngine:
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
         taken = torch.isfinite(grad_norm)  # the same on every rank: gradients are already all-reduced
         self._check_steps()  # the last step's: its work is done by now, so reading it stalls nothing
-        if scaler is not None:
-            scaler.step(self.optimizer)  # skips a step whose gradients are not finite, overflowed or NaN
-            scaler.update()  # and lowers the scale after one
-        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
-            # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the CPU
-            self.optimizer.found_inf = (~taken).float()
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        elif bool(taken):  # any other optimizer: the host decides, at the cost of a sync
-            self.optimizer.step()
+        self._update(taken)
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -228,6 +218,20 @@ class TrainingEngine:
         if self.first_step_s is None:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began
+
+    def _update(self, taken: torch.Tensor) -> None:
+        """The optimizer's update, or none where the gradient norm is not finite (``taken`` is false)."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips a step whose gradients are not finite, overflowed or NaN
+            self.scaler.update()  # and lowers the scale after one
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
+            # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the host
+            self.optimizer.found_inf = (~taken).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif bool(taken):  # any other optimizer: the host decides, at the cost of a sync
+            self.optimizer.step()
 
     def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
         """What each micro-batch's loss is multiplied by before backward, and the task's item counts.

@@ -461,6 +461,36 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
             assert torch.equal(value, skipped.optimizer.state[q][key]), key  # moments and step count
 
 
+def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_path, monkeypatch):
+    """On a GPU, reading a step's own flag would make the host wait for that step's work; read during the
+    next step, after its backward is queued, the flag is long on the host and the GPU never idles."""
+    events = []
+    made, wait = engine_module._HostCopy.__init__, engine_module._HostCopy.wait
+
+    def made_at(copy, tensor):
+        made(copy, tensor)
+        copy.step = len([e for e in events if e[0] == "made"]) + 1
+        events.append(("made", copy.step))
+
+    def read(copy):
+        events.append(("read", copy.step))
+        return wait(copy)
+
+    class Ends(Callback):
+        def on_step_end(self, engine):
+            events.append(("end", engine.step))
+
+    monkeypatch.setattr(engine_module._HostCopy, "__init__", made_at)
+    monkeypatch.setattr(engine_module._HostCopy, "wait", read)
+    engine, _ = train(tiny_config(tmp_path, training={"max_steps": 6}, logging={"log_every_steps": 1000}),
+                      callbacks=[Ends()])
+    assert engine.step == 6 and sorted(e for e in events if e[0] == "read") == [("read", k) for k in range(1, 7)]
+    for k in range(1, 7):
+        assert events.index(("read", k)) > events.index(("end", k)), events
+    for k in range(1, 6):  # and while the next step runs, not at its end
+        assert events.index(("read", k)) < events.index(("end", k + 1)), events
+
+
 def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_saving(tmp_path, monkeypatch):
     now = [0.0]  # the engine's clock, which the run moves: 100 s compiling, 1 s a step, 10 s a validation batch
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
