@@ -9,6 +9,8 @@ reads back what the run wrote (summary.json, metrics.jsonl, the export):
 - lm in bf16 with torch.compile: the loss falls, and the throughput callback
   logs tokens/s and MFU (MFU needs the device in the peak-FLOPS table);
 - lm in fp16: the gradient scaler's path;
+- a NaN loss at step 3: skipped on the device and counted (nan_policy skip),
+  or the run exits 3 naming that step (stop);
 - exact resume: a run of 40 steps resumed from its own step-20 checkpoint in
   a new folder, against the same 40 steps run straight through twice, so that
   a GPU kernel's own run-to-run noise (atomics in some backward kernels) is
@@ -139,6 +141,32 @@ class Checks:
             raise RuntimeError(text)
         return text + ("; bit for bit" if error == 0 else "")
 
+    def non_finite(self) -> str:
+        """A NaN loss at step 3: with nan_policy skip, the fused optimizer skips the step on the device and
+        the engine counts it a step later; with stop, the run exits 3 naming step 3."""
+        command = [sys.executable, "-m", "llm.training.train", "--task", "tests.helpers:NaNRegressionTask",
+                   "--training-device", self.args.device, "--training-max-steps", "6",
+                   "--logging-progress-bar", "false"]
+        env = {**self.env, "NAN_AT_STEP": "3"}
+        runs = {}
+        for policy in ("skip", "stop"):
+            run = self.work / f"nan-{policy}"
+            print("$ NAN_AT_STEP=3", shlex.join([*command, "--training-nan-policy", policy]), flush=True)
+            runs[policy] = subprocess.run([*command, "--training-nan-policy", policy, "--logging-log-dir", str(run)],
+                                          env=env, cwd=self.work, capture_output=True, text=True,
+                                          timeout=COMMAND_TIMEOUT_S)
+        skip, stop = runs["skip"], runs["stop"]
+        if skip.returncode:
+            raise RuntimeError(f"nan_policy skip: exit {skip.returncode}: {skip.stderr.strip()[-500:]}")
+        summary = json.loads((self.work / "nan-skip/summary.json").read_text())
+        if summary["skipped_steps"] != 1 or summary["steps"] != 6 or not math.isfinite(summary["val_loss"]):
+            raise RuntimeError(f"nan_policy skip: {summary}")
+        last = (stop.stderr.strip() or "no output").splitlines()[-1]
+        if stop.returncode != 3 or "at step 3" not in last:
+            raise RuntimeError(f"nan_policy stop: exit {stop.returncode}: {last}")
+        return (f"skip: 1 step skipped of 6, val_loss {summary['val_loss']:.3f} (finite weights); "
+                f"stop: exit 3, '{last[:80]}...'")
+
     def torchrun(self, strategy: str) -> str:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(self.nproc),
                     str(common.REPO / "llm/training/train.py")]
@@ -192,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             checks.check("lm, fp16 (gradient scaler)", checks.fp16)
         checks.check("exact resume, bf16, dropout", checks.exact_resume)
+        checks.check("a NaN loss: skipped, or stopped at", checks.non_finite)
         checks.check(f"torchrun, {processes}, ddp", lambda: checks.torchrun("ddp"))
         checks.check(f"torchrun, {processes}, fsdp, export", lambda: checks.torchrun("fsdp"))
     table = common.markdown_table(("check", "result", "s", "what it measured"), checks.rows)
