@@ -22,9 +22,10 @@ reads back what the run wrote (summary.json, metrics.jsonl, the export):
   FSDP across GPUs are left unchecked.
 
 Before them ``lm_throughput.py --gpu-preset`` (GPT-2 124M shape, bf16,
-compile, MFU) runs and appends its own section. With ``--device cpu`` the fp16, nccl and benchmark
-steps are left out and the rest runs on the CPU, torchrun with two processes
-on gloo: a way to check the script before spending GPU time on it.
+compile, MFU) runs and appends its own section. With ``--device cpu`` the
+fp16, nccl and benchmark steps are left out and the rest runs on the CPU,
+torchrun with two processes on gloo: a way to check the script before
+spending GPU time on it.
 """
 
 from __future__ import annotations

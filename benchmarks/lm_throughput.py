@@ -99,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sys.exit("error: --gpu-preset needs a CUDA GPU, and torch.cuda.is_available() is False on this machine")
     args.rounds = args.rounds or (1 if args.quick else 2 if args.gpu_preset else 5)
     args.warmup, args.steps = (2, 4) if args.quick else (10, 40) if args.gpu_preset else (3, 12)
-    args.shape = {**(GPU_PRESET if args.gpu_preset else CPU_SHAPE), **({"batch_size": args.batch_size} if args.batch_size else {})}
+    args.shape = dict(GPU_PRESET if args.gpu_preset else CPU_SHAPE)
+    if args.batch_size:
+        args.shape["batch_size"] = args.batch_size
     args.device = "cuda" if args.gpu_preset else "cpu"
     return args
 
