@@ -72,16 +72,19 @@ class Checks:
         self.command(command)
         return run
 
-    def command(self, command: list[str]) -> None:
-        print("$", shlex.join(command), flush=True)
+    def command(self, command: list[str], expect: int = 0, **env: str) -> str:
+        """Run ``command`` (with ``env`` added to the environment); its last line of output. Raises unless
+        it exits with ``expect``."""
+        print("$", shlex.join([*(f"{k}={v}" for k, v in env.items()), *command]), flush=True)
         # a hung run is a failed check, not the end of the device time
-        done = subprocess.run(command, env=self.env, cwd=self.work, capture_output=True, text=True,
+        done = subprocess.run(command, env={**self.env, **env}, cwd=self.work, capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT_S)
         sys.stdout.write(done.stdout[-2000:])
         sys.stderr.write(done.stderr[-4000:])
-        if done.returncode:
-            last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        if done.returncode != expect:
             raise RuntimeError(f"exit {done.returncode}: {last}")
+        return last
 
     def check(self, name: str, run: Callable[[], str]) -> None:
         start = time.perf_counter()
@@ -148,23 +151,15 @@ class Checks:
         command = [sys.executable, "-m", "llm.training.train", "--task", "tests.helpers:NaNRegressionTask",
                    "--training-device", self.args.device, "--training-max-steps", "6",
                    "--logging-progress-bar", "false"]
-        env = {**self.env, "NAN_AT_STEP": "3"}
-        runs = {}
-        for policy in ("skip", "stop"):
-            run = self.work / f"nan-{policy}"
-            print("$ NAN_AT_STEP=3", shlex.join([*command, "--training-nan-policy", policy]), flush=True)
-            runs[policy] = subprocess.run([*command, "--training-nan-policy", policy, "--logging-log-dir", str(run)],
-                                          env=env, cwd=self.work, capture_output=True, text=True,
-                                          timeout=COMMAND_TIMEOUT_S)
-        skip, stop = runs["skip"], runs["stop"]
-        if skip.returncode:
-            raise RuntimeError(f"nan_policy skip: exit {skip.returncode}: {skip.stderr.strip()[-500:]}")
+        self.command([*command, "--training-nan-policy", "skip", "--logging-log-dir", str(self.work / "nan-skip")],
+                     NAN_AT_STEP="3")
         summary = json.loads((self.work / "nan-skip/summary.json").read_text())
         if summary["skipped_steps"] != 1 or summary["steps"] != 6 or not math.isfinite(summary["val_loss"]):
             raise RuntimeError(f"nan_policy skip: {summary}")
-        last = (stop.stderr.strip() or "no output").splitlines()[-1]
-        if stop.returncode != 3 or "at step 3" not in last:
-            raise RuntimeError(f"nan_policy stop: exit {stop.returncode}: {last}")
+        last = self.command([*command, "--training-nan-policy", "stop", "--logging-log-dir",
+                             str(self.work / "nan-stop")], expect=3, NAN_AT_STEP="3")
+        if "at step 3" not in last:
+            raise RuntimeError(f"nan_policy stop: {last}")
         return (f"skip: 1 step skipped of 6, val_loss {summary['val_loss']:.3f} (finite weights); "
                 f"stop: exit 3, '{last[:80]}...'")
 
