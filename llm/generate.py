@@ -74,7 +74,8 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     start = len(tokenizer.decode(prompt_ids))
     ids, shown = list(prompt_ids), ""
-    tokens = model.generate_stream(idx, max_new_tokens, temperature, top_k, generator=generator, top_p=top_p)
+    tokens = model.generate_stream(idx, max_new_tokens, temperature, top_k, generator=generator, top_p=top_p,
+                                   vocab=tokenizer.vocab_size)
     for i, token in enumerate(tokens, start=1):
         ids.append(token)
         text = tokenizer.decode(ids)[start:]

@@ -270,9 +270,9 @@ def lm_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return tiny_config(tmp_path, **base)
 
 
-def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30) -> Path:
-    """Train a tiny char-level GPT on ``text`` through the command line's main(), in this process; returns its
-    run directory."""
+def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30, flags: tuple[str, ...] = ()) -> Path:
+    """Train a tiny char-level GPT on ``text`` through the command line's main(), in this process, with ``flags``
+    added; returns its run directory."""
     from llm.training import train
 
     (root / "corpus.txt").write_text(text)
@@ -280,5 +280,5 @@ def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30) 
                        "--model-n-layer", "1", "--model-n-embd", "32", "--model-n-head", "2",
                        "--model-block-size", str(block_size), "--data-path", str(root / "corpus.txt"),
                        "--data-cache-dir", str(root / "cache"), "--logging-log-dir", str(root / "run"),
-                       "--logging-progress-bar", "false"]) == 0
+                       "--logging-progress-bar", "false", *flags]) == 0
     return root / "run"

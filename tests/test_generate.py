@@ -123,6 +123,16 @@ def test_a_prompt_longer_than_the_context_is_cropped_to_its_end(step_dir, capsys
     assert continuation(capsys.readouterr().out, prompt) == greedy(model, tokenizer, prompt, 10)
 
 
+def test_a_padded_vocabulary_trains_loads_and_samples_only_the_tokenizers_tokens(tmp_path, capsys):
+    # two steps: the 230-odd padded ids still hold most of the probability, so sampling them is all but certain
+    run_dir = train_tiny_lm(tmp_path, TEXT, BLOCK, steps=2, flags=("--model-vocab-size", "256"))
+    model, tokenizer, _ = load_lm(run_dir)
+    assert model.config.vocab_size == 256 and tokenizer.vocab_size < 30
+    capsys.readouterr()
+    assert main(["--checkpoint", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "100", "--seed", "0"]) == 0
+    assert len(continuation(capsys.readouterr().out)) == 100  # one character per token
+
+
 def test_zero_new_tokens_prints_just_the_prompt(step_dir, capsys):
     assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "0"]) == 0
     assert capsys.readouterr().out == PROMPT + "\n"
@@ -136,7 +146,7 @@ class Scripted(nn.Module):
         self.ids = ids
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def generate_stream(self, idx, max_new_tokens, temperature, top_k, generator, top_p):
+    def generate_stream(self, idx, max_new_tokens, temperature, top_k, generator, top_p, vocab):
         yield from self.ids[:max_new_tokens]
 
 
@@ -170,8 +180,8 @@ def test_char_pieces_follow_the_tokens_one_by_one():
 def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
     ckpt = tmp_path / "checkpoints" / "step_00000030"
     shutil.copytree(step_dir, ckpt)
-    if how == "other vocabulary":
-        CharTokenizer("abc").save(ckpt / "tokenizer.json")
+    if how == "other vocabulary":  # more tokens than the model's rows (fewer would be a padded vocabulary)
+        CharTokenizer("abcdefghijklmnopqrst").save(ckpt / "tokenizer.json")
         reseal(ckpt)
     elif how == "tokenizer swapped after the save":
         CharTokenizer("abc").save(ckpt / "tokenizer.json")
@@ -187,7 +197,7 @@ def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how, message", [
     ("other vocabulary",
-     r"error: the vocabulary does not fit the model in \S+: tokenizer.json has 3 tokens, model_config.json .*"),
+     r"error: the vocabulary does not fit the model in \S+: tokenizer.json has 20 tokens, model_config.json .*"),
     ("tokenizer swapped after the save",
      r"error: checkpoint \S+ is not valid: tokenizer.json has \d+ bytes, the manifest says \d+"),
     ("truncated state", r"error: checkpoint \S+ is not valid: state.pt has \d+ bytes, the manifest says \d+"),

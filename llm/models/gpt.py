@@ -272,6 +272,7 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         top_p: float | None = None,
+        vocab: int | None = None,
     ) -> Iterator[int]:
         """Yield ``max_new_tokens`` sampled token ids, one at a time, continuing ``idx``.
 
@@ -280,7 +281,8 @@ class GPT(nn.Module):
         ``top_k`` samples among the k most likely; ``top_p`` among the fewest most
         likely tokens whose probabilities add up to at least p (nucleus sampling),
         after temperature and top_k; ``generator`` (on the model's device) makes
-        sampling reproducible. A :class:`KVCache` keeps each block's keys and values,
+        sampling reproducible; ``vocab`` keeps the ids below it (a tokenizer's size, when
+        the model's vocabulary is padded past it). A :class:`KVCache` keeps each block's keys and values,
         so a token costs one position's work until the context fills the block; past
         that the window slides, every position moves, and each token reads the last
         block_size tokens again. Call ``model.eval()`` first to turn dropout off.
@@ -291,6 +293,8 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if vocab is not None and not 1 <= vocab <= self.config.vocab_size:
+            raise ValueError(f"vocab must be from 1 to the model's {self.config.vocab_size}, got {vocab}")
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
         if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) == 0:
@@ -302,6 +306,7 @@ class GPT(nn.Module):
                 logits = self(unread, cache)[:, -1, :].float()
             else:
                 logits = self(idx[:, -block_size:])[:, -1, :].float()
+            logits = logits[:, :vocab]  # ids past a padded vocabulary's tokens are never sampled
             if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that float32 rounds it to 0
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

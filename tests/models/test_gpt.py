@@ -200,9 +200,28 @@ def test_top_p_samples_only_from_the_smallest_set_of_likeliest_tokens_that_reach
     assert list(model.generate_stream(prompt, 5, temperature=3.0, top_p=1e-6)) == greedy
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=5), dict(top_p=0.9)])
+def test_generation_never_picks_an_id_past_vocab_even_when_those_logits_lead(sampling):
+    model, vocab = tiny(), 30  # as if the tokenizer had 30 tokens and the model's vocabulary were padded to V
+    original = model.forward
+
+    def leading_padding(idx, cache=None):  # the padded ids' logits far ahead of the rest
+        logits = original(idx, cache)
+        return torch.cat([logits[..., :vocab], logits[..., vocab:] + 100.0], dim=-1)
+
+    model.forward = leading_padding
+    prompt = torch.tensor([1, 2, 3])
+    unmasked = list(model.generate_stream(prompt, 10, generator=torch.Generator().manual_seed(0), **sampling))
+    assert all(i >= vocab for i in unmasked)  # the test can fail: without vocab the padding is sampled
+    kept = list(model.generate_stream(prompt, 10, generator=torch.Generator().manual_seed(0), vocab=vocab,
+                                      **sampling))
+    assert len(kept) == 10 and all(i < vocab for i in kept)
+
+
 def test_generation_rejects_bad_arguments():
     model = tiny()
-    for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+    for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(vocab=0),
+                   dict(vocab=V + 1)):
         with pytest.raises(ValueError):
             next(model.generate_stream(torch.tensor([1]), 1, **kwargs))
     with pytest.raises(ValueError, match="one non-empty prompt"):

@@ -35,7 +35,7 @@ from llm.training.core.registry import DATA_MODULES, TASKS
 
 ENV_PREFIX = "LLM_"
 MAX_VOCAB_SIZE = 1 << 20
-"""The largest data.vocab_size: four times the largest vocabularies in use."""
+"""The largest data.vocab_size and model.vocab_size: four times the largest vocabularies in use."""
 MAX_LAYERS = 1024
 """The largest model.n_layer: eight times the deepest models in use."""
 MAX_WORKERS = 256
@@ -116,6 +116,8 @@ class ModelConfig:
     """Feed-forward block (lm)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head (lm)."""
+    vocab_size: int = 0
+    """Rows of the token embedding and output head (lm): 0 = the tokenizer's; more pads them (50257 -> 50304 runs faster)."""
 
 
 @dataclass
@@ -358,6 +360,9 @@ class Config:
             _at_least(f"model.{name}", getattr(m, name), 1)
         if m.n_layer > MAX_LAYERS:  # building that many blocks takes hours before memory runs out
             raise ConfigError("model.n_layer", m.n_layer, f"at most {MAX_LAYERS}")
+        _at_least("model.vocab_size", m.vocab_size, 0)
+        if m.vocab_size > MAX_VOCAB_SIZE:  # an embedding of that many rows is built before the first step
+            raise ConfigError("model.vocab_size", m.vocab_size, f"at most {MAX_VOCAB_SIZE:,}")
         _fraction("model.dropout", m.dropout)
         if m.n_embd % m.n_head:
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")

@@ -50,9 +50,12 @@ class LMTask(TrainingTask):
                 f"got {type(self.data_module).__name__}"
             )
         m = self.config.model
+        if 0 < m.vocab_size < tokenizer.vocab_size:
+            raise UsageError(f"model.vocab_size: got {m.vocab_size}, fewer than the tokenizer's "
+                             f"{tokenizer.vocab_size} tokens: leave it 0 or give at least {tokenizer.vocab_size}")
         try:
             return GPTConfig(
-                vocab_size=tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                vocab_size=m.vocab_size or tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
                 n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, pos_emb=m.pos_emb, norm=m.norm, mlp=m.mlp,
                 tie_embeddings=m.tie_embeddings,
             )
@@ -128,7 +131,7 @@ def _read_lm(ckpt: Path) -> tuple[GPT, Tokenizer, Path]:
                          f"those are saved by --task lm)")
     config = _read_model_config(ckpt / MODEL_CONFIG)
     tokenizer = load_tokenizer(ckpt / TOKENIZER)
-    if tokenizer.vocab_size != config.vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:  # fewer is a padded vocabulary
         raise UsageError(f"the vocabulary does not fit the model in {ckpt}: {TOKENIZER} has "
                          f"{tokenizer.vocab_size} tokens, {MODEL_CONFIG} says vocab_size {config.vocab_size}")
     state = model_weights(ckpt)

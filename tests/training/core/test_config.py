@@ -151,6 +151,8 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"training": {"seed": 2**64}}, ["training.seed", str(2**64), "from -2**63 to below 2**63"]),
         ({"training": {"eval_batches": 2**63}}, ["training.eval_batches", str(2**63), "from -2**63 to below 2**63"]),
         ({"model": {"n_layer": 10**8}}, ["model.n_layer", "100000000", "at most 1024"]),
+        ({"model": {"vocab_size": -1}}, ["model.vocab_size", "-1", ">= 0"]),
+        ({"model": {"vocab_size": 2**21}}, ["model.vocab_size", str(2**21), "at most 1,048,576"]),
         ({"data": {"num_workers": 100000}}, ["data.num_workers", "100000", "at most 256"]),
         ({"logging": {"log_dir": "runs/a\0b"}}, ["logging.log_dir", "'runs/a\\x00b'", "without a NUL"]),
         ({"logging": {"log_dir": "runs/\udcff"}}, ["logging.log_dir", "'runs/\\udcff'", "UTF-8"]),  # argv's byte 0xff

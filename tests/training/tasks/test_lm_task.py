@@ -54,6 +54,19 @@ def test_the_model_follows_the_config_and_the_tokenizer(task):
     assert model.config == GPTConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
+def test_model_vocab_size_pads_the_vocabulary_and_may_not_cut_it(task):
+    vocab = task.data_module.tokenizer.vocab_size
+    task.config.model.vocab_size = 64
+    model = task.build_model()
+    assert model.config.vocab_size == 64 > vocab and model.lm_head.weight.shape == (64, 32)
+    x, y = next(iter(task.data_module.train_dataloader(0, 1)[0]))
+    loss, _ = task.train_step((x, y), model, task.build_criterion())
+    assert math.isfinite(loss.item())
+    task.config.model.vocab_size = vocab - 1
+    with pytest.raises(UsageError, match=rf"model.vocab_size: got {vocab - 1}, fewer than the tokenizer's {vocab} "):
+        task.build_model()
+
+
 def test_steps_return_next_token_cross_entropy(task):
     torch.manual_seed(0)
     model, criterion = task.build_model(), task.build_criterion()
@@ -241,8 +254,9 @@ def _truncate_state(ckpt: Path) -> None:
 @pytest.mark.parametrize("breakage, resealed, message", [
     (_drop_artifacts, True,
      r"\S+step_00000030 is not a language-model checkpoint \(no model_config.json or tokenizer.json; .*\)"),
-    (lambda c: CharTokenizer("xyz").save(c / "tokenizer.json"), True,
-     r"the vocabulary does not fit the model in \S+: tokenizer.json has 3 tokens, model_config.json says .* 15"),
+    # more tokens than the model has rows (fewer would be a padded vocabulary)
+    (lambda c: CharTokenizer("abcdefghijklmnopqrst").save(c / "tokenizer.json"), True,
+     r"the vocabulary does not fit the model in \S+: tokenizer.json has 20 tokens, model_config.json says .* 15"),
     (_edit_config(n_embd=64), True,
      r"the weights in \S+ belong to a different model .*: size mismatch for tok_emb.weight: .* \(and \d+ more\)"),
     (_edit_config(n_layer=2), True,
