@@ -65,7 +65,7 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available."""
     compile: bool = False
-    """torch.compile the model (block by block when it has .blocks); compile time is reported apart."""
+    """torch.compile the model (block by block when it has .blocks) and the loss; compile time is reported apart."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them."""
     nan_policy: Literal["stop", "skip"] = "stop"

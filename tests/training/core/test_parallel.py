@@ -51,6 +51,9 @@ def test_compiled_blocks_train_like_eager_and_report_the_first_step_apart(tmp_pa
     eager, _ = train_lm(lm_config(tmp_path / "a", optimizer=sgd))
     compiled, metrics = train_lm(lm_config(tmp_path / "b", training={"compile": True}, optimizer=sgd))
     assert_close(weights(eager.raw_model), weights(compiled.raw_model), rtol=1e-5, atol=1e-6)
+    # the loss too: fused, it makes no float32 copy of the logits
+    assert all(m._compiled_call_impl is not None for m in [*compiled.raw_model.blocks, compiled.criterion])
+    assert eager.criterion._compiled_call_impl is None
     assert metrics["first_step_s"] > 0 and "tokens_per_s" in metrics
     # with activation checkpointing too: still compiled (checkpoint() hides what it calls from the compiler)
     torch._dynamo.reset()
