@@ -5,10 +5,10 @@
 Runs lm_throughput's two contenders with one difference at a time, interleaved
 over rounds, in bf16 with torch.compile on a CUDA GPU:
 
-- hand: the hand-written loop, whole model compiled, no sync until the end;
+- hand: the hand-written loop, the model and loss compiled whole, no sync until the end;
 - hand, norm synced: reads the gradient norm on the host each step, as the
   engine does to skip or stop on a non-finite step;
-- hand, regional: compiles block by block, as the engine does;
+- hand, regional: compiles block by block and the loss apart, as the engine does;
 - hand, regional, norm synced: both;
 - engine: as it ships;
 - engine, whole model compiled: the engine with the model compiled in one piece.
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, quick=False)
     parser.add_argument("--rounds", type=int, default=2, metavar="N", help="repetitions of each variant (default 2)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per step (default 16)")
+    parser.add_argument("--batch-size", type=int, default=lt.GPU_PRESET["batch_size"], metavar="B",
+                        help=f"sequences per step (default {lt.GPU_PRESET['batch_size']})")
     args = parser.parse_args(argv)
     common.check_data_path(parser, args.data_path)
     if not torch.cuda.is_available():
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     table = common.markdown_table(("variant", "median tokens/s", "min-max", "vs hand, paired by round (min-max)",
                                    "MFU", "first step s (first run)"), rows)
     s = args.shape
-    facts = [("model", f"GPT, {s['n_layer']} layers, {s['n_embd']} wide, context {s['block_size']}, batch "
-                       f"{s['batch_size']}, bf16, torch.compile, char tokenizer on {Path(args.data_path).name}"),
+    facts = [("model", f"GPT, {s['n_layer']} layers, {s['n_embd']} wide, context {s['block_size']}, "
+                       + "".join(f"{k} {s[k]}, " for k in lt.MODEL_KEYS[4:] if k in s)
+                       + f"batch {s['batch_size']}, bf16, torch.compile, char tokenizer on {Path(args.data_path).name}"),
              ("repetitions", f"{args.rounds} rounds, variants interleaved; {args.warmup} warm-up steps, then "
                              f"{args.steps} timed steps by the wall clock"),
              ("MFU peak", f"{peak / 1e12:,.4g} TFLOP/s ({peak_note})" if peak else peak_note)]

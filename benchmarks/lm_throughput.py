@@ -16,10 +16,12 @@ relative to the engine in fp32 eager mode. The CPU runs use one torch thread
 wall clock: on a machine shared with other work the wall clock of a step can
 swing several-fold, its CPU time hardly.
 
-``--gpu-preset`` runs the GPT-2 124M shape (12 layers, 12 heads, 768 wide,
-context 1024) in bf16 with torch.compile and a batch of 16 on a CUDA GPU, and
-reports model FLOPs utilisation: tokens/s x ``flops_per_token`` over the
-device's dense bf16 peak (llm.training.core.throughput.PEAK_FLOPS; ``--peak-flops`` for other devices).
+``--gpu-preset`` runs GPT-2 124M (12 layers, 12 heads, 768 wide, context
+1024, LayerNorm, GELU, learned positions, the vocabulary padded to GPT-2's
+50304) in bf16 with torch.compile and a batch of 32 on a CUDA GPU, and reports
+model FLOPs utilisation: tokens/s x ``flops_per_token`` over the device's
+dense bf16 peak (llm.training.core.throughput.PEAK_FLOPS; ``--peak-flops`` for
+other devices). gpu_mfu.py shows what each of these choices is worth.
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ from llm.training.train import default_callbacks  # noqa: E402
 
 CPU_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "batch_size": 16}
 """The default lm model (and lm_quality's): a CPU trains it at a few steps per second."""
-GPU_PRESET = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "batch_size": 16}
-"""GPT-2 124M's shape (the vocabulary is the corpus's characters, not GPT-2's 50257 tokens)."""
+GPU_PRESET = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "batch_size": 32,
+              "pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "vocab_size": 50304}
+"""GPT-2 124M: its block and its 50257 tokens padded to 50304 (the corpus's characters fill 65 of them)."""
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "pos_emb", "norm", "mlp", "vocab_size")
+"""The entries of a shape that are model settings."""
 TARGET = 0.98
 """engine/hand tokens/s the engine should reach."""
 MFU_TARGET = 0.50
@@ -83,11 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser)
     parser.add_argument("--gpu-preset", action="store_true",
-                        help="GPT-2 124M shape, bf16, torch.compile, batch 16, on a CUDA GPU; reports MFU")
+                        help="GPT-2 124M, bf16, torch.compile, batch 32, on a CUDA GPU; reports MFU")
     parser.add_argument("--peak-flops", type=float, default=None, metavar="FLOPS",
                         help="the device's dense bf16 peak FLOP/s, for a GPU not in the table")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
-                        help="sequences per step, in place of the shape's (16)")
+                        help="sequences per step, in place of the shape's (16; 32 with --gpu-preset)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch threads on the CPU (default: 1, so that CPU time measures the work; "
                              "see the docstring)")
@@ -123,7 +128,7 @@ def make_config(args: argparse.Namespace, work: Path, log_dir: Path, precision: 
     s = args.shape
     return Config.from_dict({
         "task": "lm",
-        "model": {k: s[k] for k in ("n_layer", "n_head", "n_embd", "block_size")},
+        "model": {k: s[k] for k in MODEL_KEYS if k in s},
         "data": {"path": str(Path(args.data_path).resolve()), "tokenizer": "char", "cache_dir": str(work / "cache")},
         "training": {
             "batch_size": s["batch_size"], "max_steps": args.warmup + args.steps, "epochs": 1000, "seed": SEED,
@@ -183,8 +188,9 @@ def run_engine(config: Config, warmup: int, peak: float | None) -> Measure:
 
 def run_hand(config: Config, warmup: int, peak: float | None, sync_norm: bool = False,
              regional: bool = False) -> Measure:
-    """The same steps written out. ``sync_norm`` reads the gradient norm on the host every step (the
-    engine's non-finite check); ``regional`` compiles block by block (the engine's compile)."""
+    """The same steps written out; compiled, the forward and the loss are one graph. ``sync_norm`` reads the
+    gradient norm on the host every step (the engine's non-finite check); ``regional`` compiles block by block
+    and the loss apart (the engine's compile)."""
     data = TextDataModule(config)
     data.prepare_data()  # a cache hit after the first run
     data.setup("fit")
@@ -194,12 +200,19 @@ def run_hand(config: Config, warmup: int, peak: float | None, sync_norm: bool = 
     t, m = config.training, config.model
 
     torch.manual_seed(SEED)
-    raw = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                        n_head=m.n_head, n_embd=m.n_embd)).to(device)
-    model = torch.compile(raw) if t.compile and not regional else raw
+    raw = GPT(GPTConfig(vocab_size=m.vocab_size or data.tokenizer.vocab_size, block_size=m.block_size,
+                        n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, pos_emb=m.pos_emb, norm=m.norm,
+                        mlp=m.mlp)).to(device)
+    cross_entropy = torch.compile(F.cross_entropy) if t.compile and regional else F.cross_entropy
     if t.compile and regional:
         for block in raw.blocks:
             block.compile()
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(raw(x).flatten(0, 1), y.flatten())
+
+    if t.compile and not regional:  # the forward and the loss in one graph
+        loss_of = torch.compile(loss_of)
     params = list(raw.parameters())
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=LR, fused=True)
@@ -214,9 +227,9 @@ def run_hand(config: Config, warmup: int, peak: float | None, sync_norm: bool = 
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss = loss_of(x, y)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(params, CLIP)
         if sync_norm:
             float(norm)
         optimizer.step()
@@ -347,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     s, first = args.shape, runs[engine_name][0]
     facts = [
         ("model", (f"GPT, {s['n_layer']} layers, {s['n_head']} heads, {s['n_embd']} wide, context {s['block_size']}, "
-                   f"{first.params / 1e6:.2f}M parameters, {first.flops_per_token / 1e6:,.1f} MFLOPs per token "
+                   + "".join(f"{k} {s[k]}, " for k in MODEL_KEYS[4:] if k in s)
+                   + f"{first.params / 1e6:.2f}M parameters, {first.flops_per_token / 1e6:,.1f} MFLOPs per token "
                    f"(GPT.flops_per_token), char tokenizer on {Path(args.data_path).name}, batch {s['batch_size']} "
                    f"({s['batch_size'] * s['block_size']:,} tokens/step), on {args.device}")),
         ("repetitions", (f"{args.rounds} rounds, contenders interleaved; each run takes {args.warmup} warm-up steps, "

@@ -1,0 +1,159 @@
+"""What moves MFU on the GPT-2 124M shape: a hand-written step, one change at a time, on a CUDA GPU.
+
+    python benchmarks/gpu_mfu.py [--out BENCHMARKS.md] [--only NAME ...]
+
+Each variant trains ``llm.models.gpt.GPT`` (12 layers, 12 heads, 768 wide,
+context 1024, bf16 autocast, blocks compiled one by one as the engine does,
+fused AdamW, clipping) on random token ids, in a process of its own with a
+time limit, so that one variant's compile or memory cannot spoil the next.
+The data is random because this measures the device, not the loader;
+lm_throughput.py measures the engine against the same loop on real text.
+
+The variants start from the 124M shape with the engine's default block
+(RMSNorm, SwiGLU, rotary positions), a vocabulary of a corpus's characters and
+a batch of 16, and change one thing at a time: GPT-2's vocabulary (50257 tokens
+padded to 50304, which makes the 124M parameters), the batch, the output head
+and loss compiled together, the attention kernel, GPT-2's own block (LayerNorm,
+GELU, learned positions) and inductor's autotuned matmuls.
+lm_throughput.py --gpu-preset takes what these show to help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: import this llm
+
+from benchmarks import common  # noqa: E402
+from llm.models.gpt import GPT, GPTConfig  # noqa: E402
+from llm.training.core.throughput import peak_flops_of  # noqa: E402
+
+SHAPE = {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
+CHARS, GPT2_VOCAB = 65, 50304
+BASE = {"vocab": CHARS, "batch": 16, "loss": "eager", "attention": "default", "mode": "default", "block": "default"}
+VARIANTS = {
+    "preset (65-char vocabulary, batch 16)": {},
+    "batch 32": {"batch": 32},
+    "GPT-2 vocabulary (50304)": {"vocab": GPT2_VOCAB},
+    "GPT-2 vocabulary, batch 32": {"vocab": GPT2_VOCAB, "batch": 32},
+    "GPT-2 vocabulary, batch 32, head + loss compiled": {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled"},
+    "GPT-2 vocabulary, batch 64, head + loss compiled": {"vocab": GPT2_VOCAB, "batch": 64, "loss": "compiled"},
+    "GPT-2 vocabulary, batch 32, head + loss compiled, cuDNN attention":
+        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "attention": "cudnn"},
+    "GPT-2 vocabulary, batch 32, head + loss compiled, GPT-2 block":
+        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": "gpt2"},
+    "GPT-2 vocabulary, batch 32, head + loss compiled, max-autotune":
+        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "mode": "max-autotune-no-cudagraphs"},
+}
+WARMUP, STEPS = 8, 30
+DEVICE = "cuda"
+
+
+def run_variant(v: dict) -> dict:
+    """Train ``WARMUP + STEPS`` steps of one variant; its tokens/s and MFU over the timed steps."""
+    device = torch.device(DEVICE)
+    torch.manual_seed(0)
+    extra = {"norm": "layernorm", "mlp": "gelu", "pos_emb": "learned"} if v["block"] == "gpt2" else {}
+    raw = GPT(GPTConfig(vocab_size=v["vocab"], **SHAPE, **extra)).to(device)
+    mode = None if v["mode"] == "default" else v["mode"]
+    for block in raw.blocks:
+        block.compile(mode=mode)
+
+    def head_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(raw.lm_head(raw.norm_f(x)).flatten(0, 1), y.flatten())
+
+    head = torch.compile(head_loss, mode=mode) if v["loss"] == "compiled" else head_loss
+
+    def loss_of(idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = raw.tok_emb(idx)
+        if raw.pos_emb is not None:
+            x = x + raw.pos_emb.weight[: idx.size(1)]
+        for block in raw.blocks:
+            x = block(x)
+        return head(x, y)
+
+    params = list(raw.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                  lr=1e-3, fused=True)
+    batches = [torch.randint(0, min(v["vocab"], 50257), (v["batch"], SHAPE["block_size"] + 1), device=device)
+               for _ in range(4)]
+    attention = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+                 if v["attention"] == "cudnn" else contextlib.nullcontext())
+    start = time.perf_counter()
+    with attention:
+        for step in range(WARMUP + STEPS):
+            if step == WARMUP:
+                torch.cuda.synchronize()
+                timed_from = time.perf_counter()
+            ids = batches[step % len(batches)]
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = loss_of(ids[:, :-1], ids[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                torch.cuda.synchronize()
+                first_step_s = time.perf_counter() - start
+    torch.cuda.synchronize()
+    tokens_per_s = STEPS * v["batch"] * SHAPE["block_size"] / (time.perf_counter() - timed_from)
+    flops = raw.flops_per_token()
+    peak = peak_flops_of(torch.cuda.get_device_name())
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak if peak else None,
+            "params": raw.num_params(), "flops_per_token": flops, "first_step_s": first_step_s,
+            "loss": loss.item(), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, data_help=None, quick=False)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="the variants to run (default: all)")
+    parser.add_argument("--timeout", type=float, default=150, metavar="S", help="seconds per variant (default 150)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a variant's settings as JSON: run it and print JSON
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: this benchmark needs a CUDA GPU, and torch.cuda.is_available() is False")
+    if args.one:
+        print(json.dumps(run_variant(json.loads(args.one))))
+        return 0
+    rows, names = [], args.only or list(VARIANTS)
+    for name in names:
+        settings = {**BASE, **VARIANTS[name]}
+        try:
+            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(settings)], capture_output=True,
+                                  text=True, timeout=args.timeout)
+            result = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else None
+            failure = None if result else (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        except subprocess.TimeoutExpired:
+            result, failure = None, f"did not finish in {args.timeout:.0f} s"
+        print(f"{name}: {result or failure}", flush=True)
+        if result is None:
+            rows.append((name, "-", "-", "-", "-", "-", failure))
+            continue
+        mfu = "n/a" if result["mfu"] is None else f"{result['mfu']:.1%}"
+        rows.append((name, f"{result['params'] / 1e6:.1f}M", f"{result['tokens_per_s']:,.0f}", mfu,
+                     f"{result['first_step_s']:.1f}", f"{result['peak_mem_gb']:.1f}",
+                     "ok" if math.isfinite(result["loss"]) else f"loss {result['loss']}"))
+    table = common.markdown_table(("variant", "parameters", "tokens/s", "MFU", "first step s", "peak GiB", "result"),
+                                  rows)
+    facts = [("model", "GPT, 12 layers, 12 heads, 768 wide, context 1024, bf16 autocast, blocks compiled one by one, "
+                       "fused AdamW, clipping at 1.0, random token ids"),
+             ("repetitions", f"one run per variant in its own process: {WARMUP} warm-up steps, then {STEPS} timed")]
+    common.append_section(args.out, common.section("GPU MFU: the hand-written step, one change at a time", facts,
+                                                   [table]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
