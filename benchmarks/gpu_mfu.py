@@ -40,7 +40,8 @@ from llm.training.core.throughput import peak_flops_of  # noqa: E402
 
 SHAPE = {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
 CHARS, GPT2_VOCAB = 65, 50304
-BASE = {"vocab": CHARS, "batch": 16, "loss": "eager", "attention": "default", "mode": "default", "block": "default"}
+GPT2_BLOCK = {"norm": "layernorm", "mlp": "gelu", "pos_emb": "learned"}
+BASE = {"vocab": CHARS, "batch": 16, "loss": "eager", "attention": "default", "mode": "default", "block": {}}
 VARIANTS = {
     "preset (65-char vocabulary, batch 16)": {},
     "batch 32": {"batch": 32},
@@ -51,7 +52,13 @@ VARIANTS = {
     "GPT-2 vocabulary, batch 32, head + loss compiled, cuDNN attention":
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "attention": "cudnn"},
     "GPT-2 vocabulary, batch 32, head + loss compiled, GPT-2 block":
-        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": "gpt2"},
+        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": GPT2_BLOCK},
+    "GPT-2 vocabulary, batch 64, head + loss compiled, GPT-2 block":
+        {"vocab": GPT2_VOCAB, "batch": 64, "loss": "compiled", "block": GPT2_BLOCK},
+    "GPT-2 vocabulary, batch 32, head + loss compiled, learned positions":
+        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": {"pos_emb": "learned"}},
+    "GPT-2 vocabulary, batch 32, head + loss compiled, GELU MLP":
+        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": {"mlp": "gelu"}},
     "GPT-2 vocabulary, batch 32, head + loss compiled, max-autotune":
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "mode": "max-autotune-no-cudagraphs"},
 }
@@ -63,8 +70,7 @@ def run_variant(v: dict) -> dict:
     """Train ``WARMUP + STEPS`` steps of one variant; its tokens/s and MFU over the timed steps."""
     device = torch.device(DEVICE)
     torch.manual_seed(0)
-    extra = {"norm": "layernorm", "mlp": "gelu", "pos_emb": "learned"} if v["block"] == "gpt2" else {}
-    raw = GPT(GPTConfig(vocab_size=v["vocab"], **SHAPE, **extra)).to(device)
+    raw = GPT(GPTConfig(vocab_size=v["vocab"], **SHAPE, **v["block"])).to(device)
     mode = None if v["mode"] == "default" else v["mode"]
     for block in raw.blocks:
         block.compile(mode=mode)
