@@ -337,14 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     measured = "in CPU time" if args.device == "cpu" else "by the wall clock"
     gap = abs(runs[engine_name][-1].train_loss - runs[hand_name][-1].train_loss)
     # on a GPU the engine compiles block by block and the hand loop the whole model: bf16 kernels fused
-    # differently round differently (about 1e-3 after 50 steps on an H200)
-    tolerance = 1e-4 if args.device == "cpu" else 1e-2
+    # differently round differently (about 1e-3 after 50 steps on an H200); and some backward kernels add in
+    # no fixed order (the embedding's, a 50k-row one above all), so that one contender's own runs differ too
+    own = max(max(losses) - min(losses) for losses in
+              ([m.train_loss for m in runs[name]] for name in (engine_name, hand_name)))
+    tolerance = max(1e-4 if args.device == "cpu" else 1e-2, own)
     best = max(rates[engine_name]) / max(rates[hand_name])
     notes = [f"engine/hand tokens/s = {ratio:.3f} {measured}, the median over rounds of each round's ratio "
              f"(rounds {low:.3f}-{high:.3f}; best run against best run {best:.3f}, since noise only slows)"
              + (f", {wall_ratio:.3f} by the wall clock" if args.device == "cpu" else "")
              + f" (target >= {TARGET} {measured}: {'met' if ratio >= TARGET else 'NOT met'}); the engine's and the hand loop's "
-             + f"train losses differ by {gap:.1e}, "
+             + f"train losses differ by {gap:.1e} (each one's own runs by up to {own:.1e}), "
              + (f"within {tolerance:.0e}: the same work on the same batches." if gap <= tolerance
                 else f"more than {tolerance:.0e}: check they do the same work.")]
     engine_mfu = common.median([m.mfu for m in runs[engine_name]]) if runs[engine_name][0].mfu is not None else None
