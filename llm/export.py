@@ -14,6 +14,7 @@ directory (its newest valid checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -113,7 +114,11 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
 
 
 def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, bytes | None]:
-    """``ckpt``, its language model's weights and config, and its tokenizer.json if it is a Hugging Face one."""
+    """``ckpt``, its language model's weights and config, and its tokenizer.json if it is a Hugging Face one.
+
+    A vocabulary padded past the tokenizer's (model.vocab_size) is cut back to it:
+    transformers would otherwise sample the padded ids, which no tokenizer decodes.
+    """
     if not (ckpt / MODEL_CONFIG).is_file():
         raise UsageError(f"--format hf exports language models (--task lm): {ckpt} has no {MODEL_CONFIG}")
     weights = model_weights(ckpt)
@@ -121,7 +126,13 @@ def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, 
         raise UsageError(f"{ckpt} holds no model weights")
     config = check_lm_weights(ckpt, weights)
     tokenizer = ckpt / TOKENIZER
-    hf = tokenizer.is_file() and isinstance(load_tokenizer(tokenizer), HFTokenizer)
+    loaded = load_tokenizer(tokenizer) if tokenizer.is_file() else None
+    if loaded is not None and loaded.vocab_size < config.vocab_size:
+        for name in ("tok_emb.weight", "lm_head.weight"):  # the head is absent from a tied model's weights
+            if name in weights:
+                weights[name] = weights[name][:loaded.vocab_size]
+        config = dataclasses.replace(config, vocab_size=loaded.vocab_size)
+    hf = isinstance(loaded, HFTokenizer)
     return ckpt, weights, config, tokenizer.read_bytes() if hf else None
 
 

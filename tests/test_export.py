@@ -195,6 +195,21 @@ def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
 
 
+def test_export_hf_cuts_a_padded_vocabulary_back_to_the_tokenizers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--model-vocab-size", "64")
+    out = tmp_path / "hf"
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    ours, tokenizer, _ = load_lm(run_dir)
+    vocab = tokenizer.vocab_size
+    assert ours.config.vocab_size == 64 > vocab
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.tensor([[1, 5, 2, 7, 3, 0, 4]])
+    with torch.no_grad():  # the same logits for every token there is, and none for the padding
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[..., :vocab], rtol=0, atol=1e-5)
+
+
 def test_export_hf_without_biases_writes_zero_biases(tmp_path, capsys):
     pytest.importorskip("transformers")
     run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--model-tie-embeddings", "false")  # bias false by default
