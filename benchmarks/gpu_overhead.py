@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     s = args.shape
     facts = [("model", f"GPT, {s['n_layer']} layers, {s['n_embd']} wide, context {s['block_size']}, "
                        + "".join(f"{k} {s[k]}, " for k in lt.MODEL_KEYS[4:] if k in s)
-                       + f"batch {s['batch_size']}, bf16, torch.compile, char tokenizer on {Path(args.data_path).name}"),
+                       + f"batch {s['batch_size']}, bf16, torch.compile, char tokenizer on "
+                       + Path(args.data_path).name),
              ("repetitions", f"{args.rounds} rounds, variants interleaved; {args.warmup} warm-up steps, then "
                              f"{args.steps} timed steps by the wall clock"),
              ("MFU peak", f"{peak / 1e12:,.4g} TFLOP/s ({peak_note})" if peak else peak_note)]

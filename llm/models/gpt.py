@@ -281,11 +281,12 @@ class GPT(nn.Module):
         ``top_k`` samples among the k most likely; ``top_p`` among the fewest most
         likely tokens whose probabilities add up to at least p (nucleus sampling),
         after temperature and top_k; ``generator`` (on the model's device) makes
-        sampling reproducible; ``vocab`` keeps the ids below it (a tokenizer's size, when
-        the model's vocabulary is padded past it). A :class:`KVCache` keeps each block's keys and values,
-        so a token costs one position's work until the context fills the block; past
-        that the window slides, every position moves, and each token reads the last
-        block_size tokens again. Call ``model.eval()`` first to turn dropout off.
+        sampling reproducible; ``vocab`` keeps to the ids below it (the tokenizer's
+        size, when the model's vocabulary is padded past it). A :class:`KVCache`
+        keeps each block's keys and values, so a token costs one position's work
+        until the context fills the block; past that the window slides, every
+        position moves, and each token reads the last block_size tokens again. Call
+        ``model.eval()`` first to turn dropout off.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")

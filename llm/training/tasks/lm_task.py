@@ -55,9 +55,9 @@ class LMTask(TrainingTask):
                              f"{tokenizer.vocab_size} tokens: leave it 0 or give at least {tokenizer.vocab_size}")
         try:
             return GPTConfig(
-                vocab_size=m.vocab_size or tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, pos_emb=m.pos_emb, norm=m.norm, mlp=m.mlp,
-                tie_embeddings=m.tie_embeddings,
+                vocab_size=m.vocab_size or tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, pos_emb=m.pos_emb, norm=m.norm,
+                mlp=m.mlp, tie_embeddings=m.tie_embeddings,
             )
         except ValueError as e:  # what only a GPT needs, e.g. an even head size for rotary positions
             raise UsageError(
