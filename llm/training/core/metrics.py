@@ -137,9 +137,19 @@ class RunningMeans:
 
 
 def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
-    """Numbers and one-element tensors as one float64 tensor on the CPU: a single device sync, whatever the mix."""
-    device = next((item.device for item in items if isinstance(item, torch.Tensor)), None)
-    if device is None:
-        return torch.tensor(items, dtype=torch.float64)
-    return torch.stack([torch.as_tensor(item, dtype=None if isinstance(item, torch.Tensor) else torch.float64,
-                                        device=device).reshape(()).double() for item in items]).cpu()
+    """Numbers and one-element tensors as one float64 tensor on the CPU: a single device sync, whatever the mix.
+
+    The tensors are stacked a dtype at a time (stacking mixed dtypes would round a large count to a float32
+    loss's precision): a few operations for a window of any length, not a few per entry.
+    """
+    out = torch.tensor([0.0 if isinstance(item, torch.Tensor) else float(item) for item in items],
+                       dtype=torch.float64)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            by_dtype.setdefault(item.dtype, []).append(i)
+    if by_dtype:
+        stacked = [torch.stack([items[i] if items[i].dim() == 0 else items[i].reshape(()) for i in at]).double()
+                   for at in by_dtype.values()]
+        out[[i for at in by_dtype.values() for i in at]] = torch.cat(stacked).cpu()
+    return out

@@ -66,3 +66,11 @@ def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives():
 
 def test_a_resumed_log_window_keeps_double_precision():
     assert _on_host([torch.tensor(1.0), 0.1])[1].item() == 0.1  # not float32's 0.10000000149
+
+
+def test_on_host_keeps_each_entry_exact_whatever_the_mix_of_dtypes_and_shapes():
+    big = 2**25 + 1  # a token count float32 cannot hold: stacked with a float32 loss, it would round
+    items = [torch.tensor(0.25), 0.1, torch.tensor(big), torch.tensor(True), torch.tensor([1.5]), 3,
+             torch.tensor(False)]
+    assert _on_host(items).tolist() == [0.25, 0.1, float(big), 1.0, 1.5, 3.0, 0.0]
+    assert _on_host([]).tolist() == [] and _on_host([2, 0.5]).tolist() == [2.0, 0.5]
