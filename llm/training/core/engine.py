@@ -224,13 +224,13 @@ class TrainingEngine:
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips a step whose gradients are not finite, overflowed or NaN
             self.scaler.update()  # and lowers the scale after one
-        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+        elif _skips_on_device(self.optimizer, self.device):
             # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
             # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the host
             self.optimizer.found_inf = (~taken).float()
             self.optimizer.step()
             del self.optimizer.found_inf
-        elif bool(taken):  # any other optimizer: the host decides, at the cost of a sync
+        elif bool(taken):  # on the CPU reading the flag costs nothing; any other optimizer pays a sync for it
             self.optimizer.step()
 
     def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
@@ -758,6 +758,13 @@ class TrainingEngine:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Whether a step not to take is skipped by the optimizer on the device (found_inf) rather than by the
+    host. Not on the CPU: there the host reads the flag at no cost, and found_inf costs the fused step a
+    few operations more (about 30 us of a 1.1 ms step of a small MLP)."""
+    return device.type != "cpu" and getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 class _HostCopy:
