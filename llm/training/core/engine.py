@@ -315,8 +315,7 @@ class TrainingEngine:
             model = self.task.build_model().to(self.device)
         self.criterion = self.task.build_criterion().to(self.device)
         if cfg.training.compile:  # a fused loss: an LM's eager one makes float32 copies of all the logits
-            # not criterion.compile(): that leaves torch's own losses eager (their forward is torch's code)
-            self.criterion = torch.compile(self.criterion)
+            parallel.compile_in_place(self.criterion)
         D.agree_on_errors(lambda: self._check_task_takes_the_data(model))
         self.raw_model = parallel.prepare(model, cfg, self.world_size)
         self.sharded = parallel.is_sharded(cfg, self.world_size)

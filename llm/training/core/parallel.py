@@ -39,11 +39,13 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
             # attribute: the state dict keys stay those of the plain model
             forward = torch.compile(block.forward) if t.compile else block.forward
             block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
-    elif t.compile:
+    elif t.compile and blocks(model):
         # regional: compiling each block (they share code, so it compiles once) is much faster than the
         # whole model; Module.compile is in place, so parameter names do not change
-        for part in blocks(model) or [model]:
-            part.compile()
+        for block in blocks(model):
+            block.compile()
+    elif t.compile:
+        compile_in_place(model)
     if is_sharded(config, world_size):
         from torch.distributed.fsdp import fully_shard
 
@@ -51,6 +53,15 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
             fully_shard(block)
         fully_shard(model)
     return model
+
+
+def compile_in_place(module: nn.Module) -> None:
+    """torch.compile ``module``'s forward, keeping the module, its type and its parameter names.
+
+    Not ``module.compile()``: the compiler skips a call that starts in torch's own code, so that
+    leaves a module whose forward is torch's (nn.Sequential, the losses) running eagerly.
+    """
+    module.forward = torch.compile(module.forward)
 
 
 def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device) -> nn.Module:

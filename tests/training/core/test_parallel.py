@@ -45,20 +45,40 @@ def test_activation_checkpointing_needs_blocks(tmp_path):
         TrainingEngine(config, RegressionTask(config), 0, 1).train()
 
 
+def compiles(module: torch.nn.Module, *inputs: torch.Tensor) -> bool:
+    """Whether a call of ``module`` goes through the compiler: with its caches emptied, a compiled one traces
+    the call again."""
+    torch._dynamo.reset()
+    counters.clear()
+    module(*inputs)
+    return counters["frames"]["ok"] > 0
+
+
+def test_a_model_without_blocks_compiles_whole_even_when_its_forward_is_torchs_own(tmp_path):
+    config = tiny_config(tmp_path / "a", training={"compile": True, "max_steps": 4})
+    compiled = TrainingEngine(config, RegressionTask(config), 0, 1)
+    compiled.train()
+    plain = tiny_config(tmp_path / "b", training={"max_steps": 4})
+    eager = TrainingEngine(plain, RegressionTask(plain), 0, 1)
+    eager.train()
+    assert isinstance(compiled.raw_model, torch.nn.Sequential)  # whose forward module.compile() leaves eager
+    assert list(compiled.raw_model.state_dict()) == list(eager.raw_model.state_dict())  # the names stay
+    x, y = torch.randn(3, config.data.input_dim), torch.randn(3, 1)
+    assert compiles(compiled.raw_model, x) and compiles(compiled.criterion, x[:, :1], y)
+    assert not compiles(eager.raw_model, x) and not compiles(eager.criterion, x[:, :1], y)
+    assert_close(weights(compiled.raw_model), weights(eager.raw_model), rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_blocks_and_loss_train_like_eager_and_report_the_first_step_apart(tmp_path):
     # SGD: Adam's normalised update turns last-bit kernel differences of tiny gradients into lr-sized ones
     sgd = {"name": "sgd", "beta1": 0.0, "weight_decay": 0.0, "lr": 0.1}
     eager, _ = train_lm(lm_config(tmp_path / "a", optimizer=sgd))
     compiled, metrics = train_lm(lm_config(tmp_path / "b", training={"compile": True}, optimizer=sgd))
 
-    def compiles(criterion) -> bool:  # a call in float64, new to it, goes through the compiler if it is compiled
-        counters.clear()
-        criterion(torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 7, (5,)))
-        return counters["frames"]["ok"] > 0
-
     # the loss too, fused: it makes no float32 copy of the logits (criterion.compile() would leave this one,
     # torch's own CrossEntropyLoss, eager)
-    assert compiles(compiled.criterion) and not compiles(eager.criterion)
+    logits, targets = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    assert compiles(compiled.criterion, logits, targets) and not compiles(eager.criterion, logits, targets)
     assert_close(weights(eager.raw_model), weights(compiled.raw_model), rtol=1e-5, atol=1e-6)
     assert metrics["first_step_s"] > 0 and "tokens_per_s" in metrics
     # with activation checkpointing too: still compiled (checkpoint() hides what it calls from the compiler)
