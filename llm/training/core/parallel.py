@@ -37,15 +37,14 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
         for block in blocks(model):
             # checkpoint() is hidden from the compiler: what it calls must be compiled already. An instance
             # attribute: the state dict keys stay those of the plain model
-            forward = torch.compile(block.forward) if t.compile else block.forward
-            block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
-    elif t.compile and blocks(model):
-        # regional: compiling each block (they share code, so it compiles once) is much faster than the
-        # whole model; Module.compile is in place, so parameter names do not change
-        for block in blocks(model):
-            block.compile()
+            if t.compile:
+                compile_in_place(block)
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     elif t.compile:
-        compile_in_place(model)
+        # regional: compiling each block (they share code, so it compiles once) is much faster than the
+        # whole model, which is compiled whole when it has no blocks
+        for part in blocks(model) or [model]:
+            compile_in_place(part)
     if is_sharded(config, world_size):
         from torch.distributed.fsdp import fully_shard
 
@@ -59,7 +58,8 @@ def compile_in_place(module: nn.Module) -> None:
     """torch.compile ``module``'s forward, keeping the module, its type and its parameter names.
 
     Not ``module.compile()``: the compiler skips a call that starts in torch's own code, so that
-    leaves a module whose forward is torch's (nn.Sequential, the losses) running eagerly.
+    leaves a module whose forward is torch's (nn.Sequential, nn.TransformerEncoderLayer, the
+    losses) running eagerly.
     """
     module.forward = torch.compile(module.forward)
 

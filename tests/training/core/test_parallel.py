@@ -69,6 +69,25 @@ def test_a_model_without_blocks_compiles_whole_even_when_its_forward_is_torchs_o
     assert_close(weights(compiled.raw_model), weights(eager.raw_model), rtol=1e-5, atol=1e-6)
 
 
+def test_blocks_of_torchs_own_layers_are_compiled_too(tmp_path):
+    class Encoder(torch.nn.Module):  # .blocks of nn.TransformerEncoderLayer, whose forward is torch's code
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+                                              for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = Encoder()
+    names = list(model.state_dict())
+    prepare(model, tiny_config(tmp_path, training={"compile": True}), 1)
+    assert list(model.state_dict()) == names
+    assert all(compiles(block, torch.randn(2, 3, 8)) for block in model.blocks)
+
+
 def test_compiled_blocks_and_loss_train_like_eager_and_report_the_first_step_apart(tmp_path):
     # SGD: Adam's normalised update turns last-bit kernel differences of tiny gradients into lr-sized ones
     sgd = {"name": "sgd", "beta1": 0.0, "weight_decay": 0.0, "lr": 0.1}
