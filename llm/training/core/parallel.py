@@ -41,8 +41,8 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
                 compile_in_place(block)
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     elif t.compile:
-        # regional: compiling each block (they share code, so it compiles once) is much faster than the
-        # whole model, which is compiled whole when it has no blocks
+        # regional: block by block (they share code, so it compiles once) compiles much faster than the
+        # whole model; a model without blocks is compiled whole
         for part in blocks(model) or [model]:
             compile_in_place(part)
     if is_sharded(config, world_size):
