@@ -203,10 +203,11 @@ def run_hand(config: Config, warmup: int, peak: float | None, sync_norm: bool = 
     raw = GPT(GPTConfig(vocab_size=m.vocab_size or data.tokenizer.vocab_size, block_size=m.block_size,
                         n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, pos_emb=m.pos_emb, norm=m.norm,
                         mlp=m.mlp)).to(device)
-    cross_entropy = torch.compile(F.cross_entropy) if t.compile and regional else F.cross_entropy
-    if t.compile and regional:
+    cross_entropy = F.cross_entropy
+    if t.compile and regional:  # block by block, and the loss apart
         for block in raw.blocks:
             block.compile()
+        cross_entropy = torch.compile(F.cross_entropy)
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return cross_entropy(raw(x).flatten(0, 1), y.flatten())
