@@ -14,7 +14,8 @@ The variants start from the 124M shape with the engine's default block
 a batch of 16, and change one thing at a time: GPT-2's vocabulary (50257 tokens
 padded to 50304, which makes the 124M parameters), the batch, the output head
 and loss compiled together, the attention kernel, GPT-2's own block (LayerNorm,
-GELU, learned positions) and inductor's autotuned matmuls.
+GELU, learned positions), inductor's autotuned matmuls and its tuning of the
+block sizes of its own kernels (coordinate descent).
 lm_throughput.py --gpu-preset takes what these show to help.
 """
 
@@ -31,6 +32,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: import this llm
@@ -43,7 +45,7 @@ SHAPE = {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
 CHARS, GPT2_VOCAB = 65, 50304
 GPT2_BLOCK = {"norm": "layernorm", "mlp": "gelu", "pos_emb": "learned"}
 BASE = {"vocab": CHARS, "batch": 16, "loss": "eager", "attention": "default", "mode": "default", "block": {},
-        "rotary": "model"}
+        "rotary": "model", "inductor": {}}
 VARIANTS = {
     "preset (65-char vocabulary, batch 16)": {},
     "batch 32": {"batch": 32},
@@ -65,6 +67,9 @@ VARIANTS = {
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "rotary": "before transpose"},
     "GPT-2 vocabulary, batch 32, head + loss compiled, max-autotune":
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "mode": "max-autotune-no-cudagraphs"},
+    "GPT-2 vocabulary, batch 64, head + loss compiled, GPT-2 block, coordinate-descent tuning":
+        {"vocab": GPT2_VOCAB, "batch": 64, "loss": "compiled", "block": GPT2_BLOCK,
+         "inductor": {"coordinate_descent_tuning": True}},
 }
 WARMUP, STEPS = 8, 30
 DEVICE = "cuda"
@@ -92,6 +97,8 @@ def run_variant(v: dict) -> dict:
     device = torch.device(DEVICE)
     torch.manual_seed(0)
     raw = GPT(GPTConfig(vocab_size=v["vocab"], **SHAPE, **v["block"])).to(device)
+    for option, value in v["inductor"].items():
+        setattr(torch._inductor.config, option, value)
     mode = None if v["mode"] == "default" else v["mode"]
     for block in raw.blocks:
         if v["rotary"] == "before transpose":
