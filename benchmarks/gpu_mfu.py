@@ -28,7 +28,6 @@ import math
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -38,14 +37,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: import this llm
 
 from benchmarks import common  # noqa: E402
-from llm.models.gpt import GPT, CausalSelfAttention, GPTConfig  # noqa: E402
+from llm.models.gpt import GPT, GPTConfig  # noqa: E402
 from llm.training.core.throughput import peak_flops_of  # noqa: E402
 
 SHAPE = {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
 CHARS, GPT2_VOCAB = 65, 50304
 GPT2_BLOCK = {"norm": "layernorm", "mlp": "gelu", "pos_emb": "learned"}
 BASE = {"vocab": CHARS, "batch": 16, "loss": "eager", "attention": "default", "mode": "default", "block": {},
-        "rotary": "model", "inductor": {}}
+        "inductor": {}}
 VARIANTS = {
     "preset (65-char vocabulary, batch 16)": {},
     "batch 32": {"batch": 32},
@@ -63,8 +62,6 @@ VARIANTS = {
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": {"pos_emb": "learned"}},
     "GPT-2 vocabulary, batch 32, head + loss compiled, GELU MLP":
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": {"mlp": "gelu"}},
-    "GPT-2 vocabulary, batch 32, head + loss compiled, rotary before the head transpose":
-        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "rotary": "before transpose"},
     "GPT-2 vocabulary, batch 32, head + loss compiled, max-autotune":
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "mode": "max-autotune-no-cudagraphs"},
     "GPT-2 vocabulary, batch 64, head + loss compiled, GPT-2 block, coordinate-descent tuning":
@@ -73,23 +70,6 @@ VARIANTS = {
 }
 WARMUP, STEPS = 8, 30
 DEVICE = "cuda"
-
-
-def attention_rotated_before_transpose(self: CausalSelfAttention, x: torch.Tensor, cache: None = None) -> torch.Tensor:
-    """CausalSelfAttention.forward for training, with the rotation applied to queries and keys laid out
-    (B, T, H, D), as the projection makes them, so that all three reach the attention kernel as transposed
-    views of one layout (the model's own rotates them after the transpose). The same numbers."""
-    B, T, C = x.shape
-    q, k, v = (t.view(B, T, self.n_head, -1) for t in self.qkv(x).split(C, dim=2))
-    cos, sin = (table[:T, None, :].to(x.dtype) for table in (self.rope.cos, self.rope.sin))
-
-    def rotate(t: torch.Tensor) -> torch.Tensor:
-        t1, t2 = t.chunk(2, dim=-1)
-        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
-
-    y = F.scaled_dot_product_attention(rotate(q).transpose(1, 2), rotate(k).transpose(1, 2), v.transpose(1, 2),
-                                       dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-    return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 def run_variant(v: dict) -> dict:
@@ -101,8 +81,6 @@ def run_variant(v: dict) -> dict:
         setattr(torch._inductor.config, option, value)
     mode = None if v["mode"] == "default" else v["mode"]
     for block in raw.blocks:
-        if v["rotary"] == "before transpose":
-            block.attn.forward = types.MethodType(attention_rotated_before_transpose, block.attn)
         block.compile(mode=mode)
 
     def head_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -122,11 +122,11 @@ def test_initial_loss_is_near_uniform():
 def test_rotary_keeps_norms_and_makes_scores_depend_on_relative_position():
     rope = Rotary(head_dim=8, max_len=32)
     q, k = torch.randn(8), torch.randn(8)
-    # the same vector at every position: rotation keeps its length
-    qs = rope(q.expand(1, 1, 32, 8))
-    torch.testing.assert_close(qs.norm(dim=-1), q.norm().expand(1, 1, 32))
-    ks = rope(k.expand(1, 1, 32, 8))
-    score = lambda i, j: (qs[0, 0, i] @ ks[0, 0, j]).item()  # noqa: E731
+    # the same vector at every position (B, T, H, D): rotation keeps its length
+    qs = rope(q.expand(1, 32, 1, 8))
+    torch.testing.assert_close(qs.norm(dim=-1), q.norm().expand(1, 32, 1))
+    ks = rope(k.expand(1, 32, 1, 8))
+    score = lambda i, j: (qs[0, i, 0] @ ks[0, j, 0]).item()  # noqa: E731
     assert score(5, 3) == pytest.approx(score(20, 18), abs=1e-5)
     assert score(5, 3) != pytest.approx(score(5, 4), abs=1e-3)
 
