@@ -1,6 +1,7 @@
 """What moves MFU on the GPT-2 124M shape: a hand-written step, one change at a time, on a CUDA GPU.
 
     python benchmarks/gpu_mfu.py [--out BENCHMARKS.md] [--only NAME ...]
+    python benchmarks/gpu_mfu.py --profile NAME      # where one variant's step spends its time
 
 Each variant trains ``llm.models.gpt.GPT`` (12 layers, 12 heads, 768 wide,
 context 1024, bf16 autocast, blocks compiled one by one as the engine does,
@@ -72,8 +73,12 @@ WARMUP, STEPS = 8, 30
 DEVICE = "cuda"
 
 
-def run_variant(v: dict) -> dict:
-    """Train ``WARMUP + STEPS`` steps of one variant; its tokens/s and MFU over the timed steps."""
+def run_variant(v: dict, profile: bool = False) -> dict:
+    """Train ``WARMUP + STEPS`` steps of one variant; its tokens/s and MFU over the timed steps.
+
+    With ``profile``, three more steps then run under torch.profiler, and the
+    GPU kernels that took the most time are printed: where the step's time goes.
+    """
     device = torch.device(DEVICE)
     torch.manual_seed(0)
     raw = GPT(GPTConfig(vocab_size=v["vocab"], **SHAPE, **v["block"])).to(device)
@@ -104,24 +109,34 @@ def run_variant(v: dict) -> dict:
                for _ in range(4)]
     attention = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
                  if v["attention"] == "cudnn" else contextlib.nullcontext())
+
+    def train_step(ids: torch.Tensor) -> torch.Tensor:
+        with attention, torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_of(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     start = time.perf_counter()
-    with attention:
-        for step in range(WARMUP + STEPS):
-            if step == WARMUP:
-                torch.cuda.synchronize()
-                timed_from = time.perf_counter()
-            ids = batches[step % len(batches)]
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = loss_of(ids[:, :-1], ids[:, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step == 0:
-                torch.cuda.synchronize()
-                first_step_s = time.perf_counter() - start
+    for step in range(WARMUP + STEPS):
+        if step == WARMUP:
+            torch.cuda.synchronize()
+            timed_from = time.perf_counter()
+        loss = train_step(batches[step % len(batches)])
+        if step == 0:
+            torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - start
     torch.cuda.synchronize()
     tokens_per_s = STEPS * v["batch"] * SHAPE["block_size"] / (time.perf_counter() - timed_from)
+    if profile:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for ids in batches[:3]:
+                train_step(ids)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
     flops = raw.flops_per_token()
     peak = peak_flops_of(torch.cuda.get_device_name())
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak if peak else None,
@@ -134,10 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(parser, data_help=None, quick=False)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="the variants to run (default: all)")
     parser.add_argument("--timeout", type=float, default=150, metavar="S", help="seconds per variant (default 150)")
+    parser.add_argument("--profile", metavar="NAME",
+                        help="run this one variant here, then profile three steps and print where their time goes "
+                             "(nothing is appended)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a variant's settings as JSON: run it and print JSON
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU, and torch.cuda.is_available() is False")
+    if args.profile:
+        print(run_variant({**BASE, **VARIANTS[args.profile]}, profile=True))
+        return 0
     if args.one:
         print(json.dumps(run_variant(json.loads(args.one))))
         return 0
