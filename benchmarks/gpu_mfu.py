@@ -14,9 +14,10 @@ The variants start from the 124M shape with the engine's default block
 (RMSNorm, SwiGLU, rotary positions), a vocabulary of a corpus's characters and
 a batch of 16, and change one thing at a time: GPT-2's vocabulary (50257 tokens
 padded to 50304, which makes the 124M parameters), the batch, the output head
-and loss compiled together, the attention kernel, GPT-2's own block (LayerNorm,
-GELU, learned positions), inductor's autotuned matmuls and its tuning of the
-block sizes of its own kernels (coordinate descent).
+and loss compiled together, the attention kernel (torch 2.11 on an H200 already
+picks cuDNN's, a profile showed; FlashAttention-2 is the other), GPT-2's own
+block (LayerNorm, GELU, learned positions), inductor's autotuned matmuls and
+its tuning of the block sizes of its own kernels (coordinate descent).
 lm_throughput.py --gpu-preset takes what these show to help.
 """
 
@@ -57,6 +58,8 @@ VARIANTS = {
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "attention": "cudnn"},
     "GPT-2 vocabulary, batch 32, head + loss compiled, GPT-2 block":
         {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": GPT2_BLOCK},
+    "GPT-2 vocabulary, batch 32, head + loss compiled, GPT-2 block, flash attention":
+        {"vocab": GPT2_VOCAB, "batch": 32, "loss": "compiled", "block": GPT2_BLOCK, "attention": "flash"},
     "GPT-2 vocabulary, batch 64, head + loss compiled, GPT-2 block":
         {"vocab": GPT2_VOCAB, "batch": 64, "loss": "compiled", "block": GPT2_BLOCK},
     "GPT-2 vocabulary, batch 32, head + loss compiled, learned positions":
@@ -107,8 +110,10 @@ def run_variant(v: dict, profile: bool = False) -> dict:
                                   lr=1e-3, fused=True)
     batches = [torch.randint(0, min(v["vocab"], 50257), (v["batch"], SHAPE["block_size"] + 1), device=device)
                for _ in range(4)]
-    attention = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
-                 if v["attention"] == "cudnn" else contextlib.nullcontext())
+    backends = {"cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
+                "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION}
+    attention = (torch.nn.attention.sdpa_kernel(backends[v["attention"]]) if v["attention"] in backends
+                 else contextlib.nullcontext())
 
     def train_step(ids: torch.Tensor) -> torch.Tensor:
         with attention, torch.autocast(device.type, dtype=torch.bfloat16):
