@@ -72,6 +72,9 @@ VARIANTS = {
         {"vocab": GPT2_VOCAB, "batch": 64, "loss": "compiled", "block": GPT2_BLOCK,
          "inductor": {"coordinate_descent_tuning": True}},
 }
+ATTENTION_BACKENDS = {"cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
+                      "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION}
+"""The attention kernels a variant can ask for; without one, torch's own choice."""
 WARMUP, STEPS = 8, 30
 DEVICE = "cuda"
 
@@ -110,12 +113,11 @@ def run_variant(v: dict, profile: bool = False) -> dict:
                                   lr=1e-3, fused=True)
     batches = [torch.randint(0, min(v["vocab"], 50257), (v["batch"], SHAPE["block_size"] + 1), device=device)
                for _ in range(4)]
-    backends = {"cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
-                "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION}
-    attention = (torch.nn.attention.sdpa_kernel(backends[v["attention"]]) if v["attention"] in backends
-                 else contextlib.nullcontext())
+    backend = ATTENTION_BACKENDS.get(v["attention"])
 
     def train_step(ids: torch.Tensor) -> torch.Tensor:
+        # sdpa_kernel's context can be entered once only: a new one each step
+        attention = contextlib.nullcontext() if backend is None else torch.nn.attention.sdpa_kernel(backend)
         with attention, torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_of(ids[:, :-1], ids[:, 1:])
         loss.backward()
