@@ -295,7 +295,7 @@ class GPT(nn.Module):
         position moves, and each token reads the last block_size tokens again. Call
         ``model.eval()`` first to turn dropout off.
         """
-        if temperature < 0:
+        if not temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")

@@ -220,8 +220,8 @@ def test_generation_never_picks_an_id_past_vocab_even_when_those_logits_lead(sam
 
 def test_generation_rejects_bad_arguments():
     model = tiny()
-    for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(vocab=0),
-                   dict(vocab=V + 1)):
+    for kwargs in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=0.0),
+                   dict(top_p=1.5), dict(vocab=0), dict(vocab=V + 1)):
         with pytest.raises(ValueError):
             next(model.generate_stream(torch.tensor([1]), 1, **kwargs))
     with pytest.raises(ValueError, match="one non-empty prompt"):
