@@ -31,7 +31,9 @@ def evaluate(model: nn.Module, ids: Sequence[int] | np.ndarray | torch.Tensor, b
     The stream is cut into windows of ``block_size + 1`` tokens that start ``block_size``
     apart (the split training validates on), so every token but the first is predicted
     exactly once, from the tokens before it in its window; a shorter last window scores
-    the rest. The mean is over tokens, so ``n_tokens = len(ids) - 1``.
+    the rest. The mean is over tokens, so ``n_tokens = len(ids) - 1``. The softmax spans
+    all of the model's ids, those a padded vocabulary never uses too, as training's
+    validation loss does.
     """
     if block_size < 1 or batch_size < 1:
         raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
