@@ -61,7 +61,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
     """``ckpt``, its weights as safetensors takes them, and the description written beside them."""
     state = load_shared_state(ckpt)
-    model = model_weights(ckpt)
+    model = model_weights(ckpt, state)
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise UsageError(f"{ckpt} holds no model weights")
     model_config_file = ckpt / MODEL_CONFIG

@@ -15,15 +15,20 @@ from llm.training.core.engine import TrainingEngine
 from llm.training.tasks.lm_task import LMTask, load_lm
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training import train
+from llm.training.core import checkpoint
 from tests.helpers import lm_config, run, tiny_config
 
 
-def test_export_regression_weights_load_back_strictly(tmp_path):
+def test_export_regression_weights_load_back_strictly(tmp_path, monkeypatch):
     config = tiny_config(tmp_path)
     engine = TrainingEngine(config, RegressionTask(config), 0, 1)
     engine.train()
     out = tmp_path / "export/model.safetensors"
+    reads = []
+    monkeypatch.setattr(checkpoint, "_load_torch", lambda path, *a, _load=checkpoint._load_torch: reads.append(path)
+                        or _load(path, *a))
     assert main([str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert [path.name for path in reads] == ["state.pt"]  # read once: it holds the optimizer's state too
     description = json.loads(out.with_suffix(".json").read_text())
     assert description["task"] == "regression" and description["step"] == engine.step
     model = RegressionTask(config).build_model()
@@ -124,16 +129,18 @@ def test_an_export_of_a_live_runs_folder_takes_the_newest_again_when_the_one_it_
     config = lm_config(tmp_path, model={"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"})
     TrainingEngine(config, LMTask(config), 0, 1).train()
     folder = tmp_path / "run/checkpoints"
-    read = export.model_weights
 
-    def saved_and_pruned(ckpt):  # meanwhile the run saves step 9, and its retention deletes step 6
-        if ckpt.name == "step_00000006":
-            shutil.copytree(ckpt, folder / "step_00000009")
-            (folder / "latest").write_text("step_00000009\n")
-            shutil.rmtree(ckpt)
-        return read(ckpt)
+    def saved_and_pruned(read):  # as the export starts reading, the run saves step 9 and its retention deletes step 6
+        def reading(ckpt, *rest):
+            if ckpt.name == "step_00000006" and ckpt.exists():
+                shutil.copytree(ckpt, folder / "step_00000009")
+                (folder / "latest").write_text("step_00000009\n")
+                shutil.rmtree(ckpt)
+            return read(ckpt, *rest)
+        return reading
 
-    monkeypatch.setattr(export, "model_weights", saved_and_pruned)
+    for name in ("load_shared_state", "model_weights"):  # whichever reads first
+        monkeypatch.setattr(export, name, saved_and_pruned(getattr(export, name)))
     write = export.export_hf if fmt == "hf" else export.export
     taken = write(folder, tmp_path / "out")
     assert (taken[0] if fmt == "hf" else taken) == folder / "step_00000009"

@@ -360,11 +360,12 @@ def load_shared_state(ckpt: Path, map_location="cpu") -> dict:
     return _load_torch(Path(ckpt) / SHARED, map_location)
 
 
-def model_weights(ckpt: Path) -> dict | None:
-    """The model's full state dict from a checkpoint, gathering FSDP shards if it was written sharded."""
+def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
+    """The model's full state dict from a checkpoint, gathering FSDP shards if it was written sharded.
+    ``shared``: the checkpoint's shared state when the caller has it already (it is not read again)."""
     ckpt = Path(ckpt)
     if not (ckpt / SHARDED).is_dir():
-        return load_shared_state(ckpt).get("model")
+        return (load_shared_state(ckpt) if shared is None else shared).get("model")
     from llm.training.core import sharded
 
     try:
