@@ -75,12 +75,15 @@ class TrainingSums:
 
     def state_dict(self) -> dict[str, Any]:
         norms, taken = self._grad_norms()
-        return {"epoch_loss": self.epoch_loss, "window": self.window.totals(), "steps": self.steps,
+        return {"epoch_loss": self.epoch_loss, "window_entries": self.window.entries(), "steps": self.steps,
                 "grad_norms": norms[taken].tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss = tuple(state["epoch_loss"])
-        self.window = RunningMeans.resumed(state["window"])
+        if "window_entries" in state:
+            self.window = RunningMeans.from_entries(state["window_entries"])
+        else:  # saved by an earlier version, as totals: the same means, maybe not to the last bit
+            self.window = RunningMeans.resumed(state["window"])
         self.grad_norms = [(norm, 1.0) for norm in state["grad_norms"]]
         self.steps = state.get("steps", len(self.grad_norms))  # saved before skipped steps were counted apart
 
@@ -124,9 +127,22 @@ class RunningMeans:
         weights = self._weights()  # read once: with counted items each read is a device sync
         return {key: self.total(key, weights) for key in self.values}
 
+    def entries(self) -> dict[str, Any]:
+        """Every entry as numbers on the host, for a checkpoint: a window rebuilt from them (from_entries)
+        sums the same numbers in the same order as the one that kept going, so its means match to the bit."""
+        return {"values": {key: _on_host(values).tolist() for key, values in self.values.items()},
+                "weights": _on_host(self.weights).tolist(), "kept": _on_host(self.kept).tolist()}
+
+    @classmethod
+    def from_entries(cls, entries: dict[str, Any]) -> RunningMeans:
+        window = cls()
+        window.values = {key: list(values) for key, values in entries["values"].items()}
+        window.weights, window.kept = list(entries["weights"]), list(entries["kept"])
+        return window
+
     @classmethod
     def resumed(cls, totals: dict[str, tuple[float, float]]) -> RunningMeans:
-        """A window that a checkpoint saved while it was open (its ``totals()``), as one entry of the same means."""
+        """A window that an earlier version saved as its ``totals()``, as one entry of the same means."""
         window = cls()
         weight = next(iter(totals.values()), (0.0, 0.0))[1]  # every key of a window has the same total weight
         if weight:
