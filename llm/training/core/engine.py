@@ -409,6 +409,7 @@ class TrainingEngine:
             "best_metric": state["best_metric"],
             "val_metrics": self.val_metrics,  # a resume at a step already validated does not validate it again
             "train_metrics": self.train_metrics,  # the last training record, for the summary
+            "pending_log": state["pending"],  # engine.log() values waiting for the next record
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
@@ -428,10 +429,12 @@ class TrainingEngine:
 
     def _resumable_state(self) -> dict[str, Any]:
         """The state that logging and validating change: the callbacks', the best metric, a stop they asked
-        for, and each rank's own (random streams, and the losses of the epoch and of the log window so far)."""
+        for, engine.log() values waiting for their record, and each rank's own (random streams, and the losses
+        of the epoch and of the log window so far)."""
         callbacks = {_callback_key(i, cb): copy.deepcopy(cb.state_dict()) for i, cb in enumerate(self.callbacks)}
         rank = {"rng": resume.rng_state(), **self._sums.state_dict()}
-        return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank}
+        return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
+                "pending": copy.deepcopy(self._pending)}
 
     def _write_artifacts(self, directory: Path) -> None:
         self.config.save_to_yaml(directory / "config.yaml")
@@ -491,6 +494,7 @@ class TrainingEngine:
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.train_metrics = shared["train_metrics"]
+        self._pending = shared.get("pending_log", {})  # absent from checkpoints of earlier versions
         self._loaded = path
         if path.parent.resolve() == Path(self.config.checkpoint.dir).resolve():
             self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
