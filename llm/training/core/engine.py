@@ -149,13 +149,16 @@ class TrainingEngine:
     def _end_step(self) -> bool:
         """After a step, and after the epoch it ends: agree whether to stop, then save if due. A run about to
         finish is saved by finish(), after its last validation. Returns whether to stop."""
-        max_steps = self.config.training.max_steps
-        if max_steps and self.step >= max_steps and not self.should_stop:
-            self.should_stop, self.stop_reason = True, f"reached max_steps={max_steps}"  # a resume may raise it
+        self._stop_at_max_steps()
         stop = self._agree_to_stop()
         if not self._finished() and self._due(self.config.checkpoint.every_n_steps) and self._saved_step != self.step:
             self.save_checkpoint()
         return stop
+
+    def _stop_at_max_steps(self) -> None:
+        max_steps = self.config.training.max_steps
+        if max_steps and self.step >= max_steps and not self.should_stop:
+            self.should_stop, self.stop_reason = True, f"reached max_steps={max_steps}"  # a resume may raise it
 
     def finish(self, elapsed: float) -> tuple[dict[str, float], Path]:
         """Log the last steps, validate the final weights, save them, write the summary.
@@ -165,6 +168,7 @@ class TrainingEngine:
         a signal) logs the open window with the steps that follow and counts, for early
         stopping, only the validations a run that never stopped would have made.
         """
+        self._stop_at_max_steps()  # a run resumed at max_steps took no step to say so
         state = self._resumable_state()
         rate = self._samples_per_s(elapsed)  # before the last validation and save below
         trained = self.first_step_s is not None  # else a finished run started again: its last record is logged

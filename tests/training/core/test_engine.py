@@ -263,8 +263,11 @@ def test_a_validation_logged_again_after_a_resume_keeps_one_record(tmp_path):
         train(config, callbacks=[TermAt6(), *default_callbacks(config)])
     with pytest.raises(CallbackError, match="killed before the save"):
         train(config, callbacks=[*default_callbacks(config), DieAfterValidationLog()])
-    train(config, callbacks=default_callbacks(config))
+    _, metrics = train(config, callbacks=default_callbacks(config))
     assert [r["step"] for r in records_of(tmp_path / "run", "val")] == [4, 6]
+    # the resumes start at max_steps and take no step, yet end for the reason the run ends
+    assert metrics["stop_reason"] == "reached max_steps=6"
+    assert json.loads((tmp_path / "run/summary.json").read_text())["stop_reason"] == "reached max_steps=6"
     dropped = (tmp_path / "run/metrics.dropped.jsonl").read_text().splitlines()
     assert [(r["split"], r["step"]) for r in map(json.loads, dropped)] == [("val", 6)]
 
