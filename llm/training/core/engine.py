@@ -378,7 +378,7 @@ class TrainingEngine:
                 with self._autocast(), warnings.catch_warnings():
                     # a loss that broadcasts targets against predictions of another shape trains on nonsense
                     warnings.filterwarnings("error", message=".*different to the input size", category=UserWarning)
-                    _, metrics = self.task.validation_step(self._to_device(batch), model, self.criterion)
+                    returned = self.task.validation_step(self._to_device(batch), model, self.criterion)
         except torch.OutOfMemoryError:
             raise
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, UserWarning) as e:
@@ -390,6 +390,7 @@ class TrainingEngine:
             ) from None
         finally:
             model.train()
+        _, metrics = _loss_and_metrics(self.task, returned, "validation_step")
         names = sorted(self.task.finalize_metrics({f"val_{k}": 1.0 for k in ("loss", *metrics)}))
         self.validation_metrics = names
         monitor = self.config.checkpoint.monitor
@@ -821,15 +822,26 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
                          f"or use a machine with more memory") from None
 
 
-def _loss_and_metrics(task: Any, returned: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """What ``train_step`` returned, checked: a loss tensor and a dict; else one line, not an unpacking error."""
+def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> tuple[torch.Tensor, dict[str, Any]]:
+    """What ``train_step`` (or ``validation_step``) returned, checked: a one-number loss tensor and a dict of
+    numbers; else one line naming what is wrong, not an unpacking error or a shape error steps later."""
+    where = f"{type(task).__name__}.{method}"
     if isinstance(returned, (tuple, list)) and len(returned) == 2:
         loss, metrics = returned
         if isinstance(loss, torch.Tensor) and isinstance(metrics, Mapping):
+            if loss.numel() != 1:
+                raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
+                                 f"the batch's mean, such as loss.mean()")
+            for key, value in metrics.items():
+                if not (value.numel() == 1 if isinstance(value, torch.Tensor) else isinstance(value, numbers.Real)):
+                    shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
+                        f"a {type(value).__name__}"
+                    raise UsageError(f"{where} returned metric {key!r} as {shown}, expected a number or a "
+                                     f"one-element tensor: the batch's mean, such as .mean()")
             return loss, metrics
     shown = f"({', '.join(type(x).__name__ for x in returned)})" if isinstance(returned, (tuple, list)) else \
         type(returned).__name__
-    raise UsageError(f"{type(task).__name__}.train_step returned {shown}, expected (loss, metrics): the loss "
+    raise UsageError(f"{where} returned {shown}, expected (loss, metrics): the loss "
                      f"tensor and a dict of metrics, such as (loss, {{}})")
 
 

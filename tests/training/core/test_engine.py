@@ -596,6 +596,32 @@ def test_a_train_step_that_returns_no_loss_and_metrics_pair_is_one_line(tmp_path
         train(tiny_config(tmp_path), task_cls=LossOnly)
 
 
+PER_SAMPLE = [  # a .mean() forgotten: a value per sample where one number is due
+    ("train_step", lambda loss, metrics, n: (loss.expand(n), metrics), r"a loss of shape \(16,\), expected one number"),
+    ("train_step", lambda loss, metrics, n: (loss, {**metrics, "mae": torch.ones(n)}),
+     r"metric 'mae' as a tensor of shape \(16,\), expected a number or a one-element tensor"),
+    ("validation_step", lambda loss, metrics, n: (loss, {"mae": "low"}), r"metric 'mae' as a str, expected a number"),
+]
+
+
+@pytest.mark.parametrize("method, returned, message", PER_SAMPLE)
+def test_a_step_that_returns_a_value_per_sample_is_one_line_before_any_training(tmp_path, method, returned, message):
+    class PerSample(RegressionTask):
+        def train_step(self, batch, model, criterion):
+            result = super().train_step(batch, model, criterion)
+            return returned(*result, len(batch[0])) if method == "train_step" else result
+
+        def validation_step(self, batch, model, criterion):
+            result = super().validation_step(batch, model, criterion)
+            return returned(*result, len(batch[0])) if method == "validation_step" else result
+
+    engine = TrainingEngine(tiny_config(tmp_path), PerSample(tiny_config(tmp_path)))
+    with pytest.raises(UsageError, match=rf"^PerSample.{method} returned {message}"):
+        engine.train()
+    assert engine.step == 0  # the first micro-step, not the first log step, tells
+    assert (tmp_path / "run").exists() == (method == "train_step")  # validation_step's is found before any write
+
+
 def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
     class Broken(Callback):
         def on_epoch_end(self, engine, metrics):
