@@ -7,18 +7,19 @@ tokenizers, a small ``{"type": ...}`` document of our own for byte and char.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers as hf
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from llm.errors import UsageError, closest
+from llm.errors import UsageError, closest, one_line
 from llm.files import write_atomically
 
 BUILTIN = ("byte", "char", "bpe")
@@ -152,10 +153,12 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         # a corpus is one stream: no [CLS]/[SEP]-style tokens around each piece
-        return self.hf.encode(text, add_special_tokens=False).ids
+        with _cannot_encode():
+            return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]  # one thread per core
+        with _cannot_encode():
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]  # one thread per core
 
     @functools.cached_property
     def unknown_id(self) -> int | None:
@@ -169,6 +172,16 @@ class HFTokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return self.hf.to_str()
+
+
+@contextlib.contextmanager
+def _cannot_encode() -> Iterator[None]:
+    """The tokenizers library's own error for a text its model cannot encode (a WordPiece file whose
+    unknown token is not in its vocabulary, a Unigram one without unk_id) as a UsageError."""
+    try:
+        yield
+    except Exception as e:  # the library raises a bare Exception
+        raise UsageError(f"the tokenizer cannot encode this text: {one_line(e, 200)}") from None
 
 
 def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:

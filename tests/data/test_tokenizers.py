@@ -152,6 +152,19 @@ def test_the_unknown_token_is_found_whichever_way_the_model_names_it(bpe):
     assert bpe.unknown_id is None and ByteTokenizer().unknown_id is None and CharTokenizer("ab").unknown_id is None
 
 
+def test_a_tokenizer_file_that_cannot_encode_a_text_is_a_usage_error_not_the_librarys_exception():
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    hf = HF(models.WordPiece({"hello": 0, "world": 1}, unk_token="[UNK]"))  # its unknown token is not in it
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = HFTokenizer(hf)
+    assert tok.encode("hello world") == [0, 1]
+    for encode in (tok.encode, lambda text: tok.encode_batch([text])):
+        with pytest.raises(UsageError, match=r"^the tokenizer cannot encode this text: .*Missing \[UNK\] token"):
+            encode("hello there")
+
+
 def test_a_tokenizer_file_that_pads_or_truncates_encodes_text_whole(tmp_path):
     from tokenizers import Tokenizer as HF
     from tokenizers import models, pre_tokenizers
