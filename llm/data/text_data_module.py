@@ -72,12 +72,13 @@ def default_corpus_files(limit_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
 def corpus_files(spec: str) -> list[Path]:
     """``data.path`` as a sorted list of files: one file, a folder (recursively) or a glob.
 
-    Hidden files and folders (names starting with a dot) are skipped in folders.
+    Hidden files and folders (names starting with a dot) are skipped in folders;
+    linked folders are followed. Each file is read once, however many paths lead to it.
     """
     if not spec:
         return default_corpus_files()
     if glob.has_magic(spec) and not Path(spec).expanduser().exists():  # a name with [ ] * ? is a name first
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+        files = _each_once(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
         if not files:
             raise UsageError(f"data.path: the glob {spec!r} matches no files")
         return files
@@ -85,9 +86,13 @@ def corpus_files(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files, others = [], []
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files, others, walked = [], [], set()
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):  # a linked folder is below it too
+            if os.path.realpath(dirpath) in walked:  # reached again through a link: a loop ends here
+                dirnames[:] = []
+                continue
+            walked.add(os.path.realpath(dirpath))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 if not name.startswith("."):  # a broken link or a pipe is no text to read (a pipe never ends)
                     (files if os.path.isfile(os.path.join(dirpath, name)) else others).append(Path(dirpath, name))
@@ -96,10 +101,19 @@ def corpus_files(spec: str) -> list[Path]:
                           f"pipes, ...), such as {min(others)}", stacklevel=2)
         if not files:
             raise UsageError(f"data.path: the folder {spec} holds no files")
-        return sorted(files)
+        return _each_once(files)
     if path.exists():
         raise UsageError(f"data.path: {spec} is neither a file nor a folder (expected a text file, a folder or a glob)")
     raise UsageError(f"data.path: {spec} does not exist (expected a text file, a folder or a glob)")
+
+
+def _each_once(files: Iterable[Path]) -> list[Path]:
+    """``files`` sorted, each file once however many paths (links, a glob's ``**`` twice) lead to it: the
+    first of its paths in sorted order names it."""
+    first: dict[str, Path] = {}
+    for file in sorted(files):
+        first.setdefault(os.path.realpath(file), file)
+    return sorted(first.values())
 
 
 def read_text(path: Path, strict: bool = True) -> str:

@@ -190,6 +190,25 @@ def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
     assert dm.tokenizer.decode(tokens_of(dm).tolist()) == "first\n" * 40 + "middle\n" * 40 + "second\n" * 40
 
 
+def test_a_linked_folder_is_read_as_a_glob_reads_it_once_and_a_link_loop_ends(tmp_path):
+    root, elsewhere = tmp_path / "texts", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "a.txt").write_text("a\n")
+    (root / "sub/b.txt").write_text("b\n")
+    (elsewhere / "c.txt").write_text("c\n")
+    (root / "books").symlink_to(elsewhere)  # a linked folder: "every file below it" takes its files too
+    (root / "sub/loop").symlink_to(root)  # a link back up: read once, not for ever
+    walked = [p.relative_to(root).as_posix() for p in corpus_files(str(root))]
+    assert walked == ["a.txt", "books/c.txt", "sub/b.txt"]
+    (root / "sub/loop").unlink()
+    (root / "sub/again.txt").symlink_to(root / "a.txt")  # a second path to a.txt
+    assert [p.relative_to(root).as_posix() for p in corpus_files(str(root))] == ["a.txt", "books/c.txt", "sub/b.txt"]
+    # a glob reads linked folders too, and ** twice names the same file on several paths: each file once
+    globbed = [p.relative_to(root).as_posix() for p in corpus_files(str(root / "**" / "**" / "*.txt"))]
+    assert globbed == ["a.txt", "books/c.txt", "sub/b.txt"]
+
+
 def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
     (tmp_path / "corpus[1].txt").write_text("the file named\n")
     (tmp_path / "corpus1.txt").write_text("what the glob matches\n")
