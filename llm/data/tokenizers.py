@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import tokenizers as hf
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -152,13 +153,31 @@ class HFTokenizer(Tokenizer):
         return max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str) -> list[int]:
-        # a corpus is one stream: no [CLS]/[SEP]-style tokens around each piece
-        with _cannot_encode():
-            return self.hf.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         with _cannot_encode():
-            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]  # one thread per core
+            # a corpus is one stream: no [CLS]/[SEP]-style tokens around each piece; one thread per core
+            encodings = self.hf.encode_batch(texts, add_special_tokens=False)
+        if not self._covers_any_text:
+            for text, encoding in zip(texts, encodings):
+                if _leaves_out_text(text, encoding.offsets):
+                    # the offsets of what is kept shift when something is left out: find it by itself
+                    missing = next((c for c in dict.fromkeys(text)
+                                    if not c.isspace() and not self.hf.encode(c, add_special_tokens=False).ids), None)
+                    what = "some of the text" if missing is None else repr(missing)
+                    raise UsageError(f"the tokenizer has no token for {what} and no unknown token to stand for it: "
+                                     f"that text would be left out")
+        return [e.ids for e in encodings]
+
+    @functools.cached_property
+    def _covers_any_text(self) -> bool:
+        """Whether every text encodes whole: into the unknown token where the vocabulary has none for it, or
+        byte by byte. Without either, the tokenizers library leaves out what it has no token for, silently."""
+        if self.unknown_id is not None:
+            return True
+        byte_level = '"ByteLevel"' in json.dumps(json.loads(self.hf.to_str()).get("pre_tokenizer"))
+        return byte_level and set(pre_tokenizers.ByteLevel.alphabet()) <= set(self.hf.get_vocab())
 
     @functools.cached_property
     def unknown_id(self) -> int | None:
@@ -182,6 +201,16 @@ def _cannot_encode() -> Iterator[None]:
         yield
     except Exception as e:  # the library raises a bare Exception
         raise UsageError(f"the tokenizer cannot encode this text: {one_line(e, 200)}") from None
+
+
+def _leaves_out_text(text: str, offsets: list[tuple[int, int]]) -> bool:
+    """Whether the tokens' spans (``offsets``, in characters) leave a character of ``text`` other than
+    whitespace uncovered: the tokenizer dropped it. Whitespace a pre-tokenizer splits on is not text lost."""
+    starts_and_ends = np.zeros(len(text) + 1, dtype=np.int64)
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    np.add.at(starts_and_ends, spans[:, 0], 1)
+    np.add.at(starts_and_ends, spans[:, 1], -1)
+    return any(not text[i].isspace() for i in np.flatnonzero(np.cumsum(starts_and_ends[:-1]) == 0))
 
 
 def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -165,6 +165,26 @@ def test_a_tokenizer_file_that_cannot_encode_a_text_is_a_usage_error_not_the_lib
             encode("hello there")
 
 
+def test_a_tokenizer_without_an_unknown_token_refuses_text_it_would_drop(bpe):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers, trainers
+
+    words = HF(models.BPE())  # no unknown token: the library leaves out what it has no token for
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=30, show_progress=False))
+    tok = HFTokenizer(words)
+    assert tok.decode(tok.encode("hello  world\n")) == tok.decode(tok.encode("hello world"))  # spaces: not text
+    for encode in (tok.encode, lambda text: tok.encode_batch(["hello", text])):
+        with pytest.raises(UsageError, match=r"^the tokenizer has no token for 'x' and no unknown token"):
+            encode("hello xyz world")
+    bytes_only = HF(models.BPE())  # byte-level, but trained without the byte alphabet: é has no bytes in it
+    bytes_only.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bytes_only.train_from_iterator(["plain text"] * 10, trainers.BpeTrainer(vocab_size=40, show_progress=False))
+    with pytest.raises(UsageError, match="no token for 'é'"):
+        HFTokenizer(bytes_only).encode("plain é")
+    assert bpe.decode(bpe.encode("café ✓ 🙂")) == "café ✓ 🙂"  # with the alphabet every text encodes
+
+
 def test_a_tokenizer_file_that_pads_or_truncates_encodes_text_whole(tmp_path):
     from tokenizers import Tokenizer as HF
     from tokenizers import models, pre_tokenizers
