@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from llm.errors import UsageError, one_line
+from llm.errors import UsageError, causes, one_line
 from llm.files import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, fsync, write_atomically
 
 MANIFEST = CHECKPOINT_MANIFEST
@@ -146,7 +146,7 @@ class CheckpointManager:
         self._restore_replaced()
         for entry in self.directory.iterdir():
             if entry.name.startswith(_SCRATCH_PREFIXES):  # left by a save that crashed
-                shutil.rmtree(entry)
+                _remove(entry)
         staging.mkdir()
 
     def _restore_replaced(self) -> None:
@@ -162,8 +162,7 @@ class CheckpointManager:
         # slot r is set only by rank r, so MIN leaves each rank's failure code (a negated errno) in place
         codes = torch.zeros(self.world_size, dtype=torch.int64)
         if error is not None:
-            errno = error.errno if isinstance(error, OSError) else None
-            codes[self.rank] = -(errno or _UNKNOWN)
+            codes[self.rank] = _failure_code(error)
         if self._distributed():
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
             reduced = codes.to(device)
@@ -177,7 +176,7 @@ class CheckpointManager:
         reasons = []
         for r in failed:
             if r == self.rank:
-                reasons.append(f"rank {r}: {_one_line(error)}")
+                reasons.append(f"rank {r}: {_one_line(_os_error(error) or error)}")
             elif codes[r] == -_UNKNOWN:
                 reasons.append(f"rank {r}: failed (see that rank's error)")
             else:
@@ -203,7 +202,8 @@ class CheckpointManager:
             os.replace(staging, final)
             # the new checkpoint is in place: an old copy that cannot be deleted is no failed save (the
             # next save clears it, or says what stops it)
-            shutil.rmtree(trash, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _remove(trash)
         else:
             os.replace(staging, final)
         fsync(self.directory)
@@ -500,6 +500,26 @@ def _attempt(action: Callable[[], None]) -> Exception | None:
     except Exception as error:  # noqa: BLE001 - any failure must reach the other ranks
         return error
     return None
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder with what it holds, or a file (a stray one can bear a checkpoint's name)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError with an errno behind ``error``, if any: torch.save on a full disk raises a RuntimeError of
+    its zip writer ("unexpected pos ...") while handling the OSError that says why."""
+    return next((e for e in causes(error) if isinstance(e, OSError) and e.errno), None)
+
+
+def _failure_code(error: BaseException) -> int:
+    """What a rank tells the others of its failure: the negated errno, which they can name, or _UNKNOWN's."""
+    found = _os_error(error)
+    return -(found.errno if found is not None else _UNKNOWN)
 
 
 def _one_line(error: BaseException | None) -> str:

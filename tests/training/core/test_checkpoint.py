@@ -323,6 +323,15 @@ def test_a_checkpoint_moved_aside_by_a_replacing_save_that_crashed_is_put_back(t
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_stray_file_with_a_checkpoints_name_is_replaced_and_later_saves_still_work(tmp_path):
+    (tmp_path / "step_00000002").write_text("not a checkpoint")
+    manager = CheckpointManager(tmp_path)
+    for step in (2, 3, 4):  # the file was moved aside at 2; deleting it as a folder failed every later save
+        save(manager, step)
+    assert verify(tmp_path / "step_00000002") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002", "step_00000003", "step_00000004"]
+
+
 def test_failed_extra_write_keeps_previous_checkpoint_and_latest(tmp_path):
     manager = CheckpointManager(tmp_path)
     save(manager, 1)
@@ -346,10 +355,19 @@ def test_failed_torch_save_raises_with_the_os_error(tmp_path, monkeypatch):
     def read_only(obj, f):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(torch, "save", read_only)
-    with pytest.raises(CheckpointError, match="Read-only file system") as info:
-        save(manager, 2)
-    assert "\n" not in str(info.value)
+    def disk_full_in_the_zip_writer(obj, f):  # what torch.save raises when the disk fills: the OSError inside
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 362752 vs 362644")
+
+    for failing, reason in ((read_only, "Read-only file system"), (disk_full_in_the_zip_writer, "No space left")):
+        monkeypatch.setattr(torch, "save", failing)
+        with pytest.raises(CheckpointError, match=rf"step_00000002 not saved \(writing failed on rank 0: .*{reason}"
+                           ) as info:
+            save(manager, 2)
+        assert "\n" not in str(info.value) and "enforce fail" not in str(info.value)
+        assert ckpt_mod._failure_code(info.value.__cause__) == -(errno.EROFS if failing is read_only else errno.ENOSPC)
     monkeypatch.undo()
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
