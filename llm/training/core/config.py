@@ -40,6 +40,9 @@ MAX_LAYERS = 1024
 """The largest model.n_layer: eight times the deepest models in use."""
 MAX_WORKERS = 256
 """The largest data.num_workers: each is a process of its own."""
+MAX_TIMEOUT_S = 10**8
+"""Longest distributed.timeout_s (about three years): torch counts the timeout in nanoseconds, which
+overflow past about 9e9 s, and hangs or fails with a traceback on far less."""
 
 
 @dataclass
@@ -384,6 +387,8 @@ class Config:
             if name not in LOGGER_NAMES:
                 raise ConfigError("logging.loggers", lg.loggers, f"names from {', '.join(LOGGER_NAMES)}{closest(name, LOGGER_NAMES)}")
         _at_least("distributed.timeout_s", self.distributed.timeout_s, 1)
+        if self.distributed.timeout_s > MAX_TIMEOUT_S:
+            raise ConfigError("distributed.timeout_s", self.distributed.timeout_s, f"at most {MAX_TIMEOUT_S}")
         _component("task", self.task, TASKS)
         if d.module:
             _component("data.module", d.module, DATA_MODULES)
@@ -592,7 +597,8 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            # YAML read it as a number, so its text is gone (0750 is 488, 2024_01 is 202401, 1.10 is 1.1)
+            raise ConfigError(name, value, "a string: in a YAML file, write it in quotes")
     raise ConfigError(name, value, describe(tp))
 
 

@@ -158,6 +158,10 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"logging": {"log_dir": "runs/\udcff"}}, ["logging.log_dir", "'runs/\\udcff'", "UTF-8"]),  # argv's byte 0xff
         ({"logging": {"log_dir": "."}}, ["logging.log_dir", "'.'", "folder name"]),
         ({"logging": {"log_dir": "runs/.."}}, ["logging.log_dir", "'runs/..'", "folder name"]),
+        # YAML reads 0750 as 488 and 2024_01 as 202401: the text was lost before the config saw it
+        ({"checkpoint": {"dir": 488}}, ["checkpoint.dir", "488", "a string: in a YAML file, write it in quotes"]),
+        ({"logging": {"log_dir": 1.1}}, ["logging.log_dir", "1.1", "in quotes"]),
+        ({"distributed": {"timeout_s": 10**11}}, ["distributed.timeout_s", str(10**11), "at most 100000000"]),
     ],
 )
 def test_bad_values_name_the_field_value_and_what_is_allowed(overrides, words):
