@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     one_line_warnings()
     threading.excepthook = _quiet_out_of_space
     argv = sys.argv[1:] if argv is None else argv
-    rank = D.env_ranks()[0]
-    config, asked_dir = None, ""
+    rank, config, asked_dir = 0, None, ""
     try:
         config = Config.from_args_and_env(argv)
         if "--print-config" in argv:

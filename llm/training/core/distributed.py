@@ -24,8 +24,21 @@ from llm.training.core.config import Config
 
 
 def env_ranks() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) when run plainly."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) when run plainly. UsageError for values
+    that are not whole numbers or do not fit together (RANK set by hand without WORLD_SIZE)."""
+    values = []
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise UsageError(f"environment variable {name}: got {text!r}, expected a whole number "
+                             f"(torchrun sets it)") from None
+    rank, world_size, local_rank = values
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise UsageError(f"environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} "
+                         f"do not fit together: RANK runs from 0 to WORLD_SIZE - 1 (torchrun sets them)")
+    return rank, world_size, local_rank
 
 
 LAUNCH_FILE = ".launch"

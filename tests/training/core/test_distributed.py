@@ -26,3 +26,18 @@ def test_nccl_without_cuda_is_one_line_before_any_process_group(tmp_path, monkey
     assert capsys.readouterr().err == ("error: distributed.backend nccl needs CUDA devices and a torch built with NCCL: "
                                        "use --distributed-backend gloo (or auto) on the CPU\n")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE: got 'two', expected a whole number"),
+    ({"RANK": "1"}, "RANK=1, WORLD_SIZE=1, LOCAL_RANK=0 do not fit together"),  # RANK set by hand alone
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 do not fit together"),
+])
+def test_launcher_variables_that_do_not_make_sense_are_one_line(tmp_path, monkeypatch, capsys, env, words):
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert train.main(["--task", "regression", "--training-max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
