@@ -467,7 +467,8 @@ def _check(path: Path, hashes: bool) -> str | None:
     if not (path / MANIFEST).is_file():
         return f"no {MANIFEST} (the save did not finish)"
     manifest = _read_manifest(path)
-    if manifest is None or not isinstance(manifest.get("files"), dict):
+    if manifest is None or not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(entry, dict) for entry in manifest["files"].values()):
         return f"{MANIFEST} is unreadable or malformed"
     files = manifest["files"]
     world_size = manifest.get("world_size")

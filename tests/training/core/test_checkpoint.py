@@ -146,6 +146,10 @@ def test_verify_detects_truncation_flipped_byte_missing_manifest_and_file(tmp_pa
     assert verify(paths[3]) == "rank_00000.pt is missing"
     assert verify(tmp_path / "nope") == "not a directory"
 
+    manifest = json.loads((paths[3] / "manifest.json").read_text())
+    (paths[3] / "manifest.json").write_text(json.dumps({**manifest, "files": {**manifest["files"], "state.pt": 123}}))
+    assert verify(paths[3]) == "manifest.json is unreadable or malformed"  # an entry that is not a mapping
+
 
 def test_resolve_skips_corrupt_newer_checkpoint_with_warning(tmp_path):
     manager = CheckpointManager(tmp_path)
