@@ -649,6 +649,8 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:  # the parser recurses once per level: a config is a few levels deep
+        raise UsageError(f"{path}: nested too deeply to be a config file") from None
     if repeated:
         name, first, again = repeated
         shown = name if re.fullmatch(r"[\w.\[\]]+", name) else repr(name)  # a key of any text stays on one line

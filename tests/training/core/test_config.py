@@ -183,6 +183,10 @@ def test_bad_yaml_files(tmp_path):
         Config.from_yaml(listing)
     with pytest.raises(UsageError, match="cannot read config file"):
         Config.from_yaml(tmp_path / "missing.yaml")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("training: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(UsageError, match=r"deep.yaml: nested too deeply to be a config file$"):
+        Config.from_yaml(deep)
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("logging:\n  log_dir: runs/caf\u00e9\n".encode("latin-1"))
     with pytest.raises(UsageError, match=r"^\S+latin1.yaml: not UTF-8 text \(byte 28\); save the config file as UTF-8$"):
