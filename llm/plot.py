@@ -91,13 +91,22 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
         for (split, key), curve in wanted.items():
             value = record.get(key)
             if record.get("split") == split and _is_number(value):  # NaN, not left out: the line breaks there
-                points[curve][record["step"]] = float(value) if math.isfinite(value) else math.nan
+                points[curve][record["step"]] = _finite_or_nan(value)
     losses = [*points["train"].values(), *points["val"].values()]
     if not losses:
         raise UsageError(f"{path} has no loss records (train 'loss' or val 'val_loss')")
     if not any(map(math.isfinite, losses)):
         raise UsageError(f"{path}: all {len(losses)} of its losses are NaN or infinite, so there is no curve to draw")
     return {name: sorted(curve.items()) for name, curve in points.items()}
+
+
+def _finite_or_nan(value: float) -> float:
+    """``value`` as a float, NaN where it is infinite or too large for one (an integer of 400 digits)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return math.nan
+    return number if math.isfinite(number) else math.nan
 
 
 def _is_number(value: Any) -> bool:
