@@ -89,6 +89,17 @@ class Case:
     """Paths that must not exist afterwards (nothing trained, nothing written)."""
 
 
+def killed_before_its_first_save(cwd: Path) -> None:
+    shutil.rmtree(cwd / "run" / "checkpoints")
+
+
+def saved_elsewhere(cwd: Path) -> None:
+    """The earlier run as if started with --checkpoint-dir ckpt."""
+    (cwd / "run" / "checkpoints").rename(cwd / "ckpt")
+    config = cwd / "run" / "config.yaml"
+    config.write_text(re.sub(r"(?m)^  dir: ''$", "  dir: ckpt", config.read_text(), count=1))  # checkpoint.dir
+
+
 def truncate_every_checkpoint(cwd: Path) -> None:
     for state in (cwd / "run" / "checkpoints").glob("step_*/state.pt"):
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
@@ -195,6 +206,12 @@ CASES = [
     Case("monitor-that-is-not-a-validation-metric", "train",
          [*LM, "--logging-log-dir", "fresh", "--checkpoint-monitor", "val_los"],
          ["checkpoint.monitor", "'val_los'", "val_loss, val_ppl", "did you mean val_loss?"], absent=["fresh"]),
+    Case("resume-auto-into-another-runs-folder-with-no-checkpoint", "train", ["--task", "regression", *REGRESSION,
+                                                                                 *CONTINUE],
+         ["run holds a run with other settings (", "task", "no checkpoint of it to continue", "--logging-log-dir"],
+         prepare=killed_before_its_first_save),
+    Case("resume-auto-of-a-run-whose-checkpoints-are-in-another-folder", "train", [*LM, *CONTINUE],
+         ["the run in run saves its checkpoints in ckpt", "--checkpoint-dir ckpt"], prepare=saved_elsewhere),
     Case("resume-auto-when-every-checkpoint-is-corrupt", "train", [*LM, *CONTINUE],
          ["no valid checkpoint in run/checkpoints (2 found, none valid)", "--checkpoint-resume PATH"],
          prepare=truncate_every_checkpoint, warnings_ok=True),

@@ -23,6 +23,7 @@ from llm.errors import UsageError
 from llm.files import checkpoint_folder
 from llm.training.core import distributed as D
 from llm.training.core.checkpoint import CheckpointManager, check_checkpoint_dir, resolve_checkpoint, unwritable_reason
+from llm.training.core.callbacks import flatten
 from llm.training.core.config import Config
 
 
@@ -132,6 +133,8 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
             f"{run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
             f"--checkpoint-resume auto, or start a new one with --logging-log-dir DIR"
         )
+    if existing and start.resuming and start.checkpoint is None:  # nothing saved here yet to continue
+        _check_nothing_to_resume(config, run_dir)
     # a checkpoint of another run branches into a folder of its own, not into another run's files
     resume = start.checkpoint
     elsewhere = resume is not None and resume.resolve().parent != Path(config.checkpoint.dir).resolve()
@@ -165,6 +168,29 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
                          f"choose another with --logging-log-dir DIR")
     # now, not at the first save after hours of training; and never into another run's checkpoints
     check_checkpoint_dir(config.checkpoint.dir, fresh=not start.resuming or elsewhere)
+
+
+def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
+    """--checkpoint-resume auto found no checkpoint of the run in ``run_dir`` (killed before its first save,
+    or saving elsewhere): starting afresh there is continuing it only if it is the same run. Another run's
+    folder is refused, not taken over (its config.yaml and summary.json rewritten, its records set aside)."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # no run's settings to compare with
+    if not isinstance(saved, dict):
+        return
+    saved, now = flatten(saved), flatten(yaml.safe_load(config.to_yaml()))  # both as a run's config.yaml has them
+    elsewhere = saved.get("checkpoint.dir")
+    if isinstance(elsewhere, str) and elsewhere and Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():
+        if Path(elsewhere).is_dir() and CheckpointManager(Path(elsewhere)).latest_valid() is not None:
+            raise UsageError(f"the run in {run_dir} saves its checkpoints in {elsewhere}: continue it with "
+                             f"--checkpoint-dir {elsewhere}, or start this one in a new --logging-log-dir DIR")
+    binding = [] if config.checkpoint.allow_config_change else binding_changes(config_changes(saved, now))
+    binding.sort(key=lambda key: key != "task")  # another task says the most
+    if binding:
+        raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(binding[:4])}) and no checkpoint "
+                         f"of it to continue: start this one in a new --logging-log-dir DIR")
 
 
 def _run_of(checkpoint: Path, run_dir: Path) -> Path | None:
