@@ -204,6 +204,21 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path
     assert logged("crash") == logged("ref")  # to the bit: the open log window was saved entry by entry
 
 
+def test_a_run_that_died_before_its_first_save_starts_afresh_in_its_folder_and_another_run_is_refused(tmp_path):
+    settings = {"training": {"max_steps": 4}, "checkpoint": {"every_n_steps": 100}}
+    died = tiny_config(tmp_path, **settings)
+    with pytest.raises(CallbackError, match="simulated crash"):
+        train(died, callbacks=[CrashAt(2), *default_callbacks(died)])
+    assert (tmp_path / "run/config.yaml").exists() and not list((tmp_path / "run/checkpoints").glob("step_*"))
+    again = tiny_config(tmp_path, **{**settings, "checkpoint": {"every_n_steps": 100, "resume": "auto"}})
+    other = tiny_config(tmp_path, **{**settings, "checkpoint": {"every_n_steps": 100, "resume": "auto"}},
+                        model={"n_embd": 8})
+    with pytest.raises(UsageError, match=r"run holds a run with other settings \(model.n_embd\) and no checkpoint"):
+        train(other)
+    engine, _ = train(again, callbacks=default_callbacks(again))
+    assert engine.step == 4
+
+
 def test_a_loader_that_cannot_skip_is_replayed_and_the_resume_is_still_exact(tmp_path):
     settings = {"training": {"epochs": 2}, "checkpoint": {"every_n_steps": 3}, "model": {"dropout": 0.1},
                 "data": {"module": "tests.helpers:UnskippableData"}}
