@@ -94,8 +94,15 @@ class MLflowLogger(Callback):
                 log.warning(f"MLflow run {self.run_id} is not in {uri}: starting a new run")
                 run = None
         if run is None:
-            experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
-            run = client.create_run(experiment_id, run_name=self.run_name or Path(engine.run_dir).name)
+            if found is not None and found.lifecycle_stage == "deleted":  # MLflow keeps its name, refuses runs in it
+                raise UsageError(f"MLflow experiment {self.experiment!r} in {uri} is deleted: restore it (mlflow "
+                                 f"experiments restore) or delete it for good (mlflow gc) to start runs in it")
+            try:
+                experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
+                run = client.create_run(experiment_id, run_name=self.run_name or Path(engine.run_dir).name)
+            except MlflowException as e:
+                raise UsageError(f"MLflow tracking URI {uri}: cannot start a run in experiment "
+                                 f"{self.experiment!r}: {one_line(e)}") from None
         self.run_id, self._client = run.info.run_id, client
         # MLflow forbids changing a param, so a resumed run keeps the values it started with
         params = [Param(k, str(v)) for k, v in flatten(engine.config.to_dict()).items() if k not in run.data.params]

@@ -136,6 +136,16 @@ def test_mlflow_starts_a_new_run_when_the_saved_one_is_not_in_the_store(tmp_path
     assert mlflow.tracking.MlflowClient(uri).get_run(logger.run_id).data.metrics["train/loss"] == 1.5
 
 
+def test_mlflow_in_a_deleted_experiment_is_one_line_naming_it(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as the logger sets it for a file store
+    uri = (tmp_path / "store").as_uri()
+    client = mlflow.tracking.MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("llm"))
+    with pytest.raises(UsageError, match=r"^MLflow experiment 'llm' in file:.*store is deleted: restore it"):
+        MLflowLogger(tracking_uri=uri).on_train_start(engine_for(tmp_path))
+
+
 def test_mlflow_does_nothing_off_rank_0(tmp_path):
     logger = MLflowLogger()
     train(logger, engine_for(tmp_path, is_main=False), RECORDS)  # needs no mlflow: nothing is imported
