@@ -142,8 +142,10 @@ class TrainingEngine:
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         metrics = {"train_loss": self._close_epoch_loss(), **self._validated()}
+        began = time.perf_counter()  # the validation counts itself aside
         self._fire("on_epoch_end", metrics)
         self._flush_log("epoch", metrics)
+        self.aside_s += time.perf_counter() - began
         self._end_step()
 
     def _end_step(self) -> bool:
@@ -275,9 +277,9 @@ class TrainingEngine:
         metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         self.val_metrics = {**metrics, "step": self.step}
         self._note_best(metrics)
-        self.aside_s += time.perf_counter() - began
         self._fire("on_validation_end", metrics)
         self._flush_log("val", metrics)
+        self.aside_s += time.perf_counter() - began  # what its hooks do (a sample of text, ...) is not training
         return metrics
 
     # ---- setup ---------------------------------------------------------------------

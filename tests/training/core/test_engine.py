@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -217,6 +218,25 @@ def test_a_run_that_died_before_its_first_save_starts_afresh_in_its_folder_and_a
         train(other)
     engine, _ = train(again, callbacks=default_callbacks(again))
     assert engine.step == 4
+
+
+def test_time_in_validation_and_epoch_hooks_is_set_aside_from_training_time(tmp_path):
+    class SlowHooks(Callback):  # a sample of text after each validation, a report at each epoch's end
+        calls = 0
+
+        def on_validation_end(self, engine, metrics):
+            self.slow()
+
+        def on_epoch_end(self, engine, metrics):
+            self.slow()
+
+        def slow(self):
+            SlowHooks.calls += 1
+            time.sleep(0.05)
+
+    engine, _ = train(tiny_config(tmp_path, training={"epochs": 2, "eval_every_steps": 4}), callbacks=[SlowHooks()])
+    assert SlowHooks.calls >= 6
+    assert engine.aside_s >= 0.05 * SlowHooks.calls  # throughput figures leave all of it out
 
 
 def test_a_loader_that_cannot_skip_is_replayed_and_the_resume_is_still_exact(tmp_path):
