@@ -232,8 +232,9 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard.summary import hparams
 
             log_dir = engine.run_dir if self.log_dir is None else engine.config.fill_in(str(self.log_dir))
+            # events past the resumed step go, at step 0 too: a run that died before its first save wrote some
             self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=max(1, round(self.flush_secs)),
-                                         purge_step=engine.step + 1 if engine.step else None)
+                                         purge_step=engine.step + 1)
             # the run's config as hparams, written into this run's own event file
             params = {k: v for k, v in flatten(engine.config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
             for summary in hparams(params, {f"val/{engine.config.checkpoint.monitor}": float("nan")}):

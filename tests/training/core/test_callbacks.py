@@ -163,6 +163,19 @@ def test_tensorboard_logger_events_read_back(tmp_path):
     assert [e.value for e in events.Scalars("val/val_loss")] == [0.25]
 
 
+def test_tensorboard_events_of_a_run_that_died_before_its_first_save_are_purged_when_it_starts_again(tmp_path):
+    engine = StubEngine()  # at step 0: nothing saved to resume from
+    for loss in (9.0, 1.0):  # the run that died at step 2 wrote its events; the one started again writes its own
+        cb = TensorBoardLogger(log_dir=str(tmp_path))
+        cb.on_train_start(engine)
+        for step in (1, 2):
+            cb.on_log(engine, {"split": "train", "step": step, "epoch": 0, "loss": loss})
+        cb.on_train_end(engine, {})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 1.0)]
+
+
 def test_tensorboard_logger_hands_a_held_record_over_at_a_later_step(tmp_path, monkeypatch):
     engine = StubEngine()
     now = [1000.0]
@@ -184,23 +197,23 @@ def test_tensorboard_logger_hands_a_held_record_over_at_a_later_step(tmp_path, m
 def test_tensorboard_logger_hands_records_over_every_flush_secs(tmp_path):
     engine = StubEngine()
 
-    def scalars_on_disk(cb):
-        cb._writer.flush()
-        events = EventAccumulator(str(tmp_path / "run"))
+    def scalars_on_disk(cb, folder):
+        if cb._writer is not None:  # None once the run ended, which wrote what it held
+            cb._writer.flush()
+        events = EventAccumulator(str(folder))
         events.Reload()
         return [e.step for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
 
-    held = TensorBoardLogger(log_dir=str(tmp_path / "run"), flush_secs=3600)
+    held = TensorBoardLogger(log_dir=str(tmp_path / "held"), flush_secs=3600)
     held.on_train_start(engine)
     held.on_log(engine, {"split": "train", "step": 1, "epoch": 0, "loss": 1.0})
-    assert scalars_on_disk(held) == []  # held back until an hour has passed, or the end
+    assert scalars_on_disk(held, tmp_path / "held") == []  # held back until an hour has passed, or the end
     held.on_train_end(engine, {})
-    prompt = TensorBoardLogger(log_dir=str(tmp_path / "run"), flush_secs=0)
+    assert scalars_on_disk(held, tmp_path / "held") == [1]
+    prompt = TensorBoardLogger(log_dir=str(tmp_path / "prompt"), flush_secs=0)
     prompt.on_train_start(engine)
     prompt.on_log(engine, {"split": "train", "step": 2, "epoch": 0, "loss": 0.5})
-    # the first logger's record, written at its end, and this one. Sorted: the reader takes the two event files
-    # in name order, and names made in the same second differ in a writer count of the process (9 < 10 fails)
-    assert sorted(scalars_on_disk(prompt)) == [1, 2]
+    assert scalars_on_disk(prompt, tmp_path / "prompt") == [2]
     prompt.on_train_end(engine, {})
 
 
