@@ -182,7 +182,8 @@ class LoggingConfig:
     """Comma-separated trackers: tensorboard, mlflow, wandb (metrics.jsonl is always written)."""
 
     def logger_names(self) -> list[str]:
-        return [name.strip() for name in self.loggers.split(",") if name.strip()]
+        """The trackers named, each once (tensorboard,tensorboard would log every scalar twice)."""
+        return list(dict.fromkeys(name.strip() for name in self.loggers.split(",") if name.strip()))
 
 
 @dataclass

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from llm.errors import ConfigError, UsageError
 from llm.training.core.config import Config, build_parser, field_docs, sections
-from llm.training.train import main
+from llm.training.core.callbacks import TensorBoardLogger
+from llm.training.train import default_callbacks, main
 
 
 def test_precedence_defaults_yaml_env_flags(tmp_path):
@@ -414,3 +415,10 @@ def test_config_reference_in_docs_is_current():
     for section, cls in sections().items():
         for f in dataclasses.fields(cls):
             assert f"--{section}-{f.name}".replace("_", "-") in path.read_text()
+
+
+def test_a_tracker_named_twice_is_one_tracker():
+    config = Config.from_dict({"logging": {"loggers": "tensorboard, tensorboard,wandb"}})
+    assert config.logging.logger_names() == ["tensorboard", "wandb"]
+    tensorboard = Config.from_dict({"logging": {"loggers": "tensorboard,tensorboard"}})
+    assert sum(isinstance(cb, TensorBoardLogger) for cb in default_callbacks(tensorboard)) == 1
