@@ -176,12 +176,17 @@ class HFTokenizer(Tokenizer):
         byte by byte. Without either, the tokenizers library leaves out what it has no token for, silently."""
         if self.unknown_id is not None:
             return True
-        byte_level = '"ByteLevel"' in json.dumps(json.loads(self.hf.to_str()).get("pre_tokenizer"))
+        byte_level = '"ByteLevel"' in json.dumps(self._document.get("pre_tokenizer"))
         return byte_level and set(pre_tokenizers.ByteLevel.alphabet()) <= set(self.hf.get_vocab())
 
     @functools.cached_property
+    def _document(self) -> dict:
+        """The tokenizer as its tokenizer.json describes it, read once (for a large vocabulary, megabytes)."""
+        return json.loads(self.hf.to_str())
+
+    @functools.cached_property
     def unknown_id(self) -> int | None:
-        model = json.loads(self.hf.to_str())["model"]  # WordPiece and BPE name the token, Unigram gives its id
+        model = self._document["model"]  # WordPiece and BPE name the token, Unigram gives its id
         if model.get("unk_id") is not None:
             return model["unk_id"]
         return self.hf.token_to_id(model["unk_token"]) if model.get("unk_token") else None
