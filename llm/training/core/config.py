@@ -67,6 +67,8 @@ class TrainingConfig:
     """Autocast precision; fp16 adds a gradient scaler."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available."""
+    tf32: bool = False
+    """On CUDA, run float32 matmuls in TensorFloat-32 (10-bit mantissa, several times faster); no effect on the CPU."""
     compile: bool = False
     """torch.compile the model (block by block when it has .blocks) and the loss; compile time is reported apart."""
     activation_checkpointing: bool = False

@@ -99,6 +99,8 @@ def pick_device(config: Config, local_rank: int) -> torch.device:
     if wanted == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
+    # set either way: the config, not an earlier run in this process, says how float32 matmuls are done
+    torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
     return torch.device("cuda", local_rank)
 
 

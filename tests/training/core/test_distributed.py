@@ -41,3 +41,21 @@ def test_launcher_variables_that_do_not_make_sense_are_one_line(tmp_path, monkey
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_is_what_the_config_says_on_cuda_and_left_alone_on_the_cpu(monkeypatch, tf32):
+    import torch
+
+    from llm.training.core import distributed as D
+    from llm.training.core.config import Config
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)  # an earlier setting, put back after
+    config = Config.from_dict({"training": {"tf32": tf32}})
+    assert D.pick_device(Config.from_dict({"training": {"tf32": tf32, "device": "cpu"}}), 0).type == "cpu"
+    assert torch.backends.cuda.matmul.allow_tf32 is not tf32
+    # no GPU here: CUDA is said to be there, so that the device is picked as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    assert D.pick_device(config, 0) == torch.device("cuda", 0)
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
