@@ -320,9 +320,10 @@ class TrainingEngine:
         with _out_of_memory(f"{type(self.task).__name__}.build_model()", "a smaller model (model.n_embd, ...)"):
             model = self.task.build_model().to(self.device)
         self.criterion = self.task.build_criterion().to(self.device)
-        if cfg.training.compile:  # a fused loss: an LM's eager one makes float32 copies of all the logits
-            parallel.compile_in_place(self.criterion)
         D.agree_on_errors(lambda: self._check_task_takes_the_data(model))
+        if cfg.training.compile:  # a fused loss: an LM's eager one makes float32 copies of all the logits
+            # after the check, whose step would compile it untimed: compilation is the first step's, reported apart
+            parallel.compile_in_place(self.criterion)
         self.raw_model = parallel.prepare(model, cfg, self.world_size)
         self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)

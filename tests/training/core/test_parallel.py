@@ -222,3 +222,11 @@ def test_fsdp_with_muon_saves_resumes_exactly_and_its_checkpoint_loads_unsharded
         for key, value in saved[name].items():
             assert torch.equal(value, optimizer.state[param][key]), f"{name} {key}"
     assert {"momentum_buffer", "exp_avg"} <= {key for state in saved.values() for key in state}
+
+
+def test_nothing_is_compiled_before_the_first_step_whose_time_reports_compilation(tmp_path):
+    torch._dynamo.reset()
+    counters.clear()
+    engine = TrainingEngine(lm_config(tmp_path, training={"compile": True}), LMTask(lm_config(tmp_path)), 0, 1)
+    engine.setup()  # checks the task on a batch: that step must not compile the loss, out of the first step's time
+    assert counters["stats"]["calls_captured"] == 0 and counters["stats"]["unique_graphs"] == 0
