@@ -87,15 +87,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+STARTED = datetime.now(timezone.utc), git_commit()
+"""When this benchmark started, and the code it started on: what it measured, even if the checkout changes while
+it runs (a commit made meanwhile would otherwise stamp a run of uncommitted code as that commit)."""
+
+
 def section(title: str, facts: Sequence[tuple[str, str]] = (), body: Sequence[str] = ()) -> str:
-    """A BENCHMARKS.md section: title, date, machine, commit, command, then ``facts`` as bullets, then ``body``.
+    """A BENCHMARKS.md section: title, start date, machine, commit, command, then ``facts`` as bullets, then ``body``.
 
     Each entry of ``body`` is a paragraph or a table; they are separated by blank lines.
     """
+    started, commit = STARTED
     bullets = [
-        ("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("date", started.strftime("%Y-%m-%d %H:%M UTC")),
         ("machine", machine()),
-        ("commit", git_commit()),
+        ("commit", commit),
         ("command", f"`{command_line()}`"),
         *facts,
     ]

@@ -106,7 +106,7 @@ def section(args: argparse.Namespace, flags: list[str], wall: float, run: Path,
         ("final train loss", f"{summary['train_loss']:.4f}"),
         ("training time (engine)", f"{train_s:.1f} s"),
         ("wall time (whole process)", f"{wall:.1f} s"),
-        ("training throughput", f"{tokens / train_s:,.0f} tokens/s (validation and checkpoint included)"),
+        ("training throughput", f"{tokens / train_s:,.0f} tokens/s (validations on the way included, the final save not)"),
         ("loss drop per minute",
          f"{(uniform - best) / minutes:.3f} nats/min (from ln V = {uniform:.3f}, uniform guessing, to best val loss)"),
     ]

@@ -16,7 +16,7 @@ validation pass per epoch:
   separates the loop's own cost from that of the callbacks;
 - hand: a plain loop, which keeps only the loss sums a validation needs;
 - lightning: PyTorch Lightning's Trainer, when ``lightning`` is installed
-  (TensorBoard logger every 10 steps as the engine; no progress bar, model
+  (TensorBoard logger every logging.log_every_steps steps, as the engine; no progress bar, model
   summary or per-epoch checkpoint, none of which the engine does in the loop).
 
 The clock runs from the start of the first epoch to the end of the last
@@ -238,7 +238,7 @@ def lightning_runner() -> tuple[Callable[[Config], Run] | None, str]:
         watch = LitStopwatch()
         trainer = L.Trainer(
             max_epochs=epochs, accelerator="cpu", devices=1, gradient_clip_val=CLIP,
-            logger=TensorBoardLogger(save_dir=config.logging.log_dir, name=""), log_every_n_steps=10,
+            logger=TensorBoardLogger(save_dir=config.logging.log_dir, name=""), log_every_n_steps=config.logging.log_every_steps,
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
             num_sanity_val_steps=0, callbacks=[watch], default_root_dir=config.logging.log_dir,
         )
