@@ -1,8 +1,7 @@
 """ClassificationDataModule: Gaussian clusters, one per class.
 
 Written against the usage guide alone, as a user would write their own data
-module: it builds its own samplers and loaders rather than using the
-``build_dataloader`` helper of the base class.
+module, with the base class's ``build_dataloader`` for its loaders.
 """
 
 from __future__ import annotations

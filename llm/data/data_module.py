@@ -47,13 +47,16 @@ class BaseDataModule(ABC):
         with no batches would leave the others waiting in a collective.
         """
         batch_size = self.config.training.batch_size
+        if not hasattr(dataset, "__len__"):  # a stream: the sampler shards, and resuming counts, items by index
+            raise UsageError(f"{type(self).__name__}: build_dataloader needs a data set with a length and items by "
+                             f"index; {type(dataset).__name__} has no __len__")
         size = len(dataset)  # type: ignore[arg-type]
         if train and size < batch_size * world_size:
             raise UsageError(
                 f"the training set has {size} samples, fewer than one batch per rank "
                 f"({batch_size} x {world_size} ranks): lower training.batch_size or use fewer processes"
             )
-        if not train and size < world_size:
+        if not train and 0 < size < world_size:  # none at all: a run without validation
             raise UsageError(f"the validation set has {size} samples, fewer than the {world_size} ranks")
         sampler = (DistributedSampler if train else ShardSampler)(
             dataset, num_replicas=world_size, rank=rank, shuffle=train,

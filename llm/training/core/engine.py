@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from llm.cli import stdout_gone
 from llm.data.data_module import BaseDataModule
@@ -276,9 +277,13 @@ class TrainingEngine:
         local = {f"val_{k}": v for k, v in sums.totals().items()}
         metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
         self.val_metrics = {**metrics, "step": self.step}
-        self._note_best(metrics)
-        self._fire("on_validation_end", metrics)
-        self._flush_log("val", metrics)
+        if local:  # else there is no validation data (an empty set, a run without validation): nothing to report
+            if not math.isfinite(metrics.get("val_loss", 0.0)):  # training goes on: its weights are not at fault
+                self.print(f"warning: val_loss is {metrics['val_loss']} at step {self.step}: non-finite values in "
+                           f"the validation data, or in the model's outputs on it")
+            self._note_best(metrics)
+            self._fire("on_validation_end", metrics)
+            self._flush_log("val", metrics)
         self.aside_s += time.perf_counter() - began  # what its hooks do (a sample of text, ...) is not training
         return metrics
 
@@ -362,7 +367,14 @@ class TrainingEngine:
             raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
                              f"self.build_dataloader(...) gives; without validation data, a loader over an empty "
                              f"data set")
-        return got[0], got[1]
+        sampler = got[1]
+        if method == "val_dataloader" and isinstance(sampler, DistributedSampler) and not sampler.drop_last and \
+                type(sampler).__iter__ is DistributedSampler.__iter__ and sampler.total_size > len(sampler.dataset):
+            raise UsageError(f"{name}: its DistributedSampler repeats {sampler.total_size - len(sampler.dataset)} "
+                             f"of the {len(sampler.dataset)} validation items to even out {self.world_size} ranks' "
+                             f"shares, which validation would count twice: build the loader with "
+                             f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
+        return got[0], sampler
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
         """One validation step on one batch, before anything is written or wrapped.
@@ -835,6 +847,9 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
             if loss.numel() != 1:
                 raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
                                  f"the batch's mean, such as loss.mean()")
+            if "loss" in metrics:
+                raise UsageError(f"{where} returned a metric named 'loss', the name its loss is logged under: "
+                                 f"name the metric otherwise")
             for key, value in metrics.items():
                 if not (value.numel() == 1 if isinstance(value, torch.Tensor) else isinstance(value, numbers.Real)):
                     shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \

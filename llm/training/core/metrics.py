@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from llm.errors import UsageError
+
 
 class TrainingSums:
     """One rank's training metrics since the last log record, and its loss over the epoch's records so far.
@@ -105,6 +107,11 @@ class RunningMeans:
 
     def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0,
             kept: bool | torch.Tensor = True) -> None:
+        if self.weights and (len(metrics) + 1 != len(self.values) or not self.values.keys() >= metrics.keys()):
+            # a mean is over the batches of the window: each must have every metric
+            earlier = sorted(self.values.keys() - {"loss"})
+            raise UsageError(f"a step returned the metrics {sorted(metrics)} after {earlier}: train_step and "
+                             f"validation_step must return the same metric names for every batch")
         self.weights.append(weight)
         self.kept.append(kept)
         self.values.setdefault("loss", []).append(loss.detach())

@@ -121,6 +121,21 @@ def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_stream_handed_to_build_dataloader_is_refused_in_one_line(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.zeros(4), torch.zeros(1))] * 8)
+
+    class StreamData(SyntheticDataModule):
+        def train_dataloader(self, rank, world_size):
+            return self.build_dataloader(Stream(), rank, world_size, train=True)
+
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError, match=r"^StreamData: build_dataloader needs a data set with a length and items by "
+                                         r"index; Stream has no __len__$"):
+        TrainingEngine(config, RegressionTask(config), data_module=StreamData(config)).train()
+
+
 class ShiftedData(SyntheticDataModule):
     """The synthetic data, targets moved up by one: a data module that no built-in name gives."""
 
@@ -655,6 +670,76 @@ def test_a_step_that_returns_a_value_per_sample_is_one_line_before_any_training(
         engine.train()
     assert engine.step == 0  # the first micro-step, not the first log step, tells
     assert (tmp_path / "run").exists() == (method == "train_step")  # validation_step's is found before any write
+
+
+def test_a_metric_missing_from_some_batches_or_named_loss_is_one_line(tmp_path):
+    class SometimesOutliers(RegressionTask):  # a metric reported only by the batches that have a value for it
+        calls = 0
+
+        def train_step(self, batch, model, criterion):
+            loss, metrics = super().train_step(batch, model, criterion)
+            self.calls += 1
+            return loss, ({"outlier_mae": loss} if self.calls % 3 == 0 else {})
+
+    class LossMetric(RegressionTask):
+        def train_step(self, batch, model, criterion):
+            loss, metrics = super().train_step(batch, model, criterion)
+            return loss, {"loss": loss}
+
+    with pytest.raises(UsageError, match=r"^a step returned the metrics \[.*\] after \[.*\]: train_step and "
+                                         r"validation_step must return the same metric names for every batch$"):
+        train(tiny_config(tmp_path / "a", training={"epochs": 3}), task_cls=SometimesOutliers)
+    with pytest.raises(UsageError, match=r"^LossMetric.train_step returned a metric named 'loss'"):
+        train(tiny_config(tmp_path / "b"), task_cls=LossMetric)
+
+
+class PaddedValidation(SyntheticDataModule):
+    """A validation loader over 2 ranks' shares, as a data module of its own would build it for 2 processes."""
+
+    def val_dataloader(self, rank, world_size):
+        sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=2, rank=0, shuffle=False)
+        return torch.utils.data.DataLoader(self.val_set, batch_size=8, sampler=sampler), sampler
+
+
+def test_a_validation_sampler_that_repeats_items_is_refused_in_one_line(tmp_path):
+    config = tiny_config(tmp_path, data={"num_samples": 103, "val_fraction": 0.1})  # 10 items: none repeated
+    TrainingEngine(config, RegressionTask(config), data_module=PaddedValidation(config)).setup()
+    config = tiny_config(tmp_path / "odd", data={"num_samples": 113, "val_fraction": 0.1})  # 11: one repeated
+    with pytest.raises(UsageError, match=r"^PaddedValidation.val_dataloader\(\): its DistributedSampler repeats 1 of "
+                                         r"the 11 validation items .* self.build_dataloader\(dataset, rank, world_size, "
+                                         r"train=False\), whose sampler does not$"):
+        TrainingEngine(config, RegressionTask(config), data_module=PaddedValidation(config)).setup()
+
+
+def test_a_run_without_validation_data_trains_and_reports_no_validation(tmp_path, capsys):
+    class NoValidation(SyntheticDataModule):
+        def val_dataloader(self, rank, world_size):
+            empty = torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1))
+            return self.build_dataloader(empty, rank, world_size, train=False)
+
+    config = tiny_config(tmp_path, training={"epochs": 2, "eval_every_steps": 2})
+    engine = TrainingEngine(config, RegressionTask(config), callbacks=default_callbacks(config),
+                            data_module=NoValidation(config))
+    metrics = engine.train()
+    assert engine.epoch == 2 and "val_loss" not in metrics and math.isfinite(metrics["train_loss"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "epoch"}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["best_val_loss"] is None
+
+
+def test_a_non_finite_validation_loss_is_said_and_training_goes_on(tmp_path, capsys):
+    class NaNValidation(SyntheticDataModule):
+        def setup(self, stage):
+            super().setup(stage)
+            self.val_set.tensors[0][0, 0] = float("nan")
+
+    config = tiny_config(tmp_path, training={"epochs": 2})
+    engine = TrainingEngine(config, RegressionTask(config), data_module=NaNValidation(config))
+    metrics = engine.train()
+    assert engine.epoch == 2 and math.isnan(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])
+    out = capsys.readouterr().out
+    for step in (engine.step // 2, engine.step):
+        assert f"warning: val_loss is nan at step {step}: non-finite values in the validation data" in out
 
 
 def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
