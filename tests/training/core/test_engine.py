@@ -105,11 +105,14 @@ def test_a_callback_refusing_to_start_still_lets_every_callback_clean_up(tmp_pat
     assert recorder.names() == ["on_train_start", "on_train_end"]
 
 
-def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter([(torch.zeros(4), torch.zeros(1))] * 8)
+class Stream(torch.utils.data.IterableDataset):
+    """Samples one after another, with no length and no index."""
 
+    def __iter__(self):
+        return iter([(torch.zeros(4), torch.zeros(1))] * 8)
+
+
+def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
     class StreamData(SyntheticDataModule):
         def train_dataloader(self, rank, world_size):
             return torch.utils.data.DataLoader(Stream(), batch_size=4), None
@@ -122,10 +125,6 @@ def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
 
 
 def test_a_stream_handed_to_build_dataloader_is_refused_in_one_line(tmp_path):
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter([(torch.zeros(4), torch.zeros(1))] * 8)
-
     class StreamData(SyntheticDataModule):
         def train_dataloader(self, rank, world_size):
             return self.build_dataloader(Stream(), rank, world_size, train=True)
