@@ -203,22 +203,24 @@ class TrainingEngine:
                 loss, metrics = _loss_and_metrics(self.task, self.task.train_step(batch, self.model, self.criterion))
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
+            loss = loss.detach()  # once: the window and the check below keep it, not its graph
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
-            losses.append(loss.detach())
+            losses.append(loss)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
-        taken = torch.isfinite(grad_norm)  # the same on every rank: gradients are already all-reduced
-        self._check_steps()  # the last step's: its work is done by now, so reading it stalls nothing
-        self._update(taken)
+        # whether to take the step: the same on every rank, whose gradients are all-reduced already; on the CPU
+        # a bool the host reads at no cost, elsewhere a flag left on the device until the next step reads it
+        taken = math.isfinite(grad_norm) if self._norm_on_host else torch.isfinite(grad_norm)
+        if self._unchecked:  # the last step's: its work is done by now, so reading it stalls nothing
+            self._check_steps()
+        self._update(taken, scaler)
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # a step not taken stays out of the window's and the epoch's means (its NaN would make them NaN)
-        for loss, metrics, weight in recorded:
-            self._sums.add_micro_batch(loss, metrics, weight, taken)
-        self._sums.add_step(grad_norm, taken)
-        self._unchecked.append((self.step + 1, _HostCopy(taken), losses))
+        self._sums.add_step(recorded, grad_norm, taken)
+        if taken is not True:  # a step the host knows was taken needs no check
+            self._unchecked.append((self.step + 1, _HostCopy(taken), losses))
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size
@@ -226,12 +228,12 @@ class TrainingEngine:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began
 
-    def _update(self, taken: torch.Tensor) -> None:
+    def _update(self, taken: bool | torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
         """The optimizer's update, or none where the gradient norm is not finite (``taken`` is false)."""
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips a step whose gradients are not finite, overflowed or NaN
-            self.scaler.update()  # and lowers the scale after one
-        elif _skips_on_device(self.optimizer, self.device):
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips a step whose gradients are not finite, overflowed or NaN
+            scaler.update()  # and lowers the scale after one
+        elif self._found_inf_step:
             # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
             # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the host
             self.optimizer.found_inf = (~taken).float()
@@ -251,9 +253,10 @@ class TrainingEngine:
         stay tensors on the device: no CPU-GPU sync.
         """
         k = len(batches)
-        counts = [self.task.loss_weight(batch) for batch in batches]
-        if counts[0] is None:
+        first = self.task.loss_weight(batches[0])
+        if first is None:
             return [1.0 / k] * k, []
+        counts = [first, *(self.task.loss_weight(batch) for batch in batches[1:])]
         counts = [torch.as_tensor(c, dtype=torch.float32, device=self.device) for c in counts]
         total = D.mean_tensor_over_ranks(torch.stack(counts).sum())
         return [c / total.clamp(min=1.0) for c in counts], counts
@@ -337,6 +340,7 @@ class TrainingEngine:
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self._norm_on_host, self._found_inf_step = _read_now(self.device), _skips_on_device(self.optimizer, self.device)
         resume.seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
@@ -640,7 +644,9 @@ class TrainingEngine:
         finishes the same way, validating and saving, rather than some skipping the
         validation's collectives and waiting on the others forever.
         """
-        stop, signalled = D.any_rank([self.should_stop, self._signal is not None], self.device)
+        stop, signalled = self.should_stop, self._signal is not None
+        if self.world_size > 1:
+            stop, signalled = D.any_rank([stop, signalled], self.device)
         if signalled:
             self._interrupted = True
             if not self.should_stop:
@@ -655,13 +661,16 @@ class TrainingEngine:
     def _check_steps(self) -> None:
         """Act on the steps since the last check whose gradient norm was not finite, as training.nan_policy says.
 
-        Each step leaves its flags on their way to the host (``_unchecked``); the next
-        step reads them after queuing its own forward and backward, so the GPU never
-        waits for the host. Whatever logs, saves or finishes checks first: a run that
+        Each step leaves its flags on their way to the host (``_unchecked``; on the CPU,
+        where the host knows them at once, only a step not taken); the next step reads
+        them after queuing its own forward and backward, so the GPU never waits for the
+        host. Whatever logs, saves or finishes checks first: a run that
         stops leaves its last checkpoint as it was. Such a step's update was not
         applied (optimizer_step), so reading it a step late changes no weights. Every
         rank checks at the same points and sees the same norms: the collectives match.
         """
+        if not self._unchecked:
+            return
         scaler = self.scaler.is_enabled()
         for step, taken, losses in self._unchecked:
             if bool(taken.wait()):
@@ -753,7 +762,7 @@ class TrainingEngine:
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.training.precision)
         if dtype is None:
-            return contextlib.nullcontext()
+            return parallel.NO_CONTEXT
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _to_device(self, batch: Any) -> Any:
@@ -783,6 +792,12 @@ class TrainingEngine:
                 signal.signal(s, h)
 
 
+def _read_now(device: torch.device) -> bool:
+    """Whether the host reads each step's gradient norm at once: on the CPU, where that costs nothing. On a GPU
+    it would make the host wait for the step's work (see _check_steps)."""
+    return device.type == "cpu"
+
+
 def _skips_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
     """Whether a step not to take is skipped by the optimizer on the device (found_inf) rather than by the
     host. Not on the CPU: there the host reads the flag at no cost, and found_inf costs the fused step a
@@ -793,9 +808,10 @@ def _skips_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> 
 class _HostCopy:
     """A small tensor on its way to the host: copied without blocking the host, read once the copy is done."""
 
-    def __init__(self, tensor: torch.Tensor):
-        cuda = tensor.device.type == "cuda"
-        self.value = tensor.to("cpu", non_blocking=cuda)  # into pinned memory, behind the work queued so far
+    def __init__(self, tensor: torch.Tensor | bool):
+        cuda = isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda"
+        # into pinned memory, behind the work queued so far; a bool is on the host already
+        self.value = tensor.to("cpu", non_blocking=cuda) if isinstance(tensor, torch.Tensor) else tensor
         self.done = torch.cuda.Event() if cuda else None
         if self.done is not None:
             self.done.record()
@@ -843,7 +859,7 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
     where = f"{type(task).__name__}.{method}"
     if isinstance(returned, (tuple, list)) and len(returned) == 2:
         loss, metrics = returned
-        if isinstance(loss, torch.Tensor) and isinstance(metrics, Mapping):
+        if isinstance(loss, torch.Tensor) and (type(metrics) is dict or isinstance(metrics, Mapping)):
             if loss.numel() != 1:
                 raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
                                  f"the batch's mean, such as loss.mean()")

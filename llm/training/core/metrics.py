@@ -31,17 +31,15 @@ class TrainingSums:
         """Optimizer steps since the last training record."""
         return self.steps
 
-    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor,
-                        taken: torch.Tensor) -> None:
-        """One micro-batch of a step; ``taken``, a boolean tensor: whether the optimizer took the step. One not
-        taken (a non-finite gradient norm) weighs nothing, so that its NaN leaves the means finite."""
-        self.window.add(loss, metrics, weight, kept=taken)
-
-    def add_step(self, grad_norm: torch.Tensor, taken: torch.Tensor) -> None:
-        """A step taken or not (a non-finite norm: a skipped step, an fp16 overflow); only those taken
-        count in the mean norm. Both stay on the device until the window is read."""
+    def add_step(self, micro_batches: list[tuple[torch.Tensor, dict[str, Any], float | torch.Tensor]],
+                 grad_norm: torch.Tensor, taken: bool | torch.Tensor) -> None:
+        """A step: each micro-batch's (loss, metrics, weight), and its gradient norm. ``taken`` (a bool, or a
+        boolean tensor left on the device) says whether the optimizer took it; one not taken (a non-finite
+        norm: a skipped step, an fp16 overflow) weighs nothing in the means, so that its NaN leaves them finite."""
+        for loss, metrics, weight in micro_batches:
+            self.window.add(loss, metrics, weight, kept=taken)
         self.steps += 1
-        self.grad_norms.append((grad_norm.detach(), taken))
+        self.grad_norms.append((grad_norm, taken))  # clip_grad_norm_'s: no graph to let go of
 
     def take_window(self) -> dict[str, tuple[float, float]]:
         """Each metric's weighted sum and total weight since the last record, ``grad_norm`` among them (the same
@@ -114,7 +112,7 @@ class RunningMeans:
                              f"validation_step must return the same metric names for every batch")
         self.weights.append(weight)
         self.kept.append(kept)
-        self.values.setdefault("loss", []).append(loss.detach())
+        self.values.setdefault("loss", []).append(loss.detach() if loss.requires_grad else loss)
         for key, value in metrics.items():
             self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 

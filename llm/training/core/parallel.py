@@ -71,6 +71,10 @@ def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device
     return model
 
 
+NO_CONTEXT = contextlib.nullcontext()
+"""A context that does nothing; one instance, entered again and again (a new one each micro-step costs time)."""
+
+
 def gradient_sync(model: nn.Module, raw_model: nn.Module) -> Callable[[bool], contextlib.AbstractContextManager]:
     """``sync(enabled)`` for this layout: skip the gradient all-reduce (DDP) or reduce-scatter
     (FSDP2) on all but the last micro-step; a no-op on one process."""
@@ -83,7 +87,7 @@ def gradient_sync(model: nn.Module, raw_model: nn.Module) -> Callable[[bool], co
             return contextlib.nullcontext()
 
         return fsdp_sync
-    return lambda enabled: contextlib.nullcontext()
+    return lambda enabled: NO_CONTEXT
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -505,6 +505,7 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
     monkeypatch.setenv("NAN_AT_STEP", "3")
     monkeypatch.setattr(engine_module, "_skips_on_device",
                         lambda opt, device: on_device and opt._step_supports_amp_scaling)
+    monkeypatch.setattr(engine_module, "_read_now", lambda device: not on_device)  # the flag stays a tensor there
     runs = {}
     for steps in (2, 3):  # a constant schedule: the first two steps are the same in both runs
         config = tiny_config(tmp_path / str(steps), training={"nan_policy": "skip", "max_steps": steps},
@@ -539,6 +540,7 @@ def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_p
         def on_step_end(self, engine):
             events.append(("end", engine.step))
 
+    monkeypatch.setattr(engine_module, "_read_now", lambda device: False)  # as on a GPU: the CPU reads at once
     monkeypatch.setattr(engine_module._HostCopy, "__init__", made_at)
     monkeypatch.setattr(engine_module._HostCopy, "wait", read)
     engine, _ = train(tiny_config(tmp_path, training={"max_steps": 6}, logging={"log_every_steps": 1000}),

@@ -16,30 +16,25 @@ def test_running_means_weigh_each_batch_by_its_items():
 
 def test_a_window_is_taken_once_and_its_loss_joins_the_epochs():
     sums = TrainingSums()
-    for loss in (1.0, 2.0, 3.0):
-        sums.add_micro_batch(torch.tensor(loss), {}, 1.0, TAKEN)
-    sums.add_step(torch.tensor(0.5), TAKEN)
-    sums.add_step(torch.tensor(1.5), TAKEN)
+    sums.add_step([(torch.tensor(1.0), {}, 1.0), (torch.tensor(2.0), {}, 1.0)], torch.tensor(0.5), TAKEN)
+    sums.add_step([(torch.tensor(3.0), {}, 1.0)], torch.tensor(1.5), True)  # a bool: known on the host
     assert sums.take_window() == {"loss": (6.0, 3.0), "grad_norm": (2.0, 2.0)}
     assert len(sums) == 0 and sums.grad_norms == []
-    sums.add_micro_batch(torch.tensor(4.0), {}, 1.0, TAKEN)  # still open when the epoch ends
+    sums.add_step([(torch.tensor(4.0), {}, 1.0)], torch.tensor(1.0), TAKEN)  # still open when the epoch ends
     assert sums.close_epoch() == (10.0, 4.0)
     # the open window is logged in the next epoch: that epoch's sum starts with it taken back off
-    sums.add_micro_batch(torch.tensor(5.0), {}, 1.0, TAKEN)
+    sums.add_step([(torch.tensor(5.0), {}, 1.0)], torch.tensor(1.0), TAKEN)
     sums.take_window()
     assert sums.close_epoch() == (5.0, 1.0)
 
 
 def test_a_step_not_taken_weighs_nothing_and_a_window_of_it_alone_has_no_mean():
     sums = TrainingSums()
-    sums.add_micro_batch(torch.tensor(1.0), {"acc": torch.tensor(0.5)}, torch.tensor(3.0), TAKEN)
-    sums.add_step(torch.tensor(2.0), TAKEN)
+    sums.add_step([(torch.tensor(1.0), {"acc": torch.tensor(0.5)}, torch.tensor(3.0))], torch.tensor(2.0), TAKEN)
     nan = torch.tensor(float("nan"))
-    sums.add_micro_batch(nan, {"acc": nan}, torch.tensor(5.0), NOT_TAKEN)
-    sums.add_step(torch.tensor(float("inf")), NOT_TAKEN)
+    sums.add_step([(nan, {"acc": nan}, torch.tensor(5.0))], torch.tensor(float("inf")), NOT_TAKEN)
     assert len(sums) == 2 and sums.take_window() == {"loss": (3.0, 3.0), "acc": (1.5, 3.0), "grad_norm": (2.0, 1.0)}
-    sums.add_micro_batch(nan, {}, 1.0, NOT_TAKEN)
-    sums.add_step(nan, NOT_TAKEN)
+    sums.add_step([(nan, {}, 1.0)], nan, False)
     assert sums.take_window() == {"loss": (0.0, 0.0), "grad_norm": (0.0, 0.0)}  # the engine logs 0/0 as NaN
 
 
@@ -53,8 +48,7 @@ def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives_to_the_bit
         for i in steps:
             taken = torch.tensor(i != 3)  # step 3 is not taken: its NaN weighs nothing
             value = torch.tensor(losses[i] if taken else float("nan"))
-            sums.add_micro_batch(value, {"mae": value / 3, "acc": 1.0}, torch.tensor(counts[i]), taken)
-            sums.add_step(value / 7, taken)
+            sums.add_step([(value, {"mae": value / 3, "acc": 1.0}, torch.tensor(counts[i]))], value / 7, taken)
 
     uninterrupted, before = TrainingSums(), TrainingSums()
     fill(uninterrupted, range(40))
@@ -70,8 +64,7 @@ def test_a_window_saved_as_totals_by_an_earlier_version_resumes_with_its_means()
     sums = TrainingSums()
     sums.load_state_dict({"epoch_loss": (0.0, 0.0), "window": {"loss": (6.0, 4.0), "acc": (2.0, 4.0)},
                           "steps": 2, "grad_norms": [0.5, 1.5]})
-    sums.add_micro_batch(torch.tensor(4.0), {"acc": 1.0}, 4.0, TAKEN)
-    sums.add_step(torch.tensor(1.0), TAKEN)
+    sums.add_step([(torch.tensor(4.0), {"acc": 1.0}, 4.0)], torch.tensor(1.0), TAKEN)
     assert sums.take_window() == {"loss": (22.0, 8.0), "acc": (6.0, 8.0), "grad_norm": (3.0, 3.0)}
 
 
