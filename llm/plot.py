@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm.cli import ArgParser, say
+from llm.cli import ArgParser, one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.files import refuse_checkpoint_folder, replacing
 
@@ -41,10 +41,11 @@ IMAGE_STARTS = {
     "png": (b"\x89PNG\r\n\x1a\n",), "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",),
     "gif": (b"GIF87a", b"GIF89a"), "tif": (b"II*\0", b"MM\0*"), "tiff": (b"II*\0", b"MM\0*"),
     "webp": (b"RIFF",), "pdf": (b"%PDF-",), "ps": (b"%!PS",), "eps": (b"%!PS",),
-    "svg": (b"<?xml", b"<svg"), "svgz": (b"\x1f\x8b",), "pgf": (b"%% Creator: Matplotlib",),
+    "svg": (b"<?xml", b"<svg"), "svgz": (b"\x1f\x8b",), "raw": (), "rgba": (),
 }
-"""How a file of each format begins. A format not here (raw and rgba pixels have no header) is
-written only as a new file: nothing tells an earlier plot from someone's data."""
+"""The formats written, and how a file of each begins. Raw and rgba pixels have no header: they are
+written only as a new file, since nothing tells an earlier plot from someone's data. Others matplotlib
+may offer are not: pgf needs a LaTeX install, and avif's header is not at its start."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 def read_curves(run_dir: Path) -> dict[str, Curve]:
     """The ``train`` loss, ``val`` loss and ``lr`` curves of a run; UsageError when it has no loss."""
     if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: no such run directory")
+        what = "is a file, not a run directory" if run_dir.exists() else "no such run directory"
+        raise UsageError(f"{run_dir}: {what}")
     path = run_dir / "metrics.jsonl"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -116,7 +118,9 @@ def _is_number(value: Any) -> bool:
 def labels(run_dirs: list[Path]) -> list[str]:
     """Each run's folder name, or the path as given when two runs share a name."""
     names = [d.resolve().name or str(d) for d in run_dirs]
-    return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
+    shown = [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
+    # a folder name that is not UTF-8 holds lone surrogates, which no font draws: shown as replacement characters
+    return [label.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for label in shown]
 
 
 def draw(runs: dict[str, dict[str, Curve]], width: float, height: float, dpi: float) -> Any:
@@ -168,14 +172,15 @@ def check_out(out: Path) -> str:
     except ImportError:
         raise UsageError("llm.plot needs matplotlib: pip install matplotlib") from None
 
-    formats = ", ".join(f".{name}" for name in sorted(FigureCanvasAgg.get_supported_filetypes()))
+    written = sorted(IMAGE_STARTS.keys() & FigureCanvasAgg.get_supported_filetypes().keys())
+    formats = ", ".join(f".{name}" for name in written)
     refuse_checkpoint_folder(out, "write the plot elsewhere")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: name the image to write, such as {out / 'loss.png'}")
     fmt = out.suffix[1:].lower()
     if not fmt:
         raise UsageError(f"--out {out} has no suffix to pick the image format: end it in one of {formats}")
-    if fmt not in FigureCanvasAgg.get_supported_filetypes():
+    if fmt not in written:
         raise UsageError(f"--out {out}: cannot write .{fmt} files, expected one of {formats}")
     if out.exists() and not _starts_as(out, IMAGE_STARTS.get(fmt, ())):
         raise UsageError(f"--out {out} exists and is not a .{fmt} image (by its first bytes), so it is left "
@@ -202,6 +207,7 @@ def save(fig: Any, out: Path, fmt: str, dpi: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    one_line_warnings()
     try:
         args = build_parser().parse_args(argv)
         for flag in ("width", "height", "dpi"):

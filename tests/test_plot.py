@@ -125,6 +125,13 @@ def test_labels_are_folder_names_unless_two_runs_share_one(tmp_path):
         str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run"), "z"]
 
 
+def test_a_folder_name_that_is_not_utf8_is_drawn_with_replacement_characters(tmp_path):
+    name = b"r\xff".decode("utf-8", "surrogateescape")  # what Python makes of such a name on the command line
+    assert labels([tmp_path / name]) == ["r\ufffd"]
+    out = tmp_path / "x.png"
+    assert main([str(write_run(tmp_path / name)), "--out", str(out)]) == 0 and size(out)[0] > 0
+
+
 def test_folder_names_are_shown_as_written_in_the_legend(tmp_path):
     import io
 
@@ -170,6 +177,9 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
     ("out folder missing", ["cannot write", "No such file or directory"]),
     ("out is a directory", ["taken is a folder", "taken/loss.png"]),
     ("unknown format", ["cannot write .txt files"]),
+    ("format needing latex", ["cannot write .pgf files, expected one of .eps,"]),
+    ("format without a header at its start", ["cannot write .avif files"]),
+    ("metrics file for its run", ["metrics.jsonl: is a file, not a run directory"]),
     ("zero dpi", ["--dpi: got 0, expected a number > 0"]),
     ("tiny dpi", ["--width/--height x --dpi: at least 16 pixels a side"]),
     ("unknown flag", ["unrecognized arguments: --colour"]),
@@ -191,6 +201,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
         "out folder missing": [good, "--out", tmp_path / "nowhere" / "loss.png"],
         "out is a directory": [good, "--out", tmp_path / "taken"],
         "unknown format": [good, "--out", tmp_path / "loss.txt"],
+        "format needing latex": [good, "--out", tmp_path / "loss.pgf"],
+        "format without a header at its start": [good, "--out", tmp_path / "loss.avif"],
+        "metrics file for its run": [good / "metrics.jsonl", "--out", out],
         "zero dpi": [good, "--out", out, "--dpi", 0],
         "tiny dpi": [good, "--out", out, "--dpi", 0.01],
         "unknown flag": [good, "--out", out, "--colour", "red"],
