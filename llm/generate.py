@@ -2,12 +2,14 @@
 
 Prints the prompt, then its continuation as the tokens come, then a newline.
 The same seed gives the same text. Exit codes: 0 done; 2 bad input (one line
-on stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away.
+on stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away or it cannot be
+written (a full disk). Characters the output's encoding lacks print as "?".
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Iterator
 
@@ -66,19 +68,26 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
                 generator: torch.Generator | None = None, top_p: float | None = None) -> Iterator[str]:
     """Yield the text that continues ``prompt_ids``, piece by piece, as it is sampled.
 
-    Each step decodes the whole sequence and yields what is new, so tokens that are
-    only part of a character (byte and BPE tokenizers) print once the character is
-    complete: a trailing replacement character is held back until the last token.
+    Each step decodes the tokens since an anchor and yields what is new, so tokens
+    that are only part of a character (byte and BPE tokenizers) print once the
+    character is complete: a trailing replacement character is held back until
+    the last token. The anchor moves up every ANCHOR_EVERY tokens, where decoding
+    from it is seen to give the same text as decoding everything (not so before a
+    token whose decoder drops a leading space, or inside a character): each step
+    then decodes a few hundred tokens, not the whole text, however long it grows.
     """
     device = next(model.parameters()).device
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    start = len(tokenizer.decode(prompt_ids))
-    ids, shown = list(prompt_ids), ""
+    ids = list(prompt_ids)
+    anchor, before, shown = 0, 0, ""  # decode(ids[anchor:]) goes on from character `before` of the whole text
+    skip = len(tokenizer.decode(prompt_ids))  # characters of that decode not to yield: the prompt's
     tokens = model.generate_stream(idx, max_new_tokens, temperature, top_k, generator=generator, top_p=top_p,
                                    vocab=tokenizer.vocab_size)
     for i, token in enumerate(tokens, start=1):
         ids.append(token)
-        text = tokenizer.decode(ids)[start:]
+        if i % ANCHOR_EVERY == 0:
+            anchor, before, skip, shown = _moved_anchor(tokenizer, ids, anchor, before, skip, shown)
+        text = tokenizer.decode(ids[anchor:])[skip:]
         if i < max_new_tokens:
             text = text.rstrip(_REPLACEMENT)
         if len(text) > len(shown) and text.startswith(shown):
@@ -86,8 +95,29 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
             shown = text
 
 
+ANCHOR_EVERY = 256
+"""Tokens between attempts to move stream_text's anchor, each of which decodes the whole text once."""
+
+
+def _moved_anchor(tokenizer: Tokenizer, ids: list[int], anchor: int, before: int, skip: int,
+                  shown: str) -> tuple[int, int, int, str]:
+    """stream_text's anchor moved to ANCHOR_EVERY // 2 tokens back, with what it tracks, where that is safe;
+    else as it was. ``skip`` and ``shown`` are counted from the anchor, ``before`` from the start."""
+    new_anchor = len(ids) - ANCHOR_EVERY // 2
+    whole, tail = tokenizer.decode(ids), tokenizer.decode(ids[new_anchor:])
+    new_before = len(whole) - len(tail)
+    done = before + skip + len(shown)  # characters of the whole text yielded, the prompt's among them
+    if not (whole.endswith(tail) and tail and _REPLACEMENT not in tail[:1] and before <= new_before <= done):
+        return anchor, before, skip, shown
+    cut = new_before - before  # characters of the old tail before the new anchor
+    skip_cut = min(skip, cut)
+    return new_anchor, new_before, skip - skip_cut, shown[cut - skip_cut:]
+
+
 def main(argv: list[str] | None = None) -> int:
     one_line_warnings()
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a character the output's encoding lacks prints as "?", no crash
+        sys.stdout.reconfigure(errors="replace")
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
@@ -100,14 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--prompt {args.prompt!r} encodes to no tokens")
         torch.manual_seed(args.seed)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
+        _write(args.prompt)
         for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
                                  generator=generator, top_p=args.top_p):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+            _write(piece)
+        _write("\n")
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE
@@ -117,7 +144,24 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`| head`): nothing more to generate for
         stdout_gone()
         return 1
+    except _OutputFailed as e:
+        print_error(f"error: cannot write to stdout: {e}")
+        return 1
     return 0
+
+
+class _OutputFailed(Exception):
+    """Writing the text failed (a full disk, ...), for a reason other than its reader leaving."""
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise _OutputFailed(e.strerror or str(e)) from None
 
 
 if __name__ == "__main__":

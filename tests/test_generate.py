@@ -113,6 +113,9 @@ def test_temperature_zero_continues_with_the_most_likely_tokens(step_dir, capsys
     assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "20",
                  "--temperature", "5", "--top-p", "1e-6"]) == 0
     assert continuation(capsys.readouterr().out) == greedy(model, tokenizer, PROMPT, 20)
+    # and one that float32 rounds to 0 (below 1.4e-45) still keeps that token
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "20", "--top-p", "1e-50"]) == 0
+    assert continuation(capsys.readouterr().out) == greedy(model, tokenizer, PROMPT, 20)
 
 
 def test_a_prompt_longer_than_the_context_is_cropped_to_its_end(step_dir, capsys):
@@ -166,6 +169,30 @@ def test_a_character_cut_off_by_the_last_token_still_prints():
     ids = list("ok é".encode())[:-1]  # the last token is half of é
     pieces = list(stream_text(Scripted(ids), ByteTokenizer(), [120], len(ids)))
     assert "".join(pieces) == "ok \ufffd"
+
+
+def test_a_long_stream_decodes_a_bounded_tail_per_token_and_prints_what_a_whole_decode_does(monkeypatch):
+    import llm.generate
+
+    text = "naïve café — 日本語 ok, " + "".join(f"line {i}: the cat sat on the mat.\n" for i in range(300))
+    tokenizer = HFTokenizer.train_bpe([text], vocab_size=300)
+    ids, prompt_ids = tokenizer.encode(text), tokenizer.encode("x")
+    decoded = []  # how many ids each decode took
+
+    class Counting:
+        vocab_size = tokenizer.vocab_size
+
+        def decode(self, some):
+            decoded.append(len(some))
+            return tokenizer.decode(some)
+
+    monkeypatch.setattr(llm.generate, "ANCHOR_EVERY", 64)
+    pieces = list(stream_text(Scripted(ids), Counting(), prompt_ids, len(ids)))
+    assert "".join(pieces) == tokenizer.decode(prompt_ids + ids)[len("x"):]
+    n = len(ids)
+    assert n > 1500 and sum(decoded) < 0.3 * n * n / 2, (n, sum(decoded))  # a whole decode per token: n*n/2
+    monkeypatch.setattr(llm.generate, "ANCHOR_EVERY", 10**9)  # never moved: the same pieces
+    assert list(stream_text(Scripted(ids), tokenizer, prompt_ids, len(ids))) == pieces
 
 
 def test_char_pieces_follow_the_tokens_one_by_one():
@@ -267,6 +294,25 @@ def test_bad_flag_values_exit_2_with_one_line(step_dir, capsys, flags, message):
     assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, *flags]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith(f"error: {message}") and out.err.count("\n") == 1
+
+
+def test_characters_the_output_cannot_encode_print_as_question_marks(tmp_path, monkeypatch):
+    import io
+
+    run_dir = train_tiny_lm(tmp_path, TEXT, BLOCK, steps=2, flags=("--data-tokenizer", "byte"))
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))  # as a Windows console's cp1252
+    assert main(["--checkpoint", str(run_dir), "--prompt", "café 日本", "--max-new-tokens", "3"]) == 0
+    assert out.getvalue().startswith(b"caf? ??")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_one_line(step_dir, tmp_path):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "llm.generate", "--checkpoint", str(step_dir), "--prompt",
+                                 PROMPT, "--max-new-tokens", "5"], stdout=full, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path, env=cli_env(), timeout=60)
+    assert result.returncode == 1 and result.stderr == "error: cannot write to stdout: No space left on device\n"
 
 
 def test_missing_required_flags_exit_2(capsys):

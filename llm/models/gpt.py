@@ -336,5 +336,6 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     ordered, order = logits.sort(dim=-1, descending=True)
     probs = F.softmax(ordered, dim=-1)
     before = probs.cumsum(dim=-1) - probs  # the probability of the more likely tokens
-    ordered = ordered.masked_fill(before >= top_p, float("-inf"))
+    # before > 0: a top_p float32 rounds to 0 (below 1.4e-45) would otherwise mask every token
+    ordered = ordered.masked_fill((before >= top_p) & (before > 0), float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
