@@ -166,6 +166,9 @@ def test_tensorboard_logger_events_read_back(tmp_path):
 def test_tensorboard_events_of_a_run_that_died_before_its_first_save_are_purged_when_it_starts_again(tmp_path):
     engine = StubEngine()  # at step 0: nothing saved to resume from
     for loss in (9.0, 1.0):  # the run that died at step 2 wrote its events; the one started again writes its own
+        # event files are read in name order, their names start with the second they were made in: a process
+        # started again does so in a later second (in one process, a counter in the name can sort 10 before 9)
+        time.sleep(1 - time.time() % 1)
         cb = TensorBoardLogger(log_dir=str(tmp_path))
         cb.on_train_start(engine)
         for step in (1, 2):
