@@ -12,6 +12,7 @@ import torch
 from torch import nn, optim
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
+from llm.errors import UsageError
 from llm.training.core.optim import build_optimizer
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.regression_task import mlp
@@ -37,7 +38,12 @@ class ClassificationTask(TrainingTask):
     def train_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         x, y = batch
         logits = model(x)
-        return criterion(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
+        try:
+            loss = criterion(logits, y)
+        except IndexError as e:  # on the CPU; on a GPU a label out of range stops the run in a device assert
+            raise UsageError(f"a batch holds a label outside 0..{logits.size(-1) - 1} (data.num_classes="
+                             f"{logits.size(-1)}): {e}") from None
+        return loss, {"acc": (logits.argmax(-1) == y).float().mean()}
 
     def validation_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         return self.train_step(batch, model, criterion)

@@ -30,3 +30,21 @@ def test_another_optimizer_is_the_one_named(tmp_path, name, kind):
     task = ClassificationTask(config(tmp_path, name=name, beta1=0.5))
     optimizer = task.build_optimizer(task.build_model())
     assert isinstance(optimizer, kind)
+
+
+@pytest.mark.parametrize("label", [4, -1])
+def test_a_label_outside_the_classes_is_one_line(tmp_path, label):
+    from llm.data.classification_data_module import ClassificationDataModule
+    from llm.errors import UsageError
+
+    class BadLabels(ClassificationDataModule):  # as a data set with more classes than data.num_classes
+        def setup(self, stage=None):
+            super().setup(stage)
+            self.train_set.tensors[1][-3] = label
+
+    config = Config.from_dict({"task": "classification", "data": {"num_classes": 4},
+                               "training": {"epochs": 1, "device": "cpu"}, "logging": {"log_dir": str(tmp_path)}})
+    engine = TrainingEngine(config, ClassificationTask(config), data_module=BadLabels(config))
+    with pytest.raises(UsageError, match=rf"^a batch holds a label outside 0..3 \(data.num_classes=4\): "
+                                         rf"Target {label} is out of bounds"):
+        engine.train()
