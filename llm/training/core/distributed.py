@@ -99,8 +99,9 @@ def pick_device(config: Config, local_rank: int) -> torch.device:
     if wanted == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
-    # set either way: the config, not an earlier run in this process, says how float32 matmuls are done
-    torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
+    # set either way: the config, not an earlier run in this process, says how float32 matmuls are done; through
+    # the call that sets every backend's flag, so that torch never sees its legacy and new settings disagree
+    torch.set_float32_matmul_precision("high" if config.training.tf32 else "highest")
     return torch.device("cuda", local_rank)
 
 

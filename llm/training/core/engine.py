@@ -375,7 +375,7 @@ class TrainingEngine:
         if method == "val_dataloader" and isinstance(sampler, DistributedSampler) and not sampler.drop_last and \
                 type(sampler).__iter__ is DistributedSampler.__iter__ and sampler.total_size > len(sampler.dataset):
             raise UsageError(f"{name}: its DistributedSampler repeats {sampler.total_size - len(sampler.dataset)} "
-                             f"of the {len(sampler.dataset)} validation items to even out {self.world_size} ranks' "
+                             f"of the {len(sampler.dataset)} validation items to even out {sampler.num_replicas} ranks' "
                              f"shares, which validation would count twice: build the loader with "
                              f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
         return got[0], sampler

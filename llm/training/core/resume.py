@@ -237,7 +237,10 @@ data module draws at random in its workers, which a checkpoint never holds: see 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The settings that differ between a checkpoint's flattened config and this run's (each with a
-    ``world_size`` entry), but for those that say how to resume (checkpoint.resume, allow_config_change)."""
+    ``world_size`` entry), but for those that say how to resume (checkpoint.resume, allow_config_change).
+    A setting newer than the checkpoint counts as saved at its default: the run that saved it had that."""
+    defaults = flatten(Config().to_dict())
+    saved = {**{k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}, **saved}
     return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME)
 
 

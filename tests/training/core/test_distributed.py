@@ -44,18 +44,24 @@ def test_launcher_variables_that_do_not_make_sense_are_one_line(tmp_path, monkey
 
 
 @pytest.mark.parametrize("tf32", [True, False])
-def test_tf32_is_what_the_config_says_on_cuda_and_left_alone_on_the_cpu(monkeypatch, tf32):
+@pytest.mark.parametrize("earlier", ["highest", "high"])
+def test_tf32_is_what_the_config_says_on_cuda_and_left_alone_on_the_cpu(monkeypatch, tf32, earlier):
     import torch
 
     from llm.training.core import distributed as D
     from llm.training.core.config import Config
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)  # an earlier setting, put back after
-    config = Config.from_dict({"training": {"tf32": tf32}})
-    assert D.pick_device(Config.from_dict({"training": {"tf32": tf32, "device": "cpu"}}), 0).type == "cpu"
-    assert torch.backends.cuda.matmul.allow_tf32 is not tf32
-    # no GPU here: CUDA is said to be there, so that the device is picked as on a GPU machine
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    assert D.pick_device(config, 0) == torch.device("cuda", 0)
-    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(earlier)  # as a script may have set before the run
+    try:
+        assert D.pick_device(Config.from_dict({"training": {"tf32": tf32, "device": "cpu"}}), 0).type == "cpu"
+        assert torch.get_float32_matmul_precision() == earlier
+        # no GPU here: CUDA is said to be there, so that the device is picked as on a GPU machine
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+        assert D.pick_device(Config.from_dict({"training": {"tf32": tf32}}), 0) == torch.device("cuda", 0)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+        # the legacy flag and the new settings agree: asking for the precision does not raise, as inductor does
+        assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -707,7 +707,7 @@ def test_a_validation_sampler_that_repeats_items_is_refused_in_one_line(tmp_path
     TrainingEngine(config, RegressionTask(config), data_module=PaddedValidation(config)).setup()
     config = tiny_config(tmp_path / "odd", data={"num_samples": 113, "val_fraction": 0.1})  # 11: one repeated
     with pytest.raises(UsageError, match=r"^PaddedValidation.val_dataloader\(\): its DistributedSampler repeats 1 of "
-                                         r"the 11 validation items .* self.build_dataloader\(dataset, rank, world_size, "
+                                         r"the 11 validation items to even out 2 ranks' shares, .* self.build_dataloader\(dataset, rank, world_size, "
                                          r"train=False\), whose sampler does not$"):
         TrainingEngine(config, RegressionTask(config), data_module=PaddedValidation(config)).setup()
 

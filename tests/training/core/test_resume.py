@@ -30,7 +30,7 @@ def test_config_changes_lists_what_changed_and_refuses_what_binds_unless_allowed
            "checkpoint.allow_config_change": False}  # how to resume is no change of the run
     assert config_changes(saved, now) == ["data.num_workers", "training.epochs"]
     check_changes(config_changes(saved, now), allowed=False, path=Path("ckpt"))  # nothing that binds
-    binding = config_changes(saved, {**now, "world_size": 2, "model.n_layer": 4})
+    binding = config_changes(saved, {**now, "world_size": 2, "model.n_layer": 6})  # not its default, 4
     with pytest.raises(UsageError, match=r"cannot resume ckpt: model\.n_layer, world_size changed"):
         check_changes(binding, allowed=False, path=Path("ckpt"))
     check_changes(binding, allowed=True, path=Path("ckpt"))
@@ -70,3 +70,14 @@ def test_resumable_sampler_skips_indices_already_trained_on():
     assert len(list(loader)) == 4
     other = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
     assert ResumableSampler.install(other, torch.utils.data.SequentialSampler(range(10))) is None
+
+
+def test_a_setting_newer_than_the_checkpoint_counts_as_saved_at_its_default():
+    from llm.training.core.callbacks import flatten
+    from llm.training.core.config import Config
+    from llm.training.core.resume import config_changes
+
+    now = flatten(Config().to_dict())
+    saved = {k: v for k, v in now.items() if k != "training.tf32"}  # a checkpoint from before the setting
+    assert config_changes(saved, now) == []
+    assert config_changes(saved, {**now, "training.tf32": True}) == ["training.tf32"]
