@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from llm.errors import UsageError
@@ -33,6 +34,8 @@ def _optimizer(params: list[nn.Parameter], name: str, cfg: OptimizerConfig) -> t
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     if name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+    if params and isinstance(params[0], DTensor):  # FSDP2's shards: torch has no sharded fused SGD kernel
+        fused = {}
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
 
 
