@@ -53,14 +53,17 @@ class TrainingSums:
         return local
 
     def _grad_norm_total(self) -> tuple[float, float]:
-        """The window's sum of gradient norms over the steps taken, and how many were taken: one device sync."""
+        """The window's sum of gradient norms over the steps taken, and how many were taken."""
         norms, taken = self._grad_norms()
         return float(norms[taken].sum()), float(taken.sum())
 
     def _grad_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window's gradient norms and whether each step was taken (a mask), on the host."""
-        pairs = _on_host([x for pair in self.grad_norms for x in pair]).reshape(-1, 2)
-        return pairs[:, 0], pairs[:, 1] != 0
+        """The window's gradient norms and whether each step was taken (a mask), on the host: the norms and the
+        flags each of one kind (tensors, or the CPU's bools), read apart; the second read waits for nothing."""
+        if not self.grad_norms:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        norms, taken = zip(*self.grad_norms)
+        return _on_host(list(norms)), _on_host(list(taken)) != 0
 
     def close_epoch(self) -> tuple[float, float]:
         """The epoch's loss sum and count: the windows already logged plus the one still open.
@@ -163,6 +166,11 @@ def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
     The tensors are stacked a dtype at a time (stacking mixed dtypes would round a large count to a float32
     loss's precision): a few operations for a window of any length, not a few per entry.
     """
+    if not any(isinstance(item, torch.Tensor) for item in items):  # weights and flags on the CPU: one call
+        return torch.tensor(items, dtype=torch.float64)
+    first = items[0]
+    if all(isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == 0 for item in items):
+        return torch.stack(items).double().cpu()  # losses, or norms: one dtype, one stack
     out = torch.tensor([0.0 if isinstance(item, torch.Tensor) else float(item) for item in items],
                        dtype=torch.float64)
     by_dtype: dict[torch.dtype, list[int]] = {}

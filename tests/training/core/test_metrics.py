@@ -78,3 +78,16 @@ def test_on_host_keeps_each_entry_exact_whatever_the_mix_of_dtypes_and_shapes():
              torch.tensor(False)]
     assert _on_host(items).tolist() == [0.25, 0.1, float(big), 1.0, 1.5, 3.0, 0.0]
     assert _on_host([]).tolist() == [] and _on_host([2, 0.5]).tolist() == [2.0, 0.5]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numbers_and_tensors_of_any_mix_reach_the_host_as_their_float64_values(seed):
+    import random
+
+    rng = random.Random(seed)
+    makers = [lambda: rng.random(), lambda: rng.random() < 0.5, lambda: torch.tensor(rng.random()),
+              lambda: torch.tensor(rng.random() < 0.5), lambda: torch.tensor([rng.randrange(10**8)]),  # a count
+              lambda: torch.tensor(rng.random(), dtype=torch.float64)]
+    for kinds in ([0, 1], [2], [3], [2, 4], [0, 2, 3, 4, 5], [4]):  # numbers only, one dtype, and mixes
+        items = [makers[rng.choice(kinds)]() for _ in range(rng.randrange(1, 40))]
+        assert torch.equal(_on_host(items), torch.tensor([float(x) for x in items], dtype=torch.float64)), items
