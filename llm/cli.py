@@ -44,8 +44,9 @@ def say(line: str) -> None:
 
 
 def stdout_gone() -> None:
-    """After a BrokenPipeError on stdout: send the rest of the output to devnull. A training run must not die
-    because nobody reads its progress, and Python would otherwise fail again flushing stdout at exit."""
+    """After stdout failed (a BrokenPipeError: its reader went away; a full disk): send the rest of the output to
+    devnull. A training run must not die because nobody reads its progress, and Python would otherwise fail again
+    flushing stdout at exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

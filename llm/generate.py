@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except _OutputFailed as e:
         print_error(f"error: cannot write to stdout: {e}")
+        stdout_gone()  # what is still buffered must not fail again at exit
         return 1
     return 0
 
