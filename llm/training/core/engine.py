@@ -669,8 +669,6 @@ class TrainingEngine:
         applied (optimizer_step), so reading it a step late changes no weights. Every
         rank checks at the same points and sees the same norms: the collectives match.
         """
-        if not self._unchecked:
-            return
         scaler = self.scaler.is_enabled()
         for step, taken, losses in self._unchecked:
             if bool(taken.wait()):
