@@ -69,6 +69,8 @@ class StubEngine:
         self.step, self.epoch, self.total_steps = 0, 0, 10
         self.stop_reason = ""
         self.should_stop = False
+        self.continues_run = False  # a fresh run; a resume of its own checkpoint sets it
+        self.interrupted_by = None  # a signal that stopped the run
         self.logged: dict[str, float] = {}
         self.printed: list[str] = []
         self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)

@@ -55,7 +55,7 @@ def default_callbacks(config: Config) -> list[Callback]:
     ]
     for name in config.logging.logger_names():
         if name == "tensorboard":
-            callbacks.append(TensorBoardLogger(log_dir=config.logging.log_dir))
+            callbacks.append(TensorBoardLogger())  # into the run's folder, once claim_run_dir has chosen it
             continue
         problem = missing_package(name)
         if problem:
@@ -116,9 +116,9 @@ def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]
     """Train on this process; the process group must already exist when world_size > 1."""
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
+    callbacks = default_callbacks(config)  # first: a tracker that cannot be imported stops it before any file
     note = claim_run_dir(config)
-    callbacks = default_callbacks(config)
-    if note:  # last: the callbacks' checkpointed state is keyed by their place in the list
+    if note:
         callbacks.append(Announce(note))
     engine = TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)
     return engine.train()

@@ -93,6 +93,7 @@ class TrainingEngine:
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self._loaded: Path | None = None  # the checkpoint this run resumed from
+        self.continues_run = False  # resumed from a checkpoint of its own folder, not branched from another run's
         self.train_metrics: dict[str, float] = {}  # the last logged training record
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
@@ -101,7 +102,7 @@ class TrainingEngine:
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
         self._unchecked: list[tuple[int, _HostCopy, list[torch.Tensor]]] = []  # (step, taken, losses) to check
         self._signal: int | None = None  # a signal this process received
-        self._interrupted = False  # a signal some rank received, agreed by all of them
+        self.interrupted_by: signal.Signals | None = None  # a signal some rank received, agreed by all of them
 
     # ---- the loop ------------------------------------------------------------------
 
@@ -120,8 +121,8 @@ class TrainingEngine:
         finally:
             self._fire_cleanup(metrics, ok)
             self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
-        if self._interrupted:
-            raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, checkpoint)
+        if self.interrupted_by is not None:
+            raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint)
         return metrics
 
     def train_epoch(self) -> None:
@@ -177,8 +178,8 @@ class TrainingEngine:
         trained = self.first_step_s is not None  # else a finished run started again: its last record is logged
         if trained and len(self._sums):
             self._flush_log("train", self._window_metrics())
-        validating = not self._interrupted and self.val_metrics.get("step") != self.step
-        if not self._interrupted:
+        validating = self.interrupted_by is None and self.val_metrics.get("step") != self.step
+        if self.interrupted_by is None:
             self._validated()
         if trained or validating or self._saved_step != self.step:
             checkpoint = self.save_checkpoint(state)  # first: what the summary fails to write must not cost it
@@ -455,7 +456,7 @@ class TrainingEngine:
         """The state that logging and validating change: the callbacks', the best metric, a stop they asked
         for, engine.log() values waiting for their record, and each rank's own (random streams, and the losses
         of the epoch and of the log window so far)."""
-        callbacks = {_callback_key(i, cb): copy.deepcopy(cb.state_dict()) for i, cb in enumerate(self.callbacks)}
+        callbacks = {key: copy.deepcopy(cb.state_dict()) for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": resume.rng_state(), **self._sums.state_dict()}
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
                 "pending": copy.deepcopy(self._pending)}
@@ -508,9 +509,10 @@ class TrainingEngine:
         if not monitor_changed:
             self.best_metric = shared["best_metric"]
         states = shared["callbacks"]
-        for i, cb in enumerate(self.callbacks):
-            if _callback_key(i, cb) in states:
-                cb.load_state_dict(states[_callback_key(i, cb)])
+        for i, (key, cb) in enumerate(zip(_callback_keys(self.callbacks), self.callbacks)):
+            state = states.get(key, states.get(f"{i}:{type(cb).__name__}"))  # earlier versions keyed by place
+            if state is not None:
+                cb.load_state_dict(state)
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
             resume.set_rng_state(mine["rng"])
@@ -520,7 +522,8 @@ class TrainingEngine:
         self.train_metrics = shared["train_metrics"]
         self._pending = shared.get("pending_log", {})  # absent from checkpoints of earlier versions
         self._loaded = path
-        if path.parent.resolve() == Path(self.config.checkpoint.dir).resolve():
+        self.continues_run = path.parent.resolve() == Path(self.config.checkpoint.dir).resolve()
+        if self.continues_run:
             self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
@@ -647,10 +650,10 @@ class TrainingEngine:
         stop, signalled = self.should_stop, self._signal is not None
         if self.world_size > 1:
             stop, signalled = D.any_rank([stop, signalled], self.device)
-        if signalled:
-            self._interrupted = True
+        if signalled:  # a rank that got none stops as if by SIGTERM
+            self.interrupted_by = signal.Signals(self._signal or signal.SIGTERM)
             if not self.should_stop:
-                self.stop_reason = f"stopped by signal {signal.Signals(self._signal or signal.SIGTERM).name}"
+                self.stop_reason = f"stopped by signal {self.interrupted_by.name}"
         if (stop or signalled) and D.active():  # once, at the stop: every rank gives the asking rank's reason
             reasons = D.gather((self.stop_reason, self._held_stop))
             self.stop_reason = self.stop_reason or next((r for r, _ in reasons if r), "")
@@ -917,7 +920,15 @@ def _where(e: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "inside torch"
 
 
-def _callback_key(index: int, cb: Callback) -> str:
-    return f"{index}:{type(cb).__name__}"
+def _callback_keys(callbacks: list[Callback]) -> list[str]:
+    """Each callback's key in a checkpoint: its class name, numbered from the second of a class on
+    (``Announce``, ``Announce#2``), so that adding, dropping or reordering others keeps its state its own."""
+    seen: dict[str, int] = {}
+    keys = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
 
 

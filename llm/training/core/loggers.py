@@ -5,13 +5,15 @@ them; :func:`missing_package` says what to install before a run starts. Both
 act on rank 0 only, log the config once, then every numeric value of every log
 record as ``<split>/<name>`` at the record's step (``train/loss``,
 ``val/val_loss``), the same tags the TensorBoard logger writes. The tracker's
-run id is saved with the checkpoint, so a resumed training continues its run.
+run id is saved with the checkpoint, so a resumed training continues its run; a
+branch from another run's checkpoint (``engine.continues_run`` false) starts a
+run of its own. A run stopped by a signal, to be resumed, is not marked finished.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import logging
 import os
 import time
@@ -41,11 +43,11 @@ def _unless_set(**variables: str) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def _import(logger: str, module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UsageError(missing_package(logger) or f"logger {logger!r}: cannot import {module}") from None
+def _import(logger: str) -> Any:
+    problem = missing_package(logger)
+    if problem:
+        raise UsageError(problem)
+    return importlib.import_module(LOGGERS[logger].package)
 
 
 class MLflowLogger(Callback):
@@ -57,15 +59,17 @@ class MLflowLogger(Callback):
 
     package = "mlflow"
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "llm", run_name: str | None = None):
-        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, run_name: str | None = None):
+        # MLflow's own variable names the experiment when the code does not
+        self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "llm"
+        self.tracking_uri, self.run_name = tracking_uri, run_name
         self.run_id: str | None = None
         self._client = None
 
     def on_train_start(self, engine: TrainingEngine) -> None:
         if not engine.is_main:
             return
-        _import("mlflow", "mlflow")
+        _import("mlflow")
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -86,7 +90,7 @@ class MLflowLogger(Callback):
             raise UsageError(f"MLflow tracking URI {uri}: {why}; check MLFLOW_TRACKING_URI, or unset it "
                              f"for the run's own file store") from None
         run = None
-        if self.run_id is not None:  # restored from a checkpoint: continue that run
+        if self.run_id is not None and engine.continues_run:  # restored from this run's checkpoint: continue it
             try:
                 run = client.get_run(self.run_id)
                 client.update_run(self.run_id, status="RUNNING")
@@ -122,8 +126,9 @@ class MLflowLogger(Callback):
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._client is None:
             return
-        # the engine hands empty metrics when training raised
-        self._client.set_terminated(self.run_id, status="FINISHED" if metrics else "FAILED")
+        # the engine hands empty metrics when training raised; a run stopped by a signal is saved, to be resumed
+        status = "FAILED" if not metrics else "KILLED" if engine.interrupted_by is not None else "FINISHED"
+        self._client.set_terminated(self.run_id, status=status)
         self._client = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -142,18 +147,22 @@ class WandbLogger(Callback):
     package = "wandb"
     MODES = ("offline", "online", "disabled")
 
-    def __init__(self, project: str = "llm", mode: str = "offline", dir: str | None = None, run_name: str | None = None):
+    def __init__(self, project: str | None = None, mode: str = "offline", dir: str | None = None,
+                 run_name: str | None = None):
         if mode not in self.MODES:
             raise ValueError(f"WandbLogger mode: got {mode!r}, expected one of {', '.join(self.MODES)}")
-        self.project, self.mode, self.dir, self.run_name = project, mode, dir, run_name
+        self.project = project or os.environ.get("WANDB_PROJECT") or "llm"  # wandb's own variable, when set
+        self.mode, self.dir, self.run_name = mode, dir, run_name
         self.run_id: str | None = None
         self._run = None
 
     def on_train_start(self, engine: TrainingEngine) -> None:
         if not engine.is_main:
             return
-        wandb = _import("wandb", "wandb")
+        wandb = _import("wandb")
         run_dir = Path(engine.run_dir)
+        if not engine.continues_run:  # a branch from another run's checkpoint is a run of its own
+            self.run_id = None
         self._run = wandb.init(
             project=self.project,
             mode=self.mode,
@@ -176,7 +185,13 @@ class WandbLogger(Callback):
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._run is None:
             return
-        self._run.finish(exit_code=0 if metrics else 1)  # empty metrics: training raised
+        if not metrics:  # training raised
+            self._run.finish(exit_code=1)
+        elif engine.interrupted_by is not None:  # stopped by a signal and saved, to be resumed: as the process exits
+            self._run.mark_preempting()
+            self._run.finish(exit_code=128 + engine.interrupted_by)
+        else:
+            self._run.finish(exit_code=0)
         self._run = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -191,11 +206,17 @@ LOGGERS: dict[str, type[MLflowLogger] | type[WandbLogger]] = {"mlflow": MLflowLo
 
 
 def missing_package(name: str) -> str | None:
-    """A one-line install hint when logger ``name``'s library cannot be imported, else None."""
+    """One line when logger ``name``'s library cannot be imported (an install hint when it is not installed,
+    the import's own error when it is broken), else None. It imports the library, as the logger will."""
     if name not in LOGGERS:
         raise UsageError(f"unknown logger {name!r}: expected one of {', '.join(LOGGERS)}{closest(name, LOGGERS)}")
     package = LOGGERS[name].package
-    # find_spec finds the package without importing it (mlflow and wandb take a second to import)
-    if importlib.util.find_spec(package) is None:
-        return f"logger {name!r} needs the {package} package: pip install {package}"
+    try:
+        importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        if e.name == package or package.startswith(f"{e.name}."):
+            return f"logger {name!r} needs the {package} package: pip install {package}"
+        return f"logger {name!r}: importing {package} failed: {type(e).__name__}: {one_line(e)}"
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything (a protobuf TypeError, most often)
+        return f"logger {name!r}: importing {package} failed: {type(e).__name__}: {one_line(e)}"
     return None

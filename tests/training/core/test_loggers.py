@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,9 @@ def test_mlflow_resumed_training_continues_the_same_run(tmp_path):
     resumed = MLflowLogger(tracking_uri=uri)
     resumed.load_state_dict(first.state_dict())
     # a resume may change a harmless setting; MLflow forbids changing a param, so the first value stays
-    train(resumed, engine_for(tmp_path, training={"epochs": 5}), [{"split": "train", "step": 6, "epoch": 1, "loss": 0.75}])
+    engine = engine_for(tmp_path, training={"epochs": 5})
+    engine.continues_run = True
+    train(resumed, engine, [{"split": "train", "step": 6, "epoch": 1, "loss": 0.75}])
 
     assert resumed.run_id == first.run_id
     client = mlflow.tracking.MlflowClient(uri)
@@ -124,6 +127,42 @@ def test_mlflow_resumed_training_continues_the_same_run(tmp_path):
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.params["training.epochs"] == "2"
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_mlflow_a_branch_from_another_runs_checkpoint_is_a_run_of_its_own(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = (tmp_path / "store").as_uri()
+    parent = MLflowLogger(tracking_uri=uri)
+    train(parent, engine_for(tmp_path), RECORDS[:1])
+
+    branch = MLflowLogger(tracking_uri=uri)
+    branch.load_state_dict(parent.state_dict())  # the parent's id, restored with its checkpoint
+    train(branch, engine_for(tmp_path), [{"split": "train", "step": 6, "epoch": 1, "loss": 0.75}])  # continues_run False
+
+    assert branch.run_id != parent.run_id
+    client = mlflow.tracking.MlflowClient(uri)
+    assert history(client, parent.run_id, "train/loss") == [(2, 1.5)]
+    assert history(client, branch.run_id, "train/loss") == [(6, 0.75)]
+
+
+def test_mlflow_marks_a_run_stopped_by_a_signal_killed_not_finished(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = (tmp_path / "store").as_uri()
+    logger = MLflowLogger(tracking_uri=uri)
+    engine = engine_for(tmp_path)
+    engine.interrupted_by = signal.SIGTERM  # the engine saved the run and hands its metrics, to be resumed
+    train(logger, engine, RECORDS[:1])
+    assert mlflow.tracking.MlflowClient(uri).get_run(logger.run_id).info.status == "KILLED"
+
+
+def test_tracker_names_from_their_own_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    monkeypatch.setenv("WANDB_PROJECT", "proj-from-env")
+    assert MLflowLogger().experiment == "from-env" and WandbLogger().project == "proj-from-env"
+    assert MLflowLogger(experiment="given").experiment == "given" and WandbLogger(project="given").project == "given"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    monkeypatch.delenv("WANDB_PROJECT")
+    assert MLflowLogger().experiment == "llm" and WandbLogger().project == "llm"
 
 
 def test_mlflow_starts_a_new_run_when_the_saved_one_is_not_in_the_store(tmp_path):
@@ -180,6 +219,22 @@ def test_missing_package_rejects_an_unknown_logger():
         missing_package("mlfow")
 
 
+def test_a_broken_install_is_one_line_with_the_import_error(tmp_path, monkeypatch):
+    # an installed package whose import fails, as mlflow does against a protobuf it does not support
+    fake = tmp_path / "site" / "mlflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise TypeError("Descriptors cannot be created directly.\\nmore")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert missing_package("mlflow") == ("logger 'mlflow': importing mlflow failed: TypeError: Descriptors "
+                                         "cannot be created directly. more")
+    (fake / "__init__.py").write_text("import llm_test_no_such_dependency\n")
+    monkeypatch.delitem(sys.modules, "mlflow", raising=False)  # a failed import leaves none
+    assert missing_package("mlflow") == ("logger 'mlflow': importing mlflow failed: ModuleNotFoundError: "
+                                         "No module named 'llm_test_no_such_dependency'")
+
+
 def test_a_logger_without_its_package_fails_at_start_with_the_install_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(UsageError, match=r"^logger 'mlflow' needs the mlflow package: pip install mlflow$"):
@@ -218,3 +273,81 @@ def test_wandb_offline_run_in_the_run_dir_with_config_and_metrics(tmp_path):
     while b"val/val_loss" not in files[0].read_bytes() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert b"val/val_loss" in files[0].read_bytes()
+
+
+def test_wandb_continues_its_own_run_on_resume_and_starts_another_on_a_branch(tmp_path):
+    pytest.importorskip("wandb")
+    first = WandbLogger()
+    train(first, engine_for(tmp_path), RECORDS[:1])
+
+    resumed = WandbLogger()
+    resumed.load_state_dict(first.state_dict())
+    engine = engine_for(tmp_path)
+    engine.continues_run = True  # its own folder's checkpoint
+    train(resumed, engine, [{"split": "train", "step": 6, "epoch": 1, "loss": 0.75}])
+    assert resumed.run_id == first.run_id
+
+    branch = WandbLogger()
+    branch.load_state_dict(first.state_dict())
+    train(branch, engine_for(tmp_path), [{"split": "train", "step": 6, "epoch": 1, "loss": 0.5}])  # another run's
+    assert branch.run_id != first.run_id
+
+
+def test_wandb_run_stopped_by_a_signal_is_preempted_with_the_process_exit_code(tmp_path):
+    pytest.importorskip("wandb")
+    logger, engine = WandbLogger(), engine_for(tmp_path)
+    logger.on_train_start(engine)
+    run, calls = logger._run, []
+    real_finish = run.finish
+    run.mark_preempting = lambda: calls.append("preempting")
+    run.finish = lambda exit_code=None: (calls.append(exit_code), real_finish(exit_code=exit_code))
+    engine.interrupted_by = signal.SIGTERM
+    logger.on_train_end(engine, {"train_loss": 1.0})
+    assert calls == ["preempting", 143]
+
+
+# ---- through the command line ------------------------------------------------------------
+
+CLI = ["--task", "regression", "--data-num-samples", "160", "--data-input-dim", "4", "--model-n-layer", "1",
+       "--model-n-embd", "8", "--training-batch-size", "16", "--logging-log-every-steps", "2",
+       "--logging-progress-bar", "false"]
+
+
+def test_the_cli_continues_the_tracker_run_on_resume_and_starts_one_for_a_branch(tmp_path, monkeypatch, capsys):
+    mlflow = pytest.importorskip("mlflow")
+    from llm.training.train import main
+
+    uri = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    assert main([*CLI, "--training-max-steps", "4", "--logging-loggers", "mlflow", "--logging-log-dir", str(run_a)]) == 0
+    # resumed with one more logger listed first: the tracker's saved run is still its own
+    assert main([*CLI, "--training-max-steps", "6", "--logging-loggers", "tensorboard,mlflow",
+                 "--logging-log-dir", str(run_a), "--checkpoint-resume", "auto"]) == 0
+    # a branch from a's step 4 into a folder of its own
+    assert main([*CLI, "--training-max-steps", "6", "--logging-loggers", "mlflow", "--logging-log-dir", str(run_b),
+                 "--checkpoint-resume", str(run_a / "checkpoints" / "step_00000004")]) == 0
+
+    client = mlflow.tracking.MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name("llm").experiment_id])
+    assert sorted(r.info.run_name for r in found) == ["a", "b"]  # one run each: none split, none shared
+    runs = {r.info.run_name: r for r in found}
+    assert [step for step, _ in history(client, runs["a"].info.run_id, "train/loss")] == [2, 4, 6]
+    assert [step for step, _ in history(client, runs["b"].info.run_id, "train/loss")] == [6]
+    assert runs["b"].data.params["logging.log_dir"] == str(run_b)
+
+
+def test_the_cli_with_a_broken_tracker_install_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from llm.training.train import main
+
+    fake = tmp_path / "site" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise TypeError("Descriptors cannot be created directly")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m == "wandb" or m.startswith("wandb.")]:
+        monkeypatch.delitem(sys.modules, name)
+    run = tmp_path / "run"
+    assert main([*CLI, "--logging-loggers", "tensorboard,wandb", "--logging-log-dir", str(run)]) == 2
+    assert capsys.readouterr().err == ("error: logger 'wandb': importing wandb failed: TypeError: Descriptors cannot "
+                                       "be created directly\n")
+    assert not run.exists()
