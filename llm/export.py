@@ -132,8 +132,12 @@ def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, 
             if name in weights:
                 weights[name] = weights[name][:loaded.vocab_size]
         config = dataclasses.replace(config, vocab_size=loaded.vocab_size)
-    hf = isinstance(loaded, HFTokenizer)
-    return ckpt, weights, config, tokenizer.read_bytes() if hf else None
+    if not isinstance(loaded, HFTokenizer):
+        return ckpt, weights, config, None
+    # training encodes without the special tokens a post-processor adds (<s>, [CLS] ... [SEP]): so must the export
+    document = json.loads(tokenizer.read_bytes())
+    document["post_processor"] = None
+    return ckpt, weights, config, json.dumps(document, ensure_ascii=False).encode()
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -190,7 +190,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                      "tokenizer_config.json"]
     _, tokenizer, ckpt = load_lm(run_dir)
-    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((ckpt / "tokenizer.json").read_text())
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     text = "the lazy fox jumps over 12 quick dogs"
     ids = tokenizer.encode(text)
@@ -200,6 +200,29 @@ def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_
     assert config["n_positions"] == 16 and config["vocab_size"] == tokenizer.vocab_size
     assert config["activation_function"] == "gelu" and config["resid_pdrop"] == 0.1
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
+
+
+def test_export_hf_tokenizer_adds_no_special_tokens_training_did_not(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    # a tokenizer file whose post-processor puts <s> first, as Llama's and BERT's do; training encodes without it
+    made = Tokenizer(models.BPE())
+    made.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    made.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                             trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    made.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    made.save(str(tmp_path / "tokenizer.json"))
+    run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--data-tokenizer", str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "hf"
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+
+    _, tokenizer, _ = load_lm(run_dir)
+    text = "the lazy dog jumps"
+    ids = tokenizer.encode(text)
+    assert ids[0] != 0 and transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == ids
+    assert_same_logits(run_dir, out, ids)
 
 
 def test_export_hf_cuts_a_padded_vocabulary_back_to_the_tokenizers(tmp_path):
