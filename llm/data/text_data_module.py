@@ -1,8 +1,10 @@
 """TextDataModule: a text corpus, tokenized once into a cached memory-mapped token file.
 
-The cache entry is a folder ``<data.cache_dir>/<key>/`` holding ``tokens.bin``
-and the ``tokenizer.json`` that made it. The key hashes the corpus bytes and the
-tokenizer recipe, so an edited corpus or another tokenizer gets a new entry.
+The cache entry is a folder ``<data.cache_dir>/<key>/`` holding ``tokens.bin``,
+the ``tokenizer.json`` that made it and ``tokens.size``, the byte count written. The key
+hashes the corpus bytes and the tokenizer recipe, so an edited corpus or another
+tokenizer gets a new entry; a ``tokens.bin`` that is not the size written is damaged,
+and is tokenized again. Files under the cache folder are never part of the corpus.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ DEFAULT_CORPUS_BYTES = 4 << 20
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _CHUNK_CHARS = 1 << 20
 _BLOCK_BYTES = 1 << 20
-TOKENS, TOKENIZER = "tokens.bin", "tokenizer.json"
+TOKENS, TOKENIZER, SIZE = "tokens.bin", "tokenizer.json", "tokens.size"
 
 
 def default_corpus_files(limit_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
@@ -232,9 +234,20 @@ class TextDataModule(BaseDataModule):
 
     def _files(self) -> list[Path]:
         files = corpus_files(self.config.data.path)
+        cache = self._cache_dir().resolve()
+        ours = [f for f in files if f.resolve().is_relative_to(cache)]  # a cache folder inside the data folder
+        if ours:
+            files = [f for f in files if f not in ours]
+            if not files:
+                raise UsageError(f"data.path: {self.config.data.path} holds only the token cache "
+                                 f"(data.cache_dir {self.config.data.cache_dir}), no text")
         if self.config.data.path and sum(f.stat().st_size for f in files) == 0:
             raise UsageError(f"data.path: {self.config.data.path} is empty (0 bytes of text)")
         return files
+
+    def _cache_dir(self) -> Path:
+        d = self.config.data
+        return Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
 
     def _texts(self, files: list[Path]) -> Iterator[str]:
         """The corpus as pieces of about a million characters, file after file."""
@@ -261,17 +274,19 @@ class TextDataModule(BaseDataModule):
                 corpus.update(b"unreadable")  # the default corpus skips it
         self.corpus_digest = corpus.hexdigest()
         key = hashlib.sha256(f"text-cache-{CACHE_FORMAT}\0{recipe}\0{self.corpus_digest}".encode()).hexdigest()
-        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
-        return cache_dir / key[:32]
+        return self._cache_dir() / key[:32]
 
     def prepare_data(self) -> None:
         """Build the tokenizer and tokenize the corpus into the cache, unless it is there already."""
         files = self._files()
         entry = self.cache_path = self._cache_entry(files)
-        self.cache_hit = (entry / TOKENS).is_file() and (entry / TOKENIZER).is_file()
+        damage = _damage(entry)
+        self.cache_hit = (entry / TOKENS).is_file() and (entry / TOKENIZER).is_file() and not damage
         if self.cache_hit:
             return
-        if entry.exists():  # an entry someone emptied by hand: the rename below needs the name free
+        if damage:
+            warnings.warn(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): tokenizing again")
+        if entry.exists():  # an entry damaged or emptied by hand: the rename below needs the name free
             shutil.rmtree(entry)
         d = self.config.data
         tokenizer = build_tokenizer(d.tokenizer, self._texts(files), d.vocab_size)
@@ -319,7 +334,8 @@ class TextDataModule(BaseDataModule):
                 warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "
                               f"all of the text; training goes on with them")
-            (tmp / WRITING).unlink()  # the entry holds its two files only; the lock is held until the close below
+            (tmp / SIZE).write_text(f"{(tmp / TOKENS).stat().st_size}\n")
+            (tmp / WRITING).unlink()  # the entry holds its three files only; the lock is held until the close below
             try:
                 os.replace(tmp, entry)
             except OSError:  # another node sharing the cache folder finished first
@@ -340,7 +356,12 @@ class TextDataModule(BaseDataModule):
         self.cache_path = entry
         self.tokenizer = load_tokenizer(entry / TOKENIZER)
         dtype = token_dtype(self.tokenizer.vocab_size)
-        n = (entry / TOKENS).stat().st_size // np.dtype(dtype).itemsize
+        size = (entry / TOKENS).stat().st_size
+        damage = _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
+        if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
+            raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
+                             f"again to tokenize the corpus afresh")
+        n = size // np.dtype(dtype).itemsize
         d, bs = self.config.data, self.config.model.block_size
         n_val = int(n * d.val_fraction)
         n_train = n - n_val
@@ -362,6 +383,17 @@ class TextDataModule(BaseDataModule):
 
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.val_set, rank, world_size, train=False, collate_fn=already_batched)
+
+
+def _damage(entry: Path) -> str:
+    """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): not the
+    size recorded beside it. Entries of earlier versions record none."""
+    try:
+        written = int((entry / SIZE).read_text())
+        size = (entry / TOKENS).stat().st_size
+    except (OSError, ValueError):
+        return ""
+    return "" if size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
 
 
 def _remove_abandoned(cache_dir: Path) -> None:

@@ -51,7 +51,8 @@ def tokens_of(dm) -> np.ndarray:
 def test_the_corpus_is_tokenized_into_a_cached_token_file(tmp_path, corpus):
     dm = ready(tmp_path, corpus)
     assert isinstance(dm.tokenizer, CharTokenizer) and dm.tokenizer.decode(tokens_of(dm).tolist()) == TEXT
-    assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin"]
+    assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin", "tokens.size"]
+    assert int((dm.cache_path / "tokens.size").read_text()) == (dm.cache_path / "tokens.bin").stat().st_size
     assert dm.cache_path.parent == tmp_path / "cache"
     umask = os.umask(0)
     os.umask(umask)
@@ -131,6 +132,43 @@ def test_a_second_run_reuses_the_cache(tmp_path, corpus):
     assert len({first.cache_path, third.cache_path, fourth.cache_path}) == 3
 
 
+def test_a_damaged_cache_entry_is_tokenized_again_not_trusted(tmp_path, corpus):
+    first = make(tmp_path, corpus, tokenizer="byte")
+    first.prepare_data()
+    tokens = first.cache_path / "tokens.bin"
+    whole = tokens.read_bytes()
+    for cut in (1001, 1000):  # inside a token, and at a token's end: fewer tokens, silently
+        tokens.write_bytes(whole[:cut])
+        again = make(tmp_path, corpus, tokenizer="byte")
+        with pytest.warns(UserWarning, match=rf"cache entry .*{first.cache_path.name} is damaged \(tokens.bin holds "
+                                             rf"{cut:,} bytes of the {len(whole):,} written\): tokenizing again"):
+            again.prepare_data()
+        assert not again.cache_hit and tokens.read_bytes() == whole
+    # a rank that finds it damaged after rank 0 prepared it, or an entry that records no size: one line
+    tokens.write_bytes(whole[:1001])
+    (first.cache_path / "tokens.size").unlink()
+    with pytest.raises(UsageError, match=r"^data.cache_dir: the cache entry .* is damaged \(tokens.bin ends inside "
+                                         r"a token\): delete it and run again"):
+        make(tmp_path, corpus, tokenizer="byte").setup()
+
+
+def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text(TEXT)
+    config = Config.from_dict({"data": {"path": str(data), "cache_dir": str(data / "cache"), "tokenizer": "char"},
+                               "model": {"block_size": BS}})
+    first = TextDataModule(config)
+    first.prepare_data()
+    second = TextDataModule(config)
+    second.prepare_data()
+    assert second.cache_hit and second.cache_path == first.cache_path
+    assert len(list((data / "cache").iterdir())) == 1
+    only_cache = Config.from_dict({"data": {"path": str(data / "cache"), "cache_dir": str(data / "cache")}})
+    with pytest.raises(UsageError, match=r"holds only the token cache"):
+        TextDataModule(only_cache).prepare_data()
+
+
 def test_a_crash_while_tokenizing_leaves_no_cache(tmp_path, corpus, monkeypatch):
     def boom(self, text):
         raise KeyboardInterrupt
@@ -174,7 +212,7 @@ make(Path({str(tmp_path)!r}), Path({str(corpus)!r})).prepare_data()
     finally:
         os.close(lock)
     assert sorted((tmp_path / "cache").iterdir()) == sorted([dm.cache_path, *kept])
-    assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin"]
+    assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin", "tokens.size"]
 
 
 def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
