@@ -51,8 +51,9 @@ def default_callbacks(config: Config) -> list[Callback]:
         EarlyStopping(monitor=c.monitor, patience=config.training.patience, mode=c.mode),
         LRSchedulerCallback(),
         ThroughputMonitor(),
-        ProgressBar(enabled=config.logging.progress_bar),
     ]
+    if config.logging.progress_bar:  # off, it would still be called at every step
+        callbacks.append(ProgressBar())
     for name in config.logging.logger_names():
         if name == "tensorboard":
             callbacks.append(TensorBoardLogger())  # into the run's folder, once claim_run_dir has chosen it

@@ -193,7 +193,7 @@ class TrainingEngine:
     def optimizer_step(self, micro_batches: list[Any]) -> None:
         """Forward and backward over the micro-batches, then one clipped optimizer step."""
         began = time.perf_counter()
-        k = len(micro_batches)
+        k, first = len(micro_batches), self.first_step_s is None
         scaler = self.scaler if self.scaler.is_enabled() else None
         batches = [self._to_device(batch) for batch in micro_batches]
         scales, counts = self._loss_scales(batches)
@@ -201,7 +201,9 @@ class TrainingEngine:
         for i, batch in enumerate(batches):
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
-                loss, metrics = _loss_and_metrics(self.task, self.task.train_step(batch, self.model, self.criterion))
+                returned = self.task.train_step(batch, self.model, self.criterion)
+                # checked on this process's first step, one line if amiss; later steps return the same kind
+                loss, metrics = _loss_and_metrics(self.task, returned) if first else returned
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
             loss = loss.detach()  # once: the window and the check below keep it, not its graph
@@ -225,7 +227,7 @@ class TrainingEngine:
         self.step += 1
         self.batch_in_epoch += k
         self.samples_seen += k * self.config.training.batch_size * self.world_size
-        if self.first_step_s is None:
+        if first:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began
 
