@@ -206,7 +206,8 @@ class TrainingEngine:
                 loss, metrics = _loss_and_metrics(self.task, returned) if first else returned
             scaled = loss * scales[i] if k > 1 or counts else loss
             (scaled if scaler is None else scaler.scale(scaled)).backward()
-            loss = loss.detach()  # once: the window and the check below keep it, not its graph
+            # the window and the check below keep its value, not its graph: on the CPU as a number, read at no cost
+            loss = loss.item() if self._host_reads else loss.detach()
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
             losses.append(loss)
         if scaler is not None:
@@ -214,7 +215,11 @@ class TrainingEngine:
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
         # whether to take the step: the same on every rank, whose gradients are all-reduced already; on the CPU
         # a bool the host reads at no cost, elsewhere a flag left on the device until the next step reads it
-        taken = math.isfinite(grad_norm) if self._norm_on_host else torch.isfinite(grad_norm)
+        if self._host_reads:
+            grad_norm = grad_norm.item()
+            taken = math.isfinite(grad_norm)
+        else:
+            taken = torch.isfinite(grad_norm)
         if self._unchecked:  # the last step's: its work is done by now, so reading it stalls nothing
             self._check_steps()
         self._update(taken, scaler)
@@ -343,7 +348,7 @@ class TrainingEngine:
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self._norm_on_host, self._found_inf_step = _read_now(self.device), _skips_on_device(self.optimizer, self.device)
+        self._host_reads, self._found_inf_step = _read_now(self.device), _skips_on_device(self.optimizer, self.device)
         resume.seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
@@ -678,7 +683,7 @@ class TrainingEngine:
         for step, taken, losses in self._unchecked:
             if bool(taken.wait()):
                 continue
-            bad_loss = not bool(torch.isfinite(torch.stack(losses)).all())
+            bad_loss = not all(math.isfinite(loss) for loss in losses)  # numbers, or one-element tensors
             # with a loss scaler, finite losses with overflowing gradients are the scaler's to skip
             if not scaler or D.any_rank([bad_loss], self.device)[0]:
                 self._non_finite(step, D.gather(bad_loss))
@@ -796,8 +801,8 @@ class TrainingEngine:
 
 
 def _read_now(device: torch.device) -> bool:
-    """Whether the host reads each step's gradient norm at once: on the CPU, where that costs nothing. On a GPU
-    it would make the host wait for the step's work (see _check_steps)."""
+    """Whether the host reads each step's losses and gradient norm at once: on the CPU, where that costs
+    nothing. On a GPU it would make the host wait for the step's work (see _check_steps)."""
     return device.type == "cpu"
 
 

@@ -115,7 +115,7 @@ class RunningMeans:
                              f"validation_step must return the same metric names for every batch")
         self.weights.append(weight)
         self.kept.append(kept)
-        self.values.setdefault("loss", []).append(loss.detach() if loss.requires_grad else loss)
+        self.values.setdefault("loss", []).append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
         for key, value in metrics.items():
             self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
