@@ -14,7 +14,10 @@ validation pass per epoch:
 - engine, no TensorBoard: the defaults less TensorBoardLogger (``logging.loggers ""``);
 - engine, no callbacks: the same engine with an empty callback list, which
   separates the loop's own cost from that of the callbacks;
-- hand: a plain loop, which keeps only the loss sums a validation needs;
+- hand: a plain loop, which keeps only the loss sums a validation needs (the target's reference);
+- hand, logging: the plain loop plus what the engine's defaults record, written by hand the usual way:
+  a step skipped when its gradient norm is not finite, and every logging.log_every_steps steps the
+  mean loss, gradient norm and learning rate to TensorBoard (a SummaryWriter) and as a JSON line;
 - lightning: PyTorch Lightning's Trainer, when ``lightning`` is installed
   (TensorBoard logger every logging.log_every_steps steps, as the engine; no progress bar, model
   summary or per-epoch checkpoint, none of which the engine does in the loop).
@@ -33,6 +36,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import json
 import logging
 import math
 import pstats
@@ -135,7 +139,7 @@ def run_engine(config: Config, with_defaults: bool, tensorboard: bool = True) ->
 # ---- by hand --------------------------------------------------------------------------------
 
 
-def run_hand(config: Config) -> Run:
+def run_hand(config: Config, logging_too: bool = False) -> Run:
     data = SyntheticDataModule(config)
     data.setup("fit")
     train_loader, train_sampler = data.train_dataloader(0, 1)
@@ -152,6 +156,14 @@ def run_hand(config: Config) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps))))
     loss_fn = nn.MSELoss()
+    every = config.logging.log_every_steps
+    if logging_too:
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = Path(config.logging.log_dir)
+        log_dir.mkdir(parents=True)
+        writer, jsonl = SummaryWriter(str(log_dir)), open(log_dir / "metrics.jsonl", "a")
+    losses, norms = [], []
 
     start, steps = common.clock(), 0
     for epoch in range(epochs):
@@ -160,11 +172,24 @@ def run_hand(config: Config) -> Run:
         for x, y in train_loader:
             loss = loss_fn(model(x), y)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            if not logging_too:
+                optimizer.step()
+            elif math.isfinite(norm):
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                losses.append(loss.item())
+                norms.append(norm.item())
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
+            if logging_too and steps % every == 0:
+                record = {"step": steps, "loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms),
+                          "lr": lr}
+                for name in ("loss", "grad_norm", "lr"):
+                    writer.add_scalar(f"train/{name}", record[name], steps)
+                jsonl.write(json.dumps(record) + "\n")
+                losses, norms = [], []
         model.eval()
         loss_sum, mae_sum, count = torch.zeros(()), torch.zeros(()), 0
         with torch.no_grad():
@@ -174,7 +199,14 @@ def run_hand(config: Config) -> Run:
                 mae_sum += len(x) * (pred - y).abs().mean()
                 count += len(x)
         val_loss = (loss_sum / count).item()
-    return Run(steps, start, common.clock(), val_loss)
+        if logging_too:
+            writer.add_scalar("val/val_loss", val_loss, steps)
+            jsonl.write(json.dumps({"step": steps, "val_loss": val_loss}) + "\n")
+    stop = common.clock()
+    if logging_too:
+        writer.close()
+        jsonl.close()
+    return Run(steps, start, stop, val_loss)
 
 
 # ---- PyTorch Lightning ----------------------------------------------------------------------
@@ -303,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine, no TensorBoard": lambda: run_engine(fresh_config(), with_defaults=True, tensorboard=False),
             "engine, no callbacks": lambda: run_engine(fresh_config(), with_defaults=False),
             "hand": lambda: run_hand(fresh_config()),
+            "hand, logging": lambda: run_hand(fresh_config(), logging_too=True),
         }
         if lightning is not None:
             contenders["lightning"] = lambda: lightning(fresh_config())
@@ -333,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = [f"engine/hand = {ratio:.3f} on the wall clock (rounds {low:.3f}-{high:.3f}; best run against best "
                 f"run {best:.3f}, since noise only slows), {cpu_ratio:.3f} in CPU time, each the median over rounds "
                 f"of that round's ratio (target >= {TARGET}: {met})"]
+    logged = common.paired_ratio([r.steps_per_s for r in runs["engine"]], [r.steps_per_s for r in runs["hand, logging"]])
+    verdicts.append("engine/(hand, logging) = {:.3f} ({:.3f}-{:.3f}): against a hand loop that records what the "
+                    "engine's defaults do".format(*logged))
     if "lightning" in wall:
         verdicts.append(f"lightning/hand = {vs_hand['lightning'][0]:.3f} "
                         f"({cpu_vs_hand['lightning'][0]:.3f} in CPU time)")
