@@ -172,6 +172,14 @@ def two_nodes(script: str | Path, *flags: str, cwd: Path, done: list[Path], torc
 from llm.training.tasks.regression_task import RegressionTask  # noqa: E402
 
 
+class RankMetricTask(RegressionTask):
+    """Regression whose training metric has another name on each rank, as a task keyed by its data might."""
+
+    def train_step(self, batch, model, criterion):
+        loss, metrics = super().train_step(batch, model, criterion)
+        return loss, {f"mae_of_rank_{os.environ.get('RANK', 0)}": loss.detach()}
+
+
 class NaNRegressionTask(RegressionTask):
     """Regression whose loss turns NaN on one rank at one optimizer step (env NAN_AT_STEP, NAN_ON_RANK)."""
 

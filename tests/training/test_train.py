@@ -194,6 +194,18 @@ def test_nan_on_one_rank_stops_both_and_names_it(tmp_path):
     assert latest.read_text().strip() == "step_00000004"
 
 
+def test_metrics_named_otherwise_on_each_rank_are_one_line_not_summed_together(tmp_path):
+    # as many names on each rank: an all-reduce would have added one rank's metric to the other's
+    out = torchrun(2, REPO / "llm/training/train.py", "--task", "tests.helpers:RankMetricTask", *SMALL,
+                   cwd=tmp_path, timeout=120, env={"PYTHONPATH": f"{REPO}"})
+    assert out.returncode != 0
+    line = ("error: the ranks reported different metrics (rank 0 ['grad_norm', 'loss', 'mae_of_rank_0'], rank 1 "
+            "['grad_norm', 'loss', 'mae_of_rank_1']): train_step and validation_step must return the same metric "
+            "names on every rank")
+    assert out.stderr.count(line) == 2, out.stderr[-3000:]  # both ranks say so
+    assert re.search(r"exitcode\s*:\s*2\b", out.stderr), out.stderr[-2000:]  # a usage error in each worker
+
+
 def test_a_non_finite_loss_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NAN_AT_STEP", "3")

@@ -12,6 +12,7 @@ import gc
 import os
 import socket
 import time
+import zlib
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -211,9 +212,12 @@ def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]], device: tor
 
     Sums and weights are added up over ranks before dividing, so every sample or
     token counts once whichever rank had it, however unevenly ranks were filled.
-    Every rank must pass the same keys.
+    Every rank must pass the same keys: else one line naming each rank's, not a
+    sum of one rank's metric with another's.
     """
     keys = sorted(totals)
+    if active():
+        _check_same_names(keys, device)
     if active() and keys:
         t = torch.tensor([totals[k][0] for k in keys] + [totals[k][1] for k in keys], dtype=torch.float64,
                          device=device)
@@ -221,6 +225,19 @@ def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]], device: tor
         summed = t.tolist()
         totals = {k: (summed[i], summed[len(keys) + i]) for i, k in enumerate(keys)}
     return {k: total / weight if weight else float("nan") for k, (total, weight) in totals.items()}
+
+
+def _check_same_names(keys: list[str], device: torch.device) -> None:
+    """Raise the same UsageError on every rank unless all pass the same ``keys``: a fixed-size signature of
+    each rank's names is gathered (one small collective), and the names themselves only when they differ."""
+    signature = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())], dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(signature) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, signature)
+    if all(torch.equal(g, gathered[0]) for g in gathered[1:]):
+        return
+    names = ", ".join(f"rank {rank} {sorted(k)}" for rank, k in enumerate(gather(keys)))
+    raise UsageError(f"the ranks reported different metrics ({names}): train_step and validation_step must "
+                     f"return the same metric names on every rank")
 
 
 def mean_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
