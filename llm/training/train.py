@@ -56,7 +56,7 @@ def default_callbacks(config: Config) -> list[Callback]:
         callbacks.append(ProgressBar())
     for name in config.logging.logger_names():
         if name == "tensorboard":
-            callbacks.append(TensorBoardLogger())  # into the run's folder, once claim_run_dir has chosen it
+            callbacks.append(TensorBoardLogger())  # into the engine's run folder
             continue
         problem = missing_package(name)
         if problem:
@@ -117,8 +117,8 @@ def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]
     """Train on this process; the process group must already exist when world_size > 1."""
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
-    callbacks = default_callbacks(config)  # first: a tracker that cannot be imported stops it before any file
-    note = claim_run_dir(config)
+    note = claim_run_dir(config)  # first: callbacks built from config.logging.log_dir see the folder chosen
+    callbacks = default_callbacks(config)  # a tracker that cannot be imported stops the run before any file
     if note:
         callbacks.append(Announce(note))
     engine = TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from llm.cli import stdout_gone
-from llm.data.data_module import BaseDataModule
+from llm.data.data_module import BaseDataModule, ShardSampler
 from llm.errors import UsageError, closest, one_line
 from llm.files import write_atomically
 from llm.training.core import distributed as D
@@ -379,14 +379,21 @@ class TrainingEngine:
             raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
                              f"self.build_dataloader(...) gives; without validation data, a loader over an empty "
                              f"data set")
-        sampler = got[1]
+        loader, sampler = got
         if method == "val_dataloader" and isinstance(sampler, DistributedSampler) and not sampler.drop_last and \
                 type(sampler).__iter__ is DistributedSampler.__iter__ and sampler.total_size > len(sampler.dataset):
+            # it repeats a few items to even out the ranks' shares, which validation would count twice
+            batch_sampler = getattr(loader, "batch_sampler", None)
+            if getattr(batch_sampler, "sampler", None) is sampler:  # each item once instead, the loader as it was
+                sampler = ShardSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
+                                       shuffle=False)
+                batch_sampler.sampler = sampler
+                return loader, sampler
             raise UsageError(f"{name}: its DistributedSampler repeats {sampler.total_size - len(sampler.dataset)} "
                              f"of the {len(sampler.dataset)} validation items to even out {sampler.num_replicas} ranks' "
                              f"shares, which validation would count twice: build the loader with "
                              f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
-        return got[0], sampler
+        return loader, sampler
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
         """One validation step on one batch, before anything is written or wrapped.

@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 import os
@@ -695,21 +696,46 @@ def test_a_metric_missing_from_some_batches_or_named_loss_is_one_line(tmp_path):
 
 
 class PaddedValidation(SyntheticDataModule):
-    """A validation loader over 2 ranks' shares, as a data module of its own would build it for 2 processes."""
+    """A validation loader over 2 ranks' shares, as a data module of its own would build it for 2 processes
+    (the usage guide's signature: a DataLoader and its DistributedSampler)."""
+
+    rank = 1
 
     def val_dataloader(self, rank, world_size):
-        sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=2, rank=0, shuffle=False)
+        sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=2, rank=self.rank, shuffle=False)
         return torch.utils.data.DataLoader(self.val_set, batch_size=8, sampler=sampler), sampler
 
 
-def test_a_validation_sampler_that_repeats_items_is_refused_in_one_line(tmp_path):
-    config = tiny_config(tmp_path, data={"num_samples": 103, "val_fraction": 0.1})  # 10 items: none repeated
-    TrainingEngine(config, RegressionTask(config), data_module=PaddedValidation(config)).setup()
-    config = tiny_config(tmp_path / "odd", data={"num_samples": 113, "val_fraction": 0.1})  # 11: one repeated
-    with pytest.raises(UsageError, match=r"^PaddedValidation.val_dataloader\(\): its DistributedSampler repeats 1 of "
+class PaddedBatches(PaddedValidation):
+    """The same sampler under a batch sampler of the data module's own, which the engine cannot reach into."""
+
+    class Pairs:
+        def __init__(self, sampler):
+            self._of = sampler
+
+        def __iter__(self):
+            items = iter(self._of)
+            return iter(lambda: list(itertools.islice(items, 2)), [])
+
+        def __len__(self):
+            return (len(self._of) + 1) // 2
+
+    def val_dataloader(self, rank, world_size):
+        sampler = torch.utils.data.DistributedSampler(self.val_set, num_replicas=2, rank=1, shuffle=False)
+        return torch.utils.data.DataLoader(self.val_set, batch_sampler=self.Pairs(sampler)), sampler
+
+
+def test_a_validation_sampler_that_repeats_items_validates_each_item_once(tmp_path):
+    config = tiny_config(tmp_path / "odd", data={"num_samples": 113, "val_fraction": 0.1})  # 11: rank 1 repeats one
+    engine = TrainingEngine(config, RegressionTask(config), data_module=PaddedValidation(config))
+    engine.setup()
+    assert list(engine.val_sampler) == [1, 3, 5, 7, 9] and len(engine.val_loader) == 1  # not [1, 3, 5, 7, 9, 0]
+    assert sum(len(x) for x, _ in engine.val_loader) == 5
+    config = tiny_config(tmp_path / "mine", data={"num_samples": 113, "val_fraction": 0.1})
+    with pytest.raises(UsageError, match=r"^PaddedBatches.val_dataloader\(\): its DistributedSampler repeats 1 of "
                                          r"the 11 validation items to even out 2 ranks' shares, .* self.build_dataloader\(dataset, rank, world_size, "
                                          r"train=False\), whose sampler does not$"):
-        TrainingEngine(config, RegressionTask(config), data_module=PaddedValidation(config)).setup()
+        TrainingEngine(config, RegressionTask(config), data_module=PaddedBatches(config)).setup()
 
 
 def test_a_run_without_validation_data_trains_and_reports_no_validation(tmp_path, capsys):
