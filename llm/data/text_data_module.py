@@ -235,7 +235,8 @@ class TextDataModule(BaseDataModule):
     def _files(self) -> list[Path]:
         files = corpus_files(self.config.data.path)
         cache = self._cache_dir().resolve()
-        ours = [f for f in files if f.resolve().is_relative_to(cache)]  # a cache folder inside the data folder
+        # a cache folder inside the data folder: its entries' files are tokens, not text
+        ours = [f for f in files if f.name in (TOKENS, TOKENIZER, SIZE) and f.resolve().parent.parent == cache]
         if ours:
             files = [f for f in files if f not in ours]
             if not files:
@@ -287,7 +288,7 @@ class TextDataModule(BaseDataModule):
         if damage:
             warnings.warn(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): tokenizing again")
         if entry.exists():  # an entry damaged or emptied by hand: the rename below needs the name free
-            shutil.rmtree(entry)
+            shutil.rmtree(entry, ignore_errors=True)  # another node sharing the cache may be deleting it too
         d = self.config.data
         tokenizer = build_tokenizer(d.tokenizer, self._texts(files), d.vocab_size)
         try:

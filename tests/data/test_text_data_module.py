@@ -152,6 +152,26 @@ def test_a_damaged_cache_entry_is_tokenized_again_not_trusted(tmp_path, corpus):
         make(tmp_path, corpus, tokenizer="byte").setup()
 
 
+def test_a_damaged_entry_another_node_deletes_at_the_same_time_is_rebuilt(tmp_path, corpus, monkeypatch):
+    first = make(tmp_path, corpus, tokenizer="byte")
+    first.prepare_data()
+    tokens = first.cache_path / "tokens.bin"
+    whole = tokens.read_bytes()
+    tokens.write_bytes(whole[:-2])
+    rmtree = tdm.shutil.rmtree
+
+    def raced(path, *args, **kwargs):  # another node sharing the cache deletes the damaged entry first
+        if Path(path) == first.cache_path and Path(path).exists():
+            rmtree(path)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(tdm.shutil, "rmtree", raced)
+    again = make(tmp_path, corpus, tokenizer="byte")
+    with pytest.warns(UserWarning, match="is damaged"):
+        again.prepare_data()
+    assert tokens.read_bytes() == whole
+
+
 def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -167,6 +187,12 @@ def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
     only_cache = Config.from_dict({"data": {"path": str(data / "cache"), "cache_dir": str(data / "cache")}})
     with pytest.raises(UsageError, match=r"holds only the token cache"):
         TextDataModule(only_cache).prepare_data()
+    # the other way round, text inside the cache folder, is text
+    inside = Config.from_dict({"data": {"path": str(data / "a.txt"), "cache_dir": str(data), "tokenizer": "char"},
+                               "model": {"block_size": BS}})
+    dm = TextDataModule(inside)
+    dm.prepare_data()
+    assert dm.cache_path.parent == data and (dm.cache_path / "tokens.bin").stat().st_size == 2 * len(TEXT)
 
 
 def test_a_crash_while_tokenizing_leaves_no_cache(tmp_path, corpus, monkeypatch):

@@ -522,11 +522,10 @@ class TrainingEngine:
         self.val_metrics = shared["val_metrics"]
         if not monitor_changed:
             self.best_metric = shared["best_metric"]
-        states = shared["callbacks"]
-        for i, (key, cb) in enumerate(zip(_callback_keys(self.callbacks), self.callbacks)):
-            state = states.get(key, states.get(f"{i}:{type(cb).__name__}"))  # earlier versions keyed by place
-            if state is not None:
-                cb.load_state_dict(state)
+        states = _keyed_by_class(shared["callbacks"])
+        for key, cb in zip(_callback_keys(self.callbacks), self.callbacks):
+            if key in states:
+                cb.load_state_dict(states[key])
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
             resume.set_rng_state(mine["rng"])
@@ -932,6 +931,21 @@ def _where(e: BaseException) -> str:
     """file:line of the innermost frame of ``e`` outside torch: most often the task's own code."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "inside torch"
+
+
+def _keyed_by_class(states: dict[str, Any]) -> dict[str, Any]:
+    """Callback states as _callback_keys names them. Earlier versions keyed them by place in the list
+    (``3:EarlyStopping``), which a callback added or left out since shifts: those are matched by class, in order."""
+    by_place = sorted((int(key.split(":", 1)[0]), key) for key in states if re.fullmatch(r"\d+:\w+", key))
+    if not by_place:
+        return states
+    seen: dict[str, int] = {}
+    renamed = {}
+    for _, key in by_place:
+        name = key.split(":", 1)[1]
+        seen[name] = seen.get(name, 0) + 1
+        renamed[name if seen[name] == 1 else f"{name}#{seen[name]}"] = states[key]
+    return renamed
 
 
 def _callback_keys(callbacks: list[Callback]) -> list[str]:

@@ -20,7 +20,7 @@ from llm.training.core.callbacks import HOOKS, Callback, EarlyStopping, MetricsL
 from llm.training.core.checkpoint import load_shared_state
 from llm.training.core.config import Config
 from llm.training.core import engine as engine_module
-from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted
+from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted, _keyed_by_class
 from llm.training.core.optim import lr_factor
 from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
@@ -1145,3 +1145,13 @@ def test_an_allocation_too_large_is_one_line_with_its_size_from_either_allocator
     with pytest.raises(RuntimeError, match="^another error$"):  # anything else goes through as it is
         with _out_of_memory("build_model()", "less"):
             raise RuntimeError("another error")
+
+
+def test_callback_state_of_earlier_versions_is_matched_by_class_in_order():
+    # keyed by place, which a callback added or left out since (a progress bar turned off) would shift
+    old = {"0:MetricsLogger": {}, "4:ProgressBar": {}, "5:MLflowLogger": {"run_id": "x"}, "11:Announce": {"n": 2},
+           "7:Announce": {"n": 1}}
+    assert _keyed_by_class(old) == {"MetricsLogger": {}, "ProgressBar": {}, "MLflowLogger": {"run_id": "x"},
+                                    "Announce": {"n": 1}, "Announce#2": {"n": 2}}
+    new = {"MLflowLogger": {"run_id": "y"}, "Announce#2": {}}
+    assert _keyed_by_class(new) == new
