@@ -4,7 +4,7 @@ The cache entry is a folder ``<data.cache_dir>/<key>/`` holding ``tokens.bin``,
 the ``tokenizer.json`` that made it and ``tokens.size``, the byte count written. The key
 hashes the corpus bytes and the tokenizer recipe, so an edited corpus or another
 tokenizer gets a new entry; a ``tokens.bin`` that is not the size written is damaged,
-and is tokenized again. Files under the cache folder are never part of the corpus.
+and is tokenized again. The files of cache entries are never part of the corpus.
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ metrics with ``engine.log({...})``: to the validation's record in
 training record. It stops training
 with ``engine.request_stop(reason)``; the engine agrees on the stop across ranks.
 Callbacks with state implement ``state_dict``/``load_state_dict``; the state is
-saved in checkpoints.
+saved in checkpoints, under the callback's class name. ``engine.continues_run``
+says whether the run resumed from its own folder's checkpoint rather than branched
+from another run's, and ``engine.interrupted_by`` the signal that stopped it, if any.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class TrainingEngine:
         self._pending: dict[str, dict[str, float]] = {}  # engine.log() values by the record they go to
         self._hook = ""  # the hook now firing
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
-        self._unchecked: list[tuple[int, _HostCopy, list[torch.Tensor]]] = []  # (step, taken, losses) to check
+        self._unchecked: list[tuple[int, _HostCopy, list[Any]]] = []  # (step, taken, losses) to check
         self._signal: int | None = None  # a signal this process received
         self.interrupted_by: signal.Signals | None = None  # a signal some rank received, agreed by all of them
 
@@ -939,22 +939,20 @@ def _keyed_by_class(states: dict[str, Any]) -> dict[str, Any]:
     by_place = sorted((int(key.split(":", 1)[0]), key) for key in states if re.fullmatch(r"\d+:\w+", key))
     if not by_place:
         return states
-    seen: dict[str, int] = {}
-    renamed = {}
-    for _, key in by_place:
-        name = key.split(":", 1)[1]
-        seen[name] = seen.get(name, 0) + 1
-        renamed[name if seen[name] == 1 else f"{name}#{seen[name]}"] = states[key]
-    return renamed
+    return dict(zip(_numbered([key.split(":", 1)[1] for _, key in by_place]), (states[key] for _, key in by_place)))
 
 
 def _callback_keys(callbacks: list[Callback]) -> list[str]:
-    """Each callback's key in a checkpoint: its class name, numbered from the second of a class on
-    (``Announce``, ``Announce#2``), so that adding, dropping or reordering others keeps its state its own."""
+    """Each callback's key in a checkpoint: its class name, so that adding, dropping or reordering others keeps
+    its state its own."""
+    return _numbered([type(cb).__name__ for cb in callbacks])
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """``names`` with each repeat numbered from the second on: ``Announce``, ``Announce#2``."""
     seen: dict[str, int] = {}
     keys = []
-    for cb in callbacks:
-        name = type(cb).__name__
+    for name in names:
         seen[name] = seen.get(name, 0) + 1
         keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return keys

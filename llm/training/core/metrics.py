@@ -1,7 +1,8 @@
 """Training metrics between log records: what each step adds, and the sums a record averages.
 
-A step only appends tensors: nothing is summed, and nothing leaves the device, until a
-record asks for the means, which it reads with one device sync for all of them.
+A step only appends its values (tensors left on the device; on the CPU, numbers): nothing
+is summed, and nothing leaves the device, until a record asks for the means, which it
+reads with one device sync for all of them.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class TrainingSums:
         """Optimizer steps since the last training record."""
         return self.steps
 
-    def add_step(self, micro_batches: list[tuple[torch.Tensor, dict[str, Any], float | torch.Tensor]],
-                 grad_norm: torch.Tensor, taken: bool | torch.Tensor) -> None:
+    def add_step(self, micro_batches: list[tuple[float | torch.Tensor, dict[str, Any], float | torch.Tensor]],
+                 grad_norm: float | torch.Tensor, taken: bool | torch.Tensor) -> None:
         """A step: each micro-batch's (loss, metrics, weight), and its gradient norm. ``taken`` (a bool, or a
         boolean tensor left on the device) says whether the optimizer took it; one not taken (a non-finite
         norm: a skipped step, an fp16 overflow) weighs nothing in the means, so that its NaN leaves them finite."""
@@ -106,7 +107,7 @@ class RunningMeans:
     def __len__(self) -> int:
         return len(self.weights)
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0,
+    def add(self, loss: float | torch.Tensor, metrics: dict[str, Any], weight: float | torch.Tensor = 1.0,
             kept: bool | torch.Tensor = True) -> None:
         if self.weights and (len(metrics) + 1 != len(self.values) or not self.values.keys() >= metrics.keys()):
             # a mean is over the batches of the window: each must have every metric
