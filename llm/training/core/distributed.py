@@ -218,12 +218,12 @@ def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]], device: tor
     keys = sorted(totals)
     if active():
         _check_same_names(keys, device)
-    if active() and keys:
-        t = torch.tensor([totals[k][0] for k in keys] + [totals[k][1] for k in keys], dtype=torch.float64,
-                         device=device)
-        dist.all_reduce(t)
-        summed = t.tolist()
-        totals = {k: (summed[i], summed[len(keys) + i]) for i, k in enumerate(keys)}
+        if keys:
+            t = torch.tensor([totals[k][0] for k in keys] + [totals[k][1] for k in keys], dtype=torch.float64,
+                             device=device)
+            dist.all_reduce(t)
+            summed = t.tolist()
+            totals = {k: (summed[i], summed[len(keys) + i]) for i, k in enumerate(keys)}
     return {k: total / weight if weight else float("nan") for k, (total, weight) in totals.items()}
 
 

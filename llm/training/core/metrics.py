@@ -116,7 +116,8 @@ class RunningMeans:
                              f"validation_step must return the same metric names for every batch")
         self.weights.append(weight)
         self.kept.append(kept)
-        self.values.setdefault("loss", []).append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+        # the engine's training losses come detached (on the CPU, as numbers): no second detach
+        self.values.setdefault("loss", []).append(loss.detach() if getattr(loss, "requires_grad", False) else loss)
         for key, value in metrics.items():
             self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
