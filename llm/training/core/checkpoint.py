@@ -33,6 +33,7 @@ import yaml
 
 from llm.errors import UsageError, causes, one_line
 from llm.files import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, fsync, write_atomically
+from llm.training.core import distributed as D
 
 MANIFEST = CHECKPOINT_MANIFEST
 SHARED = CHECKPOINT_STATE
@@ -164,10 +165,7 @@ class CheckpointManager:
         if error is not None:
             codes[self.rank] = _failure_code(error)
         if self._distributed():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            reduced = codes.to(device)
-            dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
-            codes = reduced.cpu()
+            D.all_reduce_on_hosts(codes, dist.ReduceOp.MIN)
         failed = [r for r in range(self.world_size) if codes[r] < 0]
         if not failed:
             return

@@ -3,6 +3,13 @@
 Any decision that changes control flow (stop, save, fail) goes through
 :func:`any_rank` or :func:`agree_on_errors`, so no rank takes a branch the
 others do not and then waits forever in a collective.
+
+What the hosts tell each other (flags, metric sums, names, errors) travels as
+CPU tensors over a gloo group. With nccl that is a group of its own: a value
+sent through nccl is read back from the GPU, and the host would first wait for
+all the work it has queued there. The stop agreed after every step would then
+drain the GPU's queue each step, and the GPU would idle while the host prepares
+the next one.
 """
 
 from __future__ import annotations
@@ -107,7 +114,8 @@ def pick_device(config: Config, local_rank: int) -> torch.device:
 
 
 def init_process_group(config: Config, rank: int, world_size: int, local_rank: int) -> None:
-    """Join the default group (nccl with CUDA, gloo otherwise) when there is more than one process."""
+    """Join the default group (nccl with CUDA, gloo otherwise) when there is more than one process; with nccl,
+    a gloo group of the same ranks as well, for what the hosts tell each other."""
     if world_size == 1 or dist.is_initialized():
         return
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
@@ -121,20 +129,18 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     if backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
         raise UsageError("distributed.backend nccl needs CUDA devices and a torch built with NCCL: "
                          "use --distributed-backend gloo (or auto) on the CPU")
-    dist.init_process_group(
-        backend, rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=config.distributed.timeout_s),
-    )
-    global _store, _attempt
-    count = torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
-    dist.all_reduce(count)
-    _attempt = int(count.item())
+    timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    global _store, _attempt, _host_group
+    _host_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    _attempt = int(all_reduce_on_hosts(torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))])))
     # kept apart from the group: after a collective fails, ranks still leave word here for each other
     _store = dist.distributed_c10d._get_default_store()
 
 
 _store: dist.Store | None = None
 _attempt: int | None = None
+_host_group: dist.ProcessGroup | None = None  # the gloo group of host values; None: the default group is gloo
 _STORE_WAIT = datetime.timedelta(seconds=5)
 
 
@@ -191,23 +197,30 @@ def destroy_process_group() -> None:
         # objects still holding gloo work (a DDP reducer in a reference cycle) must go while the
         # interpreter is alive: freed during its shutdown they abort the process (SIGABRT)
         gc.collect()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host values' too
+    global _host_group
+    _host_group = None
 
 
 def active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks, in one small all-reduce."""
+def all_reduce_on_hosts(t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``t``, a CPU tensor, reduced over all ranks in place between the hosts: nothing waits for a GPU."""
+    dist.all_reduce(t, op=op, group=_host_group)
+    return t
+
+
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks, in one small all-reduce between the hosts."""
     if not active():
         return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = all_reduce_on_hosts(torch.tensor([float(f) for f in flags]), dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
 
-def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]], device: torch.device) -> dict[str, float]:
+def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Each metric's mean over all ranks' items, from each rank's (weighted sum, total weight).
 
     Sums and weights are added up over ranks before dividing, so every sample or
@@ -217,22 +230,20 @@ def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]], device: tor
     """
     keys = sorted(totals)
     if active():
-        _check_same_names(keys, device)
+        _check_same_names(keys)
         if keys:
-            t = torch.tensor([totals[k][0] for k in keys] + [totals[k][1] for k in keys], dtype=torch.float64,
-                             device=device)
-            dist.all_reduce(t)
-            summed = t.tolist()
+            summed = all_reduce_on_hosts(torch.tensor([totals[k][0] for k in keys] + [totals[k][1] for k in keys],
+                                                      dtype=torch.float64)).tolist()
             totals = {k: (summed[i], summed[len(keys) + i]) for i, k in enumerate(keys)}
     return {k: total / weight if weight else float("nan") for k, (total, weight) in totals.items()}
 
 
-def _check_same_names(keys: list[str], device: torch.device) -> None:
+def _check_same_names(keys: list[str]) -> None:
     """Raise the same UsageError on every rank unless all pass the same ``keys``: a fixed-size signature of
     each rank's names is gathered (one small collective), and the names themselves only when they differ."""
-    signature = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())], dtype=torch.float64, device=device)
+    signature = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())], dtype=torch.float64)
     gathered = [torch.empty_like(signature) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, signature)
+    dist.all_gather(gathered, signature, group=_host_group)
     if all(torch.equal(g, gathered[0]) for g in gathered[1:]):
         return
     names = ", ".join(f"rank {rank} {sorted(k)}" for rank, k in enumerate(gather(keys)))
@@ -253,7 +264,7 @@ def broadcast_from_rank0(value: Any) -> Any:
     if not active():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_host_group)
     return box[0]
 
 
@@ -262,7 +273,7 @@ def gather(value: Any) -> list[Any]:
     if not active():
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
+    dist.all_gather_object(gathered, value, group=_host_group)
     return gathered
 
 

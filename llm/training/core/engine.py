@@ -286,7 +286,7 @@ class TrainingEngine:
             sums.add(loss, metrics, weight=_batch_len(batch) if count is None else count)
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.totals().items()}
-        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
+        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local))
         self.val_metrics = {**metrics, "step": self.step}
         if local:  # else there is no validation data (an empty set, a run without validation): nothing to report
             if not math.isfinite(metrics.get("val_loss", 0.0)):  # training goes on: its weights are not at fault
@@ -662,7 +662,7 @@ class TrainingEngine:
         """
         stop, signalled = self.should_stop, self._signal is not None
         if self.world_size > 1:
-            stop, signalled = D.any_rank([stop, signalled], self.device)
+            stop, signalled = D.any_rank([stop, signalled])
         if signalled:  # a rank that got none stops as if by SIGTERM
             self.interrupted_by = signal.Signals(self._signal or signal.SIGTERM)
             if not self.should_stop:
@@ -691,7 +691,7 @@ class TrainingEngine:
                 continue
             bad_loss = not all(math.isfinite(loss) for loss in losses)  # numbers, or one-element tensors
             # with a loss scaler, finite losses with overflowing gradients are the scaler's to skip
-            if not scaler or D.any_rank([bad_loss], self.device)[0]:
+            if not scaler or D.any_rank([bad_loss])[0]:
                 self._non_finite(step, D.gather(bad_loss))
         self._unchecked.clear()
 
@@ -709,13 +709,13 @@ class TrainingEngine:
 
     def _close_epoch_loss(self) -> float:
         """Mean training loss of the epoch over micro-batches and ranks, the window not yet logged included."""
-        return D.weighted_mean_over_ranks({"loss": self._sums.close_epoch()}, self.device)["loss"]
+        return D.weighted_mean_over_ranks({"loss": self._sums.close_epoch()})["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
         self._check_steps()
         local = self._sums.take_window()
-        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local, self.device))
+        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local))
         if self.skipped_steps:
             metrics["skipped_steps"] = float(self.skipped_steps)
         return metrics
