@@ -168,7 +168,7 @@ def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
     The tensors are stacked a dtype at a time (stacking mixed dtypes would round a large count to a float32
     loss's precision): a few operations for a window of any length, not a few per entry.
     """
-    if not any(isinstance(item, torch.Tensor) for item in items):  # weights and flags on the CPU: one call
+    if not any(issubclass(kind, torch.Tensor) for kind in set(map(type, items))):  # numbers only: one call
         return torch.tensor(items, dtype=torch.float64)
     first = items[0]
     if all(isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == 0 for item in items):
