@@ -202,12 +202,17 @@ class TrainingEngine:
             # gradients are all-reduced once, on the last micro-step, not k times
             with self._gradient_sync(i == k - 1), self._autocast():
                 returned = self.task.train_step(batch, self.model, self.criterion)
-                # checked on this process's first step, one line if amiss; later steps return the same kind
+            try:
+                # checked on this process's first step; a later step's only if it fails below (a loss per sample
+                # fails backward), which costs the steps that return what the first one did nothing
                 loss, metrics = _loss_and_metrics(self.task, returned) if first else returned
-            scaled = loss * scales[i] if k > 1 or counts else loss
-            (scaled if scaler is None else scaler.scale(scaled)).backward()
-            # the window and the check below keep its value, not its graph: on the CPU as a number, read at no cost
-            loss = loss.item() if self._host_reads else loss.detach()
+                scaled = loss * scales[i] if k > 1 or counts else loss
+                (scaled if scaler is None else scaler.scale(scaled)).backward()
+                # the window and the check below keep its value, not its graph: on the CPU a number, read at no cost
+                loss = loss.item() if self._host_reads else loss.detach()
+            except Exception:
+                _loss_and_metrics(self.task, returned)  # one line if what it returned is amiss
+                raise
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
             losses.append(loss)
         if scaler is not None:

@@ -1155,3 +1155,19 @@ def test_callback_state_of_earlier_versions_is_matched_by_class_in_order():
                                     "Announce": {"n": 1}, "Announce#2": {"n": 2}}
     new = {"MLflowLogger": {"run_id": "y"}, "Announce#2": {}}
     assert _keyed_by_class(new) == new
+
+
+def test_a_loss_per_sample_on_a_later_step_is_the_same_one_line(tmp_path):
+    class ForgetsTheMeanLater(RegressionTask):
+        calls = 0
+
+        def train_step(self, batch, model, criterion):
+            loss, metrics = super().train_step(batch, model, criterion)
+            self.calls += 1
+            return (loss.expand(len(batch[0])) if self.calls == 3 else loss), metrics
+
+    engine = TrainingEngine(tiny_config(tmp_path), ForgetsTheMeanLater(tiny_config(tmp_path)))
+    with pytest.raises(UsageError, match=r"^ForgetsTheMeanLater.train_step returned a loss of shape \(16,\), "
+                                         r"expected one number"):
+        engine.train()
+    assert engine.step == 2
