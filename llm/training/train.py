@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         rank, world_size, local_rank = D.env_ranks()
         asked_dir = config.logging.log_dir  # a fresh run may move on to the next free name
-        D.init_process_group(config, rank, world_size, local_rank)
         try:
+            D.init_process_group(config, rank, world_size, local_rank)
             metrics = train_worker(rank, world_size, config)
         except Exception as e:
             if not _lost_a_rank(e):

@@ -5,11 +5,12 @@ Any decision that changes control flow (stop, save, fail) goes through
 others do not and then waits forever in a collective.
 
 What the hosts tell each other (flags, metric sums, names, errors) travels as
-CPU tensors over a gloo group. With nccl that is a group of its own: a value
-sent through nccl is read back from the GPU, and the host would first wait for
-all the work it has queued there. The stop agreed after every step would then
-drain the GPU's queue each step, and the GPU would idle while the host prepares
-the next one.
+CPU tensors over gloo: over the default group when it carries CPU tensors,
+else (nccl) over a gloo group of the same ranks, made when first needed. A
+value sent through nccl is read back from the GPU, and the host would first
+wait for all the work it has queued there: the stop agreed after every step
+would drain the GPU's queue each step, and the GPU would idle while the host
+prepares the next one.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
                          "use --distributed-backend gloo (or auto) on the CPU")
     timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-    global _store, _attempt, _host_group
-    _host_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    global _store, _attempt, _host_timeout
+    _host_timeout = timeout
     _attempt = int(all_reduce_on_hosts(torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))])))
     # kept apart from the group: after a collective fails, ranks still leave word here for each other
     _store = dist.distributed_c10d._get_default_store()
@@ -140,7 +141,8 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
 
 _store: dist.Store | None = None
 _attempt: int | None = None
-_host_group: dist.ProcessGroup | None = None  # the gloo group of host values; None: the default group is gloo
+_host_timeout: datetime.timedelta | None = None  # the configured one; a process group made by the caller: torch's
+_hosts_of: tuple[Any, dist.ProcessGroup | None] | None = None  # (default group, the group host values go over)
 _STORE_WAIT = datetime.timedelta(seconds=5)
 
 
@@ -193,22 +195,42 @@ def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
 
 
 def destroy_process_group() -> None:
-    if dist.is_initialized():
-        # objects still holding gloo work (a DDP reducer in a reference cycle) must go while the
-        # interpreter is alive: freed during its shutdown they abort the process (SIGABRT)
-        gc.collect()
-        dist.destroy_process_group()  # every group, the host values' too
-    global _host_group
-    _host_group = None
+    global _hosts_of
+    try:
+        if dist.is_initialized():
+            # objects still holding gloo work (a DDP reducer in a reference cycle) must go while the
+            # interpreter is alive: freed during its shutdown they abort the process (SIGABRT)
+            gc.collect()
+            dist.destroy_process_group()  # every group, the host values' too
+    finally:
+        _hosts_of = None
 
 
 def active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _hosts() -> dist.ProcessGroup | None:
+    """The group host values go over: None (the default group) when it carries CPU tensors, else a gloo group
+    of the same ranks. That one is made at the first collective of host values, which every rank makes at
+    the same point, and made again for a new default group (one the caller made after destroying the last)."""
+    global _hosts_of
+    world = dist.group.WORLD
+    if _hosts_of is None or _hosts_of[0] is not world:
+        cpu = any(part.startswith("cpu:") for part in dist.get_backend_config().split(","))
+        try:
+            group = None if cpu else dist.new_group(backend="gloo", timeout=_host_timeout)
+        except RuntimeError as e:  # a gloo error, not a lost rank: no collective has run on this group yet
+            raise UsageError(f"the processes could not connect over gloo, which they use beside nccl for small "
+                             f"values such as whether to stop: {one_line(e)}; name the network interface to use "
+                             f"with GLOO_SOCKET_IFNAME=<interface> on every node") from None
+        _hosts_of = (world, group)
+    return _hosts_of[1]
+
+
 def all_reduce_on_hosts(t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
     """``t``, a CPU tensor, reduced over all ranks in place between the hosts: nothing waits for a GPU."""
-    dist.all_reduce(t, op=op, group=_host_group)
+    dist.all_reduce(t, op=op, group=_hosts())
     return t
 
 
@@ -243,7 +265,7 @@ def _check_same_names(keys: list[str]) -> None:
     each rank's names is gathered (one small collective), and the names themselves only when they differ."""
     signature = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())], dtype=torch.float64)
     gathered = [torch.empty_like(signature) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, signature, group=_host_group)
+    dist.all_gather(gathered, signature, group=_hosts())
     if all(torch.equal(g, gathered[0]) for g in gathered[1:]):
         return
     names = ", ".join(f"rank {rank} {sorted(k)}" for rank, k in enumerate(gather(keys)))
@@ -264,7 +286,7 @@ def broadcast_from_rank0(value: Any) -> Any:
     if not active():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=_host_group)
+    dist.broadcast_object_list(box, src=0, group=_hosts())
     return box[0]
 
 
@@ -273,7 +295,7 @@ def gather(value: Any) -> list[Any]:
     if not active():
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value, group=_host_group)
+    dist.all_gather_object(gathered, value, group=_hosts())
     return gathered
 
 

@@ -1,6 +1,14 @@
+import json
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
+import torch.distributed as dist
 
 from llm.training import train
+from llm.training.core import distributed as D
+from llm.training.core.checkpoint import CheckpointManager
+from tests.helpers import free_port, spawn
 
 
 @pytest.mark.parametrize("unset", [["MASTER_ADDR", "MASTER_PORT"], ["MASTER_PORT"]])
@@ -65,3 +73,34 @@ def test_tf32_is_what_the_config_says_on_cuda_and_left_alone_on_the_cpu(monkeypa
         assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# -- the group host values go over ------------------------------------------------------------------
+
+
+def host_values_worker(rank: int, directory: str, ports: tuple[int, int]) -> None:
+    """Host values between two ranks over a default group that carries no CPU tensors ("cuda:gloo" stands in
+    for nccl's, which needs GPUs), made by the caller; then over a new default group that does."""
+    seen = {}
+    dist.init_process_group("cuda:gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    seen["stop"] = D.any_rank([rank == 1, False])
+    seen["mean"] = D.weighted_mean_over_ranks({"loss": (float(rank + 1), 1.0)})
+    seen["names"] = D.gather(f"rank {rank}")
+    seen["host group made"] = D._hosts() is not None
+    CheckpointManager(Path(directory) / "ckpt", rank, 2)._agree(None, Path(directory), "save")
+    dist.destroy_process_group()  # torch's own, as a caller may
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    seen["again"] = D.any_rank([rank == 0])
+    seen["default group again"] = D._hosts() is None
+    D.destroy_process_group()
+    Path(directory, f"seen_{rank}.json").write_text(json.dumps(seen))
+
+
+def test_host_values_go_over_gloo_whatever_the_default_group_carries(tmp_path):
+    spawn(host_values_worker, str(tmp_path), (free_port(), free_port()))
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen_{rank}.json").read_text())
+        assert seen == {"stop": [True, False], "mean": {"loss": 1.5}, "names": ["rank 0", "rank 1"],
+                        "host group made": True, "again": [True], "default group again": True}
