@@ -87,6 +87,23 @@ class Case:
     """Lines starting 'warning: ' may come before the error (checkpoints skipped on the way)."""
     absent: list[str] = field(default_factory=list)
     """Paths that must not exist afterwards (nothing trained, nothing written)."""
+    locked: tuple[str, int] | None = None
+    """A path and the permissions it has while the command runs; the command runs where file permissions hold
+    (root, who passes them by, drops the capabilities that let it)."""
+
+
+AS_USER = [] if os.geteuid() != 0 else [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
+NO_SETPRIV = pytest.mark.skipif(None in AS_USER, reason="root without setpriv: file permissions do not hold")
+
+
+def metrics_file_a_folder(cwd: Path) -> None:
+    (cwd / "run" / "metrics.jsonl").unlink()
+    (cwd / "run" / "metrics.jsonl").mkdir()
+
+
+def killed_before_its_first_save_with_config_yaml_garbled(cwd: Path) -> None:
+    killed_before_its_first_save(cwd)
+    (cwd / "run" / "config.yaml").write_text(":: [\n")
 
 
 def killed_before_its_first_save(cwd: Path) -> None:
@@ -212,6 +229,20 @@ CASES = [
          prepare=killed_before_its_first_save),
     Case("resume-auto-of-a-run-whose-checkpoints-are-in-another-folder", "train", [*LM, *CONTINUE],
          ["the run in run saves its checkpoints in ckpt", "--checkpoint-dir ckpt"], prepare=saved_elsewhere),
+    Case("resume-auto-into-a-run-whose-config-yaml-does-not-parse", "train", [*LM, *CONTINUE, "--model-n-embd", "64"],
+         ["run holds a run whose config.yaml cannot be read", "no checkpoint of it to continue", "--logging-log-dir"],
+         prepare=killed_before_its_first_save_with_config_yaml_garbled),
+    Case("resume-auto-when-metrics-jsonl-is-a-folder", "train", [*LM, *CONTINUE, "--training-max-steps", "6"],
+         ["cannot append to run/metrics.jsonl", "it is a folder"], prepare=metrics_file_a_folder),
+    pytest.param(Case("resume-auto-when-metrics-jsonl-is-read-only", "train",
+                      [*LM, *CONTINUE, "--training-max-steps", "6"],
+                      ["cannot append to run/metrics.jsonl", "not writable"], locked=("run/metrics.jsonl", 0o444)),
+                 marks=NO_SETPRIV),
+    pytest.param(Case("resume-auto-when-the-newest-checkpoint-cannot-be-read", "train",
+                      [*LM, *CONTINUE, "--training-max-steps", "6"],
+                      ["cannot read the checkpoint run/checkpoints/step_00000004", "Permission denied", "state.pt",
+                       "make it readable"], locked=("run/checkpoints/step_00000004/state.pt", 0)),
+                 marks=NO_SETPRIV),
     Case("resume-auto-when-every-checkpoint-is-corrupt", "train", [*LM, *CONTINUE],
          ["no valid checkpoint in run/checkpoints (2 found, none valid)", "--checkpoint-resume PATH"],
          prepare=truncate_every_checkpoint, warnings_ok=True),
@@ -268,6 +299,10 @@ CASES = [
     *[Case(f"{tool}-checkpoint-{name}", tool, checkpoint_flag(tool, path), words)
       for tool in ("generate", "evaluate", "export") for name, path, words in BROKEN_CHECKPOINTS
       if name != "an-empty-folder"],
+    *[pytest.param(Case(f"{tool}-checkpoint-folder-that-cannot-be-read", tool, checkpoint_flag(tool, "run"),
+                        ["cannot read the checkpoint run/checkpoints/step_00000004", "Permission denied"],
+                        locked=("run/checkpoints/step_00000004", 0)), marks=NO_SETPRIV)
+      for tool in ("generate", "evaluate", "export")],
     *[Case(f"{tool}-checkpoint-of-another-model", tool, checkpoint_flag(tool, "other"),
            ["other", "belong to a different model", "size mismatch"]) for tool in ("generate", "evaluate", "export")],
     # export and plot: outputs that would write over an earlier run's files
@@ -359,10 +394,17 @@ def run_case(earlier: Path, cwd: Path, case: Case) -> Outcome:
     before = snapshot(cwd / "run")
     env = {"LLM_DATA_CACHE_DIR": str(earlier / "cache"), **case.env}
     start = time.monotonic()
+    locked = cwd / case.locked[0] if case.locked else None
+    if locked:
+        mode = locked.stat().st_mode
+        locked.chmod(case.locked[1])
     try:
-        out = run([*TOOLS[case.tool], *case.args], cwd=cwd, env=env, timeout=120)
+        out = run([*(AS_USER if locked else []), *TOOLS[case.tool], *case.args], cwd=cwd, env=env, timeout=120)
     except Exception as e:  # noqa: BLE001 - a hang (TimeoutExpired) is an outcome to report, not a crash
         out = e
+    finally:
+        if locked:
+            locked.chmod(mode)  # for the look at what the command left
     return Outcome(out, time.monotonic() - start, cwd, before)
 
 

@@ -113,6 +113,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def metrics_files(run_dir: str | Path, filename: str = "metrics.jsonl") -> tuple[Path, Path]:
+    """MetricsLogger's files in ``run_dir``: the records, and the records set aside."""
+    path = Path(run_dir) / filename
+    return path, path.with_name(f"{path.stem}.dropped{path.suffix}")
+
+
 class MetricsLogger(Callback):
     """Appends every log record to ``<log_dir>/metrics.jsonl``; prints a line per validation and per epoch.
 
@@ -135,8 +141,7 @@ class MetricsLogger(Callback):
 
     def on_train_start(self, engine: TrainingEngine) -> None:
         if engine.is_main:
-            self._path = Path(engine.run_dir) / self.filename
-            self._aside = self._path.with_name(f"{self._path.stem}.dropped{self._path.suffix}")
+            self._path, self._aside = metrics_files(engine.run_dir, self.filename)
             moved = _move_lines(self._path, self._aside,
                                 lambda line: not line.endswith(b"\n") or _step_of(line) > engine.step)
             if moved:
@@ -194,7 +199,7 @@ def _key_of(line: bytes) -> tuple[Any, Any] | None:
     try:
         record = json.loads(line)
         split, step = record["split"], record["step"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nested a hundred thousand deep
         return None
     return (split, step) if isinstance(split, str) and isinstance(step, (int, float)) else None
 
@@ -203,7 +208,7 @@ def _step_of(line: bytes) -> float:
     """A record's step; minus infinity for a line that is not a record with a step."""
     try:
         step = json.loads(line)["step"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return -math.inf
     return step if isinstance(step, (int, float)) else -math.inf
 

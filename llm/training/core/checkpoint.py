@@ -454,12 +454,24 @@ def _candidates(directory: Path, notes: dict[str, None]) -> list[Path]:
 def _read_manifest(path: Path) -> dict | None:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except PermissionError:
+        raise  # not damage: _check says so
+    except (OSError, ValueError, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) else None
 
 
 def _check(path: Path, hashes: bool) -> str | None:
+    """None if the checkpoint at ``path`` is whole, else what is wrong with it; one the user may not read is
+    refused, not passed over as damaged: a run would resume from an earlier one and save over it."""
+    try:
+        return _problem(path, hashes)
+    except PermissionError as error:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {_one_line(error)}; make it readable, or move it "
+                              f"out of {path.parent} to use an earlier one") from None
+
+
+def _problem(path: Path, hashes: bool) -> str | None:
     if not path.is_dir():
         return "not a directory"
     if not (path / MANIFEST).is_file():
@@ -484,6 +496,8 @@ def _check(path: Path, hashes: bool) -> str | None:
                 return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
             if hashes and _sha256(file) != entry.get("sha256"):
                 return f"{name} does not match its sha256 checksum"
+        except PermissionError:
+            raise
         except OSError as error:  # unreadable, or gone since it was listed (pruned by a run saving beside it)
             return f"{name} cannot be read ({_one_line(error)})"
     return None

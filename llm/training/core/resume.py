@@ -19,11 +19,11 @@ import torch
 import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
-from llm.errors import UsageError
+from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder
 from llm.training.core import distributed as D
 from llm.training.core.checkpoint import CheckpointManager, check_checkpoint_dir, resolve_checkpoint, unwritable_reason
-from llm.training.core.callbacks import flatten
+from llm.training.core.callbacks import flatten, metrics_files
 from llm.training.core.config import Config
 
 
@@ -166,6 +166,10 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
     if problem:
         raise UsageError(f"cannot write to the run directory {run_dir}: {problem}; "
                          f"choose another with --logging-log-dir DIR")
+    for path in metrics_files(run_dir) if existing else ():  # appended to: refused now, before config.yaml is
+        if path.is_dir() or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
+            raise UsageError(f"cannot append to {path}: it is {'a folder' if path.is_dir() else 'not writable'}; "
+                             f"make it a writable file, or start a new run with --logging-log-dir DIR")
     # now, not at the first save after hours of training; and never into another run's checkpoints
     check_checkpoint_dir(config.checkpoint.dir, fresh=not start.resuming or elsewhere)
 
@@ -174,12 +178,17 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
     """--checkpoint-resume auto found no checkpoint of the run in ``run_dir`` (killed before its first save,
     or saving elsewhere): starting afresh there is continuing it only if it is the same run. Another run's
     folder is refused, not taken over (its config.yaml and summary.json rewritten, its records set aside)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return  # no run's settings to compare with: killed before it wrote them
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # no run's settings to compare with
-    if not isinstance(saved, dict):
-        return
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        saved = e
+    if not isinstance(saved, dict):  # not read as a run's settings: whose run it holds cannot be told
+        why = one_line(saved) if isinstance(saved, BaseException) else f"it holds a {type(saved).__name__}"
+        raise UsageError(f"{run_dir} holds a run whose {path.name} cannot be read ({why}) and no checkpoint of it "
+                         f"to continue: start this one in a new --logging-log-dir DIR")
     saved, now = flatten(saved), flatten(yaml.safe_load(config.to_yaml()))  # both as a run's config.yaml has them
     elsewhere = saved.get("checkpoint.dir")
     if isinstance(elsewhere, str) and elsewhere and Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():

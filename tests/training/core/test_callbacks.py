@@ -133,7 +133,8 @@ def test_metrics_logger_writes_one_json_object_per_record_on_rank_0_only(tmp_pat
 
 def test_metrics_logger_resumed_at_a_step_moves_the_records_logged_after_it_aside(tmp_path):
     records = [json.dumps({"split": "train", "step": step, "epoch": 0, "loss": 1.0 / step}) + "\n" for step in (2, 4, 6)]
-    not_a_record = "written by hand \xe9\n".encode("latin-1")  # not even UTF-8: left where it is
+    # not even UTF-8, or nested too deep for the JSON reader: left where they are
+    not_a_record = "written by hand \xe9\n".encode("latin-1") + b"[" * 100_000 + b"]" * 100_000 + b"\n"
     cut_off = b'{"split": "train", "st'  # killed mid-write
     (tmp_path / "metrics.jsonl").write_bytes("".join(records[:2]).encode() + not_a_record + records[2].encode() + cut_off)
     engine = StubEngine(run_dir=tmp_path)
