@@ -88,12 +88,17 @@ class Case:
     absent: list[str] = field(default_factory=list)
     """Paths that must not exist afterwards (nothing trained, nothing written)."""
     locked: tuple[str, int] | None = None
-    """A path and the permissions it has while the command runs; the command runs where file permissions hold
-    (root, who passes them by, drops the capabilities that let it)."""
+    """A path (a glob) and the permissions it has while the command runs; the command runs where file
+    permissions hold (root, who passes them by, drops the capabilities that let it)."""
 
 
 AS_USER = [] if os.geteuid() != 0 else [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
 NO_SETPRIV = pytest.mark.skipif(None in AS_USER, reason="root without setpriv: file permissions do not hold")
+
+
+def own_cache(cwd: Path) -> None:
+    """A copy of the token cache that the earlier run filled (beside the checkpoints the case folder links to)."""
+    shutil.copytree((cwd / "truncated").resolve().parent / "cache", cwd / "cache")
 
 
 def metrics_file_a_folder(cwd: Path) -> None:
@@ -243,6 +248,10 @@ CASES = [
                       ["cannot read the checkpoint run/checkpoints/step_00000004", "Permission denied", "state.pt",
                        "make it readable"], locked=("run/checkpoints/step_00000004/state.pt", 0)),
                  marks=NO_SETPRIV),
+    pytest.param(Case("token-cache-entry-that-cannot-be-read", "train", [*LM, "--logging-log-dir", "fresh"],
+                      ["data.cache_dir", "cannot read the cache entry cache/", "Permission denied", "--data-cache-dir"],
+                      prepare=own_cache, env={"LLM_DATA_CACHE_DIR": "cache"}, locked=("cache/*/tokens.bin", 0),
+                      absent=["fresh"]), marks=NO_SETPRIV),
     Case("resume-auto-when-every-checkpoint-is-corrupt", "train", [*LM, *CONTINUE],
          ["no valid checkpoint in run/checkpoints (2 found, none valid)", "--checkpoint-resume PATH"],
          prepare=truncate_every_checkpoint, warnings_ok=True),
@@ -394,7 +403,7 @@ def run_case(earlier: Path, cwd: Path, case: Case) -> Outcome:
     before = snapshot(cwd / "run")
     env = {"LLM_DATA_CACHE_DIR": str(earlier / "cache"), **case.env}
     start = time.monotonic()
-    locked = cwd / case.locked[0] if case.locked else None
+    locked = next(cwd.glob(case.locked[0])) if case.locked else None
     if locked:
         mode = locked.stat().st_mode
         locked.chmod(case.locked[1])

@@ -10,6 +10,7 @@ and is tokenized again. The files of cache entries are never part of the corpus.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -282,7 +283,8 @@ class TextDataModule(BaseDataModule):
         files = self._files()
         entry = self.cache_path = self._cache_entry(files)
         damage = _damage(entry)
-        self.cache_hit = (entry / TOKENS).is_file() and (entry / TOKENIZER).is_file() and not damage
+        with _readable(entry):
+            self.cache_hit = (entry / TOKENS).is_file() and (entry / TOKENIZER).is_file() and not damage
         if self.cache_hit:
             return
         if damage:
@@ -352,12 +354,14 @@ class TextDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         # the entry prepare_data() found in this process; other ranks hash the corpus themselves
         entry = self.cache_path or self._cache_entry(self._files())
-        if not (entry / TOKENS).is_file():
-            raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
+        with _readable(entry):
+            if not (entry / TOKENS).is_file():
+                raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
+            open(entry / TOKENS, "rb").close()  # read later, by the loaders: refused now
+            self.tokenizer = load_tokenizer(entry / TOKENIZER)
+            size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
-        self.tokenizer = load_tokenizer(entry / TOKENIZER)
         dtype = token_dtype(self.tokenizer.vocab_size)
-        size = (entry / TOKENS).stat().st_size
         damage = _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
@@ -384,6 +388,17 @@ class TextDataModule(BaseDataModule):
 
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.val_set, rank, world_size, train=False, collate_fn=already_batched)
+
+
+@contextlib.contextmanager
+def _readable(entry: Path) -> Iterator[None]:
+    """A cache entry this user may not read (another user's, in a shared cache folder) is one line, not a
+    traceback: nor can it be tokenized again there."""
+    try:
+        yield
+    except PermissionError as e:
+        raise UsageError(f"data.cache_dir: cannot read the cache entry {entry}: {e.strerror}: {e.filename}; make "
+                         f"it readable, or choose another cache folder with --data-cache-dir DIR") from None
 
 
 def _damage(entry: Path) -> str:
