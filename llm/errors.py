@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -25,8 +26,21 @@ class ConfigError(UsageError):
     def __init__(self, field: str, value: object, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         shown = field if re.fullmatch(r"[\w.]+", field) else repr(field)  # a key of any text stays on one line
-        got = repr(value) if len(repr(value)) <= 80 else repr(value)[:60] + f"... ({len(repr(value))} characters)"
-        super().__init__(f"{shown}: got {got}, expected {allowed}")
+        super().__init__(f"{shown}: got {_shown(value)}, expected {allowed}")
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 2, 4, 4, 60, 60
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut short: a container only as deep and long as a line shows (YAML's aliases can make
+    one of billions of items from a few hundred bytes, whose whole repr would never end)."""
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        text = _BRIEF.repr(value)
+        return text if len(text) <= 80 else text[:60] + "..."
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

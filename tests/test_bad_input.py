@@ -37,6 +37,9 @@ LM = ["--task", "lm", "--training-max-steps", "4", "--training-batch-size", "8",
       "--checkpoint-every-n-steps", "2"]
 CONTINUE = ["--logging-log-dir", "run", "--checkpoint-resume", "auto"]
 """Continue the earlier run: whatever is wrong, its files must be left as they were."""
+LAUGHS = "training:\n  epochs: [&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], " + ", ".join(
+    f"&{name} [{', '.join(['*' + previous] * 9)}]" for previous, name in zip("abcdefgh", "bcdefghi")) + "]\n"
+"""Nine levels of aliases, nine each: 9**9 (387 million) items from a few hundred bytes of YAML."""
 BRANCH = ["--logging-log-dir", "fresh", "--checkpoint-resume"]
 """Start a new run from a checkpoint (followed by its path): refused, it must leave no folder behind."""
 REGRESSION = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-input-dim", "4", "--training-device", "cpu"]
@@ -160,6 +163,8 @@ CASES = [
          files={"c.yaml": "training:\n  epoch: 1\n"}),
     Case("yaml-wrong-type", "train", ["--config", "c.yaml", *CONTINUE], ["training.epochs", "'ten'", "an integer"],
          files={"c.yaml": "training:\n  epochs: ten\n"}),
+    Case("yaml-aliases-that-expand-to-a-billion-items", "train", ["--config", "laughs.yaml", *CONTINUE],
+         ["training.epochs: got [['lol',", "expected an integer"], files={"laughs.yaml": LAUGHS}),
     Case("negative-batch-size", "train", [*LM, *CONTINUE, "--training-batch-size", "-8"],
          ["training.batch_size", "-8", ">= 1"]),
     Case("zero-epochs", "train", [*LM, *CONTINUE, "--epochs", "0"], ["training.epochs", "0", ">= 1"]),
@@ -297,6 +302,10 @@ CASES = [
     pytest.param(Case("model-larger-than-memory", "train",
                       [*LM, "--logging-log-dir", "fresh", "--model-n-embd", "2000000000", "--model-n-head", "1"],
                       ["build_model() ran out of memory", "GiB", "model.n_embd"], absent=["fresh"])),
+    pytest.param(Case("model-larger-than-a-64-bit-count-of-bytes", "train",
+                      ["--task", "regression", *REGRESSION, "--logging-log-dir", "fresh", "--model-n-embd",
+                       "1000000000000000000"], ["build_model() ran out of memory", "more bytes than a 64-bit count"],
+                      absent=["fresh"])),
     pytest.param(Case("data-larger-than-memory", "train",
                       ["--task", "regression", *REGRESSION, "--logging-log-dir", "fresh", "--data-num-samples",
                        "100000000000"], ["SyntheticDataModule.setup() ran out of memory", "GiB", "data.num_samples"],

@@ -864,10 +864,12 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
     except (RuntimeError, MemoryError) as e:
         # the CPU allocator says "tried to allocate 4000 bytes", CUDA's "Tried to allocate 20.00 GiB"
         asked = re.search(r"(?i)tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", str(e))
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and asked is None:
+        overflowed = "size calculation overflowed" in str(e)  # more bytes than a 64-bit count holds
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and asked is None and not overflowed:
             raise
         scale = {"bytes": 2**-30, "kib": 2**-20, "mib": 2**-10, "gib": 1, "tib": 2**10}
-        size = f": it asked for {float(asked[1]) * scale[asked[2].lower()]:,.1f} GiB at once" if asked else ""
+        size = f": it asked for {float(asked[1]) * scale[asked[2].lower()]:,.1f} GiB at once" if asked else \
+            ": it asked for more bytes than a 64-bit count holds" if overflowed else ""
         raise UsageError(f"{what} ran out of memory{size}; ask for {instead}, "
                          f"or use a machine with more memory") from None
 
