@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.tasks.regression_task import RegressionTask
@@ -40,6 +42,9 @@ CONTINUE = ["--logging-log-dir", "run", "--checkpoint-resume", "auto"]
 LAUGHS = "training:\n  epochs: [&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], " + ", ".join(
     f"&{name} [{', '.join(['*' + previous] * 9)}]" for previous, name in zip("abcdefgh", "bcdefghi")) + "]\n"
 """Nine levels of aliases, nine each: 9**9 (387 million) items from a few hundred bytes of YAML."""
+BIG_IDS = Tokenizer(WordLevel({**{c: i for i, c in enumerate(sorted(set(TEXT)))}, "[UNK]": 30, "zzz": 4_000_000_000},
+                               unk_token="[UNK]")).to_str()
+"""A tokenizer.json whose ids skip to four billion: an embedding of that many rows."""
 BRANCH = ["--logging-log-dir", "fresh", "--checkpoint-resume"]
 """Start a new run from a checkpoint (followed by its path): refused, it must leave no folder behind."""
 REGRESSION = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-input-dim", "4", "--training-device", "cpu"]
@@ -188,6 +193,11 @@ CASES = [
          ["11 tokens", "model.block_size+1 = 33", "lower model.block_size"], files={"short.txt": "hello world"}),
     Case("tokenizer-file-that-is-not-one", "train", [*LM, *CONTINUE, "--data-tokenizer", "tok.json"],
          ["tok.json", "is not a tokenizer file"], files={"tok.json": '{"x": 1}'}),
+    Case("tokenizer-file-with-a-token-id-past-any-vocabulary", "train", [*LM, *CONTINUE, "--data-tokenizer", "big.json"],
+         ["big.json", "largest token id is 4,000,000,000", "at most 1,048,576"], files={"big.json": BIG_IDS}),
+    Case("char-tokenizer-file-with-a-lone-surrogate", "train", [*LM, *CONTINUE, "--data-tokenizer", "s.json"],
+         ["s.json", "distinct single characters", "surrogate"],
+         files={"s.json": '{"type": "char", "chars": ["a", "\\ud800"]}'}),
     Case("tokenizer-that-does-not-cover-the-corpus", "train", [*LM, *CONTINUE, "--data-tokenizer", "ab.json"],
          ["data.path", "corpus.txt", "character 't'", "data.tokenizer ab.json"],
          files={"ab.json": '{"type": "char", "chars": ["a", "b"]}'}),

@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llm.errors import UsageError, closest, one_line
 from llm.files import write_atomically
+from llm.training.core.config import MAX_VOCAB_SIZE
 
 BUILTIN = ("byte", "char", "bpe")
 """Tokenizer names accepted by ``data.tokenizer`` besides a path."""
@@ -265,12 +266,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if kind == "char":
         chars = data.get("chars")
         if not isinstance(chars, list) or not chars or len(set(map(repr, chars))) < len(chars) or \
-                not all(isinstance(c, str) and len(c) == 1 for c in chars):
-            raise UsageError(f"{path}: 'chars' of a char tokenizer must be a list of distinct single characters")
+                not all(isinstance(c, str) and len(c) == 1 and not "\ud800" <= c <= "\udfff" for c in chars):
+            raise UsageError(f"{path}: 'chars' of a char tokenizer must be a list of distinct single characters "
+                             f"(UTF-8 can write no lone surrogate such as \\ud800)")
         return CharTokenizer(chars)
     if "model" not in data:
         raise UsageError(not_one)
     try:
-        return HFTokenizer(hf.Tokenizer.from_str(text))
+        tokenizer = HFTokenizer(hf.Tokenizer.from_str(text))
     except Exception as e:  # the library raises a bare Exception with a parse message
         raise UsageError(f"{not_one}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if tokenizer.vocab_size > MAX_VOCAB_SIZE:  # the embedding has a row for every id up to the largest
+        raise UsageError(f"{path}: its largest token id is {tokenizer.vocab_size - 1:,}; a model's vocabulary has at "
+                         f"most {MAX_VOCAB_SIZE:,} entries, as model.vocab_size")
+    return tokenizer
