@@ -84,12 +84,13 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested thousands deep
             if number == len(lines):
                 break  # a live run may be writing its last line right now
             raise UsageError(f"{path} line {number}: not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise UsageError(f"{path} line {number}: expected a record with an integer step")
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
+            raise UsageError(f"{path} line {number}: expected a record with an integer step (from 0 to 2**63-1)")
         for (split, key), curve in wanted.items():
             value = record.get(key)
             if record.get("split") == split and _is_number(value):  # NaN, not left out: the line breaks there

@@ -160,12 +160,17 @@ def test_a_curve_of_one_point_is_a_dot_and_a_longer_one_a_plain_line(tmp_path):
     assert [(line.get_marker(), len(line.get_xdata())) for line in lr_ax.get_lines()] == [("o", 1), ("None", 20)]
 
 
-def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("line, expected", [
+    ("not json", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # nested past what the JSON reader follows
+    (json.dumps({"split": "train", "step": 10**400, "loss": 1.0}), "expected a record with an integer step"),
+])
+def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys, line, expected):
     run_dir = write_run(tmp_path / "bad")  # 20 train and 4 val lines
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write("not json\n" + json.dumps({"split": "train", "step": 300, "loss": 1.0}) + "\n")
+        f.write(line + "\n" + json.dumps({"split": "train", "step": 300, "loss": 1.0}) + "\n")
     assert main([str(run_dir), "--out", str(tmp_path / "x.png")]) == 2
-    assert capsys.readouterr().err == f"error: {run_dir / 'metrics.jsonl'} line 25: not valid JSON\n"
+    assert capsys.readouterr().err.startswith(f"error: {run_dir / 'metrics.jsonl'} line 25: {expected}")
     assert not (tmp_path / "x.png").exists()
 
 
