@@ -35,19 +35,22 @@ from llm.training.core.config import Config
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) when run plainly. UsageError for values
     that are not whole numbers or do not fit together (RANK set by hand without WORLD_SIZE)."""
-    values = []
-    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        text = os.environ.get(name, default)
-        try:
-            values.append(int(text))
-        except ValueError:
-            raise UsageError(f"environment variable {name}: got {text!r}, expected a whole number "
-                             f"(torchrun sets it)") from None
-    rank, world_size, local_rank = values
-    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise UsageError(f"environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} "
-                         f"do not fit together: RANK runs from 0 to WORLD_SIZE - 1 (torchrun sets them)")
+    rank, world_size, local_rank, restarts = (_whole_number(name, default) for name, default in (
+        ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("TORCHELASTIC_RESTART_COUNT", "0")))
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0 or restarts < 0:
+        raise UsageError(f"environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}, "
+                         f"TORCHELASTIC_RESTART_COUNT={restarts} do not fit together: RANK runs from 0 to "
+                         f"WORLD_SIZE - 1, the others from 0 (torchrun sets them)")
     return rank, world_size, local_rank
+
+
+def _whole_number(name: str, default: str) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"environment variable {name}: got {text!r}, expected a whole number "
+                         f"(torchrun sets it)") from None
 
 
 LAUNCH_FILE = ".launch"

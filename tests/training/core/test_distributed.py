@@ -38,8 +38,9 @@ def test_nccl_without_cuda_is_one_line_before_any_process_group(tmp_path, monkey
 
 @pytest.mark.parametrize("env, words", [
     ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE: got 'two', expected a whole number"),
-    ({"RANK": "1"}, "RANK=1, WORLD_SIZE=1, LOCAL_RANK=0 do not fit together"),  # RANK set by hand alone
-    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 do not fit together"),
+    ({"RANK": "1"}, "RANK=1, WORLD_SIZE=1, LOCAL_RANK=0, TORCHELASTIC_RESTART_COUNT=0 do not fit together"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1, TORCHELASTIC_RESTART_COUNT=0 do not fit together"),
+    ({"TORCHELASTIC_RESTART_COUNT": "x"}, "TORCHELASTIC_RESTART_COUNT: got 'x', expected a whole number"),
 ])
 def test_launcher_variables_that_do_not_make_sense_are_one_line(tmp_path, monkeypatch, capsys, env, words):
     monkeypatch.chdir(tmp_path)
