@@ -295,6 +295,10 @@ CASES = [
         Case("log-dir-inside-an-earlier-runs-checkpoint-folder", "train", [*LM, "--logging-log-dir", "run/checkpoints/mine"],
              ["logging.log_dir", "run/checkpoints", "retention", "outside it"], absent=["run/checkpoints/mine"])),
     pytest.param(
+        Case("cache-dir-inside-an-earlier-runs-checkpoint", "train",
+             [*LM, "--logging-log-dir", "fresh", "--data-cache-dir", "run/checkpoints/step_00000004/cache"],
+             ["data.cache_dir", "run/checkpoints/step_00000004", "retention", "outside it"], absent=["fresh"])),
+    pytest.param(
         Case("log-dir-with-a-trailing-slash", "train", [*LM, "--logging-log-dir", "fresh/", "--data-path", "nope.txt"],
              ["data.path", "nope.txt"])),
     # trackers

@@ -155,9 +155,10 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
             f"into a new --logging-log-dir DIR, or, if {run_dir} is a copy of that run, pass "
             f"--checkpoint-allow-config-change true"
         )
-    for name, folder in (("logging.log_dir", run_dir), ("checkpoint.dir", checkpoints)):
+    cache = [("data.cache_dir", Path(config.data.cache_dir).expanduser())] if config.data.cache_dir else []
+    for name, folder in (("logging.log_dir", run_dir), ("checkpoint.dir", checkpoints), *cache):
         # another run's retention would delete this run's files with the checkpoint that holds them (its own
-        # deletes only step_* folders)
+        # deletes only step_* folders), and a file of this run's in a checkpoint breaks its manifest
         holder = checkpoint_folder(folder, own=folder.resolve() == checkpoints.resolve())
         if holder is not None and holder != checkpoints.resolve():
             raise UsageError(f"{name} {folder} lies in the checkpoint folder {holder}, whose retention deletes "
