@@ -69,7 +69,10 @@ def print_error(line: str) -> None:
 
     ``print`` writes the text and its newline separately, and stderr is not
     buffered, so two ranks sharing a terminal or a pipe can interleave their
-    lines ("...processeserror: ...") even when each is one line.
+    lines ("...processeserror: ...") even when each is one line. A character
+    that would break the line or steer the terminal (a newline in a path
+    name, an escape sequence) is written as its escape, ``\\n``.
     """
+    line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
     sys.stderr.write(line + "\n")
     sys.stderr.flush()

@@ -46,3 +46,16 @@ def test_tools_that_load_checkpoints_print_warnings_in_one_line(tool, capsys):
     main, required = TOOLS[tool]
     main([*required, "--bogus"])
     assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12) == "warning: skipping x\n"
+
+
+@pytest.mark.parametrize("tool, flag", [("generate", "--checkpoint"), ("evaluate", "--checkpoint"), ("export", None),
+                                        ("plot", None), ("train", "--data-path")])
+def test_a_path_with_a_newline_or_an_escape_in_its_name_is_named_on_one_line(tool, flag, capsys, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main, required = TOOLS[tool]
+    odd = "no\nsuch\x1b[2J"
+    args = [odd, *required[1:]] if flag is None else [*required, flag, odd]
+    assert main([*args, *(["--task", "lm"] if tool == "train" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "no\\nsuch\\x1b[2J" in err, err
