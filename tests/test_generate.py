@@ -210,6 +210,10 @@ def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
     if how == "other vocabulary":  # more tokens than the model's rows (fewer would be a padded vocabulary)
         CharTokenizer("abcdefghijklmnopqrst").save(ckpt / "tokenizer.json")
         reseal(ckpt)
+    elif how == "dropout out of range":  # written by hand, sealed in
+        config = json.loads((ckpt / "model_config.json").read_text())
+        (ckpt / "model_config.json").write_text(json.dumps({**config, "dropout": 7}))
+        reseal(ckpt)
     elif how == "tokenizer swapped after the save":
         CharTokenizer("abc").save(ckpt / "tokenizer.json")
     elif how == "truncated state":
@@ -225,6 +229,8 @@ def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize("how, message", [
     ("other vocabulary",
      r"error: the vocabulary does not fit the model in \S+: tokenizer.json has 20 tokens, model_config.json .*"),
+    ("dropout out of range",
+     r"error: \S+model_config.json is not a valid model config: GPTConfig.dropout must be in \[0, 1\), got 7"),
     ("tokenizer swapped after the save",
      r"error: checkpoint \S+ is not valid: tokenizer.json has \d+ bytes, the manifest says \d+"),
     ("truncated state", r"error: checkpoint \S+ is not valid: state.pt has \d+ bytes, the manifest says \d+"),
