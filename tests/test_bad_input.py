@@ -25,8 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
 
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.tasks.regression_task import RegressionTask
@@ -42,9 +40,11 @@ CONTINUE = ["--logging-log-dir", "run", "--checkpoint-resume", "auto"]
 LAUGHS = "training:\n  epochs: [&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], " + ", ".join(
     f"&{name} [{', '.join(['*' + previous] * 9)}]" for previous, name in zip("abcdefgh", "bcdefghi")) + "]\n"
 """Nine levels of aliases, nine each: 9**9 (387 million) items from a few hundred bytes of YAML."""
-BIG_IDS = Tokenizer(WordLevel({**{c: i for i, c in enumerate(sorted(set(TEXT)))}, "[UNK]": 30, "zzz": 4_000_000_000},
-                               unk_token="[UNK]")).to_str()
-"""A tokenizer.json whose ids skip to four billion: an embedding of that many rows."""
+BIG_IDS = json.dumps({"version": "1.0", "model": {
+    "type": "WordLevel", "unk_token": "[UNK]",
+    "vocab": {**{c: i for i, c in enumerate(sorted(set(TEXT)))}, "[UNK]": 30, "zzz": 4_000_000_000}}})
+"""A tokenizer.json whose ids skip to four billion: an embedding of that many rows (written as text: the
+tokenizers library's own writer would allocate for every id up to it)."""
 BRANCH = ["--logging-log-dir", "fresh", "--checkpoint-resume"]
 """Start a new run from a checkpoint (followed by its path): refused, it must leave no folder behind."""
 REGRESSION = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-input-dim", "4", "--training-device", "cpu"]
@@ -105,8 +105,9 @@ NO_SETPRIV = pytest.mark.skipif(None in AS_USER, reason="root without setpriv: f
 
 
 def own_cache(cwd: Path) -> None:
-    """A copy of the token cache that the earlier run filled (beside the checkpoints the case folder links to)."""
-    shutil.copytree((cwd / "truncated").resolve().parent / "cache", cwd / "cache")
+    """A copy of the token cache as the earlier run left it (beside the checkpoints the case folder links to),
+    before other cases added entries: one entry."""
+    shutil.copytree((cwd / "truncated").resolve().parent / "cache-as-trained", cwd / "cache")
 
 
 def metrics_file_a_folder(cwd: Path) -> None:
@@ -231,6 +232,9 @@ CASES = [
     # checkpoints to resume from
     *[Case(f"resume-checkpoint-{name}", "train", [*LM, *BRANCH, path], words, absent=["fresh"])
       for name, path, words in BROKEN_CHECKPOINTS],
+    Case("resume-checkpoint-set-by-an-environment-variable", "train", [*LM, "--logging-log-dir", "fresh"],
+         ["checkpoint.resume: checkpoint path nope does not exist", "environment variable LLM_CHECKPOINT_RESUME"],
+         env={"LLM_CHECKPOINT_RESUME": "nope"}, absent=["fresh"]),
     Case("resume-checkpoint-truncated-and-resealed", "train",
          [*LM, *BRANCH, "resealed"], ["resealed", "state.pt is truncated or corrupt"], absent=["fresh"]),
     Case("resume-with-a-different-model", "train", [*LM, *CONTINUE, "--model-n-embd", "64"],
@@ -391,6 +395,7 @@ def earlier(tmp_path_factory) -> Path:
     out = run([*TOOLS["train"], *LM, "--logging-log-dir", "run"], cwd=root,
               env={"LLM_DATA_CACHE_DIR": str(root / "cache")})
     assert out.returncode == 0, out.stderr
+    shutil.copytree(root / "cache", root / "cache-as-trained")
     step = root / "run" / "checkpoints" / "step_00000004"
     for name in ("truncated", "resealed", "other"):
         shutil.copytree(step, root / name)

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder
 from llm.training.core import distributed as D
-from llm.training.core.checkpoint import CheckpointManager, check_checkpoint_dir, resolve_checkpoint, unwritable_reason
+from llm.training.core.checkpoint import CheckpointError, CheckpointManager, check_checkpoint_dir, resolve_checkpoint, unwritable_reason
 from llm.training.core.callbacks import flatten, metrics_files
 from llm.training.core.config import Config
 
@@ -106,7 +106,10 @@ def find_start(config: Config, run_dir: Path) -> Start:
         own = CheckpointManager(directory).latest_valid() if directory.exists() else None
         if own is not None or spec in ("", "auto"):
             return Start(own, resuming, own_folder)
-    return Start(resolve_checkpoint(spec) if spec else None, resuming, own_folder)
+    try:
+        return Start(resolve_checkpoint(spec) if spec else None, resuming, own_folder)
+    except CheckpointError as e:  # named as a setting: the error then says where it was set, a file or a variable
+        raise CheckpointError(f"checkpoint.resume: {e}") from None
 
 
 def _restarted_here(run_dir: Path) -> bool:
