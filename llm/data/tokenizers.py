@@ -266,9 +266,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if kind == "char":
         chars = data.get("chars")
         if not isinstance(chars, list) or not chars or len(set(map(repr, chars))) < len(chars) or \
-                not all(isinstance(c, str) and len(c) == 1 and not "\ud800" <= c <= "\udfff" for c in chars):
-            raise UsageError(f"{path}: 'chars' of a char tokenizer must be a list of distinct single characters "
-                             f"(UTF-8 can write no lone surrogate such as \\ud800)")
+                not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise UsageError(f"{path}: 'chars' of a char tokenizer must be a list of distinct single characters")
+        if surrogates := [c for c in chars if "\ud800" <= c <= "\udfff"]:
+            raise UsageError(f"{path}: 'chars' holds {surrogates[0]!r}, half of a UTF-16 pair, which no text holds "
+                             f"and UTF-8 cannot write")
         return CharTokenizer(chars)
     if "model" not in data:
         raise UsageError(not_one)
