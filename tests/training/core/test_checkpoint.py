@@ -455,8 +455,8 @@ def test_a_checkpoint_pruned_while_its_files_are_hashed_is_passed_over_too(tmp_p
     def unreadable(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr(ckpt_mod, "_sha256", unreadable)  # for any other reason: one line, not a traceback
-    with pytest.raises(CheckpointError, match=r"step_00000002 is not valid: \S+ cannot be read \(.*denied"):
+    monkeypatch.setattr(ckpt_mod, "_sha256", unreadable)  # one this user may not read: refused, not passed over
+    with pytest.raises(CheckpointError, match=r"^cannot read the checkpoint \S+step_00000002: .*Permission denied"):
         resolve_checkpoint(tmp_path / "step_00000002")
 
 
