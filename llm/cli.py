@@ -9,7 +9,7 @@ import sys
 import warnings
 from typing import NoReturn
 
-from llm.errors import UsageError
+from llm.errors import UsageError, on_one_line
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -32,7 +32,7 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 def one_line_warnings() -> None:
     """Print each warning as ``warning: MESSAGE``: the file, line and source Python adds mean nothing to a user."""
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {on_one_line(str(message))}\n"
 
 
 def say(line: str) -> None:

@@ -30,7 +30,7 @@ class ConfigError(UsageError):
 
 
 _BRIEF = reprlib.Repr()
-_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 2, 4, 4, 60, 60
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 3, 10, 10, 60, 60
 
 
 def _shown(value: object) -> str:
@@ -64,15 +64,24 @@ def one_line(error: BaseException | str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def on_one_line(text: str) -> str:
+    """``text`` with each character that would break the line or steer the terminal (a newline in a path
+    name, an escape sequence) written as its escape, ``\\n``; tabs and all printing text as they are."""
+    if _BREAKING.isdisjoint(text):
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if c in _BREAKING else c for c in text)
+
+
+_BREAKING = frozenset(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029])) - {"\t"}
+"""Control characters (C0, DEL, C1) and Unicode's line and paragraph separators; not the tab."""
+
+
 def print_error(line: str) -> None:
     """Write one line to stderr in a single write.
 
     ``print`` writes the text and its newline separately, and stderr is not
     buffered, so two ranks sharing a terminal or a pipe can interleave their
-    lines ("...processeserror: ...") even when each is one line. A character
-    that would break the line or steer the terminal (a newline in a path
-    name, an escape sequence) is written as its escape, ``\\n``.
+    lines ("...processeserror: ...") even when each is one line.
     """
-    line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(on_one_line(line) + "\n")
     sys.stderr.flush()

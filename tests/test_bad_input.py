@@ -16,7 +16,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,8 +102,24 @@ class Case:
     permissions hold (root, who passes them by, drops the capabilities that let it)."""
 
 
-AS_USER = [] if os.geteuid() != 0 else [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
-NO_SETPRIV = pytest.mark.skipif(None in AS_USER, reason="root without setpriv: file permissions do not hold")
+def as_user() -> list[str] | None:
+    """A command prefix under which file permissions hold: none but for root, who drops the capabilities that pass
+    them by; None where that does not make a file of mode 0 unreadable (no setpriv, or capabilities it keeps)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = [shutil.which("setpriv") or "setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    with tempfile.NamedTemporaryFile() as probe:
+        os.chmod(probe.name, 0)
+        try:
+            held = subprocess.run([*prefix, "true"]).returncode == 0 and \
+                subprocess.run([*prefix, "cat", probe.name], capture_output=True).returncode != 0
+        except OSError:  # no setpriv
+            held = False
+    return prefix if held else None
+
+
+AS_USER = as_user()
+NO_SETPRIV = pytest.mark.skipif(AS_USER is None, reason="root whose file permissions cannot be made to hold")
 
 
 def own_cache(cwd: Path) -> None:
@@ -260,7 +278,7 @@ CASES = [
          ["cannot append to run/metrics.jsonl", "it is a folder"], prepare=metrics_file_a_folder),
     pytest.param(Case("resume-auto-when-metrics-jsonl-is-read-only", "train",
                       [*LM, *CONTINUE, "--training-max-steps", "6"],
-                      ["cannot append to run/metrics.jsonl", "not writable"], locked=("run/metrics.jsonl", 0o444)),
+                      ["cannot append to run/metrics.jsonl", "not a file this user can read and write"], locked=("run/metrics.jsonl", 0o444)),
                  marks=NO_SETPRIV),
     pytest.param(Case("resume-auto-when-the-newest-checkpoint-cannot-be-read", "train",
                       [*LM, *CONTINUE, "--training-max-steps", "6"],
@@ -270,6 +288,10 @@ CASES = [
     pytest.param(Case("token-cache-entry-that-cannot-be-read", "train", [*LM, "--logging-log-dir", "fresh"],
                       ["data.cache_dir", "cannot read the cache entry cache/", "Permission denied", "--data-cache-dir"],
                       prepare=own_cache, env={"LLM_DATA_CACHE_DIR": "cache"}, locked=("cache/*/tokens.bin", 0),
+                      absent=["fresh"]), marks=NO_SETPRIV),
+    pytest.param(Case("token-cache-tokenizer-that-cannot-be-read", "train", [*LM, "--logging-log-dir", "fresh"],
+                      ["data.cache_dir", "cannot read the cache entry cache/", "tokenizer.json", "--data-cache-dir"],
+                      prepare=own_cache, env={"LLM_DATA_CACHE_DIR": "cache"}, locked=("cache/*/tokenizer.json", 0),
                       absent=["fresh"]), marks=NO_SETPRIV),
     Case("resume-auto-when-every-checkpoint-is-corrupt", "train", [*LM, *CONTINUE],
          ["no valid checkpoint in run/checkpoints (2 found, none valid)", "--checkpoint-resume PATH"],
@@ -436,7 +458,7 @@ def run_case(earlier: Path, cwd: Path, case: Case) -> Outcome:
         mode = locked.stat().st_mode
         locked.chmod(case.locked[1])
     try:
-        out = run([*(AS_USER if locked else []), *TOOLS[case.tool], *case.args], cwd=cwd, env=env, timeout=120)
+        out = run([*(AS_USER or [] if locked else []), *TOOLS[case.tool], *case.args], cwd=cwd, env=env, timeout=120)
     except Exception as e:  # noqa: BLE001 - a hang (TimeoutExpired) is an outcome to report, not a crash
         out = e
     finally:

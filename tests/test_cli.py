@@ -4,7 +4,7 @@ import pytest
 
 from llm import evaluate, export, generate, plot
 from llm.cli import ArgParser, one_line_warnings
-from llm.errors import UsageError
+from llm.errors import UsageError, print_error
 from llm.training import train
 
 TOOLS = {
@@ -59,3 +59,11 @@ def test_a_path_with_a_newline_or_an_escape_in_its_name_is_named_on_one_line(too
     assert main([*args, *(["--task", "lm"] if tool == "train" else [])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "no\\nsuch\\x1b[2J" in err, err
+
+
+def test_only_what_breaks_a_line_or_steers_the_terminal_is_escaped_in_errors_and_warnings(capsys):
+    kept = "tab\there, a no-break space (1\xa0000), a joiner (\u0646\u0627\u0645\u0647\u200c\u0647\u0627), caf\u00e9"
+    print_error(f"error: {kept}; a\nb\rc\x1b[2J\u2028d\x85")
+    assert capsys.readouterr().err == f"error: {kept}; a\\nb\\rc\\x1b[2J\\u2028d\\x85\n"
+    one_line_warnings()
+    assert warnings.formatwarning("no\nsuch file", UserWarning, "/a/b.py", 1) == "warning: no\\nsuch file\n"

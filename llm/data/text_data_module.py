@@ -357,7 +357,8 @@ class TextDataModule(BaseDataModule):
         with _readable(entry):
             if not (entry / TOKENS).is_file():
                 raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
-            open(entry / TOKENS, "rb").close()  # read later, by the loaders: refused now
+            for name in (TOKENS, TOKENIZER):  # tokens.bin is read later, by the loaders: refused now
+                open(entry / name, "rb").close()
             self.tokenizer = load_tokenizer(entry / TOKENIZER)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry

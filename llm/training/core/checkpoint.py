@@ -232,7 +232,10 @@ class CheckpointManager:
         sign = 1.0 if self.mode == "min" else -1.0
         scored = []
         for path in paths:
-            value = (_read_manifest(path) or {}).get("metrics", {}).get(self.monitor)
+            try:
+                value = (_read_manifest(path) or {}).get("metrics", {}).get(self.monitor)
+            except PermissionError:  # one this user may not read has no score to keep it by
+                continue
             if isinstance(value, (int, float)) and not math.isnan(value):
                 scored.append((sign * value, path))
         return scored
@@ -263,8 +266,10 @@ def _delete_pruned(aside: Path) -> None:
 
 
 def verify(path: str | Path) -> str | None:
-    """None if the checkpoint at path is complete and its checksums match, else the reason (one line)."""
-    return _check(Path(path), hashes=True)
+    """None if the checkpoint at path is complete and its checksums match, else the reason (one line). For a
+    checkpoint to load: one this user may not read is refused (CheckpointError), not passed over as damaged,
+    since a run resumed from an earlier one would save over it."""
+    return _check(Path(path), hashes=True, refuse_unreadable=True)
 
 
 def check_checkpoint_dir(directory: str | Path, fresh: bool) -> None:
@@ -461,12 +466,14 @@ def _read_manifest(path: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _check(path: Path, hashes: bool) -> str | None:
-    """None if the checkpoint at ``path`` is whole, else what is wrong with it; one the user may not read is
-    refused, not passed over as damaged: a run would resume from an earlier one and save over it."""
+def _check(path: Path, hashes: bool, refuse_unreadable: bool = False) -> str | None:
+    """None if the checkpoint at ``path`` is whole, else what is wrong with it. One this user may not read:
+    a CheckpointError if ``refuse_unreadable``, else the reason (retention leaves it alone)."""
     try:
         return _problem(path, hashes)
     except PermissionError as error:
+        if not refuse_unreadable:
+            return f"it cannot be read ({_one_line(error)})"
         raise CheckpointError(f"cannot read the checkpoint {path}: {_one_line(error)}; make it readable, or move it "
                               f"out of {path.parent} to use an earlier one") from None
 

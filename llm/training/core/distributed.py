@@ -198,7 +198,7 @@ def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
 
 
 def destroy_process_group() -> None:
-    global _hosts_of
+    global _hosts_of, _host_timeout
     try:
         if dist.is_initialized():
             # objects still holding gloo work (a DDP reducer in a reference cycle) must go while the
@@ -206,7 +206,7 @@ def destroy_process_group() -> None:
             gc.collect()
             dist.destroy_process_group()  # every group, the host values' too
     finally:
-        _hosts_of = None
+        _hosts_of = _host_timeout = None
 
 
 def active() -> bool:
@@ -223,7 +223,9 @@ def _hosts() -> dist.ProcessGroup | None:
         cpu = any(part.startswith("cpu:") for part in dist.get_backend_config().split(","))
         try:
             group = None if cpu else dist.new_group(backend="gloo", timeout=_host_timeout)
-        except RuntimeError as e:  # a gloo error, not a lost rank: no collective has run on this group yet
+        except dist.DistError:
+            raise  # a rank that never came, or the store gone: a lost rank, said as such
+        except RuntimeError as e:  # gloo's own: it could not make its connections
             raise UsageError(f"the processes could not connect over gloo, which they use beside nccl for small "
                              f"values such as whether to stop: {one_line(e)}; name the network interface to use "
                              f"with GLOO_SOCKET_IFNAME=<interface> on every node") from None

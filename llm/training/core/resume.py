@@ -172,8 +172,9 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
                          f"choose another with --logging-log-dir DIR")
     for path in metrics_files(run_dir) if existing else ():  # appended to: refused now, before config.yaml is
         if path.is_dir() or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
-            raise UsageError(f"cannot append to {path}: it is {'a folder' if path.is_dir() else 'not writable'}; "
-                             f"make it a writable file, or start a new run with --logging-log-dir DIR")
+            what = "a folder" if path.is_dir() else "not a file this user can read and write"
+            raise UsageError(f"cannot append to {path}: it is {what}; make it one, or start a new run with "
+                             f"--logging-log-dir DIR")
     # now, not at the first save after hours of training; and never into another run's checkpoints
     check_checkpoint_dir(config.checkpoint.dir, fresh=not start.resuming or elsewhere)
 
@@ -190,7 +191,8 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
         saved = e
     if not isinstance(saved, dict):  # not read as a run's settings: whose run it holds cannot be told
-        why = one_line(saved) if isinstance(saved, BaseException) else f"it holds a {type(saved).__name__}"
+        why = one_line(saved) if isinstance(saved, BaseException) else "it is empty" if saved is None else \
+            f"it holds a {type(saved).__name__}"
         raise UsageError(f"{run_dir} holds a run whose {path.name} cannot be read ({why}) and no checkpoint of it "
                          f"to continue: start this one in a new --logging-log-dir DIR")
     saved, now = flatten(saved), flatten(yaml.safe_load(config.to_yaml()))  # both as a run's config.yaml has them

@@ -460,6 +460,23 @@ def test_a_checkpoint_pruned_while_its_files_are_hashed_is_passed_over_too(tmp_p
         resolve_checkpoint(tmp_path / "step_00000002")
 
 
+def test_retention_leaves_a_checkpoint_it_may_not_read_and_the_save_goes_on(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 1)
+    read_manifest = ckpt_mod._read_manifest
+
+    def unreadable_first(path):  # as for a manifest of mode 0, which root would read anyway
+        if path.name == "step_00000001":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path / "manifest.json"))
+        return read_manifest(path)
+
+    monkeypatch.setattr(ckpt_mod, "_read_manifest", unreadable_first)
+    assert save(manager, 2) == tmp_path / "step_00000002"  # pruning passes over step 1, as over a damaged one
+    assert (tmp_path / "step_00000001").is_dir()
+    with pytest.raises(CheckpointError, match=r"^cannot read the checkpoint \S+step_00000001: .*Permission denied"):
+        resolve_checkpoint(tmp_path / "step_00000001")  # to load, it is refused
+
+
 class Payload:
     """Unpickling this runs a shell command; weights_only loading must refuse it."""
 
