@@ -22,7 +22,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder
 from llm.training.core import distributed as D
-from llm.training.core.checkpoint import CheckpointError, CheckpointManager, check_checkpoint_dir, resolve_checkpoint, unwritable_reason
+from llm.training.core.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    check_checkpoint_dir,
+    resolve_checkpoint,
+    unwritable_reason,
+)
 from llm.training.core.callbacks import flatten, metrics_files
 from llm.training.core.config import Config
 

@@ -422,11 +422,11 @@ def test_a_checkpoint_deleted_while_resolve_checks_it_is_passed_over_in_silence(
     save(manager, 2)
     check = ckpt_mod._check
 
-    def saved_meanwhile(path, hashes):  # while step 2 is hashed, the run saves step 3 and prunes step 2
+    def saved_meanwhile(path, hashes, **kwargs):  # while step 2 is hashed, the run saves step 3 and prunes step 2
         if path.name == "step_00000002" and hashes:
             monkeypatch.setattr(ckpt_mod, "_check", check)
             save(manager, 3)
-        return check(path, hashes)
+        return check(path, hashes, **kwargs)
 
     monkeypatch.setattr(ckpt_mod, "_check", saved_meanwhile)
     with warnings.catch_warnings(record=True) as caught:
