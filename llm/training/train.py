@@ -196,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             D.init_process_group(config, rank, world_size, local_rank)
             metrics = train_worker(rank, world_size, config)
         except Exception as e:
-            if not _lost_a_rank(e):
+            if not (isinstance(e, RuntimeError) and _lost_a_rank(e)):
                 D.record_failure(rank, e)  # before the group goes: the ranks left waiting look for it
-            raise
+                raise
+            # another rank died or hung: one line here naming it, as far as the store can tell; said before
+            # the group goes, whose shutdown (nccl's) may wait for work that the lost rank never joins
+            who = D.lost_ranks(rank, world_size) or "another rank failed or hung"
+            print_error(f"error: rank {rank} lost contact with the others: {who}: {one_line(e)}")
+            return 1
         finally:
             D.destroy_process_group()
     except UsageError as e:
@@ -219,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             again = f" with --checkpoint-resume auto{_moved(config, asked_dir)}" if asked_dir else ""
             print_error(f"error: cannot write {where}: {full.strerror}; {fix}, then run again{again}")
             return EXIT_USAGE
-        if not isinstance(e, RuntimeError) or not _lost_a_rank(e):
-            raise
-        # another rank died or hung: one line here naming it, as far as the store can tell
-        who = D.lost_ranks(rank, D.env_ranks()[1]) or "another rank failed or hung"
-        print_error(f"error: rank {rank} lost contact with the others: {who}: {one_line(e)}")
-        return 1
+        raise
     if rank == 0:
         say(summary_table(config, metrics))
     return 0
