@@ -20,6 +20,7 @@ import gc
 import os
 import socket
 import time
+import weakref
 import zlib
 from pathlib import Path
 from collections.abc import Callable
@@ -145,7 +146,9 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
 _store: dist.Store | None = None
 _attempt: int | None = None
 _host_timeout: datetime.timedelta | None = None  # the configured one; a process group made by the caller: torch's
-_hosts_of: tuple[Any, dist.ProcessGroup | None] | None = None  # (default group, the group host values go over)
+_hosts_of: tuple[weakref.ref, weakref.ref | None] | None = None
+"""(the default group, the group host values go over), weakly: held here, a group torch has destroyed would be
+freed at the interpreter's exit, where gloo's aborts the process."""
 _STORE_WAIT = datetime.timedelta(seconds=5)
 
 
@@ -219,7 +222,7 @@ def _hosts() -> dist.ProcessGroup | None:
     the same point, and made again for a new default group (one the caller made after destroying the last)."""
     global _hosts_of
     world = dist.group.WORLD
-    if _hosts_of is None or _hosts_of[0] is not world:
+    if _hosts_of is None or _hosts_of[0]() is not world:
         cpu = any(part.startswith("cpu:") for part in dist.get_backend_config().split(","))
         try:
             group = None if cpu else dist.new_group(backend="gloo", timeout=_host_timeout)
@@ -229,8 +232,8 @@ def _hosts() -> dist.ProcessGroup | None:
             raise UsageError(f"the processes could not connect over gloo, which they use beside nccl for small "
                              f"values such as whether to stop: {one_line(e)}; name the network interface to use "
                              f"with GLOO_SOCKET_IFNAME=<interface> on every node") from None
-        _hosts_of = (world, group)
-    return _hosts_of[1]
+        _hosts_of = (weakref.ref(world), None if group is None else weakref.ref(group))
+    return None if _hosts_of[1] is None else _hosts_of[1]()
 
 
 def all_reduce_on_hosts(t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
