@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -103,13 +104,23 @@ def spawn(worker: Any, *args: Any, nprocs: int = 2, timeout: float = 60) -> None
     import pytest
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    context = mp.start_processes(_collected, args=(worker, *args), nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{worker.__name__} on {nprocs} processes hung for {timeout:.0f} s")
+
+
+def _collected(rank: int, worker: Any, *args: Any) -> None:
+    """``worker(rank, *args)``, then what it left in reference cycles freed while the interpreter is alive: a
+    process group (a model's FSDP mesh holds one) freed during the interpreter's exit aborts it in gloo's
+    destructor (SIGABRT), as D.destroy_process_group says."""
+    try:
+        worker(rank, *args)
+    finally:
+        gc.collect()
 
 
 def run(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
