@@ -113,7 +113,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def metrics_files(run_dir: str | Path, filename: str = "metrics.jsonl") -> tuple[Path, Path]:
+METRICS_FILE = "metrics.jsonl"
+
+
+def metrics_files(run_dir: str | Path, filename: str = METRICS_FILE) -> tuple[Path, Path]:
     """MetricsLogger's files in ``run_dir``: the records, and the records set aside."""
     path = Path(run_dir) / filename
     return path, path.with_name(f"{path.stem}.dropped{path.suffix}")
@@ -133,7 +136,7 @@ class MetricsLogger(Callback):
     it covered again, with those that follow, as a run that never stopped does.
     """
 
-    def __init__(self, filename: str = "metrics.jsonl"):
+    def __init__(self, filename: str = METRICS_FILE):
         self.filename = filename
         self._file = None
         self._path = self._aside = Path(filename)
@@ -194,22 +197,26 @@ def _move_lines(path: Path, aside: Path, late: Callable[[bytes], bool]) -> int:
     return len(moved)
 
 
-def _key_of(line: bytes) -> tuple[Any, Any] | None:
-    """A record's (split, step); None for a line that is not a record."""
+def _record(line: bytes) -> dict[str, Any]:
+    """A line of metrics.jsonl as a dict; empty for one that is not a JSON object (cut off, written by hand, not
+    UTF-8, nested too deep for the reader)."""
     try:
         record = json.loads(line)
-        split, step = record["split"], record["step"]
-    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nested a hundred thousand deep
-        return None
+    except (ValueError, RecursionError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _key_of(line: bytes) -> tuple[Any, Any] | None:
+    """A record's (split, step); None for a line that is not a record."""
+    record = _record(line)
+    split, step = record.get("split"), record.get("step")
     return (split, step) if isinstance(split, str) and isinstance(step, (int, float)) else None
 
 
 def _step_of(line: bytes) -> float:
     """A record's step; minus infinity for a line that is not a record with a step."""
-    try:
-        step = json.loads(line)["step"]
-    except (ValueError, TypeError, KeyError, RecursionError):
-        return -math.inf
+    step = _record(line).get("step")
     return step if isinstance(step, (int, float)) else -math.inf
 
 
