@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -38,8 +40,9 @@ def test_a_step_not_taken_weighs_nothing_and_a_window_of_it_alone_has_no_mean():
     assert sums.take_window() == {"loss": (0.0, 0.0), "grad_norm": (0.0, 0.0)}  # the engine logs 0/0 as NaN
 
 
+@pytest.mark.parametrize("numbers", [False, True], ids=["tensors", "numbers"])  # a GPU's window, the CPU's
 @pytest.mark.parametrize("seed", range(30))  # summed in another order, about one window in a hundred rounds apart
-def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives_to_the_bit(seed):
+def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives_to_the_bit(seed, numbers):
     generator = torch.Generator().manual_seed(seed)
     losses = torch.rand(40, generator=generator).tolist()
     counts = torch.randint(1, 500, (40,), generator=generator).tolist()  # token counts: entries weigh unevenly
@@ -48,6 +51,10 @@ def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives_to_the_bit
         for i in steps:
             taken = torch.tensor(i != 3)  # step 3 is not taken: its NaN weighs nothing
             value = torch.tensor(losses[i] if taken else float("nan"))
+            if numbers:
+                value, taken = value.item(), bool(taken)
+                sums.add_step([(value, {"mae": value / 3, "acc": 1.0}, float(counts[i]))], value / 7, taken)
+                continue
             sums.add_step([(value, {"mae": value / 3, "acc": 1.0}, torch.tensor(counts[i]))], value / 7, taken)
 
     uninterrupted, before = TrainingSums(), TrainingSums()
@@ -91,3 +98,24 @@ def test_numbers_and_tensors_of_any_mix_reach_the_host_as_their_float64_values(s
     for kinds in ([0, 1], [2], [3], [2, 4], [0, 2, 3, 4, 5], [4]):  # numbers only, one dtype, and mixes
         items = [makers[rng.choice(kinds)]() for _ in range(rng.randrange(1, 40))]
         assert torch.equal(_on_host(items), torch.tensor([float(x) for x in items], dtype=torch.float64)), items
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_window_of_numbers_sums_to_what_the_same_window_of_tensors_does(seed):
+    """The CPU's window (numbers, summed on the host) and a GPU's (tensors) give the same means."""
+    generator = torch.Generator().manual_seed(seed)
+    losses, norms = torch.rand(50, generator=generator).tolist(), (10 * torch.rand(50, generator=generator)).tolist()
+    skipped = set(torch.randint(0, 50, (3,), generator=generator).tolist())  # steps not taken: NaN losses
+    as_numbers, as_tensors = TrainingSums(), TrainingSums()
+    for i, (loss, norm) in enumerate(zip(losses, norms)):
+        taken = i not in skipped
+        loss, norm = (loss, norm) if taken else (float("nan"), float("inf"))
+        as_numbers.add_step([(loss, {"mae": loss / 2}, 1.0)], norm, taken)
+        as_tensors.add_step([(torch.tensor(loss, dtype=torch.float64), {"mae": torch.tensor(loss / 2)}, 1.0)],
+                            torch.tensor(norm), torch.tensor(taken))
+    got, expected = as_numbers.take_window(), as_tensors.take_window()
+    assert got.keys() == expected.keys() == {"loss", "mae", "grad_norm"}
+    for key, (total, weight) in expected.items():
+        assert got[key][1] == weight == 50 - len(skipped)
+        assert got[key][0] == pytest.approx(total, rel=1e-6)  # the tensors' mae is float32
+        assert math.isfinite(got[key][0])
