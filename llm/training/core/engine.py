@@ -195,13 +195,15 @@ class TrainingEngine:
         began = time.perf_counter()
         k, first = len(micro_batches), self.first_step_s is None
         scaler = self.scaler if self.scaler.is_enabled() else None
-        batches = [self._to_device(batch) for batch in micro_batches]
+        batches = self._to_device(micro_batches)
         scales, counts = self._loss_scales(batches)
         losses, recorded = [], []
         for i, batch in enumerate(batches):
-            # gradients are all-reduced once, on the last micro-step, not k times
-            with self._gradient_sync(i == k - 1), self._autocast():
+            if self._bare_forward:
                 returned = self.task.train_step(batch, self.model, self.criterion)
+            else:  # gradients are all-reduced once, on the last micro-step, not k times
+                with self._gradient_sync(i == k - 1), self._autocast():
+                    returned = self.task.train_step(batch, self.model, self.criterion)
             try:
                 # checked on this process's first step; a later step's only if it fails below (a loss per sample
                 # fails backward), which costs the steps that return what the first one did nothing
@@ -363,6 +365,9 @@ class TrainingEngine:
             self.load_checkpoint(start.checkpoint)
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
         self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
+        # one process in fp32 enters no context around the forward: entering two that do nothing cost a small
+        # model's step 0.4% (benchmarks/loop_overhead.py)
+        self._bare_forward = self.world_size == 1 and self._autocast() is parallel.NO_CONTEXT
         self._params = list(self.model.parameters())
         self._clip = cfg.training.grad_clip or math.inf
         launches = D.gather(D.launch_id())  # each node's: rank 0 may start on another one after a restart

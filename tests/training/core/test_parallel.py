@@ -117,6 +117,24 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert metrics["val_loss"] < 2.5  # from ln(vocab) ~ 3.4
 
 
+class AutocastProbe(RegressionTask):
+    """Records, at each training step, the dtype autocast gives the forward on the CPU (None when it is off)."""
+
+    seen: list[torch.dtype | None] = []
+
+    def train_step(self, batch, model, criterion):
+        self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return super().train_step(batch, model, criterion)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", None)])
+def test_each_training_step_runs_in_the_precision_asked_for(tmp_path, precision, dtype):
+    config = tiny_config(tmp_path, training={"precision": precision, "max_steps": 3})
+    AutocastProbe.seen = []
+    TrainingEngine(config, AutocastProbe(config), 0, 1).train()
+    assert AutocastProbe.seen == [dtype] * 3
+
+
 def test_fp16_on_cpu_is_refused(tmp_path):
     config = tiny_config(tmp_path, training={"precision": "fp16"})
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
