@@ -156,7 +156,9 @@ class CheckpointConfig:
     dir: str = ""
     """Checkpoint directory (default: <log_dir>/checkpoints)."""
     every_n_steps: int = 0
-    """Save every N optimizer steps (0: only at the end of training)."""
+    """Save every N optimizer steps (0: not by steps)."""
+    every_n_minutes: float = 30.0
+    """Also save at the first step this many minutes after the last save (0: not by the clock), so that a run killed without warning (out of memory, a lost node) loses at most about that much."""
     keep_last: int = 3
     """Newest checkpoints kept; the best by monitor is kept too."""
     resume: str = ""
@@ -384,6 +386,7 @@ class Config:
         if not 0.0 < d.val_fraction < 1.0:
             raise ConfigError("data.val_fraction", d.val_fraction, "a number between 0 and 1 (exclusive)")
         _at_least("checkpoint.every_n_steps", c.every_n_steps, 0)
+        _at_least("checkpoint.every_n_minutes", c.every_n_minutes, 0.0)
         _at_least("checkpoint.keep_last", c.keep_last, 1)
         _at_least("logging.log_every_steps", lg.log_every_steps, 1)
         for name in lg.logger_names():

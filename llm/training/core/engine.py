@@ -92,6 +92,7 @@ class TrainingEngine:
         self._held_stop = ""  # a stop asked for with request_stop, which a resume from here keeps
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
         self._saved_step: int | None = None  # the step of this process's last checkpoint
+        self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
         self._loaded: Path | None = None  # the checkpoint this run resumed from
         self.continues_run = False  # resumed from a checkpoint of its own folder, not branched from another run's
         self.train_metrics: dict[str, float] = {}  # the last logged training record
@@ -110,6 +111,7 @@ class TrainingEngine:
         """Train until epochs or max_steps run out, or a stop is agreed; return the final metrics."""
         self.setup()
         started, metrics, ok = time.perf_counter(), {}, False
+        self._saved_at = time.monotonic()
         self._first_sample = self.samples_seen
         try:
             self._fire("on_train_start")
@@ -151,11 +153,14 @@ class TrainingEngine:
         self._end_step()
 
     def _end_step(self) -> bool:
-        """After a step, and after the epoch it ends: agree whether to stop, then save if due. A run about to
-        finish is saved by finish(), after its last validation. Returns whether to stop."""
+        """After a step, and after the epoch it ends: agree whether to stop and whether the clock calls for a
+        save, then save if due. A run about to finish is saved by finish(), after its last validation. Returns
+        whether to stop."""
         self._stop_at_max_steps()
-        stop = self._agree_to_stop()
-        if not self._finished() and self._due(self.config.checkpoint.every_n_steps) and self._saved_step != self.step:
+        minutes = self.config.checkpoint.every_n_minutes
+        stop, clock_due = self._agree_to_stop(bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes)
+        due = clock_due or self._due(self.config.checkpoint.every_n_steps)
+        if due and not self._finished() and self._saved_step != self.step:
             self.save_checkpoint()
         return stop
 
@@ -472,7 +477,7 @@ class TrainingEngine:
             self.step, shared, state["rank"], metrics=metrics, write_extra=self._write_artifacts,
             write_sharded=write_sharded,
         )
-        self._saved_step = self.step
+        self._saved_step, self._saved_at = self.step, time.monotonic()
         self.aside_s += time.perf_counter() - began
         return saved
 
@@ -663,8 +668,9 @@ class TrainingEngine:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def _agree_to_stop(self) -> bool:
-        """Whether any rank asked to stop or was signalled; every rank gets the same answer.
+    def _agree_to_stop(self, save_due: bool) -> tuple[bool, bool]:
+        """Whether any rank asked to stop or was signalled, and whether any rank's clock says a save is due
+        (``save_due``: this rank's); every rank gets the same answers, from one agreement.
 
         A signal that lands after the last agreement is not acted on: every rank then
         finishes the same way, validating and saving, rather than some skipping the
@@ -672,7 +678,7 @@ class TrainingEngine:
         """
         stop, signalled = self.should_stop, self._signal is not None
         if self.world_size > 1:
-            stop, signalled = D.any_rank([stop, signalled])
+            stop, signalled, save_due = D.any_rank([stop, signalled, save_due])
         if signalled:  # a rank that got none stops as if by SIGTERM
             self.interrupted_by = signal.Signals(self._signal or signal.SIGTERM)
             if not self.should_stop:
@@ -682,7 +688,7 @@ class TrainingEngine:
             self.stop_reason = self.stop_reason or next((r for r, _ in reasons if r), "")
             self._held_stop = self._held_stop or next((h for _, h in reasons if h), "")
         self.should_stop = stop or signalled
-        return self.should_stop
+        return self.should_stop, save_due
 
     def _check_steps(self) -> None:
         """Act on the steps since the last check whose gradient norm was not finite, as training.nan_policy says.

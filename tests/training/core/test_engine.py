@@ -6,11 +6,13 @@ import re
 import shutil
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -26,7 +28,8 @@ from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.train import default_callbacks, main
-from tests.helpers import NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, tiny_config, weights
+from tests.helpers import (NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, spawn, tiny_config,
+                           weights)
 
 
 def train(config, task_cls=RegressionTask, callbacks=None):
@@ -218,6 +221,61 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path
         return {(r["split"], r["step"]): {k: v for k, v in r.items() if k not in timings} for r in records}
 
     assert logged("crash") == logged("ref")  # to the bit: the open log window was saved entry by entry
+
+
+def saved_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def train_a_minute_per_step(config, monkeypatch, callbacks=()):
+    """train(), with the engine's clock (time.monotonic, which every_n_minutes reads) at one minute a step."""
+    engine = TrainingEngine(config, RegressionTask(config), 0, 1, callbacks=list(callbacks))
+    clock = SimpleNamespace(perf_counter=time.perf_counter, monotonic=lambda: 60.0 * engine.step)
+    monkeypatch.setattr(engine_module, "time", clock)
+    try:
+        return engine, engine.train()
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("minutes, saved", [(2.5, [3, 6, 9, 10]), (0, [10])])
+def test_a_save_comes_at_the_first_step_every_n_minutes_after_the_last(tmp_path, monkeypatch, minutes, saved):
+    config = tiny_config(tmp_path, training={"max_steps": 10}, checkpoint={"every_n_minutes": minutes, "keep_last": 20})
+    train_a_minute_per_step(config, monkeypatch)
+    assert saved_steps(tmp_path / "run") == saved  # 10: the end of training
+
+
+def test_a_run_killed_without_warning_resumes_from_its_last_save_by_the_clock(tmp_path, monkeypatch):
+    settings = {"training": {"epochs": 3}, "checkpoint": {"every_n_minutes": 4}}  # every_n_steps: 0, the default
+    reference, _ = train(tiny_config(tmp_path / "ref", **settings))
+    with pytest.raises(CallbackError, match="simulated crash"):
+        train_a_minute_per_step(tiny_config(tmp_path / "crash", **settings), monkeypatch, callbacks=[CrashAt(18)])
+    assert saved_steps(tmp_path / "crash/run") == [8, 12, 16]  # the last three (keep_last): 4 was pruned
+    resumed, _ = train(tiny_config(tmp_path / "crash", training={"epochs": 3}, checkpoint={"resume": "auto"}))
+    assert resumed.step == reference.step
+    assert all(torch.equal(a, b) for a, b in zip(weights(reference.raw_model).values(), weights(resumed.raw_model).values()))
+
+
+def clock_save_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        config = tiny_config(Path(directory), training={"max_steps": 6},
+                             checkpoint={"every_n_minutes": 1, "keep_last": 20})
+        engine = TrainingEngine(config, RegressionTask(config), rank, 2)
+        # only rank 1's clock passes the minute, at step 4: a save there alone would leave rank 0 behind
+        minutes = (lambda: 60.0 if engine.step >= 4 else 0.0) if rank == 1 else (lambda: 0.0)
+        engine_module.time = SimpleNamespace(perf_counter=time.perf_counter, monotonic=minutes)
+        engine.train()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_save_one_ranks_clock_calls_for_is_made_by_every_rank(tmp_path):
+    spawn(clock_save_worker, str(tmp_path), free_port())
+    assert saved_steps(tmp_path / "run") == [4, 6]
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints/step_00000004").glob("rank_*.pt")) == \
+        ["rank_00000.pt", "rank_00001.pt"]
 
 
 def test_a_run_that_died_before_its_first_save_starts_afresh_in_its_folder_and_another_run_is_refused(tmp_path):
@@ -555,7 +613,7 @@ def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_p
 
 def test_the_summary_rate_leaves_out_the_first_step_and_the_time_validating_and_saving(tmp_path, monkeypatch):
     now = [0.0]  # the engine's clock, which the run moves: 100 s compiling, 1 s a step, 10 s a validation batch
-    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: now[0], monotonic=lambda: now[0]))
 
     class Clocked(RegressionTask):
         steps = 0
