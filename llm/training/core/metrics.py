@@ -8,7 +8,6 @@ reads with one device sync for all of them.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,7 +59,7 @@ class TrainingSums:
         """The window's sum of gradient norms over the steps taken, and how many were taken."""
         if _numbers_only(itertools.chain.from_iterable(self.grad_norms)):  # the CPU's: no tensor to make
             taken = [norm for norm, kept in self.grad_norms if kept]
-            return math.fsum(taken), float(len(taken))
+            return sum(taken, 0.0), float(len(taken))
         norms, taken = self._grad_norms()
         return float(norms[taken].sum()), float(taken.sum())
 
@@ -151,9 +150,10 @@ class RunningMeans:
         """totals() of a window of plain numbers (the CPU's training window), summed on the host: a few
         microseconds, where making tensors of them costs a hundred."""
         weights = [weight * kept for weight, kept in zip(self.weights, self.kept)]
-        total_weight = math.fsum(weights)
-        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken
-        return {key: (math.fsum(value * weight for value, weight in zip(self.values.get(key, []), weights) if weight),
+        total_weight = sum(weights, 0.0)
+        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken; an infinite value
+        # gives an infinite or NaN sum, as the tensors' does (math.fsum would raise)
+        return {key: (sum((value * weight for value, weight in zip(self.values.get(key, []), weights) if weight), 0.0),
                       total_weight) for key in keys}
 
     def entries(self) -> dict[str, Any]:

@@ -119,3 +119,11 @@ def test_a_window_of_numbers_sums_to_what_the_same_window_of_tensors_does(seed):
         assert got[key][1] == weight == 50 - len(skipped)
         assert got[key][0] == pytest.approx(total, rel=1e-6)  # the tensors' mae is float32
         assert math.isfinite(got[key][0])
+
+
+def test_a_window_of_numbers_with_infinite_values_sums_to_what_tensors_would():
+    sums = TrainingSums()
+    sums.add_step([(1.0, {"m": math.inf}, 1.0)], 1.0, True)
+    sums.add_step([(1.0, {"m": -math.inf}, 1.0)], 3e38, True)
+    got = sums.take_window()
+    assert math.isnan(got["m"][0]) and got["loss"] == (2.0, 2.0) and got["grad_norm"] == (1.0 + 3e38, 2.0)
