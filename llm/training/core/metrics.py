@@ -7,7 +7,6 @@ reads with one device sync for all of them.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,19 +56,16 @@ class TrainingSums:
 
     def _grad_norm_total(self) -> tuple[float, float]:
         """The window's sum of gradient norms over the steps taken, and how many were taken."""
-        if _numbers_only(itertools.chain.from_iterable(self.grad_norms)):  # the CPU's: no tensor to make
-            taken = [norm for norm, kept in self.grad_norms if kept]
-            return sum(taken, 0.0), float(len(taken))
-        norms, taken = self._grad_norms()
-        return float(norms[taken].sum()), float(taken.sum())
+        taken = self._taken_norms()
+        return _sum(taken), float(len(taken))
 
-    def _grad_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window's gradient norms and whether each step was taken (a mask), on the host: the norms and the
-        flags each of one kind (tensors, or the CPU's bools), read apart; the second read waits for nothing."""
+    def _taken_norms(self) -> list[float]:
+        """The window's gradient norms of the steps taken, on the host: the norms and the flags each of one kind
+        (tensors, or the CPU's numbers), read apart; the second read waits for nothing."""
         if not self.grad_norms:
-            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+            return []
         norms, taken = zip(*self.grad_norms)
-        return _on_host(list(norms)), _on_host(list(taken)) != 0
+        return [norm for norm, kept in zip(_on_host(list(norms)), _on_host(list(taken))) if kept]
 
     def close_epoch(self) -> tuple[float, float]:
         """The epoch's loss sum and count: the windows already logged plus the one still open.
@@ -83,9 +79,8 @@ class TrainingSums:
         return loss_sum + open_sum, count + open_count
 
     def state_dict(self) -> dict[str, Any]:
-        norms, taken = self._grad_norms()
         return {"epoch_loss": self.epoch_loss, "window_entries": self.window.entries(), "steps": self.steps,
-                "grad_norms": norms[taken].tolist()}
+                "grad_norms": self._taken_norms()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss = tuple(state["epoch_loss"])
@@ -126,41 +121,32 @@ class RunningMeans:
         for key, value in metrics.items():
             self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
-    def total(self, key: str, weights: torch.Tensor | None = None) -> tuple[float, float]:
-        """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read)."""
-        if weights is None and _numbers_only(itertools.chain(self.weights, self.kept, self.values.get(key, []))):
-            return self._number_totals([key])[key]
-        weights = self._weights() if weights is None else weights
-        stacked = _on_host(self.values.get(key, []))  # one sync for the window
-        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken
-        return float(torch.where(weights != 0, stacked * weights, 0.0).sum()), float(weights.sum())
+    def total(self, key: str, weights: list[float] | None = None) -> tuple[float, float]:
+        """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read).
 
-    def _weights(self) -> torch.Tensor:
-        both = _on_host(self.weights + self.kept).reshape(2, -1)  # one sync for the two
-        return both[0] * both[1]
+        The values reach the host as numbers, whatever they were (tensors on a GPU, numbers on the CPU, numbers
+        again in a window a checkpoint restored), and are summed there in one way: the same entries give the
+        same sums to the bit, however their kinds were mixed.
+        """
+        weights = self._weights() if weights is None else weights
+        values = _on_host(self.values.get(key, []))  # one sync for the window
+        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken
+        return _sum(value * weight for value, weight in zip(values, weights) if weight), _sum(weights)
+
+    def _weights(self) -> list[float]:
+        both = _on_host(self.weights + self.kept)  # one sync for the two
+        return [weight * kept for weight, kept in zip(both[:len(self.weights)], both[len(self.weights):])]
 
     def totals(self) -> dict[str, tuple[float, float]]:
         """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""
-        if _numbers_only(itertools.chain(self.weights, self.kept, *self.values.values())):
-            return self._number_totals(list(self.values))
         weights = self._weights()  # read once: with counted items each read is a device sync
         return {key: self.total(key, weights) for key in self.values}
-
-    def _number_totals(self, keys: list[str]) -> dict[str, tuple[float, float]]:
-        """totals() of a window of plain numbers (the CPU's training window), summed on the host: a few
-        microseconds, where making tensors of them costs a hundred."""
-        weights = [weight * kept for weight, kept in zip(self.weights, self.kept)]
-        total_weight = sum(weights, 0.0)
-        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken; an infinite value
-        # gives an infinite or NaN sum, as the tensors' does (math.fsum would raise)
-        return {key: (sum((value * weight for value, weight in zip(self.values.get(key, []), weights) if weight), 0.0),
-                      total_weight) for key in keys}
 
     def entries(self) -> dict[str, Any]:
         """Every entry as numbers on the host, for a checkpoint: a window rebuilt from them (from_entries)
         sums the same numbers in the same order as the one that kept going, so its means match to the bit."""
-        return {"values": {key: _on_host(values).tolist() for key, values in self.values.items()},
-                "weights": _on_host(self.weights).tolist(), "kept": _on_host(self.kept).tolist()}
+        return {"values": {key: list(_on_host(values)) for key, values in self.values.items()},
+                "weights": list(_on_host(self.weights)), "kept": list(_on_host(self.kept))}
 
     @classmethod
     def from_entries(cls, entries: dict[str, Any]) -> RunningMeans:
@@ -181,30 +167,33 @@ class RunningMeans:
         return window
 
 
-def _numbers_only(items: Iterable[Any]) -> bool:
-    """Whether every item is a built-in number (a float, int or bool), none a tensor: one C-level pass."""
-    return set(map(type, items)) <= {float, int, bool}
+def _sum(numbers: Iterable[float]) -> float:
+    """A sum of numbers, from the left: an infinity gives an infinite or NaN sum, as it should (math.fsum
+    raises on +inf and -inf)."""
+    return sum(numbers, 0.0)
 
 
-def _on_host(items: list[float | torch.Tensor]) -> torch.Tensor:
-    """Numbers and one-element tensors as one float64 tensor on the CPU: a single device sync, whatever the mix.
+def _on_host(items: list[float | torch.Tensor]) -> list[float]:
+    """Numbers and one-element tensors as floats on the host: a single device sync, whatever the mix.
 
-    The tensors are stacked a dtype at a time (stacking mixed dtypes would round a large count to a float32
-    loss's precision): a few operations for a window of any length, not a few per entry.
+    A list of numbers alone (the CPU's window) is returned as it is: making tensors of it costs a hundred
+    microseconds a window. Tensors are stacked a dtype at a time (stacking mixed dtypes would round a large
+    count to a float32 loss's precision): a few operations for a window of any length, not a few per entry.
     """
-    if not any(issubclass(kind, torch.Tensor) for kind in set(map(type, items))):  # numbers only: one call
-        return torch.tensor(items, dtype=torch.float64)
+    if set(map(type, items)) <= {float, int, bool}:
+        return items
+    if not any(issubclass(kind, torch.Tensor) for kind in set(map(type, items))):  # NumPy numbers and the like
+        return [float(item) for item in items]
     first = items[0]
     if all(isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == 0 for item in items):
-        return torch.stack(items).double().cpu()  # losses, or norms: one dtype, one stack
-    out = torch.tensor([0.0 if isinstance(item, torch.Tensor) else float(item) for item in items],
-                       dtype=torch.float64)
+        return torch.stack(items).double().cpu().tolist()  # losses, or norms: one dtype, one stack
+    out = [0.0 if isinstance(item, torch.Tensor) else float(item) for item in items]
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, item in enumerate(items):
         if isinstance(item, torch.Tensor):
             by_dtype.setdefault(item.dtype, []).append(i)
-    if by_dtype:
-        stacked = [torch.stack([items[i] if items[i].dim() == 0 else items[i].reshape(()) for i in at]).double()
-                   for at in by_dtype.values()]
-        out[[i for at in by_dtype.values() for i in at]] = torch.cat(stacked).cpu()
+    stacked = [torch.stack([items[i] if items[i].dim() == 0 else items[i].reshape(()) for i in at]).double()
+               for at in by_dtype.values()]
+    for i, value in zip([i for at in by_dtype.values() for i in at], torch.cat(stacked).cpu().tolist()):
+        out[i] = value
     return out
