@@ -40,8 +40,20 @@ def test_a_step_not_taken_weighs_nothing_and_a_window_of_it_alone_has_no_mean():
     assert sums.take_window() == {"loss": (0.0, 0.0), "grad_norm": (0.0, 0.0)}  # the engine logs 0/0 as NaN
 
 
+def uninterrupted_and_resumed(fill):
+    """Sums that ``fill(sums, steps)`` fills with steps 0-39, and sums filled with 0-24, saved, restored and
+    filled with 25-39."""
+    uninterrupted, before = TrainingSums(), TrainingSums()
+    fill(uninterrupted, range(40))
+    fill(before, range(25))
+    resumed = TrainingSums()
+    resumed.load_state_dict(before.state_dict())
+    fill(resumed, range(25, 40))
+    return uninterrupted, resumed
+
+
 @pytest.mark.parametrize("numbers", [False, True], ids=["tensors", "numbers"])  # a GPU's window, the CPU's
-@pytest.mark.parametrize("seed", range(30))  # summed in another order, about one window in a hundred rounds apart
+@pytest.mark.parametrize("seed", range(30))
 def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives_to_the_bit(seed, numbers):
     generator = torch.Generator().manual_seed(seed)
     losses = torch.rand(40, generator=generator).tolist()
@@ -57,12 +69,7 @@ def test_a_resumed_window_gives_the_means_the_uninterrupted_one_gives_to_the_bit
                 continue
             sums.add_step([(value, {"mae": value / 3, "acc": 1.0}, torch.tensor(counts[i]))], value / 7, taken)
 
-    uninterrupted, before = TrainingSums(), TrainingSums()
-    fill(uninterrupted, range(40))
-    fill(before, range(25))
-    resumed = TrainingSums()
-    resumed.load_state_dict(before.state_dict())
-    fill(resumed, range(25, 40))
+    uninterrupted, resumed = uninterrupted_and_resumed(fill)
     assert resumed.take_window() == uninterrupted.take_window()  # the same sums in the same order
     assert resumed.close_epoch() == uninterrupted.close_epoch()
 
@@ -130,12 +137,7 @@ def test_a_window_whose_kinds_change_across_a_save_resumes_to_the_bit(seed):
             metric = torch.tensor(values[i], dtype=torch.float64) if i < 10 else values[i]
             sums.add_step([(values[i], {"m": metric}, 1.0 + i % 3)], values[i], True)
 
-    uninterrupted, before = TrainingSums(), TrainingSums()
-    fill(uninterrupted, range(40))
-    fill(before, range(25))
-    resumed = TrainingSums()
-    resumed.load_state_dict(before.state_dict())
-    fill(resumed, range(25, 40))
+    uninterrupted, resumed = uninterrupted_and_resumed(fill)
     assert resumed.take_window() == uninterrupted.take_window()
 
 
