@@ -289,13 +289,13 @@ class TrainingEngine:
         was_training = model.training
         model.eval()
         sums = RunningMeans()
-        limit = self.config.training.eval_batches or None
-        for batch in itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit):
+        for batch, counted in self._validation_batches():
             batch = self._to_device(batch)
             with self._autocast():
                 loss, metrics = self.task.validation_step(batch, model, self.criterion)
-            count = self.task.loss_weight(batch)
-            sums.add(loss, metrics, weight=_batch_len(batch) if count is None else count)
+            if counted:
+                count = self.task.loss_weight(batch)
+                sums.add(loss, metrics, weight=_batch_len(batch) if count is None else count)
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.totals().items()}
         metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local))
@@ -633,6 +633,31 @@ class TrainingEngine:
             seed = hash((self.config.training.seed, self.rank, salt)) % 2**62
             loader.generator = torch.Generator().manual_seed(seed)
         return iter(loader)
+
+    def _validation_batches(self) -> Iterator[tuple[Any, bool]]:
+        """This rank's validation batches (eval_batches of them, if set), each with whether it counts.
+
+        The validation sampler repeats no item, so ranks can have a batch more or less. Under FSDP each forward
+        gathers the weights with collectives that every rank must join: there the ranks agree before each batch
+        (a host all-reduce) whether any still has one, and a rank that has run out repeats its last batch, which
+        counts for nothing.
+        """
+        limit = self.config.training.eval_batches or None
+        batches = itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit)
+        if not self.sharded:
+            yield from ((batch, True) for batch in batches)
+            return
+        last = _END
+        while True:
+            batch = next(batches, _END)
+            more, stranded = D.any_rank([batch is not _END, batch is _END and last is _END])
+            if not more:
+                return
+            if stranded:  # a loader of its own that gives some rank no batch at all
+                raise UsageError("a rank has no validation batch where others have some: under FSDP every rank "
+                                 "must make as many forwards; give every rank validation data")
+            yield (last, False) if batch is _END else (batch, True)
+            last = last if batch is _END else batch
 
     def _validated(self) -> dict[str, float]:
         """The validation of the current step: run now unless it already ran (eval_every_steps may end an epoch)."""

@@ -271,3 +271,39 @@ def test_nothing_is_compiled_before_the_first_step_whose_time_reports_compilatio
     engine = TrainingEngine(lm_config(tmp_path, training={"compile": True}), LMTask(lm_config(tmp_path)), 0, 1)
     engine.setup()  # checks the task on a batch: that step must not compile the loss, out of the first step's time
     assert counters["stats"]["calls_captured"] == 0 and counters["stats"]["unique_graphs"] == 0
+
+
+class CountedValidation(RegressionTask):
+    """Counts its validation steps, to show which ranks made more forwards than they had batches."""
+
+    calls = 0
+
+    def validation_step(self, batch, model, criterion):
+        CountedValidation.calls += 1
+        return super().validation_step(batch, model, criterion)
+
+
+def uneven_validation_worker(rank: int, directory: str, port: int, strategy: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        # 17 validation samples in batches of 8: rank 0 has items 0, 2, ..., 16 (2 batches), rank 1 has 8 (1 batch)
+        config = tiny_config(Path(directory) / strategy, training={"batch_size": 8, "max_steps": 3},
+                             data={"num_samples": 170}, distributed={"strategy": strategy})
+        task = CountedValidation(config)
+        metrics = TrainingEngine(config, task, rank, 2).train()
+        Path(directory, f"{strategy}_rank{rank}").write_text(f"{metrics['val_loss']!r} {CountedValidation.calls}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_validates_ranks_with_uneven_batches_and_counts_each_item_once(tmp_path):
+    # each FSDP forward gathers the weights: rank 1 repeats its last batch beside rank 0's second, uncounted
+    for strategy in ("ddp", "fsdp"):
+        spawn(uneven_validation_worker, str(tmp_path), free_port(), strategy, timeout=120)
+    results = {(s, r): (tmp_path / f"{s}_rank{r}").read_text().split() for s in ("ddp", "fsdp") for r in (0, 1)}
+    val_loss = {key: float(loss) for key, (loss, _) in results.items()}
+    assert val_loss[("fsdp", 0)] == val_loss[("fsdp", 1)]
+    assert val_loss[("fsdp", 0)] == pytest.approx(val_loss[("ddp", 0)], rel=1e-5)  # the same 17 items
+    calls = {key: int(n) for key, (_, n) in results.items()}  # setup's check, then one validation of 2 or 1 batches
+    assert (calls[("ddp", 0)], calls[("ddp", 1)], calls[("fsdp", 0)], calls[("fsdp", 1)]) == (3, 2, 3, 3)
