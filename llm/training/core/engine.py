@@ -204,7 +204,7 @@ class TrainingEngine:
         scales, counts = self._loss_scales(batches)
         losses, recorded = [], []
         for i, batch in enumerate(batches):
-            if self._bare_forward:
+            if self._bare_forward:  # one process in fp32: no context to enter
                 returned = self.task.train_step(batch, self.model, self.criterion)
             else:  # gradients are all-reduced once, on the last micro-step, not k times
                 with self._gradient_sync(i == k - 1), self._autocast():
