@@ -4,7 +4,9 @@ telling the checkpoint folders that nothing else may write into. Imports no torc
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,51 @@ CHECKPOINT_MANIFEST = "manifest.json"
 """A checkpoint folder's list of its files with their sizes and hashes, written last."""
 CHECKPOINT_STATE = "state.pt"
 """A checkpoint folder's weights, optimizer and progress (all of it, or what the ranks share when sharded)."""
+
+
+RUN_LOCK = ".lock"
+"""A run folder's lock file: held by the process that trains in the folder, while it does."""
+
+
+class FolderLock:
+    """An exclusive hold on a folder until ``release()``: a second process that asks for it is refused, in one
+    line naming the first.
+
+    It is a POSIX lock (fcntl.lockf) on ``<folder>/.lock``: the kernel lets go of it when the process ends,
+    however it ends (SIGKILL too), and processes forked from it (data loader workers) do not inherit it. On a
+    file system that takes no locks, nothing is held.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / RUN_LOCK
+        try:
+            self._file = open(self.path, "a+")
+        except OSError:  # not writable: what writes into the folder next says so
+            self._file = None
+            return
+        try:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, before "
+                             f"starting another run there") from None
+        except OSError:  # a file system without locks (some network ones)
+            self._file.close()
+            self._file = None
+            return
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self._file.close()
+            self._file = None
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from torch.utils.data import DistributedSampler
 from llm.cli import stdout_gone
 from llm.data.data_module import BaseDataModule, ShardSampler
 from llm.errors import UsageError, closest, one_line
-from llm.files import write_atomically
+from llm.files import FolderLock, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
@@ -93,6 +93,7 @@ class TrainingEngine:
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
+        self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
         self._loaded: Path | None = None  # the checkpoint this run resumed from
         self.continues_run = False  # resumed from a checkpoint of its own folder, not branched from another run's
         self.train_metrics: dict[str, float] = {}  # the last logged training record
@@ -123,6 +124,8 @@ class TrainingEngine:
         finally:
             self._fire_cleanup(metrics, ok)
             self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
+            if self._run_lock is not None:
+                self._run_lock.release()
         if self.interrupted_by is not None:
             raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint)
         return metrics
@@ -376,12 +379,18 @@ class TrainingEngine:
         self._params = list(self.model.parameters())
         self._clip = cfg.training.grad_clip or math.inf
         launches = D.gather(D.launch_id())  # each node's: rank 0 may start on another one after a restart
+        D.agree_on_errors(self._hold_run_dir, run_here=self.is_main)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_to_yaml(self.run_dir / "config.yaml")
             self.task.save_artifacts(self.run_dir)
             if D.launch_id() is not None:  # so that workers torchrun restarts come back to this folder
                 (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
+
+    def _hold_run_dir(self) -> None:
+        """Take the run folder for this run alone, until train() ends: a second run started in it meanwhile (a job
+        requeued while the first one's processes live on) is refused, not left to write beside this one."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_lock = FolderLock(self.run_dir)
 
     def _loaders(self, method: str) -> tuple[Any, Any]:
         """The data module's ``method``, checked: a (loader, sampler) pair; else one line, not a traceback."""

@@ -278,6 +278,23 @@ def test_a_save_one_ranks_clock_calls_for_is_made_by_every_rank(tmp_path):
         ["rank_00000.pt", "rank_00001.pt"]
 
 
+def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path):
+    from tests.test_files import hold
+
+    train(tiny_config(tmp_path, training={"max_steps": 3}))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    holder = hold(tmp_path / "run")  # the processes of a job requeued while they still ran
+    try:
+        with pytest.raises(UsageError, match=rf"run is in use by process {holder.pid} on .+: let it end, or stop it"):
+            train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}))
+        assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    engine, _ = train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}))
+    assert engine.step == 6 and not (tmp_path / "run/.lock").exists()
+
+
 def test_a_run_that_died_before_its_first_save_starts_afresh_in_its_folder_and_another_run_is_refused(tmp_path):
     settings = {"training": {"max_steps": 4}, "checkpoint": {"every_n_steps": 100}}
     died = tiny_config(tmp_path, **settings)
