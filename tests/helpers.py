@@ -303,3 +303,12 @@ def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30, 
                        "--data-cache-dir", str(root / "cache"), "--logging-log-dir", str(root / "run"),
                        "--logging-progress-bar", "false", *flags]) == 0
     return root / "run"
+
+
+def hold(folder) -> subprocess.Popen:
+    """Another process that takes ``folder`` and keeps it until killed."""
+    code = "import sys, time; from llm.files import FolderLock; lock = FolderLock(sys.argv[1]); print('held'); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-u", "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                              env=cli_env())
+    assert holder.stdout.readline().strip() == "held"
+    return holder

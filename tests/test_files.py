@@ -1,13 +1,11 @@
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 
 from llm.errors import UsageError
 from llm.files import FolderLock, checkpoint_folder, replacing, write_atomically
-from tests.helpers import cli_env
+from tests.helpers import hold
 
 
 def test_write_atomically_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
@@ -59,15 +57,6 @@ def test_checkpoint_folders_are_told_by_the_files_a_checkpoint_holds(tmp_path):
     (tmp_path / "web").mkdir()
     (tmp_path / "web" / "manifest.json").write_text("{}")  # another program's manifest alone is no checkpoint
     assert checkpoint_folder(tmp_path / "web" / "loss.png") is None
-
-
-def hold(folder) -> subprocess.Popen:
-    """Another process that takes ``folder`` and keeps it until killed."""
-    code = "import sys, time; from llm.files import FolderLock; lock = FolderLock(sys.argv[1]); print('held'); time.sleep(120)"
-    holder = subprocess.Popen([sys.executable, "-u", "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
-                              env=cli_env())
-    assert holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_a_folder_another_live_process_holds_is_refused_until_that_process_dies(tmp_path):

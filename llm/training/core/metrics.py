@@ -180,9 +180,10 @@ def _on_host(items: list[float | torch.Tensor]) -> list[float]:
     microseconds a window. Tensors are stacked a dtype at a time (stacking mixed dtypes would round a large
     count to a float32 loss's precision): a few operations for a window of any length, not a few per entry.
     """
-    if set(map(type, items)) <= {float, int, bool}:
+    kinds = set(map(type, items))
+    if kinds <= {float, int, bool}:
         return items
-    if not any(issubclass(kind, torch.Tensor) for kind in set(map(type, items))):  # NumPy numbers and the like
+    if not any(issubclass(kind, torch.Tensor) for kind in kinds):  # NumPy numbers and the like
         return [float(item) for item in items]
     first = items[0]
     if all(isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == 0 for item in items):

@@ -28,8 +28,8 @@ from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.train import default_callbacks, main
-from tests.helpers import (NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, spawn, tiny_config,
-                           weights)
+from tests.helpers import (NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, hold, spawn,
+                           tiny_config, weights)
 
 
 def train(config, task_cls=RegressionTask, callbacks=None):
@@ -279,8 +279,6 @@ def test_a_save_one_ranks_clock_calls_for_is_made_by_every_rank(tmp_path):
 
 
 def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path):
-    from tests.test_files import hold
-
     train(tiny_config(tmp_path, training={"max_steps": 3}))
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     holder = hold(tmp_path / "run")  # the processes of a job requeued while they still ran
