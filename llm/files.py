@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from llm.errors import UsageError
 
@@ -33,27 +34,32 @@ class FolderLock:
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / RUN_LOCK
-        try:
-            self._file = open(self.path, "a+")
-        except OSError:  # not writable: what writes into the folder next says so
-            self._file = None
-            return
-        try:
-            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, before "
-                             f"starting another run there") from None
-        except OSError:  # a file system without locks (some network ones)
-            self._file.close()
-            self._file = None
-            return
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        self._file.flush()
+        self._file = None
+        while True:
+            try:
+                file = open(self.path, "a+")
+            except OSError:  # not writable: what writes into the folder next says so
+                return
+            try:
+                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
+                file.seek(0)
+                holder = file.read().strip() or "another process"
+                file.close()
+                raise UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, "
+                                 f"before starting another run there") from None
+            except OSError:  # a file system without locks (some network ones)
+                file.close()
+                return
+            if _same_file(file, self.path):
+                break
+            # the holder let go between our open and our lock, and unlinked the file: a lock on it holds nothing
+            file.close()
+        self._file = file
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
 
     def release(self) -> None:
         if self._file is not None:
@@ -61,6 +67,13 @@ class FolderLock:
                 self.path.unlink()
             self._file.close()
             self._file = None
+
+
+def _same_file(file: IO[str], path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager

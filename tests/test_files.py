@@ -1,11 +1,14 @@
+import fcntl
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from llm.errors import UsageError
 from llm.files import FolderLock, checkpoint_folder, replacing, write_atomically
-from tests.helpers import hold
+from tests.helpers import cli_env, hold
 
 
 def test_write_atomically_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
@@ -71,3 +74,24 @@ def test_a_folder_another_live_process_holds_is_refused_until_that_process_dies(
     assert (tmp_path / ".lock").read_text().startswith(f"process {os.getpid()} on ")
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_taken_as_its_holder_lets_go_is_taken_on_the_file_there_now(tmp_path, monkeypatch):
+    lockf = fcntl.lockf
+    let_go = []
+
+    def holder_lets_go_first(file, how):  # between our open and our lock, the holder unlinks the file and ends
+        if not let_go:
+            let_go.append(True)
+            (tmp_path / ".lock").unlink()
+        return lockf(file, how)
+
+    monkeypatch.setattr(fcntl, "lockf", holder_lets_go_first)
+    lock = FolderLock(tmp_path)
+    monkeypatch.setattr(fcntl, "lockf", lockf)
+    # (not read here: closing any file of the lock's lets go of it, a POSIX rule)
+    other = subprocess.run([sys.executable, "-c", "import sys; from llm.files import FolderLock; FolderLock(sys.argv[1])",
+                            str(tmp_path)], capture_output=True, text=True, env=cli_env())
+    assert let_go and other.returncode != 0
+    assert f"is in use by process {os.getpid()} on " in other.stderr  # the file there is ours, and held
+    lock.release()

@@ -94,6 +94,7 @@ class TrainingEngine:
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
         self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
+        self._made_dirs: list[Path] = []  # the folders rank 0 made to hold it, the run folder first
         self._loaded: Path | None = None  # the checkpoint this run resumed from
         self.continues_run = False  # resumed from a checkpoint of its own folder, not branched from another run's
         self.train_metrics: dict[str, float] = {}  # the last logged training record
@@ -124,8 +125,7 @@ class TrainingEngine:
         finally:
             self._fire_cleanup(metrics, ok)
             self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
-            if self._run_lock is not None:
-                self._run_lock.release()
+            self._let_go_of_run_dir()
         if self.interrupted_by is not None:
             raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint)
         return metrics
@@ -316,7 +316,21 @@ class TrainingEngine:
     # ---- setup ---------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Data, model, optimizer, resume, wrapping; in that order, agreed across ranks."""
+        """Data, model, optimizer, resume, wrapping; in that order, agreed across ranks.
+
+        First, rank 0 takes the run folder for this run alone, until train() ends or
+        setup fails: a second run started in it meanwhile (a job requeued while the
+        first one's processes live on) is refused before it reads a checkpoint the
+        first may prune, or prepares any data.
+        """
+        D.agree_on_errors(self._hold_run_dir, run_here=self.is_main)
+        try:
+            self._set_up()
+        except BaseException:
+            self._let_go_of_run_dir(refused=True)
+            raise
+
+    def _set_up(self) -> None:
         cfg = self.config
         start = resume.find_start(cfg, self.run_dir)
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
@@ -379,7 +393,6 @@ class TrainingEngine:
         self._params = list(self.model.parameters())
         self._clip = cfg.training.grad_clip or math.inf
         launches = D.gather(D.launch_id())  # each node's: rank 0 may start on another one after a restart
-        D.agree_on_errors(self._hold_run_dir, run_here=self.is_main)
         if self.is_main:
             cfg.save_to_yaml(self.run_dir / "config.yaml")
             self.task.save_artifacts(self.run_dir)
@@ -387,10 +400,24 @@ class TrainingEngine:
                 (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
 
     def _hold_run_dir(self) -> None:
-        """Take the run folder for this run alone, until train() ends: a second run started in it meanwhile (a job
-        requeued while the first one's processes live on) is refused, not left to write beside this one."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._run_lock = FolderLock(self.run_dir)
+        made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return  # no folder, no second run in it: resume.check_run_dir says in one line why it cannot be made
+        self._run_lock, self._made_dirs = FolderLock(self.run_dir), made
+
+    def _let_go_of_run_dir(self, refused: bool = False) -> None:
+        """Release the run folder; one that setup ``refused`` to train in is removed if this run made it and
+        wrote nothing there, with the folders made above it: a refused run leaves no trace."""
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
+        for folder in self._made_dirs if refused else []:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: what is there is kept
+                break
 
     def _loaders(self, method: str) -> tuple[Any, Any]:
         """The data module's ``method``, checked: a (loader, sampler) pair; else one line, not a traceback."""

@@ -21,7 +21,7 @@ from llm.errors import UsageError
 from llm.training.core.callbacks import HOOKS, Callback, EarlyStopping, MetricsLogger, TensorBoardLogger
 from llm.training.core.checkpoint import load_shared_state
 from llm.training.core.config import Config
-from llm.training.core import engine as engine_module
+from llm.training.core import engine as engine_module, resume
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted, _keyed_by_class
 from llm.training.core.optim import lr_factor
 from llm.training.core.registry import resolve_data_module
@@ -291,6 +291,50 @@ def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path
         holder.wait()
     engine, _ = train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}))
     assert engine.step == 6 and not (tmp_path / "run/.lock").exists()
+
+
+def test_a_run_in_a_held_folder_is_refused_before_it_prepares_data_or_reads_a_checkpoint(tmp_path, monkeypatch):
+    def find_start(*args):
+        raise AssertionError("looked for a checkpoint to resume from in a folder another process holds")
+
+    class Watched(SyntheticDataModule):
+        prepared = 0
+
+        def prepare_data(self):
+            Watched.prepared += 1
+
+    config = tiny_config(tmp_path, training={"max_steps": 3})
+    train(config)
+    holder = hold(tmp_path / "run")
+    try:
+        again = tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"})
+        engine = TrainingEngine(again, RegressionTask(again), data_module=Watched(again))
+        monkeypatch.setattr(resume, "find_start", find_start)
+        with pytest.raises(UsageError, match="in use by process"):
+            engine.train()
+        assert Watched.prepared == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_that_fails_in_setup_lets_go_of_its_folder_and_leaves_no_trace(tmp_path):
+    refused = tiny_config(tmp_path, training={"grad_accum_steps": 100})
+    with pytest.raises(UsageError, match="fewer than training.grad_accum_steps=100"):
+        train(refused)
+    assert not (tmp_path / "run").exists()
+    train(tiny_config(tmp_path, training={"max_steps": 3}))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match="fewer than training.grad_accum_steps=100"):
+        train(tiny_config(tmp_path, training={"max_steps": 6, "grad_accum_steps": 100}, checkpoint={"resume": "auto"}))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # no .lock left
+
+
+def test_a_lock_file_left_by_a_killed_run_is_no_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/.lock").write_text("process 1 on elsewhere\n")  # its holder is gone: the kernel let go
+    engine, _ = train(tiny_config(tmp_path, training={"max_steps": 2}))
+    assert engine.step == 2 and not (tmp_path / "run/.lock").exists()
 
 
 def test_a_run_that_died_before_its_first_save_starts_afresh_in_its_folder_and_another_run_is_refused(tmp_path):
