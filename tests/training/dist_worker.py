@@ -9,11 +9,14 @@ restarted worker does not fault again):
   INT_AT_STEP=N [INT_RANK=r]       SIGINT (Ctrl-C) this rank after optimizer step N
   TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N
   STOP_AT_STEP=N [STOP_RANK=r]     this rank's callback asks the run to stop after optimizer step N
+  KILL_AGENT_AT_STEP=N             rank 0 SIGKILLs its parent, the torchrun agent, after optimizer step N; from
+                                   then on every rank's steps take 0.2 s more, a run longer than the agent's watch
 """
 
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +50,10 @@ class Faults(Callback):
         if _fire_once(engine, "TWICE_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
+        if _fire_once(engine, "KILL_AGENT_AT_STEP", engine.step):
+            os.kill(os.getppid(), signal.SIGKILL)
+        if engine.step >= int(os.environ.get("KILL_AGENT_AT_STEP", sys.maxsize)):
+            time.sleep(0.2)
         if _fire_once(engine, "STOP_AT_STEP", engine.step):
             engine.request_stop(f"asked by rank {engine.rank}")
 
