@@ -260,6 +260,16 @@ class UnskippableData(SyntheticDataModule):
         return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches), sampler
 
 
+class SlowSetupData(SyntheticDataModule):
+    """Synthetic regression data whose setup creates the file named by SETUP_MARKER, then takes a minute, as the
+    tokenization of a large corpus can: a run to interrupt before training starts."""
+
+    def setup(self, stage):
+        Path(os.environ["SETUP_MARKER"]).touch()
+        time.sleep(60)
+        super().setup(stage)
+
+
 class _OpaqueBatches:
     def __init__(self, batch_sampler):
         self._inner = batch_sampler

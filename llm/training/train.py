@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -216,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print_error(f"{e}; continue with --checkpoint-resume auto{_moved(config, asked_dir)}")
         return 128 + e.signum
+    except KeyboardInterrupt:  # in training the engine takes Ctrl-C itself: it ends the step and saves
+        print_error("interrupted (Ctrl-C) before training started: nothing was trained or saved")
+        return 128 + signal.SIGINT
     except Exception as e:
         full = _out_of_space(e)
         if full is not None:  # the logs, the summary or the config: the checkpoints say it themselves

@@ -3,7 +3,9 @@ an uninterrupted run ends."""
 
 import json
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import run, torchrun, two_nodes
+from tests.helpers import cli_env, run, torchrun, two_nodes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 FLAGS = ["--model-n-layer", "2", "--model-n-embd", "16", "--model-dropout", "0.1", "--data-num-samples", "512",
@@ -117,6 +119,21 @@ def test_a_stop_asked_for_on_the_step_of_a_signal_is_kept_by_the_resume(tmp_path
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 10 and summary["stop_reason"] == f"asked by rank {nproc - 1}"
     assert summary["train_loss"] is not None  # the last training record, kept by the checkpoint
+
+
+def test_ctrl_c_before_training_starts_ends_in_one_line_and_leaves_no_run_folder(tmp_path):
+    marker = tmp_path / "setting-up"
+    flags = [*FLAGS, "--data-module", "tests.helpers:SlowSetupData", "--logging-log-dir", str(tmp_path / "run")]
+    process = subprocess.Popen([sys.executable, str(WORKER), *flags], cwd=tmp_path, env=cli_env({"SETUP_MARKER": str(marker)}),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err == "interrupted (Ctrl-C) before training started: nothing was trained or saved\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_second_sigterm_ends_the_process_at_once_and_leaves_checkpoints_valid(tmp_path, reference):
