@@ -157,6 +157,42 @@ def test_torchrun_by_file_path_and_early_stopping_ends_both_ranks(tmp_path):
     assert summary["steps"] == 6 and summary["stop_reason"].startswith("early stopping: val_loss")
 
 
+def test_an_engine_built_in_code_and_started_by_torchrun_joins_and_leaves_the_process_group(tmp_path):
+    # the guide's train_worker: TrainingEngine(config, task, rank, world_size, ...) from a script of the user's own
+    (tmp_path / "mine.py").write_text(
+        "import os\n"
+        "import torch.distributed as dist\n"
+        "from llm.training.core.config import Config\n"
+        "from llm.training.core.engine import TrainingEngine\n"
+        "from llm.training.tasks.regression_task import RegressionTask\n"
+        "config = Config.from_dict({'training': {'max_steps': 4, 'batch_size': 16}, 'data': {'num_samples': 256},\n"
+        "                           'logging': {'log_dir': 'run', 'progress_bar': False}})\n"
+        "rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])\n"
+        "metrics = TrainingEngine(config, RegressionTask(config), rank, world_size).train()\n"
+        "print(f'rank {rank}: {metrics[\"steps\"]} steps, val_loss {metrics[\"val_loss\"]!r}, '\n"
+        "      f'group left: {not dist.is_initialized()}')\n")
+    out = torchrun(2, tmp_path / "mine.py", cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and lines[0].endswith("group left: True")
+    assert lines[0].removeprefix("rank 0") == lines[1].removeprefix("rank 1")  # the same steps and val_loss
+    assert json.loads((tmp_path / "run/summary.json").read_text())["samples_seen"] == 4 * 2 * 16
+
+
+def test_an_engine_for_two_processes_started_without_a_launcher_says_what_is_missing(tmp_path, monkeypatch):
+    from llm.errors import UsageError
+    from llm.training.core.engine import TrainingEngine
+    from llm.training.tasks.regression_task import RegressionTask
+    from tests.helpers import tiny_config
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError, match="MASTER_ADDR and MASTER_PORT are not: start the processes with torchrun"):
+        TrainingEngine(config, RegressionTask(config), 0, 2).train()
+    assert not (tmp_path / "run").exists()
+
+
 def test_torch_distributed_launch_as_the_guide_names_it(tmp_path):
     # the older launcher passes --local-rank=N to the script as well as setting LOCAL_RANK
     launcher = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2",

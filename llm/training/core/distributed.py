@@ -15,6 +15,7 @@ prepares the next one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -25,7 +26,7 @@ import time
 import weakref
 import zlib
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -166,6 +167,21 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     _attempt = int(all_reduce_on_hosts(torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))])))
     # kept apart from the group: after a collective fails, ranks still leave word here for each other
     _store = dist.distributed_c10d._get_default_store()
+
+
+@contextlib.contextmanager
+def process_group(config: Config, rank: int, world_size: int, local_rank: int) -> Iterator[None]:
+    """The default group for the block: joined as init_process_group joins it, and left after, unless there is
+    one process or the caller made the group already (the command line does). A TrainingEngine built in code
+    and started by torchrun trains with no more than that."""
+    if world_size == 1 or dist.is_initialized():
+        yield
+        return
+    init_process_group(config, rank, world_size, local_rank)
+    try:
+        yield
+    finally:
+        destroy_process_group()
 
 
 _store: dist.Store | None = None

@@ -110,22 +110,27 @@ class TrainingEngine:
     # ---- the loop ------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        """Train until epochs or max_steps run out, or a stop is agreed; return the final metrics."""
-        self.setup()
-        started, metrics, ok = time.perf_counter(), {}, False
-        self._saved_at = time.monotonic()
-        self._first_sample = self.samples_seen
-        try:
-            self._fire("on_train_start")
-            with self._stop_on_signals():
-                while not self._finished():
-                    self.train_epoch()
-                metrics, checkpoint = self.finish(time.perf_counter() - started)
-            ok = True
-        finally:
-            self._fire_cleanup(metrics, ok)
-            self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
-            self._let_go_of_run_dir()
+        """Train until epochs or max_steps run out, or a stop is agreed; return the final metrics.
+
+        With world_size > 1 and no process group yet, the engine joins one for the run, from the variables
+        torchrun sets, and leaves it after.
+        """
+        with D.process_group(self.config, self.rank, self.world_size, self.local_rank):
+            self.setup()
+            started, metrics, ok = time.perf_counter(), {}, False
+            self._saved_at = time.monotonic()
+            self._first_sample = self.samples_seen
+            try:
+                self._fire("on_train_start")
+                with self._stop_on_signals():
+                    while not self._finished():
+                        self.train_epoch()
+                    metrics, checkpoint = self.finish(time.perf_counter() - started)
+                ok = True
+            finally:
+                self._fire_cleanup(metrics, ok)
+                self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
+                self._let_go_of_run_dir()
         if self.interrupted_by is not None:
             raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint)
         return metrics
