@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
             say(config.to_yaml().rstrip("\n"))
             return 0
         rank, world_size, local_rank = D.env_ranks()
-        D.end_with_the_agent()
         asked_dir = config.logging.log_dir  # a fresh run may move on to the next free name
         try:
             D.init_process_group(config, rank, world_size, local_rank)

@@ -7,14 +7,19 @@ restarted worker does not fault again):
   KILL_IN_SAVE=N [KILL_RANK=r]     SIGKILL this rank in the middle of writing checkpoint N
   TERM_AT_STEP=N [TERM_RANK=r]     SIGTERM this rank after optimizer step N
   INT_AT_STEP=N [INT_RANK=r]       SIGINT (Ctrl-C) this rank after optimizer step N
-  TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N
+  TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N, the second a moment later
   STOP_AT_STEP=N [STOP_RANK=r]     this rank's callback asks the run to stop after optimizer step N
-  KILL_AGENT_AT_STEP=N             rank 0 SIGKILLs its parent, the torchrun agent, after optimizer step N; from
-                                   then on every rank's steps take 0.2 s more, a run longer than the agent's watch
+  KILL_AGENT_AT_STEP=N             rank 0 SIGKILLs its parent, the torchrun agent, after optimizer step N
+  TERM_THEN_KILL_AGENT_AT_STEP=N   rank 0 has its parent, the torchrun agent, sent SIGTERM after optimizer step N
+                                   and SIGKILL a second later (a supervisor's grace period running out)
+  TERM_ALL_AT_STEP=N               rank 0 sends SIGTERM to its parent, the torchrun agent, and to itself after
+                                   optimizer step N (SLURM and systemd signal every process of a job)
+  SLOW_FROM_STEP=N SLOW_S=x        every rank's steps from optimizer step N on take x seconds more
 """
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +28,7 @@ import torch
 
 from llm.training import train
 from llm.training.core.callbacks import Callback
-from llm.training.core.engine import TrainingEngine
+from llm.training.core.engine import REPEAT_S, TrainingEngine
 
 
 def _fire_once(engine, name: str, step: int) -> bool:
@@ -49,11 +54,19 @@ class Faults(Callback):
             os.kill(os.getpid(), signal.SIGINT)
         if _fire_once(engine, "TWICE_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(REPEAT_S + 0.5)  # sooner, it would be the same request delivered twice
             os.kill(os.getpid(), signal.SIGTERM)
         if _fire_once(engine, "KILL_AGENT_AT_STEP", engine.step):
             os.kill(os.getppid(), signal.SIGKILL)
-        if engine.step >= int(os.environ.get("KILL_AGENT_AT_STEP", sys.maxsize)):
-            time.sleep(0.2)
+        if _fire_once(engine, "TERM_THEN_KILL_AGENT_AT_STEP", engine.step):
+            agent = os.getppid()
+            # in a session of its own: the agent's SIGTERM goes to this worker's process group
+            subprocess.Popen(["sh", "-c", f"kill -TERM {agent}; sleep 1; kill -KILL {agent}"], start_new_session=True)
+        if _fire_once(engine, "TERM_ALL_AT_STEP", engine.step):
+            os.kill(os.getppid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        if engine.step >= int(os.environ.get("SLOW_FROM_STEP", sys.maxsize)):
+            time.sleep(float(os.environ["SLOW_S"]))
         if _fire_once(engine, "STOP_AT_STEP", engine.step):
             engine.request_stop(f"asked by rank {engine.rank}")
 

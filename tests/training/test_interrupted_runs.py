@@ -202,22 +202,28 @@ def test_two_processes_sigterm_on_one_rank_stops_and_saves_on_both(tmp_path, ref
     assert_logged_the_same(reference_2proc_dir, tmp_path / "run", extra={("train", 5)})
 
 
-def test_workers_whose_torchrun_agent_is_killed_stop_save_and_resume_exactly(tmp_path, reference_2proc,
-                                                                          reference_2proc_dir):
-    # torchrun starts each worker in a session of its own: an agent killed outright passes no signal on
-    killed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path,
-                      env={"KILL_AGENT_AT_STEP": "5"})
-    # the workers wrote into the agent's output, which ends only once they have ended too
-    assert killed.returncode == -signal.SIGKILL
-    assert killed.stderr.count("stopped by SIGTERM at step") == 2, killed.stderr[-3000:]
-    stopped = int((tmp_path / "run/checkpoints/latest").read_text().strip().removeprefix("step_"))
-    assert 5 <= stopped < 28  # at once, not at the run's end
+@pytest.mark.parametrize("fault", [
+    # killed outright: torchrun put each worker in a session of its own and forwards no signal
+    {"KILL_AGENT_AT_STEP": "5", "SLOW_FROM_STEP": "5", "SLOW_S": "0.2"},
+    # SIGTERM, forwarded to the workers, then SIGKILL while they still finish their step: no second stop
+    {"TERM_THEN_KILL_AGENT_AT_STEP": "5", "SLOW_FROM_STEP": "5", "SLOW_S": "2.5"},
+    # SIGTERM to every process at once (SLURM, systemd): rank 0 gets it twice, from the agent too
+    {"TERM_ALL_AT_STEP": "5", "SLOW_FROM_STEP": "5", "SLOW_S": "1"},
+], ids=["agent killed", "agent terminated then killed", "every process terminated"])
+def test_workers_stop_save_and_resume_exactly_whatever_becomes_of_their_torchrun_agent(tmp_path, reference_2proc,
+                                                                                       reference_2proc_dir, fault):
+    stopped = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, env=fault)
+    # the workers write into the agent's output, which ends only once they have ended too
+    assert stopped.returncode == (-signal.SIGKILL if "AGENT" in "".join(fault) else 1)
+    assert stopped.stderr.count("stopped by SIGTERM at step") == 2, stopped.stderr[-3000:]
+    step = int((tmp_path / "run/checkpoints/latest").read_text().strip().removeprefix("step_"))
+    assert step == 5 or "KILL_AGENT_AT_STEP" in fault and 5 <= step < 28  # at once, not at the run's end
     assert not (tmp_path / "run/.lock").exists()
     resumed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):
         assert_same(reference_2proc[rank], weights(tmp_path / "run", rank))
-    assert_logged_the_same(reference_2proc_dir, tmp_path / "run", extra=set() if stopped % 4 == 0 else {("train", stopped)})
+    assert_logged_the_same(reference_2proc_dir, tmp_path / "run", extra=set() if step % 4 == 0 else {("train", step)})
 
 
 def test_torchrun_max_restarts_resumes_a_dead_worker_in_its_launchs_folder_not_an_earlier_runs(tmp_path,

@@ -19,9 +19,7 @@ import contextlib
 import datetime
 import gc
 import os
-import signal
 import socket
-import threading
 import time
 import weakref
 import zlib
@@ -61,27 +59,12 @@ LAUNCH_FILE = ".launch"
 """In a run directory: the torchrun launch that writes it, so that the workers torchrun restarts find it again."""
 
 
-def end_with_the_agent(every_s: float = 1.0) -> None:
-    """Under torchrun, SIGTERM this worker once its agent has died (checked every ``every_s`` seconds).
-
-    torchrun starts each worker in a session of its own and forwards the signals it
-    gets to them; an agent killed outright (SIGKILL, the OOM killer) forwards none,
-    and its workers would train on unseen, holding the run folder. With this they
-    stop as on SIGTERM: the step ends, a checkpoint is saved, the process exits.
-    (The kernel's parent-death signal would do it without a thread, but it fires once
-    for each of the agent's threads as they die, and a second SIGTERM ends a worker
-    at once, without its save.)
-    """
-    if os.environ.get("TORCHELASTIC_RUN_ID") is None:
-        return
-    agent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == agent:
-            time.sleep(every_s)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="llm-watch-agent", daemon=True).start()
+def torchrun_agent() -> int | None:
+    """The pid of the torchrun agent that started this process: its parent; None when torchrun did not start it
+    (its variables TORCHELASTIC_RUN_ID, RANK and LOCAL_RANK are not all set)."""
+    if any(os.environ.get(name) is None for name in ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK")):
+        return None
+    return os.getppid()
 
 
 def restarted() -> bool:

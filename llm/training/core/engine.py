@@ -15,6 +15,7 @@ import numbers
 import os
 import re
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -43,6 +44,10 @@ SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metr
 """What save_checkpoint writes beside the weights, and a resume reads."""
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
+
+
+REPEAT_S = 2.0
+"""A signal within this many seconds of the first one is the same request, delivered twice (see _stop_on_signals)."""
 
 
 class CallbackError(RuntimeError):
@@ -105,6 +110,8 @@ class TrainingEngine:
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
         self._unchecked: list[tuple[int, _HostCopy, list[Any]]] = []  # (step, taken, losses) to check
         self._signal: int | None = None  # a signal this process received
+        self._signalled_at = 0.0  # time.monotonic() when it came
+        self._agent = D.torchrun_agent()  # the pid of the torchrun agent that started this process, if one did
         self.interrupted_by: signal.Signals | None = None  # a signal some rank received, agreed by all of them
 
     # ---- the loop ------------------------------------------------------------------
@@ -868,24 +875,48 @@ class TrainingEngine:
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGTERM/SIGINT finish the current step, save a checkpoint and stop (see train.py's exit code).
 
-        A second signal does not wait: the default action ends the process at once
-        (a second Ctrl-C, or a rank stuck where the first one cannot be acted on).
+        A second signal does not wait: the default action ends the process at once (a
+        second Ctrl-C, or a rank stuck where the first one cannot be acted on). One that
+        comes within REPEAT_S of the first is the same request delivered twice: SLURM
+        and systemd signal every process of a job, and torchrun forwards the signal it
+        got to its workers as well.
+
+        Under torchrun, a worker whose agent dies stops the same way (_watch_agent).
         """
         def handler(signum: int, frame: Any) -> None:
-            if self._signal is not None:
+            if self._signal is None:
+                self._signal, self._signalled_at = signum, time.monotonic()
+            elif time.monotonic() - self._signalled_at > REPEAT_S:
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
-            self._signal = signum
 
         try:
             previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         except ValueError:  # not the main thread: leave signals alone
             previous = {}
+        done = threading.Event()
+        if self._agent is not None:
+            threading.Thread(target=self._watch_agent, args=(done,), name="llm-watch-agent", daemon=True).start()
         try:
             yield
         finally:
+            done.set()
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def _watch_agent(self, done: threading.Event) -> None:
+        """Stop as on SIGTERM once the torchrun agent that started this worker has died (checked each second).
+
+        torchrun starts each worker in a session of its own and forwards the signals
+        it gets; killed outright (SIGKILL, the OOM killer) it forwards none, and its
+        workers would train on unseen, holding the run folder. This asks for the stop
+        without a signal: one already received stays the only one.
+        """
+        while not done.wait(1.0):
+            if os.getppid() != self._agent:
+                if self._signal is None:
+                    self._signal, self._signalled_at = signal.SIGTERM, time.monotonic()
+                return
 
 
 def _read_now(device: torch.device) -> bool:
