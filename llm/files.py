@@ -19,15 +19,16 @@ CHECKPOINT_STATE = "state.pt"
 """A checkpoint folder's weights, optimizer and progress (all of it, or what the ranks share when sharded)."""
 
 
-RUN_LOCK = ".lock"
-"""A run folder's lock file: held by the process that trains in the folder, while it does."""
+RUN_LOCK = ".llm.lock"
+"""A run folder's lock file: held by the process that trains in the folder, while it does. Named for this
+program: a folder's own ``.lock`` (another tool's) is left alone."""
 
 
 class FolderLock:
     """An exclusive hold on a folder until ``release()``: a second process that asks for it is refused, in one
     line naming the first.
 
-    It is a POSIX lock (fcntl.lockf) on ``<folder>/.lock``: the kernel lets go of it when the process ends,
+    It is a POSIX lock (fcntl.lockf) on ``<folder>/.llm.lock``: the kernel lets go of it when the process ends,
     however it ends (SIGKILL too), and processes forked from it (data loader workers) do not inherit it. On a
     file system that takes no locks, nothing is held.
     """
@@ -67,6 +68,23 @@ class FolderLock:
                 self.path.unlink()
             self._file.close()
             self._file = None
+
+
+def held(folder: Path) -> bool:
+    """Whether a live process holds ``folder`` (a FolderLock). Ask only about a folder this process does not
+    hold: closing the descriptor asked through would let go of this process's own lock (a POSIX rule)."""
+    try:
+        file = open(Path(folder) / RUN_LOCK, "r+")
+    except OSError:  # none, or not ours to lock: not held through it
+        return False
+    with file:
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            return True
+        except OSError:  # a file system without locks: nothing is held
+            return False
+    return False
 
 
 def _same_file(file: IO[str], path: Path) -> bool:

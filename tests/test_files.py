@@ -71,9 +71,9 @@ def test_a_folder_another_live_process_holds_is_refused_until_that_process_dies(
         holder.kill()  # SIGKILL: the kernel lets go of its lock
         holder.wait()
     lock = FolderLock(tmp_path)
-    assert (tmp_path / ".lock").read_text().startswith(f"process {os.getpid()} on ")
+    assert (tmp_path / ".llm.lock").read_text().startswith(f"process {os.getpid()} on ")
     lock.release()
-    assert not (tmp_path / ".lock").exists()
+    assert not (tmp_path / ".llm.lock").exists()
 
 
 def test_a_lock_taken_as_its_holder_lets_go_is_taken_on_the_file_there_now(tmp_path, monkeypatch):
@@ -83,7 +83,7 @@ def test_a_lock_taken_as_its_holder_lets_go_is_taken_on_the_file_there_now(tmp_p
     def holder_lets_go_first(file, how):  # between our open and our lock, the holder unlinks the file and ends
         if not let_go:
             let_go.append(True)
-            (tmp_path / ".lock").unlink()
+            (tmp_path / ".llm.lock").unlink()
         return lockf(file, how)
 
     monkeypatch.setattr(fcntl, "lockf", holder_lets_go_first)

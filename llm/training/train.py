@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from llm.cli import one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, causes, one_line, print_error
+from llm.files import RUN_LOCK, held
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
     Callback,
@@ -106,12 +107,19 @@ def _free_run_dir(base: Path) -> Path:
     """``base``, or ``base-2``, ``base-3``...: the first that is empty, or that this launch wrote before a restart."""
     launch = D.launch_id() if D.restarted() else None
     candidate, n = base, 1
-    while candidate.is_dir() and any(candidate.iterdir()):
+    while _taken(candidate):
         if launch is not None and launch in D.launched_by(candidate):
             break
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
+
+
+def _taken(folder: Path) -> bool:
+    """Whether ``folder`` holds a run: any file but the lock file, or a lock a live process holds (a run still
+    setting up). A lock file alone, left by a run killed in set-up, holds nothing."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return any(name != RUN_LOCK for name in names) or (RUN_LOCK in names and held(folder))
 
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:

@@ -218,7 +218,7 @@ def test_workers_stop_save_and_resume_exactly_whatever_becomes_of_their_torchrun
     assert stopped.stderr.count("stopped by SIGTERM at step") == 2, stopped.stderr[-3000:]
     step = int((tmp_path / "run/checkpoints/latest").read_text().strip().removeprefix("step_"))
     assert step == 5 or "KILL_AGENT_AT_STEP" in fault and 5 <= step < 28  # at once, not at the run's end
-    assert not (tmp_path / "run/.lock").exists()
+    assert not (tmp_path / "run/.llm.lock").exists()
     resumed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):

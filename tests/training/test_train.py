@@ -13,7 +13,7 @@ import torch
 
 from llm.training.core import distributed as D
 from llm.training.train import _free_run_dir, main
-from tests.helpers import REPO, SCRIPTS, cli_env, free_port, run, torchrun, train_cli, two_nodes
+from tests.helpers import REPO, SCRIPTS, cli_env, free_port, hold, run, torchrun, train_cli, two_nodes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 SMALL = ["--model-n-layer", "1", "--model-n-embd", "16", "--data-num-samples", "512", "--data-input-dim", "4",
@@ -263,6 +263,20 @@ def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path, monkeypatch,
     refused = capsys.readouterr()
     assert refused.out == "" and refused.err.count("\n") == 1, refused.err
     assert not (tmp_path / "runs/regression-3").exists()  # nor announced a folder it never writes
+
+
+def test_a_folder_holding_only_a_lock_is_free_unless_a_live_process_holds_it(tmp_path):
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm/.llm.lock").write_text("process 1 on elsewhere\n")  # left by a run killed in set-up
+    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm"
+    holder = hold(tmp_path / "lm")  # a run still setting up there
+    try:
+        assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "lm/.lock").write_text("another tool's\n")  # not this program's lock: a file like any other
+    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
 
 
 def test_a_restart_takes_its_own_launchs_folder_not_one_of_another_launch_with_the_same_id(tmp_path, monkeypatch):

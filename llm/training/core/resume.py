@@ -172,7 +172,7 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
         if holder is not None and holder != checkpoints.resolve():
             raise UsageError(f"{name} {folder} lies in the checkpoint folder {holder}, whose retention deletes "
                              f"what it holds: choose a folder outside it")
-    problem = unwritable_reason(run_dir)  # creates nothing: a run refused later leaves no folder
+    problem = unwritable_reason(run_dir)  # creates nothing; a refused run removes the folder it made to hold it
     if problem:
         raise UsageError(f"cannot write to the run directory {run_dir}: {problem}; "
                          f"choose another with --logging-log-dir DIR")

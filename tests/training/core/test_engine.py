@@ -285,12 +285,12 @@ def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path
     try:
         with pytest.raises(UsageError, match=rf"run is in use by process {holder.pid} on .+: let it end, or stop it"):
             train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}))
-        assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"} == before
+        assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".llm.lock"} == before
     finally:
         holder.kill()
         holder.wait()
     engine, _ = train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}))
-    assert engine.step == 6 and not (tmp_path / "run/.lock").exists()
+    assert engine.step == 6 and not (tmp_path / "run/.llm.lock").exists()
 
 
 def test_a_run_in_a_held_folder_is_refused_before_it_prepares_data_or_reads_a_checkpoint(tmp_path, monkeypatch):
@@ -327,14 +327,24 @@ def test_a_run_that_fails_in_setup_lets_go_of_its_folder_and_leaves_no_trace(tmp
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     with pytest.raises(UsageError, match="fewer than training.grad_accum_steps=100"):
         train(tiny_config(tmp_path, training={"max_steps": 6, "grad_accum_steps": 100}, checkpoint={"resume": "auto"}))
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # no .lock left
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # no .llm.lock left
 
 
 def test_a_lock_file_left_by_a_killed_run_is_no_run(tmp_path):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run/.lock").write_text("process 1 on elsewhere\n")  # its holder is gone: the kernel let go
+    (tmp_path / "run/.llm.lock").write_text("process 1 on elsewhere\n")  # its holder is gone: the kernel let go
     engine, _ = train(tiny_config(tmp_path, training={"max_steps": 2}))
-    assert engine.step == 2 and not (tmp_path / "run/.lock").exists()
+    assert engine.step == 2 and not (tmp_path / "run/.llm.lock").exists()
+
+
+def test_a_refused_run_leaves_a_lock_file_of_another_programs_alone(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/notes.txt").write_text("mine\n")
+    (tmp_path / "run/.lock").write_text("another tool's\n")
+    with pytest.raises(UsageError, match="already holds a run"):
+        train(tiny_config(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "notes.txt"]
+    assert (tmp_path / "run/.lock").read_text() == "another tool's\n"
 
 
 def test_a_run_that_died_before_its_first_save_starts_afresh_in_its_folder_and_another_run_is_refused(tmp_path):
