@@ -39,14 +39,14 @@ def say(line: str) -> None:
     """Print a line on stdout; if its reader has gone away (``| head``), carry on without it (``stdout_gone``)."""
     try:
         print(line, flush=True)
-    except BrokenPipeError:
+    except OSError:  # BrokenPipeError, or EIO from a terminal that hung up
         stdout_gone()
 
 
 def stdout_gone() -> None:
-    """After stdout failed (a BrokenPipeError: its reader went away; a full disk): send the rest of the output to
-    devnull. A training run must not die because nobody reads its progress, and Python would otherwise fail again
-    flushing stdout at exit."""
+    """After stdout failed (a BrokenPipeError: its reader went away; EIO: its terminal hung up; a full disk): send
+    the rest of the output to devnull. A training run must not die because nobody reads its progress, and Python
+    would otherwise fail again flushing stdout at exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

@@ -83,5 +83,8 @@ def print_error(line: str) -> None:
     buffered, so two ranks sharing a terminal or a pipe can interleave their
     lines ("...processeserror: ...") even when each is one line.
     """
-    sys.stderr.write(on_one_line(line) + "\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(on_one_line(line) + "\n")
+        sys.stderr.flush()
+    except OSError:  # its terminal hung up (EIO): there is no one to tell
+        pass

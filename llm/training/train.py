@@ -4,8 +4,8 @@ The same file serves ``python -m llm.training.train`` and
 ``torchrun --nproc_per_node=N llm/training/train.py``.
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 3 stopped on a
-non-finite loss (training.nan_policy=stop); 128+signal when SIGTERM or SIGINT
-stopped the run after saving a checkpoint (143, 130).
+non-finite loss (training.nan_policy=stop); 128+signal when SIGTERM, SIGINT or
+SIGHUP stopped the run after saving a checkpoint (143, 130, 129).
 """
 
 from __future__ import annotations

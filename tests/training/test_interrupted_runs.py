@@ -2,6 +2,9 @@
 an uninterrupted run ends."""
 
 import json
+import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -134,6 +137,27 @@ def test_ctrl_c_before_training_starts_ends_in_one_line_and_leaves_no_run_folder
     assert process.returncode == 130, err
     assert err == "interrupted (Ctrl-C) before training started: nothing was trained or saved\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_terminal_hangs_up_saves_exits_129_and_resumes(tmp_path):
+    """An SSH connection dropped: the kernel sends SIGHUP, and writing to the terminal fails (EIO)."""
+    flags = ["--epochs", "200", "--data-num-samples", "20000", "--logging-log-dir", str(tmp_path / "run")]
+    pid, terminal = pty.fork()  # the run's stdout and stderr are the terminal: the progress bar is on
+    if pid == 0:
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, "-m", "llm.training.train", *flags], cli_env())
+    shown, deadline = b"", time.monotonic() + 120
+    while b"epoch 1/200" not in shown and time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.5)[0]:
+            shown += os.read(terminal, 65536)
+    os.close(terminal)  # the terminal goes away
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 129, shown[-2000:]
+    step = int((tmp_path / "run/checkpoints/latest").read_text().strip().removeprefix("step_"))
+    resumed = run([sys.executable, "-m", "llm.training.train", *flags, "--checkpoint-resume", "auto",
+                   "--training-max-steps", str(step + 5)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'run/checkpoints'}" in resumed.stdout
+    assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == step + 5
 
 
 def test_a_second_sigterm_ends_the_process_at_once_and_leaves_checkpoints_valid(tmp_path, reference):

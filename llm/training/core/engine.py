@@ -636,8 +636,8 @@ class TrainingEngine:
         try:
             if not any(cb.write(line) for cb in self.callbacks if isinstance(cb, ProgressBar)):
                 print(line, flush=True)
-        except BrokenPipeError:  # `train | head`: the run goes on, its records still in metrics.jsonl
-            stdout_gone()
+        except OSError:  # `train | head`, a terminal gone (EIO), a full disk: the run goes on, its records still in
+            stdout_gone()  # metrics.jsonl
 
     # ---- helpers -------------------------------------------------------------------
 
@@ -873,7 +873,8 @@ class TrainingEngine:
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT finish the current step, save a checkpoint and stop (see train.py's exit code).
+        """SIGTERM, SIGINT and SIGHUP (the terminal gone: an SSH connection dropped) finish the current step, save a
+        checkpoint and stop (see train.py's exit code).
 
         A second signal does not wait: the default action ends the process at once (a
         second Ctrl-C, or a rank stuck where the first one cannot be acted on). One that
@@ -891,7 +892,7 @@ class TrainingEngine:
                 signal.raise_signal(signum)
 
         try:
-            previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         except ValueError:  # not the main thread: leave signals alone
             previous = {}
         done = threading.Event()
@@ -957,7 +958,7 @@ _END = object()
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT stopped training after a step; a checkpoint was saved."""
+    """SIGTERM, SIGINT or SIGHUP stopped training after a step; a checkpoint was saved."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
