@@ -123,7 +123,7 @@ def _taken(folder: Path) -> bool:
 
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:
-    """Train on this process; the process group must already exist when world_size > 1."""
+    """Train on this process; with world_size > 1, in the process group main() made."""
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
     note = claim_run_dir(config)  # first: callbacks built from config.logging.log_dir see the folder chosen
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"{e}; continue with --checkpoint-resume auto{_moved(config, asked_dir)}")
         return 128 + e.signum
     except KeyboardInterrupt:  # in training the engine takes Ctrl-C itself: it ends the step and saves
-        print_error("interrupted (Ctrl-C) before training started: nothing was trained or saved")
+        print_error("interrupted (Ctrl-C) outside the training steps (setting up, or a callback's work at the start "
+                    "or the end): stopped at once; the checkpoints saved before are kept")
         return 128 + signal.SIGINT
     except Exception as e:
         full = _out_of_space(e)

@@ -7,9 +7,10 @@ restarted worker does not fault again):
   KILL_IN_SAVE=N [KILL_RANK=r]     SIGKILL this rank in the middle of writing checkpoint N
   TERM_AT_STEP=N [TERM_RANK=r]     SIGTERM this rank after optimizer step N
   INT_AT_STEP=N [INT_RANK=r]       SIGINT (Ctrl-C) this rank after optimizer step N
-  TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N, the second a moment later
+  TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N
   STOP_AT_STEP=N [STOP_RANK=r]     this rank's callback asks the run to stop after optimizer step N
   KILL_AGENT_AT_STEP=N             rank 0 SIGKILLs its parent, the torchrun agent, after optimizer step N
+  KILL_AGENT_BEFORE_ENGINE=1       rank 0 SIGKILLs its parent, the torchrun agent, before any rank builds its engine
   TERM_THEN_KILL_AGENT_AT_STEP=N   rank 0 has its parent, the torchrun agent, sent SIGTERM after optimizer step N
                                    and SIGKILL a second later (a supervisor's grace period running out)
   TERM_ALL_AT_STEP=N               rank 0 sends SIGTERM to its parent, the torchrun agent, and to itself after
@@ -28,7 +29,7 @@ import torch
 
 from llm.training import train
 from llm.training.core.callbacks import Callback
-from llm.training.core.engine import REPEAT_S, TrainingEngine
+from llm.training.core.engine import TrainingEngine
 
 
 def _fire_once(engine, name: str, step: int) -> bool:
@@ -54,7 +55,6 @@ class Faults(Callback):
             os.kill(os.getpid(), signal.SIGINT)
         if _fire_once(engine, "TWICE_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(REPEAT_S + 0.5)  # sooner, it would be the same request delivered twice
             os.kill(os.getpid(), signal.SIGTERM)
         if _fire_once(engine, "KILL_AGENT_AT_STEP", engine.step):
             os.kill(os.getppid(), signal.SIGKILL)
@@ -86,6 +86,21 @@ def _write_artifacts_then_maybe_die(self, directory):
 
 
 TrainingEngine._write_artifacts = _write_artifacts_then_maybe_die
+_init = TrainingEngine.__init__
+
+
+def _init_after_maybe_killing_the_agent(self, config, task, rank=0, *args, **kwargs):
+    if os.environ.get("KILL_AGENT_BEFORE_ENGINE"):
+        torch.distributed.barrier()  # every rank has joined the group, which needs the agent's store to form
+        agent = os.getppid()
+        if rank == 0:
+            os.kill(agent, signal.SIGKILL)
+        while os.getppid() == agent:  # every rank orphaned: no engine sees its agent as its parent
+            time.sleep(0.01)
+    _init(self, config, task, rank, *args, **kwargs)
+
+
+TrainingEngine.__init__ = _init_after_maybe_killing_the_agent
 _default_callbacks = train.default_callbacks
 train.default_callbacks = lambda config: [*_default_callbacks(config), Faults()]
 

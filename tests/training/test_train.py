@@ -157,7 +157,7 @@ def test_torchrun_by_file_path_and_early_stopping_ends_both_ranks(tmp_path):
     assert summary["steps"] == 6 and summary["stop_reason"].startswith("early stopping: val_loss")
 
 
-def test_an_engine_built_in_code_and_started_by_torchrun_joins_and_leaves_the_process_group(tmp_path):
+def test_engines_built_in_code_and_started_by_torchrun_join_the_process_group_and_train_in_it(tmp_path):
     # the guide's train_worker: TrainingEngine(config, task, rank, world_size, ...) from a script of the user's own
     (tmp_path / "mine.py").write_text(
         "import os\n"
@@ -168,15 +168,19 @@ def test_an_engine_built_in_code_and_started_by_torchrun_joins_and_leaves_the_pr
         "config = Config.from_dict({'training': {'max_steps': 4, 'batch_size': 16}, 'data': {'num_samples': 256},\n"
         "                           'logging': {'log_dir': 'run', 'progress_bar': False}})\n"
         "rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])\n"
-        "metrics = TrainingEngine(config, RegressionTask(config), rank, world_size).train()\n"
-        "print(f'rank {rank}: {metrics[\"steps\"]} steps, val_loss {metrics[\"val_loss\"]!r}, '\n"
-        "      f'group left: {not dist.is_initialized()}')\n")
+        "for run in ('run', 'run-again'):  # a second engine in the same process trains in the same group\n"
+        "    config.logging.log_dir = run\n"
+        "    metrics = TrainingEngine(config, RegressionTask(config), rank, world_size).train()\n"
+        "    print(f'{run} rank {rank}: {metrics[\"steps\"]} steps, val_loss {metrics[\"val_loss\"]!r}, '\n"
+        "          f'in a group: {dist.is_initialized()}')\n")
     out = torchrun(2, tmp_path / "mine.py", cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2 and lines[0].endswith("group left: True")
-    assert lines[0].removeprefix("rank 0") == lines[1].removeprefix("rank 1")  # the same steps and val_loss
-    assert json.loads((tmp_path / "run/summary.json").read_text())["samples_seen"] == 4 * 2 * 16
+    for folder in ("run", "run-again"):
+        lines = sorted(line.removeprefix(folder) for line in out.stdout.splitlines()
+                       if line.startswith(f"{folder} rank "))
+        assert len(lines) == 2 and lines[0].endswith("in a group: True")
+        assert lines[0].removeprefix(" rank 0") == lines[1].removeprefix(" rank 1")  # the same steps and val_loss
+        assert json.loads((tmp_path / folder / "summary.json").read_text())["samples_seen"] == 4 * 2 * 16
 
 
 def test_an_engine_for_two_processes_started_without_a_launcher_says_what_is_missing(tmp_path, monkeypatch):

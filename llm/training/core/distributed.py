@@ -15,7 +15,7 @@ prepares the next one.
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import datetime
 import gc
 import os
@@ -24,7 +24,7 @@ import time
 import weakref
 import zlib
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,11 +60,15 @@ LAUNCH_FILE = ".launch"
 
 
 def torchrun_agent() -> int | None:
-    """The pid of the torchrun agent that started this process: its parent; None when torchrun did not start it
-    (its variables TORCHELASTIC_RUN_ID, RANK and LOCAL_RANK are not all set)."""
+    """The pid of the torchrun agent that started this process: its parent when this module was first imported
+    (an agent that has died since leaves another); None when torchrun did not start it (its variables
+    TORCHELASTIC_RUN_ID, RANK and LOCAL_RANK are not all set)."""
     if any(os.environ.get(name) is None for name in ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK")):
         return None
-    return os.getppid()
+    return _PARENT_AT_START
+
+
+_PARENT_AT_START = os.getppid()
 
 
 def restarted() -> bool:
@@ -152,19 +156,15 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     _store = dist.distributed_c10d._get_default_store()
 
 
-@contextlib.contextmanager
-def process_group(config: Config, rank: int, world_size: int, local_rank: int) -> Iterator[None]:
-    """The default group for the block: joined as init_process_group joins it, and left after, unless there is
-    one process or the caller made the group already (the command line does). A TrainingEngine built in code
-    and started by torchrun trains with no more than that."""
+def join_process_group(config: Config, rank: int, world_size: int, local_rank: int) -> None:
+    """Join the default group as init_process_group does, unless there is one process or the group exists (the
+    command line makes it; so does a script that made its own), and leave it when the process exits: a
+    TrainingEngine built in code and started by torchrun trains with no more than that, and trains again in the
+    same process (joining anew would reuse the rendezvous' keys of the first time and hang)."""
     if world_size == 1 or dist.is_initialized():
-        yield
         return
     init_process_group(config, rank, world_size, local_rank)
-    try:
-        yield
-    finally:
-        destroy_process_group()
+    atexit.register(destroy_process_group)
 
 
 _store: dist.Store | None = None

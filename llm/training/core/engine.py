@@ -47,7 +47,8 @@ RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 
 
 REPEAT_S = 2.0
-"""A signal within this many seconds of the first one is the same request, delivered twice (see _stop_on_signals)."""
+"""Under torchrun, a signal within this many seconds of the first one is the same request, delivered twice (see
+_stop_on_signals)."""
 
 
 class CallbackError(RuntimeError):
@@ -119,23 +120,25 @@ class TrainingEngine:
     def train(self) -> dict[str, float]:
         """Train until epochs or max_steps run out, or a stop is agreed; return the final metrics.
 
-        With world_size > 1 and no process group yet, the engine joins one for the run, from the variables
-        torchrun sets, and leaves it after.
+        With world_size > 1 and no process group yet, the engine joins one from the variables torchrun sets,
+        and leaves it when the process exits.
         """
-        with D.process_group(self.config, self.rank, self.world_size, self.local_rank):
-            self.setup()
-            started, metrics, ok = time.perf_counter(), {}, False
-            self._saved_at = time.monotonic()
-            self._first_sample = self.samples_seen
+        D.join_process_group(self.config, self.rank, self.world_size, self.local_rank)
+        self.setup()
+        started, metrics, ok = time.perf_counter(), {}, False
+        self._saved_at = time.monotonic()
+        self._first_sample = self.samples_seen
+        try:
+            self._fire("on_train_start")
+            with self._stop_on_signals():
+                while not self._finished():
+                    self.train_epoch()
+                metrics, checkpoint = self.finish(time.perf_counter() - started)
+            ok = True
+        finally:
             try:
-                self._fire("on_train_start")
-                with self._stop_on_signals():
-                    while not self._finished():
-                        self.train_epoch()
-                    metrics, checkpoint = self.finish(time.perf_counter() - started)
-                ok = True
-            finally:
                 self._fire_cleanup(metrics, ok)
+            finally:  # even when Ctrl-C ends a callback's cleanup (a tracker's upload)
                 self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
                 self._let_go_of_run_dir()
         if self.interrupted_by is not None:
@@ -877,17 +880,17 @@ class TrainingEngine:
         checkpoint and stop (see train.py's exit code).
 
         A second signal does not wait: the default action ends the process at once (a
-        second Ctrl-C, or a rank stuck where the first one cannot be acted on). One that
-        comes within REPEAT_S of the first is the same request delivered twice: SLURM
-        and systemd signal every process of a job, and torchrun forwards the signal it
-        got to its workers as well.
+        second Ctrl-C, or a rank stuck where the first one cannot be acted on). Under
+        torchrun one that comes within REPEAT_S of the first is the same request
+        delivered twice: SLURM and systemd signal every process of a job, and torchrun
+        forwards the signal it got to its workers as well.
 
         Under torchrun, a worker whose agent dies stops the same way (_watch_agent).
         """
         def handler(signum: int, frame: Any) -> None:
             if self._signal is None:
                 self._signal, self._signalled_at = signum, time.monotonic()
-            elif time.monotonic() - self._signalled_at > REPEAT_S:
+            elif self._agent is None or time.monotonic() - self._signalled_at > REPEAT_S:
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
 

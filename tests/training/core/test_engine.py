@@ -330,6 +330,16 @@ def test_a_run_that_fails_in_setup_lets_go_of_its_folder_and_leaves_no_trace(tmp
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # no .llm.lock left
 
 
+def test_a_run_stopped_in_a_callbacks_cleanup_still_lets_go_of_its_folder(tmp_path):
+    class SlowUpload(Callback):
+        def on_train_end(self, engine, metrics):
+            raise KeyboardInterrupt  # Ctrl-C while a tracker uploads, after the engine's own handler is gone
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, training={"max_steps": 2}), callbacks=[SlowUpload()])
+    assert (tmp_path / "run/summary.json").exists() and not (tmp_path / "run/.llm.lock").exists()
+
+
 def test_a_lock_file_left_by_a_killed_run_is_no_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run/.llm.lock").write_text("process 1 on elsewhere\n")  # its holder is gone: the kernel let go
