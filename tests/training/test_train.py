@@ -161,6 +161,7 @@ def test_engines_built_in_code_and_started_by_torchrun_join_the_process_group_an
     # the guide's train_worker: TrainingEngine(config, task, rank, world_size, ...) from a script of the user's own
     (tmp_path / "mine.py").write_text(
         "import os\n"
+        "import threading\n"
         "import torch.distributed as dist\n"
         "from llm.training.core.config import Config\n"
         "from llm.training.core.engine import TrainingEngine\n"
@@ -172,7 +173,10 @@ def test_engines_built_in_code_and_started_by_torchrun_join_the_process_group_an
         "    config.logging.log_dir = run\n"
         "    metrics = TrainingEngine(config, RegressionTask(config), rank, world_size).train()\n"
         "    print(f'{run} rank {rank}: {metrics[\"steps\"]} steps, val_loss {metrics[\"val_loss\"]!r}, '\n"
-        "          f'in a group: {dist.is_initialized()}')\n")
+        "          f'in a group: {dist.is_initialized()}')\n"
+        "    # the engine's watch on the agent holds the engine: gone when train() returns, not at exit, where\n"
+        "    # freeing the engine's gloo work aborts the process\n"
+        "    assert 'llm-watch-agent' not in [t.name for t in threading.enumerate()]\n")
     out = torchrun(2, tmp_path / "mine.py", cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     for folder in ("run", "run-again"):

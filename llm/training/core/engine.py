@@ -899,12 +899,15 @@ class TrainingEngine:
         except ValueError:  # not the main thread: leave signals alone
             previous = {}
         done = threading.Event()
+        watch = threading.Thread(target=self._watch_agent, args=(done,), name="llm-watch-agent", daemon=True)
         if self._agent is not None:
-            threading.Thread(target=self._watch_agent, args=(done,), name="llm-watch-agent", daemon=True).start()
+            watch.start()
         try:
             yield
         finally:
             done.set()
+            if watch.is_alive():  # gone before train() returns: it holds the engine, whose DDP wrapper and gloo
+                watch.join()  # work must be freed before the process group is, not at the interpreter's exit
             for s, h in previous.items():
                 signal.signal(s, h)
 
