@@ -4,12 +4,11 @@ and output that outlives its reader."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from typing import NoReturn
 
-from llm.errors import UsageError, on_one_line
+from llm.errors import UsageError, on_one_line, output_gone
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -44,9 +43,5 @@ def say(line: str) -> None:
 
 
 def stdout_gone() -> None:
-    """After stdout failed (a BrokenPipeError: its reader went away; EIO: its terminal hung up; a full disk): send
-    the rest of the output to devnull. A training run must not die because nobody reads its progress, and Python
-    would otherwise fail again flushing stdout at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    """After stdout failed: the rest of the output goes to devnull (``output_gone``)."""
+    output_gone(sys.stdout)

@@ -7,10 +7,12 @@ with :data:`EXIT_USAGE`, so bad input never ends in a traceback.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import reprlib
 import sys
 from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 EXIT_USAGE = 2
 """Exit code for bad input: config, flags, paths, checkpoints."""
@@ -87,4 +89,13 @@ def print_error(line: str) -> None:
         sys.stderr.write(on_one_line(line) + "\n")
         sys.stderr.flush()
     except OSError:  # its terminal hung up (EIO): there is no one to tell
-        pass
+        output_gone(sys.stderr)
+
+
+def output_gone(stream: TextIO) -> None:
+    """After writing to ``stream`` (stdout, stderr) failed (a BrokenPipeError: its reader went away; EIO: its
+    terminal hung up; a full disk): send the rest to devnull, what it still buffers too. A run must not die
+    because nobody reads its output, nor exit 120 when Python flushes the stream at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)

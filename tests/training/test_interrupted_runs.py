@@ -146,7 +146,8 @@ def test_a_run_whose_terminal_hangs_up_saves_exits_129_and_resumes(tmp_path):
     pid, terminal = pty.fork()  # the run's stdout and stderr are the terminal: the progress bar is on
     if pid == 0:
         os.chdir(tmp_path)
-        os.execve(sys.executable, [sys.executable, "-m", "llm.training.train", *flags], cli_env())
+        env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}  # buffered, as output usually is
+        os.execve(sys.executable, [sys.executable, "-m", "llm.training.train", *flags], env)
     shown, deadline = b"", time.monotonic() + 120
     while b"epoch 1/200" not in shown and time.monotonic() < deadline:
         if select.select([terminal], [], [], 0.5)[0]:

@@ -172,18 +172,17 @@ def test_engines_built_in_code_and_started_by_torchrun_join_the_process_group_an
         "for run in ('run', 'run-again'):  # a second engine in the same process trains in the same group\n"
         "    config.logging.log_dir = run\n"
         "    metrics = TrainingEngine(config, RegressionTask(config), rank, world_size).train()\n"
-        "    print(f'{run} rank {rank}: {metrics[\"steps\"]} steps, val_loss {metrics[\"val_loss\"]!r}, '\n"
-        "          f'in a group: {dist.is_initialized()}')\n"
+        "    with open(f'{run}-rank{rank}.txt', 'w') as f:  # two ranks' prints can mix on a shared pipe\n"
+        "        f.write(f'{metrics[\"steps\"]} steps, val_loss {metrics[\"val_loss\"]!r}, '\n"
+        "                f'in a group: {dist.is_initialized()}')\n"
         "    # the engine's watch on the agent holds the engine: gone when train() returns, not at exit, where\n"
         "    # freeing the engine's gloo work aborts the process\n"
         "    assert 'llm-watch-agent' not in [t.name for t in threading.enumerate()]\n")
     out = torchrun(2, tmp_path / "mine.py", cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     for folder in ("run", "run-again"):
-        lines = sorted(line.removeprefix(folder) for line in out.stdout.splitlines()
-                       if line.startswith(f"{folder} rank "))
-        assert len(lines) == 2 and lines[0].endswith("in a group: True")
-        assert lines[0].removeprefix(" rank 0") == lines[1].removeprefix(" rank 1")  # the same steps and val_loss
+        ranks = [(tmp_path / f"{folder}-rank{rank}.txt").read_text() for rank in (0, 1)]
+        assert ranks[0] == ranks[1] and ranks[0].startswith("4 steps") and ranks[0].endswith("in a group: True")
         assert json.loads((tmp_path / folder / "summary.json").read_text())["samples_seen"] == 4 * 2 * 16
 
 
