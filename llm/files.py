@@ -70,6 +70,11 @@ class FolderLock:
             self._file = None
 
 
+def run_files(folder: Path) -> list[str]:
+    """The names of what ``folder`` holds, but its lock file: what a run left there (none if it is no folder)."""
+    return [p.name for p in Path(folder).iterdir() if p.name != RUN_LOCK] if Path(folder).is_dir() else []
+
+
 def held(folder: Path) -> bool:
     """Whether a live process holds ``folder`` (a FolderLock). Ask only about a folder this process does not
     hold: closing the descriptor asked through would let go of this process's own lock (a POSIX rule)."""

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from llm.cli import one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, causes, one_line, print_error
-from llm.files import RUN_LOCK, held
+from llm.files import held, run_files
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
     Callback,
@@ -118,8 +118,7 @@ def _free_run_dir(base: Path) -> Path:
 def _taken(folder: Path) -> bool:
     """Whether ``folder`` holds a run: any file but the lock file, or a lock a live process holds (a run still
     setting up). A lock file alone, left by a run killed in set-up, holds nothing."""
-    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    return any(name != RUN_LOCK for name in names) or (RUN_LOCK in names and held(folder))
+    return bool(run_files(folder)) or held(folder)
 
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:

@@ -20,7 +20,7 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from llm.errors import UsageError, one_line
-from llm.files import RUN_LOCK, checkpoint_folder
+from llm.files import checkpoint_folder, run_files
 from llm.training.core import distributed as D
 from llm.training.core.checkpoint import (
     CheckpointError,
@@ -136,7 +136,7 @@ def _branched_here(run_dir: Path, spec: str) -> bool:
 
 def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
     """A run must not write over another run's files; the run and checkpoint folders can be written."""
-    existing = [p.name for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
+    existing = run_files(run_dir)
     if existing and not start.resuming:
         raise UsageError(
             f"{run_dir} already holds a run ({', '.join(sorted(existing)[:3])}): continue it with "
