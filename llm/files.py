@@ -26,70 +26,98 @@ program: a folder's own ``.lock`` (another tool's) is left alone."""
 
 class FolderLock:
     """An exclusive hold on a folder until ``release()``: a second process that asks for it is refused, in one
-    line naming the first.
+    line naming the first. The folder is made if need be; the last release removes the folders made for it, if
+    nothing was written there (a run refused in set-up leaves no trace).
 
     It is a POSIX lock (fcntl.lockf) on ``<folder>/.llm.lock``: the kernel lets go of it when the process ends,
     however it ends (SIGKILL too), and processes forked from it (data loader workers) do not inherit it. On a
-    file system that takes no locks, nothing is held.
+    file system that takes no locks, or a folder that cannot be made, nothing is held.
+
+    A process that takes a folder it holds already shares that hold, which ends at the last release: the command
+    line holds a fresh run's folder from the moment it picks it, then the engine that trains there takes it.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / RUN_LOCK
-        self._file = None
+        self._hold = _HOLDS.get(Path(folder).resolve()) or _Hold.take(Path(folder))
+        if self._hold is not None:
+            self._hold.handles += 1
+
+    def release(self) -> None:
+        if self._hold is not None:
+            self._hold.let_go()
+            self._hold = None
+
+
+class _Hold:
+    """This process's lock on one folder, shared by the FolderLocks that took it."""
+
+    def __init__(self, folder: Path, file: IO[str], made: list[Path]):
+        self.folder, self.file, self.made, self.handles = folder, file, made, 0
+        _HOLDS[folder.resolve()] = self
+
+    @classmethod
+    def take(cls, folder: Path) -> _Hold | None:
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # what writes into it says in one line why it cannot be made
+            return None
+        path = folder / RUN_LOCK
         while True:
             try:
-                file = open(self.path, "a+")
+                file = open(path, "a+")
             except OSError:  # not writable: what writes into the folder next says so
-                return
+                return None
             try:
                 fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):
                 file.seek(0)
                 holder = file.read().strip() or "another process"
                 file.close()
+                _remove_empty(made)
                 raise UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, "
                                  f"before starting another run there") from None
             except OSError:  # a file system without locks (some network ones)
                 file.close()
-                return
-            if _same_file(file, self.path):
+                return None
+            if _same_file(file, path):
                 break
             # the holder let go between our open and our lock, and unlinked the file: a lock on it holds nothing
             file.close()
-        self._file = file
         file.seek(0)
         file.truncate()
         file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         file.flush()
+        return cls(folder, file, made)
 
-    def release(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            self._file.close()
-            self._file = None
+    def let_go(self) -> None:
+        self.handles -= 1
+        if self.handles:
+            return
+        del _HOLDS[self.folder.resolve()]
+        with contextlib.suppress(OSError):
+            (self.folder / RUN_LOCK).unlink()
+        self.file.close()  # (after the unlink: a process that opens the file meanwhile takes it anew)
+        _remove_empty(self.made)
+
+
+_HOLDS: dict[Path, _Hold] = {}
+"""The folders this process holds, by their resolved paths."""
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders``, the deepest first, up to the first that is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: what is there is kept
+            return
 
 
 def run_files(folder: Path) -> list[str]:
     """The names of what ``folder`` holds, but its lock file: what a run left there (none if it is no folder)."""
     return [p.name for p in Path(folder).iterdir() if p.name != RUN_LOCK] if Path(folder).is_dir() else []
-
-
-def held(folder: Path) -> bool:
-    """Whether a live process holds ``folder`` (a FolderLock). Ask only about a folder this process does not
-    hold: closing the descriptor asked through would let go of this process's own lock (a POSIX rule)."""
-    try:
-        file = open(Path(folder) / RUN_LOCK, "r+")
-    except OSError:  # none, or not ours to lock: not held through it
-        return False
-    with file:
-        try:
-            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            return True
-        except OSError:  # a file system without locks: nothing is held
-            return False
-    return False
 
 
 def _same_file(file: IO[str], path: Path) -> bool:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from llm.cli import one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, causes, one_line, print_error
-from llm.files import held, run_files
+from llm.files import FolderLock, run_files
 from llm.training.core import distributed as D
 from llm.training.core.callbacks import (
     Callback,
@@ -67,18 +67,22 @@ def default_callbacks(config: Config) -> list[Callback]:
     return callbacks
 
 
-def claim_run_dir(config: Config) -> str:
+def claim_run_dir(config: Config) -> tuple[str, FolderLock | None]:
     """A fresh run never writes into an earlier run's directory: it takes the next free name (runs/lm-2, ...).
 
-    Workers that torchrun restarted after a failure take the directory their launch
-    claimed, found by the launch the engine records there, and resume from its
-    checkpoints; never an earlier run's. Returns the line that says so, or "".
+    Rank 0 holds the directory from the moment it picks it (release the lock returned
+    when the run ends): runs started together in one log_dir (a sweep) each take a
+    directory of their own. Workers that torchrun restarted after a failure take the
+    directory their launch claimed, found by the launch the engine records there, and
+    resume from its checkpoints; never an earlier run's. Returns the line that says
+    where the run moved to, or "", with the lock.
     """
     if config.checkpoint.resume:  # the user named what to continue
-        return ""
-    chosen = None
+        return "", None
+    chosen, lock = None, None
     if D.env_ranks()[0] == 0:
-        chosen = str(_free_run_dir(Path(config.logging.log_dir)))
+        folder, lock = _free_run_dir(Path(config.logging.log_dir))
+        chosen = str(folder)
     chosen = D.broadcast_from_rank0(chosen)
     if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
         note = f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}"
@@ -88,8 +92,8 @@ def claim_run_dir(config: Config) -> str:
             config.checkpoint.dir = str(Path(chosen) / checkpoints.relative_to(old))
         config.logging.log_dir = chosen
         config.validate()  # a checkpoint.dir filled in from the old folder moves with it
-        return note
-    return ""
+        return note, lock
+    return "", lock
 
 
 class Announce(Callback):
@@ -103,34 +107,50 @@ class Announce(Callback):
         engine.print(self.line)
 
 
-def _free_run_dir(base: Path) -> Path:
-    """``base``, or ``base-2``, ``base-3``...: the first that is empty, or that this launch wrote before a restart."""
+def _free_run_dir(base: Path) -> tuple[Path, FolderLock | None]:
+    """``base``, or ``base-2``, ``base-3``...: the first that holds no run, held from now on (the lock returned),
+    or the one this launch wrote before a restart (not held here: the engine takes it)."""
     launch = D.launch_id() if D.restarted() else None
     candidate, n = base, 1
-    while _taken(candidate):
+    while True:
         if launch is not None and launch in D.launched_by(candidate):
-            break
+            return candidate, None
+        lock = _hold_if_free(candidate)
+        if lock is not None:
+            return candidate, lock
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
-def _taken(folder: Path) -> bool:
-    """Whether ``folder`` holds a run: any file but the lock file, or a lock a live process holds (a run still
-    setting up). A lock file alone, left by a run killed in set-up, holds nothing."""
-    return bool(run_files(folder)) or held(folder)
+def _hold_if_free(folder: Path) -> FolderLock | None:
+    """A lock on ``folder`` if it holds no run: no file but a lock file, and no live process holding it (a run
+    still setting up). A lock file alone, left by a run killed in set-up, holds nothing."""
+    if run_files(folder):
+        return None
+    try:
+        lock = FolderLock(folder)
+    except UsageError:  # another run holds it, and has written nothing there yet
+        return None
+    if run_files(folder):  # a run wrote there and let go between the look above and the lock
+        lock.release()
+        return None
+    return lock
 
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:
     """Train on this process; with world_size > 1, in the process group main() made."""
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
-    note = claim_run_dir(config)  # first: callbacks built from config.logging.log_dir see the folder chosen
-    callbacks = default_callbacks(config)  # a tracker that cannot be imported stops the run before any file
-    if note:
-        callbacks.append(Announce(note))
-    engine = TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)
-    return engine.train()
+    note, claim = claim_run_dir(config)  # first: callbacks built from config.logging.log_dir see the folder chosen
+    try:
+        callbacks = default_callbacks(config)  # a tracker that cannot be imported stops the run before any file
+        if note:
+            callbacks.append(Announce(note))
+        engine = TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)
+        return engine.train()  # its engine shares the claim's hold on the folder
+    finally:
+        if claim is not None:
+            claim.release()
 
 
 def summary_table(config: Config, metrics: dict[str, float]) -> str:

@@ -272,18 +272,51 @@ def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path, monkeypatch,
     assert not (tmp_path / "runs/regression-3").exists()  # nor announced a folder it never writes
 
 
+def free_run_dir(base: Path) -> Path:
+    """The folder _free_run_dir picks, let go of at once."""
+    folder, lock = _free_run_dir(base)
+    if lock is not None:
+        lock.release()
+    return folder
+
+
 def test_a_folder_holding_only_a_lock_is_free_unless_a_live_process_holds_it(tmp_path):
     (tmp_path / "lm").mkdir()
     (tmp_path / "lm/.llm.lock").write_text("process 1 on elsewhere\n")  # left by a run killed in set-up
-    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm"
+    assert free_run_dir(tmp_path / "lm") == tmp_path / "lm"
     holder = hold(tmp_path / "lm")  # a run still setting up there
     try:
-        assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
+        assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
     finally:
         holder.kill()
         holder.wait()
     (tmp_path / "lm/.lock").write_text("another tool's\n")  # not this program's lock: a file like any other
-    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
+    assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
+
+
+def test_the_folder_picked_is_held_until_released_and_left_out_if_nothing_was_written(tmp_path):
+    folder, lock = _free_run_dir(tmp_path / "runs/lm")
+    assert folder == tmp_path / "runs/lm" and (folder / ".llm.lock").is_file()
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from llm.training.train import _free_run_dir; print(_free_run_dir(Path(sys.argv[1]))[0])",
+                            str(tmp_path / "runs/lm")], capture_output=True, text=True, env=cli_env())
+    assert other.stdout.strip() == str(tmp_path / "runs/lm-2"), other.stderr  # another process, picking meanwhile
+    lock.release()
+    assert not (tmp_path / "runs/lm").exists()  # the claim made it, and nothing was written there
+
+
+def test_runs_started_together_in_one_log_dir_each_take_a_folder_of_their_own(tmp_path):
+    """A sweep launched at once: each run holds the folder it picks from that moment, not only once its engine
+    sets up, so none picks a folder another has picked and is refused there."""
+    args = ["--task", "regression", "--training-epochs", "1", "--data-num-samples", "256", "--logging-log-dir",
+            "runs/sweep", "--logging-progress-bar", "false"]
+    runs = [subprocess.Popen([sys.executable, "-m", "llm.training.train", *args], cwd=tmp_path, env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err for _, err in outs]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["sweep", "sweep-2", "sweep-3"]
+    assert all((tmp_path / "runs" / name / "summary.json").is_file() for name in ("sweep", "sweep-2", "sweep-3"))
+    assert not list((tmp_path / "runs").glob("*/.llm.lock"))
 
 
 def test_a_restart_takes_its_own_launchs_folder_not_one_of_another_launch_with_the_same_id(tmp_path, monkeypatch):
@@ -294,12 +327,12 @@ def test_a_restart_takes_its_own_launchs_folder_not_one_of_another_launch_with_t
         (tmp_path / name / D.LAUNCH_FILE).write_text(D.launch_id() + "\n")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     monkeypatch.setattr(os, "getppid", lambda: 222)
-    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
+    assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
     monkeypatch.setattr(os, "getppid", lambda: 444)  # restarted before it wrote anything: a folder of its own
-    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-4"
+    assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-4"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first start never takes a folder that holds a run
     monkeypatch.setattr(os, "getppid", lambda: 222)
-    assert _free_run_dir(tmp_path / "lm") == tmp_path / "lm-4"
+    assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-4"
 
 
 def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):

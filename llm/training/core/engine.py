@@ -100,7 +100,6 @@ class TrainingEngine:
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
         self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
-        self._made_dirs: list[Path] = []  # the folders rank 0 made to hold it, the run folder first
         self._loaded: Path | None = None  # the checkpoint this run resumed from
         self.continues_run = False  # resumed from a checkpoint of its own folder, not branched from another run's
         self.train_metrics: dict[str, float] = {}  # the last logged training record
@@ -342,7 +341,7 @@ class TrainingEngine:
         try:
             self._set_up()
         except BaseException:
-            self._let_go_of_run_dir(refused=True)
+            self._let_go_of_run_dir()
             raise
 
     def _set_up(self) -> None:
@@ -415,24 +414,14 @@ class TrainingEngine:
                 (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
 
     def _hold_run_dir(self) -> None:
-        made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            return  # no folder, no second run in it: resume.check_run_dir says in one line why it cannot be made
-        self._run_lock, self._made_dirs = FolderLock(self.run_dir), made
+        self._run_lock = FolderLock(self.run_dir)
 
-    def _let_go_of_run_dir(self, refused: bool = False) -> None:
-        """Release the run folder; one that setup ``refused`` to train in is removed if this run made it and
-        wrote nothing there, with the folders made above it: a refused run leaves no trace."""
+    def _let_go_of_run_dir(self) -> None:
+        """Release the run folder: one that setup refused to train in is removed if this run made it and wrote
+        nothing there, with the folders made above it (see FolderLock)."""
         if self._run_lock is not None:
             self._run_lock.release()
             self._run_lock = None
-        for folder in self._made_dirs if refused else []:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: what is there is kept
-                break
 
     def _loaders(self, method: str) -> tuple[Any, Any]:
         """The data module's ``method``, checked: a (loader, sampler) pair; else one line, not a traceback."""
