@@ -4,11 +4,15 @@ and output that outlives its reader."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from typing import NoReturn
 
-from llm.errors import UsageError, on_one_line, output_gone
+from llm.errors import UsageError, on_one_line, output_gone, print_error
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+"""A tool stopped by Ctrl-C, as the shell counts it."""
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -27,6 +31,13 @@ def add_checkpoint(parser: argparse.ArgumentParser) -> None:
 def add_device(parser: argparse.ArgumentParser) -> None:
     """``--device {cpu,cuda}``, cpu unless asked."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+
+
+def interrupted(left: str) -> int:
+    """After Ctrl-C: one line on stderr saying what is ``left`` (undone, or half done), not a traceback; returns
+    the exit code (130)."""
+    print_error(f"interrupted (Ctrl-C): {left}")
+    return EXIT_INTERRUPTED
 
 
 def one_line_warnings() -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.cli import ArgParser, add_checkpoint, add_device, one_line_warnings, say
+from llm.cli import ArgParser, add_checkpoint, add_device, interrupted, one_line_warnings, say
 from llm.data.tokenizers import Tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.training.tasks.lm_task import load_lm, perplexity
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return interrupted("no loss computed")
     say(f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}")
     return 0
 

@@ -26,7 +26,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.cli import ArgParser, one_line_warnings, say
+from llm.cli import ArgParser, interrupted, one_line_warnings, say
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.files import refuse_checkpoint_folder, replacing
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE
+    except KeyboardInterrupt:  # each file is whole or absent; a folder may lack some of its files
+        return interrupted("the export may be incomplete: export again")
     if args.format == "hf":
         tokenizer = ("tokenizer.json" if with_tokenizer
                      else "no tokenizer: only a Hugging Face one has a form transformers reads")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm.cli import ArgParser, one_line_warnings, say
+from llm.cli import ArgParser, interrupted, one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.files import refuse_checkpoint_folder, replacing
 
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE
+    except KeyboardInterrupt:  # the figure is written whole or not at all
+        return interrupted("no figure written")
     say(str(args.out))
     return 0
 

@@ -67,3 +67,19 @@ def test_only_what_breaks_a_line_or_steers_the_terminal_is_escaped_in_errors_and
     assert capsys.readouterr().err == f"error: {kept}; a\\nb\\rc\\x1b[2J\\u2028d\\x85\n"
     one_line_warnings()
     assert warnings.formatwarning("no\nsuch file", UserWarning, "/a/b.py", 1) == "warning: no\\nsuch file\n"
+
+
+@pytest.mark.parametrize("tool, work, argv, left", [
+    (evaluate, "load_lm", ["--checkpoint", "run", "--data-path", "text.txt"], "no loss computed"),
+    (export, "read_checkpoint", ["run", "--out", "model.safetensors"], "the export may be incomplete: export again"),
+    (plot, "read_curves", ["run", "--out", "loss.png"], "no figure written"),
+])
+def test_ctrl_c_in_a_tool_ends_in_one_line_and_exit_130_not_a_traceback(tool, work, argv, left, tmp_path, monkeypatch,
+                                                                          capsys):
+    def pressed(*args, **kwargs):  # where Python raises it when SIGINT comes: in the tool's work
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tool, work, pressed)
+    assert tool.main(argv) == 130
+    assert capsys.readouterr().err == f"interrupted (Ctrl-C): {left}\n"

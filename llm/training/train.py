@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import re
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -24,7 +23,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).re
 
 import torch.distributed as dist
 
-from llm.cli import one_line_warnings, say
+from llm.cli import interrupted, one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, causes, one_line, print_error
 from llm.files import FolderLock, run_files
 from llm.training.core import distributed as D
@@ -244,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"{e}; continue with --checkpoint-resume auto{_moved(config, asked_dir)}")
         return 128 + e.signum
     except KeyboardInterrupt:  # in training the engine takes Ctrl-C itself: it ends the step and saves
-        print_error("interrupted (Ctrl-C) outside the training steps (setting up, or a callback's work at the start "
-                    "or the end): stopped at once; the checkpoints saved before are kept")
-        return 128 + signal.SIGINT
+        return interrupted("outside the training steps (setting up, or a callback's work at the start or the end): "
+                           "stopped at once; the checkpoints saved before are kept")
     except Exception as e:
         full = _out_of_space(e)
         if full is not None:  # the logs, the summary or the config: the checkpoints say it themselves

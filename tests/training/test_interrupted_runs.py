@@ -135,7 +135,7 @@ def test_ctrl_c_before_training_starts_ends_in_one_line_and_leaves_no_run_folder
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
-    assert err == ("interrupted (Ctrl-C) outside the training steps (setting up, or a callback's work at the start "
+    assert err == ("interrupted (Ctrl-C): outside the training steps (setting up, or a callback's work at the start "
                    "or the end): stopped at once; the checkpoints saved before are kept\n")
     assert not (tmp_path / "run").exists()
 
