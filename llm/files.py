@@ -50,11 +50,12 @@ class FolderLock:
 
 
 class _Hold:
-    """This process's lock on one folder, shared by the FolderLocks that took it."""
+    """This process's lock on one folder, shared by the FolderLocks that took it. Its paths are resolved when it
+    is taken: a symlink pointed elsewhere, or a change of working directory, meanwhile changes nothing."""
 
-    def __init__(self, folder: Path, file: IO[str], made: list[Path]):
-        self.folder, self.file, self.made, self.handles = folder, file, made, 0
-        _HOLDS[folder.resolve()] = self
+    def __init__(self, folder: Path, file: IO[str] | None, made: list[Path]):
+        self.folder, self.file, self.made, self.handles = folder, file, made, 0  # no file: locks not taken there
+        _HOLDS[folder] = self
 
     @classmethod
     def take(cls, folder: Path) -> _Hold | None:
@@ -63,11 +64,14 @@ class _Hold:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:  # what writes into it says in one line why it cannot be made
             return None
+        folder, made = folder.resolve(), [p.resolve() for p in made]
         path = folder / RUN_LOCK
         while True:
+            existed = path.exists()
             try:
                 file = open(path, "a+")
             except OSError:  # not writable: what writes into the folder next says so
+                _remove_empty(made)
                 return None
             try:
                 fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,9 +82,11 @@ class _Hold:
                 _remove_empty(made)
                 raise UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, "
                                  f"before starting another run there") from None
-            except OSError:  # a file system without locks (some network ones)
+            except OSError:  # a file system without locks (some network ones): no lock file, nothing held
+                if not existed:
+                    path.unlink(missing_ok=True)
                 file.close()
-                return None
+                return cls(folder, None, made)  # but the folders made for it go as they would
             if _same_file(file, path):
                 break
             # the holder let go between our open and our lock, and unlinked the file: a lock on it holds nothing
@@ -95,10 +101,11 @@ class _Hold:
         self.handles -= 1
         if self.handles:
             return
-        del _HOLDS[self.folder.resolve()]
-        with contextlib.suppress(OSError):
-            (self.folder / RUN_LOCK).unlink()
-        self.file.close()  # (after the unlink: a process that opens the file meanwhile takes it anew)
+        del _HOLDS[self.folder]
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                (self.folder / RUN_LOCK).unlink()
+            self.file.close()  # (after the unlink: a process that opens the file meanwhile takes it anew)
         _remove_empty(self.made)
 
 

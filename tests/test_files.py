@@ -1,3 +1,4 @@
+import errno
 import fcntl
 import os
 import stat
@@ -95,3 +96,33 @@ def test_a_lock_taken_as_its_holder_lets_go_is_taken_on_the_file_there_now(tmp_p
     assert let_go and other.returncode != 0
     assert f"is in use by process {os.getpid()} on " in other.stderr  # the file there is ours, and held
     lock.release()
+
+
+def test_a_lock_is_let_go_of_where_it_was_taken_after_a_change_of_directory_or_symlink(tmp_path, monkeypatch):
+    for name in ("a", "b", "one", "two"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    lock = FolderLock("run")  # a relative log_dir
+    monkeypatch.chdir(tmp_path / "b")
+    lock.release()
+    assert not (tmp_path / "a/run").exists()  # made for the lock, and empty
+    (tmp_path / "cur").symlink_to(tmp_path / "one")
+    lock = FolderLock(tmp_path / "cur/run")
+    (tmp_path / "one/run/summary.json").write_text("{}")
+    (tmp_path / "cur").unlink()
+    (tmp_path / "cur").symlink_to(tmp_path / "two")  # the link is pointed elsewhere while the run trains
+    lock.release()
+    assert sorted(p.name for p in (tmp_path / "one/run").iterdir()) == ["summary.json"]
+
+
+def test_on_a_file_system_without_locks_nothing_is_held_and_nothing_is_left(tmp_path, monkeypatch):
+    def no_locks(file, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    first, second = FolderLock(tmp_path / "runs/x"), FolderLock(tmp_path / "runs/x")
+    assert (tmp_path / "runs/x").is_dir() and not (tmp_path / "runs/x/.llm.lock").exists()
+    first.release()
+    assert (tmp_path / "runs/x").is_dir()
+    second.release()
+    assert not (tmp_path / "runs").exists()  # nothing written there: a run refused in set-up leaves no trace

@@ -11,6 +11,7 @@ SIGHUP stopped the run after saving a checkpoint (143, 130, 129).
 from __future__ import annotations
 
 import errno
+import glob
 import re
 import sys
 import threading
@@ -82,8 +83,10 @@ def claim_run_dir(config: Config) -> tuple[str, FolderLock | None]:
     if D.env_ranks()[0] == 0:
         folder, lock = _free_run_dir(Path(config.logging.log_dir))
         chosen = str(folder)
-    chosen = D.broadcast_from_rank0(chosen)
-    if Path(chosen) != Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
+    try:
+        chosen = D.broadcast_from_rank0(chosen)
+        if Path(chosen) == Path(config.logging.log_dir):  # "runs/lm/" is "runs/lm"
+            return "", lock
         note = f"{config.logging.log_dir} holds an earlier run: this one writes to {chosen}"
         old, checkpoints = Path(config.logging.log_dir).resolve(), Path(config.checkpoint.dir).resolve()
         given = config.given("checkpoint.dir")  # "" when filled in from log_dir: validate() fills it anew
@@ -92,7 +95,10 @@ def claim_run_dir(config: Config) -> tuple[str, FolderLock | None]:
         config.logging.log_dir = chosen
         config.validate()  # a checkpoint.dir filled in from the old folder moves with it
         return note, lock
-    return "", lock
+    except BaseException:  # another rank gone, Ctrl-C: the folder is let go, and removed if it was made here
+        if lock is not None:
+            lock.release()
+        raise
 
 
 class Announce(Callback):
@@ -107,13 +113,17 @@ class Announce(Callback):
 
 
 def _free_run_dir(base: Path) -> tuple[Path, FolderLock | None]:
-    """``base``, or ``base-2``, ``base-3``...: the first that holds no run, held from now on (the lock returned),
-    or the one this launch wrote before a restart (not held here: the engine takes it)."""
-    launch = D.launch_id() if D.restarted() else None
+    """``base``, or ``base-2``, ``base-3``...: the one this launch wrote before a restart (not held here: the
+    engine takes it), else the first that holds no run, held from now on (the lock returned)."""
+    if D.restarted():
+        launch = D.launch_id()
+        numbered = (p for p in base.parent.glob(f"{glob.escape(base.name)}-*")
+                    if p.name[len(base.name) + 1:].isdigit())  # base-2, base-3...: in any order, gaps and all
+        ours = next((p for p in (base, *numbered) if launch in D.launched_by(p)), None)
+        if ours is not None:
+            return ours, None
     candidate, n = base, 1
     while True:
-        if launch is not None and launch in D.launched_by(candidate):
-            return candidate, None
         lock = _hold_if_free(candidate)
         if lock is not None:
             return candidate, lock

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from llm.training.core import distributed as D
-from llm.training.train import _free_run_dir, main
+from llm.training.core.config import Config
+from llm.training.train import _free_run_dir, claim_run_dir, main
 from tests.helpers import REPO, SCRIPTS, cli_env, free_port, hold, run, torchrun, train_cli, two_nodes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -333,6 +334,25 @@ def test_a_restart_takes_its_own_launchs_folder_not_one_of_another_launch_with_t
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first start never takes a folder that holds a run
     monkeypatch.setattr(os, "getppid", lambda: 222)
     assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-4"
+    # the folders before its own went free (their runs were refused in set-up, or deleted): a restart still takes
+    # its own, not the first free one, where it would train from the start beside its checkpoints
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for name in ("lm", "lm-2"):
+        (tmp_path / name / D.LAUNCH_FILE).unlink()
+    (tmp_path / "lm-2").rmdir()
+    monkeypatch.setattr(os, "getppid", lambda: 333)
+    assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-3"
+
+
+def test_a_claim_cut_short_lets_go_of_the_folder_it_made(tmp_path, monkeypatch):
+    def interrupted(value):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "broadcast_from_rank0", interrupted)  # while rank 0 tells the others where it trains
+    config = Config.from_dict({"task": "regression", "logging": {"log_dir": str(tmp_path / "runs/lm")}})
+    with pytest.raises(KeyboardInterrupt):
+        claim_run_dir(config)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):
