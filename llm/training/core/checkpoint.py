@@ -40,6 +40,8 @@ SHARED = CHECKPOINT_STATE
 SHARDED = "sharded"
 """Folder of torch.distributed.checkpoint shards, in checkpoints of FSDP runs."""
 LATEST = "latest"
+DROPPED = "dropped"
+"""The subfolder of a run's checkpoint folder that keeps the checkpoints of a continuation the run went back on."""
 _T = TypeVar("_T")
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _SCRATCH_PREFIXES = (".staging-", ".trash-")
@@ -128,6 +130,26 @@ class CheckpointManager:
                 f"with --checkpoint-resume PATH, or start a new run with --logging-log-dir DIR"
             )
         return found
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Move this folder's checkpoints of steps after ``step`` (a run went back to its checkpoint there) into
+        ``dropped/``, and name that one as the latest; returns where they went. The run saves those steps again:
+        the old ones would mix with its own, be taken by a resume for its newest, and push its own out at
+        retention. Kept, not deleted; retention leaves ``dropped/`` alone."""
+        later = [p for p in _checkpoints(self.directory) if int(p.name[5:]) > step]
+        moved = []
+        for path in later:
+            target = self.directory / DROPPED / path.name
+            n = 1
+            while target.exists():  # gone back to an earlier step before: each continuation's copy is kept
+                n += 1
+                target = self.directory / DROPPED / f"{path.name}.{n}"
+            target.parent.mkdir(exist_ok=True)
+            path.rename(target)
+            moved.append(target)
+        if moved:
+            write_atomically(self.directory / LATEST, step_name(step) + "\n", durable=True)
+        return moved
 
     def best(self) -> Path | None:
         """The valid checkpoint with the best ``monitor`` metric; None if no manifest has it."""

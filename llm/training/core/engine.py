@@ -407,11 +407,20 @@ class TrainingEngine:
         self._params = list(self.model.parameters())
         self._clip = cfg.training.grad_clip or math.inf
         launches = D.gather(D.launch_id())  # each node's: rank 0 may start on another one after a restart
+        if self.continues_run:  # from one of its own checkpoints: those of the steps after it go aside
+            D.agree_on_errors(self._set_aside_later_checkpoints, run_here=self.is_main)
         if self.is_main:
             cfg.save_to_yaml(self.run_dir / "config.yaml")
             self.task.save_artifacts(self.run_dir)
             if D.launch_id() is not None:  # so that workers torchrun restarts come back to this folder
                 (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
+
+    def _set_aside_later_checkpoints(self) -> None:
+        moved = self.checkpoints.set_aside_after(self.step)
+        if moved:
+            self.print(f"{self.checkpoints.directory}: {len(moved)} checkpoint(s) of steps after {self.step}, where "
+                       f"this run goes on from, moved to {moved[0].parent} (kept, not pruned: delete them there "
+                       f"when no longer needed)")
 
     def _hold_run_dir(self) -> None:
         self._run_lock = FolderLock(self.run_dir)

@@ -573,3 +573,19 @@ def test_write_failure_on_rank_1_raises_on_both_ranks_in_one_line(tmp_path, scen
         assert "rank_00001.pt" in results[1]["error"]  # the failing rank names its own file
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"
     assert not (tmp_path / "step_00000002").exists() and not list(tmp_path.glob(".staging-*"))
+
+
+def test_the_checkpoints_after_the_one_a_run_goes_back_to_are_set_aside_each_time_and_kept(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    for step in (4, 8, 12):
+        save(manager, step)
+    assert [p.name for p in manager.set_aside_after(4)] == ["step_00000008", "step_00000012"]
+    assert (tmp_path / "latest").read_text() == "step_00000004\n" and manager.latest_valid() == tmp_path / "step_00000004"
+    save(manager, 8)  # the new continuation, which goes back to step 4 once more
+    assert [p.name for p in manager.set_aside_after(4)] == ["step_00000008.2"]
+    save(CheckpointManager(tmp_path, keep_last=1), 16)  # retention prunes the folder's own, never those set aside
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000016"]
+    assert sorted(p.name for p in (tmp_path / "dropped").iterdir()) == ["step_00000008", "step_00000008.2",
+                                                                         "step_00000012"]
+    assert verify(tmp_path / "dropped/step_00000008.2") is None  # whole: a run may still go on from it
+    assert manager.set_aside_after(16) == []

@@ -1025,6 +1025,33 @@ def test_a_resume_with_a_new_learning_rate_and_weight_decay_uses_them_where_the_
     assert start.lrs == pytest.approx([expected, expected], rel=1e-12) and start.decays == [0.1, 0.0]
 
 
+def test_a_run_gone_back_to_an_earlier_checkpoint_of_its_own_sets_the_later_ones_aside_and_resumes_its_own(
+        tmp_path, capsys):
+    """Back to step 4 of a run that saved 4, 8 and 12, with a lower rate. Left in place, the later checkpoints
+    were taken for the newest of the new continuation (the same command again after a crash went on from the
+    old step 12) and pushed its own out at retention."""
+    every_4 = {"checkpoint": {"every_n_steps": 4}}
+    for run in ("ref", "crash"):
+        train(tiny_config(tmp_path / run, training={"max_steps": 12}, **every_4))
+    back = lambda run: tiny_config(tmp_path / run, training={"max_steps": 12}, optimizer={"lr": 0.01},  # noqa: E731
+                                   checkpoint={"every_n_steps": 4,
+                                               "resume": str(tmp_path / run / "run/checkpoints/step_00000004")})
+    reference, _ = train(back("ref"))
+    with pytest.raises(CallbackError, match="simulated crash"):
+        train(back("crash"), callbacks=[CrashAt(7)])  # before its first save
+    checkpoints = tmp_path / "crash/run/checkpoints"
+    assert "2 checkpoint(s) of steps after 4, where this run goes on from, moved to " \
+           f"{checkpoints / 'dropped'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (checkpoints / "dropped").iterdir()) == ["step_00000008", "step_00000012"]
+    assert (checkpoints / "latest").read_text() == "step_00000004\n"
+    resumed, _ = train(back("crash"))  # the same command again
+    assert resumed._loaded == checkpoints / "step_00000004" and resumed.step == 12
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000012"]
+    assert sorted(p.name for p in (checkpoints / "dropped").iterdir()) == ["step_00000008", "step_00000012"]
+
+
 def test_a_resume_with_another_optimizer_is_refused_unless_allowed_then_starts_it_afresh(tmp_path):
     train(tiny_config(tmp_path, training={"max_steps": 10}, optimizer={"scheduler": "linear"}))
     sgd = {"name": "sgd", "scheduler": "linear"}
