@@ -140,6 +140,20 @@ def killed_before_its_first_save_with_config_yaml_garbled(cwd: Path) -> None:
 
 def killed_before_its_first_save(cwd: Path) -> None:
     shutil.rmtree(cwd / "run" / "checkpoints")
+    (cwd / "run" / "summary.json").unlink()
+
+
+def checkpoints_deleted(cwd: Path) -> None:
+    shutil.rmtree(cwd / "run" / "checkpoints")
+
+
+def a_config_file_of_the_users_alone(cwd: Path) -> None:
+    """The run folder holds only the config file its runs are started with, as some keep it."""
+    shutil.rmtree(cwd / "run")
+    (cwd / "run").mkdir()
+    (cwd / "run" / "config.yaml").write_text(
+        "# my experiment\ntask: lm\nmodel: {n_layer: 1, n_embd: 32, n_head: 2, block_size: 32}\n"
+        "data: {path: corpus.txt}\ntraining: {batch_size: 8, max_steps: 40}\noptimizer: {lr: 0.001}\n")
 
 
 def saved_elsewhere(cwd: Path) -> None:
@@ -269,6 +283,13 @@ CASES = [
                                                                                  *CONTINUE],
          ["run holds a run with other settings (", "task", "no checkpoint of it to continue", "--logging-log-dir"],
          prepare=killed_before_its_first_save),
+    Case("resume-auto-into-a-folder-that-holds-a-config-file-of-the-users", "train",
+         ["--config", "run/config.yaml", "--training-max-steps", "5", *CONTINUE],
+         ["run/config.yaml is no run's record of its settings (it lacks checkpoint, logging, distributed",
+          "keep your config files outside run folders"], prepare=a_config_file_of_the_users_alone),
+    Case("resume-auto-of-a-finished-run-whose-checkpoints-are-gone", "train", [*LM, *CONTINUE],
+         ["run holds a finished run (summary.json) and no checkpoint of it", "new --logging-log-dir"],
+         prepare=checkpoints_deleted),
     Case("resume-auto-of-a-run-whose-checkpoints-are-in-another-folder", "train", [*LM, *CONTINUE],
          ["the run in run saves its checkpoints in ckpt", "--checkpoint-dir ckpt"], prepare=saved_elsewhere),
     Case("resume-auto-into-a-run-whose-config-yaml-does-not-parse", "train", [*LM, *CONTINUE, "--model-n-embd", "64"],

@@ -187,8 +187,10 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
 
 def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
     """--checkpoint-resume auto found no checkpoint of the run in ``run_dir`` (killed before its first save,
-    or saving elsewhere): starting afresh there is continuing it only if it is the same run. Another run's
-    folder is refused, not taken over (its config.yaml and summary.json rewritten, its records set aside)."""
+    or saving elsewhere): starting afresh there is continuing it only if it is the same run, killed before it
+    finished. Another run's folder, a finished run's whose checkpoints are gone, or one that holds a config file
+    of the user's, is refused, not taken over (its config.yaml and summary.json rewritten, its records set
+    aside)."""
     path = run_dir / "config.yaml"
     if not path.exists():
         return  # no run's settings to compare with: killed before it wrote them
@@ -201,6 +203,13 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
             f"it holds a {type(saved).__name__}"
         raise UsageError(f"{run_dir} holds a run whose {path.name} cannot be read ({why}) and no checkpoint of it "
                          f"to continue: start this one in a new --logging-log-dir DIR")
+    sections = [name for name, value in Config().to_dict().items() if isinstance(value, dict)]
+    missing = [name for name in sections if not isinstance(saved.get(name), dict)]
+    if missing or "task" not in saved:  # a run writes every section: this is a config file of the user's
+        raise UsageError(f"{path} is no run's record of its settings (it lacks {', '.join(missing or ['task'])}: "
+                         f"a config file of your own?) and {run_dir} holds no checkpoint to continue: the run would "
+                         f"write its settings over it; keep your config files outside run folders, or start this "
+                         f"run in a new --logging-log-dir DIR")
     saved, now = flatten(saved), flatten(yaml.safe_load(config.to_yaml()))  # both as a run's config.yaml has them
     elsewhere = saved.get("checkpoint.dir")
     if isinstance(elsewhere, str) and elsewhere and Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():
@@ -212,6 +221,9 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
     if binding:
         raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(binding[:4])}) and no checkpoint "
                          f"of it to continue: start this one in a new --logging-log-dir DIR")
+    if (run_dir / "summary.json").exists():  # not killed before its first save: its checkpoints were deleted
+        raise UsageError(f"{run_dir} holds a finished run (summary.json) and no checkpoint of it in "
+                         f"{config.checkpoint.dir} to continue: start this one in a new --logging-log-dir DIR")
 
 
 def _run_of(checkpoint: Path, run_dir: Path) -> Path | None:
