@@ -45,6 +45,8 @@ HF_MARK = ("llm_export", "hf")
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out`` (safetensors) and its ``.json`` description; returns the checkpoint used."""
+    if str(out).endswith(("/", os.sep)):  # a folder, though none is there yet: Path() would drop the slash
+        raise UsageError(f"--out {out} is a folder: name the file to write, such as {Path(out) / 'model.safetensors'}")
     out = Path(out)
     check_out(out)  # before loading: a big checkpoint takes a while
     ckpt, tensors, description = read_checkpoint(checkpoint, _read_for_export)
