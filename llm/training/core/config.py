@@ -1,7 +1,7 @@
 """Typed run configuration: nested dataclasses, YAML in and out, flags and env.
 
-Precedence, lowest first: dataclass defaults < YAML (``--config FILE``) <
-environment (``LLM_<SECTION>_<FIELD>``) < command line (``--<section>-<field>``).
+Precedence, lowest first: dataclass defaults < YAML (``--config FILE``, each
+file over the ones before it) < environment (``LLM_<SECTION>_<FIELD>``) < command line (``--<section>-<field>``).
 
 Each field's help text is the one-line docstring written under it; ``--help``
 and ``docs/config.md`` read it from there.
@@ -266,10 +266,9 @@ class Config:
         environ = os.environ if environ is None else environ
         args = vars(build_parser().parse_args(argv))
         config = cls()
-        config_path = args.pop("config_path", None)
+        files = [(path, config._apply_file(path)) for path in args.pop("config_paths", [])]  # in order: later wins
         args.pop("print_config", None)
         args.pop("local_rank", None)
-        file = config._apply_file(config_path) if config_path else {}
         env = _env_overrides(environ)
         try:
             config._apply(env, origin="environment")
@@ -284,7 +283,7 @@ class Config:
                 flags[section] = value
         config._apply(flags, origin="command line")
         # where each value that no flag gave came from, for errors found later; a flag is in sight already
-        config._set_by = {key: f" (in {config_path})" for key in _keys(file)}
+        config._set_by = {key: f" (in {path})" for path, file in files for key in _keys(file)}
         config._set_by.update({key: _env_note(key) for key in _keys(env)})
         for key in _keys(flags):
             config._set_by.pop(key, None)
@@ -476,7 +475,8 @@ def reference() -> str:
         "",
         "Generated from the field docstrings in `llm/training/core/config.py` by",
         "`python -m llm.training.core.config > docs/config.md`; a test keeps it current.",
-        "Precedence, lowest first: defaults < YAML (`--config FILE`) < environment < flags.",
+        "Precedence, lowest first: defaults < YAML (`--config FILE`; given more than once, each file over the ones "
+        "before it) < environment < flags.",
         "",
     ]
     defaults = Config()
@@ -521,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. Every config field is a flag; values from --config and LLM_* env vars come first.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", dest="config_path", metavar="FILE", default=argparse.SUPPRESS,
-                        help="YAML file of overrides")
+    parser.add_argument("--config", dest="config_paths", metavar="FILE", action="append", default=argparse.SUPPRESS,
+                        help="YAML file of overrides; given more than once, each file overrides the ones before it, "
+                             "setting by setting (a base config, then an experiment's changes)")
     parser.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
                         help="print the config, every setting, as YAML and exit (save it, edit it, pass it back with --config)")
     # torch.distributed.launch passes --local-rank=N; the LOCAL_RANK variable it also sets is what is read

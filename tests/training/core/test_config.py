@@ -422,3 +422,14 @@ def test_a_tracker_named_twice_is_one_tracker():
     assert config.logging.logger_names() == ["tensorboard", "wandb"]
     tensorboard = Config.from_dict({"logging": {"loggers": "tensorboard,tensorboard"}})
     assert sum(isinstance(cb, TensorBoardLogger) for cb in default_callbacks(tensorboard)) == 1
+
+
+def test_config_files_given_in_turn_each_override_the_ones_before_setting_by_setting(tmp_path):
+    (tmp_path / "base.yaml").write_text("task: lm\nmodel: {n_layer: 2, n_embd: 64}\ntraining: {batch_size: 8}\n")
+    (tmp_path / "wide.yaml").write_text("model: {n_embd: 128}\ntraining: {batch_size: 4}\n")
+    config = Config.from_args_and_env(["--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "wide.yaml"),
+                                       "--training-batch-size", "2"], environ={})
+    assert (config.task, config.model.n_layer, config.model.n_embd, config.training.batch_size) == ("lm", 2, 128, 2)
+    assert config.set_by("model.n_layer") == f" (in {tmp_path / 'base.yaml'})"
+    assert config.set_by("model.n_embd") == f" (in {tmp_path / 'wide.yaml'})"
+    assert config.set_by("training.batch_size") == ""  # a flag: in sight already
