@@ -1,11 +1,15 @@
 """Every code block in the docs runs, and every file shown in them is the real file."""
 
+import json
 import os
 import re
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import REPO, SCRIPTS, free_port
 
@@ -88,8 +92,30 @@ def test_custom_task_commands_run_on_the_sine_py_the_page_builds(tmp_path):
     assert first.is_file() and second.is_file()
 
 
+def test_a_run_trained_from_a_script_as_the_page_shows_continues_from_the_command_line(tmp_path):
+    """docs/custom-task.md's classes and its training from Python, in a script run as __main__: its classes are
+    __main__'s, which no other process can import; the run records them by the names the config gave."""
+    code = [c for _, c in blocks(REPO / "docs/custom-task.md", "python")]
+    (tmp_path / "sine.py").write_text(code[0] + "\n" + code[1])
+    script = code[0] + "\n" + code[1] + "\nif __name__ == '__main__':\n" + textwrap.indent(code[2], "    ")
+    (tmp_path / "train_sine.py").write_text(script)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLM_")}, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "train_sine.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "runs/sine/config.yaml").read_text())
+    assert (saved["task"], saved["data"]["module"]) == ("sine:SineTask", "")  # not __main__:SineTask
+    flags = ["--task", "sine:SineTask", "--epochs", "6", "--data-num-samples", "1024", "--data-noise", "0.05",
+             "--model-n-embd", "32", "--optimizer-lr", "0.01", "--logging-log-dir", "runs/sine",
+             "--checkpoint-resume", "auto", "--logging-progress-bar", "false"]
+    out = subprocess.run([sys.executable, "-m", "llm.training.train", *flags], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from runs/sine/checkpoints/step_00000140 at step 140" in out.stdout
+    assert json.loads((tmp_path / "runs/sine/summary.json").read_text())["epochs"] == 6
+
+
 def test_the_hook_loop_in_the_usage_guide_is_the_one_in_callbacks_py():
-    import textwrap
 
     from llm.training.core import callbacks
 

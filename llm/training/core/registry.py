@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import traceback
 from collections.abc import Callable
 
@@ -46,9 +47,14 @@ def data_module_name(cls: type, named: str) -> str:
 
 def _name(cls: type, named: str, builtins: dict[str, str], resolve: Callable[[str], type]) -> str:
     """``named`` if it resolves to ``cls``, else its built-in name or ``package.module:Class``: what a run
-    records in config.yaml, so that a resume and the tools rebuild the class that trained, not the one named."""
+    records in config.yaml, so that a resume and the tools rebuild the class that trained, not the one named.
+
+    A class of a script run as __main__ (python sine.py, training from code) cannot be imported by that name:
+    a ``named`` class of the same name stands for it, as sine:SineTask for __main__:SineTask.
+    """
     try:
-        if resolve(named) is cls:
+        resolved = resolve(named)
+        if resolved is cls or (cls.__module__ == "__main__" and resolved.__qualname__ == cls.__qualname__):
             return named
     except UsageError:  # a name set in code that names nothing: the class at hand is what ran
         pass
@@ -68,6 +74,9 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name or module_name.startswith("."):
         raise UsageError(f"{kind} {name!r}: expected a built-in name or package.module:Class")
+    if module_name == "__main__" and not hasattr(sys.modules["__main__"], class_name):
+        raise UsageError(f"{kind} {name!r} is a class of a script run as __main__ (python script.py, which trained "
+                         f"from code), and cannot be found from here: name it by its module, module:{class_name}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

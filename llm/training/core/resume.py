@@ -274,7 +274,16 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     A setting newer than the checkpoint counts as saved at its default: the run that saved it had that."""
     defaults = flatten(Config().to_dict())
     saved = {**{k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}, **saved}
-    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME)
+    return sorted(k for k in saved.keys() | now.keys()
+                  if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME and not _same_class(saved.get(k), now.get(k)))
+
+
+def _same_class(saved: Any, now: Any) -> bool:
+    """Two names of one class (task, data.module): one recorded from a script run as __main__ (training from code,
+    python sine.py), the other naming it by its module (sine:SineTask), as the command line must."""
+    names = (saved, now)
+    return (all(isinstance(n, str) and ":" in n for n in names) and any(n.startswith("__main__:") for n in names)
+            and saved.partition(":")[2] == now.partition(":")[2])
 
 
 def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
