@@ -184,6 +184,17 @@ def reference_2proc(reference_2proc_dir):
     return weights(reference_2proc_dir, 0), weights(reference_2proc_dir, 1)
 
 
+def test_a_one_process_checkpoint_resumed_on_two_is_warned_of_once_not_by_every_rank(tmp_path):
+    one = run([sys.executable, str(WORKER), *FLAGS, "--training-max-steps", "4", "--logging-log-dir", "run"],
+              cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, WORKER, *FLAGS, "--training-max-steps", "6", "--logging-log-dir", "run",
+                   "--checkpoint-allow-config-change", "true", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("warning: resuming 1-process state on 2 processes: random streams restart") == 1, \
+        two.stderr[-3000:]
+
+
 def test_resuming_two_processes_checkpoint_on_one_is_refused_unless_allowed(tmp_path, reference_2proc_dir):
     # a different world size changes which samples each step takes: not the run that was saved
     checkpoint = reference_2proc_dir / "checkpoints"  # its newest valid checkpoint

@@ -346,7 +346,8 @@ class TrainingEngine:
 
     def _set_up(self) -> None:
         cfg = self.config
-        start = resume.find_start(cfg, self.run_dir)
+        with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
+            start = resume.find_start(cfg, self.run_dir)
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         with _out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
@@ -398,7 +399,8 @@ class TrainingEngine:
             cfg.checkpoint.monitor, cfg.checkpoint.mode,
         )
         if start.checkpoint is not None:
-            self.load_checkpoint(start.checkpoint)
+            with self._warned_by_rank_0():  # resuming on another number of processes, samples seen again
+                self.load_checkpoint(start.checkpoint)
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
         self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
         # one process in fp32 enters no context around the forward: entering two that do nothing cost a small
@@ -414,6 +416,14 @@ class TrainingEngine:
             self.task.save_artifacts(self.run_dir)
             if D.launch_id() is not None:  # so that workers torchrun restarts come back to this folder
                 (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
+
+    @contextlib.contextmanager
+    def _warned_by_rank_0(self) -> Iterator[None]:
+        """Warnings of what every rank finds alike (the checkpoints, the run's position), said once: by rank 0."""
+        with warnings.catch_warnings():
+            if not self.is_main:
+                warnings.simplefilter("ignore")
+            yield
 
     def _set_aside_later_checkpoints(self) -> None:
         moved = self.checkpoints.set_aside_after(self.step)
