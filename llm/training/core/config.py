@@ -344,7 +344,8 @@ class Config:
                 # bytes of a command line or variable that are not UTF-8: no TensorBoard, YAML or JSON file takes them
                 raise ConfigError(name, value, "UTF-8 text (rename what holds other bytes)")
             elif isinstance(value, int) and not -2**63 <= value < 2**63:  # what torch and itertools can count to
-                raise ConfigError(name, value, "an integer from -2**63 to below 2**63")
+                # (the bound passed only: a field's own bound, such as seed >= 0, is checked below)
+                raise ConfigError(name, value, "an integer below 2**63" if value > 0 else "an integer >= -2**63")
         t, o, m, d, c, lg = self.training, self.optimizer, self.model, self.data, self.checkpoint, self.logging
         _at_least("training.epochs", t.epochs, 1)
         _at_least("training.max_steps", t.max_steps, 0)

@@ -149,8 +149,9 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"model": {"block_size": 0}}, ["model.block_size", "0"]),
         ({"training": "fast"}, ["training", "a mapping"]),
         ({"optimizer": {"lr": 10**400}}, ["optimizer.lr", "(401 characters)", "a number"]),  # no float holds it
-        ({"training": {"seed": 2**64}}, ["training.seed", str(2**64), "from -2**63 to below 2**63"]),
-        ({"training": {"eval_batches": 2**63}}, ["training.eval_batches", str(2**63), "from -2**63 to below 2**63"]),
+        ({"training": {"seed": 2**64}}, ["training.seed", str(2**64), "expected an integer below 2**63"]),
+        ({"training": {"eval_batches": 2**63}}, ["training.eval_batches", str(2**63), "an integer below 2**63"]),
+        ({"training": {"seed": -2**64}}, ["training.seed", str(-2**64), "expected an integer >= -2**63"]),
         ({"model": {"n_layer": 10**8}}, ["model.n_layer", "100000000", "at most 1024"]),
         ({"model": {"vocab_size": -1}}, ["model.vocab_size", "-1", ">= 0"]),
         ({"model": {"vocab_size": 2**21}}, ["model.vocab_size", str(2**21), "at most 1,048,576"]),
