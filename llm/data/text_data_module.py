@@ -282,8 +282,8 @@ class TextDataModule(BaseDataModule):
         """Build the tokenizer and tokenize the corpus into the cache, unless it is there already."""
         files = self._files()
         entry = self.cache_path = self._cache_entry(files)
-        damage = _damage(entry)
         with _readable(entry):
+            damage = _damage(entry) or _read_tokenizer(entry)[1]
             self.cache_hit = (entry / TOKENS).is_file() and (entry / TOKENIZER).is_file() and not damage
         if self.cache_hit:
             return
@@ -359,11 +359,11 @@ class TextDataModule(BaseDataModule):
                 raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
             for name in (TOKENS, TOKENIZER):  # tokens.bin is read later, by the loaders: refused now
                 open(entry / name, "rb").close()
-            self.tokenizer = load_tokenizer(entry / TOKENIZER)
+            self.tokenizer, damage = _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
-        dtype = token_dtype(self.tokenizer.vocab_size)
-        damage = _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
+        dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer else np.uint8
+        damage = damage or _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
                              f"again to tokenize the corpus afresh")
@@ -411,6 +411,16 @@ def _damage(entry: Path) -> str:
     except (OSError, ValueError):
         return ""
     return "" if size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
+
+
+def _read_tokenizer(entry: Path) -> tuple[Tokenizer | None, str]:
+    """``entry``'s tokenizer, or None and why its tokenizer.json cannot be read as one (none there: no reason)."""
+    if not (entry / TOKENIZER).is_file():
+        return None, ""
+    try:
+        return load_tokenizer(entry / TOKENIZER), ""
+    except UsageError:
+        return None, f"its {TOKENIZER} is not a tokenizer file"
 
 
 def _remove_abandoned(cache_dir: Path) -> None:

@@ -152,6 +152,22 @@ def test_a_damaged_cache_entry_is_tokenized_again_not_trusted(tmp_path, corpus):
         make(tmp_path, corpus, tokenizer="byte").setup()
 
 
+def test_a_cache_entry_whose_tokenizer_is_damaged_is_tokenized_again_or_named_in_one_line(tmp_path, corpus):
+    first = make(tmp_path, corpus, tokenizer="byte")
+    first.prepare_data()
+    tokenizer = first.cache_path / "tokenizer.json"
+    whole = tokenizer.read_bytes()
+    tokenizer.write_bytes(whole[: len(whole) // 2])
+    on_a_rank = make(tmp_path, corpus, tokenizer="byte")  # one that finds it so after rank 0 prepared it
+    with pytest.raises(UsageError, match=r"^data.cache_dir: the cache entry .* is damaged \(its tokenizer.json is not "
+                                         r"a tokenizer file\): delete it and run again"):
+        on_a_rank.setup()
+    again = make(tmp_path, corpus, tokenizer="byte")
+    with pytest.warns(UserWarning, match=r"is damaged \(its tokenizer.json is not a tokenizer file\): tokenizing again"):
+        again.prepare_data()
+    assert not again.cache_hit and tokenizer.read_bytes() == whole
+
+
 def test_a_damaged_entry_another_node_deletes_at_the_same_time_is_rebuilt(tmp_path, corpus, monkeypatch):
     first = make(tmp_path, corpus, tokenizer="byte")
     first.prepare_data()
