@@ -417,6 +417,7 @@ def _read_tokenizer(entry: Path) -> tuple[Tokenizer | None, str]:
     """``entry``'s tokenizer, or None and why its tokenizer.json cannot be read as one (none there: no reason)."""
     if not (entry / TOKENIZER).is_file():
         return None, ""
+    open(entry / TOKENIZER, "rb").close()  # one this user may not read is no damage: see _readable
     try:
         return load_tokenizer(entry / TOKENIZER), ""
     except UsageError:
