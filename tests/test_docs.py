@@ -92,15 +92,14 @@ def test_custom_task_commands_run_on_the_sine_py_the_page_builds(tmp_path):
     assert first.is_file() and second.is_file()
 
 
-def test_a_run_trained_from_a_script_as_the_page_shows_continues_from_the_command_line(tmp_path):
-    """docs/custom-task.md's classes and its training from Python, in a script run as __main__: its classes are
-    __main__'s, which no other process can import; the run records them by the names the config gave."""
+def test_a_run_trained_by_the_script_that_defines_its_classes_continues_from_the_command_line(tmp_path):
+    """docs/custom-task.md's classes and its training from Python in one file, sine.py, run as a script: its
+    classes are __main__'s, which no other process can import; the run records them as sine's."""
     code = [c for _, c in blocks(REPO / "docs/custom-task.md", "python")]
-    (tmp_path / "sine.py").write_text(code[0] + "\n" + code[1])
     script = code[0] + "\n" + code[1] + "\nif __name__ == '__main__':\n" + textwrap.indent(code[2], "    ")
-    (tmp_path / "train_sine.py").write_text(script)
+    (tmp_path / "sine.py").write_text(script)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLM_")}, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "train_sine.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "sine.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "runs/sine/config.yaml").read_text())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from llm.errors import UsageError, closest, one_line
 
@@ -49,17 +51,27 @@ def _name(cls: type, named: str, builtins: dict[str, str], resolve: Callable[[st
     """``named`` if it resolves to ``cls``, else its built-in name or ``package.module:Class``: what a run
     records in config.yaml, so that a resume and the tools rebuild the class that trained, not the one named.
 
-    A class of a script run as __main__ (python sine.py, training from code) cannot be imported by that name:
-    a ``named`` class of the same name stands for it, as sine:SineTask for __main__:SineTask.
+    A class of a script run as __main__ (python sine.py, which trains) cannot be imported by that name: the
+    ``named`` class of the same name in the same file stands for it, as sine:SineTask for __main__:SineTask.
     """
     try:
         resolved = resolve(named)
-        if resolved is cls or (cls.__module__ == "__main__" and resolved.__qualname__ == cls.__qualname__):
+        if resolved is cls or (cls.__module__ == "__main__" and resolved.__qualname__ == cls.__qualname__
+                               and _same_file(sys.modules[resolved.__module__], sys.modules["__main__"])):
             return named
     except UsageError:  # a name set in code that names nothing: the class at hand is what ran
         pass
     path = f"{cls.__module__}:{cls.__qualname__}"
     return next((name for name, where in builtins.items() if where == path), path)
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    """Whether two modules were loaded from one file (a script run as __main__, imported by its name too)."""
+    files = [getattr(m, "__file__", None) for m in (a, b)]
+    try:
+        return all(files) and os.path.samefile(*files)
+    except OSError:
+        return False
 
 
 def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type:

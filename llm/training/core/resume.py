@@ -23,6 +23,7 @@ from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder, run_files
 from llm.training.core import distributed as D
 from llm.training.core.checkpoint import (
+    DROPPED,
     CheckpointError,
     CheckpointManager,
     check_checkpoint_dir,
@@ -107,8 +108,9 @@ def find_start(config: Config, run_dir: Path) -> Start:
     """
     spec, directory = config.checkpoint.resume, Path(config.checkpoint.dir)
     resuming = bool(spec) or D.restarted()
-    own_folder = _restarted_here(run_dir) or _branched_here(run_dir, spec)
-    if spec == "auto" or own_folder or D.restarted():
+    own_folder = _restarted_here(run_dir) or _branched_here(config, run_dir, spec)
+    # a restart of a launch that wrote nothing yet (it failed in set-up) starts where the launch was told to
+    if spec == "auto" or own_folder or (D.restarted() and not spec):
         own = CheckpointManager(directory).latest_valid() if directory.exists() else None
         if own is not None or spec in ("", "auto"):
             return Start(own, resuming, own_folder)
@@ -123,15 +125,25 @@ def _restarted_here(run_dir: Path) -> bool:
     return D.restarted() and D.launch_id() is not None and D.launch_id() in D.launched_by(run_dir)
 
 
-def _branched_here(run_dir: Path, spec: str) -> bool:
-    """Whether the run folder holds a run started from the checkpoint ``spec``: the same command again."""
+def _branched_here(config: Config, run_dir: Path, spec: str) -> bool:
+    """Whether the run folder holds a run started from the checkpoint ``spec``: the same command again.
+
+    For a checkpoint of the run's own folder (the run went back to it), only with the same settings: with others
+    (a lower learning rate, say), the command goes back to it once more.
+    """
     if spec in ("", "auto"):
         return False
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["checkpoint"]["resume"]
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        started_from = saved["checkpoint"]["resume"]
     except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
         return False
-    return isinstance(saved, str) and saved not in ("", "auto") and Path(saved).resolve() == Path(spec).resolve()
+    if not (isinstance(started_from, str) and started_from not in ("", "auto")
+            and Path(started_from).resolve() == Path(spec).resolve()):
+        return False
+    if Path(spec).resolve().parent != Path(config.checkpoint.dir).resolve():
+        return True  # a branch from another run's checkpoint, continued
+    return not config_changes(flatten(saved), flatten(yaml.safe_load(config.to_yaml())))
 
 
 def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
@@ -148,6 +160,9 @@ def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
     resume = start.checkpoint
     elsewhere = resume is not None and resume.resolve().parent != Path(config.checkpoint.dir).resolve()
     elsewhere = elsewhere and not start.own_folder
+    if existing and elsewhere and resume.resolve().parent == (Path(config.checkpoint.dir) / DROPPED).resolve():
+        raise UsageError(f"{resume} was set aside when this run went back to an earlier step: branch from it into "
+                         f"a new --logging-log-dir DIR")
     if existing and elsewhere:
         raise UsageError(
             f"{run_dir} already holds a run and {resume} is not one of its checkpoints: continue the run "
@@ -274,16 +289,7 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     A setting newer than the checkpoint counts as saved at its default: the run that saved it had that."""
     defaults = flatten(Config().to_dict())
     saved = {**{k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}, **saved}
-    return sorted(k for k in saved.keys() | now.keys()
-                  if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME and not _same_class(saved.get(k), now.get(k)))
-
-
-def _same_class(saved: Any, now: Any) -> bool:
-    """Two names of one class (task, data.module): one recorded from a script run as __main__ (training from code,
-    python sine.py), the other naming it by its module (sine:SineTask), as the command line must."""
-    names = (saved, now)
-    return (all(isinstance(n, str) and ":" in n for n in names) and any(n.startswith("__main__:") for n in names)
-            and saved.partition(":")[2] == now.partition(":")[2])
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME)
 
 
 def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:

@@ -587,5 +587,5 @@ def test_the_checkpoints_after_the_one_a_run_goes_back_to_are_set_aside_each_tim
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000016"]
     assert sorted(p.name for p in (tmp_path / "dropped").iterdir()) == ["step_00000008", "step_00000008.2",
                                                                          "step_00000012"]
-    assert verify(tmp_path / "dropped/step_00000008.2") is None  # whole: a run may still go on from it
+    assert verify(tmp_path / "dropped/step_00000008.2") is None  # whole: a branch may start from it
     assert manager.set_aside_after(16) == []

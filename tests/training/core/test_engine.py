@@ -1050,6 +1050,31 @@ def test_a_run_gone_back_to_an_earlier_checkpoint_of_its_own_sets_the_later_ones
         assert torch.equal(w_ref, w), name
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000012"]
     assert sorted(p.name for p in (checkpoints / "dropped").iterdir()) == ["step_00000008", "step_00000012"]
+    # a checkpoint set aside is continued by a branch of its own, not in this run
+    aside = tiny_config(tmp_path / "crash", checkpoint={"resume": str(checkpoints / "dropped/step_00000012")})
+    with pytest.raises(UsageError, match=r"dropped/step_00000012 was set aside when this run went back to an "
+                                         r"earlier step: branch from it into a new --logging-log-dir DIR"):
+        train(aside)
+    # back to step 4 once more, with another rate: not the same command again, which would go on from step 12
+    lower = back("crash")
+    lower.optimizer.lr = 0.005
+    again, _ = train(lower)
+    assert again._loaded == checkpoints / "step_00000004" and again.step == 12
+    assert sorted(p.name for p in (checkpoints / "dropped").iterdir()) == [
+        "step_00000008", "step_00000008.2", "step_00000012", "step_00000012.2"]
+
+
+def test_a_torchrun_restart_before_the_go_back_was_made_goes_back_as_told(tmp_path, monkeypatch):
+    """A launch told to go back to step 4 that failed in set-up (a rank's data, say) and was restarted: it has
+    written nothing, so its restart goes back to step 4 too, not on from the run's newest checkpoint."""
+    train(tiny_config(tmp_path, training={"max_steps": 12}, checkpoint={"every_n_steps": 4}))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    back = tiny_config(tmp_path, training={"max_steps": 12}, optimizer={"lr": 0.01},
+                       checkpoint={"every_n_steps": 4, "resume": str(tmp_path / "run/checkpoints/step_00000004")})
+    engine, _ = train(back)
+    assert engine._loaded == tmp_path / "run/checkpoints/step_00000004"
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints/dropped").iterdir()) == ["step_00000008",
+                                                                                          "step_00000012"]
 
 
 def test_a_resume_with_another_optimizer_is_refused_unless_allowed_then_starts_it_afresh(tmp_path):

@@ -84,14 +84,6 @@ def test_a_setting_newer_than_the_checkpoint_counts_as_saved_at_its_default():
     assert config_changes(saved, {**now, "training.tf32": True}) == ["training.tf32"]
 
 
-def test_a_class_recorded_from_a_script_run_as_main_is_the_same_class_named_by_its_module():
-    saved = {"task": "__main__:SineTask", "data.module": "__main__:SineData", "world_size": 1}
-    now = {"task": "sine:SineTask", "data.module": "sine:SineData", "world_size": 1}
-    assert config_changes(saved, now) == []  # trained from code in sine.py, resumed from the command line
-    assert config_changes(saved, {**now, "task": "sine:CosineTask"}) == ["task"]
-    assert config_changes({**saved, "task": "old:SineTask"}, now) == ["task"]  # two modules: two classes
-
-
 def test_a_class_of_a_script_run_as_main_that_is_not_running_is_named_in_one_line():
     with pytest.raises(UsageError, match=r"task '__main__:SineTask' is a class of a script run as __main__ .*"
                                          r"name it by its module, module:SineTask"):
