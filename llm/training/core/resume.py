@@ -128,8 +128,9 @@ def _restarted_here(run_dir: Path) -> bool:
 def _branched_here(config: Config, run_dir: Path, spec: str) -> bool:
     """Whether the run folder holds a run started from the checkpoint ``spec``: the same command again.
 
-    For a checkpoint of the run's own folder (the run went back to it), only with the same settings: with others
-    (a lower learning rate, say), the command goes back to it once more.
+    For a checkpoint of the run's own folder (the run went back to it), only with the same training settings
+    (logging, saving and the harmless ones aside): with others (a lower learning rate, say), the command goes back
+    to it once more.
     """
     if spec in ("", "auto"):
         return False
@@ -143,7 +144,9 @@ def _branched_here(config: Config, run_dir: Path, spec: str) -> bool:
         return False
     if Path(spec).resolve().parent != Path(config.checkpoint.dir).resolve():
         return True  # a branch from another run's checkpoint, continued
-    return not config_changes(flatten(saved), flatten(yaml.safe_load(config.to_yaml())))
+    changed = config_changes(flatten(saved), flatten(yaml.safe_load(config.to_yaml())))
+    # how it logs and saves, and the harmless settings, may change on the way: the same training
+    return not [k for k in changed if not k.startswith(("logging.", "checkpoint.")) and k not in HARMLESS_CONFIG]
 
 
 def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
