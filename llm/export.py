@@ -45,10 +45,8 @@ HF_MARK = ("llm_export", "hf")
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out`` (safetensors) and its ``.json`` description; returns the checkpoint used."""
-    if str(out).endswith(("/", os.sep)):  # a folder, though none is there yet: Path() would drop the slash
-        raise UsageError(f"--out {out} is a folder: name the file to write, such as {Path(out) / 'model.safetensors'}")
-    out = Path(out)
     check_out(out)  # before loading: a big checkpoint takes a while
+    out = Path(out)
     ckpt, tensors, description = read_checkpoint(checkpoint, _read_for_export)
     description = {"weights": out.name, **description}
     try:
@@ -199,10 +197,12 @@ def _check_gpt2_names(transformers, config, hf_state: dict[str, torch.Tensor]) -
                          f"please report it, with the transformers version")
 
 
-def check_out(out: Path) -> None:
+def check_out(given: str | os.PathLike) -> None:
     """Refuse an ``--out`` whose weights or description would replace a file that is not an earlier export."""
+    out = Path(given)
     refuse_checkpoint_folder(out, "export elsewhere")
-    if out.is_dir() or out.name in ("", ".", ".."):
+    # "exports/" and "exports/." name a folder even where none is yet, though Path() drops the "/" and the "."
+    if out.is_dir() or os.path.basename(os.fspath(given)) in ("", ".", ".."):
         raise UsageError(f"--out {out} is a folder: name the file to write, such as {out / 'model.safetensors'}")
     if out.suffix == ".json":  # the name of a description, not of weights
         raise UsageError(f"--out {out}: the weights are safetensors and their description beside them is JSON, "

@@ -3,6 +3,7 @@ telling the checkpoint folders that nothing else may write into. Imports no torc
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -38,7 +39,6 @@ class FolderLock:
     """
 
     def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / RUN_LOCK
         self._hold = _HOLDS.get(Path(folder).resolve()) or _Hold.take(Path(folder))
         if self._hold is not None:
             self._hold.handles += 1
@@ -111,6 +111,15 @@ class _Hold:
 
 _HOLDS: dict[Path, _Hold] = {}
 """The folders this process holds, by their resolved paths."""
+
+
+@atexit.register
+def _close_held_at_exit() -> None:
+    """A hold never released (an engine set up, not trained) ends with the process, as the kernel would end it,
+    without a warning about a file left open."""
+    for hold in _HOLDS.values():
+        if hold.file is not None:
+            hold.file.close()
 
 
 def _remove_empty(folders: list[Path]) -> None:

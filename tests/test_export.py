@@ -83,7 +83,8 @@ def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_lin
     for out, expected in [
         (".", "--out . is a folder"),
         ("", "--out . is a folder"),
-        ("exports/", "--out exports/ is a folder: name the file to write, such as exports/model.safetensors"),
+        ("exports/", "--out exports is a folder: name the file to write, such as exports/model.safetensors"),
+        ("exports/.", "--out exports is a folder: name the file to write, such as exports/model.safetensors"),
         ("run/checkpoints/step_00000028/mine.safetensors", "would write into a checkpoint folder"),
         ("run/checkpoints/mine.safetensors", "would write into a checkpoint folder"),
     ]:

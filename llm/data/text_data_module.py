@@ -362,7 +362,7 @@ class TextDataModule(BaseDataModule):
             self.tokenizer, damage = _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
-        dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer else np.uint8
+        dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
         damage = damage or _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "

@@ -55,6 +55,11 @@ class CallbackError(RuntimeError):
     """A user callback raised; the message names it."""
 
 
+SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
+                  "resuming mid-epoch with ")
+"""The starts of the warnings every rank meets alike while finding and loading a checkpoint."""
+
+
 class TrainingEngine:
     def __init__(
         self,
@@ -332,7 +337,8 @@ class TrainingEngine:
     def setup(self) -> None:
         """Data, model, optimizer, resume, wrapping; in that order, agreed across ranks.
 
-        First, rank 0 takes the run folder for this run alone, until train() ends or
+        First, rank 0 takes the run folder for this run alone (sharing the hold the
+        command line took when it picked the folder), until train() ends or
         setup fails: a second run started in it meanwhile (a job requeued while the
         first one's processes live on) is refused before it reads a checkpoint the
         first may prune, or prepares any data.
@@ -419,10 +425,12 @@ class TrainingEngine:
 
     @contextlib.contextmanager
     def _warned_by_rank_0(self) -> Iterator[None]:
-        """Warnings of what every rank finds alike (the checkpoints, the run's position), said once: by rank 0."""
+        """Warnings of what every rank finds alike (the checkpoints, the run's position), said once: by rank 0.
+        Any other warning, a callback's say, is each rank's own."""
         with warnings.catch_warnings():
             if not self.is_main:
-                warnings.simplefilter("ignore")
+                for alike in SAID_BY_RANK_0:
+                    warnings.filterwarnings("ignore", message=alike)
             yield
 
     def _set_aside_later_checkpoints(self) -> None:
@@ -436,8 +444,9 @@ class TrainingEngine:
         self._run_lock = FolderLock(self.run_dir)
 
     def _let_go_of_run_dir(self) -> None:
-        """Release the run folder: one that setup refused to train in is removed if this run made it and wrote
-        nothing there, with the folders made above it (see FolderLock)."""
+        """Let go of this engine's hold on the run folder. The last hold on it to go (the command line's, when it
+        picked the folder) removes the folders made for it if nothing was written there: a run refused in
+        set-up leaves no trace (see FolderLock)."""
         if self._run_lock is not None:
             self._run_lock.release()
             self._run_lock = None

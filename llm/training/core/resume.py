@@ -128,9 +128,8 @@ def _restarted_here(run_dir: Path) -> bool:
 def _branched_here(config: Config, run_dir: Path, spec: str) -> bool:
     """Whether the run folder holds a run started from the checkpoint ``spec``: the same command again.
 
-    For a checkpoint of the run's own folder (the run went back to it), only with the same training settings
-    (logging, saving and the harmless ones aside): with others (a lower learning rate, say), the command goes back
-    to it once more.
+    For a checkpoint of the run's own folder (the run went back to it), only with the same course (see
+    course_changes): with another (a lower learning rate, say), the command goes back to it once more.
     """
     if spec in ("", "auto"):
         return False
@@ -144,9 +143,7 @@ def _branched_here(config: Config, run_dir: Path, spec: str) -> bool:
         return False
     if Path(spec).resolve().parent != Path(config.checkpoint.dir).resolve():
         return True  # a branch from another run's checkpoint, continued
-    changed = config_changes(flatten(saved), flatten(yaml.safe_load(config.to_yaml())))
-    # how it logs and saves, and the harmless settings, may change on the way: the same training
-    return not [k for k in changed if not k.startswith(("logging.", "checkpoint.")) and k not in HARMLESS_CONFIG]
+    return not course_changes(config_changes(flatten(saved), flatten(yaml.safe_load(config.to_yaml()))))
 
 
 def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
@@ -310,6 +307,17 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
         task.save_artifacts(Path(tmp))
         return sorted(f.name for f in Path(tmp).iterdir()
                       if f.is_file() and (checkpoint / f.name).is_file() and content(f) != content(checkpoint / f.name))
+
+
+COURSE_CONFIG = (*BINDING_CONFIG, "optimizer.", "training.grad_clip", "training.precision")
+"""Settings that send a run another way from the same checkpoint: the command that went back to a checkpoint of
+the run's own folder, run again with another of them, goes back to it once more; with the same ones (more steps,
+another device, other logging and saving), it continues where that continuation got to."""
+
+
+def course_changes(changed: list[str]) -> list[str]:
+    """The settings among ``changed`` that send a run another way from the same checkpoint (COURSE_CONFIG)."""
+    return [k for k in changed if k.startswith(COURSE_CONFIG) and k not in HARMLESS_CONFIG]
 
 
 def binding_changes(changed: list[str]) -> list[str]:

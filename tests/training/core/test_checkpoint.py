@@ -589,3 +589,22 @@ def test_the_checkpoints_after_the_one_a_run_goes_back_to_are_set_aside_each_tim
                                                                          "step_00000012"]
     assert verify(tmp_path / "dropped/step_00000008.2") is None  # whole: a branch may start from it
     assert manager.set_aside_after(16) == []
+
+
+def test_a_set_aside_cut_short_leaves_latest_naming_the_checkpoint_gone_back_to(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    for step in (4, 8, 12):
+        save(manager, step)
+    rename = Path.rename
+
+    def killed_after_the_first(self, target):
+        if (tmp_path / "dropped").exists() and any((tmp_path / "dropped").iterdir()):
+            raise KeyboardInterrupt  # the process ends here
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        manager.set_aside_after(4)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert manager.latest_valid() == tmp_path / "step_00000004"  # not step 12, still in place: the old course
+    assert [p.name for p in manager.set_aside_after(4)] == ["step_00000012"]

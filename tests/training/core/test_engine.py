@@ -1038,16 +1038,18 @@ def test_a_run_gone_back_to_an_earlier_checkpoint_of_its_own_sets_the_later_ones
                                                "resume": str(tmp_path / run / "run/checkpoints/step_00000004")})
     reference, _ = train(back("ref"))
     with pytest.raises(CallbackError, match="simulated crash"):
-        train(back("crash"), callbacks=[CrashAt(7)])  # before its first save
+        train(back("crash"), callbacks=[CrashAt(9)])  # after its own step 8 is saved
     checkpoints = tmp_path / "crash/run/checkpoints"
     assert "2 checkpoint(s) of steps after 4, where this run goes on from, moved to " \
            f"{checkpoints / 'dropped'}" in capsys.readouterr().out
     assert sorted(p.name for p in (checkpoints / "dropped").iterdir()) == ["step_00000008", "step_00000012"]
-    assert (checkpoints / "latest").read_text() == "step_00000004\n"
-    again = back("crash")  # the same command again; how it logs and saves, and its workers, may change
+    assert (checkpoints / "latest").read_text() == "step_00000008\n"
+    # the same command again, on from the new continuation's step 8, not from step 4 once more; how it logs and
+    # saves, its data workers and its length may change on the way
+    again = back("crash")
     again.logging.log_every_steps, again.checkpoint.keep_last, again.data.num_workers = 3, 5, 1
     resumed, _ = train(again)
-    assert resumed._loaded == checkpoints / "step_00000004" and resumed.step == 12
+    assert resumed._loaded == checkpoints / "step_00000008" and resumed.step == 12
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000012"]

@@ -10,6 +10,7 @@ from llm.training.core.resume import (
     batches_done_in_epoch,
     check_changes,
     config_changes,
+    course_changes,
     keep_optimizer_settings,
 )
 
@@ -88,3 +89,9 @@ def test_a_class_of_a_script_run_as_main_that_is_not_running_is_named_in_one_lin
     with pytest.raises(UsageError, match=r"task '__main__:SineTask' is a class of a script run as __main__ .*"
                                          r"name it by its module, module:SineTask"):
         resolve_task("__main__:SineTask")
+
+
+def test_a_go_back_command_run_again_goes_back_once_more_only_for_another_course():
+    changed = ["training.max_steps", "training.device", "logging.log_every_steps", "checkpoint.keep_last",
+               "data.num_workers", "optimizer.lr", "model.n_layer", "training.grad_clip"]
+    assert course_changes(changed) == ["optimizer.lr", "model.n_layer", "training.grad_clip"]
