@@ -4,8 +4,10 @@
 
 The reference is the loop generation used before the cache: each new token runs
 the model over the last block_size tokens. Both pick tokens greedily on the same
-randomly initialised model from the same one-token prompt, and must produce the
-same tokens. Two shapes: the default ``--task lm`` model (4 layers, 128 wide,
+random model from the same one-token prompt, and must produce the same tokens.
+Its weights are drawn wider than a fresh model's (whose greedy choice is one
+token over and over), so that the tokens vary and a cache that went wrong would
+show. Two shapes: the default ``--task lm`` model (4 layers, 128 wide,
 context 128) and a wider one with a longer context (6 layers, 384 wide, context
 512), each generating one full context: with the cache a token costs one
 position's work until the context is full, so the gain grows with the context.
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, config in SHAPES.items():
         torch.manual_seed(0)
         model = GPT(config).eval()
+        for weight in model.parameters():  # greedy tokens that vary: see the module's docstring
+            torch.nn.init.normal_(weight, std=0.5)
         prompt = torch.tensor([1])
         n = config.block_size - 1 if not args.quick else 32  # the prompt and n tokens fill the context
         contenders = {
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         tokens = {name: [out for _, out in runs] for name, runs in results.items()}
         if tokens["kv cache"][0] != tokens["whole context"][0]:
             sys.exit(f"error: {name}: the cached and uncached generations differ")
+        if len(set(tokens["whole context"][0])) < n // 4:
+            sys.exit(f"error: {name}: the model generated {len(set(tokens['whole context'][0]))} distinct tokens in "
+                     f"{n}: too few for the comparison to show a cache that went wrong")
         seconds = {name: [s for s, _ in runs] for name, runs in results.items()}
         ratio, low, high = common.paired_ratio([n / s for s in seconds["kv cache"]],
                                                [n / s for s in seconds["whole context"]])

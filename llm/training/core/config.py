@@ -86,7 +86,7 @@ class OptimizerConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.01
-    """Decoupled weight decay, applied to matrices only."""
+    """Weight decay, on matrices only: decoupled from the gradient for adamw and muon, added to it (L2) for adam and sgd."""
     beta1: float = 0.9
     """First moment decay (adam, adamw) or momentum (sgd)."""
     beta2: float = 0.999
