@@ -171,6 +171,7 @@ def summary_table(config: Config, metrics: dict[str, float]) -> str:
         (f"final {monitor}", metrics.get(monitor)),
         ("final train loss", metrics.get("train_loss")),
         ("steps / epochs", f"{metrics['steps']} / {metrics['epochs']}"),
+        ("stopped", metrics.get("stop_reason")),  # max_steps, early stopping, all epochs trained
         (speed.replace("_per_s", "/s"), metrics.get(speed) or None),  # none when this run took no step
         ("elapsed", f"{metrics['elapsed_s']:.1f} s"),
         ("checkpoints", config.checkpoint.dir),

@@ -30,6 +30,8 @@ def test_guide_command_trains_regression(tmp_path):
     # the closing table: results, speed, and where things are
     for row in ("best val_loss", "final val_loss", "steps / epochs", "samples/s", "elapsed", "checkpoints", "logs"):
         assert row in out.stdout
+    assert re.search(r"^stopped +trained training\.epochs=2$", out.stdout, re.M)  # why it ended, said
+    assert summary["stop_reason"] == "trained training.epochs=2"
 
 
 def test_a_full_disk_under_the_logs_is_one_line_and_the_run_continues_once_there_is_room(tmp_path):

@@ -840,7 +840,8 @@ class TrainingEngine:
             "train_loss": self.train_metrics.get("loss"),  # None when this run took no step
             **{k: v for k, v in self.val_metrics.items() if k != "step"},
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
-            "skipped_steps": self.skipped_steps, "elapsed_s": elapsed, "stop_reason": self.stop_reason,
+            "skipped_steps": self.skipped_steps, "elapsed_s": elapsed,
+            "stop_reason": self.stop_reason or f"trained training.epochs={self.config.training.epochs}",
             f"best_{self.config.checkpoint.monitor}": self.best_metric,
             "samples_per_s": samples_per_s,
             "first_step_s": self.first_step_s,
