@@ -49,7 +49,7 @@ may offer are not: pgf needs a LaTeX install, and avif's header is not at its st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgParser(prog="python -m llm.plot", description="Plot the loss curves of one or more runs.")
+    parser = ArgParser(prog="llm-plot", description="Plot the loss curves of one or more runs.")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("loss.png"),
                         help="the image to write; its suffix picks the format (.png, .pdf, .svg, ...); "
