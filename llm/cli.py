@@ -7,9 +7,10 @@ import argparse
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from typing import NoReturn
 
-from llm.errors import UsageError, on_one_line, output_gone, print_error
+from llm.errors import EXIT_USAGE, UsageError, on_one_line, output_gone, print_error
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 """A tool stopped by Ctrl-C, as the shell counts it."""
@@ -31,6 +32,21 @@ def add_checkpoint(parser: argparse.ArgumentParser) -> None:
 def add_device(parser: argparse.ArgumentParser) -> None:
     """``--device {cpu,cuda}``, cpu unless asked."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+
+
+def run_tool(work: Callable[[], str], if_interrupted: str) -> int:
+    """A tool's whole run: ``work`` does the job and returns the line that reports it, printed on stdout. Bad
+    input is one line and exit 2; Ctrl-C one line saying what is left (``if_interrupted``) and exit 130."""
+    one_line_warnings()  # "skipping checkpoint ...", on one line as training prints it
+    try:
+        line = work()
+    except UsageError as e:
+        print_error(f"error: {e}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return interrupted(if_interrupted)
+    say(line)
+    return 0
 
 
 def interrupted(left: str) -> int:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.cli import ArgParser, add_checkpoint, add_device, interrupted, one_line_warnings, say
+from llm.cli import ArgParser, add_checkpoint, add_device, run_tool
 from llm.data.tokenizers import Tokenizer
-from llm.errors import EXIT_USAGE, UsageError, print_error
+from llm.errors import UsageError
 from llm.training.tasks.lm_task import load_lm, perplexity
 
 
@@ -101,21 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    one_line_warnings()
-    try:
-        args = build_parser().parse_args(argv)
-        if args.batch_size < 1:
-            raise UsageError(f"--batch-size: got {args.batch_size}, expected an integer >= 1")
-        model, tokenizer, ckpt = load_lm(args.checkpoint, args.device)
-        ids = read_tokens(args.data_path, tokenizer)
-        loss, n_tokens = evaluate(model, ids, model.config.block_size, args.batch_size)
-    except UsageError as e:
-        print_error(f"error: {e}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return interrupted("no loss computed")
-    say(f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}")
-    return 0
+    return run_tool(lambda: _score(argv), if_interrupted="no loss computed")
+
+
+def _score(argv: list[str] | None) -> str:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: got {args.batch_size}, expected an integer >= 1")
+    model, tokenizer, ckpt = load_lm(args.checkpoint, args.device)
+    ids = read_tokens(args.data_path, tokenizer)
+    loss, n_tokens = evaluate(model, ids, model.config.block_size, args.batch_size)
+    return f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}"
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.cli import ArgParser, interrupted, one_line_warnings, say
+from llm.cli import ArgParser, run_tool
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
-from llm.errors import EXIT_USAGE, UsageError, print_error
+from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
 from llm.models.gpt import GPTConfig
 from llm.models.hf import NotGPT2, to_gpt2_state_dict
@@ -261,6 +261,11 @@ def _run_config(ckpt: Path, state: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # each file is whole or absent; a folder may lack some of its files
+    return run_tool(lambda: _export(argv), if_interrupted="the export may be incomplete: export again")
+
+
+def _export(argv: list[str] | None) -> str:
     parser = ArgParser(prog="llm-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, or a run directory")
     parser.add_argument("--out", required=True,
@@ -268,26 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="safetensors: our weights and a .json description (default); "
                              "hf: a Hugging Face transformers GPT-2 folder (language models)")
-    one_line_warnings()  # "skipping checkpoint ...": one line, as generate and evaluate print it
-    try:
-        args = parser.parse_args(argv)
-        if args.format == "hf":
-            ckpt, with_tokenizer = export_hf(args.checkpoint, args.out)
-        else:
-            ckpt = export(args.checkpoint, args.out)
-    except UsageError as e:
-        print_error(f"error: {e}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:  # each file is whole or absent; a folder may lack some of its files
-        return interrupted("the export may be incomplete: export again")
-    if args.format == "hf":
-        tokenizer = ("tokenizer.json" if with_tokenizer
-                     else "no tokenizer: only a Hugging Face one has a form transformers reads")
-        say(f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "
-              f"(config.json, model.safetensors; {tokenizer})")
-    else:
-        say(f"exported {ckpt} to {args.out} (+ {description_of(Path(args.out)).name})")
-    return 0
+    args = parser.parse_args(argv)
+    if args.format != "hf":
+        ckpt = export(args.checkpoint, args.out)
+        return f"exported {ckpt} to {args.out} (+ {description_of(Path(args.out)).name})"
+    ckpt, with_tokenizer = export_hf(args.checkpoint, args.out)
+    tokenizer = "tokenizer.json" if with_tokenizer else "no tokenizer: only a Hugging Face one has a form transformers reads"
+    return (f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "
+            f"(config.json, model.safetensors; {tokenizer})")
 
 
 if __name__ == "__main__":

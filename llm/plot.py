@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm.cli import ArgParser, interrupted, one_line_warnings, say
-from llm.errors import EXIT_USAGE, UsageError, print_error
+from llm.cli import ArgParser, run_tool
+from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
 
 Curve = list[tuple[int, float]]
@@ -208,26 +208,22 @@ def save(fig: Any, out: Path, fmt: str, dpi: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    one_line_warnings()
-    try:
-        args = build_parser().parse_args(argv)
-        for flag in ("width", "height", "dpi"):
-            if not getattr(args, flag) > 0:
-                raise UsageError(f"--{flag}: got {getattr(args, flag):g}, expected a number > 0")
-        if max(args.width, args.height) * args.dpi > MAX_PIXELS:
-            raise UsageError(f"--width/--height x --dpi: at most {MAX_PIXELS} pixels a side")
-        if min(args.width, args.height) * args.dpi < MIN_PIXELS:
-            raise UsageError(f"--width/--height x --dpi: at least {MIN_PIXELS} pixels a side")
-        runs = {label: read_curves(d) for label, d in zip(labels(args.run_dirs), args.run_dirs)}
-        fmt = check_out(args.out)
-        save(draw(runs, args.width, args.height, args.dpi), args.out, fmt, args.dpi)
-    except UsageError as e:
-        print_error(f"error: {e}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:  # the figure is written whole or not at all
-        return interrupted("no figure written")
-    say(str(args.out))
-    return 0
+    return run_tool(lambda: _plot_runs(argv), if_interrupted="no figure written")  # written whole or not at all
+
+
+def _plot_runs(argv: list[str] | None) -> str:
+    args = build_parser().parse_args(argv)
+    for flag in ("width", "height", "dpi"):
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag}: got {getattr(args, flag):g}, expected a number > 0")
+    if max(args.width, args.height) * args.dpi > MAX_PIXELS:
+        raise UsageError(f"--width/--height x --dpi: at most {MAX_PIXELS} pixels a side")
+    if min(args.width, args.height) * args.dpi < MIN_PIXELS:
+        raise UsageError(f"--width/--height x --dpi: at least {MIN_PIXELS} pixels a side")
+    runs = {label: read_curves(d) for label, d in zip(labels(args.run_dirs), args.run_dirs)}
+    fmt = check_out(args.out)
+    save(draw(runs, args.width, args.height, args.dpi), args.out, fmt, args.dpi)
+    return str(args.out)
 
 
 if __name__ == "__main__":
