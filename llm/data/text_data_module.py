@@ -291,9 +291,11 @@ class TextDataModule(BaseDataModule):
         files = self._files()
         entry = self.cache_path = self._cache_entry(files)
         with _readable(entry):
-            damage = _damage(entry) or _read_tokenizer(entry)[1]
-            self.cache_hit = (entry / TOKENS).is_file() and (entry / TOKENIZER).is_file() and not damage
+            tokenizer, unreadable = _read_tokenizer(entry)
+            damage = _damage(entry) or unreadable
+            self.cache_hit = (entry / TOKENS).is_file() and tokenizer is not None and not damage
         if self.cache_hit:
+            self.tokenizer = tokenizer  # read and checked: setup() in this process need not read it again
             return
         if damage:
             warnings.warn(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): tokenizing again")
@@ -367,7 +369,8 @@ class TextDataModule(BaseDataModule):
                 raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
             for name in (TOKENS, TOKENIZER):  # tokens.bin is read later, by the loaders: refused now
                 open(entry / name, "rb").close()
-            self.tokenizer, damage = _read_tokenizer(entry)
+            # prepare_data() read it in this process when it found the entry whole; other ranks read it here
+            self.tokenizer, damage = (self.tokenizer, "") if self.cache_hit else _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8

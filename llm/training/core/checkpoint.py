@@ -134,9 +134,8 @@ class CheckpointManager:
     def set_aside_after(self, step: int) -> list[Path]:
         """Move this folder's checkpoints of steps after ``step`` (a run went back to its checkpoint there, or a
         resume passed over damaged ones) into ``dropped/``, once ``latest`` names that one; returns where they
-        went. The run saves those steps again:
-        the old ones would mix with its own, be taken by a resume for its newest, and push its own out at
-        retention. Kept, not deleted; retention leaves ``dropped/`` alone."""
+        went. The run saves those steps again: the old ones would mix with its own, be taken by a resume for its
+        newest, and push its own out at retention. Kept, not deleted; retention leaves ``dropped/`` alone."""
         later = [p for p in _checkpoints(self.directory) if int(p.name[5:]) > step]
         if later:  # first: a run killed part way through goes on from this one, then sets the rest aside
             write_atomically(self.directory / LATEST, step_name(step) + "\n", durable=True)

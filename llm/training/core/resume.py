@@ -143,7 +143,12 @@ def _branched_here(config: Config, run_dir: Path, spec: str) -> bool:
         return False
     if Path(spec).resolve().parent != Path(config.checkpoint.dir).resolve():
         return True  # a branch from another run's checkpoint, continued
-    return not course_changes(config_changes(flatten(saved), flatten(yaml.safe_load(config.to_yaml()))))
+    return not course_changes(config_changes(flatten(saved), _as_saved(config)))
+
+
+def _as_saved(config: Config) -> dict[str, Any]:
+    """``config`` flattened as a run's config.yaml holds it, to compare with one."""
+    return flatten(yaml.safe_load(config.to_yaml()))
 
 
 def check_run_dir(config: Config, run_dir: Path, start: Start) -> None:
@@ -225,7 +230,7 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
                          f"a config file of your own?) and {run_dir} holds no checkpoint to continue: the run would "
                          f"write its settings over it; keep your config files outside run folders, or start this "
                          f"run in a new --logging-log-dir DIR")
-    saved, now = flatten(saved), flatten(yaml.safe_load(config.to_yaml()))  # both as a run's config.yaml has them
+    saved, now = flatten(saved), _as_saved(config)
     elsewhere = saved.get("checkpoint.dir")
     if isinstance(elsewhere, str) and elsewhere and Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():
         if Path(elsewhere).is_dir() and CheckpointManager(Path(elsewhere)).latest_valid() is not None:
