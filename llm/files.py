@@ -131,6 +131,16 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
+RUN_MARKS = (RUN_LOCK, "metrics.jsonl", "summary.json", "checkpoints/latest")
+"""Files that only a run folder holds: one of them makes a folder a run's (its lock while it trains, its log,
+its summary, its checkpoints' pointer)."""
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a run's: it holds a file of RUN_MARKS."""
+    return any(os.path.isfile(os.path.join(folder, mark)) for mark in RUN_MARKS)
+
+
 def run_files(folder: Path) -> list[str]:
     """The names of what ``folder`` holds, but its lock file: what a run left there (none if it is no folder)."""
     return [p.name for p in Path(folder).iterdir() if p.name != RUN_LOCK] if Path(folder).is_dir() else []

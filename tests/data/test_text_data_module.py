@@ -211,6 +211,19 @@ def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
     assert dm.cache_path.parent == data and (dm.cache_path / "tokens.bin").stat().st_size == 2 * len(TEXT)
 
 
+def test_run_folders_inside_the_data_folder_are_not_read_as_text(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    marks = {"finished": "summary.json", "logging": "metrics.jsonl", "training": ".llm.lock",
+             "saved": "checkpoints/latest"}
+    for name, mark in marks.items():
+        (tmp_path / "runs" / name / mark).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / name / mark).write_text("step_00000010\n")
+        (tmp_path / "runs" / name / "config.yaml").write_text("model: {}\n")
+    (tmp_path / "notes").mkdir()  # a folder of the user's own with a config.yaml in it is text like any other
+    (tmp_path / "notes" / "config.yaml").write_text("a: 1\n")
+    assert corpus_files(str(tmp_path)) == [tmp_path / "a.txt", tmp_path / "notes" / "config.yaml"]
+
+
 def test_a_crash_while_tokenizing_leaves_no_cache(tmp_path, corpus, monkeypatch):
     def boom(self, text):
         raise KeyboardInterrupt

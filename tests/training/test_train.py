@@ -275,6 +275,18 @@ def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path, monkeypatch,
     assert not (tmp_path / "runs/regression-3").exists()  # nor announced a folder it never writes
 
 
+def test_a_run_that_writes_below_its_own_data_folder_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --data-path . with the default log_dir: runs/lm is below the data
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 200)
+    lm = ["--task", "lm", "--data-path", ".", "--data-cache-dir", str(tmp_path / ".cache"), "--model-n-layer", "1",
+          "--model-n-embd", "16", "--model-n-head", "2", "--model-block-size", "16", "--training-batch-size", "4",
+          "--logging-progress-bar", "false", "--checkpoint-resume", "auto"]
+    assert main([*lm, "--training-max-steps", "2"]) == 0
+    assert main([*lm, "--training-max-steps", "4"]) == 0  # read its own checkpoints as text, and refused them
+    assert json.loads((tmp_path / "runs/lm/summary.json").read_text())["steps"] == 4
+    assert not (tmp_path / "runs/lm-2").exists()
+
+
 def free_run_dir(base: Path) -> Path:
     """The folder _free_run_dir picks, let go of at once."""
     folder, lock = _free_run_dir(base)
