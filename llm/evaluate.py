@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer) -> list[int]:
         raise UsageError(f"--data-path: {path}: {e}") from None
     if len(ids) < 2:
         raise UsageError(f"--data-path: {path} holds {len(ids)} token; at least 2 are needed to score a prediction")
+    unknown = tokenizer.count_unknown(ids)
+    if unknown:  # each scores as one token, whatever text it stands for: the loss is not the text's
+        warnings.warn(f"--data-path: {unknown:,} of the {len(ids):,} tokens of {path} ({unknown / len(ids):.2%}) are "
+                      f"the unknown token: the tokenizer does not cover all of the text")
     return ids
 
 

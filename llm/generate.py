@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--prompt: {e}") from None
         if not prompt_ids:
             raise UsageError(f"--prompt {args.prompt!r} encodes to no tokens")
+        unknown = tokenizer.count_unknown(prompt_ids)
+        if unknown:
+            warnings.warn(f"--prompt: {unknown} of its {len(prompt_ids)} tokens are the unknown token: the model "
+                          f"sees that token where the tokenizer has none for the text")
         torch.manual_seed(args.seed)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
         _write(args.prompt)

@@ -315,6 +315,18 @@ def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30, 
     return root / "run"
 
 
+def wordpiece_file(path: Path, text: str) -> Path:
+    """A tokenizer.json at ``path``: WordPiece over the words of ``text`` and an unknown token, [UNK], for any
+    other word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", *sorted(set(text.split()))]
+    tokenizer = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    return path
+
+
 def hold(folder) -> subprocess.Popen:
     """Another process that takes ``folder`` and keeps it until killed."""
     code = "import sys, time; from llm.files import FolderLock; lock = FolderLock(sys.argv[1]); print('held'); time.sleep(120)"

@@ -16,7 +16,7 @@ from llm.data.text_data_module import TextDataModule
 from llm.evaluate import evaluate, main
 from llm.training.core.config import Config
 from llm.training.tasks.lm_task import load_lm
-from tests.helpers import run, train_tiny_lm
+from tests.helpers import run, train_tiny_lm, wordpiece_file
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 BLOCK = 32
@@ -178,3 +178,14 @@ def test_unusable_data_exits_2_with_one_line(step_dir, tmp_path, capsys, content
 def test_a_batch_size_below_1_exits_2(step_dir, capsys):
     assert main(["--checkpoint", str(step_dir), "--data-path", "x", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err == "error: --batch-size: got 0, expected an integer >= 1\n"
+
+
+def test_text_the_tokenizer_does_not_cover_is_scored_with_a_warning_of_its_share(tmp_path, capsys):
+    tokenizer = wordpiece_file(tmp_path / "tokenizer.json", TEXT)
+    run_dir = train_tiny_lm(tmp_path, TEXT, BLOCK, steps=2, flags=("--data-tokenizer", str(tokenizer)))
+    (tmp_path / "other.txt").write_text("the cat ate the rat. " * 10)  # "ate" and "rat." are no words of TEXT
+    capsys.readouterr()
+    share = re.escape(f"--data-path: 20 of the 50 tokens of {tmp_path / 'other.txt'} (40.00%) are the unknown token")
+    with pytest.warns(UserWarning, match=share):
+        assert main(["--checkpoint", str(run_dir), "--data-path", str(tmp_path / "other.txt")]) == 0
+    assert capsys.readouterr().out.startswith("loss ")

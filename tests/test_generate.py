@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 from llm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, load_tokenizer
 from llm.generate import main, stream_text
 from llm.training.tasks.lm_task import load_lm
-from tests.helpers import cli_env, run, train_tiny_lm
+from tests.helpers import cli_env, run, train_tiny_lm, wordpiece_file
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 BLOCK = 32
@@ -134,6 +135,18 @@ def test_a_padded_vocabulary_trains_loads_and_samples_only_the_tokenizers_tokens
     capsys.readouterr()
     assert main(["--checkpoint", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "100", "--seed", "0"]) == 0
     assert len(continuation(capsys.readouterr().out)) == 100  # one character per token
+
+
+def test_a_prompt_the_tokenizer_does_not_cover_is_continued_with_a_warning(tmp_path, capsys):
+    tokenizer = wordpiece_file(tmp_path / "tokenizer.json", TEXT)
+    run_dir = train_tiny_lm(tmp_path, TEXT, BLOCK, steps=2, flags=("--data-tokenizer", str(tokenizer)))
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"^--prompt: 1 of its 3 tokens are the unknown token"):
+        assert main(["--checkpoint", str(run_dir), "--prompt", "the zebra sat", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("the zebra sat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt it covers: no warning
+        assert main(["--checkpoint", str(run_dir), "--prompt", "the cat sat", "--max-new-tokens", "3"]) == 0
 
 
 def test_zero_new_tokens_prints_just_the_prompt(step_dir, capsys):

@@ -328,7 +328,6 @@ class TextDataModule(BaseDataModule):
             fcntl.flock(writing, fcntl.LOCK_EX)  # released when this process ends, however it ends
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
-            unknown_id = tokenizer.unknown_id
             with open(tmp / TOKENS, "wb") as out:
                 for file in files:
                     for batch in _batched(self._texts([file]), tokenizer.pieces_at_once):
@@ -343,8 +342,7 @@ class TextDataModule(BaseDataModule):
                             array = np.asarray(ids, dtype=dtype)
                             out.write(array.tobytes())
                             n += len(ids)
-                            if unknown_id is not None:
-                                unknown += int(np.count_nonzero(array == unknown_id))
+                            unknown += tokenizer.count_unknown(array)
             if unknown:
                 warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "

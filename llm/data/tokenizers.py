@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,11 @@ class Tokenizer(ABC):
     def unknown_id(self) -> int | None:
         """The id text outside the vocabulary encodes to, if there is one (byte and char have none)."""
         return None
+
+    def count_unknown(self, ids: Sequence[int] | np.ndarray) -> int:
+        """How many of ``ids`` are the unknown token: text the vocabulary does not cover, trained and scored as
+        one token whatever it was."""
+        return 0 if self.unknown_id is None else int(np.count_nonzero(np.asarray(ids) == self.unknown_id))
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
