@@ -40,7 +40,7 @@ from llm.training.core.config import Config
 from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.throughput import ThroughputMonitor
-from llm.training.core.registry import resolve_data_module, resolve_task
+from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
 
 EXIT_NON_FINITE = 3
 
@@ -149,7 +149,7 @@ def _hold_if_free(folder: Path) -> FolderLock | None:
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:
     """Train on this process; with world_size > 1, in the process group main() made."""
     task = resolve_task(config.task)(config)
-    data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
+    data_module = resolve_data_module(data_module_of(config, task))(config)
     note, claim = claim_run_dir(config)  # first: callbacks built from config.logging.log_dir see the folder chosen
     try:
         callbacks = default_callbacks(config)  # a tracker that cannot be imported stops the run before any file

@@ -36,7 +36,7 @@ from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, i
 from llm.training.core.checkpoint import CheckpointError, CheckpointManager, load_rank_state, load_shared_state
 from llm.training.core.config import Config
 from llm.training.core.metrics import RunningMeans, TrainingSums
-from llm.training.core.registry import data_module_name, resolve_data_module, task_name
+from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,12 +74,12 @@ class TrainingEngine:
         # in its derived paths ({task} in logging.log_dir, checkpoint.dir) here; validate() is idempotent
         self.config, self.task, self.rank, self.world_size = config.validate(), task, rank, world_size
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank))  # set by torchrun; a rank of its own when spawned
+        named = data_module_of(config, task)
         if data_module is None:
-            data_module = resolve_data_module(config.data.module or task.default_data_module)(config)
+            data_module = resolve_data_module(named)(config)
         self.data_module = data_module
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
         config.task = task_name(type(task), config.task)
-        named = config.data.module or task.default_data_module
         if (recorded := data_module_name(type(data_module), named)) != named:  # the task's default stays unnamed
             config.data.module = recorded
         self.callbacks = list(callbacks or [])
@@ -320,7 +320,7 @@ class TrainingEngine:
                 sums.add(loss, metrics, weight=_batch_len(batch) if count is None else count)
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.totals().items()}
-        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local))
+        metrics = self._finalized(D.weighted_mean_over_ranks(local))
         self.val_metrics = {**metrics, "step": self.step}
         if local:  # else there is no validation data (an empty set, a run without validation): nothing to report
             if not math.isfinite(metrics.get("val_loss", 0.0)):  # training goes on: its weights are not at fault
@@ -508,7 +508,7 @@ class TrainingEngine:
         finally:
             model.train()
         _, metrics = _loss_and_metrics(self.task, returned, "validation_step")
-        names = sorted(self.task.finalize_metrics({f"val_{k}": 1.0 for k in ("loss", *metrics)}))
+        names = sorted(self._finalized({f"val_{k}": 1.0 for k in ("loss", *metrics)}))
         self.validation_metrics = names
         monitor = self.config.checkpoint.monitor
         if monitor not in names:  # found now, not at the first validation after an epoch of training
@@ -824,10 +824,19 @@ class TrainingEngine:
         """Training metrics since the last log: means over micro-batches and ranks."""
         self._check_steps()
         local = self._sums.take_window()
-        metrics = self.task.finalize_metrics(D.weighted_mean_over_ranks(local))
+        metrics = self._finalized(D.weighted_mean_over_ranks(local))
         if self.skipped_steps:
             metrics["skipped_steps"] = float(self.skipped_steps)
         return metrics
+
+    def _finalized(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The task's finalize_metrics of rank-averaged metrics, checked: in setup, one line for a method that
+        changes the dict in place and returns nothing."""
+        finalized = self.task.finalize_metrics(metrics)
+        if not isinstance(finalized, Mapping):
+            raise UsageError(f"{type(self.task).__name__}.finalize_metrics returned {type(finalized).__name__}, "
+                             f"expected the dict of metrics: return it, changed or not")
+        return dict(finalized)
 
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
         if split == "train":

@@ -37,6 +37,15 @@ def resolve_data_module(name: str) -> type:
     return _resolve(name, DATA_MODULES, BaseDataModule, "data module")
 
 
+def data_module_of(config: Any, task: Any) -> str:
+    """The data module ``task`` trains on: ``data.module``, else the task's ``default_data_module``."""
+    named = config.data.module or task.default_data_module
+    if not isinstance(named, str) or not named:
+        raise UsageError(f"{type(task).__name__}.default_data_module: got {named!r}, expected a built-in name "
+                         f"({', '.join(DATA_MODULES)}) or package.module:Class, or give --data-module")
+    return named
+
+
 def task_name(cls: type, named: str) -> str:
     """What ``config.task`` should say for a task of class ``cls`` that came with the config's name ``named``."""
     return _name(cls, named, TASKS, resolve_task)

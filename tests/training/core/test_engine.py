@@ -1364,3 +1364,30 @@ def test_a_loss_per_sample_on_a_later_step_is_the_same_one_line(tmp_path):
                                          r"expected one number"):
         engine.train()
     assert engine.step == 2
+
+
+def test_a_finalize_metrics_that_returns_nothing_is_one_line_before_the_run_writes(tmp_path):
+    class ChangesInPlace(RegressionTask):
+        def finalize_metrics(self, metrics):
+            metrics["val_rmse"] = metrics.get("val_loss", 0.0) ** 0.5
+
+    config = tiny_config(tmp_path)
+    engine = TrainingEngine(config, ChangesInPlace(config))
+    with pytest.raises(UsageError, match=r"^ChangesInPlace.finalize_metrics returned NoneType, expected the dict of "
+                                         r"metrics: return it, changed or not$"):
+        engine.train()
+    assert engine.step == 0 and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("default", [None, ""])
+def test_a_task_without_a_data_module_name_is_one_line(tmp_path, default):
+    class NoData(RegressionTask):
+        default_data_module = default
+
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError, match=rf"^NoData.default_data_module: got {default!r}, expected a built-in name "
+                                         r"\(synthetic, classification, text\) or package.module:Class, or give "
+                                         r"--data-module$"):
+        TrainingEngine(config, NoData(config))
+    config.data.module = "synthetic"  # named by the config, the task's default is not needed
+    assert isinstance(TrainingEngine(config, NoData(config)).data_module, SyntheticDataModule)
