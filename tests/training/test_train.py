@@ -261,6 +261,23 @@ def test_a_non_finite_loss_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
                        "(training.nan_policy=stop); the last checkpoint is left as it was")
 
 
+def test_a_run_that_fails_before_it_logs_leaves_its_folder_to_the_same_command_once_mended(tmp_path, monkeypatch,
+                                                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--task", "tests.helpers:NaNRegressionTask", *SMALL, "--training-max-steps", "5",
+             "--logging-log-every-steps", "2"]
+    monkeypatch.setenv("NAN_AT_STEP", "1")  # the task breaks at its first step
+    assert main(flags) == 3
+    assert not (tmp_path / "runs").exists()  # its config.yaml and event file went with the folder made for it
+    monkeypatch.setenv("NAN_AT_STEP", "3")  # after a record: the folder is a run's, kept for what it logged
+    assert main(flags) == 3
+    assert json.loads((tmp_path / "runs/nanregressiontask/metrics.jsonl").read_text().splitlines()[0])["step"] == 2
+    monkeypatch.setenv("NAN_AT_STEP", "0")
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert "this one writes to runs/nanregressiontask-2" in capsys.readouterr().out
+
+
 def test_a_second_fresh_run_takes_the_next_free_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # a checkpoint folder given inside the run's folder moves with it

@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from torch.utils.data import DistributedSampler
 from llm.cli import stdout_gone
 from llm.data.data_module import BaseDataModule, ShardSampler
 from llm.errors import UsageError, closest, one_line
-from llm.files import FolderLock, write_atomically
+from llm.files import FolderLock, run_files, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
@@ -105,6 +106,8 @@ class TrainingEngine:
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
         self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
+        self._found_empty = False  # rank 0 found the run folder empty: nothing there is another run's
+        self._logged = False  # a record went to the loggers: a failure leaves the run's folder as it is
         self._loaded: Path | None = None  # the checkpoint this run resumed from
         self.continues_run = False  # resumed from a checkpoint of its own folder, not branched from another run's
         self.train_metrics: dict[str, float] = {}  # the last logged training record
@@ -144,7 +147,7 @@ class TrainingEngine:
                 self._fire_cleanup(metrics, ok)
             finally:  # even when Ctrl-C ends a callback's cleanup (a tracker's upload)
                 self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
-                self._let_go_of_run_dir()
+                self._let_go_of_run_dir(failed=not ok)
         if self.interrupted_by is not None:
             raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint)
         return metrics
@@ -347,7 +350,7 @@ class TrainingEngine:
         try:
             self._set_up()
         except BaseException:
-            self._let_go_of_run_dir()
+            self._let_go_of_run_dir(failed=True)
             raise
 
     def _set_up(self) -> None:
@@ -442,14 +445,29 @@ class TrainingEngine:
 
     def _hold_run_dir(self) -> None:
         self._run_lock = FolderLock(self.run_dir)
+        self._found_empty = not run_files(self.run_dir)
 
-    def _let_go_of_run_dir(self) -> None:
+    def _let_go_of_run_dir(self, failed: bool) -> None:
         """Let go of this engine's hold on the run folder. The last hold on it to go (the command line's, when it
         picked the folder) removes the folders made for it if nothing was written there: a run refused in
-        set-up leaves no trace (see FolderLock)."""
-        if self._run_lock is not None:
-            self._run_lock.release()
-            self._run_lock = None
+        set-up leaves no trace (see FolderLock).
+
+        A run that found the folder empty and failed before it logged or saved
+        anything (a task that breaks at its first step) takes back what it wrote
+        there, its config.yaml and an event file: the same command, once the cause
+        is mended, trains in that folder, not in the next free one.
+        """
+        if self._run_lock is None:
+            return
+        if failed and self._found_empty and not self._logged and self._saved_step is None:
+            for name in run_files(self.run_dir):
+                entry = self.run_dir / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        self._run_lock.release()
+        self._run_lock = None
 
     def _loaders(self, method: str) -> tuple[Any, Any]:
         """The data module's ``method``, checked: a (loader, sampler) pair; else one line, not a traceback."""
@@ -842,6 +860,7 @@ class TrainingEngine:
         if split == "train":
             self.train_metrics = metrics
         record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending.pop(split, {})}
+        self._logged = True
         self._fire("on_log", record)
 
     def _summary(self, elapsed: float, samples_per_s: float | None, write: bool = True) -> dict[str, float]:
