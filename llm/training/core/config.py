@@ -198,6 +198,8 @@ class DistributedConfig:
     """Data parallel (DDP) or fully sharded (FSDP2, per block) across processes."""
     timeout_s: int = 600
     """Seconds a collective may wait for another rank before the run fails."""
+    find_unused_parameters: bool = False
+    """DDP: find each step the parameters the loss does not depend on (a branch some steps skip), at the cost of a pass over the autograd graph; without it, such a model stops in one line naming them."""
 
 
 @dataclass

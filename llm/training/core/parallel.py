@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,29 @@ def compile_in_place(module: nn.Module) -> None:
 def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device) -> nn.Module:
     """The module the training step calls: DDP over the model when several processes train without FSDP."""
     if world_size > 1 and not is_sharded(config, world_size):
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return _DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=config.distributed.find_unused_parameters)
     return model
+
+
+class _DDP(DDP):
+    """DDP whose error for parameters the loss does not depend on names them and this package's setting, in
+    one line, not the keyword argument of a wrapper the engine builds."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().forward(*args, **kwargs)
+        except RuntimeError as e:
+            found = re.search(r"Parameter indices which did not receive grad for rank \d+: ([\d ]+)", str(e))
+            if found is None:
+                raise
+            names = [name for name, p in self.module.named_parameters() if p.requires_grad]
+            unused = [names[int(i)] for i in found[1].split() if int(i) < len(names)]
+            raise UsageError(
+                f"the loss of the last step did not depend on {len(unused)} parameter(s) of the model "
+                f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}), whose gradients DDP waits for: "
+                f"pass --distributed-find-unused-parameters true, or freeze them with requires_grad_(False)"
+            ) from None
 
 
 NO_CONTEXT = contextlib.nullcontext()

@@ -283,7 +283,7 @@ BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.gr
 optimizer that cannot take the saved state (allowed, it starts afresh)."""
 HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change")
 """Settings that say how to resume, not what the run is: never a change."""
-HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir")
+HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir", "distributed.find_unused_parameters")
 """Settings that change neither the model, nor the data order, nor the schedule (num_workers does change what a
 data module draws at random in its workers, which a checkpoint never holds: see docs/checkpoints.md)."""
 

@@ -307,3 +307,44 @@ def test_fsdp_validates_ranks_with_uneven_batches_and_counts_each_item_once(tmp_
     assert val_loss[("fsdp", 0)] == pytest.approx(val_loss[("ddp", 0)], rel=1e-5)  # the same 17 items
     calls = {key: int(n) for key, (_, n) in results.items()}  # setup's check, then one validation of 2 or 1 batches
     assert (calls[("ddp", 0)], calls[("ddp", 1)], calls[("fsdp", 0)], calls[("fsdp", 1)]) == (3, 2, 3, 3)
+
+
+class WithAnUnusedLayer(RegressionTask):
+    """A model with a layer its forward never calls."""
+
+    def build_model(self):
+        return WithAnUnusedLayer.Model(super().build_model())
+
+    class Model(torch.nn.Module):
+        def __init__(self, used):
+            super().__init__()
+            self.used, self.unused = used, torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+
+def unused_parameters_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        for find in (False, True):
+            config = tiny_config(Path(directory) / str(find), training={"max_steps": 3},
+                                 distributed={"find_unused_parameters": find})
+            try:
+                outcome = f"steps {TrainingEngine(config, WithAnUnusedLayer(config), rank, 2).train()['steps']}"
+            except UsageError as e:
+                outcome = str(e)
+            Path(directory, f"{find}_rank{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_names_the_parameters_a_loss_leaves_out_and_trains_with_find_unused_parameters(tmp_path):
+    spawn(unused_parameters_worker, str(tmp_path), free_port(), timeout=120)
+    for rank in (0, 1):
+        assert (tmp_path / f"False_rank{rank}").read_text() == (
+            "the loss of the last step did not depend on 2 parameter(s) of the model (unused.weight, unused.bias), "
+            "whose gradients DDP waits for: pass --distributed-find-unused-parameters true, or freeze them with "
+            "requires_grad_(False)")
+        assert (tmp_path / f"True_rank{rank}").read_text() == "steps 3"
