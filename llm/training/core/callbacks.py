@@ -337,7 +337,8 @@ class LRSchedulerCallback(Callback):
     """Adds ``lr``, the learning rate the last step took, to the training records and to each epoch's.
 
     The scheduler has already set the next step's rate when a step ends, so the
-    rate each step takes is read before it: at the end of the step before.
+    rate each step takes is read before it: at the end of the step before, or of
+    the validation after it (where a ReduceLROnPlateau sets it).
     """
 
     def __init__(self) -> None:
@@ -351,6 +352,9 @@ class LRSchedulerCallback(Callback):
         self._last, self._next = self._next, engine.optimizer.param_groups[0]["lr"]
         if engine.step % engine.config.logging.log_every_steps == 0:  # only steps that are logged
             engine.log({"lr": self._last})
+
+    def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        self._next = engine.optimizer.param_groups[0]["lr"]  # a ReduceLROnPlateau sets it here
 
     def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._last is not None:

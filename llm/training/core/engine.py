@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DistributedSampler
 
 from llm.cli import stdout_gone
@@ -106,6 +107,7 @@ class TrainingEngine:
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
         self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
+        self._per_step_scheduler: Any = None  # the scheduler, unless it steps on validations (ReduceLROnPlateau)
         self._found_empty = False  # rank 0 found the run folder empty: nothing there is another run's
         self._logged = False  # a record went to the loggers: a failure leaves the run's folder as it is
         self._loaded: Path | None = None  # the checkpoint this run resumed from
@@ -260,8 +262,8 @@ class TrainingEngine:
         if self._unchecked:  # the last step's: its work is done by now, so reading it stalls nothing
             self._check_steps()
         self._update(taken, scaler)
-        if self.scheduler is not None:
-            self.scheduler.step()
+        if self._per_step_scheduler is not None:
+            self._per_step_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sums.add_step(recorded, grad_norm, taken)
         if taken is not True:  # a step the host knows was taken needs no check
@@ -330,6 +332,8 @@ class TrainingEngine:
                 self.print(f"warning: val_loss is {metrics['val_loss']} at step {self.step}: non-finite values in "
                            f"the validation data, or in the model's outputs on it")
             self._note_best(metrics)
+            if isinstance(self.scheduler, ReduceLROnPlateau) and self.config.checkpoint.monitor in metrics:
+                self.scheduler.step(metrics[self.config.checkpoint.monitor])
             self._fire("on_validation_end", metrics)
             self._flush_log("val", metrics)
         self.aside_s += time.perf_counter() - began  # what its hooks do (a sample of text, ...) is not training
@@ -397,6 +401,7 @@ class TrainingEngine:
         self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)
         self.scheduler = self.task.build_scheduler(self.optimizer)
+        _check_plateau(self.scheduler, cfg, type(self.task).__name__)
         precision = cfg.training.precision
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
@@ -410,6 +415,8 @@ class TrainingEngine:
         if start.checkpoint is not None:
             with self._warned_by_rank_0():  # resuming on another number of processes, samples seen again
                 self.load_checkpoint(start.checkpoint)
+        # a ReduceLROnPlateau steps on checkpoint.monitor after each validation (see validate), any other per step
+        self._per_step_scheduler = None if isinstance(self.scheduler, ReduceLROnPlateau) else self.scheduler
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
         self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
         # one process in fp32 enters no context around the forward: entering two that do nothing cost a small
@@ -544,7 +551,7 @@ class TrainingEngine:
         weights, write_sharded = parallel.model_and_optimizer_state(self.raw_model, self.optimizer, self.sharded)
         shared = {
             **weights,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scheduler": state["scheduler"],
             "scaler": self.scaler.state_dict(),
             "best_metric": state["best_metric"],
             "val_metrics": self.val_metrics,  # a resume at a step already validated does not validate it again
@@ -573,8 +580,10 @@ class TrainingEngine:
         of the epoch and of the log window so far)."""
         callbacks = {key: copy.deepcopy(cb.state_dict()) for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": resume.rng_state(), **self._sums.state_dict()}
+        # the scheduler's too: a ReduceLROnPlateau counts validations, and the last one of a run may be off schedule
+        scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
-                "pending": copy.deepcopy(self._pending)}
+                "pending": copy.deepcopy(self._pending), "scheduler": scheduler}
 
     def _write_artifacts(self, directory: Path) -> None:
         self.config.save_to_yaml(directory / "config.yaml")
@@ -615,7 +624,9 @@ class TrainingEngine:
         parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
                                           self.sharded)
         if any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
-            resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, self.step)
+            resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, self.step, shared["scheduler"])
+        elif isinstance(self.scheduler, ReduceLROnPlateau) and shared["scheduler"] is not None:
+            resume.load_plateau(self.optimizer, self.scheduler, shared["scheduler"])
         elif self.scheduler is not None and shared["scheduler"] is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
@@ -1033,6 +1044,16 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
             ": it asked for more bytes than a 64-bit count holds" if overflowed else ""
         raise UsageError(f"{what} ran out of memory{size}; ask for {instead}, "
                          f"or use a machine with more memory") from None
+
+
+def _check_plateau(scheduler: Any, config: Config, task: str) -> None:
+    """A ReduceLROnPlateau is stepped with checkpoint.monitor's value: it must count the same direction as better."""
+    if isinstance(scheduler, ReduceLROnPlateau) and scheduler.mode != config.checkpoint.mode:
+        c = config.checkpoint
+        better = "lower" if c.mode == "min" else "higher"
+        raise UsageError(f"{task}.build_scheduler returned ReduceLROnPlateau(mode={scheduler.mode!r}), which is "
+                         f"stepped with checkpoint.monitor {c.monitor}, better {better} (checkpoint.mode {c.mode}): "
+                         f"give it mode={c.mode!r}")
 
 
 def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> tuple[torch.Tensor, dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import yaml
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder, run_files
@@ -358,8 +358,16 @@ def batches_done_in_epoch(progress: dict[str, Any], saved_batch_size: int, batch
     return done // per_batch
 
 
+def load_plateau(optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlateau, state: dict[str, Any]) -> None:
+    """A ReduceLROnPlateau's saved state, and the rates of its last validation: the optimizer's saved groups may
+    hold rates a later one set, one that a run which never stopped would not have made (the last of a run)."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
 def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list[dict[str, Any]],
-                            scheduler: Any, step: int) -> None:
+                            scheduler: Any, step: int, saved_scheduler: dict[str, Any] | None = None) -> None:
     """After a resume with a changed config: the optimizer's settings are this run's, and its rate is the
     new schedule's at the resumed step.
 
@@ -370,11 +378,17 @@ def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list
     taken before the load), and this run's scheduler is stepped to the resumed
     step: step by step, so that a recursive schedule (CosineAnnealingLR's) gives
     the rates an uninterrupted run with the new settings would; a LambdaLR, whose
-    rate depends on the step alone, jumps.
+    rate depends on the step alone, jumps. A ReduceLROnPlateau's rates come from
+    the validations, which cannot be replayed: it takes its saved state
+    (``saved_scheduler``), and with it the rates it had lowered the groups to.
     """
     # the same groups: optimizer.load_state_dict refuses a state with other groups
     for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
         group.update(fresh)
+    if isinstance(scheduler, ReduceLROnPlateau):
+        if saved_scheduler is not None:
+            load_plateau(optimizer, scheduler, saved_scheduler)
+        return
     if scheduler is None:
         return
     with warnings.catch_warnings():

@@ -45,7 +45,8 @@ class TrainingTask(ABC):
         """The optimizer over the model's parameters."""
 
     def build_scheduler(self, optimizer: optim.Optimizer) -> LRScheduler | None:
-        """A learning-rate scheduler stepped once per optimizer step, or None for a constant rate.
+        """A learning-rate scheduler stepped once per optimizer step, or None for a constant rate; a
+        ReduceLROnPlateau is stepped after each validation instead, with checkpoint.monitor's value.
 
         Optional: by default, the schedule the config sets (optimizer.scheduler,
         warmup_steps, min_lr) over the run's ``total_steps``, scaling the rate each

@@ -1392,3 +1392,57 @@ def test_a_task_without_a_data_module_name_is_one_line(tmp_path, default):
         TrainingEngine(config, NoData(config))
     config.data.module = "synthetic"  # named by the config, the task's default is not needed
     assert isinstance(TrainingEngine(config, NoData(config)).data_module, SyntheticDataModule)
+
+
+class OnPlateau(RegressionTask):
+    """Halves the rate at each validation whose val_flat, which never improves, does not (patience 0)."""
+
+    mode = "min"
+
+    def build_scheduler(self, optimizer):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=self.mode, factor=0.5, patience=0)
+
+    def validation_step(self, batch, model, criterion):
+        loss, metrics = super().validation_step(batch, model, criterion)
+        return loss, {**metrics, "flat": 1.0}
+
+
+def test_reduce_lr_on_plateau_steps_on_the_monitored_metric_at_each_validation_and_resumes_exactly(tmp_path):
+    settings = {"training": {"max_steps": 9, "eval_every_steps": 3}, "checkpoint": {"monitor": "val_flat"},
+                "logging": {"log_every_steps": 1}}
+    config = tiny_config(tmp_path / "straight", **settings)
+    straight, _ = train(config, OnPlateau, callbacks=default_callbacks(config))
+    records = [json.loads(line) for line in (tmp_path / "straight/run/metrics.jsonl").read_text().splitlines()]
+    lr_by_step = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    # the first validation sets the best; each later one (6, 9) halves the rate for the steps after it
+    assert [lr_by_step[s] for s in (1, 3, 4, 6, 7, 9)] == pytest.approx([0.02, 0.02, 0.02, 0.02, 0.01, 0.01])
+    assert straight.optimizer.param_groups[0]["lr"] == 0.005
+
+    class TermAt4(Callback):
+        def on_step_end(self, engine):
+            if engine.step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    # stopped at 4 by max_steps, with a last validation off the schedule that must not count for the continuation
+    # (the settings changed: max_steps); and by a signal, resumed with the same settings
+    resume = {"checkpoint": {"monitor": "val_flat", "resume": "auto"}}
+    first = tiny_config(tmp_path / "max_steps", **{**settings, "training": {"max_steps": 4, "eval_every_steps": 3}})
+    train(first, OnPlateau)
+    resumed, _ = train(tiny_config(tmp_path / "max_steps", **{**settings, **resume}), OnPlateau)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(tmp_path / "signal", **settings), OnPlateau, callbacks=[TermAt4()])
+    signalled, _ = train(tiny_config(tmp_path / "signal", **{**settings, **resume}), OnPlateau)
+    for engine in (resumed, signalled):
+        assert engine.optimizer.param_groups[0]["lr"] == 0.005
+        for name, value in straight.raw_model.state_dict().items():
+            assert torch.equal(value, engine.raw_model.state_dict()[name]), name
+
+
+def test_reduce_lr_on_plateau_counting_the_other_way_from_the_monitor_is_one_line(tmp_path):
+    class Backwards(OnPlateau):
+        mode = "max"
+
+    with pytest.raises(UsageError, match=r"^Backwards.build_scheduler returned ReduceLROnPlateau\(mode='max'\), which "
+                                         r"is stepped with checkpoint.monitor val_loss, better lower \(checkpoint.mode "
+                                         r"min\): give it mode='min'$"):
+        train(tiny_config(tmp_path), Backwards)
