@@ -199,8 +199,9 @@ def _starts_as(path: Path, starts: tuple[bytes, ...]) -> bool:
 
 
 def save(fig: Any, out: Path, fmt: str, dpi: float) -> None:
-    """Write the figure to ``out`` through a temporary file beside it, then rename."""
+    """Write the figure to ``out`` through a temporary file beside it, then rename; its folder is made if need be."""
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with replacing(out) as tmp, open(tmp, "wb") as f:
             fig.savefig(f, format=fmt, dpi=dpi)
     except OSError as e:

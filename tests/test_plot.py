@@ -60,8 +60,7 @@ def assert_usage_error(result, *expected: str) -> None:
 def test_two_runs_overlaid_in_a_png_of_the_asked_size(tmp_path):
     a = write_run(tmp_path / "runs" / "a")
     b = write_run(tmp_path / "runs" / "b", scale=0.8, lr=False)
-    out = tmp_path / "plots" / "loss.png"
-    out.parent.mkdir()
+    out = tmp_path / "plots" / "loss.png"  # in a folder made for it
     result = plot(a, b, "--out", out, "--width", 4, "--height", 3, "--dpi", 80, cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
@@ -179,7 +178,7 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path, capsys, line, 
     ("no metrics.jsonl", ["empty has no metrics.jsonl"]),
     ("no loss records", ["has no loss records"]),
     ("binary metrics", ["metrics.jsonl is not text (byte 0 is not UTF-8)"]),
-    ("out folder missing", ["cannot write", "No such file or directory"]),
+    ("out below a file", ["cannot write", "metrics.jsonl/loss.png"]),
     ("out is a directory", ["taken is a folder", "taken/loss.png"]),
     ("unknown format", ["cannot write .txt files"]),
     ("format needing latex", ["cannot write .pgf files, expected one of .eps,"]),
@@ -203,7 +202,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
         "no metrics.jsonl": [tmp_path / "empty", "--out", out],
         "no loss records": [tmp_path / "lr_only", "--out", out],
         "binary metrics": [tmp_path / "binary", "--out", out],
-        "out folder missing": [good, "--out", tmp_path / "nowhere" / "loss.png"],
+        "out below a file": [good, "--out", good / "metrics.jsonl" / "loss.png"],
         "out is a directory": [good, "--out", tmp_path / "taken"],
         "unknown format": [good, "--out", tmp_path / "loss.txt"],
         "format needing latex": [good, "--out", tmp_path / "loss.pgf"],
