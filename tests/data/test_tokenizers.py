@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from tokenizers import Tokenizer as HF
+from tokenizers import models, pre_tokenizers, trainers
+
 from llm.data.tokenizers import (
-    ByteTokenizer, CharTokenizer, HFTokenizer, build_tokenizer, load_tokenizer,
+    ByteTokenizer, CharTokenizer, HFTokenizer, _training_pieces, build_tokenizer, load_tokenizer,
 )
 from llm.errors import UsageError
 
@@ -197,3 +200,17 @@ def test_a_tokenizer_file_that_pads_or_truncates_encodes_text_whole(tmp_path):
     tok = load_tokenizer(tmp_path / "padded.json")
     assert tok.encode("a b a b a") == [2, 3, 2, 3, 2]
     assert tok.encode_batch(["a b a b", "a"]) == [[2, 3, 2, 3], [2]]  # no pads, nothing cut
+
+
+def test_bpe_is_trained_on_pieces_cut_where_the_pre_tokenizer_splits_so_the_vocabulary_is_the_same(corpus):
+    text = " ".join(corpus).replace("\n", " ")  # one line of hundreds of thousands of characters
+    pieces = list(_training_pieces([text, "x" * 10_000], limit=4096))
+    assert "".join(pieces) == text + "x" * 10_000
+    # cut before a space or newline between two other characters
+    assert all(len(p) <= 4096 for p in pieces) and all(p[0] in " \n" and not p[1].isspace() for p in pieces[1:-3])
+    assert [len(p) for p in pieces[-3:]] == [4096, 4096, 10_000 - 2 * 4096]  # no space: cut at the limit
+    whole = HF(models.BPE())
+    whole.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    whole.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                          special_tokens=[], show_progress=False))
+    assert HFTokenizer.train_bpe([text], 400).hf.get_vocab() == whole.get_vocab()
