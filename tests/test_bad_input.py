@@ -270,7 +270,7 @@ CASES = [
     Case("resume-checkpoint-truncated-and-resealed", "train",
          [*LM, *BRANCH, "resealed"], ["resealed", "state.pt is truncated or corrupt"], absent=["fresh"]),
     Case("resume-with-a-different-model", "train", [*LM, *CONTINUE, "--model-n-embd", "64"],
-         ["cannot resume", "model.n_embd changed", "--checkpoint-allow-config-change true"]),
+         ["cannot resume", "model.n_embd (32 -> 64) changed", "--checkpoint-allow-config-change true"]),
     Case("resume-from-the-weights-of-another-model", "train",
          [*LM, *BRANCH, "other"], ["cannot load other", "different model", "size mismatch"], absent=["fresh"]),
     Case("resume-a-checkpoint-of-another-run-into-a-run", "train", [*LM, "--logging-log-dir", "run",

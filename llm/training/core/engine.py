@@ -600,7 +600,7 @@ class TrainingEngine:
         changed = resume.config_changes(saved, now)
         # the task's files, when no setting already says why they would differ (model.*, data.*)
         files = [] if resume.binding_changes(changed) else resume.changed_artifacts(self.task, path)
-        resume.check_changes(changed, self.config.checkpoint.allow_config_change, path, files)
+        resume.check_changes(changed, self.config.checkpoint.allow_config_change, path, files, saved, now)
         if changed or files:
             self.print("resuming with a changed config: " + ", ".join(
                 [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed] + [f"{name} differs" for name in files]))

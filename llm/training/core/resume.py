@@ -294,7 +294,19 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     A setting newer than the checkpoint counts as saved at its default: the run that saved it had that."""
     defaults = flatten(Config().to_dict())
     saved = {**{k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}, **saved}
-    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME)
+    return sorted(k for k in saved.keys() | now.keys()
+                  if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME and not _same_file(k, saved, now))
+
+
+DATA_FILES = ("data.path", "data.tokenizer")
+"""Settings that name files: the same file named otherwise (./corpus.txt, its absolute path) is no change."""
+
+
+def _same_file(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    a, b = saved.get(key), now.get(key)
+    if key not in DATA_FILES or not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
@@ -330,10 +342,14 @@ def binding_changes(changed: list[str]) -> list[str]:
     return [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
 
 
-def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = ()) -> None:
+def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = (),
+                  saved: dict[str, Any] | None = None, now: dict[str, Any] | None = None) -> None:
     """Refuse changes that break the model, the data order or the optimizer's state, unless ``allowed``:
-    settings (``changed``), and the task's files (``files``, from changed_artifacts)."""
-    binding = binding_changes(changed) + [f"{name} (as this run builds it)" for name in files]
+    settings (``changed``, shown with their ``saved`` and ``now`` values where given), and the task's files
+    (``files``, from changed_artifacts)."""
+    shown = [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" if saved is not None and now is not None else k
+             for k in binding_changes(changed)]
+    binding = shown + [f"{name} (as this run builds it)" for name in files]
     if binding and not allowed:
         raise UsageError(
             f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "

@@ -95,3 +95,16 @@ def test_a_go_back_command_run_again_goes_back_once_more_only_for_another_course
     changed = ["training.max_steps", "training.device", "logging.log_every_steps", "checkpoint.keep_last",
                "data.num_workers", "optimizer.lr", "model.n_layer", "training.grad_clip"]
     assert course_changes(changed) == ["optimizer.lr", "model.n_layer", "training.grad_clip"]
+
+
+def test_a_data_file_named_otherwise_is_no_change_and_a_refusal_shows_the_values(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("text")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "corpus.txt")
+    saved = {"data.path": "corpus.txt", "data.tokenizer": "char", "world_size": 1}
+    for same in ("./corpus.txt", str(tmp_path / "corpus.txt"), "link.txt", "sub/../corpus.txt"):
+        assert config_changes(saved, {**saved, "data.path": same}) == [], same
+    moved = {**saved, "data.path": "other.txt"}
+    assert config_changes(saved, moved) == ["data.path"]
+    with pytest.raises(UsageError, match=r"^cannot resume ckpt: data.path \('corpus.txt' -> 'other.txt'\) changed"):
+        check_changes(["data.path"], allowed=False, path=Path("ckpt"), saved=saved, now=moved)
