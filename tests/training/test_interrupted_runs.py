@@ -201,7 +201,7 @@ def test_resuming_two_processes_checkpoint_on_one_is_refused_unless_allowed(tmp_
     flags = [*FLAGS[:-2], "--logging-log-dir", str(tmp_path / "run"), "--checkpoint-resume", str(checkpoint)]
     refused = run([sys.executable, str(WORKER), *flags], cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-    assert "world_size changed" in refused.stderr and "--checkpoint-allow-config-change" in refused.stderr
+    assert "world_size (2 -> 1) changed" in refused.stderr and "--checkpoint-allow-config-change" in refused.stderr
     assert not (tmp_path / "run").exists()
     allowed = run([sys.executable, str(WORKER), *flags, "--checkpoint-allow-config-change", "true"], cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-3000:]

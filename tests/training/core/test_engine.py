@@ -1085,7 +1085,7 @@ def test_a_torchrun_restart_before_the_go_back_was_made_goes_back_as_told(tmp_pa
 def test_a_resume_with_another_optimizer_is_refused_unless_allowed_then_starts_it_afresh(tmp_path):
     train(tiny_config(tmp_path, training={"max_steps": 10}, optimizer={"scheduler": "linear"}))
     sgd = {"name": "sgd", "scheduler": "linear"}
-    with pytest.raises(UsageError, match=r"optimizer.name changed.*--checkpoint-allow-config-change"):
+    with pytest.raises(UsageError, match=r"optimizer.name \('adamw' -> 'sgd'\) changed.*--checkpoint-allow-config-change"):
         train(tiny_config(tmp_path, training={"max_steps": 20}, optimizer=sgd, checkpoint={"resume": "auto"}))
     config = tiny_config(tmp_path, training={"max_steps": 20}, optimizer=sgd,
                          checkpoint={"resume": "auto", "allow_config_change": True})
