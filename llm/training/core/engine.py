@@ -193,8 +193,10 @@ class TrainingEngine:
 
     def _stop_at_max_steps(self) -> None:
         max_steps = self.config.training.max_steps
-        if max_steps and self.step >= max_steps and not self.should_stop:
-            self.should_stop, self.stop_reason = True, f"reached max_steps={max_steps}"  # a resume may raise it
+        if max_steps and self.step >= max_steps and not self.should_stop:  # a resume may raise it
+            self.should_stop = True
+            self.stop_reason = f"reached max_steps={max_steps}" if self.step == max_steps else \
+                f"resumed at step {self.step}, past max_steps={max_steps}"  # a lower one: no step taken
 
     def finish(self, elapsed: float) -> tuple[dict[str, float], Path]:
         """Log the last steps, validate the final weights, save them, write the summary.

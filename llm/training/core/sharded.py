@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,9 @@ def save(state: dict[str, Any], directory: Path) -> None:
 def load_into(state: dict[str, Any], directory: Path) -> None:
     """Fill ``state`` (laid out as it was saved, sharded as this process group is) from ``directory``."""
     read_metadata(Path(directory) / ".metadata")  # refused here, before torch logs its fallbacks
-    with _one_line_errors():
+    with _one_line_errors(), warnings.catch_warnings():
+        # one process reading shards of several (a resume on fewer processes) is what it is for, not a guess
+        warnings.filterwarnings("ignore", message="torch.distributed is .*assuming the intent is to load")
         dcp.load(state, storage_reader=SafeReader(str(directory)), planner=_SafePlanner())
 
 

@@ -1446,3 +1446,11 @@ def test_reduce_lr_on_plateau_counting_the_other_way_from_the_monitor_is_one_lin
                                          r"is stepped with checkpoint.monitor val_loss, better lower \(checkpoint.mode "
                                          r"min\): give it mode='min'$"):
         train(tiny_config(tmp_path), Backwards)
+
+
+def test_a_run_resumed_past_a_lower_max_steps_says_so_and_keeps_its_summary(tmp_path):
+    train(tiny_config(tmp_path, training={"max_steps": 6}))
+    lower = tiny_config(tmp_path, training={"max_steps": 4}, checkpoint={"resume": "auto"})
+    engine, metrics = train(lower)
+    assert engine.step == 6 and metrics["stop_reason"] == "resumed at step 6, past max_steps=4"
+    assert json.loads((tmp_path / "run/summary.json").read_text())["stop_reason"] == "reached max_steps=6"
