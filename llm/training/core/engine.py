@@ -122,6 +122,7 @@ class TrainingEngine:
         self._signal: int | None = None  # a signal this process received
         self._signalled_at = 0.0  # time.monotonic() when it came
         self._agent = D.torchrun_agent()  # the pid of the torchrun agent that started this process, if one did
+        self._agent_gone = False  # it, or another rank's, died before any signal came: the stop is taken as SIGTERM
         self.interrupted_by: signal.Signals | None = None  # a signal some rank received, agreed by all of them
 
     # ---- the loop ------------------------------------------------------------------
@@ -151,7 +152,7 @@ class TrainingEngine:
                 self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
                 self._let_go_of_run_dir(failed=not ok)
         if self.interrupted_by is not None:
-            raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint)
+            raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint, self._agent_gone)
         return metrics
 
     def train_epoch(self) -> None:
@@ -802,11 +803,12 @@ class TrainingEngine:
         """
         stop, signalled = self.should_stop, self._signal is not None
         if self.world_size > 1:
-            stop, signalled, save_due = D.any_rank([stop, signalled, save_due])
+            stop, signalled, save_due, self._agent_gone = D.any_rank([stop, signalled, save_due, self._agent_gone])
         if signalled:  # a rank that got none stops as if by SIGTERM
             self.interrupted_by = signal.Signals(self._signal or signal.SIGTERM)
             if not self.should_stop:
-                self.stop_reason = f"stopped by signal {self.interrupted_by.name}"
+                self.stop_reason = "a torchrun agent of this job is gone" if self._agent_gone else \
+                    f"stopped by signal {self.interrupted_by.name}"
         if (stop or signalled) and D.active():  # once, at the stop: every rank gives the asking rank's reason
             reasons = D.gather((self.stop_reason, self._held_stop))
             self.stop_reason = self.stop_reason or next((r for r, _ in reasons if r), "")
@@ -981,6 +983,7 @@ class TrainingEngine:
         while not done.wait(1.0):
             if os.getppid() != self._agent:
                 if self._signal is None:
+                    self._agent_gone = True
                     self._signal, self._signalled_at = signal.SIGTERM, time.monotonic()
                 return
 
@@ -1023,11 +1026,14 @@ _END = object()
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM, SIGINT or SIGHUP stopped training after a step; a checkpoint was saved."""
+    """SIGTERM, SIGINT or SIGHUP stopped training after a step, or the death of the torchrun agent (taken as
+    SIGTERM, ``agent_gone``); a checkpoint was saved."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path):
+    def __init__(self, signum: int, step: int, checkpoint: Path, agent_gone: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved at {checkpoint}")
+        why = (f"stopped at step {step}: a torchrun agent of this job is gone (taken as {signal.Signals(signum).name})"
+               if agent_gone else f"stopped by {signal.Signals(signum).name} at step {step}")
+        super().__init__(f"{why}; checkpoint saved at {checkpoint}")
 
 
 @contextlib.contextmanager
