@@ -125,6 +125,10 @@ def metrics_files(run_dir: str | Path, filename: str = METRICS_FILE) -> tuple[Pa
 class MetricsLogger(Callback):
     """Appends every log record to ``<log_dir>/metrics.jsonl``; prints a line per validation and per epoch.
 
+    A record holds its ``split`` (train, val or epoch), ``step`` and ``epoch``: the
+    whole epochs trained when it was written (1 in the records that close the
+    first epoch, and in the second epoch's training records), then its numbers.
+
     A resumed run continues the same file from the step it starts at. The records
     an earlier process logged after that step (it was killed before its next
     checkpoint, or the run went back to an older one), and a record a kill cut off

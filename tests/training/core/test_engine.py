@@ -45,6 +45,9 @@ def test_training_lowers_loss_and_fills_the_run_dir(tmp_path):
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     assert train_losses[-1] < 0.5 * train_losses[0]
     assert {r["split"] for r in records} == {"train", "val", "epoch"}
+    # epoch: whole epochs trained (14 steps each); the records that close an epoch count it
+    assert {(r["split"], r["step"]): r["epoch"] for r in records if r["step"] in (14, 16)} == {
+        ("train", 14): 0, ("val", 14): 1, ("epoch", 14): 1, ("train", 16): 1}
     assert all("lr" in r and "grad_norm" in r and "samples_per_s" in r for r in records if r["split"] == "train")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == engine.step == 4 * (230 // 16) and summary["epochs"] == 4
