@@ -76,7 +76,8 @@ class TrainingTask(ABC):
         rank, so the gradient is that of one mean over all of them however the
         step is split; validation means are weighted the same way. None (the
         default): every micro-batch weighs the same, and validation batches by
-        their number of samples.
+        the first dimension of their first tensor, their number of samples when
+        they are batch-first (a time-major batch returns its count here).
         """
         return None
 
