@@ -3,7 +3,8 @@
 Writes the consolidated weights as safetensors and, beside them
 (``model.json`` for ``model.safetensors``), the task, the model's config and
 the run's full config, so the weights can be rebuilt without this package's
-checkpoint format. CHECKPOINT is one checkpoint, a directory of them, or a run
+checkpoint format; for a language model, its tokenizer too
+(``model.tokenizer.json``). CHECKPOINT is one checkpoint, a directory of them, or a run
 directory (its newest valid checkpoint).
 
 ``--format hf --out DIR`` writes a language model as a Hugging Face
@@ -48,10 +49,14 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     check_out(out)  # before loading: a big checkpoint takes a while
     out = Path(out)
     ckpt, tensors, description = read_checkpoint(checkpoint, _read_for_export)
-    description = {"weights": out.name, **description}
+    tokenizer = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None  # a language model's, any kind
+    description = {"weights": out.name, **({"tokenizer": tokenizer_of(out).name} if tokenizer else {}), **description}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _save_safetensors(tensors, out, metadata={"format": "pt", "task": str(description["task"])})
+        if tokenizer is not None:
+            with replacing(tokenizer_of(out)) as tmp:
+                tmp.write_bytes(tokenizer.read_bytes())
         description_of(out).write_text(json.dumps(description, indent=2) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
@@ -217,6 +222,10 @@ def check_out(given: str | os.PathLike) -> None:
     if description.exists() and not _is_description(description, of=out):
         raise UsageError(f"--out {out}: {description} exists and is not the description of an export to "
                          f"{out.name}, so it is left as it is: choose another --out")
+    tokenizer = tokenizer_of(out)
+    if tokenizer.exists() and not (description.exists() and _described(description).get("tokenizer") == tokenizer.name):
+        raise UsageError(f"--out {out}: {tokenizer} exists and is not the tokenizer of an earlier export to "
+                         f"{out.name}, so it is left as it is: choose another --out")
 
 
 def _is_export(path: Path) -> bool:
@@ -239,14 +248,25 @@ def description_of(out: Path) -> Path:
     return out.with_suffix(".json") if out.suffix == ".safetensors" else out.with_name(out.name + ".json")
 
 
-def _is_description(path: Path, of: Path) -> bool:
-    """Whether ``path`` is an export's description, of the weights ``of`` (or of weights it does not name)."""
+def tokenizer_of(out: Path) -> Path:
+    """The tokenizer beside a language model's exported weights: ``model.tokenizer.json`` for
+    ``model.safetensors``, loaded by ``llm.data.tokenizers.load_tokenizer``."""
+    return description_of(out).with_suffix(".tokenizer.json")
+
+
+def _described(path: Path) -> dict:
+    """What an export's description holds; {} for a file that is no JSON object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return (isinstance(data, dict) and {"task", "model_config", "config"} <= data.keys()
-            and data.get("weights", of.name) == of.name)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_description(path: Path, of: Path) -> bool:
+    """Whether ``path`` is an export's description, of the weights ``of`` (or of weights it does not name)."""
+    data = _described(path)
+    return {"task", "model_config", "config"} <= data.keys() and data.get("weights", of.name) == of.name
 
 
 def _run_config(ckpt: Path, state: dict) -> dict:

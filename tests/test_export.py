@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm import export
+from llm.data.tokenizers import load_tokenizer
 from llm.export import main
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.engine import TrainingEngine
@@ -60,6 +61,16 @@ def test_export_lm_with_tied_embeddings(tmp_path):
     model = GPT(GPTConfig.from_dict(description["model_config"]))
     model.load_state_dict(load_file(out), strict=True)
     assert description["model_config"]["tie_embeddings"] is True
+    # the tokenizer goes beside the weights: the export alone turns ids back into text
+    assert description["tokenizer"] == "lm.tokenizer.json"
+    _, trained, _ = load_lm(tmp_path / "run")
+    exported = load_tokenizer(tmp_path / "lm.tokenizer.json")
+    assert exported.fingerprint() == trained.fingerprint() and exported.decode(trained.encode("the cat")) == "the cat"
+    assert main([str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0  # an earlier export's: replaced
+    (tmp_path / "other.tokenizer.json").write_text("notes of mine\n")
+    assert main([str(tmp_path / "run/checkpoints"), "--out", str(tmp_path / "other.safetensors")]) == 2
+    assert (tmp_path / "other.tokenizer.json").read_text() == "notes of mine\n"
+    assert not (tmp_path / "other.safetensors").exists()
 
 
 def test_export_replaces_an_earlier_export_but_not_another_safetensors_file(tmp_path, capsys):
