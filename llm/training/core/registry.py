@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from llm.errors import UsageError, closest, one_line
@@ -101,7 +102,7 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UsageError(f"cannot import {kind} module {module_name!r}: {e}") from None
+        raise UsageError(f"cannot import {kind} module {module_name!r}: {e}{_not_searched(e)}") from None
     except Exception as e:  # noqa: BLE001 - the user's module failed while it ran: say where, in one line
         raise UsageError(f"cannot import {kind} module {module_name!r}: {_where(e)}") from None
     cls = getattr(module, class_name, None)
@@ -113,6 +114,18 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise UsageError(f"{name} cannot be used as the {kind}: it does not implement {missing}")
     return cls
+
+
+def _not_searched(error: ImportError) -> str:
+    """Where a module not found lies in the working directory, which the import path lacks (llm-train, torchrun
+    path/to/train.py): how to have it searched."""
+    top = (getattr(error, "name", None) or "").partition(".")[0]
+    here = Path.cwd()
+    searched = any(Path(entry or ".").resolve() == here for entry in sys.path)
+    if not top or searched or not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+        return ""
+    return ("; it is in the working directory, which this command does not search: run it with PYTHONPATH=. "
+            "(python -m and torchrun -m search it)")
 
 
 def _where(error: Exception) -> str:

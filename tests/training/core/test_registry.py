@@ -1,9 +1,13 @@
 import sys
 import types
+from pathlib import Path
+
+import pytest
 
 from llm.data.synthetic_data_module import SyntheticDataModule
+from llm.errors import UsageError
 from llm.training.core import registry
-from llm.training.core.registry import data_module_name
+from llm.training.core.registry import data_module_name, resolve_task
 
 
 def a_class_of_main(name: str) -> type:
@@ -22,3 +26,18 @@ def test_a_class_of_a_script_is_recorded_by_the_name_given_only_when_that_names_
     assert data_module_name(mine, "synthetic") == "synthetic"
     assert data_module_name(a_class_of_main("OtherData"), "synthetic") == "__main__:OtherData"
     assert registry._same_file(script, sys.modules[SyntheticDataModule.__module__])
+
+
+def test_a_module_in_the_working_directory_the_import_path_lacks_is_named_with_the_way_to_search_it(tmp_path,
+                                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as llm-train and torchrun path/to/train.py run: sys.path lacks the working folder
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p and Path(p).resolve() != tmp_path])
+    (tmp_path / "mine.py").write_text("from llm.training.tasks.regression_task import RegressionTask as Mine\n")
+    with pytest.raises(UsageError, match=r"^cannot import task module 'mine': No module named 'mine'; it is in the "
+                                         r"working directory, which this command does not search: run it with "
+                                         r"PYTHONPATH=\. \(python -m and torchrun -m search it\)$"):
+        resolve_task("mine:Mine")
+    with pytest.raises(UsageError, match=r"^cannot import task module 'elsewhere': No module named 'elsewhere'$"):
+        resolve_task("elsewhere:Mine")  # not here either: nothing to add
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    assert resolve_task("mine:Mine").__name__ == "RegressionTask"
