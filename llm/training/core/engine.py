@@ -626,10 +626,14 @@ class TrainingEngine:
         fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
                                           self.sharded)
-        if any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
-            resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, self.step, shared["scheduler"])
-        elif isinstance(self.scheduler, ReduceLROnPlateau) and shared["scheduler"] is not None:
-            resume.load_plateau(self.optimizer, self.scheduler, shared["scheduler"])
+        if isinstance(self.scheduler, ReduceLROnPlateau):  # its settings this run's, where it stood the saved
+            if any(k not in resume.HARMLESS_CONFIG for k in changed):
+                resume.keep_optimizer_settings(self.optimizer, fresh_groups, None, self.step)
+            resume.resume_plateau(self.optimizer, self.scheduler, shared["scheduler"], changed)
+        elif any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
+            # replayed up to the schedule's end: a run resumed past it (a lower max_steps) takes no step, and a
+            # OneCycleLR refuses a step beyond its total
+            resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
         elif self.scheduler is not None and shared["scheduler"] is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh

@@ -374,16 +374,31 @@ def batches_done_in_epoch(progress: dict[str, Any], saved_batch_size: int, batch
     return done // per_batch
 
 
-def load_plateau(optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlateau, state: dict[str, Any]) -> None:
-    """A ReduceLROnPlateau's saved state, and the rates of its last validation: the optimizer's saved groups may
-    hold rates a later one set, one that a run which never stopped would not have made (the last of a run)."""
-    scheduler.load_state_dict(state)
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
+def resume_plateau(optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlateau, saved: dict[str, Any] | None,
+                   changed: list[str]) -> None:
+    """Where a ReduceLROnPlateau stood: its best and counts, and the rates its last validation left the groups
+    at, which cannot be replayed. Its settings (factor, patience, ...) are this run's scheduler's.
+
+    The optimizer's saved groups may hold rates a later validation set, one that a
+    run which never stopped would not have made (the last of a run): the rates are
+    the scheduler's own record of them. A run resumed watching another metric, or
+    the other way (checkpoint.monitor, checkpoint.mode), starts its plateau afresh,
+    as its best metric does; one given another optimizer.lr starts at that rate.
+    """
+    if saved is None or {"checkpoint.monitor", "checkpoint.mode"} & set(changed):
+        return
+    for key in ("best", "num_bad_epochs", "cooldown_counter", "last_epoch"):
+        if key in saved:
+            setattr(scheduler, key, saved[key])
+    rates = saved.get("_last_lr")
+    if rates is not None and "optimizer.lr" not in changed:
+        for group, lr in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = list(rates)
 
 
 def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list[dict[str, Any]],
-                            scheduler: Any, step: int, saved_scheduler: dict[str, Any] | None = None) -> None:
+                            scheduler: Any, step: int) -> None:
     """After a resume with a changed config: the optimizer's settings are this run's, and its rate is the
     new schedule's at the resumed step.
 
@@ -394,17 +409,12 @@ def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list
     taken before the load), and this run's scheduler is stepped to the resumed
     step: step by step, so that a recursive schedule (CosineAnnealingLR's) gives
     the rates an uninterrupted run with the new settings would; a LambdaLR, whose
-    rate depends on the step alone, jumps. A ReduceLROnPlateau's rates come from
-    the validations, which cannot be replayed: it takes its saved state
-    (``saved_scheduler``), and with it the rates it had lowered the groups to.
+    rate depends on the step alone, jumps. (A ReduceLROnPlateau steps on
+    validations, which cannot be replayed: see resume_plateau.)
     """
     # the same groups: optimizer.load_state_dict refuses a state with other groups
     for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
         group.update(fresh)
-    if isinstance(scheduler, ReduceLROnPlateau):
-        if saved_scheduler is not None:
-            load_plateau(optimizer, scheduler, saved_scheduler)
-        return
     if scheduler is None:
         return
     with warnings.catch_warnings():

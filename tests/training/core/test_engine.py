@@ -1457,3 +1457,38 @@ def test_a_run_resumed_past_a_lower_max_steps_says_so_and_keeps_its_summary(tmp_
     engine, metrics = train(lower)
     assert engine.step == 6 and metrics["stop_reason"] == "resumed at step 6, past max_steps=4"
     assert json.loads((tmp_path / "run/summary.json").read_text())["stop_reason"] == "reached max_steps=6"
+
+
+def test_a_plateau_resumed_with_other_settings_keeps_where_it_stood_but_takes_this_runs_settings(tmp_path):
+    settings = {"training": {"max_steps": 9, "eval_every_steps": 3}, "checkpoint": {"monitor": "val_flat"}}
+    train(tiny_config(tmp_path, **settings), OnPlateau)  # ends with the rate halved twice: 0.005
+
+    class TenthOnPlateau(OnPlateau):
+        def build_scheduler(self, optimizer):
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=0)
+
+    def resumed(task_cls=OnPlateau, lr=0.02, monitor="val_flat"):
+        config = tiny_config(tmp_path, training={"max_steps": 12, "eval_every_steps": 3}, optimizer={"lr": lr},
+                             checkpoint={"monitor": monitor, "resume": "auto", "allow_config_change": True})
+        engine = TrainingEngine(config, task_cls(config), 0, 1)
+        engine.setup()
+        engine._let_go_of_run_dir(failed=False)
+        return engine, engine.scheduler
+
+    engine, plateau = resumed(TenthOnPlateau)  # another task's factor: the lowered rate, this factor
+    assert engine.optimizer.param_groups[0]["lr"] == 0.005 and plateau.factor == 0.1
+    assert plateau.best == 1.0 and plateau.last_epoch == 3  # the three validations it saw
+    engine, plateau = resumed(lr=0.001)  # a rate given: that one
+    assert engine.optimizer.param_groups[0]["lr"] == 0.001 and plateau.best == 1.0
+    engine, plateau = resumed(monitor="val_loss")  # another metric: a plateau of its own
+    assert engine.optimizer.param_groups[0]["lr"] == 0.02 and plateau.best == math.inf and plateau.mode == "min"
+
+
+def test_a_one_cycle_schedule_resumed_past_a_lower_max_steps_ends_at_once(tmp_path):
+    class OneCycle(RegressionTask):
+        def build_scheduler(self, optimizer):
+            return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.02, total_steps=self.total_steps)
+
+    train(tiny_config(tmp_path, training={"max_steps": 9}), OneCycle)
+    engine, metrics = train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}), OneCycle)
+    assert engine.step == 9 and metrics["stop_reason"] == "resumed at step 9, past max_steps=6"
