@@ -131,14 +131,16 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-RUN_MARKS = (RUN_LOCK, "metrics.jsonl", "summary.json", "checkpoints/latest")
-"""Files that only a run folder holds: one of them makes a folder a run's (its lock while it trains, its log,
-its summary, its checkpoints' pointer)."""
-
-
-def is_run_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a run's: it holds a file of RUN_MARKS."""
-    return any(os.path.isfile(os.path.join(folder, mark)) for mark in RUN_MARKS)
+def is_run_output(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is what a run writes: a run folder (its lock while it trains; its config.yaml beside
+    its log or summary), a folder of checkpoints, or a checkpoint. Each of these names alone is common in data
+    sets (a summary.json, a metrics.jsonl): it takes the pair, or a checkpoint's own files."""
+    folder = Path(folder)
+    if (folder / RUN_LOCK).is_file() or _is_checkpoint(folder) or _holds_checkpoints(folder):
+        return True
+    return (folder / "config.yaml").is_file() and (
+        (folder / "metrics.jsonl").is_file() or (folder / "summary.json").is_file()
+        or _holds_checkpoints(folder / "checkpoints"))
 
 
 def run_files(folder: Path) -> list[str]:
@@ -200,16 +202,18 @@ def checkpoint_folder(path: str | os.PathLike, own: bool = False) -> Path | None
     """The checkpoint, or folder of ``step_*`` checkpoints, that ``path`` is or would be written into: a file
     there can break a checkpoint, and retention deletes old checkpoints with everything in them. ``own``:
     ``path`` is a run's own checkpoint folder, whose ``step_*`` checkpoints it may hold."""
-    def is_checkpoint(folder: Path) -> bool:
-        return all((folder / name).is_file() for name in (CHECKPOINT_MANIFEST, CHECKPOINT_STATE))
-
-    def holds_checkpoints(folder: Path) -> bool:
-        return any(map(is_checkpoint, folder.glob("step_*")))
-
     path = Path(path).resolve()
-    if is_checkpoint(path) or (not own and holds_checkpoints(path)):
+    if _is_checkpoint(path) or (not own and _holds_checkpoints(path)):
         return path
-    return next((folder for folder in path.parents if is_checkpoint(folder) or holds_checkpoints(folder)), None)
+    return next((folder for folder in path.parents if _is_checkpoint(folder) or _holds_checkpoints(folder)), None)
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (CHECKPOINT_MANIFEST, CHECKPOINT_STATE))
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    return any(map(_is_checkpoint, folder.glob("step_*")))
 
 
 def refuse_checkpoint_folder(out: Path, instead: str) -> None:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from llm.data.data_module import BaseDataModule
 from llm.data.tokenizers import BUILTIN, Tokenizer, build_tokenizer, check_spec, load_tokenizer
 from llm.errors import UsageError
-from llm.files import is_run_folder
+from llm.files import is_run_output
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ def _path_hash(path: Path) -> str:
 def corpus_files(spec: str) -> list[Path]:
     """``data.path`` as a sorted list of files: one file, a folder (recursively) or a glob.
 
-    Hidden files and folders (names starting with a dot) and run folders (llm's
-    own output, files.is_run_folder) are skipped in folders; linked folders are followed. Each file is read once, however many paths lead to it.
+    Hidden files and folders (names starting with a dot) and what runs wrote (run
+    and checkpoint folders, files.is_run_output) are skipped in folders; linked
+    folders are followed. Each file is read once, however many paths lead to it.
     """
     if not spec:
         return default_corpus_files()
@@ -105,7 +106,7 @@ def corpus_files(spec: str) -> list[Path]:
                 continue
             walked.add(os.path.realpath(dirpath))
             # a run's folder inside the data folder (--data-path . and runs/ below it): checkpoints and logs, no text
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_run_folder(Path(dirpath, d)))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_run_output(Path(dirpath, d)))
             for name in filenames:
                 if not name.startswith("."):  # a broken link or a pipe is no text to read (a pipe never ends)
                     (files if os.path.isfile(os.path.join(dirpath, name)) else others).append(Path(dirpath, name))

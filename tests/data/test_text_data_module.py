@@ -211,17 +211,23 @@ def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
     assert dm.cache_path.parent == data and (dm.cache_path / "tokens.bin").stat().st_size == 2 * len(TEXT)
 
 
-def test_run_folders_inside_the_data_folder_are_not_read_as_text(tmp_path):
+def test_what_runs_wrote_inside_the_data_folder_is_not_read_as_text(tmp_path):
     (tmp_path / "a.txt").write_text(TEXT)
-    marks = {"finished": "summary.json", "logging": "metrics.jsonl", "training": ".llm.lock",
-             "saved": "checkpoints/latest"}
-    for name, mark in marks.items():
-        (tmp_path / "runs" / name / mark).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "runs" / name / mark).write_text("step_00000010\n")
-        (tmp_path / "runs" / name / "config.yaml").write_text("model: {}\n")
-    (tmp_path / "notes").mkdir()  # a folder of the user's own with a config.yaml in it is text like any other
-    (tmp_path / "notes" / "config.yaml").write_text("a: 1\n")
-    assert corpus_files(str(tmp_path)) == [tmp_path / "a.txt", tmp_path / "notes" / "config.yaml"]
+    checkpoint = ["step_00000010/manifest.json", "step_00000010/state.pt"]
+    written = {  # a run folder by its config.yaml beside its log, its summary or its checkpoints; or by its lock
+        "runs/finished": ["config.yaml", "summary.json"], "runs/logging": ["config.yaml", "metrics.jsonl"],
+        "runs/training": [".llm.lock", "config.yaml"],
+        "runs/saved": ["config.yaml", *(f"checkpoints/{name}" for name in checkpoint)],
+        "ckpts": checkpoint,  # a checkpoint folder of its own (--checkpoint-dir ckpts)
+        "papers": ["paper.txt", "summary.json"],  # the user's: a summary.json alone is data like any other
+        "notes": ["config.yaml", "todo.txt"],
+    }
+    for folder, names in written.items():
+        for name in names:
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / name).write_text("x\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in corpus_files(str(tmp_path))] == [
+        "a.txt", "notes/config.yaml", "notes/todo.txt", "papers/paper.txt", "papers/summary.json"]
 
 
 def test_a_crash_while_tokenizing_leaves_no_cache(tmp_path, corpus, monkeypatch):
