@@ -57,6 +57,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         if tokenizer is not None:
             with replacing(tokenizer_of(out)) as tmp:
                 tmp.write_bytes(tokenizer.read_bytes())
+        else:  # an earlier export's to this --out (check_out let it through), which these weights do not use
+            tokenizer_of(out).unlink(missing_ok=True)
         description_of(out).write_text(json.dumps(description, indent=2) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
@@ -296,7 +298,8 @@ def _export(argv: list[str] | None) -> str:
     args = parser.parse_args(argv)
     if args.format != "hf":
         ckpt = export(args.checkpoint, args.out)
-        return f"exported {ckpt} to {args.out} (+ {description_of(Path(args.out)).name})"
+        beside = [path.name for path in (description_of(Path(args.out)), tokenizer_of(Path(args.out))) if path.exists()]
+        return f"exported {ckpt} to {args.out} (+ {', '.join(beside)})"
     ckpt, with_tokenizer = export_hf(args.checkpoint, args.out)
     tokenizer = "tokenizer.json" if with_tokenizer else "no tokenizer: only a Hugging Face one has a form transformers reads"
     return (f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "

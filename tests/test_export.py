@@ -52,7 +52,7 @@ def test_each_export_has_a_description_of_its_own_whatever_dots_its_name_holds(t
     assert not (tmp_path / "a.safetensors").exists()
 
 
-def test_export_lm_with_tied_embeddings(tmp_path):
+def test_export_lm_with_tied_embeddings(tmp_path, capsys):
     config = lm_config(tmp_path, training={"max_steps": 3})
     TrainingEngine(config, LMTask(config), 0, 1).train()
     out = tmp_path / "lm.safetensors"
@@ -67,6 +67,13 @@ def test_export_lm_with_tied_embeddings(tmp_path):
     exported = load_tokenizer(tmp_path / "lm.tokenizer.json")
     assert exported.fingerprint() == trained.fingerprint() and exported.decode(trained.encode("the cat")) == "the cat"
     assert main([str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0  # an earlier export's: replaced
+    regression = tiny_config(tmp_path / "regression")
+    TrainingEngine(regression, RegressionTask(regression), 0, 1).train()
+    assert main([str(tmp_path / "regression/run"), "--out", str(out)]) == 0  # no tokenizer: the earlier one goes
+    assert not (tmp_path / "lm.tokenizer.json").exists()
+    capsys.readouterr()
+    assert main([str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"to {out} (+ lm.json, lm.tokenizer.json)\n")
     (tmp_path / "other.tokenizer.json").write_text("notes of mine\n")
     assert main([str(tmp_path / "run/checkpoints"), "--out", str(tmp_path / "other.safetensors")]) == 2
     assert (tmp_path / "other.tokenizer.json").read_text() == "notes of mine\n"
