@@ -242,8 +242,9 @@ def _training_pieces(texts: Iterable[str], limit: int = BPE_PIECE_CHARS) -> Iter
         start = 0
         while len(text) - start > limit:
             end = start + limit
+            # up to end + 1: the lookahead sees the character after a space at end - 1
             cuts = [m.start() for m in _LONE_SPACE.finditer(text, start + limit // 2, end + 1)]
-            stop = next((cut for cut in reversed(cuts) if cut < end), end)
+            stop = cuts[-1] if cuts else end
             yield text[start:stop]
             start = stop
         yield text[start:]

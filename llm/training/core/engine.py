@@ -76,14 +76,14 @@ class TrainingEngine:
         # in its derived paths ({task} in logging.log_dir, checkpoint.dir) here; validate() is idempotent
         self.config, self.task, self.rank, self.world_size = config.validate(), task, rank, world_size
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank))  # set by torchrun; a rank of its own when spawned
-        named = data_module_of(config, task)
         if data_module is None:
-            data_module = resolve_data_module(named)(config)
+            data_module = resolve_data_module(data_module_of(config, task))(config)
         self.data_module = data_module
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
         config.task = task_name(type(task), config.task)
-        if (recorded := data_module_name(type(data_module), named)) != named:  # the task's default stays unnamed
-            config.data.module = recorded
+        named = config.data.module or task.default_data_module
+        if (recorded := data_module_name(type(data_module), named if isinstance(named, str) else "")) != named:
+            config.data.module = recorded  # the task's default stays unnamed
         self.callbacks = list(callbacks or [])
         # per hook, only the callbacks that override it: most hooks of most callbacks do nothing
         self._listeners = {hook: [cb for cb in self.callbacks if getattr(type(cb), hook) is not getattr(Callback, hook)]
@@ -606,7 +606,7 @@ class TrainingEngine:
         resume.check_changes(changed, self.config.checkpoint.allow_config_change, path, files, saved, now)
         if changed or files:
             self.print("resuming with a changed config: " + ", ".join(
-                [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed] + [f"{name} differs" for name in files]))
+                [resume.change(k, saved, now) for k in changed] + [f"{name} differs" for name in files]))
         progress = shared["progress"]
         self.step, self.epoch = progress["step"], progress["epoch"]
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],

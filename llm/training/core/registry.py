@@ -43,7 +43,8 @@ def data_module_of(config: Any, task: Any) -> str:
     named = config.data.module or task.default_data_module
     if not isinstance(named, str) or not named:
         raise UsageError(f"{type(task).__name__}.default_data_module: got {named!r}, expected a built-in name "
-                         f"({', '.join(DATA_MODULES)}) or package.module:Class, or give --data-module")
+                         f"({', '.join(DATA_MODULES)}) or package.module:Class; or give --data-module (in code, "
+                         f"the engine's data_module=)")
     return named
 
 
@@ -122,7 +123,7 @@ def _not_searched(error: ImportError) -> str:
     top = (getattr(error, "name", None) or "").partition(".")[0]
     here = Path.cwd()
     searched = any(Path(entry or ".").resolve() == here for entry in sys.path)
-    if not top or searched or not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+    if not top or searched or not ((here / f"{top}.py").is_file() or (here / top / "__init__.py").is_file()):
         return ""
     return ("; it is in the working directory, which this command does not search: run it with PYTHONPATH=. "
             "(python -m and torchrun -m search it)")

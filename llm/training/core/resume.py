@@ -342,13 +342,17 @@ def binding_changes(changed: list[str]) -> list[str]:
     return [k for k in changed if k.startswith(BINDING_CONFIG) and k not in HARMLESS_CONFIG]
 
 
+def change(key: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """A changed setting as the resume's lines show it: ``optimizer.lr (0.02 -> 0.001)``."""
+    return f"{key} ({saved.get(key)!r} -> {now.get(key)!r})"
+
+
 def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = (),
                   saved: dict[str, Any] | None = None, now: dict[str, Any] | None = None) -> None:
     """Refuse changes that break the model, the data order or the optimizer's state, unless ``allowed``:
     settings (``changed``, shown with their ``saved`` and ``now`` values where given), and the task's files
     (``files``, from changed_artifacts)."""
-    shown = [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" if saved is not None and now is not None else k
-             for k in binding_changes(changed)]
+    shown = [change(k, saved, now) if saved is not None and now is not None else k for k in binding_changes(changed)]
     binding = shown + [f"{name} (as this run builds it)" for name in files]
     if binding and not allowed:
         raise UsageError(

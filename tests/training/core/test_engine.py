@@ -1390,9 +1390,11 @@ def test_a_task_without_a_data_module_name_is_one_line(tmp_path, default):
 
     config = tiny_config(tmp_path)
     with pytest.raises(UsageError, match=rf"^NoData.default_data_module: got {default!r}, expected a built-in name "
-                                         r"\(synthetic, classification, text\) or package.module:Class, or give "
-                                         r"--data-module$"):
+                                         r"\(synthetic, classification, text\) or package.module:Class; or give "
+                                         r"--data-module \(in code, the engine's data_module=\)$"):
         TrainingEngine(config, NoData(config))
+    given = TrainingEngine(config, NoData(config), data_module=SyntheticDataModule(config))  # given: not needed
+    assert given.config.data.module == "synthetic"  # config.yaml names it
     config.data.module = "synthetic"  # named by the config, the task's default is not needed
     assert isinstance(TrainingEngine(config, NoData(config)).data_module, SyntheticDataModule)
 

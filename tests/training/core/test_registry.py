@@ -37,7 +37,9 @@ def test_a_module_in_the_working_directory_the_import_path_lacks_is_named_with_t
                                          r"working directory, which this command does not search: run it with "
                                          r"PYTHONPATH=\. \(python -m and torchrun -m search it\)$"):
         resolve_task("mine:Mine")
-    with pytest.raises(UsageError, match=r"^cannot import task module 'elsewhere': No module named 'elsewhere'$"):
-        resolve_task("elsewhere:Mine")  # not here either: nothing to add
+    (tmp_path / "shards").mkdir()  # a folder of data named like a missing module is no module
+    for missing in ("elsewhere", "shards"):  # nothing here to add
+        with pytest.raises(UsageError, match=rf"^cannot import task module '{missing}': No module named '{missing}'$"):
+            resolve_task(f"{missing}:Mine")
     monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
     assert resolve_task("mine:Mine").__name__ == "RegressionTask"
