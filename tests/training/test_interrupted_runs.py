@@ -205,7 +205,7 @@ def test_resuming_two_processes_checkpoint_on_one_is_refused_unless_allowed(tmp_
     assert not (tmp_path / "run").exists()
     allowed = run([sys.executable, str(WORKER), *flags, "--checkpoint-allow-config-change", "true"], cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert "world_size 2 -> 1" in allowed.stdout and "resumed from" in allowed.stdout
+    assert "world_size (2 -> 1)" in allowed.stdout and "resumed from" in allowed.stdout
 
 
 @pytest.mark.parametrize("fault", [

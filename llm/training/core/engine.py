@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DistributedSampler
@@ -581,7 +582,8 @@ class TrainingEngine:
         """The state that logging and validating change: the callbacks', the best metric, a stop they asked
         for, engine.log() values waiting for their record, and each rank's own (random streams, and the losses
         of the epoch and of the log window so far)."""
-        callbacks = {key: copy.deepcopy(cb.state_dict()) for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
+        callbacks = {key: _checkpointable(copy.deepcopy(cb.state_dict()), f"{type(cb).__name__}.state_dict()")
+                     for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": resume.rng_state(), **self._sums.state_dict()}
         # the scheduler's too: a ReduceLROnPlateau counts validations, and the last one of a run may be off schedule
         scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
@@ -869,11 +871,20 @@ class TrainingEngine:
     def _finalized(self, metrics: dict[str, float]) -> dict[str, float]:
         """The task's finalize_metrics of rank-averaged metrics, checked: in setup, one line for a method that
         changes the dict in place and returns nothing."""
+        task = type(self.task).__name__
         finalized = self.task.finalize_metrics(metrics)
         if not isinstance(finalized, Mapping):
-            raise UsageError(f"{type(self.task).__name__}.finalize_metrics returned {type(finalized).__name__}, "
-                             f"expected the dict of metrics: return it, changed or not")
-        return dict(finalized)
+            raise UsageError(f"{task}.finalize_metrics returned {type(finalized).__name__}, expected the dict of "
+                             f"metrics: return it, changed or not")
+        numbers_only = {}
+        for key, value in finalized.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, numbers.Real):
+                raise UsageError(f"{task}.finalize_metrics returned {key!r} as a {type(value).__name__}, expected a "
+                                 f"number or a one-element tensor")
+            numbers_only[key] = float(value)
+        return numbers_only
 
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
         if split == "train":
@@ -1056,6 +1067,23 @@ def _out_of_memory(what: str, instead: str) -> Iterator[None]:
             ": it asked for more bytes than a 64-bit count holds" if overflowed else ""
         raise UsageError(f"{what} ran out of memory{size}; ask for {instead}, "
                          f"or use a machine with more memory") from None
+
+
+def _checkpointable(value: Any, where: str) -> Any:
+    """``value`` as a checkpoint can hold it, which loads it without running code: numbers, strings, tensors, and
+    dicts, lists, tuples and sets of them; a NumPy number becomes a Python one. Anything else is refused in one
+    line naming ``where`` it came from, at the first save, not found unreadable at the resume."""
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float, complex, str, bytes)):
+        return value.item()  # first: a float64 is a float too, but pickled as NumPy's
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.Tensor)):
+        return value
+    if isinstance(value, dict):  # an OrderedDict or a defaultdict too, as a dict
+        return {_checkpointable(k, where): _checkpointable(v, where) for k, v in value.items()}
+    if type(value) in (list, tuple, set):
+        return type(value)(_checkpointable(v, where) for v in value)
+    raise UsageError(f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
+                     f"cannot hold: it holds numbers, strings, tensors, and dicts, lists, tuples and sets of them "
+                     f"(a NumPy array as a tensor, a deque as a list)")
 
 
 def _check_plateau(scheduler: Any, config: Config, task: str) -> None:

@@ -955,8 +955,8 @@ def test_resume_with_harmless_changes_goes_through(tmp_path, capsys):
     engine, _ = train(more)
     assert engine.step == 2 * first.step
     out = capsys.readouterr().out
-    assert "training.epochs 1 -> 2" in out and "optimizer.lr 0.02 -> 0.01" in out
-    assert "data.num_workers 0 -> 1" in out and "data.cache_dir" in out
+    assert "training.epochs (1 -> 2)" in out and "optimizer.lr (0.02 -> 0.01)" in out
+    assert "data.num_workers (0 -> 1)" in out and "data.cache_dir" in out
 
 
 def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_third_runs(tmp_path, capsys):
@@ -1494,3 +1494,51 @@ def test_a_one_cycle_schedule_resumed_past_a_lower_max_steps_ends_at_once(tmp_pa
     train(tiny_config(tmp_path, training={"max_steps": 9}), OneCycle)
     engine, metrics = train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}), OneCycle)
     assert engine.step == 9 and metrics["stop_reason"] == "resumed at step 9, past max_steps=6"
+
+
+def test_numpy_numbers_and_one_element_tensors_from_a_task_or_a_callback_leave_checkpoints_readable(tmp_path):
+    import numpy as np
+
+    class NumPyRmse(RegressionTask):
+        def finalize_metrics(self, metrics):
+            rmse = {"val_rmse": np.sqrt(metrics["val_loss"])} if "val_loss" in metrics else {}
+            return {**metrics, **rmse, "doubled": torch.tensor(2.0) * metrics["val_loss" if rmse else "loss"]}
+
+    class Counter(Callback):
+        def __init__(self):
+            self.state = {"mean": np.float64(0.0), "seen": [np.int64(0)], "names": {"a"}}
+
+        def on_step_end(self, engine):
+            self.state["mean"] += np.float64(1.0)
+
+        def state_dict(self):
+            return self.state
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    settings = {"training": {"max_steps": 4}, "checkpoint": {"monitor": "val_rmse"}}
+    train(tiny_config(tmp_path, **settings), NumPyRmse, callbacks=[Counter()])
+    again, counter = tiny_config(tmp_path, **{**settings, "training": {"max_steps": 6}}), Counter()
+    again.checkpoint.resume = "auto"
+    engine, metrics = train(again, NumPyRmse, callbacks=[counter])  # the checkpoint reads back
+    assert engine.step == 6 and counter.state == {"mean": 6.0, "seen": [0], "names": {"a"}}
+    assert type(metrics["val_rmse"]) is float and type(engine.best_metric) is float
+
+
+def test_what_a_checkpoint_cannot_hold_is_one_line_naming_where_it_came_from(tmp_path):
+    import collections
+
+    class Recent(Callback):
+        def state_dict(self):
+            return {"last": collections.deque([1.0, 2.0])}
+
+    class Worded(RegressionTask):
+        def finalize_metrics(self, metrics):
+            return {**metrics, "grade": "good"}
+
+    with pytest.raises(UsageError, match=r"^Recent.state_dict\(\) holds a collections.deque, which a checkpoint "
+                                         r"cannot hold: .*\(a NumPy array as a tensor, a deque as a list\)$"):
+        train(tiny_config(tmp_path / "deque", training={"max_steps": 2}), callbacks=[Recent()])
+    with pytest.raises(UsageError, match=r"^Worded.finalize_metrics returned 'grade' as a str, expected a number"):
+        train(tiny_config(tmp_path / "str"), Worded)
