@@ -81,7 +81,9 @@ class TrainingEngine:
             data_module = resolve_data_module(data_module_of(config, task))(config)
         self.data_module = data_module
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
-        config.task = task_name(type(task), config.task)
+        named_task, config.task = config.task, task_name(type(task), config.task)
+        if config.task != named_task:  # Config() left at its default task: {task} in log_dir is this task's
+            config.validate()
         named = config.data.module or task.default_data_module
         if (recorded := data_module_name(type(data_module), named if isinstance(named, str) else "")) != named:
             config.data.module = recorded  # the task's default stays unnamed

@@ -1542,3 +1542,12 @@ def test_what_a_checkpoint_cannot_hold_is_one_line_naming_where_it_came_from(tmp
         train(tiny_config(tmp_path / "deque", training={"max_steps": 2}), callbacks=[Recent()])
     with pytest.raises(UsageError, match=r"^Worded.finalize_metrics returned 'grade' as a str, expected a number"):
         train(tiny_config(tmp_path / "str"), Worded)
+
+
+def test_a_config_naming_another_task_than_the_one_given_puts_the_run_in_the_given_tasks_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Config.from_dict({"training": {"max_steps": 2}, "data": {"num_samples": 128},
+                               "logging": {"progress_bar": False}})  # task left at regression, runs/{task}
+    engine, _ = train(config, ClassificationTask)
+    assert engine.run_dir == Path("runs/classification") and (tmp_path / "runs/classification/summary.json").exists()
+    assert yaml.safe_load((tmp_path / "runs/classification/config.yaml").read_text())["task"] == "classification"
