@@ -195,10 +195,12 @@ def test_an_engine_for_two_processes_started_without_a_launcher_says_what_is_mis
     from llm.training.tasks.regression_task import RegressionTask
     from tests.helpers import tiny_config
 
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     config = tiny_config(tmp_path)
-    with pytest.raises(UsageError, match="MASTER_ADDR and MASTER_PORT are not: start the processes with torchrun"):
+    with pytest.raises(UsageError, match=r"^the engine was given world_size=2 but MASTER_ADDR and MASTER_PORT are "
+                                         r"not: start the processes with torchrun, which sets them all, or give "
+                                         r"world_size=1$"):
         TrainingEngine(config, RegressionTask(config), 0, 2).train()
     assert not (tmp_path / "run").exists()
 

@@ -71,6 +71,7 @@ class Callback:
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this callback: rank 0's, which every rank loads on a resume."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

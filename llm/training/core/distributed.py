@@ -138,8 +138,12 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
         return
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:  # WORLD_SIZE left in the environment by hand, or by another launcher
-        raise UsageError(f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                         f"not: start the processes with torchrun, which sets them all, or unset WORLD_SIZE")
+        unset = f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not"
+        if os.environ.get("WORLD_SIZE"):
+            raise UsageError(f"WORLD_SIZE={world_size} is set but {unset}: start the processes with torchrun, which "
+                             f"sets them all, or unset WORLD_SIZE")
+        raise UsageError(f"the engine was given world_size={world_size} but {unset}: start the processes with "
+                         f"torchrun, which sets them all, or give world_size=1")
     backend = config.distributed.backend
     device = pick_device(config, local_rank)
     if backend == "auto":

@@ -677,6 +677,9 @@ class TrainingEngine:
         on_epoch_end, else the next training record (on a step that logs none, the values wait for it)."""
         values = {}
         for key, value in metrics.items():
+            if key in RECORD_KEYS:
+                raise UsageError(f"engine.log in {self._hook or 'training'}: {key!r} is a field every record has "
+                                 f"({', '.join(RECORD_KEYS)}), set by the engine: log it under another name")
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
             elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -1040,6 +1043,8 @@ class NonFiniteError(RuntimeError):
 
 
 _END = object()
+RECORD_KEYS = ("split", "step", "epoch")
+"""The fields of every logged record, before its metrics: engine.log may not set them."""
 
 
 class TrainingInterrupted(Exception):

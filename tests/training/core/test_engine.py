@@ -1551,3 +1551,13 @@ def test_a_config_naming_another_task_than_the_one_given_puts_the_run_in_the_giv
     engine, _ = train(config, ClassificationTask)
     assert engine.run_dir == Path("runs/classification") and (tmp_path / "runs/classification/summary.json").exists()
     assert yaml.safe_load((tmp_path / "runs/classification/config.yaml").read_text())["task"] == "classification"
+
+
+def test_engine_log_refuses_the_fields_every_record_has(tmp_path):
+    class LogsAnEpoch(Callback):
+        def on_step_end(self, engine):
+            engine.log({"epoch": engine.step / 14})
+
+    with pytest.raises(UsageError, match=r"^engine.log in on_step_end: 'epoch' is a field every record has \(split, "
+                                         r"step, epoch\), set by the engine: log it under another name$"):
+        train(tiny_config(tmp_path), callbacks=[LogsAnEpoch()])
