@@ -218,6 +218,7 @@ def test_what_runs_wrote_inside_the_data_folder_is_not_read_as_text(tmp_path):
         "runs/finished": ["config.yaml", "summary.json"], "runs/logging": ["config.yaml", "metrics.jsonl"],
         "runs/training": [".llm.lock", "config.yaml"],
         "runs/saved": ["config.yaml", *(f"checkpoints/{name}" for name in checkpoint)],
+        "runs/charted": ["config.yaml", "events.out.tfevents.1796470451.host.1.0"],  # TensorBoard alone
         "ckpts": checkpoint,  # a checkpoint folder of its own (--checkpoint-dir ckpts)
         "papers": ["paper.txt", "summary.json"],  # the user's: a summary.json alone is data like any other
         "notes": ["config.yaml", "todo.txt"],

@@ -203,6 +203,9 @@ def test_an_engine_for_two_processes_started_without_a_launcher_says_what_is_mis
                                          r"world_size=1$"):
         TrainingEngine(config, RegressionTask(config), 0, 2).train()
     assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a variable that did not ask for the 2
+    with pytest.raises(UsageError, match=r"^the engine was given world_size=2"):
+        TrainingEngine(config, RegressionTask(config), 0, 2).train()
 
 
 def test_torch_distributed_launch_as_the_guide_names_it(tmp_path):

@@ -420,8 +420,9 @@ class Config:
         return self
 
     def fill_in(self, path: str) -> str:
-        """``path`` with ``{task}`` replaced by the task's name, as in logging.log_dir (runs/{task} -> runs/lm)."""
-        return path.replace("{task}", self.task.rpartition(":")[2].lower())
+        """``path`` with ``{task}`` replaced by the task's name, as in logging.log_dir (runs/{task} -> runs/lm;
+        package.module:Outer.MyTask -> runs/mytask)."""
+        return path.replace("{task}", self.task.rpartition(":")[2].rpartition(".")[2].lower())
 
     def _fields(self) -> Iterator[tuple[str, Any, Any]]:
         """(section.field, value, type) of every field."""

@@ -139,7 +139,7 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:  # WORLD_SIZE left in the environment by hand, or by another launcher
         unset = f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not"
-        if os.environ.get("WORLD_SIZE"):
+        if os.environ.get("WORLD_SIZE") == str(world_size):  # not the engine's own argument
             raise UsageError(f"WORLD_SIZE={world_size} is set but {unset}: start the processes with torchrun, which "
                              f"sets them all, or unset WORLD_SIZE")
         raise UsageError(f"the engine was given world_size={world_size} but {unset}: start the processes with "

@@ -883,7 +883,10 @@ class TrainingEngine:
                              f"metrics: return it, changed or not")
         numbers_only = {}
         for key, value in finalized.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
+            if key in RECORD_KEYS:
+                raise UsageError(f"{task}.finalize_metrics returned {key!r}, a field every record has "
+                                 f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
+            if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
                 value = value.item()
             if not isinstance(value, numbers.Real):
                 raise UsageError(f"{task}.finalize_metrics returned {key!r} as a {type(value).__name__}, expected a "
@@ -1080,9 +1083,9 @@ def _checkpointable(value: Any, where: str) -> Any:
     """``value`` as a checkpoint can hold it, which loads it without running code: numbers, strings, tensors, and
     dicts, lists, tuples and sets of them; a NumPy number becomes a Python one. Anything else is refused in one
     line naming ``where`` it came from, at the first save, not found unreadable at the resume."""
-    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float, complex, str, bytes)):
+    if isinstance(value, np.generic) and type(value.item()) in _PLAIN:
         return value.item()  # first: a float64 is a float too, but pickled as NumPy's
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.Tensor)):
+    if type(value) in _PLAIN or isinstance(value, torch.Tensor):  # not a subclass (an IntEnum): pickled as itself
         return value
     if isinstance(value, dict):  # an OrderedDict or a defaultdict too, as a dict
         return {_checkpointable(k, where): _checkpointable(v, where) for k, v in value.items()}
@@ -1090,7 +1093,11 @@ def _checkpointable(value: Any, where: str) -> Any:
         return type(value)(_checkpointable(v, where) for v in value)
     raise UsageError(f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
                      f"cannot hold: it holds numbers, strings, tensors, and dicts, lists, tuples and sets of them "
-                     f"(a NumPy array as a tensor, a deque as a list)")
+                     f"(a NumPy array as a tensor, a deque as a list, an Enum as its value)")
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
+"""What a checkpoint holds as it is, besides tensors (torch.load with weights_only reads these)."""
 
 
 def _check_plateau(scheduler: Any, config: Config, task: str) -> None:
@@ -1113,9 +1120,9 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
             if loss.numel() != 1:
                 raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
                                  f"the batch's mean, such as loss.mean()")
-            if "loss" in metrics:
-                raise UsageError(f"{where} returned a metric named 'loss', the name its loss is logged under: "
-                                 f"name the metric otherwise")
+            if clash := [name for name in ("loss", *RECORD_KEYS) if name in metrics]:
+                raise UsageError(f"{where} returned a metric named {clash[0]!r}, a field its record has already "
+                                 f"(loss, {', '.join(RECORD_KEYS)}): name the metric otherwise")
             for key, value in metrics.items():
                 if not (value.numel() == 1 if isinstance(value, torch.Tensor) else isinstance(value, numbers.Real)):
                     shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \

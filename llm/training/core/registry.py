@@ -123,7 +123,8 @@ def _not_searched(error: ImportError) -> str:
     top = (getattr(error, "name", None) or "").partition(".")[0]
     here = Path.cwd()
     searched = any(Path(entry or ".").resolve() == here for entry in sys.path)
-    if not top or searched or not ((here / f"{top}.py").is_file() or (here / top / "__init__.py").is_file()):
+    # a package, with an __init__.py or without (a namespace package), holds Python files; a data folder does not
+    if not top or searched or not ((here / f"{top}.py").is_file() or any((here / top).glob("*.py"))):
         return ""
     return ("; it is in the working directory, which this command does not search: run it with PYTHONPATH=. "
             "(python -m and torchrun -m search it)")

@@ -1,3 +1,4 @@
+import enum
 import itertools
 import json
 import math
@@ -1501,12 +1502,14 @@ def test_numpy_numbers_and_one_element_tensors_from_a_task_or_a_callback_leave_c
 
     class NumPyRmse(RegressionTask):
         def finalize_metrics(self, metrics):
-            rmse = {"val_rmse": np.sqrt(metrics["val_loss"])} if "val_loss" in metrics else {}
+            rmse = {"val_rmse": np.sqrt(metrics["val_loss"]), "val_low": np.float64(metrics["val_loss"]) < 0.5} \
+                if "val_loss" in metrics else {}
             return {**metrics, **rmse, "doubled": torch.tensor(2.0) * metrics["val_loss" if rmse else "loss"]}
 
     class Counter(Callback):
         def __init__(self):
-            self.state = {"mean": np.float64(0.0), "seen": [np.int64(0)], "names": {"a"}}
+            self.state = {"mean": np.float64(0.0), "seen": [np.int64(0)], "names": {"a"}, "dtype": torch.float16,
+                          "shape": torch.Size([2]), "device": torch.device("cpu")}
 
         def on_step_end(self, engine):
             self.state["mean"] += np.float64(1.0)
@@ -1522,8 +1525,13 @@ def test_numpy_numbers_and_one_element_tensors_from_a_task_or_a_callback_leave_c
     again, counter = tiny_config(tmp_path, **{**settings, "training": {"max_steps": 6}}), Counter()
     again.checkpoint.resume = "auto"
     engine, metrics = train(again, NumPyRmse, callbacks=[counter])  # the checkpoint reads back
-    assert engine.step == 6 and counter.state == {"mean": 6.0, "seen": [0], "names": {"a"}}
+    assert engine.step == 6 and counter.state == {"mean": 6.0, "seen": [0], "names": {"a"}, "dtype": torch.float16,
+                                                  "shape": torch.Size([2]), "device": torch.device("cpu")}
     assert type(metrics["val_rmse"]) is float and type(engine.best_metric) is float
+
+
+class Phase(enum.IntEnum):
+    WARM = 1
 
 
 def test_what_a_checkpoint_cannot_hold_is_one_line_naming_where_it_came_from(tmp_path):
@@ -1537,11 +1545,27 @@ def test_what_a_checkpoint_cannot_hold_is_one_line_naming_where_it_came_from(tmp
         def finalize_metrics(self, metrics):
             return {**metrics, "grade": "good"}
 
+    class Phased(Callback):
+        def state_dict(self):
+            return {"phase": Phase.WARM}  # an int, as the loader sees it, of a class it will not run
+
     with pytest.raises(UsageError, match=r"^Recent.state_dict\(\) holds a collections.deque, which a checkpoint "
-                                         r"cannot hold: .*\(a NumPy array as a tensor, a deque as a list\)$"):
+                                         r"cannot hold: .*\(a NumPy array as a tensor, a deque as a list, an Enum as "
+                                         r"its value\)$"):
         train(tiny_config(tmp_path / "deque", training={"max_steps": 2}), callbacks=[Recent()])
+    with pytest.raises(UsageError, match=r"^Phased.state_dict\(\) holds a test_engine.Phase, which a checkpoint"):
+        train(tiny_config(tmp_path / "enum", training={"max_steps": 2}), callbacks=[Phased()])
     with pytest.raises(UsageError, match=r"^Worded.finalize_metrics returned 'grade' as a str, expected a number"):
         train(tiny_config(tmp_path / "str"), Worded)
+
+    class Stepped(RegressionTask):  # a metric named like a field of its record would replace it
+        def train_step(self, batch, model, criterion):
+            loss, metrics = super().train_step(batch, model, criterion)
+            return loss, {**metrics, "epoch": 0.25}
+
+    with pytest.raises(UsageError, match=r"^Stepped.train_step returned a metric named 'epoch', a field its record "
+                                         r"has already \(loss, split, step, epoch\): name the metric otherwise$"):
+        train(tiny_config(tmp_path / "field"), Stepped)
 
 
 def test_a_config_naming_another_task_than_the_one_given_puts_the_run_in_the_given_tasks_folder(tmp_path, monkeypatch):
@@ -1551,6 +1575,12 @@ def test_a_config_naming_another_task_than_the_one_given_puts_the_run_in_the_giv
     engine, _ = train(config, ClassificationTask)
     assert engine.run_dir == Path("runs/classification") and (tmp_path / "runs/classification/summary.json").exists()
     assert yaml.safe_load((tmp_path / "runs/classification/config.yaml").read_text())["task"] == "classification"
+
+    class Nested(RegressionTask):  # recorded as module:function.<locals>.Nested, its folder named by the class
+        pass
+
+    again = Config.from_dict({"training": {"max_steps": 2}, "logging": {"progress_bar": False}})
+    assert train(again, Nested)[0].run_dir == Path("runs/nested")
 
 
 def test_engine_log_refuses_the_fields_every_record_has(tmp_path):

@@ -41,5 +41,10 @@ def test_a_module_in_the_working_directory_the_import_path_lacks_is_named_with_t
     for missing in ("elsewhere", "shards"):  # nothing here to add
         with pytest.raises(UsageError, match=rf"^cannot import task module '{missing}': No module named '{missing}'$"):
             resolve_task(f"{missing}:Mine")
+    (tmp_path / "tasks_of_mine").mkdir()  # a package without __init__.py (a namespace package) is a package
+    (tmp_path / "tasks_of_mine" / "sine.py").write_text("")
+    with pytest.raises(UsageError, match=r"^cannot import task module 'tasks_of_mine.sine': No module named "
+                                         r"'tasks_of_mine'; it is in the working directory"):
+        resolve_task("tasks_of_mine.sine:Sine")
     monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
     assert resolve_task("mine:Mine").__name__ == "RegressionTask"
