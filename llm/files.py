@@ -133,8 +133,9 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def is_run_output(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is what a run writes: a run folder (its lock file; its config.yaml beside its log, its
-    summary, its checkpoints or a TensorBoard event file), a folder of checkpoints, or a checkpoint. Each of these names alone is common in data
-    sets (a summary.json, a metrics.jsonl): it takes the pair, or a checkpoint's own files."""
+    summary, its checkpoints or a TensorBoard event file), a folder of checkpoints, or a checkpoint. Each of
+    these names alone is common in data sets (a summary.json, a metrics.jsonl): it takes the pair, or a
+    checkpoint's own files."""
     folder = Path(folder)
     if (folder / RUN_LOCK).is_file() or _is_checkpoint(folder) or _holds_checkpoints(folder):
         return True

@@ -630,7 +630,7 @@ class TrainingEngine:
         fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
                                           self.sharded)
-        if isinstance(self.scheduler, ReduceLROnPlateau):  # its settings this run's, where it stood the saved
+        if isinstance(self.scheduler, ReduceLROnPlateau):  # this run's settings, at the saved one's standing
             if any(k not in resume.HARMLESS_CONFIG for k in changed):
                 resume.keep_optimizer_settings(self.optimizer, fresh_groups, None, self.step)
             resume.resume_plateau(self.optimizer, self.scheduler, shared["scheduler"], changed)
@@ -874,8 +874,8 @@ class TrainingEngine:
         return metrics
 
     def _finalized(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The task's finalize_metrics of rank-averaged metrics, checked: in setup, one line for a method that
-        changes the dict in place and returns nothing."""
+        """The task's finalize_metrics of rank-averaged metrics, as floats; one line for a method that changes
+        the dict in place and returns nothing, or returns what is no number (found in setup, on a first batch)."""
         task = type(self.task).__name__
         finalized = self.task.finalize_metrics(metrics)
         if not isinstance(finalized, Mapping):
