@@ -25,7 +25,7 @@ Metrics reaching a callback are already averaged over ranks, and hooks run on
 every rank: callbacks that write files check ``engine.is_main``. A callback adds
 metrics with ``engine.log({...})``: to the validation's record in
 ``on_validation_end``, the epoch's in ``on_epoch_end``, else to the next
-training record. It stops training
+training record (none follows ``on_train_end``: refused there). It stops training
 with ``engine.request_stop(reason)``; the engine agrees on the stop across ranks.
 Callbacks with state implement ``state_dict``/``load_state_dict``; the state is
 saved in checkpoints, under the callback's class name. ``engine.continues_run``

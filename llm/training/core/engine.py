@@ -675,6 +675,9 @@ class TrainingEngine:
     def log(self, metrics: dict[str, float]) -> None:
         """Add metrics to the record of the current hook: the validation's in on_validation_end, the epoch's in
         on_epoch_end, else the next training record (on a step that logs none, the values wait for it)."""
+        if self._hook == "on_train_end":  # the last record was written, and the checkpoint that would keep values
+            raise UsageError("engine.log in on_train_end: no record follows the end of training; log in "
+                             "on_validation_end or on_epoch_end, or write the value yourself")
         values = {}
         for key, value in metrics.items():
             if key in RECORD_KEYS:

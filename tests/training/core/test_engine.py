@@ -1583,7 +1583,7 @@ def test_a_config_naming_another_task_than_the_one_given_puts_the_run_in_the_giv
     assert train(again, Nested)[0].run_dir == Path("runs/nested")
 
 
-def test_engine_log_refuses_the_fields_every_record_has(tmp_path):
+def test_engine_log_refuses_the_fields_every_record_has_and_a_record_that_never_comes(tmp_path):
     class LogsAnEpoch(Callback):
         def on_step_end(self, engine):
             engine.log({"epoch": engine.step / 14})
@@ -1591,3 +1591,11 @@ def test_engine_log_refuses_the_fields_every_record_has(tmp_path):
     with pytest.raises(UsageError, match=r"^engine.log in on_step_end: 'epoch' is a field every record has \(split, "
                                          r"step, epoch\), set by the engine: log it under another name$"):
         train(tiny_config(tmp_path), callbacks=[LogsAnEpoch()])
+
+    class LogsAtTheEnd(Callback):  # its value would go to a record that never comes
+        def on_train_end(self, engine, metrics):
+            engine.log({"total_time": 1.0})
+
+    with pytest.raises(UsageError, match=r"^engine.log in on_train_end: no record follows the end of training"):
+        train(tiny_config(tmp_path / "end"), callbacks=[LogsAtTheEnd()])
+    assert (tmp_path / "end/run/summary.json").exists()  # the run itself was finished and saved
