@@ -221,11 +221,12 @@ def check_out(given: str | os.PathLike) -> None:
     if out.exists() and not _is_export(out):
         raise UsageError(f"--out {out} exists and is not an earlier export (a safetensors file with the task in "
                          f"its metadata), so it is left as it is: choose another --out")
-    if description.exists() and not _is_description(description, of=out):
+    described = _described(description)  # {} where there is none
+    if description.exists() and not _is_description(described, of=out):
         raise UsageError(f"--out {out}: {description} exists and is not the description of an export to "
                          f"{out.name}, so it is left as it is: choose another --out")
     tokenizer = tokenizer_of(out)
-    if tokenizer.exists() and not (description.exists() and _described(description).get("tokenizer") == tokenizer.name):
+    if tokenizer.exists() and described.get("tokenizer") != tokenizer.name:
         raise UsageError(f"--out {out}: {tokenizer} exists and is not the tokenizer of an earlier export to "
                          f"{out.name}, so it is left as it is: choose another --out")
 
@@ -265,9 +266,9 @@ def _described(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _is_description(path: Path, of: Path) -> bool:
-    """Whether ``path`` is an export's description, of the weights ``of`` (or of weights it does not name)."""
-    data = _described(path)
+def _is_description(data: dict, of: Path) -> bool:
+    """Whether ``data`` (read by _described) is an export's description, of the weights ``of`` (or of weights it
+    does not name)."""
     return {"task", "model_config", "config"} <= data.keys() and data.get("weights", of.name) == of.name
 
 
