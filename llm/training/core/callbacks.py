@@ -343,27 +343,40 @@ class LRSchedulerCallback(Callback):
 
     The scheduler has already set the next step's rate when a step ends, so the
     rate each step takes is read before it: at the end of the step before, or of
-    the validation after it (where a ReduceLROnPlateau sets it).
+    the validation after it (where a ReduceLROnPlateau sets it). ``lr`` is the
+    first parameter group's; when the groups start at different rates (a lower one
+    for a pretrained backbone), each further group's is logged too, as ``lr_group1``, ...
     """
 
     def __init__(self) -> None:
-        self._next: float | None = None  # the rate the coming step takes
-        self._last: float | None = None  # the rate the last step took
+        self._groups = range(1)  # the parameter groups logged
+        self._next: list[float] = []  # the rates the coming step takes
+        self._last: list[float] = []  # the rates the last step took
 
     def on_train_start(self, engine: TrainingEngine) -> None:
-        self._next = engine.optimizer.param_groups[0]["lr"]
+        groups = engine.optimizer.param_groups
+        self._groups = range(len(groups) if len({g["lr"] for g in groups}) > 1 else 1)
+        self._next = self._rates(engine)
 
     def on_step_end(self, engine: TrainingEngine) -> None:
-        self._last, self._next = self._next, engine.optimizer.param_groups[0]["lr"]
+        self._last, self._next = self._next, self._rates(engine)
         if engine.step % engine.config.logging.log_every_steps == 0:  # only steps that are logged
-            engine.log({"lr": self._last})
+            engine.log(self._named(self._last))
 
     def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        self._next = engine.optimizer.param_groups[0]["lr"]  # a ReduceLROnPlateau sets it here
+        self._next = self._rates(engine)  # a ReduceLROnPlateau sets them here
 
     def on_epoch_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        if self._last is not None:
-            engine.log({"lr": self._last})
+        if self._last:
+            engine.log(self._named(self._last))
+
+    def _rates(self, engine: TrainingEngine) -> list[float]:
+        groups = engine.optimizer.param_groups
+        return [groups[i]["lr"] for i in self._groups]
+
+    @staticmethod
+    def _named(rates: list[float]) -> dict[str, float]:
+        return {"lr": rates[0], **{f"lr_group{i}": rate for i, rate in enumerate(rates[1:], start=1)}}
 
 
 class ProgressBar(Callback):

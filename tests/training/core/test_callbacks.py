@@ -2,6 +2,7 @@ import json
 import time
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llm.training.core.callbacks import (
@@ -109,6 +110,24 @@ def test_lr_callback_logs_the_rate_the_step_took_not_the_next_ones():
     assert engine.logged == {"lr": 0.5}
     cb.on_epoch_end(engine, {})
     assert engine.logged == {"lr": 0.5}
+
+
+def test_lr_callback_logs_every_group_when_their_rates_differ():
+    engine = StubEngine()
+    backbone, head = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    engine.optimizer = torch.optim.SGD([{"params": [backbone], "lr": 0.01}, {"params": [head]}], lr=0.1)
+    cb = LRSchedulerCallback()
+    cb.on_train_start(engine)
+    engine.step = 50
+    for group in engine.optimizer.param_groups:
+        group["lr"] /= 2  # the next step's
+    cb.on_step_end(engine)
+    assert engine.logged == {"lr": 0.01, "lr_group1": 0.1}
+    engine.logged = {}
+    engine.optimizer = torch.optim.SGD([{"params": [backbone]}, {"params": [head]}], lr=0.1)
+    cb.on_train_start(engine)  # groups at one rate: lr alone
+    cb.on_step_end(engine)
+    assert engine.logged == {"lr": 0.1}
 
 
 def test_metrics_logger_writes_one_json_object_per_record_on_rank_0_only(tmp_path):
