@@ -9,6 +9,7 @@ restarted worker does not fault again):
   INT_AT_STEP=N [INT_RANK=r]       SIGINT (Ctrl-C) this rank after optimizer step N
   TWICE_AT_STEP=N [TWICE_RANK=r]   SIGTERM this rank twice after optimizer step N
   STOP_AT_STEP=N [STOP_RANK=r]     this rank's callback asks the run to stop after optimizer step N
+  STOP_AT_EPOCH_START=N [STOP_RANK=r]  this rank's callback asks the run to stop as epoch N starts
   KILL_AGENT_AT_STEP=N             rank 0 SIGKILLs its parent, the torchrun agent, after optimizer step N
   KILL_AGENT_BEFORE_ENGINE=1       rank 0 SIGKILLs its parent, the torchrun agent, before any rank builds its engine
   TERM_THEN_KILL_AGENT_AT_STEP=N   rank 0 has its parent, the torchrun agent, sent SIGTERM after optimizer step N
@@ -46,6 +47,10 @@ def _fire_once(engine, name: str, step: int) -> bool:
 
 
 class Faults(Callback):
+    def on_epoch_start(self, engine):
+        if _fire_once(engine, "STOP_AT_EPOCH_START", engine.epoch):
+            engine.request_stop(f"asked by rank {engine.rank} as epoch {engine.epoch} starts")
+
     def on_step_end(self, engine):
         if _fire_once(engine, "KILL_AT_STEP", engine.step):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -426,6 +426,17 @@ def test_two_ranks_skip_a_nan_step_everywhere_and_stop_with_the_reason_of_the_ra
     assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in rank0)
 
 
+def test_a_stop_asked_for_on_one_rank_as_an_epoch_starts_takes_no_step_of_it_on_any_rank(tmp_path):
+    out = torchrun(2, WORKER, *SMALL, "--epochs", "3", "--logging-log-dir", "run", cwd=tmp_path, timeout=120,
+                   env={"STOP_AT_EPOCH_START": "1", "STOP_RANK": "1", "PYTHONPATH": f"{REPO}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    [first_epoch] = [r for r in records if r["split"] == "epoch"]
+    assert summary["steps"] == first_epoch["step"] and summary["epochs"] == 1
+    assert summary["stop_reason"] == "asked by rank 1 as epoch 1 starts"
+
+
 def test_console_scripts_answer_help():
     scripts = ("llm-train", "llm-generate", "llm-evaluate", "llm-export", "llm-plot")
     started = {s: subprocess.Popen([str(Path(SCRIPTS) / s), "--help"], stdout=subprocess.PIPE, text=True) for s in scripts}

@@ -143,6 +143,7 @@ class TrainingEngine:
         self._first_sample = self.samples_seen
         try:
             self._fire("on_train_start")
+            self._stop_before_a_step()
             with self._stop_on_signals():
                 while not self._finished():
                     self.train_epoch()
@@ -163,6 +164,8 @@ class TrainingEngine:
         t = self.config.training
         self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
         self._fire("on_epoch_start")
+        if self._stop_before_a_step():
+            return
         self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
         for micro_batches, last_of_epoch in self._epoch_batches():
             self.optimizer_step(micro_batches)
@@ -194,6 +197,11 @@ class TrainingEngine:
         if due and not self._finished() and self._saved_step != self.step:
             self.save_checkpoint()
         return stop
+
+    def _stop_before_a_step(self) -> bool:
+        """Whether a stop asked for in on_train_start or on_epoch_start, on any rank, holds: agreed there, so that
+        every rank leaves the loop before the step, rather than the others taking it and waiting on that rank."""
+        return (self.should_stop or self.world_size > 1) and self._agree_to_stop(save_due=False)[0]
 
     def _stop_at_max_steps(self) -> None:
         max_steps = self.config.training.max_steps
@@ -666,7 +674,8 @@ class TrainingEngine:
     # ---- what callbacks use ----------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop after this step; the stop is agreed across ranks, and a resume keeps it."""
+        """Ask the loop to stop after this step (asked in on_train_start or on_epoch_start: before the epoch's
+        first step); the stop is agreed across ranks, and a resume keeps it."""
         reason = reason or "a stop asked for without a reason"
         if not self.should_stop:
             self.should_stop, self.stop_reason = True, reason

@@ -101,6 +101,28 @@ def test_hooks_fire_in_the_order_of_the_documented_loop(tmp_path):
     assert set(recorder.names()) == set(HOOKS)  # every hook the engine calls is a Callback method, and back
 
 
+class StopAt(Callback):
+    def __init__(self, hook, epoch=0):
+        self.hook, self.epoch = hook, epoch
+
+    def on_train_start(self, engine):
+        if self.hook == "on_train_start":
+            engine.request_stop("enough")
+
+    def on_epoch_start(self, engine):
+        if self.hook == "on_epoch_start" and engine.epoch == self.epoch:
+            engine.request_stop("enough")
+
+
+@pytest.mark.parametrize("hook, epoch, steps", [("on_train_start", 0, 0), ("on_epoch_start", 0, 0),
+                                                ("on_epoch_start", 1, 14)])
+def test_a_stop_asked_for_before_an_epoch_takes_no_step_of_it(tmp_path, hook, epoch, steps):
+    recorder = Recorder()
+    engine, metrics = train(tiny_config(tmp_path), callbacks=[StopAt(hook, epoch), recorder])
+    assert engine.step == metrics["steps"] == steps and metrics["stop_reason"] == "enough"
+    assert recorder.names().count("on_step_end") == steps and "val_loss" in metrics  # validated, as any stop
+
+
 class RefuseToStart(Callback):
     def on_train_start(self, engine):
         raise UsageError("RefuseToStart: bad settings")
