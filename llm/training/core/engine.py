@@ -277,7 +277,12 @@ class TrainingEngine:
             self._check_steps()
         self._update(taken, scaler)
         if self._per_step_scheduler is not None:
-            self._per_step_scheduler.step()
+            if first:  # a first step skipped (not finite; a loss scaler's overflow) is no loop stepping them misordered
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                    self._per_step_scheduler.step()
+            else:
+                self._per_step_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sums.add_step(recorded, grad_norm, taken)
         if taken is not True:  # a step the host knows was taken needs no check

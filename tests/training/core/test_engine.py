@@ -599,6 +599,14 @@ def test_nan_policy_stop_names_the_step_and_saves_nothing(tmp_path, monkeypatch)
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000002"
 
 
+@pytest.mark.filterwarnings("error")
+def test_a_skipped_first_step_and_its_schedule_step_raise_no_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAN_AT_STEP", "1")
+    engine, metrics = train(tiny_config(tmp_path, training={"nan_policy": "skip", "max_steps": 3}),
+                            task_cls=NaNRegressionTask)
+    assert metrics["skipped_steps"] == 1 and engine.scheduler.last_epoch == 3
+
+
 class LossScaled(Callback):
     """The fp16 path on the CPU: a gradient scaler, which the engine turns on only for fp16 on CUDA."""
 
