@@ -955,16 +955,22 @@ class TrainingEngine:
             except UsageError:
                 raise  # a callback refusing its settings: one line, exit 2
             except Exception as e:
-                raise CallbackError(f"callback {type(cb).__name__}.{hook} failed: {type(e).__name__}: {e}") from e
+                raise _callback_error(cb, hook, e) from e
 
     def _fire_cleanup(self, metrics: dict[str, float], ok: bool) -> None:
-        """on_train_end for every callback; after an error, one failing callback does not stop the rest."""
-        if ok:
-            self._fire("on_train_end", metrics)
-            return
-        for cb in self.callbacks:
-            with contextlib.suppress(Exception):
+        """on_train_end for every callback, though one fails (a tracker's upload): every writer is closed. After
+        an error theirs are dropped, the run's own is raised; after a run that went well, the first failure."""
+        self._hook, failed = "on_train_end", None
+        for cb in self._listeners["on_train_end"]:
+            try:
                 cb.on_train_end(self, metrics)
+            except Exception as e:
+                failed = failed or (cb, e)
+        if ok and failed:
+            cb, e = failed
+            if isinstance(e, UsageError):
+                raise e
+            raise _callback_error(cb, "on_train_end", e) from e
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.training.precision)
@@ -1185,6 +1191,10 @@ def _moved(batch: Any, device: torch.device) -> Any:
         except TypeError:  # a mapping that is not built from a dict (defaultdict): a plain one
             return moved
     return batch
+
+
+def _callback_error(cb: Callback, hook: str, e: Exception) -> CallbackError:
+    return CallbackError(f"callback {type(cb).__name__}.{hook} failed: {type(e).__name__}: {e}")
 
 
 def _where(e: BaseException) -> str:

@@ -955,6 +955,18 @@ def test_a_failing_callback_is_named_and_the_others_still_clean_up(tmp_path):
     assert recorder.names()[-1] == "on_train_end"
 
 
+def test_a_clean_up_failing_after_a_good_run_is_raised_once_every_callback_cleaned_up(tmp_path):
+    class Upload(Callback):
+        def on_train_end(self, engine, metrics):
+            raise ConnectionError("artifact store unreachable")
+
+    config = tiny_config(tmp_path, training={"max_steps": 7}, logging={"log_every_steps": 5})
+    with pytest.raises(CallbackError, match="Upload.on_train_end failed: ConnectionError: artifact store unreachable"):
+        train(config, callbacks=[Upload(), TensorBoardLogger()])
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 7]  # the writer was closed: the last record is in
+
+
 def test_run_directory_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
