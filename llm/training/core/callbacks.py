@@ -344,8 +344,8 @@ class LRSchedulerCallback(Callback):
     The scheduler has already set the next step's rate when a step ends, so the
     rate each step takes is read before it: at the end of the step before, or of
     the validation after it (where a ReduceLROnPlateau sets it). ``lr`` is the
-    first parameter group's; when the groups start at different rates (a lower one
-    for a pretrained backbone), each further group's is logged too, as ``lr_group1``, ...
+    first parameter group's; when the groups' base rates differ (a lower one for a
+    pretrained backbone), each further group's is logged too, as ``lr_group1``, ...
     """
 
     def __init__(self) -> None:
@@ -354,14 +354,14 @@ class LRSchedulerCallback(Callback):
         self._last: list[float] = []  # the rates the last step took
 
     def on_train_start(self, engine: TrainingEngine) -> None:
-        groups = engine.optimizer.param_groups
-        self._groups = range(len(groups) if len({g["lr"] for g in groups}) > 1 else 1)
+        groups = engine.optimizer.param_groups  # a scheduler keeps each group's base rate; a warmup starts all at 0
+        self._groups = range(len(groups) if len({g.get("initial_lr", g["lr"]) for g in groups}) > 1 else 1)
         self._next = self._rates(engine)
 
     def on_step_end(self, engine: TrainingEngine) -> None:
         self._last, self._next = self._next, self._rates(engine)
-        if engine.step % engine.config.logging.log_every_steps == 0:  # only steps that are logged
-            engine.log(self._named(self._last))
+        if engine.step % engine.config.logging.log_every_steps == 0 or engine.step == engine.total_steps:
+            engine.log(self._named(self._last))  # only steps that are logged: the schedule's, and the run's last
 
     def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         self._next = self._rates(engine)  # a ReduceLROnPlateau sets them here

@@ -124,6 +124,11 @@ def test_lr_callback_logs_every_group_when_their_rates_differ():
     cb.on_step_end(engine)
     assert engine.logged == {"lr": 0.01, "lr_group1": 0.1}
     engine.logged = {}
+    torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: step / 10)  # a warmup: every group at 0
+    cb.on_train_start(engine)
+    cb.on_step_end(engine)
+    assert engine.logged == {"lr": 0.0, "lr_group1": 0.0}
+    engine.logged = {}
     engine.optimizer = torch.optim.SGD([{"params": [backbone]}, {"params": [head]}], lr=0.1)
     cb.on_train_start(engine)  # groups at one rate: lr alone
     cb.on_step_end(engine)

@@ -967,6 +967,15 @@ def test_a_clean_up_failing_after_a_good_run_is_raised_once_every_callback_clean
     assert [e.step for e in events.Scalars("train/loss")] == [5, 7]  # the writer was closed: the last record is in
 
 
+def test_the_last_training_record_off_the_logging_schedule_has_the_rate_and_the_throughput(tmp_path):
+    config = tiny_config(tmp_path, training={"max_steps": 7}, logging={"log_every_steps": 3})
+    train(config, callbacks=default_callbacks(config))
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [3, 6, 7]
+    assert all("lr" in r and "samples_per_s" in r for r in train_records)
+
+
 def test_run_directory_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
