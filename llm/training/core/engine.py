@@ -914,7 +914,11 @@ class TrainingEngine:
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
         if split == "train":
             self.train_metrics = metrics
-        record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **self._pending.pop(split, {})}
+        logged = self._pending.pop(split, {})
+        for key in logged.keys() & metrics.keys():  # the record would show one value, the run acting on another
+            raise UsageError(f"engine.log: {key!r} is one of the {split} record's own metrics (the task's or the "
+                             f"engine's), at step {self.step}: log the value under another name")
+        record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **logged}
         self._logged = True
         self._fire("on_log", record)
 

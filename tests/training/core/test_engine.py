@@ -1650,3 +1650,19 @@ def test_engine_log_refuses_the_fields_every_record_has_and_a_record_that_never_
     with pytest.raises(UsageError, match=r"^engine.log in on_train_end: no record follows the end of training"):
         train(tiny_config(tmp_path / "end"), callbacks=[LogsAtTheEnd()])
     assert (tmp_path / "end/run/summary.json").exists()  # the run itself was finished and saved
+
+
+@pytest.mark.parametrize("hook, key, split", [("on_step_end", "loss", "train"), ("on_validation_end", "val_loss", "val")])
+def test_engine_log_refuses_a_metric_the_record_has_of_its_own(tmp_path, hook, key, split):
+    class Overrides(Callback):
+        def on_step_end(self, engine):
+            if hook == "on_step_end":
+                engine.log({key: 123.0})
+
+        def on_validation_end(self, engine, metrics):
+            if hook == "on_validation_end":
+                engine.log({key: -1.0})
+
+    with pytest.raises(UsageError, match=rf"^engine.log: '{key}' is one of the {split} record's own metrics \(the "
+                                         rf"task's or the engine's\), at step 2: log the value under another name$"):
+        train(tiny_config(tmp_path, training={"eval_every_steps": 2}), callbacks=[Overrides()])
