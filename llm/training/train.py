@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import errno
 import glob
+import os
 import re
+import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     # run by path (torchrun llm/training/train.py): Python put this file's folder first, whose tasks/ and
@@ -37,7 +40,7 @@ from llm.training.core.callbacks import (
     TensorBoardLogger,
 )
 from llm.training.core.config import Config
-from llm.training.core.engine import NonFiniteError, TrainingEngine, TrainingInterrupted
+from llm.training.core.engine import STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.throughput import ThroughputMonitor
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
@@ -218,7 +221,8 @@ def _lost_a_rank(e: RuntimeError) -> bool:
     return isinstance(e, dist.DistBackendError) or ("gloo" in text and ("Connection" in text or "Timed out" in text))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exiting: bool = False) -> int:
+    """Train as the command line says; returns the exit code. ``exiting``: the process exits after (run())."""
     one_line_warnings()
     threading.excepthook = _quiet_out_of_space
     argv = sys.argv[1:] if argv is None else argv
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             D.init_process_group(config, rank, world_size, local_rank)
             metrics = train_worker(rank, world_size, config)
+            if exiting:
+                _exit_on_signals(0)
         except Exception as e:
             if not (isinstance(e, RuntimeError) and _lost_a_rank(e)):
                 D.record_failure(rank, e)  # before the group goes: the ranks left waiting look for it
@@ -271,5 +277,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The command line's entry (``python -m``, torchrun, llm-train): main(), then the exit.
+
+    Once the run has finished, a signal (a scheduler's SIGTERM as the job ends) must
+    not turn it into one stopped by that signal (143), which a scheduler would run
+    again. Until main() returns, a signal ends the process at once with the finished
+    run's exit code (``_exit_on_signals``). The interpreter then takes most of a second to
+    tear torch down, where no Python handler runs: once any thread a library left running
+    has ended, the signals are ignored.
+    """
+    code = main(exiting=True)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _exit_on_signals(code: int) -> None:
+    """From now on SIGTERM, SIGINT or SIGHUP ends the process at once with ``code``: the run's files are written."""
+    def handler(signum: int, frame: Any) -> None:
+        os._exit(code)  # stdout is flushed line by line (say)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

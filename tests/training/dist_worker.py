@@ -110,4 +110,4 @@ _default_callbacks = train.default_callbacks
 train.default_callbacks = lambda config: [*_default_callbacks(config), Faults()]
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    train.run()

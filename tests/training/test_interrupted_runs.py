@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import cli_env, run, torchrun, two_nodes
+from tests.helpers import SCRIPTS, cli_env, run, torchrun, two_nodes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 FLAGS = ["--model-n-layer", "2", "--model-n-embd", "16", "--model-dropout", "0.1", "--data-num-samples", "512",
@@ -138,6 +138,22 @@ def test_ctrl_c_before_training_starts_ends_in_one_line_and_leaves_no_run_folder
     assert err == ("interrupted (Ctrl-C): outside the training steps (setting up, or a callback's work at the start "
                    "or the end): stopped at once; the checkpoints saved before are kept\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_once_the_run_has_finished_leaves_its_exit_code_0(tmp_path, signum):
+    """The interpreter takes most of a second to exit after the summary: a scheduler's signal then must not make a
+    finished run exit as a stopped one."""
+    flags = ["--epochs", "1", "--data-num-samples", "256", "--logging-log-dir", str(tmp_path / "run")]
+    process = subprocess.Popen([str(Path(SCRIPTS) / "llm-train"), *flags], cwd=tmp_path, env=cli_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("logs "):  # the summary's last line
+            process.send_signal(signum)
+            break
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and err == "", err
+    assert json.loads((tmp_path / "run/summary.json").read_text())["stop_reason"] == "trained training.epochs=1"
 
 
 def test_a_run_whose_terminal_hangs_up_saves_exits_129_and_resumes(tmp_path):

@@ -49,6 +49,8 @@ RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""The signals that stop a run after its step, with a checkpoint (_stop_on_signals)."""
 REPEAT_S = 2.0
 """Under torchrun, a signal within this many seconds of the first one is the same request, delivered twice (see
 _stop_on_signals)."""
@@ -1006,7 +1008,7 @@ class TrainingEngine:
                 signal.raise_signal(signum)
 
         try:
-            previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+            previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
             previous = {}
         done = threading.Event()
