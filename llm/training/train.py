@@ -14,6 +14,7 @@ import errno
 import glob
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -205,7 +206,7 @@ def _quiet_out_of_space(args: threading.ExceptHookArgs) -> None:
 def _moved(config: Config | None, asked_dir: str) -> str:
     """The flag that names the folder a fresh run moved to, for the command that continues it; "" if it did not."""
     moved = config is not None and asked_dir and config.logging.log_dir != asked_dir
-    return f" --logging-log-dir {config.logging.log_dir}" if moved else ""
+    return f" --logging-log-dir {shlex.quote(config.logging.log_dir)}" if moved else ""  # a path with a space
 
 
 def _set_by(config: Config | None, e: UsageError) -> str:

@@ -322,13 +322,14 @@ def test_torchrun_max_restarts_on_two_nodes_resumes_every_rank_in_the_launchs_fo
 
 
 def test_a_stopped_run_in_the_next_free_folder_is_told_how_to_continue_there(tmp_path):
-    (tmp_path / "runs/regression").mkdir(parents=True)
-    (tmp_path / "runs/regression/notes.txt").write_text("an earlier run\n")
+    (tmp_path / "my runs/regression").mkdir(parents=True)
+    (tmp_path / "my runs/regression/notes.txt").write_text("an earlier run\n")
     flags = [f for f in FLAGS if f not in ("--checkpoint-resume", "auto")]
-    stopped = run([sys.executable, str(WORKER), *flags], cwd=tmp_path, env={"TERM_AT_STEP": "5"})
+    stopped = run([sys.executable, str(WORKER), *flags, "--logging-log-dir", "my runs/regression"], cwd=tmp_path,
+                  env={"TERM_AT_STEP": "5"})
     assert stopped.returncode == 143
-    assert stopped.stderr.strip().endswith(
-        "continue with --checkpoint-resume auto --logging-log-dir runs/regression-2"), stopped.stderr[-1000:]
+    assert stopped.stderr.strip().endswith(  # quoted for the shell
+        "continue with --checkpoint-resume auto --logging-log-dir 'my runs/regression-2'"), stopped.stderr[-1000:]
 
 
 def fsdp_flags(tmp_path: Path) -> list[str]:
