@@ -47,8 +47,9 @@ def _shown(value: object) -> str:
 
 def closest(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for the nearest valid name, or ''."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
+    by_lower = {choice.lower(): choice for choice in choices}  # AdamW is adamw, not adam
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[match[0]]}?)" if match else ""
 
 
 def causes(error: BaseException | None) -> Iterator[BaseException]:

@@ -45,7 +45,7 @@ MAX_TIMEOUT_S = 10**8
 overflow past about 9e9 s, and hangs or fails with a traceback on far less."""
 
 
-@dataclass
+@dataclass(slots=True)  # a field misspelled in code is an AttributeError, not ignored
 class TrainingConfig:
     epochs: int = 10
     """Passes over the training data."""
@@ -79,7 +79,7 @@ class TrainingConfig:
     """Stop early after this many validations without improvement of checkpoint.monitor."""
 
 
-@dataclass
+@dataclass(slots=True)
 class OptimizerConfig:
     name: Literal["adamw", "adam", "sgd", "muon"] = "adamw"
     """Optimizer; muon: Muon on the hidden matrices, AdamW on embeddings, head and vectors."""
@@ -99,10 +99,10 @@ class OptimizerConfig:
     """Learning rate at the end of the decay."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
     n_layer: int = 4
-    """Transformer blocks (lm) or hidden layers (regression, classification)."""
+    """Transformer blocks (lm) or hidden layers (regression, classification; 0: a linear model)."""
     n_head: int = 4
     """Attention heads per block (lm)."""
     n_embd: int = 128
@@ -125,7 +125,7 @@ class ModelConfig:
     """Rows of the token embedding and output head (lm): 0 = the tokenizer's; more pads them (50257 -> 50304 runs faster)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class DataConfig:
     module: str = ""
     """Data module: a built-in name or package.module:Class (default: the task's own)."""
@@ -151,7 +151,7 @@ class DataConfig:
     """DataLoader worker processes per rank."""
 
 
-@dataclass
+@dataclass(slots=True)
 class CheckpointConfig:
     dir: str = ""
     """Checkpoint directory (default: <log_dir>/checkpoints)."""
@@ -174,7 +174,7 @@ class CheckpointConfig:
 LOGGER_NAMES = ("tensorboard", "mlflow", "wandb")
 
 
-@dataclass
+@dataclass(slots=True)
 class LoggingConfig:
     log_dir: str = "runs/{task}"
     """Run directory for config, metrics, TensorBoard events and summary ({task} is filled in)."""
@@ -190,7 +190,7 @@ class LoggingConfig:
         return list(dict.fromkeys(name.strip() for name in self.loggers.split(",") if name.strip()))
 
 
-@dataclass
+@dataclass(slots=True)
 class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend: auto picks nccl with CUDA, gloo otherwise."""
@@ -332,6 +332,10 @@ class Config:
 
     def validate(self) -> Config:
         """Check every value; fill in derived paths. Raises ConfigError."""
+        for section, cls in sections().items():  # a section replaced in code by a dict of its fields
+            if not isinstance(getattr(self, section), cls):
+                raise ConfigError(section, getattr(self, section), f"a {cls.__name__}: set its fields one by one, or "
+                                                                   f"build the config with Config.from_dict")
         for name, value, tp in self._fields():  # what YAML, variables and flags went through, for values set in code
             plain = _plain(value, tp)
             if plain is not value:  # a Path or a NumPy number set in code: the same value, as YAML can write it
@@ -366,15 +370,17 @@ class Config:
         _at_least("optimizer.min_lr", o.min_lr, 0.0)
         if o.min_lr > o.lr:
             raise ConfigError("optimizer.min_lr", o.min_lr, f"a value <= optimizer.lr ({o.lr})")
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        lm = self.task == "lm"
+        for name in ("n_head", "n_embd", "block_size"):
             _at_least(f"model.{name}", getattr(m, name), 1)
+        _at_least("model.n_layer", m.n_layer, 1 if lm else 0)  # an MLP without a hidden layer: a linear model
         if m.n_layer > MAX_LAYERS:  # building that many blocks takes hours before memory runs out
             raise ConfigError("model.n_layer", m.n_layer, f"at most {MAX_LAYERS}")
         _at_least("model.vocab_size", m.vocab_size, 0)
         if m.vocab_size > MAX_VOCAB_SIZE:  # an embedding of that many rows is built before the first step
             raise ConfigError("model.vocab_size", m.vocab_size, f"at most {MAX_VOCAB_SIZE:,}")
         _fraction("model.dropout", m.dropout)
-        if m.n_embd % m.n_head:
+        if lm and m.n_embd % m.n_head:  # a custom task's GPT says so when built
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
         for name in ("num_samples", "input_dim", "vocab_size"):
             _at_least(f"data.{name}", getattr(d, name), 1)
@@ -565,9 +571,11 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 def _plain(value: Any, tp: Any) -> Any:
     """A value set in code as the built-in type its field takes: a Path as text, a NumPy number as a number
-    (``np.logspace`` gives np.float64); ``value`` itself otherwise."""
+    (``np.logspace`` gives np.float64), a choice in capitals in lower case; ``value`` itself otherwise."""
     if tp is str and isinstance(value, os.PathLike):
         return os.fspath(value)
+    if get_origin(tp) is Literal and isinstance(value, str) and value not in get_args(tp):
+        return value.lower() if value.lower() in get_args(tp) else value  # AdamW, FP32: the choice meant
     if tp in (int, float) and type(value) not in (int, float, bool) and isinstance(value, numbers.Real):
         if tp is float or isinstance(value, numbers.Integral):
             return tp(value)

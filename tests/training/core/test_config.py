@@ -145,7 +145,10 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"trainer": {}}, ["trainer", "did you mean training"]),
         ({"lr": 0.1}, ["lr", "did you mean optimizer.lr?"]),  # a field put at the top level: where it goes
         ({"epochs": 20}, ["epochs", "did you mean training.epochs?"]),  # --epochs is a flag, not a YAML key
-        ({"model": {"n_embd": 100, "n_head": 3}}, ["model.n_embd", "100", "multiple of model.n_head"]),
+        ({"task": "lm", "model": {"n_embd": 100, "n_head": 3}}, ["model.n_embd", "100", "multiple of model.n_head"]),
+        ({"task": "lm", "model": {"n_layer": 0}}, ["model.n_layer", "0", ">= 1"]),
+        ({"model": {"n_layer": -1}}, ["model.n_layer", "-1", ">= 0"]),
+        ({"optimizer": {"name": "AdamWW"}}, ["optimizer.name", "'AdamWW'", "did you mean adamw?"]),
         ({"model": {"block_size": 0}}, ["model.block_size", "0"]),
         ({"training": "fast"}, ["training", "a mapping"]),
         ({"optimizer": {"lr": 10**400}}, ["optimizer.lr", "(401 characters)", "a number"]),  # no float holds it
@@ -250,7 +253,7 @@ def test_a_value_from_the_file_overridden_is_not_blamed_on_the_file(tmp_path):
     assert str(err.value) == "training.epochs: got -1, expected an integer >= 1"
     path.write_text("training:\n  epochs: 0\nmodel:\n")  # model: an empty section
     with pytest.raises(ConfigError) as err:  # a flag sets n_head, and the error names n_embd, a default
-        Config.from_args_and_env(["--config", str(path), "--epochs", "1", "--model-n-head", "3"], environ={})
+        Config.from_args_and_env(["--config", str(path), "--task", "lm", "--epochs", "1", "--model-n-head", "3"], environ={})
     assert "(in" not in str(err.value)
 
 
@@ -434,3 +437,25 @@ def test_config_files_given_in_turn_each_override_the_ones_before_setting_by_set
     assert config.set_by("model.n_layer") == f" (in {tmp_path / 'base.yaml'})"
     assert config.set_by("model.n_embd") == f" (in {tmp_path / 'wide.yaml'})"
     assert config.set_by("training.batch_size") == ""  # a flag: in sight already
+
+
+def test_model_sizes_that_only_a_gpt_needs_are_not_asked_of_an_mlp():
+    assert Config.from_dict({"model": {"n_embd": 10}}).model.n_embd == 10  # no attention heads to divide it among
+    assert Config.from_dict({"task": "classification", "model": {"n_layer": 0}}).model.n_layer == 0  # linear
+
+
+def test_a_choice_in_capitals_is_the_choice_meant():
+    config = Config.from_args_and_env(["--optimizer-name", "AdamW"], environ={"LLM_TRAINING_PRECISION": "BF16"})
+    assert (config.optimizer.name, config.training.precision) == ("adamw", "bf16")
+    config = Config()
+    config.optimizer.scheduler = "Cosine"
+    assert config.validate().optimizer.scheduler == "cosine"
+
+
+def test_a_field_misspelled_or_a_section_replaced_in_code_is_an_error_not_ignored():
+    config = Config()
+    with pytest.raises(AttributeError, match="epoch"):
+        config.training.epoch = 1
+    config.training = {"epochs": 2}
+    with pytest.raises(ConfigError, match=r"^training: got \{'epochs': 2\}, expected a TrainingConfig: set its fields one"):
+        config.validate()
