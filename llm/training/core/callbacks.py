@@ -35,6 +35,7 @@ from another run's, and ``engine.interrupted_by`` the signal that stopped it, if
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -255,7 +256,8 @@ class TensorBoardLogger(Callback):
             self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=max(1, round(self.flush_secs)),
                                          purge_step=engine.step + 1)
             # the run's config as hparams, written into this run's own event file
-            params = {k: v for k, v in flatten(engine.config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+            flat = flatten(dataclasses.asdict(engine.config))  # the paths as filled in
+            params = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
             for summary in hparams(params, {f"val/{engine.config.checkpoint.monitor}": float("nan")}):
                 self._writer.file_writer.add_summary(summary)
             self._handed_at = time.monotonic()

@@ -235,7 +235,14 @@ class Config:
         write_atomically(path, self.to_yaml())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as a nested mapping for from_dict: a path that validate() filled in is what it was filled
+        in from (``runs/{task}``, an empty checkpoint.dir), so that a copy given another task or log_dir puts
+        the run, and its checkpoints, where those say. ``dataclasses.asdict`` gives the paths as filled in."""
+        data = dataclasses.asdict(self)
+        for key in getattr(self, "_filled", {}):
+            section, name = key.split(".")
+            data[section][name] = self.given(key)
+        return data
 
     def given(self, key: str) -> Any:
         """``section.field`` as given: a path that validate() filled in is what it was filled in from."""
@@ -250,14 +257,8 @@ class Config:
         return getattr(self, "_set_by", {}).get(key, "")
 
     def to_yaml(self) -> str:
-        """The config as a YAML file to pass back with ``--config``: a path that validate() filled in is
-        written as what it was filled in from (``runs/{task}``, an empty checkpoint.dir), so that the file
-        given another task or log_dir puts the run, and its checkpoints, where those say."""
-        data = self.to_dict()
-        for key in getattr(self, "_filled", {}):
-            section, name = key.split(".")
-            data[section][name] = self.given(key)
-        return yaml.safe_dump(data, sort_keys=False)
+        """The config as a YAML file to pass back with ``--config``; its paths as to_dict() gives them."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_args_and_env(

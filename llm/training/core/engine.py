@@ -7,6 +7,7 @@ validation, logging and checkpoints at their intervals, then a summary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import itertools
 import json
@@ -584,7 +585,7 @@ class TrainingEngine:
                 "world_size": self.world_size, "stop": state["held_stop"],
             },
             "callbacks": state["callbacks"],
-            "config": self.config.to_dict(),
+            "config": dataclasses.asdict(self.config),
         }
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
         saved = self.checkpoints.save(
@@ -617,7 +618,7 @@ class TrainingEngine:
         if missing:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was written by another version of llm; "
                                   f"start a new run with --logging-log-dir DIR, or export its weights")
-        saved, now = flatten(shared["config"]), flatten(self.config.to_dict())
+        saved, now = flatten(shared["config"]), flatten(dataclasses.asdict(self.config))
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
         changed = resume.config_changes(saved, now)
         # the task's files, when no setting already says why they would differ (model.*, data.*)

@@ -13,6 +13,7 @@ run of its own. A run stopped by a signal, to be resumed, is not marked finished
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -109,7 +110,7 @@ class MLflowLogger(Callback):
                                  f"{self.experiment!r}: {one_line(e)}") from None
         self.run_id, self._client = run.info.run_id, client
         # MLflow forbids changing a param, so a resumed run keeps the values it started with
-        params = [Param(k, str(v)) for k, v in flatten(engine.config.to_dict()).items() if k not in run.data.params]
+        params = [Param(k, str(v)) for k, v in flatten(dataclasses.asdict(engine.config)).items() if k not in run.data.params]
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params
             client.log_batch(self.run_id, params=params[i:i + 100])
 
@@ -168,7 +169,7 @@ class WandbLogger(Callback):
             mode=self.mode,
             dir=str(self.dir or run_dir),  # wandb creates it
             name=self.run_name or run_dir.name,
-            config=engine.config.to_dict(),
+            config=dataclasses.asdict(engine.config),
             id=self.run_id,  # None starts a new run; a restored id continues it
             resume="allow" if self.run_id else None,
         )

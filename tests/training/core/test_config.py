@@ -459,3 +459,14 @@ def test_a_field_misspelled_or_a_section_replaced_in_code_is_an_error_not_ignore
     config.training = {"epochs": 2}
     with pytest.raises(ConfigError, match=r"^training: got \{'epochs': 2\}, expected a TrainingConfig: set its fields one"):
         config.validate()
+
+
+def test_a_copy_made_with_to_dict_and_given_another_log_dir_or_task_puts_the_run_where_those_say():
+    config = Config.from_dict({})
+    data = config.to_dict()
+    data["logging"]["log_dir"] = "runs/sweep-1"
+    assert Config.from_dict(data).checkpoint.dir == str(Path("runs/sweep-1/checkpoints"))
+    data = config.to_dict()
+    data["task"] = "lm"
+    assert Config.from_dict(data).logging.log_dir == str(Path("runs/lm"))
+    assert Config.from_dict(config.to_dict()) == config
