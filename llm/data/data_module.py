@@ -47,9 +47,12 @@ class BaseDataModule(ABC):
         with no batches would leave the others waiting in a collective.
         """
         batch_size = self.config.training.batch_size
-        if not hasattr(dataset, "__len__"):  # a stream: the sampler shards, and resuming counts, items by index
+        stream = isinstance(dataset, torch.utils.data.IterableDataset)  # a length of its own does not index it
+        if stream or not hasattr(dataset, "__len__"):  # the sampler shards, and resuming counts, items by index
+            what = "is an IterableDataset" if stream else "has no __len__"
             raise UsageError(f"{type(self).__name__}: build_dataloader needs a data set with a length and items by "
-                             f"index; {type(dataset).__name__} has no __len__")
+                             f"index; {type(dataset).__name__} {what} (a stream needs a DataLoader of the data "
+                             f"module's own)")
         size = len(dataset)  # type: ignore[arg-type]
         if train and size < batch_size * world_size:
             raise UsageError(

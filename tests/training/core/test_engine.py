@@ -154,14 +154,21 @@ def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_stream_handed_to_build_dataloader_is_refused_in_one_line(tmp_path):
+class CountedStream(Stream):
+    def __len__(self):
+        return 8
+
+
+@pytest.mark.parametrize("stream", [Stream, CountedStream])  # a length of its own: still no items by index
+def test_a_stream_handed_to_build_dataloader_is_refused_in_one_line(tmp_path, stream):
     class StreamData(SyntheticDataModule):
         def train_dataloader(self, rank, world_size):
-            return self.build_dataloader(Stream(), rank, world_size, train=True)
+            return self.build_dataloader(stream(), rank, world_size, train=True)
 
     config = tiny_config(tmp_path)
-    with pytest.raises(UsageError, match=r"^StreamData: build_dataloader needs a data set with a length and items by "
-                                         r"index; Stream has no __len__$"):
+    with pytest.raises(UsageError, match=rf"^StreamData: build_dataloader needs a data set with a length and items by "
+                                         rf"index; {stream.__name__} is an IterableDataset \(a stream needs a DataLoader of the data "
+                                         rf"module's own\)$"):
         TrainingEngine(config, RegressionTask(config), data_module=StreamData(config)).train()
 
 
