@@ -362,8 +362,8 @@ class LRSchedulerCallback(Callback):
 
     def on_step_end(self, engine: TrainingEngine) -> None:
         self._last, self._next = self._next, self._rates(engine)
-        if engine.step % engine.config.logging.log_every_steps == 0 or engine.step == engine.total_steps:
-            engine.log(self._named(self._last))  # only steps that are logged: the schedule's, and the run's last
+        if engine.step % engine.config.logging.log_every_steps == 0:  # only steps that are logged
+            engine.log(self._named(self._last))
 
     def on_validation_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         self._next = self._rates(engine)  # a ReduceLROnPlateau sets them here

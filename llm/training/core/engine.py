@@ -122,6 +122,7 @@ class TrainingEngine:
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
         self._pending: dict[str, dict[str, float]] = {}  # engine.log() values by the record they go to
+        self._clashed: set[tuple[str, str]] = set()  # (split, key) of engine.log() values that a record had
         self._hook = ""  # the hook now firing
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
         self._unchecked: list[tuple[int, _HostCopy, list[Any]]] = []  # (step, taken, losses) to check
@@ -919,8 +920,11 @@ class TrainingEngine:
             self.train_metrics = metrics
         logged = self._pending.pop(split, {})
         for key in logged.keys() & metrics.keys():  # the record would show one value, the run acting on another
-            raise UsageError(f"engine.log: {key!r} is one of the {split} record's own metrics (the task's or the "
-                             f"engine's), at step {self.step}: log the value under another name")
+            del logged[key]
+            if (split, key) not in self._clashed:  # found at a record, maybe the last: a warning, not a lost run
+                self._clashed.add((split, key))
+                self.print(f"warning: engine.log: {key!r} is one of the {split} record's own metrics (the task's "
+                           f"or the engine's): the record keeps its own; log the value under another name")
         record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **logged}
         self._logged = True
         self._fire("on_log", record)

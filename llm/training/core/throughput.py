@@ -71,8 +71,8 @@ class ThroughputMonitor(Callback):
             self._first = False
             self._set_mark(engine)
             return
-        if engine.step % engine.config.logging.log_every_steps == 0 or engine.step == engine.total_steps:
-            engine.log(self.measure(engine))  # on the steps that are logged: the schedule's, and the run's last
+        if engine.step % engine.config.logging.log_every_steps == 0:
+            engine.log(self.measure(engine))
             self._set_mark(engine)
 
     def measure(self, engine: TrainingEngine) -> dict[str, float]:

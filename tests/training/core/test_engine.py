@@ -974,13 +974,16 @@ def test_a_clean_up_failing_after_a_good_run_is_raised_once_every_callback_clean
     assert [e.step for e in events.Scalars("train/loss")] == [5, 7]  # the writer was closed: the last record is in
 
 
-def test_the_last_training_record_off_the_logging_schedule_has_the_rate_and_the_throughput(tmp_path):
+def test_the_last_training_record_off_the_logging_schedule_has_the_loss_and_no_figure_of_another_step(tmp_path):
     config = tiny_config(tmp_path, training={"max_steps": 7}, logging={"log_every_steps": 3})
     train(config, callbacks=default_callbacks(config))
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train_records] == [3, 6, 7]
-    assert all("lr" in r and "samples_per_s" in r for r in train_records)
+    assert all("lr" in r and "samples_per_s" in r for r in train_records[:2])
+    # the callbacks log on the schedule's steps: a value they logged for the run's last step would wait, in the
+    # checkpoint, for the record after a resume, and be logged there again as that step's
+    assert {"loss", "grad_norm"} <= train_records[2].keys() and not {"lr", "samples_per_s"} & train_records[2].keys()
 
 
 def test_run_directory_that_cannot_be_written(tmp_path):
@@ -1660,7 +1663,7 @@ def test_engine_log_refuses_the_fields_every_record_has_and_a_record_that_never_
 
 
 @pytest.mark.parametrize("hook, key, split", [("on_step_end", "loss", "train"), ("on_validation_end", "val_loss", "val")])
-def test_engine_log_refuses_a_metric_the_record_has_of_its_own(tmp_path, hook, key, split):
+def test_engine_log_of_a_metric_the_record_has_of_its_own_is_dropped_with_a_warning(tmp_path, capsys, hook, key, split):
     class Overrides(Callback):
         def on_step_end(self, engine):
             if hook == "on_step_end":
@@ -1670,6 +1673,11 @@ def test_engine_log_refuses_a_metric_the_record_has_of_its_own(tmp_path, hook, k
             if hook == "on_validation_end":
                 engine.log({key: -1.0})
 
-    with pytest.raises(UsageError, match=rf"^engine.log: '{key}' is one of the {split} record's own metrics \(the "
-                                         rf"task's or the engine's\), at step 2: log the value under another name$"):
-        train(tiny_config(tmp_path, training={"eval_every_steps": 2}), callbacks=[Overrides()])
+    engine, metrics = train(tiny_config(tmp_path, training={"eval_every_steps": 2}),
+                            callbacks=[Overrides(), MetricsLogger()])
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    values = [r[key] for r in records if r["split"] == split]
+    assert len(values) > 2 and 123.0 not in values and -1.0 not in values  # the record's own, every time
+    warning = (f"warning: engine.log: '{key}' is one of the {split} record's own metrics (the task's or the engine's): "
+               f"the record keeps its own; log the value under another name")
+    assert capsys.readouterr().out.count(warning) == 1
