@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,17 @@ class UnskippableData(SyntheticDataModule):
         loader, sampler = super().train_dataloader(rank, world_size)
         batches = _OpaqueBatches(loader.batch_sampler)
         return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches), sampler
+
+
+class PooledData(SyntheticDataModule):
+    """The synthetic data, prepared on a thread pool left running (as a compiler's pool is), whose worker threads
+    end only as the interpreter exits."""
+
+    pool: ThreadPoolExecutor | None = None
+
+    def prepare_data(self) -> None:
+        PooledData.pool = PooledData.pool or ThreadPoolExecutor(2)
+        PooledData.pool.submit(super().prepare_data).result()
 
 
 class SlowSetupData(SyntheticDataModule):

@@ -210,6 +210,9 @@ CASES = [
     Case("zero-block-size", "train", [*LM, *CONTINUE, "--model-block-size", "0"], ["model.block_size", "0", ">= 1"]),
     Case("n-embd-not-divisible-by-n-head", "train", [*LM, *CONTINUE, "--model-n-embd", "30", "--model-n-head", "4"],
          ["model.n_embd", "30", "multiple of model.n_head"]),
+    Case("no-blocks-for-the-lm-task-named-by-its-path", "train",
+         [*LM, *CONTINUE, "--task", "llm.training.tasks.lm_task:LMTask", "--model-n-layer", "0"],
+         ["model.n_layer: got 0, expected an integer >= 1: a GPT has blocks"]),
     Case("odd-head-size-with-rotary-positions", "train", [*LM, *CONTINUE, "--model-n-embd", "6", "--model-n-head", "2"],
          ["model.n_embd", "even head size", "--model-pos-emb learned"]),
     pytest.param(

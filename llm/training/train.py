@@ -10,6 +10,7 @@ SIGHUP stopped the run after saving a checkpoint (143, 130, 129).
 
 from __future__ import annotations
 
+import atexit
 import errno
 import glob
 import os
@@ -281,19 +282,17 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
 def run() -> None:
     """The command line's entry (``python -m``, torchrun, llm-train): main(), then the exit.
 
-    Once the run has finished, a signal (a scheduler's SIGTERM as the job ends) must
-    not turn it into one stopped by that signal (143), which a scheduler would run
-    again. Until main() returns, a signal ends the process at once with the finished
-    run's exit code (``_exit_on_signals``). The interpreter then takes most of a second to
-    tear torch down, where no Python handler runs: once any thread a library left running
-    has ended, the signals are ignored.
+    Once the run has ended, a signal (a scheduler's SIGTERM as the job ends) must not
+    turn a finished run into one stopped by that signal (143), which a scheduler would
+    run again. From then on, until the interpreter's teardown, a signal ends the process
+    at once with the run's exit code (``_exit_on_signals``): also while the exit waits
+    for a thread a library left running (a compiler's pool). The teardown itself takes
+    most of a second to unload torch and runs no Python handler: the last exit function
+    ignores the signals for it.
     """
+    atexit.register(_ignore_stop_signals)  # registered before main(): run after the exit functions a run adds
     code = main(exiting=True)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    _exit_on_signals(code)
     sys.exit(code)
 
 
@@ -304,6 +303,11 @@ def _exit_on_signals(code: int) -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,14 @@ def test_a_signal_once_the_run_has_finished_leaves_its_exit_code_0(tmp_path, sig
     assert json.loads((tmp_path / "run/summary.json").read_text())["stop_reason"] == "trained training.epochs=1"
 
 
+def test_a_run_exits_though_a_thread_pool_it_used_is_still_running(tmp_path):
+    """A pool's threads end only as the interpreter exits (a compiler's, a data module's): nothing waits on them."""
+    flags = ["--epochs", "1", "--data-num-samples", "256", "--data-module", "tests.helpers:PooledData",
+             "--logging-log-dir", str(tmp_path / "run")]
+    finished = run([str(Path(SCRIPTS) / "llm-train"), *flags], cwd=tmp_path, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+
+
 def test_a_run_whose_terminal_hangs_up_saves_exits_129_and_resumes(tmp_path):
     """An SSH connection dropped: the kernel sends SIGHUP, and writing to the terminal fails (EIO)."""
     flags = ["--epochs", "200", "--data-num-samples", "20000", "--logging-log-dir", str(tmp_path / "run")]

@@ -53,6 +53,8 @@ class LMTask(TrainingTask):
         if 0 < m.vocab_size < tokenizer.vocab_size:
             raise UsageError(f"model.vocab_size: got {m.vocab_size}, fewer than the tokenizer's "
                              f"{tokenizer.vocab_size} tokens: leave it 0 or give at least {tokenizer.vocab_size}")
+        if m.n_layer < 1:  # the config lets an MLP have none; an lm task named by its path gets here
+            raise UsageError(f"model.n_layer: got {m.n_layer}, expected an integer >= 1: a GPT has blocks")
         try:
             return GPTConfig(
                 vocab_size=m.vocab_size or tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
