@@ -7,8 +7,8 @@ validation, logging and checkpoints at their intervals, then a summary.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import copy
+import dataclasses
 import itertools
 import json
 import math

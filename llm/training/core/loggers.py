@@ -110,7 +110,8 @@ class MLflowLogger(Callback):
                                  f"{self.experiment!r}: {one_line(e)}") from None
         self.run_id, self._client = run.info.run_id, client
         # MLflow forbids changing a param, so a resumed run keeps the values it started with
-        params = [Param(k, str(v)) for k, v in flatten(dataclasses.asdict(engine.config)).items() if k not in run.data.params]
+        flat = flatten(dataclasses.asdict(engine.config))  # the paths as filled in
+        params = [Param(k, str(v)) for k, v in flat.items() if k not in run.data.params]
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params
             client.log_batch(self.run_id, params=params[i:i + 100])
 
