@@ -701,16 +701,11 @@ class TrainingEngine:
             if key in RECORD_KEYS:
                 raise UsageError(f"engine.log in {self._hook or 'training'}: {key!r} is a field every record has "
                                  f"({', '.join(RECORD_KEYS)}), set by the engine: log it under another name")
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                value = int(value)  # NumPy's too: the JSON and TensorBoard writers take built-in numbers
-            elif isinstance(value, numbers.Real):
-                value = float(value)
-            else:
+            number = _built_in_number(value)
+            if number is None:
                 raise UsageError(f"engine.log in {self._hook or 'training'}: {key} is a {type(value).__name__}, "
                                  f"expected a number or a one-element tensor")
-            values[key] = value
+            values[key] = number
         self._pending.setdefault(RECORD_OF_HOOK.get(self._hook, "train"), {}).update(values)
 
     def print(self, line: str) -> None:
@@ -907,12 +902,11 @@ class TrainingEngine:
             if key in RECORD_KEYS:
                 raise UsageError(f"{task}.finalize_metrics returned {key!r}, a field every record has "
                                  f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
-            if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
-                value = value.item()
-            if not isinstance(value, numbers.Real):
+            number = _built_in_number(value)
+            if number is None:
                 raise UsageError(f"{task}.finalize_metrics returned {key!r} as a {type(value).__name__}, expected a "
                                  f"number or a one-element tensor")
-            numbers_only[key] = float(value)
+            numbers_only[key] = float(number)
         return numbers_only
 
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
@@ -1132,6 +1126,16 @@ def _checkpointable(value: Any, where: str) -> Any:
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
 """What a checkpoint holds as it is, besides tensors (torch.load with weights_only reads these)."""
+
+
+def _built_in_number(value: Any) -> int | float | None:
+    """A number, a NumPy number or a one-element tensor as a built-in int or float, which the JSON and TensorBoard
+    writers and a checkpoint take; None for anything else."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else None
 
 
 def _check_plateau(scheduler: Any, config: Config, task: str) -> None:
