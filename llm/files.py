@@ -6,11 +6,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import json
+import math
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from llm.errors import UsageError
 
@@ -188,6 +190,23 @@ def write_atomically(path: str | os.PathLike, content: str | bytes, durable: boo
             tmp.write_bytes(content)
         else:
             tmp.write_text(content, encoding="utf-8")
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """``value`` as JSON that every reader takes: a number that is not finite (a diverged loss) is written
+    null, where ``json.dumps`` writes NaN or Infinity, which are not JSON (JavaScript's JSON.parse and jq
+    refuse them)."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def fsync(path: str | os.PathLike) -> None:

@@ -93,8 +93,9 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
             raise UsageError(f"{path} line {number}: expected a record with an integer step (from 0 to 2**63-1)")
         for (split, key), curve in wanted.items():
             value = record.get(key)
-            if record.get("split") == split and _is_number(value):  # NaN, not left out: the line breaks there
-                points[curve][record["step"]] = _finite_or_nan(value)
+            # not finite (null, as the engine writes it; NaN, as json.dumps does): kept, the line breaks there
+            if record.get("split") == split and (_is_number(value) or (value is None and key in record)):
+                points[curve][record["step"]] = math.nan if value is None else _finite_or_nan(value)
     losses = [*points["train"].values(), *points["val"].values()]
     if not losses:
         raise UsageError(f"{path} has no loss records (train 'loss' or val 'val_loss')")

@@ -104,18 +104,19 @@ def test_read_curves_keeps_the_later_record_of_a_step_and_skips_what_is_not_loss
 def test_non_finite_losses_break_the_line_and_are_marked_and_all_of_them_is_an_error(tmp_path):
     run_dir = tmp_path / "diverged"
     run_dir.mkdir()
-    losses = [1.0, float("nan"), float("inf"), 0.5, 10**400]  # an integer no float holds: as good as infinite
+    # null: what the engine writes for a loss that is not finite; NaN and Infinity: what json.dumps writes
+    losses = [1.0, float("nan"), float("inf"), 0.5, 10**400, None]  # 10**400: no float holds it, as good as infinite
     (run_dir / "metrics.jsonl").write_text("".join(
         json.dumps({"split": "train", "step": i + 1, "epoch": 0, "loss": v}) + "\n" for i, v in enumerate(losses)))
-    assert [math.isnan(v) for _, v in read_curves(run_dir)["train"]] == [False, True, True, False, True]
-    [marks] = draw({"diverged": read_curves(run_dir)}, 4, 3, 50).axes[0].collections  # an x over steps 2, 3 and 5
-    assert [x for x, _ in marks.get_offsets()] == [2, 3, 5]
+    assert [math.isnan(v) for _, v in read_curves(run_dir)["train"]] == [False, True, True, False, True, True]
+    [marks] = draw({"diverged": read_curves(run_dir)}, 4, 3, 50).axes[0].collections  # an x over steps 2, 3, 5, 6
+    assert [x for x, _ in marks.get_offsets()] == [2, 3, 5, 6]
     result = plot("diverged", "--out", "a.png", cwd=tmp_path)
     assert result.returncode == 0 and (tmp_path / "a.png").is_file(), result.stderr
     (run_dir / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "epoch": 0, "loss": None}) + "\n"
                                            + json.dumps({"split": "train", "step": 2, "epoch": 0, "loss": float("nan")}))
     assert_usage_error(plot("diverged", "--out", "c.png", cwd=tmp_path),
-                       "all 1 of its losses are NaN or infinite, so there is no curve to draw")
+                       "all 2 of its losses are NaN or infinite, so there is no curve to draw")
 
 
 def test_labels_are_folder_names_unless_two_runs_share_one(tmp_path):

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm.errors import UsageError, closest
-from llm.files import write_atomically
+from llm.files import json_text, write_atomically
 
 if TYPE_CHECKING:
     from llm.training.core.engine import TrainingEngine
@@ -169,7 +169,7 @@ class MetricsLogger(Callback):
             self._file.close()
             _move_lines(self._path, self._aside, lambda line: line.endswith(b"\n") and _key_of(line) == key)
             self._file = open(self._path, "a", buffering=1)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_text(record) + "\n")
         if record["split"] == "train":
             return  # the progress bar shows these
         shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items()

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import numbers
 import os
@@ -33,7 +32,7 @@ from torch.utils.data import DistributedSampler
 from llm.cli import stdout_gone
 from llm.data.data_module import BaseDataModule, ShardSampler
 from llm.errors import UsageError, closest, one_line
-from llm.files import FolderLock, run_files, write_atomically
+from llm.files import FolderLock, json_text, run_files, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
@@ -937,7 +936,7 @@ class TrainingEngine:
         if self.task.tokens_per_sample:
             final["tokens_per_s"] = final["samples_per_s"] and final["samples_per_s"] * self.task.tokens_per_sample
         if self.is_main and write:
-            write_atomically(self.run_dir / "summary.json", json.dumps(final, indent=2) + "\n")
+            write_atomically(self.run_dir / "summary.json", json_text(final, indent=2) + "\n")
         return final
 
     def _samples_per_s(self, elapsed: float) -> float | None:

@@ -10,6 +10,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -663,9 +664,12 @@ def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(
     # a window of the skipped step alone has no loss to average: NaN, not a number made up
     records.clear()
     train(tiny_config(tmp_path / "b", training={"nan_policy": "skip", "max_steps": 5}, logging={"log_every_steps": 1}),
-          task_cls=NaNRegressionTask, callbacks=[Records()])
+          task_cls=NaNRegressionTask, callbacks=[Records(), MetricsLogger()])
     losses = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
     assert math.isnan(losses.pop(4)) and all(map(math.isfinite, losses.values())) and len(losses) == 4
+    # on disk it is null, which any JSON reader takes (NaN is not JSON: JavaScript's JSON.parse and jq refuse it)
+    written = [strict_json(line) for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in written if r["split"] == "train" and r["step"] == 4] == [None]
     # and so does the last, off the logging schedule, when it is the run's last step
     records.clear()
     monkeypatch.setenv("NAN_AT_STEP", "5")
@@ -673,6 +677,15 @@ def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(
           task_cls=NaNRegressionTask, callbacks=[Records()])
     last = [r for r in records if r["split"] == "train"][-1]
     assert last["step"] == 5 and math.isnan(last["loss"]) and last["skipped_steps"] == 1
+    summary = strict_json((tmp_path / "c" / "run" / "summary.json").read_text())
+    assert summary["train_loss"] is None and summary["skipped_steps"] == 1
+
+
+def strict_json(text: str) -> Any:
+    """``text`` read as a strict JSON reader reads it: NaN and Infinity refused."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.mark.parametrize("optimizer, on_device", [("adamw", True), ("adamw", False), ("muon", False)])
