@@ -514,6 +514,11 @@ ALIASES = {"training.epochs": ["--epochs"], "task": ["--task"]}
 class _Parser(ArgParser):
     """ArgParser whose unknown-flag error names the nearest flag: there are dozens, one per config field."""
 
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        # a value such as -1e-3 is a number, not a flag (argparse before Python 3.13 takes only -1 and -0.5)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
+
     def error(self, message: str) -> NoReturn:
         if "unrecognized arguments:" in message:
             bad = message.split(":", 1)[1].split()

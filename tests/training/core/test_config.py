@@ -55,6 +55,13 @@ def test_guide_flags_and_aliases():
     assert config.checkpoint.dir == "runs/classification/checkpoints"
 
 
+@pytest.mark.parametrize("value", ["-1e-3", "-2.5E+1", "-.5e1", "-1"])
+def test_a_negative_number_after_a_flag_is_its_value_and_refused_by_name(value):
+    # not "expected one argument": argparse before Python 3.13 took -1e-3 for a flag
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: got -[\d.]+, expected a number > 0"):
+        Config.from_args_and_env(["--optimizer-lr", value], environ={}).validate()
+
+
 def test_yaml_roundtrip_gives_an_equal_config(tmp_path):
     config = Config.from_args_and_env(["--optimizer-lr", "3e-4", "--model-pos-emb", "learned"], environ={})
     config.save_to_yaml(tmp_path / "config.yaml")
