@@ -119,6 +119,16 @@ def launched_by(run_dir: Path) -> set[str]:
 
 
 def pick_device(config: Config, local_rank: int) -> torch.device:
+    """The device this process trains on; refused in one line where the config asks for what it cannot have
+    (cuda without a GPU; the nccl backend, on one process too, where the same command under torchrun fails)."""
+    device = _device(config, local_rank)
+    if config.distributed.backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
+        raise UsageError("distributed.backend nccl needs CUDA devices and a torch built with NCCL: "
+                         "use --distributed-backend gloo (or auto) on the CPU")
+    return device
+
+
+def _device(config: Config, local_rank: int) -> torch.device:
     wanted = config.training.device
     if wanted == "cuda" and not torch.cuda.is_available():
         raise UsageError("training.device is 'cuda' but no CUDA device is available: use --training-device cpu")
@@ -145,12 +155,9 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
         raise UsageError(f"the engine was given world_size={world_size} but {unset}: start the processes with "
                          f"torchrun, which sets them all, or give world_size=1")
     backend = config.distributed.backend
-    device = pick_device(config, local_rank)
+    device = pick_device(config, local_rank)  # refuses nccl without CUDA
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
-        raise UsageError("distributed.backend nccl needs CUDA devices and a torch built with NCCL: "
-                         "use --distributed-backend gloo (or auto) on the CPU")
     timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     global _store, _attempt, _host_timeout
