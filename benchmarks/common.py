@@ -126,6 +126,11 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def median_label(rounds: int) -> str:
+    """How a table names a figure taken over ``rounds`` rounds: one round's is no median."""
+    return "median" if rounds > 1 else "one round's"
+
+
 def spread(values: Sequence[float]) -> str:
     """``min-max`` of repeated measurements, to show how noisy the median is."""
     def number(v: float) -> str:

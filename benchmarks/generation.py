@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     table = common.markdown_table(("model", "tokens", "tokens/s, kv cache", "tokens/s, whole context",
                                    "ratio (min-max)"), rows)
     facts = [("what", f"greedy generation from a one-token prompt, batch 1, fp32, {torch.get_num_threads()} "
-                      f"torch threads; median of {rounds} interleaved rounds after a warm-up; the same tokens "
-                      f"both ways")]
-    common.append_section(args.out, common.section("Generation: KV cache against the whole context per token",
-                                                   facts, [table]))
+                      f"torch threads; {f'median of {rounds} interleaved rounds' if rounds > 1 else 'one round'} after a "
+                      f"warm-up; the same tokens both ways")]
+    title = f"Generation: KV cache against the whole context per token{' (quick)' if args.quick else ''}"
+    common.append_section(args.out, common.section(title, facts, [table]))
     return 0
 
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, f"{common.median(values):,.0f}", common.spread(values), f"{ratio:.3f} ({low:.3f}-{high:.3f})",
                      "n/a" if peak is None else f"{common.median([m.mfu for m in runs[name]]):.1%}",
                      f"{runs[name][0].first_step_s:.1f}"))
-    table = common.markdown_table(("variant", "median tokens/s", "min-max", "vs hand, paired by round (min-max)",
+    table = common.markdown_table(("variant", f"{common.median_label(args.rounds)} tokens/s", "min-max", "vs hand, paired by round (min-max)",
                                    "MFU", "first step s (first run)"), rows)
     s = args.shape
     facts = [("model", f"GPT, {s['n_layer']} layers, {s['n_embd']} wide, context {s['block_size']}, "

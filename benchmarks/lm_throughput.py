@@ -323,10 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.device != "cpu":
             row.append("n/a" if mfu is None else f"{mfu:.1%}")
         rows.append((*row, f"{ms[-1].train_loss:.4f}"))
-    header = ["run", "median tokens/s" + (" per CPU second" if args.device == "cpu" else ""), "min-max",
+    central = common.median_label(args.rounds)
+    header = ["run", f"{central} tokens/s" + (" per CPU second" if args.device == "cpu" else ""), "min-max",
               f"vs {engine_name}, paired by round (min-max)"]
     if args.device == "cpu":
-        header += ["median tokens/s (wall)", "min-max"]
+        header += [f"{central} tokens/s (wall)", "min-max"]
     header += ["first step s (first run)", "compile s (first step minus a step)"]
     if args.device != "cpu":
         header.append("MFU")

@@ -49,7 +49,7 @@ class ThroughputMonitor(Callback):
 
     ``samples_per_s`` and ``tokens_per_s`` (all ranks together), ``step_time_ms``,
     ``data_wait_pct`` (share of the time spent waiting for the loader),
-    ``peak_mem_mb`` (CUDA allocator peak, or the process's peak RSS on CPU) and,
+    ``peak_mem_mb`` (CUDA allocator peak, or the process's peak RSS on CPU; 10**6 bytes) and,
     when the model reports ``flops_per_token`` and the device's peak is known,
     ``mfu``: achieved model FLOP/s over the peak of all devices in the run.
     The figures are of training: the time spent validating and saving is left out
@@ -99,7 +99,8 @@ class ThroughputMonitor(Callback):
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """In MB of 10**6 bytes, as the benchmarks count them."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) / 1e6
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e6
