@@ -183,7 +183,7 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show a progress bar on rank 0 when stderr is a terminal."""
     loggers: str = "tensorboard"
-    """Comma-separated trackers: tensorboard, mlflow, wandb (metrics.jsonl is always written)."""
+    """Comma-separated trackers: tensorboard, mlflow, wandb (the command line writes metrics.jsonl whatever this says)."""
 
     def logger_names(self) -> list[str]:
         """The trackers named, each once (tensorboard,tensorboard would log every scalar twice)."""
