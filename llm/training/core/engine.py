@@ -70,11 +70,17 @@ class TrainingEngine:
         self,
         config: Config,
         task: TrainingTask,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         data_module: BaseDataModule | None = None,
         callbacks: list[Callback] | None = None,
     ):
+        """``rank`` and ``world_size`` not given are torchrun's (RANK, WORLD_SIZE), or 0 and 1 when run plainly:
+        a script that builds an engine trains on all the processes torchrun starts."""
+        if rank is None or world_size is None:
+            env_rank, env_world_size, _ = D.env_ranks()
+            rank = env_rank if rank is None else rank
+            world_size = env_world_size if world_size is None else world_size
         # a config built in code has not been through from_dict or the command line: check it and fill
         # in its derived paths ({task} in logging.log_dir, checkpoint.dir) here; validate() is idempotent
         self.config, self.task, self.rank, self.world_size = config.validate(), task, rank, world_size
@@ -384,6 +390,9 @@ class TrainingEngine:
         with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
             start = resume.find_start(cfg, self.run_dir)
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
+        # the same random numbers on every rank, run and resume for a data module that draws them in setup
+        # (a split, a shuffle, generated data) without a generator of its own
+        resume.seed_everything(cfg.training.seed)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         with _out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
             self.data_module.setup("fit")

@@ -182,6 +182,27 @@ class ShiftedData(SyntheticDataModule):
             split.tensors = split.tensors[0], split.tensors[1] + 1
 
 
+class UnseededData(SyntheticDataModule):
+    """Targets moved by noise drawn from the global torch RNG in setup, as a user's data module may draw them."""
+
+    def setup(self, stage):
+        super().setup(stage)
+        for split in (self.train_set, self.val_set):
+            split.tensors = split.tensors[0], split.tensors[1] + torch.randn(len(split.tensors[1]), 1)
+
+
+def test_a_data_module_drawing_from_the_global_rng_in_setup_gets_the_same_data_every_run(tmp_path):
+    # seeded with training.seed before setup, the same on every rank: a split or noise drawn there is the same
+    # whatever ran before in the process, so a run and its resume, and each rank, see one data set
+    def val_targets(folder: str, disturb: int) -> torch.Tensor:
+        torch.manual_seed(disturb)
+        data = UnseededData(config := tiny_config(tmp_path / folder, training={"max_steps": 1}))
+        TrainingEngine(config, RegressionTask(config), data_module=data).train()
+        return data.val_set.tensors[1]
+
+    assert torch.equal(val_targets("a", disturb=1), val_targets("b", disturb=2))
+
+
 def test_a_run_records_the_task_and_data_module_that_trained_not_those_the_config_named(tmp_path, capsys):
     # a task and data module passed in code, their config left at its defaults: config.yaml names what ran, so
     # that the command line resumes the run with the same classes (it used to say task: regression)
