@@ -65,6 +65,11 @@ SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name"
 """The starts of the warnings every rank meets alike while finding and loading a checkpoint."""
 
 
+HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|auroc|precision|recall|bleu|rouge\w*|iou|dice|r2)($|_)",
+                              re.IGNORECASE)
+"""Metric names that usually grow as a model improves: monitored with checkpoint.mode min, a slip is likely."""
+
+
 class TrainingEngine:
     def __init__(
         self,
@@ -570,6 +575,9 @@ class TrainingEngine:
         if monitor not in names:  # found now, not at the first validation after an epoch of training
             raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
                              f"{type(self.task).__name__}: {', '.join(names)}{closest(monitor, names)}")
+        if self.config.checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor) and self.is_main:
+            warnings.warn(f"checkpoint.monitor {monitor} is kept at its lowest (checkpoint.mode min), as a loss "
+                          f"is: if higher is better, give --checkpoint-mode max")
 
     # ---- checkpoints ---------------------------------------------------------------
 

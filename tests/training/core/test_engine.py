@@ -1392,6 +1392,16 @@ def test_an_early_stopping_monitor_that_validation_does_not_report_is_refused_be
     assert engine.step == 0 and not (tmp_path / "run/checkpoints").exists()
 
 
+@pytest.mark.parametrize("mode, warned", [("min", True), ("max", False)])
+def test_monitoring_an_accuracy_at_its_lowest_is_warned_of(tmp_path, recwarn, mode, warned):
+    config = tiny_config(tmp_path, task="classification", training={"max_steps": 1},
+                         checkpoint={"monitor": "val_acc", "mode": mode})
+    TrainingEngine(config, ClassificationTask(config)).train()
+    said = [str(w.message) for w in recwarn if "checkpoint.monitor" in str(w.message)]
+    assert said == (["checkpoint.monitor val_acc is kept at its lowest (checkpoint.mode min), as a loss is: if "
+                     "higher is better, give --checkpoint-mode max"] if warned else [])
+
+
 class LearningRates(Callback):
     """The learning rate after each step: the one the next step takes."""
 
