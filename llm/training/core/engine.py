@@ -403,7 +403,8 @@ class TrainingEngine:
             self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self._loaders("train_dataloader")
         self.val_loader, self.val_sampler = self._loaders("val_dataloader")
-        self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
+        self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler,
+                                                          seed=hash((cfg.training.seed, self.rank)))
         k = cfg.training.grad_accum_steps
         try:
             batches = len(self.train_loader)
@@ -742,6 +743,7 @@ class TrainingEngine:
         k = self.config.training.grad_accum_steps
         if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
             self._resumable.skip = self.batch_in_epoch * self.config.training.batch_size
+            self._resumable.epoch = self.epoch
         left = len(self.train_loader)  # the skipped batches are not counted
         batches = self._iterate(self.train_loader, -1 - self.epoch)
         if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it

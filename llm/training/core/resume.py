@@ -10,7 +10,7 @@ import os
 import random
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import yaml
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.utils.data import BatchSampler
 
 from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder, run_files
@@ -37,11 +38,12 @@ from llm.training.core.config import Config
 class ResumableSampler:
     """Stands between a DataLoader's BatchSampler and its sampler to skip indices already trained on.
 
-    Skipping indices costs nothing, unlike replaying batches through the loader.
+    Skipping indices costs nothing, unlike replaying batches through the loader. The
+    engine sets ``skip`` and ``epoch`` before each epoch's iterator starts.
     """
 
     def __init__(self, sampler: Any):
-        self.sampler, self.skip = sampler, 0
+        self.sampler, self.skip, self.epoch = sampler, 0, 0
 
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(iter(self.sampler), self.skip, None)
@@ -50,13 +52,69 @@ class ResumableSampler:
         return len(self.sampler) - self.skip
 
     @classmethod
-    def install(cls, loader: Any, sampler: Any) -> ResumableSampler | None:
+    def install(cls, loader: Any, sampler: Any, seed: int) -> ResumableSampler | None:
+        """Put a ResumableSampler under ``loader``'s BatchSampler, if it has one over ``sampler``. With loader
+        workers and torch's own BatchSampler, each batch also carries a seed made from ``seed``, the epoch and
+        the batch's place in it, from which the worker that loads it draws its random numbers (SeedEachBatch)."""
         batch_sampler = getattr(loader, "batch_sampler", None)
         if batch_sampler is None or getattr(batch_sampler, "sampler", None) is not sampler:
             return None
         wrapper = cls(sampler)
         batch_sampler.sampler = wrapper
+        if loader.num_workers > 0 and type(batch_sampler) is BatchSampler:
+            # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
+            batch_sampler.__class__, batch_sampler.seed = SeededBatches, seed
+            loader.worker_init_fn = SeedEachBatch(loader.worker_init_fn)
         return wrapper
+
+
+class SeededBatch(list):
+    """A batch's indices, and the seed its random numbers are drawn from in the loader worker that loads it."""
+
+    seed: int
+
+
+class SeededBatches(BatchSampler):
+    """torch's BatchSampler over a ResumableSampler, whose batches carry a seed: (run seed, epoch, place in the
+    epoch), the same in a run that never stopped and in one resumed mid-epoch."""
+
+    seed: int
+    sampler: ResumableSampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.sampler.skip // self.batch_size
+        for place, indices in enumerate(super().__iter__(), first):
+            batch = SeededBatch(indices)
+            batch.seed = hash((self.seed, self.sampler.epoch, place)) % 2**63
+            yield batch
+
+
+class SeedEachBatch:
+    """A loader's worker_init_fn (the loader's own one runs first): the worker seeds Python's, NumPy's and
+    torch's generators with each SeededBatch's seed before it loads the batch.
+
+    A worker's own random streams run on over the batches it happens to load, and a resumed
+    run's workers start theirs afresh: what a Dataset draws in ``__getitem__`` (augmentation)
+    then differs after a resume. Drawn from each batch's seed, it does not, whichever worker
+    loads the batch and however many workers there are.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        if self.then is not None:
+            self.then(worker_id)
+        dataset = torch.utils.data.get_worker_info().dataset
+        fetch = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
+
+        def seeded(indices: list[int]) -> list[Any]:
+            if isinstance(indices, SeededBatch):
+                seed_everything(indices.seed)
+            return fetch(indices)
+
+        with contextlib.suppress(AttributeError):  # a data set with __slots__: its workers' streams as they are
+            dataset.__getitems__ = seeded  # the loader's fetch calls it, with a batch's indices
 
 
 def seed_everything(seed: int) -> None:

@@ -3,6 +3,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -276,6 +278,48 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path
         return {(r["split"], r["step"]): {k: v for k, v in r.items() if k not in timings} for r in records}
 
     assert logged("crash") == logged("ref")  # to the bit: the open log window was saved entry by entry
+
+
+class Jittered(torch.utils.data.Dataset):
+    """A data set whose items are augmented at random in __getitem__, with torch's, NumPy's and Python's
+    generators, in the loader workers."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.1 * torch.rand(x.shape) + float(np.random.rand()) + random.random(), y
+
+
+class AugmentedData(SyntheticDataModule):
+    def setup(self, stage):
+        super().setup(stage)
+        self.train_set = Jittered(self.train_set)
+
+
+def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_the_workers(tmp_path):
+    # each batch's random numbers come from a seed of its own (run, epoch, place in the epoch), not from
+    # whichever worker loads it: a resume mid-epoch, on another number of workers, ends where a run that
+    # never stopped does (14 steps an epoch: the resume crosses into the second)
+    def run(folder, workers, resume="", callbacks=()):
+        config = tiny_config(tmp_path / folder, training={"max_steps": 20}, data={"num_workers": workers},
+                             checkpoint={"resume": resume, "every_n_steps": 5})
+        engine = TrainingEngine(config, RegressionTask(config), data_module=AugmentedData(config),
+                                callbacks=list(callbacks))
+        engine.train()
+        return engine
+
+    reference = run("ref", workers=2)
+    with pytest.raises(CallbackError, match="simulated crash"):
+        run("crashed", workers=2, callbacks=[CrashAt(7)])  # saved at step 5
+    resumed = run("crashed", workers=1, resume="auto")
+    assert resumed.step == reference.step == 20
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
 
 
 def saved_steps(run_dir: Path) -> list[int]:

@@ -65,13 +65,13 @@ def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():
 
 def test_resumable_sampler_skips_indices_already_trained_on():
     loader = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
-    sampler = ResumableSampler.install(loader, loader.batch_sampler.sampler)
+    sampler = ResumableSampler.install(loader, loader.batch_sampler.sampler, seed=0)
     sampler.skip = 4
     assert [batch.tolist() for batch in loader] == [[4, 5, 6], [7, 8, 9]] and len(loader) == 2
     sampler.skip = 0
     assert len(list(loader)) == 4
     other = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
-    assert ResumableSampler.install(other, torch.utils.data.SequentialSampler(range(10))) is None
+    assert ResumableSampler.install(other, torch.utils.data.SequentialSampler(range(10)), seed=0) is None
 
 
 def test_a_setting_newer_than_the_checkpoint_counts_as_saved_at_its_default():
