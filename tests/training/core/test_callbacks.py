@@ -108,6 +108,7 @@ def test_lr_callback_logs_the_rate_the_step_took_not_the_next_ones():
     engine.step, engine.optimizer.param_groups[0]["lr"] = 50, 0.25  # the scheduler has set step 51's rate
     cb.on_step_end(engine)
     assert engine.logged == {"lr": 0.5}
+    engine.logged = {}
     cb.on_epoch_end(engine, {})
     assert engine.logged == {"lr": 0.5}
 
@@ -247,6 +248,6 @@ def test_tensorboard_logger_hands_records_over_every_flush_secs(tmp_path):
 
 def test_progress_bar_stays_off_without_a_terminal(capsys):
     engine = StubEngine()
-    bar = ProgressBar(enabled=True)
+    bar = ProgressBar()
     bar.on_train_start(engine)  # pytest's stderr is not a terminal
     assert bar._bar is None and bar.write("x") is False
