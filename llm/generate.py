@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from llm.cli import ArgParser, add_checkpoint, add_device, one_line_warnings, stdout_gone
+from llm.cli import ArgParser, add_checkpoint, add_device, interrupted, one_line_warnings, stdout_gone
 from llm.data.tokenizers import Tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.models.gpt import GPT
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+        print(file=sys.stderr)  # off the line the text was printed on
+        return interrupted("the text so far is all there is")
     except BrokenPipeError:  # the reader left (`| head`): nothing more to generate for
         stdout_gone()
         return 1

@@ -154,6 +154,17 @@ def test_zero_new_tokens_prints_just_the_prompt(step_dir, capsys):
     assert capsys.readouterr().out == PROMPT + "\n"
 
 
+def test_ctrl_c_ends_the_text_so_far_with_one_line_and_exit_130(step_dir, capsys, monkeypatch):
+    def stopped(*args, **kwargs):
+        yield "To be"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llm.generate.stream_text", stopped)
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT]) == 130
+    out, err = capsys.readouterr()
+    assert out == PROMPT + "To be" and err == "\ninterrupted (Ctrl-C): the text so far is all there is\n"
+
+
 class Scripted(nn.Module):
     """Stands in for GPT: "samples" a fixed list of token ids."""
 
