@@ -39,9 +39,9 @@ from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
 FORMATS = ("safetensors", "hf")
 HF_WEIGHTS, HF_CONFIG, HF_TOKENIZER_CONFIG = "model.safetensors", "config.json", "tokenizer_config.json"
 HF_FILES = (HF_CONFIG, HF_WEIGHTS, TOKENIZER, HF_TOKENIZER_CONFIG)
+"""What ``--format hf`` writes; a folder holding nothing else may be written over."""
 HF_MARK = ("llm_export", "hf")
 """The metadata entry of an --format hf export's weights: its folder may be exported into again."""
-"""What ``--format hf`` writes; a folder holding nothing else may be written over."""
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:

@@ -96,11 +96,15 @@ def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0
     return (best - value if mode == "min" else value - best) > min_delta
 
 
+RECORD_KEYS = ("split", "step", "epoch")
+"""The fields of every logged record, before its metrics: engine.log may not set them."""
+
+
 def scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """The numeric values of a log record as ``(<split>/<name>, value)``; split, step and epoch are the index."""
     split = record["split"]
     for key, value in record.items():
-        if key not in ("split", "step", "epoch") and isinstance(value, (int, float)):
+        if key not in RECORD_KEYS and isinstance(value, (int, float)):
             yield f"{split}/{key}", float(value)
 
 
@@ -173,7 +177,7 @@ class MetricsLogger(Callback):
         if record["split"] == "train":
             return  # the progress bar shows these
         shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
-                          if k not in ("split", "step", "epoch", "lr") and isinstance(v, (int, float)))
+                          if k not in (*RECORD_KEYS, "lr") and isinstance(v, (int, float)))
         if record["split"] == "val":
             engine.print(f"step {record['step']}  {shown}")
         else:
@@ -384,12 +388,11 @@ class LRSchedulerCallback(Callback):
 class ProgressBar(Callback):
     """A tqdm bar on rank 0 with loss and throughput; only when stderr is a terminal."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self):
         self._bar = None
 
     def on_train_start(self, engine: TrainingEngine) -> None:
-        if self.enabled and engine.is_main and sys.stderr.isatty():
+        if engine.is_main and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=engine.total_steps, initial=engine.step, unit="step", dynamic_ncols=True)

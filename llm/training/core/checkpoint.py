@@ -151,14 +151,6 @@ class CheckpointManager:
             moved.append(target)
         return moved
 
-    def best(self) -> Path | None:
-        """The valid checkpoint with the best ``monitor`` metric; None if no manifest has it."""
-        ranked = sorted(self._scored(_checkpoints(self.directory)), key=lambda pair: pair[0])
-        for _, path in ranked:
-            if verify(path) is None:
-                return path
-        return None
-
     # -- save protocol, in the order it runs ------------------------------------------------
 
     def _distributed(self) -> bool:

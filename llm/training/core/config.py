@@ -138,7 +138,7 @@ class DataConfig:
     num_classes: int = 4
     """Classes in the synthetic classification data set."""
     noise: float = 0.1
-    """Label noise of a synthetic data set."""
+    """Noise of a synthetic data set: the std of the targets' noise (regression), what widens each class's cluster (classification)."""
     val_fraction: float = 0.1
     """Share of the data held out for validation (the last part of a text corpus)."""
     tokenizer: str = "char"

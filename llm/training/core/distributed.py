@@ -37,13 +37,19 @@ from llm.training.core.config import Config
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) when run plainly. UsageError for values
     that are not whole numbers or do not fit together (RANK set by hand without WORLD_SIZE)."""
-    rank, world_size, local_rank, restarts = (_whole_number(name, default) for name, default in (
-        ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("TORCHELASTIC_RESTART_COUNT", "0")))
+    rank, world_size, local_rank = (_whole_number(name, default) for name, default in (
+        ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+    restarts = _restart_count()
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0 or restarts < 0:
         raise UsageError(f"environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}, "
                          f"TORCHELASTIC_RESTART_COUNT={restarts} do not fit together: RANK runs from 0 to "
                          f"WORLD_SIZE - 1, the others from 0 (torchrun sets them)")
     return rank, world_size, local_rank
+
+
+def _restart_count() -> int:
+    """How often torchrun restarted this node's workers (TORCHELASTIC_RESTART_COUNT); 0 without torchrun."""
+    return _whole_number("TORCHELASTIC_RESTART_COUNT", "0")
 
 
 def _whole_number(name: str, default: str) -> int:
@@ -84,7 +90,7 @@ def attempt() -> int:
     Once the process group exists, the ranks' counts are added up (``_attempt``), a
     number every rank shares and every restart raises.
     """
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) if _attempt is None else _attempt
+    return _restart_count() if _attempt is None else _attempt
 
 
 def launch_id() -> str | None:
@@ -162,7 +168,7 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     global _store, _attempt, _host_timeout
     _host_timeout = timeout
-    _attempt = int(all_reduce_on_hosts(torch.tensor([float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))])))
+    _attempt = int(all_reduce_on_hosts(torch.tensor([float(_restart_count())])))
     # kept apart from the group: after a collective fails, ranks still leave word here for each other
     _store = dist.distributed_c10d._get_default_store()
 

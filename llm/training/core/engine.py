@@ -35,7 +35,7 @@ from llm.errors import UsageError, closest, one_line
 from llm.files import FolderLock, json_text, run_files, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
-from llm.training.core.callbacks import HOOKS, Callback, ProgressBar, flatten, improves
+from llm.training.core.callbacks import HOOKS, RECORD_KEYS, Callback, ProgressBar, flatten, improves
 from llm.training.core.checkpoint import CheckpointError, CheckpointManager, load_rank_state, load_shared_state
 from llm.training.core.config import Config
 from llm.training.core.metrics import RunningMeans, TrainingSums
@@ -44,7 +44,8 @@ from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
-"""What save_checkpoint writes beside the weights, and a resume reads."""
+"""The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` is read
+when there: checkpoints of earlier versions lack it)."""
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
@@ -664,11 +665,12 @@ class TrainingEngine:
         fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
                                           self.sharded)
+        settings_changed = any(k not in resume.HARMLESS_CONFIG for k in changed)
         if isinstance(self.scheduler, ReduceLROnPlateau):  # this run's settings, at the saved one's standing
-            if any(k not in resume.HARMLESS_CONFIG for k in changed):
+            if settings_changed:
                 resume.keep_optimizer_settings(self.optimizer, fresh_groups, None, self.step)
             resume.resume_plateau(self.optimizer, self.scheduler, shared["scheduler"], changed)
-        elif any(k not in resume.HARMLESS_CONFIG for k in changed):  # the settings are this run's, the moments saved
+        elif settings_changed:  # the settings are this run's, the moments saved
             # replayed up to the schedule's end: a run resumed past it (a lower max_steps) takes no step, and a
             # OneCycleLR refuses a step beyond its total
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
@@ -1092,8 +1094,6 @@ class NonFiniteError(RuntimeError):
 
 
 _END = object()
-RECORD_KEYS = ("split", "step", "epoch")
-"""The fields of every logged record, before its metrics: engine.log may not set them."""
 
 
 class TrainingInterrupted(Exception):
@@ -1172,7 +1172,7 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
     where = f"{type(task).__name__}.{method}"
     if isinstance(returned, (tuple, list)) and len(returned) == 2:
         loss, metrics = returned
-        if isinstance(loss, torch.Tensor) and (type(metrics) is dict or isinstance(metrics, Mapping)):
+        if isinstance(loss, torch.Tensor) and isinstance(metrics, Mapping):
             if loss.numel() != 1:
                 raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
                                  f"the batch's mean, such as loss.mean()")

@@ -101,12 +101,12 @@ def gradient_sync(model: nn.Module, raw_model: nn.Module) -> Callable[[bool], co
     """``sync(enabled)`` for this layout: skip the gradient all-reduce (DDP) or reduce-scatter
     (FSDP2) on all but the last micro-step; a no-op on one process."""
     if isinstance(model, DDP):
-        return lambda enabled: contextlib.nullcontext() if enabled else model.no_sync()
+        return lambda enabled: NO_CONTEXT if enabled else model.no_sync()
     if hasattr(raw_model, "set_requires_gradient_sync"):  # an FSDP2 module
 
         def fsdp_sync(enabled: bool) -> contextlib.AbstractContextManager:
             raw_model.set_requires_gradient_sync(enabled)
-            return contextlib.nullcontext()
+            return NO_CONTEXT
 
         return fsdp_sync
     return lambda enabled: NO_CONTEXT

@@ -119,10 +119,7 @@ def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple
     the checkpoint is missing, invalid, not a language model, or inconsistent.
     """
     device = _usable_device(device)
-    path = Path(checkpoint)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    model, tokenizer, ckpt = read_checkpoint(path, _read_lm)
+    model, tokenizer, ckpt = read_checkpoint(Path(checkpoint), _read_lm)
     return model.to(device).eval(), tokenizer, ckpt
 
 

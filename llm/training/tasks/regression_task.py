@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn, optim
-from torch.optim.lr_scheduler import LRScheduler
 
-from llm.training.core.optim import build_optimizer, build_scheduler
+from llm.training.core.optim import build_optimizer
 from llm.training.tasks.base_task import TrainingTask
 
 
@@ -31,9 +30,6 @@ class RegressionTask(TrainingTask):
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
         return build_optimizer(model, self.config.optimizer)
-
-    def build_scheduler(self, optimizer: optim.Optimizer) -> LRScheduler | None:
-        return build_scheduler(optimizer, self.config.optimizer, self.total_steps)
 
     def build_criterion(self) -> nn.Module:
         return nn.MSELoss()
