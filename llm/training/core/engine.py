@@ -404,8 +404,11 @@ class TrainingEngine:
             self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self._loaders("train_dataloader")
         self.val_loader, self.val_sampler = self._loaders("val_dataloader")
-        self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler,
-                                                          seed=hash((cfg.training.seed, self.rank)))
+        self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
+        # with loader workers, what a data set draws at random comes from a seed per batch, kept by no worker: the
+        # training batches' differ by epoch, and each validation draws the same numbers as the others
+        self._seeded = resume.SeededBatches.install(self.train_loader, hash((cfg.training.seed, self.rank)))
+        resume.SeededBatches.install(self.val_loader, hash((cfg.training.seed, self.rank, "validation")))
         k = cfg.training.grad_accum_steps
         try:
             batches = len(self.train_loader)
@@ -745,7 +748,8 @@ class TrainingEngine:
         k = self.config.training.grad_accum_steps
         if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
             self._resumable.skip = self.batch_in_epoch * self.config.training.batch_size
-            self._resumable.epoch = self.epoch
+        if self._seeded is not None:
+            self._seeded.epoch = self.epoch
         left = len(self.train_loader)  # the skipped batches are not counted
         batches = self._iterate(self.train_loader, -1 - self.epoch)
         if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it

@@ -39,11 +39,11 @@ class ResumableSampler:
     """Stands between a DataLoader's BatchSampler and its sampler to skip indices already trained on.
 
     Skipping indices costs nothing, unlike replaying batches through the loader. The
-    engine sets ``skip`` and ``epoch`` before each epoch's iterator starts.
+    engine sets ``skip`` before each epoch's iterator starts.
     """
 
     def __init__(self, sampler: Any):
-        self.sampler, self.skip, self.epoch = sampler, 0, 0
+        self.sampler, self.skip = sampler, 0
 
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(iter(self.sampler), self.skip, None)
@@ -52,19 +52,13 @@ class ResumableSampler:
         return len(self.sampler) - self.skip
 
     @classmethod
-    def install(cls, loader: Any, sampler: Any, seed: int) -> ResumableSampler | None:
-        """Put a ResumableSampler under ``loader``'s BatchSampler, if it has one over ``sampler``. With loader
-        workers and torch's own BatchSampler, each batch also carries a seed made from ``seed``, the epoch and
-        the batch's place in it, from which the worker that loads it draws its random numbers (SeedEachBatch)."""
+    def install(cls, loader: Any, sampler: Any) -> ResumableSampler | None:
+        """Put a ResumableSampler under ``loader``'s BatchSampler, if it has one over ``sampler``."""
         batch_sampler = getattr(loader, "batch_sampler", None)
         if batch_sampler is None or getattr(batch_sampler, "sampler", None) is not sampler:
             return None
         wrapper = cls(sampler)
         batch_sampler.sampler = wrapper
-        if loader.num_workers > 0 and type(batch_sampler) is BatchSampler:
-            # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
-            batch_sampler.__class__, batch_sampler.seed = SeededBatches, seed
-            loader.worker_init_fn = SeedEachBatch(loader.worker_init_fn)
         return wrapper
 
 
@@ -75,17 +69,30 @@ class SeededBatch(list):
 
 
 class SeededBatches(BatchSampler):
-    """torch's BatchSampler over a ResumableSampler, whose batches carry a seed: (run seed, epoch, place in the
-    epoch), the same in a run that never stopped and in one resumed mid-epoch."""
+    """torch's BatchSampler whose batches carry a seed: (``seed``, ``epoch``, the batch's place in the epoch),
+    the same in a run that never stopped and in one resumed mid-epoch (over a ResumableSampler, the place
+    counts the batches it skips). The engine sets ``epoch`` before each epoch's iterator starts."""
 
     seed: int
-    sampler: ResumableSampler
+    epoch: int
+
+    @classmethod
+    def install(cls, loader: Any, seed: int) -> SeededBatches | None:
+        """Seed each batch of ``loader`` in the worker that loads it (SeedEachBatch), if it has workers and
+        torch's own BatchSampler; None, leaving it as it is, otherwise."""
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if loader.num_workers == 0 or type(batch_sampler) is not BatchSampler:
+            return None
+        # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
+        batch_sampler.__class__, batch_sampler.seed, batch_sampler.epoch = cls, seed, 0
+        loader.worker_init_fn = SeedEachBatch(loader.worker_init_fn)
+        return batch_sampler
 
     def __iter__(self) -> Iterator[list[int]]:
-        first = self.sampler.skip // self.batch_size
+        first = self.sampler.skip // self.batch_size if isinstance(self.sampler, ResumableSampler) else 0
         for place, indices in enumerate(super().__iter__(), first):
             batch = SeededBatch(indices)
-            batch.seed = hash((self.seed, self.sampler.epoch, place)) % 2**63
+            batch.seed = hash((self.seed, self.epoch, place)) % 2**63
             yield batch
 
 
@@ -342,8 +349,8 @@ optimizer that cannot take the saved state (allowed, it starts afresh)."""
 HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change")
 """Settings that say how to resume, not what the run is: never a change."""
 HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir", "distributed.find_unused_parameters")
-"""Settings that change neither the model, nor the data order, nor the schedule (num_workers does change what a
-data module draws at random in its workers, which a checkpoint never holds: see docs/checkpoints.md)."""
+"""Settings that change neither the model, nor the data order, nor the schedule (num_workers from or to 0 does
+change the stream a data set draws random numbers from in __getitem__: see change() and docs/checkpoints.md)."""
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -402,7 +409,12 @@ def binding_changes(changed: list[str]) -> list[str]:
 
 def change(key: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
     """A changed setting as the resume's lines show it: ``optimizer.lr (0.02 -> 0.001)``."""
-    return f"{key} ({saved.get(key)!r} -> {now.get(key)!r})"
+    before, after = saved.get(key), now.get(key)
+    note = ""
+    if key == "data.num_workers" and (before == 0) != (after == 0):  # with workers each batch has a seed of its own
+        note = ("; what a data set draws at random in __getitem__ now comes from another stream, so the run goes "
+                "on, but not bit for bit as it would have")
+    return f"{key} ({before!r} -> {after!r}{note})"
 
 
 def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = (),

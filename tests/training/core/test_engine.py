@@ -298,20 +298,24 @@ class Jittered(torch.utils.data.Dataset):
 class AugmentedData(SyntheticDataModule):
     def setup(self, stage):
         super().setup(stage)
-        self.train_set = Jittered(self.train_set)
+        self.train_set, self.val_set = Jittered(self.train_set), Jittered(self.val_set)
 
 
 def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_the_workers(tmp_path):
-    # each batch's random numbers come from a seed of its own (run, epoch, place in the epoch), not from
-    # whichever worker loads it: a resume mid-epoch, on another number of workers, ends where a run that
-    # never stopped does (14 steps an epoch: the resume crosses into the second)
+    # each batch's random numbers come from a seed of its own (run, epoch, place in the epoch; the same at each
+    # validation), not from whichever worker loads it: a resume mid-epoch, on another number of workers, ends
+    # where a run that never stopped does (14 steps an epoch: the resume crosses into the second)
     def run(folder, workers, resume="", callbacks=()):
-        config = tiny_config(tmp_path / folder, training={"max_steps": 20}, data={"num_workers": workers},
-                             checkpoint={"resume": resume, "every_n_steps": 5})
+        config = tiny_config(tmp_path / folder, training={"max_steps": 20, "eval_every_steps": 4},
+                             data={"num_workers": workers}, checkpoint={"resume": resume, "every_n_steps": 5})
         engine = TrainingEngine(config, RegressionTask(config), data_module=AugmentedData(config),
-                                callbacks=list(callbacks))
+                                callbacks=[MetricsLogger(), *callbacks])
         engine.train()
         return engine
+
+    def validations(folder):
+        records = map(json.loads, (tmp_path / folder / "run/metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["val_loss"] for r in records if r["split"] == "val"}
 
     reference = run("ref", workers=2)
     with pytest.raises(CallbackError, match="simulated crash"):
@@ -320,6 +324,7 @@ def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_t
     assert resumed.step == reference.step == 20
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
+    assert validations("crashed") == validations("ref") and len(validations("ref")) == 6  # steps 4, 8, ..., 20
 
 
 def saved_steps(run_dir: Path) -> list[int]:
@@ -1096,7 +1101,7 @@ def test_resume_with_harmless_changes_goes_through(tmp_path, capsys):
     assert engine.step == 2 * first.step
     out = capsys.readouterr().out
     assert "training.epochs (1 -> 2)" in out and "optimizer.lr (0.02 -> 0.01)" in out
-    assert "data.num_workers (0 -> 1)" in out and "data.cache_dir" in out
+    assert "data.num_workers (0 -> 1; what a data set draws at random" in out and "data.cache_dir" in out
 
 
 def test_a_checkpoint_of_another_run_branches_into_a_new_folder_never_into_a_third_runs(tmp_path, capsys):

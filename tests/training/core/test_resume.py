@@ -8,6 +8,7 @@ from llm.training.core.registry import resolve_task
 from llm.training.core.resume import (
     ResumableSampler,
     batches_done_in_epoch,
+    change,
     check_changes,
     config_changes,
     course_changes,
@@ -23,6 +24,15 @@ def test_the_position_in_an_epoch_converts_across_processes_and_batch_sizes():
     assert batches_done_in_epoch(progress, 8, 32, 1) == 3
     with pytest.warns(UserWarning, match="1 process.* of batch 10: 6 samples of the epoch are seen again"):
         assert batches_done_in_epoch(progress, 8, 10, 1) == 9
+
+
+def test_loader_workers_changed_from_or_to_none_say_the_run_is_no_longer_exact():
+    # with workers a data set's random numbers come from each batch's seed; without, from the main process
+    assert change("data.num_workers", {"data.num_workers": 2}, {"data.num_workers": 4}) == "data.num_workers (2 -> 4)"
+    for before, after in ((0, 2), (2, 0)):
+        said = change("data.num_workers", {"data.num_workers": before}, {"data.num_workers": after})
+        assert said.startswith(f"data.num_workers ({before} -> {after}; what a data set draws at random")
+        assert said.endswith("not bit for bit as it would have)")
 
 
 def test_config_changes_lists_what_changed_and_refuses_what_binds_unless_allowed():
@@ -65,13 +75,13 @@ def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():
 
 def test_resumable_sampler_skips_indices_already_trained_on():
     loader = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
-    sampler = ResumableSampler.install(loader, loader.batch_sampler.sampler, seed=0)
+    sampler = ResumableSampler.install(loader, loader.batch_sampler.sampler)
     sampler.skip = 4
     assert [batch.tolist() for batch in loader] == [[4, 5, 6], [7, 8, 9]] and len(loader) == 2
     sampler.skip = 0
     assert len(list(loader)) == 4
     other = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
-    assert ResumableSampler.install(other, torch.utils.data.SequentialSampler(range(10)), seed=0) is None
+    assert ResumableSampler.install(other, torch.utils.data.SequentialSampler(range(10))) is None
 
 
 def test_a_setting_newer_than_the_checkpoint_counts_as_saved_at_its_default():
