@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     one_line_warnings()
     if isinstance(sys.stdout, io.TextIOWrapper):  # a character the output's encoding lacks prints as "?", no crash
         sys.stdout.reconfigure(errors="replace")
+    writing = False
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"sees that token where the tokenizer has none for the text")
         torch.manual_seed(args.seed)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+        writing = True
         _write(args.prompt)
         for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
                                  generator=generator, top_p=args.top_p):
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt:
+        if not writing:  # loading the model
+            return interrupted("no text generated")
         print(file=sys.stderr)  # off the line the text was printed on
         return interrupted("the text so far is all there is")
     except BrokenPipeError:  # the reader left (`| head`): nothing more to generate for

@@ -164,6 +164,13 @@ def test_ctrl_c_ends_the_text_so_far_with_one_line_and_exit_130(step_dir, capsys
     out, err = capsys.readouterr()
     assert out == PROMPT + "To be" and err == "\ninterrupted (Ctrl-C): the text so far is all there is\n"
 
+    def loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llm.generate.load_lm", loading)  # before any text
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT]) == 130
+    assert capsys.readouterr() == ("", "interrupted (Ctrl-C): no text generated\n")
+
 
 class Scripted(nn.Module):
     """Stands in for GPT: "samples" a fixed list of token ids."""
