@@ -8,6 +8,8 @@ to :func:`append_section`, which prints it and appends it to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import shlex
@@ -120,6 +122,20 @@ def append_section(out: Path, text: str) -> None:
             f.write(BENCHMARKS_HEADER)
         f.write("\n" + text)
     print(f"appended to {out}")
+
+
+def run_summary(run: Path) -> dict[str, Any]:
+    """A run's summary.json, a number it writes null (not finite: a diverged loss) read back as NaN."""
+    return _nan_for_null(json.loads((run / "summary.json").read_text()))
+
+
+def run_records(run: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl records, each null read back as NaN."""
+    return [_nan_for_null(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _nan_for_null(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: math.nan if v is None else v for k, v in record.items()}
 
 
 def median(values: Sequence[float]) -> float:

@@ -31,7 +31,6 @@ spending GPU time on it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -101,14 +100,14 @@ class Checks:
     def bf16_compiled(self) -> str:
         run = self.train("bf16-compiled", "--training-precision", "bf16", "--training-compile", "true",
                          "--training-max-steps", "200", "--training-eval-every-steps", "100")
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records = common.run_records(run)
         train = [r for r in records if r["split"] == "train"]
         first, last = train[0]["loss"], train[-1]["loss"]
         if not last < first:
             raise RuntimeError(f"the training loss did not fall: {first:.3f} -> {last:.3f}")
         rates = [r for r in train if "tokens_per_s" in r]
         mfu = [r["mfu"] for r in rates if "mfu" in r]
-        summary = json.loads((run / "summary.json").read_text())
+        summary = common.run_summary(run)
         text = (f"loss {first:.3f} -> {last:.3f}; {rates[-1]['tokens_per_s']:,.0f} tokens/s, step "
                 f"{rates[-1]['step_time_ms']:.1f} ms, data wait {rates[-1]['data_wait_pct']:.2f}%, peak memory "
                 f"{rates[-1]['peak_mem_mb']:,.0f} MB; first step (compile) {summary['first_step_s']:.1f} s")
@@ -119,7 +118,7 @@ class Checks:
     def fp16(self) -> str:
         run = self.train("fp16", "--training-precision", "fp16", "--training-max-steps", "100",
                          "--training-eval-every-steps", "50")
-        summary = json.loads((run / "summary.json").read_text())
+        summary = common.run_summary(run)
         if not math.isfinite(summary["train_loss"]):
             raise RuntimeError(f"train_loss {summary['train_loss']}")
         return (f"train_loss {summary['train_loss']:.3f}, val_loss {summary['val_loss']:.3f}, "
@@ -134,7 +133,7 @@ class Checks:
                              str(straight[0] / "checkpoints" / "step_00000020"))
 
         def losses(run: Path) -> list[float]:
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            records = common.run_records(run)
             return [r["loss"] for r in records if r["split"] == "train" and r["step"] > 20]
 
         noise = max(abs(a - b) for a, b in zip(losses(straight[0]), losses(straight[1]), strict=True))
@@ -153,7 +152,7 @@ class Checks:
                    "--logging-progress-bar", "false"]
         self.command([*command, "--training-nan-policy", "skip", "--logging-log-dir", str(self.work / "nan-skip")],
                      NAN_AT_STEP="3")
-        summary = json.loads((self.work / "nan-skip/summary.json").read_text())
+        summary = common.run_summary(self.work / "nan-skip")
         if summary["skipped_steps"] != 1 or summary["steps"] != 6 or not math.isfinite(summary["val_loss"]):
             raise RuntimeError(f"nan_policy skip: {summary}")
         last = self.command([*command, "--training-nan-policy", "stop", "--logging-log-dir",
@@ -169,7 +168,7 @@ class Checks:
         backend = "nccl" if self.args.device == "cuda" else "gloo"
         run = self.train(f"torchrun-{strategy}", "--distributed-strategy", strategy, "--distributed-backend", backend,
                          "--training-max-steps", "30", "--training-eval-every-steps", "15", launcher=launcher)
-        summary = json.loads((run / "summary.json").read_text())
+        summary = common.run_summary(run)
         ckpt = max((run / "checkpoints").glob("step_*"))
         ranks = len(list(ckpt.glob("rank_*.pt")))  # one file per process that saved
         if ranks != self.nproc:

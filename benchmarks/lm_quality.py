@@ -12,7 +12,6 @@ same machine only.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -87,8 +86,8 @@ def full_validation(run: Path, device: str) -> tuple[float, int, float, int]:
 
 def section(args: argparse.Namespace, flags: list[str], wall: float, run: Path,
             full: tuple[float, int, float, int]) -> str:
-    summary = json.loads((run / "summary.json").read_text())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = common.run_summary(run)
+    records = common.run_records(run)
     evals = [(r["step"], r["val_loss"]) for r in records if r["split"] == "val"]
     best_step, best = min(evals, key=lambda e: e[1])
     full_loss, full_tokens, full_s, vocab = full
