@@ -46,6 +46,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
 """The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` is read
 when there: checkpoints of earlier versions lack it)."""
+SETUP_STREAM, TRAIN_STREAM, VAL_STREAM = 1, 2, 3
+"""What the seeds made from training.seed are for: the data module's set-up, the training and validation batches
+loader workers load (each a stream of its own)."""
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
@@ -68,7 +71,9 @@ SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name"
 
 HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|auroc|precision|recall|bleu|rouge\w*|iou|dice|r2)($|_)",
                               re.IGNORECASE)
-"""Metric names that usually grow as a model improves: monitored with checkpoint.mode min, a slip is likely."""
+LOWER_IS_BETTER = re.compile(r"(^|_)(loss|err|error|errors|mse|mae|rmse|ppl|perplexity)($|_)", re.IGNORECASE)
+"""Metric names that usually grow as a model improves, and those that shrink (a dice loss, a recall error):
+one of the first, none of the second, monitored with checkpoint.mode min is likely a slip."""
 
 
 class TrainingEngine:
@@ -396,10 +401,11 @@ class TrainingEngine:
         with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
             start = resume.find_start(cfg, self.run_dir)
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
-        # the same random numbers on every rank, run and resume for a data module that draws them in setup
-        # (a split, a shuffle, generated data) without a generator of its own
-        resume.seed_everything(cfg.training.seed)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
+        # the same random numbers on every rank, run and resume for a data module that draws them in setup (a
+        # split, a shuffle, generated data) without a generator of its own: after prepare_data, which one process
+        # a node runs, and only when its cache is missing; not the model's initial weights' (torch's seed below)
+        resume.seed_everything(resume.mixed_seed(cfg.training.seed, SETUP_STREAM))
         with _out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
             self.data_module.setup("fit")
         self.train_loader, self.train_sampler = self._loaders("train_dataloader")
@@ -407,8 +413,9 @@ class TrainingEngine:
         self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
         # with loader workers, what a data set draws at random comes from a seed per batch, kept by no worker: the
         # training batches' differ by epoch, and each validation draws the same numbers as the others
-        self._seeded = resume.SeededBatches.install(self.train_loader, hash((cfg.training.seed, self.rank)))
-        resume.SeededBatches.install(self.val_loader, hash((cfg.training.seed, self.rank, "validation")))
+        self._seeded = resume.SeededBatches.install(self.train_loader,
+                                                    resume.mixed_seed(cfg.training.seed, self.rank, TRAIN_STREAM))
+        resume.SeededBatches.install(self.val_loader, resume.mixed_seed(cfg.training.seed, self.rank, VAL_STREAM))
         k = cfg.training.grad_accum_steps
         try:
             batches = len(self.train_loader)
@@ -580,7 +587,8 @@ class TrainingEngine:
         if monitor not in names:  # found now, not at the first validation after an epoch of training
             raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
                              f"{type(self.task).__name__}: {', '.join(names)}{closest(monitor, names)}")
-        if self.config.checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor) and self.is_main:
+        if (self.config.checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor)
+                and not LOWER_IS_BETTER.search(monitor) and self.is_main):
             warnings.warn(f"checkpoint.monitor {monitor} is kept at its lowest (checkpoint.mode min), as a loss "
                           f"is: if higher is better, give --checkpoint-mode max")
 
@@ -781,7 +789,7 @@ class TrainingEngine:
         from (seed, rank, salt) keeps it off the global stream and reproducible.
         """
         if isinstance(loader, torch.utils.data.DataLoader):
-            seed = hash((self.config.training.seed, self.rank, salt)) % 2**62
+            seed = resume.mixed_seed(self.config.training.seed, self.rank, salt)
             loader.generator = torch.Generator().manual_seed(seed)
         return iter(loader)
 

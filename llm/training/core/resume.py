@@ -81,7 +81,7 @@ class SeededBatches(BatchSampler):
         """Seed each batch of ``loader`` in the worker that loads it (SeedEachBatch), if it has workers and
         torch's own BatchSampler; None, leaving it as it is, otherwise."""
         batch_sampler = getattr(loader, "batch_sampler", None)
-        if loader.num_workers == 0 or type(batch_sampler) is not BatchSampler:
+        if type(batch_sampler) is not BatchSampler or not getattr(loader, "num_workers", 0):
             return None
         # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
         batch_sampler.__class__, batch_sampler.seed, batch_sampler.epoch = cls, seed, 0
@@ -92,7 +92,7 @@ class SeededBatches(BatchSampler):
         first = self.sampler.skip // self.batch_size if isinstance(self.sampler, ResumableSampler) else 0
         for place, indices in enumerate(super().__iter__(), first):
             batch = SeededBatch(indices)
-            batch.seed = hash((self.seed, self.epoch, place)) % 2**63
+            batch.seed = mixed_seed(self.seed, self.epoch, place)
             yield batch
 
 
@@ -117,17 +117,31 @@ class SeedEachBatch:
 
         def seeded(indices: list[int]) -> list[Any]:
             if isinstance(indices, SeededBatch):
-                seed_everything(indices.seed)
+                _seed_worker(indices.seed)
             return fetch(indices)
 
         with contextlib.suppress(AttributeError):  # a data set with __slots__: its workers' streams as they are
             dataset.__getitems__ = seeded  # the loader's fetch calls it, with a batch's indices
 
 
+def _seed_worker(seed: int) -> None:
+    """seed_everything in a loader worker, for each batch: torch's CPU generator alone, since no worker uses CUDA
+    (torch.manual_seed would also queue a lazy CUDA seeding, formatting a stack trace each time: 0.2 ms)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def mixed_seed(*numbers: int) -> int:
+    """One seed from several whole numbers, the same in every process: hash() of ints, and tuples of them, is
+    (of a str it is not: Python draws a new hash key per process)."""
+    return hash(numbers) % 2**63
 
 
 def rng_state() -> dict[str, Any]:

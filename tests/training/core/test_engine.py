@@ -7,6 +7,8 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +34,7 @@ from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.train import default_callbacks, main
-from tests.helpers import (NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, hold, spawn,
+from tests.helpers import (REPO, NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, hold, spawn,
                            tiny_config, weights)
 
 
@@ -185,24 +187,38 @@ class ShiftedData(SyntheticDataModule):
 
 
 class UnseededData(SyntheticDataModule):
-    """Targets moved by noise drawn from the global torch RNG in setup, as a user's data module may draw them."""
+    """Targets moved by noise drawn from the global torch RNG in setup, as a user's data module may draw them;
+    prepare_data draws too, while its "cache" (a file beside the run) is missing, as one process a node runs it."""
+
+    def prepare_data(self):
+        cache = Path(self.config.logging.log_dir).parent / "cache"
+        if not cache.exists():
+            cache.write_text(str(torch.rand(3)))
 
     def setup(self, stage):
         super().setup(stage)
-        for split in (self.train_set, self.val_set):
-            split.tensors = split.tensors[0], split.tensors[1] + torch.randn(len(split.tensors[1]), 1)
+        self.drawn = torch.randn(len(self.val_set), 1)
+        self.val_set.tensors = self.val_set.tensors[0], self.val_set.tensors[1] + self.drawn
 
 
 def test_a_data_module_drawing_from_the_global_rng_in_setup_gets_the_same_data_every_run(tmp_path):
-    # seeded with training.seed before setup, the same on every rank: a split or noise drawn there is the same
-    # whatever ran before in the process, so a run and its resume, and each rank, see one data set
-    def val_targets(folder: str, disturb: int) -> torch.Tensor:
+    # seeded from training.seed after prepare_data (one process a node; draws only while its cache is missing)
+    # and before setup, the same on every rank: a split or noise drawn in setup is the same whatever ran before
+    # in the process, so a run and its resume, and each rank, see one data set
+    def drawn(disturb: int) -> torch.Tensor:
         torch.manual_seed(disturb)
-        data = UnseededData(config := tiny_config(tmp_path / folder, training={"max_steps": 1}))
+        data = UnseededData(config := tiny_config(tmp_path / str(disturb), training={"max_steps": 1}))
+        (tmp_path / str(disturb)).mkdir()
+        if disturb == 2:
+            (tmp_path / str(disturb) / "cache").write_text("made by an earlier run")
         TrainingEngine(config, RegressionTask(config), data_module=data).train()
-        return data.val_set.tensors[1]
+        return data.drawn
 
-    assert torch.equal(val_targets("a", disturb=1), val_targets("b", disturb=2))
+    first = drawn(disturb=1)
+    assert torch.equal(first, drawn(disturb=2))
+    # and not the numbers the model's initial weights are drawn from (torch.manual_seed(training.seed))
+    torch.manual_seed(tiny_config(tmp_path).training.seed)
+    assert not torch.equal(first, torch.randn(first.shape))
 
 
 def test_a_run_records_the_task_and_data_module_that_trained_not_those_the_config_named(tmp_path, capsys):
@@ -325,6 +341,39 @@ def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_t
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
     assert validations("crashed") == validations("ref") and len(validations("ref")) == 6  # steps 4, 8, ..., 20
+
+
+def seeds_of(folder: Path) -> list[int]:
+    """The seeds the batches of a set-up engine's training and validation loader workers are drawn from."""
+    config = tiny_config(folder, data={"num_workers": 1})
+    engine = TrainingEngine(config, RegressionTask(config))
+    engine.setup()
+    return [engine.train_loader.batch_sampler.seed, engine.val_loader.batch_sampler.seed]
+
+
+class ListedValidation(SyntheticDataModule):
+    """Validation batches in a list, not a DataLoader: any iterable with a length will do."""
+
+    def val_dataloader(self, rank, world_size):
+        loader, sampler = super().val_dataloader(rank, world_size)
+        return list(loader), sampler
+
+
+def test_a_validation_loader_that_is_no_dataloader_validates(tmp_path):
+    config = tiny_config(tmp_path, training={"max_steps": 2})
+    metrics = TrainingEngine(config, RegressionTask(config), data_module=ListedValidation(config)).train()
+    assert math.isfinite(metrics["val_loss"])
+
+
+def test_the_seeds_of_loader_workers_batches_are_the_same_in_every_process(tmp_path):
+    # a resume is another process, with another hash key for str: seeds mixed from a str would differ there
+    code = ("import json, sys\nfrom pathlib import Path\nfrom tests.training.core.test_engine import seeds_of\n"
+            "print(json.dumps(seeds_of(Path(sys.argv[1]))))")
+    key = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"  # not this process's
+    there = subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], capture_output=True, text=True,
+                           check=True, cwd=REPO, env={**os.environ, "PYTHONHASHSEED": key}).stdout
+    here = seeds_of(tmp_path / "here")
+    assert json.loads(there) == here and len(set(here)) == 2
 
 
 def saved_steps(run_dir: Path) -> list[int]:
@@ -1441,11 +1490,18 @@ def test_an_early_stopping_monitor_that_validation_does_not_report_is_refused_be
     assert engine.step == 0 and not (tmp_path / "run/checkpoints").exists()
 
 
-@pytest.mark.parametrize("mode, warned", [("min", True), ("max", False)])
-def test_monitoring_an_accuracy_at_its_lowest_is_warned_of(tmp_path, recwarn, mode, warned):
+class AccuracyAndDiceLoss(ClassificationTask):
+    def validation_step(self, batch, model, criterion):
+        loss, metrics = super().validation_step(batch, model, criterion)
+        return loss, {**metrics, "dice_loss": loss}  # lower is better, though it says dice
+
+
+@pytest.mark.parametrize("monitor, mode, warned", [("val_acc", "min", True), ("val_acc", "max", False),
+                                                   ("val_dice_loss", "min", False)])
+def test_monitoring_an_accuracy_at_its_lowest_is_warned_of(tmp_path, recwarn, monitor, mode, warned):
     config = tiny_config(tmp_path, task="classification", training={"max_steps": 1},
-                         checkpoint={"monitor": "val_acc", "mode": mode})
-    TrainingEngine(config, ClassificationTask(config)).train()
+                         checkpoint={"monitor": monitor, "mode": mode})
+    TrainingEngine(config, AccuracyAndDiceLoss(config)).train()
     said = [str(w.message) for w in recwarn if "checkpoint.monitor" in str(w.message)]
     assert said == (["checkpoint.monitor val_acc is kept at its lowest (checkpoint.mode min), as a loss is: if "
                      "higher is better, give --checkpoint-mode max"] if warned else [])
