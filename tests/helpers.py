@@ -261,6 +261,29 @@ class UnskippableData(SyntheticDataModule):
         return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches), sampler
 
 
+class _Buckets(torch.utils.data.BatchSampler):
+    """torch's BatchSampler, subclassed to fill a batch per bucket (even and odd indices): it reads ahead of the
+    batches it yields, as samplers that bucket by length do."""
+
+    def __iter__(self):
+        buckets: dict[int, list[int]] = {0: [], 1: []}
+        for i in self.sampler:
+            buckets[i % 2].append(i)
+            if len(buckets[i % 2]) == self.batch_size:
+                yield buckets[i % 2]
+                buckets[i % 2] = []
+
+
+class BucketedData(SyntheticDataModule):
+    """Synthetic regression data batched by a sampler that buckets its items: skipping a whole number of
+    batches' indices would not resume it where it stopped."""
+
+    def train_dataloader(self, rank, world_size):
+        loader, sampler = super().train_dataloader(rank, world_size)
+        batches = _Buckets(sampler, loader.batch_size, drop_last=True)
+        return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches), sampler
+
+
 class PooledData(SyntheticDataModule):
     """The synthetic data, prepared on a thread pool left running (as a compiler's pool is), whose worker threads
     end only as the interpreter exits."""

@@ -64,7 +64,7 @@ class CallbackError(RuntimeError):
     """A user callback raised; the message names it."""
 
 
-SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
+SAID_BY_RANK_0 = (".* takes no new attribute", "skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
                   "resuming mid-epoch with ")
 """The starts of the warnings every rank meets alike while finding and loading a checkpoint."""
 
@@ -413,9 +413,10 @@ class TrainingEngine:
         self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
         # with loader workers, what a data set draws at random comes from a seed per batch, kept by no worker: the
         # training batches' differ by epoch, and each validation draws the same numbers as the others
-        self._seeded = resume.SeededBatches.install(self.train_loader,
-                                                    resume.mixed_seed(cfg.training.seed, self.rank, TRAIN_STREAM))
-        resume.SeededBatches.install(self.val_loader, resume.mixed_seed(cfg.training.seed, self.rank, VAL_STREAM))
+        with self._warned_by_rank_0():  # a data set that takes no seeding: the same on every rank
+            self._seeded = resume.SeededBatches.install(
+                self.train_loader, resume.mixed_seed(cfg.training.seed, self.rank, TRAIN_STREAM))
+            resume.SeededBatches.install(self.val_loader, resume.mixed_seed(cfg.training.seed, self.rank, VAL_STREAM))
         k = cfg.training.grad_accum_steps
         try:
             batches = len(self.train_loader)

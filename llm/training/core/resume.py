@@ -53,9 +53,17 @@ class ResumableSampler:
 
     @classmethod
     def install(cls, loader: Any, sampler: Any) -> ResumableSampler | None:
-        """Put a ResumableSampler under ``loader``'s BatchSampler, if it has one over ``sampler``."""
+        """Put a ResumableSampler under ``loader``'s BatchSampler, if it is torch's own over ``sampler``; the one
+        an earlier engine of this process put there, if there is one. None for any other loader: a batch sampler
+        of its own may read ahead (buckets by length), so skipping whole batches' indices would not resume it."""
         batch_sampler = getattr(loader, "batch_sampler", None)
-        if batch_sampler is None or getattr(batch_sampler, "sampler", None) is not sampler:
+        if type(batch_sampler) not in (BatchSampler, SeededBatches):
+            return None
+        inner = batch_sampler.sampler
+        if isinstance(inner, ResumableSampler) and inner.sampler is sampler:
+            inner.skip = 0
+            return inner
+        if inner is not sampler:
             return None
         wrapper = cls(sampler)
         batch_sampler.sampler = wrapper
@@ -79,13 +87,21 @@ class SeededBatches(BatchSampler):
     @classmethod
     def install(cls, loader: Any, seed: int) -> SeededBatches | None:
         """Seed each batch of ``loader`` in the worker that loads it (SeedEachBatch), if it has workers and
-        torch's own BatchSampler; None, leaving it as it is, otherwise."""
+        torch's own BatchSampler (or this kind, from an earlier engine of this process); None, leaving it as it
+        is, otherwise, with a warning for a data set that takes no new attribute (frozen, read-only)."""
         batch_sampler = getattr(loader, "batch_sampler", None)
-        if type(batch_sampler) is not BatchSampler or not getattr(loader, "num_workers", 0):
+        if type(batch_sampler) not in (BatchSampler, cls) or not getattr(loader, "num_workers", 0):
             return None
-        # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
-        batch_sampler.__class__, batch_sampler.seed, batch_sampler.epoch = cls, seed, 0
-        loader.worker_init_fn = SeedEachBatch(loader.worker_init_fn)
+        if type(batch_sampler) is BatchSampler:
+            if not _takes_attributes(loader.dataset):
+                warnings.warn(f"{type(loader.dataset).__name__} takes no new attribute (frozen or read-only): what it "
+                              f"draws at random in loader workers comes from each worker's own stream, so a resume "
+                              f"goes on from the same samples but not bit for bit")
+                return None
+            # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
+            batch_sampler.__class__ = cls
+            loader.worker_init_fn = SeedEachBatch(loader.worker_init_fn)
+        batch_sampler.seed, batch_sampler.epoch = seed, 0
         return batch_sampler
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -120,8 +136,18 @@ class SeedEachBatch:
                 _seed_worker(indices.seed)
             return fetch(indices)
 
-        with contextlib.suppress(AttributeError):  # a data set with __slots__: its workers' streams as they are
-            dataset.__getitems__ = seeded  # the loader's fetch calls it, with a batch's indices
+        dataset.__getitems__ = seeded  # the loader's fetch calls it, with a batch's indices
+
+
+def _takes_attributes(dataset: Any) -> bool:
+    """Whether a new attribute can be set on ``dataset`` (SeedEachBatch sets one in each worker's copy); tried
+    and taken back."""
+    try:
+        dataset._llm_probe = None
+        del dataset._llm_probe
+    except Exception:  # __slots__, a frozen dataclass, a __setattr__ that refuses
+        return False
+    return True
 
 
 def _seed_worker(seed: int) -> None:

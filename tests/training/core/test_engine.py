@@ -343,6 +343,49 @@ def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_t
     assert validations("crashed") == validations("ref") and len(validations("ref")) == 6  # steps 4, 8, ..., 20
 
 
+class CachedLoaders(AugmentedData):
+    """Loaders built once and handed out again: a later engine of the process gets those of the first."""
+
+    def train_dataloader(self, rank, world_size):
+        self.train = getattr(self, "train", None) or super().train_dataloader(rank, world_size)
+        return self.train
+
+    def val_dataloader(self, rank, world_size):
+        self.val = getattr(self, "val", None) or super().val_dataloader(rank, world_size)
+        return self.val
+
+
+def test_a_second_engine_over_the_loaders_of_the_first_trains_as_the_first(tmp_path):
+    # the first engine left its seeding in the loaders (epoch 1 at its end): the second takes it over afresh
+    data = CachedLoaders(tiny_config(tmp_path, data={"num_workers": 1}))  # its loaders' workers
+    engines = []
+    for folder in ("first", "second"):
+        config = tiny_config(tmp_path / folder, training={"max_steps": 16}, data={"num_workers": 1})
+        engines.append(TrainingEngine(config, RegressionTask(config), data_module=data))
+        engines[-1].train()
+    for (name, w_first), w in zip(weights(engines[0].raw_model).items(), weights(engines[1].raw_model).values()):
+        assert torch.equal(w_first, w), name
+
+
+class ReadOnlyJittered(Jittered):
+    def __setattr__(self, name, value):
+        if hasattr(self, "base"):
+            raise TypeError(f"{type(self).__name__} is read-only")
+        super().__setattr__(name, value)
+
+
+def test_a_data_set_that_takes_no_new_attribute_trains_with_workers_and_is_warned_of(tmp_path):
+    class ReadOnlyData(SyntheticDataModule):
+        def setup(self, stage):
+            super().setup(stage)
+            self.train_set = ReadOnlyJittered(self.train_set)
+
+    config = tiny_config(tmp_path, training={"max_steps": 2}, data={"num_workers": 1})
+    with pytest.warns(UserWarning, match="ReadOnlyJittered takes no new attribute .* not bit for bit"):
+        metrics = TrainingEngine(config, RegressionTask(config), data_module=ReadOnlyData(config)).train()
+    assert metrics["steps"] == 2
+
+
 def seeds_of(folder: Path) -> list[int]:
     """The seeds the batches of a set-up engine's training and validation loader workers are drawn from."""
     config = tiny_config(folder, data={"num_workers": 1})
@@ -544,9 +587,10 @@ def test_time_in_validation_and_epoch_hooks_is_set_aside_from_training_time(tmp_
     assert engine.aside_s >= 0.05 * SlowHooks.calls  # throughput figures leave all of it out
 
 
-def test_a_loader_that_cannot_skip_is_replayed_and_the_resume_is_still_exact(tmp_path):
+@pytest.mark.parametrize("data", ["UnskippableData", "BucketedData"])
+def test_a_loader_that_cannot_skip_is_replayed_and_the_resume_is_still_exact(tmp_path, data):
     settings = {"training": {"epochs": 2}, "checkpoint": {"every_n_steps": 3}, "model": {"dropout": 0.1},
-                "data": {"module": "tests.helpers:UnskippableData"}}
+                "data": {"module": f"tests.helpers:{data}"}}
     reference, _ = train(tiny_config(tmp_path / "ref", **settings))
     with pytest.raises(CallbackError, match="simulated crash"):
         train(tiny_config(tmp_path / "crash", **settings), callbacks=[CrashAt(10)])  # saved at 9, mid-epoch
