@@ -64,9 +64,10 @@ class CallbackError(RuntimeError):
     """A user callback raised; the message names it."""
 
 
-SAID_BY_RANK_0 = (".* takes no new attribute", "skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
-                  "resuming mid-epoch with ")
-"""The starts of the warnings every rank meets alike while finding and loading a checkpoint."""
+SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
+                  "resuming mid-epoch with ", ".* takes no new attribute")
+"""The starts of the warnings every rank meets alike in set-up: finding and loading a checkpoint, a data set that
+its loader workers cannot seed batch by batch."""
 
 
 HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|auroc|precision|recall|bleu|rouge\w*|iou|dice|r2)($|_)",

@@ -136,7 +136,10 @@ class SeedEachBatch:
                 _seed_worker(indices.seed)
             return fetch(indices)
 
-        dataset.__getitems__ = seeded  # the loader's fetch calls it, with a batch's indices
+        # the loader's fetch calls it, with a batch's indices; a data set that refuses it (the engine warned of one
+        # that takes no new attribute) keeps the worker's own streams
+        with contextlib.suppress(Exception):
+            dataset.__getitems__ = seeded
 
 
 def _takes_attributes(dataset: Any) -> bool:
