@@ -46,9 +46,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
 """The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` is read
 when there: checkpoints of earlier versions lack it)."""
-SETUP_STREAM, TRAIN_STREAM, VAL_STREAM = 1, 2, 3
+SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, LOADER_STREAM = 1, 2, 3, 4
 """What the seeds made from training.seed are for: the data module's set-up, the training and validation batches
-loader workers load (each a stream of its own)."""
+loader workers load, and the generator of each loader iterator (each a stream of its own)."""
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
@@ -65,7 +65,7 @@ class CallbackError(RuntimeError):
 
 
 SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
-                  "resuming mid-epoch with ", ".* takes no new attribute")
+                  "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not")
 """The starts of the warnings every rank meets alike in set-up: finding and loading a checkpoint, a data set that
 its loader workers cannot seed batch by batch."""
 
@@ -757,30 +757,35 @@ class TrainingEngine:
         it is the epoch's last full group."""
         k = self.config.training.grad_accum_steps
         if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
-            self._resumable.skip = self.batch_in_epoch * self.config.training.batch_size
+            # the loader's own batches, which batch_in_epoch counts (a data module's loader may batch otherwise)
+            self._resumable.skip = self.batch_in_epoch * self.train_loader.batch_sampler.batch_size
         if self._seeded is not None:
             self._seeded.epoch = self.epoch
         left = len(self.train_loader)  # the skipped batches are not counted
         batches = self._iterate(self.train_loader, -1 - self.epoch)
         if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
-            warnings.warn("the training loader has no BatchSampler over a sampler: replaying batches to resume mid-epoch")
+            with self._warned_by_rank_0():
+                warnings.warn("the training loader's batch sampler is not torch's own BatchSampler over its sampler: "
+                              "replaying batches to resume mid-epoch")
             batches = itertools.islice(batches, self.batch_in_epoch, None)
             left -= self.batch_in_epoch
         group: list[Any] = []
-        while True:
-            waited = time.perf_counter()
-            batch = next(batches, _END)
-            self.data_wait_s += time.perf_counter() - waited  # read by ThroughputMonitor
-            if batch is _END:
-                break
-            group.append(batch)
-            if len(group) == k:
-                left -= k
-                yield group, left < k
-                group = []
-        if self._resumable is not None:
-            self._resumable.skip = 0
-        # a last group shorter than k is dropped, like a last partial batch
+        try:
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, _END)
+                self.data_wait_s += time.perf_counter() - waited  # read by ThroughputMonitor
+                if batch is _END:
+                    break
+                group.append(batch)
+                if len(group) == k:
+                    left -= k
+                    yield group, left < k
+                    group = []
+            # a last group shorter than k is dropped, like a last partial batch
+        finally:  # also when the epoch's last step or a stop closes this generator at its yield
+            if self._resumable is not None:
+                self._resumable.skip = 0  # the loader its whole length again, for callbacks and the next epoch
 
     def _iterate(self, loader: Any, salt: int) -> Iterator[Any]:
         """An iterator over a loader that leaves the global RNG alone.
@@ -791,7 +796,7 @@ class TrainingEngine:
         from (seed, rank, salt) keeps it off the global stream and reproducible.
         """
         if isinstance(loader, torch.utils.data.DataLoader):
-            seed = resume.mixed_seed(self.config.training.seed, self.rank, salt)
+            seed = resume.mixed_seed(self.config.training.seed, self.rank, LOADER_STREAM, salt)
             loader.generator = torch.Generator().manual_seed(seed)
         return iter(loader)
 

@@ -92,6 +92,8 @@ class SeededBatches(BatchSampler):
         batch_sampler = getattr(loader, "batch_sampler", None)
         if type(batch_sampler) not in (BatchSampler, cls) or not getattr(loader, "num_workers", 0):
             return None
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset):  # a stream: its workers fetch no batch
+            return None
         if type(batch_sampler) is BatchSampler:
             if not _takes_attributes(loader.dataset):
                 warnings.warn(f"{type(loader.dataset).__name__} takes no new attribute (frozen or read-only): what it "
@@ -132,8 +134,8 @@ class SeedEachBatch:
         fetch = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
 
         def seeded(indices: list[int]) -> list[Any]:
-            if isinstance(indices, SeededBatch):
-                _seed_worker(indices.seed)
+            if isinstance(indices, SeededBatch):  # no worker uses a GPU: its generators need no seeding
+                seed_everything(indices.seed, devices=False)
             return fetch(indices)
 
         # the loader's fetch calls it, with a batch's indices; a data set that refuses it (the engine warned of one
@@ -153,18 +155,15 @@ def _takes_attributes(dataset: Any) -> bool:
     return True
 
 
-def _seed_worker(seed: int) -> None:
-    """seed_everything in a loader worker, for each batch: torch's CPU generator alone, since no worker uses CUDA
-    (torch.manual_seed would also queue a lazy CUDA seeding, formatting a stack trace each time: 0.2 ms)."""
+def seed_everything(seed: int, devices: bool = True) -> None:
+    """Python's, NumPy's and torch's generators; without ``devices``, torch's CPU one alone (torch.manual_seed
+    seeds the GPUs' too, lazily, formatting a stack trace each time: 0.2 ms a batch in a loader worker)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if devices:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def mixed_seed(*numbers: int) -> int:

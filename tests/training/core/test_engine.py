@@ -336,11 +336,41 @@ def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_t
     reference = run("ref", workers=2)
     with pytest.raises(CallbackError, match="simulated crash"):
         run("crashed", workers=2, callbacks=[CrashAt(7)])  # saved at step 5
-    resumed = run("crashed", workers=1, resume="auto")
+    lengths = []
+
+    class Lengths(Callback):
+        def on_epoch_end(self, engine, metrics):
+            lengths.append(len(engine.train_loader))
+
+    resumed = run("crashed", workers=1, resume="auto", callbacks=[Lengths()])
     assert resumed.step == reference.step == 20
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
     assert validations("crashed") == validations("ref") and len(validations("ref")) == 6  # steps 4, 8, ..., 20
+    assert lengths == [14]  # the resumed epoch's skipped batches count again once it ends
+
+
+class HalfBatches(SyntheticDataModule):
+    """A training loader of the data module's own, batching by half of training.batch_size."""
+
+    def train_dataloader(self, rank, world_size):
+        loader, sampler = super().train_dataloader(rank, world_size)
+        half = self.config.training.batch_size // 2
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=half, sampler=sampler, drop_last=True), sampler
+
+
+def test_a_loader_batching_otherwise_than_the_config_resumes_mid_epoch_exactly(tmp_path):
+    # the resume skips the samples of the loader's own batches, not of training.batch_size ones
+    settings = {"training": {"max_steps": 20}, "checkpoint": {"every_n_steps": 5}, "model": {"dropout": 0.1}}
+    reference, _ = train(tiny_config(tmp_path / "ref", **settings, data={"module": "tests.training.core.test_engine:HalfBatches"}))
+    crashed = tiny_config(tmp_path / "crash", **settings, data={"module": "tests.training.core.test_engine:HalfBatches"})
+    with pytest.raises(CallbackError, match="simulated crash"):
+        train(crashed, callbacks=[CrashAt(7)])
+    resumed, _ = train(tiny_config(tmp_path / "crash", **{**settings, "checkpoint": {"resume": "auto"}},
+                                   data={"module": "tests.training.core.test_engine:HalfBatches"}))
+    assert resumed.step == reference.step == 20
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
 
 
 class CachedLoaders(AugmentedData):

@@ -7,6 +7,7 @@ from llm.errors import UsageError
 from llm.training.core.registry import resolve_task
 from llm.training.core.resume import (
     ResumableSampler,
+    SeededBatches,
     batches_done_in_epoch,
     change,
     check_changes,
@@ -24,6 +25,16 @@ def test_the_position_in_an_epoch_converts_across_processes_and_batch_sizes():
     assert batches_done_in_epoch(progress, 8, 32, 1) == 3
     with pytest.warns(UserWarning, match="1 process.* of batch 10: 6 samples of the epoch are seen again"):
         assert batches_done_in_epoch(progress, 8, 10, 1) == 9
+
+
+def test_a_stream_loaded_by_workers_is_left_as_it_is():
+    class Stream(torch.utils.data.IterableDataset):  # its workers fetch no batch of indices: nothing to seed
+        def __iter__(self):
+            return iter(range(4))
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=2, num_workers=1)
+    assert SeededBatches.install(loader, seed=0) is None and type(loader.batch_sampler) is torch.utils.data.BatchSampler
+    assert loader.worker_init_fn is None
 
 
 def test_loader_workers_changed_from_or_to_none_say_the_run_is_no_longer_exact():
