@@ -14,11 +14,14 @@ restarted worker does not fault again):
   KILL_AGENT_BEFORE_ENGINE=1       rank 0 SIGKILLs its parent, the torchrun agent, before any rank builds its engine
   TERM_THEN_KILL_AGENT_AT_STEP=N   rank 0 has its parent, the torchrun agent, sent SIGTERM after optimizer step N
                                    and SIGKILL a second later (a supervisor's grace period running out)
+  ALL_AT_STEP=N ALL_SIGNAL=TERM    SIGTERM (or INT, HUP) this rank and its data loader workers after optimizer
+                                   step N, sent by another process (a job's signal reaches every process of it)
   TERM_ALL_AT_STEP=N               rank 0 sends SIGTERM to its parent, the torchrun agent, and to itself after
                                    optimizer step N (SLURM and systemd signal every process of a job)
   SLOW_FROM_STEP=N SLOW_S=x        every rank's steps from optimizer step N on take x seconds more
 """
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -67,6 +70,11 @@ class Faults(Callback):
             agent = os.getppid()
             # in a session of its own: the agent's SIGTERM goes to this worker's process group
             subprocess.Popen(["sh", "-c", f"kill -TERM {agent}; sleep 1; kill -KILL {agent}"], start_new_session=True)
+        if _fire_once(engine, "ALL_AT_STEP", engine.step):
+            # by another process, as a job's signal is: a worker takes its parent's SIGTERM as the loader's
+            name = os.environ["ALL_SIGNAL"]
+            subprocess.run(["kill", f"-{name}", str(os.getpid()),
+                            *(str(worker.pid) for worker in multiprocessing.active_children())], check=True)
         if _fire_once(engine, "TERM_ALL_AT_STEP", engine.step):
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)

@@ -106,6 +106,22 @@ def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resumes_
     assert_logged_the_same(reference, tmp_path / "run", extra={("train", 10)})
 
 
+def test_a_sigterm_that_reaches_the_loader_workers_too_still_saves_and_resumes_exactly(tmp_path, reference):
+    # SLURM and systemd send SIGTERM to every process of a job: the workers leave the stop to the main process,
+    # which saves; a worker that died of it failed the run wherever it stood (torch raises on a dead worker)
+    name = "TERM"
+    workers = ["--data-num-workers", "1"]
+    stopped = run([sys.executable, str(WORKER), *FLAGS, *workers, "--logging-log-dir", str(tmp_path / "run")],
+                  cwd=tmp_path, env={"ALL_AT_STEP": "10", "ALL_SIGNAL": name})
+    assert stopped.returncode == 128 + getattr(signal, f"SIG{name}"), stopped.stderr[-3000:]
+    assert f"stopped by SIG{name} at step 10" in stopped.stderr
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000010"
+    resumed = run([sys.executable, str(WORKER), *FLAGS, *workers, "--logging-log-dir", str(tmp_path / "run")],
+                  cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(weights(reference), weights(tmp_path / "run"))  # the data draws nothing at random: 0 workers' too
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_stop_asked_for_on_the_step_of_a_signal_is_kept_by_the_resume(tmp_path, nproc):
     # early stopping (here a callback's request_stop) on the very step a SIGTERM arrives: the resume ends at

@@ -8,7 +8,9 @@ import itertools
 import json
 import os
 import random
+import signal
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,6 +144,43 @@ class SeedEachBatch:
         # that takes no new attribute) keeps the worker's own streams
         with contextlib.suppress(Exception):
             dataset.__getitems__ = seeded
+
+
+class LeaveStopSignals:
+    """A loader's worker_init_fn (the loader's own one runs first): the stop signals a job sends to all its
+    processes are the main process's to act on, by saving a checkpoint (SLURM's scancel and systemd send SIGTERM
+    to every process, a terminal's Ctrl-C sends SIGINT to a torchrun job's, a hang-up SIGHUP). A worker that died
+    of one would fail the run wherever the main process stood, unsaved.
+
+    SIGINT and SIGHUP are ignored. SIGTERM still ends the worker when its parent sends it (the loader ending a
+    worker that does not stop, the interpreter's exit), as torch's own handler does: a thread waits for it, with
+    the signal blocked elsewhere, and reads who sent it.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None):
+        self.then = then
+
+    @classmethod
+    def install(cls, loader: Any) -> None:
+        """On ``loader``, if it has workers; once (a later engine over the same loader finds it there)."""
+        if getattr(loader, "num_workers", 0) and not isinstance(loader.worker_init_fn, cls):
+            loader.worker_init_fn = cls(loader.worker_init_fn)
+
+    def __call__(self, worker_id: int) -> None:
+        if self.then is not None:
+            self.then(worker_id)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
+        parent = os.getppid()
+
+        def wait() -> None:
+            while True:
+                sent = signal.sigwaitinfo({signal.SIGTERM})
+                if sent.si_pid == parent or os.getppid() != parent:
+                    os._exit(0)
+
+        threading.Thread(target=wait, name="llm-worker-sigterm", daemon=True).start()
 
 
 def _takes_attributes(dataset: Any) -> bool:
