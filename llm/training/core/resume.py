@@ -171,6 +171,8 @@ class LeaveStopSignals:
             self.then(worker_id)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to read the sender; torch's handler stays
+            return
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
         parent = os.getppid()
 
