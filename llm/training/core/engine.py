@@ -419,7 +419,7 @@ class TrainingEngine:
                 self.train_loader, resume.mixed_seed(cfg.training.seed, self.rank, TRAIN_STREAM))
             resume.SeededBatches.install(self.val_loader, resume.mixed_seed(cfg.training.seed, self.rank, VAL_STREAM))
         for loader in (self.train_loader, self.val_loader):  # before the workers start: the first batch checked
-            resume.LeaveStopSignals.install(loader)
+            resume.WorkerStart.install(loader)
         k = cfg.training.grad_accum_steps
         try:
             batches = len(self.train_loader)

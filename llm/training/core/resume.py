@@ -88,9 +88,9 @@ class SeededBatches(BatchSampler):
 
     @classmethod
     def install(cls, loader: Any, seed: int) -> SeededBatches | None:
-        """Seed each batch of ``loader`` in the worker that loads it (SeedEachBatch), if it has workers and
-        torch's own BatchSampler (or this kind, from an earlier engine of this process); None, leaving it as it
-        is, otherwise, with a warning for a data set that takes no new attribute (frozen, read-only)."""
+        """Give each batch of ``loader`` a seed, which the worker that loads it draws from (WorkerStart), if it has
+        workers and torch's own BatchSampler (or this kind, from an earlier engine of this process); None, leaving
+        it as it is, otherwise, with a warning for a data set that takes no new attribute (frozen, read-only)."""
         batch_sampler = getattr(loader, "batch_sampler", None)
         if type(batch_sampler) not in (BatchSampler, cls) or not getattr(loader, "num_workers", 0):
             return None
@@ -104,7 +104,6 @@ class SeededBatches(BatchSampler):
                 return None
             # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
             batch_sampler.__class__ = cls
-            loader.worker_init_fn = SeedEachBatch(loader.worker_init_fn)
         batch_sampler.seed, batch_sampler.epoch = seed, 0
         return batch_sampler
 
@@ -116,45 +115,20 @@ class SeededBatches(BatchSampler):
             yield batch
 
 
-class SeedEachBatch:
-    """A loader's worker_init_fn (the loader's own one runs first): the worker seeds Python's, NumPy's and
-    torch's generators with each SeededBatch's seed before it loads the batch.
+class WorkerStart:
+    """The worker_init_fn the engine puts on each loader with workers (the loader's own one runs first). In each
+    worker:
 
-    A worker's own random streams run on over the batches it happens to load, and a resumed
-    run's workers start theirs afresh: what a Dataset draws in ``__getitem__`` (augmentation)
-    then differs after a resume. Drawn from each batch's seed, it does not, whichever worker
-    loads the batch and however many workers there are.
-    """
-
-    def __init__(self, then: Callable[[int], None] | None):
-        self.then = then
-
-    def __call__(self, worker_id: int) -> None:
-        if self.then is not None:
-            self.then(worker_id)
-        dataset = torch.utils.data.get_worker_info().dataset
-        fetch = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
-
-        def seeded(indices: list[int]) -> list[Any]:
-            if isinstance(indices, SeededBatch):  # no worker uses a GPU: its generators need no seeding
-                seed_everything(indices.seed, devices=False)
-            return fetch(indices)
-
-        # the loader's fetch calls it, with a batch's indices; a data set that refuses it (the engine warned of one
-        # that takes no new attribute) keeps the worker's own streams
-        with contextlib.suppress(Exception):
-            dataset.__getitems__ = seeded
-
-
-class LeaveStopSignals:
-    """A loader's worker_init_fn (the loader's own one runs first): the stop signals a job sends to all its
-    processes are the main process's to act on, by saving a checkpoint (SLURM's scancel and systemd send SIGTERM
-    to every process, a terminal's Ctrl-C sends SIGINT to a torchrun job's, a hang-up SIGHUP). A worker that died
-    of one would fail the run wherever the main process stood, unsaved.
-
-    SIGINT and SIGHUP are ignored. SIGTERM still ends the worker when its parent sends it (the loader ending a
-    worker that does not stop, the interpreter's exit), as torch's own handler does: a thread waits for it, with
-    the signal blocked elsewhere, and reads who sent it.
+    - what a data set draws at random in ``__getitem__`` (augmentation) comes from each SeededBatch's seed, set in
+      Python's, NumPy's and torch's generators before the batch is loaded. A worker's own streams would run on
+      over whichever batches it happens to load, and a resumed run's workers start theirs afresh; a batch's seed
+      is the same whichever worker loads it and however many there are. Other batches load as they would.
+    - the stop signals a job sends to all its processes are the main process's to act on, by saving a checkpoint
+      (SLURM's scancel and systemd send SIGTERM to every process, a terminal's Ctrl-C sends SIGINT to a torchrun
+      job's, a hang-up SIGHUP): a worker that died of one would fail the run wherever it stood, unsaved. SIGINT
+      and SIGHUP are ignored. SIGTERM still ends the worker when its parent sends it (the loader ending a worker
+      that does not stop, the interpreter's exit), as torch's own handler does: a thread waits for it, with the
+      signal blocked elsewhere, and reads who sent it.
     """
 
     def __init__(self, then: Callable[[int], None] | None):
@@ -169,24 +143,43 @@ class LeaveStopSignals:
     def __call__(self, worker_id: int) -> None:
         if self.then is not None:
             self.then(worker_id)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to read the sender; torch's handler stays
-            return
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
-        parent = os.getppid()
+        _seed_each_batch(torch.utils.data.get_worker_info().dataset)
+        _leave_stop_signals()
 
-        def wait() -> None:
-            while True:
-                sent = signal.sigwaitinfo({signal.SIGTERM})
-                if sent.si_pid == parent or os.getppid() != parent:
-                    os._exit(0)
 
-        threading.Thread(target=wait, name="llm-worker-sigterm", daemon=True).start()
+def _seed_each_batch(dataset: Any) -> None:
+    fetch = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
+
+    def seeded(indices: list[int]) -> list[Any]:
+        if isinstance(indices, SeededBatch):  # no worker uses a GPU: its generators need no seeding
+            seed_everything(indices.seed, devices=False)
+        return fetch(indices)
+
+    # the loader's fetch calls it, with a batch's indices; a data set that refuses it (the engine warned of one
+    # that takes no new attribute) keeps the worker's own streams
+    with contextlib.suppress(Exception):
+        dataset.__getitems__ = seeded
+
+
+def _leave_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to read the sender; torch's handler stays
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
+    parent = os.getppid()
+
+    def wait() -> None:
+        while True:
+            sent = signal.sigwaitinfo({signal.SIGTERM})
+            if sent.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="llm-worker-sigterm", daemon=True).start()
 
 
 def _takes_attributes(dataset: Any) -> bool:
-    """Whether a new attribute can be set on ``dataset`` (SeedEachBatch sets one in each worker's copy); tried
+    """Whether a new attribute can be set on ``dataset`` (WorkerStart sets one in each worker's copy); tried
     and taken back."""
     try:
         dataset._llm_probe = None
