@@ -339,6 +339,15 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers of ``module``, in place: running statistics (BatchNorm's) that each
+    rank updated with its own batches, which DDP syncs only at the start of a training forward."""
+    if not active():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def gather(value: Any) -> list[Any]:
     """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` on one process."""
     if not active():

@@ -353,6 +353,8 @@ class TrainingEngine:
         """Mean loss and metrics over the validation set (or eval_batches of it), averaged over ranks."""
         began = time.perf_counter()
         model = self.raw_model
+        if self.world_size > 1:  # every rank scores its shard with the buffers the checkpoint saves: rank 0's
+            D.broadcast_buffers(model)
         was_training = model.training
         model.eval()
         sums = RunningMeans()
@@ -443,7 +445,11 @@ class TrainingEngine:
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
         with _out_of_memory(f"{type(self.task).__name__}.build_model()", "a smaller model (model.n_embd, ...)"):
-            model = self.task.build_model().to(self.device)
+            model = self.task.build_model()
+            if not isinstance(model, torch.nn.Module):
+                raise UsageError(f"{type(self.task).__name__}.build_model() returned a {type(model).__name__}, "
+                                 f"not a torch.nn.Module")
+            model = model.to(self.device)
         self.criterion = self.task.build_criterion().to(self.device)
         D.agree_on_errors(lambda: self._check_task_takes_the_data(model))
         if cfg.training.compile:  # a fused loss: an LM's eager one makes float32 copies of all the logits

@@ -74,8 +74,22 @@ def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device
 
 
 class _DDP(DDP):
-    """DDP whose error for parameters the loss does not depend on names them and this package's setting, in
-    one line, not the keyword argument of a wrapper the engine builds."""
+    """DDP whose errors for parameters the loss does not depend on, and for a method of the model called on the
+    wrapper, say so in one line, not in terms of a wrapper the engine builds."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # a public attribute of the model (its own loss or encoder method), not one torch probes for
+            model = self.__dict__["_modules"].get("module")
+            if name.startswith("_") or model is None or not hasattr(model, name):
+                raise
+            raise UsageError(
+                f"train_step used model.{name}, which {type(model).__name__} has and the DistributedDataParallel "
+                f"wrapper that train_step gets under several processes has not: call model(...), whose forward "
+                f"syncs the gradients, and reach {name} from the model's forward"
+            ) from None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:

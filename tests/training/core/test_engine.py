@@ -1629,6 +1629,18 @@ def test_an_allocation_too_large_is_one_line_with_its_size_from_either_allocator
             raise RuntimeError("another error")
 
 
+def test_a_build_model_returning_no_module_is_one_line_before_the_run_folder_is_made(tmp_path):
+    class ReturnsAFunction(RegressionTask):
+        def build_model(self):
+            return lambda x: x
+
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError, match=r"^ReturnsAFunction.build_model\(\) returned a function, not a "
+                                         r"torch.nn.Module$"):
+        TrainingEngine(config, ReturnsAFunction(config), 0, 1).train()
+    assert not (tmp_path / "run").exists()
+
+
 def test_callback_state_of_earlier_versions_is_matched_by_class_in_order():
     # keyed by place, which a callback added or left out since (a progress bar turned off) would shift
     old = {"0:MetricsLogger": {}, "4:ProgressBar": {}, "5:MLflowLogger": {"run_id": "x"}, "11:Announce": {"n": 2},

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core import sharded
-from llm.training.core.checkpoint import CheckpointError, CheckpointManager
+from llm.training.core.checkpoint import CheckpointError, CheckpointManager, model_weights
 from llm.training.core.config import Config, OptimizerConfig
 from llm.training.core.engine import TrainingEngine
 from llm.training.core.optim import build_optimizer
@@ -307,6 +307,59 @@ def test_fsdp_validates_ranks_with_uneven_batches_and_counts_each_item_once(tmp_
     assert val_loss[("fsdp", 0)] == pytest.approx(val_loss[("ddp", 0)], rel=1e-5)  # the same 17 items
     calls = {key: int(n) for key, (_, n) in results.items()}  # setup's check, then one validation of 2 or 1 batches
     assert (calls[("ddp", 0)], calls[("ddp", 1)], calls[("fsdp", 0)], calls[("fsdp", 1)]) == (3, 2, 3, 3)
+
+
+class WithBatchNorm(RegressionTask):
+    """An MLP with batch norm: running statistics that each rank updates with its own batches."""
+
+    def build_model(self):
+        return torch.nn.Sequential(torch.nn.BatchNorm1d(self.config.data.input_dim), super().build_model())
+
+
+class CallsAModelMethod(RegressionTask):
+    """A train_step that reaches the model's own method, not its forward."""
+
+    def build_model(self):
+        model = super().build_model()
+        model.loss = lambda x, y: torch.nn.functional.mse_loss(model(x), y)
+        return model
+
+    def train_step(self, batch, model, criterion):
+        return model.loss(*batch), {}
+
+
+def buffers_and_methods_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        config = tiny_config(Path(directory) / "bn", training={"max_steps": 3})
+        engine = TrainingEngine(config, WithBatchNorm(config), rank, 2)
+        engine.train()
+        torch.save(dict(engine.raw_model[0].named_buffers()), Path(directory, f"buffers_rank{rank}.pt"))
+        config = tiny_config(Path(directory) / "method", training={"max_steps": 3})
+        try:
+            TrainingEngine(config, CallsAModelMethod(config), rank, 2).train()
+            outcome = "trained"
+        except UsageError as e:
+            outcome = str(e)
+        Path(directory, f"method_rank{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_validates_every_shard_with_the_buffers_it_saves_and_names_a_model_method_called_on_the_wrapper(
+        tmp_path):
+    spawn(buffers_and_methods_worker, str(tmp_path), free_port(), timeout=120)
+    saved = model_weights(CheckpointManager(tmp_path / "bn" / "run" / "checkpoints").latest_valid())
+    for rank in (0, 1):  # the final validation scored each rank's shard with rank 0's running statistics
+        buffers = torch.load(tmp_path / f"buffers_rank{rank}.pt", weights_only=True)
+        assert buffers["running_mean"].abs().sum() > 0
+        for name, value in buffers.items():
+            assert torch.equal(value, saved[f"0.{name}"]), (rank, name)
+        assert (tmp_path / f"method_rank{rank}").read_text() == (
+            "train_step used model.loss, which Sequential has and the DistributedDataParallel wrapper that "
+            "train_step gets under several processes has not: call model(...), whose forward syncs the "
+            "gradients, and reach loss from the model's forward")
 
 
 class WithAnUnusedLayer(RegressionTask):
