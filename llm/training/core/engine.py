@@ -310,7 +310,9 @@ class TrainingEngine:
             self._unchecked.append((self.step + 1, _HostCopy(taken), losses))
         self.step += 1
         self.batch_in_epoch += k
-        self.samples_seen += k * self.config.training.batch_size * self.world_size
+        # counted in this rank's batches, which a loader of the data module's own may size otherwise (a short last
+        # one), times the ranks: a DistributedSampler gives every rank as many
+        self.samples_seen += sum(map(_batch_len, micro_batches)) * self.world_size
         if first:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began

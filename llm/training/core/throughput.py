@@ -53,7 +53,12 @@ class ThroughputMonitor(Callback):
     when the model reports ``flops_per_token`` and the device's peak is known,
     ``mfu``: achieved model FLOP/s over the peak of all devices in the run.
     The figures are of training: the time spent validating and saving is left out
-    (``engine.aside_s``), and so is the first step, since it holds compilation.
+    (``engine.aside_s``), and so is the first step after a start, since it holds
+    compilation, unless a record falls on it (``log_every_steps`` 1, a resume one
+    step before a record): that record measures the first step alone.
+    Samples are counted as validation weighs batches, by the first dimension of a
+    batch's first tensor; tokens as ``task.tokens_per_sample`` per sample, the
+    positions the model runs on, padding and ignored targets included.
     """
 
     def __init__(self, peak_flops_per_device: float | None = None):
@@ -67,13 +72,12 @@ class ThroughputMonitor(Callback):
         self._set_mark(engine)
 
     def on_step_end(self, engine: TrainingEngine) -> None:
-        if self._first:  # compilation and warm-up stay out of the figures
-            self._first = False
-            self._set_mark(engine)
-            return
         if engine.step % engine.config.logging.log_every_steps == 0:
             engine.log(self.measure(engine))
-            self._set_mark(engine)
+        elif not self._first:
+            return
+        self._first = False  # compilation and warm-up stay out of the figures that follow
+        self._set_mark(engine)
 
     def measure(self, engine: TrainingEngine) -> dict[str, float]:
         then, samples, steps, waited, aside = self._mark

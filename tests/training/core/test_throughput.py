@@ -35,6 +35,23 @@ def test_throughput_figures_over_a_logging_window(monkeypatch):
     assert m["peak_mem_mb"] > 10
 
 
+def test_a_record_on_the_first_step_after_a_start_measures_that_step_alone(monkeypatch):
+    # a resume one step before a record: the record keeps its figures, and the next window starts after it
+    clock = iter([10.0, 12.0, 12.0, 13.0, 13.0])
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    config = Config.from_dict({"logging": {"log_every_steps": 5}})
+    engine = SimpleNamespace(config=config, device=torch.device("cpu"), world_size=1, step=4, samples_seen=64,
+                             data_wait_s=0.0, aside_s=0.0, task=SimpleNamespace(tokens_per_sample=None), records=[])
+    engine.log = engine.records.append
+    monitor = ThroughputMonitor()
+    monitor.on_train_start(engine)
+    engine.step, engine.samples_seen = 5, 80
+    monitor.on_step_end(engine)
+    engine.step, engine.samples_seen = 10, 160
+    monitor.on_step_end(engine)
+    assert [(r["samples_per_s"], r["step_time_ms"]) for r in engine.records] == [(8.0, 2000.0), (80.0, 200.0)]
+
+
 def test_peak_flops_by_device_name():
     assert peak_flops(torch.device("cpu")) is None
     names = {  # as torch.cuda.get_device_name() gives them
