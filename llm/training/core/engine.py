@@ -318,11 +318,9 @@ class TrainingEngine:
             self.first_step_s = self._after_first_step[0] - began
 
     def _update(self, taken: bool | torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
-        """The optimizer's update, or none where the gradient norm is not finite (``taken`` is false)."""
-        if scaler is not None:
-            scaler.step(self.optimizer)  # skips a step whose gradients are not finite, overflowed or NaN
-            scaler.update()  # and lowers the scale after one
-        elif self._found_inf_step:
+        """The optimizer's update, or none where the gradient norm is not finite (``taken`` is false). With a loss
+        scaler too: its own check, which unscale_ made, passes gradients each finite whose norm overflows."""
+        if self._found_inf_step:
             # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
             # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the host
             self.optimizer.found_inf = (~taken).float()
@@ -330,6 +328,8 @@ class TrainingEngine:
             del self.optimizer.found_inf
         elif bool(taken):  # on the CPU reading the flag costs nothing; any other optimizer pays a sync for it
             self.optimizer.step()
+        if scaler is not None:
+            scaler.update()  # lowers the scale after gradients that unscale_ found not finite
 
     def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
         """What each micro-batch's loss is multiplied by before backward, and the task's item counts.

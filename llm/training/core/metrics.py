@@ -7,6 +7,7 @@ reads with one device sync for all of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,7 +38,8 @@ class TrainingSums:
                  grad_norm: float | torch.Tensor, taken: bool | torch.Tensor) -> None:
         """A step: each micro-batch's (loss, metrics, weight), and its gradient norm. ``taken`` (a bool, or a
         boolean tensor left on the device) says whether the optimizer took it; one not taken (a non-finite
-        norm: a skipped step, an fp16 overflow) weighs nothing in the means, so that its NaN leaves them finite."""
+        norm: a skipped step, an fp16 overflow) counts in the means only where its loss is finite, so that a
+        NaN leaves them finite, and its gradient norm not at all."""
         for loss, metrics, weight in micro_batches:
             self.window.add(loss, metrics, weight, kept=taken)
         self.steps += 1
@@ -134,8 +136,12 @@ class RunningMeans:
         return _sum(value * weight for value, weight in zip(values, weights) if weight), _sum(weights)
 
     def _weights(self) -> list[float]:
-        both = _on_host(self.weights + self.kept)  # one sync for the two
-        return [weight * kept for weight, kept in zip(both[:len(self.weights)], both[len(self.weights):])]
+        """Each entry's weight, or 0 for one not kept whose loss is not finite: a step not taken (a skipped one,
+        a loss scaler's overflow) still counts a finite loss, which its batch did have."""
+        n = len(self.weights)
+        read = _on_host(self.weights + self.kept + self.values.get("loss", []))  # one sync for the three
+        return [weight if kept or math.isfinite(loss) else 0.0
+                for weight, kept, loss in zip(read[:n], read[n:2 * n], read[2 * n:])]
 
     def totals(self) -> dict[str, tuple[float, float]]:
         """Every key's weighted sum and total weight, for a mean over ranks in which each item counts once."""

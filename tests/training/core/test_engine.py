@@ -820,19 +820,27 @@ class LossScaled(Callback):
 class OverflowAt(RegressionTask):
     """A finite loss at step 3 whose scaled gradients overflow, as fp16 gradients do now and then."""
 
-    calls = 0
+    calls, factor = 0, 1e36
 
     def train_step(self, batch, model, criterion):
         loss, metrics = super().train_step(batch, model, criterion)
         OverflowAt.calls += 1
-        return (loss * 1e36 if OverflowAt.calls == 3 else loss), metrics
+        return (loss * OverflowAt.factor if OverflowAt.calls == 3 else loss), metrics
 
 
 def test_with_a_loss_scaler_an_overflow_is_skipped_by_the_scaler_and_a_nan_loss_is_not(tmp_path, monkeypatch):
-    OverflowAt.calls = 0
+    OverflowAt.calls, OverflowAt.factor = 0, 1e36
     engine, metrics = train(tiny_config(tmp_path / "a", training={"max_steps": 5}), task_cls=OverflowAt,
                             callbacks=[LossScaled()])
     assert engine.step == 5 and metrics["skipped_steps"] == 0 and engine.scaler.get_scale() == 2.0**15
+    assert {int(state["step"]) for state in engine.optimizer.state.values()} == {4}
+    # gradients each finite, scaled and unscaled, whose norm overflows: not taken either, the scale kept
+    OverflowAt.calls, OverflowAt.factor = 0, 1e30
+    engine, metrics = train(tiny_config(tmp_path / "c", training={"max_steps": 5}), task_cls=OverflowAt,
+                            callbacks=[LossScaled()])
+    assert {int(state["step"]) for state in engine.optimizer.state.values()} == {4}
+    assert engine.scaler.get_scale() == 2.0**16
+    assert all(torch.isfinite(w).all() for w in weights(engine.raw_model).values())
     monkeypatch.setenv("NAN_AT_STEP", "3")
     with pytest.raises(NonFiniteError, match=r"at step 3, loss non-finite on rank\(s\) \[0\]"):
         train(tiny_config(tmp_path / "b", training={"max_steps": 5}), task_cls=NaNRegressionTask,

@@ -40,6 +40,15 @@ def test_a_step_not_taken_weighs_nothing_and_a_window_of_it_alone_has_no_mean():
     assert sums.take_window() == {"loss": (0.0, 0.0), "grad_norm": (0.0, 0.0)}  # the engine logs 0/0 as NaN
 
 
+def test_a_step_not_taken_with_a_finite_loss_counts_its_loss_but_not_its_norm():
+    # a loss scaler's overflow: the batch had its loss, only its gradients overflowed
+    for taken, loss in ((NOT_TAKEN, torch.tensor(4.0)), (False, 4.0)):
+        sums = TrainingSums()
+        sums.add_step([(torch.tensor(2.0), {}, 1.0)], torch.tensor(1.0), TAKEN)
+        sums.add_step([(loss, {}, 1.0)], torch.tensor(float("inf")), taken)
+        assert sums.take_window() == {"loss": (6.0, 2.0), "grad_norm": (1.0, 1.0)}
+
+
 def uninterrupted_and_resumed(fill):
     """Sums that ``fill(sums, steps)`` fills with steps 0-39, and sums filled with 0-24, saved, restored and
     filled with 25-39."""
