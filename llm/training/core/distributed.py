@@ -357,6 +357,33 @@ def gather(value: Any) -> list[Any]:
     return gathered
 
 
+NODE_SETTINGS = ("data.cache_dir", "data.num_workers", "logging.progress_bar")
+"""Settings a node may have of its own: where its cache is, how many loader workers it runs, its terminal."""
+
+
+def check_same_settings(config: Config) -> None:
+    """Refuse in one line, on every rank, ranks started with different settings: a node given another learning
+    rate trains apart from the others, silently, and another batch size or save schedule hangs the collectives
+    that no longer match. ``NODE_SETTINGS`` may differ."""
+    if not active():
+        return
+    mine = {}
+    for section, values in config.to_dict().items():
+        mine.update({f"{section}.{k}": v for k, v in values.items()} if isinstance(values, dict) else {section: values})
+    for key in NODE_SETTINGS:
+        mine.pop(key, None)
+    every = gather(mine)
+    first = every[0]
+    differ = {key: next((rank, settings.get(key)) for rank, settings in enumerate(every) if settings.get(key) != value)
+              for key, value in first.items() if any(settings.get(key) != value for settings in every)}
+    if differ:
+        shown = "; ".join(f"{key} is {first[key]!r} on rank 0 but {value!r} on rank {rank}"
+                          for key, (rank, value) in list(differ.items())[:3])
+        more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise UsageError(f"the ranks were started with different settings: {shown}{more}; start every node with "
+                         f"the same command and config (only {', '.join(NODE_SETTINGS)} may differ)")
+
+
 def agree_on_errors(fn: Callable[[], None], run_here: bool = True) -> None:
     """Run ``fn`` where ``run_here``; if it raised a UsageError on any rank, raise it on every rank.
 

@@ -403,6 +403,7 @@ class TrainingEngine:
 
     def _set_up(self) -> None:
         cfg = self.config
+        D.check_same_settings(cfg)  # before anything the settings steer: the checkpoint to resume, the data
         with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
             start = resume.find_start(cfg, self.run_dir)
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)

@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from llm.errors import UsageError
 from llm.training import train
 from llm.training.core import distributed as D
 from llm.training.core.checkpoint import CheckpointManager
+from llm.training.core.config import Config
 from tests.helpers import free_port, spawn
 
 
@@ -109,3 +111,30 @@ def test_host_values_go_over_gloo_whatever_the_default_group_carries(tmp_path):
         seen = json.loads((tmp_path / f"seen_{rank}.json").read_text())
         assert seen == {"stop": [True, False], "mean": {"loss": 1.5}, "names": ["rank 0", "rank 1"],
                         "host group made": True, "again": [True], "default group again": True}
+
+
+def settings_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    try:
+        outcomes = []
+        for lr in (0.001, 0.001 * (1 + rank)):  # a node's own loader workers may differ; its learning rate not
+            config = Config.from_dict({"optimizer": {"lr": lr}, "data": {"num_workers": rank}})
+            try:
+                D.check_same_settings(config)
+                outcomes.append("same")
+            except UsageError as e:
+                outcomes.append(str(e))
+        Path(directory, f"settings_{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        D.destroy_process_group()
+
+
+def test_ranks_started_with_different_settings_are_refused_in_one_line_on_every_rank(tmp_path):
+    spawn(settings_worker, str(tmp_path), free_port())
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"settings_{rank}.json").read_text()) == [
+            "same",
+            "the ranks were started with different settings: optimizer.lr is 0.001 on rank 0 but 0.002 on rank 1; "
+            "start every node with the same command and config (only data.cache_dir, data.num_workers, "
+            "logging.progress_bar may differ)"]
