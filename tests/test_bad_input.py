@@ -30,7 +30,7 @@ import torch
 
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.tasks.regression_task import RegressionTask
-from tests.helpers import REPO, free_port, run, torchrun
+from tests.helpers import REPO, cli_env, free_port, run, torchrun
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 QUIET = ["--logging-progress-bar", "false", "--logging-loggers", ""]
@@ -508,7 +508,28 @@ def run_torchrun(cwd: Path, *flags: str, env: dict[str, str] | None = None, pati
     return Outcome(out, time.monotonic() - start, cwd)
 
 
+def run_two_nodes(cwd: Path, *flags: str, env: dict[str, str]) -> Outcome:
+    """Two torchrun agents with --nnodes=2, one process each, on 127.0.0.1; their output together, as one run's."""
+    cwd.mkdir(parents=True)
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=llm-test", str(TRAIN_PY), *QUIET, *flags]
+    start = time.monotonic()
+    nodes = [subprocess.Popen(agent, cwd=cwd, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=120)[0] for node in nodes]
+        out = subprocess.CompletedProcess(agent, max(abs(node.returncode) for node in nodes), "", "".join(outputs))
+    except subprocess.TimeoutExpired as e:
+        out = e
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
+    return Outcome(out, time.monotonic() - start, cwd)
+
+
 JOB_OF_TEST = {
+    "test_a_rank_that_hangs_outside_any_collective_is_ended_on_every_node": "hang-rank-0-two-nodes",
     "test_more_processes_than_data_stops_every_rank_with_the_same_line": "more-processes-than-data",
     "test_a_rank_that_raises_ends_the_run_on_every_rank": "raise",
     "test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down": "hang",
@@ -534,6 +555,9 @@ def outcomes(request, earlier, tmp_path_factory) -> dict[str, Future]:
     jobs = {
         "hang": lambda: run_torchrun(root / "hang", "--task", "tests.test_bad_input:RaisingTask", *REGRESSION,
                                      "--distributed-timeout-s", "15", env={"FAULT": "hang"}),
+        "hang-rank-0-two-nodes": lambda: run_two_nodes(
+            root / "hang-rank-0-two-nodes", "--task", "tests.test_bad_input:RaisingTask", *REGRESSION,
+            "--distributed-timeout-s", "10", env={"FAULT": "hang", "FAULT_RANK": "0"}),
         "raise": lambda: run_torchrun(root / "raise", "--task", "tests.test_bad_input:RaisingTask", *REGRESSION,
                                       "--distributed-timeout-s", "30", env={"FAULT": "raise"}, patient=True),
         "more-processes-than-data": lambda: run_torchrun(
@@ -614,6 +638,20 @@ def test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down(outcomes):
     rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 lost contact")]
     assert len(rank0) == 1 and re.search(r"(?i)timed? ?out", rank0[0]), out.stderr[-3000:]
     assert "rank 1 did not answer (hung, or killed)" in rank0[0]
+
+
+def test_a_rank_that_hangs_outside_any_collective_is_ended_on_every_node(outcomes):
+    # rank 0 sleeps in its step: rank 1 times out, and rank 0, whose torchrun agent on its own node sees a
+    # worker still running, learns from the store that the run is over and ends, rather than hold its node
+    outcome = outcomes["hang-rank-0-two-nodes"].result()
+    assert not outcome.hung and outcome.seconds < 100, outcome.seconds
+    out = outcome.out
+    assert out.returncode != 0
+    assert "error: rank 1 lost contact with the others: rank 0 did not answer (hung, or killed)" in out.stderr
+    sleep = next(n for n, line in enumerate(Path(__file__).read_text().splitlines(), 1) if "time.sleep(600)" in line)
+    rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 ends:")]
+    assert rank0 == ["error: rank 0 ends: rank 1 lost contact with the others, and this rank had not ended 10 s "
+                     f"later (stuck at {Path(__file__)}:{sleep} in train_step)"], out.stderr[-3000:]
 
 
 # ---- what a data file holds is data ---------------------------------------------------------------

@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
                 _exit_on_signals(0)
         except Exception as e:
             if not (isinstance(e, RuntimeError) and _lost_a_rank(e)):
-                D.record_failure(rank, e)  # before the group goes: the ranks left waiting look for it
+                # before the group goes: the ranks left waiting look for it; a signal's stop is every rank's
+                D.record_failure(rank, e, run_ended=not isinstance(e, TrainingInterrupted))
                 raise
             # another rank died or hung: one line here naming it, as far as the store can tell; said before
             # the group goes, whose shutdown (nccl's) may wait for work that the lost rank never joins

@@ -198,15 +198,36 @@ def _key(kind: str, rank: int) -> str:
     return f"llm/{attempt()}/{kind}/{rank}"
 
 
-def record_failure(rank: int, error: BaseException) -> None:
-    """Leave word in the rendezvous store that this rank failed and why, for the ranks it leaves waiting."""
+def record_failure(rank: int, error: BaseException, run_ended: bool = True) -> None:
+    """Leave word in the rendezvous store that this rank failed and why, for the ranks it leaves waiting;
+    ``run_ended``: and that the run is over for every rank (see run_ended), unless every rank stops alike
+    (a signal's stop)."""
     if _store is None:
         return
     try:
         _store.set_timeout(_STORE_WAIT)
-        _store.set(_key("failed", rank), f"{type(error).__name__}: {one_line(error, 200)}")
+        why = f"{type(error).__name__}: {one_line(error, 200)}"
+        _store.set(_key("failed", rank), why)
+        if run_ended:
+            _store.set(_ENDED.format(attempt()), f"rank {rank} failed with {why}")
     except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it; nothing to add then
         pass
+
+
+_ENDED = "llm/{}/ended"
+"""The store's key that says the run's attempt is over, and why: a rank failed, or lost contact with others."""
+
+
+def run_ended() -> str:
+    """Why the run is over, when another rank has said so in the store; '' while it is not, or without a store.
+    Cheap enough to ask every few seconds: one lookup, of one key."""
+    if _store is None:
+        return ""
+    try:
+        key = _ENDED.format(attempt())
+        return _store.get(key).decode() if _store.check([key]) else ""
+    except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
+        return ""
 
 
 def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
@@ -230,6 +251,7 @@ def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
     try:
         _store.set_timeout(_STORE_WAIT)
         _store.set(_key("lost", rank), "")
+        _store.set(_ENDED.format(attempt()), f"rank {rank} lost contact with the others")
         if reported := failed():
             return reported
         time.sleep(settle_s)

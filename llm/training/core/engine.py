@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -1080,13 +1081,33 @@ class TrainingEngine:
         it gets; killed outright (SIGKILL, the OOM killer) it forwards none, and its
         workers would train on unseen, holding the run folder. This asks for the stop
         without a signal: one already received stays the only one.
+
+        And end this worker, in a line saying where it stood, once another rank has
+        given the run up (it failed, or lost contact: D.run_ended, looked up every 5 s)
+        and this one has still not ended min(distributed.timeout_s, 60) s later. A rank
+        hung outside any collective (in a task's step, a loader) never learns of it
+        itself, and on several nodes its torchrun agent, which sees a worker still
+        running, would hold the job's nodes for ever.
         """
+        grace, ended, ticks = min(self.config.distributed.timeout_s, 60), None, 0
         while not done.wait(1.0):
             if os.getppid() != self._agent:
                 if self._signal is None:
                     self._agent_gone = True
                     self._signal, self._signalled_at = signal.SIGTERM, time.monotonic()
                 return
+            ticks += 1
+            if ended is None and ticks % 5 == 0:
+                reason = D.run_ended()
+                ended = (reason, time.monotonic()) if reason else None
+            elif ended is not None and time.monotonic() - ended[1] > grace:
+                frame = sys._current_frames().get(threading.main_thread().ident)
+                at = traceback.extract_stack(frame)[-1] if frame is not None else None
+                where = f"{at.filename}:{at.lineno} in {at.name}" if at else "an unknown place"
+                sys.stderr.write(f"error: rank {self.rank} ends: {ended[0]}, and this rank had not ended {grace} s "
+                                 f"later (stuck at {where})\n")
+                sys.stderr.flush()
+                os._exit(1)
 
 
 def _read_now(device: torch.device) -> bool:
