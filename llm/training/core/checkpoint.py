@@ -386,7 +386,7 @@ def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
     from llm.training.core import sharded
 
     try:
-        return sharded.load_whole(ckpt / SHARDED).get("model")
+        return sharded.load_whole(ckpt / SHARDED, keys={"model"}).get("model")
     except Exception as e:  # a damaged or unsafe shard set; verify() catches damage first
         if not ckpt.is_dir():
             raise CheckpointError(_deleted(ckpt)) from None

@@ -136,13 +136,15 @@ def load_into(state: dict[str, Any], directory: Path) -> None:
         dcp.load(state, storage_reader=SafeReader(str(directory)), planner=_SafePlanner())
 
 
-def load_whole(directory: Path) -> dict[str, Any]:
-    """Everything in ``directory``, gathered into ordinary tensors in this process (no process group needed)."""
+def load_whole(directory: Path, keys: set[str] | None = None) -> dict[str, Any]:
+    """Everything in ``directory``, or the entries under ``keys`` (``{"model"}``: not the optimizer's moments,
+    twice the weights' size with AdamW), gathered into ordinary tensors in this process (no process group
+    needed)."""
     read_metadata(Path(directory) / ".metadata")
     state: dict[str, Any] = {}
     with _one_line_errors():
         # the loader under dcp.load, as torch's dcp_to_torch_save calls it: dcp.load fills only keys it is given
-        _load_state_dict(state, storage_reader=SafeReader(str(directory)), planner=_SafeEmptyPlanner(),
+        _load_state_dict(state, storage_reader=SafeReader(str(directory)), planner=_SafeEmptyPlanner(keys=keys),
                          no_dist=True)
     return state
 

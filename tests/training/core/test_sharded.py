@@ -34,6 +34,8 @@ def test_a_saved_state_reads_back_whole(tmp_path):
     back = sharded.load_whole(tmp_path / "ckpt")
     assert torch.equal(back["model"]["w"], state["model"]["w"])
     assert back["optimizer"] == {"step": 7, "lr": [0.1, 0.2]}
+    only = sharded.load_whole(tmp_path / "ckpt", keys={"model"})  # what an export reads: not the optimizer's state
+    assert list(only) == ["model"] and torch.equal(only["model"]["w"], state["model"]["w"])
     into = {"model": {"w": torch.zeros(2, 3)}, "optimizer": {"step": 0, "lr": [0.0, 0.0]}}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one process reading shards: no guess about intent to warn of
