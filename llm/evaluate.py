@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.cli import ArgParser, add_checkpoint, add_device, run_tool
-from llm.data.tokenizers import Tokenizer
+from llm.data.text_data_module import encode_pieces, read_pieces
+from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
 from llm.training.tasks.lm_task import load_lm, perplexity
 
@@ -66,25 +67,24 @@ def _summed_loss(model: nn.Module, windows: torch.Tensor) -> float:
     return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum").item()
 
 
-def read_tokens(path: str | Path, tokenizer: Tokenizer) -> list[int]:
-    """The token ids of a UTF-8 text file; UsageError (one line) if it is missing, empty or untokenizable."""
+def read_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
+    """The token ids of a UTF-8 text file; UsageError (one line) if it is missing, empty or untokenizable.
+
+    Read and encoded in pieces, as training's cache is: a large file is never held whole as text, nor as
+    the tokenizer's objects for every token, only as its ids.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise UsageError(f"--data-path: {path} does not exist")
     if not path.is_file():
         raise UsageError(f"--data-path: {path} is not a file")
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--data-path: {path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise UsageError(f"--data-path: cannot read {path}: {e.strerror or e}") from None
-    if not text:
-        raise UsageError(f"--data-path: {path} is empty")
-    try:
-        ids = tokenizer.encode(text)
-    except UsageError as e:
+        parts = list(encode_pieces(tokenizer, read_pieces(path, setting="--data-path")))
+    except UncoveredText as e:
         raise UsageError(f"--data-path: {path}: {e}") from None
+    if not parts:
+        raise UsageError(f"--data-path: {path} is empty")
+    ids = np.concatenate(parts)
     if len(ids) < 2:
         raise UsageError(f"--data-path: {path} holds {len(ids)} token; at least 2 are needed to score a prediction")
     unknown = tokenizer.count_unknown(ids)

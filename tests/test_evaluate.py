@@ -161,7 +161,7 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, mo
 @pytest.mark.parametrize("content, message", [
     (b"t", "--data-path: {path} holds 1 token; at least 2 are needed to score a prediction"),
     (b"the Zebra", "--data-path: {path}: character 'Z' is not in the char tokenizer's vocabulary of 15"),
-    (b"the \xff cat", "--data-path: {path} is not UTF-8 text (byte 4)"),
+    (b"the \xff cat", "--data-path: {path} is not UTF-8 text (byte 4); convert or remove it"),
     (None, "--data-path: {path} is not a file"),
 ])
 def test_unusable_data_exits_2_with_one_line(step_dir, tmp_path, capsys, content, message):

@@ -33,21 +33,23 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llm.data.data_module import BaseDataModule
-from llm.data.tokenizers import BUILTIN, Tokenizer, build_tokenizer, check_spec, load_tokenizer
+from llm.data.tokenizers import BUILTIN, Tokenizer, UncoveredText, build_tokenizer, check_spec, load_tokenizer
 from llm.errors import UsageError
 from llm.files import is_run_output
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"
 """Bump when the cache layout, the key or the tokenization changes, so old entries are not trusted
-(2: the key hashes the corpus's digest, which checkpoints keep)."""
+(2: the key hashes the corpus's digest, which checkpoints keep; 3: pieces of 128K characters, not 1M)."""
 WRITING = ".writing"
 """In an entry being written: a file its writer holds locked (flock) for as long as it is at work."""
 DEFAULT_CORPUS_BYTES = 4 << 20
 """Cap on the default corpus (the stdlib sources): about a million tokens, tokenized in seconds."""
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-_CHUNK_CHARS = 1 << 20
+_CHUNK_CHARS = 1 << 17
+"""Characters per piece the tokenizer encodes (cut after a newline): the tokenizers library's memory per piece
+grows faster than the piece, and 1M-character pieces took 13 times the memory and twice the time of these."""
 _BLOCK_BYTES = 1 << 20
 TOKENS, TOKENIZER, SIZE = "tokens.bin", "tokenizer.json", "tokens.size"
 
@@ -135,20 +137,30 @@ def read_text(path: Path, strict: bool = True) -> str:
     return "".join(read_pieces(path, strict))
 
 
-def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS) -> Iterator[str]:
+def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS, setting: str = "data.path") -> Iterator[str]:
     """A UTF-8 file as pieces of about ``size`` characters cut after a newline, read a block at a time,
     so a corpus larger than memory is never held whole. ``strict`` False (for the default corpus) skips
-    a file that is not UTF-8 or cannot be read; such files are small, so they are read whole first."""
+    a file that is not UTF-8 or cannot be read; such files are small, so they are read whole first.
+    Otherwise such a file is a UsageError naming ``setting``, the option that gave the path."""
     if not strict:
         try:
             yield from _pieces([path.read_bytes().decode("utf-8")], size)
         except (UnicodeDecodeError, OSError):
             pass
         return
-    yield from _pieces(_decoded_blocks(path), size)
+    yield from _pieces(_decoded_blocks(path, setting), size)
 
 
-def _decoded_blocks(path: Path) -> Iterator[str]:
+def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str]) -> Iterator[np.ndarray]:
+    """The token ids of each piece of a text, as arrays of the smallest type that holds them, encoded a few
+    pieces at a time (``tokenizer.pieces_at_once``: a thread each)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    for batch in _batched(pieces, tokenizer.pieces_at_once):
+        for ids in tokenizer.encode_batch(batch):
+            yield np.asarray(ids, dtype=dtype)
+
+
+def _decoded_blocks(path: Path, setting: str) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # bytes read before this block
     try:
@@ -159,13 +171,13 @@ def _decoded_blocks(path: Path) -> Iterator[str]:
                 try:
                     yield decoder.decode(block, final=not block)
                 except UnicodeDecodeError as e:  # e.start counts from the pending bytes
-                    raise UsageError(f"data.path: {path} is not UTF-8 text (byte {offset - pending + e.start}); "
+                    raise UsageError(f"{setting}: {path} is not UTF-8 text (byte {offset - pending + e.start}); "
                                      f"convert or remove it") from None
                 if not block:
                     return
                 offset += len(block)
     except OSError as e:
-        raise UsageError(f"data.path: cannot read {path}: {e.strerror or e}") from None
+        raise UsageError(f"{setting}: cannot read {path}: {e.strerror or e}") from None
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -263,7 +275,7 @@ class TextDataModule(BaseDataModule):
         return Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
 
     def _texts(self, files: list[Path]) -> Iterator[str]:
-        """The corpus as pieces of about a million characters, file after file."""
+        """The corpus as pieces of about 128K characters, file after file."""
         strict = bool(self.config.data.path)  # the default corpus skips the odd non-UTF-8 file
         return (piece for f in files for piece in read_pieces(f, strict))
 
@@ -317,7 +329,6 @@ class TextDataModule(BaseDataModule):
 
     def _write_entry(self, tokenizer: Tokenizer, files: list[Path], entry: Path) -> int:
         """Tokenize the files into the cache entry; the number of tokens written."""
-        dtype = token_dtype(tokenizer.vocab_size)
         entry.parent.mkdir(parents=True, exist_ok=True)
         # fill a folder of this process's own, then rename it into place: a crash leaves no entry to trust.
         # Not mkdtemp: its mode 0700 would stay with the entry and lock out others sharing the cache folder
@@ -331,19 +342,16 @@ class TextDataModule(BaseDataModule):
             n = unknown = 0
             with open(tmp / TOKENS, "wb") as out:
                 for file in files:
-                    for batch in _batched(self._texts([file]), tokenizer.pieces_at_once):
-                        try:
-                            encoded = tokenizer.encode_batch(batch)
-                        except UsageError as e:  # a tokenizer file that does not cover the corpus
-                            raise UsageError(
-                                f"data.path: {file}: {e} (data.tokenizer {self.config.data.tokenizer}); "
-                                f"use a tokenizer that covers the corpus, such as byte"
-                            ) from None
-                        for ids in encoded:
-                            array = np.asarray(ids, dtype=dtype)
+                    try:
+                        for array in encode_pieces(tokenizer, self._texts([file])):
                             out.write(array.tobytes())
-                            n += len(ids)
+                            n += len(array)
                             unknown += tokenizer.count_unknown(array)
+                    except UncoveredText as e:  # a tokenizer file that does not cover the corpus
+                        raise UsageError(
+                            f"data.path: {file}: {e} (data.tokenizer {self.config.data.tokenizer}); "
+                            f"use a tokenizer that covers the corpus, such as byte"
+                        ) from None
             if unknown:
                 warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "

@@ -29,6 +29,11 @@ BUILTIN = ("byte", "char", "bpe")
 """Tokenizer names accepted by ``data.tokenizer`` besides a path."""
 
 
+class UncoveredText(UsageError):
+    """Text a tokenizer cannot encode: a character a char tokenizer never saw, or text a tokenizer file has no
+    token for and no unknown token to stand for."""
+
+
 class Tokenizer(ABC):
     """Text <-> token ids. ``fingerprint()`` changes whenever the mapping does."""
 
@@ -114,7 +119,7 @@ class CharTokenizer(Tokenizer):
         try:
             return [self._ids[c] for c in text]
         except KeyError as e:
-            raise UsageError(
+            raise UncoveredText(
                 f"character {e.args[0]!r} is not in the char tokenizer's vocabulary of {self.vocab_size}"
             ) from None
 
@@ -128,7 +133,7 @@ class CharTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer: a trained byte-level BPE or a loaded file."""
 
-    pieces_at_once = max(2, min(os.cpu_count() or 1, 8))  # one thread each; a corpus piece costs ~100-200 MB
+    pieces_at_once = max(2, min(os.cpu_count() or 1, 8))  # one thread each; a corpus piece costs ~15 MB
 
     def __init__(self, tokenizer: hf.Tokenizer):
         # a file made for model inputs may pad or truncate: on a corpus stream that would invent or drop text
@@ -173,7 +178,7 @@ class HFTokenizer(Tokenizer):
                     missing = next((c for c in dict.fromkeys(text)
                                     if not c.isspace() and not self.hf.encode(c, add_special_tokens=False).ids), None)
                     what = "some of the text" if missing is None else repr(missing)
-                    raise UsageError(f"the tokenizer has no token for {what} and no unknown token to stand for it: "
+                    raise UncoveredText(f"the tokenizer has no token for {what} and no unknown token to stand for it: "
                                      f"that text would be left out")
         return [e.ids for e in encodings]
 
@@ -212,7 +217,7 @@ def _cannot_encode() -> Iterator[None]:
     try:
         yield
     except Exception as e:  # the library raises a bare Exception
-        raise UsageError(f"the tokenizer cannot encode this text: {one_line(e, 200)}") from None
+        raise UncoveredText(f"the tokenizer cannot encode this text: {one_line(e, 200)}") from None
 
 
 def _leaves_out_text(text: str, offsets: list[tuple[int, int]]) -> bool:
