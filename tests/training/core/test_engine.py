@@ -344,7 +344,6 @@ def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_t
 
     resumed = run("crashed", workers=1, resume="auto", callbacks=[Lengths()])
     assert resumed.step == reference.step == 20
-    assert reference.samples_seen == 20 * 8  # the samples its batches held, which throughput figures count
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
     assert validations("crashed") == validations("ref") and len(validations("ref")) == 6  # steps 4, 8, ..., 20
