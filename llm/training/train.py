@@ -153,6 +153,7 @@ def _hold_if_free(folder: Path) -> FolderLock | None:
 
 def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]:
     """Train on this process; with world_size > 1, in the process group main() made."""
+    D.check_same_settings(config)  # first: whether to claim a run folder, below, depends on them
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(data_module_of(config, task))(config)
     note, claim = claim_run_dir(config)  # first: callbacks built from config.logging.log_dir see the folder chosen

@@ -73,6 +73,11 @@ def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device
     return model
 
 
+class WrapperHasNoAttribute(UsageError, AttributeError):
+    """An attribute of the model asked of the DDP wrapper: a UsageError, said in one line, and an AttributeError,
+    so that ``hasattr(model, name)`` and ``getattr(model, name, default)`` still answer."""
+
+
 class _DDP(DDP):
     """DDP whose errors for parameters the loss does not depend on, and for a method of the model called on the
     wrapper, say so in one line, not in terms of a wrapper the engine builds."""
@@ -85,7 +90,7 @@ class _DDP(DDP):
             model = self.__dict__["_modules"].get("module")
             if name.startswith("_") or model is None or not hasattr(model, name):
                 raise
-            raise UsageError(
+            raise WrapperHasNoAttribute(
                 f"train_step used model.{name}, which {type(model).__name__} has and the DistributedDataParallel "
                 f"wrapper that train_step gets under several processes has not: call model(...), whose forward "
                 f"syncs the gradients, and reach {name} from the model's forward"

@@ -1,4 +1,7 @@
+import contextlib
+import io
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -138,3 +141,26 @@ def test_ranks_started_with_different_settings_are_refused_in_one_line_on_every_
             "the ranks were started with different settings: optimizer.lr is 0.001 on rank 0 but 0.002 on rank 1; "
             "start every node with the same command and config (only data.cache_dir, data.num_workers, "
             "logging.progress_bar may differ)"]
+
+
+def cli_settings_worker(rank: int, directory: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    os.chdir(directory)
+    err = io.StringIO()
+    resume = ["--checkpoint-resume", "auto"] if rank else []  # whether a run folder is claimed depends on it
+    with contextlib.redirect_stderr(err):
+        code = train.main(["--task", "regression", "--training-max-steps", "2", "--logging-progress-bar", "false",
+                           "--distributed-timeout-s", "20", *resume])
+    Path(directory, f"cli_{rank}.json").write_text(json.dumps([code, err.getvalue()]))
+
+
+def test_the_command_line_refuses_ranks_with_different_settings_before_it_claims_a_run_folder(tmp_path):
+    spawn(cli_settings_worker, str(tmp_path), free_port(), timeout=90)
+    for rank in (0, 1):
+        code, err = json.loads((tmp_path / f"cli_{rank}.json").read_text())
+        assert (code, err.splitlines()[-1]) == (2, (
+            "error: the ranks were started with different settings: checkpoint.resume is '' on rank 0 but 'auto' on "
+            "rank 1; start every node with the same command and config (only data.cache_dir, data.num_workers, "
+            "logging.progress_bar may differ)"))
+    assert not (tmp_path / "runs").exists()

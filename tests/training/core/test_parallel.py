@@ -15,7 +15,7 @@ from llm.training.core.checkpoint import CheckpointError, CheckpointManager, mod
 from llm.training.core.config import Config, OptimizerConfig
 from llm.training.core.engine import TrainingEngine
 from llm.training.core.optim import build_optimizer
-from llm.training.core.parallel import load_model_and_optimizer, model_and_optimizer_state, prepare
+from llm.training.core.parallel import _DDP, load_model_and_optimizer, model_and_optimizer_state, prepare
 from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask
 from llm.training.tasks.regression_task import RegressionTask
 from tests.helpers import free_port, lm_config, spawn, tiny_config, weights
@@ -343,6 +343,9 @@ def buffers_and_methods_worker(rank: int, directory: str, port: int) -> None:
         except UsageError as e:
             outcome = str(e)
         Path(directory, f"method_rank{rank}").write_text(outcome)
+        wrapped = _DDP(CallsAModelMethod(config).build_model())  # duck typing on the wrapper still answers
+        assert not hasattr(wrapped, "loss") and getattr(wrapped, "loss", None) is None
+        Path(directory, f"hasattr_rank{rank}").write_text("answered")
     finally:
         dist.destroy_process_group()
 
@@ -356,6 +359,7 @@ def test_ddp_validates_every_shard_with_the_buffers_it_saves_and_names_a_model_m
         assert buffers["running_mean"].abs().sum() > 0
         for name, value in buffers.items():
             assert torch.equal(value, saved[f"0.{name}"]), (rank, name)
+        assert (tmp_path / f"hasattr_rank{rank}").read_text() == "answered"
         assert (tmp_path / f"method_rank{rank}").read_text() == (
             "train_step used model.loss, which Sequential has and the DistributedDataParallel wrapper that "
             "train_step gets under several processes has not: call model(...), whose forward syncs the "
