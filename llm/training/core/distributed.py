@@ -16,6 +16,7 @@ prepares the next one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import gc
 import os
@@ -171,6 +172,9 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     _attempt = int(all_reduce_on_hosts(torch.tensor([float(_restart_count())])))
     # kept apart from the group: after a collective fails, ranks still leave word here for each other
     _store = dist.distributed_c10d._get_default_store()
+    if rank == 0:  # torchrun's store outlives its restarts, and an elastic job's count of them can repeat
+        with contextlib.suppress(Exception):
+            _store.delete_key(_ENDED.format(_attempt))
 
 
 def join_process_group(config: Config, rank: int, world_size: int, local_rank: int) -> None:

@@ -56,6 +56,8 @@ RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """The signals that stop a run after its step, with a checkpoint (_stop_on_signals)."""
+ENDED_WAIT_S = 10.0
+"""How long a stuck rank that has learned the run is over waits before it ends itself (_watch_agent)."""
 REPEAT_S = 2.0
 """Under torchrun, a signal within this many seconds of the first one is the same request, delivered twice (see
 _stop_on_signals)."""
@@ -1048,7 +1050,8 @@ class TrainingEngine:
         delivered twice: SLURM and systemd signal every process of a job, and torchrun
         forwards the signal it got to its workers as well.
 
-        Under torchrun, a worker whose agent dies stops the same way (_watch_agent).
+        Under torchrun, a worker whose agent dies stops the same way, and one stuck after another rank gave the
+        run up ends (_watch_agent).
         """
         def handler(signum: int, frame: Any) -> None:
             if self._signal is None:
@@ -1082,30 +1085,37 @@ class TrainingEngine:
         workers would train on unseen, holding the run folder. This asks for the stop
         without a signal: one already received stays the only one.
 
-        And end this worker, in a line saying where it stood, once another rank has
-        given the run up (it failed, or lost contact: D.run_ended, looked up every 5 s)
-        and this one has still not ended min(distributed.timeout_s, 60) s later. A rank
-        hung outside any collective (in a task's step, a loader) never learns of it
+        Also end this worker, in one line saying where it stood, when it has taken no step
+        for min(distributed.timeout_s, 60) s and another rank gave the run up in the
+        rendezvous store ENDED_WAIT_S before (it failed, or lost contact: D.run_ended,
+        looked up every 5 s while no step is taken, never while steps come). A rank hung
+        outside any collective (in a task's step, a loader) never learns of the failure
         itself, and on several nodes its torchrun agent, which sees a worker still
         running, would hold the job's nodes for ever.
         """
-        grace, ended, ticks = min(self.config.distributed.timeout_s, 60), None, 0
+        grace = min(self.config.distributed.timeout_s, 60)
+        seen, since, ticks, ended = self.step, time.monotonic(), 0, None
         while not done.wait(1.0):
             if os.getppid() != self._agent:
                 if self._signal is None:
                     self._agent_gone = True
                     self._signal, self._signalled_at = signal.SIGTERM, time.monotonic()
                 return
+            if self.step != seen:
+                seen, since, ended = self.step, time.monotonic(), None
+                continue
             ticks += 1
-            if ended is None and ticks % 5 == 0:
+            stuck = time.monotonic() - since
+            if ended is None and stuck >= grace and ticks % 5 == 0:
                 reason = D.run_ended()
                 ended = (reason, time.monotonic()) if reason else None
-            elif ended is not None and time.monotonic() - ended[1] > grace:
+            # not at once: the rank that gave up says why first, and on its node torchrun may end this one anyway
+            if ended is not None and time.monotonic() - ended[1] >= ENDED_WAIT_S:
                 frame = sys._current_frames().get(threading.main_thread().ident)
                 at = traceback.extract_stack(frame)[-1] if frame is not None else None
                 where = f"{at.filename}:{at.lineno} in {at.name}" if at else "an unknown place"
-                sys.stderr.write(f"error: rank {self.rank} ends: {ended[0]}, and this rank had not ended {grace} s "
-                                 f"later (stuck at {where})\n")
+                sys.stderr.write(f"error: rank {self.rank} ends: {ended[0]}, and this rank has taken no step for "
+                                 f"{stuck:.0f} s (stuck at {where})\n")
                 sys.stderr.flush()
                 os._exit(1)
 

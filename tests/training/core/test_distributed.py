@@ -164,3 +164,17 @@ def test_the_command_line_refuses_ranks_with_different_settings_before_it_claims
             "rank 1; start every node with the same command and config (only data.cache_dir, data.num_workers, "
             "logging.progress_bar may differ)"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_run_is_over_for_every_rank_once_one_fails_or_loses_contact_but_not_after_a_signals_stop(monkeypatch):
+    monkeypatch.setattr(D, "_store", dist.HashStore())
+    monkeypatch.setattr(D, "_attempt", 3)
+    assert D.run_ended() == ""
+    D.record_failure(1, RuntimeError("stop"), run_ended=False)  # a signal's stop: every rank stops alike
+    assert D.run_ended() == ""
+    D.record_failure(1, RuntimeError("out of memory"))
+    assert D.run_ended() == "rank 1 failed with RuntimeError: out of memory"
+    monkeypatch.setattr(D, "_attempt", 4)  # a restart reads nothing an earlier attempt left
+    assert D.run_ended() == ""
+    assert D.lost_ranks(0, 2, settle_s=0) == "rank 1 did not answer (hung, or killed)"
+    assert D.run_ended() == "rank 0 lost contact with the others"
