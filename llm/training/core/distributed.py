@@ -366,12 +366,21 @@ def broadcast_from_rank0(value: Any) -> Any:
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers of ``module``, in place: running statistics (BatchNorm's) that each
-    rank updated with its own batches, which DDP syncs only at the start of a training forward."""
+    """Give every rank rank 0's buffers of ``module`` that its state dict holds, in place: running statistics
+    (BatchNorm's) that each rank updated with its own batches, which DDP syncs only at the start of a training
+    forward. One broadcast per dtype, not per buffer; none for a model without such buffers."""
     if not active():
         return
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
+    saved = module.state_dict(keep_vars=True).keys()
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for name, buffer in module.named_buffers():
+        if name in saved:  # not a table derived from the config (rotary angles), the same on every rank
+            by_kind.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in by_kind.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(part.view_as(buffer))
 
 
 def gather(value: Any) -> list[Any]:

@@ -358,8 +358,8 @@ class TrainingEngine:
         """Mean loss and metrics over the validation set (or eval_batches of it), averaged over ranks."""
         began = time.perf_counter()
         model = self.raw_model
-        if self.world_size > 1:  # every rank scores its shard with the buffers the checkpoint saves: rank 0's
-            D.broadcast_buffers(model)
+        if self.world_size > 1 and not self.sharded:  # every rank scores its shard with rank 0's buffers, which DDP
+            D.broadcast_buffers(model)  # trains with and the checkpoint saves
         was_training = model.training
         model.eval()
         sums = RunningMeans()
