@@ -145,7 +145,8 @@ class TrainingEngine:
         self._clashed: set[tuple[str, str]] = set()  # (split, key) of engine.log() values that a record had
         self._hook = ""  # the hook now firing
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
-        self._unchecked: list[tuple[int, _HostCopy, list[Any]]] = []  # (step, taken, losses) to check
+        # (step, taken, losses, whether a loss scaler found an overflow) of steps to check
+        self._unchecked: list[tuple[int, _HostCopy, list[Any], _HostCopy | None]] = []
         self._signal: int | None = None  # a signal this process received
         self._signalled_at = 0.0  # time.monotonic() when it came
         self._agent = D.torchrun_agent()  # the pid of the torchrun agent that started this process, if one did
@@ -287,8 +288,10 @@ class TrainingEngine:
                 raise
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
             losses.append(loss)
+        overflowed = None
         if scaler is not None:
             scaler.unscale_(self.optimizer)
+            overflowed = _overflowed(scaler, self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
         # whether to take the step: the same on every rank, whose gradients are all-reduced already; on the CPU
         # a bool the host reads at no cost, elsewhere a flag left on the device until the next step reads it
@@ -310,7 +313,8 @@ class TrainingEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self._sums.add_step(recorded, grad_norm, taken)
         if taken is not True:  # a step the host knows was taken needs no check
-            self._unchecked.append((self.step + 1, _HostCopy(taken), losses))
+            found = None if overflowed is None else _HostCopy(overflowed)  # a loss scaler's finding
+            self._unchecked.append((self.step + 1, _HostCopy(taken), losses, found))
         self.step += 1
         self.batch_in_epoch += k
         # counted in this rank's batches, which a loader of the data module's own may size otherwise (a short last
@@ -907,21 +911,24 @@ class TrainingEngine:
         applied (optimizer_step), so reading it a step late changes no weights. Every
         rank checks at the same points and sees the same norms: the collectives match.
         """
-        scaler = self.scaler.is_enabled()
-        for step, taken, losses in self._unchecked:
+        for step, taken, losses, overflowed in self._unchecked:
             if bool(taken.wait()):
                 continue
             bad_loss = not all(math.isfinite(loss) for loss in losses)  # numbers, or one-element tensors
-            # with a loss scaler, finite losses with overflowing gradients are the scaler's to skip
-            if not scaler or D.any_rank([bad_loss])[0]:
-                self._non_finite(step, D.gather(bad_loss))
+            if overflowed is not None:
+                # with a loss scaler, finite losses whose gradients overflowed (on some rank: under FSDP each
+                # checks its shard) are the scaler's to skip; a norm that overflows from finite gradients is not
+                any_bad_loss, any_overflow = D.any_rank([bad_loss, bool(overflowed.wait())])
+                if any_overflow and not any_bad_loss:
+                    continue
+            self._non_finite(step, D.gather(bad_loss))
         self._unchecked.clear()
 
     def _non_finite(self, step: int, bad_loss: list[bool]) -> None:
         """Step ``step`` had a non-finite gradient norm and was not taken: count it or stop, as
         training.nan_policy says. ``bad_loss``: by rank, whether its loss was not finite."""
-        ranks = [r for r, bad in enumerate(bad_loss) if bad] or list(range(self.world_size))
-        where = f"at step {step}, loss non-finite on rank(s) {ranks}"
+        ranks = [r for r, bad in enumerate(bad_loss) if bad]
+        where = f"at step {step}, " + (f"loss non-finite on rank(s) {ranks}" if ranks else "every rank's loss finite")
         if self.config.training.nan_policy == "skip":
             self.skipped_steps += 1
             self.print(f"warning: non-finite gradient norm {where}: step skipped")
@@ -1118,6 +1125,13 @@ class TrainingEngine:
                                  f"{stuck:.0f} s (stuck at {where})\n")
                 sys.stderr.flush()
                 os._exit(1)
+
+
+def _overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor | bool:
+    """Whether the scaler's unscale_ found gradients that are not finite (an fp16 overflow, which lowers the
+    scale), as a flag left on the device; True where this torch's GradScaler does not say."""
+    found = getattr(scaler, "_found_inf_per_device", None)
+    return True if found is None else sum(found(optimizer).values())
 
 
 def _read_now(device: torch.device) -> bool:

@@ -833,13 +833,17 @@ def test_with_a_loss_scaler_an_overflow_is_skipped_by_the_scaler_and_a_nan_loss_
                             callbacks=[LossScaled()])
     assert engine.step == 5 and metrics["skipped_steps"] == 0 and engine.scaler.get_scale() == 2.0**15
     assert {int(state["step"]) for state in engine.optimizer.state.values()} == {4}
-    # gradients each finite, scaled and unscaled, whose norm overflows: not taken either, the scale kept
+    # gradients each finite, scaled and unscaled, whose norm overflows: no overflow of the scaler's, which keeps
+    # its scale, but a step not taken all the same, which training.nan_policy counts or stops on
     OverflowAt.calls, OverflowAt.factor = 0, 1e30
-    engine, metrics = train(tiny_config(tmp_path / "c", training={"max_steps": 5}), task_cls=OverflowAt,
-                            callbacks=[LossScaled()])
-    assert {int(state["step"]) for state in engine.optimizer.state.values()} == {4}
+    engine, metrics = train(tiny_config(tmp_path / "c", training={"max_steps": 5, "nan_policy": "skip"}),
+                            task_cls=OverflowAt, callbacks=[LossScaled()])
+    assert {int(state["step"]) for state in engine.optimizer.state.values()} == {4} and metrics["skipped_steps"] == 1
     assert engine.scaler.get_scale() == 2.0**16
     assert all(torch.isfinite(w).all() for w in weights(engine.raw_model).values())
+    OverflowAt.calls = 0
+    with pytest.raises(NonFiniteError, match=r"^non-finite gradient norm at step 3, every rank's loss finite: stopping"):
+        train(tiny_config(tmp_path / "d", training={"max_steps": 5}), task_cls=OverflowAt, callbacks=[LossScaled()])
     monkeypatch.setenv("NAN_AT_STEP", "3")
     with pytest.raises(NonFiniteError, match=r"at step 3, loss non-finite on rank\(s\) \[0\]"):
         train(tiny_config(tmp_path / "b", training={"max_steps": 5}), task_cls=NaNRegressionTask,
