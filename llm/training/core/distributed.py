@@ -408,9 +408,11 @@ def check_same_settings(config: Config) -> None:
     for key in NODE_SETTINGS:
         mine.pop(key, None)
     every = gather(mine)
-    first = every[0]
-    differ = {key: next((rank, settings.get(key)) for rank, settings in enumerate(every) if settings.get(key) != value)
-              for key, value in first.items() if any(settings.get(key) != value for settings in every)}
+    first, differ = every[0], {}  # setting: (the first rank whose value is not rank 0's, that value)
+    for rank, settings in enumerate(every[1:], 1):
+        for key, value in first.items():
+            if key not in differ and settings.get(key) != value:
+                differ[key] = (rank, settings.get(key))
     if differ:
         shown = "; ".join(f"{key} is {first[key]!r} on rank 0 but {value!r} on rank {rank}"
                           for key, (rank, value) in list(differ.items())[:3])
