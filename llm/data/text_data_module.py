@@ -334,10 +334,14 @@ class TextDataModule(BaseDataModule):
         # Not mkdtemp: its mode 0700 would stay with the entry and lock out others sharing the cache folder
         _remove_abandoned(entry.parent)
         tmp = entry.parent / f".{entry.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        writing = os.open(tmp / WRITING, os.O_RDWR | os.O_CREAT, 0o666)
+        # made and locked under a name _remove_abandoned passes over, then renamed: under its own name, another
+        # tokenization could find it unlocked between the two and delete it
+        unlocked = tmp.with_name(tmp.name + ".new")
+        unlocked.mkdir()
+        writing = os.open(unlocked / WRITING, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(writing, fcntl.LOCK_EX)  # released when this process ends, however it ends
+            unlocked.rename(tmp)
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
             with open(tmp / TOKENS, "wb") as out:
@@ -365,7 +369,8 @@ class TextDataModule(BaseDataModule):
                     raise
         finally:
             os.close(writing)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in (unlocked, tmp):
+                shutil.rmtree(folder, ignore_errors=True)
         return n
 
     # ---- splits and loaders ------------------------------------------------------

@@ -277,6 +277,24 @@ make(Path({str(tmp_path)!r}), Path({str(corpus)!r})).prepare_data()
     assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin", "tokens.size"]
 
 
+def test_a_tokenization_that_starts_beside_another_never_deletes_its_folder(tmp_path, corpus, monkeypatch):
+    # another process cleaning up (one tokenizing another corpus into the same folder) at the worst moment: after
+    # this one made its folder and before it took the lock; it passes over a folder not yet under its own name
+    locked, real_flock = [], fcntl.flock
+
+    def flock(fd, operation):
+        if not locked:  # the writer's lock, about to be taken: the other process's clean-up comes first
+            locked.append(operation)
+            tdm._remove_abandoned(tmp_path / "cache")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(tdm.fcntl, "flock", flock)
+    dm = make(tmp_path, corpus)
+    dm.prepare_data()
+    assert locked and sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin", "tokens.size"]
+    assert list((tmp_path / "cache").iterdir()) == [dm.cache_path]
+
+
 def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
     root = tmp_path / "texts"
     (root / "b").mkdir(parents=True)
