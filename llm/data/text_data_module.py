@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "3"
 """Bump when the cache layout, the key or the tokenization changes, so old entries are not trusted
-(2: the key hashes the corpus's digest, which checkpoints keep; 3: pieces of 128K characters, not 1M)."""
+(2: the key hashes the corpus's digest, which checkpoints keep; 3: pieces of 128K characters, not 1M, and a
+file's byte order mark left out)."""
 WRITING = ".writing"
 """In an entry being written: a file its writer holds locked (flock) for as long as it is at work."""
 DEFAULT_CORPUS_BYTES = 4 << 20
@@ -144,11 +145,25 @@ def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS, setti
     Otherwise such a file is a UsageError naming ``setting``, the option that gave the path."""
     if not strict:
         try:
-            yield from _pieces([path.read_bytes().decode("utf-8")], size)
+            yield from _pieces([path.read_bytes().decode("utf-8").removeprefix(BOM)], size)
         except (UnicodeDecodeError, OSError):
             pass
         return
-    yield from _pieces(_decoded_blocks(path, setting), size)
+    yield from _pieces(_without_bom(_decoded_blocks(path, setting)), size)
+
+
+BOM = "\ufeff"
+"""The byte order mark some editors (Windows') put at the start of a UTF-8 file: a mark, not text. A corpus
+folder of such files would otherwise carry one, unseen, at the start of each file."""
+
+
+def _without_bom(blocks: Iterable[str]) -> Iterator[str]:
+    """``blocks`` with a byte order mark at the start of the first non-empty one left out."""
+    started = False
+    for block in blocks:
+        if not started and block:
+            block, started = block.removeprefix(BOM), True
+        yield block
 
 
 def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str]) -> Iterator[np.ndarray]:

@@ -295,6 +295,16 @@ def test_a_tokenization_that_starts_beside_another_never_deletes_its_folder(tmp_
     assert list((tmp_path / "cache").iterdir()) == [dm.cache_path]
 
 
+def test_a_byte_order_mark_at_the_start_of_each_file_is_left_out(tmp_path):
+    root = tmp_path / "texts"
+    root.mkdir()
+    for name in ("a.txt", "b.txt"):  # saved by an editor that marks UTF-8 files
+        (root / name).write_bytes(b"\xef\xbb\xbf" + f"{name} says hello\n".encode() * 30)
+    dm = ready(tmp_path, root)
+    assert "\ufeff" not in dm.tokenizer.chars
+    assert dm.tokenizer.decode(tokens_of(dm).tolist()) == "a.txt says hello\n" * 30 + "b.txt says hello\n" * 30
+
+
 def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
     root = tmp_path / "texts"
     (root / "b").mkdir(parents=True)
