@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import socket
 import sysconfig
@@ -39,18 +40,19 @@ from llm.files import is_run_output
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "3"
+CACHE_FORMAT = "4"
 """Bump when the cache layout, the key or the tokenization changes, so old entries are not trusted
 (2: the key hashes the corpus's digest, which checkpoints keep; 3: pieces of 128K characters, not 1M, and a
-file's byte order mark left out)."""
+file's byte order mark left out; 4: pieces cut at lone newlines, and tokens.size holds the tokens' digest)."""
 WRITING = ".writing"
 """In an entry being written: a file its writer holds locked (flock) for as long as it is at work."""
 DEFAULT_CORPUS_BYTES = 4 << 20
 """Cap on the default corpus (the stdlib sources): about a million tokens, tokenized in seconds."""
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _CHUNK_CHARS = 1 << 17
-"""Characters per piece the tokenizer encodes (cut after a newline): the tokenizers library's memory per piece
-grows faster than the piece, and 1M-character pieces took 13 times the memory and twice the time of these."""
+"""Characters per piece the tokenizer encodes (cut at a lone newline, see _pieces): the tokenizers library's
+memory per piece grows faster than the piece; 1M-character pieces took 13 times the memory of these, and BPE's
+prepare_data 3.7 times as long (BENCHMARKS.md, data pipeline)."""
 _BLOCK_BYTES = 1 << 20
 TOKENS, TOKENIZER, SIZE = "tokens.bin", "tokenizer.json", "tokens.size"
 
@@ -265,6 +267,7 @@ class TextDataModule(BaseDataModule):
         """Whether the last prepare_data() found the tokenized corpus already cached."""
         self.cache_path: Path | None = None
         self.corpus_digest: str | None = None
+        self.tokens_digest: str | None = None  # of the tokens the corpus gave, for checkpoints to pin
         """SHA-256 of the corpus's files, set with the cache entry: the text the windows are drawn from."""
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
@@ -359,11 +362,14 @@ class TextDataModule(BaseDataModule):
             unlocked.rename(tmp)
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
+            digest = hashlib.sha256()
             with open(tmp / TOKENS, "wb") as out:
                 for file in files:
                     try:
                         for array in encode_pieces(tokenizer, self._texts([file])):
-                            out.write(array.tobytes())
+                            data = array.tobytes()
+                            out.write(data)
+                            digest.update(data)
                             n += len(array)
                             unknown += tokenizer.count_unknown(array)
                     except UncoveredText as e:  # a tokenizer file that does not cover the corpus
@@ -375,7 +381,7 @@ class TextDataModule(BaseDataModule):
                 warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "
                               f"all of the text; training goes on with them")
-            (tmp / SIZE).write_text(f"{(tmp / TOKENS).stat().st_size}\n")
+            (tmp / SIZE).write_text(f"{(tmp / TOKENS).stat().st_size}\n{digest.hexdigest()}\n")
             (tmp / WRITING).unlink()  # the entry holds its three files only; the lock is held until the close below
             try:
                 os.replace(tmp, entry)
@@ -402,6 +408,7 @@ class TextDataModule(BaseDataModule):
             self.tokenizer, damage = (self.tokenizer, "") if self.cache_hit else _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
+        self.tokens_digest = _tokens_digest(entry)
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
         damage = damage or _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
@@ -446,11 +453,20 @@ def _damage(entry: Path) -> str:
     """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): not the
     size recorded beside it. Entries of earlier versions record none."""
     try:
-        written = int((entry / SIZE).read_text())
+        written = int((entry / SIZE).read_text().split()[0])
         size = (entry / TOKENS).stat().st_size
     except (OSError, ValueError):
         return ""
     return "" if size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
+
+
+def _tokens_digest(entry: Path) -> str | None:
+    """The sha256 of ``entry``'s tokens.bin, as its writer recorded it beside it (None where it did not)."""
+    try:
+        recorded = (entry / SIZE).read_text().split()
+    except OSError:
+        return None
+    return recorded[1] if len(recorded) > 1 else None
 
 
 def _read_tokenizer(entry: Path) -> tuple[Tokenizer | None, str]:
@@ -507,15 +523,24 @@ def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
 
 
 def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
-    """The text of ``blocks`` joined, as pieces of about ``size`` characters, each cut after its last newline
-    (or at ``size`` if it has none): the same pieces however the text is split into blocks."""
+    """The text of ``blocks`` joined, as pieces of about ``size`` characters: the same pieces however the text
+    is split into blocks.
+
+    Each is cut after its last lone newline, one with text right before and after it, where none of the
+    tokenizers here joins characters across (GPT-2's pre-tokenizer keeps a newline with the indentation that
+    follows it, or the spaces before it): the tokens are then those of the whole text, whatever the size of
+    the pieces. Else after its last newline, else at ``size``."""
     buffer = ""
     for block in blocks:
         buffer += block
         while len(buffer) > size:  # there is text after this piece: cut it
-            cut = buffer.rfind("\n", 0, size)
+            lone = [m.start() for m in _LONE_NEWLINE.finditer(buffer, size // 2, size + 1)]
+            cut = lone[-1] if lone else buffer.rfind("\n", 0, size)
             stop = cut + 1 if cut > 0 else size
             yield buffer[:stop]
             buffer = buffer[stop:]
     if buffer:
         yield buffer
+
+
+_LONE_NEWLINE = re.compile(r"(?<=\S)\n(?=\S)")

@@ -1,4 +1,5 @@
 import fcntl
+import hashlib
 import os
 import re
 import signal
@@ -52,7 +53,9 @@ def test_the_corpus_is_tokenized_into_a_cached_token_file(tmp_path, corpus):
     dm = ready(tmp_path, corpus)
     assert isinstance(dm.tokenizer, CharTokenizer) and dm.tokenizer.decode(tokens_of(dm).tolist()) == TEXT
     assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json", "tokens.bin", "tokens.size"]
-    assert int((dm.cache_path / "tokens.size").read_text()) == (dm.cache_path / "tokens.bin").stat().st_size
+    size, digest = (dm.cache_path / "tokens.size").read_text().split()  # what was written, to tell damage by
+    assert int(size) == (dm.cache_path / "tokens.bin").stat().st_size
+    assert digest == dm.tokens_digest == hashlib.sha256((dm.cache_path / "tokens.bin").read_bytes()).hexdigest()
     assert dm.cache_path.parent == tmp_path / "cache"
     umask = os.umask(0)
     os.umask(umask)
@@ -390,6 +393,19 @@ def test_long_texts_are_tokenized_in_chunks_cut_after_newlines():
     assert pieces[:5] == ["abc\nabc\n"] * 5 and pieces[5:] == ["x" * 10, "x" * 10, "x" * 5]
     for cut in range(len(text) + 1):  # however the file's blocks split the text, the pieces are the same
         assert list(tdm._pieces([text[:cut], "", text[cut:]], size=10)) == pieces, cut
+
+
+def test_pieces_are_cut_at_lone_newlines_so_a_bpe_gives_the_tokens_of_the_whole_text():
+    # code: a newline with the indentation after it (or the spaces before it) is one pre-token of GPT-2's; cut
+    # inside one, the pieces would tokenize otherwise than the whole, and otherwise again with another piece size
+    text = "".join(f"def f{i}(x):  \n    return x + {i}\nz{i} = f{i}(1)\n\n" for i in range(200))
+    tokenizer = HFTokenizer.train_bpe([text], 300)
+    whole = tokenizer.encode(text)
+    for size in (150, 400, 1000):  # each half of a piece holds a lone newline
+        pieces = list(tdm._pieces([text], size=size))
+        assert "".join(pieces) == text and len(pieces) > 1
+        assert all(p[-1] == "\n" and not p[-2].isspace() and not q[0].isspace() for p, q in zip(pieces, pieces[1:]))
+        assert np.concatenate(list(tdm.encode_pieces(tokenizer, pieces))).tolist() == whole, size
 
 
 def test_a_file_is_read_in_blocks_and_a_bad_byte_is_named_where_it_is(tmp_path, monkeypatch):

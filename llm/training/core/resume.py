@@ -461,10 +461,27 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
                 return json.loads(data)
         return data
 
+    changed = []
     with tempfile.TemporaryDirectory() as tmp:
         task.save_artifacts(Path(tmp))
-        return sorted(f.name for f in Path(tmp).iterdir()
-                      if f.is_file() and (checkpoint / f.name).is_file() and content(f) != content(checkpoint / f.name))
+        for f in sorted(Path(tmp).iterdir()):
+            if not (f.is_file() and (checkpoint / f.name).is_file()):
+                continue
+            now, saved = content(f), content(checkpoint / f.name)
+            if isinstance(now, dict) and isinstance(saved, dict):  # what an earlier version wrote holds fewer keys
+                differ = {key for key in saved if now.get(key) != saved[key]}
+                if differ:
+                    changed.append(TOKENIZED_OTHERWISE if differ == {"tokens_sha256"} else f.name)
+            elif now != saved:
+                changed.append(f.name)
+    if TOKENIZED_OTHERWISE in changed and len(changed) > 1:  # an edited tokenizer file moves the tokens itself
+        changed.remove(TOKENIZED_OTHERWISE)
+    return changed
+
+
+TOKENIZED_OTHERWISE = ("the corpus's tokens (the corpus is the same, but this version of llm tokenizes it otherwise "
+                       "than the one that started the run, which can finish it)")
+"""What changed_artifacts names when a language model's corpus is unchanged but its tokens are not."""
 
 
 COURSE_CONFIG = (*BINDING_CONFIG, "optimizer.", "training.grad_clip", "training.precision")
@@ -499,7 +516,7 @@ def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str
     settings (``changed``, shown with their ``saved`` and ``now`` values where given), and the task's files
     (``files``, from changed_artifacts)."""
     shown = [change(k, saved, now) if saved is not None and now is not None else k for k in binding_changes(changed)]
-    binding = shown + [f"{name} (as this run builds it)" for name in files]
+    binding = shown + [name if name == TOKENIZED_OTHERWISE else f"{name} (as this run builds it)" for name in files]
     if binding and not allowed:
         raise UsageError(
             f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "

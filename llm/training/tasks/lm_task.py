@@ -100,7 +100,7 @@ class LMTask(TrainingTask):
 
     def save_artifacts(self, directory: Path) -> None:
         """``tokenizer.json`` and ``model_config.json``, with the weights all a user needs to sample, and
-        ``corpus.json``, the corpus's digest."""
+        ``corpus.json``, the digests of the corpus and of the tokens it gave."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.gpt_config()
@@ -108,7 +108,11 @@ class LMTask(TrainingTask):
         write_atomically(directory / MODEL_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
         digest = getattr(self.data_module, "corpus_digest", None)  # a data module of the user's may have none
         if digest:  # an edited corpus moves the windows and the split even when its tokenizer comes out the same
-            write_atomically(directory / CORPUS, json.dumps({"sha256": digest}) + "\n")
+            pinned = {"sha256": digest}
+            tokens = getattr(self.data_module, "tokens_digest", None)
+            if tokens:  # the same corpus tokenized otherwise (by another version of this package) moves them too
+                pinned["tokens_sha256"] = tokens
+            write_atomically(directory / CORPUS, json.dumps(pinned) + "\n")
 
 
 def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Path]:

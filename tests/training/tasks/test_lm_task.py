@@ -138,7 +138,8 @@ def test_artifacts_rebuild_the_model_and_its_tokenizer(task, tmp_path):
     out = tmp_path / "artifacts"
     task.save_artifacts(out)
     assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "model_config.json", "tokenizer.json"]
-    assert json.loads((out / "corpus.json").read_text()) == {"sha256": task.data_module.corpus_digest}
+    assert json.loads((out / "corpus.json").read_text()) == {"sha256": task.data_module.corpus_digest,
+                                                             "tokens_sha256": task.data_module.tokens_digest}
     tokenizer = load_tokenizer(out / "tokenizer.json")
     assert tokenizer.fingerprint() == task.data_module.tokenizer.fingerprint()
     config = GPTConfig.from_dict(json.loads((out / "model_config.json").read_text()))
@@ -156,6 +157,38 @@ def test_building_without_a_text_data_module_fails_clearly(task):
     task.data_module = SyntheticDataModule(task.config)
     with pytest.raises(UsageError, match="needs a data module with a tokenizer.*SyntheticDataModule"):
         task.build_model()
+
+
+def test_a_resume_on_the_same_corpus_tokenized_otherwise_is_refused_naming_the_version(tmp_path, monkeypatch):
+    # another version of the package that cuts or reads the text otherwise (simulated: one token more at the start)
+    from llm.data import text_data_module as tdm
+    from llm.training.core.engine import TrainingEngine
+    from llm.training.core.resume import TOKENIZED_OTHERWISE
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+
+    def train(folder, steps):
+        config = Config.from_dict({
+            "task": "lm", "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache")},
+            "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+            "training": {"batch_size": 8, "max_steps": steps, "epochs": 1},
+            "logging": {"log_dir": str(tmp_path / folder), "progress_bar": False}, "checkpoint": {"resume": "auto"},
+        })
+        return TrainingEngine(config, LMTask(config)).train()
+
+    train("pinned", 3)
+    with monkeypatch.context() as earlier:  # a version whose checkpoints pin no tokens
+        earlier.setattr(tdm, "_tokens_digest", lambda entry: None)
+        train("earlier", 3)
+    real = tdm._without_bom
+    monkeypatch.setattr(tdm, "CACHE_FORMAT", "another")
+    monkeypatch.setattr(tdm, "_without_bom", lambda blocks: (TEXT[0] + b if i == 0 else b
+                                                             for i, b in enumerate(real(blocks))))
+    with pytest.raises(UsageError) as refused:
+        train("pinned", 5)
+    assert f"step_00000003: {TOKENIZED_OTHERWISE} changed" in str(refused.value), str(refused.value)
+    assert train("earlier", 5)["steps"] == 5  # resumed as it was, on the corpus's digest alone
 
 
 @pytest.mark.parametrize("edited", ["corpus", "corpus, the same characters", "tokenizer file"])
