@@ -16,7 +16,6 @@ prepares the next one.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import datetime
 import gc
 import os
@@ -167,14 +166,15 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
         backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-    global _store, _attempt, _host_timeout
+    global _store, _attempt, _words, _host_timeout
     _host_timeout = timeout
-    _attempt = int(all_reduce_on_hosts(torch.tensor([float(_restart_count())])))
+    # this start's count, and a number rank 0 draws: torchrun's store outlives its restarts, and an elastic job's
+    # count of them can repeat, so the word ranks leave each other there is keyed by both
+    drawn = float(int.from_bytes(os.urandom(4), "little")) if rank == 0 else 0.0
+    summed = all_reduce_on_hosts(torch.tensor([float(_restart_count()), drawn], dtype=torch.float64))
+    _attempt, _words = int(summed[0]), f"llm/{int(summed[0])}.{int(summed[1])}"
     # kept apart from the group: after a collective fails, ranks still leave word here for each other
     _store = dist.distributed_c10d._get_default_store()
-    if rank == 0:  # torchrun's store outlives its restarts, and an elastic job's count of them can repeat
-        with contextlib.suppress(Exception):
-            _store.delete_key(_ENDED.format(_attempt))
 
 
 def join_process_group(config: Config, rank: int, world_size: int, local_rank: int) -> None:
@@ -190,6 +190,8 @@ def join_process_group(config: Config, rank: int, world_size: int, local_rank: i
 
 _store: dist.Store | None = None
 _attempt: int | None = None
+_words = "llm/0"
+"""The prefix of the keys this start's ranks leave each other in the rendezvous store."""
 _host_timeout: datetime.timedelta | None = None  # the configured one; a process group made by the caller: torch's
 _hosts_of: tuple[weakref.ref, weakref.ref | None] | None = None
 """(the default group, the group host values go over), weakly: held here, a group torch has destroyed would be
@@ -198,8 +200,8 @@ _STORE_WAIT = datetime.timedelta(seconds=5)
 
 
 def _key(kind: str, rank: int) -> str:
-    # a worker restarted by torchrun must not read what the ranks of an earlier attempt left
-    return f"llm/{attempt()}/{kind}/{rank}"
+    # a worker restarted by torchrun must not read what the ranks of an earlier start left: _words is this start's
+    return f"{_words}/{kind}/{rank}"
 
 
 def record_failure(rank: int, error: BaseException, run_ended: bool = True) -> None:
@@ -213,13 +215,9 @@ def record_failure(rank: int, error: BaseException, run_ended: bool = True) -> N
         why = f"{type(error).__name__}: {one_line(error, 200)}"
         _store.set(_key("failed", rank), why)
         if run_ended:
-            _store.set(_ENDED.format(attempt()), f"rank {rank} failed with {why}")
+            _store.set(f"{_words}/ended", f"rank {rank} failed with {why}")
     except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it; nothing to add then
         pass
-
-
-_ENDED = "llm/{}/ended"
-"""The store's key that says the run's attempt is over, and why: a rank failed, or lost contact with others."""
 
 
 def run_ended() -> str:
@@ -228,7 +226,7 @@ def run_ended() -> str:
     if _store is None:
         return ""
     try:
-        key = _ENDED.format(attempt())
+        key = f"{_words}/ended"
         return _store.get(key).decode() if _store.check([key]) else ""
     except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
         return ""
@@ -255,7 +253,7 @@ def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
     try:
         _store.set_timeout(_STORE_WAIT)
         _store.set(_key("lost", rank), "")
-        _store.set(_ENDED.format(attempt()), f"rank {rank} lost contact with the others")
+        _store.set(f"{_words}/ended", f"rank {rank} lost contact with the others")
         if reported := failed():
             return reported
         time.sleep(settle_s)

@@ -145,8 +145,8 @@ class TrainingEngine:
         self._clashed: set[tuple[str, str]] = set()  # (split, key) of engine.log() values that a record had
         self._hook = ""  # the hook now firing
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
-        # (step, taken, losses, whether a loss scaler found an overflow) of steps to check
-        self._unchecked: list[tuple[int, _HostCopy, list[Any], _HostCopy | None]] = []
+        # (step, taken, losses, a loss scaler's flags: whether it found an overflow) of steps to check
+        self._unchecked: list[tuple[int, _HostCopy, list[Any], Any]] = []
         self._signal: int | None = None  # a signal this process received
         self._signalled_at = 0.0  # time.monotonic() when it came
         self._agent = D.torchrun_agent()  # the pid of the torchrun agent that started this process, if one did
@@ -313,8 +313,7 @@ class TrainingEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self._sums.add_step(recorded, grad_norm, taken)
         if taken is not True:  # a step the host knows was taken needs no check
-            found = None if overflowed is None else _HostCopy(overflowed)  # a loss scaler's finding
-            self._unchecked.append((self.step + 1, _HostCopy(taken), losses, found))
+            self._unchecked.append((self.step + 1, _HostCopy(taken), losses, overflowed))
         self.step += 1
         self.batch_in_epoch += k
         # counted in this rank's batches, which a loader of the data module's own may size otherwise (a short last
@@ -916,9 +915,10 @@ class TrainingEngine:
                 continue
             bad_loss = not all(math.isfinite(loss) for loss in losses)  # numbers, or one-element tensors
             if overflowed is not None:
-                # with a loss scaler, finite losses whose gradients overflowed (on some rank: under FSDP each
-                # checks its shard) are the scaler's to skip; a norm that overflows from finite gradients is not
-                any_bad_loss, any_overflow = D.any_rank([bad_loss, bool(overflowed.wait())])
+                # with a loss scaler, finite losses whose gradients overflowed are the scaler's to skip; a norm
+                # that overflows from finite gradients is not. Read now, past the wait above: no stall
+                found = overflowed if isinstance(overflowed, bool) else any(bool(flag) for flag in overflowed)
+                any_bad_loss, any_overflow = D.any_rank([bad_loss, found])
                 if any_overflow and not any_bad_loss:
                     continue
             self._non_finite(step, D.gather(bad_loss))
@@ -1127,11 +1127,12 @@ class TrainingEngine:
                 os._exit(1)
 
 
-def _overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor | bool:
+def _overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | bool:
     """Whether the scaler's unscale_ found gradients that are not finite (an fp16 overflow, which lowers the
-    scale), as a flag left on the device; True where this torch's GradScaler does not say."""
+    scale): its flags, one a device, left there, to read only for a step not taken; True where this torch's
+    GradScaler does not say."""
     found = getattr(scaler, "_found_inf_per_device", None)
-    return True if found is None else sum(found(optimizer).values())
+    return True if found is None else list(found(optimizer).values())
 
 
 def _read_now(device: torch.device) -> bool:

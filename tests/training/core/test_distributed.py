@@ -2,6 +2,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -152,29 +153,36 @@ def cli_settings_worker(rank: int, directory: str, port: int) -> None:
     with contextlib.redirect_stderr(err):
         code = train.main(["--task", "regression", "--training-max-steps", "2", "--logging-progress-bar", "false",
                            "--distributed-timeout-s", "20", *resume])
-    Path(directory, f"cli_{rank}.json").write_text(json.dumps([code, err.getvalue()]))
+    Path(directory, f"cli_{rank}.json").write_text(json.dumps([code, err.getvalue(), D._words]))
 
 
 def test_the_command_line_refuses_ranks_with_different_settings_before_it_claims_a_run_folder(tmp_path):
     spawn(cli_settings_worker, str(tmp_path), free_port(), timeout=90)
+    words = set()
     for rank in (0, 1):
-        code, err = json.loads((tmp_path / f"cli_{rank}.json").read_text())
+        code, err, prefix = json.loads((tmp_path / f"cli_{rank}.json").read_text())
+        words.add(prefix)
         assert (code, err.splitlines()[-1]) == (2, (
             "error: the ranks were started with different settings: checkpoint.resume is '' on rank 0 but 'auto' on "
             "rank 1; start every node with the same command and config (only data.cache_dir, data.num_workers, "
             "logging.progress_bar may differ)"))
     assert not (tmp_path / "runs").exists()
+    # the keys the ranks leave each other in the store: this start's count and a number rank 0 drew, alike on both
+    [prefix] = words
+    assert re.fullmatch(r"llm/0\.\d+", prefix) and prefix != "llm/0.0", prefix
 
 
 def test_the_run_is_over_for_every_rank_once_one_fails_or_loses_contact_but_not_after_a_signals_stop(monkeypatch):
     monkeypatch.setattr(D, "_store", dist.HashStore())
-    monkeypatch.setattr(D, "_attempt", 3)
+    monkeypatch.setattr(D, "_words", "llm/3.1234")
     assert D.run_ended() == ""
     D.record_failure(1, RuntimeError("stop"), run_ended=False)  # a signal's stop: every rank stops alike
     assert D.run_ended() == ""
     D.record_failure(1, RuntimeError("out of memory"))
     assert D.run_ended() == "rank 1 failed with RuntimeError: out of memory"
-    monkeypatch.setattr(D, "_attempt", 4)  # a restart reads nothing an earlier attempt left
+    monkeypatch.setattr(D, "_words", "llm/3.5678")  # a start whose count repeats reads nothing an earlier one left
+    assert D.run_ended() == "" and D.lost_ranks(0, 2, settle_s=0) == "rank 1 did not answer (hung, or killed)"
+    monkeypatch.setattr(D, "_words", "llm/4.1234")
     assert D.run_ended() == ""
     assert D.lost_ranks(0, 2, settle_s=0) == "rank 1 did not answer (hung, or killed)"
     assert D.run_ended() == "rank 0 lost contact with the others"
