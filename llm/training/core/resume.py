@@ -476,12 +476,18 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
                 changed.append(f.name)
     if TOKENIZED_OTHERWISE in changed and len(changed) > 1:  # an edited tokenizer file moves the tokens itself
         changed.remove(TOKENIZED_OTHERWISE)
+    data = getattr(getattr(task, "config", None), "data", None)
+    if "tokenizer.json" in changed and "corpus.json" not in changed and getattr(data, "tokenizer", "") == "bpe":
+        changed[changed.index("tokenizer.json")] = RETRAINED_OTHERWISE  # nothing the user gave was edited
     return changed
 
 
 TOKENIZED_OTHERWISE = ("the corpus's tokens (the corpus is the same, but this version of llm tokenizes it otherwise "
                        "than the one that started the run, which can finish it)")
 """What changed_artifacts names when a language model's corpus is unchanged but its tokens are not."""
+RETRAINED_OTHERWISE = ("tokenizer.json (the corpus is the same, but the BPE tokenizer this version of llm trains on "
+                       "it comes out otherwise than the one that started the run, which can finish it)")
+"""What changed_artifacts names when a BPE tokenizer trained again on an unchanged corpus differs."""
 
 
 COURSE_CONFIG = (*BINDING_CONFIG, "optimizer.", "training.grad_clip", "training.precision")
@@ -516,7 +522,8 @@ def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str
     settings (``changed``, shown with their ``saved`` and ``now`` values where given), and the task's files
     (``files``, from changed_artifacts)."""
     shown = [change(k, saved, now) if saved is not None and now is not None else k for k in binding_changes(changed)]
-    binding = shown + [name if name == TOKENIZED_OTHERWISE else f"{name} (as this run builds it)" for name in files]
+    binding = shown + [name if name in (TOKENIZED_OTHERWISE, RETRAINED_OTHERWISE) else f"{name} (as this run builds it)"
+                       for name in files]
     if binding and not allowed:
         raise UsageError(
             f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "

@@ -191,6 +191,35 @@ def test_a_resume_on_the_same_corpus_tokenized_otherwise_is_refused_naming_the_v
     assert train("earlier", 5)["steps"] == 5  # resumed as it was, on the corpus's digest alone
 
 
+def test_a_resume_whose_bpe_comes_out_otherwise_from_the_same_corpus_says_so(tmp_path, monkeypatch):
+    # another version of the package whose BPE training gives another tokenizer (simulated: fewer merges)
+    from llm.data import text_data_module as tdm
+    from llm.data.tokenizers import HFTokenizer
+    from llm.training.core.engine import TrainingEngine
+    from llm.training.core.resume import RETRAINED_OTHERWISE
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 4)
+
+    def train(steps):
+        config = Config.from_dict({
+            "task": "lm", "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "tokenizer": "bpe",
+                                   "vocab_size": 300},
+            "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 320},
+            "training": {"batch_size": 8, "max_steps": steps, "epochs": 1},
+            "logging": {"log_dir": str(tmp_path / "run"), "progress_bar": False}, "checkpoint": {"resume": "auto"},
+        })
+        return TrainingEngine(config, LMTask(config)).train()
+
+    train(3)
+    real = HFTokenizer.train_bpe.__func__
+    monkeypatch.setattr(tdm, "CACHE_FORMAT", "another")
+    monkeypatch.setattr(HFTokenizer, "train_bpe", classmethod(lambda cls, texts, vocab: real(cls, texts, 260)))
+    with pytest.raises(UsageError) as refused:
+        train(5)
+    assert f"step_00000003: {RETRAINED_OTHERWISE} changed" in str(refused.value), str(refused.value)
+
+
 @pytest.mark.parametrize("edited", ["corpus", "corpus, the same characters", "tokenizer file"])
 def test_a_resume_on_an_edited_corpus_or_tokenizer_is_refused_unless_allowed(tmp_path, capsys, edited):
     from llm.training.core.engine import TrainingEngine
