@@ -40,17 +40,17 @@ from llm.files import is_run_output
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "4"
+CACHE_FORMAT = "5"
 """Bump when the cache layout, the key or the tokenization changes, so old entries are not trusted
 (2: the key hashes the corpus's digest, which checkpoints keep; 3: pieces of 128K characters, not 1M, and a
-file's byte order mark left out; 4: pieces cut at lone newlines, and tokens.size holds the tokens' digest)."""
+file's byte order mark left out; 4: tokens.size holds the tokens' digest; 5: pieces cut before whitespace)."""
 WRITING = ".writing"
 """In an entry being written: a file its writer holds locked (flock) for as long as it is at work."""
 DEFAULT_CORPUS_BYTES = 4 << 20
 """Cap on the default corpus (the stdlib sources): about a million tokens, tokenized in seconds."""
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _CHUNK_CHARS = 1 << 17
-"""Characters per piece the tokenizer encodes (cut at a lone newline, see _pieces): the tokenizers library's
+"""Characters per piece the tokenizer encodes (cut before whitespace, see _pieces): the tokenizers library's
 memory per piece grows faster than the piece; 1M-character pieces took 13 times the memory of these, and BPE's
 prepare_data 3.7 times as long (BENCHMARKS.md, data pipeline)."""
 _BLOCK_BYTES = 1 << 20
@@ -408,7 +408,7 @@ class TextDataModule(BaseDataModule):
             self.tokenizer, damage = (self.tokenizer, "") if self.cache_hit else _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
-        self.tokens_digest = _tokens_digest(entry)
+        self.tokens_digest = _recorded(entry)[1]
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
         damage = damage or _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
@@ -449,24 +449,26 @@ def _readable(entry: Path) -> Iterator[None]:
                          f"it readable, or choose another cache folder with --data-cache-dir DIR") from None
 
 
+def _recorded(entry: Path) -> tuple[int | None, str | None]:
+    """What the writer of ``entry`` recorded in tokens.size: the size of tokens.bin and its sha256 (None for what
+    is not there: an entry of an earlier version, or a file a crash left empty or garbled)."""
+    try:
+        fields = (entry / SIZE).read_bytes().decode("ascii").split()
+        size = int(fields[0]) if fields else None
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None, None
+    return size, fields[1] if len(fields) > 1 else None
+
+
 def _damage(entry: Path) -> str:
     """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): not the
     size recorded beside it. Entries of earlier versions record none."""
+    written, _ = _recorded(entry)
     try:
-        written = int((entry / SIZE).read_text().split()[0])
         size = (entry / TOKENS).stat().st_size
-    except (OSError, ValueError):
-        return ""
-    return "" if size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
-
-
-def _tokens_digest(entry: Path) -> str | None:
-    """The sha256 of ``entry``'s tokens.bin, as its writer recorded it beside it (None where it did not)."""
-    try:
-        recorded = (entry / SIZE).read_text().split()
     except OSError:
-        return None
-    return recorded[1] if len(recorded) > 1 else None
+        return ""
+    return "" if written is None or size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
 
 
 def _read_tokenizer(entry: Path) -> tuple[Tokenizer | None, str]:
@@ -526,21 +528,27 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
     """The text of ``blocks`` joined, as pieces of about ``size`` characters: the same pieces however the text
     is split into blocks.
 
-    Each is cut after its last lone newline, one with text right before and after it, where none of the
-    tokenizers here joins characters across (GPT-2's pre-tokenizer keeps a newline with the indentation that
-    follows it, or the spaces before it): the tokens are then those of the whole text, whatever the size of
-    the pieces. Else after its last newline, else at ``size``."""
+    Each is cut before its last whitespace that follows text, in its second half: no pre-token of the byte,
+    char or bpe tokenizers (nor of a WordPiece) spans that point (GPT-2's joins a run of whitespace with what
+    follows it, never with what comes before), so the tokens are those of the whole text whatever the size of
+    the pieces; a cut after a newline split indented code otherwise. A tokenizer file of another kind (one
+    that marks the start of each text, SentencePiece's) may tokenize the cuts otherwise. With no such point,
+    a piece is cut after its last newline, else at ``size``."""
     buffer = ""
     for block in blocks:
         buffer += block
         while len(buffer) > size:  # there is text after this piece: cut it
-            lone = [m.start() for m in _LONE_NEWLINE.finditer(buffer, size // 2, size + 1)]
-            cut = lone[-1] if lone else buffer.rfind("\n", 0, size)
-            stop = cut + 1 if cut > 0 else size
+            cuts = [m.start() for m in _BEFORE_SPACE.finditer(buffer, size // 2, size + 1)]
+            if cuts:
+                stop = cuts[-1]
+            else:
+                newline = buffer.rfind("\n", 0, size)
+                stop = newline + 1 if newline > 0 else size
             yield buffer[:stop]
             buffer = buffer[stop:]
     if buffer:
         yield buffer
 
 
-_LONE_NEWLINE = re.compile(r"(?<=\S)\n(?=\S)")
+_BEFORE_SPACE = re.compile(r"(?<=\S)[ \t\r\n]")
+"""An ASCII whitespace right after a character that is not whitespace: where _pieces cuts."""

@@ -386,26 +386,29 @@ def test_token_dtype_fits_the_vocabulary():
     assert token_dtype(256) is np.uint16 and token_dtype(65536) is np.uint16 and token_dtype(65537) is np.uint32
 
 
-def test_long_texts_are_tokenized_in_chunks_cut_after_newlines():
+def test_long_texts_are_tokenized_in_chunks_cut_before_whitespace():
     text = "abc\n" * 10 + "x" * 25
     pieces = list(tdm._pieces([text], size=10))
     assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
-    assert pieces[:5] == ["abc\nabc\n"] * 5 and pieces[5:] == ["x" * 10, "x" * 10, "x" * 5]
+    # before the last whitespace after text in each piece's second half; a piece with none is cut at its size
+    assert pieces == ["abc\nabc"] + ["\nabc\nabc"] * 4 + ["\n" + "x" * 9, "x" * 10, "x" * 6]
     for cut in range(len(text) + 1):  # however the file's blocks split the text, the pieces are the same
         assert list(tdm._pieces([text[:cut], "", text[cut:]], size=10)) == pieces, cut
 
 
-def test_pieces_are_cut_at_lone_newlines_so_a_bpe_gives_the_tokens_of_the_whole_text():
-    # code: a newline with the indentation after it (or the spaces before it) is one pre-token of GPT-2's; cut
-    # inside one, the pieces would tokenize otherwise than the whole, and otherwise again with another piece size
-    text = "".join(f"def f{i}(x):  \n    return x + {i}\nz{i} = f{i}(1)\n\n" for i in range(200))
-    tokenizer = HFTokenizer.train_bpe([text], 300)
-    whole = tokenizer.encode(text)
-    for size in (150, 400, 1000):  # each half of a piece holds a lone newline
-        pieces = list(tdm._pieces([text], size=size))
-        assert "".join(pieces) == text and len(pieces) > 1
-        assert all(p[-1] == "\n" and not p[-2].isspace() and not q[0].isspace() for p, q in zip(pieces, pieces[1:]))
-        assert np.concatenate(list(tdm.encode_pieces(tokenizer, pieces))).tolist() == whole, size
+def test_pieces_are_cut_before_whitespace_so_a_bpe_gives_the_tokens_of_the_whole_text():
+    # code: GPT-2's pre-tokenizer joins a newline with the indentation after it (and a run of spaces with the word
+    # after it); cut inside such a run, the pieces would tokenize otherwise than the whole, and otherwise again
+    # with another piece size. A class body has no newline with text on both sides, a CRLF file none at all
+    body = "".join(f"    def f{i}(self, x):  \n        return x + {i}\n\n" for i in range(120))
+    for text in ("class A:\n" + body, ("class A:\n" + body).replace("\n", "\r\n")):
+        tokenizer = HFTokenizer.train_bpe([text], 300)
+        whole = tokenizer.encode(text)
+        for size in (50, 150, 400, 1000):
+            pieces = list(tdm._pieces([text], size=size))
+            assert "".join(pieces) == text and len(pieces) > 1 and max(map(len, pieces)) <= size
+            assert all(not p[-1].isspace() and q[0].isspace() for p, q in zip(pieces, pieces[1:]))
+            assert np.concatenate(list(tdm.encode_pieces(tokenizer, pieces))).tolist() == whole, size
 
 
 def test_a_file_is_read_in_blocks_and_a_bad_byte_is_named_where_it_is(tmp_path, monkeypatch):
@@ -433,11 +436,11 @@ def test_a_corpus_of_many_pieces_is_the_pieces_tokens_in_order(tmp_path, corpus,
     import functools
 
     monkeypatch.setattr(tdm, "read_pieces", functools.partial(tdm.read_pieces, size=100))
-    for cls in (Tokenizer, HFTokenizer):  # 40 pieces (one line each): 13 batches of 3, then 1
+    for cls in (Tokenizer, HFTokenizer):  # 22 pieces of up to 100 characters: 7 batches of 3, then 1
         monkeypatch.setattr(cls, "pieces_at_once", 3)
     dm = ready(tmp_path, corpus, tokenizer=tokenizer, vocab_size=300)
     pieces = list(tdm._pieces([TEXT], size=100))
-    assert len(pieces) == 40 and all(p.endswith("\n") for p in pieces)
+    assert len(pieces) == 22 and all(len(p) <= 100 and p[-1].isalpha() for p in pieces[:-1])
     expected = [i for piece in pieces for i in dm.tokenizer.encode(piece)]
     assert tokens_of(dm).tolist() == expected and dm.tokenizer.decode(expected) == TEXT
 

@@ -916,7 +916,7 @@ class TrainingEngine:
             bad_loss = not all(math.isfinite(loss) for loss in losses)  # numbers, or one-element tensors
             if overflowed is not None:
                 # with a loss scaler, finite losses whose gradients overflowed are the scaler's to skip; a norm
-                # that overflows from finite gradients is not. Read now, past the wait above: no stall
+                # that overflows from finite gradients is not. Read for a step not taken only, as its losses are
                 found = overflowed if isinstance(overflowed, bool) else any(bool(flag) for flag in overflowed)
                 any_bad_loss, any_overflow = D.any_rank([bad_loss, found])
                 if any_overflow and not any_bad_loss:

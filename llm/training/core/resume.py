@@ -461,13 +461,16 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
                 return json.loads(data)
         return data
 
-    changed = []
+    changed, same_corpus = [], False
     with tempfile.TemporaryDirectory() as tmp:
         task.save_artifacts(Path(tmp))
         for f in sorted(Path(tmp).iterdir()):
             if not (f.is_file() and (checkpoint / f.name).is_file()):
                 continue
             now, saved = content(f), content(checkpoint / f.name)
+            if f.name == "corpus.json":  # a language model's: the digest of its corpus, which both hold
+                same_corpus = isinstance(now, dict) and isinstance(saved, dict) and \
+                    "sha256" in saved and now.get("sha256") == saved["sha256"]
             if isinstance(now, dict) and isinstance(saved, dict):  # what an earlier version wrote holds fewer keys
                 differ = {key for key in saved if now.get(key) != saved[key]}
                 if differ:
@@ -477,16 +480,17 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
     if TOKENIZED_OTHERWISE in changed and len(changed) > 1:  # an edited tokenizer file moves the tokens itself
         changed.remove(TOKENIZED_OTHERWISE)
     data = getattr(getattr(task, "config", None), "data", None)
-    if "tokenizer.json" in changed and "corpus.json" not in changed and getattr(data, "tokenizer", "") == "bpe":
+    if "tokenizer.json" in changed and getattr(data, "tokenizer", "") == "bpe" and same_corpus:
         changed[changed.index("tokenizer.json")] = RETRAINED_OTHERWISE  # nothing the user gave was edited
     return changed
 
 
-TOKENIZED_OTHERWISE = ("the corpus's tokens (the corpus is the same, but this version of llm tokenizes it otherwise "
-                       "than the one that started the run, which can finish it)")
+TOKENIZED_OTHERWISE = ("the corpus's tokens (the corpus is the same, but this version of llm or of tokenizers "
+                       "tokenizes it otherwise than the one that started the run, which can finish it)")
 """What changed_artifacts names when a language model's corpus is unchanged but its tokens are not."""
-RETRAINED_OTHERWISE = ("tokenizer.json (the corpus is the same, but the BPE tokenizer this version of llm trains on "
-                       "it comes out otherwise than the one that started the run, which can finish it)")
+RETRAINED_OTHERWISE = ("tokenizer.json (the corpus is the same, but the BPE tokenizer this version of llm or of "
+                       "tokenizers trains on it comes out otherwise than the one that started the run, which can "
+                       "finish it)")
 """What changed_artifacts names when a BPE tokenizer trained again on an unchanged corpus differs."""
 
 

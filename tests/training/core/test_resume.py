@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,28 @@ def test_a_data_file_named_otherwise_is_no_change_and_a_refusal_shows_the_values
     assert config_changes(saved, moved) == ["data.path"]
     with pytest.raises(UsageError, match=r"^cannot resume ckpt: data.path \('corpus.txt' -> 'other.txt'\) changed"):
         check_changes(["data.path"], allowed=False, path=Path("ckpt"), saved=saved, now=moved)
+
+
+def test_a_bpe_tokenizer_that_differs_is_put_down_to_another_version_only_when_both_hold_the_same_corpus(tmp_path):
+    from types import SimpleNamespace
+
+    from llm.training.core.resume import RETRAINED_OTHERWISE, changed_artifacts
+
+    class Task:  # a language model's artifacts, as this run would write them
+        config = SimpleNamespace(data=SimpleNamespace(tokenizer="bpe"))
+
+        def __init__(self, corpus):
+            self.corpus = corpus
+
+        def save_artifacts(self, directory):
+            (directory / "tokenizer.json").write_text('{"merges": ["a b"]}')
+            if self.corpus:
+                (directory / "corpus.json").write_text(json.dumps({"sha256": self.corpus}))
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "tokenizer.json").write_text('{"merges": ["b c"]}')
+    assert changed_artifacts(Task("abc"), checkpoint) == ["tokenizer.json"]  # a checkpoint without corpus.json
+    (checkpoint / "corpus.json").write_text(json.dumps({"sha256": "abc"}))
+    assert changed_artifacts(Task("abc"), checkpoint) == [RETRAINED_OTHERWISE]
+    assert changed_artifacts(Task("abd"), checkpoint) == ["corpus.json", "tokenizer.json"]  # an edited corpus

@@ -179,7 +179,7 @@ def test_a_resume_on_the_same_corpus_tokenized_otherwise_is_refused_naming_the_v
 
     train("pinned", 3)
     with monkeypatch.context() as earlier:  # a version whose checkpoints pin no tokens
-        earlier.setattr(tdm, "_tokens_digest", lambda entry: None)
+        earlier.setattr(tdm, "_recorded", lambda entry: (None, None))
         train("earlier", 3)
     real = tdm._without_bom
     monkeypatch.setattr(tdm, "CACHE_FORMAT", "another")
