@@ -141,7 +141,7 @@ def read_text(path: Path, strict: bool = True) -> str:
 
 
 def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS, setting: str = "data.path") -> Iterator[str]:
-    """A UTF-8 file as pieces of about ``size`` characters cut after a newline, read a block at a time,
+    """A UTF-8 file as pieces of about ``size`` characters, cut where _pieces cuts, read a block at a time,
     so a corpus larger than memory is never held whole. ``strict`` False (for the default corpus) skips
     a file that is not UTF-8 or cannot be read; such files are small, so they are read whole first.
     Otherwise such a file is a UsageError naming ``setting``, the option that gave the path."""
@@ -267,8 +267,10 @@ class TextDataModule(BaseDataModule):
         """Whether the last prepare_data() found the tokenized corpus already cached."""
         self.cache_path: Path | None = None
         self.corpus_digest: str | None = None
-        self.tokens_digest: str | None = None  # of the tokens the corpus gave, for checkpoints to pin
         """SHA-256 of the corpus's files, set with the cache entry: the text the windows are drawn from."""
+        self.tokens_digest: str | None = None
+        """SHA-256 of the tokens the corpus gave, as the cache entry records it (set in setup): for checkpoints to
+        pin, since the same corpus tokenized otherwise moves the windows too."""
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
 

@@ -453,7 +453,9 @@ def _same_file(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
 def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
     """The files the task writes beside the weights (``save_artifacts``: a tokenizer, the model's shape) that
     this run would write otherwise than the checkpoint holds them: a corpus or a tokenizer file edited since,
-    which the config does not show. JSON files are compared as what they hold, not byte for byte."""
+    which the config does not show. JSON files are compared as what they hold, not byte for byte, and a mapping
+    on the keys the checkpoint's holds (an earlier version wrote fewer). A language model's corpus that is the
+    same, tokenized or trained on otherwise, is named as such (TOKENIZED_OTHERWISE, RETRAINED_OTHERWISE)."""
     def content(path: Path) -> Any:
         data = path.read_bytes()
         if path.suffix == ".json":
