@@ -30,7 +30,7 @@ import torch
 
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.tasks.regression_task import RegressionTask
-from tests.helpers import REPO, cli_env, free_port, run, torchrun
+from tests.helpers import REPO, cli_env, free_port, node_agent, run, torchrun
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 QUIET = ["--logging-progress-bar", "false", "--logging-loggers", ""]
@@ -511,8 +511,7 @@ def run_torchrun(cwd: Path, *flags: str, env: dict[str, str] | None = None, pati
 def run_two_nodes(cwd: Path, *flags: str, env: dict[str, str]) -> Outcome:
     """Two torchrun agents with --nnodes=2, one process each, on 127.0.0.1; their output together, as one run's."""
     cwd.mkdir(parents=True)
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-             f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=llm-test", str(TRAIN_PY), *QUIET, *flags]
+    agent = node_agent(TRAIN_PY, *QUIET, *flags)
     start = time.monotonic()
     nodes = [subprocess.Popen(agent, cwd=cwd, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
@@ -614,28 +613,33 @@ def test_more_processes_than_data_stops_every_rank_with_the_same_line(outcomes):
 # ---- a rank that fails or hangs under torchrun -----------------------------------------------------
 
 
+def failed_within(outcome: Outcome, seconds: float) -> subprocess.CompletedProcess:
+    """The run of ``outcome``, which ended with an error, and within ``seconds``: no rank held it for ever."""
+    assert not outcome.hung and outcome.seconds < seconds, outcome.seconds
+    assert outcome.out.returncode != 0
+    return outcome.out
+
+
+def lines_from(out: subprocess.CompletedProcess, start: str) -> list[str]:
+    return [line for line in out.stderr.splitlines() if line.startswith(start)]
+
+
 def test_a_rank_that_raises_ends_the_run_on_every_rank(outcomes):
-    outcome = outcomes["raise"].result()
-    assert not outcome.hung and outcome.seconds < 90, outcome.seconds
-    out = outcome.out
-    assert out.returncode != 0
+    out = failed_within(outcomes["raise"].result(), 90)
     assert "[rank1]: RuntimeError: injected failure at step 3" in out.stderr
     # torchrun's report: rank 1 ended with its own error (exit code 1), and rank 0 ended too
     exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s+exitcode\s*: (-?\d+)", out.stderr))
     assert exits.get("1") == "1" and "0" in exits, out.stderr[-3000:]
     # and rank 0, left waiting, names the rank that failed and its error in one line
-    rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 lost contact")]
+    rank0 = lines_from(out, "error: rank 0 lost contact")
     assert len(rank0) == 1, out.stderr[-3000:]
     assert "rank 1 failed with RuntimeError: injected failure at step 3" in rank0[0]
 
 
 def test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down(outcomes):
-    outcome = outcomes["hang"].result()
-    assert not outcome.hung and outcome.seconds < 120, outcome.seconds
-    out = outcome.out
-    assert out.returncode != 0
+    out = failed_within(outcomes["hang"].result(), 120)
     # rank 0 says, in one line, why it gave up
-    rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 lost contact")]
+    rank0 = lines_from(out, "error: rank 0 lost contact")
     assert len(rank0) == 1 and re.search(r"(?i)timed? ?out", rank0[0]), out.stderr[-3000:]
     assert "rank 1 did not answer (hung, or killed)" in rank0[0]
 
@@ -643,13 +647,10 @@ def test_a_rank_that_hangs_is_timed_out_by_the_others_and_torn_down(outcomes):
 def test_a_rank_that_hangs_outside_any_collective_is_ended_on_every_node(outcomes):
     # rank 0 sleeps in its step: rank 1 times out, and rank 0, whose torchrun agent on its own node sees a
     # worker still running, learns from the store that the run is over and ends, rather than hold its node
-    outcome = outcomes["hang-rank-0-two-nodes"].result()
-    assert not outcome.hung and outcome.seconds < 100, outcome.seconds
-    out = outcome.out
-    assert out.returncode != 0
+    out = failed_within(outcomes["hang-rank-0-two-nodes"].result(), 100)
     assert "error: rank 1 lost contact with the others: rank 0 did not answer (hung, or killed)" in out.stderr
     sleep = next(n for n, line in enumerate(Path(__file__).read_text().splitlines(), 1) if "time.sleep(600)" in line)
-    rank0 = [line for line in out.stderr.splitlines() if line.startswith("error: rank 0 ends:")]
+    rank0 = lines_from(out, "error: rank 0 ends:")
     assert len(rank0) == 1 and re.fullmatch(
         rf"error: rank 0 ends: rank 1 lost contact with the others, and this rank has taken no step for \d+ s "
         rf"\(stuck at {re.escape(str(Path(__file__)))}:{sleep} in train_step\)", rank0[0]), out.stderr[-3000:]
