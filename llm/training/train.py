@@ -162,6 +162,7 @@ def train_worker(rank: int, world_size: int, config: Config) -> dict[str, float]
         if note:
             callbacks.append(Announce(note))
         engine = TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)
+        engine.exit_on_second_signal = True  # a second Ctrl-C ends the process at once, saving nothing
         return engine.train()  # its engine shares the claim's hold on the folder
     finally:
         if claim is not None:
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
             metrics = train_worker(rank, world_size, config)
             if exiting:
                 _exit_on_signals(0)
-        except Exception as e:
+        except (Exception, TrainingInterrupted) as e:
             if not (isinstance(e, RuntimeError) and _lost_a_rank(e)):
                 # before the group goes: the ranks left waiting look for it; a signal's stop is every rank's
                 D.record_failure(rank, e, run_ended=not isinstance(e, TrainingInterrupted))

@@ -91,7 +91,11 @@ class TrainingEngine:
         callbacks: list[Callback] | None = None,
     ):
         """``rank`` and ``world_size`` not given are torchrun's (RANK, WORLD_SIZE), or 0 and 1 when run plainly:
-        a script that builds an engine trains on all the processes torchrun starts."""
+        a script that builds an engine trains on all the processes torchrun starts.
+
+        The engine trains on a copy of ``config`` taken here (``engine.config``): the caller's object is left as
+        it was, and changing it afterwards (the next run of a sweep) does not reach this engine."""
+        config = copy.deepcopy(config)
         if rank is None or world_size is None:
             env_rank, env_world_size, _ = D.env_ranks()
             rank = env_rank if rank is None else rank
@@ -117,6 +121,12 @@ class TrainingEngine:
         self.is_main = rank == 0
         self.run_dir = Path(config.logging.log_dir)
         self.device = D.pick_device(config, self.local_rank)
+        self.exit_on_second_signal = False  # the command line's choice: see _stop_on_signals
+        self._started = False  # train() was called: a second call starts from the state below again
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """The state of a run that has not started; setup() and a resume fill it in."""
         # progress: what a checkpoint must hold to continue exactly
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
@@ -161,6 +171,9 @@ class TrainingEngine:
         With world_size > 1 and no process group yet, the engine joins one from the variables torchrun sets,
         and leaves it when the process exits.
         """
+        if self._started:  # again, on this engine: nothing of the last call carries over but what it saved
+            self._start_afresh()
+        self._started = True
         D.join_process_group(self.config, self.rank, self.world_size, self.local_rank)
         self.setup()
         started, metrics, ok = time.perf_counter(), {}, False
@@ -651,7 +664,7 @@ class TrainingEngine:
         of the epoch and of the log window so far)."""
         callbacks = {key: _checkpointable(copy.deepcopy(cb.state_dict()), f"{type(cb).__name__}.state_dict()")
                      for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
-        rank = {"rng": resume.rng_state(), **self._sums.state_dict()}
+        rank = {"rng": resume.rng_state(self.device), **self._sums.state_dict()}
         # the scheduler's too: a ReduceLROnPlateau counts validations, and the last one of a run may be off schedule
         scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
@@ -717,7 +730,7 @@ class TrainingEngine:
                 cb.load_state_dict(states[key])
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
-            resume.set_rng_state(mine["rng"])
+            resume.set_rng_state(mine["rng"], self.device)
             self._sums.load_state_dict(mine)
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
@@ -1051,11 +1064,13 @@ class TrainingEngine:
         """SIGTERM, SIGINT and SIGHUP (the terminal gone: an SSH connection dropped) finish the current step, save a
         checkpoint and stop (see train.py's exit code).
 
-        A second signal does not wait: the default action ends the process at once (a
-        second Ctrl-C, or a rank stuck where the first one cannot be acted on). Under
-        torchrun one that comes within REPEAT_S of the first is the same request
-        delivered twice: SLURM and systemd signal every process of a job, and torchrun
-        forwards the signal it got to its workers as well.
+        A second signal does not wait. Under the command line (``exit_on_second_signal``)
+        the default action ends the process at once (a second Ctrl-C, or a rank stuck where
+        the first one cannot be acted on). In a notebook or a script the handler there before
+        train() takes it: a second Ctrl-C raises KeyboardInterrupt, and the interpreter
+        lives on. Under torchrun one that comes within REPEAT_S of the first is the same
+        request delivered twice: SLURM and systemd signal every process of a job, and
+        torchrun forwards the signal it got to its workers as well.
 
         Under torchrun, a worker whose agent dies stops the same way, and one stuck after another rank gave the
         run up ends (_watch_agent).
@@ -1064,13 +1079,20 @@ class TrainingEngine:
             if self._signal is None:
                 self._signal, self._signalled_at = signum, time.monotonic()
             elif self._agent is None or time.monotonic() - self._signalled_at > REPEAT_S:
+                before = previous.get(signum)
+                if callable(before) and not self.exit_on_second_signal:
+                    signal.signal(signum, before)
+                    before(signum, frame)  # Python's own for SIGINT raises KeyboardInterrupt here
+                    return
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
 
+        previous: dict[int, Any] = {}  # the handlers before train()'s, put back after it
         try:
-            previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+            for s in STOP_SIGNALS:
+                previous[s] = signal.signal(s, handler)
         except ValueError:  # not the main thread: leave signals alone
-            previous = {}
+            pass
         done = threading.Event()
         watch = threading.Thread(target=self._watch_agent, args=(done,), name="llm-watch-agent", daemon=True)
         if self._agent is not None:
@@ -1172,9 +1194,10 @@ class NonFiniteError(RuntimeError):
 _END = object()
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(KeyboardInterrupt):
     """SIGTERM, SIGINT or SIGHUP stopped training after a step, or the death of the torchrun agent (taken as
-    SIGTERM, ``agent_gone``); a checkpoint was saved."""
+    SIGTERM, ``agent_gone``); a checkpoint was saved. A KeyboardInterrupt, as Ctrl-C is in Python: a sweep's
+    ``except Exception`` does not swallow it."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path, agent_gone: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint

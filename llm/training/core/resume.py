@@ -206,7 +206,9 @@ def mixed_seed(*numbers: int) -> int:
     return hash(numbers) % 2**63
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random streams: Python's, NumPy's, torch's, and on a GPU that of the one it trains on
+    (not every visible GPU's: a resume may see fewer, or give this rank another)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -214,19 +216,28 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or device.type != "cuda":
+        return
+    if isinstance(saved, (list, tuple)):  # an earlier version saved every visible GPU's: this rank's is its own
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(saved):
+            warnings.warn(f"the checkpoint holds the random state of {len(saved)} GPUs, none for cuda:{index}: "
+                          f"its random stream (dropout) starts anew")
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
 
 
 # ---- where a run starts from -------------------------------------------------------------

@@ -75,7 +75,8 @@ def test_a_config_built_in_code_is_checked_and_writes_under_the_task_name(tmp_pa
     config.data.num_samples, config.data.input_dim, config.training.batch_size = 64, 4, 8
     # as the usage guide builds it: before the engine has filled in log_dir's {task}
     engine, _ = train(config, callbacks=[MetricsLogger(), TensorBoardLogger(log_dir=config.logging.log_dir)])
-    assert engine.run_dir == Path("runs/regression") and config.checkpoint.dir == "runs/regression/checkpoints"
+    assert engine.run_dir == Path("runs/regression") and engine.config.checkpoint.dir == "runs/regression/checkpoints"
+    assert (config.logging.log_dir, config.checkpoint.dir) == ("runs/{task}", "")  # filled in the engine's copy
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["regression"]  # no folder named "{task}"
     events = EventAccumulator(str(engine.run_dir))
     events.Reload()
@@ -84,6 +85,75 @@ def test_a_config_built_in_code_is_checked_and_writes_under_the_task_name(tmp_pa
     bad.training.batch_size = 0
     with pytest.raises(UsageError, match=r"training\.batch_size"):
         TrainingEngine(bad, RegressionTask(bad))
+
+
+class ShiftedTargets(SyntheticDataModule):
+    def setup(self, stage=None):
+        super().setup(stage)
+        for name in ("train_set", "val_set"):
+            x, y = getattr(self, name).tensors
+            setattr(self, name, torch.utils.data.TensorDataset(x, y + 100.0))
+
+
+def test_the_engine_trains_on_a_copy_of_the_config_and_leaves_the_callers_as_it_was(tmp_path):
+    # a sweep in code: the next run's config made from the last one's, changed after that engine was built
+    config = Config()
+    config.training.epochs, config.logging.progress_bar, config.logging.log_dir = 1, False, str(tmp_path / "a")
+    config.data.num_samples, config.data.input_dim, config.training.batch_size = 64, 4, 8
+    engine = TrainingEngine(config, RegressionTask(config), data_module=ShiftedTargets(config))
+    assert (config.task, config.data.module) == ("regression", "")  # the classes are recorded in the engine's copy
+    assert engine.config.data.module.endswith(":ShiftedTargets")
+    config.training.epochs, config.logging.log_dir = 3, str(tmp_path / "b")  # after the engine was built
+    engine.train()
+    assert engine.epoch == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert yaml.safe_load((tmp_path / "a/config.yaml").read_text())["logging"]["log_dir"] == str(tmp_path / "a")
+    plain, metrics = train(config)  # the synthetic data the config names, not the shifted data of the run before
+    assert type(plain.data_module) is SyntheticDataModule and metrics["val_loss"] < 100
+
+
+def test_a_second_train_on_one_engine_starts_from_what_the_first_saved(tmp_path):
+    class IntAt(Callback):
+        def on_step_end(self, engine):
+            if engine.step == 5 and not (engine.run_dir / "interrupted").exists():
+                (engine.run_dir / "interrupted").touch()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    reference, expected = train(tiny_config(tmp_path / "ref", training={"max_steps": 9}))
+    engine = TrainingEngine(config := tiny_config(tmp_path, training={"max_steps": 9}), RegressionTask(config),
+                            callbacks=[IntAt()])
+    try:
+        engine.train()
+        pytest.fail("Ctrl-C did not stop the run")
+    except Exception:  # noqa: BLE001 - what a sweep catches: a Ctrl-C's stop is not among it
+        pytest.fail("a stop by Ctrl-C was caught as an Exception")
+    except TrainingInterrupted as e:
+        assert isinstance(e, KeyboardInterrupt) and e.step == 5
+    engine.config.checkpoint.resume = "auto"
+    metrics = engine.train()  # the signal of the first call is not taken again
+    assert engine.step == 9 and metrics["val_loss"] == expected["val_loss"]
+    again = engine.train()  # a finished run started again takes no step: no speed to report
+    assert again["steps"] == 9 and again["samples_per_s"] is None
+
+
+def test_a_second_ctrl_c_in_a_script_raises_keyboard_interrupt_and_keeps_the_checkpoints(tmp_path):
+    class TwiceAt(Callback):
+        def on_step_end(self, engine):
+            if engine.step == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # would end the run after this step, with a save
+                os.kill(os.getpid(), signal.SIGINT)  # does not wait: Python's own Ctrl-C, the process lives on
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        config = tiny_config(tmp_path, checkpoint={"every_n_steps": 3})
+        with pytest.raises(KeyboardInterrupt) as raised:
+            train(config, callbacks=[TwiceAt()])
+        assert not isinstance(raised.value, TrainingInterrupted)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000003"
+    resumed, _ = train(tiny_config(tmp_path, checkpoint={"every_n_steps": 3, "resume": "auto"}))
+    assert resumed.step == 2 * 14
 
 
 def test_hooks_fire_in_the_order_of_the_documented_loop(tmp_path):

@@ -15,6 +15,8 @@ from llm.training.core.resume import (
     config_changes,
     course_changes,
     keep_optimizer_settings,
+    rng_state,
+    set_rng_state,
 )
 
 
@@ -155,3 +157,21 @@ def test_a_bpe_tokenizer_that_differs_is_put_down_to_another_version_only_when_b
     (checkpoint / "corpus.json").write_text(json.dumps({"sha256": "abc"}))
     assert changed_artifacts(Task("abc"), checkpoint) == [RETRAINED_OTHERWISE]
     assert changed_artifacts(Task("abd"), checkpoint) == ["corpus.json", "tokenizer.json"]  # an edited corpus
+
+
+def test_a_gpu_process_keeps_the_random_state_of_its_own_gpu_and_finds_it_in_older_checkpoints(monkeypatch):
+    # each GPU's state a tensor of its index; a process saves and restores only the one it trains on
+    states = {i: torch.tensor([i], dtype=torch.uint8) for i in range(4)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[device.index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state), device.index)))
+    gpu = torch.device("cuda", 2)
+    saved = rng_state(gpu)
+    assert torch.equal(saved["cuda"], states[2]) and "cuda" not in rng_state(torch.device("cpu"))
+    set_rng_state(saved, gpu)
+    set_rng_state({**saved, "cuda": [states[i] for i in range(4)]}, gpu)  # an earlier version's: every GPU's
+    set_rng_state(saved, torch.device("cpu"))  # a GPU run resumed on the CPU: nothing to restore there
+    assert restored == [(2, 2), (2, 2)]
+    with pytest.warns(UserWarning, match="random state of 2 GPUs, none for cuda:2"):  # saved where fewer were seen
+        set_rng_state({**saved, "cuda": [states[0], states[1]]}, gpu)
+    assert len(restored) == 2
