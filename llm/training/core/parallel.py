@@ -68,9 +68,32 @@ def compile_in_place(module: nn.Module) -> None:
 def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device) -> nn.Module:
     """The module the training step calls: DDP over the model when several processes train without FSDP."""
     if world_size > 1 and not is_sharded(config, world_size):
-        return _DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=config.distributed.find_unused_parameters)
+        return _settled(_DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                             find_unused_parameters=config.distributed.find_unused_parameters))
     return model
+
+
+def _settled(ddp: DDP) -> DDP:
+    """``ddp`` with its gradient buckets laid out before the first step, the same way in a run and its resume.
+
+    DDP all-reduces gradients in buckets: laid out at first in the reverse of the parameters' order, then, from
+    its second step on, in the order in which the first backward made them ready. On three or more ranks the
+    rounding of an element's sum depends on where it lies in its bucket (a ring all-reduce adds the ranks'
+    values in an order set by the element's chunk), so a resumed run, whose first step ran on the first
+    layout again, left the bit-for-bit path (two ranks add a + b either way). A backward of zero through every
+    parameter, made as DDP's own forward prepares one, settles the layout on the reverse of the parameters'
+    order, about the order a backward makes them ready in, so communication still overlaps it. It costs one
+    all-reduce of zeros. Not for a model with sparse gradients, which DDP expects sparse.
+    """
+    params = [p for p in ddp.module.parameters() if p.requires_grad]
+    if not params or any(getattr(m, "sparse", False) for m in ddp.module.modules()):
+        return ddp
+    zero = sum((p.reshape(-1)[:1] * 0).sum() for p in params)
+    ddp.reducer.prepare_for_backward([zero])
+    zero.backward()
+    for p in params:
+        p.grad = None
+    return ddp
 
 
 class WrapperHasNoAttribute(UsageError, AttributeError):

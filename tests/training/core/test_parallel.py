@@ -15,7 +15,7 @@ from llm.training.core.checkpoint import CheckpointError, CheckpointManager, mod
 from llm.training.core.config import Config, OptimizerConfig
 from llm.training.core.engine import TrainingEngine
 from llm.training.core.optim import build_optimizer
-from llm.training.core.parallel import _DDP, load_model_and_optimizer, model_and_optimizer_state, prepare
+from llm.training.core.parallel import _DDP, load_model_and_optimizer, model_and_optimizer_state, prepare, wrap
 from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask
 from llm.training.tasks.regression_task import RegressionTask
 from tests.helpers import free_port, lm_config, spawn, tiny_config, weights
@@ -405,3 +405,40 @@ def test_ddp_names_the_parameters_a_loss_leaves_out_and_trains_with_find_unused_
             "whose gradients DDP waits for: pass --distributed-find-unused-parameters true, or freeze them with "
             "requires_grad_(False)")
         assert (tmp_path / f"True_rank{rank}").read_text() == "steps 3"
+
+
+def bucket_layout_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+                            timeout=timedelta(seconds=30))
+    try:
+        shape = GPTConfig(vocab_size=59, block_size=16, n_layer=2, n_head=2, n_embd=32)  # tied embeddings
+        torch.manual_seed(0)
+        start = GPT(shape).state_dict()
+        batches = torch.randint(0, 59, (4, 5, 16), generator=torch.Generator().manual_seed(rank))
+        config = tiny_config(Path(directory))
+
+        def gradients(wrapped, batch):
+            wrapped.zero_grad(set_to_none=True)
+            wrapped(batch)[0].float().square().mean().backward()
+            return {name: p.grad for name, p in wrapped.module.named_parameters()}
+
+        def wrapped():
+            model = GPT(shape)
+            model.load_state_dict(start)
+            return wrap(model, config, 3, torch.device("cpu"))
+
+        trained = wrapped()  # past the steps after which DDP lays its buckets out again
+        for batch in batches[:3]:
+            gradients(trained, batch)
+        then, fresh = gradients(trained, batches[3]), gradients(wrapped(), batches[3])  # fresh: a resume's first
+        differ = [name for name in then if not torch.equal(then[name], fresh[name])]
+        Path(directory, f"rank{rank}").write_text(",".join(differ) or "none")
+        del trained  # before the process group, as the engine lets go of its wrapper
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_sums_a_resumed_runs_first_gradients_as_the_run_that_never_stopped_on_three_ranks(tmp_path):
+    # a resume wraps the model anew; on 3 ranks DDP's sums depend on its bucket layout, which must not change
+    spawn(bucket_layout_worker, str(tmp_path), free_port(), nprocs=3, timeout=120)
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in range(3)] == ["none"] * 3
