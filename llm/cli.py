@@ -4,11 +4,12 @@ and output that outlives its reader."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import signal
 import sys
 import warnings
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from llm.errors import EXIT_USAGE, UsageError, on_one_line, output_gone, print_error
 
@@ -17,9 +18,26 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting, names the flag
+    nearest to one it does not know, and takes no abbreviated flag (``--out`` is not ``--o``)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**{"allow_abbrev": False, **kwargs})
+        self._given: list[str] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
+        flags = [option for action in self._actions for option in action.option_strings]
+        unknown = [given.split("=")[0] for given in self._given
+                   if given.startswith("--") and given.split("=")[0] not in flags]
+        if unknown and message.startswith("the following arguments are required"):
+            message = f"unrecognized arguments: {unknown[0]}"  # --promt hi: the flag misspelled, not one left out
+        if unknown and message.startswith("unrecognized arguments"):  # the names compared without their dashes
+            meant = difflib.get_close_matches(unknown[0][2:], [f[2:] for f in flags if f.startswith("--")], n=1)
+            message += f" (did you mean --{meant[0]}?)" if meant else ""
         raise UsageError(message)
 
 

@@ -95,7 +95,7 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgParser(prog="llm-evaluate", allow_abbrev=False,
+    parser = ArgParser(prog="llm-evaluate",
                        description="Loss and perplexity of a language model trained by --task lm on a text file.")
     add_checkpoint(parser)
     parser.add_argument("--data-path", required=True, metavar="FILE", help="UTF-8 text file to score")

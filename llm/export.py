@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(argv: list[str] | None) -> str:
-    parser = ArgParser(prog="llm-export", description=__doc__.splitlines()[0])
+    parser = ArgParser(prog="llm-export", description="Export a checkpoint's model weights as safetensors, or as a "
+                                                       "Hugging Face GPT-2 (--format hf).")
     parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, or a run directory")
     parser.add_argument("--out", required=True,
                         help="where to write: the .safetensors file, or for --format hf a folder")

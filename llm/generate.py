@@ -26,7 +26,7 @@ _REPLACEMENT = "\ufffd"  # what decoders print for a multi-byte character cut in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgParser(prog="llm-generate", allow_abbrev=False,
+    parser = ArgParser(prog="llm-generate",
                        description="Continue a prompt with a language model trained by --task lm.")
     add_checkpoint(parser)
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (not empty)")

@@ -36,6 +36,29 @@ def test_an_unknown_flag_exits_2_with_one_line_on_stderr(tool, capsys):
     assert out.out == "" and out.err == "error: unrecognized arguments: --bogus\n"
 
 
+MISSPELLED = {  # each tool's flag misspelled, the one it meant named
+    "generate": (["--checkpoint", "x", "--promt", "y"], "--promt (did you mean --prompt?)"),  # a required one
+    "evaluate": (["--checkpoint", "x", "--data-path", "y", "--batchsize", "4"], "--batchsize 4 (did you mean --batch-size?)"),
+    "export": (["x", "--out", "y", "--fromat", "hf"], "--fromat hf (did you mean --format?)"),
+    "plot": (["run", "--outt", "y.png"], "--outt y.png (did you mean --out?)"),
+    "train": (["--training-max-step", "3"], "--training-max-step 3 (did you mean --training-max-steps?)"),
+}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_misspelled_flag_is_named_with_the_one_meant(tool, capsys):
+    argv, named = MISSPELLED[tool]
+    assert TOOLS[tool][0](argv) == 2
+    assert capsys.readouterr().err == f"error: unrecognized arguments: {named}\n"
+
+
+def test_no_tool_takes_an_abbreviated_flag():
+    with pytest.raises(UsageError, match=r"^unrecognized arguments: --ou x \(did you mean --out\?\)$"):
+        parser = ArgParser(prog="tool")
+        parser.add_argument("--out")
+        parser.parse_args(["--ou", "x"])
+
+
 def test_one_line_warnings_drops_file_line_and_category():
     one_line_warnings()
     assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12, "warnings.warn(...)") == "warning: skipping x\n"

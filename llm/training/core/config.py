@@ -214,6 +214,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+    def __eq__(self, other: object) -> bool:
+        """The same settings as given: a path that validate() filled in counts as what it was filled in from,
+        so that a Config built in code equals itself saved and loaded back (which fills its paths in)."""
+        return self.to_dict() == other.to_dict() if isinstance(other, Config) else NotImplemented
+
     # ---- loading and saving -------------------------------------------------
 
     @classmethod
@@ -487,7 +492,7 @@ def reference() -> str:
         "Generated from the field docstrings in `llm/training/core/config.py` by",
         "`python -m llm.training.core.config > docs/config.md`; a test keeps it current.",
         "Precedence, lowest first: defaults < YAML (`--config FILE`; given more than once, each file over the ones "
-        "before it) < environment < flags.",
+        "before it) < environment < flags. `--print-config` prints every setting as YAML, for `--config`, and exits.",
         "",
     ]
     defaults = Config()
@@ -496,7 +501,9 @@ def reference() -> str:
     for section, cls, fields, values in entries:
         lines += [f"## {section or 'top level'}", "", "| flag | environment | default | |", "|---|---|---|---|"]
         for f in fields:
+            key = f"{section}.{f.name}" if section else f.name
             flag = f"--{section}-{f.name}".replace("_", "-") if section else f"--{f.name}"
+            flag = "`, `".join(dict.fromkeys([flag, *ALIASES.get(key, [])]))  # --task is its own alias
             env = f"{ENV_PREFIX}{section}_{f.name}".upper() if section else f"{ENV_PREFIX}{f.name}".upper()
             kind = describe(_hints(cls)[f.name])
             default = getattr(values, f.name)
@@ -512,7 +519,7 @@ ALIASES = {"training.epochs": ["--epochs"], "task": ["--task"]}
 
 
 class _Parser(ArgParser):
-    """ArgParser whose unknown-flag error names the nearest flag: there are dozens, one per config field."""
+    """ArgParser for the config's flags, which are all --<section>-<field> VALUE: none positional."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -520,13 +527,9 @@ class _Parser(ArgParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
 
     def error(self, message: str) -> NoReturn:
-        if "unrecognized arguments:" in message:
-            bad = message.split(":", 1)[1].split()
-            flag = next((b for b in bad if b.startswith("--")), "")
-            if flag:
-                message += closest(flag.split("=")[0], [o for a in self._actions for o in a.option_strings])
-            else:
-                message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
+        if message.startswith("unrecognized arguments:") and not any(
+                given.startswith("--") for given in message.split(":", 1)[1].split()):
+            message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
         super().error(message)
 
 
@@ -535,7 +538,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="llm-train",
         description="Train a model. Every config field is a flag; values from --config and LLM_* env vars come first.",
-        allow_abbrev=False,
     )
     parser.add_argument("--config", dest="config_paths", metavar="FILE", action="append", default=argparse.SUPPRESS,
                         help="YAML file of overrides; given more than once, each file overrides the ones before it, "

@@ -530,6 +530,9 @@ def change(key: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
     if key == "data.num_workers" and (before == 0) != (after == 0):  # with workers each batch has a seed of its own
         note = ("; what a data set draws at random in __getitem__ now comes from another stream, so the run goes "
                 "on, but not bit for bit as it would have")
+    if key in ("task", "data.module") and isinstance(before, str) and before.startswith("__main__:"):
+        note = ("; a class of the script that trained, run as __main__, which no other process can name: if this "
+                "is the same class, resume anyway as said below, and import it into that script from now on")
     return f"{key} ({before!r} -> {after!r}{note})"
 
 

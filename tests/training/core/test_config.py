@@ -66,6 +66,11 @@ def test_yaml_roundtrip_gives_an_equal_config(tmp_path):
     config = Config.from_args_and_env(["--optimizer-lr", "3e-4", "--model-pos-emb", "learned"], environ={})
     config.save_to_yaml(tmp_path / "config.yaml")
     assert Config.from_yaml(tmp_path / "config.yaml") == config
+    in_code = Config()  # not validated: its paths not filled in yet, as loading fills them
+    in_code.training.epochs = 3
+    in_code.save_to_yaml(tmp_path / "in_code.yaml")
+    assert Config.from_yaml(tmp_path / "in_code.yaml") == in_code == Config.from_dict(in_code.to_dict())
+    assert Config.from_yaml(tmp_path / "in_code.yaml") != Config()
 
 
 def test_a_saved_config_given_another_log_dir_or_task_puts_the_run_and_its_checkpoints_there(tmp_path):

@@ -134,6 +134,15 @@ def test_a_data_file_named_otherwise_is_no_change_and_a_refusal_shows_the_values
         check_changes(["data.path"], allowed=False, path=Path("ckpt"), saved=saved, now=moved)
 
 
+def test_a_run_of_a_script_resumed_from_the_command_line_is_told_why_its_classes_count_as_changed():
+    saved, now = {"task": "__main__:SineTask"}, {"task": "sine:SineTask"}
+    assert change("task", saved, now) == (
+        "task ('__main__:SineTask' -> 'sine:SineTask'; a class of the script that trained, run as __main__, which no "
+        "other process can name: if this is the same class, resume anyway as said below, and import it into that "
+        "script from now on)")
+    assert change("task", {"task": "lm"}, now) == "task ('lm' -> 'sine:SineTask')"
+
+
 def test_a_bpe_tokenizer_that_differs_is_put_down_to_another_version_only_when_both_hold_the_same_corpus(tmp_path):
     from types import SimpleNamespace
 
