@@ -30,15 +30,34 @@ class ArgParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        flags = [option for action in self._actions for option in action.option_strings]
-        unknown = [given.split("=")[0] for given in self._given
-                   if given.startswith("--") and given.split("=")[0] not in flags]
+        unknown = self._unknown_flags()
         if unknown and message.startswith("the following arguments are required"):
             message = f"unrecognized arguments: {unknown[0]}"  # --promt hi: the flag misspelled, not one left out
-        if unknown and message.startswith("unrecognized arguments"):  # the names compared without their dashes
-            meant = difflib.get_close_matches(unknown[0][2:], [f[2:] for f in flags if f.startswith("--")], n=1)
-            message += f" (did you mean --{meant[0]}?)" if meant else ""
+        if unknown and message.startswith("unrecognized arguments"):
+            message += self._meant(unknown[0][2:])
         raise UsageError(message)
+
+    def _unknown_flags(self) -> list[str]:
+        """The flags given that the parser does not know, past the values of those it knows, up to a ``--``."""
+        unknown, given = [], iter(self._given)
+        for word in given:
+            name = word.split("=")[0]
+            if word == "--":
+                break
+            action = self._option_string_actions.get(name)
+            if action is not None and action.nargs != 0 and "=" not in word:
+                next(given, None)  # its value, which may start with -- itself ("--prompt '--a story'")
+            elif action is None and word.startswith("--") and " " not in word:
+                unknown.append(name)
+        return unknown
+
+    def _meant(self, name: str) -> str:
+        """' (did you mean --X?)': the flag that is ``name`` after a section's (--lr: --optimizer-lr), else the
+        closest."""
+        names = [option[2:] for option in self._option_string_actions if option.startswith("--")]
+        sectioned = [n for n in names if n.partition("-")[2] == name]
+        meant = sectioned if len(sectioned) == 1 else difflib.get_close_matches(name, names, n=1)
+        return f" (did you mean --{meant[0]}?)" if meant else ""
 
 
 def add_checkpoint(parser: argparse.ArgumentParser) -> None:

@@ -45,6 +45,31 @@ MISSPELLED = {  # each tool's flag misspelled, the one it meant named
 }
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["--lr", "0.1"], "unrecognized arguments: --lr 0.1 (did you mean --optimizer-lr?)"),  # a setting's own name
+    (["--batch-size", "4"], "unrecognized arguments: --batch-size 4 (did you mean --training-batch-size?)"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+])
+def test_a_settings_name_without_its_section_is_named_with_it(argv, error, capsys):
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--", "x"], "the following arguments are required: --out"),  # no flag after --
+    (["--format", "--hf"], "argument --format: expected one argument"),
+])
+def test_a_value_or_separator_that_starts_with_dashes_is_no_misspelled_flag(argv, error):
+    parser = ArgParser(prog="tool")
+    parser.add_argument("file", nargs="?")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--format")
+    with pytest.raises(UsageError, match=f"^{error}$"):
+        parser.parse_args(argv)
+    with pytest.raises(UsageError, match="^the following arguments are required: --out$"):
+        parser.parse_args(["--format", "--a b"])  # a value that argparse takes, though it starts with --
+
+
 @pytest.mark.parametrize("tool", TOOLS)
 def test_a_misspelled_flag_is_named_with_the_one_meant(tool, capsys):
     argv, named = MISSPELLED[tool]

@@ -93,9 +93,10 @@ class TrainingEngine:
         """``rank`` and ``world_size`` not given are torchrun's (RANK, WORLD_SIZE), or 0 and 1 when run plainly:
         a script that builds an engine trains on all the processes torchrun starts.
 
-        The engine trains on a copy of ``config`` taken here (``engine.config``): the caller's object is left as
-        it was, and changing it afterwards (the next run of a sweep) does not reach this engine."""
-        config = copy.deepcopy(config)
+        The engine trains on a copy of ``config`` taken here (``engine.config``), which the task and data module
+        that held the caller's object read too: that object is left as it was, and changing it afterwards (the
+        next run of a sweep) does not reach this engine."""
+        given, config = config, copy.deepcopy(config)
         if rank is None or world_size is None:
             env_rank, env_world_size, _ = D.env_ranks()
             rank = env_rank if rank is None else rank
@@ -107,6 +108,9 @@ class TrainingEngine:
         if data_module is None:
             data_module = resolve_data_module(data_module_of(config, task))(config)
         self.data_module = data_module
+        for holder in (task, data_module):  # what builds the model and the data reads what config.yaml records
+            if getattr(holder, "config", None) is given:
+                holder.config = config
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
         named_task, config.task = config.task, task_name(type(task), config.task)
         if config.task != named_task:  # Config() left at its default task: {task} in log_dir is this task's
@@ -422,6 +426,8 @@ class TrainingEngine:
 
     def _set_up(self) -> None:
         cfg = self.config
+        # again: it sets this run's GPU and float32 matmul precision, which another engine built since may have set
+        self.device = D.pick_device(cfg, self.local_rank)
         D.check_same_settings(cfg)  # before anything the settings steer: the checkpoint to resume, the data
         with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
             start = resume.find_start(cfg, self.run_dir)
@@ -1194,10 +1200,11 @@ class NonFiniteError(RuntimeError):
 _END = object()
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(BaseException):
     """SIGTERM, SIGINT or SIGHUP stopped training after a step, or the death of the torchrun agent (taken as
-    SIGTERM, ``agent_gone``); a checkpoint was saved. A KeyboardInterrupt, as Ctrl-C is in Python: a sweep's
-    ``except Exception`` does not swallow it."""
+    SIGTERM, ``agent_gone``); a checkpoint was saved. Not an Exception, as KeyboardInterrupt is not: a sweep's
+    ``except Exception`` does not swallow it. Nor a KeyboardInterrupt, which torch.multiprocessing's spawn
+    drops in its workers: a stopped run would look finished there."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path, agent_gone: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -100,12 +100,16 @@ def test_the_engine_trains_on_a_copy_of_the_config_and_leaves_the_callers_as_it_
     config = Config()
     config.training.epochs, config.logging.progress_bar, config.logging.log_dir = 1, False, str(tmp_path / "a")
     config.data.num_samples, config.data.input_dim, config.training.batch_size = 64, 4, 8
+    config.model.n_embd = 8
     engine = TrainingEngine(config, RegressionTask(config), data_module=ShiftedTargets(config))
     assert (config.task, config.data.module) == ("regression", "")  # the classes are recorded in the engine's copy
     assert engine.config.data.module.endswith(":ShiftedTargets")
-    config.training.epochs, config.logging.log_dir = 3, str(tmp_path / "b")  # after the engine was built
+    # after the engine was built: neither the engine nor the task and data module it holds see these
+    config.training.epochs, config.logging.log_dir, config.model.n_embd = 3, str(tmp_path / "b"), 64
+    config.data.num_samples = 32
     engine.train()
     assert engine.epoch == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert engine.raw_model[0].out_features == 8 and engine.samples_seen == 56  # 90% of 64, in batches of 8
     assert yaml.safe_load((tmp_path / "a/config.yaml").read_text())["logging"]["log_dir"] == str(tmp_path / "a")
     plain, metrics = train(config)  # the synthetic data the config names, not the shifted data of the run before
     assert type(plain.data_module) is SyntheticDataModule and metrics["val_loss"] < 100
@@ -126,13 +130,31 @@ def test_a_second_train_on_one_engine_starts_from_what_the_first_saved(tmp_path)
         pytest.fail("Ctrl-C did not stop the run")
     except Exception:  # noqa: BLE001 - what a sweep catches: a Ctrl-C's stop is not among it
         pytest.fail("a stop by Ctrl-C was caught as an Exception")
-    except TrainingInterrupted as e:
-        assert isinstance(e, KeyboardInterrupt) and e.step == 5
+    except TrainingInterrupted as e:  # not a KeyboardInterrupt either, which torch's spawn drops in its workers
+        assert not isinstance(e, KeyboardInterrupt) and e.step == 5
     engine.config.checkpoint.resume = "auto"
     metrics = engine.train()  # the signal of the first call is not taken again
     assert engine.step == 9 and metrics["val_loss"] == expected["val_loss"]
     again = engine.train()  # a finished run started again takes no step: no speed to report
     assert again["steps"] == 9 and again["samples_per_s"] is None
+
+
+class TermAt3(Callback):
+    def on_step_end(self, engine):
+        if engine.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stopped_worker(rank: int, directory: str) -> None:
+    config = tiny_config(Path(directory))
+    TrainingEngine(config, RegressionTask(config), rank, 1, callbacks=[TermAt3()]).train()
+
+
+def test_a_stop_by_signal_in_a_worker_of_torchs_spawn_reaches_the_parent_as_a_failure(tmp_path):
+    # torch.multiprocessing's spawn drops a KeyboardInterrupt in a worker: a stopped run must not look finished
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="terminated with exit code 1"):
+        torch.multiprocessing.spawn(stopped_worker, args=(str(tmp_path),), nprocs=1)
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000003"
 
 
 def test_a_second_ctrl_c_in_a_script_raises_keyboard_interrupt_and_keeps_the_checkpoints(tmp_path):
