@@ -75,6 +75,10 @@ class Faults(Callback):
             name = os.environ["ALL_SIGNAL"]
             subprocess.run(["kill", f"-{name}", str(os.getpid()),
                             *(str(worker.pid) for worker in multiprocessing.active_children())], check=True)
+            for _ in range(1000):  # taken by this step, however busy the machine: the thread it reached may wait
+                if engine._signal is not None:
+                    break
+                time.sleep(0.01)
         if _fire_once(engine, "TERM_ALL_AT_STEP", engine.step):
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)

@@ -61,6 +61,15 @@ def assert_logged_the_same(reference: Path, run_dir: Path, extra: set = frozense
     assert {tag: [e for e in events if ("train", e[0]) not in extra] for tag, events in got_tb.items()} == want_tb
 
 
+def assert_resumed_at(out: subprocess.CompletedProcess, step: int | None) -> None:
+    """The run continued from the checkpoint of ``step`` (None: it started over). A deterministic run started over
+    would end on the reference's weights too."""
+    if step is None:
+        assert "resumed from" not in out.stdout, out.stdout[-2000:]
+    else:
+        assert f"step_{step:08d} at step {step} " in out.stdout, out.stdout[-2000:]
+
+
 def single(run_dir: Path, cwd: Path, env: dict | None = None):
     return run([sys.executable, str(WORKER), *FLAGS, "--logging-log-dir", str(run_dir)], cwd=cwd, env=env)
 
@@ -73,23 +82,22 @@ def reference(tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("fault", [
-    {"KILL_AT_STEP": "3"},    # before the first checkpoint: resume starts over
-    {"KILL_AT_STEP": "19"},   # mid-epoch, three steps after a checkpoint
-    {"KILL_AT_STEP": "28"},   # at the epoch boundary, before its validation
-    {"KILL_IN_SAVE": "12"},   # during a checkpoint write: the half-written one must not be trusted
+@pytest.mark.parametrize("fault, resumed_at", [
+    ({"KILL_AT_STEP": "3"}, None),  # before the first checkpoint: resume starts over
+    ({"KILL_AT_STEP": "19"}, 16),   # mid-epoch, three steps after a checkpoint
+    ({"KILL_AT_STEP": "28"}, 24),   # at the epoch boundary, before its validation and save
+    ({"KILL_IN_SAVE": "12"}, 8),    # during a checkpoint write: the half-written one must not be trusted
 ])
-def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, reference, fault):
+def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, reference, fault, resumed_at):
     killed = single(tmp_path / "run", tmp_path, env=fault)
     assert killed.returncode == -signal.SIGKILL
     resumed = single(tmp_path / "run", tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_at(resumed, resumed_at)
     assert_same(weights(reference), weights(tmp_path / "run"))
     assert_logged_the_same(reference, tmp_path / "run")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == STEPS
-    if "KILL_IN_SAVE" in fault:
-        assert "resumed from" in resumed.stdout and "step_00000008" in resumed.stdout
 
 
 @pytest.mark.parametrize("name", ["TERM", "INT"])
@@ -119,6 +127,7 @@ def test_a_sigterm_that_reaches_the_loader_workers_too_still_saves_and_resumes_e
     resumed = run([sys.executable, str(WORKER), *FLAGS, *workers, "--logging-log-dir", str(tmp_path / "run")],
                   cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_at(resumed, 10)
     assert_same(weights(reference), weights(tmp_path / "run"))  # the data draws nothing at random: 0 workers' too
 
 
@@ -208,6 +217,7 @@ def test_a_second_sigterm_ends_the_process_at_once_and_leaves_checkpoints_valid(
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000008"
     resumed = single(tmp_path / "run", tmp_path)
     assert resumed.returncode == 0
+    assert_resumed_at(resumed, 8)
     assert_same(weights(reference), weights(tmp_path / "run"))
 
 
@@ -259,6 +269,7 @@ def test_two_processes_sigkill_of_one_rank_then_resume_matches(tmp_path, referen
     assert (tmp_path / "run" / f".fired-{next(iter(fault))}").exists()
     resumed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_at(resumed, 4)  # the last save before step 7, or the one before the save that was cut short
     for rank in (0, 1):
         assert_same(reference_2proc[rank], weights(tmp_path / "run", rank))
     assert_logged_the_same(reference_2proc_dir, tmp_path / "run")
@@ -304,6 +315,7 @@ def test_workers_stop_save_and_resume_exactly_whatever_becomes_of_their_torchrun
     assert not (tmp_path / "run/.llm.lock").exists()
     resumed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_at(resumed, step)
     for rank in (0, 1):
         assert_same(reference_2proc[rank], weights(tmp_path / "run", rank))
     assert_logged_the_same(reference_2proc_dir, tmp_path / "run", extra=set() if step % 4 == 0 else {("train", step)})

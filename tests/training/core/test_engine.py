@@ -354,6 +354,16 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
+class StartedAt(Callback):
+    """The step a run starts from: that of the checkpoint it resumed from, 0 for one that started over (which a
+    deterministic run would end on the same weights as a resume)."""
+
+    step = None
+
+    def on_train_start(self, engine):
+        self.step = engine.step
+
+
 class LogsOnOddSteps(Callback):
     """engine.log on steps that log no record: the value waits for the next one, across a save."""
 
@@ -375,8 +385,9 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path
         train(crashed, callbacks=[CrashAt(crash_step), *default_callbacks(crashed), LogsOnOddSteps()])
     resumed_config = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 5, "resume": "auto"},
                                  **{k: v for k, v in settings.items() if k != "checkpoint"})
-    resumed, _ = train(resumed_config, callbacks=[*default_callbacks(resumed_config), LogsOnOddSteps()])
-    assert resumed.step == reference.step
+    started = StartedAt()
+    resumed, _ = train(resumed_config, callbacks=[*default_callbacks(resumed_config), LogsOnOddSteps(), started])
+    assert started.step == (crash_step - 1) // 5 * 5 and resumed.step == reference.step  # the last save's step
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
 
@@ -434,8 +445,9 @@ def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_t
         def on_epoch_end(self, engine, metrics):
             lengths.append(len(engine.train_loader))
 
-    resumed = run("crashed", workers=1, resume="auto", callbacks=[Lengths()])
-    assert resumed.step == reference.step == 20
+    started = StartedAt()
+    resumed = run("crashed", workers=1, resume="auto", callbacks=[Lengths(), started])
+    assert started.step == 5 and resumed.step == reference.step == 20
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
     assert validations("crashed") == validations("ref") and len(validations("ref")) == 6  # steps 4, 8, ..., 20
@@ -458,9 +470,10 @@ def test_a_loader_batching_otherwise_than_the_config_resumes_mid_epoch_exactly(t
     crashed = tiny_config(tmp_path / "crash", **settings, data={"module": "tests.training.core.test_engine:HalfBatches"})
     with pytest.raises(CallbackError, match="simulated crash"):
         train(crashed, callbacks=[CrashAt(7)])
+    started = StartedAt()
     resumed, _ = train(tiny_config(tmp_path / "crash", **{**settings, "checkpoint": {"resume": "auto"}},
-                                   data={"module": "tests.training.core.test_engine:HalfBatches"}))
-    assert resumed.step == reference.step == 20
+                                   data={"module": "tests.training.core.test_engine:HalfBatches"}), callbacks=[started])
+    assert started.step == 5 and resumed.step == reference.step == 20
     assert reference.samples_seen == 20 * 8  # the samples its batches held, which throughput figures count
     for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_ref, w), name
@@ -526,9 +539,10 @@ class ListedValidation(SyntheticDataModule):
 
 
 def test_a_validation_loader_that_is_no_dataloader_validates(tmp_path):
-    config = tiny_config(tmp_path, training={"max_steps": 2})
+    config = tiny_config(tmp_path / "listed", training={"max_steps": 2})
     metrics = TrainingEngine(config, RegressionTask(config), data_module=ListedValidation(config)).train()
-    assert math.isfinite(metrics["val_loss"])
+    _, loaded = train(tiny_config(tmp_path / "loaded", training={"max_steps": 2}))  # the same batches, loaded
+    assert metrics["val_loss"] == loaded["val_loss"]
 
 
 def test_the_seeds_of_loader_workers_batches_are_the_same_in_every_process(tmp_path):
@@ -570,8 +584,10 @@ def test_a_run_killed_without_warning_resumes_from_its_last_save_by_the_clock(tm
     with pytest.raises(CallbackError, match="simulated crash"):
         train_a_minute_per_step(tiny_config(tmp_path / "crash", **settings), monkeypatch, callbacks=[CrashAt(18)])
     assert saved_steps(tmp_path / "crash/run") == [8, 12, 16]  # the last three (keep_last): 4 was pruned
-    resumed, _ = train(tiny_config(tmp_path / "crash", training={"epochs": 3}, checkpoint={"resume": "auto"}))
-    assert resumed.step == reference.step
+    started = StartedAt()
+    resumed, _ = train(tiny_config(tmp_path / "crash", training={"epochs": 3}, checkpoint={"resume": "auto"}),
+                       callbacks=[started])
+    assert started.step == 16 and resumed.step == reference.step
     assert all(torch.equal(a, b) for a, b in zip(weights(reference.raw_model).values(), weights(resumed.raw_model).values()))
 
 
@@ -857,11 +873,22 @@ def test_fresh_run_refuses_to_overwrite_an_earlier_run(tmp_path):
     assert (tmp_path / "run" / "summary.json").read_text() == before
 
 
+class CountsValidationBatches(RegressionTask):
+    batches = 0
+
+    def validation_step(self, batch, model, criterion):
+        self.batches += 1
+        return super().validation_step(batch, model, criterion)
+
+
 def test_max_steps_and_eval_batches(tmp_path):
-    recorder = Recorder()
-    engine, metrics = train(tiny_config(tmp_path, training={"max_steps": 5, "eval_batches": 1}), callbacks=[recorder])
+    recorder = Recorder()  # 64 validation samples: 4 batches of 16, of which eval_batches 1 scores one
+    config = tiny_config(tmp_path, training={"max_steps": 5, "eval_batches": 1}, data={"num_samples": 640})
+    engine = TrainingEngine(config, task := CountsValidationBatches(config), 0, 1, callbacks=[recorder])
+    metrics = engine.train()
     assert engine.step == 5 and metrics["stop_reason"] == "reached max_steps=5"
     assert recorder.names().count("on_validation_end") == 1  # no full epoch: only the final validation
+    assert task.batches == 1 + 1  # set-up's check of the task on the first batch, then the validation's one
 
 
 def test_an_evaluation_that_ends_an_epoch_is_not_run_twice(tmp_path):
@@ -950,13 +977,23 @@ def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(
         def on_log(self, engine, record):
             records.append(record)
 
+    class KeepsLosses(NaNRegressionTask):
+        losses = []
+
+        def train_step(self, batch, model, criterion):
+            loss, metrics = super().train_step(batch, model, criterion)
+            self.losses.append(loss.item())
+            return loss, metrics
+
     engine, metrics = train(tiny_config(tmp_path, training={"nan_policy": "skip"}, logging={"log_every_steps": 5}),
-                            task_cls=NaNRegressionTask, callbacks=[Records()])
+                            task_cls=KeepsLosses, callbacks=[Records()])
     assert metrics["skipped_steps"] == 1 and engine.step == 2 * (230 // 16)
     assert all(torch.isfinite(w).all() for w in weights(engine.raw_model).values())
-    # the window and the epoch that held the skipped step average the steps taken
+    # the window and the epoch that held the skipped step average the steps taken: 1, 2, 3 and 5
     [window] = [r for r in records if r["split"] == "train" and r["step"] == 5]
-    assert math.isfinite(window["loss"]) and math.isfinite(window["grad_norm"]) and window["skipped_steps"] == 1
+    first = KeepsLosses.losses[:5]
+    assert math.isnan(first[3]) and window["loss"] == pytest.approx(sum(first[:3] + first[4:]) / 4, rel=1e-12)
+    assert math.isfinite(window["grad_norm"]) and window["skipped_steps"] == 1
     epochs = [r["train_loss"] for r in records if r["split"] == "epoch"]
     assert len(epochs) == 2 and all(map(math.isfinite, epochs)) and math.isfinite(metrics["train_loss"])
     # a window of the skipped step alone has no loss to average: NaN, not a number made up

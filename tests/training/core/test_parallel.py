@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core import sharded
+from llm.training.core.callbacks import Callback
 from llm.training.core.checkpoint import CheckpointError, CheckpointManager, model_weights
 from llm.training.core.config import Config, OptimizerConfig
 from llm.training.core.engine import TrainingEngine
@@ -21,8 +22,8 @@ from llm.training.tasks.regression_task import RegressionTask
 from tests.helpers import free_port, lm_config, spawn, tiny_config, weights
 
 
-def train_lm(config):
-    engine = TrainingEngine(config, LMTask(config), 0, 1)
+def train_lm(config, callbacks=None):
+    engine = TrainingEngine(config, LMTask(config), 0, 1, callbacks=callbacks)
     return engine, engine.train()
 
 
@@ -32,11 +33,26 @@ def assert_close(a, b, **tol):
         torch.testing.assert_close(a[name], b[name], msg=name, **tol)
 
 
-def test_activation_checkpointing_gives_the_same_training_and_state_keys(tmp_path):
-    plain, _ = train_lm(lm_config(tmp_path / "a", model={"dropout": 0.1}))
-    checkpointed, _ = train_lm(lm_config(tmp_path / "b", model={"dropout": 0.1},
-                                         training={"activation_checkpointing": True}))
-    assert_close(weights(plain.raw_model), weights(checkpointed.raw_model), rtol=1e-5, atol=1e-6)
+class AttentionCalls(Callback):
+    """Counts the forwards of each block's attention in training mode: a checkpointed block runs its forward
+    again in the backward, to recompute what it did not keep."""
+
+    calls = 0
+
+    def on_train_start(self, engine):
+        def count(module, args, output):
+            self.calls += module.training
+        for block in engine.raw_model.blocks:
+            block.attn.register_forward_hook(count)
+
+
+def test_activation_checkpointing_recomputes_each_block_and_trains_the_same(tmp_path):
+    plain, checkpointed = AttentionCalls(), AttentionCalls()
+    engine, _ = train_lm(lm_config(tmp_path / "a", model={"dropout": 0.1}), [plain])
+    again, _ = train_lm(lm_config(tmp_path / "b", model={"dropout": 0.1},
+                                  training={"activation_checkpointing": True}), [checkpointed])
+    assert (plain.calls, checkpointed.calls) == (6 * 2, 2 * 6 * 2)  # 6 steps, 2 blocks
+    assert_close(weights(engine.raw_model), weights(again.raw_model), rtol=1e-5, atol=1e-6)
 
 
 def test_activation_checkpointing_needs_blocks(tmp_path):
