@@ -19,6 +19,7 @@ import shlex
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
             if exiting:
                 _exit_on_signals(0)
         except (Exception, TrainingInterrupted) as e:
+            # the frames of the error let go of what they held (the DDP wrapper a task's step was given), which
+            # goes before the group: freed after it, a reducer can deadlock gloo's teardown
+            traceback.clear_frames(e.__traceback__)
             if not (isinstance(e, RuntimeError) and _lost_a_rank(e)):
                 # before the group goes: the ranks left waiting look for it; a signal's stop is every rank's
                 D.record_failure(rank, e, run_ended=not isinstance(e, TrainingInterrupted))

@@ -449,7 +449,9 @@ def bucket_layout_worker(rank: int, directory: str, port: int) -> None:
         then, fresh = gradients(trained, batches[3]), gradients(wrapped(), batches[3])  # fresh: a resume's first
         differ = [name for name in then if not torch.equal(then[name], fresh[name])]
         Path(directory, f"rank{rank}").write_text(",".join(differ) or "none")
-        del trained  # before the process group, as the engine lets go of its wrapper
+        # before the process group goes, as the engine lets go of its wrapper: freed after it, a reducer can
+        # deadlock gloo's teardown (a worker thread freeing its last work waits for the GIL the destructor holds)
+        del trained
     finally:
         dist.destroy_process_group()
 
