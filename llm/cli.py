@@ -39,15 +39,16 @@ class ArgParser(argparse.ArgumentParser):
 
     def _unknown_flags(self) -> list[str]:
         """The flags given that the parser does not know, past the values of those it knows, up to a ``--``."""
-        unknown, given = [], iter(self._given)
-        for word in given:
+        unknown, words = [], self._given
+        for i, word in enumerate(words):
             name = word.split("=")[0]
             if word == "--":
                 break
-            action = self._option_string_actions.get(name)
-            if action is not None and action.nargs != 0 and "=" not in word:
-                next(given, None)  # its value, which may start with -- itself ("--prompt '--a story'")
-            elif action is None and word.startswith("--") and " " not in word:
+            before = self._option_string_actions.get(words[i - 1].split("=")[0]) if i else None
+            if before is not None and before.nargs != 0 and "=" not in words[i - 1] and \
+                    self._parse_optional(word) is None:
+                continue  # the value of the flag before, which may start with -- ("--prompt '--a story'")
+            if word.startswith("--") and name not in self._option_string_actions and " " not in word:
                 unknown.append(name)
         return unknown
 

@@ -68,6 +68,9 @@ def test_a_value_or_separator_that_starts_with_dashes_is_no_misspelled_flag(argv
         parser.parse_args(argv)
     with pytest.raises(UsageError, match="^the following arguments are required: --out$"):
         parser.parse_args(["--format", "--a b"])  # a value that argparse takes, though it starts with --
+    parser.add_argument("--sample", nargs="?")  # takes no value that looks like a flag
+    with pytest.raises(UsageError, match=r"^unrecognized arguments: --outt \(did you mean --out\?\)$"):
+        parser.parse_args(["--sample", "--outt", "x"])
 
 
 @pytest.mark.parametrize("tool", TOOLS)

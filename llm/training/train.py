@@ -245,9 +245,12 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
             if exiting:
                 _exit_on_signals(0)
         except (Exception, TrainingInterrupted) as e:
-            # the frames of the error let go of what they held (the DDP wrapper a task's step was given), which
-            # goes before the group: freed after it, a reducer can deadlock gloo's teardown
-            traceback.clear_frames(e.__traceback__)
+            if dist.is_initialized():  # else the frames keep their locals, for a post-mortem debugger
+                # the frames of the error and of those it came from let go of what they held (the DDP wrapper a
+                # task's step was given), which goes before the group: freed after it, a reducer can deadlock
+                # gloo's teardown
+                for error in causes(e):
+                    traceback.clear_frames(error.__traceback__)
             if not (isinstance(e, RuntimeError) and _lost_a_rank(e)):
                 # before the group goes: the ranks left waiting look for it; a signal's stop is every rank's
                 D.record_failure(rank, e, run_ended=not isinstance(e, TrainingInterrupted))

@@ -96,7 +96,7 @@ class TrainingEngine:
         The engine trains on a copy of ``config`` taken here (``engine.config``), which the task and data module
         that held the caller's object read too: that object is left as it was, and changing it afterwards (the
         next run of a sweep) does not reach this engine."""
-        given, config = config, copy.deepcopy(config)
+        config = copy.deepcopy(config)
         if rank is None or world_size is None:
             env_rank, env_world_size, _ = D.env_ranks()
             rank = env_rank if rank is None else rank
@@ -109,8 +109,9 @@ class TrainingEngine:
             data_module = resolve_data_module(data_module_of(config, task))(config)
         self.data_module = data_module
         for holder in (task, data_module):  # what builds the model and the data reads what config.yaml records
-            if getattr(holder, "config", None) is given:
-                holder.config = config
+            if isinstance(getattr(holder, "config", None), Config):  # the caller's, or an earlier engine's copy
+                with contextlib.suppress(AttributeError):  # a config of its own, read-only
+                    holder.config = config
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
         named_task, config.task = config.task, task_name(type(task), config.task)
         if config.task != named_task:  # Config() left at its default task: {task} in log_dir is this task's

@@ -115,6 +115,29 @@ def test_the_engine_trains_on_a_copy_of_the_config_and_leaves_the_callers_as_it_
     assert type(plain.data_module) is SyntheticDataModule and metrics["val_loss"] < 100
 
 
+class OwnConfig(RegressionTask):
+    """A task whose config is a read-only property: the engine cannot hand it its copy, and trains anyway."""
+
+    def __init__(self, config):
+        self._own, self.data_module, self.total_steps = config, None, 0
+
+    config = property(lambda self: self._own)
+
+
+def test_a_task_and_data_module_reused_by_the_next_run_of_a_sweep_build_what_its_config_says(tmp_path):
+    config = tiny_config(tmp_path / "a", model={"n_embd": 8})
+    task, data = RegressionTask(config), SyntheticDataModule(config)
+    TrainingEngine(config, task, data_module=data).train()
+    config.model.n_embd, config.training.batch_size, config.logging.log_dir = 32, 4, str(tmp_path / "b")
+    config.checkpoint.dir = ""
+    second = TrainingEngine(config, task, data_module=data)
+    second.train()
+    assert second.raw_model[0].out_features == 32 and second.train_loader.batch_size == 4
+    assert yaml.safe_load((tmp_path / "b/config.yaml").read_text())["model"]["n_embd"] == 32
+    own = tiny_config(tmp_path / "c")
+    assert TrainingEngine(own, OwnConfig(own)).train()["steps"] == 2 * 14
+
+
 def test_a_second_train_on_one_engine_starts_from_what_the_first_saved(tmp_path):
     class IntAt(Callback):
         def on_step_end(self, engine):

@@ -1,5 +1,6 @@
 """Layout features through the engine: activation checkpointing, compile, precision, accumulation; FSDP state."""
 
+import gc
 from datetime import timedelta
 from pathlib import Path
 
@@ -427,33 +428,39 @@ def bucket_layout_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
                             timeout=timedelta(seconds=30))
     try:
-        shape = GPTConfig(vocab_size=59, block_size=16, n_layer=2, n_head=2, n_embd=32)  # tied embeddings
-        torch.manual_seed(0)
-        start = GPT(shape).state_dict()
-        batches = torch.randint(0, 59, (4, 5, 16), generator=torch.Generator().manual_seed(rank))
-        config = tiny_config(Path(directory))
-
-        def gradients(wrapped, batch):
-            wrapped.zero_grad(set_to_none=True)
-            wrapped(batch)[0].float().square().mean().backward()
-            return {name: p.grad for name, p in wrapped.module.named_parameters()}
-
-        def wrapped():
-            model = GPT(shape)
-            model.load_state_dict(start)
-            return wrap(model, config, 3, torch.device("cpu"))
-
-        trained = wrapped()  # past the steps after which DDP lays its buckets out again
-        for batch in batches[:3]:
-            gradients(trained, batch)
-        then, fresh = gradients(trained, batches[3]), gradients(wrapped(), batches[3])  # fresh: a resume's first
-        differ = [name for name in then if not torch.equal(then[name], fresh[name])]
+        differ = _summed_otherwise(rank, Path(directory))
         Path(directory, f"rank{rank}").write_text(",".join(differ) or "none")
-        # before the process group goes, as the engine lets go of its wrapper: freed after it, a reducer can
-        # deadlock gloo's teardown (a worker thread freeing its last work waits for the GIL the destructor holds)
-        del trained
     finally:
+        # the wrappers, freed with the frame above, go before the process group: freed after it, a reducer can
+        # deadlock gloo's teardown (a worker thread freeing its last work waits for the GIL the destructor holds)
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _summed_otherwise(rank: int, directory: Path) -> list[str]:
+    """The parameters whose gradients a fresh DDP wrapper (a resume's first step) sums otherwise than one
+    past the steps after which DDP lays its buckets out again."""
+    shape = GPTConfig(vocab_size=59, block_size=16, n_layer=2, n_head=2, n_embd=32)  # tied embeddings
+    torch.manual_seed(0)
+    start = GPT(shape).state_dict()
+    batches = torch.randint(0, 59, (4, 5, 16), generator=torch.Generator().manual_seed(rank))
+    config = tiny_config(directory)
+
+    def gradients(wrapped, batch):
+        wrapped.zero_grad(set_to_none=True)
+        wrapped(batch)[0].float().square().mean().backward()
+        return {name: p.grad for name, p in wrapped.module.named_parameters()}
+
+    def wrapped():
+        model = GPT(shape)
+        model.load_state_dict(start)
+        return wrap(model, config, 3, torch.device("cpu"))
+
+    trained = wrapped()
+    for batch in batches[:3]:
+        gradients(trained, batch)
+    then, fresh = gradients(trained, batches[3]), gradients(wrapped(), batches[3])
+    return [name for name in then if not torch.equal(then[name], fresh[name])]
 
 
 def test_ddp_sums_a_resumed_runs_first_gradients_as_the_run_that_never_stopped_on_three_ranks(tmp_path):
