@@ -145,7 +145,7 @@ def test_a_second_train_on_one_engine_starts_from_what_the_first_saved(tmp_path)
                 (engine.run_dir / "interrupted").touch()
                 os.kill(os.getpid(), signal.SIGINT)
 
-    reference, expected = train(tiny_config(tmp_path / "ref", training={"max_steps": 9}))
+    _, expected = train(tiny_config(tmp_path / "ref", training={"max_steps": 9}))
     engine = TrainingEngine(config := tiny_config(tmp_path, training={"max_steps": 9}), RegressionTask(config),
                             callbacks=[IntAt()])
     try:
