@@ -410,9 +410,10 @@ class TextDataModule(BaseDataModule):
             self.tokenizer, damage = (self.tokenizer, "") if self.cache_hit else _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
-        self.tokens_digest = _recorded(entry)[1]
+        written, self.tokens_digest = _recorded(entry)
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
-        damage = damage or _damage(entry) or (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
+        damage = damage or _damage(entry, written) or \
+            (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
                              f"again to tokenize the corpus afresh")
@@ -462,10 +463,10 @@ def _recorded(entry: Path) -> tuple[int | None, str | None]:
     return size, fields[1] if len(fields) > 1 else None
 
 
-def _damage(entry: Path) -> str:
+def _damage(entry: Path, written: int | None = None) -> str:
     """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): not the
-    size recorded beside it. Entries of earlier versions record none."""
-    written, _ = _recorded(entry)
+    size recorded beside it (``written``, read here if not given). Entries of earlier versions record none."""
+    written = _recorded(entry)[0] if written is None else written
     try:
         size = (entry / TOKENS).stat().st_size
     except OSError:

@@ -199,9 +199,10 @@ freed at the interpreter's exit, where gloo's aborts the process."""
 _STORE_WAIT = datetime.timedelta(seconds=5)
 
 
-def _key(kind: str, rank: int) -> str:
-    # a worker restarted by torchrun must not read what the ranks of an earlier start left: _words is this start's
-    return f"{_words}/{kind}/{rank}"
+def _key(kind: str, rank: int | None = None) -> str:
+    """A key of this start's in the store, of ``rank``'s or the run's: a worker restarted by torchrun must not
+    read what the ranks of an earlier start left."""
+    return f"{_words}/{kind}" if rank is None else f"{_words}/{kind}/{rank}"
 
 
 def record_failure(rank: int, error: BaseException, run_ended: bool = True) -> None:
@@ -215,7 +216,7 @@ def record_failure(rank: int, error: BaseException, run_ended: bool = True) -> N
         why = f"{type(error).__name__}: {one_line(error, 200)}"
         _store.set(_key("failed", rank), why)
         if run_ended:
-            _store.set(f"{_words}/ended", f"rank {rank} failed with {why}")
+            _store.set(_key("ended"), f"rank {rank} failed with {why}")
     except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it; nothing to add then
         pass
 
@@ -226,7 +227,7 @@ def run_ended() -> str:
     if _store is None:
         return ""
     try:
-        key = f"{_words}/ended"
+        key = _key("ended")
         return _store.get(key).decode() if _store.check([key]) else ""
     except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
         return ""
@@ -253,7 +254,7 @@ def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
     try:
         _store.set_timeout(_STORE_WAIT)
         _store.set(_key("lost", rank), "")
-        _store.set(f"{_words}/ended", f"rank {rank} lost contact with the others")
+        _store.set(_key("ended"), f"rank {rank} lost contact with the others")
         if reported := failed():
             return reported
         time.sleep(settle_s)
