@@ -64,7 +64,7 @@ class TrainingConfig:
     eval_batches: int = 0
     """Validation batches per evaluation on each rank (0: the whole validation set)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision; fp16 adds a gradient scaler."""
+    """Autocast precision; fp16 adds a gradient scaler (training records log loss_scale and overflow_steps)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available."""
     tf32: bool = False

@@ -138,6 +138,7 @@ class TrainingEngine:
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.samples_seen = 0  # training samples over all ranks
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
+        self.overflow_steps = 0  # steps a loss scaler (fp16) skipped: gradients that overflowed its scale
         self.data_wait_s = 0.0  # time spent waiting for the training loader
         self.aside_s = 0.0  # time spent validating and saving, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
@@ -651,7 +652,7 @@ class TrainingEngine:
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
-                "world_size": self.world_size, "stop": state["held_stop"],
+                "overflow_steps": self.overflow_steps, "world_size": self.world_size, "stop": state["held_stop"],
             },
             "callbacks": state["callbacks"],
             "config": dataclasses.asdict(self.config),
@@ -701,6 +702,7 @@ class TrainingEngine:
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
                                                            self.config.training.batch_size, self.world_size)
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
+        self.overflow_steps = progress.get("overflow_steps", 0)  # not in checkpoints saved before it was counted
         monitor_changed = bool({"checkpoint.monitor", "checkpoint.mode"} & set(changed))  # a best of another metric
         if progress["stop"] and not monitor_changed and "training.patience" not in changed:  # early stop holds
             self.should_stop, self.stop_reason = True, progress["stop"]
@@ -940,6 +942,7 @@ class TrainingEngine:
                 found = overflowed if isinstance(overflowed, bool) else any(bool(flag) for flag in overflowed)
                 any_bad_loss, any_overflow = D.any_rank([bad_loss, found])
                 if any_overflow and not any_bad_loss:
+                    self.overflow_steps += 1
                     continue
             self._non_finite(step, D.gather(bad_loss))
         self._unchecked.clear()
@@ -967,6 +970,9 @@ class TrainingEngine:
         metrics = self._finalized(D.weighted_mean_over_ranks(local))
         if self.skipped_steps:
             metrics["skipped_steps"] = float(self.skipped_steps)
+        if self.scaler.is_enabled():  # what an fp16 run's health is read from: a scale that keeps falling is not
+            metrics["loss_scale"] = self.scaler.get_scale()
+            metrics["overflow_steps"] = float(self.overflow_steps)
         return metrics
 
     def _finalized(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -1016,6 +1022,8 @@ class TrainingEngine:
         }
         if self.task.tokens_per_sample:
             final["tokens_per_s"] = final["samples_per_s"] and final["samples_per_s"] * self.task.tokens_per_sample
+        if self.scaler.is_enabled():
+            final["overflow_steps"] = self.overflow_steps
         if self.is_main and write:
             write_atomically(self.run_dir / "summary.json", json_text(final, indent=2) + "\n")
         return final

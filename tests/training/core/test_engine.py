@@ -992,6 +992,32 @@ def test_with_a_loss_scaler_an_overflow_is_skipped_by_the_scaler_and_a_nan_loss_
               callbacks=[LossScaled()])
 
 
+def test_an_fp16_run_logs_its_loss_scale_and_counts_the_steps_the_scaler_skipped_across_a_resume(tmp_path):
+    records = []
+
+    class Records(Callback):
+        def on_log(self, engine, record):
+            records.append(record)
+
+    OverflowAt.calls, OverflowAt.factor = 0, 1e36
+    config = tiny_config(tmp_path, training={"max_steps": 4}, logging={"log_every_steps": 1})
+    engine, metrics = train(config, task_cls=OverflowAt, callbacks=[LossScaled(), Records()])
+    logged = {r["step"]: (r["loss_scale"], r["overflow_steps"]) for r in records if r["split"] == "train"}
+    assert logged == {1: (2.0**16, 0), 2: (2.0**16, 0), 3: (2.0**15, 1), 4: (2.0**15, 1)}
+    assert metrics["overflow_steps"] == 1 and metrics["skipped_steps"] == 0
+    # the count goes on from the checkpoint: the resumed steps overflow none
+    OverflowAt.calls, records[:] = 0, []
+    config = tiny_config(tmp_path, training={"max_steps": 6}, logging={"log_every_steps": 1},
+                         checkpoint={"resume": "auto"})
+    engine, metrics = train(config, task_cls=OverflowAt, callbacks=[LossScaled(), Records()])
+    assert engine.step == 6 and metrics["overflow_steps"] == 1
+    assert [r["overflow_steps"] for r in records if r["split"] == "train"] == [1, 1]
+    # no scaler, no such figures
+    records[:] = []
+    _, metrics = train(tiny_config(tmp_path / "fp32", training={"max_steps": 2}), callbacks=[Records()])
+    assert "overflow_steps" not in metrics and not any("loss_scale" in r for r in records)
+
+
 def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(tmp_path, monkeypatch):
     monkeypatch.setenv("NAN_AT_STEP", "4")
     records = []
