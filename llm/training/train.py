@@ -46,6 +46,7 @@ from llm.training.core.config import Config
 from llm.training.core.engine import STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.throughput import ThroughputMonitor
+from llm.training.core.profiler import Profiler
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
 
 EXIT_NON_FINITE = 3
@@ -62,6 +63,8 @@ def default_callbacks(config: Config) -> list[Callback]:
     ]
     if config.logging.progress_bar:  # off, it would still be called at every step
         callbacks.append(ProgressBar())
+    if config.logging.profile_steps:
+        callbacks.append(Profiler(config.logging.profile_from_step, config.logging.profile_steps))
     for name in config.logging.logger_names():
         if name == "tensorboard":
             callbacks.append(TensorBoardLogger())  # into the engine's run folder

@@ -184,6 +184,10 @@ class LoggingConfig:
     """Show a progress bar on rank 0 when stderr is a terminal."""
     loggers: str = "tensorboard"
     """Comma-separated trackers: tensorboard, mlflow, wandb (the command line writes metrics.jsonl whatever this says)."""
+    profile_steps: int = 0
+    """Record this many steps with torch.profiler (0: none): a trace and a table per rank in <log_dir>/profile/."""
+    profile_from_step: int = 10
+    """The first step logging.profile_steps records (counted from 1; the first steps hold compilation)."""
 
     def logger_names(self) -> list[str]:
         """The trackers named, each once (tensorboard,tensorboard would log every scalar twice)."""
@@ -403,6 +407,8 @@ class Config:
         _at_least("checkpoint.every_n_minutes", c.every_n_minutes, 0.0)
         _at_least("checkpoint.keep_last", c.keep_last, 1)
         _at_least("logging.log_every_steps", lg.log_every_steps, 1)
+        _at_least("logging.profile_steps", lg.profile_steps, 0)
+        _at_least("logging.profile_from_step", lg.profile_from_step, 1)
         for name in lg.logger_names():
             if name not in LOGGER_NAMES:
                 raise ConfigError("logging.loggers", lg.loggers, f"names from {', '.join(LOGGER_NAMES)}{closest(name, LOGGER_NAMES)}")
