@@ -99,7 +99,11 @@ class Checks:
 
     def bf16_compiled(self) -> str:
         run = self.train("bf16-compiled", "--training-precision", "bf16", "--training-compile", "true",
-                         "--training-max-steps", "200", "--training-eval-every-steps", "100")
+                         "--training-max-steps", "200", "--training-eval-every-steps", "100",
+                         "--logging-profile-steps", "3", "--logging-profile-from-step", "150")
+        table = (run / "profile" / "steps_150-152.rank0.txt").read_text()
+        if self.args.device == "cuda" and "CUDA" not in table:  # the profiler's CUDA activity: kernels' own time
+            raise RuntimeError(f"the profile's table has no CUDA time:\n{table[:1000]}")
         records = common.run_records(run)
         train = [r for r in records if r["split"] == "train"]
         first, last = train[0]["loss"], train[-1]["loss"]
@@ -121,8 +125,12 @@ class Checks:
         summary = common.run_summary(run)
         if not math.isfinite(summary["train_loss"]):
             raise RuntimeError(f"train_loss {summary['train_loss']}")
+        scales = [r["loss_scale"] for r in common.run_records(run) if r["split"] == "train" and "loss_scale" in r]
+        if not scales:
+            raise RuntimeError("no loss_scale in the training records")
         return (f"train_loss {summary['train_loss']:.3f}, val_loss {summary['val_loss']:.3f}, "
-                f"skipped steps {summary['skipped_steps']} (the scaler's overflow skips)")
+                f"steps the scaler skipped {summary['overflow_steps']}, loss scale {scales[0]:g} -> {scales[-1]:g}, "
+                f"steps skipped by nan_policy {summary['skipped_steps']}")
 
     def exact_resume(self) -> str:
         flags = ["--training-precision", "bf16", "--training-eval-every-steps", "20", "--model-dropout", "0.1",
