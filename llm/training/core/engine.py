@@ -44,6 +44,8 @@ from llm.training.core.registry import data_module_name, data_module_of, resolve
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_FIGURES = ("grad_norm", "skipped_steps", "loss_scale", "overflow_steps")
+"""What the engine adds to a training record beside the loss: a task's metric may not take these names."""
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
 """The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` is read
 when there: checkpoints of earlier versions lack it)."""
@@ -1291,9 +1293,10 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
             if loss.numel() != 1:
                 raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
                                  f"the batch's mean, such as loss.mean()")
-            if clash := [name for name in ("loss", *RECORD_KEYS) if name in metrics]:
+            own = ("loss", *(TRAINING_FIGURES if method == "train_step" else ()), *RECORD_KEYS)
+            if clash := [name for name in own if name in metrics]:
                 raise UsageError(f"{where} returned a metric named {clash[0]!r}, a field its record has already "
-                                 f"(loss, {', '.join(RECORD_KEYS)}): name the metric otherwise")
+                                 f"({', '.join(own)}): name the metric otherwise")
             for key, value in metrics.items():
                 if not (value.numel() == 1 if isinstance(value, torch.Tensor) else isinstance(value, numbers.Real)):
                     shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
@@ -1316,7 +1319,8 @@ def _batch_len(batch: Any) -> int:
 def _first_dim(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.ndim else None
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else \
+        _fields(batch)
     for item in items:  # past names, ids and scalars: a list of strings is no count of samples
         found = _first_dim(item)
         if found is not None:
@@ -1325,7 +1329,8 @@ def _first_dim(batch: Any) -> int | None:
 
 
 def _moved(batch: Any, device: torch.device) -> Any:
-    """``batch`` with its tensors on ``device``, in lists, tuples, named tuples and mappings at any depth."""
+    """``batch`` with its tensors on ``device``, in lists, tuples, named tuples, mappings and dataclasses at any
+    depth."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields one by one
@@ -1338,7 +1343,17 @@ def _moved(batch: Any, device: torch.device) -> Any:
             return type(batch)(moved)
         except TypeError:  # a mapping that is not built from a dict (defaultdict): a plain one
             return moved
+    if _fields(batch):  # a dataclass: its fields given to __init__ are moved, in a copy
+        return dataclasses.replace(batch, **{f.name: _moved(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
     return batch
+
+
+def _fields(batch: Any) -> tuple[Any, ...]:
+    """The field values of a dataclass batch, in order; () for anything else."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return tuple(getattr(batch, f.name) for f in dataclasses.fields(batch))
+    return ()
 
 
 def _callback_error(cb: Callback, hook: str, e: Exception) -> CallbackError:

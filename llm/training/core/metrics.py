@@ -121,7 +121,12 @@ class RunningMeans:
         # the engine's training losses come detached (on the CPU, as numbers): no second detach
         self.values.setdefault("loss", []).append(loss.detach() if getattr(loss, "requires_grad", False) else loss)
         for key, value in metrics.items():
-            self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+            try:
+                self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else
+                                                       float(value))
+            except (TypeError, ValueError):  # checked on the first step only: this one returned otherwise
+                raise UsageError(f"a step returned metric {key!r} as a {type(value).__name__}, expected a number "
+                                 f"or a one-element tensor") from None
 
     def total(self, key: str, weights: list[float] | None = None) -> tuple[float, float]:
         """The weighted sum of ``key`` and the total weight (``weights``: ``_weights()``, if already read).
@@ -131,7 +136,14 @@ class RunningMeans:
         same sums to the bit, however their kinds were mixed.
         """
         weights = self._weights() if weights is None else weights
-        values = _on_host(self.values.get(key, []))  # one sync for the window
+        try:
+            values = _on_host(self.values.get(key, []))  # one sync for the window
+        except RuntimeError:  # a tensor of more than one number, where the first step's had one
+            shapes = [tuple(v.shape) for v in self.values[key] if isinstance(v, torch.Tensor) and v.numel() != 1]
+            if not shapes:
+                raise
+            raise UsageError(f"a step returned metric {key!r} as a tensor of shape {shapes[0]}, expected a number "
+                             f"or a one-element tensor: the batch's mean, such as .mean()") from None
         # an entry that weighs nothing adds nothing, not even the NaN of a step not taken
         return _sum(value * weight for value, weight in zip(values, weights) if weight), _sum(weights)
 

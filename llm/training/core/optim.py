@@ -30,6 +30,8 @@ def _optimizer(params: list[nn.Parameter], name: str, cfg: OptimizerConfig) -> t
     # fused kernels, for CUDA and CPU parameters (elsewhere torch picks foreach itself): one kernel per step,
     # and on a GPU their found_inf lets the engine skip a non-finite step on the device, without a sync
     fused = {"fused": True} if params and params[0].device.type in ("cuda", "cpu") else {}
+    if any(p.is_complex() for p in params):  # torch's fused kernels take real numbers only
+        fused = {}
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     if name == "adam":

@@ -1,3 +1,4 @@
+import dataclasses
 import enum
 import itertools
 import json
@@ -1190,6 +1191,19 @@ def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
     assert type(moved[0]) is Pair and moved[0].y.device.type == "meta"
     assert type(moved[1]) is UserDict and moved[1]["x"].device.type == "meta"
 
+    @dataclasses.dataclass(frozen=True)
+    class Batch:
+        ids: list[str]
+        x: torch.Tensor
+        scale: float = 1.0
+        y: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(4))
+
+    batch = Batch(["a"] * 4, torch.ones(4, 3), 2.0)
+    assert engine_module._batch_len(batch) == 4 and engine_module._batch_len([batch]) == 4
+    moved = engine_module._moved({"b": batch}, torch.device("meta"))["b"]
+    assert type(moved) is Batch and moved.x.device.type == moved.y.device.type == "meta"
+    assert moved.ids == ["a"] * 4 and moved.scale == 2.0 and batch.x.device.type == "cpu"
+
 
 @pytest.mark.parametrize("returned, words", [
     ("loader", "train_dataloader() returned DataLoader, expected a (DataLoader, DistributedSampler) pair"),
@@ -1269,6 +1283,42 @@ def test_a_metric_missing_from_some_batches_or_named_loss_is_one_line(tmp_path):
         train(tiny_config(tmp_path / "a", training={"epochs": 3}), task_cls=SometimesOutliers)
     with pytest.raises(UsageError, match=r"^LossMetric.train_step returned a metric named 'loss'"):
         train(tiny_config(tmp_path / "b"), task_cls=LossMetric)
+
+
+@pytest.mark.parametrize("later, words", [
+    (torch.ones(3), r"^a step returned metric 'mae' as a tensor of shape \(3,\), expected a number or a "
+                    r"one-element tensor: the batch's mean, such as .mean\(\)$"),
+    ("n/a", r"^a step returned metric 'mae' as a str, expected a number or a one-element tensor$"),
+])
+def test_a_metric_that_turns_into_no_number_after_the_first_step_is_one_line(tmp_path, later, words):
+    """The first step's metrics are checked; a later step's that are not one number are found by the window."""
+    class Turns(RegressionTask):
+        calls = 0
+
+        def train_step(self, batch, model, criterion):
+            loss, _ = super().train_step(batch, model, criterion)
+            self.calls += 1
+            return loss, {"mae": later if self.calls == 3 else loss.detach()}
+
+    with pytest.raises(UsageError, match=words):
+        train(tiny_config(tmp_path, logging={"log_every_steps": 4}), task_cls=Turns)
+
+
+def test_a_training_metric_named_like_the_engines_figures_is_refused_and_a_validation_one_is_not(tmp_path):
+    class Norms(RegressionTask):  # the record's grad_norm would be the engine's, the task's dropped unseen
+        def train_step(self, batch, model, criterion):
+            loss, metrics = super().train_step(batch, model, criterion)
+            return loss, {**metrics, "grad_norm": 123.0}
+
+        def validation_step(self, batch, model, criterion):
+            loss, metrics = super().validation_step(batch, model, criterion)
+            return loss, {**metrics, "grad_norm": 1.5}  # logged as val_grad_norm: no clash
+
+    with pytest.raises(UsageError, match=r"^Norms.train_step returned a metric named 'grad_norm'"):
+        train(tiny_config(tmp_path), task_cls=Norms)
+    Norms.train_step = RegressionTask.train_step
+    _, metrics = train(tiny_config(tmp_path / "val", training={"max_steps": 2}), task_cls=Norms)
+    assert metrics["val_grad_norm"] == 1.5
 
 
 class PaddedValidation(SyntheticDataModule):
@@ -2051,7 +2101,8 @@ def test_what_a_checkpoint_cannot_hold_is_one_line_naming_where_it_came_from(tmp
             return loss, {**metrics, "epoch": 0.25}
 
     with pytest.raises(UsageError, match=r"^Stepped.train_step returned a metric named 'epoch', a field its record "
-                                         r"has already \(loss, split, step, epoch\): name the metric otherwise$"):
+                                         r"has already \(loss, grad_norm, skipped_steps, loss_scale, overflow_steps, "
+                                         r"split, step, epoch\): name the metric otherwise$"):
         train(tiny_config(tmp_path / "field"), Stepped)
 
 

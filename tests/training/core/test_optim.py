@@ -30,6 +30,22 @@ def test_weight_decay_only_on_matrices():
     assert decay == {id(p) for p in model.parameters() if p.ndim == 2}
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_a_model_with_complex_parameters_gets_the_unfused_optimizer_and_steps(name):
+    """torch's fused kernels take real numbers only: a complex parameter (a spectral filter) is stepped by the
+    per-parameter kernels, as torch.optim would step it given no choice."""
+    model = torch.nn.Module()
+    model.filter = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.complex64))
+    model.bias = torch.nn.Parameter(torch.zeros(4))
+    opt = build_optimizer(model, OptimizerConfig(name=name, lr=0.1))
+    assert not any(group.get("fused") for group in opt.param_groups)
+    before = model.filter.detach().clone()
+    (model.filter.abs().sum() + model.bias.sum()).backward()
+    opt.step()
+    assert not torch.equal(model.filter, before) and torch.isfinite(torch.view_as_real(model.filter)).all()
+    assert build_optimizer(mlp(4, 8, 1, 1), OptimizerConfig(name=name)).param_groups[0]["fused"]
+
+
 def tiny_gpt():
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16))
