@@ -364,21 +364,25 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
-def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers of ``module`` that its state dict holds, in place: running statistics
-    (BatchNorm's) that each rank updated with its own batches, which DDP syncs only at the start of a training
-    forward. One broadcast per dtype, not per buffer; none for a model without such buffers."""
+def persistent_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers of ``module`` that its state dict holds: running statistics (BatchNorm's), which each rank
+    updates with its own batches; not a table derived from the config (rotary angles), the same on every rank."""
+    saved = module.state_dict(keep_vars=True).keys()
+    return [buffer for name, buffer in module.named_buffers() if name in saved]
+
+
+def broadcast_buffers(buffers: list[torch.Tensor]) -> None:
+    """Give every rank rank 0's values of ``buffers`` (persistent_buffers), in place. One broadcast per dtype,
+    not per buffer; none without buffers."""
     if not active():
         return
-    saved = module.state_dict(keep_vars=True).keys()
     by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for name, buffer in module.named_buffers():
-        if name in saved:  # not a table derived from the config (rotary angles), the same on every rank
-            by_kind.setdefault((buffer.dtype, buffer.device), []).append(buffer)
-    for buffers in by_kind.values():
-        flat = torch.cat([b.reshape(-1) for b in buffers])
+    for buffer in buffers:
+        by_kind.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for kind in by_kind.values():
+        flat = torch.cat([b.reshape(-1) for b in kind])
         dist.broadcast(flat, src=0)
-        for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+        for buffer, part in zip(kind, flat.split([b.numel() for b in kind])):
             buffer.copy_(part.view_as(buffer))
 
 

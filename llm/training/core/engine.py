@@ -382,8 +382,8 @@ class TrainingEngine:
         """Mean loss and metrics over the validation set (or eval_batches of it), averaged over ranks."""
         began = time.perf_counter()
         model = self.raw_model
-        if self.world_size > 1 and not self.sharded:  # every rank scores its shard with rank 0's buffers, which DDP
-            D.broadcast_buffers(model)  # trains with and the checkpoint saves
+        if self.world_size > 1:  # every rank scores its shard with rank 0's buffers, which DDP and FSDP (parallel.wrap)
+            D.broadcast_buffers(self._buffers)  # train with and the checkpoint saves
         was_training = model.training
         model.eval()
         sums = RunningMeans()
@@ -508,6 +508,7 @@ class TrainingEngine:
         # a ReduceLROnPlateau steps on checkpoint.monitor after each validation (see validate), any other per step
         self._per_step_scheduler = None if isinstance(self.scheduler, ReduceLROnPlateau) else self.scheduler
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)
+        self._buffers = D.persistent_buffers(self.raw_model)  # running statistics, given rank 0's (validate)
         self._gradient_sync = parallel.gradient_sync(self.model, self.raw_model)
         # one process in fp32 enters no context around the forward: entering two that do nothing cost a small
         # model's step 0.4% (benchmarks/loop_overhead.py)
@@ -642,6 +643,8 @@ class TrainingEngine:
         began = time.perf_counter()
         self._check_steps()  # a non-finite step with nan_policy=stop leaves the last checkpoint as it was
         state = state or self._resumable_state()
+        if self.sharded:  # each rank's buffers are saved as one: rank 0's, as DDP's are, which a resume trains on
+            D.broadcast_buffers(self._buffers)
         weights, write_sharded = parallel.model_and_optimizer_state(self.raw_model, self.optimizer, self.sharded)
         shared = {
             **weights,

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from llm.errors import UsageError
+from llm.training.core import distributed as D
 from llm.training.core.checkpoint import SHARDED, CheckpointError, error_cause, load_weights_strictly
 from llm.training.core.config import Config
 
@@ -70,6 +71,15 @@ def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device
     if world_size > 1 and not is_sharded(config, world_size):
         return _settled(_DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                              find_unused_parameters=config.distributed.find_unused_parameters))
+    if world_size > 1 and (buffers := D.persistent_buffers(model)):
+        # FSDP leaves each rank's buffers its own; as under DDP, each training forward starts from rank 0's, so
+        # that the ranks train one model, the one that validation scores and a checkpoint saves (the engine
+        # gives them rank 0's buffers too) and that a resume continues bit for bit
+        def from_rank_0(module: nn.Module, args: Any) -> None:
+            if module.training and torch.is_grad_enabled():
+                D.broadcast_buffers(buffers)
+
+        model.register_forward_pre_hook(from_rank_0)
     return model
 
 

@@ -383,6 +383,41 @@ def test_ddp_validates_every_shard_with_the_buffers_it_saves_and_names_a_model_m
             "gradients, and reach loss from the model's forward")
 
 
+def fsdp_buffers_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        for name, stops in (("straight", [6]), ("resumed", [3, 6])):
+            for i, max_steps in enumerate(stops):
+                # a constant rate: a run of 3 steps, then 6, takes the steps of one run of 6
+                config = tiny_config(Path(directory) / name, training={"max_steps": max_steps, "eval_every_steps": 2},
+                                     optimizer={"scheduler": "constant"}, distributed={"strategy": "fsdp"},
+                                     checkpoint={"resume": "auto" if i else ""})
+                engine = TrainingEngine(config, WithBatchNorm(config), rank, 2)
+                engine.train()
+            state = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in engine.raw_model.state_dict().items()}
+            torch.save(state, Path(directory, f"{name}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_trains_on_rank_0s_buffers_and_a_resume_continues_them_bit_for_bit(tmp_path):
+    """FSDP leaves each rank's running statistics its own, and its checkpoint saved one rank's copy for all: a
+    resumed rank 0 went on from rank 1's statistics. As under DDP, each training forward now starts from rank
+    0's, which validation scores and the checkpoint saves."""
+    spawn(fsdp_buffers_worker, str(tmp_path), free_port(), timeout=120)
+    saved = sharded.load_whole(CheckpointManager(tmp_path / "straight" / "run" / "checkpoints").latest_valid()
+                               / "sharded")["model"]
+    for rank in (0, 1):
+        straight, resumed = (torch.load(tmp_path / f"{name}_rank{rank}.pt", weights_only=True)
+                             for name in ("straight", "resumed"))
+        assert straight.keys() == resumed.keys() and straight["0.running_mean"].abs().sum() > 0
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (rank, key)
+        for key in ("0.running_mean", "0.running_var", "0.num_batches_tracked"):  # every rank ends with rank 0's
+            assert torch.equal(straight[key], saved[key]), (rank, key)
+
+
 class WithAnUnusedLayer(RegressionTask):
     """A model with a layer its forward never calls."""
 
