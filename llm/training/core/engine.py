@@ -200,6 +200,8 @@ class TrainingEngine:
                 self._fire_cleanup(metrics, ok)
             finally:  # even when Ctrl-C ends a callback's cleanup (a tracker's upload)
                 self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
+                for loader in (self.train_loader, self.val_loader):
+                    _stop_workers(loader)
                 self._let_go_of_run_dir(failed=not ok)
         if self.interrupted_by is not None:
             raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint, self._agent_gone)
@@ -1357,6 +1359,16 @@ def _fields(batch: Any) -> tuple[Any, ...]:
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return tuple(getattr(batch, f.name) for f in dataclasses.fields(batch))
     return ()
+
+
+def _stop_workers(loader: Any) -> None:
+    """End the worker processes a DataLoader keeps between epochs (persistent_workers), which would otherwise
+    live as long as the engine does: a sweep that keeps its engines kept every run's workers. Its next epoch,
+    if any, starts new ones."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def _callback_error(cb: Callback, hook: str, e: Exception) -> CallbackError:

@@ -3,6 +3,7 @@ import enum
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -525,6 +526,19 @@ def test_a_second_engine_over_the_loaders_of_the_first_trains_as_the_first(tmp_p
         engines[-1].train()
     for (name, w_first), w in zip(weights(engines[0].raw_model).items(), weights(engines[1].raw_model).values()):
         assert torch.equal(w_first, w), name
+
+
+def test_an_engine_kept_after_train_keeps_no_loader_workers(tmp_path):
+    """persistent_workers keep a loader's processes between epochs: a sweep that keeps its engines (to compare
+    them) kept every run's workers, four each here, until the engines went."""
+    before = set(multiprocessing.active_children())
+    engines = []
+    for folder in ("a", "b"):
+        config = tiny_config(tmp_path / folder, training={"max_steps": 16}, data={"num_workers": 2})
+        engines.append(TrainingEngine(config, RegressionTask(config)))
+        engines[-1].train()  # two epochs, validated twice: the workers were kept between them
+        assert set(multiprocessing.active_children()) == before
+    assert all(engine.step == 16 for engine in engines)
 
 
 class ReadOnlyJittered(Jittered):
