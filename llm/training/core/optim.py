@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from llm.errors import UsageError
@@ -36,9 +36,16 @@ def _optimizer(params: list[nn.Parameter], name: str, cfg: OptimizerConfig) -> t
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     if name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
-    if params and isinstance(params[0], DTensor):  # FSDP2's shards: torch has no sharded fused SGD kernel
+    if params and _is_dtensor(params[0]):  # FSDP2's shards: torch has no sharded fused SGD kernel
         fused = {}
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's shard), without importing torch.distributed.tensor, which takes half a
+    second: a DTensor exists only once it has been imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
