@@ -45,9 +45,9 @@ from llm.training.core.callbacks import (
 from llm.training.core.config import Config
 from llm.training.core.engine import STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
-from llm.training.core.throughput import ThroughputMonitor
 from llm.training.core.profiler import Profiler
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
+from llm.training.core.throughput import ThroughputMonitor
 
 EXIT_NON_FINITE = 3
 

@@ -183,7 +183,11 @@ class TrainingEngine:
             self._start_afresh()
         self._started = True
         D.join_process_group(self.config, self.rank, self.world_size, self.local_rank)
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:  # its check of the first batches may have started the loaders' workers
+            self._stop_workers()
+            raise
         started, metrics, ok = time.perf_counter(), {}, False
         self._saved_at = time.monotonic()
         self._first_sample = self.samples_seen
@@ -200,8 +204,7 @@ class TrainingEngine:
                 self._fire_cleanup(metrics, ok)
             finally:  # even when Ctrl-C ends a callback's cleanup (a tracker's upload)
                 self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
-                for loader in (self.train_loader, self.val_loader):
-                    _stop_workers(loader)
+                self._stop_workers()
                 self._let_go_of_run_dir(failed=not ok)
         if self.interrupted_by is not None:
             raise TrainingInterrupted(self.interrupted_by, self.step, checkpoint, self._agent_gone)
@@ -525,6 +528,16 @@ class TrainingEngine:
             self.task.save_artifacts(self.run_dir)
             if D.launch_id() is not None:  # so that workers torchrun restarts come back to this folder
                 (self.run_dir / D.LAUNCH_FILE).write_text("".join(f"{launch}\n" for launch in sorted(set(launches))))
+
+    def _stop_workers(self) -> None:
+        """End the worker processes the loaders keep between epochs (persistent_workers), which would otherwise
+        live as long as the engine does: a sweep that keeps its engines kept every run's workers. A loader's next
+        epoch, if any, starts new ones. Through DataLoader's own attributes: torch has no public call for it."""
+        for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                loader._iterator = None
 
     @contextlib.contextmanager
     def _warned_by_rank_0(self) -> Iterator[None]:
@@ -1325,7 +1338,7 @@ def _first_dim(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.ndim else None
     items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else \
-        _fields(batch)
+        _fields(batch).values()
     for item in items:  # past names, ids and scalars: a list of strings is no count of samples
         found = _first_dim(item)
         if found is not None:
@@ -1348,27 +1361,19 @@ def _moved(batch: Any, device: torch.device) -> Any:
             return type(batch)(moved)
         except TypeError:  # a mapping that is not built from a dict (defaultdict): a plain one
             return moved
-    if _fields(batch):  # a dataclass: its fields given to __init__ are moved, in a copy
-        return dataclasses.replace(batch, **{f.name: _moved(getattr(batch, f.name), device)
-                                             for f in dataclasses.fields(batch) if f.init})
+    if fields := _fields(batch):  # a dataclass: a copy with its fields moved, __init__ and __post_init__ not run
+        moved = copy.copy(batch)  # again (one that transforms its inputs would do it twice)
+        for name, value in fields.items():
+            object.__setattr__(moved, name, _moved(value, device))  # a frozen dataclass's too
+        return moved
     return batch
 
 
-def _fields(batch: Any) -> tuple[Any, ...]:
-    """The field values of a dataclass batch, in order; () for anything else."""
+def _fields(batch: Any) -> dict[str, Any]:
+    """The fields of a dataclass batch that are set, by name, in order; empty for anything else."""
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return tuple(getattr(batch, f.name) for f in dataclasses.fields(batch))
-    return ()
-
-
-def _stop_workers(loader: Any) -> None:
-    """End the worker processes a DataLoader keeps between epochs (persistent_workers), which would otherwise
-    live as long as the engine does: a sweep that keeps its engines kept every run's workers. Its next epoch,
-    if any, starts new ones."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        loader._iterator = None
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if hasattr(batch, f.name)}
+    return {}
 
 
 def _callback_error(cb: Callback, hook: str, e: Exception) -> CallbackError:

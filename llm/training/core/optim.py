@@ -100,9 +100,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     blocks = getattr(model, "blocks", None)
-    if blocks is not None:
-        return [p for p in blocks.parameters() if p.requires_grad and p.ndim == 2]
-    return [p for p in model.parameters() if p.requires_grad and p.ndim == 2][1:-1]
+    if blocks is not None:  # real ones: torch's Muon takes no complex matrix, which AdamW then steps
+        return [p for p in blocks.parameters() if p.requires_grad and p.ndim == 2 and not p.is_complex()]
+    return [p for p in model.parameters() if p.requires_grad and p.ndim == 2 and not p.is_complex()][1:-1]
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:

@@ -18,14 +18,16 @@ TABLE_ROWS = 30
 
 class Profiler(Callback):
     """Records steps ``first`` to ``first + steps - 1`` (counted as ``engine.step`` counts them, from 1) with
-    torch.profiler: the CPU, and CUDA kernels on a GPU. The step before the window is a warm-up, traced but not
-    kept, so that starting the profiler costs the window nothing. Each rank writes into ``<run_dir>/profile/``
-    a Chrome trace (``steps_<first>-<last>.rank<r>.json``: open it in Perfetto, https://ui.perfetto.dev, or
-    chrome://tracing) and a table of the operators that took the most time (``.txt``). Each step is the span
-    ``ProfilerStep#<step>``, from the end of the step before to the end of its callbacks, so it holds a
-    validation or a save that falls on it. A resume inside the window records the steps left; one past it
-    records nothing. A run that ends inside the window writes the steps it took, and is named after them; its
-    end (the last validation and save) is the span of the step after its last.
+    torch.profiler: the CPU, and CUDA kernels on a GPU. The step before the window, when this run takes it, is a
+    warm-up, traced but not kept, so that starting the profiler costs the window nothing. Each rank writes into
+    ``<run_dir>/profile/`` a Chrome trace (``steps_<first>-<last>.rank<r>.json``: open it in Perfetto,
+    https://ui.perfetto.dev, or chrome://tracing) and a table of the operators that took the most time
+    (``.txt``). Step N is the span ``ProfilerStep#N``: from the end of step N-1, which fires on_step_end before
+    its log record, validation and save, to the end of step N. So a validation or save due at step N-1 shows in
+    the span of step N, and one due at the window's last step is not recorded. A resume inside the window
+    records the steps left; one past it records nothing. A run that ends inside the window writes the steps it
+    took, and is named after them; its end (the last validation and save) is a span of its own, numbered one
+    past its last step.
     """
 
     def __init__(self, first: int, steps: int):
@@ -67,7 +69,9 @@ class Profiler(Callback):
 
 def _write(done: profile, begin: int, end: int, engine: TrainingEngine) -> None:
     """The trace of steps ``begin`` to ``end`` and its table, into the run folder, which every rank makes: on
-    other nodes than rank 0's it may not be there yet."""
+    other nodes than rank 0's it may not be there yet. Nothing for a run that ended before the window."""
+    if end < begin:
+        return
     out = Path(engine.run_dir) / "profile" / f"steps_{begin}-{end}.rank{engine.rank}"
     out.parent.mkdir(parents=True, exist_ok=True)
     done.export_chrome_trace(str(out.with_name(out.name + ".json")))

@@ -528,6 +528,19 @@ def test_a_second_engine_over_the_loaders_of_the_first_trains_as_the_first(tmp_p
         assert torch.equal(w_first, w), name
 
 
+def test_a_set_up_that_fails_after_its_loaders_started_workers_leaves_none(tmp_path):
+    class FailsValidation(RegressionTask):  # found by the check of the first validation batch, in set-up
+        def validation_step(self, batch, model, criterion):
+            return model(batch[0]).sum()
+
+    before = set(multiprocessing.active_children())
+    config = tiny_config(tmp_path, data={"num_workers": 2})
+    engine = TrainingEngine(config, FailsValidation(config))
+    with pytest.raises(UsageError, match="validation_step returned Tensor"):
+        engine.train()
+    assert set(multiprocessing.active_children()) == before
+
+
 def test_an_engine_kept_after_train_keeps_no_loader_workers(tmp_path):
     """persistent_workers keep a loader's processes between epochs: a sweep that keeps its engines (to compare
     them) kept every run's workers, four each here, until the engines went."""
@@ -1217,6 +1230,23 @@ def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
     moved = engine_module._moved({"b": batch}, torch.device("meta"))["b"]
     assert type(moved) is Batch and moved.x.device.type == moved.y.device.type == "meta"
     assert moved.ids == ["a"] * 4 and moved.scale == 2.0 and batch.x.device.type == "cpu"
+
+    @dataclasses.dataclass
+    class Shifted:  # __init__ and __post_init__ run once, when the loader makes the batch, not again when moved
+        x: torch.Tensor
+        scale: dataclasses.InitVar[float]
+        mask: torch.Tensor | None = dataclasses.field(init=False, default=None)
+        later: torch.Tensor = dataclasses.field(init=False)  # set by the collate function, or not at all
+
+        def __post_init__(self, scale):
+            self.x = self.x * scale - 1
+
+    batch = Shifted(torch.ones(3, 2), 2.0)
+    assert engine_module._batch_len(batch) == 3  # its unset field passed over
+    batch.mask = torch.ones(3, dtype=torch.bool)
+    moved = engine_module._moved(batch, torch.device("meta"))
+    assert moved.x.device.type == moved.mask.device.type == "meta" and not hasattr(moved, "later")
+    assert torch.equal(engine_module._moved(batch, torch.device("cpu")).x, torch.ones(3, 2))
 
 
 @pytest.mark.parametrize("returned, words", [

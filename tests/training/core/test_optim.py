@@ -46,6 +46,14 @@ def test_a_model_with_complex_parameters_gets_the_unfused_optimizer_and_steps(na
     assert build_optimizer(mlp(4, 8, 1, 1), OptimizerConfig(name=name)).param_groups[0]["fused"]
 
 
+def test_muon_leaves_a_complex_hidden_matrix_to_adamw():
+    model = tiny_gpt()
+    model.blocks[0].spectral = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.complex64))
+    opt = build_optimizer(model, OptimizerConfig(name="muon"))
+    assert not any(p is model.blocks[0].spectral for group in opt.muon.param_groups for p in group["params"])
+    assert any(p is model.blocks[0].spectral for group in opt.adamw.param_groups for p in group["params"])
+
+
 def tiny_gpt():
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16))

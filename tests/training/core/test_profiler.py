@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -45,6 +46,14 @@ def test_a_run_that_ends_in_the_window_writes_its_steps_and_a_resume_records_tho
     assert profiled(tmp_path / "run")[0] == {"steps_3-4.rank0": [3, 4, 5], "steps_5-6.rank0": [5, 6]}
     train(tiny_config(tmp_path, training={"max_steps": 12}, logging=logging, checkpoint={"resume": "auto"}))
     assert len(profiled(tmp_path / "run")[0]) == 2  # resumed past the window: nothing more
+
+
+def test_a_run_that_ends_before_the_window_writes_nothing(tmp_path):
+    for max_steps in (3, 4):  # 4: the warm-up step, whose on_step_end turns recording on
+        train(tiny_config(tmp_path, training={"max_steps": max_steps},
+                          logging={"profile_steps": 2, "profile_from_step": 5}))
+        assert not (tmp_path / "run" / "profile").exists()
+        shutil.rmtree(tmp_path / "run")
 
 
 def test_the_window_starts_at_the_first_step_too(tmp_path):
