@@ -163,6 +163,8 @@ class CheckpointConfig:
     """Newest checkpoints kept; the best by monitor is kept too."""
     resume: str = ""
     """Resume: '' (start fresh), 'auto' (newest valid checkpoint in dir, if any) or a path."""
+    init_from: str = ""
+    """Start from the weights of this checkpoint (or the newest in a run's folder), to fine-tune: optimizer, schedule, step and data order start afresh; a resume of this run takes its own checkpoints."""
     monitor: str = "val_loss"
     """Metric that picks the best checkpoint."""
     mode: Literal["min", "max"] = "min"
@@ -406,6 +408,9 @@ class Config:
         _at_least("checkpoint.every_n_steps", c.every_n_steps, 0)
         _at_least("checkpoint.every_n_minutes", c.every_n_minutes, 0.0)
         _at_least("checkpoint.keep_last", c.keep_last, 1)
+        if c.init_from and c.resume not in ("", "auto"):
+            raise ConfigError("checkpoint.init_from", c.init_from, f"no checkpoint.resume path beside it (both start a "
+                              f"run from a checkpoint; checkpoint.resume is {c.resume!r}): give one of them")
         _at_least("logging.log_every_steps", lg.log_every_steps, 1)
         _at_least("logging.profile_steps", lg.profile_steps, 0)
         _at_least("logging.profile_from_step", lg.profile_from_step, 1)

@@ -37,7 +37,15 @@ from llm.files import FolderLock, json_text, run_files, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, RECORD_KEYS, Callback, ProgressBar, flatten, improves
-from llm.training.core.checkpoint import CheckpointError, CheckpointManager, load_rank_state, load_shared_state
+from llm.training.core.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_rank_state,
+    load_shared_state,
+    load_weights_strictly,
+    model_weights,
+    resolve_checkpoint,
+)
 from llm.training.core.config import Config
 from llm.training.core.metrics import RunningMeans, TrainingSums
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
@@ -489,6 +497,8 @@ class TrainingEngine:
             model = model.to(self.device)
         self.criterion = self.task.build_criterion().to(self.device)
         D.agree_on_errors(lambda: self._check_task_takes_the_data(model))
+        if cfg.checkpoint.init_from and start.checkpoint is None:  # a resume takes this run's own weights
+            D.agree_on_errors(lambda: self._start_from_weights(model, cfg.checkpoint.init_from))
         if cfg.training.compile:  # a fused loss: an LM's eager one makes float32 copies of all the logits
             # after the check, whose step would compile it untimed: compilation is the first step's, reported apart
             parallel.compile_in_place(self.criterion)
@@ -608,6 +618,27 @@ class TrainingEngine:
                              f"shares, which validation would count twice: build the loader with "
                              f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
         return loader, sampler
+
+    def _start_from_weights(self, model: torch.nn.Module, init_from: str) -> None:
+        """Load the weights of the checkpoint ``init_from`` names into the model, before it is sharded or wrapped:
+        a fine-tune, which keeps nothing else of that run. Refused in one line when the task would write other
+        files beside the weights than the checkpoint holds (a tokenizer, the model's shape), as then the weights
+        would read other tokens; another corpus is what a fine-tune is for."""
+        try:
+            ckpt = resolve_checkpoint(init_from)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint.init_from: {e}") from None
+        differ = [name for name in resume.changed_artifacts(self.task, ckpt)
+                  if name not in ("corpus.json", resume.TOKENIZED_OTHERWISE)]
+        if differ:
+            hint = f"; train with --data-tokenizer {ckpt / 'tokenizer.json'}" if (ckpt / "tokenizer.json").is_file() \
+                and any(name.startswith("tokenizer.json") for name in differ) else ""
+            raise UsageError(f"checkpoint.init_from: this run's {' and '.join(differ)} "
+                             f"{'differ from those' if len(differ) > 1 else 'differs from the one'} in {ckpt}, whose "
+                             f"weights were trained with {'them' if len(differ) > 1 else 'it'}{hint}")
+        load_weights_strictly(model, model_weights(ckpt), f"checkpoint.init_from: the weights in {ckpt}",
+                              " than this run's")
+        self.print(f"started from the weights of {ckpt}: the optimizer, schedule, step and data order start afresh")
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
         """One validation step on one batch, before anything is written or wrapped.

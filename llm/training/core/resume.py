@@ -433,7 +433,7 @@ BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.gr
                   "world_size", "optimizer.name")
 """Settings a resumed run cannot change without training a different model, on different data, or with an
 optimizer that cannot take the saved state (allowed, it starts afresh)."""
-HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change")
+HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change", "checkpoint.init_from")
 """Settings that say how to resume, not what the run is: never a change."""
 HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir", "distributed.find_unused_parameters")
 """Settings that change neither the model, nor the data order, nor the schedule (num_workers from or to 0 does

@@ -26,9 +26,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.errors import UsageError
-from llm.training.core.callbacks import HOOKS, Callback, EarlyStopping, MetricsLogger, TensorBoardLogger
-from llm.training.core.checkpoint import load_shared_state
-from llm.training.core.config import Config
+from llm.training.core.callbacks import (HOOKS, Callback, EarlyStopping, LRSchedulerCallback, MetricsLogger,
+                                         TensorBoardLogger)
+from llm.training.core.checkpoint import CheckpointError, load_shared_state
+from llm.training.core.config import Config, ConfigError
 from llm.training.core import engine as engine_module, resume
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted, _keyed_by_class
 from llm.training.core.optim import lr_factor
@@ -387,6 +388,55 @@ class StartedAt(Callback):
 
     def on_train_start(self, engine):
         self.step = engine.step
+
+
+class Recorded(Callback):
+    def __init__(self, records):
+        self.records = records
+
+    def on_log(self, engine, record):
+        self.records.append(record)
+
+
+class WeightsAtStart(Callback):
+    """The weights, the optimizer's state and the step a run starts from, as on_train_start sees them."""
+
+    def on_train_start(self, engine):
+        self.weights, self.step = weights(engine.raw_model), engine.step
+        self.optimizer_state = len(engine.optimizer.state)
+
+
+def test_init_from_starts_a_new_run_on_a_checkpoints_weights_and_nothing_else_of_it(tmp_path):
+    source, _ = train(tiny_config(tmp_path / "a", training={"max_steps": 6}))
+    lrs = {}
+    for name, init_from in (("fresh", ""), ("tuned", str(tmp_path / "a" / "run"))):  # a run's folder: its newest
+        start, records = WeightsAtStart(), []
+        config = tiny_config(tmp_path / name, training={"max_steps": 4}, optimizer={"warmup_steps": 2},
+                             logging={"log_every_steps": 1}, checkpoint={"init_from": init_from})
+        train(config, callbacks=[start, LRSchedulerCallback(), Recorded(records)])
+        lrs[name] = [r["lr"] for r in records if r["split"] == "train"]
+        assert start.step == 0 and start.optimizer_state == 0
+    final = weights(source.raw_model)
+    assert all(torch.equal(start.weights[k], final[k]) for k in final)  # the tuned run's, from the source's end
+    assert lrs["tuned"] == lrs["fresh"] and lrs["tuned"][0] < lrs["tuned"][1]  # its own warm-up, from step 1
+    # stopped and continued, the run resumes from its own checkpoint, not from the weights it started with
+    resumed = StartedAt()
+    config = tiny_config(tmp_path / "tuned", training={"max_steps": 6}, optimizer={"warmup_steps": 2},
+                         checkpoint={"init_from": str(tmp_path / "a" / "run"), "resume": "auto"})
+    train(config, callbacks=[resumed])
+    assert resumed.step == 4
+
+
+def test_init_from_a_checkpoint_of_another_model_or_beside_a_resume_path_is_one_line(tmp_path):
+    train(tiny_config(tmp_path / "a", training={"max_steps": 2}))
+    with pytest.raises(CheckpointError, match=r"^checkpoint.init_from: the weights in .*step_00000002 belong to a "
+                                              r"different model than this run's: size mismatch for 0.weight"):
+        train(tiny_config(tmp_path / "b", model={"n_embd": 8}, checkpoint={"init_from": str(tmp_path / "a/run")}))
+    with pytest.raises(CheckpointError, match=r"^checkpoint.init_from: checkpoint path .*nowhere does not exist$"):
+        train(tiny_config(tmp_path / "c", checkpoint={"init_from": str(tmp_path / "nowhere")}))
+    with pytest.raises(ConfigError, match=r"checkpoint.init_from.*no checkpoint.resume path beside it"):
+        tiny_config(tmp_path / "d", checkpoint={"init_from": str(tmp_path / "a/run"), "resume": str(tmp_path / "a/run")})
+    assert not (tmp_path / "b" / "run").exists() and not (tmp_path / "c" / "run").exists()
 
 
 class LogsOnOddSteps(Callback):

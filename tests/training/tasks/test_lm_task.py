@@ -367,3 +367,25 @@ def test_load_lm_checks_the_device_first(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA device is available: use cpu$"):
             load_lm(missing, device="cuda")
+
+
+def test_a_fine_tune_on_another_corpus_reads_it_with_the_tokenizer_its_weights_were_trained_with(tmp_path, capsys):
+    """A char tokenizer built on the new corpus numbers its characters otherwise: the weights would read other
+    tokens. The run is refused, naming the tokenizer to train with, and trains with it."""
+    from llm.training import train
+
+    (tmp_path / "a").mkdir()
+    source = train_tiny_lm(tmp_path / "a", "the quick brown fox jumps over the lazy dog. " * 200, steps=4)
+    (tmp_path / "b.txt").write_text("a lazy dog sleeps. the fox jumps. " * 200)  # fewer characters
+    ckpt = source / "checkpoints" / "step_00000004"
+    flags = ["--task", "lm", "--training-max-steps", "2", "--training-batch-size", "8", "--model-n-layer", "1",
+             "--model-n-embd", "32", "--model-n-head", "2", "--model-block-size", "32", "--data-path",
+             str(tmp_path / "b.txt"), "--data-cache-dir", str(tmp_path / "cache"), "--logging-log-dir",
+             str(tmp_path / "b"), "--logging-progress-bar", "false", "--checkpoint-init-from", str(source)]
+    capsys.readouterr()
+    assert train.main(flags) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint.init_from: this run's model_config.json and tokenizer.json differ from those in {ckpt}, "
+        f"whose weights were trained with them; train with --data-tokenizer {ckpt / 'tokenizer.json'}\n")
+    assert train.main([*flags, "--data-tokenizer", str(ckpt / "tokenizer.json")]) == 0
+    assert f"started from the weights of {ckpt}" in capsys.readouterr().out
