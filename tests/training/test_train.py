@@ -160,6 +160,20 @@ def test_torchrun_by_file_path_and_early_stopping_ends_both_ranks(tmp_path):
     assert summary["steps"] == 6 and summary["stop_reason"].startswith("early stopping: val_loss")
 
 
+def test_early_stopping_false_trains_the_steps_asked_for_and_a_resume_with_it_lifts_a_held_stop(tmp_path, capsys):
+    # mode max on a falling loss: no validation improves on the first one, so patience 1 stops at the second
+    flags = ["--task", "regression", *SMALL, "--training-eval-every-steps", "2", "--training-patience", "1",
+             "--checkpoint-mode", "max", "--training-max-steps", "10"]
+    for name, switch in (("on", "true"), ("off", "false")):
+        assert main([*flags, "--logging-log-dir", str(tmp_path / name), "--training-early-stopping", switch]) == 0
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("on", "off")}
+    assert summaries["on"]["steps"] == 4 and summaries["on"]["stop_reason"].startswith("early stopping: val_loss")
+    assert summaries["off"]["steps"] == 10 and summaries["off"]["stop_reason"] == "reached max_steps=10"
+    assert main([*flags, "--logging-log-dir", str(tmp_path / "on"), "--training-early-stopping", "false",
+                 "--checkpoint-resume", "auto"]) == 0
+    assert json.loads((tmp_path / "on" / "summary.json").read_text())["steps"] == 10
+
+
 def test_engines_built_in_code_and_started_by_torchrun_join_the_process_group_and_train_in_it(tmp_path):
     # the guide's train_worker: TrainingEngine(config, task, rank, world_size, ...) from a script of the user's own
     (tmp_path / "mine.py").write_text(

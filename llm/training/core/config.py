@@ -77,6 +77,8 @@ class TrainingConfig:
     """On a non-finite loss or gradient norm: stop the run, or skip the step (fp16 overflows: the scaler skips)."""
     patience: int = 5
     """Stop early after this many validations without improvement of checkpoint.monitor."""
+    early_stopping: bool = True
+    """Stop early as training.patience says (false: train the epochs and steps asked for, whatever the validations)."""
 
 
 @dataclass(slots=True)

@@ -755,7 +755,8 @@ class TrainingEngine:
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
         self.overflow_steps = progress.get("overflow_steps", 0)  # not in checkpoints saved before it was counted
         monitor_changed = bool({"checkpoint.monitor", "checkpoint.mode"} & set(changed))  # a best of another metric
-        if progress["stop"] and not monitor_changed and "training.patience" not in changed:  # early stop holds
+        stopping_changed = {"training.patience", "training.early_stopping"} & set(changed)
+        if progress["stop"] and not monitor_changed and not stopping_changed:  # early stop holds
             self.should_stop, self.stop_reason = True, progress["stop"]
             self._held_stop = progress["stop"]
         last_step = self._last_step(len(self.train_loader))
