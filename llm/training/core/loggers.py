@@ -141,7 +141,8 @@ class MLflowLogger(Callback):
 
 
 class WandbLogger(Callback):
-    """Logs the config and metrics to Weights & Biases; offline by default (``wandb sync`` uploads later).
+    """Logs the config and metrics to Weights & Biases; offline by default (``wandb sync`` uploads later), or
+    as ``mode``, else wandb's own variable WANDB_MODE, says.
 
     Files go to ``<dir>/wandb``, ``dir`` defaulting to the run directory.
     """
@@ -149,10 +150,14 @@ class WandbLogger(Callback):
     package = "wandb"
     MODES = ("offline", "online", "disabled")
 
-    def __init__(self, project: str | None = None, mode: str = "offline", dir: str | None = None,
+    def __init__(self, project: str | None = None, mode: str | None = None, dir: str | None = None,
                  run_name: str | None = None):
-        if mode not in self.MODES:
+        if mode is not None and mode not in self.MODES:
             raise ValueError(f"WandbLogger mode: got {mode!r}, expected one of {', '.join(self.MODES)}")
+        if mode is None and os.environ.get("WANDB_MODE", "") not in ("", *self.MODES):
+            raise UsageError(f"WANDB_MODE: got {os.environ['WANDB_MODE']!r}, expected one of {', '.join(self.MODES)} "
+                             f"(or unset: offline){closest(os.environ['WANDB_MODE'], self.MODES)}")
+        mode = mode or os.environ.get("WANDB_MODE") or "offline"
         self.project = project or os.environ.get("WANDB_PROJECT") or "llm"  # wandb's own variable, when set
         self.mode, self.dir, self.run_name = mode, dir, run_name
         self.run_id: str | None = None

@@ -249,6 +249,23 @@ def test_wandb_rejects_an_unknown_mode():
         WandbLogger(mode="ofline")
 
 
+def test_wandb_takes_its_mode_from_wandb_mode_unless_given_one(tmp_path, monkeypatch):
+    assert WandbLogger().mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # online, too, for a user with an account: not run here
+    assert WandbLogger().mode == "disabled" and WandbLogger(mode="offline").mode == "offline"
+    pytest.importorskip("wandb")
+    engine = engine_for(tmp_path)
+    logger = WandbLogger()
+    logger.on_train_start(engine)
+    logger.on_log(engine, RECORDS[0])
+    logger.on_train_end(engine, {"val_loss": 1.0})
+    assert not (tmp_path / "run" / "wandb").exists()  # disabled: nothing written, no offline run to sync
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.raises(UsageError, match=r"^WANDB_MODE: got 'ofline', expected one of offline, online, disabled "
+                                         r"\(or unset: offline\) \(did you mean offline\?\)$"):
+        WandbLogger()
+
+
 def test_wandb_offline_run_in_the_run_dir_with_config_and_metrics(tmp_path):
     pytest.importorskip("wandb")
     engine = engine_for(tmp_path)
