@@ -383,8 +383,8 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
                          f"write its settings over it; keep your config files outside run folders, or start this "
                          f"run in a new --logging-log-dir DIR")
     saved, now = flatten(saved), _as_saved(config)
-    elsewhere = saved.get("checkpoint.dir")
-    if isinstance(elsewhere, str) and elsewhere and Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():
+    elsewhere = saved.get("checkpoint.dir") or str(run_dir / "checkpoints")  # kept as given: '' is the default
+    if isinstance(elsewhere, str) and Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():
         if Path(elsewhere).is_dir() and CheckpointManager(Path(elsewhere)).latest_valid() is not None:
             raise UsageError(f"the run in {run_dir} saves its checkpoints in {elsewhere}: continue it with "
                              f"--checkpoint-dir {elsewhere}, or start this one in a new --logging-log-dir DIR")
