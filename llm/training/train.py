@@ -46,7 +46,7 @@ from llm.training.core.config import Config
 from llm.training.core.engine import STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.profiler import Profiler
-from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
+from llm.training.core.registry import data_module_of, resolve_callback, resolve_data_module, resolve_task
 from llm.training.core.throughput import ThroughputMonitor
 
 EXIT_NON_FINITE = 3
@@ -62,6 +62,13 @@ def default_callbacks(config: Config) -> list[Callback]:
         callbacks.append(ProgressBar())
     if config.logging.profile_steps:
         callbacks.append(Profiler(config.logging.profile_from_step, config.logging.profile_steps))
+    for name in config.logging.callback_names():
+        cls = resolve_callback(name)
+        try:
+            callbacks.append(cls())
+        except Exception as e:  # noqa: BLE001 - the user's constructor: one line saying what it wanted
+            raise UsageError(f"logging.callbacks: {name} could not be built with no arguments: "
+                             f"{type(e).__name__}: {one_line(e)}") from None
     for name in config.logging.logger_names():
         if name == "tensorboard":
             callbacks.append(TensorBoardLogger())  # into the engine's run folder

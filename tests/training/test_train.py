@@ -174,6 +174,58 @@ def test_early_stopping_false_trains_the_steps_asked_for_and_a_resume_with_it_li
     assert json.loads((tmp_path / "on" / "summary.json").read_text())["steps"] == 10
 
 
+CALLBACKS = """
+from llm.training.core.callbacks import Callback
+
+
+class Steps(Callback):
+    def __init__(self):
+        self.n = 0
+
+    def on_step_end(self, engine):
+        self.n += 1
+        if engine.step % engine.config.logging.log_every_steps == 0:
+            engine.log({"my_steps": float(self.n)})
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+class NeedsArgument(Callback):
+    def __init__(self, window):
+        self.window = window
+
+
+class NoCallback:
+    pass
+"""
+
+
+def test_callbacks_of_the_users_join_a_command_line_run_and_keep_their_state_across_a_resume(tmp_path, monkeypatch,
+                                                                                             capsys):
+    (tmp_path / "my_callbacks.py").write_text(CALLBACKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = ["--task", "regression", *SMALL, "--logging-log-every-steps", "2", "--logging-log-dir", str(tmp_path / "run"),
+             "--logging-callbacks", "my_callbacks:Steps"]
+    assert main([*flags, "--training-max-steps", "4"]) == 0
+    assert main([*flags, "--training-max-steps", "8", "--checkpoint-resume", "auto"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["my_steps"]) for r in records if "my_steps" in r] == [(2, 2), (4, 4), (6, 6), (8, 8)]
+    capsys.readouterr()
+    for name, words in (("my_callbacks:NeedsArgument", "logging.callbacks: my_callbacks:NeedsArgument could not be "
+                                                       "built with no arguments: TypeError: "),
+                        ("my_callbacks:NoCallback", "my_callbacks:NoCallback is not a Callback subclass"),
+                        ("my_callbacks", "logging.callbacks: got 'my_callbacks', expected package.module:Class")):
+        assert main(["--task", "regression", *SMALL, "--logging-log-dir", str(tmp_path / name),
+                     "--logging-callbacks", name]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {words}") and err.count("\n") == 1, err
+        assert not (tmp_path / name).exists()
+
+
 def test_engines_built_in_code_and_started_by_torchrun_join_the_process_group_and_train_in_it(tmp_path):
     # the guide's train_worker: TrainingEngine(config, task, rank, world_size, ...) from a script of the user's own
     (tmp_path / "mine.py").write_text(

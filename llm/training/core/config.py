@@ -188,10 +188,15 @@ class LoggingConfig:
     """Show a progress bar on rank 0 when stderr is a terminal."""
     loggers: str = "tensorboard"
     """Comma-separated trackers: tensorboard, mlflow, wandb (the command line writes metrics.jsonl whatever this says)."""
+    callbacks: str = ""
+    """Comma-separated callbacks of your own to add, each package.module:Class, built with no arguments."""
     profile_steps: int = 0
     """Record this many steps with torch.profiler (0: none): a trace and a table per rank in <log_dir>/profile/."""
     profile_from_step: int = 10
     """The first step logging.profile_steps records (counted from 1; the first steps hold compilation)."""
+
+    def callback_names(self) -> list[str]:
+        return [name.strip() for name in self.callbacks.split(",") if name.strip()]
 
     def logger_names(self) -> list[str]:
         """The trackers named, each once (tensorboard,tensorboard would log every scalar twice)."""
@@ -414,6 +419,8 @@ class Config:
             raise ConfigError("checkpoint.init_from", c.init_from, f"no checkpoint.resume path beside it (both start a "
                               f"run from a checkpoint; checkpoint.resume is {c.resume!r}): give one of them")
         _at_least("logging.log_every_steps", lg.log_every_steps, 1)
+        for name in lg.callback_names():
+            _component("logging.callbacks", name, {})
         _at_least("logging.profile_steps", lg.profile_steps, 0)
         _at_least("logging.profile_from_step", lg.profile_from_step, 1)
         for name in lg.logger_names():
@@ -747,7 +754,8 @@ def _component(field: str, name: str, builtins: dict[str, str]) -> None:
     module, colon, cls = name.partition(":")
     if name in builtins or (colon and module and cls and not module.startswith(".")):
         return
-    raise ConfigError(field, name, f"one of {', '.join(builtins)} or package.module:Class{closest(name, builtins)}")
+    choices = f"one of {', '.join(builtins)} or " if builtins else ""
+    raise ConfigError(field, name, f"{choices}package.module:Class{closest(name, builtins)}")
 
 
 def _placed(key: str, names: set[str]) -> str:

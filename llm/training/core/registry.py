@@ -38,6 +38,13 @@ def resolve_data_module(name: str) -> type:
     return _resolve(name, DATA_MODULES, BaseDataModule, "data module")
 
 
+def resolve_callback(name: str) -> type:
+    """A callback class of the user's, ``package.module:Class``: the command line has no built-in names for them."""
+    from llm.training.core.callbacks import Callback
+
+    return _resolve(name, {}, Callback, "callback")
+
+
 def data_module_of(config: Any, task: Any) -> str:
     """The data module ``task`` trains on: ``data.module``, else the task's ``default_data_module``."""
     named = config.data.module or task.default_data_module
@@ -89,10 +96,8 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
     """A built-in name or ``package.module:Class``; imports only what the user named."""
     if ":" not in name:
         if name not in builtins:
-            raise UsageError(
-                f"unknown {kind} {name!r}{closest(name, builtins)}: use one of "
-                f"{', '.join(builtins)} or package.module:Class"
-            )
+            choices = f"one of {', '.join(builtins)} or " if builtins else ""
+            raise UsageError(f"unknown {kind} {name!r}{closest(name, builtins)}: use {choices}package.module:Class")
         name = builtins[name]
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name or module_name.startswith("."):
