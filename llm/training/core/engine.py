@@ -498,7 +498,7 @@ class TrainingEngine:
         self.criterion = self.task.build_criterion().to(self.device)
         D.agree_on_errors(lambda: self._check_task_takes_the_data(model))
         if cfg.checkpoint.init_from and start.checkpoint is None:  # a resume takes this run's own weights
-            D.agree_on_errors(lambda: self._start_from_weights(model, cfg.checkpoint.init_from))
+            self._start_from_weights(model, cfg.checkpoint.init_from)
         if cfg.training.compile:  # a fused loss: an LM's eager one makes float32 copies of all the logits
             # after the check, whose step would compile it untimed: compilation is the first step's, reported apart
             parallel.compile_in_place(self.criterion)
@@ -621,23 +621,32 @@ class TrainingEngine:
 
     def _start_from_weights(self, model: torch.nn.Module, init_from: str) -> None:
         """Load the weights of the checkpoint ``init_from`` names into the model, before it is sharded or wrapped:
-        a fine-tune, which keeps nothing else of that run. Refused in one line when the task would write other
-        files beside the weights than the checkpoint holds (a tokenizer, the model's shape), as then the weights
-        would read other tokens; another corpus is what a fine-tune is for."""
-        try:
-            ckpt = resolve_checkpoint(init_from)
-        except CheckpointError as e:
-            raise CheckpointError(f"checkpoint.init_from: {e}") from None
-        differ = [name for name in resume.changed_artifacts(self.task, ckpt)
-                  if name not in ("corpus.json", resume.TOKENIZED_OTHERWISE)]
-        if differ:
-            hint = f"; train with --data-tokenizer {ckpt / 'tokenizer.json'}" if (ckpt / "tokenizer.json").is_file() \
-                and any(name.startswith("tokenizer.json") for name in differ) else ""
-            raise UsageError(f"checkpoint.init_from: this run's {' and '.join(differ)} "
-                             f"{'differ from those' if len(differ) > 1 else 'differs from the one'} in {ckpt}, whose "
-                             f"weights were trained with {'them' if len(differ) > 1 else 'it'}{hint}")
-        load_weights_strictly(model, model_weights(ckpt), f"checkpoint.init_from: the weights in {ckpt}",
-                              " than this run's")
+        a fine-tune, which keeps nothing else of that run. Rank 0 picks the checkpoint and every rank loads that
+        one, even while the run it belongs to saves newer ones. Refused in one line when the task would write
+        another tokenizer beside the weights than the checkpoint holds, as then the weights would read other
+        tokens; another corpus is what a fine-tune is for, and a model of another shape fails the strict load."""
+        picked: list[Path] = []
+
+        def pick() -> None:
+            try:
+                picked.append(resolve_checkpoint(init_from))
+            except CheckpointError as e:
+                raise CheckpointError(f"checkpoint.init_from: {e}") from None
+
+        with self._warned_by_rank_0():  # a damaged newest checkpoint passed over: said once
+            D.agree_on_errors(pick, run_here=self.is_main)
+        ckpt = Path(D.broadcast_from_rank0(str(picked[0]) if picked else ""))
+
+        def load() -> None:
+            differ = [name for name in resume.changed_artifacts(self.task, ckpt) if name.startswith("tokenizer.json")]
+            if differ:
+                raise UsageError(f"checkpoint.init_from: this run's tokenizer differs from the one in {ckpt}, whose "
+                                 f"weights were trained with it (they would read other tokens); train with "
+                                 f"--data-tokenizer {ckpt / 'tokenizer.json'}")
+            load_weights_strictly(model, model_weights(ckpt), f"checkpoint.init_from: the weights in {ckpt}",
+                                  " than this run's")
+
+        D.agree_on_errors(load)
         self.print(f"started from the weights of {ckpt}: the optimizer, schedule, step and data order start afresh")
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:

@@ -149,12 +149,15 @@ class WandbLogger(Callback):
 
     package = "wandb"
     MODES = ("offline", "online", "disabled")
+    ALIASES = ("dryrun", "run", "shared")
+    """Other modes wandb takes from WANDB_MODE: older names of offline and online, and shared."""
 
     def __init__(self, project: str | None = None, mode: str | None = None, dir: str | None = None,
                  run_name: str | None = None):
         if mode is not None and mode not in self.MODES:
             raise ValueError(f"WandbLogger mode: got {mode!r}, expected one of {', '.join(self.MODES)}")
-        if mode is None and os.environ.get("WANDB_MODE", "") not in ("", *self.MODES):
+        if mode is None and os.environ.get("WANDB_MODE") not in (None, *self.MODES, *self.ALIASES):
+            # wandb reads it itself, and refuses an empty one as any other it does not know
             raise UsageError(f"WANDB_MODE: got {os.environ['WANDB_MODE']!r}, expected one of {', '.join(self.MODES)} "
                              f"(or unset: offline){closest(os.environ['WANDB_MODE'], self.MODES)}")
         mode = mode or os.environ.get("WANDB_MODE") or "offline"

@@ -389,6 +389,9 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
             raise UsageError(f"the run in {run_dir} saves its checkpoints in {elsewhere}: continue it with "
                              f"--checkpoint-dir {elsewhere}, or start this one in a new --logging-log-dir DIR")
     binding = [] if config.checkpoint.allow_config_change else binding_changes(config_changes(saved, now))
+    started_from, starts_from = saved.get("checkpoint.init_from") or "", config.checkpoint.init_from
+    if bool(started_from) != bool(starts_from) or (started_from and not _same_path(started_from, starts_from)):
+        binding.append("checkpoint.init_from")  # before its first save, the weights it started from are the run's
     binding.sort(key=lambda key: key != "task")  # another task says the most
     if binding:
         raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(binding[:4])}) and no checkpoint "
@@ -396,6 +399,10 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
     if (run_dir / "summary.json").exists():  # not killed before its first save: its checkpoints were deleted
         raise UsageError(f"{run_dir} holds a finished run (summary.json) and no checkpoint of it in "
                          f"{config.checkpoint.dir} to continue: start this one in a new --logging-log-dir DIR")
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _run_of(checkpoint: Path, run_dir: Path) -> Path | None:
@@ -442,7 +449,8 @@ change the stream a data set draws random numbers from in __getitem__: see chang
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The settings that differ between a checkpoint's flattened config and this run's (each with a
-    ``world_size`` entry), but for those that say how to resume (checkpoint.resume, allow_config_change).
+    ``world_size`` entry), but for those that say how to resume (HOW_TO_RESUME: what a checkpoint of the run
+    has taken the place of, such as the weights it started from).
     A setting newer than the checkpoint counts as saved at its default: the run that saved it had that."""
     defaults = flatten(Config().to_dict())
     saved = {**{k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}, **saved}

@@ -439,6 +439,20 @@ def test_init_from_a_checkpoint_of_another_model_or_beside_a_resume_path_is_one_
     assert not (tmp_path / "b" / "run").exists() and not (tmp_path / "c" / "run").exists()
 
 
+def test_a_run_started_from_weights_and_killed_before_its_first_save_is_not_continued_from_others(tmp_path):
+    source = str(tmp_path / "a" / "run")
+    final = weights(train(tiny_config(tmp_path / "a", training={"max_steps": 2}))[0].raw_model)
+    train(tiny_config(tmp_path / "b", training={"max_steps": 2}, checkpoint={"init_from": source}))
+    shutil.rmtree(tmp_path / "b" / "run" / "checkpoints")  # as if killed before its first save
+    (tmp_path / "b" / "run" / "summary.json").unlink()
+    with pytest.raises(UsageError, match=r"holds a run with other settings \(checkpoint.init_from\) and no checkpoint"):
+        train(tiny_config(tmp_path / "b", training={"max_steps": 2}, checkpoint={"resume": "auto"}))
+    start = WeightsAtStart()
+    train(tiny_config(tmp_path / "b", training={"max_steps": 2}, checkpoint={"resume": "auto", "init_from": source}),
+          callbacks=[start])
+    assert all(torch.equal(start.weights[k], final[k]) for k in final)  # started from the source's weights again
+
+
 class LogsOnOddSteps(Callback):
     """engine.log on steps that log no record: the value waits for the next one, across a save."""
 

@@ -260,9 +260,14 @@ def test_wandb_takes_its_mode_from_wandb_mode_unless_given_one(tmp_path, monkeyp
     logger.on_log(engine, RECORDS[0])
     logger.on_train_end(engine, {"val_loss": 1.0})
     assert not (tmp_path / "run" / "wandb").exists()  # disabled: nothing written, no offline run to sync
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # wandb's older name of offline
+    assert WandbLogger().mode == "dryrun"
     monkeypatch.setenv("WANDB_MODE", "ofline")
     with pytest.raises(UsageError, match=r"^WANDB_MODE: got 'ofline', expected one of offline, online, disabled "
                                          r"\(or unset: offline\) \(did you mean offline\?\)$"):
+        WandbLogger()
+    monkeypatch.setenv("WANDB_MODE", "")  # which wandb itself refuses, after the run's set-up
+    with pytest.raises(UsageError, match=r"^WANDB_MODE: got '', expected one of offline"):
         WandbLogger()
 
 
