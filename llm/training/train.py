@@ -63,7 +63,10 @@ def default_callbacks(config: Config) -> list[Callback]:
     if config.logging.profile_steps:
         callbacks.append(Profiler(config.logging.profile_from_step, config.logging.profile_steps))
     for name in config.logging.callback_names():
-        cls = resolve_callback(name)
+        try:
+            cls = resolve_callback(name)
+        except UsageError as e:  # named as a setting: the error then says where it was set, a file or a variable
+            raise UsageError(f"logging.callbacks: {e}") from None
         try:
             callbacks.append(cls())
         except Exception as e:  # noqa: BLE001 - the user's constructor: one line saying what it wanted

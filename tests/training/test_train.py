@@ -217,7 +217,8 @@ def test_callbacks_of_the_users_join_a_command_line_run_and_keep_their_state_acr
     capsys.readouterr()
     for name, words in (("my_callbacks:NeedsArgument", "logging.callbacks: my_callbacks:NeedsArgument could not be "
                                                        "built with no arguments: TypeError: "),
-                        ("my_callbacks:NoCallback", "my_callbacks:NoCallback is not a Callback subclass"),
+                        ("my_callbacks:NoCallback", "logging.callbacks: my_callbacks:NoCallback is not a Callback "
+                                                    "subclass"),
                         ("my_callbacks", "logging.callbacks: got 'my_callbacks', expected package.module:Class")):
         assert main(["--task", "regression", *SMALL, "--logging-log-dir", str(tmp_path / name),
                      "--logging-callbacks", name]) == 2

@@ -196,7 +196,8 @@ class LoggingConfig:
     """The first step logging.profile_steps records (counted from 1; the first steps hold compilation)."""
 
     def callback_names(self) -> list[str]:
-        return [name.strip() for name in self.callbacks.split(",") if name.strip()]
+        """The callbacks named, each once."""
+        return list(dict.fromkeys(name.strip() for name in self.callbacks.split(",") if name.strip()))
 
     def logger_names(self) -> list[str]:
         """The trackers named, each once (tensorboard,tensorboard would log every scalar twice)."""

@@ -635,14 +635,17 @@ class TrainingEngine:
 
         with self._warned_by_rank_0():  # a damaged newest checkpoint passed over: said once
             D.agree_on_errors(pick, run_here=self.is_main)
-        ckpt = Path(D.broadcast_from_rank0(str(picked[0]) if picked else ""))
+        ckpt = Path(D.broadcast_from_rank0(str(picked[0].resolve()) if picked else ""))  # whatever each one's cwd
 
         def load() -> None:
-            differ = [name for name in resume.changed_artifacts(self.task, ckpt) if name.startswith("tokenizer.json")]
-            if differ:
+            differ = resume.weights_changes(self.task, ckpt)
+            if differ == ["tokenizer.json"]:
                 raise UsageError(f"checkpoint.init_from: this run's tokenizer differs from the one in {ckpt}, whose "
                                  f"weights were trained with it (they would read other tokens); train with "
                                  f"--data-tokenizer {ckpt / 'tokenizer.json'}")
+            if differ:  # the same shapes, maybe, but not the same computation: another number of heads, another norm
+                raise UsageError(f"checkpoint.init_from: this run's model differs from the one in {ckpt} in "
+                                 f"{', '.join(differ)}, with which its weights would compute otherwise")
             load_weights_strictly(model, model_weights(ckpt), f"checkpoint.init_from: the weights in {ckpt}",
                                   " than this run's")
 
@@ -797,7 +800,12 @@ class TrainingEngine:
         states = _keyed_by_class(shared["callbacks"])
         for key, cb in zip(_callback_keys(self.callbacks), self.callbacks):
             if key in states:
-                cb.load_state_dict(states[key])
+                try:
+                    cb.load_state_dict(states[key])
+                except Exception as e:  # noqa: BLE001 - a state saved by another callback of the same class name
+                    raise CheckpointError(f"callback {key} cannot take the state {path} holds under its class name "
+                                          f"({type(e).__name__}: {one_line(e)}): was it saved by another class of "
+                                          f"that name? Rename one of them") from None
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
             resume.set_rng_state(mine["rng"], self.device)

@@ -506,6 +506,30 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
     return changed
 
 
+FINE_TUNE_FREE = ("dropout", "block_size")
+"""Settings in a model_config.json that a run started from another's weights may change, as the weights compute
+the same with them (a longer context of learned positions is another shape, which loading the weights refuses)."""
+
+
+def weights_changes(task: Any, checkpoint: Path) -> list[str]:
+    """What of the files the task writes beside the weights differs from the checkpoint's such that its weights
+    would compute otherwise here: ``tokenizer.json``, or the model's settings (``n_head (2 -> 4)``) but for
+    FINE_TUNE_FREE. Not the corpus, which a run started from the weights is meant to change."""
+    changes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        task.save_artifacts(Path(tmp))
+        for name in ("tokenizer.json", "model_config.json"):
+            if not ((Path(tmp) / name).is_file() and (checkpoint / name).is_file()):
+                continue
+            now, saved = (json.loads((folder / name).read_text(encoding="utf-8")) for folder in (Path(tmp), checkpoint))
+            if name == "tokenizer.json" and now != saved:
+                changes.append(name)
+            elif name == "model_config.json" and not changes:  # another tokenizer changes the vocabulary's size too
+                changes += [f"{key} ({saved.get(key)!r} -> {now.get(key)!r})" for key in sorted(saved.keys() | now.keys())
+                            if key not in FINE_TUNE_FREE and saved.get(key) != now.get(key)]
+    return changes
+
+
 TOKENIZED_OTHERWISE = ("the corpus's tokens (the corpus is the same, but this version of llm or of tokenizers "
                        "tokenizes it otherwise than the one that started the run, which can finish it)")
 """What changed_artifacts names when a language model's corpus is unchanged but its tokens are not."""

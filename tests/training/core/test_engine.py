@@ -439,6 +439,26 @@ def test_init_from_a_checkpoint_of_another_model_or_beside_a_resume_path_is_one_
     assert not (tmp_path / "b" / "run").exists() and not (tmp_path / "c" / "run").exists()
 
 
+def test_a_callback_given_the_state_of_another_class_of_its_name_is_one_line(tmp_path):
+    class Counter(Callback):  # a user's, in one module
+        def state_dict(self):
+            return {"a": 1}
+
+    first = Counter
+
+    class Counter(Callback):  # noqa: F811 - another of the same name, in another module, on the resume
+        def state_dict(self):
+            return {"b": 2}
+
+        def load_state_dict(self, state):
+            self.b = state["b"]
+
+    train(tiny_config(tmp_path, training={"max_steps": 2}), callbacks=[first()])
+    with pytest.raises(CheckpointError, match=r"^callback Counter cannot take the state .*step_00000002 holds under "
+                                              r"its class name \(KeyError: 'b'\): was it saved by another class"):
+        train(tiny_config(tmp_path, training={"max_steps": 4}, checkpoint={"resume": "auto"}), callbacks=[Counter()])
+
+
 def test_a_run_started_from_weights_and_killed_before_its_first_save_is_not_continued_from_others(tmp_path):
     source = str(tmp_path / "a" / "run")
     final = weights(train(tiny_config(tmp_path / "a", training={"max_steps": 2}))[0].raw_model)

@@ -387,6 +387,10 @@ def test_a_fine_tune_on_another_corpus_reads_it_with_the_tokenizer_its_weights_w
     assert capsys.readouterr().err == (
         f"error: checkpoint.init_from: this run's tokenizer differs from the one in {ckpt}, whose weights were "
         f"trained with it (they would read other tokens); train with --data-tokenizer {ckpt / 'tokenizer.json'}\n")
+    # the same weights with other heads would compute otherwise
+    assert train.main([*flags, "--data-tokenizer", str(ckpt / "tokenizer.json"), "--model-n-head", "4"]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint.init_from: this run's model differs from the one in {ckpt} "
+                                       f"in n_head (2 -> 4), with which its weights would compute otherwise\n")
     # another dropout, or a longer context with rotary positions, is a model_config.json of its own, not other weights
     assert train.main([*flags, "--data-tokenizer", str(ckpt / "tokenizer.json"), "--model-dropout", "0.1",
                        "--model-block-size", "64"]) == 0
