@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -339,6 +341,14 @@ def lm_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         else:
             base[name] = values
     return tiny_config(tmp_path, **base)
+
+
+def reseal(ckpt: Path) -> None:
+    """Rewrite the manifest to match the files as they are now, as if the checkpoint had been saved so."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 def train_tiny_lm(root: Path, text: str, block_size: int = 32, steps: int = 30, flags: tuple[str, ...] = ()) -> Path:

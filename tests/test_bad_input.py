@@ -30,7 +30,7 @@ import torch
 
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.tasks.regression_task import RegressionTask
-from tests.helpers import REPO, cli_env, free_port, node_agent, run, torchrun
+from tests.helpers import REPO, cli_env, free_port, node_agent, reseal, run, torchrun
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 QUIET = ["--logging-progress-bar", "false", "--logging-loggers", ""]
@@ -414,14 +414,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file under folder, by relative path, as a hash of its bytes."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def reseal(ckpt: Path) -> None:
-    """Rewrite the manifest to match the files as they are, as if the checkpoint had been saved so."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                         for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 @dataclass

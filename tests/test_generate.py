@@ -1,6 +1,5 @@
 """python -m llm.generate as users run it: streamed, seeded text; one-line errors with exit 2."""
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from torch import nn
 from llm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, load_tokenizer
 from llm.generate import main, stream_text
 from llm.training.tasks.lm_task import load_lm
-from tests.helpers import cli_env, run, train_tiny_lm, wordpiece_file
+from tests.helpers import cli_env, reseal, run, train_tiny_lm, wordpiece_file
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 BLOCK = 32
@@ -38,14 +37,6 @@ def step_dir(run_dir) -> Path:
 
 def generate(*flags: str, cwd: Path):
     return run([sys.executable, "-m", "llm.generate", *flags], cwd=cwd, timeout=60)
-
-
-def reseal(ckpt: Path) -> None:
-    """Rewrite the manifest to match the files as they are now, as if the checkpoint had been saved so."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                         for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 def continuation(stdout: str, prompt: str = PROMPT) -> str:

@@ -804,8 +804,9 @@ class TrainingEngine:
                     cb.load_state_dict(states[key])
                 except Exception as e:  # noqa: BLE001 - a state saved by another callback of the same class name
                     raise CheckpointError(f"callback {key} cannot take the state {path} holds under its class name "
-                                          f"({type(e).__name__}: {one_line(e)}): was it saved by another class of "
-                                          f"that name? Rename one of them") from None
+                                          f"({type(e).__name__}: {one_line(e)}): one saved by another version of "
+                                          f"that class, or by another class of that name; make its load_state_dict "
+                                          f"take it, or give the other class another name") from None
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
             resume.set_rng_state(mine["rng"], self.device)

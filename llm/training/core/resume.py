@@ -521,12 +521,19 @@ def weights_changes(task: Any, checkpoint: Path) -> list[str]:
         for name in ("tokenizer.json", "model_config.json"):
             if not ((Path(tmp) / name).is_file() and (checkpoint / name).is_file()):
                 continue
-            now, saved = (json.loads((folder / name).read_text(encoding="utf-8")) for folder in (Path(tmp), checkpoint))
+            now = json.loads((Path(tmp) / name).read_text(encoding="utf-8"))
+            try:
+                saved = json.loads((checkpoint / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise UsageError(f"cannot read {checkpoint / name}: {one_line(e)}") from None
             if name == "tokenizer.json" and now != saved:
                 changes.append(name)
             elif name == "model_config.json" and not changes:  # another tokenizer changes the vocabulary's size too
-                changes += [f"{key} ({saved.get(key)!r} -> {now.get(key)!r})" for key in sorted(saved.keys() | now.keys())
-                            if key not in FINE_TUNE_FREE and saved.get(key) != now.get(key)]
+                if not isinstance(saved, dict):
+                    raise UsageError(f"{checkpoint / name} holds a {type(saved).__name__}, not the model's settings")
+                # on the keys the checkpoint's holds, as changed_artifacts: an earlier version wrote fewer
+                changes += [f"{key} ({saved[key]!r} -> {now.get(key)!r})" for key in sorted(saved)
+                            if key not in FINE_TUNE_FREE and saved[key] != now.get(key)]
     return changes
 
 

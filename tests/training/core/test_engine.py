@@ -455,7 +455,7 @@ def test_a_callback_given_the_state_of_another_class_of_its_name_is_one_line(tmp
 
     train(tiny_config(tmp_path, training={"max_steps": 2}), callbacks=[first()])
     with pytest.raises(CheckpointError, match=r"^callback Counter cannot take the state .*step_00000002 holds under "
-                                              r"its class name \(KeyError: 'b'\): was it saved by another class"):
+                                              r"its class name \(KeyError: 'b'\): one saved by another version"):
         train(tiny_config(tmp_path, training={"max_steps": 4}, checkpoint={"resume": "auto"}), callbacks=[Counter()])
 
 

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import math
 import re
@@ -17,7 +16,7 @@ from llm.training.core.config import Config
 from llm.training.core.registry import resolve_data_module, resolve_task
 from llm.training.tasks import lm_task
 from llm.training.tasks.lm_task import IGNORE_INDEX, LMTask, load_lm
-from tests.helpers import train_tiny_lm
+from tests.helpers import reseal, train_tiny_lm
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 
@@ -273,14 +272,6 @@ def run_dir(tmp_path_factory) -> Path:
     return train_tiny_lm(root, TEXT)
 
 
-def reseal(ckpt: Path) -> None:
-    """Rewrite the manifest to match the files as they are now, as if the checkpoint had been saved so."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                         for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
-
-
 def test_load_lm_takes_a_run_a_folder_of_checkpoints_or_one_checkpoint(run_dir):
     step = run_dir / "checkpoints" / "step_00000030"
     loads = [load_lm(path) for path in (run_dir, run_dir / "checkpoints", step, str(step))]
@@ -391,6 +382,19 @@ def test_a_fine_tune_on_another_corpus_reads_it_with_the_tokenizer_its_weights_w
     assert train.main([*flags, "--data-tokenizer", str(ckpt / "tokenizer.json"), "--model-n-head", "4"]) == 2
     assert capsys.readouterr().err == (f"error: checkpoint.init_from: this run's model differs from the one in {ckpt} "
                                        f"in n_head (2 -> 4), with which its weights would compute otherwise\n")
+    # a model_config.json of an earlier version holds fewer keys: those it lacks are no change; one damaged is a line
+    config_file = ckpt / "model_config.json"
+    written = config_file.read_text()
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(written).items() if k != "tie_embeddings"}))
+    reseal(ckpt)
+    assert train.main([*flags, "--data-tokenizer", str(ckpt / "tokenizer.json"), "--training-max-steps", "1",
+                       "--logging-log-dir", str(tmp_path / "older")]) == 0
+    config_file.write_text("[]")
+    reseal(ckpt)
+    assert train.main([*flags, "--data-tokenizer", str(ckpt / "tokenizer.json")]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {config_file} holds a list, not the model's settings\n")
+    config_file.write_text(written)
+    reseal(ckpt)
     # another dropout, or a longer context with rotary positions, is a model_config.json of its own, not other weights
     assert train.main([*flags, "--data-tokenizer", str(ckpt / "tokenizer.json"), "--model-dropout", "0.1",
                        "--model-block-size", "64"]) == 0
