@@ -623,8 +623,9 @@ class TrainingEngine:
         """Load the weights of the checkpoint ``init_from`` names into the model, before it is sharded or wrapped:
         a fine-tune, which keeps nothing else of that run. Rank 0 picks the checkpoint and every rank loads that
         one, even while the run it belongs to saves newer ones. Refused in one line when the task would write
-        another tokenizer beside the weights than the checkpoint holds, as then the weights would read other
-        tokens; another corpus is what a fine-tune is for, and a model of another shape fails the strict load."""
+        another tokenizer beside the weights than the checkpoint holds (the weights would read other tokens), or
+        model settings under which they compute otherwise (resume.weights_changes); another corpus is what a
+        fine-tune is for, and a model of another shape fails the strict load."""
         picked: list[Path] = []
 
         def pick() -> None:
