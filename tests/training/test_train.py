@@ -174,6 +174,25 @@ def test_early_stopping_false_trains_the_steps_asked_for_and_a_resume_with_it_li
     assert json.loads((tmp_path / "on" / "summary.json").read_text())["steps"] == 10
 
 
+def test_a_run_with_a_relative_checkpoint_dir_resumed_from_another_folder_is_refused_not_started_over(
+        tmp_path, monkeypatch, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    flags = ["--task", "regression", *SMALL, "--training-max-steps", "4"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert main([*flags, "--logging-log-dir", "run", "--checkpoint-dir", "ckr"]) == 0
+    records = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
+    monkeypatch.chdir(tmp_path / "b")  # ckr, from here, is b/ckr: nothing there, yet the run has its checkpoints
+    capsys.readouterr()
+    assert main([*flags, "--logging-log-dir", "../a/run", "--checkpoint-resume", "auto"]) == 2
+    assert capsys.readouterr().err.startswith("error: the run in ../a/run saves its checkpoints in ../a/ckr: "
+                                              "continue it with --checkpoint-dir ../a/ckr,")
+    assert (tmp_path / "a" / "run" / "metrics.jsonl").read_text() == records  # not set aside to start over
+    assert main([*flags, "--logging-log-dir", "../a/run", "--checkpoint-dir", "../a/ckr", "--checkpoint-resume", "auto",
+                 "--training-max-steps", "6"]) == 0
+    assert json.loads((tmp_path / "a" / "run" / "summary.json").read_text())["steps"] == 6
+
+
 CALLBACKS = """
 from llm.training.core.callbacks import Callback
 

@@ -383,8 +383,10 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
                          f"write its settings over it; keep your config files outside run folders, or start this "
                          f"run in a new --logging-log-dir DIR")
     saved, now = flatten(saved), _as_saved(config)
-    elsewhere = saved.get("checkpoint.dir") or str(run_dir / "checkpoints")  # kept as given: '' is the default
-    if isinstance(elsewhere, str) and Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():
+    given = saved.get("checkpoint.dir")  # kept as given: '' is the default, <log_dir>/checkpoints
+    elsewhere = _from_where_started(given, saved.get("logging.log_dir"), run_dir) if isinstance(given, str) and given \
+        else str(run_dir / "checkpoints")
+    if Path(elsewhere).resolve() != Path(config.checkpoint.dir).resolve():
         if Path(elsewhere).is_dir() and CheckpointManager(Path(elsewhere)).latest_valid() is not None:
             raise UsageError(f"the run in {run_dir} saves its checkpoints in {elsewhere}: continue it with "
                              f"--checkpoint-dir {elsewhere}, or start this one in a new --logging-log-dir DIR")
@@ -399,6 +401,18 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
     if (run_dir / "summary.json").exists():  # not killed before its first save: its checkpoints were deleted
         raise UsageError(f"{run_dir} holds a finished run (summary.json) and no checkpoint of it in "
                          f"{config.checkpoint.dir} to continue: start this one in a new --logging-log-dir DIR")
+
+
+def _from_where_started(path: str, log_dir: Any, run_dir: Path) -> str:
+    """A relative ``path`` of a run's config.yaml, as it stands from here: from the folder that run was started
+    in, which its ``log_dir``, relative too, and the run folder it names (``run_dir``) tell."""
+    if Path(path).is_absolute() or not isinstance(log_dir, str) or Path(log_dir).is_absolute() or \
+            ".." in Path(log_dir).parts:
+        return path  # as it stands from here, or no way to tell otherwise
+    started_in = run_dir.resolve()
+    for _ in Path(os.path.normpath(log_dir)).parts:
+        started_in = started_in.parent
+    return os.path.relpath(started_in / path)  # as a flag given here would name it
 
 
 def _same_path(a: str, b: str) -> bool:
