@@ -55,9 +55,9 @@ EXIT_NON_FINITE = 3
 def default_callbacks(config: Config) -> list[Callback]:
     """The callbacks of a run from the command line; trackers as ``logging.loggers`` names them."""
     c = config.checkpoint
-    callbacks: list[Callback] = [MetricsLogger(), LRSchedulerCallback(), ThroughputMonitor()]
-    if config.training.early_stopping:
-        callbacks.insert(1, EarlyStopping(monitor=c.monitor, patience=config.training.patience, mode=c.mode))
+    stopping = [EarlyStopping(monitor=c.monitor, patience=config.training.patience, mode=c.mode)]
+    callbacks: list[Callback] = [MetricsLogger(), *(stopping if config.training.early_stopping else []),
+                                 LRSchedulerCallback(), ThroughputMonitor()]
     if config.logging.progress_bar:  # off, it would still be called at every step
         callbacks.append(ProgressBar())
     if config.logging.profile_steps:

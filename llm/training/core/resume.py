@@ -392,7 +392,7 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
                              f"--checkpoint-dir {elsewhere}, or start this one in a new --logging-log-dir DIR")
     binding = [] if config.checkpoint.allow_config_change else binding_changes(config_changes(saved, now))
     started_from, starts_from = saved.get("checkpoint.init_from") or "", config.checkpoint.init_from
-    if bool(started_from) != bool(starts_from) or (started_from and not _same_path(started_from, starts_from)):
+    if started_from != starts_from and not (started_from and starts_from and _same_place(started_from, starts_from)):
         binding.append("checkpoint.init_from")  # before its first save, the weights it started from are the run's
     binding.sort(key=lambda key: key != "task")  # another task says the most
     if binding:
@@ -409,14 +409,15 @@ def _from_where_started(path: str, log_dir: Any, run_dir: Path) -> str:
     if Path(path).is_absolute() or not isinstance(log_dir, str) or Path(log_dir).is_absolute() or \
             ".." in Path(log_dir).parts:
         return path  # as it stands from here, or no way to tell otherwise
-    started_in = run_dir.resolve()
-    for _ in Path(os.path.normpath(log_dir)).parts:
+    return os.path.relpath(_started_in(run_dir, Path(log_dir)) / path)  # as a flag given here would name it
+
+
+def _started_in(found: Path, given: Path) -> Path:
+    """The folder a run was started in, from a path it was given relative (without '..'), found at ``found``."""
+    started_in = found.resolve()
+    for _ in Path(os.path.normpath(given)).parts:
         started_in = started_in.parent
-    return os.path.relpath(started_in / path)  # as a flag given here would name it
-
-
-def _same_path(a: str, b: str) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+    return started_in
 
 
 def _run_of(checkpoint: Path, run_dir: Path) -> Path | None:
@@ -442,10 +443,7 @@ def _where_it_was(log_dir: Path, checkpoint_dir: Path | None, checkpoint: Path) 
         return checkpoint.parent.parent
     if log_dir.is_absolute() or checkpoint_dir.is_absolute() or ".." in checkpoint_dir.parts:
         return log_dir  # as it stands from here
-    started_in = checkpoint.parent.resolve()
-    for _ in Path(os.path.normpath(checkpoint_dir)).parts:
-        started_in = started_in.parent
-    return started_in / log_dir
+    return _started_in(checkpoint.parent, checkpoint_dir) / log_dir
 
 
 # ---- resuming with a changed config ------------------------------------------------------
@@ -480,7 +478,22 @@ def _same_file(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
     a, b = saved.get(key), now.get(key)
     if key not in DATA_FILES or not (isinstance(a, str) and isinstance(b, str) and a and b):
         return False
+    return _same_place(a, b)
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder, ``~`` and links followed."""
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+@contextlib.contextmanager
+def _artifacts_beside(task: Any, checkpoint: Path) -> Iterator[list[tuple[str, Path, Path]]]:
+    """The files the task writes beside the weights (``save_artifacts``, into a temporary folder) that the
+    checkpoint holds too: (name, this run's, the checkpoint's), by name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        task.save_artifacts(Path(tmp))
+        yield [(f.name, f, checkpoint / f.name) for f in sorted(Path(tmp).iterdir())
+               if f.is_file() and (checkpoint / f.name).is_file()]
 
 
 def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
@@ -497,21 +510,18 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
         return data
 
     changed, same_corpus = [], False
-    with tempfile.TemporaryDirectory() as tmp:
-        task.save_artifacts(Path(tmp))
-        for f in sorted(Path(tmp).iterdir()):
-            if not (f.is_file() and (checkpoint / f.name).is_file()):
-                continue
-            now, saved = content(f), content(checkpoint / f.name)
-            if f.name == "corpus.json":  # a language model's: the digest of its corpus, which both hold
+    with _artifacts_beside(task, checkpoint) as files:
+        for name, mine, theirs in files:
+            now, saved = content(mine), content(theirs)
+            if name == "corpus.json":  # a language model's: the digest of its corpus, which both hold
                 same_corpus = isinstance(now, dict) and isinstance(saved, dict) and \
                     "sha256" in saved and now.get("sha256") == saved["sha256"]
             if isinstance(now, dict) and isinstance(saved, dict):  # what an earlier version wrote holds fewer keys
                 differ = {key for key in saved if now.get(key) != saved[key]}
                 if differ:
-                    changed.append(TOKENIZED_OTHERWISE if differ == {"tokens_sha256"} else f.name)
+                    changed.append(TOKENIZED_OTHERWISE if differ == {"tokens_sha256"} else name)
             elif now != saved:
-                changed.append(f.name)
+                changed.append(name)
     if TOKENIZED_OTHERWISE in changed and len(changed) > 1:  # an edited tokenizer file moves the tokens itself
         changed.remove(TOKENIZED_OTHERWISE)
     data = getattr(getattr(task, "config", None), "data", None)
@@ -529,26 +539,24 @@ def weights_changes(task: Any, checkpoint: Path) -> list[str]:
     """What of the files the task writes beside the weights differs from the checkpoint's such that its weights
     would compute otherwise here: ``tokenizer.json``, or the model's settings (``n_head (2 -> 4)``) but for
     FINE_TUNE_FREE. Not the corpus, which a run started from the weights is meant to change."""
-    changes = []
-    with tempfile.TemporaryDirectory() as tmp:
-        task.save_artifacts(Path(tmp))
-        for name in ("tokenizer.json", "model_config.json"):
-            if not ((Path(tmp) / name).is_file() and (checkpoint / name).is_file()):
+    tokenizer, settings = False, []
+    with _artifacts_beside(task, checkpoint) as files:
+        for name, mine, theirs in files:
+            if name not in ("tokenizer.json", "model_config.json"):
                 continue
-            now = json.loads((Path(tmp) / name).read_text(encoding="utf-8"))
+            now = json.loads(mine.read_text(encoding="utf-8"))
             try:
-                saved = json.loads((checkpoint / name).read_text(encoding="utf-8"))
+                saved = json.loads(theirs.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError) as e:
-                raise UsageError(f"cannot read {checkpoint / name}: {one_line(e)}") from None
-            if name == "tokenizer.json" and now != saved:
-                changes.append(name)
-            elif name == "model_config.json" and not changes:  # another tokenizer changes the vocabulary's size too
-                if not isinstance(saved, dict):
-                    raise UsageError(f"{checkpoint / name} holds a {type(saved).__name__}, not the model's settings")
-                # on the keys the checkpoint's holds, as changed_artifacts: an earlier version wrote fewer
-                changes += [f"{key} ({saved[key]!r} -> {now.get(key)!r})" for key in sorted(saved)
+                raise UsageError(f"cannot read {theirs}: {one_line(e)}") from None
+            if name == "tokenizer.json":
+                tokenizer = now != saved
+            elif not isinstance(saved, dict):
+                raise UsageError(f"{theirs} holds a {type(saved).__name__}, not the model's settings")
+            else:  # on the keys the checkpoint's holds, as changed_artifacts: an earlier version wrote fewer
+                settings = [f"{key} ({saved[key]!r} -> {now.get(key)!r})" for key in sorted(saved)
                             if key not in FINE_TUNE_FREE and saved[key] != now.get(key)]
-    return changes
+    return ["tokenizer.json"] if tokenizer else settings  # another tokenizer changes the vocabulary's size too
 
 
 TOKENIZED_OTHERWISE = ("the corpus's tokens (the corpus is the same, but this version of llm or of tokenizers "
