@@ -94,9 +94,9 @@ class OptimizerConfig:
     beta2: float = 0.999
     """Second moment decay (adam, adamw)."""
     warmup_steps: int = 0
-    """Linear warmup over this many optimizer steps, the first at lr/(warmup_steps+1); not in classification's schedule."""
+    """Linear warmup over this many optimizer steps, the first at lr/(warmup_steps+1)."""
     scheduler: Literal["constant", "cosine", "linear"] = "cosine"
-    """Learning-rate decay after warmup, reaching min_lr as the last step ends (classification: always cosine)."""
+    """Learning-rate decay after warmup, reaching min_lr as the last step ends."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
 

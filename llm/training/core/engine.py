@@ -791,8 +791,12 @@ class TrainingEngine:
             # replayed up to the schedule's end: a run resumed past it (a lower max_steps) takes no step, and a
             # OneCycleLR refuses a step beyond its total
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
-        elif self.scheduler is not None and shared["scheduler"] is not None:
+        elif self.scheduler is not None and resume.same_kind_of_schedule(self.scheduler, shared["scheduler"]):
             self.scheduler.load_state_dict(shared["scheduler"])
+        elif self.scheduler is not None:  # saved by no scheduler, or by another kind: the task's build_scheduler changed
+            self.print(f"the checkpoint's learning-rate schedule is not {type(self.scheduler).__name__}'s: the rate "
+                       f"follows this run's schedule from step {self.step}")
+            resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
             self.scaler.load_state_dict(shared["scaler"])
         self.val_metrics = shared["val_metrics"]

@@ -652,6 +652,17 @@ def resume_plateau(optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlatea
         scheduler._last_lr = list(rates)
 
 
+def same_kind_of_schedule(scheduler: Any, saved: dict[str, Any] | None) -> bool:
+    """Whether ``saved`` is a state ``scheduler`` can load: one its own class would save, by the names it holds.
+
+    A task whose build_scheduler changed between a save and a resume (the
+    classification task's cosine of its own, before it took the built-in schedule)
+    leaves a state of another class, which load_state_dict either refuses in a
+    KeyError or takes in part.
+    """
+    return saved is not None and set(saved) == set(scheduler.state_dict())
+
+
 def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list[dict[str, Any]],
                             scheduler: Any, step: int) -> None:
     """After a resume with a changed config: the optimizer's settings are this run's, and its rate is the

@@ -1,16 +1,14 @@
 """ClassificationTask: an MLP classifier with cross-entropy and accuracy.
 
-Written against the usage guide alone, as a user would write their own task,
-with a learning-rate schedule of its own: cosine from optimizer.lr down to
-optimizer.min_lr over the run, without warmup (optimizer.scheduler and
-warmup_steps are for the built-in schedule, which this task does not use).
+Written against the usage guide alone, as a user would write their own task.
+It leaves build_scheduler out, so it trains on the schedule the --optimizer-*
+flags set.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn, optim
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 from llm.errors import UsageError
 from llm.training.core.optim import build_optimizer
@@ -27,10 +25,6 @@ class ClassificationTask(TrainingTask):
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
         return build_optimizer(model, self.config.optimizer)
-
-    def build_scheduler(self, optimizer: optim.Optimizer) -> LRScheduler | None:
-        # total_steps is set by the engine before this is called
-        return CosineAnnealingLR(optimizer, T_max=max(1, self.total_steps), eta_min=self.config.optimizer.min_lr)
 
     def build_criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()

@@ -1878,11 +1878,22 @@ def test_max_steps_on_an_epochs_last_step_still_ends_the_epoch(tmp_path):
     assert json.loads((tmp_path / "run/summary.json").read_text())["epochs"] == 2
 
 
-@pytest.mark.parametrize("task", ["regression", "classification"])  # LambdaLR, and a user's CosineAnnealingLR
-def test_a_resume_with_more_steps_follows_the_longer_schedule_from_the_resumed_step(tmp_path, task):
-    from llm.training.tasks.classification_task import ClassificationTask
+class CosineClassificationTask(ClassificationTask):
+    """A user's scheduler, recursive: each rate is computed from the last one."""
 
-    task_cls = ClassificationTask if task == "classification" else RegressionTask
+    def build_scheduler(self, optimizer):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.total_steps),
+                                                          eta_min=self.config.optimizer.min_lr)
+
+
+class ConstantClassificationTask(ClassificationTask):
+    def build_scheduler(self, optimizer):
+        return None
+
+
+@pytest.mark.parametrize("task_cls", [RegressionTask, CosineClassificationTask])  # LambdaLR, and CosineAnnealingLR
+def test_a_resume_with_more_steps_follows_the_longer_schedule_from_the_resumed_step(tmp_path, task_cls):
+    task = "classification" if task_cls is CosineClassificationTask else "regression"
 
     def config(name, max_steps, **more):
         return tiny_config(tmp_path / name, task=task, training={"epochs": 100, "max_steps": max_steps},
@@ -1907,6 +1918,35 @@ def test_the_lr_in_each_record_is_the_rate_its_step_took(tmp_path):
     lrs = [r["lr"] for r in records_of(tmp_path / "run", "train")]
     assert lrs[:6] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01, 0.01], rel=1e-12)
     assert records_of(tmp_path / "run", "epoch")[0]["lr"] == pytest.approx(0.01, rel=1e-12)
+
+
+def test_the_classification_task_takes_the_schedule_the_flags_set(tmp_path):
+    config = tiny_config(tmp_path, task="classification", training={"epochs": 1}, logging={"log_every_steps": 1},
+                         optimizer={"lr": 0.01, "warmup_steps": 4, "scheduler": "linear", "min_lr": 0.001})
+    train(config, ClassificationTask, callbacks=default_callbacks(config))
+    lrs = [r["lr"] for r in records_of(tmp_path / "run", "train")]
+    assert lrs == pytest.approx([0.01 * lr_factor(s, config.optimizer, len(lrs)) for s in range(len(lrs))], rel=1e-12)
+    assert lrs[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01], rel=1e-12) and lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("saved_by", [CosineClassificationTask, ConstantClassificationTask])
+def test_a_checkpoint_of_another_kind_of_schedule_resumes_on_this_runs_schedule(tmp_path, saved_by, capsys,
+                                                                               monkeypatch):
+    def config(resume=""):
+        return tiny_config(tmp_path, task="classification", training={"epochs": 100, "max_steps": 12},
+                           logging={"log_every_steps": 1}, optimizer={"lr": 0.01, "min_lr": 0.001},
+                           checkpoint={"every_n_steps": 6, "resume": resume})
+
+    with monkeypatch.context() as patch:  # the task's build_scheduler as an earlier version of it had it
+        patch.setattr(ClassificationTask, "build_scheduler", saved_by.build_scheduler)
+        train(config(), ClassificationTask, callbacks=default_callbacks(config()))
+    shutil.rmtree(tmp_path / "run/checkpoints/step_00000012")  # as if stopped at step 6, under the same settings
+    resumed = config(resume="auto")
+    engine, _ = train(resumed, ClassificationTask, callbacks=default_callbacks(resumed))
+    assert engine.step == 12 and "the checkpoint's learning-rate schedule is not LambdaLR's" in capsys.readouterr().out
+    lrs = {r["step"]: r["lr"] for r in records_of(tmp_path / "run", "train")}
+    assert [lrs[s] for s in range(7, 13)] == pytest.approx(
+        [0.01 * lr_factor(s - 1, resumed.optimizer, 12) for s in range(7, 13)], rel=1e-12)
 
 
 def test_engine_log_adds_to_the_record_of_the_hook_it_is_called_from(tmp_path):
