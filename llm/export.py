@@ -8,8 +8,10 @@ checkpoint format; for a language model, its tokenizer too
 directory (its newest valid checkpoint).
 
 ``--format hf --out DIR`` writes a language model as a Hugging Face
-``transformers`` GPT-2 instead (``GPT2LMHeadModel.from_pretrained(DIR)``):
-``config.json``, ``model.safetensors`` and, for a Hugging Face tokenizer,
+``transformers`` model instead, a Llama (``LlamaForCausalLM``: rotary positions,
+RMSNorm, SwiGLU, the defaults) or a GPT-2 (``GPT2LMHeadModel``: learned
+positions, LayerNorm, GELU), which ``AutoModelForCausalLM.from_pretrained(DIR)``
+loads: ``config.json``, ``model.safetensors`` and, for a Hugging Face tokenizer,
 ``tokenizer.json`` with a ``tokenizer_config.json`` that loads it as it is.
 """
 
@@ -32,7 +34,7 @@ from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
 from llm.models.gpt import GPTConfig
-from llm.models.hf import NotGPT2, to_gpt2_state_dict
+from llm.models.hf import HF_NAMES, HF_SHAPES, NoHFForm, to_hf_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, read_checkpoint
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
 
@@ -86,38 +88,56 @@ def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
     }
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, bool]:
-    """Write the folder ``out`` for ``transformers.GPT2LMHeadModel``; returns the checkpoint and
-    whether its tokenizer went with it (only a Hugging Face one has a form transformers reads)."""
+def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, bool]:
+    """Write the folder ``out`` for ``transformers`` (a Llama or a GPT-2); returns the checkpoint, the
+    architecture and whether the tokenizer went with it (only a Hugging Face one has a form transformers reads)."""
     out = Path(out)
     check_hf_out(out)
     transformers = _import_transformers()  # before loading: a big checkpoint takes a while
     ckpt, weights, config, tokenizer_json = read_checkpoint(checkpoint, _read_for_hf)
     try:
-        hf_config, hf_state = to_gpt2_state_dict(weights, config)
-    except NotGPT2 as e:  # every setting at once: one retrain, not one per setting
-        settings = ", ".join(f"model.{field} {value}" for field, value, _ in e.mismatches)
-        flags = " ".join(f"--model-{field.replace('_', '-')} {needed}" for field, _, needed in e.mismatches)
-        raise UsageError(f"--format hf: {settings} {'has' if len(e.mismatches) == 1 else 'have'} no GPT-2 form; "
-                         f"train with {flags} to export to Hugging Face") from None
+        hf_config, hf_state = to_hf_state_dict(weights, config)
+    except NoHFForm as e:
+        raise UsageError(f"--format hf: {_no_hf_form(config, e)}") from None
     del weights
-    gpt2_config = transformers.GPT2Config(**hf_config)
-    _check_gpt2_names(transformers, gpt2_config, hf_state)
+    architecture = hf_config["architectures"][0]
+    model_config = _hf_config_class(transformers, architecture)(**hf_config)
+    _check_hf_names(transformers, architecture, model_config, hf_state)
     try:
         out.mkdir(parents=True, exist_ok=True)
         # transformers reads "format" only; the mark tells a folder that a new export may replace
         _save_safetensors(hf_state, out / HF_WEIGHTS, metadata={"format": "pt", HF_MARK[0]: HF_MARK[1]})
-        gpt2_config.save_pretrained(out)
+        model_config.save_pretrained(out)
         for name in (TOKENIZER, HF_TOKENIZER_CONFIG):  # none stale from an earlier export
             (out / name).unlink(missing_ok=True)
         if tokenizer_json is not None:
             (out / TOKENIZER).write_bytes(tokenizer_json)
-            # without it AutoTokenizer takes a GPT-2 model for GPT-2's own tokenizer and
-            # adds its <|endoftext|> token; this class loads tokenizer.json as it is
+            # without it AutoTokenizer takes the model type's own tokenizer class, which adds
+            # GPT-2's <|endoftext|> or Llama's <s>; this class loads tokenizer.json as it is
             (out / HF_TOKENIZER_CONFIG).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-    return ckpt, tokenizer_json is not None
+    return ckpt, architecture, tokenizer_json is not None
+
+
+def _no_hf_form(config: GPTConfig, error: NoHFForm) -> str:
+    """What a model of no transformers form has and needs: every setting at once, so one retrain does; the
+    nearest architecture first."""
+    def flags(mismatches: list[tuple[str, object, str]]) -> str:
+        return " ".join(f"--model-{field.replace('_', '-')} {needed}" for field, _, needed in mismatches)
+
+    has = ", ".join(f"model.{field} {value}" for field, value, _ in error.mismatches)
+    nearest = HF_NAMES[error.architecture]
+    other = next(name for name in HF_SHAPES if name != error.architecture)
+    other_flags = flags([(field, getattr(config, field), needed) for field, needed in HF_SHAPES[other].items()
+                         if getattr(config, field) != needed])
+    return (f"{has} {'has' if len(error.mismatches) == 1 else 'have'} no {nearest} form, and the model no other "
+            f"Hugging Face one; train with {flags(error.mismatches)} to export a {nearest} "
+            f"(or with {other_flags} for a {HF_NAMES[other]})")
+
+
+def _hf_config_class(transformers, architecture: str):
+    return {"GPT2LMHeadModel": transformers.GPT2Config, "LlamaForCausalLM": transformers.LlamaConfig}[architecture]
 
 
 def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, bytes | None]:
@@ -189,17 +209,17 @@ def _import_transformers():
     return transformers
 
 
-def _check_gpt2_names(transformers, config, hf_state: dict[str, torch.Tensor]) -> None:
-    """Compare names and shapes with the installed transformers' GPT-2, built on the meta device
+def _check_hf_names(transformers, architecture: str, config, hf_state: dict[str, torch.Tensor]) -> None:
+    """Compare names and shapes with the installed transformers' model, built on the meta device
     (nothing allocated): from_pretrained would only warn about weights it does not find."""
     with torch.device("meta"):
-        expected = transformers.GPT2LMHeadModel(config).state_dict()
+        expected = getattr(transformers, architecture)(config).state_dict()
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # the embedding, restored on load
     wrong = sorted(set(expected) ^ set(hf_state)) or [
         name for name, t in hf_state.items() if tuple(t.shape) != tuple(expected[name].shape)]
     if wrong:
-        raise UsageError(f"transformers {transformers.__version__} lays out GPT-2 differently from what "
+        raise UsageError(f"transformers {transformers.__version__} lays out {architecture} differently from what "
                          f"this export writes (first difference: {wrong[0]}): "
                          f"please report it, with the transformers version")
 
@@ -290,21 +310,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(argv: list[str] | None) -> str:
     parser = ArgParser(prog="llm-export", description="Export a checkpoint's model weights as safetensors, or as a "
-                                                       "Hugging Face GPT-2 (--format hf).")
+                                                       "Hugging Face Llama or GPT-2 (--format hf).")
     parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, or a run directory")
     parser.add_argument("--out", required=True,
                         help="where to write: the .safetensors file, or for --format hf a folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="safetensors: our weights and a .json description (default); "
-                             "hf: a Hugging Face transformers GPT-2 folder (language models)")
+                             "hf: a Hugging Face transformers folder, Llama or GPT-2 (language models)")
     args = parser.parse_args(argv)
     if args.format != "hf":
         ckpt = export(args.checkpoint, args.out)
         beside = [path.name for path in (description_of(Path(args.out)), tokenizer_of(Path(args.out))) if path.exists()]
         return f"exported {ckpt} to {args.out} (+ {', '.join(beside)})"
-    ckpt, with_tokenizer = export_hf(args.checkpoint, args.out)
+    ckpt, architecture, with_tokenizer = export_hf(args.checkpoint, args.out)
     tokenizer = "tokenizer.json" if with_tokenizer else "no tokenizer: only a Hugging Face one has a form transformers reads"
-    return (f"exported {ckpt} to {args.out} as a transformers GPT2LMHeadModel "
+    return (f"exported {ckpt} to {args.out} as a transformers {architecture} "
             f"(config.json, model.safetensors; {tokenizer})")
 
 

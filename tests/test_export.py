@@ -171,7 +171,7 @@ def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: checkpoint path {tmp_path / 'nope'} does not exist\n"
 
 
-# ---- --format hf: a Hugging Face transformers GPT-2 ------------------------------------
+# ---- --format hf: a Hugging Face transformers GPT-2 or Llama ---------------------------
 
 GPT2_FLAGS = ["--model-pos-emb", "learned", "--model-norm", "layernorm", "--model-mlp", "gelu"]
 
@@ -191,7 +191,7 @@ def train_lm(tmp_path, *flags):
 def assert_same_logits(run_dir, out, ids):
     transformers = pytest.importorskip("transformers")
     ours, _, _ = load_lm(run_dir)
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     idx = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx), rtol=0, atol=1e-5)
@@ -289,15 +289,40 @@ def test_export_hf_files_follow_the_umask(tmp_path, umask_002):
     assert modes == {"config.json": oct(0o664), "model.safetensors": oct(0o664)}
 
 
-def test_export_hf_of_a_default_model_exits_2_naming_every_setting(tmp_path, capsys):
+def test_export_hf_of_a_default_model_is_a_llama_with_the_same_logits_and_tokenizer(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    run_dir = train_lm(tmp_path, "--model-bias", "true", "--data-tokenizer", "bpe", "--data-vocab-size", "300",
+                       "--model-vocab-size", "320")  # rope, rmsnorm, swiglu; a padded vocabulary
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert "as a transformers LlamaForCausalLM (config.json, model.safetensors; tokenizer.json)" in capsys.readouterr().out
+    ours, tokenizer, _ = load_lm(run_dir)
+    vocab = tokenizer.vocab_size
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == vocab < ours.config.vocab_size
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the lazy fox jumps over 12 quick dogs"
+    ids = tokenizer.encode(text)
+    assert hf_tokenizer(text)["input_ids"] == ids  # no <s> of Llama's own tokenizer class
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()  # tied
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(torch.tensor([ids])).logits, ours(torch.tensor([ids]))[..., :vocab],
+                                   rtol=0, atol=1e-5)
+
+
+def test_export_hf_of_a_mix_no_architecture_has_exits_2_naming_every_setting(tmp_path, capsys):
     pytest.importorskip("transformers")
-    config = lm_config(tmp_path)  # rope, rmsnorm, swiglu: all three in one line, so one retrain does
+    config = lm_config(tmp_path, model={"norm": "layernorm", "mlp": "gelu"})  # with rope: neither GPT-2 nor Llama
     TrainingEngine(config, LMTask(config), 0, 1).train()
     out = tmp_path / "hf"
     assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
-        "error: --format hf: model.pos_emb rope, model.norm rmsnorm, model.mlp swiglu have no GPT-2 form; "
-        f"train with {' '.join(GPT2_FLAGS)} to export to Hugging Face\n")
+        "error: --format hf: model.pos_emb rope has no GPT-2 form, and the model no other Hugging Face one; train "
+        "with --model-pos-emb learned to export a GPT-2 (or with --model-norm rmsnorm --model-mlp swiglu for a "
+        "Llama)\n")
     assert not out.exists()
 
 

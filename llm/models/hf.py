@@ -1,9 +1,11 @@
-"""Our GPT as a Hugging Face ``transformers`` GPT-2 (``GPT2LMHeadModel``): config and weights.
+"""Our GPT as a Hugging Face ``transformers`` model: GPT-2 or Llama, config and weights.
 
-Pure tensor renaming, no ``transformers`` import: :func:`to_gpt2_state_dict`
-gives the ``config.json`` contents and the state dict of an equivalent GPT-2,
-so that both models compute the same logits. That holds only for the GPTs
-GPT-2 can express (:data:`GPT2_SHAPE`); the rest raise ValueError.
+Pure tensor renaming, no ``transformers`` import: :func:`to_hf_state_dict` gives
+the ``config.json`` contents and the state dict of an equivalent
+``GPT2LMHeadModel`` (learned positions, LayerNorm, GELU: :data:`HF_SHAPES`) or
+``LlamaForCausalLM`` (rotary positions, RMSNorm, SwiGLU: this package's
+defaults), so that both models compute the same logits. Other mixes have no
+``transformers`` form and raise :class:`NoHFForm`.
 
 Why each choice is exact:
 
@@ -13,36 +15,95 @@ Why each choice is exact:
   transpose of ``nn.Linear``'s (out, in).
 - ``c_attn`` splits its output into q, k, v of n_embd each, then each into
   heads of head_dim, as our ``qkv`` does; both scale scores by 1/sqrt(head_dim).
-- A model trained without biases equals one whose biases are all zero.
+  Llama's ``q_proj``, ``k_proj`` and ``v_proj`` are those three row blocks, with
+  as many key-value heads as heads.
+- Our :class:`~llm.models.gpt.Rotary` rotates the two halves of each head
+  ("rotate half", base 10000), as Llama's default rotary embedding does.
+- Our SwiGLU ``fc`` is Llama's ``gate_proj`` rows then its ``up_proj`` rows;
+  ``silu(gate) * up`` in both.
+- A model trained without biases equals one whose biases are all zero (GPT-2
+  has them always; Llama has them or not, by ``attention_bias`` and ``mlp_bias``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from llm.models.gpt import GPTConfig
+from llm.models.gpt import GPTConfig, swiglu_hidden
 
-GPT2_SHAPE = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}
-"""The GPTConfig values GPT-2's architecture has; other values have no GPT-2 form."""
+HF_SHAPES = {
+    "GPT2LMHeadModel": {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"},
+    "LlamaForCausalLM": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+}
+"""The GPTConfig values each ``transformers`` architecture has; other mixes have no form there."""
+HF_NAMES = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama"}
 
 
-class NotGPT2(ValueError):
-    """The GPTConfig settings GPT-2 cannot express: ``mismatches`` holds ``(field, value, needed)`` for each."""
+class NoHFForm(ValueError):
+    """A GPTConfig that ``architecture`` (the nearest of :data:`HF_SHAPES`) cannot express: ``mismatches``
+    holds ``(field, value, needed)`` for each setting it lacks."""
 
-    def __init__(self, mismatches: list[tuple[str, object, str]]):
-        self.mismatches = mismatches
+    def __init__(self, architecture: str, mismatches: list[tuple[str, object, str]]):
+        self.architecture, self.mismatches = architecture, mismatches
         has = ", ".join(f"{field}={value!r}" for field, value, _ in mismatches)
         needs = ", ".join(f"{field}={needed!r}" for field, _, needed in mismatches)
-        super().__init__(f"GPT-2 has no {has}: it needs {needs}")
+        super().__init__(f"{HF_NAMES[architecture]} has no {has}: it needs {needs}")
 
 
-def check_gpt2_shape(config: GPTConfig) -> None:
-    """Raise :class:`NotGPT2` naming every setting of ``config`` that GPT-2 cannot express, so that
-    one retrain fixes them all."""
-    mismatches = [(field, getattr(config, field), needed) for field, needed in GPT2_SHAPE.items()
-                  if getattr(config, field) != needed]
+def _mismatches(config: GPTConfig, architecture: str) -> list[tuple[str, object, str]]:
+    return [(field, getattr(config, field), needed) for field, needed in HF_SHAPES[architecture].items()
+            if getattr(config, field) != needed]
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """The ``transformers`` architecture that computes what ``GPT(config)`` does; else :class:`NoHFForm`
+    naming every setting the nearest one lacks, so that one retrain fixes them all."""
+    nearest = min(HF_SHAPES, key=lambda architecture: len(_mismatches(config, architecture)))
+    mismatches = _mismatches(config, nearest)
     if mismatches:
-        raise NotGPT2(mismatches)
+        raise NoHFForm(nearest, mismatches)
+    return nearest
+
+
+def _check_shape(config: GPTConfig, architecture: str) -> None:
+    mismatches = _mismatches(config, architecture)
+    if mismatches:
+        raise NoHFForm(architecture, mismatches)
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(hf_config_dict, hf_state)`` of the architecture :func:`hf_architecture` picks, which
+    ``hf_config_dict["architectures"][0]`` names."""
+    if hf_architecture(config) == "GPT2LMHeadModel":
+        return to_gpt2_state_dict(state, config)
+    return to_llama_state_dict(state, config)
+
+
+class _Taker:
+    """Takes tensors from our state dict by name, as new CPU tensors, and says which it never took."""
+
+    def __init__(self, state: dict[str, torch.Tensor], config: GPTConfig):
+        self.state, self.config, self.taken = state, config, set()
+        if config.tie_embeddings:
+            self.taken.add("lm_head.weight")  # the same matrix as tok_emb.weight, restored on load
+
+    def __call__(self, name: str, transpose: bool = False) -> torch.Tensor:
+        if name not in self.state:
+            raise ValueError(f"no {name} in the weights: they are not those of a GPT with this config")
+        self.taken.add(name)
+        t = self.state[name].detach().cpu()
+        return (t.t() if transpose else t).contiguous().clone()
+
+    def head(self) -> dict[str, torch.Tensor]:
+        """An untied output head; a tied one is left out, as ``save_pretrained`` does: ``tie_word_embeddings``
+        restores it on load."""
+        return {} if self.config.tie_embeddings else {"lm_head.weight": self("lm_head.weight")}
+
+    def check_all_taken(self, architecture: str) -> None:
+        left = sorted(set(self.state) - self.taken)
+        if left:  # a tensor the mapping does not know would be dropped silently
+            raise ValueError(f"weights with no {HF_NAMES[architecture]} counterpart: "
+                             f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
 
 
 def to_gpt2_state_dict(
@@ -51,18 +112,10 @@ def to_gpt2_state_dict(
     """``(hf_config_dict, hf_state)`` for ``GPT2LMHeadModel``, from the state dict of ``GPT(config)``.
 
     The tensors are new (transposed or cloned), on the CPU, sharing no storage, so
-    they can be saved with safetensors. A tied output head is left out, as
-    ``save_pretrained`` does: ``tie_word_embeddings`` restores it on load.
+    they can be saved with safetensors.
     """
-    check_gpt2_shape(config)
-    taken: set[str] = set()
-
-    def take(name: str, transpose: bool = False) -> torch.Tensor:
-        if name not in state:
-            raise ValueError(f"no {name} in the weights: they are not those of a GPT with this config")
-        taken.add(name)
-        t = state[name].detach().cpu()
-        return (t.t() if transpose else t).contiguous().clone()
+    _check_shape(config, "GPT2LMHeadModel")
+    take = _Taker(state, config)
 
     def bias(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
         return take(name) if config.bias else torch.zeros(size, dtype=like.dtype)
@@ -85,14 +138,8 @@ def to_gpt2_state_dict(
         hf |= norm(f"{ours}.norm2", f"{theirs}.ln_2")
         hf |= linear(f"{ours}.mlp.fc", f"{theirs}.mlp.c_fc", 4 * c.n_embd)
         hf |= linear(f"{ours}.mlp.proj", f"{theirs}.mlp.c_proj", c.n_embd)
-    hf |= norm("norm_f", "transformer.ln_f")
-    if c.tie_embeddings:
-        taken.add("lm_head.weight")  # the same matrix as tok_emb.weight
-    else:
-        hf["lm_head.weight"] = take("lm_head.weight")
-    left = sorted(set(state) - taken)
-    if left:  # a tensor the mapping does not know would be dropped silently
-        raise ValueError(f"weights with no GPT-2 counterpart: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
+    hf |= norm("norm_f", "transformer.ln_f") | take.head()
+    take.check_all_taken("GPT2LMHeadModel")
 
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
@@ -119,5 +166,65 @@ def to_gpt2_state_dict(
         # GPT-2's defaults (50256) name a token our vocabulary need not have
         "bos_token_id": None,
         "eos_token_id": None,
+    }
+    return hf_config, hf
+
+
+def to_llama_state_dict(
+    state: dict[str, torch.Tensor], config: GPTConfig
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(hf_config_dict, hf_state)`` for ``LlamaForCausalLM``, from the state dict of ``GPT(config)``: new CPU
+    tensors, as :func:`to_gpt2_state_dict` gives."""
+    _check_shape(config, "LlamaForCausalLM")
+    take = _Taker(state, config)
+    c, hidden = config, swiglu_hidden(config.n_embd)
+
+    def rows(name: str, *sizes: int) -> list[torch.Tensor]:
+        """The weight or bias ``name`` cut into blocks of rows, a fused projection's parts: each its own copy, as
+        safetensors saves no tensors that share memory."""
+        return [t.clone() for t in take(name).split(list(sizes))]
+
+    def linear(ours: str, theirs: list[str], *sizes: int) -> dict[str, torch.Tensor]:
+        parts = {f"{name}.weight": t for name, t in zip(theirs, rows(f"{ours}.weight", *sizes), strict=True)}
+        if c.bias:
+            parts |= {f"{name}.bias": t for name, t in zip(theirs, rows(f"{ours}.bias", *sizes), strict=True)}
+        return parts
+
+    hf = {"model.embed_tokens.weight": take("tok_emb.weight")}
+    for i in range(c.n_layer):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        hf[f"{theirs}.input_layernorm.weight"] = take(f"{ours}.norm1.weight")
+        hf |= linear(f"{ours}.attn.qkv", [f"{theirs}.self_attn.{x}_proj" for x in "qkv"], *[c.n_embd] * 3)
+        hf |= linear(f"{ours}.attn.proj", [f"{theirs}.self_attn.o_proj"], c.n_embd)
+        hf[f"{theirs}.post_attention_layernorm.weight"] = take(f"{ours}.norm2.weight")
+        hf |= linear(f"{ours}.mlp.fc", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"], hidden, hidden)
+        hf |= linear(f"{ours}.mlp.proj", [f"{theirs}.mlp.down_proj"], c.n_embd)
+    hf |= {"model.norm.weight": take("norm_f.weight")} | take.head()
+    take.check_all_taken("LlamaForCausalLM")
+
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": hidden,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_head,  # no grouped-query attention
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": 1e-5,  # as make_norm
+        "rope_theta": 10000.0,  # as Rotary; transformers versions that keep rope_parameters build them from it
+        "attention_bias": c.bias,
+        "mlp_bias": c.bias,
+        # on the attention weights, where ours has one too; ours after the embeddings and each residual
+        # projection has no place in Llama, which matters only to training further in transformers
+        "attention_dropout": c.dropout,
+        "tie_word_embeddings": c.tie_embeddings,
+        "initializer_range": 0.02,  # as GPT._init_weights
+        "bos_token_id": None,  # Llama's defaults (1, 2) name tokens our vocabulary need not have
+        "eos_token_id": None,
+        "pad_token_id": None,
     }
     return hf_config, hf

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llm.models.gpt import GPT, GPTConfig
-from llm.models.hf import NotGPT2, to_gpt2_state_dict
+from llm.models.hf import NoHFForm, hf_architecture, to_gpt2_state_dict, to_hf_state_dict, to_llama_state_dict
 
 GPT2_SHAPED = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}
 
@@ -23,15 +23,18 @@ def tiny(**kw) -> GPT:
     return model
 
 
-def gpt2(model: GPT, **config_changes):
+def as_hf(model: GPT, **config_changes):
+    """The transformers model to_hf_state_dict describes, with its weights loaded: GPT-2 or Llama."""
     transformers = pytest.importorskip("transformers")
-    hf_config, hf_state = to_gpt2_state_dict(model.state_dict(), model.config)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config | config_changes))
+    hf_config, hf_state = to_hf_state_dict(model.state_dict(), model.config)
+    architecture = hf_config["architectures"][0]
+    config_class = {"GPT2LMHeadModel": transformers.GPT2Config, "LlamaForCausalLM": transformers.LlamaConfig}
+    hf = getattr(transformers, architecture)(config_class[architecture](**hf_config | config_changes))
     missing, unexpected = hf.load_state_dict(hf_state, strict=False)
     tied = ["lm_head.weight"] if model.config.tie_embeddings else []
     assert (missing, unexpected) == (tied, [])
     if tied:
-        assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+        assert hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
     return hf.eval()
 
 
@@ -39,7 +42,7 @@ def gpt2(model: GPT, **config_changes):
 @pytest.mark.parametrize("tie", [True, False])
 def test_gpt2_computes_the_same_logits(bias, tie):
     model = tiny(bias=bias, tie_embeddings=tie)
-    hf = gpt2(model)
+    hf = as_hf(model)
     idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=1e-5)
@@ -49,7 +52,7 @@ def test_gpt2_computes_the_same_logits(bias, tie):
 def test_the_comparison_tells_gelu_from_its_tanh_approximation():
     # GPT-2's own "gelu_new" (tanh) is within ~5e-4 of F.gelu (erf): the comparison must see that
     model = tiny(bias=True)
-    hf = gpt2(model, activation_function="gelu_new")
+    hf = as_hf(model, activation_function="gelu_new")
     idx = torch.arange(16).unsqueeze(0)
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)).abs().max() > 1e-4
@@ -75,15 +78,15 @@ def test_without_biases_gpt2_gets_zero_biases_and_conv1d_weights():
 ])
 def test_shapes_gpt2_lacks_are_refused_by_name(field, value, needed):
     model = tiny(**{field: value})
-    with pytest.raises(NotGPT2) as e:
+    with pytest.raises(NoHFForm) as e:
         to_gpt2_state_dict(model.state_dict(), model.config)
-    assert e.value.mismatches == [(field, value, needed)]
+    assert e.value.mismatches == [(field, value, needed)] and e.value.architecture == "GPT2LMHeadModel"
 
 
 def test_every_shape_gpt2_lacks_is_named_at_once():
     # one retrain, not one per setting: the refusal lists them all
     model = tiny(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
-    with pytest.raises(NotGPT2) as e:
+    with pytest.raises(NoHFForm) as e:
         to_gpt2_state_dict(model.state_dict(), model.config)
     assert e.value.mismatches == [("pos_emb", "rope", "learned"), ("norm", "rmsnorm", "layernorm"),
                                   ("mlp", "swiglu", "gelu")]
@@ -96,3 +99,67 @@ def test_weights_that_do_not_fit_the_config_are_refused():
         to_gpt2_state_dict({k: v for k, v in state.items() if k != "blocks.1.mlp.fc.bias"}, model.config)
     with pytest.raises(ValueError, match="no GPT-2 counterpart: extra"):
         to_gpt2_state_dict(state | {"extra": torch.zeros(1)}, model.config)
+
+
+LLAMA_SHAPED = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # the defaults
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_computes_the_same_logits(bias, tie):
+    model = tiny(bias=bias, tie_embeddings=tie, **LLAMA_SHAPED)
+    hf = as_hf(model)
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf(idx[:, :5]).logits, model(idx[:, :5]), rtol=0, atol=1e-5)
+        # and with its own key-value cache, one token at a time, as its generate() reads them
+        generated = hf.generate(idx[:1, :4], max_new_tokens=10, do_sample=False)[0, 4:].tolist()
+    assert generated == list(model.generate_stream(idx[0, :4], 10, temperature=0))
+
+
+def test_the_llama_comparison_tells_the_rotary_layouts_apart():
+    # rotating adjacent pairs (GPT-J's layout) instead of the two halves is a mapping a test must catch
+    model = tiny(**LLAMA_SHAPED)
+    hf = as_hf(model)
+    for layer in range(model.config.n_layer):  # q and k rows reordered: pairs become halves
+        attention = hf.model.layers[layer].self_attn
+        for projection in (attention.q_proj, attention.k_proj):
+            w = projection.weight.data.view(4, 2, 4, -1)  # (heads, half, pair, in)
+            projection.weight.data = w.transpose(1, 2).reshape(32, -1).clone()
+    idx = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max() > 1e-3
+
+
+def test_llama_gets_the_fused_projections_cut_into_their_parts():
+    model = tiny(bias=True, **LLAMA_SHAPED)
+    hf_config, hf_state = to_llama_state_dict(model.state_dict(), model.config)
+    qkv, fc = model.blocks[1].attn.qkv, model.blocks[1].mlp.fc
+    hidden = hf_config["intermediate_size"]
+    assert hidden == fc.out_features // 2 == 128  # 8/3 * 32, rounded up to 64
+    assert torch.equal(hf_state["model.layers.1.self_attn.k_proj.weight"], qkv.weight[32:64])
+    assert torch.equal(hf_state["model.layers.1.self_attn.v_proj.bias"], qkv.bias[64:])
+    assert torch.equal(hf_state["model.layers.1.mlp.up_proj.weight"], fc.weight[hidden:])
+    assert hf_config["attention_bias"] and hf_config["mlp_bias"] and hf_config["num_key_value_heads"] == 4
+    # each its own memory: safetensors refuses tensors that share it
+    pointers = [t.untyped_storage().data_ptr() for t in hf_state.values()]
+    assert len(set(pointers)) == len(pointers)
+
+
+@pytest.mark.parametrize("shape, architecture", [(GPT2_SHAPED, "GPT2LMHeadModel"), (LLAMA_SHAPED, "LlamaForCausalLM")])
+def test_each_shape_gets_the_architecture_that_has_it(shape, architecture):
+    model = tiny(**shape)
+    hf_config, _ = to_hf_state_dict(model.state_dict(), model.config)
+    assert hf_architecture(model.config) == hf_config["architectures"][0] == architecture
+
+
+@pytest.mark.parametrize("mix, nearest, mismatches", [
+    ({"pos_emb": "rope", "norm": "layernorm", "mlp": "swiglu"}, "LlamaForCausalLM", [("norm", "layernorm", "rmsnorm")]),
+    ({"pos_emb": "rope", "norm": "layernorm", "mlp": "gelu"}, "GPT2LMHeadModel", [("pos_emb", "rope", "learned")]),
+])
+def test_a_mix_of_no_architecture_is_refused_against_the_nearest(mix, nearest, mismatches):
+    model = tiny(**mix)
+    with pytest.raises(NoHFForm) as e:
+        to_hf_state_dict(model.state_dict(), model.config)
+    assert (e.value.architecture, e.value.mismatches) == (nearest, mismatches)
