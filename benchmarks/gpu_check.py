@@ -15,6 +15,9 @@ reads back what the run wrote (summary.json, metrics.jsonl, the export):
   a new folder, against the same 40 steps run straight through twice, so that
   a GPU kernel's own run-to-run noise (atomics in some backward kernels) is
   told apart from a resume error;
+- deterministic: the same runs with ``--training-deterministic true``, where
+  both the straight runs and the resume must agree bit for bit (or the run
+  names the op that has no deterministic kernel);
 - torchrun on nccl with DDP, then with FSDP and an export of its sharded
   checkpoint: two processes on two GPUs. With one GPU only one process can run
   (nccl puts each on a GPU of its own), and one process forms no process group,
@@ -132,12 +135,13 @@ class Checks:
                 f"steps the scaler skipped {summary['overflow_steps']}, loss scale {scales[0]:g} -> {scales[-1]:g}, "
                 f"steps skipped by nan_policy {summary['skipped_steps']}")
 
-    def exact_resume(self) -> str:
+    def exact_resume(self, *more: str) -> str:
         flags = ["--training-precision", "bf16", "--training-eval-every-steps", "20", "--model-dropout", "0.1",
-                 "--training-max-steps", "40", "--checkpoint-every-n-steps", "20"]
-        straight = [self.train(f"straight-{i}", *flags) for i in (1, 2)]
+                 "--training-max-steps", "40", "--checkpoint-every-n-steps", "20", *more]
+        name = "-".join(["", *more]).replace("--", "").replace(" ", "")
+        straight = [self.train(f"straight{name}-{i}", *flags) for i in (1, 2)]
         # the first run's checkpoint at step 20, continued in a run folder of its own
-        resumed = self.train("resumed", *flags, "--checkpoint-resume",
+        resumed = self.train(f"resumed{name}", *flags, "--checkpoint-resume",
                              str(straight[0] / "checkpoints" / "step_00000020"))
 
         def losses(run: Path) -> list[float]:
@@ -148,7 +152,7 @@ class Checks:
         error = max(abs(a - b) for a, b in zip(losses(straight[0]), losses(resumed), strict=True))
         text = (f"steps 21-40, largest train-loss gap: resumed vs straight {error:.2e}, straight vs straight "
                 f"(the device's own noise) {noise:.2e}")
-        if error > noise:
+        if error > noise or (more and max(error, noise) > 0):  # deterministic: no noise at all
             raise RuntimeError(text)
         return text + ("; bit for bit" if error == 0 else "")
 
@@ -223,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             checks.check("lm, fp16 (gradient scaler)", checks.fp16)
         checks.check("exact resume, bf16, dropout", checks.exact_resume)
+        checks.check("deterministic: straight and resumed, bit for bit",
+                     lambda: checks.exact_resume("--training-deterministic", "true"))
         checks.check("a NaN loss: skipped, or stopped at", checks.non_finite)
         checks.check(f"torchrun, {processes}, ddp", lambda: checks.torchrun("ddp"))
         checks.check(f"torchrun, {processes}, fsdp, export", lambda: checks.torchrun("fsdp"))

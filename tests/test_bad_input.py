@@ -76,6 +76,20 @@ class RaisingTask(RegressionTask):
         return super().train_step(batch, model, criterion)
 
 
+class PutTask(RegressionTask):
+    """Regression whose train_step, or validation_step too (PUT_IN=validation), calls put_: an op with no
+    deterministic form on the CPU."""
+
+    def train_step(self, batch, model, criterion):
+        torch.zeros(2).put_(torch.tensor([0]), torch.tensor([1.0]))
+        return super().train_step(batch, model, criterion)
+
+    def validation_step(self, batch, model, criterion):
+        if os.environ.get("PUT_IN") == "validation":
+            torch.zeros(2).put_(torch.tensor([0]), torch.tensor([1.0]))
+        return super().validation_step(batch, model, criterion)
+
+
 # ---- the cases ---------------------------------------------------------------------------------
 
 
@@ -255,6 +269,11 @@ CASES = [
     Case("task-class-that-is-abstract", "train",
          [*LM, *CONTINUE, "--task", "llm.training.tasks.base_task:TrainingTask"],
          ["TrainingTask", "does not implement", "build_model"]),
+    *[Case(f"op-with-no-deterministic-form-in-{where}", "train",
+           ["--task", "tests.test_bad_input:PutTask", *REGRESSION, "--logging-log-dir", "fresh",
+            "--training-deterministic", "true"],
+           ["training.deterministic: put_ has no deterministic implementation", "--training-deterministic false"],
+           env={"PUT_IN": where}, absent=["fresh"]) for where in ("training", "validation")],
     Case("task-and-data-module-that-do-not-fit", "train",
          [*LM, "--logging-log-dir", "fresh", "--task", "regression", "--data-module", "text"],
          ["RegressionTask.validation_step failed on the first batch of TextDataModule", "regression_task.py:",

@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
         return interrupted("outside the training steps (setting up, or a callback's work at the start or the end): "
                            "stopped at once; the checkpoints saved before are kept")
     except Exception as e:
+        op = D.op_with_no_deterministic_form(e)
+        if op and config is not None and config.training.deterministic:
+            print_error(f"error: training.deterministic: {op} has no deterministic implementation on this device; "
+                        f"train with --training-deterministic false, or compute that step with other ops"
+                        f"{config.set_by('training.deterministic')}")
+            return EXIT_USAGE
         full = _out_of_space(e)
         if full is not None:  # the logs, the summary or the config: the checkpoints say it themselves
             # no file name when closing a file; no run directory yet for --print-config

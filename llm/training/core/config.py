@@ -69,6 +69,8 @@ class TrainingConfig:
     """Where to train: auto picks cuda when available."""
     tf32: bool = False
     """On CUDA, run float32 matmuls in TensorFloat-32 (10-bit mantissa, several times faster); no effect on the CPU."""
+    deterministic: bool = False
+    """Deterministic algorithms only (torch.use_deterministic_algorithms), so that a rerun on a GPU is bit for bit; slower, and an op with none stops the run naming it."""
     compile: bool = False
     """torch.compile the model (block by block when it has .blocks) and the loss; compile time is reported apart."""
     activation_checkpointing: bool = False

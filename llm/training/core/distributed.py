@@ -135,6 +135,10 @@ def pick_device(config: Config, local_rank: int) -> torch.device:
 
 
 def _device(config: Config, local_rank: int) -> torch.device:
+    # set either way, as the matmul precision below: the config, not an earlier run in this process, says
+    torch.use_deterministic_algorithms(config.training.deterministic)
+    if config.training.deterministic:  # cuBLAS reads it when it starts, at the first matmul on a GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     wanted = config.training.device
     if wanted == "cuda" and not torch.cuda.is_available():
         raise UsageError("training.device is 'cuda' but no CUDA device is available: use --training-device cpu")
@@ -145,6 +149,14 @@ def _device(config: Config, local_rank: int) -> torch.device:
     # the call that sets every backend's flag, so that torch never sees its legacy and new settings disagree
     torch.set_float32_matmul_precision("high" if config.training.tf32 else "highest")
     return torch.device("cuda", local_rank)
+
+
+def op_with_no_deterministic_form(e: BaseException) -> str:
+    """The op torch refused under training.deterministic ("put_ does not have a deterministic implementation,
+    but you set ..."), or ''."""
+    text = str(e) if isinstance(e, RuntimeError) else ""
+    op, found, _ = text.partition(" does not have a deterministic implementation")
+    return op.strip() if found else ""
 
 
 def init_process_group(config: Config, rank: int, world_size: int, local_rank: int) -> None:

@@ -674,6 +674,8 @@ class TrainingEngine:
         except torch.OutOfMemoryError:
             raise
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, UserWarning) as e:
+            if D.op_with_no_deterministic_form(e):  # the setting's fault, not the data module's
+                raise
             task, data = type(self.task).__name__, type(self.data_module).__name__
             raise UsageError(
                 f"{task}.validation_step failed on the first batch of {data}: {type(e).__name__}: "

@@ -86,6 +86,24 @@ def test_tf32_is_what_the_config_says_on_cuda_and_left_alone_on_the_cpu(monkeypa
         torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_algorithms_are_what_the_config_says_whatever_was_set_before(monkeypatch, deterministic):
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(not deterministic)  # as a script, or an earlier run, may have left it
+    try:
+        D.pick_device(Config.from_dict({"training": {"deterministic": deterministic, "device": "cpu"}}), 0)
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        # cuBLAS is deterministic only with a workspace setting, read when it starts: set before any matmul
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic else None)
+        with pytest.raises(RuntimeError) if deterministic else contextlib.nullcontext():
+            torch.zeros(2).put_(torch.tensor([0]), torch.tensor([1.0]))  # an op with no deterministic form
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 # -- the group host values go over ------------------------------------------------------------------
 
 
