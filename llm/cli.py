@@ -64,7 +64,8 @@ class ArgParser(argparse.ArgumentParser):
 def add_checkpoint(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint PATH``: the trained model to load, as ``load_lm`` takes it."""
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a checkpoint, a folder of checkpoints (the newest valid one is used) or a run folder")
+                        help="a checkpoint, a folder of checkpoints (the newest valid one is used), a run folder, "
+                             "or a folder of checkpoints' best file (the best by the run's checkpoint.monitor)")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ Writes the consolidated weights as safetensors and, beside them
 the run's full config, so the weights can be rebuilt without this package's
 checkpoint format; for a language model, its tokenizer too
 (``model.tokenizer.json``). CHECKPOINT is one checkpoint, a directory of them, or a run
-directory (its newest valid checkpoint).
+directory (its newest valid checkpoint), or ``<checkpoints>/best`` (the best by the
+run's checkpoint.monitor).
 
 ``--format hf --out DIR`` writes a language model as a Hugging Face
 ``transformers`` model instead, a Llama (``LlamaForCausalLM``: rotary positions,
@@ -311,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 def _export(argv: list[str] | None) -> str:
     parser = ArgParser(prog="llm-export", description="Export a checkpoint's model weights as safetensors, or as a "
                                                        "Hugging Face Llama or GPT-2 (--format hf).")
-    parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, or a run directory")
+    parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, a run directory, or a "
+                                           "directory of checkpoints' best file (the best by checkpoint.monitor)")
     parser.add_argument("--out", required=True,
                         help="where to write: the .safetensors file, or for --format hf a folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors",

@@ -42,6 +42,7 @@ from llm.training.core.callbacks import (
     ProgressBar,
     TensorBoardLogger,
 )
+from llm.training.core.checkpoint import best_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.engine import STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
@@ -193,6 +194,7 @@ def summary_table(config: Config, metrics: dict[str, float]) -> str:
         (speed.replace("_per_s", "/s"), metrics.get(speed) or None),  # none when this run took no step
         ("elapsed", f"{metrics['elapsed_s']:.1f} s"),
         ("checkpoints", config.checkpoint.dir),
+        (f"best by {monitor}", best_checkpoint(config.checkpoint.dir)),
         ("logs", config.logging.log_dir),
     ]
     width = max(len(name) for name, _ in rows)

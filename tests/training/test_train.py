@@ -31,6 +31,10 @@ def test_guide_command_trains_regression(tmp_path):
     for row in ("best val_loss", "final val_loss", "steps / epochs", "samples/s", "elapsed", "checkpoints", "logs"):
         assert row in out.stdout
     assert re.search(r"^stopped +trained training\.epochs=2$", out.stdout, re.M)  # why it ended, said
+    # the checkpoint with the best val_loss, as a path the tools take
+    best = re.search(r"^best by val_loss +(\S+)$", out.stdout, re.M).group(1)
+    assert (tmp_path / best).is_dir() and (tmp_path / "runs/regression/checkpoints/best").read_text() == \
+        Path(best).name + "\n"
     assert summary["stop_reason"] == "trained training.epochs=2"
 
 

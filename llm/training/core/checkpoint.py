@@ -5,7 +5,8 @@ state, rank 0), ``rank_00000.pt``... (one per rank), any extra files rank 0 writ
 and ``manifest.json`` (sizes and sha256 of every file). It is built in a hidden
 staging directory and renamed into place only after the manifest is on disk, so a
 ``step_*`` directory without a valid manifest is never trusted. ``<dir>/latest``
-names the checkpoint of the last completed save.
+names the checkpoint of the last completed save, ``<dir>/best`` the one with the
+best monitored score; tools take either file for the checkpoint it names.
 
 All ranks must see the same directory (a shared filesystem on multi-node jobs).
 """
@@ -40,6 +41,9 @@ SHARED = CHECKPOINT_STATE
 SHARDED = "sharded"
 """Folder of torch.distributed.checkpoint shards, in checkpoints of FSDP runs."""
 LATEST = "latest"
+BEST = "best"
+"""Beside ``latest``: the name of the checkpoint with the best monitored score, while one is kept for it."""
+POINTERS = (LATEST, BEST)
 DROPPED = "dropped"
 """The subfolder of a run's checkpoint folder that keeps the checkpoints of a continuation the run went back on."""
 _T = TypeVar("_T")
@@ -67,16 +71,18 @@ class CheckpointManager:
     """Saves checkpoints of one run into ``directory`` and prunes old ones."""
 
     def __init__(self, directory: str | Path, rank: int = 0, world_size: int = 1, keep_last: int = 3,
-                 monitor: str = "val_loss", mode: str = "min"):
+                 monitor: str = "val_loss", mode: str = "min", keep_best: int = 1):
         if keep_last < 1:
             raise CheckpointError(f"keep_last: got {keep_last!r}, expected an int >= 1")
+        if keep_best < 0:
+            raise CheckpointError(f"keep_best: got {keep_best!r}, expected an int >= 0")
         if mode not in ("min", "max"):
             raise CheckpointError(f"mode: got {mode!r}, expected 'min' or 'max'")
         if not 0 <= rank < world_size:
             raise CheckpointError(f"rank: got {rank!r}, expected 0 <= rank < world_size ({world_size})")
         self.directory = Path(directory)
         self.rank, self.world_size = rank, world_size
-        self.keep_last, self.monitor, self.mode = keep_last, monitor, mode
+        self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
 
     def save(self, step: int, shared: dict, per_rank: dict, metrics: dict[str, float] | None = None,
              write_extra: Callable[[Path], None] | None = None,
@@ -139,6 +145,8 @@ class CheckpointManager:
         later = [p for p in _checkpoints(self.directory) if int(p.name[5:]) > step]
         if later:  # first: a run killed part way through goes on from this one, then sets the rest aside
             write_atomically(self.directory / LATEST, step_name(step) + "\n", durable=True)
+            if _pointed_at(self.directory / BEST) in {p.name for p in later}:  # the next save names the best again
+                (self.directory / BEST).unlink()
         moved = []
         for path in later:
             target = self.directory / DROPPED / path.name
@@ -233,10 +241,15 @@ class CheckpointManager:
         for aside in self.directory.glob(f"{_PRUNED}step_*"):  # what an earlier pruning could not delete
             _delete_pruned(aside)
         complete = [p for p in _checkpoints(self.directory) if _check(p, hashes=False) is None]
-        kept = set(complete[-self.keep_last:]) | {keep}
-        scored = sorted(self._scored(complete), key=lambda pair: pair[0])
-        if scored:
-            kept.add(scored[0][1])
+        # the best first among equal scores: the earliest, which reached it first
+        best = [path for _, path in sorted(self._scored(complete), key=lambda pair: pair[0])][:self.keep_best]
+        # named before any pruning: a kill in between leaves the pointer naming a checkpoint that is there
+        if best:
+            if _pointed_at(self.directory / BEST) != best[0].name:
+                write_atomically(self.directory / BEST, best[0].name + "\n", durable=True)
+        else:  # none kept for its score (no validation yet, keep_best 0): no pointer to a checkpoint pruned later
+            (self.directory / BEST).unlink(missing_ok=True)
+        kept = set(complete[-self.keep_last:]) | {keep} | set(best)
         for path in complete:
             if path not in kept:
                 _prune(path)
@@ -321,10 +334,18 @@ def unwritable_reason(directory: str | Path) -> str | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint at ``path``, or the newest valid one in a directory of checkpoints or a run directory."""
+    """The checkpoint at ``path``, the one a folder of checkpoints' ``best`` or ``latest`` file names, or the
+    newest valid one in a folder of checkpoints or a run folder."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
+    if path.is_file() and path.name in POINTERS:
+        name = _pointed_at(path)
+        if not _STEP_DIR.fullmatch(name):
+            raise CheckpointError(f"{path} does not hold a checkpoint's name: give a checkpoint's folder")
+        if not (path.parent / name).is_dir():
+            raise CheckpointError(f"{path} names {name}, which is not in {path.parent}: give a checkpoint's folder")
+        path = path.parent / name
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint directory")
     if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
@@ -455,12 +476,28 @@ def _newest_valid(directory: Path, rescans: int = 2) -> tuple[Path | None, int]:
     return found, len(candidates)
 
 
+def best_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint a folder of checkpoints' ``best`` file names, where it is there; not verified."""
+    name = _pointed_at(Path(directory) / BEST)
+    found = Path(directory) / name
+    return found if _STEP_DIR.fullmatch(name) and found.is_dir() else None
+
+
+def _pointed_at(pointer: Path) -> str:
+    """What a ``latest`` or ``best`` file holds, stripped; '' where there is none. Any bytes at all: a file
+    written over."""
+    try:
+        return pointer.read_bytes().decode("ascii", errors="replace").strip()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return ""
+
+
 def _candidates(directory: Path, notes: dict[str, None]) -> list[Path]:
     """step_* directories, newest first, but the one `latest` names before all; a note if it names none."""
     candidates = _checkpoints(directory)[::-1]
     pointer = directory / LATEST
     if pointer.is_file():
-        name = pointer.read_bytes().decode("ascii", errors="replace").strip()  # any bytes at all: written over
+        name = _pointed_at(pointer)
         # only a plain step_* name: the pointer must not lead outside the directory
         if not _STEP_DIR.fullmatch(name):
             notes[f"{pointer} does not hold a checkpoint's name: taking the newest valid checkpoint"] = None

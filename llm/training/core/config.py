@@ -164,7 +164,9 @@ class CheckpointConfig:
     every_n_minutes: float = 30.0
     """Also save at the first step this many minutes after the last save (0: not by the clock), so that a run killed without warning (out of memory, a lost node) loses at most about that much."""
     keep_last: int = 3
-    """Newest checkpoints kept; the best by monitor is kept too."""
+    """Newest checkpoints kept, besides the best (keep_best)."""
+    keep_best: int = 1
+    """Also keep this many checkpoints with the best checkpoint.monitor; checkpoints/best names the best (0: none kept for their score)."""
     resume: str = ""
     """Resume: '' (start fresh), 'auto' (newest valid checkpoint in dir, if any) or a path."""
     init_from: str = ""
@@ -418,6 +420,7 @@ class Config:
         _at_least("checkpoint.every_n_steps", c.every_n_steps, 0)
         _at_least("checkpoint.every_n_minutes", c.every_n_minutes, 0.0)
         _at_least("checkpoint.keep_last", c.keep_last, 1)
+        _at_least("checkpoint.keep_best", c.keep_best, 0)
         if c.init_from and c.resume not in ("", "auto"):
             raise ConfigError("checkpoint.init_from", c.init_from, f"no checkpoint.resume path beside it (both start a "
                               f"run from a checkpoint; checkpoint.resume is {c.resume!r}): give one of them")

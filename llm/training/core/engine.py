@@ -515,7 +515,7 @@ class TrainingEngine:
         resume.seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
-            cfg.checkpoint.monitor, cfg.checkpoint.mode,
+            cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.keep_best,
         )
         if start.checkpoint is not None:
             with self._warned_by_rank_0():  # resuming on another number of processes, samples seen again

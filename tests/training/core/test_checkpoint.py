@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from datetime import datetime, timedelta
@@ -275,6 +276,44 @@ def test_retention_keeps_last_k_plus_best(tmp_path, keep_last, survivors):
         save(manager, step, metrics={"val_loss": loss})
     assert sorted(int(p.name[5:]) for p in tmp_path.glob("step_*")) == survivors
     assert manager.latest_valid() == tmp_path / "step_00000006"
+
+
+@pytest.mark.parametrize("keep_best, survivors, best", [(0, [6], None), (1, [1, 6], 1), (3, [1, 3, 4, 6], 1)])
+def test_retention_keeps_the_best_k_and_the_best_file_names_the_best(tmp_path, keep_best, survivors, best):
+    manager = CheckpointManager(tmp_path, keep_last=1, keep_best=keep_best, monitor="val_loss", mode="min")
+    losses = {1: 0.1, 2: 0.9, 3: 0.3, 4: 0.3, 5: 0.6, 6: 0.5}  # 3 and 4 tie: the earlier ranks first
+    for step, loss in losses.items():
+        save(manager, step, metrics={"val_loss": loss})
+        if step == 3 and keep_best == 3:  # 1, then 3: the pointer follows the best so far
+            assert (tmp_path / "best").read_text() == "step_00000001\n"
+    assert sorted(int(p.name[5:]) for p in tmp_path.glob("step_*")) == survivors
+    if best is None:  # none kept for its score: no pointer that a later pruning could leave dangling
+        assert not (tmp_path / "best").exists()
+    else:
+        assert (tmp_path / "best").read_text() == f"step_{best:08d}\n"
+        assert resolve_checkpoint(tmp_path / "best") == tmp_path / f"step_{best:08d}"
+    assert resolve_checkpoint(tmp_path / "latest") == tmp_path / "step_00000006"
+
+
+def test_the_best_file_follows_a_better_score_and_goes_with_the_checkpoint_it_names(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1, monitor="val_loss")
+    save(manager, 1, metrics={"val_loss": 0.5})
+    save(manager, 2, metrics={"val_loss": 0.4})
+    assert resolve_checkpoint(tmp_path / "best") == tmp_path / "step_00000002"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002"]
+    manager.set_aside_after(1)  # a run gone back to step 1: step 2 is set aside, and no longer the best
+    assert not (tmp_path / "best").exists()
+    with pytest.raises(CheckpointError, match="best does not exist"):
+        resolve_checkpoint(tmp_path / "best")
+
+
+@pytest.mark.parametrize("content, words", [("step_00000009\n", "names step_00000009, which is not in"),
+                                            ("../../etc\n", "does not hold a checkpoint's name")])
+def test_a_best_file_naming_no_checkpoint_here_is_refused_in_one_line(tmp_path, content, words):
+    save(CheckpointManager(tmp_path), 1, metrics={"val_loss": 0.5})
+    (tmp_path / "best").write_text(content)
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        resolve_checkpoint(tmp_path / "best")
 
 
 def test_retention_with_mode_max_keeps_the_highest_and_the_newest_without_the_metric(tmp_path):
