@@ -352,7 +352,7 @@ class TrainingEngine:
         self.batch_in_epoch += k
         # counted in this rank's batches, which a loader of the data module's own may size otherwise (a short last
         # one), times the ranks: a DistributedSampler gives every rank as many
-        self.samples_seen += sum(map(_batch_len, micro_batches)) * self.world_size
+        self.samples_seen += sum(map(batch_len, micro_batches)) * self.world_size
         if first:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began
@@ -406,7 +406,7 @@ class TrainingEngine:
                 loss, metrics = self.task.validation_step(batch, model, self.criterion)
             if counted:
                 count = self.task.loss_weight(batch)
-                sums.add(loss, metrics, weight=_batch_len(batch) if count is None else count)
+                sums.add(loss, metrics, weight=batch_len(batch) if count is None else count)
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.totals().items()}
         metrics = self._finalized(D.weighted_mean_over_ranks(local))
@@ -710,6 +710,7 @@ class TrainingEngine:
         shared = {
             **weights,
             "scheduler": state["scheduler"],
+            "scheduler_kind": resume.schedule_kind(self.scheduler),
             "scaler": self.scaler.state_dict(),
             "best_metric": state["best_metric"],
             "val_metrics": self.val_metrics,  # a resume at a step already validated does not validate it again
@@ -785,20 +786,24 @@ class TrainingEngine:
         parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
                                           self.sharded)
         settings_changed = any(k not in resume.HARMLESS_CONFIG for k in changed)
+        # the task's build_scheduler may have changed since (another class, or none): this run's schedule takes over
+        saved_kind = shared.get("scheduler_kind", resume.UNRECORDED)  # absent from earlier versions' checkpoints
+        same_schedule = resume.same_kind_of_schedule(self.scheduler, shared["scheduler"], saved_kind)
+        if not same_schedule:
+            was = "another" if saved_kind == resume.UNRECORDED else (saved_kind or "none").rsplit(".", 1)[-1]
+            now = (resume.schedule_kind(self.scheduler) or "none").rsplit(".", 1)[-1]
+            self.print(f"learning-rate schedule changed ({was} -> {now}): the rate follows this run's from step "
+                       f"{self.step}")
         if isinstance(self.scheduler, ReduceLROnPlateau):  # this run's settings, at the saved one's standing
-            if settings_changed:
+            if settings_changed or not same_schedule:
                 resume.keep_optimizer_settings(self.optimizer, fresh_groups, None, self.step)
-            resume.resume_plateau(self.optimizer, self.scheduler, shared["scheduler"], changed)
-        elif settings_changed:  # the settings are this run's, the moments saved
+            resume.resume_plateau(self.optimizer, self.scheduler, shared["scheduler"] if same_schedule else None, changed)
+        elif settings_changed or not same_schedule:  # the settings are this run's, the moments saved
             # replayed up to the schedule's end: a run resumed past it (a lower max_steps) takes no step, and a
             # OneCycleLR refuses a step beyond its total
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
-        elif self.scheduler is not None and resume.same_kind_of_schedule(self.scheduler, shared["scheduler"]):
+        elif self.scheduler is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
-        elif self.scheduler is not None:  # saved by no scheduler, or by another kind: the task's build_scheduler changed
-            self.print(f"the checkpoint's learning-rate schedule is not {type(self.scheduler).__name__}'s: the rate "
-                       f"follows this run's schedule from step {self.step}")
-            resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
             self.scaler.load_state_dict(shared["scaler"])
         self.val_metrics = shared["val_metrics"]
@@ -1149,7 +1154,7 @@ class TrainingEngine:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _to_device(self, batch: Any) -> Any:
-        return batch if self.device.type == "cpu" else _moved(batch, self.device)  # loaders yield CPU tensors
+        return batch if self.device.type == "cpu" else moved_to(batch, self.device)  # loaders yield CPU tensors
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -1385,7 +1390,7 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
                      f"tensor and a dict of metrics, such as (loss, {{}})")
 
 
-def _batch_len(batch: Any) -> int:
+def batch_len(batch: Any) -> int:
     """Samples in a batch: the first dimension of its first tensor that has one, at any depth (1 if none)."""
     found = _first_dim(batch)
     return 1 if found is None else found
@@ -1403,17 +1408,17 @@ def _first_dim(batch: Any) -> int | None:
     return None
 
 
-def _moved(batch: Any, device: torch.device) -> Any:
+def moved_to(batch: Any, device: torch.device) -> Any:
     """``batch`` with its tensors on ``device``, in lists, tuples, named tuples, mappings and dataclasses at any
     depth."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields one by one
-        return type(batch)(*(_moved(b, device) for b in batch))
+        return type(batch)(*(moved_to(b, device) for b in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_moved(b, device) for b in batch)
+        return type(batch)(moved_to(b, device) for b in batch)
     if isinstance(batch, Mapping):  # a dict, or a UserDict such as transformers' BatchEncoding
-        moved = {k: _moved(v, device) for k, v in batch.items()}
+        moved = {k: moved_to(v, device) for k, v in batch.items()}
         try:
             return type(batch)(moved)
         except TypeError:  # a mapping that is not built from a dict (defaultdict): a plain one
@@ -1421,7 +1426,7 @@ def _moved(batch: Any, device: torch.device) -> Any:
     if fields := _fields(batch):  # a dataclass: a copy with its fields moved, __init__ and __post_init__ not run
         moved = copy.copy(batch)  # again (one that transforms its inputs would do it twice)
         for name, value in fields.items():
-            object.__setattr__(moved, name, _moved(value, device))  # a frozen dataclass's too
+            object.__setattr__(moved, name, moved_to(value, device))  # a frozen dataclass's too
         return moved
     return batch
 

@@ -652,15 +652,34 @@ def resume_plateau(optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlatea
         scheduler._last_lr = list(rates)
 
 
-def same_kind_of_schedule(scheduler: Any, saved: dict[str, Any] | None) -> bool:
-    """Whether ``saved`` is a state ``scheduler`` can load: one its own class would save, by the names it holds.
+UNRECORDED = "?"
+"""The kind of schedule of a checkpoint from before checkpoints recorded it."""
+
+
+def schedule_kind(scheduler: Any) -> str | None:
+    """What a checkpoint records of the scheduler whose state it holds: its class, by module and name."""
+    return None if scheduler is None else f"{type(scheduler).__module__}.{type(scheduler).__qualname__}"
+
+
+def same_kind_of_schedule(scheduler: Any, saved: dict[str, Any] | None, saved_kind: str | None) -> bool:
+    """Whether ``saved``, a checkpoint's scheduler state, is one ``scheduler`` loads as its own: saved by the same
+    class (``saved_kind``, from schedule_kind), or both None.
 
     A task whose build_scheduler changed between a save and a resume (the
     classification task's cosine of its own, before it took the built-in schedule)
-    leaves a state of another class, which load_state_dict either refuses in a
-    KeyError or takes in part.
+    leaves a state of another class, which load_state_dict refuses in a KeyError, or
+    takes as if it were its own where the names agree (LambdaLR's and
+    MultiplicativeLR's). A checkpoint from before the class was recorded is judged
+    by the public names its state holds: the private ones come and go with torch's
+    versions.
     """
-    return saved is not None and set(saved) == set(scheduler.state_dict())
+    if scheduler is None or saved is None:
+        return scheduler is None and saved is None
+    if saved_kind != UNRECORDED:
+        return saved_kind == schedule_kind(scheduler)
+    def public(state: dict[str, Any]) -> set[str]:
+        return {key for key in state if not key.startswith("_")}
+    return public(saved) == public(scheduler.state_dict())
 
 
 def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list[dict[str, Any]],

@@ -37,8 +37,8 @@ from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.train import default_callbacks, main
-from tests.helpers import (REPO, NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, hold, spawn,
-                           tiny_config, weights)
+from tests.helpers import (REPO, NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, hold, reseal,
+                           spawn, tiny_config, weights)
 
 
 def train(config, task_cls=RegressionTask, callbacks=None):
@@ -1294,11 +1294,11 @@ def test_engine_log_takes_tensors_and_numpy_numbers_and_refuses_the_rest_in_one_
 def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
     from collections import UserDict, namedtuple
 
-    assert engine_module._batch_len({"id": ["a", "b", "c"], "x": torch.zeros(3, 2)}) == 3  # names first
-    assert engine_module._batch_len((["a"] * 5, {"scale": torch.tensor(2.0), "x": torch.zeros(5)})) == 5
-    assert engine_module._batch_len(["just", "text"]) == 1
+    assert engine_module.batch_len({"id": ["a", "b", "c"], "x": torch.zeros(3, 2)}) == 3  # names first
+    assert engine_module.batch_len((["a"] * 5, {"scale": torch.tensor(2.0), "x": torch.zeros(5)})) == 5
+    assert engine_module.batch_len(["just", "text"]) == 1
     Pair = namedtuple("Pair", "x y")
-    moved = engine_module._moved([Pair(torch.ones(2), torch.ones(2)), UserDict(x=torch.ones(2))], torch.device("meta"))
+    moved = engine_module.moved_to([Pair(torch.ones(2), torch.ones(2)), UserDict(x=torch.ones(2))], torch.device("meta"))
     assert type(moved[0]) is Pair and moved[0].y.device.type == "meta"
     assert type(moved[1]) is UserDict and moved[1]["x"].device.type == "meta"
 
@@ -1310,8 +1310,8 @@ def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
         y: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(4))
 
     batch = Batch(["a"] * 4, torch.ones(4, 3), 2.0)
-    assert engine_module._batch_len(batch) == 4 and engine_module._batch_len([batch]) == 4
-    moved = engine_module._moved({"b": batch}, torch.device("meta"))["b"]
+    assert engine_module.batch_len(batch) == 4 and engine_module.batch_len([batch]) == 4
+    moved = engine_module.moved_to({"b": batch}, torch.device("meta"))["b"]
     assert type(moved) is Batch and moved.x.device.type == moved.y.device.type == "meta"
     assert moved.ids == ["a"] * 4 and moved.scale == 2.0 and batch.x.device.type == "cpu"
 
@@ -1326,11 +1326,11 @@ def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
             self.x = self.x * scale - 1
 
     batch = Shifted(torch.ones(3, 2), 2.0)
-    assert engine_module._batch_len(batch) == 3  # its unset field passed over
+    assert engine_module.batch_len(batch) == 3  # its unset field passed over
     batch.mask = torch.ones(3, dtype=torch.bool)
-    moved = engine_module._moved(batch, torch.device("meta"))
+    moved = engine_module.moved_to(batch, torch.device("meta"))
     assert moved.x.device.type == moved.mask.device.type == "meta" and not hasattr(moved, "later")
-    assert torch.equal(engine_module._moved(batch, torch.device("cpu")).x, torch.ones(3, 2))
+    assert torch.equal(engine_module.moved_to(batch, torch.device("cpu")).x, torch.ones(3, 2))
 
 
 @pytest.mark.parametrize("returned, words", [
@@ -1929,24 +1929,61 @@ def test_the_classification_task_takes_the_schedule_the_flags_set(tmp_path):
     assert lrs[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01], rel=1e-12) and lrs[-1] < 0.01
 
 
-@pytest.mark.parametrize("saved_by", [CosineClassificationTask, ConstantClassificationTask])
-def test_a_checkpoint_of_another_kind_of_schedule_resumes_on_this_runs_schedule(tmp_path, saved_by, capsys,
-                                                                               monkeypatch):
+SCHEDULES = {
+    "built-in": ClassificationTask.build_scheduler,
+    "cosine": CosineClassificationTask.build_scheduler,
+    "none": ConstantClassificationTask.build_scheduler,
+    "multiplicative": lambda self, optimizer: torch.optim.lr_scheduler.MultiplicativeLR(optimizer, lambda _: 0.8),
+    "plateau": lambda self, optimizer: torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer),
+}
+
+
+@pytest.mark.parametrize("saved, now, unrecorded, said, rates", [
+    ("cosine", "built-in", False, "(CosineAnnealingLR -> LambdaLR)", "built-in"),
+    ("none", "built-in", False, "(none -> LambdaLR)", "built-in"),
+    # LambdaLR's state has MultiplicativeLR's names: told apart by the class the checkpoint records
+    ("built-in", "multiplicative", False, "(LambdaLR -> MultiplicativeLR)", "multiplicative"),
+    ("built-in", "plateau", False, "(LambdaLR -> ReduceLROnPlateau)", "constant"),
+    ("built-in", "none", False, "(LambdaLR -> none)", "constant"),
+    # a checkpoint of an earlier version, which recorded no class: told apart by the public names of the state
+    ("built-in", "cosine", True, "(another -> CosineAnnealingLR)", "cosine"),
+    ("built-in", "built-in", True, None, "built-in"),  # and its private names, which torch versions change, not
+])
+def test_a_checkpoint_of_another_kind_of_schedule_resumes_on_this_runs_schedule(tmp_path, saved, now, unrecorded,
+                                                                               said, rates, capsys, monkeypatch):
     def config(resume=""):
         return tiny_config(tmp_path, task="classification", training={"epochs": 100, "max_steps": 12},
                            logging={"log_every_steps": 1}, optimizer={"lr": 0.01, "min_lr": 0.001},
                            checkpoint={"every_n_steps": 6, "resume": resume})
 
     with monkeypatch.context() as patch:  # the task's build_scheduler as an earlier version of it had it
-        patch.setattr(ClassificationTask, "build_scheduler", saved_by.build_scheduler)
+        patch.setattr(ClassificationTask, "build_scheduler", SCHEDULES[saved])
         train(config(), ClassificationTask, callbacks=default_callbacks(config()))
     shutil.rmtree(tmp_path / "run/checkpoints/step_00000012")  # as if stopped at step 6, under the same settings
+    if unrecorded:
+        state_file = tmp_path / "run/checkpoints/step_00000006/state.pt"
+        state = torch.load(state_file, weights_only=False)
+        del state["scheduler_kind"], state["scheduler"]["_is_initial"]  # as saved under another torch, too
+        torch.save(state, state_file)
+        reseal(state_file.parent)
+    capsys.readouterr()
+    monkeypatch.setattr(ClassificationTask, "build_scheduler", SCHEDULES[now])
     resumed = config(resume="auto")
     engine, _ = train(resumed, ClassificationTask, callbacks=default_callbacks(resumed))
-    assert engine.step == 12 and "the checkpoint's learning-rate schedule is not LambdaLR's" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert engine.step == 12
+    if said is None:
+        assert "schedule changed" not in out
+    else:
+        assert f"learning-rate schedule changed {said}: the rate follows this run's from step 6" in out
+    expected = {  # the rate each of steps 7-12 took, as a run on this schedule from the start would have
+        "built-in": [0.01 * lr_factor(s - 1, resumed.optimizer, 12) for s in range(7, 13)],
+        "cosine": [0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 12)) for s in range(7, 13)],
+        "multiplicative": [0.01 * 0.8 ** (s - 1) for s in range(7, 13)],
+        "constant": [0.01] * 6,
+    }[rates]
     lrs = {r["step"]: r["lr"] for r in records_of(tmp_path / "run", "train")}
-    assert [lrs[s] for s in range(7, 13)] == pytest.approx(
-        [0.01 * lr_factor(s - 1, resumed.optimizer, 12) for s in range(7, 13)], rel=1e-12)
+    assert [lrs[s] for s in range(7, 13)] == pytest.approx(expected, rel=1e-9)
 
 
 def test_engine_log_adds_to_the_record_of_the_hook_it_is_called_from(tmp_path):
