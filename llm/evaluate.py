@@ -1,9 +1,20 @@
-"""Score a trained language model on a text file: ``python -m llm.evaluate --checkpoint PATH --data-path FILE``.
+"""Score a trained model: ``python -m llm.evaluate --checkpoint PATH [--data-path FILE] [--split val|test]``.
 
-Prints one line, ``loss L  ppl P  tokens N  checkpoint C``: the mean next-token
-cross-entropy (nats per token) over the whole file, its perplexity, the number of
-tokens scored and the checkpoint used. Exit codes: 0 done; 2 bad input (one line
-on stderr).
+With ``--data-path``, a language model (``--task lm``) is scored on a text file:
+one line, ``loss L  ppl P  tokens N  checkpoint C``, the mean next-token
+cross-entropy (nats per token) over the whole file, its perplexity, the number
+of tokens scored and the checkpoint used.
+
+Without it, a checkpoint of any task is scored on a whole split of the data
+module it trained on, built from the run's config as training built it: the
+validation split (``--split val``, the default), or the test split of a data
+module that has one (``test_dataloader``; the built-in regression and
+classification data have one). The line holds the task's validation metrics,
+named for the split (``val_loss 0.0112  val_mae 0.0843  samples 204  checkpoint
+C``), weighted as training's validation weights them: over the whole split, not
+a tenth of it as ``--training-eval-batches`` may have had them.
+
+Exit codes: 0 done; 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -23,7 +34,14 @@ from llm.cli import ArgParser, add_checkpoint, add_device, run_tool
 from llm.data.text_data_module import encode_pieces, read_pieces
 from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
-from llm.training.tasks.lm_task import load_lm, perplexity
+from llm.training.core import resume
+from llm.training.core.checkpoint import load_weights_strictly, model_weights, read_checkpoint
+from llm.training.core.engine import AUTOCAST_DTYPES, SETUP_STREAM, batch_len, moved_to
+from llm.training.core.metrics import RunningMeans
+from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
+from llm.training.tasks.lm_task import load_lm, perplexity, usable_device
+
+SPLITS = ("val", "test")
 
 
 def evaluate(model: nn.Module, ids: Sequence[int] | np.ndarray | torch.Tensor, block_size: int,
@@ -94,13 +112,73 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
     return ids
 
 
+def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
+                batch_size: int | None = None) -> tuple[dict[str, float], int, Path]:
+    """A checkpoint's validation metrics over a whole split (``val`` or ``test``) of the data module its run
+    trained on, built from the run's config as training built it; also the samples scored and the checkpoint.
+
+    The metrics are ``validation_step``'s, weighted as training's validation weights
+    them (by ``loss_weight``, else by samples), then ``finalize_metrics``; named
+    ``val_*`` or ``test_*`` for the split. One process; ``batch_size`` replaces the
+    run's. The data's relative paths are taken from the folder the run was started in.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    device = usable_device(device)
+    ckpt, weights = read_checkpoint(Path(checkpoint), lambda ckpt: (ckpt, model_weights(ckpt)))
+    if not isinstance(weights, dict):
+        raise UsageError(f"{ckpt} holds no model weights")
+    config = resume.config_as_started(ckpt)
+    config.training.device = device.type
+    if batch_size is not None:
+        config.training.batch_size = batch_size
+    task = resolve_task(config.task)(config)
+    data_module = resolve_data_module(data_module_of(config, task))(config)
+    data_module.prepare_data()
+    # the random numbers training's set-up drew from: a split drawn at random is the one it validated on
+    resume.seed_everything(resume.mixed_seed(config.training.seed, SETUP_STREAM))
+    data_module.setup("fit" if split == "val" else "test")
+    loader, _ = getattr(data_module, f"{split}_dataloader")(0, 1)
+    task.data_module = data_module
+    model = task.build_model()
+    changed = resume.weights_changes(task, ckpt)  # a tokenizer built otherwise here would number tokens otherwise
+    if changed:
+        raise UsageError(f"the data here gives the model otherwise than {ckpt} holds it ({', '.join(changed)}): "
+                         f"run where the run was started, with its data and tokenizer")
+    load_weights_strictly(model, weights, f"the weights in {ckpt}", than=f" than {config.task} builds from its config")
+    model.to(device).eval()
+    criterion = task.build_criterion().to(device)
+    dtype = AUTOCAST_DTYPES.get(config.training.precision)
+    sums, samples = RunningMeans(), 0
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for batch in loader:
+            batch = moved_to(batch, device)
+            loss, metrics = task.validation_step(batch, model, criterion)
+            count = task.loss_weight(batch)
+            sums.add(loss, metrics, weight=batch_len(batch) if count is None else count)
+            samples += batch_len(batch)
+    if not samples:
+        raise UsageError(f"the {split} split of {type(data_module).__name__} is empty: nothing to score")
+    means = {f"val_{key}": total / weight for key, (total, weight) in sums.totals().items()}
+    # finalize_metrics knows validation's names (val_ppl from val_loss); the split's own name goes on after
+    finalized = task.finalize_metrics(means)
+    return {f"{split}_{key[4:]}" if key.startswith("val_") else key: float(value)
+            for key, value in finalized.items()}, samples, ckpt
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgParser(prog="llm-evaluate",
-                       description="Loss and perplexity of a language model trained by --task lm on a text file.")
+                       description="Score a checkpoint: a language model on a text file (--data-path), or any task "
+                                   "on a split of the data it trained on.")
     add_checkpoint(parser)
-    parser.add_argument("--data-path", required=True, metavar="FILE", help="UTF-8 text file to score")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B",
-                        help="windows of block_size tokens per forward pass (default: 8)")
+    parser.add_argument("--data-path", metavar="FILE",
+                        help="a UTF-8 text file to score a language model on (--task lm), every token of it")
+    parser.add_argument("--split", choices=SPLITS,
+                        help="without --data-path: the split of the run's data module to score, the validation "
+                             "one (default) or its test one")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="windows of block_size tokens per forward pass with --data-path (default: 8), else "
+                             "samples per batch (default: the run's)")
     add_device(parser)
     return parser
 
@@ -111,11 +189,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _score(argv: list[str] | None) -> str:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size: got {args.batch_size}, expected an integer >= 1")
+    if args.data_path is None:
+        split = args.split or "val"
+        metrics, samples, ckpt = score_split(args.checkpoint, split, args.device, args.batch_size)
+        loss = f"{split}_loss"
+        shown = "  ".join(f"{key} {metrics[key]:.6g}" for key in sorted(metrics, key=lambda key: key != loss))
+        return f"{shown}  samples {samples}  checkpoint {ckpt}"
+    if args.split is not None:
+        raise UsageError("--split scores a split of the run's data module, --data-path a text file: give one of them")
     model, tokenizer, ckpt = load_lm(args.checkpoint, args.device)
     ids = read_tokens(args.data_path, tokenizer)
-    loss, n_tokens = evaluate(model, ids, model.config.block_size, args.batch_size)
+    loss, n_tokens = evaluate(model, ids, model.config.block_size, args.batch_size or 8)
     return f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}"
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.data.text_data_module import TextDataModule
-from llm.evaluate import evaluate, main
+from llm.evaluate import evaluate, main, score_split
 from llm.training.core.config import Config
 from llm.training.tasks.lm_task import load_lm
 from tests.helpers import run, train_tiny_lm, wordpiece_file
@@ -189,3 +189,75 @@ def test_text_the_tokenizer_does_not_cover_is_scored_with_a_warning_of_its_share
     with pytest.warns(UserWarning, match=share):
         assert main(["--checkpoint", str(run_dir), "--data-path", str(tmp_path / "other.txt")]) == 0
     assert capsys.readouterr().out.startswith("loss ")
+
+
+# ---- any task, on a split of the data it trained on -----------------------------------------------
+
+
+def train_task(root: Path, *flags: str) -> Path:
+    """A small run of a built-in task through the command line's main(), validated and saved at its end."""
+    from llm.training import train
+
+    assert train.main(["--training-max-steps", "12", "--model-n-layer", "1", "--model-n-embd", "16",
+                       "--data-num-samples", "300", "--data-input-dim", "4", "--logging-progress-bar", "false",
+                       "--logging-log-dir", str(root / "run"), *flags]) == 0
+    return root / "run"
+
+
+def last_validation(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["split"] == "val"][-1]
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_a_checkpoint_of_any_task_scores_the_validation_split_as_training_did(tmp_path, capsys, task):
+    run_dir = train_task(tmp_path, "--task", task)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    record = last_validation(run_dir)
+    metrics = {key: value for key, value in record.items() if key.startswith("val_")}
+    assert printed.startswith(f"val_loss {record['val_loss']:.6g}  ") and f"samples 30  checkpoint {run_dir}" in printed
+    assert score_split(run_dir)[:2] == (pytest.approx(metrics, rel=1e-12), 30)  # the whole split: 10% of 300
+
+
+@pytest.mark.parametrize("task, metric", [("regression", "test_mae"), ("classification", "test_acc")])
+def test_the_test_split_of_the_built_in_data_is_held_out_and_as_large_as_validation(tmp_path, task, metric):
+    run_dir = train_task(tmp_path, "--task", task, "--checkpoint-keep-best", "0")
+    test, samples, ckpt = score_split(run_dir / "checkpoints" / "latest", "test", batch_size=7)
+    val, _, _ = score_split(run_dir, "val")
+    assert samples == 30 and ckpt == run_dir / "checkpoints" / "step_00000012"
+    assert set(test) == {"test_loss", metric} and test["test_loss"] != val["val_loss"]  # other samples
+    assert math.isfinite(test["test_loss"])
+
+
+def test_a_language_model_scores_its_validation_split_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    from llm.training import train
+
+    assert train.main(["--task", "lm", "--training-max-steps", "6", "--training-batch-size", "8", "--model-n-layer",
+                       "1", "--model-n-embd", "32", "--model-n-head", "2", "--model-block-size", str(BLOCK),
+                       "--data-path", "corpus.txt", "--data-cache-dir", "cache", "--logging-log-dir", "lm",
+                       "--logging-progress-bar", "false"]) == 0
+    record = last_validation(tmp_path / "lm")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the relative corpus and cache are found from the folder the run started in
+    metrics, samples, _ = score_split("../lm")
+    assert metrics == pytest.approx({"val_loss": record["val_loss"], "val_ppl": record["val_ppl"]}, rel=1e-12)
+    capsys.readouterr()
+    assert main(["--checkpoint", "../lm", "--split", "test"]) == 2  # a text file has no test split
+    assert capsys.readouterr().err == ("error: TextDataModule has no test split: define test_dataloader(rank, "
+                                       "world_size) (built in setup(\"test\")), or score the validation split with "
+                                       "--split val\n")
+    (tmp_path / "corpus.txt").write_text(TEXT + "Zebra")  # another char vocabulary: the ids would mean otherwise
+    assert main(["--checkpoint", "../lm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the data here gives the model otherwise than ") and "(tokenizer.json)" in err
+
+
+def test_a_split_and_a_text_file_are_not_scored_at_once(step_dir, capsys):
+    assert main(["--checkpoint", str(step_dir), "--data-path", "x.txt", "--split", "val"]) == 2
+    assert capsys.readouterr().err == ("error: --split scores a split of the run's data module, --data-path a text "
+                                       "file: give one of them\n")

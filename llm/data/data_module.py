@@ -13,7 +13,7 @@ from llm.training.core.config import Config
 
 
 class BaseDataModule(ABC):
-    """Subclass and implement the four methods below.
+    """Subclass and implement the four abstract methods below; test_dataloader is optional.
 
     The engine calls ``prepare_data()`` on one process per node while the others
     wait, then ``setup()`` on every process, then asks for the loaders.
@@ -37,6 +37,12 @@ class BaseDataModule(ABC):
     @abstractmethod
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         """The validation loader for this rank and the sampler that shards it."""
+
+    def test_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        """Optional: the test loader, held out of training and validation, which ``python -m llm.evaluate
+        --split test`` scores after ``setup("test")``; training never reads it."""
+        raise UsageError(f"{type(self).__name__} has no test split: define test_dataloader(rank, world_size) "
+                         f"(built in setup(\"test\")), or score the validation split with --split val")
 
     def build_dataloader(
         self, dataset: Dataset, rank: int, world_size: int, train: bool, collate_fn: Callable | None = None

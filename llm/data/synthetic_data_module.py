@@ -24,9 +24,16 @@ class SyntheticDataModule(BaseDataModule):
         n_val = max(1, int(d.num_samples * d.val_fraction))
         self.train_set = TensorDataset(x[n_val:], y[n_val:])
         self.val_set = TensorDataset(x[:n_val], y[:n_val])
+        # as many test samples as validation ones, drawn after the rest: the training and validation data are
+        # what they were before there was a test split
+        x_test = torch.randn(n_val, d.input_dim, generator=g)
+        self.test_set = TensorDataset(x_test, x_test @ w + b + d.noise * torch.randn(n_val, 1, generator=g))
 
     def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.train_set, rank, world_size, train=True)
 
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.val_set, rank, world_size, train=False)
+
+    def test_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+        return self.build_dataloader(self.test_set, rank, world_size, train=False)

@@ -22,6 +22,7 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import BatchSampler
 
+from llm.data.tokenizers import BUILTIN as BUILTIN_TOKENIZERS
 from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder, run_files
 from llm.training.core import distributed as D
@@ -410,6 +411,33 @@ def _from_where_started(path: str, log_dir: Any, run_dir: Path) -> str:
             ".." in Path(log_dir).parts:
         return path  # as it stands from here, or no way to tell otherwise
     return os.path.relpath(_started_in(run_dir, Path(log_dir)) / path)  # as a flag given here would name it
+
+
+RELATIVE_TO_START = ("data.path", "data.tokenizer", "data.cache_dir")
+"""The settings of a run that name files from the folder it was started in."""
+
+
+def config_as_started(checkpoint: Path) -> Config:
+    """The config of the run that saved ``checkpoint`` (the config.yaml it holds), with the relative paths of
+    its data (RELATIVE_TO_START) as they stand from here, from the folder that run was started in; UsageError
+    in one line where there is none to read."""
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UsageError(f"{checkpoint / 'config.yaml'} cannot be read ({one_line(e)}), so the task and data "
+                         f"its weights were trained on are unknown") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("checkpoint"), dict) or \
+            not isinstance(saved.get("logging"), dict) or not isinstance(saved.get("data"), dict):
+        raise UsageError(f"{checkpoint / 'config.yaml'} is no run's record of its settings")
+    log_dir, given = saved["logging"].get("log_dir"), saved["checkpoint"].get("dir")
+    run_dir = _where_it_was(Path(str(log_dir)), Path(given) if isinstance(given, str) and given else None, checkpoint)
+    for key in RELATIVE_TO_START:
+        name = key.split(".")[1]
+        value = saved["data"].get(name)
+        if isinstance(value, str) and value and not value.startswith("~") and \
+                not (key == "data.tokenizer" and value in BUILTIN_TOKENIZERS):
+            saved["data"][name] = _from_where_started(value, log_dir, run_dir)
+    return Config.from_dict(saved, origin=str(checkpoint / "config.yaml"))
 
 
 def _started_in(found: Path, given: Path) -> Path:

@@ -122,7 +122,7 @@ def load_lm(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple
     taken) or a run directory (its ``checkpoints/``). Raises UsageError with one line when
     the checkpoint is missing, invalid, not a language model, or inconsistent.
     """
-    device = _usable_device(device)
+    device = usable_device(device)
     model, tokenizer, ckpt = read_checkpoint(Path(checkpoint), _read_lm)
     return model.to(device).eval(), tokenizer, ckpt
 
@@ -171,7 +171,7 @@ def _read_model_config(path: Path) -> GPTConfig:
         raise UsageError(f"{path} is not a valid model config: {one_line(e)}") from None
 
 
-def _usable_device(device: str | torch.device) -> torch.device:
+def usable_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError as e:
