@@ -36,7 +36,7 @@ from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
 from llm.training.core import resume
 from llm.training.core.checkpoint import load_weights_strictly, model_weights, read_checkpoint
-from llm.training.core.engine import AUTOCAST_DTYPES, SETUP_STREAM, batch_len, moved_to
+from llm.training.core.engine import AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM, batch_len, loaders_of, moved_to
 from llm.training.core.metrics import RunningMeans
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
 from llm.training.tasks.lm_task import load_lm, perplexity, usable_device
@@ -128,17 +128,25 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
     ckpt, weights = read_checkpoint(Path(checkpoint), lambda ckpt: (ckpt, model_weights(ckpt)))
     if not isinstance(weights, dict):
         raise UsageError(f"{ckpt} holds no model weights")
-    config = resume.config_as_started(ckpt)
+    config, where_to_run = resume.config_as_started(ckpt)
     config.training.device = device.type
     if batch_size is not None:
         config.training.batch_size = batch_size
     task = resolve_task(config.task)(config)
     data_module = resolve_data_module(data_module_of(config, task))(config)
-    data_module.prepare_data()
-    # the random numbers training's set-up drew from: a split drawn at random is the one it validated on
-    resume.seed_everything(resume.mixed_seed(config.training.seed, SETUP_STREAM))
-    data_module.setup("fit" if split == "val" else "test")
-    loader, _ = getattr(data_module, f"{split}_dataloader")(0, 1)
+    try:  # it may tokenize a corpus into its cache again, if the cache is gone
+        data_module.prepare_data()
+        # the random numbers training's set-up drew from: a split drawn at random is the one it validated on
+        resume.seed_everything(resume.mixed_seed(config.training.seed, SETUP_STREAM))
+        data_module.setup("fit" if split == "val" else "test")
+    except UsageError as e:
+        raise UsageError(f"{e}{where_to_run}") from None
+    loader, _ = loaders_of(data_module, f"{split}_dataloader", 0, 1)
+    # what a data set draws at random in loader workers, from the seeds training's validation gave each batch
+    with warnings.catch_warnings():  # of a data set that takes no seed: said of a resume, not of a score
+        warnings.simplefilter("ignore")
+        resume.SeededBatches.install(loader, resume.mixed_seed(config.training.seed, 0, VAL_STREAM))
+    resume.WorkerStart.install(loader)
     task.data_module = data_module
     model = task.build_model()
     changed = resume.weights_changes(task, ckpt)  # a tokenizer built otherwise here would number tokens otherwise

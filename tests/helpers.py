@@ -6,6 +6,7 @@ import gc
 import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm.training.core.callbacks import HOOKS, Callback
@@ -256,6 +258,29 @@ class SampleRecordingTask(RegressionTask):
 
 
 from llm.data.synthetic_data_module import SyntheticDataModule  # noqa: E402
+
+
+class Jittered(torch.utils.data.Dataset):
+    """A data set whose items are augmented at random in __getitem__, with torch's, NumPy's and Python's
+    generators, in the loader workers."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.1 * torch.rand(x.shape) + float(np.random.rand()) + random.random(), y
+
+
+class AugmentedData(SyntheticDataModule):
+    """Regression data whose training, validation and test items are augmented at random in __getitem__."""
+
+    def setup(self, stage):
+        super().setup(stage)
+        self.train_set, self.val_set, self.test_set = map(Jittered, (self.train_set, self.val_set, self.test_set))
 
 
 class UnskippableData(SyntheticDataModule):

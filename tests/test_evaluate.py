@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.data.text_data_module import TextDataModule
 from llm.evaluate import evaluate, main, score_split
 from llm.training.core.config import Config
@@ -257,7 +258,51 @@ def test_a_language_model_scores_its_validation_split_from_any_folder(tmp_path, 
     assert err.startswith("error: the data here gives the model otherwise than ") and "(tokenizer.json)" in err
 
 
+def test_relative_data_of_a_run_whose_log_dir_does_not_place_it_is_refused_saying_where_to_run(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    started = tmp_path / "project" / "sub"
+    started.mkdir(parents=True)
+    monkeypatch.chdir(started)
+    (tmp_path / "project" / "corpus.txt").write_text(TEXT)
+    from llm.training import train
+
+    assert train.main(["--task", "lm", "--training-max-steps", "2", "--training-batch-size", "8", "--model-n-layer",
+                       "1", "--model-n-embd", "32", "--model-n-head", "2", "--model-block-size", str(BLOCK),
+                       "--data-path", "../corpus.txt", "--data-cache-dir", str(tmp_path / "cache"),
+                       "--logging-log-dir", "../runs/lm", "--logging-progress-bar", "false"]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["--checkpoint", "project/runs/lm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.path: ../corpus.txt does not exist") and err.endswith(
+        "the run's data.path is relative to the folder it was started in, which its log_dir (../runs/lm) does not "
+        "tell: run this from that folder\n")
+    monkeypatch.chdir(started)
+    assert main(["--checkpoint", "../runs/lm"]) == 0
+
+
 def test_a_split_and_a_text_file_are_not_scored_at_once(step_dir, capsys):
     assert main(["--checkpoint", str(step_dir), "--data-path", "x.txt", "--split", "val"]) == 2
     assert capsys.readouterr().err == ("error: --split scores a split of the run's data module, --data-path a text "
                                        "file: give one of them\n")
+
+
+def test_items_drawn_at_random_in_loader_workers_are_drawn_as_training_validated_them(tmp_path):
+    # each validation batch's draws come from a seed of its own, which the tool gives them too
+    run_dir = train_task(tmp_path, "--data-module", "tests.helpers:AugmentedData", "--data-num-workers", "2")
+    metrics, _, _ = score_split(run_dir)
+    assert metrics == pytest.approx({k: v for k, v in last_validation(run_dir).items() if k.startswith("val_")},
+                                    rel=1e-12)
+
+
+def test_a_loader_method_that_returns_no_pair_is_one_line(tmp_path, capsys):
+    run_dir = train_task(tmp_path, "--data-module", "tests.test_evaluate:BareTestLoader")
+    capsys.readouterr()
+    assert main(["--checkpoint", str(run_dir), "--split", "test"]) == 2
+    assert capsys.readouterr().err.startswith("error: BareTestLoader.test_dataloader() returned DataLoader, expected "
+                                              "a (DataLoader, DistributedSampler) pair")
+
+
+class BareTestLoader(SyntheticDataModule):
+    def test_dataloader(self, rank, world_size):
+        return self.build_dataloader(self.test_set, rank, world_size, train=False)[0]

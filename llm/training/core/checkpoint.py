@@ -244,11 +244,15 @@ class CheckpointManager:
         # the best first among equal scores: the earliest, which reached it first
         best = [path for _, path in sorted(self._scored(complete), key=lambda pair: pair[0])][:self.keep_best]
         # named before any pruning: a kill in between leaves the pointer naming a checkpoint that is there
-        if best:
-            if _pointed_at(self.directory / BEST) != best[0].name:
-                write_atomically(self.directory / BEST, best[0].name + "\n", durable=True)
-        else:  # none kept for its score (no validation yet, keep_best 0): no pointer to a checkpoint pruned later
-            (self.directory / BEST).unlink(missing_ok=True)
+        try:
+            if best:
+                if _pointed_at(self.directory / BEST) != best[0].name:
+                    write_atomically(self.directory / BEST, best[0].name + "\n", durable=True)
+            else:  # none kept for its score (no validation yet, keep_best 0): no pointer to a checkpoint pruned later
+                (self.directory / BEST).unlink(missing_ok=True)
+        except OSError as error:  # the checkpoint is saved: a pointer that cannot be written is a warning
+            warnings.warn(f"{self.directory / BEST} not updated ({_one_line(error)}): the next save tries again",
+                          stacklevel=4)
         kept = set(complete[-self.keep_last:]) | {keep} | set(best)
         for path in complete:
             if path not in kept:

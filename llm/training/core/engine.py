@@ -593,31 +593,7 @@ class TrainingEngine:
         self._run_lock = None
 
     def _loaders(self, method: str) -> tuple[Any, Any]:
-        """The data module's ``method``, checked: a (loader, sampler) pair; else one line, not a traceback."""
-        got = getattr(self.data_module, method)(self.rank, self.world_size)
-        name = f"{type(self.data_module).__name__}.{method}()"
-        pair = isinstance(got, (tuple, list)) and len(got) == 2
-        if not pair or got[0] is None:
-            shown = f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, (tuple, list)) else \
-                type(got).__name__
-            raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
-                             f"self.build_dataloader(...) gives; without validation data, a loader over an empty "
-                             f"data set")
-        loader, sampler = got
-        if method == "val_dataloader" and isinstance(sampler, DistributedSampler) and not sampler.drop_last and \
-                type(sampler).__iter__ is DistributedSampler.__iter__ and sampler.total_size > len(sampler.dataset):
-            # it repeats a few items to even out the ranks' shares, which validation would count twice
-            batch_sampler = getattr(loader, "batch_sampler", None)
-            if getattr(batch_sampler, "sampler", None) is sampler:  # each item once instead, the loader as it was
-                sampler = ShardSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
-                                       shuffle=False)
-                batch_sampler.sampler = sampler
-                return loader, sampler
-            raise UsageError(f"{name}: its DistributedSampler repeats {sampler.total_size - len(sampler.dataset)} "
-                             f"of the {len(sampler.dataset)} validation items to even out {sampler.num_replicas} ranks' "
-                             f"shares, which validation would count twice: build the loader with "
-                             f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
-        return loader, sampler
+        return loaders_of(self.data_module, method, self.rank, self.world_size)
 
     def _start_from_weights(self, model: torch.nn.Module, init_from: str) -> None:
         """Load the weights of the checkpoint ``init_from`` names into the model, before it is sharded or wrapped:
@@ -1388,6 +1364,36 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
         type(returned).__name__
     raise UsageError(f"{where} returned {shown}, expected (loss, metrics): the loss "
                      f"tensor and a dict of metrics, such as (loss, {{}})")
+
+
+def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: int) -> tuple[Any, Any]:
+    """The data module's ``method`` (train_dataloader, ...), checked: a (loader, sampler) pair; else one line,
+    not a traceback."""
+    got = getattr(data_module, method)(rank, world_size)
+    name = f"{type(data_module).__name__}.{method}()"
+    pair = isinstance(got, (tuple, list)) and len(got) == 2
+    if not pair or got[0] is None:
+        shown = f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, (tuple, list)) else \
+            type(got).__name__
+        raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
+                         f"self.build_dataloader(...) gives; without validation data, a loader over an empty "
+                         f"data set")
+    loader, sampler = got
+    if method != "train_dataloader" and isinstance(sampler, DistributedSampler) and not sampler.drop_last and \
+            type(sampler).__iter__ is DistributedSampler.__iter__ and sampler.total_size > len(sampler.dataset):
+        # it repeats a few items to even out the ranks' shares, which validation would count twice
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if getattr(batch_sampler, "sampler", None) is sampler:  # each item once instead, the loader as it was
+            sampler = ShardSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
+                                   shuffle=False)
+            batch_sampler.sampler = sampler
+            return loader, sampler
+        raise UsageError(f"{name}: its DistributedSampler repeats {sampler.total_size - len(sampler.dataset)} "
+                         f"of the {len(sampler.dataset)} {'test' if method == 'test_dataloader' else 'validation'} "
+                         f"items to even out {sampler.num_replicas} ranks' "
+                         f"shares, which validation would count twice: build the loader with "
+                         f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
+    return loader, sampler
 
 
 def batch_len(batch: Any) -> int:

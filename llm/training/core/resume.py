@@ -417,10 +417,11 @@ RELATIVE_TO_START = ("data.path", "data.tokenizer", "data.cache_dir")
 """The settings of a run that name files from the folder it was started in."""
 
 
-def config_as_started(checkpoint: Path) -> Config:
+def config_as_started(checkpoint: Path) -> tuple[Config, str]:
     """The config of the run that saved ``checkpoint`` (the config.yaml it holds), with the relative paths of
     its data (RELATIVE_TO_START) as they stand from here, from the folder that run was started in; UsageError
-    in one line where there is none to read."""
+    in one line where there is none to read. Also what to add to an error about those paths where the folder
+    cannot be told ('' where it can)."""
     try:
         saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -431,13 +432,23 @@ def config_as_started(checkpoint: Path) -> Config:
         raise UsageError(f"{checkpoint / 'config.yaml'} is no run's record of its settings")
     log_dir, given = saved["logging"].get("log_dir"), saved["checkpoint"].get("dir")
     run_dir = _where_it_was(Path(str(log_dir)), Path(given) if isinstance(given, str) and given else None, checkpoint)
+    unplaced = []  # relative paths of a run whose log_dir does not tell the folder it was started in
     for key in RELATIVE_TO_START:
         name = key.split(".")[1]
         value = saved["data"].get(name)
         if isinstance(value, str) and value and not value.startswith("~") and \
                 not (key == "data.tokenizer" and value in BUILTIN_TOKENIZERS):
             saved["data"][name] = _from_where_started(value, log_dir, run_dir)
-    return Config.from_dict(saved, origin=str(checkpoint / "config.yaml"))
+            if not Path(value).is_absolute() and (not isinstance(log_dir, str) or Path(log_dir).is_absolute()
+                                                  or ".." in Path(log_dir).parts):
+                unplaced.append(key)  # as _from_where_started leaves it
+    hint = "" if not unplaced else (
+        f"; the run's {', '.join(unplaced)} {'is' if len(unplaced) == 1 else 'are'} relative to the folder it was "
+        f"started in, which its log_dir ({log_dir}) does not tell: run this from that folder")
+    try:
+        return Config.from_dict(saved, origin=str(checkpoint / "config.yaml")), hint
+    except UsageError as e:
+        raise UsageError(f"{e}{hint}") from None
 
 
 def _started_in(found: Path, given: Path) -> Path:

@@ -307,6 +307,14 @@ def test_the_best_file_follows_a_better_score_and_goes_with_the_checkpoint_it_na
         resolve_checkpoint(tmp_path / "best")
 
 
+def test_a_best_that_cannot_be_written_is_a_warning_and_the_save_stands(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1, monitor="val_loss")
+    (tmp_path / "best").mkdir()  # a folder where the file goes
+    with pytest.warns(UserWarning, match="best not updated .*Is a directory.*the next save tries again"):
+        assert save(manager, 1, metrics={"val_loss": 0.5}) == tmp_path / "step_00000001"
+    assert manager.latest_valid() == tmp_path / "step_00000001"
+
+
 @pytest.mark.parametrize("content, words", [("step_00000009\n", "names step_00000009, which is not in"),
                                             ("../../etc\n", "does not hold a checkpoint's name")])
 def test_a_best_file_naming_no_checkpoint_here_is_refused_in_one_line(tmp_path, content, words):

@@ -104,6 +104,20 @@ def test_deterministic_algorithms_are_what_the_config_says_whatever_was_set_befo
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.parametrize("message, op", [
+    ("put_ does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'",
+     "put_"),
+    # torch.compile wraps torch's error in its own text
+    ("RuntimeError when making fake tensor call\n  Explanation: Dynamo failed to run FX node with fake tensors: "
+     "got RuntimeError(\"max_unpooling2d_forward_out does not have a deterministic implementation, but you set",
+     "max_unpooling2d_forward_out"),
+    ("some other failure", ""),
+])
+def test_the_op_with_no_deterministic_form_is_read_from_torchs_error(message, op):
+    assert D.op_with_no_deterministic_form(RuntimeError(message)) == op
+    assert D.op_with_no_deterministic_form(ValueError(message)) == ""
+
+
 # -- the group host values go over ------------------------------------------------------------------
 
 

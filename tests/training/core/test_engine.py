@@ -5,7 +5,6 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import re
 import shutil
 import signal
@@ -17,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -37,8 +35,8 @@ from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.train import default_callbacks, main
-from tests.helpers import (REPO, NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder, free_port, hold, reseal,
-                           spawn, tiny_config, weights)
+from tests.helpers import (REPO, AugmentedData, Jittered, NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder,
+                           free_port, hold, reseal, spawn, tiny_config, weights)
 
 
 def train(config, task_cls=RegressionTask, callbacks=None):
@@ -506,27 +504,6 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path
         return {(r["split"], r["step"]): {k: v for k, v in r.items() if k not in timings} for r in records}
 
     assert logged("crash") == logged("ref")  # to the bit: the open log window was saved entry by entry
-
-
-class Jittered(torch.utils.data.Dataset):
-    """A data set whose items are augmented at random in __getitem__, with torch's, NumPy's and Python's
-    generators, in the loader workers."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        return x + 0.1 * torch.rand(x.shape) + float(np.random.rand()) + random.random(), y
-
-
-class AugmentedData(SyntheticDataModule):
-    def setup(self, stage):
-        super().setup(stage)
-        self.train_set, self.val_set = Jittered(self.train_set), Jittered(self.val_set)
 
 
 def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_the_workers(tmp_path):
