@@ -73,6 +73,8 @@ class TrainingConfig:
     """Deterministic algorithms only (torch.use_deterministic_algorithms), so that a rerun on a GPU is bit for bit; slower, and an op with none stops the run naming it."""
     compile: bool = False
     """torch.compile the model (block by block when it has .blocks) and the loss; compile time is reported apart."""
+    compile_mode: Literal["default", "max-autotune"] = "default"
+    """With compile: max-autotune times several kernels for each matmul and keeps the fastest (on a GPU, faster steps for a longer compile; CUDA graphs stay off)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them."""
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -386,6 +388,9 @@ class Config:
         _at_least("training.eval_every_steps", t.eval_every_steps, 0)
         _at_least("training.eval_batches", t.eval_batches, 0)
         _at_least("training.patience", t.patience, 0)
+        if t.compile_mode != "default" and not t.compile:
+            raise ConfigError("training.compile_mode", t.compile_mode, "'default' unless training.compile is true "
+                              "(set --training-compile true as well)")
         _positive("optimizer.lr", o.lr)
         _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
         _fraction("optimizer.beta1", o.beta1)

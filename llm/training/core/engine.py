@@ -501,7 +501,7 @@ class TrainingEngine:
             self._start_from_weights(model, cfg.checkpoint.init_from)
         if cfg.training.compile:  # a fused loss: an LM's eager one makes float32 copies of all the logits
             # after the check, whose step would compile it untimed: compilation is the first step's, reported apart
-            parallel.compile_in_place(self.criterion)
+            parallel.compile_in_place(self.criterion, cfg.training.compile_mode)
         self.raw_model = parallel.prepare(model, cfg, self.world_size)
         self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)

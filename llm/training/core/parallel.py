@@ -40,13 +40,13 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
             # checkpoint() is hidden from the compiler: what it calls must be compiled already. An instance
             # attribute: the state dict keys stay those of the plain model
             if t.compile:
-                compile_in_place(block)
+                compile_in_place(block, t.compile_mode)
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     elif t.compile:
         # regional: block by block (they share code, so it compiles once) compiles much faster than the
         # whole model; a model without blocks is compiled whole
         for part in blocks(model) or [model]:
-            compile_in_place(part)
+            compile_in_place(part, t.compile_mode)
     if is_sharded(config, world_size):
         from torch.distributed.fsdp import fully_shard
 
@@ -56,14 +56,21 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
     return model
 
 
-def compile_in_place(module: nn.Module) -> None:
-    """torch.compile ``module``'s forward, keeping the module, its type and its parameter names.
+COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
+"""torch.compile's mode for each training.compile_mode. CUDA graphs (torch's "max-autotune" and
+"reduce-overhead") stay off: they replay a step's kernels on fixed buffers, which the per-block
+compile, activation checkpointing and FSDP's collectives have not been checked under."""
+
+
+def compile_in_place(module: nn.Module, mode: str = "default") -> None:
+    """torch.compile ``module``'s forward in ``mode`` (a training.compile_mode), keeping the module, its type
+    and its parameter names.
 
     Not ``module.compile()``: the compiler skips a call that starts in torch's own code, so that
     leaves a module whose forward is torch's (nn.Sequential, nn.TransformerEncoderLayer, the
     losses) running eagerly.
     """
-    module.forward = torch.compile(module.forward)
+    module.forward = torch.compile(module.forward, mode=COMPILE_MODES[mode])
 
 
 def wrap(model: nn.Module, config: Config, world_size: int, device: torch.device) -> nn.Module:

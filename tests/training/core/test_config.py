@@ -153,6 +153,9 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"training": {"batch_size": 2.5}}, ["training.batch_size", "2.5", "an integer"]),
         ({"training": {"compile": "maybe"}}, ["training.compile", "true or false"]),
         ({"training": {"precision": "fp8"}}, ["training.precision", "fp32, bf16, fp16"]),
+        ({"training": {"compile_mode": "max-autotune"}}, ["training.compile_mode", "unless training.compile is true"]),
+        ({"training": {"compile": True, "compile_mode": "reduce-overhead"}}, ["training.compile_mode",
+                                                                             "default, max-autotune"]),
         ({"training": {"batch_sise": 4}}, ["training.batch_sise", "did you mean batch_size"]),
         ({"trainer": {}}, ["trainer", "did you mean training"]),
         ({"lr": 0.1}, ["lr", "did you mean optimizer.lr?"]),  # a field put at the top level: where it goes

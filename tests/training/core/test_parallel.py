@@ -126,6 +126,25 @@ def test_compiled_blocks_and_loss_train_like_eager_and_report_the_first_step_apa
     assert_close(weights(eager.raw_model), weights(both.raw_model), rtol=1e-5, atol=1e-6)
 
 
+def test_max_autotune_compiles_every_block_and_the_loss_in_that_mode_and_trains_like_eager(tmp_path, monkeypatch):
+    modes = []
+    compile_ = torch.compile
+
+    def recording(fn, mode=None):
+        modes.append(mode)
+        return compile_(fn, mode=mode)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    sgd = {"name": "sgd", "beta1": 0.0, "weight_decay": 0.0, "lr": 0.1}
+    eager, _ = train_lm(lm_config(tmp_path / "a", optimizer=sgd))
+    assert modes == []
+    tuned, _ = train_lm(lm_config(tmp_path / "b", training={"compile": True, "compile_mode": "max-autotune"},
+                                  optimizer=sgd))
+    # each block and the loss, without CUDA graphs (torch's own "max-autotune" would add them)
+    assert modes == ["max-autotune-no-cudagraphs"] * (len(tuned.raw_model.blocks) + 1)
+    assert_close(weights(eager.raw_model), weights(tuned.raw_model), rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     engine, metrics = train_lm(lm_config(tmp_path, training={"precision": "bf16", "max_steps": 30},
                                          optimizer={"lr": 0.01}))
