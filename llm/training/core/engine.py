@@ -766,7 +766,7 @@ class TrainingEngine:
         saved_kind = shared.get("scheduler_kind", resume.UNRECORDED)  # absent from earlier versions' checkpoints
         same_schedule = resume.same_kind_of_schedule(self.scheduler, shared["scheduler"], saved_kind)
         if not same_schedule:
-            was = "another" if saved_kind == resume.UNRECORDED else (saved_kind or "none").rsplit(".", 1)[-1]
+            was = "unrecorded" if saved_kind == resume.UNRECORDED else (saved_kind or "none").rsplit(".", 1)[-1]
             now = (resume.schedule_kind(self.scheduler) or "none").rsplit(".", 1)[-1]
             self.print(f"learning-rate schedule changed ({was} -> {now}): the rate follows this run's from step "
                        f"{self.step}")

@@ -624,8 +624,10 @@ def binding_changes(changed: list[str]) -> list[str]:
 
 
 def change(key: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
-    """A changed setting as the resume's lines show it: ``optimizer.lr (0.02 -> 0.001)``."""
-    before, after = saved.get(key), now.get(key)
+    """A changed setting as the resume's lines show it: ``optimizer.lr (0.02 -> 0.001)``; a setting newer than
+    the checkpoint at its default, which the run that saved it had."""
+    before = saved[key] if key in saved else flatten(Config().to_dict()).get(key)
+    after = now.get(key)
     note = ""
     if key == "data.num_workers" and (before == 0) != (after == 0):  # with workers each batch has a seed of its own
         note = ("; what a data set draws at random in __getitem__ now comes from another stream, so the run goes "

@@ -1923,7 +1923,7 @@ SCHEDULES = {
     ("built-in", "plateau", False, "(LambdaLR -> ReduceLROnPlateau)", "constant"),
     ("built-in", "none", False, "(LambdaLR -> none)", "constant"),
     # a checkpoint of an earlier version, which recorded no class: told apart by the public names of the state
-    ("built-in", "cosine", True, "(another -> CosineAnnealingLR)", "cosine"),
+    ("built-in", "cosine", True, "(unrecorded -> CosineAnnealingLR)", "cosine"),
     ("built-in", "built-in", True, None, "built-in"),  # and its private names, which torch versions change, not
 ])
 def test_a_checkpoint_of_another_kind_of_schedule_resumes_on_this_runs_schedule(tmp_path, saved, now, unrecorded,

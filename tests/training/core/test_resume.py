@@ -107,6 +107,9 @@ def test_a_setting_newer_than_the_checkpoint_counts_as_saved_at_its_default():
     saved = {k: v for k, v in now.items() if k != "training.tf32"}  # a checkpoint from before the setting
     assert config_changes(saved, now) == []
     assert config_changes(saved, {**now, "training.tf32": True}) == ["training.tf32"]
+    from llm.training.core.resume import change  # and shown so: not as None
+
+    assert change("training.tf32", saved, {**now, "training.tf32": True}) == "training.tf32 (False -> True)"
 
 
 def test_a_class_of_a_script_run_as_main_that_is_not_running_is_named_in_one_line():
