@@ -34,9 +34,10 @@ from llm.cli import ArgParser, add_checkpoint, add_device, run_tool
 from llm.data.text_data_module import encode_pieces, read_pieces
 from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
-from llm.training.core import resume
+from llm.training.core import distributed as D, resume
 from llm.training.core.checkpoint import load_weights_strictly, model_weights, read_checkpoint
-from llm.training.core.engine import AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM, batch_len, loaders_of, moved_to
+from llm.training.core.engine import (AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM, batch_len, finalized_metrics,
+                                     loaders_of, moved_to)
 from llm.training.core.metrics import RunningMeans
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
 from llm.training.tasks.lm_task import load_lm, perplexity, usable_device
@@ -167,11 +168,10 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
             samples += batch_len(batch)
     if not samples:
         raise UsageError(f"the {split} split of {type(data_module).__name__} is empty: nothing to score")
-    means = {f"val_{key}": total / weight for key, (total, weight) in sums.totals().items()}
-    # finalize_metrics knows validation's names (val_ppl from val_loss); the split's own name goes on after
-    finalized = task.finalize_metrics(means)
-    return {f"{split}_{key[4:]}" if key.startswith("val_") else key: float(value)
-            for key, value in finalized.items()}, samples, ckpt
+    # as validation names and finalizes them (val_ppl from val_loss); the split's own name goes on after
+    means = finalized_metrics(task, D.weighted_mean_over_ranks({f"val_{k}": v for k, v in sums.totals().items()}))
+    return {f"{split}_{key[4:]}" if key.startswith("val_") else key: value for key, value in means.items()}, \
+        samples, ckpt
 
 
 def build_parser() -> argparse.ArgumentParser:

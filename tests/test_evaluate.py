@@ -16,6 +16,7 @@ from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.data.text_data_module import TextDataModule
 from llm.evaluate import evaluate, main, score_split
 from llm.training.core.config import Config
+from llm.training.tasks.regression_task import RegressionTask
 from llm.training.tasks.lm_task import load_lm
 from tests.helpers import run, train_tiny_lm, wordpiece_file
 
@@ -306,3 +307,15 @@ def test_a_loader_method_that_returns_no_pair_is_one_line(tmp_path, capsys):
 class BareTestLoader(SyntheticDataModule):
     def test_dataloader(self, rank, world_size):
         return self.build_dataloader(self.test_set, rank, world_size, train=False)[0]
+
+
+def test_a_split_whose_items_all_weigh_nothing_scores_nan_as_validation_does(tmp_path):
+    run_dir = train_task(tmp_path, "--task", "tests.test_evaluate:WeightlessTask")
+    metrics, samples, _ = score_split(run_dir)
+    assert samples == 30 and all(math.isnan(value) for value in metrics.values())
+    assert last_validation(run_dir)["val_loss"] is None  # logged as null: NaN in JSON
+
+
+class WeightlessTask(RegressionTask):
+    def loss_weight(self, batch):
+        return torch.tensor(0.0)

@@ -146,7 +146,7 @@ class CheckpointManager:
         if later:  # first: a run killed part way through goes on from this one, then sets the rest aside
             write_atomically(self.directory / LATEST, step_name(step) + "\n", durable=True)
             if _pointed_at(self.directory / BEST) in {p.name for p in later}:  # the next save names the best again
-                (self.directory / BEST).unlink()
+                (self.directory / BEST).unlink(missing_ok=True)
         moved = []
         for path in later:
             target = self.directory / DROPPED / path.name
@@ -492,7 +492,7 @@ def _pointed_at(pointer: Path) -> str:
     written over."""
     try:
         return pointer.read_bytes().decode("ascii", errors="replace").strip()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
         return ""
 
 

@@ -391,6 +391,9 @@ class Config:
         if t.compile_mode != "default" and not t.compile:
             raise ConfigError("training.compile_mode", t.compile_mode, "'default' unless training.compile is true "
                               "(set --training-compile true as well)")
+        if t.compile_mode == "max-autotune" and t.deterministic:  # it keeps whichever kernel timed fastest
+            raise ConfigError("training.compile_mode", t.compile_mode, "'default' with training.deterministic: "
+                              "autotuning picks each matmul's kernel by timing, which can pick another in a rerun")
         _positive("optimizer.lr", o.lr)
         _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
         _fraction("optimizer.beta1", o.beta1)

@@ -155,10 +155,10 @@ def _device(config: Config, local_rank: int) -> torch.device:
 def op_with_no_deterministic_form(e: BaseException) -> str:
     """The op torch refused under training.deterministic ("put_ does not have a deterministic implementation,
     but you set ..."), or ''."""
-    # the op's name is the word before the phrase, which torch.compile's error wraps in its own text
-    found = re.search(r"([\w.:]+) does not have a deterministic implementation", str(e)) \
-        if isinstance(e, RuntimeError) else None
-    return found.group(1) if found else ""
+    text = str(e) if isinstance(e, RuntimeError) else ""
+    before, found, _ = text.partition(" does not have a deterministic implementation")
+    # what torch names (an op, or "median CUDA with indices output"), after any text torch.compile wraps it in
+    return re.split(r"[\"'\n]|: ", before)[-1].strip() if found else ""
 
 
 def init_process_group(config: Config, rank: int, world_size: int, local_rank: int) -> None:

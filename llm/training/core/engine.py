@@ -55,8 +55,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_FIGURES = ("grad_norm", "skipped_steps", "loss_scale", "overflow_steps")
 """What the engine adds to a training record beside the loss: a task's metric may not take these names."""
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
-"""The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` is read
-when there: checkpoints of earlier versions lack it)."""
+"""The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` and
+``scheduler_kind`` are read when there: checkpoints of earlier versions lack them)."""
 SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, LOADER_STREAM = 1, 2, 3, 4
 """What the seeds made from training.seed are for: the data module's set-up, the training and validation batches
 loader workers load, and the generator of each loader iterator (each a stream of its own)."""
@@ -766,9 +766,10 @@ class TrainingEngine:
         saved_kind = shared.get("scheduler_kind", resume.UNRECORDED)  # absent from earlier versions' checkpoints
         same_schedule = resume.same_kind_of_schedule(self.scheduler, shared["scheduler"], saved_kind)
         if not same_schedule:
-            was = "unrecorded" if saved_kind == resume.UNRECORDED else (saved_kind or "none").rsplit(".", 1)[-1]
-            now = (resume.schedule_kind(self.scheduler) or "none").rsplit(".", 1)[-1]
-            self.print(f"learning-rate schedule changed ({was} -> {now}): the rate follows this run's from step "
+            was = "none" if shared["scheduler"] is None else \
+                "unrecorded" if saved_kind == resume.UNRECORDED else saved_kind.rsplit(".", 1)[-1]
+            kind = (resume.schedule_kind(self.scheduler) or "none").rsplit(".", 1)[-1]
+            self.print(f"learning-rate schedule changed ({was} -> {kind}): the rate follows this run's from step "
                        f"{self.step}")
         if isinstance(self.scheduler, ReduceLROnPlateau):  # this run's settings, at the saved one's standing
             if settings_changed or not same_schedule:
@@ -1034,24 +1035,7 @@ class TrainingEngine:
         return metrics
 
     def _finalized(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The task's finalize_metrics of rank-averaged metrics, as floats; one line for a method that changes
-        the dict in place and returns nothing, or returns what is no number (found in setup, on a first batch)."""
-        task = type(self.task).__name__
-        finalized = self.task.finalize_metrics(metrics)
-        if not isinstance(finalized, Mapping):
-            raise UsageError(f"{task}.finalize_metrics returned {type(finalized).__name__}, expected the dict of "
-                             f"metrics: return it, changed or not")
-        numbers_only = {}
-        for key, value in finalized.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
-            if key in RECORD_KEYS:
-                raise UsageError(f"{task}.finalize_metrics returned {key!r}, a field every record has "
-                                 f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
-            number = _built_in_number(value)
-            if number is None:
-                raise UsageError(f"{task}.finalize_metrics returned {key!r} as a {type(value).__name__}, expected a "
-                                 f"number or a one-element tensor")
-            numbers_only[key] = float(number)
-        return numbers_only
+        return finalized_metrics(self.task, metrics)
 
     def _flush_log(self, split: str, metrics: dict[str, float]) -> None:
         if split == "train":
@@ -1366,6 +1350,27 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
                      f"tensor and a dict of metrics, such as (loss, {{}})")
 
 
+def finalized_metrics(task: TrainingTask, metrics: dict[str, float]) -> dict[str, float]:
+    """The task's finalize_metrics of rank-averaged metrics, as floats; one line for a method that changes
+    the dict in place and returns nothing, or returns what is no number (found in setup, on a first batch)."""
+    name = type(task).__name__
+    finalized = task.finalize_metrics(metrics)
+    if not isinstance(finalized, Mapping):
+        raise UsageError(f"{name}.finalize_metrics returned {type(finalized).__name__}, expected the dict of "
+                         f"metrics: return it, changed or not")
+    numbers_only = {}
+    for key, value in finalized.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
+        if key in RECORD_KEYS:
+            raise UsageError(f"{name}.finalize_metrics returned {key!r}, a field every record has "
+                             f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
+        number = _built_in_number(value)
+        if number is None:
+            raise UsageError(f"{name}.finalize_metrics returned {key!r} as a {type(value).__name__}, expected a "
+                             f"number or a one-element tensor")
+        numbers_only[key] = float(number)
+    return numbers_only
+
+
 def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: int) -> tuple[Any, Any]:
     """The data module's ``method`` (train_dataloader, ...), checked: a (loader, sampler) pair; else one line,
     not a traceback."""
@@ -1376,8 +1381,7 @@ def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: 
         shown = f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, (tuple, list)) else \
             type(got).__name__
         raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
-                         f"self.build_dataloader(...) gives; without validation data, a loader over an empty "
-                         f"data set")
+                         f"self.build_dataloader(...) gives; without data for it, a loader over an empty data set")
     loader, sampler = got
     if method != "train_dataloader" and isinstance(sampler, DistributedSampler) and not sampler.drop_last and \
             type(sampler).__iter__ is DistributedSampler.__iter__ and sampler.total_size > len(sampler.dataset):

@@ -154,6 +154,8 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"training": {"compile": "maybe"}}, ["training.compile", "true or false"]),
         ({"training": {"precision": "fp8"}}, ["training.precision", "fp32, bf16, fp16"]),
         ({"training": {"compile_mode": "max-autotune"}}, ["training.compile_mode", "unless training.compile is true"]),
+        ({"training": {"compile": True, "compile_mode": "max-autotune", "deterministic": True}},
+         ["training.compile_mode", "with training.deterministic", "picks each matmul's kernel by timing"]),
         ({"training": {"compile": True, "compile_mode": "reduce-overhead"}}, ["training.compile_mode",
                                                                              "default, max-autotune"]),
         ({"training": {"batch_sise": 4}}, ["training.batch_sise", "did you mean batch_size"]),

@@ -1314,7 +1314,7 @@ def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
     ("loader", "train_dataloader() returned DataLoader, expected a (DataLoader, DistributedSampler) pair"),
     ("no sampler", "train_dataloader() returned the sampler NoneType, expected one with set_epoch"),
     ("no validation", "val_dataloader() returned (NoneType, NoneType), expected a (DataLoader, DistributedSampler) "
-                      "pair, as self.build_dataloader(...) gives; without validation data, a loader over an empty"),
+                      "pair, as self.build_dataloader(...) gives; without data for it, a loader over an empty data"),
 ])
 def test_a_data_module_that_returns_no_loader_and_sampler_pair_is_refused_in_one_line(tmp_path, returned, words):
     class Odd(SyntheticDataModule):
