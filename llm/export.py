@@ -102,7 +102,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, bool]
         raise UsageError(f"--format hf: {_no_hf_form(config, e)}") from None
     del weights
     architecture = hf_config["architectures"][0]
-    model_config = _hf_config_class(transformers, architecture)(**hf_config)
+    model_config = transformers.AutoConfig.for_model(**hf_config)  # its class by hf_config's model_type
     _check_hf_names(transformers, architecture, model_config, hf_state)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -129,16 +129,11 @@ def _no_hf_form(config: GPTConfig, error: NoHFForm) -> str:
 
     has = ", ".join(f"model.{field} {value}" for field, value, _ in error.mismatches)
     nearest = HF_NAMES[error.architecture]
-    other = next(name for name in HF_SHAPES if name != error.architecture)
-    other_flags = flags([(field, getattr(config, field), needed) for field, needed in HF_SHAPES[other].items()
-                         if getattr(config, field) != needed])
+    lacks = {name: [(f, getattr(config, f), needed) for f, needed in shape.items() if getattr(config, f) != needed]
+             for name, shape in HF_SHAPES.items() if name != error.architecture}
+    others = "; ".join(f"with {flags(mismatches)} for a {HF_NAMES[name]}" for name, mismatches in lacks.items())
     return (f"{has} {'has' if len(error.mismatches) == 1 else 'have'} no {nearest} form, and the model no other "
-            f"Hugging Face one; train with {flags(error.mismatches)} to export a {nearest} "
-            f"(or with {other_flags} for a {HF_NAMES[other]})")
-
-
-def _hf_config_class(transformers, architecture: str):
-    return {"GPT2LMHeadModel": transformers.GPT2Config, "LlamaForCausalLM": transformers.LlamaConfig}[architecture]
+            f"Hugging Face one; train with {flags(error.mismatches)} to export a {nearest} (or {others})")
 
 
 def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, bytes | None]:

@@ -23,10 +23,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llm.errors import UsageError, closest, one_line
 from llm.files import write_atomically
-from llm.training.core.config import MAX_VOCAB_SIZE
-
-BUILTIN = ("byte", "char", "bpe")
-"""Tokenizer names accepted by ``data.tokenizer`` besides a path."""
+from llm.training.core.config import BUILTIN_TOKENIZERS as BUILTIN, MAX_VOCAB_SIZE
 
 
 class UncoveredText(UsageError):

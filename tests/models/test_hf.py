@@ -27,9 +27,8 @@ def as_hf(model: GPT, **config_changes):
     """The transformers model to_hf_state_dict describes, with its weights loaded: GPT-2 or Llama."""
     transformers = pytest.importorskip("transformers")
     hf_config, hf_state = to_hf_state_dict(model.state_dict(), model.config)
-    architecture = hf_config["architectures"][0]
-    config_class = {"GPT2LMHeadModel": transformers.GPT2Config, "LlamaForCausalLM": transformers.LlamaConfig}
-    hf = getattr(transformers, architecture)(config_class[architecture](**hf_config | config_changes))
+    config = transformers.AutoConfig.for_model(**hf_config | config_changes)
+    hf = getattr(transformers, hf_config["architectures"][0])(config)
     missing, unexpected = hf.load_state_dict(hf_state, strict=False)
     tied = ["lm_head.weight"] if model.config.tie_embeddings else []
     assert (missing, unexpected) == (tied, [])

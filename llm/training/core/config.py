@@ -38,6 +38,8 @@ MAX_VOCAB_SIZE = 1 << 20
 """The largest data.vocab_size and model.vocab_size: four times the largest vocabularies in use."""
 MAX_LAYERS = 1024
 """The largest model.n_layer: eight times the deepest models in use."""
+BUILTIN_TOKENIZERS = ("byte", "char", "bpe")
+"""Tokenizer names data.tokenizer takes besides a path."""
 MAX_WORKERS = 256
 """The largest data.num_workers: each is a process of its own."""
 MAX_TIMEOUT_S = 10**8

@@ -456,8 +456,9 @@ class TrainingEngine:
         resume.seed_everything(resume.mixed_seed(cfg.training.seed, SETUP_STREAM))
         with _out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
             self.data_module.setup("fit")
-        self.train_loader, self.train_sampler = self._loaders("train_dataloader")
-        self.val_loader, self.val_sampler = self._loaders("val_dataloader")
+        ranks = self.rank, self.world_size
+        self.train_loader, self.train_sampler = loaders_of(self.data_module, "train_dataloader", *ranks)
+        self.val_loader, self.val_sampler = loaders_of(self.data_module, "val_dataloader", *ranks)
         self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
         # with loader workers, what a data set draws at random comes from a seed per batch, kept by no worker: the
         # training batches' differ by epoch, and each validation draws the same numbers as the others
@@ -591,9 +592,6 @@ class TrainingEngine:
                     entry.unlink(missing_ok=True)
         self._run_lock.release()
         self._run_lock = None
-
-    def _loaders(self, method: str) -> tuple[Any, Any]:
-        return loaders_of(self.data_module, method, self.rank, self.world_size)
 
     def _start_from_weights(self, model: torch.nn.Module, init_from: str) -> None:
         """Load the weights of the checkpoint ``init_from`` names into the model, before it is sharded or wrapped:
@@ -774,7 +772,8 @@ class TrainingEngine:
         if isinstance(self.scheduler, ReduceLROnPlateau):  # this run's settings, at the saved one's standing
             if settings_changed or not same_schedule:
                 resume.keep_optimizer_settings(self.optimizer, fresh_groups, None, self.step)
-            resume.resume_plateau(self.optimizer, self.scheduler, shared["scheduler"] if same_schedule else None, changed)
+            standing = shared["scheduler"] if same_schedule else None  # another kind's is none of its own
+            resume.resume_plateau(self.optimizer, self.scheduler, standing, changed)
         elif settings_changed or not same_schedule:  # the settings are this run's, the moments saved
             # replayed up to the schedule's end: a run resumed past it (a lower max_steps) takes no step, and a
             # OneCycleLR refuses a step beyond its total

@@ -22,7 +22,6 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import BatchSampler
 
-from llm.data.tokenizers import BUILTIN as BUILTIN_TOKENIZERS
 from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder, run_files
 from llm.training.core import distributed as D
@@ -35,7 +34,7 @@ from llm.training.core.checkpoint import (
     unwritable_reason,
 )
 from llm.training.core.callbacks import flatten, metrics_files
-from llm.training.core.config import Config
+from llm.training.core.config import BUILTIN_TOKENIZERS, Config
 
 
 class ResumableSampler:
@@ -407,10 +406,15 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
 def _from_where_started(path: str, log_dir: Any, run_dir: Path) -> str:
     """A relative ``path`` of a run's config.yaml, as it stands from here: from the folder that run was started
     in, which its ``log_dir``, relative too, and the run folder it names (``run_dir``) tell."""
-    if Path(path).is_absolute() or not isinstance(log_dir, str) or Path(log_dir).is_absolute() or \
-            ".." in Path(log_dir).parts:
+    if Path(path).is_absolute() or not _tells_where_started(log_dir):
         return path  # as it stands from here, or no way to tell otherwise
     return os.path.relpath(_started_in(run_dir, Path(log_dir)) / path)  # as a flag given here would name it
+
+
+def _tells_where_started(log_dir: Any) -> bool:
+    """Whether a run's log_dir, with the folder it names, tells the folder the run was started in: a relative
+    one without '..'."""
+    return isinstance(log_dir, str) and not Path(log_dir).is_absolute() and ".." not in Path(log_dir).parts
 
 
 RELATIVE_TO_START = ("data.path", "data.tokenizer", "data.cache_dir")
@@ -439,9 +443,8 @@ def config_as_started(checkpoint: Path) -> tuple[Config, str]:
         if isinstance(value, str) and value and not value.startswith("~") and \
                 not (key == "data.tokenizer" and value in BUILTIN_TOKENIZERS):
             saved["data"][name] = _from_where_started(value, log_dir, run_dir)
-            if not Path(value).is_absolute() and (not isinstance(log_dir, str) or Path(log_dir).is_absolute()
-                                                  or ".." in Path(log_dir).parts):
-                unplaced.append(key)  # as _from_where_started leaves it
+            if not Path(value).is_absolute() and not _tells_where_started(log_dir):
+                unplaced.append(key)
     hint = "" if not unplaced else (
         f"; the run's {', '.join(unplaced)} {'is' if len(unplaced) == 1 else 'are'} relative to the folder it was "
         f"started in, which its log_dir ({log_dir}) does not tell: run this from that folder")
