@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -13,7 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -191,6 +192,23 @@ def two_nodes(script: str | Path, *flags: str, cwd: Path, done: list[Path], torc
 # ---- tasks that misbehave on purpose ---------------------------------------------------
 
 from llm.training.tasks.regression_task import RegressionTask  # noqa: E402
+
+
+class ScaledLossTask(RegressionTask):
+    """Regression with settings of its own: the training loss times ``custom.scale``."""
+
+    @dataclasses.dataclass
+    class Settings:
+        scale: float = 1.0
+        """What the training loss is multiplied by."""
+        reduce: Literal["mean", "sum"] = "mean"
+        """Not read: a choice among strings."""
+        steps: int = 0
+        """Not read: an integer."""
+
+    def train_step(self, batch, model, criterion):
+        loss, metrics = super().train_step(batch, model, criterion)
+        return loss * self.config.custom.scale, metrics
 
 
 class RankMetricTask(RegressionTask):

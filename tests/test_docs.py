@@ -90,6 +90,9 @@ def test_custom_task_commands_run_on_the_sine_py_the_page_builds(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
     first, second = (project / "runs/sinetask/summary.json"), (project / "runs/sinetask-2/summary.json")
     assert first.is_file() and second.is_file()
+    settings = [yaml.safe_load((project / f"runs/{run}/config.yaml").read_text())["custom"]
+                for run in ("sinetask", "sinetask-2")]
+    assert settings == [{"depth": 2, "activation": "tanh"}, {"depth": 3, "activation": "tanh"}]
 
 
 def test_a_run_trained_by_the_script_that_defines_its_classes_continues_from_the_command_line(tmp_path):

@@ -224,6 +224,11 @@ class DistributedConfig:
     """DDP: find each step the parameters the loss does not depend on (a branch some steps skip), at the cost of a pass over the autograd graph; without it, such a model stops in one line naming them."""
 
 
+@dataclass(slots=True)
+class NoSettings:
+    """The ``custom`` section of a task that declares no settings of its own."""
+
+
 @dataclass
 class Config:
     task: str = "regression"
@@ -235,6 +240,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    custom: Any = field(default_factory=NoSettings)
+    """The task's own settings: an instance of its ``Settings`` dataclass (see settings_of), flags --custom-<field>."""
 
     def __eq__(self, other: object) -> bool:
         """The same settings as given: a path that validate() filled in counts as what it was filled in from,
@@ -248,6 +255,7 @@ class Config:
         """A validated Config from a nested mapping of overrides."""
         config = cls()
         config._apply(data, origin)
+        fit_settings(config, task_settings(config.task, needed=False), config.task)
         return config.validate()
 
     @classmethod
@@ -269,6 +277,8 @@ class Config:
         for key in getattr(self, "_filled", {}):
             section, name = key.split(".")
             data[section][name] = self.given(key)
+        if not data["custom"]:  # a task without settings of its own: its config.yaml as before there were any
+            del data["custom"]
         return data
 
     def given(self, key: str) -> Any:
@@ -294,12 +304,23 @@ class Config:
         """Defaults < ``--config`` YAML < ``LLM_*`` environment < flags."""
         argv = sys.argv[1:] if argv is None else argv
         environ = os.environ if environ is None else environ
-        args = vars(build_parser().parse_args(argv))
+        # the task decides which --custom-* flags there are: find it (flag < env < files) before parsing them
+        paths, task = _glance(argv)
+        files = [_read_yaml(path) for path in paths]
+        task = task or environ.get(f"{ENV_PREFIX}TASK") or next(
+            (f["task"] for f in reversed(files) if isinstance(f, dict) and isinstance(f.get("task"), str)), cls.task)
+        given = any(a.startswith("--custom-") for a in argv) or any(k.startswith(f"{ENV_PREFIX}CUSTOM_") for k in environ) \
+            or any(isinstance(f, dict) and "custom" in f for f in files)
+        settings = task_settings(task, needed=given)
+        args = vars(build_parser(settings).parse_args(argv))
         config = cls()
-        files = [(path, config._apply_file(path)) for path in args.pop("config_paths", [])]  # in order: later wins
+        config.task = task  # a file's custom section is the settings of the task the run trains
+        if (given := args.pop("config_paths", [])) != paths:  # the glance missed one: read what the parser found
+            files = [_read_yaml(path) for path in given]
+        files = [(path, config._apply_file(path, data)) for path, data in zip(given, files)]
         args.pop("print_config", None)
         args.pop("local_rank", None)
-        env = _env_overrides(environ)
+        env = _env_overrides(environ, settings)
         try:
             config._apply(env, origin="environment")
         except ConfigError as e:  # a value of the wrong type: say which variable holds it
@@ -312,6 +333,7 @@ class Config:
             else:
                 flags[section] = value
         config._apply(flags, origin="command line")
+        fit_settings(config, settings, config.task)  # recorded at their defaults where nothing set them
         # where each value that no flag gave came from, for errors found later; a flag is in sight already
         config._set_by = {key: f" (in {path})" for path, file in files for key in _keys(file)}
         config._set_by.update({key: _env_note(key) for key in _keys(env)})
@@ -325,9 +347,8 @@ class Config:
                 raise
             raise _noted(e, note) from None
 
-    def _apply_file(self, path: str | os.PathLike) -> dict[str, Any]:
+    def _apply_file(self, path: str | os.PathLike, data: Any) -> dict[str, Any]:
         """Apply a YAML file's overrides, an error naming the file; they are returned, for validate's errors."""
-        data = _read_yaml(path)
         try:
             self._apply(data, origin=str(path))
         except ConfigError as e:  # an unknown key or a value of the wrong type: all from the file
@@ -338,23 +359,35 @@ class Config:
         if not isinstance(data, dict):
             raise UsageError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
         sections = {f.name for f in dataclasses.fields(self)}
-        for key, value in data.items():
+        for key, value in sorted(data.items(), key=lambda item: item[0] != "task"):  # custom's fields are the task's
             if key not in sections:
                 raise ConfigError(str(key), value, f"a known section{_placed(str(key), sections)}")
             target = getattr(self, key)
-            if not dataclasses.is_dataclass(target):
+            if key != "custom" and not dataclasses.is_dataclass(target):
                 setattr(self, key, _convert(key, value, _hints(type(self))[key]))
                 continue
             if value is None:
                 continue
             if not isinstance(value, dict):
                 raise ConfigError(key, value, "a mapping of fields")
+            if key == "custom":
+                target = self._settings_for(value)
             names = {f.name for f in dataclasses.fields(target)}
             hints = _hints(type(target))
             for name, raw in value.items():
                 if name not in names:
                     raise ConfigError(f"{key}.{name}", raw, f"a field of {key}{closest(str(name), names) or f': one of {sorted(names)}'}")
                 setattr(target, name, _convert(f"{key}.{name}", raw, hints[name]))
+
+    def _settings_for(self, given: dict[str, Any]) -> Any:
+        """``self.custom`` as an instance of the task's settings, to set ``given`` fields of."""
+        settings = task_settings(self.task)
+        if given and settings is NoSettings:
+            raise ConfigError("custom", given, f"no custom section: task {self.task!r} declares no settings of its "
+                              f"own (a Settings dataclass)")
+        if type(self.custom) is not settings:
+            self.custom = settings()
+        return self.custom
 
     # ---- validation -----------------------------------------------------------
 
@@ -364,6 +397,9 @@ class Config:
             if not isinstance(getattr(self, section), cls):
                 raise ConfigError(section, getattr(self, section), f"a {cls.__name__}: set its fields one by one, or "
                                                                    f"build the config with Config.from_dict")
+        if not (dataclasses.is_dataclass(self.custom) and not isinstance(self.custom, type)):
+            raise ConfigError("custom", self.custom, "an instance of the task's Settings dataclass")
+        _setting_types(type(self.custom), "custom")
         for name, value, tp in self._fields():  # what YAML, variables and flags went through, for values set in code
             plain = _plain(value, tp)
             if plain is not value:  # a Path or a NumPy number set in code: the same value, as YAML can write it
@@ -475,7 +511,7 @@ class Config:
     def _fields(self) -> Iterator[tuple[str, Any, Any]]:
         """(section.field, value, type) of every field."""
         yield "task", self.task, _hints(Config)["task"]
-        for section, cls in sections().items():
+        for section, cls in {**sections(), "custom": type(self.custom)}.items():
             values, hints = getattr(self, section), _hints(cls)
             for f in dataclasses.fields(cls):
                 yield f"{section}.{f.name}", getattr(values, f.name), hints[f.name]
@@ -509,12 +545,81 @@ def _class_body(cls: type) -> list[ast.stmt]:
              if isinstance(node, ast.ClassDef) and node.name == cls.__qualname__]
     if len(found) == 1:
         return found[0].body
-    return ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError):  # a task's settings defined where no source is kept (typed in at a prompt)
+        return []
 
 
 @functools.cache
 def _module_tree(path: str) -> ast.Module:
     return ast.parse(Path(path).read_text(encoding="utf-8"))
+
+
+SETTING_TYPES = (int, float, bool, str)
+"""The types a task's own setting may have (or a Literal of strings): what a flag, a variable and YAML can give."""
+
+
+def settings_of(task: type) -> type:
+    """The dataclass of a task's own settings, its ``Settings`` attribute; NoSettings for a task without."""
+    settings = getattr(task, "Settings", None)
+    if settings is None:
+        return NoSettings
+    owner = f"{task.__qualname__}.Settings"
+    if not (isinstance(settings, type) and dataclasses.is_dataclass(settings)):
+        raise UsageError(f"{owner}: expected a dataclass of the task's settings, got {settings!r}")
+    _setting_types(settings, owner)
+    return settings
+
+
+def _setting_types(settings: type, owner: str) -> None:
+    """Refuse a settings dataclass whose fields no flag could set: of other types, or without defaults."""
+    try:
+        hints = _hints(settings)
+    except Exception as e:  # noqa: BLE001 - an annotation naming what its module does not define
+        raise UsageError(f"{owner}: its annotations cannot be read ({type(e).__name__}: {e})") from None
+    for f in dataclasses.fields(settings):
+        tp = hints[f.name]
+        if not (tp in SETTING_TYPES or get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp))):
+            raise UsageError(f"{owner}.{f.name}: a setting is an int, float, bool, str or a Literal of strings, "
+                             f"not {getattr(tp, '__name__', tp)}")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UsageError(f"{owner}.{f.name}: give it a default (a run that does not set it takes that)")
+
+
+def task_settings(task: Any, needed: bool = True) -> type:
+    """settings_of the task a config names; a built-in task has none, and is not imported to say so. A task that
+    cannot be imported (yet: a class of the script at hand, named by its module) counts as having none unless
+    its settings are ``needed`` (given values): the engine, which holds the task, fills them in."""
+    module, _, cls = task.partition(":") if isinstance(task, str) else ("", "", "")
+    if not (module and cls) or module.startswith("."):  # a built-in, or no name of a class: validate() says so
+        return NoSettings
+    from llm.training.core.registry import resolve_task
+
+    try:
+        return settings_of(resolve_task(task))
+    except UsageError:
+        if needed:
+            raise
+        return NoSettings
+
+
+def fit_settings(config: Config, settings: type, task: str) -> None:
+    """Give ``config`` the settings of ``task`` (its Settings dataclass ``settings``) at their defaults where it
+    holds none; refuse another task's."""
+    held = type(config.custom)
+    if held is settings:
+        return
+    names = [f.name for f in dataclasses.fields(settings)]
+    if held.__qualname__ == settings.__qualname__ and [f.name for f in dataclasses.fields(held)] == names:
+        # the same class twice: a script's own (__main__'s) and the module the config names by the same file
+        config.custom = settings(**{name: getattr(config.custom, name) for name in names})
+        return
+    if held is not NoSettings:
+        wanted = f"takes {settings.__qualname__}" if settings is not NoSettings else "declares no settings of its own"
+        raise UsageError(f"custom: the config holds {held.__qualname__}, the settings of another task, and task "
+                         f"{task!r} {wanted}")
+    config.custom = settings()
 
 
 def sections() -> dict[str, type]:
@@ -560,6 +665,9 @@ def reference() -> str:
             default = getattr(values, f.name)
             lines.append(f"| `{flag}` | `{env}` | `{default!r}` | {field_docs(cls)[f.name]} ({kind}) |")
         lines.append("")
+    lines += ["## custom", "", "A task's own settings, the fields of its `Settings` dataclass (see "
+              "[custom-task.md](custom-task.md)): `--custom-<field>`, `LLM_CUSTOM_<FIELD>`, or a `custom:` section "
+              "in YAML. `--task package.module:Class --help` lists them. The built-in tasks have none.", ""]
     return "\n".join(lines)
 
 
@@ -581,11 +689,14 @@ class _Parser(ArgParser):
         if message.startswith("unrecognized arguments:") and not any(
                 given.startswith("--") for given in message.split(":", 1)[1].split()):
             message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
+        elif message.startswith("unrecognized arguments:") and "--custom-" in message:
+            message += " (--custom-<field> sets a field of the task's Settings: --task ... --help lists them)"
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every config field as a flag, grouped by section, help text from the field docstring."""
+def build_parser(settings: type = NoSettings) -> argparse.ArgumentParser:
+    """Every config field as a flag, grouped by section, help text from the field docstring; the task's own
+    ``settings`` as --custom-<field>."""
     parser = _Parser(
         prog="llm-train",
         description="Train a model. Every config field is a flag; values from --config and LLM_* env vars come first.",
@@ -600,8 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set by torch.distributed.launch and ignored: the rank comes from LOCAL_RANK")
     defaults = Config()
     _add_flag(parser, "task", "--task", _hints(Config)["task"], defaults.task, field_docs(Config)["task"])
-    for section, cls in sections().items():
-        group = parser.add_argument_group(section)
+    defaults.custom = settings()
+    for section, cls in {**sections(), "custom": settings}.items():
+        if not dataclasses.fields(cls):
+            continue
+        group = parser.add_argument_group(section if cls is not settings else f"custom ({cls.__qualname__})")
         docs = field_docs(cls)
         section_default = getattr(defaults, section)
         for sub in dataclasses.fields(cls):
@@ -810,10 +924,31 @@ def _noted(error: ConfigError, note: str) -> ConfigError:
     return ConfigError(error.field, error.value, error.allowed + note)
 
 
-def _env_overrides(environ: dict[str, str] | os._Environ) -> dict[str, Any]:
+def _glance(argv: list[str]) -> tuple[list[str], str | None]:
+    """The --config files and the --task flag of a command line, before the parser that needs the task reads it."""
+    parser = _Glance(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", dest="config_paths", action="append", default=[])
+    parser.add_argument("--task")
+    try:
+        found, _ = parser.parse_known_args(argv)
+    except _Unread:  # the whole parser says what is wrong
+        return [], None
+    return found.config_paths, found.task
+
+
+class _Unread(Exception):
+    pass
+
+
+class _Glance(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Unread(message)
+
+
+def _env_overrides(environ: dict[str, str] | os._Environ, settings: type = NoSettings) -> dict[str, Any]:
     """LLM_<SECTION>_<FIELD> variables as nested overrides; unknown LLM_* names only warn."""
     known: dict[str, tuple[str, str | None]] = {"LLM_TASK": ("task", None)}
-    for section, cls in sections().items():
+    for section, cls in {**sections(), "custom": settings}.items():
         for sub in dataclasses.fields(cls):
             known[f"{ENV_PREFIX}{section}_{sub.name}".upper()] = (section, sub.name)
     out: dict[str, Any] = {}

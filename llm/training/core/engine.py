@@ -46,7 +46,7 @@ from llm.training.core.checkpoint import (
     model_weights,
     resolve_checkpoint,
 )
-from llm.training.core.config import Config
+from llm.training.core.config import Config, fit_settings, settings_of
 from llm.training.core.metrics import RunningMeans, TrainingSums
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
@@ -124,6 +124,7 @@ class TrainingEngine:
                     holder.config = config
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
         named_task, config.task = config.task, task_name(type(task), config.task)
+        fit_settings(config, settings_of(type(task)), config.task)
         if config.task != named_task:  # Config() left at its default task: {task} in log_dir is this task's
             config.validate()
         named = config.data.module or task.default_data_module
@@ -729,7 +730,7 @@ class TrainingEngine:
         if missing:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was written by another version of llm; "
                                   f"start a new run with --logging-log-dir DIR, or export its weights")
-        saved, now = flatten(shared["config"]), flatten(dataclasses.asdict(self.config))
+        saved, now = resume.with_defaults(flatten(shared["config"]), self.config), flatten(dataclasses.asdict(self.config))
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
         changed = resume.config_changes(saved, now)
         # the task's files, when no setting already says why they would differ (model.*, data.*)

@@ -4,6 +4,7 @@ on resume, and what a run must restore to continue exactly where it stopped (ran
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -295,7 +296,7 @@ def _branched_here(config: Config, run_dir: Path, spec: str) -> bool:
         return False
     if Path(spec).resolve().parent != Path(config.checkpoint.dir).resolve():
         return True  # a branch from another run's checkpoint, continued
-    return not course_changes(config_changes(flatten(saved), _as_saved(config)))
+    return not course_changes(config_changes(with_defaults(flatten(saved), config), _as_saved(config)))
 
 
 def _as_saved(config: Config) -> dict[str, Any]:
@@ -382,7 +383,7 @@ def _check_nothing_to_resume(config: Config, run_dir: Path) -> None:
                          f"a config file of your own?) and {run_dir} holds no checkpoint to continue: the run would "
                          f"write its settings over it; keep your config files outside run folders, or start this "
                          f"run in a new --logging-log-dir DIR")
-    saved, now = flatten(saved), _as_saved(config)
+    saved, now = with_defaults(flatten(saved), config), _as_saved(config)
     given = saved.get("checkpoint.dir")  # kept as given: '' is the default, <log_dir>/checkpoints
     elsewhere = _from_where_started(given, saved.get("logging.log_dir"), run_dir) if isinstance(given, str) and given \
         else str(run_dir / "checkpoints")
@@ -491,9 +492,10 @@ def _where_it_was(log_dir: Path, checkpoint_dir: Path | None, checkpoint: Path) 
 # ---- resuming with a changed config ------------------------------------------------------
 
 BINDING_CONFIG = ("task", "model.", "data.", "training.batch_size", "training.grad_accum_steps", "training.seed",
-                  "world_size", "optimizer.name")
+                  "world_size", "optimizer.name", "custom.")
 """Settings a resumed run cannot change without training a different model, on different data, or with an
-optimizer that cannot take the saved state (allowed, it starts afresh)."""
+optimizer that cannot take the saved state (allowed, it starts afresh). What a task's own settings (custom.*)
+change is the task's to know: taken as binding."""
 HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change", "checkpoint.init_from")
 """Settings that say how to resume, not what the run is: never a change."""
 HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir", "distributed.find_unused_parameters")
@@ -505,11 +507,16 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The settings that differ between a checkpoint's flattened config and this run's (each with a
     ``world_size`` entry), but for those that say how to resume (HOW_TO_RESUME: what a checkpoint of the run
     has taken the place of, such as the weights it started from).
-    A setting newer than the checkpoint counts as saved at its default: the run that saved it had that."""
-    defaults = flatten(Config().to_dict())
-    saved = {**{k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}, **saved}
+    Give ``saved`` with_defaults: a setting newer than the checkpoint counts as saved at its default."""
     return sorted(k for k in saved.keys() | now.keys()
                   if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME and not _same_file(k, saved, now))
+
+
+def with_defaults(saved: dict[str, Any], config: Config) -> dict[str, Any]:
+    """A checkpoint's flattened settings, with those newer than it (this version's, the task's own) at their
+    defaults: the run that saved it had those."""
+    defaults = flatten({**Config().to_dict(), "custom": dataclasses.asdict(type(config.custom)())})
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
 DATA_FILES = ("data.path", "data.tokenizer")

@@ -10,7 +10,7 @@ import torch
 from torch import nn, optim
 from torch.optim.lr_scheduler import LRScheduler
 
-from llm.training.core.config import Config
+from llm.training.core.config import Config, fit_settings, settings_of
 from llm.training.core.optim import build_scheduler
 
 if TYPE_CHECKING:
@@ -30,8 +30,13 @@ class TrainingTask(ABC):
     """Data module used when ``data.module`` is empty: a built-in name or package.module:Class."""
     tokens_per_sample: int | None = None
     """Set by language tasks so throughput is also reported in tokens/s."""
+    Settings: type | None = None
+    """A dataclass of the task's own settings, read as ``self.config.custom``: each field (int, float, bool, str or
+    a Literal of strings, with a default and a docstring under it) is a flag --custom-<field>, a variable
+    LLM_CUSTOM_<FIELD> and a key of the YAML section ``custom``, recorded in the run's config.yaml."""
 
     def __init__(self, config: Config):
+        fit_settings(config, settings_of(type(self)), type(self).__qualname__)  # defaults, in a config built in code
         self.config = config
         self.data_module: BaseDataModule | None = None
         self.total_steps: int = 0

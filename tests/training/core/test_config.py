@@ -487,3 +487,126 @@ def test_a_copy_made_with_to_dict_and_given_another_log_dir_or_task_puts_the_run
     data["task"] = "lm"
     assert Config.from_dict(data).logging.log_dir == str(Path("runs/lm"))
     assert Config.from_dict(config.to_dict()) == config
+
+
+# ---- a task's own settings (custom) ------------------------------------------------------------
+
+SCALED = "tests.helpers:ScaledLossTask"
+
+
+def test_a_tasks_own_settings_come_from_yaml_then_environment_then_flags(tmp_path):
+    from tests.helpers import ScaledLossTask
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"custom:\n  scale: 2\n  reduce: sum\ntask: {SCALED}\n")  # the section before the task naming it
+    assert Config.from_args_and_env(["--task", SCALED], environ={}).custom == ScaledLossTask.Settings()
+    from_file = Config.from_args_and_env([f"--config={path}"], environ={})
+    assert (from_file.custom.scale, from_file.custom.reduce) == (2.0, "sum")
+    from_env = Config.from_args_and_env([f"--config={path}"], environ={"LLM_CUSTOM_SCALE": "3"})
+    assert (from_env.custom.scale, from_env.custom.reduce) == (3.0, "sum")
+    from_flag = Config.from_args_and_env([f"--config={path}", "--custom-scale", "4", "--custom-steps=7"],
+                                         environ={"LLM_CUSTOM_SCALE": "3"})
+    assert (from_flag.custom.scale, from_flag.custom.reduce, from_flag.custom.steps) == (4.0, "sum", 7)
+    # recorded whole, and read back as it was
+    saved = yaml.safe_load(from_flag.to_yaml())
+    assert saved["custom"] == {"scale": 4.0, "reduce": "sum", "steps": 7}
+    assert Config.from_dict(saved) == from_flag and type(Config.from_dict(saved).custom) is ScaledLossTask.Settings
+
+
+def test_a_built_in_tasks_config_has_no_custom_section_and_takes_none(tmp_path):
+    assert "custom" not in Config().to_dict() and "custom" not in yaml.safe_load(Config().to_yaml())
+    with pytest.raises(ConfigError, match=r"^custom: .*task 'regression' declares no settings of its own"):
+        Config.from_dict({"custom": {"scale": 2}})
+    path = tmp_path / "run.yaml"
+    path.write_text("custom:\n  scale: 2\n")
+    with pytest.raises(ConfigError, match=rf"declares no settings of its own .*\(in {path}\)$"):
+        Config.from_yaml(path)
+    with pytest.raises(UsageError, match=r"^unrecognized arguments: --custom-scale 2 \(--custom-<field> sets a field "
+                                         r"of the task's Settings: --task \.\.\. --help lists them\)$"):
+        Config.from_args_and_env(["--custom-scale", "2"], environ={})
+
+
+def test_a_custom_setting_misspelled_or_of_the_wrong_type_is_named_with_where_it_was_set(tmp_path):
+    with pytest.raises(ConfigError, match=r"^custom\.scale: got 'x', expected a number$"):
+        Config.from_args_and_env(["--task", SCALED, "--custom-scale", "x"], environ={})
+    with pytest.raises(ConfigError, match=r"^custom\.scale: got 'x', .*LLM_CUSTOM_SCALE\)$"):
+        Config.from_args_and_env(["--task", SCALED], environ={"LLM_CUSTOM_SCALE": "x"})
+    with pytest.raises(ConfigError, match=r"^custom\.reduce: got 'max', expected one of mean, sum$"):
+        Config.from_args_and_env(["--task", SCALED, "--custom-reduce", "max"], environ={})
+    with pytest.raises(ConfigError, match=r"^custom\.scal: got 2, expected a field of custom \(did you mean scale\?\)"):
+        Config.from_dict({"task": SCALED, "custom": {"scal": 2}})
+    config = Config.from_dict({"task": SCALED})
+    config.custom.steps = 1.5  # set in code
+    with pytest.raises(ConfigError, match=r"^custom\.steps: got 1\.5, expected an integer$"):
+        config.validate()
+    config.custom = {"scale": 2}
+    with pytest.raises(ConfigError, match=r"^custom: got \{'scale': 2\}, expected an instance of the task's Settings"):
+        config.validate()
+    # a task that cannot be imported: nothing to set its settings on
+    with pytest.raises(UsageError, match=r"cannot import task module 'nowhere'"):
+        Config.from_args_and_env(["--task", "nowhere:Task", "--custom-scale", "2"], environ={})
+    assert type(Config.from_args_and_env(["--task", "nowhere:Task"], environ={}).custom).__name__ == "NoSettings"
+
+
+def test_help_lists_the_tasks_own_settings_with_their_docstrings():
+    out = subprocess.run([sys.executable, "-m", "llm.training.train", "--task", SCALED, "--help"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[3])
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # as wrapped to any width
+    assert "custom (ScaledLossTask.Settings):" in text
+    assert "--custom-scale FLOAT What the training loss is multiplied by. (default: 1.0)" in text
+    assert "--custom-reduce {mean,sum}" in text
+
+
+def test_a_settings_class_no_flag_could_set_is_refused_naming_the_field():
+    from llm.training.core.config import settings_of
+    from llm.training.tasks.regression_task import RegressionTask
+
+    @dataclasses.dataclass
+    class Listed:
+        sizes: list = dataclasses.field(default_factory=list)
+
+    @dataclasses.dataclass
+    class Undefaulted:
+        scale: float
+
+    for declared, message in [(Listed, r"Settings\.sizes: a setting is an int, float, bool, str or a Literal of strings, "
+                                       r"not list"),
+                              (Undefaulted, r"Settings\.scale: give it a default"),
+                              (dict, r"Settings: expected a dataclass of the task's settings")]:
+        task = type("Odd", (RegressionTask,), {"Settings": declared})
+        with pytest.raises(UsageError, match=message):
+            settings_of(task)
+        with pytest.raises(UsageError, match=message):
+            task(Config())
+
+
+def test_a_task_built_in_code_fills_in_its_settings_and_refuses_another_tasks():
+    from llm.training.core.config import fit_settings
+    from tests.helpers import ScaledLossTask
+
+    config = Config()
+    ScaledLossTask(config)
+    assert config.custom == ScaledLossTask.Settings()
+    config.custom.scale = 5.0
+    ScaledLossTask(config)  # its own, as set, stay
+    assert config.custom.scale == 5.0
+
+    @dataclasses.dataclass
+    class Settings:  # another class of the same name and fields: a script's own, and its module's
+        scale: float = 1.0
+        reduce: str = "mean"
+        steps: int = 0
+
+    Settings.__qualname__ = "ScaledLossTask.Settings"
+    config.custom = Settings(scale=3.0)
+    ScaledLossTask(config)
+    assert type(config.custom) is ScaledLossTask.Settings and config.custom.scale == 3.0
+    config.custom = dataclasses.make_dataclass("Other", [("x", int, 0)])()
+    with pytest.raises(UsageError, match=r"^custom: the config holds Other, the settings of another task, and task "
+                                         r"'ScaledLossTask' takes ScaledLossTask.Settings$"):
+        ScaledLossTask(config)
+    from llm.training.core.config import NoSettings
+
+    with pytest.raises(UsageError, match=r"task 'regression' declares no settings of its own$"):
+        fit_settings(config, NoSettings, "regression")

@@ -2340,3 +2340,34 @@ def test_engine_log_of_a_metric_the_record_has_of_its_own_is_dropped_with_a_warn
     warning = (f"warning: engine.log: '{key}' is one of the {split} record's own metrics (the task's or the engine's): "
                f"the record keeps its own; log the value under another name")
     assert capsys.readouterr().out.count(warning) == 1
+
+
+def test_a_tasks_own_settings_are_recorded_and_a_resume_that_changes_one_is_refused_unless_allowed(tmp_path, capsys):
+    from tests.helpers import ScaledLossTask
+
+    def scaled(scale, **checkpoint):
+        return tiny_config(tmp_path, task="tests.helpers:ScaledLossTask", custom={"scale": scale},
+                           training={"epochs": 1}, checkpoint=checkpoint)
+
+    engine, _ = train(scaled(2.0), ScaledLossTask)
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["custom"] == \
+        {"scale": 2.0, "reduce": "mean", "steps": 0}
+    with pytest.raises(UsageError, match=r"cannot resume .*step_00000014: custom\.scale \(2\.0 -> 1\.0\) changed"):
+        train(scaled(1.0, resume="auto"), ScaledLossTask)
+    capsys.readouterr()
+    resumed, _ = train(scaled(1.0, resume="auto", allow_config_change=True), ScaledLossTask)
+    assert "resuming with a changed config: custom.scale (2.0 -> 1.0)" in capsys.readouterr().out
+    assert resumed.step == 14 and resumed.config.custom.scale == 1.0
+
+
+def test_a_checkpoint_from_before_the_task_had_settings_resumes_as_if_saved_at_their_defaults(tmp_path):
+    from tests.helpers import ScaledLossTask
+
+    config = tiny_config(tmp_path, task="tests.helpers:ScaledLossTask")
+    saved = {"task": "tests.helpers:ScaledLossTask", "training.epochs": 2}  # no custom.* keys
+    now = resume.with_defaults({**saved}, config)
+    assert now["custom.scale"] == 1.0 and now["model.n_layer"] == Config().model.n_layer
+    assert resume.config_changes(resume.with_defaults(saved, config), {**now, "custom.scale": 1.0}) == []
+    changed = resume.config_changes(resume.with_defaults(saved, config), {**now, "custom.scale": 3.0})
+    assert changed == ["custom.scale"] and resume.binding_changes(changed) == ["custom.scale"]
+    assert ScaledLossTask(config).config.custom.scale == 1.0

@@ -101,15 +101,16 @@ def test_resumable_sampler_skips_indices_already_trained_on():
 def test_a_setting_newer_than_the_checkpoint_counts_as_saved_at_its_default():
     from llm.training.core.callbacks import flatten
     from llm.training.core.config import Config
-    from llm.training.core.resume import config_changes
+    from llm.training.core.resume import config_changes, with_defaults
 
     now = flatten(Config().to_dict())
     saved = {k: v for k, v in now.items() if k != "training.tf32"}  # a checkpoint from before the setting
-    assert config_changes(saved, now) == []
-    assert config_changes(saved, {**now, "training.tf32": True}) == ["training.tf32"]
+    assert config_changes(with_defaults(saved, Config()), now) == []
+    assert config_changes(with_defaults(saved, Config()), {**now, "training.tf32": True}) == ["training.tf32"]
     from llm.training.core.resume import change  # and shown so: not as None
 
-    assert change("training.tf32", saved, {**now, "training.tf32": True}) == "training.tf32 (False -> True)"
+    assert change("training.tf32", with_defaults(saved, Config()), {**now, "training.tf32": True}) == \
+        "training.tf32 (False -> True)"
 
 
 def test_a_class_of_a_script_run_as_main_that_is_not_running_is_named_in_one_line():
