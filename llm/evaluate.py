@@ -36,8 +36,8 @@ from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
 from llm.training.core import distributed as D, resume
 from llm.training.core.checkpoint import load_weights_strictly, model_weights, read_checkpoint
-from llm.training.core.engine import (AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM, batch_len, finalized_metrics,
-                                     loaders_of, moved_to)
+from llm.training.core.engine import (AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM, batch_len, collecting,
+                                     finalized_metrics, loaders_of, moved_to, whole_set_metrics)
 from llm.training.core.metrics import RunningMeans
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
 from llm.training.tasks.lm_task import load_lm, perplexity, usable_device
@@ -159,7 +159,8 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
     criterion = task.build_criterion().to(device)
     dtype = AUTOCAST_DTYPES.get(config.training.precision)
     sums, samples = RunningMeans(), 0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), \
+            collecting(task) as collected:
         for batch in loader:
             batch = moved_to(batch, device)
             loss, metrics = task.validation_step(batch, model, criterion)
@@ -169,7 +170,8 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
     if not samples:
         raise UsageError(f"the {split} split of {type(data_module).__name__} is empty: nothing to score")
     # as validation names and finalizes them (val_ppl from val_loss); the split's own name goes on after
-    means = finalized_metrics(task, D.weighted_mean_over_ranks({f"val_{k}": v for k, v in sums.totals().items()}))
+    means = D.weighted_mean_over_ranks({f"val_{k}": v for k, v in sums.totals().items()})
+    means = finalized_metrics(task, {**means, **whole_set_metrics(task, collected, beside=means)})
     return {f"{split}_{key[4:]}" if key.startswith("val_") else key: value for key, value in means.items()}, \
         samples, ckpt
 

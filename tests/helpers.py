@@ -211,6 +211,32 @@ class ScaledLossTask(RegressionTask):
         return loss * self.config.custom.scale, metrics
 
 
+class FrozenSettingsTask(ScaledLossTask):
+    """ScaledLossTask whose settings, one more among them, cannot change once the config is built."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        scale: float = 1.0
+        """What the training loss is multiplied by."""
+        reduce: Literal["mean", "sum"] = "mean"
+        """Not read: a choice among strings."""
+        steps: int = 0
+        """Not read: an integer."""
+        extra: bool = False
+        """Not read: a boolean."""
+
+
+class WholeSetTask(RegressionTask):
+    """Regression that also scores the whole validation set: how many rows it had, and the sum of its targets."""
+
+    def validation_step(self, batch, model, criterion):
+        self.collect(target=batch[1])
+        return super().validation_step(batch, model, criterion)
+
+    def score_collected(self, collected):
+        return {"rows": collected["target"].shape[0], "target_sum": collected["target"].double().sum()}
+
+
 class RankMetricTask(RegressionTask):
     """Regression whose training metric has another name on each rank, as a task keyed by its data might."""
 

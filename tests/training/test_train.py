@@ -595,3 +595,20 @@ def test_progress_bar_on_a_terminal_shows_steps_and_loss(tmp_path):
     steps = 2 * ((512 - 51) // 32)
     assert f"{steps}/{steps}" in bar and "step/s" in bar and "loss=" in bar and "samples_per_s=" in bar
     assert "epoch 2/2" in stdout  # lines printed above the bar still reach stdout
+
+
+def test_whole_set_metrics_count_every_validation_sample_once_over_ranks_and_strategies(tmp_path):
+    """51 validation samples in batches of 25: rank 0 has 26 (two batches), rank 1 has 25 (one batch), which under
+    FSDP repeats its batch to join rank 0's second forward, counting for nothing."""
+    flags = ["--task", "tests.helpers:WholeSetTask", *SMALL, "--epochs", "1", "--training-batch-size", "25"]
+    env = {"PYTHONPATH": str(REPO)}
+    out = train_cli(*flags, "--logging-log-dir", "runs/one", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for strategy in ("ddp", "fsdp"):
+        out = torchrun(2, REPO / "llm/training/train.py", *flags, "--distributed-strategy", strategy,
+                       "--logging-log-dir", f"runs/{strategy}", cwd=tmp_path, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one, ddp, fsdp = (json.loads((tmp_path / f"runs/{run}/summary.json").read_text()) for run in ("one", "ddp", "fsdp"))
+    assert one["val_rows"] == ddp["val_rows"] == fsdp["val_rows"] == 51
+    assert ddp["val_target_sum"] == pytest.approx(one["val_target_sum"], rel=1e-6)
+    assert fsdp["val_target_sum"] == pytest.approx(one["val_target_sum"], rel=1e-6)

@@ -255,7 +255,7 @@ class Config:
         """A validated Config from a nested mapping of overrides."""
         config = cls()
         config._apply(data, origin)
-        fit_settings(config, task_settings(config.task, needed=False), config.task)
+        config.custom = fitted_settings(config, task_settings(config.task, needed=False), config.task)
         return config.validate()
 
     @classmethod
@@ -314,15 +314,15 @@ class Config:
         settings = task_settings(task, needed=given)
         args = vars(build_parser(settings).parse_args(argv))
         config = cls()
-        config.task = task  # a file's custom section is the settings of the task the run trains
         if (given := args.pop("config_paths", [])) != paths:  # the glance missed one: read what the parser found
             files = [_read_yaml(path) for path in given]
-        files = [(path, config._apply_file(path, data)) for path, data in zip(given, files)]
+        # every custom section holds the settings of the task the run trains, whichever task a file names
+        files = [(path, config._apply_file(path, data, task)) for path, data in zip(given, files)]
         args.pop("print_config", None)
         args.pop("local_rank", None)
         env = _env_overrides(environ, settings)
         try:
-            config._apply(env, origin="environment")
+            config._apply(env, origin="environment", task=task)
         except ConfigError as e:  # a value of the wrong type: say which variable holds it
             raise _noted(e, _env_note(e.field)) from None
         flags: dict[str, Any] = {}
@@ -332,8 +332,8 @@ class Config:
                 flags.setdefault(section, {})[name] = value
             else:
                 flags[section] = value
-        config._apply(flags, origin="command line")
-        fit_settings(config, settings, config.task)  # recorded at their defaults where nothing set them
+        config._apply(flags, origin="command line", task=task)
+        config.custom = fitted_settings(config, settings, config.task)  # at their defaults where nothing set them
         # where each value that no flag gave came from, for errors found later; a flag is in sight already
         config._set_by = {key: f" (in {path})" for path, file in files for key in _keys(file)}
         config._set_by.update({key: _env_note(key) for key in _keys(env)})
@@ -347,15 +347,17 @@ class Config:
                 raise
             raise _noted(e, note) from None
 
-    def _apply_file(self, path: str | os.PathLike, data: Any) -> dict[str, Any]:
+    def _apply_file(self, path: str | os.PathLike, data: Any, task: str | None) -> dict[str, Any]:
         """Apply a YAML file's overrides, an error naming the file; they are returned, for validate's errors."""
         try:
-            self._apply(data, origin=str(path))
+            self._apply(data, origin=str(path), task=task)
         except ConfigError as e:  # an unknown key or a value of the wrong type: all from the file
             raise _noted(e, f" (in {path})") from None
         return data
 
-    def _apply(self, data: Any, origin: str) -> None:
+    def _apply(self, data: Any, origin: str, task: str | None = None) -> None:
+        """Set the fields ``data`` gives; its custom section holds the settings of ``task``, else of the task
+        ``data`` names."""
         if not isinstance(data, dict):
             raise UsageError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
         sections = {f.name for f in dataclasses.fields(self)}
@@ -371,22 +373,25 @@ class Config:
             if not isinstance(value, dict):
                 raise ConfigError(key, value, "a mapping of fields")
             if key == "custom":
-                target = self._settings_for(value)
+                target = self._settings_for(value, task or self.task)
             names = {f.name for f in dataclasses.fields(target)}
             hints = _hints(type(target))
             for name, raw in value.items():
                 if name not in names:
                     raise ConfigError(f"{key}.{name}", raw, f"a field of {key}{closest(str(name), names) or f': one of {sorted(names)}'}")
-                setattr(target, name, _convert(f"{key}.{name}", raw, hints[name]))
+                _assign(target, name, _convert(f"{key}.{name}", raw, hints[name]))
 
-    def _settings_for(self, given: dict[str, Any]) -> Any:
-        """``self.custom`` as an instance of the task's settings, to set ``given`` fields of."""
-        settings = task_settings(self.task)
+    def _settings_for(self, given: dict[str, Any], task: str) -> Any:
+        """``self.custom`` as an instance of the settings of ``task``, to set ``given`` fields of."""
+        settings = task_settings(task)
         if given and settings is NoSettings:
-            raise ConfigError("custom", given, f"no custom section: task {self.task!r} declares no settings of its "
+            raise ConfigError("custom", given, f"no custom section: task {task!r} declares no settings of its "
                               f"own (a Settings dataclass)")
-        if type(self.custom) is not settings:
+        if type(self.custom) is NoSettings:
             self.custom = settings()
+        elif type(self.custom) is not settings:  # a section of another task's given before: not dropped unsaid
+            raise ConfigError("custom", given, f"the settings of task {task!r}; the config holds "
+                              f"{type(self.custom).__qualname__} already")
         return self.custom
 
     # ---- validation -----------------------------------------------------------
@@ -404,7 +409,7 @@ class Config:
             plain = _plain(value, tp)
             if plain is not value:  # a Path or a NumPy number set in code: the same value, as YAML can write it
                 section, _, field_name = name.rpartition(".")
-                setattr(getattr(self, section) if section else self, field_name, plain)
+                _assign(getattr(self, section) if section else self, field_name, plain)
             elif not _is_a(value, tp):
                 choices = map(str, get_args(tp)) if get_origin(tp) is Literal else []
                 raise ConfigError(name, value, describe(tp) + closest(str(value), choices))
@@ -597,29 +602,30 @@ def task_settings(task: Any, needed: bool = True) -> type:
     from llm.training.core.registry import resolve_task
 
     try:
-        return settings_of(resolve_task(task))
+        resolved = resolve_task(task)
     except UsageError:
         if needed:
             raise
         return NoSettings
+    return settings_of(resolved)  # a Settings no flag could set is refused, with --help too
 
 
-def fit_settings(config: Config, settings: type, task: str) -> None:
-    """Give ``config`` the settings of ``task`` (its Settings dataclass ``settings``) at their defaults where it
-    holds none; refuse another task's."""
+def fitted_settings(config: Config, settings: type, task: str) -> Any:
+    """What ``config.custom`` should be for ``task``, whose Settings dataclass is ``settings``: it, or the
+    settings at their defaults where it holds none; another task's are refused."""
     held = type(config.custom)
     if held is settings:
-        return
+        return config.custom
     names = [f.name for f in dataclasses.fields(settings)]
-    if held.__qualname__ == settings.__qualname__ and [f.name for f in dataclasses.fields(held)] == names:
+    if {held.__module__, settings.__module__} & {"__main__", "__mp_main__"} and held.__qualname__ == settings.__qualname__ \
+            and [f.name for f in dataclasses.fields(held)] == names:
         # the same class twice: a script's own (__main__'s) and the module the config names by the same file
-        config.custom = settings(**{name: getattr(config.custom, name) for name in names})
-        return
+        return settings(**{name: getattr(config.custom, name) for name in names})
     if held is not NoSettings:
         wanted = f"takes {settings.__qualname__}" if settings is not NoSettings else "declares no settings of its own"
         raise UsageError(f"custom: the config holds {held.__qualname__}, the settings of another task, and task "
                          f"{task!r} {wanted}")
-    config.custom = settings()
+    return settings()
 
 
 def sections() -> dict[str, type]:
@@ -740,6 +746,14 @@ def _add_flag(parser: Any, dest: str, flag: str, tp: Any, default: Any, doc: str
 # ---- conversion and checks --------------------------------------------------------
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _assign(target: Any, name: str, value: Any) -> None:
+    """``setattr``, also on a task's settings declared frozen (immutable once the config is built)."""
+    if getattr(getattr(target, "__dataclass_params__", None), "frozen", False):
+        object.__setattr__(target, name, value)
+    else:
+        setattr(target, name, value)
 
 
 def _plain(value: Any, tp: Any) -> Any:

@@ -46,7 +46,7 @@ from llm.training.core.checkpoint import (
     model_weights,
     resolve_checkpoint,
 )
-from llm.training.core.config import Config, fit_settings, settings_of
+from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.metrics import RunningMeans, TrainingSums
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
@@ -124,7 +124,7 @@ class TrainingEngine:
                     holder.config = config
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
         named_task, config.task = config.task, task_name(type(task), config.task)
-        fit_settings(config, settings_of(type(task)), config.task)
+        config.custom = fitted_settings(config, settings_of(type(task)), config.task)
         if config.task != named_task:  # Config() left at its default task: {task} in log_dir is this task's
             config.validate()
         named = config.data.module or task.default_data_module
@@ -401,16 +401,21 @@ class TrainingEngine:
         was_training = model.training
         model.eval()
         sums = RunningMeans()
-        for batch, counted in self._validation_batches():
-            batch = self._to_device(batch)
-            with self._autocast():
-                loss, metrics = self.task.validation_step(batch, model, self.criterion)
-            if counted:
-                count = self.task.loss_weight(batch)
-                sums.add(loss, metrics, weight=batch_len(batch) if count is None else count)
+        with collecting(self.task) as collected:
+            for batch, counted in self._validation_batches():
+                batch = self._to_device(batch)
+                kept = len(collected or ())
+                with self._autocast():
+                    loss, metrics = self.task.validation_step(batch, model, self.criterion)
+                if counted:
+                    count = self.task.loss_weight(batch)
+                    sums.add(loss, metrics, weight=batch_len(batch) if count is None else count)
+                elif collected is not None:  # a batch repeated for FSDP's collectives: its rows are no more
+                    del collected[kept:]
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.totals().items()}
-        metrics = self._finalized(D.weighted_mean_over_ranks(local))
+        means = D.weighted_mean_over_ranks(local)
+        metrics = self._finalized({**means, **whole_set_metrics(self.task, collected, beside=means)})
         self.val_metrics = {**metrics, "step": self.step}
         if local:  # else there is no validation data (an empty set, a run without validation): nothing to report
             if not math.isfinite(metrics.get("val_loss", 0.0)):  # training goes on: its weights are not at fault
@@ -642,7 +647,7 @@ class TrainingEngine:
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                with self._autocast(), warnings.catch_warnings():
+                with self._autocast(), warnings.catch_warnings(), collecting(self.task) as collected:
                     # a loss that broadcasts targets against predictions of another shape trains on nonsense
                     warnings.filterwarnings("error", message=".*different to the input size", category=UserWarning)
                     returned = self.task.validation_step(self._to_device(batch), model, self.criterion)
@@ -660,7 +665,8 @@ class TrainingEngine:
         finally:
             model.train()
         _, metrics = _loss_and_metrics(self.task, returned, "validation_step")
-        names = sorted(self._finalized({f"val_{k}": 1.0 for k in ("loss", *metrics)}))
+        means = {f"val_{k}": 1.0 for k in ("loss", *metrics)}
+        names = sorted(self._finalized({**means, **whole_set_metrics(self.task, collected, False, beside=means)}))
         self.validation_metrics = names
         monitor = self.config.checkpoint.monitor
         if monitor not in names:  # found now, not at the first validation after an epoch of training
@@ -1353,22 +1359,73 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
 def finalized_metrics(task: TrainingTask, metrics: dict[str, float]) -> dict[str, float]:
     """The task's finalize_metrics of rank-averaged metrics, as floats; one line for a method that changes
     the dict in place and returns nothing, or returns what is no number (found in setup, on a first batch)."""
-    name = type(task).__name__
-    finalized = task.finalize_metrics(metrics)
-    if not isinstance(finalized, Mapping):
-        raise UsageError(f"{name}.finalize_metrics returned {type(finalized).__name__}, expected the dict of "
-                         f"metrics: return it, changed or not")
+    return _numbers(task.finalize_metrics(metrics), f"{type(task).__name__}.finalize_metrics",
+                    "the dict of metrics: return it, changed or not")
+
+
+def _numbers(returned: Any, where: str, expected: str) -> dict[str, float]:
+    """The metrics a task's method returned, as floats; else one line naming what is wrong."""
+    if not isinstance(returned, Mapping):
+        raise UsageError(f"{where} returned {type(returned).__name__}, expected {expected}")
     numbers_only = {}
-    for key, value in finalized.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
+    for key, value in returned.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
         if key in RECORD_KEYS:
-            raise UsageError(f"{name}.finalize_metrics returned {key!r}, a field every record has "
+            raise UsageError(f"{where} returned {key!r}, a field every record has "
                              f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
         number = _built_in_number(value)
         if number is None:
-            raise UsageError(f"{name}.finalize_metrics returned {key!r} as a {type(value).__name__}, expected a "
+            raise UsageError(f"{where} returned {key!r} as a {type(value).__name__}, expected a "
                              f"number or a one-element tensor")
         numbers_only[key] = float(number)
     return numbers_only
+
+
+@contextlib.contextmanager
+def collecting(task: TrainingTask) -> Iterator[list[dict[str, Any]] | None]:
+    """What ``task.collect`` keeps while the block runs, a list of each call's tensors; None, and nothing kept,
+    for a task that scores nothing over the whole set (no score_collected of its own)."""
+    if type(task).score_collected is TrainingTask.score_collected:
+        yield None
+        return
+    task._collected = []
+    try:
+        yield task._collected
+    finally:
+        task._collected = None
+
+
+def whole_set_metrics(task: TrainingTask, collected: list[dict[str, Any]] | None, everywhere: bool = True,
+                      beside: Mapping[str, float] = {}) -> dict[str, float]:
+    """``task.score_collected`` of what every rank collected (this one's alone unless ``everywhere``), as
+    ``val_*`` metrics to log ``beside`` the validation means; {} when nothing was collected."""
+    if collected is None:
+        return {}
+    every = [rows for ranks in (D.gather(collected) if everywhere else [collected]) for rows in ranks]
+    if not every:
+        return {}
+    where, names = type(task).__name__, set(every[0])
+    for rows in every:
+        if set(rows) != names:
+            raise UsageError(f"{where}.collect was given {', '.join(sorted(rows))} for one batch and "
+                             f"{', '.join(sorted(names))} for another: collect the same names for every batch")
+        for name, value in rows.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                shown = "a one-number tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+                raise UsageError(f"{where}.collect got {name} as {shown}, expected a tensor of rows, one per "
+                                 f"sample (or token) of the batch along its first dimension")
+    joined = {}
+    for name in sorted(names):
+        try:
+            joined[name] = torch.cat([rows[name] for rows in every])
+        except RuntimeError as e:
+            raise UsageError(f"{where}.collect: the rows of {name} cannot be joined across batches: "
+                             f"{one_line(e)}") from None
+    scored = _numbers(task.score_collected(joined), f"{where}.score_collected", "a dict of metrics")
+    metrics = {f"val_{key}": value for key, value in scored.items()}
+    if clash := sorted(metrics.keys() & beside.keys()):
+        raise UsageError(f"{where}.score_collected returned {clash[0][4:]!r}, a metric validation_step returns "
+                         f"too: name one of them otherwise")
+    return metrics
 
 
 def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: int) -> tuple[Any, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ import torch
 from torch import nn, optim
 from torch.optim.lr_scheduler import LRScheduler
 
-from llm.training.core.config import Config, fit_settings, settings_of
+from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.optim import build_scheduler
 
 if TYPE_CHECKING:
@@ -36,10 +37,14 @@ class TrainingTask(ABC):
     LLM_CUSTOM_<FIELD> and a key of the YAML section ``custom``, recorded in the run's config.yaml."""
 
     def __init__(self, config: Config):
-        fit_settings(config, settings_of(type(self)), type(self).__qualname__)  # defaults, in a config built in code
+        settings = fitted_settings(config, settings_of(type(self)), f"{type(self).__module__}:{type(self).__qualname__}")
+        if settings is not config.custom:  # a config built in code, without them: a copy with them at their defaults,
+            config = copy.copy(config)     # the caller's left as it was (the engine, too, trains on a copy)
+            config.custom = settings
         self.config = config
         self.data_module: BaseDataModule | None = None
         self.total_steps: int = 0
+        self._collected: list[dict[str, torch.Tensor]] | None = None  # a list while a validation collects
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -85,6 +90,21 @@ class TrainingTask(ABC):
         they are batch-first (a time-major batch returns its count here).
         """
         return None
+
+    def collect(self, **rows: torch.Tensor) -> None:
+        """Keep tensors of this validation batch for ``score_collected``, by name: rows along the first dimension
+        (a prediction and a label per sample, say). Call it once in ``validation_step`` with the same names for
+        every batch; elsewhere (a ``train_step`` that validation_step shares) it keeps nothing."""
+        if getattr(self, "_collected", None) is not None:
+            self._collected.append({name: value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
+                                    for name, value in rows.items()})
+
+    def score_collected(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics of the whole validation set that no mean of batches gives (F1, AUC, ...), from what
+        ``validation_step`` collected: each name's rows of every batch and rank, concatenated, on the CPU.
+        Logged as ``val_<name>`` beside the means. At set-up it is called on the first batch's rows, to learn
+        the names (``checkpoint.monitor`` may be one): it returns the same names for any rows. Default: none."""
+        return {}
 
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add metrics derived from rank-averaged ones (e.g. perplexity from loss); default: none."""

@@ -1,4 +1,4 @@
-"""ClassificationTask: an MLP classifier with cross-entropy and accuracy.
+"""ClassificationTask: an MLP classifier with cross-entropy, accuracy and macro F1.
 
 Written against the usage guide alone, as a user would write their own task.
 It leaves build_scheduler out, so it trains on the schedule the --optimizer-*
@@ -37,7 +37,22 @@ class ClassificationTask(TrainingTask):
         except IndexError as e:  # on the CPU; on a GPU a label out of range stops the run in a device assert
             raise UsageError(f"a batch holds a label outside 0..{logits.size(-1) - 1} (data.num_classes="
                              f"{logits.size(-1)}): {e}") from None
-        return loss, {"acc": (logits.argmax(-1) == y).float().mean()}
+        predicted = logits.argmax(-1)
+        self.collect(predicted=predicted, label=y)  # kept in validation only, for the whole set's F1
+        return loss, {"acc": (predicted == y).float().mean()}
 
     def validation_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         return self.train_step(batch, model, criterion)
+
+    def score_collected(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Macro F1 over the whole validation set: each class's F1, 2·TP / (2·TP + FP + FN), averaged over the
+        classes that are labels or predictions in it (a class in neither has no F1 to count). Soft or one-hot
+        targets count as their likeliest class."""
+        k = self.config.data.num_classes
+        label, predicted = collected["label"], collected["predicted"].long()
+        label = label.argmax(-1) if label.dim() > 1 else label.long()
+        confusion = torch.bincount(label * k + predicted, minlength=k * k).view(k, k).double()
+        hits = confusion.diagonal()
+        seen = confusion.sum(0) + confusion.sum(1)  # predictions plus labels of each class: 2·TP + FP + FN
+        present = seen > 0
+        return {"f1": (2 * hits[present] / seen[present]).mean().item() if present.any() else 0.0}

@@ -582,31 +582,56 @@ def test_a_settings_class_no_flag_could_set_is_refused_naming_the_field():
 
 
 def test_a_task_built_in_code_fills_in_its_settings_and_refuses_another_tasks():
-    from llm.training.core.config import fit_settings
+    from llm.training.core.config import NoSettings, fitted_settings
     from tests.helpers import ScaledLossTask
 
     config = Config()
-    ScaledLossTask(config)
-    assert config.custom == ScaledLossTask.Settings()
-    config.custom.scale = 5.0
-    ScaledLossTask(config)  # its own, as set, stay
-    assert config.custom.scale == 5.0
+    task = ScaledLossTask(config)
+    assert task.config.custom == ScaledLossTask.Settings()
+    assert type(config.custom) is NoSettings  # the caller's config is left as it was: another task may take it
+    config.custom = ScaledLossTask.Settings(scale=5.0)
+    assert ScaledLossTask(config).config.custom.scale == 5.0  # its own, as set, stay
 
     @dataclasses.dataclass
-    class Settings:  # another class of the same name and fields: a script's own, and its module's
+    class Settings:  # the same class of a script run as __main__, beside the module it is imported as
         scale: float = 1.0
         reduce: str = "mean"
         steps: int = 0
 
-    Settings.__qualname__ = "ScaledLossTask.Settings"
+    Settings.__qualname__, Settings.__module__ = "ScaledLossTask.Settings", "__main__"
     config.custom = Settings(scale=3.0)
-    ScaledLossTask(config)
-    assert type(config.custom) is ScaledLossTask.Settings and config.custom.scale == 3.0
+    custom = ScaledLossTask(config).config.custom
+    assert type(custom) is ScaledLossTask.Settings and custom.scale == 3.0
+    Settings.__module__ = "elsewhere"  # a class of the same name in another module is another task's
+    with pytest.raises(UsageError, match=r"holds ScaledLossTask.Settings, the settings of another task"):
+        ScaledLossTask(config)
     config.custom = dataclasses.make_dataclass("Other", [("x", int, 0)])()
     with pytest.raises(UsageError, match=r"^custom: the config holds Other, the settings of another task, and task "
-                                         r"'ScaledLossTask' takes ScaledLossTask.Settings$"):
+                                         r"'tests.helpers:ScaledLossTask' takes ScaledLossTask.Settings$"):
         ScaledLossTask(config)
-    from llm.training.core.config import NoSettings
-
     with pytest.raises(UsageError, match=r"task 'regression' declares no settings of its own$"):
-        fit_settings(config, NoSettings, "regression")
+        fitted_settings(config, NoSettings, "regression")
+
+
+def test_every_custom_section_holds_the_settings_of_the_task_the_run_trains(tmp_path):
+    from tests.helpers import ScaledLossTask
+
+    base = tmp_path / "base.yaml"  # a section written for the task a later file or flag replaces
+    base.write_text(f"task: {SCALED}\ncustom:\n  scale: 2\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("task: tests.helpers:FrozenSettingsTask\ncustom:\n  steps: 3\n")
+    config = Config.from_args_and_env([f"--config={base}", f"--config={other}"], environ={})
+    assert config.task == "tests.helpers:FrozenSettingsTask" and (config.custom.scale, config.custom.steps) == (2.0, 3)
+    config = Config.from_args_and_env([f"--config={base}", "--task", "tests.helpers:FrozenSettingsTask",
+                                       "--custom-reduce", "sum"], environ={})
+    assert (config.custom.scale, config.custom.reduce) == (2.0, "sum")
+    with pytest.raises(ConfigError, match=rf"^custom: .*task 'regression' declares no settings .*\(in {base}\)$"):
+        Config.from_args_and_env([f"--config={base}"], environ={"LLM_TASK": "regression"})
+    assert type(Config.from_args_and_env([f"--config={base}"], environ={}).custom) is ScaledLossTask.Settings
+
+
+def test_frozen_settings_are_set_from_flags_and_stay_frozen_for_the_task():
+    config = Config.from_args_and_env(["--task", "tests.helpers:FrozenSettingsTask", "--custom-scale", "3"], environ={})
+    assert config.custom.scale == 3.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.custom.scale = 4.0

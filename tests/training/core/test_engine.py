@@ -2371,3 +2371,49 @@ def test_a_checkpoint_from_before_the_task_had_settings_resumes_as_if_saved_at_t
     changed = resume.config_changes(resume.with_defaults(saved, config), {**now, "custom.scale": 3.0})
     assert changed == ["custom.scale"] and resume.binding_changes(changed) == ["custom.scale"]
     assert ScaledLossTask(config).config.custom.scale == 1.0
+
+
+# ---- metrics over the whole validation set ------------------------------------------------------------
+
+
+def test_whole_set_metrics_see_every_validation_row_once_and_can_be_monitored(tmp_path):
+    from tests.helpers import WholeSetTask
+
+    config = tiny_config(tmp_path, training={"epochs": 1}, checkpoint={"monitor": "val_rows", "mode": "max"})
+    engine, metrics = train(config, WholeSetTask)
+    targets = engine.data_module.val_set.tensors[1]
+    assert metrics["val_rows"] == len(targets) == 25  # batches of 16: 16 and 9
+    assert metrics["val_target_sum"] == pytest.approx(targets.double().sum().item())
+    assert "val_rows" in engine.validation_metrics and engine.best_metric == 25
+    assert WholeSetTask(config)._collected is None  # kept only while a validation runs
+    _, metrics = train(tiny_config(tmp_path / "b", training={"epochs": 1, "eval_batches": 1}), WholeSetTask)
+    assert metrics["val_rows"] == 16
+
+
+@pytest.mark.parametrize("collect, score, message", [
+    (lambda task, batch: task.collect(target=batch[1][: 1 + task._collected.__len__() % 2].sum()), None,
+     r"^WholeSetTask\.collect got target as a one-number tensor, expected a tensor of rows"),
+    (lambda task, batch: task.collect(**{"target" if task._collected else "first": batch[1]}), None,
+     r"^WholeSetTask\.collect was given target for one batch and first for another: collect the same names"),
+    (lambda task, batch: task.collect(target=batch[1].T if task._collected else batch[1]), None,
+     r"^WholeSetTask\.collect: the rows of target cannot be joined across batches: "),
+    (None, lambda task, collected: [1.0], r"^WholeSetTask\.score_collected returned list, expected a dict of metrics$"),
+    (None, lambda task, collected: {"loss": 1.0},
+     r"^WholeSetTask\.score_collected returned 'loss', a metric validation_step returns too: name one of them"),
+])
+def test_what_a_task_collects_or_scores_wrongly_is_one_line(tmp_path, collect, score, message):
+    from tests.helpers import WholeSetTask
+
+    class Wrong(WholeSetTask):
+        def validation_step(self, batch, model, criterion):
+            if collect is not None and self._collected is not None:
+                collect(self, batch)
+                return RegressionTask.validation_step(self, batch, model, criterion)
+            return super().validation_step(batch, model, criterion)
+
+        def score_collected(self, collected):
+            return score(self, collected) if score is not None else {"rows": sum(map(len, collected.values()))}
+
+    Wrong.__name__ = "WholeSetTask"
+    with pytest.raises(UsageError, match=message):
+        train(tiny_config(tmp_path, training={"epochs": 1}), Wrong)

@@ -48,3 +48,34 @@ def test_a_label_outside_the_classes_is_one_line(tmp_path, label):
     with pytest.raises(UsageError, match=rf"^a batch holds a label outside 0..3 \(data.num_classes=4\): "
                                          rf"Target {label} is out of bounds"):
         engine.train()
+
+
+def test_macro_f1_is_over_the_whole_set_and_the_classes_seen_in_it(tmp_path):
+    task = ClassificationTask(config(tmp_path))  # 3 classes
+    g = torch.Generator().manual_seed(0)
+    label, predicted = torch.randint(0, 2, (200,), generator=g), torch.randint(0, 2, (200,), generator=g)
+    predicted[:5] = 0  # class 2 is neither a label nor a prediction: it has no F1 to count
+    by_hand = []
+    for c in (0, 1):
+        tp = int(((predicted == c) & (label == c)).sum())
+        fp, fn = int(((predicted == c) & (label != c)).sum()), int(((predicted != c) & (label == c)).sum())
+        by_hand.append(2 * tp / (2 * tp + fp + fn))
+    scored = task.score_collected({"label": label, "predicted": predicted})
+    assert scored["f1"] == pytest.approx(sum(by_hand) / 2)
+    one_hot = torch.nn.functional.one_hot(label, 3).float()
+    assert task.score_collected({"label": one_hot, "predicted": predicted}) == scored
+    batches = [task.score_collected({"label": label[i:i + 40], "predicted": predicted[i:i + 40]})["f1"]
+               for i in range(0, 200, 40)]
+    assert sum(batches) / 5 != pytest.approx(scored["f1"], abs=1e-3)  # a mean of batches' F1 is another number
+
+
+def test_validation_logs_macro_f1_and_the_evaluation_of_a_checkpoint_gives_the_same(tmp_path):
+    from llm.evaluate import score_split
+
+    cfg = config(tmp_path)
+    cfg.training.epochs, cfg.data.noise = 1, 2.0  # a hard problem: F1 short of 1
+    cfg.checkpoint.monitor, cfg.checkpoint.mode = "val_f1", "max"
+    metrics = TrainingEngine(cfg, ClassificationTask(cfg)).train()
+    assert 0.3 < metrics["val_f1"] < 1.0
+    scored, samples, _ = score_split(tmp_path / "run/checkpoints/best")
+    assert scored["val_f1"] == metrics["val_f1"] and samples == 51
