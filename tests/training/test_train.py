@@ -612,3 +612,20 @@ def test_whole_set_metrics_count_every_validation_sample_once_over_ranks_and_str
     assert one["val_rows"] == ddp["val_rows"] == fsdp["val_rows"] == 51
     assert ddp["val_target_sum"] == pytest.approx(one["val_target_sum"], rel=1e-6)
     assert fsdp["val_target_sum"] == pytest.approx(one["val_target_sum"], rel=1e-6)
+
+
+def test_the_weight_average_of_an_fsdp_run_is_sharded_resumed_bit_for_bit_and_read_whole(tmp_path):
+    from llm.evaluate import score_split
+
+    flags = ["--task", "regression", *SMALL, "--epochs", "2", "--training-ema-decay", "0.9", "--distributed-strategy",
+             "fsdp", "--checkpoint-every-n-steps", "7", "--checkpoint-keep-last", "5"]
+    runs = {"straight": [], "resumed": ["--checkpoint-resume", "runs/straight/checkpoints/step_00000007"]}
+    for name, more in runs.items():
+        out = torchrun(2, REPO / "llm/training/train.py", *flags, *more, "--logging-log-dir", f"runs/{name}",
+                       cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(REPO)})
+        assert out.returncode == 0, out.stderr[-3000:]
+    straight, resumed = (json.loads((tmp_path / f"runs/{name}/summary.json").read_text()) for name in runs)
+    assert straight["val_loss"] == resumed["val_loss"]
+    ckpt = tmp_path / "runs/straight/checkpoints/step_00000014"
+    assert (ckpt / "sharded").is_dir()
+    assert score_split(ckpt)[0]["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-6)  # the average, whole

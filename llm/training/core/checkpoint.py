@@ -403,19 +403,26 @@ def load_shared_state(ckpt: Path, map_location="cpu") -> dict:
 
 
 def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
-    """The model's full state dict from a checkpoint, gathering FSDP shards if it was written sharded.
-    ``shared``: the checkpoint's shared state when the caller has it already (it is not read again)."""
+    """The model's full state dict from a checkpoint, gathering FSDP shards if it was written sharded; with
+    the run's weight average (training.ema_decay) in place of its parameters where it kept one: the weights it
+    validated. ``shared``: the checkpoint's shared state when the caller has it already (it is not read again)."""
     ckpt = Path(ckpt)
     if not (ckpt / SHARDED).is_dir():
-        return (load_shared_state(ckpt) if shared is None else shared).get("model")
+        state = load_shared_state(ckpt) if shared is None else shared
+        return _averaged(state.get("model"), state.get("ema"))
     from llm.training.core import sharded
 
     try:
-        return sharded.load_whole(ckpt / SHARDED, keys={"model"}).get("model")
+        state = sharded.load_whole(ckpt / SHARDED, keys={"model", "ema"})
+        return _averaged(state.get("model"), state.get("ema"))
     except Exception as e:  # a damaged or unsafe shard set; verify() catches damage first
         if not ckpt.is_dir():
             raise CheckpointError(_deleted(ckpt)) from None
         raise CheckpointError(f"cannot read the sharded weights in {ckpt}: {error_cause(e)}") from None
+
+
+def _averaged(weights: dict | None, average: dict | None) -> dict | None:
+    return {**weights, **average} if isinstance(weights, dict) and isinstance(average, dict) else weights
 
 
 def load_weights_strictly(model: torch.nn.Module, state: dict, source: str, than: str = "",

@@ -59,6 +59,8 @@ class TrainingConfig:
     """Micro-batches accumulated into one optimizer step."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay per optimizer step (0.999: about the last 1000 steps); validation and the weights the tools take from a checkpoint are the average's (0: none)."""
     seed: int = 0
     """Seed for model init, data order and every random number generator."""
     eval_every_steps: int = 0
@@ -427,6 +429,7 @@ class Config:
         _at_least("training.batch_size", t.batch_size, 1)
         _at_least("training.grad_accum_steps", t.grad_accum_steps, 1)
         _at_least("training.grad_clip", t.grad_clip, 0.0)
+        _fraction("training.ema_decay", t.ema_decay)
         _at_least("training.seed", t.seed, 0)
         _at_least("training.eval_every_steps", t.eval_every_steps, 0)
         _at_least("training.eval_batches", t.eval_batches, 0)

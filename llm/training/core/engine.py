@@ -23,7 +23,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from llm.training.core.checkpoint import (
 )
 from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.metrics import RunningMeans, TrainingSums
+from llm.training.core.optim import WeightAverage
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
 
@@ -338,6 +339,8 @@ class TrainingEngine:
         if self._unchecked:  # the last step's: its work is done by now, so reading it stalls nothing
             self._check_steps()
         self._update(taken, scaler)
+        if self.ema is not None:
+            self.ema.update(self.step + 1, taken)
         if self._per_step_scheduler is not None:
             if first:  # a first step skipped (not finite; a loss scaler's overflow) is no loop stepping them misordered
                 with warnings.catch_warnings():
@@ -401,7 +404,7 @@ class TrainingEngine:
         was_training = model.training
         model.eval()
         sums = RunningMeans()
-        with collecting(self.task) as collected:
+        with collecting(self.task) as collected, self.ema.swapped_in() if self.ema else contextlib.nullcontext():
             for batch, counted in self._validation_batches():
                 batch = self._to_device(batch)
                 kept = len(collected or ())
@@ -417,6 +420,8 @@ class TrainingEngine:
         means = D.weighted_mean_over_ranks(local)
         metrics = self._finalized({**means, **whole_set_metrics(self.task, collected, beside=means)})
         self.val_metrics = {**metrics, "step": self.step}
+        if local and self.config.checkpoint.monitor not in metrics:  # a name set-up could not check
+            _no_monitor(self.config.checkpoint.monitor, sorted(metrics), self.task)
         if local:  # else there is no validation data (an empty set, a run without validation): nothing to report
             if not math.isfinite(metrics.get("val_loss", 0.0)):  # training goes on: its weights are not at fault
                 self.print(f"warning: val_loss is {metrics['val_loss']} at step {self.step}: non-finite values in "
@@ -514,6 +519,8 @@ class TrainingEngine:
         self.optimizer = self.task.build_optimizer(self.raw_model)
         self.scheduler = self.task.build_scheduler(self.optimizer)
         _check_plateau(self.scheduler, cfg, type(self.task).__name__)
+        decay = cfg.training.ema_decay
+        self.ema = WeightAverage(self.raw_model, decay) if decay else None  # validation's weights, and the tools'
         precision = cfg.training.precision
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
@@ -666,12 +673,17 @@ class TrainingEngine:
             model.train()
         _, metrics = _loss_and_metrics(self.task, returned, "validation_step")
         means = {f"val_{k}": 1.0 for k in ("loss", *metrics)}
-        names = sorted(self._finalized({**means, **whole_set_metrics(self.task, collected, False, beside=means)}))
-        self.validation_metrics = names
+        try:
+            whole = whole_set_metrics(self.task, collected, False, beside=means)
+        except UsageError:
+            raise
+        except Exception:  # noqa: BLE001 - what one batch cannot give (an AUC of one class): the first validation names them
+            whole = None
+        names = sorted(self._finalized({**means, **(whole or {})}))
+        self.validation_metrics = names if whole is not None else None
         monitor = self.config.checkpoint.monitor
-        if monitor not in names:  # found now, not at the first validation after an epoch of training
-            raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
-                             f"{type(self.task).__name__}: {', '.join(names)}{closest(monitor, names)}")
+        if monitor not in names and whole is not None:  # found now, not at the first validation after an epoch
+            _no_monitor(monitor, names, self.task)
         if (self.config.checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor)
                 and not LOWER_IS_BETTER.search(monitor) and self.is_main):
             warnings.warn(f"checkpoint.monitor {monitor} is kept at its lowest (checkpoint.mode min), as a loss "
@@ -687,7 +699,8 @@ class TrainingEngine:
         state = state or self._resumable_state()
         if self.sharded:  # each rank's buffers are saved as one: rank 0's, as DDP's are, which a resume trains on
             D.broadcast_buffers(self._buffers)
-        weights, write_sharded = parallel.model_and_optimizer_state(self.raw_model, self.optimizer, self.sharded)
+        weights, write_sharded = parallel.model_and_optimizer_state(
+            self.raw_model, self.optimizer, self.sharded, self.ema.state() if self.ema else None)
         shared = {
             **weights,
             "scheduler": state["scheduler"],
@@ -764,8 +777,12 @@ class TrainingEngine:
         # another optimizer cannot take the saved one's state: it starts afresh, at the saved step of the schedule
         same_optimizer = "optimizer.name" not in changed
         fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None, shared, path,
-                                          self.sharded)
+        averaged = parallel.load_model_and_optimizer(self.raw_model, self.optimizer if same_optimizer else None,
+                                                     shared, path, self.sharded, self.ema)
+        if self.ema is not None and not averaged:  # saved without one: it starts from the weights resumed
+            self.ema.restart()
+            self.print(f"the weight average (training.ema_decay {self.config.training.ema_decay}) starts at step "
+                       f"{self.step}, from the weights resumed: {path} holds none")
         settings_changed = any(k not in resume.HARMLESS_CONFIG for k in changed)
         # the task's build_scheduler may have changed since (another class, or none): this run's schedule takes over
         saved_kind = shared.get("scheduler_kind", resume.UNRECORDED)  # absent from earlier versions' checkpoints
@@ -1317,6 +1334,11 @@ def _built_in_number(value: Any) -> int | float | None:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     return float(value) if isinstance(value, numbers.Real) else None
+
+
+def _no_monitor(monitor: str, names: list[str], task: TrainingTask) -> NoReturn:
+    raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
+                     f"{type(task).__name__}: {', '.join(names)}{closest(monitor, names)}")
 
 
 def _check_plateau(scheduler: Any, config: Config, task: str) -> None:

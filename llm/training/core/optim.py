@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -120,3 +122,80 @@ def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters, taken after each optimizer step.
+
+    The average of step t is ``avg += (1 - d) * (param - avg)`` with ``d = min(decay, (1 + t) / (10 + t))``:
+    early on, when the weights move fast, it follows them closely. It lives beside the
+    parameters, on their device and in their layout (each rank its own shard under FSDP),
+    in float32 where they are. ``swapped_in`` puts it in the model's place for a while
+    (validation); ``state`` names it as the model's state dict does, tied weights under
+    each of their names.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names: dict[str, int] = {}  # every name of a parameter, to its place in the lists below
+        places: dict[int, int] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.names[name] = places.setdefault(id(p), len(places))
+        unique = {id(p): p for p in model.parameters()}
+        self._params = [unique[i] for i in places]
+        self.average = [p.detach().clone() for p in self._params]
+
+    def _live(self) -> list[torch.Tensor]:
+        return [_local(p.detach()) for p in self._params]
+
+    def _kept(self) -> list[torch.Tensor]:
+        return [_local(a) for a in self.average]
+
+    @torch.no_grad()
+    def update(self, step: int, taken: bool | torch.Tensor) -> None:
+        """Move the average toward the weights after optimizer step ``step`` (counted from 1), unless it was
+        skipped: ``taken`` is false, or a flag on the device (no sync: a skipped step moves it by nothing)."""
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        if isinstance(taken, torch.Tensor):
+            live, kept = self._live(), self._kept()
+            delta = torch._foreach_sub(live, kept)
+            torch._foreach_mul_(delta, taken.to(torch.float32) * weight)
+            torch._foreach_add_(kept, delta)
+        elif taken:
+            torch._foreach_lerp_(self._kept(), self._live(), weight)
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the average again from the weights as they are."""
+        torch._foreach_copy_(self._kept(), self._live())
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The average in the parameters' place while the block runs; the weights back after it."""
+        live = self._live()
+        with torch.no_grad():
+            held = [t.clone() for t in live]
+            torch._foreach_copy_(live, self._kept())
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, held)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The average by parameter name, every name of a tied one included (a checkpoint's ``ema``)."""
+        return {name: self.average[i] for name, i in self.names.items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Take a saved average (of whole tensors; under FSDP, loaded into ``state()`` in place instead)."""
+        missing = sorted(self.names.keys() - state.keys())
+        if missing:
+            raise UsageError(f"the saved weight average lacks {', '.join(missing[:3])}: it is of another model")
+        for name, i in self.names.items():
+            self.average[i].copy_(state[name])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (an FSDP2 parameter), sharing its storage; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

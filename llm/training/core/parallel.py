@@ -181,23 +181,30 @@ def is_sharded(config: Config, world_size: int) -> bool:
 
 
 def model_and_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
+    model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool, average: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
-    """Entries for the checkpoint's shared state, and for FSDP a writer of the shards (run on every rank)."""
+    """Entries for the checkpoint's shared state, and for FSDP a writer of the shards (run on every rank); the
+    weight ``average`` (WeightAverage.state) goes with the weights, under ``ema``."""
     if not sharded:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, None
+        whole = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        return whole if average is None else {**whole, "ema": average}, None
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from llm.training.core import sharded  # torch.distributed.checkpoint takes a second to import: only for FSDP
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {}, lambda staging: sharded.save({"model": model_state, "optimizer": optim_state}, staging / SHARDED)
+    state = {"model": model_state, "optimizer": optim_state, **({} if average is None else {"ema": average})}
+    marker = {} if average is None else {"ema": SHARDED}  # the shared state says where the average is
+    return marker, lambda staging: sharded.save(state, staging / SHARDED)
 
 
 def load_model_and_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, shared: dict, path: Path, fsdp: bool
-) -> None:
-    """Restore weights, and the optimizer unless it is None, from a checkpoint, whichever way it was written."""
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, shared: dict, path: Path, fsdp: bool,
+    average: Any = None,
+) -> bool:
+    """Restore weights, and the optimizer unless it is None, from a checkpoint, whichever way it was written;
+    and the weight ``average`` (a WeightAverage), if given and saved. Whether one was."""
+    saved_average = shared.get("ema") is not None
     if "model" in shared:
         if fsdp:
             raise CheckpointError(f"cannot resume {path} with distributed.strategy fsdp: it holds whole tensors, "
@@ -205,7 +212,9 @@ def load_model_and_optimizer(
         load_weights_strictly(model, shared["model"], f"cannot load {path}: its weights")
         if optimizer is not None:
             optimizer.load_state_dict(shared["optimizer"])
-        return
+        if average is not None and saved_average:
+            average.load(shared["ema"])
+        return saved_average
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
     from llm.training.core import sharded  # torch.distributed.checkpoint takes a second to import: only for FSDP
@@ -213,6 +222,8 @@ def load_model_and_optimizer(
     # torch.distributed.checkpoint reshards on load, so the loading layout may differ from the saving one
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
     state = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
+    if average is not None and saved_average:
+        state["ema"] = average.state()  # its tensors, filled in place
     try:
         sharded.load_into(state, path / SHARDED)
     except Exception as e:  # noqa: BLE001 - shapes that differ, or metadata that is not checkpoint metadata
@@ -221,3 +232,4 @@ def load_model_and_optimizer(
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return saved_average

@@ -617,7 +617,7 @@ RETRAINED_OTHERWISE = ("tokenizer.json (the corpus is the same, but the BPE toke
 """What changed_artifacts names when a BPE tokenizer trained again on an unchanged corpus differs."""
 
 
-COURSE_CONFIG = (*BINDING_CONFIG, "optimizer.", "training.grad_clip", "training.precision")
+COURSE_CONFIG = (*BINDING_CONFIG, "optimizer.", "training.grad_clip", "training.precision", "training.ema_decay")
 """Settings that send a run another way from the same checkpoint: the command that went back to a checkpoint of
 the run's own folder, run again with another of them, goes back to it once more; with the same ones (more steps,
 another device, other logging and saving), it continues where that continuation got to."""

@@ -94,10 +94,10 @@ class TrainingTask(ABC):
     def collect(self, **rows: torch.Tensor) -> None:
         """Keep tensors of this validation batch for ``score_collected``, by name: rows along the first dimension
         (a prediction and a label per sample, say). Call it once in ``validation_step`` with the same names for
-        every batch; elsewhere (a ``train_step`` that validation_step shares) it keeps nothing."""
+        every batch; elsewhere (a ``train_step`` that validation_step shares) it keeps nothing. The rows are
+        copied to the CPU, half-precision floats (autocast's) as float32."""
         if getattr(self, "_collected", None) is not None:
-            self._collected.append({name: value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
-                                    for name, value in rows.items()})
+            self._collected.append({name: _kept(value) for name, value in rows.items()})
 
     def score_collected(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics of the whole validation set that no mean of batches gives (F1, AUC, ...), from what
@@ -113,3 +113,14 @@ class TrainingTask(ABC):
     def save_artifacts(self, directory: Path) -> None:
         """Write files needed to use the model on its own (e.g. a tokenizer) into ``directory``: the same
         files for the same model and data (a resume compares them with the checkpoint's)."""
+
+
+def _kept(value: Any) -> Any:
+    """A collected tensor as score_collected gets it: a copy on the CPU (not a view holding the whole batch's
+    storage, nor one that a later in-place change reaches), half-precision floats as float32."""
+    if not isinstance(value, torch.Tensor):
+        return value  # refused, in one line, when the rows are joined
+    value = value.detach()
+    if value.dtype in (torch.float16, torch.bfloat16):
+        value = value.float()
+    return value.to("cpu", copy=True)

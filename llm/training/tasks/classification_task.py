@@ -47,10 +47,12 @@ class ClassificationTask(TrainingTask):
     def score_collected(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
         """Macro F1 over the whole validation set: each class's F1, 2·TP / (2·TP + FP + FN), averaged over the
         classes that are labels or predictions in it (a class in neither has no F1 to count). Soft or one-hot
-        targets count as their likeliest class."""
+        targets count as their likeliest class; a negative label (ignored by the loss) is left out."""
         k = self.config.data.num_classes
         label, predicted = collected["label"], collected["predicted"].long()
         label = label.argmax(-1) if label.dim() > 1 else label.long()
+        kept = label >= 0  # a label the loss ignores (ignore_index, -100) has no class
+        label, predicted = label[kept], predicted[kept]
         confusion = torch.bincount(label * k + predicted, minlength=k * k).view(k, k).double()
         hits = confusion.diagonal()
         seen = confusion.sum(0) + confusion.sum(1)  # predictions plus labels of each class: 2·TP + FP + FN

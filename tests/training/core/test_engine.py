@@ -2417,3 +2417,73 @@ def test_what_a_task_collects_or_scores_wrongly_is_one_line(tmp_path, collect, s
     Wrong.__name__ = "WholeSetTask"
     with pytest.raises(UsageError, match=message):
         train(tiny_config(tmp_path, training={"epochs": 1}), Wrong)
+
+
+# ---- the weight average (training.ema_decay) ---------------------------------------------------------------
+
+
+def test_the_weight_average_is_validated_saved_resumed_bit_for_bit_and_what_the_tools_read(tmp_path, capsys):
+    from llm.evaluate import score_split
+    from llm.training.core.checkpoint import model_weights
+
+    def averaged(name, **settings):
+        return tiny_config(tmp_path / name, training={"ema_decay": 0.9, **settings},
+                           checkpoint={"every_n_steps": 7, "keep_last": 5})
+
+    straight, metrics = train(averaged("a"))
+    ckpt = tmp_path / "a/run/checkpoints/step_00000028"
+    shared = load_shared_state(ckpt)
+    weights = model_weights(ckpt)
+    assert set(weights) == set(shared["model"]) and any(not torch.equal(weights[k], shared["model"][k]) for k in weights)
+    assert score_split(ckpt)[0]["val_loss"] == metrics["val_loss"]  # the average was validated, and is read back
+    raw = tiny_config(tmp_path / "raw", training={"epochs": 2})
+    assert train(raw)[1]["val_loss"] != metrics["val_loss"]  # the same training, validated on its own weights
+    resumed_config = averaged("b")
+    resumed_config.checkpoint.resume = str(tmp_path / "a/run/checkpoints/step_00000007")
+    resumed, again = train(resumed_config)
+    assert again["val_loss"] == metrics["val_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(straight.ema.average, resumed.ema.average))
+    # from a checkpoint that holds none, the average starts from the weights resumed
+    plain = tiny_config(tmp_path / "c", checkpoint={"every_n_steps": 7, "keep_last": 5})
+    train(plain)
+    capsys.readouterr()
+    later = averaged("d")
+    later.checkpoint.resume = str(tmp_path / "c/run/checkpoints/step_00000007")
+    engine, _ = train(later)
+    assert "the weight average (training.ema_decay 0.9) starts at step 7, from the weights resumed" in \
+        capsys.readouterr().out
+    assert engine.ema is not None
+
+
+def test_a_whole_set_metric_that_one_batch_cannot_give_is_checked_at_the_first_validation(tmp_path):
+    from tests.helpers import WholeSetTask
+
+    class OneBatchIsTooFew(WholeSetTask):  # as an AUC is, for a first batch of one class
+        def score_collected(self, collected):
+            if len(collected["target"]) <= 16:
+                raise ValueError("Only one class present in y_true")
+            return super().score_collected(collected)
+
+    config = tiny_config(tmp_path, training={"epochs": 1}, checkpoint={"monitor": "val_rows", "mode": "max"})
+    engine, metrics = train(config, OneBatchIsTooFew)
+    assert metrics["val_rows"] == 25 and engine.best_metric == 25 and engine.validation_metrics is None
+    config = tiny_config(tmp_path / "b", training={"epochs": 1}, checkpoint={"monitor": "val_row", "mode": "max"})
+    with pytest.raises(UsageError, match=r"^checkpoint\.monitor: got 'val_row', expected a validation metric of "
+                                         r"OneBatchIsTooFew: .*\(did you mean val_rows\?\)"):
+        train(config, OneBatchIsTooFew)
+
+
+def test_collected_rows_are_copies_on_the_cpu_and_half_floats_are_widened():
+    from llm.training.core.engine import collecting
+    from tests.helpers import WholeSetTask
+
+    task = WholeSetTask(Config())
+    with collecting(task) as collected:
+        logits = torch.zeros(64, 5000)
+        task.collect(score=logits[:, 1], half=torch.ones(3, dtype=torch.bfloat16))
+        logits.add_(7)
+    score, half = collected[0]["score"], collected[0]["half"]
+    assert torch.equal(score, torch.zeros(64)) and score.untyped_storage().nbytes() == 64 * 4  # not the batch's
+    assert half.dtype == torch.float32
+    task.collect(score=torch.zeros(2))  # outside a validation: nothing kept
+    assert len(collected) == 1

@@ -7,7 +7,7 @@ import torch
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.config import OptimizerConfig
-from llm.training.core.optim import MuonWithAdamW, build_optimizer, build_scheduler, lr_factor
+from llm.training.core.optim import MuonWithAdamW, WeightAverage, build_optimizer, build_scheduler, lr_factor
 from llm.training.tasks.regression_task import mlp
 
 
@@ -148,3 +148,34 @@ def test_muon_with_adamw_step_evaluates_a_closure_with_gradients_on_and_returns_
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # every parameter moved
+
+
+def test_the_weight_average_follows_the_steps_taken_with_its_ramp_and_swaps_in_and_back():
+    model = GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, block_size=4))  # tied head and embedding
+    average = WeightAverage(model, decay=0.9)
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    assert sorted(average.state()) == sorted(names) and len(average.average) == len(list(model.parameters()))
+    state = average.state()
+    assert state["lm_head.weight"] is state["tok_emb.weight"]  # one average for a tied weight, under both names
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update(step=1, taken=True)  # the ramp: min(0.9, 2 / 11) keeps 2/11 of the average
+    for a, p0 in zip(average.average, start):
+        torch.testing.assert_close(a, p0 + 1.0 - 2 / 11)
+    kept = [a.clone() for a in average.average]
+    average.update(step=2, taken=False)
+    average.update(step=2, taken=torch.tensor(False))  # a flag on the device: moved by nothing
+    assert all(torch.equal(a, k) for a, k in zip(average.average, kept))
+    average.update(step=100, taken=torch.tensor(True))
+    for a, k, p0 in zip(average.average, kept, start):
+        torch.testing.assert_close(a, k + 0.1 * (p0 + 1.0 - k))
+    live = [p.detach().clone() for p in model.parameters()]
+    with average.swapped_in():
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average.average))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), live))
+    average.restart()
+    assert all(torch.equal(a, p) for a, p in zip(average.average, model.parameters()))
+    with pytest.raises(UsageError, match="the saved weight average lacks"):
+        average.load({"tok_emb.weight": torch.zeros(11, 8)})

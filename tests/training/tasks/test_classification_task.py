@@ -79,3 +79,9 @@ def test_validation_logs_macro_f1_and_the_evaluation_of_a_checkpoint_gives_the_s
     assert 0.3 < metrics["val_f1"] < 1.0
     scored, samples, _ = score_split(tmp_path / "run/checkpoints/best")
     assert scored["val_f1"] == metrics["val_f1"] and samples == 51
+
+
+def test_labels_the_loss_ignores_have_no_class_in_the_f1(tmp_path):
+    task = ClassificationTask(config(tmp_path))
+    label, predicted = torch.tensor([0, 1, 2, -100, -100]), torch.tensor([0, 1, 2, 1, 0])
+    assert task.score_collected({"label": label, "predicted": predicted})["f1"] == 1.0
