@@ -615,17 +615,25 @@ def test_whole_set_metrics_count_every_validation_sample_once_over_ranks_and_str
 
 
 def test_the_weight_average_of_an_fsdp_run_is_sharded_resumed_bit_for_bit_and_read_whole(tmp_path):
+    """Validated every 3 steps, saved every 7: the average swapped in for a validation must leave the training
+    as it would have been without one (FSDP keeps its root module's gathered weights after a forward)."""
     from llm.evaluate import score_split
 
-    flags = ["--task", "regression", *SMALL, "--epochs", "2", "--training-ema-decay", "0.9", "--distributed-strategy",
-             "fsdp", "--checkpoint-every-n-steps", "7", "--checkpoint-keep-last", "5"]
-    runs = {"straight": [], "resumed": ["--checkpoint-resume", "runs/straight/checkpoints/step_00000007"]}
+    flags = ["--task", "regression", *SMALL, "--epochs", "2", "--distributed-strategy", "fsdp",
+             "--training-eval-every-steps", "3", "--checkpoint-every-n-steps", "7", "--checkpoint-keep-last", "5",
+             "--logging-log-every-steps", "1"]
+    ema = ["--training-ema-decay", "0.9"]
+    runs = {"straight": ema, "resumed": [*ema, "--checkpoint-resume", "runs/straight/checkpoints/step_00000007"],
+            "plain": []}
     for name, more in runs.items():
         out = torchrun(2, REPO / "llm/training/train.py", *flags, *more, "--logging-log-dir", f"runs/{name}",
                        cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(REPO)})
         assert out.returncode == 0, out.stderr[-3000:]
-    straight, resumed = (json.loads((tmp_path / f"runs/{name}/summary.json").read_text()) for name in runs)
+    straight, resumed = (json.loads((tmp_path / f"runs/{name}/summary.json").read_text()) for name in runs if name != "plain")
     assert straight["val_loss"] == resumed["val_loss"]
+    losses = [[(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (tmp_path / f"runs/{name}/metrics.jsonl").open())
+               if r["split"] == "train"] for name in ("straight", "plain")]
+    assert len(losses[0]) == 14 and losses[0] == losses[1]
     ckpt = tmp_path / "runs/straight/checkpoints/step_00000014"
     assert (ckpt / "sharded").is_dir()
     assert score_split(ckpt)[0]["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-6)  # the average, whole

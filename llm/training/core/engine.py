@@ -415,6 +415,8 @@ class TrainingEngine:
                     sums.add(loss, metrics, weight=batch_len(batch) if count is None else count)
                 elif collected is not None:  # a batch repeated for FSDP's collectives: its rows are no more
                     del collected[kept:]
+            if self.ema is not None and self.sharded:  # the average, gathered, must not outlast the swap
+                parallel.reshard(self.raw_model)
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.totals().items()}
         means = D.weighted_mean_over_ranks(local)

@@ -156,11 +156,8 @@ class WeightAverage:
         """Move the average toward the weights after optimizer step ``step`` (counted from 1), unless it was
         skipped: ``taken`` is false, or a flag on the device (no sync: a skipped step moves it by nothing)."""
         weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
-        if isinstance(taken, torch.Tensor):
-            live, kept = self._live(), self._kept()
-            delta = torch._foreach_sub(live, kept)
-            torch._foreach_mul_(delta, taken.to(torch.float32) * weight)
-            torch._foreach_add_(kept, delta)
+        if isinstance(taken, torch.Tensor):  # a weight of 0 where the step was skipped, read on the device
+            torch._foreach_lerp_(self._kept(), self._live(), taken.to(torch.float32) * weight)
         elif taken:
             torch._foreach_lerp_(self._kept(), self._live(), weight)
 

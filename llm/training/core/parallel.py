@@ -176,6 +176,16 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def reshard(model: nn.Module) -> None:
+    """Let go of the whole parameters FSDP2 gathered for a forward that no backward follows: its root module
+    keeps them for the backward it expects, and the next training forward would take them as they were."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_sharded(config: Config, world_size: int) -> bool:
     return config.distributed.strategy == "fsdp" and world_size > 1
 
