@@ -223,13 +223,13 @@ def test_a_checkpoint_of_any_task_scores_the_validation_split_as_training_did(tm
     assert score_split(run_dir)[:2] == (pytest.approx(metrics, rel=1e-12), 30)  # the whole split: 10% of 300
 
 
-@pytest.mark.parametrize("task, metric", [("regression", "test_mae"), ("classification", "test_acc")])
-def test_the_test_split_of_the_built_in_data_is_held_out_and_as_large_as_validation(tmp_path, task, metric):
+@pytest.mark.parametrize("task, metrics", [("regression", {"test_mae"}), ("classification", {"test_acc", "test_f1"})])
+def test_the_test_split_of_the_built_in_data_is_held_out_and_as_large_as_validation(tmp_path, task, metrics):
     run_dir = train_task(tmp_path, "--task", task, "--checkpoint-keep-best", "0")
     test, samples, ckpt = score_split(run_dir / "checkpoints" / "latest", "test", batch_size=7)
     val, _, _ = score_split(run_dir, "val")
     assert samples == 30 and ckpt == run_dir / "checkpoints" / "step_00000012"
-    assert set(test) == {"test_loss", metric} and test["test_loss"] != val["val_loss"]  # other samples
+    assert set(test) == {"test_loss", *metrics} and test["test_loss"] != val["val_loss"]  # other samples
     assert math.isfinite(test["test_loss"])
 
 

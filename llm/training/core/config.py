@@ -311,15 +311,15 @@ class Config:
         files = [_read_yaml(path) for path in paths]
         task = task or environ.get(f"{ENV_PREFIX}TASK") or next(
             (f["task"] for f in reversed(files) if isinstance(f, dict) and isinstance(f.get("task"), str)), cls.task)
-        given = any(a.startswith("--custom-") for a in argv) or any(k.startswith(f"{ENV_PREFIX}CUSTOM_") for k in environ) \
-            or any(isinstance(f, dict) and "custom" in f for f in files)
-        settings = task_settings(task, needed=given)
+        custom_given = any(a.startswith("--custom-") for a in argv) \
+            or any(k.startswith(f"{ENV_PREFIX}CUSTOM_") for k in environ) or any(isinstance(f, dict) and "custom" in f for f in files)
+        settings = task_settings(task, needed=custom_given)
         args = vars(build_parser(settings).parse_args(argv))
         config = cls()
-        if (given := args.pop("config_paths", [])) != paths:  # the glance missed one: read what the parser found
-            files = [_read_yaml(path) for path in given]
+        if (parsed := args.pop("config_paths", [])) != paths:  # the glance missed one: read what the parser found
+            files = [_read_yaml(path) for path in parsed]
         # every custom section holds the settings of the task the run trains, whichever task a file names
-        files = [(path, config._apply_file(path, data, task)) for path, data in zip(given, files)]
+        files = [(path, config._apply_file(path, data, task)) for path, data in zip(parsed, files)]
         args.pop("print_config", None)
         args.pop("local_rank", None)
         env = _env_overrides(environ, settings)

@@ -158,6 +158,7 @@ class TrainingEngine:
         self.should_stop, self.stop_reason = False, ""
         self._held_stop = ""  # a stop asked for with request_stop, which a resume from here keeps
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
+        self.ema: WeightAverage | None = None  # the weight average (training.ema_decay), built in setup
         self._saved_step: int | None = None  # the step of this process's last checkpoint
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
         self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
