@@ -11,7 +11,7 @@ run's checkpoint.monitor).
 ``--format hf --out DIR`` writes a language model as a Hugging Face
 ``transformers`` model instead, a Llama (``LlamaForCausalLM``: rotary positions,
 RMSNorm, SwiGLU, the defaults) or a GPT-2 (``GPT2LMHeadModel``: learned
-positions, LayerNorm, GELU), which ``AutoModelForCausalLM.from_pretrained(DIR)``
+positions, LayerNorm, GELU or its tanh form), which ``AutoModelForCausalLM.from_pretrained(DIR)``
 loads: ``config.json``, ``model.safetensors`` and, for a Hugging Face tokenizer,
 ``tokenizer.json`` with a ``tokenizer_config.json`` that loads it as it is.
 """
@@ -35,7 +35,7 @@ from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
 from llm.models.gpt import GPTConfig
-from llm.models.hf import HF_NAMES, HF_SHAPES, NoHFForm, to_hf_state_dict
+from llm.models.hf import HF_NAMES, HF_SHAPES, NoHFForm, shape_mismatches, to_hf_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, read_checkpoint
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
 
@@ -129,8 +129,7 @@ def _no_hf_form(config: GPTConfig, error: NoHFForm) -> str:
 
     has = ", ".join(f"model.{field} {value}" for field, value, _ in error.mismatches)
     nearest = HF_NAMES[error.architecture]
-    lacks = {name: [(f, getattr(config, f), needed) for f, needed in shape.items() if getattr(config, f) != needed]
-             for name, shape in HF_SHAPES.items() if name != error.architecture}
+    lacks = {name: shape_mismatches(config, name) for name in HF_SHAPES if name != error.architecture}
     others = "; ".join(f"with {flags(mismatches)} for a {HF_NAMES[name]}" for name, mismatches in lacks.items())
     return (f"{has} {'has' if len(error.mismatches) == 1 else 'have'} no {nearest} form, and the model no other "
             f"Hugging Face one; train with {flags(error.mismatches)} to export a {nearest} (or {others})")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CHOICES = {"pos_emb": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu")}
+_CHOICES = {"pos_emb": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "gelu_tanh")}
 
 
 @dataclass
@@ -167,11 +167,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (gate and up projections fused into one matmul) or a 4x GELU MLP."""
+    """SwiGLU (gate and up projections fused into one matmul) or a 4x GELU MLP (erf GELU, or GPT-2's tanh one)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         hidden = swiglu_hidden(config.n_embd) if self.swiglu else 4 * config.n_embd
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -183,7 +184,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.proj(h))
 
 

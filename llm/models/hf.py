@@ -5,12 +5,14 @@ the ``config.json`` contents and the state dict of an equivalent
 ``GPT2LMHeadModel`` (learned positions, LayerNorm, GELU: :data:`HF_SHAPES`) or
 ``LlamaForCausalLM`` (rotary positions, RMSNorm, SwiGLU: this package's
 defaults), so that both models compute the same logits. Other mixes have no
-``transformers`` form and raise :class:`NoHFForm`.
+``transformers`` form and raise :class:`NoHFForm`. :func:`from_hf_state_dict`
+goes the other way, for the models our GPT computes exactly; others raise
+:class:`NoOurForm`.
 
 Why each choice is exact:
 
-- ``F.gelu`` is the erf GELU, which ``activation_function="gelu"`` selects
-  (``"gelu_new"``, GPT-2's own, is the tanh approximation).
+- ``F.gelu`` is the erf GELU, which ``activation_function="gelu"`` selects;
+  ``"gelu_new"``, GPT-2's own, is its tanh approximation, ``mlp="gelu_tanh"`` here.
 - GPT-2's ``Conv1D`` computes ``x @ W + b`` with W shaped (in, out): the
   transpose of ``nn.Linear``'s (out, in).
 - ``c_attn`` splits its output into q, k, v of n_embd each, then each into
@@ -26,6 +28,8 @@ Why each choice is exact:
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -50,23 +54,28 @@ class NoHFForm(ValueError):
         super().__init__(f"{HF_NAMES[architecture]} has no {has}: it needs {needs}")
 
 
-def _mismatches(config: GPTConfig, architecture: str) -> list[tuple[str, object, str]]:
+def shape_mismatches(config: GPTConfig, architecture: str) -> list[tuple[str, object, str]]:
+    """``(field, value, needed)`` for each setting of :data:`HF_SHAPES` that ``config`` lacks for ``architecture``;
+    either GELU is GPT-2's ("gelu" or its tanh form, ``activation_function`` "gelu_new")."""
+    def value(field: str) -> object:
+        return "gelu" if field == "mlp" and config.mlp == "gelu_tanh" else getattr(config, field)
+
     return [(field, getattr(config, field), needed) for field, needed in HF_SHAPES[architecture].items()
-            if getattr(config, field) != needed]
+            if value(field) != needed]
 
 
 def hf_architecture(config: GPTConfig) -> str:
     """The ``transformers`` architecture that computes what ``GPT(config)`` does; else :class:`NoHFForm`
     naming every setting the nearest one lacks, so that one retrain fixes them all."""
-    nearest = min(HF_SHAPES, key=lambda architecture: len(_mismatches(config, architecture)))
-    mismatches = _mismatches(config, nearest)
+    nearest = min(HF_SHAPES, key=lambda architecture: len(shape_mismatches(config, architecture)))
+    mismatches = shape_mismatches(config, nearest)
     if mismatches:
         raise NoHFForm(nearest, mismatches)
     return nearest
 
 
 def _check_shape(config: GPTConfig, architecture: str) -> None:
-    mismatches = _mismatches(config, architecture)
+    mismatches = shape_mismatches(config, architecture)
     if mismatches:
         raise NoHFForm(architecture, mismatches)
 
@@ -151,7 +160,8 @@ def to_gpt2_state_dict(
         "n_layer": c.n_layer,
         "n_head": c.n_head,
         "n_inner": 4 * c.n_embd,
-        "activation_function": "gelu",  # erf GELU, as F.gelu; not GPT-2's tanh "gelu_new"
+        # erf GELU, as F.gelu; GPT-2's own is the tanh form, "gelu_new", ours as mlp gelu_tanh
+        "activation_function": "gelu_new" if c.mlp == "gelu_tanh" else "gelu",
         "layer_norm_epsilon": 1e-5,  # as make_norm
         # our one dropout sits where GPT-2 has its three: after the embeddings, on the
         # attention weights, and after each residual projection (attention and MLP)
@@ -228,3 +238,155 @@ def to_llama_state_dict(
         "pad_token_id": None,
     }
     return hf_config, hf
+
+
+class NoOurForm(ValueError):
+    """A ``transformers`` model that our GPT cannot compute; the message names each setting it lacks."""
+
+
+def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """``(config, state)`` of our GPT that computes what a ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` does, from
+    its ``config.json`` contents and weights: the inverse of :func:`to_hf_state_dict`. Raises
+    :class:`NoOurForm` for other models, and for settings ours does not have."""
+    kind = hf_config.get("model_type")
+    if kind == "gpt2":
+        return from_gpt2_state_dict(hf_config, hf_state)
+    if kind == "llama":
+        return from_llama_state_dict(hf_config, hf_state)
+    raise NoOurForm(f"model_type {kind!r}: the models read are gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM)")
+
+
+class _HFTaker:
+    """Takes tensors from a ``transformers`` state dict by name, as float32 CPU tensors, and says which it never
+    took. ``prefixes``: what a name may start with (GPT-2's own files have no ``transformer.``)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], prefixes: tuple[str, ...], ignored: str = r"$^"):
+        self.state, self.prefixes, self.taken = state, prefixes, set()
+        self.ignored = {name for name in state if re.search(ignored, name)}
+
+    def __call__(self, name: str, transpose: bool = False) -> torch.Tensor:
+        found = next((p + name for p in self.prefixes if p + name in self.state), None)
+        if found is None:
+            raise NoOurForm(f"no {name} in the weights: they are not those of the model its config.json describes")
+        self.taken.add(found)
+        t = self.state[found].detach().to("cpu", torch.float32)
+        return (t.t() if transpose else t).contiguous().clone()
+
+    def has(self, name: str) -> bool:
+        return any(p + name in self.state for p in self.prefixes)
+
+    def check_all_taken(self) -> None:
+        left = sorted(set(self.state) - self.taken - self.ignored)
+        if left:  # a tensor our GPT has no place for would be dropped silently
+            raise NoOurForm(f"weights our GPT has no place for: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
+
+
+def _refuse(name: str, problems: list[str]) -> None:
+    if problems:
+        raise NoOurForm(f"{name} with {'; '.join(problems)}: our GPT computes otherwise")
+
+
+def _head(take: _HFTaker, tied: bool, embedding: torch.Tensor, name: str = "lm_head.weight") -> torch.Tensor:
+    """The output head: the embedding when tied (a copy saved beside it is the same matrix), else its own."""
+    if tied:
+        if take.has(name):
+            take(name)  # the same matrix, saved by some versions: taken, and not kept twice
+        return embedding
+    return take(name)
+
+
+def from_gpt2_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Our GPT with learned positions, LayerNorm and biases, from a ``GPT2LMHeadModel``'s config and weights."""
+    n_embd = c.get("n_embd", 768)
+    act = c.get("activation_function", "gelu_new")
+    mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+    problems = [] if mlp else [f"activation_function {act!r} (ours: gelu, gelu_new)"]
+    if (c.get("n_inner") or 4 * n_embd) != 4 * n_embd:
+        problems.append(f"n_inner {c['n_inner']} (ours: 4 x n_embd, {4 * n_embd})")
+    if c.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        problems.append(f"layer_norm_epsilon {c['layer_norm_epsilon']} (ours: 1e-05)")
+    if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("attention scores scaled otherwise than by 1/sqrt(head_dim)")
+    _refuse("GPT-2", problems)
+    tied = c.get("tie_word_embeddings", True)
+    config = GPTConfig(vocab_size=c.get("vocab_size", 50257), block_size=c.get("n_positions", 1024),
+                       n_layer=c.get("n_layer", 12), n_head=c.get("n_head", 12), n_embd=n_embd,
+                       dropout=c.get("resid_pdrop", 0.1), bias=True, pos_emb="learned", norm="layernorm",
+                       mlp=mlp, tie_embeddings=tied)
+    # the causal mask GPT-2's attention kept as a buffer in older files: not a weight
+    take = _HFTaker(hf, ("transformer.", ""), ignored=r"\.attn\.(masked_)?bias$")
+
+    def linear(theirs: str, ours: str) -> dict[str, torch.Tensor]:
+        return {f"{ours}.weight": take(f"{theirs}.weight", transpose=True), f"{ours}.bias": take(f"{theirs}.bias")}
+
+    def norm(theirs: str, ours: str) -> dict[str, torch.Tensor]:
+        return {f"{ours}.weight": take(f"{theirs}.weight"), f"{ours}.bias": take(f"{theirs}.bias")}
+
+    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight")}
+    for i in range(config.n_layer):
+        theirs, ours = f"h.{i}", f"blocks.{i}"
+        state |= norm(f"{theirs}.ln_1", f"{ours}.norm1") | linear(f"{theirs}.attn.c_attn", f"{ours}.attn.qkv")
+        state |= linear(f"{theirs}.attn.c_proj", f"{ours}.attn.proj") | norm(f"{theirs}.ln_2", f"{ours}.norm2")
+        state |= linear(f"{theirs}.mlp.c_fc", f"{ours}.mlp.fc") | linear(f"{theirs}.mlp.c_proj", f"{ours}.mlp.proj")
+    state |= norm("ln_f", "norm_f")
+    take.prefixes = ("",)  # the head sits beside the transformer, never in it
+    state["lm_head.weight"] = _head(take, tied, state["tok_emb.weight"])
+    take.check_all_taken()
+    return config, state
+
+
+def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Our GPT with rotary positions, RMSNorm and SwiGLU, from a ``LlamaForCausalLM``'s config and weights: one
+    without grouped-query attention, with our MLP width, rotary base and norm epsilon."""
+    hidden, heads = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
+    problems = []
+    if c.get("num_key_value_heads", heads) != heads:
+        problems.append(f"grouped-query attention ({c['num_key_value_heads']} key-value heads for {heads} heads; "
+                        f"ours has as many as heads)")
+    if c.get("intermediate_size", 11008) != swiglu_hidden(hidden):
+        problems.append(f"intermediate_size {c.get('intermediate_size', 11008)} (ours: {swiglu_hidden(hidden)} for "
+                        f"hidden_size {hidden})")
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {c['hidden_act']!r} (ours: silu)")
+    # transformers 5 keeps them as rope_parameters, earlier versions as rope_theta and rope_scaling
+    rope = c.get("rope_parameters") or {}
+    base = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    scaling = c.get("rope_scaling") or (rope.get("rope_type", "default") != "default" and rope)
+    if base != 10000.0:
+        problems.append(f"rotary base {base:g} (ours: 10000)")
+    if scaling:
+        problems.append(f"rotary scaling {scaling} (ours: none)")
+    if c.get("rms_norm_eps", 1e-6) != 1e-5:
+        problems.append(f"rms_norm_eps {c.get('rms_norm_eps', 1e-6)} (ours: 1e-05)")
+    if c.get("head_dim", hidden // heads) != hidden // heads:
+        problems.append(f"head_dim {c['head_dim']} (ours: hidden_size / heads, {hidden // heads})")
+    if bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
+        problems.append("biases in the attention or the MLP alone (ours: both or neither)")
+    _refuse("Llama", problems)
+    tied = c.get("tie_word_embeddings", False)
+    bias = bool(c.get("attention_bias", False))
+    config = GPTConfig(vocab_size=c.get("vocab_size", 32000), block_size=c.get("max_position_embeddings", 2048),
+                       n_layer=c.get("num_hidden_layers", 32), n_head=heads, n_embd=hidden,
+                       dropout=c.get("attention_dropout", 0.0), bias=bias, pos_emb="rope", norm="rmsnorm",
+                       mlp="swiglu", tie_embeddings=tied)
+    take = _HFTaker(hf, ("",), ignored=r"rotary_emb\.inv_freq$")  # a buffer older versions saved
+
+    def joined(theirs: list[str], ours: str) -> dict[str, torch.Tensor]:
+        parts = {f"{ours}.weight": torch.cat([take(f"{name}.weight") for name in theirs])}
+        if bias:
+            parts[f"{ours}.bias"] = torch.cat([take(f"{name}.bias") for name in theirs])
+        return parts
+
+    state = {"tok_emb.weight": take("model.embed_tokens.weight")}
+    for i in range(config.n_layer):
+        theirs, ours = f"model.layers.{i}", f"blocks.{i}"
+        state[f"{ours}.norm1.weight"] = take(f"{theirs}.input_layernorm.weight")
+        state |= joined([f"{theirs}.self_attn.{x}_proj" for x in "qkv"], f"{ours}.attn.qkv")
+        state |= joined([f"{theirs}.self_attn.o_proj"], f"{ours}.attn.proj")
+        state[f"{ours}.norm2.weight"] = take(f"{theirs}.post_attention_layernorm.weight")
+        state |= joined([f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"], f"{ours}.mlp.fc")
+        state |= joined([f"{theirs}.mlp.down_proj"], f"{ours}.mlp.proj")
+    state["norm_f.weight"] = take("model.norm.weight")
+    state["lm_head.weight"] = _head(take, tied, state["tok_emb.weight"])
+    take.check_all_taken()
+    return config, state

@@ -127,8 +127,8 @@ class ModelConfig:
     """Position encoding (lm): rotary or learned absolute."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation layer (lm)."""
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    """Feed-forward block (lm)."""
+    mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
+    """Feed-forward block (lm): SwiGLU, or a 4x MLP with the erf GELU or GPT-2's tanh approximation of it."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head (lm)."""
     vocab_size: int = 0

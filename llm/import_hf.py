@@ -1,0 +1,158 @@
+"""Import a Hugging Face GPT-2 or Llama as a checkpoint: ``python -m llm.import_hf HF_DIR --out DIR``.
+
+HF_DIR is a ``transformers`` model folder on this machine (``config.json``, the
+weights as ``model.safetensors``, shards with their ``.index.json``, or
+``pytorch_model.bin``, and a tokenizer: ``tokenizer.json``, or GPT-2's
+``vocab.json`` and ``merges.txt``). Nothing is downloaded. DIR gets a checkpoint
+that every tool takes (``llm.generate --checkpoint DIR``, ``llm.evaluate``,
+``llm.export``) and ``finetune.yaml``, the settings that train on from it:
+``python -m llm.training.train --config DIR/finetune.yaml --data-path FILE``.
+The weights are read as float32, and the model computes the logits the
+``transformers`` one does (see ``llm.models.hf.from_hf_state_dict`` for what
+it takes, and refuses).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from llm.cli import ArgParser, run_tool
+from llm.data.tokenizers import Tokenizer, load_tokenizer
+from llm.errors import UsageError, one_line
+from llm.files import write_atomically
+from llm.models.gpt import GPT, GPTConfig
+from llm.models.hf import NoOurForm, from_hf_state_dict
+from llm.training.core.checkpoint import CheckpointManager, load_weights_strictly
+from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER
+
+FINETUNE = "finetune.yaml"
+"""The settings, written beside the checkpoints, that train on from the imported weights."""
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> tuple[Path, GPTConfig, str]:
+    """Write ``out/checkpoints/step_00000000`` and ``out/finetune.yaml`` from the model in ``hf_dir``; returns the
+    checkpoint, the model's config and the architecture read."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty folder: import into a new one")
+    hf_config = _read_config(hf_dir)
+    try:
+        config, state = from_hf_state_dict(hf_config, _read_weights(hf_dir))
+    except NoOurForm as e:
+        raise UsageError(f"{hf_dir}: {e}") from None
+    model = GPT(config)
+    load_weights_strictly(model, state, f"the weights in {hf_dir}", " than its config.json describes")
+    tokenizer = _read_tokenizer(hf_dir)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UsageError(f"{hf_dir}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocab_size {config.vocab_size}")
+    architecture = (hf_config.get("architectures") or [hf_config["model_type"]])[0]
+
+    def write_extra(staging: Path) -> None:
+        tokenizer.save(staging / TOKENIZER)
+        write_atomically(staging / MODEL_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+        write_atomically(staging / "config.yaml", yaml.safe_dump(_settings(config, None, None), sort_keys=False))
+
+    ckpt = CheckpointManager(out / "checkpoints").save(0, {"model": model.state_dict(), "imported_from": str(
+        hf_dir.resolve())}, {}, write_extra=write_extra)
+    settings = _settings(config, ckpt / TOKENIZER, out)
+    write_atomically(out / FINETUNE, f"# train on from {hf_dir.resolve()} ({architecture}), imported by "
+                                     f"llm.import_hf\n" + yaml.safe_dump(settings, sort_keys=False))
+    return ckpt, config, architecture
+
+
+def _settings(config: GPTConfig, tokenizer: Path | None, out: Path | None) -> dict:
+    """The settings of a language model of ``config``: the checkpoint's config.yaml, and, with the tokenizer file
+    and the folder to start from, the fine-tune's."""
+    model = {name: getattr(config, name) for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias",
+                                                      "pos_emb", "norm", "mlp", "tie_embeddings", "vocab_size")}
+    settings: dict = {"task": "lm", "model": model}
+    if tokenizer is not None:
+        settings["data"] = {"tokenizer": str(tokenizer.resolve())}
+        settings["checkpoint"] = {"init_from": str(out.resolve())}
+    return settings
+
+
+def _read_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{hf_dir} holds no config.json: name a transformers model folder") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a {type(data).__name__}, not a model config")
+    return data
+
+
+def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's weights: one safetensors file, shards an index lists, or a torch file."""
+    for index_name, read in (("model.safetensors.index.json", load_file),
+                             ("pytorch_model.bin.index.json", _load_torch)):
+        index = hf_dir / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"cannot read {index}: {one_line(e)}") from None
+            return {k: v for shard in shards for k, v in _read(hf_dir / shard, read).items()}
+    if (hf_dir / "model.safetensors").is_file():
+        return _read(hf_dir / "model.safetensors", load_file)
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return _read(hf_dir / "pytorch_model.bin", _load_torch)
+    raise UsageError(f"{hf_dir} holds no weights (model.safetensors, pytorch_model.bin, or an index of shards)")
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+
+
+def _read(path: Path, read) -> dict[str, torch.Tensor]:
+    try:
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - a damaged, truncated or foreign file: one line naming it
+        raise UsageError(f"cannot read the weights in {path}: {type(e).__name__}: {one_line(e)}") from None
+
+
+def _read_tokenizer(hf_dir: Path) -> Tokenizer:
+    """The model's tokenizer: its tokenizer.json, or GPT-2's byte-level BPE from vocab.json and merges.txt."""
+    if (hf_dir / TOKENIZER).is_file():
+        return load_tokenizer(hf_dir / TOKENIZER)
+    vocab, merges = hf_dir / "vocab.json", hf_dir / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise UsageError(f"{hf_dir} holds no tokenizer.json (nor vocab.json and merges.txt): the model's tokens "
+                         f"cannot be read without its tokenizer")
+    from tokenizers import ByteLevelBPETokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ByteLevelBPETokenizer(str(vocab), str(merges)).save(str(Path(tmp) / TOKENIZER))
+        return load_tokenizer(Path(tmp) / TOKENIZER)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(lambda: _import(argv), if_interrupted="the import may be incomplete: delete its folder and "
+                                                          "import again")
+
+
+def _import(argv: list[str] | None) -> str:
+    parser = ArgParser(prog="llm-import-hf", description="Import a Hugging Face GPT-2 or Llama model folder as a "
+                                                         "checkpoint, with the settings to fine-tune it.")
+    parser.add_argument("hf_dir", help="a transformers model folder: config.json, weights, tokenizer")
+    parser.add_argument("--out", required=True, help="a new folder for the checkpoint and finetune.yaml")
+    args = parser.parse_args(argv)
+    ckpt, config, architecture = import_hf(args.hf_dir, args.out)
+    return (f"imported {architecture} ({config.n_layer} layers, {config.n_embd} wide, vocabulary "
+            f"{config.vocab_size}) into {ckpt}; fine-tune with python -m llm.training.train --config "
+            f"{Path(args.out) / FINETUNE} --data-path FILE")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from llm.import_hf import FINETUNE, main
+from llm.models.gpt import swiglu_hidden
+from llm.training.tasks.lm_task import load_lm
+from tests.helpers import train_cli
+
+transformers = pytest.importorskip("transformers")
+
+CORPUS = "the quick brown fox jumps over the lazy dog; a lazy dog sleeps in the sun. " * 30
+
+
+def byte_level_bpe():
+    """A byte-level BPE, as GPT-2's tokenizer is."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([CORPUS], vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    return bpe
+
+
+def hf_folder(tmp_path, name, config):
+    """A transformers model of ``config`` and its tokenizer, saved by transformers into ``tmp_path / name``."""
+    byte_level_bpe().save(str(tmp_path / "bpe.json"))
+    tokenizer = transformers.GPT2TokenizerFast(tokenizer_file=str(tmp_path / "bpe.json"))
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / name)
+    return model, tokenizer, tmp_path / name
+
+
+def gpt2(tmp_path, **settings):
+    return hf_folder(tmp_path, "gpt2", transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                                                **settings))
+
+
+def llama(tmp_path, **settings):
+    settings = {"hidden_size": 32, "intermediate_size": swiglu_hidden(32), "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
+                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, **settings}
+    config = transformers.LlamaConfig(**settings)
+    return hf_folder(tmp_path, "llama", config)
+
+
+def same_logits(theirs, tokenizer, out):
+    ours, our_tokenizer, _ = load_lm(out)
+    text = "the lazy fox sleeps in the sun"
+    ids = our_tokenizer.encode(text)
+    assert ids == tokenizer(text)["input_ids"]  # the same tokens
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_a_gpt2_imports_with_its_logits_and_tokens(tmp_path, activation, capsys):
+    theirs, tokenizer, hf = gpt2(tmp_path, activation_function=activation)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    assert "imported GPT2LMHeadModel (2 layers, 32 wide" in capsys.readouterr().out
+    same_logits(theirs, tokenizer, tmp_path / "ours")
+
+
+def test_gpt2s_own_files_without_the_transformer_prefix_nor_a_tokenizer_json_import_too(tmp_path):
+    """openai-community/gpt2 keeps its weights without ``transformer.``, with the attention's mask as a buffer,
+    and its tokenizer as vocab.json and merges.txt."""
+    theirs, tokenizer, hf = gpt2(tmp_path)
+    weights = load_file(hf / "model.safetensors")
+    bare = {k.removeprefix("transformer."): v for k, v in weights.items() if k != "lm_head.weight"}
+    bare |= {f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(2)}
+    (hf / "model.safetensors").unlink()
+    torch.save(bare, hf / "pytorch_model.bin")
+    (hf / "tokenizer.json").unlink()
+    byte_level_bpe().save_model(str(hf))  # vocab.json and merges.txt
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    same_logits(theirs, tokenizer, tmp_path / "ours")
+
+
+@pytest.mark.parametrize("tied, bias", [(False, False), (True, True)])
+def test_a_llama_of_our_shape_imports_with_its_logits(tmp_path, tied, bias):
+    theirs, tokenizer, hf = llama(tmp_path, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    same_logits(theirs, tokenizer, tmp_path / "ours")
+
+
+def test_what_our_gpt_cannot_compute_is_refused_in_one_line_naming_it(tmp_path, capsys):
+    _, _, hf = llama(tmp_path, num_key_value_heads=2, rope_theta=500000.0)
+    capsys.readouterr()  # transformers' own progress lines
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grouped-query attention (2 key-value heads for 4 heads" in err
+    assert "rotary base 500000 (ours: 10000)" in err and not (tmp_path / "ours").exists()
+    (hf / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
+    assert "model_type 'bert': the models read are gpt2 (GPT2LMHeadModel) and llama" in capsys.readouterr().err
+    assert main([str(tmp_path), "--out", str(tmp_path / "ours")]) == 2
+    assert "holds no config.json: name a transformers model folder" in capsys.readouterr().err
+
+
+def test_an_import_writes_only_into_a_new_folder(tmp_path, capsys):
+    _, _, hf = gpt2(tmp_path)
+    capsys.readouterr()
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "notes.txt").write_text("mine")
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
+    assert "exists and is not an empty folder: import into a new one" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "ours").iterdir()] == ["notes.txt"]
+
+
+def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(tmp_path):
+    theirs, tokenizer, hf = gpt2(tmp_path)
+    assert main([str(hf), "--out", str(tmp_path / "gpt2-llm")]) == 0
+    settings = yaml.safe_load((tmp_path / "gpt2-llm" / FINETUNE).read_text())
+    assert settings["model"]["mlp"] == "gelu_tanh" and settings["model"]["pos_emb"] == "learned"
+    (tmp_path / "corpus.txt").write_text(CORPUS * 6)
+    out = train_cli("--config", str(tmp_path / "gpt2-llm" / FINETUNE), "--data-path", "corpus.txt",
+                    "--training-max-steps", "3", "--training-batch-size", "2",
+                    "--logging-log-dir", "runs/ft", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "started from the weights of" in out.stdout
+    from llm.export import main as export
+
+    assert export([str(tmp_path / "runs/ft"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
+    assert json.loads((tmp_path / "back/config.json").read_text())["activation_function"] == "gelu_new"
