@@ -15,6 +15,8 @@ it takes, and refuses).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -60,11 +62,21 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> tuple[Path, GPTConfig, str
         write_atomically(staging / MODEL_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
         write_atomically(staging / "config.yaml", yaml.safe_dump(_settings(config, None, None), sort_keys=False))
 
-    ckpt = CheckpointManager(out / "checkpoints").save(0, {"model": model.state_dict(), "imported_from": str(
-        hf_dir.resolve())}, {}, write_extra=write_extra)
-    settings = _settings(config, ckpt / TOKENIZER, out)
-    write_atomically(out / FINETUNE, f"# train on from {hf_dir.resolve()} ({architecture}), imported by "
-                                     f"llm.import_hf\n" + yaml.safe_dump(settings, sort_keys=False))
+    # written beside --out and moved into its place whole: an import stopped halfway leaves nothing there
+    staging = out.parent / f".{out.name}.importing"
+    shutil.rmtree(staging, ignore_errors=True)  # an earlier import's, stopped
+    try:
+        ckpt = CheckpointManager(staging / "checkpoints").save(0, {"model": model.state_dict(), "imported_from": str(
+            hf_dir.resolve())}, {}, write_extra=write_extra)
+        ckpt = out / "checkpoints" / ckpt.name
+        settings = _settings(config, ckpt / TOKENIZER, out)
+        write_atomically(staging / FINETUNE, f"# train on from {hf_dir.resolve()} ({architecture}), imported by "
+                                             f"llm.import_hf\n" + yaml.safe_dump(settings, sort_keys=False))
+        os.replace(staging, out)  # onto nothing, or an empty folder
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return ckpt, config, architecture
 
 
@@ -132,14 +144,41 @@ def _read_tokenizer(hf_dir: Path) -> Tokenizer:
                          f"cannot be read without its tokenizer")
     from tokenizers import ByteLevelBPETokenizer
 
+    try:
+        bpe = ByteLevelBPETokenizer(str(vocab), str(merges))
+    except Exception as e:  # noqa: BLE001 - a malformed vocabulary or merges file: one line naming them
+        raise UsageError(f"cannot read the tokenizer in {vocab} and {merges}: {one_line(e)}") from None
+    # what transformers reads as special beside them: GPT-2's end of text, and tokens added since, in id order
+    special = {"<|endoftext|>": bpe.token_to_id("<|endoftext|>")} if bpe.token_to_id("<|endoftext|>") is not None \
+        else {}
+    special |= _added_tokens(hf_dir)
+    bpe.add_special_tokens([token for token, _ in sorted(special.items(), key=lambda item: item[1])])
+    moved = next((f"{token} ({i} there, {bpe.token_to_id(token)} here)" for token, i in special.items()
+                  if bpe.token_to_id(token) != i), None)
+    if moved:  # ids with gaps between them: the model's rows would be read for other tokens
+        raise UsageError(f"{hf_dir}: an added token would get another id: {moved}; give the model's tokenizer.json")
     with tempfile.TemporaryDirectory() as tmp:
-        ByteLevelBPETokenizer(str(vocab), str(merges)).save(str(Path(tmp) / TOKENIZER))
+        bpe.save(str(Path(tmp) / TOKENIZER))
         return load_tokenizer(Path(tmp) / TOKENIZER)
 
 
+def _added_tokens(hf_dir: Path) -> dict[str, int]:
+    """Tokens added to a GPT-2 vocabulary, by id: ``added_tokens.json``, and ``tokenizer_config.json``'s
+    ``added_tokens_decoder``."""
+    added: dict[str, int] = {}
+    try:
+        if (hf_dir / "added_tokens.json").is_file():
+            added |= {str(k): int(v) for k, v in json.loads((hf_dir / "added_tokens.json").read_text()).items()}
+        if (hf_dir / "tokenizer_config.json").is_file():
+            decoder = json.loads((hf_dir / "tokenizer_config.json").read_text()).get("added_tokens_decoder") or {}
+            added |= {str(entry["content"]): int(i) for i, entry in decoder.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UsageError(f"cannot read the added tokens in {hf_dir}: {one_line(e)}") from None
+    return added
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(lambda: _import(argv), if_interrupted="the import may be incomplete: delete its folder and "
-                                                          "import again")
+    return run_tool(lambda: _import(argv), if_interrupted="nothing was imported: import again")
 
 
 def _import(argv: list[str] | None) -> str:

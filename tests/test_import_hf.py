@@ -80,6 +80,8 @@ def test_gpt2s_own_files_without_the_transformer_prefix_nor_a_tokenizer_json_imp
     byte_level_bpe().save_model(str(hf))  # vocab.json and merges.txt
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
     same_logits(theirs, tokenizer, tmp_path / "ours")
+    text = "one document<|endoftext|>the next"  # the end of text stays one token, as transformers reads it
+    assert load_lm(tmp_path / "ours")[1].encode(text) == tokenizer(text)["input_ids"]
 
 
 @pytest.mark.parametrize("tied, bias", [(False, False), (True, True)])
@@ -128,3 +130,27 @@ def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(t
 
     assert export([str(tmp_path / "runs/ft"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
     assert json.loads((tmp_path / "back/config.json").read_text())["activation_function"] == "gelu_new"
+
+
+def test_a_folder_that_cannot_be_read_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    _, _, hf = gpt2(tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "n_head": 5}))
+    capsys.readouterr()
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
+    assert "config.json: GPTConfig.n_embd (32) must be a multiple of n_head (5)" in capsys.readouterr().err
+    (hf / "config.json").write_text(json.dumps(config))
+    (hf / "tokenizer.json").unlink()
+    (hf / "merges.txt").write_text("a line of three\n")
+    (hf / "vocab.json").write_text("{}")
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
+    assert "cannot read the tokenizer in" in capsys.readouterr().err
+    byte_level_bpe().save_model(str(hf))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("llm.import_hf.write_atomically", full)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.json", "gpt2"]  # no folder, whole or half

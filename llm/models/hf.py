@@ -249,10 +249,14 @@ def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tu
     its ``config.json`` contents and weights: the inverse of :func:`to_hf_state_dict`. Raises
     :class:`NoOurForm` for other models, and for settings ours does not have."""
     kind = hf_config.get("model_type")
-    if kind == "gpt2":
-        return from_gpt2_state_dict(hf_config, hf_state)
-    if kind == "llama":
-        return from_llama_state_dict(hf_config, hf_state)
+    read = {"gpt2": from_gpt2_state_dict, "llama": from_llama_state_dict}.get(kind)
+    if read is not None:
+        try:
+            return read(hf_config, hf_state)
+        except NoOurForm:
+            raise
+        except (ValueError, TypeError) as e:  # a size our GPT cannot have (heads that do not divide), a null
+            raise NoOurForm(f"config.json: {e}") from None
     raise NoOurForm(f"model_type {kind!r}: the models read are gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM)")
 
 
@@ -340,7 +344,7 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     without grouped-query attention, with our MLP width, rotary base and norm epsilon."""
     hidden, heads = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
     problems = []
-    if c.get("num_key_value_heads", heads) != heads:
+    if (c.get("num_key_value_heads") or heads) != heads:  # null: as many as heads, as transformers reads it
         problems.append(f"grouped-query attention ({c['num_key_value_heads']} key-value heads for {heads} heads; "
                         f"ours has as many as heads)")
     if c.get("intermediate_size", 11008) != swiglu_hidden(hidden):
@@ -351,7 +355,8 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     # transformers 5 keeps them as rope_parameters, earlier versions as rope_theta and rope_scaling
     rope = c.get("rope_parameters") or {}
     base = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
-    scaling = c.get("rope_scaling") or (rope.get("rope_type", "default") != "default" and rope)
+    scaling = next((s for s in (c.get("rope_scaling"), rope) if isinstance(s, dict)
+                    and s.get("rope_type", s.get("type", "default")) != "default"), None)
     if base != 10000.0:
         problems.append(f"rotary base {base:g} (ours: 10000)")
     if scaling:
