@@ -122,10 +122,14 @@ def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(t
     assert settings["model"]["mlp"] == "gelu_tanh" and settings["model"]["pos_emb"] == "learned"
     (tmp_path / "corpus.txt").write_text(CORPUS * 6)
     out = train_cli("--config", str(tmp_path / "gpt2-llm" / FINETUNE), "--data-path", "corpus.txt",
-                    "--training-max-steps", "3", "--training-batch-size", "2",
-                    "--logging-log-dir", "runs/ft", cwd=tmp_path)
+                    "--training-max-steps", "3", "--training-batch-size", "2", "--model-block-size", "32",
+                    "--training-eval-every-steps", "1", "--logging-log-dir", "runs/ft", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "started from the weights of" in out.stdout
+    assert "started from the weights of" in out.stdout  # its 64 learned positions cut to the first 32
+    ours = load_lm(tmp_path / "gpt2-llm")[0]
+    first = torch.load(next((tmp_path / "runs/ft/checkpoints").glob("step_*")) / "state.pt", weights_only=True)
+    assert first["model"]["pos_emb.weight"].shape == (32, 32)
+    assert not torch.equal(first["model"]["pos_emb.weight"], ours.pos_emb.weight[:32])  # trained on from there
     from llm.export import main as export
 
     assert export([str(tmp_path / "runs/ft"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0

@@ -224,6 +224,15 @@ class GPT(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def fit_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Another GPT's weights, to start from, fitted to this one: a longer table of learned positions cut to
+        this context (GPT-2's 1024 rows for a fine-tune at 256, as the first 256 are what it learned there)."""
+        table = state.get("pos_emb.weight")
+        if self.pos_emb is not None and isinstance(table, torch.Tensor) and table.dim() == 2 \
+                and table.shape[0] > self.config.block_size and table.shape[1] == self.config.n_embd:
+            state = {**state, "pos_emb.weight": table[: self.config.block_size]}
+        return state
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

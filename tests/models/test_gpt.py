@@ -234,3 +234,14 @@ def test_dropout_is_active_only_in_training_mode():
     torch.testing.assert_close(model(idx), model(idx))
     model.train()
     assert not torch.allclose(model(idx), model(idx))
+
+
+def test_weights_with_a_longer_position_table_are_cut_to_this_context_to_start_from():
+    long, short = (GPT(GPTConfig(vocab_size=11, block_size=n, n_layer=1, n_head=2, n_embd=8, pos_emb="learned"))
+                   for n in (16, 8))
+    fitted = short.fit_weights(long.state_dict())
+    assert torch.equal(fitted["pos_emb.weight"], long.pos_emb.weight[:8])
+    short.load_state_dict(fitted, strict=True)
+    assert long.fit_weights(short.state_dict())["pos_emb.weight"].shape == (8, 8)  # a shorter table: as it was
+    rope = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    assert rope.fit_weights(rope.state_dict()).keys() == rope.state_dict().keys()

@@ -637,8 +637,10 @@ class TrainingEngine:
             if differ:  # the same shapes, maybe, but not the same computation: another number of heads, another norm
                 raise UsageError(f"checkpoint.init_from: this run's model differs from the one in {ckpt} in "
                                  f"{', '.join(differ)}, with which its weights would compute otherwise")
-            load_weights_strictly(model, model_weights(ckpt), f"checkpoint.init_from: the weights in {ckpt}",
-                                  " than this run's")
+            weights = model_weights(ckpt)
+            if hasattr(model, "fit_weights"):  # a model's own way to start from a variant of itself (GPT's context)
+                weights = model.fit_weights(weights)
+            load_weights_strictly(model, weights, f"checkpoint.init_from: the weights in {ckpt}", " than this run's")
 
         D.agree_on_errors(load)
         self.print(f"started from the weights of {ckpt}: the optimizer, schedule, step and data order start afresh")
