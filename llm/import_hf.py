@@ -83,9 +83,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> tuple[Path, GPTConfig, str
 def _settings(config: GPTConfig, tokenizer: Path | None, out: Path | None) -> dict:
     """The settings of a language model of ``config``: the checkpoint's config.yaml, and, with the tokenizer file
     and the folder to start from, the fine-tune's."""
-    model = {name: getattr(config, name) for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias",
-                                                      "pos_emb", "norm", "mlp", "tie_embeddings", "vocab_size")}
-    settings: dict = {"task": "lm", "model": model}
+    settings: dict = {"task": "lm", "model": config.to_dict()}  # GPTConfig's fields are model's, by name
     if tokenizer is not None:
         settings["data"] = {"tokenizer": str(tokenizer.resolve())}
         settings["checkpoint"] = {"init_from": str(out.resolve())}

@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 
-from llm import evaluate, export, generate, plot
+from llm import evaluate, export, generate, import_hf, plot
 from llm.cli import ArgParser, one_line_warnings
 from llm.errors import UsageError, print_error
 from llm.training import train
@@ -124,6 +124,7 @@ def test_only_what_breaks_a_line_or_steers_the_terminal_is_escaped_in_errors_and
     (evaluate, "load_lm", ["--checkpoint", "run", "--data-path", "text.txt"], "no loss computed"),
     (export, "read_checkpoint", ["run", "--out", "model.safetensors"], "the export may be incomplete: export again"),
     (plot, "read_curves", ["run", "--out", "loss.png"], "no figure written"),
+    (import_hf, "_read_config", ["hf", "--out", "ours"], "nothing was imported: import again"),
 ])
 def test_ctrl_c_in_a_tool_ends_in_one_line_and_exit_130_not_a_traceback(tool, work, argv, left, tmp_path, monkeypatch,
                                                                           capsys):

@@ -319,7 +319,8 @@ class EarlyStopping(Callback):
     def on_train_start(self, engine: TrainingEngine) -> None:
         if engine.step == 0:  # a fresh run: a best and a count left by an earlier run of this instance go
             self.best, self.wait = None, 0
-        names = engine.validation_metrics  # None when setup had no validation batch to find them on
+        # None when setup had no validation batch to find them on, or a whole-set score one batch cannot give
+        names = engine.validation_metrics
         if names is not None and self.monitor not in names:  # now, not after an epoch of training
             raise UsageError(f"EarlyStopping monitor: got {self.monitor!r}, expected a validation metric of "
                              f"{type(engine.task).__name__}: {', '.join(names)}{closest(self.monitor, names)}")

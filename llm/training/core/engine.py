@@ -430,7 +430,7 @@ class TrainingEngine:
                 self.print(f"warning: val_loss is {metrics['val_loss']} at step {self.step}: non-finite values in "
                            f"the validation data, or in the model's outputs on it")
             self._note_best(metrics)
-            if isinstance(self.scheduler, ReduceLROnPlateau) and self.config.checkpoint.monitor in metrics:
+            if isinstance(self.scheduler, ReduceLROnPlateau):  # the monitor is among them: checked above
                 self.scheduler.step(metrics[self.config.checkpoint.monitor])
             self._fire("on_validation_end", metrics)
             self._flush_log("val", metrics)
@@ -1447,8 +1447,12 @@ def whole_set_metrics(task: TrainingTask, collected: list[dict[str, Any]] | None
         except RuntimeError as e:
             raise UsageError(f"{where}.collect: the rows of {name} cannot be joined across batches: "
                              f"{one_line(e)}") from None
-    scored = _numbers(task.score_collected(joined), f"{where}.score_collected", "a dict of metrics")
-    metrics = {f"val_{key}": value for key, value in scored.items()}
+    scored = task.score_collected(joined)
+    if not isinstance(scored, Mapping):
+        raise UsageError(f"{where}.score_collected returned {type(scored).__name__}, expected a dict of metrics")
+    # named as logged: a metric "step" is val_step, no field of the record
+    metrics = _numbers({f"val_{key}": value for key, value in scored.items()}, f"{where}.score_collected",
+                       "a dict of metrics")
     if clash := sorted(metrics.keys() & beside.keys()):
         raise UsageError(f"{where}.score_collected returned {clash[0][4:]!r}, a metric validation_step returns "
                          f"too: name one of them otherwise")

@@ -157,7 +157,9 @@ class WeightAverage:
         skipped: ``taken`` is false, or a flag on the device (no sync: a skipped step moves it by nothing)."""
         weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
         if isinstance(taken, torch.Tensor):  # a weight of 0 where the step was skipped, read on the device
-            torch._foreach_lerp_(self._kept(), self._live(), taken.to(torch.float32) * weight)
+            # one 0-dim tensor per tensor (the list form): given once, as a scalar, lerp would read it on the host
+            kept = self._kept()
+            torch._foreach_lerp_(kept, self._live(), [taken.to(torch.float32) * weight] * len(kept))
         elif taken:
             torch._foreach_lerp_(self._kept(), self._live(), weight)
 

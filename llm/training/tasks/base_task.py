@@ -122,5 +122,5 @@ def _kept(value: Any) -> Any:
         return value  # refused, in one line, when the rows are joined
     value = value.detach()
     if value.dtype in (torch.float16, torch.bfloat16):
-        value = value.float()
+        return value.to("cpu", torch.float32)  # a copy already
     return value.to("cpu", copy=True)

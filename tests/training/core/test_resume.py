@@ -56,7 +56,7 @@ def test_config_changes_lists_what_changed_and_refuses_what_binds_unless_allowed
            "checkpoint.allow_config_change": False}  # how to resume is no change of the run
     assert config_changes(saved, now) == ["data.num_workers", "training.epochs"]
     check_changes(config_changes(saved, now), allowed=False, path=Path("ckpt"))  # nothing that binds
-    binding = config_changes(saved, {**now, "world_size": 2, "model.n_layer": 6})  # not its default, 4
+    binding = config_changes(saved, {**now, "world_size": 2, "model.n_layer": 6})
     with pytest.raises(UsageError, match=r"cannot resume ckpt: model\.n_layer, world_size changed"):
         check_changes(binding, allowed=False, path=Path("ckpt"))
     check_changes(binding, allowed=True, path=Path("ckpt"))
