@@ -1,7 +1,7 @@
 """Sample text from a trained language model: ``python -m llm.generate --checkpoint PATH --prompt TEXT``.
 
 Prints the prompt, then its continuation as the tokens come, then a newline.
-The same seed gives the same text. Exit codes: 0 done; 2 bad input (one line
+The same seed gives the same text; ``--stop TEXT`` ends it before TEXT. Exit codes: 0 done; 2 bad input (one line
 on stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away or it cannot be
 written (a full disk). Characters the output's encoding lacks print as "?".
 """
@@ -12,7 +12,7 @@ import argparse
 import io
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample only among the most likely tokens that make up probability P (default: all)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="random seed: the same seed gives the same text (default: 0)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the text where it first holds TEXT, which is not printed (given more than once: "
+                             "at the first of them); e.g. <|endoftext|> for a GPT-2")
     add_device(parser)
     return parser
 
@@ -60,6 +63,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-k: got {args.top_k}, expected an integer >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # also rejects nan
         raise UsageError(f"--top-p: got {args.top_p}, expected a number above 0 and at most 1")
+    if "" in args.stop:
+        raise UsageError("--stop must not be empty")
     if not 0 <= args.seed < 2**64:  # what torch.manual_seed takes
         raise UsageError(f"--seed: got {args.seed}, expected an integer from 0 to 2**64 - 1")
 
@@ -94,6 +99,25 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
         if len(text) > len(shown) and text.startswith(shown):
             yield text[len(shown):]
             shown = text
+
+
+def until_stop(pieces: Iterable[str], stops: list[str]) -> Iterator[str]:
+    """The text of ``pieces`` up to where it first holds one of ``stops``, without it; the tokens after it are
+    never sampled. A piece's end that may begin a stop is held back until the next piece tells."""
+    held = ""
+    for piece in pieces:
+        held += piece
+        found = [at for at in (held.find(stop) for stop in stops) if at >= 0]
+        if found:
+            if min(found):
+                yield held[:min(found)]
+            return
+        keep = max((k for stop in stops for k in range(1, len(stop)) if held.endswith(stop[:k])), default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if held:
+        yield held
 
 
 ANCHOR_EVERY = 256
@@ -138,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
         writing = True
         _write(args.prompt)
-        for piece in stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-                                 generator=generator, top_p=args.top_p):
+        pieces = stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
+                             generator=generator, top_p=args.top_p)
+        for piece in until_stop(pieces, args.stop):
             _write(piece)
         _write("\n")
     except UsageError as e:

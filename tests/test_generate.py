@@ -352,3 +352,25 @@ def test_missing_required_flags_exit_2(capsys):
 def test_cuda_without_a_gpu_exits_2(step_dir, capsys):
     assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "error: device 'cuda' was asked for but no CUDA device is available: use cpu\n"
+
+
+def test_the_text_ends_before_the_first_stop_and_no_later_token_is_sampled(step_dir, capsys, monkeypatch):
+    from llm import generate as tool
+    from llm.generate import until_stop
+
+    assert "".join(until_stop(["ab", "c<|e", "ndoftext|>more"], ["<|endoftext|>"])) == "abc"
+    assert list(until_stop(["x<|", "y"], ["<|endoftext|>"])) == ["x", "<|y"]  # held back while it might begin one
+    assert "".join(until_stop(["a.", "\n\nb"], ["\n\n", "."])) == "a"  # the first of them in the text
+    assert "".join(until_stop(["abc"], [])) == "abc"
+    model, tokenizer, _ = load_lm(step_dir)
+    whole = greedy(model, tokenizer, PROMPT, 20)
+    stop = whole[8:11]
+    sampled = []
+    real = tool.stream_text
+    monkeypatch.setattr(tool, "stream_text", lambda *a, **k: (sampled.append(p) or p for p in real(*a, **k)))
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "20", "--temperature", "0",
+                 "--stop", stop, "--stop", "never there"]) == 0
+    assert continuation(capsys.readouterr().out) == whole[:whole.find(stop)]
+    assert len("".join(sampled)) < len(whole)  # generation ended at the stop
+    assert main(["--checkpoint", str(step_dir), "--prompt", PROMPT, "--stop", ""]) == 2
+    assert capsys.readouterr().err == "error: --stop must not be empty\n"
