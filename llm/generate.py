@@ -105,17 +105,22 @@ def until_stop(pieces: Iterable[str], stops: list[str]) -> Iterator[str]:
     """The text of ``pieces`` up to where it first holds one of ``stops``, without it; the tokens after it are
     never sampled. A piece's end that may begin a stop is held back until the next piece tells."""
     held = ""
-    for piece in pieces:
-        held += piece
-        found = [at for at in (held.find(stop) for stop in stops) if at >= 0]
-        if found:
-            if min(found):
-                yield held[:min(found)]
-            return
-        keep = max((k for stop in stops for k in range(1, len(stop)) if held.endswith(stop[:k])), default=0)
-        if len(held) > keep:
-            yield held[:len(held) - keep]
-            held = held[len(held) - keep:]
+    try:
+        for piece in pieces:
+            held += piece
+            found = [at for at in (held.find(stop) for stop in stops) if at >= 0]
+            if found:
+                if min(found):
+                    yield held[:min(found)]
+                return
+            keep = max((k for stop in stops for k in range(1, len(stop)) if held.endswith(stop[:k])), default=0)
+            if len(held) > keep:
+                yield held[:len(held) - keep]
+                held = held[len(held) - keep:]
+    except KeyboardInterrupt:  # Ctrl-C: the text so far is printed whole, as it would be without a stop
+        if held:
+            yield held
+        raise
     if held:
         yield held
 

@@ -362,6 +362,18 @@ def test_the_text_ends_before_the_first_stop_and_no_later_token_is_sampled(step_
     assert list(until_stop(["x<|", "y"], ["<|endoftext|>"])) == ["x", "<|y"]  # held back while it might begin one
     assert "".join(until_stop(["a.", "\n\nb"], ["\n\n", "."])) == "a"  # the first of them in the text
     assert "".join(until_stop(["abc"], [])) == "abc"
+    assert "".join(until_stop(["aa", "ab"], ["aab"])) == "a" and list(until_stop(["END"], ["END"])) == []
+
+    def stopped_by_ctrl_c():
+        yield "ab"
+        yield "EN"  # held back: it may begin END
+        raise KeyboardInterrupt
+
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in until_stop(stopped_by_ctrl_c(), ["END"]):
+            shown.append(piece)
+    assert "".join(shown) == "abEN"  # printed whole before the interrupt ends the text
     model, tokenizer, _ = load_lm(step_dir)
     whole = greedy(model, tokenizer, PROMPT, 20)
     stop = whole[8:11]

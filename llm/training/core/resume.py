@@ -581,7 +581,8 @@ def changed_artifacts(task: Any, checkpoint: Path) -> list[str]:
 
 FINE_TUNE_FREE = ("dropout", "block_size")
 """Settings in a model_config.json that a run started from another's weights may change, as the weights compute
-the same with them (a longer context of learned positions is another shape, which loading the weights refuses)."""
+the same with them (a shorter context of learned positions takes the first rows of the table, GPT.fit_weights; a
+longer one is another shape, which loading the weights refuses)."""
 
 
 def weights_changes(task: Any, checkpoint: Path) -> list[str]:
