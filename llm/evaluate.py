@@ -120,8 +120,9 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
 
     The metrics are ``validation_step``'s, weighted as training's validation weights
     them (by ``loss_weight``, else by samples), with ``score_collected``'s over the
-    whole split, then ``finalize_metrics``; named ``val_*`` or ``test_*`` for the split. One process; ``batch_size`` replaces the
-    run's. The data's relative paths are taken from the folder the run was started in.
+    whole split, then ``finalize_metrics``; named ``val_*`` or ``test_*`` for the
+    split. One process; ``batch_size`` replaces the run's. The data's relative paths
+    are taken from the folder the run was started in.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
