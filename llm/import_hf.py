@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 from llm.cli import ArgParser, run_tool
-from llm.data.tokenizers import Tokenizer, load_tokenizer
+from llm.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 from llm.errors import UsageError, one_line
 from llm.files import write_atomically
 from llm.models.gpt import GPT, GPTConfig
@@ -140,6 +139,7 @@ def _read_tokenizer(hf_dir: Path) -> Tokenizer:
     if not (vocab.is_file() and merges.is_file()):
         raise UsageError(f"{hf_dir} holds no tokenizer.json (nor vocab.json and merges.txt): the model's tokens "
                          f"cannot be read without its tokenizer")
+    import tokenizers
     from tokenizers import ByteLevelBPETokenizer
 
     try:
@@ -155,9 +155,7 @@ def _read_tokenizer(hf_dir: Path) -> Tokenizer:
                   if bpe.token_to_id(token) != i), None)
     if moved:  # ids with gaps between them: the model's rows would be read for other tokens
         raise UsageError(f"{hf_dir}: an added token would get another id: {moved}; give the model's tokenizer.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        bpe.save(str(Path(tmp) / TOKENIZER))
-        return load_tokenizer(Path(tmp) / TOKENIZER)
+    return HFTokenizer(tokenizers.Tokenizer.from_str(bpe.to_str()))
 
 
 def _added_tokens(hf_dir: Path) -> dict[str, int]:

@@ -416,8 +416,6 @@ class TrainingEngine:
                     sums.add(loss, metrics, weight=batch_len(batch) if count is None else count)
                 elif collected is not None:  # a batch repeated for FSDP's collectives: its rows are no more
                     del collected[kept:]
-            if self.ema is not None and self.sharded:  # the average, gathered, must not outlast the swap
-                parallel.reshard(self.raw_model)
         model.train(was_training)
         local = {f"val_{k}": v for k, v in sums.totals().items()}
         means = D.weighted_mean_over_ranks(local)
@@ -679,7 +677,7 @@ class TrainingEngine:
         _, metrics = _loss_and_metrics(self.task, returned, "validation_step")
         means = {f"val_{k}": 1.0 for k in ("loss", *metrics)}
         try:
-            whole = whole_set_metrics(self.task, collected, False, beside=means)
+            whole = whole_set_metrics(self.task, collected, everywhere=False, beside=means)
         except UsageError:
             raise
         except Exception:  # noqa: BLE001 - what one batch cannot give (an AUC of one class): the first validation names them

@@ -144,6 +144,7 @@ class WeightAverage:
         unique = {id(p): p for p in model.parameters()}
         self._params = [unique[i] for i in places]
         self.average = [p.detach().clone() for p in self._params]
+        self._model = model
 
     def _live(self) -> list[torch.Tensor]:
         return [_local(p.detach()) for p in self._params]
@@ -156,12 +157,12 @@ class WeightAverage:
         """Move the average toward the weights after optimizer step ``step`` (counted from 1), unless it was
         skipped: ``taken`` is false, or a flag on the device (no sync: a skipped step moves it by nothing)."""
         weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
-        if isinstance(taken, torch.Tensor):  # a weight of 0 where the step was skipped, read on the device
-            # one 0-dim tensor per tensor (the list form): given once, as a scalar, lerp would read it on the host
-            kept = self._kept()
+        kept = self._kept()
+        if isinstance(taken, torch.Tensor):  # a weight of 0 where the step was skipped, read on the device:
+            # one 0-dim tensor per tensor (the list form); given once, as a scalar, lerp would read it on the host
             torch._foreach_lerp_(kept, self._live(), [taken.to(torch.float32) * weight] * len(kept))
         elif taken:
-            torch._foreach_lerp_(self._kept(), self._live(), weight)
+            torch._foreach_lerp_(kept, self._live(), weight)
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -178,6 +179,11 @@ class WeightAverage:
         try:
             yield
         finally:
+            if any(hasattr(p, "to_local") for p in self._params):  # FSDP2: its root keeps the whole average
+                from llm.training.core import parallel  # gathered after a forward with no backward: let it go
+                # (imported here: the tools that read an optimizer's module need none of parallel's imports)
+
+                parallel.reshard(self._model)
             with torch.no_grad():
                 torch._foreach_copy_(live, held)
 
