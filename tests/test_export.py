@@ -313,6 +313,18 @@ def test_export_hf_of_a_default_model_is_a_llama_with_the_same_logits_and_tokeni
                                    rtol=0, atol=1e-5)
 
 
+def test_export_hf_of_grouped_queries_and_other_widths_is_a_llama_of_them_with_the_same_logits(tmp_path, capsys):
+    run_dir = train_lm(tmp_path, "--model-n-kv-head", "1", "--model-mlp-hidden", "48", "--model-rope-base",
+                       "500000", "--model-norm-eps", "1e-6")
+    out = tmp_path / "hf"
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 48)
+    rope = config.get("rope_parameters") or config  # transformers 5 keeps the base there
+    assert (rope["rope_theta"], config["rms_norm_eps"]) == (500000.0, 1e-6)
+    assert_same_logits(run_dir, out, load_lm(run_dir)[1].encode("the lazy fox"))
+
+
 def test_export_hf_of_a_mix_no_architecture_has_exits_2_naming_every_setting(tmp_path, capsys):
     pytest.importorskip("transformers")
     config = lm_config(tmp_path, model={"norm": "layernorm", "mlp": "gelu"})  # with rope: neither GPT-2 nor Llama

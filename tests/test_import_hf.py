@@ -67,6 +67,12 @@ def test_a_gpt2_imports_with_its_logits_and_tokens(tmp_path, activation, capsys)
     same_logits(theirs, tokenizer, tmp_path / "ours")
 
 
+def test_a_gpt2_of_another_mlp_width_and_epsilon_imports_with_its_logits(tmp_path):
+    theirs, tokenizer, hf = gpt2(tmp_path, n_inner=48, layer_norm_epsilon=1e-6)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    same_logits(theirs, tokenizer, tmp_path / "ours")
+
+
 def test_gpt2s_own_files_without_the_transformer_prefix_nor_a_tokenizer_json_import_too(tmp_path):
     """openai-community/gpt2 keeps its weights without ``transformer.``, with the attention's mask as a buffer,
     and its tokenizer as vocab.json and merges.txt."""
@@ -91,16 +97,42 @@ def test_a_llama_of_our_shape_imports_with_its_logits(tmp_path, tied, bias):
     same_logits(theirs, tokenizer, tmp_path / "ours")
 
 
+def test_a_released_llamas_grouped_queries_width_rotary_base_and_epsilon_import_with_its_logits(tmp_path, capsys):
+    """TinyLlama, SmolLM and Llama 3 (without rotary scaling) differ from our defaults in all four."""
+    theirs, tokenizer, hf = llama(tmp_path, num_key_value_heads=2, intermediate_size=72, rope_theta=500000.0,
+                                  rms_norm_eps=1e-6)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    settings = yaml.safe_load((tmp_path / "ours" / FINETUNE).read_text())["model"]
+    assert (settings["n_kv_head"], settings["mlp_hidden"], settings["rope_base"], settings["norm_eps"]) == \
+        (2, 72, 500000.0, 1e-6)
+    same_logits(theirs, tokenizer, tmp_path / "ours")
+
+
+def test_a_mistral_imports_with_its_sliding_window_as_the_context(tmp_path, capsys):
+    """Over a context no longer than the window, Mistral's sliding-window attention is a full causal one."""
+    config = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                        sliding_window=6, rms_norm_eps=1e-5, rope_theta=1e6)
+    theirs, tokenizer, hf = hf_folder(tmp_path, "mistral", config)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    assert "imported MistralForCausalLM (2 layers, 32 wide, context 6," in capsys.readouterr().out
+    ours, our_tokenizer, _ = load_lm(tmp_path / "ours")
+    x = torch.tensor([our_tokenizer.encode("the lazy fox sleeps in the sun")[:6]])
+    assert x.size(1) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_what_our_gpt_cannot_compute_is_refused_in_one_line_naming_it(tmp_path, capsys):
-    _, _, hf = llama(tmp_path, num_key_value_heads=2, rope_theta=500000.0)
+    _, _, hf = llama(tmp_path, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0})
     capsys.readouterr()  # transformers' own progress lines
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "grouped-query attention (2 key-value heads for 4 heads" in err
-    assert "rotary base 500000 (ours: 10000)" in err and not (tmp_path / "ours").exists()
+    assert err.count("\n") == 1 and "head_dim 16 (ours: hidden_size / heads, 8)" in err
+    assert "rotary scaling" in err and "'linear'" in err and not (tmp_path / "ours").exists()
     (hf / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
-    assert "model_type 'bert': the models read are gpt2 (GPT2LMHeadModel) and llama" in capsys.readouterr().err
+    assert "model_type 'bert': the models read are gpt2 (GPT2LMHeadModel), llama" in capsys.readouterr().err
     assert main([str(tmp_path), "--out", str(tmp_path / "ours")]) == 2
     assert "holds no config.json: name a transformers model folder" in capsys.readouterr().err
 

@@ -1,7 +1,8 @@
 """GPT: a decoder-only transformer language model, usable without the training code.
 
-Pre-norm blocks of causal self-attention (``scaled_dot_product_attention``) and
-an MLP, with rotary or learned positions, RMSNorm or LayerNorm, SwiGLU or GELU.
+Pre-norm blocks of causal self-attention (``scaled_dot_product_attention``,
+with as many key-value heads as heads or fewer: grouped-query attention) and an
+MLP, with rotary or learned positions, RMSNorm or LayerNorm, SwiGLU or GELU.
 
 Each :class:`Block` takes and returns the residual stream ``x`` (rotary tables
 live inside the attention), so the engine can wrap blocks one by one for FSDP,
@@ -37,13 +38,27 @@ class GPTConfig:
     norm: str = "rmsnorm"
     mlp: str = "swiglu"
     tie_embeddings: bool = True
+    n_kv_head: int = 0
+    """Key-value heads, each shared by n_head / n_kv_head query heads (0: as many as n_head)."""
+    mlp_hidden: int = 0
+    """The MLP's hidden width (0: :func:`swiglu_hidden` for SwiGLU, 4 * n_embd for GELU)."""
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_kv_head", "mlp_hidden"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GPTConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_base", "norm_eps"):
+            if not getattr(self, name) > 0:  # NaN too
+                raise ValueError(f"GPTConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in _CHOICES.items():
@@ -55,6 +70,16 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return swiglu_hidden(self.n_embd) if self.mlp == "swiglu" else 4 * self.n_embd
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,8 +99,8 @@ def swiglu_hidden(n_embd: int, multiple_of: int = 64) -> int:
 
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)  # has no bias by definition
-    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)  # has no bias by definition
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class Rotary(nn.Module):
@@ -104,7 +129,11 @@ class Rotary(nn.Module):
 
 
 class LayerCache:
-    """One block's keys and values of the positions read so far, in buffers of block_size positions."""
+    """One block's keys and values of the positions read so far, for up to ``capacity`` (block_size) positions.
+
+    The buffers double as they fill, from 256 positions: a model with a long context (a Llama's 131072
+    positions, gigabytes of keys and values) costs what the text generated so far needs.
+    """
 
     def __init__(self, capacity: int):
         self.capacity, self.length = capacity, 0
@@ -113,12 +142,17 @@ class LayerCache:
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the keys and values (B, H, T, D) of T new positions; all of them so far."""
-        if self.k is None:
-            shape = (*k.shape[:2], self.capacity, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         end = self.length + k.size(2)
         if end > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions, {end} were asked for")
+        if self.k is None or end > self.k.size(2):
+            room = min(self.capacity, max(256, end, 2 * (0 if self.k is None else self.k.size(2))))
+            shape = (*k.shape[:2], room, k.shape[3])
+            grown_k, grown_v = k.new_empty(shape), v.new_empty(shape)
+            if self.k is not None:
+                grown_k[:, :, :self.length], grown_v[:, :, :self.length] = self.k[:, :, :self.length], \
+                    self.v[:, :, :self.length]
+            self.k, self.v = grown_k, grown_v
         self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -138,17 +172,22 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Queries of n_head heads; keys and values of n_kv_head, each read by n_head / n_kv_head queries (grouped-query
+    attention: a smaller KV cache), laid out in ``qkv`` as the queries' rows, the keys', the values'."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.sizes = [config.n_embd] + [config.kv_heads * config.head_dim] * 2
+        self.qkv = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.rope = Rotary(config.head_dim, config.block_size) if config.pos_emb == "rope" else None
+        self.rope = Rotary(config.head_dim, config.block_size, config.rope_base) if config.pos_emb == "rope" else None
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.grouped = config.kv_heads != config.n_head
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, -1) for t in self.qkv(x).split(C, dim=2))
+        q, k, v = (t.view(B, T, -1, C // self.n_head) for t in self.qkv(x).split(self.sizes, dim=2))
         start = 0 if cache is None else cache.length
         if self.rope is not None:
             q, k = self.rope(q, start), self.rope(k, start)
@@ -161,19 +200,21 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:  # one new position needs no mask at all, which keeps the fastest kernels
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
+            enable_gqa=self.grouped,
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
-    """SwiGLU (gate and up projections fused into one matmul) or a 4x GELU MLP (erf GELU, or GPT-2's tanh one)."""
+    """SwiGLU (gate and up projections fused into one matmul) or a GELU MLP (erf GELU, or GPT-2's tanh one), of
+    ``config.mlp_width`` hidden units."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
-        hidden = swiglu_hidden(config.n_embd) if self.swiglu else 4 * config.n_embd
+        hidden = config.mlp_width
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

@@ -17,10 +17,11 @@ Why each choice is exact:
   transpose of ``nn.Linear``'s (out, in).
 - ``c_attn`` splits its output into q, k, v of n_embd each, then each into
   heads of head_dim, as our ``qkv`` does; both scale scores by 1/sqrt(head_dim).
-  Llama's ``q_proj``, ``k_proj`` and ``v_proj`` are those three row blocks, with
-  as many key-value heads as heads.
+  Llama's ``q_proj``, ``k_proj`` and ``v_proj`` are those three row blocks; with
+  fewer key-value heads than heads, query head h reads key-value head
+  h // (heads / key-value heads) in both (``repeat_kv``; ``enable_gqa``).
 - Our :class:`~llm.models.gpt.Rotary` rotates the two halves of each head
-  ("rotate half", base 10000), as Llama's default rotary embedding does.
+  ("rotate half", of base ``rope_theta``), as Llama's default rotary embedding does.
 - Our SwiGLU ``fc`` is Llama's ``gate_proj`` rows then its ``up_proj`` rows;
   ``silu(gate) * up`` in both.
 - A model trained without biases equals one whose biases are all zero (GPT-2
@@ -40,7 +41,7 @@ HF_SHAPES = {
     "LlamaForCausalLM": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
 }
 """The GPTConfig values each ``transformers`` architecture has; other mixes have no form there."""
-HF_NAMES = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama"}
+HF_NAMES = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral"}
 
 
 class NoHFForm(ValueError):
@@ -60,8 +61,11 @@ def shape_mismatches(config: GPTConfig, architecture: str) -> list[tuple[str, ob
     def value(field: str) -> object:
         return "gelu" if field == "mlp" and config.mlp == "gelu_tanh" else getattr(config, field)
 
-    return [(field, getattr(config, field), needed) for field, needed in HF_SHAPES[architecture].items()
-            if value(field) != needed]
+    mismatches = [(field, getattr(config, field), needed) for field, needed in HF_SHAPES[architecture].items()
+                  if value(field) != needed]
+    if architecture == "GPT2LMHeadModel" and config.kv_heads != config.n_head:
+        mismatches.append(("n_kv_head", config.n_kv_head, f"0 or {config.n_head}"))  # GPT-2 has no grouped queries
+    return mismatches
 
 
 def hf_architecture(config: GPTConfig) -> str:
@@ -145,7 +149,7 @@ def to_gpt2_state_dict(
         hf |= linear(f"{ours}.attn.qkv", f"{theirs}.attn.c_attn", 3 * c.n_embd)
         hf |= linear(f"{ours}.attn.proj", f"{theirs}.attn.c_proj", c.n_embd)
         hf |= norm(f"{ours}.norm2", f"{theirs}.ln_2")
-        hf |= linear(f"{ours}.mlp.fc", f"{theirs}.mlp.c_fc", 4 * c.n_embd)
+        hf |= linear(f"{ours}.mlp.fc", f"{theirs}.mlp.c_fc", c.mlp_width)
         hf |= linear(f"{ours}.mlp.proj", f"{theirs}.mlp.c_proj", c.n_embd)
     hf |= norm("norm_f", "transformer.ln_f") | take.head()
     take.check_all_taken("GPT2LMHeadModel")
@@ -159,10 +163,10 @@ def to_gpt2_state_dict(
         "n_embd": c.n_embd,
         "n_layer": c.n_layer,
         "n_head": c.n_head,
-        "n_inner": 4 * c.n_embd,
+        "n_inner": c.mlp_width,
         # erf GELU, as F.gelu; GPT-2's own is the tanh form, "gelu_new", ours as mlp gelu_tanh
         "activation_function": "gelu_new" if c.mlp == "gelu_tanh" else "gelu",
-        "layer_norm_epsilon": 1e-5,  # as make_norm
+        "layer_norm_epsilon": c.norm_eps,
         # our one dropout sits where GPT-2 has its three: after the embeddings, on the
         # attention weights, and after each residual projection (attention and MLP)
         "embd_pdrop": c.dropout,
@@ -187,7 +191,7 @@ def to_llama_state_dict(
     tensors, as :func:`to_gpt2_state_dict` gives."""
     _check_shape(config, "LlamaForCausalLM")
     take = _Taker(state, config)
-    c, hidden = config, swiglu_hidden(config.n_embd)
+    c, hidden, kv = config, config.mlp_width, config.kv_heads * config.head_dim
 
     def rows(name: str, *sizes: int) -> list[torch.Tensor]:
         """The weight or bias ``name`` cut into blocks of rows, a fused projection's parts: each its own copy, as
@@ -204,7 +208,7 @@ def to_llama_state_dict(
     for i in range(c.n_layer):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
         hf[f"{theirs}.input_layernorm.weight"] = take(f"{ours}.norm1.weight")
-        hf |= linear(f"{ours}.attn.qkv", [f"{theirs}.self_attn.{x}_proj" for x in "qkv"], *[c.n_embd] * 3)
+        hf |= linear(f"{ours}.attn.qkv", [f"{theirs}.self_attn.{x}_proj" for x in "qkv"], c.n_embd, kv, kv)
         hf |= linear(f"{ours}.attn.proj", [f"{theirs}.self_attn.o_proj"], c.n_embd)
         hf[f"{theirs}.post_attention_layernorm.weight"] = take(f"{ours}.norm2.weight")
         hf |= linear(f"{ours}.mlp.fc", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"], hidden, hidden)
@@ -220,12 +224,12 @@ def to_llama_state_dict(
         "intermediate_size": hidden,
         "num_hidden_layers": c.n_layer,
         "num_attention_heads": c.n_head,
-        "num_key_value_heads": c.n_head,  # no grouped-query attention
+        "num_key_value_heads": c.kv_heads,
         "head_dim": c.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": c.block_size,
-        "rms_norm_eps": 1e-5,  # as make_norm
-        "rope_theta": 10000.0,  # as Rotary; transformers versions that keep rope_parameters build them from it
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_base,  # transformers versions that keep rope_parameters build them from it
         "attention_bias": c.bias,
         "mlp_bias": c.bias,
         # on the attention weights, where ours has one too; ours after the embeddings and each residual
@@ -249,7 +253,7 @@ def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tu
     its ``config.json`` contents and weights: the inverse of :func:`to_hf_state_dict`. Raises
     :class:`NoOurForm` for other models, and for settings ours does not have."""
     kind = hf_config.get("model_type")
-    read = {"gpt2": from_gpt2_state_dict, "llama": from_llama_state_dict}.get(kind)
+    read = {"gpt2": from_gpt2_state_dict, "llama": from_llama_state_dict, "mistral": from_llama_state_dict}.get(kind)
     if read is not None:
         try:
             return read(hf_config, hf_state)
@@ -257,7 +261,8 @@ def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tu
             raise
         except (ValueError, TypeError) as e:  # a size our GPT cannot have (heads that do not divide), a null
             raise NoOurForm(f"config.json: {e}") from None
-    raise NoOurForm(f"model_type {kind!r}: the models read are gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM)")
+    raise NoOurForm(f"model_type {kind!r}: the models read are gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) "
+                    f"and mistral (MistralForCausalLM)")
 
 
 class _HFTaker:
@@ -305,18 +310,16 @@ def from_gpt2_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfi
     act = c.get("activation_function", "gelu_new")
     mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
     problems = [] if mlp else [f"activation_function {act!r} (ours: gelu, gelu_new)"]
-    if (c.get("n_inner") or 4 * n_embd) != 4 * n_embd:
-        problems.append(f"n_inner {c['n_inner']} (ours: 4 x n_embd, {4 * n_embd})")
-    if c.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        problems.append(f"layer_norm_epsilon {c['layer_norm_epsilon']} (ours: 1e-05)")
     if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
         problems.append("attention scores scaled otherwise than by 1/sqrt(head_dim)")
     _refuse("GPT-2", problems)
     tied = c.get("tie_word_embeddings", True)
+    width = c.get("n_inner") or 4 * n_embd  # null: 4 x n_embd, as transformers reads it
     config = GPTConfig(vocab_size=c.get("vocab_size", 50257), block_size=c.get("n_positions", 1024),
                        n_layer=c.get("n_layer", 12), n_head=c.get("n_head", 12), n_embd=n_embd,
                        dropout=c.get("resid_pdrop", 0.1), bias=True, pos_emb="learned", norm="layernorm",
-                       mlp=mlp, tie_embeddings=tied)
+                       mlp=mlp, tie_embeddings=tied, mlp_hidden=0 if width == 4 * n_embd else width,
+                       norm_eps=c.get("layer_norm_epsilon", 1e-5))
     # the causal mask GPT-2's attention kept as a buffer in older files: not a weight
     take = _HFTaker(hf, ("transformer.", ""), ignored=r"\.attn\.(masked_)?bias$")
 
@@ -340,16 +343,16 @@ def from_gpt2_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfi
 
 
 def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """Our GPT with rotary positions, RMSNorm and SwiGLU, from a ``LlamaForCausalLM``'s config and weights: one
-    without grouped-query attention, with our MLP width, rotary base and norm epsilon."""
+    """Our GPT with rotary positions, RMSNorm and SwiGLU, from a ``LlamaForCausalLM``'s or a
+    ``MistralForCausalLM``'s config and weights (the same names): one whose heads are hidden_size / heads wide,
+    without rotary scaling, with biases in both the attention and the MLP or in neither.
+
+    A Mistral's sliding window is a full causal attention over any context no longer than it: the model gets
+    the window as its context (block_size) when that is shorter than max_position_embeddings."""
     hidden, heads = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
+    kv_heads = c.get("num_key_value_heads") or heads  # null: as many as heads, as transformers reads it
+    width = c.get("intermediate_size", 11008)
     problems = []
-    if (c.get("num_key_value_heads") or heads) != heads:  # null: as many as heads, as transformers reads it
-        problems.append(f"grouped-query attention ({c['num_key_value_heads']} key-value heads for {heads} heads; "
-                        f"ours has as many as heads)")
-    if c.get("intermediate_size", 11008) != swiglu_hidden(hidden):
-        problems.append(f"intermediate_size {c.get('intermediate_size', 11008)} (ours: {swiglu_hidden(hidden)} for "
-                        f"hidden_size {hidden})")
     if c.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {c['hidden_act']!r} (ours: silu)")
     # transformers 5 keeps them as rope_parameters, earlier versions as rope_theta and rope_scaling
@@ -357,23 +360,25 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     base = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
     scaling = next((s for s in (c.get("rope_scaling"), rope) if isinstance(s, dict)
                     and s.get("rope_type", s.get("type", "default")) != "default"), None)
-    if base != 10000.0:
-        problems.append(f"rotary base {base:g} (ours: 10000)")
     if scaling:
         problems.append(f"rotary scaling {scaling} (ours: none)")
-    if c.get("rms_norm_eps", 1e-6) != 1e-5:
-        problems.append(f"rms_norm_eps {c.get('rms_norm_eps', 1e-6)} (ours: 1e-05)")
-    if c.get("head_dim", hidden // heads) != hidden // heads:
+    if (c.get("head_dim") or hidden // heads) != hidden // heads:
         problems.append(f"head_dim {c['head_dim']} (ours: hidden_size / heads, {hidden // heads})")
     if bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
         problems.append("biases in the attention or the MLP alone (ours: both or neither)")
-    _refuse("Llama", problems)
+    _refuse("Mistral" if c.get("model_type") == "mistral" else "Llama", problems)
+    context = c.get("max_position_embeddings", 2048)
+    if c.get("sliding_window"):
+        context = min(context, c["sliding_window"])
     tied = c.get("tie_word_embeddings", False)
     bias = bool(c.get("attention_bias", False))
-    config = GPTConfig(vocab_size=c.get("vocab_size", 32000), block_size=c.get("max_position_embeddings", 2048),
+    # the settings at their defaults are left 0, as a model trained here has them
+    config = GPTConfig(vocab_size=c.get("vocab_size", 32000), block_size=context,
                        n_layer=c.get("num_hidden_layers", 32), n_head=heads, n_embd=hidden,
                        dropout=c.get("attention_dropout", 0.0), bias=bias, pos_emb="rope", norm="rmsnorm",
-                       mlp="swiglu", tie_embeddings=tied)
+                       mlp="swiglu", tie_embeddings=tied, n_kv_head=0 if kv_heads == heads else kv_heads,
+                       mlp_hidden=0 if width == swiglu_hidden(hidden) else width, rope_base=base,
+                       norm_eps=c.get("rms_norm_eps", 1e-6))
     take = _HFTaker(hf, ("",), ignored=r"rotary_emb\.inv_freq$")  # a buffer older versions saved
 
     def joined(theirs: list[str], ours: str) -> dict[str, torch.Tensor]:

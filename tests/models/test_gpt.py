@@ -13,6 +13,7 @@ VARIANTS = {
     ),
     "rope-ln-gelu": dict(norm="layernorm", mlp="gelu"),
     "learned-rms-swiglu-untied": dict(pos_emb="learned", tie_embeddings=False),
+    "grouped-queries-and-other-widths": dict(n_kv_head=1, mlp_hidden=40, rope_base=500000.0, norm_eps=1e-6),
 }
 
 
@@ -30,6 +31,8 @@ def test_config_round_trips_through_a_dict_and_rejects_unknown_fields():
 
 @pytest.mark.parametrize("field, value, words", [
     ("n_embd", 33, "multiple of n_head"), ("norm", "batchnorm", "rmsnorm, layernorm"), ("n_layer", 0, ">= 1"),
+    ("n_kv_head", 3, r"n_head \(2\) must be a multiple of n_kv_head \(3\)"), ("n_kv_head", -1, ">= 0"),
+    ("mlp_hidden", -1, ">= 0"), ("rope_base", 0.0, "> 0"), ("norm_eps", float("nan"), "> 0"),
 ])
 def test_config_rejects_bad_values(field, value, words):
     kw = dict(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C) | {field: value}
@@ -95,6 +98,40 @@ def test_num_params_matches_a_hand_count():
     assert hidden == 128 and swiglu_hidden(768) == 2048
     model = tiny()
     assert model.num_params() == model.num_params(False) == V * C + L * (4 * C * C + 3 * C * hidden + 2 * C) + C
+
+
+def test_grouped_queries_compute_what_heads_with_their_key_value_head_copied_do():
+    """Query head h reads key-value head h // (n_head / n_kv_head), as in Llama: the same model with each
+    key-value head's rows repeated for its queries gives the same logits, with fewer weights and cache."""
+    torch.manual_seed(0)
+    grouped = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=4, n_embd=C, n_kv_head=2)).eval()
+    full = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=4, n_embd=C)).eval()
+    state, d = grouped.state_dict(), C // 4
+    for i in range(L):
+        q, k, v = state[f"blocks.{i}.attn.qkv.weight"].split([C, 2 * d, 2 * d])
+        k, v = (t.view(2, d, C).repeat_interleave(2, dim=0).reshape(C, C) for t in (k, v))
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v])
+    full.load_state_dict(state)
+    assert grouped.blocks[0].attn.qkv.weight.shape == (C + 2 * 2 * d, C)
+    idx = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(idx), full(idx))
+    cache = KVCache(grouped.config)
+    with torch.no_grad():
+        grouped(idx[:1], cache)
+    assert cache.layers[0].k.shape[1] == 2  # the cache keeps the key-value heads only
+
+
+def test_the_kv_cache_grows_with_the_text_not_to_the_whole_context():
+    model = GPT(GPTConfig(vocab_size=V, block_size=4096, n_layer=1, n_head=H, n_embd=C)).eval()
+    idx = torch.randint(0, V, (1, 600))
+    cache = KVCache(model.config)
+    with torch.no_grad():
+        parts = [model(idx[:, :10], cache)]
+        assert cache.layers[0].k.size(2) == 256
+        parts += [model(idx[:, t:t + 90], cache) for t in range(10, 600, 90)]
+        assert cache.layers[0].k.size(2) == 1024 and cache.length == 600  # 256, 512, 1024: doubled as it filled
+        torch.testing.assert_close(torch.cat(parts, dim=1), model(idx), rtol=1e-5, atol=1e-5)
 
 
 def test_flops_per_token_is_six_n_plus_the_attention_term():

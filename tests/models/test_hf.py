@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from llm.models.gpt import GPT, GPTConfig
-from llm.models.hf import NoHFForm, hf_architecture, to_gpt2_state_dict, to_hf_state_dict, to_llama_state_dict
+from llm.models.hf import (
+    NoHFForm,
+    from_hf_state_dict,
+    hf_architecture,
+    to_gpt2_state_dict,
+    to_hf_state_dict,
+    to_llama_state_dict,
+)
 
 GPT2_SHAPED = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}
 
@@ -37,10 +44,14 @@ def as_hf(model: GPT, **config_changes):
     return hf.eval()
 
 
+NOT_OUR_DEFAULTS = {"mlp_hidden": 40, "norm_eps": 1e-6}  # another MLP width and epsilon, as released models have
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tie", [True, False])
-def test_gpt2_computes_the_same_logits(bias, tie):
-    model = tiny(bias=bias, tie_embeddings=tie)
+@pytest.mark.parametrize("other", [{}, NOT_OUR_DEFAULTS])
+def test_gpt2_computes_the_same_logits(bias, tie, other):
+    model = tiny(bias=bias, tie_embeddings=tie, **other)
     hf = as_hf(model)
     idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -105,8 +116,10 @@ LLAMA_SHAPED = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # the de
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tie", [True, False])
-def test_llama_computes_the_same_logits(bias, tie):
-    model = tiny(bias=bias, tie_embeddings=tie, **LLAMA_SHAPED)
+@pytest.mark.parametrize("other", [{}, {"n_kv_head": 2, "rope_base": 500000.0, **NOT_OUR_DEFAULTS},
+                                   {"n_kv_head": 1}])
+def test_llama_computes_the_same_logits(bias, tie, other):
+    model = tiny(bias=bias, tie_embeddings=tie, **LLAMA_SHAPED, **other)
     hf = as_hf(model)
     idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -162,3 +175,26 @@ def test_a_mix_of_no_architecture_is_refused_against_the_nearest(mix, nearest, m
     with pytest.raises(NoHFForm) as e:
         to_hf_state_dict(model.state_dict(), model.config)
     assert (e.value.architecture, e.value.mismatches) == (nearest, mismatches)
+
+
+def test_grouped_query_attention_has_no_gpt2_form():
+    model = tiny(n_kv_head=2)
+    with pytest.raises(NoHFForm) as e:
+        to_gpt2_state_dict(model.state_dict(), model.config)
+    assert e.value.mismatches == [("n_kv_head", 2, "0 or 4")]
+    assert "GPT-2 has no n_kv_head=2: it needs n_kv_head='0 or 4'" in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [GPT2_SHAPED, LLAMA_SHAPED])
+@pytest.mark.parametrize("other", [{}, NOT_OUR_DEFAULTS | {"rope_base": 1e6}])
+def test_a_model_exported_and_read_back_is_the_same_model(shape, other):
+    """The settings at their defaults come back as 0, as they were: a resume or fine-tune sees no change."""
+    if shape is GPT2_SHAPED:
+        other = {k: v for k, v in other.items() if k != "rope_base"}  # learned positions have no rotary base
+    else:
+        other = other | {"n_kv_head": 2} if other else other
+    model = tiny(**shape, **other, bias=True)  # GPT-2 has biases always: a model without gets zero ones
+    config, state = from_hf_state_dict(*to_hf_state_dict(model.state_dict(), model.config))
+    assert config == model.config
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())

@@ -115,6 +115,8 @@ class ModelConfig:
     """Transformer blocks (lm) or hidden layers (regression, classification; 0: a linear model)."""
     n_head: int = 4
     """Attention heads per block (lm)."""
+    n_kv_head: int = 0
+    """Key-value heads per block (lm): fewer than n_head share each among n_head/n_kv_head query heads (grouped-query attention, a smaller KV cache); 0: as many as n_head."""
     n_embd: int = 128
     """Embedding width (lm) or hidden units (regression, classification)."""
     block_size: int = 128
@@ -125,10 +127,16 @@ class ModelConfig:
     """Bias terms in linear and norm layers (lm)."""
     pos_emb: Literal["rope", "learned"] = "rope"
     """Position encoding (lm): rotary or learned absolute."""
+    rope_base: float = 10000.0
+    """Base of the rotary positions' wavelengths (lm; Llama 3 takes 500000 for its long context)."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation layer (lm)."""
+    norm_eps: float = 1e-5
+    """Epsilon the normalisation layers add to the variance (lm)."""
     mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
-    """Feed-forward block (lm): SwiGLU, or a 4x MLP with the erf GELU or GPT-2's tanh approximation of it."""
+    """Feed-forward block (lm): SwiGLU, or an MLP with the erf GELU or GPT-2's tanh approximation of it."""
+    mlp_hidden: int = 0
+    """Hidden units of the feed-forward block (lm); 0: 8/3 n_embd rounded up to a multiple of 64 for swiglu (the parameters of a 4x MLP), 4 n_embd for gelu."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head (lm)."""
     vocab_size: int = 0
@@ -458,8 +466,14 @@ class Config:
         if m.vocab_size > MAX_VOCAB_SIZE:  # an embedding of that many rows is built before the first step
             raise ConfigError("model.vocab_size", m.vocab_size, f"at most {MAX_VOCAB_SIZE:,}")
         _fraction("model.dropout", m.dropout)
+        _at_least("model.n_kv_head", m.n_kv_head, 0)
+        _at_least("model.mlp_hidden", m.mlp_hidden, 0)
+        _positive("model.rope_base", m.rope_base)
+        _positive("model.norm_eps", m.norm_eps)
         if lm and m.n_embd % m.n_head:  # a custom task's GPT says so when built
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
+        if lm and m.n_kv_head and m.n_head % m.n_kv_head:
+            raise ConfigError("model.n_kv_head", m.n_kv_head, f"a divisor of model.n_head ({m.n_head}), or 0")
         for name in ("num_samples", "input_dim", "vocab_size"):
             _at_least(f"data.{name}", getattr(d, name), 1)
         if d.vocab_size > MAX_VOCAB_SIZE:  # training a bpe tokenizer allocates for every entry up front

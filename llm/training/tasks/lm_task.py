@@ -59,7 +59,8 @@ class LMTask(TrainingTask):
             return GPTConfig(
                 vocab_size=m.vocab_size or tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
                 n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, pos_emb=m.pos_emb, norm=m.norm,
-                mlp=m.mlp, tie_embeddings=m.tie_embeddings,
+                mlp=m.mlp, tie_embeddings=m.tie_embeddings, n_kv_head=m.n_kv_head, mlp_hidden=m.mlp_hidden,
+                rope_base=m.rope_base, norm_eps=m.norm_eps,
             )
         except ValueError as e:  # what only a GPT needs, e.g. an even head size for rotary positions
             raise UsageError(
