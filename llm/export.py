@@ -10,7 +10,8 @@ run's checkpoint.monitor).
 
 ``--format hf --out DIR`` writes a language model as a Hugging Face
 ``transformers`` model instead, a Llama (``LlamaForCausalLM``: rotary positions,
-RMSNorm, SwiGLU, the defaults) or a GPT-2 (``GPT2LMHeadModel``: learned
+RMSNorm, SwiGLU, the defaults; a ``Qwen2ForCausalLM`` with biases in the query, key
+and value projections alone) or a GPT-2 (``GPT2LMHeadModel``: learned
 positions, LayerNorm, GELU or its tanh form), which ``AutoModelForCausalLM.from_pretrained(DIR)``
 loads: ``config.json``, ``model.safetensors`` and, for a Hugging Face tokenizer,
 ``tokenizer.json`` with a ``tokenizer_config.json`` that loads it as it is.
@@ -90,7 +91,7 @@ def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, bool]:
-    """Write the folder ``out`` for ``transformers`` (a Llama or a GPT-2); returns the checkpoint, the
+    """Write the folder ``out`` for ``transformers`` (a Llama, a Qwen2 or a GPT-2); returns the checkpoint, the
     architecture and whether the tokenizer went with it (only a Hugging Face one has a form transformers reads)."""
     out = Path(out)
     check_hf_out(out)

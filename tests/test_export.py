@@ -315,13 +315,22 @@ def test_export_hf_of_a_default_model_is_a_llama_with_the_same_logits_and_tokeni
 
 def test_export_hf_of_grouped_queries_and_other_widths_is_a_llama_of_them_with_the_same_logits(tmp_path, capsys):
     run_dir = train_lm(tmp_path, "--model-n-kv-head", "1", "--model-mlp-hidden", "48", "--model-rope-base",
-                       "500000", "--model-norm-eps", "1e-6")
+                       "500000", "--model-norm-eps", "1e-6", "--model-rope-scaling", "8")
     out = tmp_path / "hf"
     assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 48)
     rope = config.get("rope_parameters") or config  # transformers 5 keeps the base there
-    assert (rope["rope_theta"], config["rms_norm_eps"]) == (500000.0, 1e-6)
+    assert (rope["rope_theta"], config["rms_norm_eps"], rope["rope_type"], rope["factor"]) == \
+        (500000.0, 1e-6, "llama3", 8.0)
+    assert_same_logits(run_dir, out, load_lm(run_dir)[1].encode("the lazy fox"))
+
+
+def test_export_hf_of_biases_in_the_query_key_and_value_alone_is_a_qwen2_with_the_same_logits(tmp_path, capsys):
+    run_dir = train_lm(tmp_path, "--model-qkv-bias", "true", "--model-n-kv-head", "1")
+    out = tmp_path / "hf"
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert "as a transformers Qwen2ForCausalLM" in capsys.readouterr().out
     assert_same_logits(run_dir, out, load_lm(run_dir)[1].encode("the lazy fox"))
 
 

@@ -123,6 +123,24 @@ def test_a_mistral_imports_with_its_sliding_window_as_the_context(tmp_path, caps
         torch.testing.assert_close(ours(x), theirs(x).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_a_qwen2_and_a_llama_3_2_with_its_rotary_scaling_import_with_their_logits(tmp_path, capsys):
+    """Qwen2 has biases in its query, key and value projections alone; Llama 3.1 and 3.2 stretch the rotary
+    positions' long wavelengths."""
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=1e6, tie_word_embeddings=True)
+    theirs, tokenizer, hf = hf_folder(tmp_path, "qwen2", config)
+    assert main([str(hf), "--out", str(tmp_path / "qwen2-llm")]) == 0
+    assert yaml.safe_load((tmp_path / "qwen2-llm" / FINETUNE).read_text())["model"]["qkv_bias"] is True
+    same_logits(theirs, tokenizer, tmp_path / "qwen2-llm")
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    theirs, tokenizer, hf = llama(tmp_path, rope_scaling=scaling, max_position_embeddings=16384, rope_theta=5e5)
+    assert main([str(hf), "--out", str(tmp_path / "llama-llm")]) == 0
+    assert yaml.safe_load((tmp_path / "llama-llm" / FINETUNE).read_text())["model"]["rope_scaling"] == 32.0
+    same_logits(theirs, tokenizer, tmp_path / "llama-llm")
+
+
 def test_what_our_gpt_cannot_compute_is_refused_in_one_line_naming_it(tmp_path, capsys):
     _, _, hf = llama(tmp_path, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0})
     capsys.readouterr()  # transformers' own progress lines

@@ -43,7 +43,11 @@ class GPTConfig:
     mlp_hidden: int = 0
     """The MLP's hidden width (0: :func:`swiglu_hidden` for SwiGLU, 4 * n_embd for GELU)."""
     rope_base: float = 10000.0
+    rope_scaling: float = 0.0
+    """Llama 3.1's rotary scaling by this factor (see :func:`llama3_scaled`; 0: none)."""
     norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    """Biases in the query, key and value projections, whatever ``bias`` says (Qwen2 has them alone)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -55,6 +59,8 @@ class GPTConfig:
         for name in ("rope_base", "norm_eps"):
             if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"GPTConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.rope_scaling and not self.rope_scaling >= 1:
+            raise ValueError(f"GPTConfig.rope_scaling must be 0 (none) or >= 1, got {self.rope_scaling}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
@@ -112,9 +118,11 @@ class Rotary(nn.Module):
     rotating after the transpose (BENCHMARKS.md, GPU MFU).
     """
 
-    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0, scaling: float = 0.0):
         super().__init__()
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        if scaling:
+            inv_freq = llama3_scaled(inv_freq, scaling)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, D/2)
         # not persistent: derived from the config, so checkpoints need not carry them
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -126,6 +134,19 @@ class Rotary(nn.Module):
         cos, sin = (table[start:start + t, None].to(x.dtype) for table in (self.cos, self.sin))
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def llama3_scaled(inv_freq: torch.Tensor, factor: float, low: float = 1.0, high: float = 4.0,
+                  context: int = 8192) -> torch.Tensor:
+    """Rotary frequencies as Llama 3.1 and 3.2 stretch them past the ``context`` they were first trained on.
+
+    A wavelength (2 pi / frequency) shorter than context / high is kept; one longer than context / low is
+    stretched ``factor`` times, so that it spans the longer context as it spanned the first one; in between,
+    a frequency moves from kept to stretched linearly in context / wavelength. ``low``, ``high`` and ``context``
+    are Meta's, the same in every Llama 3 that scales (1, 4, 8192); ``factor`` is 8 in 3.1 and 32 in 3.2.
+    """
+    kept = ((context * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0.0, 1.0)  # 1: kept, 0: stretched
+    return inv_freq * (kept + (1 - kept) / factor)
 
 
 class LayerCache:
@@ -179,9 +200,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
         self.sizes = [config.n_embd] + [config.kv_heads * config.head_dim] * 2
-        self.qkv = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.rope = Rotary(config.head_dim, config.block_size, config.rope_base) if config.pos_emb == "rope" else None
+        self.rope = Rotary(config.head_dim, config.block_size, config.rope_base, config.rope_scaling) \
+            if config.pos_emb == "rope" else None
         self.resid_dropout = nn.Dropout(config.dropout)
         self.grouped = config.kv_heads != config.n_head
 

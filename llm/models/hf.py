@@ -1,10 +1,11 @@
-"""Our GPT as a Hugging Face ``transformers`` model: GPT-2 or Llama, config and weights.
+"""Our GPT as a Hugging Face ``transformers`` model: GPT-2, Llama or Qwen2, config and weights.
 
 Pure tensor renaming, no ``transformers`` import: :func:`to_hf_state_dict` gives
 the ``config.json`` contents and the state dict of an equivalent
 ``GPT2LMHeadModel`` (learned positions, LayerNorm, GELU: :data:`HF_SHAPES`) or
 ``LlamaForCausalLM`` (rotary positions, RMSNorm, SwiGLU: this package's
-defaults), so that both models compute the same logits. Other mixes have no
+defaults; ``Qwen2ForCausalLM`` when only the query, key and value projections
+have biases), so that both models compute the same logits. Other mixes have no
 ``transformers`` form and raise :class:`NoHFForm`. :func:`from_hf_state_dict`
 goes the other way, for the models our GPT computes exactly; others raise
 :class:`NoOurForm`.
@@ -21,7 +22,10 @@ Why each choice is exact:
   fewer key-value heads than heads, query head h reads key-value head
   h // (heads / key-value heads) in both (``repeat_kv``; ``enable_gqa``).
 - Our :class:`~llm.models.gpt.Rotary` rotates the two halves of each head
-  ("rotate half", of base ``rope_theta``), as Llama's default rotary embedding does.
+  ("rotate half", of base ``rope_theta``), as Llama's default rotary embedding does,
+  and stretches its frequencies as Llama 3.1's ``rope_type`` "llama3" does.
+- Mistral and Qwen2 name their weights as Llama does; Qwen2 has biases in
+  ``q_proj``, ``k_proj`` and ``v_proj`` only, our ``qkv_bias``.
 - Our SwiGLU ``fc`` is Llama's ``gate_proj`` rows then its ``up_proj`` rows;
   ``silu(gate) * up`` in both.
 - A model trained without biases equals one whose biases are all zero (GPT-2
@@ -41,7 +45,10 @@ HF_SHAPES = {
     "LlamaForCausalLM": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
 }
 """The GPTConfig values each ``transformers`` architecture has; other mixes have no form there."""
-HF_NAMES = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral"}
+HF_NAMES = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral",
+            "Qwen2ForCausalLM": "Qwen2"}
+LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+"""Llama 3.1's rotary scaling besides its factor: Meta's values, which ``llm.models.gpt.llama3_scaled`` takes."""
 
 
 class NoHFForm(ValueError):
@@ -75,6 +82,8 @@ def hf_architecture(config: GPTConfig) -> str:
     mismatches = shape_mismatches(config, nearest)
     if mismatches:
         raise NoHFForm(nearest, mismatches)
+    if nearest == "LlamaForCausalLM" and config.qkv_bias and not config.bias:
+        return "Qwen2ForCausalLM"  # a Llama with biases in its query, key and value projections alone
     return nearest
 
 
@@ -89,7 +98,12 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tuple
     ``hf_config_dict["architectures"][0]`` names."""
     if hf_architecture(config) == "GPT2LMHeadModel":
         return to_gpt2_state_dict(state, config)
-    return to_llama_state_dict(state, config)
+    return to_llama_state_dict(state, config)  # or a Qwen2
+
+
+def has_bias(config: GPTConfig, name: str) -> bool:
+    """Whether the layer ``name`` (or its weight, or bias) of ``GPT(config)`` has a bias."""
+    return config.bias or (config.qkv_bias and ".attn.qkv" in name)
 
 
 class _Taker:
@@ -131,7 +145,7 @@ def to_gpt2_state_dict(
     take = _Taker(state, config)
 
     def bias(name: str, size: int, like: torch.Tensor) -> torch.Tensor:
-        return take(name) if config.bias else torch.zeros(size, dtype=like.dtype)
+        return take(name) if has_bias(config, name) else torch.zeros(size, dtype=like.dtype)
 
     def linear(ours: str, theirs: str, out_features: int) -> dict[str, torch.Tensor]:
         weight = take(f"{ours}.weight", transpose=True)  # Conv1D: (in, out)
@@ -188,8 +202,10 @@ def to_llama_state_dict(
     state: dict[str, torch.Tensor], config: GPTConfig
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(hf_config_dict, hf_state)`` for ``LlamaForCausalLM``, from the state dict of ``GPT(config)``: new CPU
-    tensors, as :func:`to_gpt2_state_dict` gives."""
+    tensors, as :func:`to_gpt2_state_dict` gives. A model with biases in its query, key and value projections
+    alone (``qkv_bias`` without ``bias``) is a ``Qwen2ForCausalLM``, which has the same names."""
     _check_shape(config, "LlamaForCausalLM")
+    qwen2 = hf_architecture(config) == "Qwen2ForCausalLM"
     take = _Taker(state, config)
     c, hidden, kv = config, config.mlp_width, config.kv_heads * config.head_dim
 
@@ -200,7 +216,7 @@ def to_llama_state_dict(
 
     def linear(ours: str, theirs: list[str], *sizes: int) -> dict[str, torch.Tensor]:
         parts = {f"{name}.weight": t for name, t in zip(theirs, rows(f"{ours}.weight", *sizes), strict=True)}
-        if c.bias:
+        if has_bias(c, ours):
             parts |= {f"{name}.bias": t for name, t in zip(theirs, rows(f"{ours}.bias", *sizes), strict=True)}
         return parts
 
@@ -217,8 +233,8 @@ def to_llama_state_dict(
     take.check_all_taken("LlamaForCausalLM")
 
     hf_config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
         "vocab_size": c.vocab_size,
         "hidden_size": c.n_embd,
         "intermediate_size": hidden,
@@ -230,8 +246,6 @@ def to_llama_state_dict(
         "max_position_embeddings": c.block_size,
         "rms_norm_eps": c.norm_eps,
         "rope_theta": c.rope_base,  # transformers versions that keep rope_parameters build them from it
-        "attention_bias": c.bias,
-        "mlp_bias": c.bias,
         # on the attention weights, where ours has one too; ours after the embeddings and each residual
         # projection has no place in Llama, which matters only to training further in transformers
         "attention_dropout": c.dropout,
@@ -241,6 +255,12 @@ def to_llama_state_dict(
         "eos_token_id": None,
         "pad_token_id": None,
     }
+    if qwen2:
+        hf_config["use_sliding_window"] = False  # its query, key and value biases are implied
+    else:
+        hf_config |= {"attention_bias": c.bias, "mlp_bias": c.bias}
+    if c.rope_scaling:
+        hf_config["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_scaling, **LLAMA3_SCALING}
     return hf_config, hf
 
 
@@ -253,7 +273,8 @@ def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tu
     its ``config.json`` contents and weights: the inverse of :func:`to_hf_state_dict`. Raises
     :class:`NoOurForm` for other models, and for settings ours does not have."""
     kind = hf_config.get("model_type")
-    read = {"gpt2": from_gpt2_state_dict, "llama": from_llama_state_dict, "mistral": from_llama_state_dict}.get(kind)
+    read = {"gpt2": from_gpt2_state_dict, "llama": from_llama_state_dict, "mistral": from_llama_state_dict,
+            "qwen2": from_llama_state_dict}.get(kind)
     if read is not None:
         try:
             return read(hf_config, hf_state)
@@ -261,8 +282,8 @@ def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tu
             raise
         except (ValueError, TypeError) as e:  # a size our GPT cannot have (heads that do not divide), a null
             raise NoOurForm(f"config.json: {e}") from None
-    raise NoOurForm(f"model_type {kind!r}: the models read are gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) "
-                    f"and mistral (MistralForCausalLM)")
+    raise NoOurForm(f"model_type {kind!r}: the models read are gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM), "
+                    f"mistral (MistralForCausalLM) and qwen2 (Qwen2ForCausalLM)")
 
 
 class _HFTaker:
@@ -343,12 +364,14 @@ def from_gpt2_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfi
 
 
 def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """Our GPT with rotary positions, RMSNorm and SwiGLU, from a ``LlamaForCausalLM``'s or a
-    ``MistralForCausalLM``'s config and weights (the same names): one whose heads are hidden_size / heads wide,
-    without rotary scaling, with biases in both the attention and the MLP or in neither.
+    """Our GPT with rotary positions, RMSNorm and SwiGLU, from the config and weights of a ``LlamaForCausalLM``,
+    or of a ``MistralForCausalLM`` or ``Qwen2ForCausalLM``, which have the same names: one whose heads are
+    hidden_size / heads wide, with no rotary scaling but Llama 3.1's, and biases in all of the attention and
+    the MLP, in neither, or (Qwen2) in the query, key and value projections alone.
 
     A Mistral's sliding window is a full causal attention over any context no longer than it: the model gets
     the window as its context (block_size) when that is shorter than max_position_embeddings."""
+    kind = c.get("model_type")
     hidden, heads = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
     kv_heads = c.get("num_key_value_heads") or heads  # null: as many as heads, as transformers reads it
     width = c.get("intermediate_size", 11008)
@@ -359,31 +382,36 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     rope = c.get("rope_parameters") or {}
     base = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
     scaling = next((s for s in (c.get("rope_scaling"), rope) if isinstance(s, dict)
-                    and s.get("rope_type", s.get("type", "default")) != "default"), None)
-    if scaling:
-        problems.append(f"rotary scaling {scaling} (ours: none)")
+                    and s.get("rope_type", s.get("type", "default")) != "default"), None) or {}
+    llama3 = scaling.get("rope_type") == "llama3" and all(scaling.get(k) == v for k, v in LLAMA3_SCALING.items())
+    if scaling and not llama3:
+        problems.append(f"rotary scaling {scaling} (ours: none, or llama3 with {LLAMA3_SCALING})")
     if (c.get("head_dim") or hidden // heads) != hidden // heads:
         problems.append(f"head_dim {c['head_dim']} (ours: hidden_size / heads, {hidden // heads})")
     if bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
         problems.append("biases in the attention or the MLP alone (ours: both or neither)")
-    _refuse("Mistral" if c.get("model_type") == "mistral" else "Llama", problems)
     context = c.get("max_position_embeddings", 2048)
-    if c.get("sliding_window"):
+    if kind == "mistral" and c.get("sliding_window"):
         context = min(context, c["sliding_window"])
+    if kind == "qwen2" and c.get("use_sliding_window"):
+        problems.append("use_sliding_window (ours: full attention in every layer)")
+    _refuse(HF_NAMES[f"{kind.capitalize()}ForCausalLM"], problems)
     tied = c.get("tie_word_embeddings", False)
     bias = bool(c.get("attention_bias", False))
+    qkv_bias = kind == "qwen2"
     # the settings at their defaults are left 0, as a model trained here has them
     config = GPTConfig(vocab_size=c.get("vocab_size", 32000), block_size=context,
                        n_layer=c.get("num_hidden_layers", 32), n_head=heads, n_embd=hidden,
                        dropout=c.get("attention_dropout", 0.0), bias=bias, pos_emb="rope", norm="rmsnorm",
                        mlp="swiglu", tie_embeddings=tied, n_kv_head=0 if kv_heads == heads else kv_heads,
                        mlp_hidden=0 if width == swiglu_hidden(hidden) else width, rope_base=base,
-                       norm_eps=c.get("rms_norm_eps", 1e-6))
+                       rope_scaling=float(scaling["factor"]) if llama3 else 0.0,
+                       norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias)
     take = _HFTaker(hf, ("",), ignored=r"rotary_emb\.inv_freq$")  # a buffer older versions saved
 
     def joined(theirs: list[str], ours: str) -> dict[str, torch.Tensor]:
         parts = {f"{ours}.weight": torch.cat([take(f"{name}.weight") for name in theirs])}
-        if bias:
+        if bias or (qkv_bias and ours.endswith(".qkv")):
             parts[f"{ours}.bias"] = torch.cat([take(f"{name}.bias") for name in theirs])
         return parts
 

@@ -117,8 +117,9 @@ LLAMA_SHAPED = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # the de
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("other", [{}, {"n_kv_head": 2, "rope_base": 500000.0, **NOT_OUR_DEFAULTS},
-                                   {"n_kv_head": 1}])
+                                   {"n_kv_head": 1, "qkv_bias": True}])
 def test_llama_computes_the_same_logits(bias, tie, other):
+    """With biases in the query, key and value projections alone, a Qwen2."""
     model = tiny(bias=bias, tie_embeddings=tie, **LLAMA_SHAPED, **other)
     hf = as_hf(model)
     idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
@@ -198,3 +199,43 @@ def test_a_model_exported_and_read_back_is_the_same_model(shape, other):
     assert config == model.config
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())
+
+
+def test_biases_in_the_query_key_and_value_alone_are_a_qwen2():
+    model = tiny(qkv_bias=True, **LLAMA_SHAPED)
+    hf_config, hf_state = to_hf_state_dict(model.state_dict(), model.config)
+    assert hf_config["architectures"] == ["Qwen2ForCausalLM"] and "attention_bias" not in hf_config
+    assert sorted(name for name in hf_state if name.startswith("model.layers.0.") and name.endswith("bias")) == \
+        [f"model.layers.0.self_attn.{x}_proj.bias" for x in "kqv"]
+    assert type(as_hf(model)).__name__ == "Qwen2ForCausalLM"
+    model = tiny(qkv_bias=True, bias=True, **LLAMA_SHAPED)  # every bias: a Llama's attention_bias and mlp_bias
+    assert hf_architecture(model.config) == "LlamaForCausalLM"
+
+
+def test_llama3_rotary_scaling_is_transformers_own():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llm.models.gpt import llama3_scaled
+
+    for factor in (8.0, 32.0):
+        config = LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192})
+        theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        plain = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+        ours = llama3_scaled(plain, factor)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+        assert ours[0] == plain[0] and ours[-1] == pytest.approx(plain[-1] / factor)  # kept; stretched
+
+
+def test_a_llama_with_llama3_rotary_scaling_computes_the_same_logits_and_without_it_would_not():
+    # base 10000, head size 8: the longest wavelength, 6283 positions, is one llama3 stretches in part
+    model = tiny(rope_scaling=32.0, **LLAMA_SHAPED)
+    hf = as_hf(model)
+    assert hf.config.to_dict().get("rope_parameters", hf.config.to_dict().get("rope_scaling"))["rope_type"] == "llama3"
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    unscaled = tiny(**LLAMA_SHAPED)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=1e-5)
+        assert (hf(idx).logits - unscaled(idx)).abs().max() > 1e-4

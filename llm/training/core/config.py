@@ -125,10 +125,14 @@ class ModelConfig:
     """Dropout probability."""
     bias: bool = False
     """Bias terms in linear and norm layers (lm)."""
+    qkv_bias: bool = False
+    """Bias terms in the query, key and value projections, whatever model.bias says (lm; Qwen2 has them alone)."""
     pos_emb: Literal["rope", "learned"] = "rope"
     """Position encoding (lm): rotary or learned absolute."""
     rope_base: float = 10000.0
     """Base of the rotary positions' wavelengths (lm; Llama 3 takes 500000 for its long context)."""
+    rope_scaling: float = 0.0
+    """Stretch the rotary positions' long wavelengths by this factor, as Llama 3.1 (8) and 3.2 (32) do past the 8192 positions they were first trained on (lm; 0: none)."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation layer (lm)."""
     norm_eps: float = 1e-5
@@ -470,6 +474,8 @@ class Config:
         _at_least("model.mlp_hidden", m.mlp_hidden, 0)
         _positive("model.rope_base", m.rope_base)
         _positive("model.norm_eps", m.norm_eps)
+        if m.rope_scaling and not m.rope_scaling >= 1:
+            raise ConfigError("model.rope_scaling", m.rope_scaling, "0 (none) or a factor >= 1")
         if lm and m.n_embd % m.n_head:  # a custom task's GPT says so when built
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
         if lm and m.n_kv_head and m.n_head % m.n_kv_head:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -56,12 +57,9 @@ class LMTask(TrainingTask):
         if m.n_layer < 1:  # the config lets an MLP have none; an lm task named by its path gets here
             raise UsageError(f"model.n_layer: got {m.n_layer}, expected an integer >= 1: a GPT has blocks")
         try:
-            return GPTConfig(
-                vocab_size=m.vocab_size or tokenizer.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, pos_emb=m.pos_emb, norm=m.norm,
-                mlp=m.mlp, tie_embeddings=m.tie_embeddings, n_kv_head=m.n_kv_head, mlp_hidden=m.mlp_hidden,
-                rope_base=m.rope_base, norm_eps=m.norm_eps,
-            )
+            # GPTConfig's fields are model's, by name: all but the vocabulary are as the config says
+            shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
+            return GPTConfig(vocab_size=m.vocab_size or tokenizer.vocab_size, **shared)
         except ValueError as e:  # what only a GPT needs, e.g. an even head size for rotary positions
             raise UsageError(
                 f"model: {e} (model.n_embd={m.n_embd}, model.n_head={m.n_head}, model.pos_emb={m.pos_emb}): "
