@@ -141,6 +141,44 @@ def test_a_qwen2_and_a_llama_3_2_with_its_rotary_scaling_import_with_their_logit
     same_logits(theirs, tokenizer, tmp_path / "llama-llm")
 
 
+def test_a_qwen2_whose_later_layers_slide_imports_with_its_window_as_the_context(tmp_path, capsys):
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    theirs, tokenizer, hf = hf_folder(tmp_path, "qwen2", config)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    assert "context 6," in capsys.readouterr().out
+    ours, our_tokenizer, _ = load_lm(tmp_path / "ours")
+    x = torch.tensor([our_tokenizer.encode("the lazy fox sleeps in the sun")[:6]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_the_rotary_base_transformers_reads_first_is_the_one_imported(tmp_path):
+    """transformers 5 reads rope_parameters before a rope_theta beside it, which a hand-edited file may keep."""
+    theirs, tokenizer, hf = llama(tmp_path, rope_theta=500000.0)
+    saved = json.loads((hf / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_theta"] == 500000.0
+    (hf / "config.json").write_text(json.dumps({**saved, "rope_theta": 10000.0}))
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    assert yaml.safe_load((tmp_path / "ours" / FINETUNE).read_text())["model"]["rope_base"] == 500000.0
+
+
+@pytest.mark.parametrize("rope, named", [
+    ("default", "rope_parameters 'default' (expected a mapping)"),
+    ({"rope_type": "llama3", "rope_theta": 10000.0}, "rotary scaling {'rope_type': 'llama3'"),
+    ({"rope_type": "default", "rope_theta": "high"}, "rope_theta 'high' (expected a number > 0)"),
+])
+def test_rotary_settings_that_cannot_be_read_are_one_line(tmp_path, capsys, rope, named):
+    _, _, hf = llama(tmp_path)
+    saved = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**saved, "rope_parameters": rope}))
+    capsys.readouterr()
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err
+
+
 def test_what_our_gpt_cannot_compute_is_refused_in_one_line_naming_it(tmp_path, capsys):
     _, _, hf = llama(tmp_path, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0})
     capsys.readouterr()  # transformers' own progress lines

@@ -120,7 +120,9 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0, scaling: float = 0.0):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # 1 / base^(2i/d), computed as Llama's does: base^(-2i/d) rounds a third of the frequencies otherwise, and
+        # their angles part ways with position (logits 1e-2 apart at position 4000)
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         if scaling:
             inv_freq = llama3_scaled(inv_freq, scaling)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, D/2)
@@ -145,8 +147,9 @@ def llama3_scaled(inv_freq: torch.Tensor, factor: float, low: float = 1.0, high:
     a frequency moves from kept to stretched linearly in context / wavelength. ``low``, ``high`` and ``context``
     are Meta's, the same in every Llama 3 that scales (1, 4, 8192); ``factor`` is 8 in 3.1 and 32 in 3.2.
     """
-    kept = ((context * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0.0, 1.0)  # 1: kept, 0: stretched
-    return inv_freq * (kept + (1 - kept) / factor)
+    # in the order Llama's own code computes it, so that every frequency rounds alike
+    kept = ((context / (2 * math.pi / inv_freq) - low) / (high - low)).clamp(0.0, 1.0)  # 1: kept, 0: stretched
+    return (1 - kept) * inv_freq / factor + kept * inv_freq
 
 
 class LayerCache:

@@ -311,6 +311,39 @@ class _HFTaker:
             raise NoOurForm(f"weights our GPT has no place for: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
 
 
+def _rotary(c: dict, problems: list[str]) -> tuple[float, dict, bool]:
+    """A Llama-like config's rotary base, its scaling (``{}``: none) and whether that is Llama 3.1's, which ours
+    computes; what it cannot, or cannot read, goes to ``problems``. transformers 5 keeps them in
+    ``rope_parameters``, which it reads first; earlier versions as ``rope_theta`` and ``rope_scaling``."""
+    rope = c.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        problems.append(f"rope_parameters {rope!r} (expected a mapping)")
+        rope = {}
+    base = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:
+        problems.append(f"rope_theta {base!r} (expected a number > 0)")
+        base = 10000.0
+    scaling = next((s for s in (rope, c.get("rope_scaling")) if isinstance(s, dict)
+                    and s.get("rope_type", s.get("type", "default")) != "default"), None) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = scaling.get("factor")
+    llama3 = kind == "llama3" and isinstance(factor, (int, float)) and factor >= 1 and \
+        all(scaling.get(k) == v for k, v in LLAMA3_SCALING.items())
+    if scaling and not llama3:
+        problems.append(f"rotary scaling {scaling} (ours: none, or llama3 with a factor >= 1 and {LLAMA3_SCALING})")
+    return float(base), scaling, llama3
+
+
+def _slides(c: dict) -> bool:
+    """Whether some layer of a Mistral or Qwen2 config attends within a sliding window: every layer of a
+    Mistral's; a Qwen2's from max_window_layers on, when use_sliding_window (or as ``layer_types`` lists them)."""
+    if isinstance(c.get("layer_types"), list):
+        return "sliding_attention" in c["layer_types"]
+    if c.get("model_type") == "qwen2":
+        return bool(c.get("use_sliding_window")) and c.get("max_window_layers", 28) < c.get("num_hidden_layers", 32)
+    return c.get("model_type") == "mistral"
+
+
 def _refuse(name: str, problems: list[str]) -> None:
     if problems:
         raise NoOurForm(f"{name} with {'; '.join(problems)}: our GPT computes otherwise")
@@ -369,8 +402,9 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     hidden_size / heads wide, with no rotary scaling but Llama 3.1's, and biases in all of the attention and
     the MLP, in neither, or (Qwen2) in the query, key and value projections alone.
 
-    A Mistral's sliding window is a full causal attention over any context no longer than it: the model gets
-    the window as its context (block_size) when that is shorter than max_position_embeddings."""
+    A sliding window (Mistral's, that of a Qwen2's later layers) is a full causal attention over any context no
+    longer than it: the model gets the window as its context (block_size) when that is shorter than
+    max_position_embeddings."""
     kind = c.get("model_type")
     hidden, heads = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
     kv_heads = c.get("num_key_value_heads") or heads  # null: as many as heads, as transformers reads it
@@ -378,27 +412,18 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     problems = []
     if c.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {c['hidden_act']!r} (ours: silu)")
-    # transformers 5 keeps them as rope_parameters, earlier versions as rope_theta and rope_scaling
-    rope = c.get("rope_parameters") or {}
-    base = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
-    scaling = next((s for s in (c.get("rope_scaling"), rope) if isinstance(s, dict)
-                    and s.get("rope_type", s.get("type", "default")) != "default"), None) or {}
-    llama3 = scaling.get("rope_type") == "llama3" and all(scaling.get(k) == v for k, v in LLAMA3_SCALING.items())
-    if scaling and not llama3:
-        problems.append(f"rotary scaling {scaling} (ours: none, or llama3 with {LLAMA3_SCALING})")
+    base, scaling, llama3 = _rotary(c, problems)
     if (c.get("head_dim") or hidden // heads) != hidden // heads:
         problems.append(f"head_dim {c['head_dim']} (ours: hidden_size / heads, {hidden // heads})")
-    if bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
+    if kind != "qwen2" and bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
         problems.append("biases in the attention or the MLP alone (ours: both or neither)")
     context = c.get("max_position_embeddings", 2048)
-    if kind == "mistral" and c.get("sliding_window"):
+    if c.get("sliding_window") and _slides(c):  # within the window, a full causal attention
         context = min(context, c["sliding_window"])
-    if kind == "qwen2" and c.get("use_sliding_window"):
-        problems.append("use_sliding_window (ours: full attention in every layer)")
     _refuse(HF_NAMES[f"{kind.capitalize()}ForCausalLM"], problems)
     tied = c.get("tie_word_embeddings", False)
-    bias = bool(c.get("attention_bias", False))
-    qkv_bias = kind == "qwen2"
+    qkv_bias = kind == "qwen2"  # which has no other biases, whatever attention_bias or mlp_bias say
+    bias = not qkv_bias and bool(c.get("attention_bias", False))
     # the settings at their defaults are left 0, as a model trained here has them
     config = GPTConfig(vocab_size=c.get("vocab_size", 32000), block_size=context,
                        n_layer=c.get("num_hidden_layers", 32), n_head=heads, n_embd=hidden,

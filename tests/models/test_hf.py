@@ -212,21 +212,23 @@ def test_biases_in_the_query_key_and_value_alone_are_a_qwen2():
     assert hf_architecture(model.config) == "LlamaForCausalLM"
 
 
-def test_llama3_rotary_scaling_is_transformers_own():
+@pytest.mark.parametrize("scaling", [None, 8.0, 32.0])
+def test_the_rotary_tables_are_transformers_own_to_the_bit(scaling):
+    """Angles grow with position: frequencies one rounding apart put logits 1e-2 apart by position 4000."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from llm.models.gpt import llama3_scaled
+    from llm.models.gpt import Rotary
 
-    for factor in (8.0, 32.0):
-        config = LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192})
-        theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-        plain = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float32) / 64)
-        ours = llama3_scaled(plain, factor)
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
-        assert ours[0] == plain[0] and ours[-1] == pytest.approx(plain[-1] / factor)  # kept; stretched
+    rope = {"rope_scaling": {"rope_type": "llama3", "factor": scaling, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}} if scaling else {}
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0, **rope)
+    init = ROPE_INIT_FUNCTIONS["llama3"] if scaling else LlamaRotaryEmbedding.compute_default_rope_parameters
+    theirs, _ = init(config, device="cpu")
+    ours = Rotary(64, 8192, 500000.0, scaling or 0.0)
+    angles = torch.outer(torch.arange(8192, dtype=torch.float32), theirs)
+    assert torch.equal(ours.cos, angles.cos()) and torch.equal(ours.sin, angles.sin())
 
 
 def test_a_llama_with_llama3_rotary_scaling_computes_the_same_logits_and_without_it_would_not():
