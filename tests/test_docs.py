@@ -117,6 +117,26 @@ def test_a_run_trained_by_the_script_that_defines_its_classes_continues_from_the
     assert json.loads((tmp_path / "runs/sine/summary.json").read_text())["epochs"] == 6
 
 
+def test_the_streaming_data_module_of_the_custom_task_page_trains_and_resumes_mid_stream(tmp_path):
+    """docs/custom-task.md, "Streaming data": its command, then a resume of its endless stream after step 200."""
+    doc = REPO / "docs/custom-task.md"
+    code = [c for _, c in blocks(doc, "python")]
+    stream = next(c for c in code if "class SineStream" in c)
+    (tmp_path / "sine.py").write_text(code[0] + "\n" + code[1] + "\n" + stream)
+    command = next(c for _, c in blocks(doc, "text") if "sine:SineStream" in c).replace("\\\n", " ").split()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLM_")}, "PYTHONPATH": str(REPO),
+           "LLM_LOGGING_PROGRESS_BAR": "false", "LLM_DATA_NUM_WORKERS": "2"}
+    for flags in ([], ["--training-max-steps", "260", "--checkpoint-resume", "auto"]):
+        out = subprocess.run([sys.executable, *command[1:], *flags], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from runs/sine-stream/checkpoints/step_00000200 at step 200 (epoch 0, batch 200)" in out.stdout
+    assert "replaying the 200 batches of the stream that epoch 0 trained on" in out.stderr
+    records = [json.loads(line) for line in (tmp_path / "runs/sine-stream/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "val"] == [50, 100, 150, 200, 250, 260]
+    assert records[-1]["val_loss"] < 0.1  # it learned the sine from the stream
+
+
 def test_the_hook_loop_in_the_usage_guide_is_the_one_in_callbacks_py():
 
     from llm.training.core import callbacks

@@ -148,6 +148,8 @@ class TrainingEngine:
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.stream = False  # the training loader is a stream (set in setup): its epochs end when it does
+        self._loader_restored = False  # a stream's loader put back where a checkpoint's stood, to go on from
         self.samples_seen = 0  # training samples over all ranks
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
         self.overflow_steps = 0  # steps a loss scaler (fp16) skipped: gradients that overflowed its scale
@@ -224,7 +226,10 @@ class TrainingEngine:
     def train_epoch(self) -> None:
         """Optimizer steps until the epoch ends or a stop is agreed, with logs, evaluations and saves due."""
         t = self.config.training
-        self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
+        if self.stream:  # a sampler or data set of the stream's that takes the epoch, to reshuffle by
+            resume.set_stream_epoch(self.train_loader, self.train_sampler, self.epoch)
+        else:
+            self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
         self._fire("on_epoch_start")
         if self._stop_before_a_step():
             return
@@ -481,23 +486,24 @@ class TrainingEngine:
         for loader in (self.train_loader, self.val_loader):  # before the workers start: the first batch checked
             resume.WorkerStart.install(loader)
         k = cfg.training.grad_accum_steps
-        try:
-            batches = len(self.train_loader)
-        except TypeError:  # a DataLoader over an IterableDataset without __len__
+        self.stream = resume.is_stream(self.train_loader)
+        batches = None if self.stream else len(self.train_loader)
+        if self.stream and not cfg.training.max_steps:
             raise UsageError(
-                f"{type(self.data_module).__name__}.train_dataloader() has no length: epochs, the schedule and "
-                f"resuming mid-epoch count batches; give its dataset a __len__"
-            ) from None
-        if not hasattr(self.train_sampler, "set_epoch"):
+                f"{type(self.data_module).__name__}.train_dataloader() is a stream (an IterableDataset, or no "
+                f"length): set training.max_steps, the steps the schedule spans; each pass over it is an epoch"
+            )
+        if not self.stream and not hasattr(self.train_sampler, "set_epoch"):
             raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() returned the sampler "
                              f"{type(self.train_sampler).__name__}, expected one with set_epoch, such as the "
                              f"DistributedSampler of self.build_dataloader(...): it shards each epoch across ranks, "
                              f"reshuffles it and resumes it mid-epoch")
-        if batches < k:
+        if batches is not None and batches < k:
             raise UsageError(
                 f"one epoch has {batches} batches per rank, fewer than "
                 f"training.grad_accum_steps={k}: lower it or the batch size"
             )
+        self._epoch_length = batches  # None: a stream's, known when it ends
         self.total_steps = self._last_step(batches)
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
@@ -737,6 +743,8 @@ class TrainingEngine:
         callbacks = {key: _checkpointable(copy.deepcopy(cb.state_dict()), f"{type(cb).__name__}.state_dict()")
                      for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": resume.rng_state(self.device), **self._sums.state_dict()}
+        if self.stream and self.batch_in_epoch and resume.keeps_its_place(self.train_loader):
+            rank["loader"] = copy.deepcopy(self.train_loader.state_dict())
         # the scheduler's too: a ReduceLROnPlateau counts validations, and the last one of a run may be off schedule
         scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
@@ -764,7 +772,8 @@ class TrainingEngine:
         progress = shared["progress"]
         self.step, self.epoch = progress["step"], progress["epoch"]
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
-                                                           self.config.training.batch_size, self.world_size)
+                                                           self.config.training.batch_size, self.world_size,
+                                                           self.stream)
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
         self.overflow_steps = progress.get("overflow_steps", 0)  # not in checkpoints saved before it was counted
         monitor_changed = bool({"checkpoint.monitor", "checkpoint.mode"} & set(changed))  # a best of another metric
@@ -772,7 +781,7 @@ class TrainingEngine:
         if progress["stop"] and not monitor_changed and not stopping_changed:  # early stop holds
             self.should_stop, self.stop_reason = True, progress["stop"]
             self._held_stop = progress["stop"]
-        last_step = self._last_step(len(self.train_loader))
+        last_step = self._last_step(self._epoch_length)
         if last_step != self.total_steps:  # resumed in another layout, now or before: the schedule spans the steps
             # this run takes, counted in its own; built before the optimizer's state is loaded, like the first one
             self.total_steps = self.task.total_steps = last_step
@@ -826,6 +835,9 @@ class TrainingEngine:
             mine = load_rank_state(path, self.rank)
             resume.set_rng_state(mine["rng"], self.device)
             self._sums.load_state_dict(mine)
+            if self.stream and self.batch_in_epoch and "loader" in mine and resume.keeps_its_place(self.train_loader):
+                self.train_loader.load_state_dict(mine["loader"])
+                self._loader_restored = True
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.train_metrics = shared["train_metrics"]
@@ -880,6 +892,9 @@ class TrainingEngine:
         """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped, each with whether
         it is the epoch's last full group."""
         k = self.config.training.grad_accum_steps
+        if self.stream:
+            yield from self._stream_groups(k)
+            return
         if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
             # the loader's own batches, which batch_in_epoch counts (a data module's loader may batch otherwise)
             self._resumable.skip = self.batch_in_epoch * self.train_loader.batch_sampler.batch_size
@@ -910,6 +925,39 @@ class TrainingEngine:
         finally:  # also when the epoch's last step or a stop closes this generator at its yield
             if self._resumable is not None:
                 self._resumable.skip = 0  # the loader its whole length again, for callbacks and the next epoch
+
+    def _stream_groups(self, k: int) -> Iterator[tuple[list[Any], bool]]:
+        """Groups of k micro-batches of a stream, until a rank's runs out; the epoch's last one is known only then.
+
+        Before each step the ranks agree (a host all-reduce) whether every one of them has a full group: a rank
+        that stepped alone would wait in the gradients' all-reduce forever. A resumed epoch goes on where its
+        loader stood (one of its own that keeps its place, ``state_dict``/``load_state_dict``, such as torchdata's
+        StatefulDataLoader), else after the batches it had trained on, read again and dropped.
+        """
+        batches = self._iterate(self.train_loader, -1 - self.epoch)
+        if self.batch_in_epoch and not self._loader_restored:
+            with self._warned_by_rank_0():
+                warnings.warn(f"replaying the {self.batch_in_epoch} batches of the stream that epoch {self.epoch} "
+                              f"trained on to resume after them (a loader with state_dict and load_state_dict, "
+                              f"such as torchdata's StatefulDataLoader, resumes where it stood)")
+            batches = itertools.islice(batches, self.batch_in_epoch, None)
+        self._loader_restored, stepped = False, False
+        while True:
+            waited = time.perf_counter()
+            group = list(itertools.islice(batches, k))
+            self.data_wait_s += time.perf_counter() - waited  # read by ThroughputMonitor
+            ended = len(group) < k  # a last group shorter than k is dropped, like a last partial batch
+            if self.world_size > 1:
+                ended = D.any_rank([ended])[0]
+            if ended and not stepped and not self.batch_in_epoch:  # every rank: the agreement says the same
+                raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() gave no "
+                                 f"{'batch' if k == 1 else f'{k} batches (training.grad_accum_steps)'} in epoch "
+                                 f"{self.epoch}{' on some rank' if self.world_size > 1 else ''}: a stream must "
+                                 f"yield batches on every rank, each time it is iterated")
+            if ended:
+                return
+            stepped = True
+            yield group, False
 
     def _iterate(self, loader: Any, salt: int) -> Iterator[Any]:
         """An iterator over a loader that leaves the global RNG alone.
@@ -962,15 +1010,18 @@ class TrainingEngine:
         if monitor in metrics and improves(metrics[monitor], self.best_metric, self.config.checkpoint.mode):
             self.best_metric = metrics[monitor]
 
-    def _last_step(self, batches: int) -> int:
+    def _last_step(self, batches: int | None) -> int:
         """The step this run will end at, from where it stands: the rest of this epoch and the epochs after it,
-        in groups of grad_accum_steps of its ``batches`` per epoch, capped by max_steps.
+        in groups of grad_accum_steps of its ``batches`` per epoch, capped by max_steps (a stream's, of no
+        known length: max_steps).
 
         From step 0 that is epochs x steps per epoch. A run resumed with another
         number of processes or batch size counts the rest in its own steps, which
         the checkpoint's layout would have counted otherwise.
         """
         t = self.config.training
+        if batches is None:
+            return t.max_steps
         k = t.grad_accum_steps
         left = (batches - self.batch_in_epoch) // k + max(0, t.epochs - self.epoch - 1) * (batches // k)
         last = self.step + (left if self.epoch < t.epochs else 0)

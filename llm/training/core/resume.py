@@ -79,6 +79,32 @@ class SeededBatch(list):
     seed: int
 
 
+def is_stream(loader: Any) -> bool:
+    """Whether a training loader is a stream, whose batches are counted as they come: one over an
+    IterableDataset (a length it may have is a guess), or one of no length."""
+    if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
+        return True
+    try:
+        len(loader)
+    except TypeError:
+        return True
+    return False
+
+
+def set_stream_epoch(loader: Any, sampler: Any, epoch: int) -> None:
+    """Tell a stream the epoch that starts, through its sampler's or its data set's ``set_epoch`` (a Hugging Face
+    ``datasets.IterableDataset`` reshuffles its shards by it), if it has one."""
+    for owner in (sampler, getattr(loader, "dataset", None)):
+        if callable(getattr(owner, "set_epoch", None)):
+            owner.set_epoch(epoch)
+
+
+def keeps_its_place(loader: Any) -> bool:
+    """Whether a loader saves and restores where it stands (``state_dict``, ``load_state_dict``), as torchdata's
+    StatefulDataLoader does: a stream then resumes without reading again the batches it had trained on."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
 class SeededBatches(BatchSampler):
     """torch's BatchSampler whose batches carry a seed: (``seed``, ``epoch``, the batch's place in the epoch),
     the same in a run that never stopped and in one resumed mid-epoch (over a ResumableSampler, the place
@@ -664,7 +690,8 @@ def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str
         )
 
 
-def batches_done_in_epoch(progress: dict[str, Any], saved_batch_size: int, batch_size: int, world_size: int) -> int:
+def batches_done_in_epoch(progress: dict[str, Any], saved_batch_size: int, batch_size: int, world_size: int,
+                          stream: bool = False) -> int:
     """The resumed epoch's micro-batches already trained on, counted in this run's batches.
 
     The ranks take interleaved shares of one shuffled order, so the epoch's first
@@ -672,7 +699,14 @@ def batches_done_in_epoch(progress: dict[str, Any], saved_batch_size: int, batch
     processes. A resume with other processes or another batch size (allowed by
     checkpoint.allow_config_change) goes on from there; where that is not a whole
     number of this run's batches, the samples past the last whole one are seen again.
+    Each rank's ``stream`` is its own: in another layout, where the ranks' streams
+    stood means nothing, and the epoch starts again.
     """
+    same_layout = (progress["world_size"], saved_batch_size) == (world_size, batch_size)
+    if stream and not same_layout and progress["batch_in_epoch"]:
+        warnings.warn(f"resuming a stream with {world_size} process(es) of batch {batch_size}, not "
+                      f"{progress['world_size']} of {saved_batch_size}: epoch {progress['epoch']} starts again")
+        return 0
     done = progress["batch_in_epoch"] * saved_batch_size * progress["world_size"]
     per_batch = batch_size * world_size
     if done % per_batch:

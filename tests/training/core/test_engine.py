@@ -263,16 +263,119 @@ class Stream(torch.utils.data.IterableDataset):
         return iter([(torch.zeros(4), torch.zeros(1))] * 8)
 
 
-def test_a_training_loader_without_a_length_is_refused_in_one_line(tmp_path):
-    class StreamData(SyntheticDataModule):
-        def train_dataloader(self, rank, world_size):
-            return torch.utils.data.DataLoader(Stream(), batch_size=4), None
+# ---- streams: training data of no known length -----------------------------------------
 
-    config = tiny_config(tmp_path)
-    engine = TrainingEngine(config, RegressionTask(config), data_module=StreamData(config))
-    with pytest.raises(UsageError, match=r"StreamData\.train_dataloader\(\) has no length: .* give its dataset a __len__"):
-        engine.train()
+
+class Samples(torch.utils.data.IterableDataset):
+    """Regression samples one after another, ``length`` a pass (None: no end). Sample i of an epoch comes from a
+    generator seeded by (rank, epoch, i): the same stream in a run and in its resume. It keeps its place for
+    torchdata's StatefulDataLoader (state_dict, load_state_dict) and counts what it yields."""
+
+    def __init__(self, rank: int = 0, length: int | None = None):
+        self.rank, self.length, self.epoch, self.start, self.position, self.read = rank, length, 0, 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start = epoch, 0
+
+    def __iter__(self):
+        for i in itertools.count(self.start) if self.length is None else range(self.start, self.length):
+            x = torch.randn(4, generator=torch.Generator().manual_seed(hash((self.rank, self.epoch, i)) % 2**31))
+            self.position, self.read = i + 1, self.read + 1
+            yield x, x.sum(dim=0, keepdim=True)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["position"]
+
+
+class StreamData(SyntheticDataModule):
+    """The synthetic validation set; training batches from a stream, ``lengths[rank]`` samples a pass."""
+
+    lengths: dict[int, int | None] = {}
+    loader = torch.utils.data.DataLoader
+
+    def train_dataloader(self, rank, world_size):
+        self.samples = Samples(rank, self.lengths.get(rank))
+        return self.loader(self.samples, batch_size=self.config.training.batch_size), None
+
+
+def stream_engine(tmp_path, lengths=None, loader=None, rank=0, world_size=1, callbacks=(), **sections):
+    config = tiny_config(tmp_path, **{"optimizer": {"scheduler": "constant"}, **sections})
+    data = type("Data", (StreamData,), {"lengths": lengths or {}, **({"loader": loader} if loader else {})})(config)
+    return TrainingEngine(config, RegressionTask(config), rank, world_size, data_module=data,
+                          callbacks=[*default_callbacks(config), *callbacks])
+
+
+def test_a_stream_without_max_steps_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"^Data\.train_dataloader\(\) is a stream \(an IterableDataset, or no length\): "
+                                         r"set training\.max_steps, the steps the schedule spans; each pass over it "
+                                         r"is an epoch$"):
+        stream_engine(tmp_path).train()
     assert not (tmp_path / "run").exists()
+
+
+def test_each_pass_over_a_finite_stream_is_an_epoch_and_max_steps_spans_the_schedule(tmp_path):
+    # 10 batches of 16 a pass, 2 a step: 5 steps an epoch; 3 epochs end the run before max_steps
+    recorder = Recorder()
+    engine = stream_engine(tmp_path, {0: 160}, callbacks=[recorder], optimizer={"scheduler": "cosine"},
+                           training={"epochs": 3, "max_steps": 100, "grad_accum_steps": 2})
+    engine.train()
+    assert engine.step == 15 and engine.epoch == 3 and engine.total_steps == 100
+    assert recorder.names().count("on_epoch_end") == 3
+    assert engine.data_module.samples.epoch == 2  # told each epoch, to reshuffle by
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "epoch"] == [5, 10, 15]
+    # the schedule spans max_steps: at step 15 of 100 the cosine has barely moved from its peak
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * lr_factor(15, engine.config.optimizer, 100))
+    assert lr_factor(15, engine.config.optimizer, 100) > 0.9
+
+
+def test_a_stream_that_gives_no_step_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"Data\.train_dataloader\(\) gave no 2 batches \(training\.grad_accum_steps\) "
+                                         r"in epoch 0: a stream must yield batches on every rank"):
+        stream_engine(tmp_path, {0: 12}, training={"max_steps": 5, "grad_accum_steps": 2}).train()  # one batch
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_a_stream_resumed_mid_epoch_ends_with_the_weights_of_a_run_never_stopped(tmp_path, stateful, recwarn):
+    """Without a loader that keeps its place, the batches the epoch trained on are read again and dropped;
+    torchdata's StatefulDataLoader goes on where it stood, reading none of them again."""
+    loader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader if stateful else None
+    straight = stream_engine(tmp_path / "straight", loader=loader, training={"max_steps": 12})
+    straight.train()
+    first = stream_engine(tmp_path / "resumed", loader=loader, training={"max_steps": 7})
+    first.train()
+    resumed = stream_engine(tmp_path / "resumed", loader=loader, training={"max_steps": 12},
+                            checkpoint={"resume": "auto"})
+    resumed.train()
+    assert resumed.step == straight.step == 12 and resumed.epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed.model).values(), weights(straight.model).values()))
+    replayed = [str(w.message) for w in recwarn if "replaying" in str(w.message)]
+    assert resumed.data_module.samples.read == (5 if stateful else 12) * 16
+    assert replayed == ([] if stateful else ["replaying the 7 batches of the stream that epoch 0 trained on to "
+                                             "resume after them (a loader with state_dict and load_state_dict, such "
+                                             "as torchdata's StatefulDataLoader, resumes where it stood)"])
+
+
+def uneven_stream_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        engine = stream_engine(Path(directory), {0: 160, 1: 112}, rank=rank, world_size=2,
+                               training={"epochs": 2, "max_steps": 100})
+        engine.train()
+        assert (engine.step, engine.epoch) == (14, 2)  # 7 steps an epoch: the shorter stream's
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_whose_streams_end_apart_end_each_epoch_together(tmp_path):
+    """Rank 0 has 10 batches a pass, rank 1 has 7: a rank stepping on alone would wait for the other forever."""
+    spawn(uneven_stream_worker, str(tmp_path), free_port())
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "epoch"] == [7, 14]
 
 
 class CountedStream(Stream):
