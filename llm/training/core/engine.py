@@ -79,7 +79,9 @@ class CallbackError(RuntimeError):
 
 
 SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
-                  "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not")
+                  "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not",
+                  "resuming a stream with ", "replaying the ", "the stream's loader keeps its workers",
+                  "the stream's loader was saved with ")
 """The starts of the warnings every rank meets alike in set-up: finding and loading a checkpoint, a data set that
 its loader workers cannot seed batch by batch."""
 
@@ -150,6 +152,7 @@ class TrainingEngine:
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.stream = False  # the training loader is a stream (set in setup): its epochs end when it does
         self._loader_restored = False  # a stream's loader put back where a checkpoint's stood, to go on from
+        self._stream_state: dict[str, Any] | None = None  # where it stood after the last group yielded
         self.samples_seen = 0  # training samples over all ranks
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
         self.overflow_steps = 0  # steps a loss scaler (fp16) skipped: gradients that overflowed its scale
@@ -488,6 +491,13 @@ class TrainingEngine:
         k = cfg.training.grad_accum_steps
         self.stream = resume.is_stream(self.train_loader)
         batches = None if self.stream else len(self.train_loader)
+        dataset = getattr(self.train_loader, "dataset", None)
+        if self.stream and getattr(self.train_loader, "persistent_workers", False) and \
+                callable(getattr(dataset, "set_epoch", None)):
+            with self._warned_by_rank_0():
+                warnings.warn(f"the stream's loader keeps its workers (persistent_workers=True): the copies of "
+                              f"{type(dataset).__name__} they made at the first pass do not see set_epoch, and a "
+                              f"resumed run's, made at its first pass, do; build the loader without it")
         if self.stream and not cfg.training.max_steps:
             raise UsageError(
                 f"{type(self.data_module).__name__}.train_dataloader() is a stream (an IterableDataset, or no "
@@ -743,8 +753,8 @@ class TrainingEngine:
         callbacks = {key: _checkpointable(copy.deepcopy(cb.state_dict()), f"{type(cb).__name__}.state_dict()")
                      for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": resume.rng_state(self.device), **self._sums.state_dict()}
-        if self.stream and self.batch_in_epoch and resume.keeps_its_place(self.train_loader):
-            rank["loader"] = copy.deepcopy(self.train_loader.state_dict())
+        if self.stream and self.batch_in_epoch and self._stream_state is not None:
+            rank["loader"] = self._stream_state
         # the scheduler's too: a ReduceLROnPlateau counts validations, and the last one of a run may be off schedule
         scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
@@ -836,8 +846,7 @@ class TrainingEngine:
             resume.set_rng_state(mine["rng"], self.device)
             self._sums.load_state_dict(mine)
             if self.stream and self.batch_in_epoch and "loader" in mine and resume.keeps_its_place(self.train_loader):
-                self.train_loader.load_state_dict(mine["loader"])
-                self._loader_restored = True
+                self._restore_loader(mine["loader"])
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.train_metrics = shared["train_metrics"]
@@ -847,6 +856,18 @@ class TrainingEngine:
         if self.continues_run:
             self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def _restore_loader(self, saved: dict[str, Any]) -> None:
+        """Put the stream's loader back where the checkpoint's stood; with another worker count, whose state has
+        other parts, its epoch's batches are read again instead."""
+        workers = getattr(self.train_loader, "num_workers", 0)
+        if saved["num_workers"] != workers:
+            with self._warned_by_rank_0():
+                warnings.warn(f"the stream's loader was saved with {saved['num_workers']} worker(s), not {workers}: "
+                              f"its state is not put back")
+            return
+        self.train_loader.load_state_dict(saved["state"])
+        self._loader_restored = True
 
     # ---- what callbacks use ----------------------------------------------------------
 
@@ -892,14 +913,14 @@ class TrainingEngine:
         """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped, each with whether
         it is the epoch's last full group."""
         k = self.config.training.grad_accum_steps
+        if self._seeded is not None:
+            self._seeded.epoch = self.epoch
         if self.stream:
             yield from self._stream_groups(k)
             return
         if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
             # the loader's own batches, which batch_in_epoch counts (a data module's loader may batch otherwise)
             self._resumable.skip = self.batch_in_epoch * self.train_loader.batch_sampler.batch_size
-        if self._seeded is not None:
-            self._seeded.epoch = self.epoch
         left = len(self.train_loader)  # the skipped batches are not counted
         batches = self._iterate(self.train_loader, -1 - self.epoch)
         if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
@@ -927,12 +948,15 @@ class TrainingEngine:
                 self._resumable.skip = 0  # the loader its whole length again, for callbacks and the next epoch
 
     def _stream_groups(self, k: int) -> Iterator[tuple[list[Any], bool]]:
-        """Groups of k micro-batches of a stream, until a rank's runs out; the epoch's last one is known only then.
+        """Groups of k micro-batches of a stream, each with whether it is the epoch's last: a rank's stream has
+        run out after it.
 
-        Before each step the ranks agree (a host all-reduce) whether every one of them has a full group: a rank
-        that stepped alone would wait in the gradients' all-reduce forever. A resumed epoch goes on where its
-        loader stood (one of its own that keeps its place, ``state_dict``/``load_state_dict``, such as torchdata's
-        StatefulDataLoader), else after the batches it had trained on, read again and dropped.
+        Each group is yielded once the next one is read and the ranks agree (a host all-reduce) whether every
+        one of them has it: a rank that stepped alone would wait in the gradients' all-reduce forever, and the
+        epoch's end is known at its last step, as a sized loader's is. A resumed epoch goes on where its loader
+        stood (one of its own that keeps its place, ``state_dict``/``load_state_dict``, such as torchdata's
+        StatefulDataLoader: its state before the group read ahead is what a checkpoint keeps), else after the
+        batches it had trained on, read again and dropped.
         """
         batches = self._iterate(self.train_loader, -1 - self.epoch)
         if self.batch_in_epoch and not self._loader_restored:
@@ -941,23 +965,34 @@ class TrainingEngine:
                               f"trained on to resume after them (a loader with state_dict and load_state_dict, "
                               f"such as torchdata's StatefulDataLoader, resumes where it stood)")
             batches = itertools.islice(batches, self.batch_in_epoch, None)
-        self._loader_restored, stepped = False, False
-        while True:
+        self._loader_restored = False
+        keeps_place = resume.keeps_its_place(self.train_loader)
+
+        def read() -> tuple[list[Any], bool]:
             waited = time.perf_counter()
             group = list(itertools.islice(batches, k))
             self.data_wait_s += time.perf_counter() - waited  # read by ThroughputMonitor
-            ended = len(group) < k  # a last group shorter than k is dropped, like a last partial batch
-            if self.world_size > 1:
-                ended = D.any_rank([ended])[0]
-            if ended and not stepped and not self.batch_in_epoch:  # every rank: the agreement says the same
-                raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() gave no "
-                                 f"{'batch' if k == 1 else f'{k} batches (training.grad_accum_steps)'} in epoch "
-                                 f"{self.epoch}{' on some rank' if self.world_size > 1 else ''}: a stream must "
-                                 f"yield batches on every rank, each time it is iterated")
-            if ended:
-                return
-            stepped = True
-            yield group, False
+            short = len(group) < k  # a last group shorter than k is dropped, like a last partial batch
+            return group, D.any_rank([short])[0] if self.world_size > 1 else short
+
+        group, ended = read()
+        if ended and not self.batch_in_epoch:  # every rank: the agreement says the same
+            raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() gave no "
+                             f"{'batch' if k == 1 else f'{k} batches (training.grad_accum_steps)'} in epoch "
+                             f"{self.epoch}{' on some rank' if self.world_size > 1 else ''}: a stream must "
+                             f"yield batches on every rank, each time it is iterated")
+        while not ended:
+            self._stream_state = self._loader_state() if keeps_place else None
+            following, ended = read()
+            yield group, ended
+            group = following
+
+    def _loader_state(self) -> dict[str, Any]:
+        """Where the stream's loader stands, as a checkpoint keeps it: with its worker count, which its state
+        holds one part for each of."""
+        state = _checkpointable(copy.deepcopy(self.train_loader.state_dict()),
+                                f"{type(self.train_loader).__name__}.state_dict()")
+        return {"state": state, "num_workers": getattr(self.train_loader, "num_workers", 0)}
 
     def _iterate(self, loader: Any, salt: int) -> Iterator[Any]:
         """An iterator over a loader that leaves the global RNG alone.

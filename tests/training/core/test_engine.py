@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -332,6 +333,94 @@ def test_each_pass_over_a_finite_stream_is_an_epoch_and_max_steps_spans_the_sche
     assert lr_factor(15, engine.config.optimizer, 100) > 0.9
 
 
+def test_a_streams_epoch_closes_at_its_last_step_as_a_sized_loaders_does(tmp_path):
+    """Its end is read ahead: the epoch's validation comes before the save due at that step, and an epoch that
+    ends at max_steps is closed."""
+    engine = stream_engine(tmp_path, {0: 160}, training={"epochs": 2, "max_steps": 20, "grad_accum_steps": 2},
+                           checkpoint={"every_n_steps": 5, "keep_last": 5})
+    engine.train()
+    assert (engine.step, engine.epoch) == (10, 2)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "epoch"] == [5, 10]
+    saved = load_shared_state(tmp_path / "run/checkpoints/step_00000005")
+    assert saved["val_metrics"]["step"] == 5 and saved["progress"]["epoch"] == 1  # validated, then saved
+
+
+class NumpyPlace(Samples):
+    def state_dict(self) -> dict:
+        return {"position": np.int64(self.position)}  # a NumPy number, as a data set's own counters often are
+
+
+def test_a_loaders_state_is_kept_as_plain_numbers_and_not_put_back_for_another_worker_count(tmp_path, recwarn):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
+
+    class Loader(stateful):
+        def __init__(self, samples, batch_size):
+            samples.__class__ = NumpyPlace
+            super().__init__(samples, batch_size=batch_size, num_workers=int(os.environ.get("WORKERS", "0")))
+
+    stream_engine(tmp_path, loader=Loader, training={"max_steps": 3}).train()
+    resumed = stream_engine(tmp_path, loader=Loader, training={"max_steps": 6}, checkpoint={"resume": "auto"})
+    resumed.train()  # its np.int64 saved as a plain int, which a checkpoint loads
+    assert resumed.step == 6 and resumed.data_module.samples.read == (3 + 1) * 16  # and one read ahead
+    os.environ["WORKERS"] = "1"
+    try:
+        resumed = stream_engine(tmp_path, loader=Loader, training={"max_steps": 8}, checkpoint={"resume": "auto"})
+        resumed.train()
+    finally:
+        del os.environ["WORKERS"]
+    assert resumed.step == 8
+    said = [str(w.message) for w in recwarn]
+    assert "the stream's loader was saved with 0 worker(s), not 1: its state is not put back" in said
+    assert any(m.startswith("replaying the 6 batches of the stream") for m in said)
+
+
+class Drawn(torch.utils.data.Dataset):
+    """Noise drawn in __getitem__, as augmentation does."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.rand(4), torch.zeros(1)
+
+
+class Endless(torch.utils.data.Sampler):
+    """Indices of no length: the loader over it is a stream."""
+
+    def __iter__(self):
+        return iter(range(64))
+
+
+def test_a_streams_workers_draw_other_numbers_each_epoch(tmp_path):
+    class Data(StreamData):
+        def train_dataloader(self, rank, world_size):
+            return torch.utils.data.DataLoader(Drawn(), batch_size=16, sampler=Endless(), num_workers=1), None
+
+    config = tiny_config(tmp_path, training={"epochs": 2, "max_steps": 10})
+    drawn = []
+
+    class Spy(RegressionTask):
+        def train_step(self, batch, model, criterion):
+            drawn.append(batch[0].clone())
+            return super().train_step(batch, model, criterion)
+
+    TrainingEngine(config, Spy(config), data_module=Data(config)).train()
+    assert len(drawn) == 8 and not torch.equal(drawn[0], drawn[4])  # epoch 1's first batch is not epoch 0's
+
+
+def test_a_stream_whose_loader_keeps_its_workers_is_warned_of(tmp_path):
+    class Data(StreamData):
+        def train_dataloader(self, rank, world_size):
+            return torch.utils.data.DataLoader(Samples(rank, 64), batch_size=16, num_workers=1,
+                                               persistent_workers=True), None
+
+    config = tiny_config(tmp_path, training={"max_steps": 2})
+    with pytest.warns(UserWarning, match=r"the stream's loader keeps its workers \(persistent_workers=True\): the "
+                                         r"copies of Samples they made at the first pass do not see set_epoch"):
+        TrainingEngine(config, RegressionTask(config), data_module=Data(config)).train()
+
+
 def test_a_stream_that_gives_no_step_is_refused_in_one_line(tmp_path):
     with pytest.raises(UsageError, match=r"Data\.train_dataloader\(\) gave no 2 batches \(training\.grad_accum_steps\) "
                                          r"in epoch 0: a stream must yield batches on every rank"):
@@ -353,7 +442,8 @@ def test_a_stream_resumed_mid_epoch_ends_with_the_weights_of_a_run_never_stopped
     assert resumed.step == straight.step == 12 and resumed.epoch == 0
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed.model).values(), weights(straight.model).values()))
     replayed = [str(w.message) for w in recwarn if "replaying" in str(w.message)]
-    assert resumed.data_module.samples.read == (5 if stateful else 12) * 16
+    # the 5 batches it trained on, one read ahead (whether the stream ends there), and the 7 replayed
+    assert resumed.data_module.samples.read == (6 if stateful else 13) * 16
     assert replayed == ([] if stateful else ["replaying the 7 batches of the stream that epoch 0 trained on to "
                                              "resume after them (a loader with state_dict and load_state_dict, such "
                                              "as torchdata's StatefulDataLoader, resumes where it stood)"])
