@@ -123,6 +123,31 @@ def test_a_mistral_imports_with_its_sliding_window_as_the_context(tmp_path, caps
         torch.testing.assert_close(ours(x), theirs(x).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_a_llama_whose_tokenizer_begins_each_text_with_bos_generates_as_transformers_does(tmp_path, capsys):
+    """transformers puts <s> in front of a Llama's prompt: llm.generate does too, and continues it alike."""
+    from tokenizers import processors
+
+    from llm.generate import main as generate
+
+    theirs, tokenizer, hf = llama(tmp_path)
+    document = json.loads((hf / "tokenizer.json").read_text())
+    bos = next(t["id"] for t in document["added_tokens"] if t["content"] == "<|endoftext|>")
+    document["post_processor"] = json.loads(processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]).__getstate__())
+    (hf / "tokenizer.json").write_text(json.dumps(document))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    prompt = "the lazy fox"
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids[0] == bos
+    with torch.no_grad():
+        continued = theirs.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    capsys.readouterr()
+    assert generate(["--checkpoint", str(tmp_path / "ours"), "--prompt", prompt, "--max-new-tokens", "8",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + tokenizer.decode(continued) + "\n"
+
+
 def test_a_qwen2_and_a_llama_3_2_with_its_rotary_scaling_import_with_their_logits(tmp_path, capsys):
     """Qwen2 has biases in its query, key and value projections alone; Llama 3.1 and 3.2 stretch the rotary
     positions' long wavelengths."""
