@@ -4,8 +4,9 @@ The same file serves ``python -m llm.training.train`` and
 ``torchrun --nproc_per_node=N llm/training/train.py``.
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 3 stopped on a
-non-finite loss (training.nan_policy=stop); 128+signal when SIGTERM, SIGINT or
-SIGHUP stopped the run after saving a checkpoint (143, 130, 129).
+non-finite loss (training.nan_policy=stop); 75 stopped at training.max_minutes,
+validated and saved; 128+signal when SIGTERM, SIGINT or SIGHUP stopped the run
+after saving a checkpoint (143, 130, 129).
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ from llm.training.core.callbacks import (
 )
 from llm.training.core.checkpoint import best_checkpoint
 from llm.training.core.config import Config
-from llm.training.core.engine import STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
+from llm.training.core.engine import OUT_OF_TIME, STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.profiler import Profiler
 from llm.training.core.registry import data_module_of, resolve_callback, resolve_data_module, resolve_task
 from llm.training.core.throughput import ThroughputMonitor
 
 EXIT_NON_FINITE = 3
+EXIT_OUT_OF_TIME = 75
+"""sysexits' EX_TEMPFAIL, "try again": the run is saved, and goes on with --checkpoint-resume auto."""
 
 
 def default_callbacks(config: Config) -> list[Callback]:
@@ -304,6 +307,11 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
         raise
     if rank == 0:
         say(summary_table(config, metrics))
+    if str(metrics.get("stop_reason", "")).startswith(OUT_OF_TIME):
+        if rank == 0:
+            print_error(f"{metrics['stop_reason']} at step {metrics['steps']}; continue with --checkpoint-resume "
+                        f"auto{_moved(config, asked_dir)}")
+        return EXIT_OUT_OF_TIME
     return 0
 
 

@@ -325,6 +325,17 @@ def test_user_task_and_data_module_by_module_path_in_packages_named_like_the_fra
     assert summary["val_acc"] > 0.9
 
 
+def test_a_run_at_its_time_limit_exits_75_saying_how_to_go_on_and_goes_on_from_there(tmp_path):
+    out = train_cli(*SMALL, "--training-max-minutes", "0.0001", "--epochs", "2", cwd=tmp_path)
+    assert out.returncode == 75, out.stderr[-2000:]
+    assert out.stderr.endswith("reached training.max_minutes=0.0001 at step 1; continue with --checkpoint-resume "
+                               "auto\n")
+    assert "stopped           reached training.max_minutes=0.0001" in out.stdout
+    out = train_cli(*SMALL, "--epochs", "2", "--checkpoint-resume", "auto", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from runs/regression/checkpoints/step_00000001 at step 1" in out.stdout
+
+
 def test_nan_on_one_rank_stops_both_and_names_it(tmp_path):
     out = torchrun(2, REPO / "llm/training/train.py", "--task", "tests.helpers:NaNRegressionTask", *SMALL,
                    "--checkpoint-every-n-steps", "2", cwd=tmp_path, timeout=120,

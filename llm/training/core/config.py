@@ -53,6 +53,8 @@ class TrainingConfig:
     """Passes over the training data."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no limit beyond epochs)."""
+    max_minutes: float = 0.0
+    """Stop at the first step this many minutes after training began in this process, validated and saved, to go on with --checkpoint-resume auto (a job's time limit); the command line then exits 75 (0: no limit)."""
     batch_size: int = 32
     """Samples per rank in one micro-batch."""
     grad_accum_steps: int = 1
@@ -441,6 +443,7 @@ class Config:
         _at_least("training.batch_size", t.batch_size, 1)
         _at_least("training.grad_accum_steps", t.grad_accum_steps, 1)
         _at_least("training.grad_clip", t.grad_clip, 0.0)
+        _at_least("training.max_minutes", t.max_minutes, 0.0)
         _fraction("training.ema_decay", t.ema_decay)
         _at_least("training.seed", t.seed, 0)
         _at_least("training.eval_every_steps", t.eval_every_steps, 0)

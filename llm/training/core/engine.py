@@ -78,6 +78,8 @@ class CallbackError(RuntimeError):
     """A user callback raised; the message names it."""
 
 
+OUT_OF_TIME = "reached training.max_minutes"
+"""How the stop_reason of a run stopped by its time limit begins."""
 SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
                   "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not",
                   "resuming a stream with ", "replaying the ", "the stream's loader keeps its workers",
@@ -161,6 +163,7 @@ class TrainingEngine:
         self.first_step_s: float | None = None  # the first step of this process, compilation included
         self._after_first_step = (0.0, 0.0, 0)  # when that step ended, aside_s then, samples_seen then
         self.should_stop, self.stop_reason = False, ""
+        self._deadline: float | None = None  # time.monotonic() of training.max_minutes, set when training starts
         self._held_stop = ""  # a stop asked for with request_stop, which a resume from here keeps
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
         self.ema: WeightAverage | None = None  # the weight average (training.ema_decay), built in setup
@@ -197,7 +200,7 @@ class TrainingEngine:
         """
         if self._started:  # again, on this engine: nothing of the last call carries over but what it saved
             self._start_afresh()
-        self._started = True
+        self._started, self._began = True, time.monotonic()  # set-up counts against training.max_minutes
         D.join_process_group(self.config, self.rank, self.world_size, self.local_rank)
         try:
             self.setup()
@@ -206,6 +209,8 @@ class TrainingEngine:
             raise
         started, metrics, ok = time.perf_counter(), {}, False
         self._saved_at = time.monotonic()
+        minutes = self.config.training.max_minutes
+        self._deadline = self._began + 60 * minutes if minutes else None
         self._first_sample = self.samples_seen
         try:
             self._fire("on_train_start")
@@ -261,6 +266,10 @@ class TrainingEngine:
         save, then save if due. A run about to finish is saved by finish(), after its last validation. Returns
         whether to stop."""
         self._stop_at_max_steps()
+        if self._deadline is not None and not self.should_stop and time.monotonic() >= self._deadline:
+            # not held in the checkpoint, as request_stop's is: a resume has a time limit of its own
+            self.should_stop = True
+            self.stop_reason = f"{OUT_OF_TIME}={self.config.training.max_minutes:g}"
         minutes = self.config.checkpoint.every_n_minutes
         stop, clock_due = self._agree_to_stop(bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes)
         due = clock_due or self._due(self.config.checkpoint.every_n_steps)

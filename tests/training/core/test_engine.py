@@ -896,6 +896,43 @@ def test_a_run_killed_without_warning_resumes_from_its_last_save_by_the_clock(tm
     assert all(torch.equal(a, b) for a, b in zip(weights(reference.raw_model).values(), weights(resumed.raw_model).values()))
 
 
+class Ticks(Callback):
+    """Counts the steps this process took: a clock for time.monotonic that reads one minute a step."""
+
+    steps = 0
+
+    def on_step_end(self, engine):
+        self.steps += 1
+
+    def minutes(self) -> float:
+        return 60.0 * self.steps
+
+
+def test_a_run_stopped_at_its_time_limit_goes_on_from_there_to_the_weights_of_a_run_never_stopped(
+        tmp_path, monkeypatch):
+    """A job's time limit: each process trains 3.5 minutes (4 steps of one), validates, saves and stops; the same
+    command then goes on from there. The stop is not held in the checkpoint, as request_stop's is."""
+    reference, _ = train(tiny_config(tmp_path / "ref", training={"epochs": 3}))
+    config = tiny_config(tmp_path / "timed", training={"epochs": 3, "max_minutes": 3.5},
+                         checkpoint={"resume": "auto"})
+    stops = []
+    for _ in range(20):
+        ticks = Ticks()
+        engine = TrainingEngine(config, RegressionTask(config), 0, 1, callbacks=[MetricsLogger(), ticks])
+        monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=time.perf_counter,
+                                                                   monotonic=ticks.minutes))
+        metrics = engine.train()
+        monkeypatch.undo()
+        stops.append((engine.step, metrics["stop_reason"]))
+        if engine.step == reference.step:
+            break
+    assert stops[:2] == [(4, "reached training.max_minutes=3.5"), (8, "reached training.max_minutes=3.5")]
+    assert stops[-1] == (42, "trained training.epochs=3") and len(stops) == 11
+    records = [json.loads(line) for line in (tmp_path / "timed/run/metrics.jsonl").read_text().splitlines()]
+    assert {4, 8, 40} <= {r["step"] for r in records if r["split"] == "val"}  # validated at each stop
+    assert all(torch.equal(a, b) for a, b in zip(weights(reference.raw_model).values(), weights(engine.raw_model).values()))
+
+
 def clock_save_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
