@@ -5,7 +5,7 @@ The same file serves ``python -m llm.training.train`` and
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 3 stopped on a
 non-finite loss (training.nan_policy=stop); 75 stopped at training.max_minutes,
-validated and saved; 128+signal when SIGTERM, SIGINT or SIGHUP stopped the run
+validated and saved (0 under torchrun, which restarts workers that exit otherwise); 128+signal when SIGTERM, SIGINT or SIGHUP stopped the run
 after saving a checkpoint (143, 130, 129).
 """
 
@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
         try:
             D.init_process_group(config, rank, world_size, local_rank)
             metrics = train_worker(rank, world_size, config)
+            code = _exit_code(metrics)
             if exiting:
-                _exit_on_signals(0)
+                _exit_on_signals(code)  # a signal now (the job's own time limit, near) does not change it
         except (Exception, TrainingInterrupted) as e:
             if dist.is_initialized():  # else the frames keep their locals, for a post-mortem debugger
                 # the frames of the error and of those it came from let go of what they held (the DDP wrapper a
@@ -307,12 +308,17 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
         raise
     if rank == 0:
         say(summary_table(config, metrics))
-    if str(metrics.get("stop_reason", "")).startswith(OUT_OF_TIME):
-        if rank == 0:
+        if str(metrics.get("stop_reason", "")).startswith(OUT_OF_TIME):
             print_error(f"{metrics['stop_reason']} at step {metrics['steps']}; continue with --checkpoint-resume "
                         f"auto{_moved(config, asked_dir)}")
-        return EXIT_OUT_OF_TIME
-    return 0
+    return code
+
+
+def _exit_code(metrics: dict[str, Any]) -> int:
+    """0, or 75 for a run stopped at training.max_minutes; but under torchrun, which takes any other code than 0
+    for a failure and restarts the workers (--max-restarts), each with a limit of its own, 0."""
+    out_of_time = str(metrics.get("stop_reason", "")).startswith(OUT_OF_TIME)
+    return EXIT_OUT_OF_TIME if out_of_time and D.torchrun_agent() is None else 0
 
 
 def run() -> None:

@@ -336,6 +336,16 @@ def test_a_run_at_its_time_limit_exits_75_saying_how_to_go_on_and_goes_on_from_t
     assert "resumed from runs/regression/checkpoints/step_00000001 at step 1" in out.stdout
 
 
+def test_workers_at_their_time_limit_exit_0_under_torchrun_which_would_restart_them_on_any_other_code(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    out = run([*launcher, str(REPO / "llm/training/train.py"), *SMALL, "--training-max-minutes", "0.0001"],
+              cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("reached training.max_minutes=0.0001 at step 1; continue with --checkpoint-resume auto") \
+        == 1 and "resumed from" not in out.stdout  # said once, by rank 0; not restarted
+
+
 def test_nan_on_one_rank_stops_both_and_names_it(tmp_path):
     out = torchrun(2, REPO / "llm/training/train.py", "--task", "tests.helpers:NaNRegressionTask", *SMALL,
                    "--checkpoint-every-n-steps", "2", cwd=tmp_path, timeout=120,

@@ -266,7 +266,7 @@ class TrainingEngine:
         save, then save if due. A run about to finish is saved by finish(), after its last validation. Returns
         whether to stop."""
         self._stop_at_max_steps()
-        if self._deadline is not None and not self.should_stop and time.monotonic() >= self._deadline:
+        if self._deadline is not None and not self._finished() and time.monotonic() >= self._deadline:
             # not held in the checkpoint, as request_stop's is: a resume has a time limit of its own
             self.should_stop = True
             self.stop_reason = f"{OUT_OF_TIME}={self.config.training.max_minutes:g}"
@@ -870,10 +870,10 @@ class TrainingEngine:
         """Put the stream's loader back where the checkpoint's stood; with another worker count, whose state has
         other parts, its epoch's batches are read again instead."""
         workers = getattr(self.train_loader, "num_workers", 0)
-        if saved["num_workers"] != workers:
+        if not isinstance(saved, dict) or saved.get("num_workers") != workers or "state" not in saved:
             with self._warned_by_rank_0():
-                warnings.warn(f"the stream's loader was saved with {saved['num_workers']} worker(s), not {workers}: "
-                              f"its state is not put back")
+                warnings.warn(f"the stream's loader was saved with {saved.get('num_workers', 'an unknown number of')} "
+                              f"worker(s), not {workers}: its state is not put back")
             return
         self.train_loader.load_state_dict(saved["state"])
         self._loader_restored = True
@@ -1095,9 +1095,11 @@ class TrainingEngine:
                 self.stop_reason = "a torchrun agent of this job is gone" if self._agent_gone else \
                     f"stopped by signal {self.interrupted_by.name}"
         if (stop or signalled) and D.active():  # once, at the stop: every rank gives the asking rank's reason
+            # one reason on every rank, as its exit code follows it: a stop asked for (held in the checkpoint)
+            # before what one rank's clock said, else the first rank's
             reasons = D.gather((self.stop_reason, self._held_stop))
-            self.stop_reason = self.stop_reason or next((r for r, _ in reasons if r), "")
-            self._held_stop = self._held_stop or next((h for _, h in reasons if h), "")
+            self._held_stop = next((h for _, h in reasons if h), "")
+            self.stop_reason = self._held_stop or next((r for r, _ in reasons if r), "")
         self.should_stop = stop or signalled
         return self.should_stop, save_due
 

@@ -524,7 +524,8 @@ optimizer that cannot take the saved state (allowed, it starts afresh). What a t
 change is the task's to know: taken as binding."""
 HOW_TO_RESUME = ("checkpoint.resume", "checkpoint.allow_config_change", "checkpoint.init_from")
 """Settings that say how to resume, not what the run is: never a change."""
-HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir", "distributed.find_unused_parameters")
+HARMLESS_CONFIG = ("data.num_workers", "data.cache_dir", "distributed.find_unused_parameters",
+                   "training.max_minutes")
 """Settings that change neither the model, nor the data order, nor the schedule (num_workers from or to 0 does
 change the stream a data set draws random numbers from in __getitem__: see change() and docs/checkpoints.md)."""
 

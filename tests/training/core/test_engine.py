@@ -933,6 +933,39 @@ def test_a_run_stopped_at_its_time_limit_goes_on_from_there_to_the_weights_of_a_
     assert all(torch.equal(a, b) for a, b in zip(weights(reference.raw_model).values(), weights(engine.raw_model).values()))
 
 
+def test_a_run_whose_clock_passes_its_limit_at_its_last_step_has_finished(tmp_path, monkeypatch):
+    ticks = Ticks()
+    config = tiny_config(tmp_path, training={"epochs": 1, "max_minutes": 13.5})  # 14 steps of a minute
+    engine = TrainingEngine(config, RegressionTask(config), 0, 1, callbacks=[ticks])
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=time.perf_counter, monotonic=ticks.minutes))
+    assert engine.train()["stop_reason"] == "trained training.epochs=1" and engine.step == 14
+
+
+class StopAt3(Callback):
+    def on_step_end(self, engine):
+        if engine.step == 3 and engine.rank == 0:
+            engine.request_stop("the target was reached")
+        if engine.step == 3 and engine.rank == 1:
+            engine._deadline = 0.0  # this rank's clock passes its limit at the same step
+
+
+def stop_reason_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        config = tiny_config(Path(directory), training={"max_steps": 6, "max_minutes": 1000})
+        engine = TrainingEngine(config, RegressionTask(config), rank, 2, callbacks=[StopAt3()])
+        assert engine.train()["stop_reason"] == "the target was reached"  # on both ranks: the asked-for stop
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gives_one_stop_reason_an_asked_for_stop_before_a_ranks_clock(tmp_path):
+    """Its exit code follows the reason: a rank out of time beside one whose stop is held would tell a job to go
+    on with a run that has finished."""
+    spawn(stop_reason_worker, str(tmp_path), free_port())
+
+
 def clock_save_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
