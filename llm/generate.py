@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         model, tokenizer, _ = load_lm(args.checkpoint, args.device)
         try:
-            prompt_ids = tokenizer.encode_prompt(args.prompt)  # before any output: a char the vocabulary lacks fails here
+            prompt_ids = tokenizer.encode(args.prompt)  # before any output: a char the vocabulary lacks fails here
         except UsageError as e:
             raise UsageError(f"--prompt: {e}") from None
         if not prompt_ids:

@@ -123,8 +123,9 @@ def test_a_mistral_imports_with_its_sliding_window_as_the_context(tmp_path, caps
         torch.testing.assert_close(ours(x), theirs(x).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_a_llama_whose_tokenizer_begins_each_text_with_bos_generates_as_transformers_does(tmp_path, capsys):
-    """transformers puts <s> in front of a Llama's prompt: llm.generate does too, and continues it alike."""
+def test_a_llama_given_its_bos_in_the_prompt_generates_as_transformers_does(tmp_path, capsys):
+    """transformers puts <s> in front of a Llama's prompt; llm.generate encodes a prompt as the corpus is, without
+    a template's tokens, and reads the <s> written in the prompt as that token."""
     from tokenizers import processors
 
     from llm.generate import main as generate
@@ -137,12 +138,12 @@ def test_a_llama_whose_tokenizer_begins_each_text_with_bos_generates_as_transfor
     (hf / "tokenizer.json").write_text(json.dumps(document))
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
-    prompt = "the lazy fox"
-    ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer("the lazy fox")["input_ids"]
     assert ids[0] == bos
     with torch.no_grad():
         continued = theirs.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
     capsys.readouterr()
+    prompt = "<|endoftext|>the lazy fox"
     assert generate(["--checkpoint", str(tmp_path / "ours"), "--prompt", prompt, "--max-new-tokens", "8",
                      "--temperature", "0"]) == 0
     assert capsys.readouterr().out == prompt + tokenizer.decode(continued) + "\n"

@@ -41,12 +41,6 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """``encode``, with the tokens the tokenizer puts in front of a text of its own (a Llama's ``<s>``), as
-        ``transformers`` encodes a prompt. None after it: an end of text there would end the prompt's document.
-        A corpus is encoded without either: it is one stream."""
-        return self.encode(text)
-
     pieces_at_once = 1
     """How many texts ``encode_batch`` is worth being given at once: more only where they run in parallel."""
 
@@ -169,15 +163,6 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
-
-    def encode_prompt(self, text: str) -> list[int]:
-        ids = self.encode(text)
-        with _cannot_encode():
-            framed = self.hf.encode(text).ids  # with the post-processor's special tokens, around the text
-        for start in range(len(framed) - len(ids) + 1):
-            if framed[start:start + len(ids)] == ids:
-                return framed[:start] + ids
-        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         with _cannot_encode():

@@ -214,18 +214,3 @@ def test_bpe_is_trained_on_pieces_cut_where_the_pre_tokenizer_splits_so_the_voca
     whole.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                           special_tokens=[], show_progress=False))
     assert HFTokenizer.train_bpe([text], 400).hf.get_vocab() == whole.get_vocab()
-
-
-def test_a_prompt_gets_the_special_tokens_its_tokenizer_puts_before_a_text_and_none_after(bpe, corpus):
-    """As transformers encodes a Llama's prompt: <s> in front; an end of text after it would end its document."""
-    from tokenizers import AddedToken, processors
-
-    hf = HF.from_str(bpe.to_json())
-    hf.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
-    bos, eos = hf.token_to_id("<s>"), hf.token_to_id("</s>")
-    hf.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
-    framed = HFTokenizer(hf)
-    text = "def f(x): return x"
-    assert framed.encode_prompt(text) == [bos, *framed.encode(text)] and bos not in framed.encode(text)
-    for plain in (bpe, build_tokenizer("char", corpus, 0), build_tokenizer("byte", corpus, 0)):  # none in front
-        assert plain.encode_prompt(text) == plain.encode(text)
