@@ -5,8 +5,9 @@ The same file serves ``python -m llm.training.train`` and
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 3 stopped on a
 non-finite loss (training.nan_policy=stop); 75 stopped at training.max_minutes,
-validated and saved (0 under torchrun, which restarts workers that exit otherwise); 128+signal when SIGTERM, SIGINT or SIGHUP stopped the run
-after saving a checkpoint (143, 130, 129).
+validated and saved (0 under torchrun, which restarts workers that exit
+otherwise); 128+signal when SIGTERM, SIGINT or SIGHUP stopped the run after
+saving a checkpoint (143, 130, 129).
 """
 
 from __future__ import annotations

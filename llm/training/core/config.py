@@ -54,7 +54,7 @@ class TrainingConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no limit beyond epochs)."""
     max_minutes: float = 0.0
-    """Stop at the first step this many minutes after training began in this process, validated and saved, to go on with --checkpoint-resume auto (a job's time limit); the command line then exits 75 (0: no limit)."""
+    """Stop at the first step this many minutes after training began in this process (0: no limit), validated and saved, to go on with --checkpoint-resume auto (a job's time limit); the command line then exits 75, or 0 under torchrun, which restarts workers that exit otherwise."""
     batch_size: int = 32
     """Samples per rank in one micro-batch."""
     grad_accum_steps: int = 1
