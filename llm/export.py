@@ -306,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(argv: list[str] | None) -> str:
     parser = ArgParser(prog="llm-export", description="Export a checkpoint's model weights as safetensors, or as a "
-                                                       "Hugging Face Llama or GPT-2 (--format hf).")
+                                                       "Hugging Face Llama, Qwen2 or GPT-2 (--format hf).")
     parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, a run directory, or a "
                                            "directory of checkpoints' best file (the best by checkpoint.monitor)")
     parser.add_argument("--out", required=True,
                         help="where to write: the .safetensors file, or for --format hf a folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="safetensors: our weights and a .json description (default); "
-                             "hf: a Hugging Face transformers folder, Llama or GPT-2 (language models)")
+                             "hf: a Hugging Face transformers folder, Llama, Qwen2 or GPT-2 (language models)")
     args = parser.parse_args(argv)
     if args.format != "hf":
         ckpt = export(args.checkpoint, args.out)

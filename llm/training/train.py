@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
         try:
             D.init_process_group(config, rank, world_size, local_rank)
             metrics = train_worker(rank, world_size, config)
-            code = _exit_code(metrics)
+            out_of_time = str(metrics.get("stop_reason", "")).startswith(OUT_OF_TIME)
+            # 75; but under torchrun, which takes any other code than 0 for a failure and restarts the workers
+            # (--max-restarts), each with a limit of its own, 0
+            code = EXIT_OUT_OF_TIME if out_of_time and D.torchrun_agent() is None else 0
             if exiting:
                 _exit_on_signals(code)  # a signal now (the job's own time limit, near) does not change it
         except (Exception, TrainingInterrupted) as e:
@@ -309,17 +312,10 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
         raise
     if rank == 0:
         say(summary_table(config, metrics))
-        if str(metrics.get("stop_reason", "")).startswith(OUT_OF_TIME):
+        if out_of_time:
             print_error(f"{metrics['stop_reason']} at step {metrics['steps']}; continue with --checkpoint-resume "
                         f"auto{_moved(config, asked_dir)}")
     return code
-
-
-def _exit_code(metrics: dict[str, Any]) -> int:
-    """0, or 75 for a run stopped at training.max_minutes; but under torchrun, which takes any other code than 0
-    for a failure and restarts the workers (--max-restarts), each with a limit of its own, 0."""
-    out_of_time = str(metrics.get("stop_reason", "")).startswith(OUT_OF_TIME)
-    return EXIT_OUT_OF_TIME if out_of_time and D.torchrun_agent() is None else 0
 
 
 def run() -> None:

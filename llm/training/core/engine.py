@@ -870,12 +870,10 @@ class TrainingEngine:
         """Put the stream's loader back where the checkpoint's stood; with another worker count, whose state has
         other parts, its epoch's batches are read again instead."""
         workers = getattr(self.train_loader, "num_workers", 0)
-        known = isinstance(saved, dict) and "state" in saved  # else of a format before the worker count was kept
-        saved_workers = saved.get("num_workers") if known else "an unknown number of"
-        if saved_workers != workers:
+        if saved["num_workers"] != workers:
             with self._warned_by_rank_0():
-                warnings.warn(f"the stream's loader was saved with {saved_workers} worker(s), not {workers}: its "
-                              f"state is not put back")
+                warnings.warn(f"the stream's loader was saved with {saved['num_workers']} worker(s), not {workers}: "
+                              f"its state is not put back")
             return
         self.train_loader.load_state_dict(saved["state"])
         self._loader_restored = True
