@@ -4,8 +4,8 @@ Pre-norm blocks of causal self-attention (``scaled_dot_product_attention``,
 with as many key-value heads as heads or fewer: grouped-query attention) and an
 MLP, with rotary or learned positions, RMSNorm or LayerNorm, SwiGLU or GELU.
 
-Each :class:`Block` takes and returns the residual stream ``x`` (rotary tables
-live inside the attention), so the engine can wrap blocks one by one for FSDP,
+Each :class:`Block` takes and returns the residual stream ``x`` (the rotary
+tables live inside the attention, one pair that all blocks share), so the engine can wrap blocks one by one for FSDP,
 ``torch.compile`` or activation checkpointing. Generation passes a
 :class:`KVCache` as well, so that each new token reads only its own position.
 """
@@ -109,6 +109,13 @@ def make_norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+def make_rotary(config: GPTConfig) -> Rotary | None:
+    """The rotary tables ``config`` asks for, or None for learned positions."""
+    if config.pos_emb != "rope":
+        return None
+    return Rotary(config.head_dim, config.block_size, config.rope_base, config.rope_scaling)
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (RoPE), "rotate half" layout, for tensors shaped (B, T, H, D).
 
@@ -199,14 +206,13 @@ class CausalSelfAttention(nn.Module):
     """Queries of n_head heads; keys and values of n_kv_head, each read by n_head / n_kv_head queries (grouped-query
     attention: a smaller KV cache), laid out in ``qkv`` as the queries' rows, the keys', the values'."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rope: Rotary | None = None):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
         self.sizes = [config.n_embd] + [config.kv_heads * config.head_dim] * 2
         self.qkv = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.rope = Rotary(config.head_dim, config.block_size, config.rope_base, config.rope_scaling) \
-            if config.pos_emb == "rope" else None
+        self.rope = rope if rope is not None else make_rotary(config)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.grouped = config.kv_heads != config.n_head
 
@@ -255,12 +261,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """One pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; ``rope``: rotary tables
+    to share with other blocks (built for this one if not given)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rope: Rotary | None = None):
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, rope)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
@@ -278,7 +285,9 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # one pair of rotary tables for all blocks: for Llama 3.1's 131072 positions a pair is 64 MiB
+        rope = make_rotary(config)
+        self.blocks = nn.ModuleList(Block(config, rope) for _ in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:

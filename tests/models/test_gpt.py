@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -166,6 +167,15 @@ def test_rotary_keeps_norms_and_makes_scores_depend_on_relative_position():
     score = lambda i, j: (qs[0, i, 0] @ ks[0, j, 0]).item()  # noqa: E731
     assert score(5, 3) == pytest.approx(score(20, 18), abs=1e-5)
     assert score(5, 3) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+def test_all_blocks_share_one_pair_of_rotary_tables():
+    config = GPTConfig(vocab_size=V, n_layer=3, n_head=2, n_embd=16, block_size=4096)
+    tables = dict(GPT(config).named_buffers())
+    # one (cos, sin) pair of block_size rows, not one a block: 64 MiB a pair for Llama 3.1's 131072 positions
+    assert sorted(tables) == ["blocks.0.attn.rope.cos", "blocks.0.attn.rope.sin"]
+    assert all(t.shape == (4096, 4) for t in tables.values())
+    assert GPT(dataclasses.replace(config, pos_emb="learned")).blocks[0].attn.rope is None
 
 
 def test_greedy_generation_follows_the_argmax_and_crops_the_context():
