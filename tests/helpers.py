@@ -153,20 +153,20 @@ def torchrun(nproc: int, script: str | Path, *flags: str, cwd: Path, **kwargs: A
     return run([*launcher, str(script), *flags], cwd=cwd, **kwargs)
 
 
-def node_agent(script: str | Path, *flags: str, torchrun_flags: tuple[str, ...] = ()) -> list[str]:
-    """The command of one of two torchrun agents with --nnodes=2, one process each, against a rendezvous on
-    127.0.0.1 (a free port of its own): two "nodes" of this machine, as docs/distributed.md starts them."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *torchrun_flags,
+def node_agent(script: str | Path, *flags: str, torchrun_flags: tuple[str, ...] = (), nproc: int = 1) -> list[str]:
+    """The command of one of two torchrun agents with --nnodes=2, ``nproc`` processes each, against a rendezvous
+    on 127.0.0.1 (a free port of its own): two "nodes" of this machine, as docs/distributed.md starts them."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc}", *torchrun_flags,
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=llm-test",
             str(script), *flags]
 
 
 def two_nodes(script: str | Path, *flags: str, cwd: Path, done: list[Path], torchrun_flags: tuple[str, ...] = (),
-              env: dict[str, str] | None = None, timeout: float = 240) -> None:
+              env: dict[str, str] | None = None, timeout: float = 240, nproc: int = 1) -> None:
     """Two node_agent()s, started together. Returns once every path in ``done`` exists."""
     import pytest
 
-    agent = node_agent(script, *flags, torchrun_flags=torchrun_flags)
+    agent = node_agent(script, *flags, torchrun_flags=torchrun_flags, nproc=nproc)
     logs = [open(cwd / f"agent{i}.log", "w") for i in range(2)]
     nodes = [subprocess.Popen(agent, cwd=cwd, env=cli_env(env), stdout=log, stderr=subprocess.STDOUT) for log in logs]
     output = lambda: "".join(p.read_text()[-2000:] for p in cwd.glob("agent*.log"))  # noqa: E731

@@ -523,6 +523,33 @@ def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
     assert summary["samples_seen"] == 2 * ((512 - 51) // 2 // 32) * 32 * 2  # two ranks, two epochs
 
 
+def test_hsdp_on_two_nodes_of_two_shards_within_each_node_copies_across_them_and_trains_as_one_process(tmp_path):
+    """Two torchrun agents of two processes each: a mesh of 2 nodes x 2 ranks. Each rank of a node holds half of
+    every tensor, the other node's rank of the same place the same half, and together they are the weights of one
+    process on the combined batch."""
+    from llm.evaluate import score_split
+
+    common = [*SMALL, "--epochs", "2", "--optimizer-name", "sgd", "--optimizer-lr", "0.05"]
+    done = [tmp_path / f"hsdp/weights_rank{r}.pt" for r in range(4)] + [tmp_path / "hsdp/summary.json"]
+    two_nodes(WORKER, *common, "--distributed-strategy", "hsdp", "--training-batch-size", "8",
+              "--logging-log-dir", str(tmp_path / "hsdp"), cwd=tmp_path, done=done, nproc=2)
+    single = run([sys.executable, str(WORKER), *common, "--training-batch-size", "32", "--logging-log-dir", "one"],
+                 cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = [torch.load(path, weights_only=True) for path in done[:4]]
+    one = torch.load(tmp_path / "one/weights_rank0.pt", weights_only=True)
+    for name, whole in one.items():
+        first, second = ranks[0][name], ranks[1][name]
+        assert first.shape[0] == -(-whole.shape[0] // 2), name  # a half (rounded up), not a copy
+        assert torch.equal(first, ranks[2][name]) and torch.equal(second, ranks[3][name]), name
+        torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-4, atol=1e-5, msg=name)
+    summary = json.loads((tmp_path / "hsdp/summary.json").read_text())
+    assert summary["steps"] == json.loads((tmp_path / "one/summary.json").read_text())["steps"] == 2 * (461 // 32)
+    last = tmp_path / f"hsdp/checkpoints/step_{summary['steps']:08d}"
+    assert (last / "sharded").is_dir()  # read whole, on one process, by the tools
+    assert score_split(last)[0]["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+
+
 def test_two_ranks_skip_a_nan_step_everywhere_and_stop_with_the_reason_of_the_rank_that_asked(tmp_path):
     out = torchrun(2, WORKER, "--task", "tests.helpers:NaNRegressionTask", *SMALL, "--training-nan-policy", "skip",
                    "--epochs", "1", "--logging-log-dir", "run", cwd=tmp_path, timeout=120,

@@ -232,8 +232,8 @@ class LoggingConfig:
 class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend: auto picks nccl with CUDA, gloo otherwise."""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data parallel (DDP) or fully sharded (FSDP2, per block) across processes."""
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    """Data parallel (DDP), fully sharded across all processes (FSDP2, per block), or hsdp: sharded across the processes of each node and replicated across nodes (gradients all-reduced between nodes: FSDP's memory, DDP's traffic between nodes)."""
     timeout_s: int = 600
     """Seconds a collective may wait for another rank before the run fails."""
     find_unused_parameters: bool = False

@@ -409,6 +409,23 @@ def gather(value: Any) -> list[Any]:
     return gathered
 
 
+def node_mesh(world_size: int, device_type: str) -> Any:
+    """hsdp's device mesh, (nodes, processes per node), its dimensions named ("replicate", "shard"): the processes
+    of a node shard the model among themselves and each node holds a whole copy, so that only the gradients'
+    all-reduce crosses between nodes. A node is the processes one torchrun agent started (LOCAL_WORLD_SIZE), whose
+    ranks torchrun numbers one after the other; without torchrun, all of them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    per_node = gather(_whole_number("LOCAL_WORLD_SIZE", str(world_size)))
+    if len(set(per_node)) > 1 or world_size % per_node[0] or per_node[0] < 1:
+        counts = " and ".join(str(n) for n in sorted(set(per_node)))
+        raise UsageError(f"distributed.strategy hsdp needs as many processes on every node, sharing out the "
+                         f"{world_size} ranks evenly; torchrun started nodes of {counts} (LOCAL_WORLD_SIZE): give "
+                         f"every node the same --nproc-per-node, or use fsdp")
+    return init_device_mesh(device_type, (world_size // per_node[0], per_node[0]),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 NODE_SETTINGS = ("data.cache_dir", "data.num_workers", "logging.progress_bar")
 """Settings a node may have of its own: where its cache is, how many loader workers it runs, its terminal."""
 

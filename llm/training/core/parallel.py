@@ -1,6 +1,7 @@
 """How the model is laid out for training, and how its state is saved and restored.
 
-Per-block features (activation checkpointing, regional compile, FSDP2 sharding)
+Per-block features (activation checkpointing, regional compile, FSDP2 sharding, over all ranks or, for hsdp,
+within each node)
 apply to models that expose their repeated layers as ``model.blocks``, as the
 GPT does; other models are compiled and sharded whole.
 """
@@ -50,9 +51,13 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
     if is_sharded(config, world_size):
         from torch.distributed.fsdp import fully_shard
 
+        mesh = None  # fsdp: all ranks, one dimension
+        if config.distributed.strategy == "hsdp":
+            device = next(model.parameters(), torch.empty(0)).device
+            mesh = D.node_mesh(world_size, device.type)
         for block in blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     return model
 
 
@@ -187,7 +192,7 @@ def reshard(model: nn.Module) -> None:
 
 
 def is_sharded(config: Config, world_size: int) -> bool:
-    return config.distributed.strategy == "fsdp" and world_size > 1
+    return config.distributed.strategy in ("fsdp", "hsdp") and world_size > 1
 
 
 def model_and_optimizer_state(
@@ -217,8 +222,8 @@ def load_model_and_optimizer(
     saved_average = shared.get("ema") is not None
     if "model" in shared:
         if fsdp:
-            raise CheckpointError(f"cannot resume {path} with distributed.strategy fsdp: it holds whole tensors, "
-                                  f"saved without sharding; resume it with --distributed-strategy ddp")
+            raise CheckpointError(f"cannot resume {path} sharded (distributed.strategy fsdp, hsdp): it holds whole "
+                                  f"tensors, saved without sharding; resume it with --distributed-strategy ddp")
         load_weights_strictly(model, shared["model"], f"cannot load {path}: its weights")
         if optimizer is not None:
             optimizer.load_state_dict(shared["optimizer"])

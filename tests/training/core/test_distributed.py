@@ -206,6 +206,28 @@ def test_the_command_line_refuses_ranks_with_different_settings_before_it_claims
     assert re.fullmatch(r"llm/0\.\d+", prefix) and prefix != "llm/0.0", prefix
 
 
+def hsdp_nodes_worker(rank: int, directory: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_WORLD_SIZE=str(1 + rank))  # as if torchrun had started nodes of 1 and 2 processes
+    os.chdir(directory)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main(["--task", "regression", "--training-max-steps", "2", "--logging-progress-bar", "false",
+                           "--distributed-strategy", "hsdp", "--distributed-timeout-s", "20"])
+    Path(directory, f"hsdp_{rank}.json").write_text(json.dumps([code, err.getvalue()]))
+
+
+def test_hsdp_on_nodes_of_different_sizes_is_refused_in_one_line_on_every_rank(tmp_path):
+    spawn(hsdp_nodes_worker, str(tmp_path), free_port(), timeout=90)
+    for rank in (0, 1):
+        code, err = json.loads((tmp_path / f"hsdp_{rank}.json").read_text())
+        assert (code, err.splitlines()) == (2, [
+            "error: distributed.strategy hsdp needs as many processes on every node, sharing out the 2 ranks "
+            "evenly; torchrun started nodes of 1 and 2 (LOCAL_WORLD_SIZE): give every node the same "
+            "--nproc-per-node, or use fsdp"]), err
+    assert not (tmp_path / "runs").exists()  # the run folder it claimed, let go of
+
+
 def test_the_run_is_over_for_every_rank_once_one_fails_or_loses_contact_but_not_after_a_signals_stop(monkeypatch):
     monkeypatch.setattr(D, "_store", dist.HashStore())
     monkeypatch.setattr(D, "_words", "llm/3.1234")
