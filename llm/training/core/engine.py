@@ -294,15 +294,20 @@ class TrainingEngine:
 
         The checkpoint holds the state from before that last log and validation, which
         may fall off their schedule: a run continued from it (a higher max_steps, after
-        a signal) logs the open window with the steps that follow and counts, for early
-        stopping, only the validations a run that never stopped would have made.
+        the time limit) logs the open window with the steps that follow and counts, for
+        early stopping, only the validations a run that never stopped would have made.
+        A run stopped by a signal neither logs nor validates off schedule.
         """
         self._stop_at_max_steps()  # a run resumed at max_steps took no step to say so
         state = self._resumable_state()
         rate = self._samples_per_s(elapsed)  # before the last validation and save below
         trained = self.first_step_s is not None  # else a finished run started again: its last record is logged
         if trained and len(self._sums):
-            self._flush_log("train", self._window_metrics())
+            window = self._window_metrics()
+            if self.interrupted_by is None:
+                self._flush_log("train", window)
+            else:  # for the summary alone: the resumed run logs these steps with the window they are part of, as
+                self.train_metrics = window  # the run that never stopped does, and the records are the same
         validating = self.interrupted_by is None and self.val_metrics.get("step") != self.step
         if self.interrupted_by is None:
             self._validated()
@@ -1166,10 +1171,10 @@ class TrainingEngine:
         logged = self._pending.pop(split, {})
         for key in logged.keys() & metrics.keys():  # the record would show one value, the run acting on another
             del logged[key]
-            if (split, key) not in self._clashed:  # found at a record, maybe the last: a warning, not a lost run
-                self._clashed.add((split, key))
-                self.print(f"warning: engine.log: {key!r} is one of the {split} record's own metrics (the task's "
-                           f"or the engine's): the record keeps its own; log the value under another name")
+            if (split, key) not in self._clashed and self.is_main:  # found at a record, maybe the last: a
+                self._clashed.add((split, key))  # warning, not a lost run
+                warnings.warn(f"engine.log: {key!r} is one of the {split} record's own metrics (the task's or the "
+                              f"engine's): the record keeps its own; log the value under another name")
         record = {"split": split, "step": self.step, "epoch": self.epoch, **metrics, **logged}
         self._logged = True
         self._fire("on_log", record)
