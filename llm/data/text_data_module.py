@@ -295,9 +295,14 @@ class TextDataModule(BaseDataModule):
         return Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
 
     def _texts(self, files: list[Path]) -> Iterator[str]:
-        """The corpus as pieces of about 128K characters, file after file."""
+        """The corpus as pieces of about 128K characters, file after file, data.separator a piece of its own
+        between two files."""
         strict = bool(self.config.data.path)  # the default corpus skips the odd non-UTF-8 file
-        return (piece for f in files for piece in read_pieces(f, strict))
+        separator = self.config.data.separator
+        for i, f in enumerate(files):
+            if i and separator:
+                yield separator
+            yield from read_pieces(f, strict)
 
     def _cache_entry(self, files: list[Path]) -> Path:
         """``<cache_dir>/<key>``, the key hashing the corpus bytes and the tokenizer recipe."""
@@ -318,6 +323,8 @@ class TextDataModule(BaseDataModule):
                     raise UsageError(f"data.path: cannot read {f}: {e.strerror or e}") from None
                 corpus.update(b"unreadable")  # the default corpus skips it
         self.corpus_digest = corpus.hexdigest()
+        if d.separator:  # none: the key of the versions before data.separator, whose entries stay good
+            recipe += f"\0separator:{d.separator}"
         key = hashlib.sha256(f"text-cache-{CACHE_FORMAT}\0{recipe}\0{self.corpus_digest}".encode()).hexdigest()
         return self._cache_dir() / key[:32]
 
@@ -337,7 +344,7 @@ class TextDataModule(BaseDataModule):
         if entry.exists():  # an entry damaged or emptied by hand: the rename below needs the name free
             shutil.rmtree(entry, ignore_errors=True)  # another node sharing the cache may be deleting it too
         d = self.config.data
-        tokenizer = build_tokenizer(d.tokenizer, self._texts(files), d.vocab_size)
+        tokenizer = build_tokenizer(d.tokenizer, self._texts(files), d.vocab_size, d.separator)
         try:
             n = self._write_entry(tokenizer, files, entry)
         except OSError as e:  # a cache folder under a file, read-only or full
@@ -365,10 +372,11 @@ class TextDataModule(BaseDataModule):
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
             digest = hashlib.sha256()
+            separator = self._separator_tokens(tokenizer)
             with open(tmp / TOKENS, "wb") as out:
-                for file in files:
+                for i, file in enumerate(files):
                     try:
-                        for array in encode_pieces(tokenizer, self._texts([file])):
+                        for array in itertools.chain(separator if i else [], encode_pieces(tokenizer, self._texts([file]))):
                             data = array.tobytes()
                             out.write(data)
                             digest.update(data)
@@ -395,6 +403,15 @@ class TextDataModule(BaseDataModule):
             for folder in (unlocked, tmp):
                 shutil.rmtree(folder, ignore_errors=True)
         return n
+
+    def _separator_tokens(self, tokenizer: Tokenizer) -> list[np.ndarray]:
+        """data.separator's tokens, put before each file but the first ([] for none)."""
+        separator, d = self.config.data.separator, self.config.data
+        try:
+            return list(encode_pieces(tokenizer, [separator] if separator else []))
+        except UncoveredText as e:
+            raise UsageError(f"data.separator: {e} (data.tokenizer {d.tokenizer}); choose another separator or "
+                             f"tokenizer") from None
 
     # ---- splits and loaders ------------------------------------------------------
 

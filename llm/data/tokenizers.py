@@ -139,8 +139,9 @@ class HFTokenizer(Tokenizer):
         self.hf = tokenizer
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
-        """Byte-level BPE (GPT-2 style): any text encodes, with no unknown token."""
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, special: list[str] = ()) -> HFTokenizer:
+        """Byte-level BPE (GPT-2 style): any text encodes, with no unknown token; each of ``special`` is one
+        token, wherever it stands in a text."""
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet):
             raise UsageError(
@@ -150,7 +151,7 @@ class HFTokenizer(Tokenizer):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=[], show_progress=False
+            vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=list(special), show_progress=False
         )
         tok.train_from_iterator(_training_pieces(texts), trainer=trainer)
         return cls(tok)
@@ -255,8 +256,9 @@ def _training_pieces(texts: Iterable[str], limit: int = BPE_PIECE_CHARS) -> Iter
 _LONE_SPACE = re.compile(r"(?<=\S)[ \n](?=\S)")
 
 
-def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """``byte``, ``char`` or ``bpe`` (trained on ``texts``), or the path of a saved tokenizer.
+def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int, separator: str = "") -> Tokenizer:
+    """``byte``, ``char`` or ``bpe`` (trained on ``texts``), or the path of a saved tokenizer. A bpe takes
+    ``separator`` (the text between documents) as a token of its own, which no merge reaches into.
 
     ``texts`` is only read by the tokenizers that need training.
     """
@@ -264,8 +266,9 @@ def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int) -> Tokeniz
         return ByteTokenizer()
     if spec == "char":
         return CharTokenizer.train(texts)
-    if spec == "bpe":
-        return HFTokenizer.train_bpe(texts, vocab_size)
+    if spec == "bpe":  # the separator's own text is not counted: merges of it would be tokens never used
+        texts = (text for text in texts if not separator or text != separator)
+        return HFTokenizer.train_bpe(texts, vocab_size, [separator] if separator else [])
     check_spec(spec)
     return load_tokenizer(spec)
 

@@ -321,6 +321,36 @@ def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
     assert dm.tokenizer.decode(tokens_of(dm).tolist()) == "first\n" * 40 + "middle\n" * 40 + "second\n" * 40
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_the_separator_stands_between_files_and_a_bpe_trained_here_takes_it_as_one_token(tmp_path, tokenizer):
+    root = tmp_path / "texts"
+    root.mkdir()
+    texts = {"a.txt": "first words\n" * 40, "b.txt": "middle words\n" * 40, "c.txt": "last words\n" * 40}
+    for name, text in texts.items():
+        (root / name).write_text(text)
+    separator = "<|endoftext|>"
+    dm = ready(tmp_path, root, tokenizer=tokenizer, vocab_size=300, separator=separator, val_fraction=0.2)
+    ids = np.fromfile(dm.cache_path / "tokens.bin", dtype=token_dtype(dm.tokenizer.vocab_size)).tolist()
+    assert dm.tokenizer.decode(ids) == separator.join(texts.values())  # between files, not after the last
+    if tokenizer == "bpe":
+        [one] = dm.tokenizer.encode(separator)
+        assert ids.count(one) == 2
+        # its text was not counted in training: no merges of it, tokens no text would use
+        vocabulary = dm.tokenizer.hf.get_vocab()
+        assert [t for t in vocabulary if len(t) > 1 and ("end" in t or "|" in t)] == [separator], vocabulary
+    plain = ready(tmp_path, root, tokenizer=tokenizer, vocab_size=300, val_fraction=0.2)
+    assert plain.cache_path != dm.cache_path  # another entry: the separator is part of its key
+    ids = np.fromfile(plain.cache_path / "tokens.bin", dtype=token_dtype(plain.tokenizer.vocab_size)).tolist()
+    assert plain.tokenizer.decode(ids) == "".join(texts.values())
+
+
+def test_a_separator_the_tokenizer_file_cannot_encode_is_named(tmp_path, corpus):
+    first = ready(tmp_path, corpus)  # a char tokenizer of the corpus's characters: no "<"
+    with pytest.raises(UsageError, match=r"^data\.separator: character '<' is not in the char tokenizer's vocab"):
+        make(tmp_path / "again", corpus, tokenizer=str(first.cache_path / "tokenizer.json"),
+             separator="<|endoftext|>").prepare_data()
+
+
 def test_a_linked_folder_is_read_as_a_glob_reads_it_once_and_a_link_loop_ends(tmp_path):
     root, elsewhere = tmp_path / "texts", tmp_path / "elsewhere"
     (root / "sub").mkdir(parents=True)

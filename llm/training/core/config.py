@@ -165,6 +165,8 @@ class DataConfig:
     """Noise of a synthetic data set: the std of the targets' noise (regression), what widens each class's cluster (classification)."""
     val_fraction: float = 0.1
     """Share of the data held out for validation (the last part of a text corpus)."""
+    separator: str = ""
+    """Text put between the files of a corpus (a folder or a glob), such as <|endoftext|>, so that the model sees where one document ends; a bpe tokenizer trained here takes it as one token of its own (default: nothing between them)."""
     tokenizer: str = "char"
     """Tokenizer: byte, char, bpe, or the path of a tokenizer.json."""
     vocab_size: int = 512
