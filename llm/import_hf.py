@@ -69,6 +69,9 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> tuple[Path, GPTConfig, str
             hf_dir.resolve())}, {}, write_extra=write_extra)
         ckpt = out / "checkpoints" / ckpt.name
         settings = _settings(config, ckpt / TOKENIZER, out)
+        separator = _separator(hf_config, tokenizer)
+        if separator:
+            settings["data"]["separator"] = separator
         write_atomically(staging / FINETUNE, f"# train on from {hf_dir.resolve()} ({architecture}), imported by "
                                              f"llm.import_hf\n" + yaml.safe_dump(settings, sort_keys=False))
         os.replace(staging, out)  # onto nothing, or an empty folder
@@ -87,6 +90,21 @@ def _settings(config: GPTConfig, tokenizer: Path | None, out: Path | None) -> di
         settings["data"] = {"tokenizer": str(tokenizer.resolve())}
         settings["checkpoint"] = {"init_from": str(out.resolve())}
     return settings
+
+
+def _separator(hf_config: dict, tokenizer: Tokenizer) -> str:
+    """What ends a document and starts the next in the model's own tokens, to put between a fine-tune's files: its
+    end-of-text token, then its beginning-of-text token where that is another ("</s><s>" for Llama 2,
+    "<|endoftext|>" for GPT-2); each only where the config names it and the tokenizer holds it as a special token
+    ("" for neither)."""
+    texts = []
+    for key in ("eos_token_id", "bos_token_id"):
+        named = hf_config.get(key)
+        token = named[0] if isinstance(named, list) and named else named  # Llama 3.1's several ends: the first
+        text = tokenizer.special.get(token) if isinstance(token, int) and not isinstance(token, bool) else None
+        if text and text not in texts:
+            texts.append(text)
+    return "".join(texts)
 
 
 def _read_config(hf_dir: Path) -> dict:

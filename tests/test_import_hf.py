@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -95,6 +96,8 @@ def test_a_llama_of_our_shape_imports_with_its_logits(tmp_path, tied, bias):
     theirs, tokenizer, hf = llama(tmp_path, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias)
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
     same_logits(theirs, tokenizer, tmp_path / "ours")
+    # its config's ends of text (1, 2) are plain tokens of this tokenizer, not special ones: no separator
+    assert "separator" not in yaml.safe_load((tmp_path / "ours" / FINETUNE).read_text())["data"]
 
 
 def test_a_released_llamas_grouped_queries_width_rotary_base_and_epsilon_import_with_its_logits(tmp_path, capsys):
@@ -230,15 +233,21 @@ def test_an_import_writes_only_into_a_new_folder(tmp_path, capsys):
 
 
 def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(tmp_path):
-    theirs, tokenizer, hf = gpt2(tmp_path)
+    theirs, tokenizer, hf = gpt2(tmp_path, bos_token_id=0, eos_token_id=0)  # <|endoftext|>, as GPT-2's 50256
     assert main([str(hf), "--out", str(tmp_path / "gpt2-llm")]) == 0
     settings = yaml.safe_load((tmp_path / "gpt2-llm" / FINETUNE).read_text())
     assert settings["model"]["mlp"] == "gelu_tanh" and settings["model"]["pos_emb"] == "learned"
-    (tmp_path / "corpus.txt").write_text(CORPUS * 6)
-    out = train_cli("--config", str(tmp_path / "gpt2-llm" / FINETUNE), "--data-path", "corpus.txt",
-                    "--training-max-steps", "3", "--training-batch-size", "2", "--model-block-size", "32",
-                    "--training-eval-every-steps", "1", "--logging-log-dir", "runs/ft", cwd=tmp_path)
+    assert settings["data"]["separator"] == "<|endoftext|>"  # between the documents, as GPT-2 was trained
+    (tmp_path / "docs").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "docs" / name).write_text(CORPUS * 3)
+    out = train_cli("--config", str(tmp_path / "gpt2-llm" / FINETUNE), "--data-path", "docs",
+                    "--data-cache-dir", "cache", "--training-max-steps", "3", "--training-batch-size", "2",
+                    "--model-block-size", "32", "--training-eval-every-steps", "1", "--logging-log-dir", "runs/ft",
+                    cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
+    [tokens] = (tmp_path / "cache").glob("*/tokens.bin")
+    assert np.fromfile(tokens, dtype=np.uint16).tolist().count(0) == 1  # one <|endoftext|>, between the files
     assert "started from the weights of" in out.stdout  # its 64 learned positions cut to the first 32
     ours = load_lm(tmp_path / "gpt2-llm")[0]
     first = torch.load(next((tmp_path / "runs/ft/checkpoints").glob("step_*")) / "state.pt", weights_only=True)

@@ -53,6 +53,12 @@ class Tokenizer(ABC):
         """The id text outside the vocabulary encodes to, if there is one (byte and char have none)."""
         return None
 
+    @property
+    def special(self) -> dict[int, str]:
+        """Tokens that stand for no text but mark something (a document's end, as GPT-2's <|endoftext|>), by id,
+        each matched whole wherever its text appears (byte and char have none)."""
+        return {}
+
     def count_unknown(self, ids: Sequence[int] | np.ndarray) -> int:
         """How many of ``ids`` are the unknown token: text the vocabulary does not cover, trained and scored as
         one token whatever it was."""
@@ -179,6 +185,10 @@ class HFTokenizer(Tokenizer):
                     raise UncoveredText(f"the tokenizer has no token for {what} and no unknown token to stand for it: "
                                      f"that text would be left out")
         return [e.ids for e in encodings]
+
+    @property
+    def special(self) -> dict[int, str]:
+        return {i: token.content for i, token in self.hf.get_added_tokens_decoder().items() if token.special}
 
     @functools.cached_property
     def _covers_any_text(self) -> bool:
