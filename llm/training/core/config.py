@@ -105,8 +105,10 @@ class OptimizerConfig:
     """Second moment decay (adam, adamw)."""
     warmup_steps: int = 0
     """Linear warmup over this many optimizer steps, the first at lr/(warmup_steps+1)."""
-    scheduler: Literal["constant", "cosine", "linear"] = "cosine"
-    """Learning-rate decay after warmup, reaching min_lr as the last step ends."""
+    scheduler: Literal["constant", "cosine", "linear", "wsd"] = "cosine"
+    """Learning-rate decay after warmup, reaching min_lr as the last step ends; wsd (warmup, stable, decay): lr until the last decay_fraction of the steps, then linear, so that a run given more steps while still at lr trains on as if it had always been given them."""
+    decay_fraction: float = 0.2
+    """wsd: the share of the steps after warmup over which the rate falls to min_lr."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
 
@@ -463,6 +465,8 @@ class Config:
         _fraction("optimizer.beta2", o.beta2)
         _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
         _at_least("optimizer.min_lr", o.min_lr, 0.0)
+        if not 0.0 < o.decay_fraction <= 1.0:
+            raise ConfigError("optimizer.decay_fraction", o.decay_fraction, "a number in (0, 1]")
         if o.min_lr > o.lr:
             raise ConfigError("optimizer.min_lr", o.min_lr, f"a value <= optimizer.lr ({o.lr})")
         lm = self.task == "lm"

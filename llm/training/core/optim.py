@@ -113,8 +113,12 @@ def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
         return (step + 1) / (cfg.warmup_steps + 1)
     if cfg.scheduler == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    after_warmup = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / after_warmup)
     floor = cfg.min_lr / cfg.lr
+    if cfg.scheduler == "wsd":  # stable at lr, then linear over the last decay_fraction of the steps
+        decay = max(1, round(cfg.decay_fraction * after_warmup))
+        progress = max(0.0, min(1.0, (step - (total_steps - decay)) / decay))
     if cfg.scheduler == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * (1.0 - progress)

@@ -243,6 +243,7 @@ def test_a_home_folder_in_the_run_and_checkpoint_folders_is_expanded():
         ("training: fast\n", ["training", "'fast'", "a mapping"]),  # a section that is not a mapping
         ("training:\n  epochs: 0\n", ["training.epochs", "0", ">= 1"]),  # out of range, found by validate
         ("optimizer:\n  lr: 0.1\n  min_lr: 0.5\n", ["optimizer.min_lr", "<= optimizer.lr"]),
+        ("optimizer:\n  decay_fraction: 0\n", ["optimizer.decay_fraction: got 0", "in (0, 1]"]),
         ("training:\n\ntask: ''\n", ["task: got ''", "package.module:Class"]),  # an empty section beside the bad value
     ],
 )

@@ -2152,6 +2152,21 @@ def test_a_resume_with_more_steps_follows_the_longer_schedule_from_the_resumed_s
     assert [cut[s] for s in range(7, 13)] == pytest.approx([long[s] for s in range(7, 13)], rel=1e-12)
 
 
+def test_a_wsd_run_given_more_steps_while_still_stable_trains_on_as_one_given_them_from_the_start(tmp_path):
+    def config(name, max_steps, **more):
+        return tiny_config(tmp_path / name, training={"epochs": 100, "max_steps": max_steps},
+                           optimizer={"scheduler": "wsd", "decay_fraction": 0.25, "warmup_steps": 2}, **more)
+
+    long, _ = train(config("long", 26), callbacks=default_callbacks(config("long", 26)))
+    short = config("short", 14, checkpoint={"every_n_steps": 8})  # decays from step 11 on
+    train(short, callbacks=default_callbacks(short))
+    resumed = config("short", 26, checkpoint={"resume": str(tmp_path / "short/run/checkpoints/step_00000008")})
+    extended, _ = train(resumed, callbacks=default_callbacks(resumed))
+    assert extended.step == long.step == 26
+    for (name, a), b in zip(weights(long.raw_model).items(), weights(extended.raw_model).values()):
+        assert torch.equal(a, b), name
+
+
 def test_the_lr_in_each_record_is_the_rate_its_step_took(tmp_path):
     config = tiny_config(tmp_path, training={"epochs": 1}, logging={"log_every_steps": 1},
                          optimizer={"lr": 0.01, "warmup_steps": 4, "scheduler": "constant"})
