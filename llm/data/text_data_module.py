@@ -86,8 +86,8 @@ def _path_hash(path: Path) -> str:
     return hashlib.sha256(path.as_posix().encode()).hexdigest()
 
 
-def corpus_files(spec: str) -> list[Path]:
-    """``data.path`` as a sorted list of files: one file, a folder (recursively) or a glob.
+def corpus_files(spec: str, setting: str = "data.path") -> list[Path]:
+    """``data.path`` (or ``setting``) as a sorted list of files: one file, a folder (recursively) or a glob.
 
     Hidden files and folders (names starting with a dot) and what runs wrote (run
     and checkpoint folders, files.is_run_output) are skipped in folders; linked
@@ -98,7 +98,7 @@ def corpus_files(spec: str) -> list[Path]:
     if glob.has_magic(spec) and not Path(spec).expanduser().exists():  # a name with [ ] * ? is a name first
         files = _each_once(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
         if not files:
-            raise UsageError(f"data.path: the glob {spec!r} matches no files")
+            raise UsageError(f"{setting}: the glob {spec!r} matches no files")
         return files
     path = Path(spec).expanduser()
     if path.is_file():
@@ -116,14 +116,14 @@ def corpus_files(spec: str) -> list[Path]:
                 if not name.startswith("."):  # a broken link or a pipe is no text to read (a pipe never ends)
                     (files if os.path.isfile(os.path.join(dirpath, name)) else others).append(Path(dirpath, name))
         if others:
-            warnings.warn(f"data.path: skipping {len(others)} entries of {spec} that are not files (broken links, "
+            warnings.warn(f"{setting}: skipping {len(others)} entries of {spec} that are not files (broken links, "
                           f"pipes, ...), such as {min(others)}", stacklevel=2)
         if not files:
-            raise UsageError(f"data.path: the folder {spec} holds no files")
+            raise UsageError(f"{setting}: the folder {spec} holds no files")
         return _each_once(files)
     if path.exists():
-        raise UsageError(f"data.path: {spec} is neither a file nor a folder (expected a text file, a folder or a glob)")
-    raise UsageError(f"data.path: {spec} does not exist (expected a text file, a folder or a glob)")
+        raise UsageError(f"{setting}: {spec} is neither a file nor a folder (expected a text file, a folder or a glob)")
+    raise UsageError(f"{setting}: {spec} does not exist (expected a text file, a folder or a glob)")
 
 
 def _each_once(files: Iterable[Path]) -> list[Path]:
@@ -256,8 +256,8 @@ class TextDataModule(BaseDataModule):
     """Next-token windows of a text corpus (``data.path``; by default the stdlib sources).
 
     Training windows start at random offsets drawn once from ``training.seed``;
-    validation is the last ``data.val_fraction`` of the token stream, cut into
-    consecutive windows.
+    validation is the last ``data.val_fraction`` of the token stream, or the text of
+    ``data.val_path``'s files, put after the training files, cut into consecutive windows.
     """
 
     def __init__(self, config):
@@ -276,36 +276,52 @@ class TextDataModule(BaseDataModule):
 
     # ---- the cache ---------------------------------------------------------------
 
-    def _files(self) -> list[Path]:
-        files = corpus_files(self.config.data.path)
+    def _files(self) -> tuple[list[Path], int]:
+        """The corpus's files, and how many of the first are the training data's: all of data.path's, or with
+        data.val_path, data.path's but those of data.val_path, whose files follow them."""
+        d = self.config.data
+        train = self._text_files(d.path, "data.path")
+        if not d.val_path:
+            return train, len(train)
+        held_out = self._text_files(d.val_path, "data.val_path")
+        kept = {os.path.realpath(f) for f in held_out}
+        train = [f for f in train if os.path.realpath(f) not in kept]  # a validation file in the training folder
+        if not train:
+            raise UsageError(f"data.path: every file of {d.path or 'the default corpus'} is one of data.val_path "
+                             f"{d.val_path}'s: none is left to train on")
+        return train + held_out, len(train)
+
+    def _text_files(self, spec: str, setting: str) -> list[Path]:
+        files = corpus_files(spec, setting)
         cache = self._cache_dir().resolve()
         # a cache folder inside the data folder: its entries' files are tokens, not text
         ours = [f for f in files if f.name in (TOKENS, TOKENIZER, SIZE) and f.resolve().parent.parent == cache]
         if ours:
             files = [f for f in files if f not in ours]
             if not files:
-                raise UsageError(f"data.path: {self.config.data.path} holds only the token cache "
+                raise UsageError(f"{setting}: {spec} holds only the token cache "
                                  f"(data.cache_dir {self.config.data.cache_dir}), no text")
-        if self.config.data.path and sum(f.stat().st_size for f in files) == 0:
-            raise UsageError(f"data.path: {self.config.data.path} is empty (0 bytes of text)")
+        if spec and sum(f.stat().st_size for f in files) == 0:
+            raise UsageError(f"{setting}: {spec} is empty (0 bytes of text)")
         return files
 
     def _cache_dir(self) -> Path:
         d = self.config.data
         return Path(d.cache_dir).expanduser() if d.cache_dir else Path.home() / ".cache" / "llm"
 
-    def _texts(self, files: list[Path]) -> Iterator[str]:
+    def _texts(self, files: list[Path], setting: str = "data.path") -> Iterator[str]:
         """The corpus as pieces of about 128K characters, file after file, data.separator a piece of its own
-        between two files."""
-        strict = bool(self.config.data.path)  # the default corpus skips the odd non-UTF-8 file
+        between two files; ``setting``: the option that named the files."""
+        strict = setting != "data.path" or bool(self.config.data.path)  # the default corpus skips non-UTF-8 files
         separator = self.config.data.separator
         for i, f in enumerate(files):
             if i and separator:
                 yield separator
-            yield from read_pieces(f, strict)
+            yield from read_pieces(f, strict, setting=setting)
 
-    def _cache_entry(self, files: list[Path]) -> Path:
-        """``<cache_dir>/<key>``, the key hashing the corpus bytes and the tokenizer recipe."""
+    def _cache_entry(self, files: list[Path], n_train: int) -> Path:
+        """``<cache_dir>/<key>``, the key hashing the corpus bytes and the tokenizer recipe (and where the
+        validation files begin, with data.val_path)."""
         d = self.config.data
         check_spec(d.tokenizer)
         if d.tokenizer == "bpe":
@@ -315,23 +331,26 @@ class TextDataModule(BaseDataModule):
         else:
             recipe = "file:" + load_tokenizer(d.tokenizer).fingerprint()
         corpus = hashlib.sha256()
-        for f in files:
+        for i, f in enumerate(files):
             try:
                 _hash_file(corpus, f)
             except OSError as e:
-                if self.config.data.path:
-                    raise UsageError(f"data.path: cannot read {f}: {e.strerror or e}") from None
+                if i >= n_train or d.path:
+                    setting = "data.path" if i < n_train else "data.val_path"
+                    raise UsageError(f"{setting}: cannot read {f}: {e.strerror or e}") from None
                 corpus.update(b"unreadable")  # the default corpus skips it
         self.corpus_digest = corpus.hexdigest()
         if d.separator:  # none: the key of the versions before data.separator, whose entries stay good
             recipe += f"\0separator:{d.separator}"
+        if d.val_path:  # the tokenizer is trained on the files before them
+            recipe += f"\0validation from file {n_train}"
         key = hashlib.sha256(f"text-cache-{CACHE_FORMAT}\0{recipe}\0{self.corpus_digest}".encode()).hexdigest()
         return self._cache_dir() / key[:32]
 
     def prepare_data(self) -> None:
         """Build the tokenizer and tokenize the corpus into the cache, unless it is there already."""
-        files = self._files()
-        entry = self.cache_path = self._cache_entry(files)
+        files, n_train = self._files()
+        entry = self.cache_path = self._cache_entry(files, n_train)
         with _readable(entry):
             tokenizer, unreadable = _read_tokenizer(entry)
             damage = _damage(entry) or unreadable
@@ -344,9 +363,10 @@ class TextDataModule(BaseDataModule):
         if entry.exists():  # an entry damaged or emptied by hand: the rename below needs the name free
             shutil.rmtree(entry, ignore_errors=True)  # another node sharing the cache may be deleting it too
         d = self.config.data
-        tokenizer = build_tokenizer(d.tokenizer, self._texts(files), d.vocab_size, d.separator)
+        # trained on the training files alone: the validation text is held out of the vocabulary too
+        tokenizer = build_tokenizer(d.tokenizer, self._texts(files[:n_train]), d.vocab_size, d.separator)
         try:
-            n = self._write_entry(tokenizer, files, entry)
+            n = self._write_entry(tokenizer, files, n_train, entry)
         except OSError as e:  # a cache folder under a file, read-only or full
             raise UsageError(
                 f"data.cache_dir: cannot write the tokenized corpus to {entry.parent}: {e.strerror or e}; "
@@ -354,8 +374,9 @@ class TextDataModule(BaseDataModule):
             ) from None
         log.info("tokenized %d files into %d tokens (vocab %d) at %s", len(files), n, tokenizer.vocab_size, entry)
 
-    def _write_entry(self, tokenizer: Tokenizer, files: list[Path], entry: Path) -> int:
-        """Tokenize the files into the cache entry; the number of tokens written."""
+    def _write_entry(self, tokenizer: Tokenizer, files: list[Path], n_train: int, entry: Path) -> int:
+        """Tokenize the files into the cache entry, recording where the validation files' tokens begin (with
+        data.val_path: the first ``n_train`` files are the training data); the number of tokens written."""
         entry.parent.mkdir(parents=True, exist_ok=True)
         # fill a folder of this process's own, then rename it into place: a crash leaves no entry to trust.
         # Not mkdtemp: its mode 0700 would stay with the entry and lock out others sharing the cache folder
@@ -373,10 +394,15 @@ class TextDataModule(BaseDataModule):
             n = unknown = 0
             digest = hashlib.sha256()
             separator = self._separator_tokens(tokenizer)
+            boundary = None
             with open(tmp / TOKENS, "wb") as out:
                 for i, file in enumerate(files):
+                    setting = "data.path" if i < n_train else "data.val_path"
+                    if i == n_train:
+                        boundary = n  # the validation split starts here, with the separator
                     try:
-                        for array in itertools.chain(separator if i else [], encode_pieces(tokenizer, self._texts([file]))):
+                        for array in itertools.chain(separator if i else [],
+                                                     encode_pieces(tokenizer, self._texts([file], setting))):
                             data = array.tobytes()
                             out.write(data)
                             digest.update(data)
@@ -384,14 +410,16 @@ class TextDataModule(BaseDataModule):
                             unknown += tokenizer.count_unknown(array)
                     except UncoveredText as e:  # a tokenizer file that does not cover the corpus
                         raise UsageError(
-                            f"data.path: {file}: {e} (data.tokenizer {self.config.data.tokenizer}); "
+                            f"{setting}: {file}: {e} (data.tokenizer {self.config.data.tokenizer}"
+                            f"{', trained on data.path' if setting != 'data.path' else ''}); "
                             f"use a tokenizer that covers the corpus, such as byte"
                         ) from None
             if unknown:
                 warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "
                               f"all of the text; training goes on with them")
-            (tmp / SIZE).write_text(f"{(tmp / TOKENS).stat().st_size}\n{digest.hexdigest()}\n")
+            split = "" if boundary is None else f"{boundary}\n"  # where validation begins, with data.val_path
+            (tmp / SIZE).write_text(f"{(tmp / TOKENS).stat().st_size}\n{digest.hexdigest()}\n{split}")
             (tmp / WRITING).unlink()  # the entry holds its three files only; the lock is held until the close below
             try:
                 os.replace(tmp, entry)
@@ -417,7 +445,7 @@ class TextDataModule(BaseDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         # the entry prepare_data() found in this process; other ranks hash the corpus themselves
-        entry = self.cache_path or self._cache_entry(self._files())
+        entry = self.cache_path or self._cache_entry(*self._files())
         with _readable(entry):
             if not (entry / TOKENS).is_file():
                 raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
@@ -427,18 +455,23 @@ class TextDataModule(BaseDataModule):
             self.tokenizer, damage = (self.tokenizer, "") if self.cache_hit else _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
-        written, self.tokens_digest = _recorded(entry)
+        written, self.tokens_digest, boundary = _recorded(entry)
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
         damage = damage or _damage(entry, written) or \
-            (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
+            (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token") or \
+            (self.config.data.val_path and boundary is None and f"{SIZE} holds no start of validation")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
                              f"again to tokenize the corpus afresh")
         n = size // np.dtype(dtype).itemsize
         d, bs = self.config.data, self.config.model.block_size
-        n_val = int(n * d.val_fraction)
-        n_train = n - n_val
+        n_train = boundary if d.val_path else n - int(n * d.val_fraction)
+        n_val = n - n_train
         for split, size in (("training", n_train), ("validation", n_val)):
+            if size < bs + 1 and d.val_path:
+                setting = "data.path" if split == "training" else "data.val_path"
+                raise UsageError(f"{setting}: the {split} text is {size} tokens, shorter than one window of "
+                                 f"model.block_size+1 = {bs + 1} tokens: lower model.block_size or use more text")
             if size < bs + 1:
                 raise UsageError(
                     f"the corpus has {n} tokens, so its {split} split ({size} tokens at "
@@ -469,15 +502,17 @@ def _readable(entry: Path) -> Iterator[None]:
                          f"it readable, or choose another cache folder with --data-cache-dir DIR") from None
 
 
-def _recorded(entry: Path) -> tuple[int | None, str | None]:
-    """What the writer of ``entry`` recorded in tokens.size: the size of tokens.bin and its sha256 (None for what
-    is not there: an entry of an earlier version, or a file a crash left empty or garbled)."""
+def _recorded(entry: Path) -> tuple[int | None, str | None, int | None]:
+    """What the writer of ``entry`` recorded in tokens.size: the size of tokens.bin, its sha256 and, with
+    data.val_path, the token where validation begins (None for what is not there: an entry of an earlier
+    version, or a file a crash left empty or garbled)."""
     try:
         fields = (entry / SIZE).read_bytes().decode("ascii").split()
         size = int(fields[0]) if fields else None
+        boundary = int(fields[2]) if len(fields) > 2 else None
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-        return None, None
-    return size, fields[1] if len(fields) > 1 else None
+        return None, None, None
+    return size, fields[1] if len(fields) > 1 else None, boundary
 
 
 def _damage(entry: Path, written: int | None = None) -> str:

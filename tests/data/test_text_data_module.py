@@ -351,6 +351,31 @@ def test_a_separator_the_tokenizer_file_cannot_encode_is_named(tmp_path, corpus)
              separator="<|endoftext|>").prepare_data()
 
 
+def test_a_validation_path_is_the_validation_split_and_its_files_leave_the_training_data(tmp_path):
+    root = tmp_path / "texts"
+    root.mkdir()
+    (root / "a.txt").write_text("first words\n" * 40)
+    (root / "b.txt").write_text("second words\n" * 40)
+    held = root / "held.txt"  # in the training folder too: left out of it
+    held.write_text("second first words\n" * 30)
+    dm = ready(tmp_path, root, val_path=str(held), separator="|", val_fraction=0.5)  # val_fraction: not used
+    decode = dm.tokenizer.decode
+    assert decode(dm.train_set.tokens.tolist()) == "first words\n" * 40 + "|" + "second words\n" * 40
+    assert decode(dm.val_set.tokens.tolist()) == "|" + "second first words\n" * 30
+    assert dm.val_set.offsets.tolist() == list(range(0, len(dm.val_set.tokens) - BS, BS))  # consecutive windows
+    whole = ready(tmp_path, root, separator="|")
+    assert whole.cache_path != dm.cache_path  # another entry: the same files, split otherwise
+    # the tokenizer is trained on the training files alone: text with characters they lack is named
+    held.write_text("words, held out\n" * 30)
+    with pytest.raises(UsageError, match=r"^data\.val_path: .*held\.txt: character ',' is not in the char "
+                                         r"tokenizer's vocabulary .*trained on data\.path"):
+        ready(tmp_path, root, val_path=str(held), separator="|")
+    with pytest.raises(UsageError, match=r"^data\.val_path: .*nowhere\.txt does not exist"):
+        ready(tmp_path, root, val_path=str(root / "nowhere.txt"))
+    with pytest.raises(UsageError, match=r"^data\.path: every file of .*texts is one of data\.val_path"):
+        ready(tmp_path, root, val_path=str(root))
+
+
 def test_a_linked_folder_is_read_as_a_glob_reads_it_once_and_a_link_loop_ends(tmp_path):
     root, elsewhere = tmp_path / "texts", tmp_path / "elsewhere"
     (root / "sub").mkdir(parents=True)

@@ -157,6 +157,8 @@ class DataConfig:
     """Data module: a built-in name or package.module:Class (default: the task's own)."""
     path: str = ""
     """Training data: a file, a folder or a glob (text data modules)."""
+    val_path: str = ""
+    """Validation data (text data modules): a file, a folder or a glob, scored in place of the last data.val_fraction of data.path; its files are left out of the training data, and the tokenizer is trained without them."""
     num_samples: int = 2048
     """Samples in a synthetic data set."""
     input_dim: int = 16

@@ -546,7 +546,7 @@ def with_defaults(saved: dict[str, Any], config: Config) -> dict[str, Any]:
     return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
-DATA_FILES = ("data.path", "data.tokenizer")
+DATA_FILES = ("data.path", "data.val_path", "data.tokenizer")
 """Settings that name files: the same file named otherwise (./corpus.txt, its absolute path) is no change."""
 
 
