@@ -145,6 +145,24 @@ def test_a_stop_asked_for_on_the_step_of_a_signal_is_kept_by_the_resume(tmp_path
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 10 and summary["stop_reason"] == f"asked by rank {nproc - 1}"
     assert summary["train_loss"] is not None  # the last training record, kept by the checkpoint
+    # steps 9 and 10, off the logging schedule: logged as the run stopped, since no step follows its resume
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["split"] == "train"][-1]
+    assert (last["step"], last["loss"]) == (10, summary["train_loss"])
+
+
+def test_a_signal_on_the_last_step_off_the_logging_schedule_logs_its_window_as_the_run_ends(tmp_path):
+    flags = [*FLAGS, "--training-max-steps", "30"]  # logged every 4 steps: the run ends with 29 and 30 open
+    runs = {name: tmp_path / name / "run" for name in ("reference", "stopped")}
+    reference = run([sys.executable, str(WORKER), *flags, "--logging-log-dir", str(runs["reference"])], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = run([sys.executable, str(WORKER), *flags, "--logging-log-dir", str(runs["stopped"])], cwd=tmp_path,
+                  env={"TERM_AT_STEP": "30"})
+    assert stopped.returncode == 143 and "stopped by SIGTERM at step 30" in stopped.stderr, stopped.stderr[-3000:]
+    again = run([sys.executable, str(WORKER), *flags, "--logging-log-dir", str(runs["stopped"])], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_resumed_at(again, 30)  # and took no step: the window was the stopped run's to log
+    assert_logged_the_same(runs["reference"], runs["stopped"])
 
 
 def test_ctrl_c_before_training_starts_ends_in_one_line_and_leaves_no_run_folder(tmp_path):

@@ -296,7 +296,7 @@ class TrainingEngine:
         may fall off their schedule: a run continued from it (a higher max_steps, after
         the time limit) logs the open window with the steps that follow and counts, for
         early stopping, only the validations a run that never stopped would have made.
-        A run stopped by a signal neither logs nor validates off schedule.
+        A run stopped by a signal with steps left neither logs nor validates off schedule.
         """
         self._stop_at_max_steps()  # a run resumed at max_steps took no step to say so
         state = self._resumable_state()
@@ -304,9 +304,9 @@ class TrainingEngine:
         trained = self.first_step_s is not None  # else a finished run started again: its last record is logged
         if trained and len(self._sums):
             window = self._window_metrics()
-            if self.interrupted_by is None:
+            if self.interrupted_by is None or self._held_stop or self._out_of_steps():  # no step follows a resume
                 self._flush_log("train", window)
-            else:  # for the summary alone: the resumed run logs these steps with the window they are part of, as
+            else:  # for summary.json alone: the resumed run logs these steps with the window they are part of, as
                 self.train_metrics = window  # the run that never stopped does, and the records are the same
         validating = self.interrupted_by is None and self.val_metrics.get("step") != self.step
         if self.interrupted_by is None:
@@ -1077,8 +1077,11 @@ class TrainingEngine:
         return min(last, t.max_steps) if t.max_steps else last
 
     def _finished(self) -> bool:
+        return self.should_stop or self._out_of_steps()
+
+    def _out_of_steps(self) -> bool:
         t = self.config.training
-        return self.should_stop or self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
+        return self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
