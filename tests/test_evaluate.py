@@ -233,18 +233,22 @@ def test_the_test_split_of_the_built_in_data_is_held_out_and_as_large_as_validat
     assert math.isfinite(test["test_loss"])
 
 
-def test_a_language_model_scores_its_validation_split_from_any_folder(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("held_out", [False, True])
+def test_a_language_model_scores_its_validation_split_from_any_folder(tmp_path, monkeypatch, capsys, held_out):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text(TEXT)
+    (tmp_path / "held.txt").write_text(TEXT[: len(TEXT) // 3])
     from llm.training import train
 
+    more = ["--data-val-path", "held.txt"] if held_out else []
     assert train.main(["--task", "lm", "--training-max-steps", "6", "--training-batch-size", "8", "--model-n-layer",
                        "1", "--model-n-embd", "32", "--model-n-head", "2", "--model-block-size", str(BLOCK),
                        "--data-path", "corpus.txt", "--data-cache-dir", "cache", "--logging-log-dir", "lm",
-                       "--logging-progress-bar", "false"]) == 0
+                       "--logging-progress-bar", "false", *more]) == 0
     record = last_validation(tmp_path / "lm")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (elsewhere / "held.txt").write_text(TEXT[len(TEXT) // 2:])  # another held.txt, which must not be read
     monkeypatch.chdir(elsewhere)  # the relative corpus and cache are found from the folder the run started in
     metrics, samples, _ = score_split("../lm")
     assert metrics == pytest.approx({"val_loss": record["val_loss"], "val_ppl": record["val_ppl"]}, rel=1e-12)

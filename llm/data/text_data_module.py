@@ -126,6 +126,12 @@ def corpus_files(spec: str, setting: str = "data.path") -> list[Path]:
     raise UsageError(f"{setting}: {spec} does not exist (expected a text file, a folder or a glob)")
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    """What tells a file from every other: its device and inode, the same through links of either kind."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
 def _each_once(files: Iterable[Path]) -> list[Path]:
     """``files`` sorted, each file once however many paths (links, a glob's ``**`` twice) lead to it: the
     first of its paths in sorted order names it."""
@@ -284,8 +290,8 @@ class TextDataModule(BaseDataModule):
         if not d.val_path:
             return train, len(train)
         held_out = self._text_files(d.val_path, "data.val_path")
-        kept = {os.path.realpath(f) for f in held_out}
-        train = [f for f in train if os.path.realpath(f) not in kept]  # a validation file in the training folder
+        kept = {_identity(f) for f in held_out}
+        train = [f for f in train if _identity(f) not in kept]  # a validation file in the training folder
         if not train:
             raise UsageError(f"data.path: every file of {d.path or 'the default corpus'} is one of data.val_path "
                              f"{d.val_path}'s: none is left to train on")
@@ -353,7 +359,7 @@ class TextDataModule(BaseDataModule):
         entry = self.cache_path = self._cache_entry(files, n_train)
         with _readable(entry):
             tokenizer, unreadable = _read_tokenizer(entry)
-            damage = _damage(entry) or unreadable
+            damage = _damage(entry, split=bool(self.config.data.val_path)) or unreadable
             self.cache_hit = (entry / TOKENS).is_file() and tokenizer is not None and not damage
         if self.cache_hit:
             self.tokenizer = tokenizer  # read and checked: setup() in this process need not read it again
@@ -393,9 +399,10 @@ class TextDataModule(BaseDataModule):
             tokenizer.save(tmp / TOKENIZER)
             n = unknown = 0
             digest = hashlib.sha256()
-            separator = self._separator_tokens(tokenizer)
+            separator = self._separator_tokens(tokenizer) if len(files) > 1 else []  # else it stands nowhere
             boundary = None
             with open(tmp / TOKENS, "wb") as out:
+                trained_here = self.config.data.tokenizer in ("char", "bpe") and bool(self.config.data.val_path)
                 for i, file in enumerate(files):
                     setting = "data.path" if i < n_train else "data.val_path"
                     if i == n_train:
@@ -411,11 +418,12 @@ class TextDataModule(BaseDataModule):
                     except UncoveredText as e:  # a tokenizer file that does not cover the corpus
                         raise UsageError(
                             f"{setting}: {file}: {e} (data.tokenizer {self.config.data.tokenizer}"
-                            f"{', trained on data.path' if setting != 'data.path' else ''}); "
+                            f"{', trained on data.path' if trained_here else ''}); "
                             f"use a tokenizer that covers the corpus, such as byte"
                         ) from None
             if unknown:
-                warnings.warn(f"data.path: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
+                named = "data.path and data.val_path" if self.config.data.val_path else "data.path"
+                warnings.warn(f"{named}: {unknown:,} of the corpus's {n:,} tokens ({unknown / n:.2%}) are the "
                               f"unknown token of data.tokenizer {self.config.data.tokenizer}: it does not cover "
                               f"all of the text; training goes on with them")
             split = "" if boundary is None else f"{boundary}\n"  # where validation begins, with data.val_path
@@ -457,9 +465,8 @@ class TextDataModule(BaseDataModule):
         self.cache_path = entry
         written, self.tokens_digest, boundary = _recorded(entry)
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
-        damage = damage or _damage(entry, written) or \
-            (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token") or \
-            (self.config.data.val_path and boundary is None and f"{SIZE} holds no start of validation")
+        damage = damage or _damage(entry, written, split=bool(self.config.data.val_path)) or \
+            (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
                              f"again to tokenize the corpus afresh")
@@ -515,14 +522,18 @@ def _recorded(entry: Path) -> tuple[int | None, str | None, int | None]:
     return size, fields[1] if len(fields) > 1 else None, boundary
 
 
-def _damage(entry: Path, written: int | None = None) -> str:
+def _damage(entry: Path, written: int | None = None, split: bool = False) -> str:
     """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): not the
-    size recorded beside it (``written``, read here if not given). Entries of earlier versions record none."""
-    written = _recorded(entry)[0] if written is None else written
+    size recorded beside it (``written``, read here if not given; entries of earlier versions record none), or,
+    with ``split`` (data.val_path), no record of where validation begins."""
+    recorded = _recorded(entry)
+    written = recorded[0] if written is None else written
     try:
         size = (entry / TOKENS).stat().st_size
     except OSError:
         return ""
+    if split and recorded[2] is None:
+        return f"{SIZE} holds no start of validation"
     return "" if written is None or size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -274,8 +275,8 @@ def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int, separator:
     """
     if spec == "byte":
         return ByteTokenizer()
-    if spec == "char":
-        return CharTokenizer.train(texts)
+    if spec == "char":  # the separator's characters, whether or not it stands between two training files
+        return CharTokenizer.train(itertools.chain(texts, [separator] if separator else []))
     if spec == "bpe":  # the separator's own text is not counted: merges of it would be tokens never used
         texts = (text for text in texts if not separator or text != separator)
         return HFTokenizer.train_bpe(texts, vocab_size, [separator] if separator else [])

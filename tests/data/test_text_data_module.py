@@ -171,6 +171,17 @@ def test_a_cache_entry_whose_tokenizer_is_damaged_is_tokenized_again_or_named_in
     assert not again.cache_hit and tokenizer.read_bytes() == whole
 
 
+def test_an_entry_that_does_not_say_where_its_validation_begins_is_tokenized_again(tmp_path, corpus):
+    held = tmp_path / "held.txt"
+    held.write_text(TEXT[:600])
+    dm = ready(tmp_path, corpus, val_path=str(held))
+    size = dm.cache_path / "tokens.size"
+    size.write_text("\n".join(size.read_text().split("\n")[:2]) + "\n")  # the split's line lost
+    with pytest.warns(UserWarning, match="is damaged \\(tokens.size holds no start of validation\\): tokenizing"):
+        again = ready(tmp_path, corpus, val_path=str(held))
+    assert again.val_set.tokens.tolist() == dm.val_set.tokens.tolist()
+
+
 def test_a_damaged_entry_another_node_deletes_at_the_same_time_is_rebuilt(tmp_path, corpus, monkeypatch):
     first = make(tmp_path, corpus, tokenizer="byte")
     first.prepare_data()
@@ -344,11 +355,30 @@ def test_the_separator_stands_between_files_and_a_bpe_trained_here_takes_it_as_o
     assert plain.tokenizer.decode(ids) == "".join(texts.values())
 
 
-def test_a_separator_the_tokenizer_file_cannot_encode_is_named(tmp_path, corpus):
+def test_a_separator_the_tokenizer_file_cannot_encode_is_named_where_it_would_stand(tmp_path, corpus):
     first = ready(tmp_path, corpus)  # a char tokenizer of the corpus's characters: no "<"
+    tokenizer = str(first.cache_path / "tokenizer.json")
+    ready(tmp_path / "one", corpus, tokenizer=tokenizer, separator="<|endoftext|>")  # one file: it stands nowhere
+    second = tmp_path / "second.txt"
+    second.write_text(TEXT)
     with pytest.raises(UsageError, match=r"^data\.separator: character '<' is not in the char tokenizer's vocab"):
-        make(tmp_path / "again", corpus, tokenizer=str(first.cache_path / "tokenizer.json"),
-             separator="<|endoftext|>").prepare_data()
+        make(tmp_path / "two", f"{tmp_path}/*.txt", tokenizer=tokenizer, separator="<|endoftext|>").prepare_data()
+
+
+def test_a_char_tokenizer_takes_the_separators_characters_wherever_it_stands(tmp_path, corpus):
+    held = tmp_path / "held.txt"
+    held.write_text(TEXT[:600])
+    # one training file: the separator stands only between it and the validation text
+    dm = ready(tmp_path, corpus, val_path=str(held), separator="<|endoftext|>")
+    assert dm.tokenizer.decode(dm.val_set.tokens.tolist()) == "<|endoftext|>" + TEXT[:600]
+    assert "<" in ready(tmp_path / "one", corpus, separator="<|endoftext|>").tokenizer.chars
+
+
+def test_with_no_separator_nor_validation_path_the_cache_key_is_that_of_earlier_versions(tmp_path, corpus):
+    dm = make(tmp_path, corpus)
+    entry = dm._cache_entry(*dm._files())
+    key = hashlib.sha256(f"text-cache-{tdm.CACHE_FORMAT}\0char\0{dm.corpus_digest}".encode()).hexdigest()
+    assert entry.name == key[:32]  # their cache entries are read, not tokenized again
 
 
 def test_a_validation_path_is_the_validation_split_and_its_files_leave_the_training_data(tmp_path):
@@ -370,6 +400,11 @@ def test_a_validation_path_is_the_validation_split_and_its_files_leave_the_train
     with pytest.raises(UsageError, match=r"^data\.val_path: .*held\.txt: character ',' is not in the char "
                                          r"tokenizer's vocabulary .*trained on data\.path"):
         ready(tmp_path, root, val_path=str(held), separator="|")
+    hard = tmp_path / "hard.txt"  # the same file as held.txt, by a hard link: left out of training too
+    held.write_text("second first words\n" * 30)
+    os.link(held, hard)
+    linked = ready(tmp_path, root, val_path=str(hard), separator="|", val_fraction=0.5)
+    assert linked.tokenizer.decode(linked.train_set.tokens.tolist()) == decode(dm.train_set.tokens.tolist())
     with pytest.raises(UsageError, match=r"^data\.val_path: .*nowhere\.txt does not exist"):
         ready(tmp_path, root, val_path=str(root / "nowhere.txt"))
     with pytest.raises(UsageError, match=r"^data\.path: every file of .*texts is one of data\.val_path"):

@@ -116,9 +116,9 @@ def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     after_warmup = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / after_warmup)
     floor = cfg.min_lr / cfg.lr
-    if cfg.scheduler == "wsd":  # stable at lr, then linear over the last decay_fraction of the steps
-        decay = max(1, round(cfg.decay_fraction * after_warmup))
-        progress = max(0.0, min(1.0, (step - (total_steps - decay)) / decay))
+    if cfg.scheduler == "wsd":  # stable at lr, then linear over the last decay_fraction of the steps, each of them
+        decay = math.ceil(cfg.decay_fraction * after_warmup - 1e-9)  # below lr (one step: at half of it)
+        progress = max(0.0, min(1.0, (step - (total_steps - decay - 1)) / (decay + 1)))
     if cfg.scheduler == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * (1.0 - progress)

@@ -444,7 +444,7 @@ def _tells_where_started(log_dir: Any) -> bool:
     return isinstance(log_dir, str) and not Path(log_dir).is_absolute() and ".." not in Path(log_dir).parts
 
 
-RELATIVE_TO_START = ("data.path", "data.tokenizer", "data.cache_dir")
+RELATIVE_TO_START = ("data.path", "data.val_path", "data.tokenizer", "data.cache_dir")
 """The settings of a run that name files from the folder it was started in."""
 
 

@@ -25,15 +25,18 @@ def test_warmup_then_cosine_to_min_lr():
 
 def test_wsd_holds_the_rate_then_decays_linearly_over_the_last_share_of_the_steps():
     cfg = OptimizerConfig(lr=1.0, min_lr=0.1, warmup_steps=4, scheduler="wsd", decay_fraction=0.25)
-    # 20 steps: 4 of warmup, 16 after it, the last 4 of them decaying
+    # 20 steps: 4 of warmup, 16 after it, the last 4 of them each below lr, min_lr reached as the last one ends
     assert [lr_factor(s, cfg, 20) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    assert [lr_factor(s, cfg, 20) for s in range(4, 17)] == [1.0] * 13
-    assert [lr_factor(s, cfg, 20) for s in range(17, 21)] == pytest.approx([0.775, 0.55, 0.325, 0.1])
+    assert [lr_factor(s, cfg, 20) for s in range(4, 16)] == [1.0] * 12
+    assert [lr_factor(s, cfg, 20) for s in range(16, 21)] == pytest.approx([0.82, 0.64, 0.46, 0.28, 0.1])
     assert lr_factor(25, cfg, 20) == pytest.approx(0.1)
     # given more steps while still stable, the rates taken so far are those of a run given them from the start
     assert [lr_factor(s, cfg, 40) for s in range(16)] == [lr_factor(s, cfg, 20) for s in range(16)]
-    whole = OptimizerConfig(lr=1.0, scheduler="wsd", decay_fraction=1.0)
-    assert lr_factor(5, whole, 10) == pytest.approx(0.5)  # all of it decaying: linear
+    # a share of a few steps: at least the last one decays; 0.1 of 30 is 3 steps, not 4 (3.0000000000000004)
+    short = OptimizerConfig(lr=1.0, scheduler="wsd", decay_fraction=0.2)
+    assert [lr_factor(s, short, 3) for s in range(3)] == pytest.approx([1.0, 1.0, 0.5])
+    tenth = OptimizerConfig(lr=1.0, scheduler="wsd", decay_fraction=0.1)
+    assert [lr_factor(s, tenth, 30) for s in range(26, 30)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
 
 
 def test_weight_decay_only_on_matrices():
