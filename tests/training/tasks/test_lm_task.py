@@ -178,7 +178,7 @@ def test_a_resume_on_the_same_corpus_tokenized_otherwise_is_refused_naming_the_v
 
     train("pinned", 3)
     with monkeypatch.context() as earlier:  # a version whose checkpoints pin no tokens
-        earlier.setattr(tdm, "_recorded", lambda entry: (None, None))
+        earlier.setattr(tdm, "_recorded", lambda entry: (None, None, None))
         train("earlier", 3)
     real = tdm._without_bom
     monkeypatch.setattr(tdm, "CACHE_FORMAT", "another")
@@ -213,7 +213,8 @@ def test_a_resume_whose_bpe_comes_out_otherwise_from_the_same_corpus_says_so(tmp
     train(3)
     real = HFTokenizer.train_bpe.__func__
     monkeypatch.setattr(tdm, "CACHE_FORMAT", "another")
-    monkeypatch.setattr(HFTokenizer, "train_bpe", classmethod(lambda cls, texts, vocab: real(cls, texts, 260)))
+    monkeypatch.setattr(HFTokenizer, "train_bpe",
+                        classmethod(lambda cls, texts, vocab, special=(): real(cls, texts, 260, special)))
     with pytest.raises(UsageError) as refused:
         train(5)
     assert f"step_00000003: {RETRAINED_OTHERWISE} changed" in str(refused.value), str(refused.value)
