@@ -5,9 +5,10 @@ with as many key-value heads as heads or fewer: grouped-query attention) and an
 MLP, with rotary or learned positions, RMSNorm or LayerNorm, SwiGLU or GELU.
 
 Each :class:`Block` takes and returns the residual stream ``x`` (the rotary
-tables live inside the attention, one pair that all blocks share), so the engine can wrap blocks one by one for FSDP,
-``torch.compile`` or activation checkpointing. Generation passes a
-:class:`KVCache` as well, so that each new token reads only its own position.
+tables live inside the attention, one pair that all blocks share), so the
+engine can wrap blocks one by one for FSDP, ``torch.compile`` or activation
+checkpointing. Generation passes a :class:`KVCache` as well, so that each new
+token reads only its own position.
 """
 
 from __future__ import annotations

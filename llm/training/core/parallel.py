@@ -1,9 +1,9 @@
 """How the model is laid out for training, and how its state is saved and restored.
 
-Per-block features (activation checkpointing, regional compile, FSDP2 sharding, over all ranks or, for hsdp,
-within each node)
-apply to models that expose their repeated layers as ``model.blocks``, as the
-GPT does; other models are compiled and sharded whole.
+Per-block features (activation checkpointing, regional compile, FSDP2 sharding
+over all ranks or, for hsdp, within each node) apply to models that expose
+their repeated layers as ``model.blocks``, as the GPT does; other models are
+compiled and sharded whole.
 """
 
 from __future__ import annotations
