@@ -301,6 +301,40 @@ def test_each_optimizer_steps_fsdp_shards(tmp_path):
         assert [(tmp_path / f"{name}_rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"], name
 
 
+def hsdp_worker(rank: int, directory: str, port: int) -> None:
+    import os
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # two nodes of two processes, as torchrun tells each of them
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4,
+                            timeout=timedelta(seconds=60))
+    try:
+        config = GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16)
+        torch.manual_seed(0)
+        model = prepare(GPT(config), Config.from_dict({"distributed": {"strategy": "hsdp"}}), 4)
+        layouts = {(p.device_mesh.mesh_dim_names, tuple(map(tuple, p.device_mesh.mesh.tolist())), p.placements)
+                   for p in model.parameters()}
+        assert layouts == {(("replicate", "shard"), ((0, 1), (2, 3)), (Replicate(), Shard(0)))}, layouts
+        batches = torch.randint(0, 20, (2, 4, 4, 8), generator=torch.Generator().manual_seed(1))  # steps x ranks
+        lm_steps(model, build_optimizer(model, OptimizerConfig(name="sgd", lr=0.5)), batches[:, rank])
+        trained = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        if rank == 0:  # one process on the four ranks' batches together
+            torch.manual_seed(0)
+            whole = GPT(config)
+            lm_steps(whole, build_optimizer(whole, OptimizerConfig(name="sgd", lr=0.5)), batches.flatten(1, 2))
+            for name, value in whole.state_dict().items():
+                torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        Path(directory, f"rank{rank}").write_text("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hsdp_shards_each_block_within_a_node_and_trains_as_one_process_on_all_the_batches(tmp_path):
+    spawn(hsdp_worker, str(tmp_path), free_port(), nprocs=4, timeout=180)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1", "rank2", "rank3"]
+
+
 def test_nothing_is_compiled_before_the_first_step_whose_time_reports_compilation(tmp_path):
     torch._dynamo.reset()
     counters.clear()
