@@ -523,7 +523,7 @@ def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
     assert summary["samples_seen"] == 2 * ((512 - 51) // 2 // 32) * 32 * 2  # two ranks, two epochs
 
 
-def test_hsdp_on_two_nodes_of_two_shards_within_each_node_copies_across_them_and_trains_as_one_process(tmp_path):
+def test_hsdp_on_two_nodes_of_two_processes_shards_within_a_node_copies_across_nodes_and_trains_as_one(tmp_path):
     """Two torchrun agents of two processes each: a mesh of 2 nodes x 2 ranks. Each rank of a node holds half of
     every tensor, the other node's rank of the same place the same half, and together they are the weights of one
     process on the combined batch."""
