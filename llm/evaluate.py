@@ -1,9 +1,10 @@
 """Score a trained model: ``python -m llm.evaluate --checkpoint PATH [--data-path FILE] [--split val|test]``.
 
-With ``--data-path``, a language model (``--task lm``) is scored on a text file:
-one line, ``loss L  ppl P  tokens N  checkpoint C``, the mean next-token
-cross-entropy (nats per token) over the whole file, its perplexity, the number
-of tokens scored and the checkpoint used.
+With ``--data-path``, a language model (``--task lm``) is scored on a text file,
+or on the files of a folder or a glob read as training reads a corpus (the run's
+``data.separator`` between two of them): one line, ``loss L  ppl P  tokens N
+checkpoint C``, the mean next-token cross-entropy (nats per token) over every
+token, its perplexity, the number of tokens scored and the checkpoint used.
 
 Without it, a checkpoint of any task is scored on a whole split of the data
 module it trained on, built from the run's config as training built it: the
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.cli import ArgParser, add_checkpoint, add_device, run_tool
-from llm.data.text_data_module import encode_pieces, read_pieces
+from llm.data.text_data_module import corpus_files, encode_pieces, read_pieces
 from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
 from llm.training.core import distributed as D, resume
@@ -86,21 +87,23 @@ def _summed_loss(model: nn.Module, windows: torch.Tensor) -> float:
     return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum").item()
 
 
-def read_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
-    """The token ids of a UTF-8 text file; UsageError (one line) if it is missing, empty or untokenizable.
+def read_tokens(path: str | Path, tokenizer: Tokenizer, separator: str = "") -> np.ndarray:
+    """The token ids of a UTF-8 text file, or of the files of a folder or a glob (as a corpus is read, in
+    sorted order) with ``separator`` between two of them; UsageError (one line) if they are missing, empty or
+    untokenizable.
 
     Read and encoded in pieces, as training's cache is: a large file is never held whole as text, nor as
     the tokenizer's objects for every token, only as its ids.
     """
+    files = corpus_files(str(path), "--data-path")
     path = Path(path).expanduser()
-    if not path.exists():
-        raise UsageError(f"--data-path: {path} does not exist")
-    if not path.is_file():
-        raise UsageError(f"--data-path: {path} is not a file")
-    try:
-        parts = list(encode_pieces(tokenizer, read_pieces(path, setting="--data-path")))
-    except UncoveredText as e:
-        raise UsageError(f"--data-path: {path}: {e}") from None
+    parts = []
+    for i, file in enumerate(files):
+        pieces = read_pieces(file, setting="--data-path")
+        try:
+            parts += encode_pieces(tokenizer, [separator, *pieces] if i and separator else pieces)
+        except UncoveredText as e:
+            raise UsageError(f"--data-path: {file}: {e}") from None
     if not parts:
         raise UsageError(f"--data-path: {path} is empty")
     ids = np.concatenate(parts)
@@ -182,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a checkpoint: a language model on a text file (--data-path), or any task "
                                    "on a split of the data it trained on.")
     add_checkpoint(parser)
-    parser.add_argument("--data-path", metavar="FILE",
-                        help="a UTF-8 text file to score a language model on (--task lm), every token of it")
+    parser.add_argument("--data-path", metavar="PATH",
+                        help="a UTF-8 text file, or a folder or a glob of them, to score a language model on "
+                             "(--task lm), every token of it (files as training reads a corpus)")
     parser.add_argument("--split", choices=SPLITS,
                         help="without --data-path: the split of the run's data module to score, the validation "
                              "one (default) or its test one")
@@ -192,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "samples per batch (default: the run's)")
     add_device(parser)
     return parser
+
+
+def _separator(checkpoint: Path) -> str:
+    """The data.separator of the run that saved ``checkpoint``: what stood between its corpus's files."""
+    try:
+        return resume.config_as_started(checkpoint)[0].data.separator
+    except UsageError:  # a checkpoint of no readable config (an export's weights): nothing between them
+        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +223,7 @@ def _score(argv: list[str] | None) -> str:
     if args.split is not None:
         raise UsageError("--split scores a split of the run's data module, --data-path a text file: give one of them")
     model, tokenizer, ckpt = load_lm(args.checkpoint, args.device)
-    ids = read_tokens(args.data_path, tokenizer)
+    ids = read_tokens(args.data_path, tokenizer, _separator(ckpt))
     loss, n_tokens = evaluate(model, ids, model.config.block_size, args.batch_size or 8)
     return f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}"
 

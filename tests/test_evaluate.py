@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from llm.data.text_data_module import TextDataModule
 from llm.evaluate import evaluate, main, score_split
 from llm.training.core.config import Config
 from llm.training.tasks.regression_task import RegressionTask
-from llm.training.tasks.lm_task import load_lm
+from llm.training.tasks.lm_task import load_lm, perplexity
 from tests.helpers import run, train_tiny_lm, wordpiece_file
 
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
@@ -146,7 +147,8 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_one_line_warning(step_dir
 
 
 @pytest.mark.parametrize("data, flags, message", [
-    (None, ["--data-path", "missing.txt"], "error: --data-path: missing.txt does not exist"),
+    (None, ["--data-path", "missing.txt"],
+     "error: --data-path: missing.txt does not exist (expected a text file, a folder or a glob)"),
     ("", [], "error: --data-path: data.txt is empty"),
     ("the cat", ["--checkpoint", "nope"], "error: checkpoint path nope does not exist"),
 ])
@@ -164,7 +166,7 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, mo
     (b"t", "--data-path: {path} holds 1 token; at least 2 are needed to score a prediction"),
     (b"the Zebra", "--data-path: {path}: character 'Z' is not in the char tokenizer's vocabulary of 15"),
     (b"the \xff cat", "--data-path: {path} is not UTF-8 text (byte 4); convert or remove it"),
-    (None, "--data-path: {path} is not a file"),
+    (None, "--data-path: the folder {path} holds no files"),
 ])
 def test_unusable_data_exits_2_with_one_line(step_dir, tmp_path, capsys, content, message):
     path = tmp_path / "data.txt"
@@ -175,6 +177,28 @@ def test_unusable_data_exits_2_with_one_line(step_dir, tmp_path, capsys, content
     assert main(["--checkpoint", str(step_dir), "--data-path", str(path)]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err == "error: " + message.format(path=path) + "\n"
+
+
+def test_a_folder_is_scored_as_its_files_read_as_a_corpus_with_the_runs_separator(tmp_path, capsys):
+    from llm.evaluate import read_tokens
+    from llm.training import train
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("b.txt", "a.txt"):
+        (texts / name).write_text(f"{name} {TEXT}")
+    assert train.main(["--task", "lm", "--training-max-steps", "2", "--training-batch-size", "4", "--model-n-layer",
+                       "1", "--model-n-embd", "16", "--model-n-head", "2", "--model-block-size", str(BLOCK),
+                       "--data-path", str(texts), "--data-separator", "|", "--data-cache-dir", str(tmp_path / "c"),
+                       "--logging-log-dir", str(tmp_path / "lm"), "--logging-progress-bar", "false"]) == 0
+    model, tokenizer, _ = load_lm(tmp_path / "lm")
+    joined = np.asarray(tokenizer.encode(f"a.txt {TEXT}|b.txt {TEXT}"))  # sorted, the separator between them
+    assert read_tokens(texts, tokenizer, "|").tolist() == joined.tolist()
+    capsys.readouterr()
+    for given in (texts, texts / "*.txt"):
+        assert main(["--checkpoint", str(tmp_path / "lm"), "--data-path", str(given)]) == 0
+        loss, n = evaluate(model, joined, BLOCK, 8)
+        assert capsys.readouterr().out.startswith(f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n}  ")
 
 
 def test_a_batch_size_below_1_exits_2(step_dir, capsys):
