@@ -21,6 +21,7 @@ Exit codes: 0 done; 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import warnings
 from collections.abc import Sequence
@@ -99,9 +100,9 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer, separator: str = "") -> 
     path = Path(path).expanduser()
     parts = []
     for i, file in enumerate(files):
-        pieces = read_pieces(file, setting="--data-path")
+        pieces = read_pieces(file, setting="--data-path")  # a generator: a list would hold the file whole
         try:
-            parts += encode_pieces(tokenizer, [separator, *pieces] if i and separator else pieces)
+            parts += encode_pieces(tokenizer, itertools.chain([separator] if i and separator else [], pieces))
         except UncoveredText as e:
             raise UsageError(f"--data-path: {file}: {e}") from None
     if not parts:

@@ -442,9 +442,9 @@ class TextDataModule(BaseDataModule):
 
     def _separator_tokens(self, tokenizer: Tokenizer) -> list[np.ndarray]:
         """data.separator's tokens, put before each file but the first ([] for none)."""
-        separator, d = self.config.data.separator, self.config.data
+        d = self.config.data
         try:
-            return list(encode_pieces(tokenizer, [separator] if separator else []))
+            return list(encode_pieces(tokenizer, [d.separator] if d.separator else []))
         except UncoveredText as e:
             raise UsageError(f"data.separator: {e} (data.tokenizer {d.tokenizer}); choose another separator or "
                              f"tokenizer") from None
@@ -463,9 +463,10 @@ class TextDataModule(BaseDataModule):
             self.tokenizer, damage = (self.tokenizer, "") if self.cache_hit else _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
-        written, self.tokens_digest, boundary = _recorded(entry)
+        recorded = _recorded(entry)
+        self.tokens_digest, boundary = recorded[1], recorded[2]
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
-        damage = damage or _damage(entry, written, split=bool(self.config.data.val_path)) or \
+        damage = damage or _damage(entry, recorded, split=bool(self.config.data.val_path)) or \
             (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
@@ -522,12 +523,13 @@ def _recorded(entry: Path) -> tuple[int | None, str | None, int | None]:
     return size, fields[1] if len(fields) > 1 else None, boundary
 
 
-def _damage(entry: Path, written: int | None = None, split: bool = False) -> str:
+def _damage(entry: Path, recorded: tuple[int | None, str | None, int | None] | None = None,
+            split: bool = False) -> str:
     """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): not the
-    size recorded beside it (``written``, read here if not given; entries of earlier versions record none), or,
-    with ``split`` (data.val_path), no record of where validation begins."""
-    recorded = _recorded(entry)
-    written = recorded[0] if written is None else written
+    size recorded beside it (``recorded``, _recorded's, read here if not given; entries of earlier versions record
+    none), or, with ``split`` (data.val_path), no record of where validation begins."""
+    recorded = _recorded(entry) if recorded is None else recorded
+    written = recorded[0]
     try:
         size = (entry / TOKENS).stat().st_size
     except OSError:
