@@ -1,7 +1,7 @@
 """Sample text from a trained language model: ``python -m llm.generate --checkpoint PATH --prompt TEXT``.
 
-Prints the prompt, then its continuation as the tokens come, then a newline.
-The same seed gives the same text; ``--stop TEXT`` ends it before TEXT. Exit codes: 0 done; 2 bad input (one line
+Prints the prompt, then its continuation as the tokens come, then a newline; ``--num-samples N`` prints N such
+texts, one after another, with a line ``---`` between them. The same seed gives the same text; ``--stop TEXT`` ends it before TEXT. Exit codes: 0 done; 2 bad input (one line
 on stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away or it cannot be
 written (a full disk). Characters the output's encoding lacks print as "?".
 """
@@ -22,6 +22,8 @@ from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.models.gpt import GPT
 from llm.training.tasks.lm_task import load_lm
 
+SAMPLE_SEPARATOR = "---\n"
+"""The line between two of --num-samples' texts."""
 _REPLACEMENT = "\ufffd"  # what decoders print for a multi-byte character cut in half
 
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample only among the K most likely tokens (default: all)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
                         help="sample only among the most likely tokens that make up probability P (default: all)")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="N",
+                        help="texts to sample, each from the prompt, printed one after another with a line --- "
+                             "between them; the first is the text one sample gives (default: 1)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="random seed: the same seed gives the same text (default: 0)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -57,6 +62,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--prompt is not valid UTF-8 text (at character {e.start + 1})") from None
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens: got {args.max_new_tokens}, expected an integer >= 0")
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples: got {args.num_samples}, expected an integer >= 1")
     if not args.temperature >= 0:  # also rejects nan
         raise UsageError(f"--temperature: got {args.temperature}, expected a number >= 0")
     if args.top_k is not None and args.top_k < 1:
@@ -166,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
         writing = True
-        _write(args.prompt)
-        pieces = stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-                             generator=generator, top_p=args.top_p)
-        for piece in until_stop(pieces, args.stop):
-            _write(piece)
-        _write("\n")
+        for sample in range(args.num_samples):  # one generator: each sample goes on from where the last one left it
+            _write(SAMPLE_SEPARATOR if sample else "")
+            _write(args.prompt)
+            pieces = stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
+                                 generator=generator, top_p=args.top_p)
+            for piece in until_stop(pieces, args.stop):
+                _write(piece)
+            _write("\n")
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from llm.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, load_tokenizer
-from llm.generate import main, stream_text
+from llm.generate import SAMPLE_SEPARATOR, main, stream_text
 from llm.training.tasks.lm_task import load_lm
 from tests.helpers import cli_env, reseal, run, train_tiny_lm, wordpiece_file
 
@@ -64,6 +64,21 @@ def test_prints_the_prompt_then_exactly_n_tokens_and_the_seed_fixes_the_text(run
     assert all(len(tokenizer.encode(continuation(text))) == 40 for text in texts)
     assert first == again  # a run folder and its checkpoint are the same model
     assert first != other  # 40 tokens sampled at temperature 1: equal only by a fluke
+
+
+def test_num_samples_prints_texts_apart_the_first_as_one_sample_gives_it(step_dir, capsys):
+    common = ["--checkpoint", str(step_dir), "--prompt", PROMPT, "--max-new-tokens", "20", "--seed", "3"]
+    assert main(common) == 0
+    one = capsys.readouterr().out
+    assert main([*common, "--num-samples", "3"]) == 0
+    texts = capsys.readouterr().out.split(SAMPLE_SEPARATOR)
+    assert len(texts) == 3 and texts[0] == one
+    tokenizer = load_tokenizer(step_dir / "tokenizer.json")
+    assert all(len(tokenizer.encode(continuation(text))) == 20 for text in texts)
+    assert len(set(texts)) == 3  # the generator goes on: not the same text again
+    assert main([*common, "--num-samples", "2", "--stop", "t"]) == 0  # each text ends before its own first "t"
+    stopped = capsys.readouterr().out.split(SAMPLE_SEPARATOR)
+    assert len(stopped) == 2 and all("t" not in continuation(text) for text in stopped)
 
 
 # ---- what is generated, in-process ----------------------------------------------------------
@@ -312,6 +327,7 @@ def test_a_prompt_of_bytes_that_are_not_utf8_exits_2_with_one_line(step_dir, tmp
     (["--top-p", "0"], "--top-p: got 0.0, expected a number above 0 and at most 1"),
     (["--top-p", "1.5"], "--top-p: got 1.5, expected a number above 0 and at most 1"),
     (["--top-p", "nan"], "--top-p: got nan, expected a number above 0 and at most 1"),
+    (["--num-samples", "0"], "--num-samples: got 0, expected an integer >= 1"),
     (["--seed", "-3"], "--seed: got -3, expected an integer from 0 to 2**64 - 1"),
     (["--seed", str(2**64)], f"--seed: got {2**64}, expected an integer from 0 to 2**64 - 1"),
     (["--max-new-tokens", "ten"], "argument --max-new-tokens: invalid int value: 'ten'"),
