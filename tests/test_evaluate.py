@@ -340,7 +340,8 @@ class BareTestLoader(SyntheticDataModule):
 def test_a_split_whose_items_all_weigh_nothing_scores_nan_as_validation_does(tmp_path):
     run_dir = train_task(tmp_path, "--task", "tests.test_evaluate:WeightlessTask")
     metrics, samples, _ = score_split(run_dir)
-    assert samples == 30 and all(math.isnan(value) for value in metrics.values())
+    assert samples == 30 and set(metrics) == {"val_loss", "val_mae"}
+    assert all(math.isnan(value) for value in metrics.values()), metrics
     assert last_validation(run_dir)["val_loss"] is None  # logged as null: NaN in JSON
 
 

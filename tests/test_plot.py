@@ -213,9 +213,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, expected):
         "tiny dpi": [good, "--out", out, "--dpi", 0.01],
         "unknown flag": [good, "--out", out, "--colour", "red"],
     }[case]
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
     assert_usage_error(plot(*args, cwd=tmp_path), *expected)
-    assert not out.exists() and not list((tmp_path / "taken").iterdir())
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # nothing written: not out.png, nor whichever file the case names, nor a temporary file
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
 
 
 def write_checkpoints(run_dir: Path) -> Path:

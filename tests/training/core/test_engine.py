@@ -1445,9 +1445,15 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
     assert weights(clean.raw_model).keys() == weights(skipped.raw_model).keys()
     for name, value in weights(clean.raw_model).items():
         assert torch.equal(value, weights(skipped.raw_model)[name]), name
-    for p, q in zip(clean.optimizer.param_groups[0]["params"], skipped.optimizer.param_groups[0]["params"]):
-        for key, value in clean.optimizer.state[p].items():
-            assert torch.equal(value, skipped.optimizer.state[q][key]), key  # moments and step count
+    # every group's state (muon's holds the inner AdamW's groups too): moments and step counts
+    pairs = [(p, q) for g, h in zip(clean.optimizer.param_groups, skipped.optimizer.param_groups, strict=True)
+             for p, q in zip(g["params"], h["params"], strict=True)]
+    assert len(pairs) == len(list(clean.raw_model.parameters()))
+    for p, q in pairs:
+        mine, theirs = clean.optimizer.state[p], skipped.optimizer.state[q]
+        assert mine.keys() == theirs.keys() and mine
+        for key, value in mine.items():
+            assert torch.equal(value, theirs[key]), key
 
 
 def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_path, monkeypatch):
