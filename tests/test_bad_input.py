@@ -32,9 +32,6 @@ from llm.models.gpt import GPT, GPTConfig
 from llm.training.tasks.regression_task import RegressionTask
 from tests.helpers import REPO, cli_env, free_port, node_agent, reseal, run, torchrun
 
-pytestmark = pytest.mark.xdist_group("bad_input")
-"""All on one worker under pytest-xdist: ``outcomes`` runs the commands of every test of the module selected."""
-
 TEXT = "".join(f"{w} sat on the mat. " for w in ("the cat", "a dog", "my hat", "one bat") * 60)
 QUIET = ["--logging-progress-bar", "false", "--logging-loggers", ""]
 LM = ["--task", "lm", "--training-max-steps", "4", "--training-batch-size", "8", "--model-n-layer", "1",
