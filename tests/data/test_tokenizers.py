@@ -79,7 +79,9 @@ def test_save_and_load_give_the_same_tokenizer(spec, corpus, tmp_path):
 def test_fingerprints_are_stable_and_follow_the_mapping(corpus):
     assert CharTokenizer.train(["abc"]).fingerprint() == CharTokenizer.train(["cba"]).fingerprint()
     assert CharTokenizer.train(["abc"]).fingerprint() != CharTokenizer.train(["abd"]).fingerprint()
-    assert ByteTokenizer().fingerprint() == ByteTokenizer().fingerprint()
+    # stable across processes and versions: cache keys are made of them, so a change tokenizes every corpus again
+    assert ByteTokenizer().fingerprint() == "46b1f52b27edb557"
+    assert CharTokenizer.train(["abc"]).fingerprint() == "d38cf543bc438ec3"
     a = HFTokenizer.train_bpe(corpus, 300)
     assert a.fingerprint() == HFTokenizer.train_bpe(corpus, 300).fingerprint()
     assert a.fingerprint() != HFTokenizer.train_bpe(corpus, 310).fingerprint()

@@ -106,6 +106,7 @@ def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resumes_
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000010"
     resumed = single(tmp_path / "run", tmp_path)
     assert resumed.returncode == 0
+    assert_resumed_at(resumed, 10)  # not started over, which would end on the same weights
     assert_same(weights(reference), weights(tmp_path / "run"))
     # the stopped run did not log steps 9 and 10 apart (it used to): the resumed one logs them with 11 and 12, as
     # the uninterrupted run does
@@ -192,6 +193,9 @@ def test_a_signal_once_the_run_has_finished_leaves_its_exit_code_0(tmp_path, sig
         if line.startswith("logs "):  # the summary's last line
             process.send_signal(signum)
             break
+    else:
+        process.kill()
+        pytest.fail("the run printed no summary")
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0 and err == "", err
     assert json.loads((tmp_path / "run/summary.json").read_text())["stop_reason"] == "trained training.epochs=1"

@@ -29,7 +29,7 @@ def test_guide_command_trains_regression(tmp_path):
     assert "epoch 2/2" in out.stdout
     # the closing table: results, speed, and where things are
     for row in ("best val_loss", "final val_loss", "steps / epochs", "samples/s", "elapsed", "checkpoints", "logs"):
-        assert row in out.stdout
+        assert re.search(rf"^{re.escape(row)} +\S", out.stdout, re.M), row  # a row of its own
     assert re.search(r"^stopped +trained training\.epochs=2$", out.stdout, re.M)  # why it ended, said
     # the checkpoint with the best val_loss, as a path the tools take
     best = re.search(r"^best by val_loss +(\S+)$", out.stdout, re.M).group(1)
@@ -677,6 +677,8 @@ def test_the_weight_average_of_an_fsdp_run_is_sharded_resumed_bit_for_bit_and_re
         out = torchrun(2, REPO / "llm/training/train.py", *flags, *more, "--logging-log-dir", f"runs/{name}",
                        cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(REPO)})
         assert out.returncode == 0, out.stderr[-3000:]
+        if name == "resumed":  # from the checkpoint, not started over (which would end the same)
+            assert "step_00000007 at step 7 " in out.stdout, out.stdout[-2000:]
     straight, resumed = (json.loads((tmp_path / f"runs/{name}/summary.json").read_text()) for name in runs if name != "plain")
     assert straight["val_loss"] == resumed["val_loss"]
     losses = [[(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (tmp_path / f"runs/{name}/metrics.jsonl").open())
