@@ -1,9 +1,10 @@
 """Sample text from a trained language model: ``python -m llm.generate --checkpoint PATH --prompt TEXT``.
 
-Prints the prompt, then its continuation as the tokens come, then a newline; ``--num-samples N`` prints N such
-texts, one after another, with a line ``---`` between them. The same seed gives the same text; ``--stop TEXT`` ends it before TEXT. Exit codes: 0 done; 2 bad input (one line
-on stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away or it cannot be
-written (a full disk). Characters the output's encoding lacks print as "?".
+Prints the prompt, then its continuation as the tokens come, then a newline; ``--num-samples N``
+prints N such texts, one after another, with a line ``---`` between them. The same seed gives the
+same text; ``--stop TEXT`` ends it before TEXT. Exit codes: 0 done; 2 bad input (one line on
+stderr); 130 interrupted (Ctrl-C); 1 when the reader of stdout went away or it cannot be written
+(a full disk). Characters the output's encoding lacks print as "?".
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
         writing = True
         for sample in range(args.num_samples):  # one generator: each sample goes on from where the last one left it
-            _write(SAMPLE_SEPARATOR if sample else "")
+            if sample:
+                _write(SAMPLE_SEPARATOR)
             _write(args.prompt)
             pieces = stream_text(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
                                  generator=generator, top_p=args.top_p)
