@@ -133,11 +133,15 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 def _each_once(files: Iterable[Path]) -> list[Path]:
-    """``files`` sorted, each file once however many paths (links, a glob's ``**`` twice) lead to it: the
-    first of its paths in sorted order names it."""
-    first: dict[str, Path] = {}
+    """``files`` sorted, each file once however many paths (links of either kind, a glob's ``**`` twice) lead
+    to it: the first of its paths in sorted order names it."""
+    first: dict[Any, Path] = {}
     for file in sorted(files):
-        first.setdefault(os.path.realpath(file), file)
+        try:
+            key: Any = _identity(file)
+        except OSError:  # gone since it was listed: reading it says so
+            key = file
+        first.setdefault(key, file)
     return sorted(first.values())
 
 
@@ -464,7 +468,7 @@ class TextDataModule(BaseDataModule):
             size = (entry / TOKENS).stat().st_size
         self.cache_path = entry
         recorded = _recorded(entry)
-        self.tokens_digest, boundary = recorded[1], recorded[2]
+        _, self.tokens_digest, boundary = recorded
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
         damage = damage or _damage(entry, recorded, split=bool(self.config.data.val_path)) or \
             (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")

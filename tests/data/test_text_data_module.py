@@ -424,6 +424,7 @@ def test_a_linked_folder_is_read_as_a_glob_reads_it_once_and_a_link_loop_ends(tm
     assert walked == ["a.txt", "books/c.txt", "sub/b.txt"]
     (root / "sub/loop").unlink()
     (root / "sub/again.txt").symlink_to(root / "a.txt")  # a second path to a.txt
+    os.link(root / "a.txt", root / "sub/hard.txt")  # and a third, a hard link, as data.val_path tells them apart
     assert [p.relative_to(root).as_posix() for p in corpus_files(str(root))] == ["a.txt", "books/c.txt", "sub/b.txt"]
     # a glob reads linked folders too, and ** twice names the same file on several paths: each file once
     globbed = [p.relative_to(root).as_posix() for p in corpus_files(str(root / "**" / "**" / "*.txt"))]
