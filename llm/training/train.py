@@ -3,8 +3,9 @@
 The same file serves ``python -m llm.training.train`` and
 ``torchrun --nproc_per_node=N llm/training/train.py``.
 
-Exit codes: 0 done; 2 bad input (one line on stderr); 3 stopped on a
-non-finite loss (training.nan_policy=stop); 75 stopped at training.max_minutes,
+Exit codes: 0 done; 1 another rank failed or hung (one line naming it); 2 bad
+input (one line on stderr); 3 stopped on a non-finite loss or gradient norm
+(training.nan_policy=stop); 75 stopped at training.max_minutes,
 validated and saved (0 under torchrun, which restarts workers that exit
 otherwise); 128+signal when SIGTERM, SIGINT or SIGHUP stopped the run after
 saving a checkpoint (143, 130, 129).
