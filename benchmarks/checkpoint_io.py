@@ -16,6 +16,13 @@ its AdamW moments, about 75 MB, written and read back in turn by
 Loads read files the save just wrote, so from the page cache: they measure
 deserialisation and hashing, not the disk.
 
+Two ranks (gloo, one thread each): each holds half of that state's tensors as
+its shards and writes them with torch.distributed.checkpoint, as FSDP's ranks
+do, inside ``CheckpointManager.save``. The ranks share the reading and hashing
+of the checkpoint's files for its manifest; the other contender leaves it all
+to rank 0 (rank 1 lists no files, so rank 0 hashes those too, as every save did
+before 2026-12-06). Timed from a barrier to the last rank's return.
+
 Resume at step k of an epoch (one epoch of 12,500 steps of synthetic data):
 the time until the first batch arrives, (a) through the engine's
 ``ResumableSampler``, which skips k x batch indices in the sampler, (b) by
@@ -32,12 +39,16 @@ import io
 import itertools
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import time
+
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: import this llm
 
@@ -50,6 +61,7 @@ from llm.training.core.checkpoint import (  # noqa: E402
     load_shared_state,
     resolve_checkpoint,
 )
+from llm.training.core import sharded  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
 from llm.training.core.engine import TrainingEngine  # noqa: E402
 from llm.training.core.resume import ResumableSampler  # noqa: E402
@@ -126,6 +138,56 @@ def save_load_rounds(folder: Path, state: dict, rounds: int) -> tuple[dict[str, 
     return seconds, (saved["ckpt"] / SHARED).stat().st_size
 
 
+# ---- two ranks: the checkpoint's files hashed by both, or by rank 0 alone ------------------------------
+
+BOTH, ALONE = "save, 2 ranks: files hashed by both ranks", "save, 2 ranks: files hashed by rank 0 alone"
+
+
+def two_rank_worker(rank: int, folder: str, port: int, rounds: int) -> None:
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints the rounds
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        state, _ = gpt_state()
+        moments = [(f"optimizer.{i}.{k}", v) for i, s in state["optimizer"]["state"].items() for k, v in s.items()
+                   if k != "step"]
+        tensors = sorted([*((f"model.{k}", v) for k, v in state["model"].items()), *moments])
+        shard = dict(tensors[rank::2])  # every other tensor: half of the state, keys of this rank's own
+        shared = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        manager = CheckpointManager(Path(folder) / "two-ranks", rank=rank, world_size=2, keep_last=2)
+        steps, share = itertools.count(1), CheckpointManager._hash_share
+
+        def save(alone: bool) -> float:
+            CheckpointManager._hash_share = (lambda self, staging: {}) if alone and rank == 1 else share
+            dist.barrier()
+            began = time.perf_counter()
+            manager.save(next(steps), shared, {"rng": torch.get_rng_state()},
+                         write_sharded=lambda staging: sharded.save(shard, staging / "sharded"))
+            took = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+            return took.item()
+
+        seconds = common.interleaved({BOTH: lambda: save(False), ALONE: lambda: save(True)}, rounds)
+        if rank == 0:
+            size = sum(p.stat().st_size for p in manager.latest_valid().rglob("*") if p.is_file())
+            torch.save({"seconds": seconds, "bytes": size}, Path(folder) / "two-ranks.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def two_rank_saves(folder: Path, rounds: int) -> tuple[dict[str, list[float]], int]:
+    """Seconds per save on two ranks, both contenders interleaved; and the checkpoint's bytes."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(two_rank_worker, args=(str(folder), port, rounds), nprocs=2)
+    result = torch.load(folder / "two-ranks.pt", weights_only=True)
+    return result["seconds"], result["bytes"]
+
+
 # ---- resume mid-epoch ------------------------------------------------------------------------------
 
 
@@ -190,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         state, params = gpt_state()
         seconds, size = save_load_rounds(folder, state, args.rounds)
         del state
+        ranks_seconds, ranks_size = two_rank_saves(folder, args.rounds)
 
         data = SyntheticDataModule(resume_config(folder / "data"))
         data.setup("fit")
@@ -214,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     io_table = common.markdown_table(
         ("operation", "median ms", "min-max ms", "MB/s", "speed vs plain torch.save / torch.load"), rows)
 
+    both, alone = common.median(ranks_seconds[BOTH]), common.median(ranks_seconds[ALONE])
+    rows = [(name, f"{1000 * common.median(values):.0f}", common.spread([1000 * v for v in values]),
+             f"{ranks_size / 1e6 / common.median(values):,.0f}")
+            for name, values in ranks_seconds.items()]
+    ranks_table = common.markdown_table(("operation", "median ms", "min-max ms", "MB/s"), rows)
+    ranks_line = (f"Both ranks hashing against rank 0 alone: {alone / both:.2f}x the speed "
+                  f"({ranks_size / 1e6:.1f} MB of files, half of them each rank's shards).")
+
     rows = []
     for k in args.resume_steps:
         setup_s = common.median([s for s, _ in engine[k]])
@@ -234,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = common.section("Checkpoint I/O: save, load and resume mid-epoch" + (" (quick)" if args.quick else ""),
                           facts, ["Save and load of the same state:", io_table,
+                                  "Two ranks, each writing its half as shards (torch.distributed.checkpoint):",
+                                  ranks_table, ranks_line,
                                   "Resuming at step k of an epoch, time to the first batch:", resume_table])
     common.append_section(args.out, text)
     return 0

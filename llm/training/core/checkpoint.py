@@ -114,9 +114,13 @@ class CheckpointManager:
             _save_torch(per_rank, staging / rank_file(self.rank))
         self._agree(_attempt(write), staging, "writing")
 
+        # every file is in place (the agreement is a barrier): the ranks hash them together, each its share
+        share: dict[str, dict] = {}
+        self._agree(_attempt(lambda: share.update(self._hash_share(staging))), staging, "hashing")
+        hashed = {name: entry for part in D.gather(share) for name, entry in part.items()}
         error = None
         if self.rank == 0:
-            error = _attempt(lambda: self._commit(step, staging, final, metrics or {}))
+            error = _attempt(lambda: self._commit(step, staging, final, metrics or {}, hashed))
         # no rank returns before the checkpoint is in place (or every rank raises)
         self._agree(error, staging, "committing")
         self.retain(keep=final)  # after the agreement: the new checkpoint is saved, whatever pruning runs into
@@ -204,12 +208,33 @@ class CheckpointManager:
         name = staging.name.removeprefix(".staging-")
         raise CheckpointError(f"checkpoint {name} not saved ({stage} failed on {'; '.join(reasons)})") from error
 
-    def _commit(self, step: int, staging: Path, final: Path, metrics: dict[str, float]) -> None:
+    def _hash_share(self, staging: Path) -> dict[str, dict]:
+        """Size and sha256 of this rank's share of the files in ``staging``, each file synced to disk too (a
+        callback's extra file may not be). Every rank lists the folder and deals the files out, largest first,
+        each to the rank with the fewest bytes so far: each rank reads about 1/world_size of the checkpoint
+        (FSDP's shards are every rank's), where rank 0 alone would read all of it while the others wait."""
+        files = sorted(((path.relative_to(staging).as_posix(), path.stat().st_size)
+                        for path in staging.rglob("*") if path.is_file()), key=lambda file: (-file[1], file[0]))
+        load, share = [0] * self.world_size, {}
+        for name, size in files:
+            rank = load.index(min(load))
+            load[rank] += size
+            if rank == self.rank:
+                share[name] = {"size": size, "sha256": _sha256(staging / name, sync=True)}
+        return share
+
+    def _commit(self, step: int, staging: Path, final: Path, metrics: dict[str, float],
+                hashed: dict[str, dict]) -> None:
+        """Write the manifest of the files in ``staging``, whose sizes and hashes the ranks made (``hashed``),
+        then move the checkpoint into place. A file no rank hashed, or of another size now (a shared file
+        system whose listing or sizes lag on another node), is hashed here."""
         files = {}
         for path in sorted(staging.rglob("*")):
             if path.is_file():
-                files[path.relative_to(staging).as_posix()] = {"size": path.stat().st_size,
-                                                               "sha256": _sha256(path, sync=True)}
+                name, size = path.relative_to(staging).as_posix(), path.stat().st_size
+                entry = hashed.get(name)
+                files[name] = entry if entry is not None and entry["size"] == size else \
+                    {"size": size, "sha256": _sha256(path, sync=True)}
         manifest = {"step": step, "world_size": self.world_size,
                     "metrics": {k: float(v) for k, v in metrics.items()}, "files": files,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -563,12 +563,17 @@ def two_rank_worker(rank: int, directory: str, port: int, scenario: str) -> None
     def shards(staging: Path) -> None:  # as FSDP saves: every rank writes its part with torch.distributed.checkpoint
         sharded.save({f"rank{rank}": torch.full((4,), float(rank))}, staging / "sharded")
 
-    write_sharded = shards if scenario == "rank1_shards_fail" else None
+    write_sharded = shards if scenario in ("rank1_shards_fail", "ok", "rank1_lists_nothing") else None
+    hashed = result["hashed"] = []
+    sha256 = ckpt_mod._sha256
+    ckpt_mod._sha256 = lambda path, sync=False: hashed.append(path.name) or sha256(path, sync)
+    if scenario == "rank1_lists_nothing" and rank == 1:  # as if its listing of a shared folder lagged
+        CheckpointManager._hash_share = lambda self, staging: {}
     try:
         manager = CheckpointManager(directory, rank=rank, world_size=2)
         result["first"] = str(manager.save(1, shared_state(1), {"rank": rank, "rng": torch.get_rng_state()},
                                            write_sharded=write_sharded))
-        if scenario != "ok":
+        if scenario not in ("ok", "rank1_lists_nothing"):
             if rank == 1:
                 def disk_full(obj, f):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(f, "name", None))
@@ -590,16 +595,30 @@ def run_two_ranks(directory: Path, scenario: str) -> list[dict]:
     return [json.loads((directory / f"result_{r}.json").read_text()) for r in range(2)]
 
 
-def test_two_ranks_save_one_checkpoint_with_both_rank_files(tmp_path):
+def test_two_ranks_save_one_checkpoint_with_both_rank_files_and_hash_its_files_between_them(tmp_path):
     results = run_two_ranks(tmp_path, "ok")
     path = tmp_path / "step_00000001"
     assert [r["first"] for r in results] == [str(path)] * 2
     assert verify(path) is None
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["world_size"] == 2
-    assert {"state.pt", "rank_00000.pt", "rank_00001.pt"} <= set(manifest["files"])
+    assert {"state.pt", "rank_00000.pt", "rank_00001.pt", "sharded/.metadata"} <= set(manifest["files"])
     assert [load_rank_state(path, r)["rank"] for r in range(2)] == [0, 1]
     assert torch.equal(load_shared_state(path)["model"]["w"], shared_state(1)["model"]["w"])
+    # each file read and hashed once, by one rank or the other, and each rank hashed some: rank 0 did not read
+    # the whole checkpoint while rank 1 waited
+    names = [Path(name).name for name in manifest["files"]]
+    ours, theirs = (results[r]["hashed"] for r in range(2))
+    assert ours and theirs and sorted(ours + theirs) == sorted(names)
+
+
+def test_files_a_rank_did_not_hash_are_hashed_by_rank_0(tmp_path):
+    results = run_two_ranks(tmp_path, "rank1_lists_nothing")
+    path = tmp_path / "step_00000001"
+    assert verify(path) is None
+    assert results[1]["hashed"] == []
+    names = [Path(name).name for name in json.loads((path / "manifest.json").read_text())["files"]]
+    assert sorted(results[0]["hashed"]) == sorted(names)
 
 
 @pytest.mark.parametrize("scenario", ["rank1_fails", "rank1_shards_fail"])
