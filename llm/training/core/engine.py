@@ -480,8 +480,16 @@ class TrainingEngine:
         # again: it sets this run's GPU and float32 matmul precision, which another engine built since may have set
         self.device = D.pick_device(cfg, self.local_rank)
         D.check_same_settings(cfg)  # before anything the settings steer: the checkpoint to resume, the data
+        found: list[resume.Start] = []
         with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
-            start = resume.find_start(cfg, self.run_dir)
+            D.agree_on_errors(lambda: found.append(resume.find_start(cfg, self.run_dir)))
+        # every rank goes on from the checkpoint rank 0 found: a node whose view of a shared folder lags could find
+        # an older one, and its ranks would train on from another step than the others
+        start = found[0]
+        mine = str(start.checkpoint.resolve()) if start.checkpoint is not None else ""
+        chosen = D.broadcast_from_rank0(mine)
+        if chosen != mine:  # as this rank names it where it is the same: the path its lines print
+            start = start._replace(checkpoint=Path(chosen) if chosen else None)
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         # the same random numbers on every rank, run and resume for a data module that draws them in setup (a

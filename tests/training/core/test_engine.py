@@ -30,7 +30,7 @@ from llm.training.core.callbacks import (HOOKS, Callback, EarlyStopping, LRSched
                                          TensorBoardLogger, flatten)
 from llm.training.core.checkpoint import CheckpointError, load_shared_state
 from llm.training.core.config import Config, ConfigError
-from llm.training.core import engine as engine_module, resume
+from llm.training.core import checkpoint as checkpoint_module, engine as engine_module, resume
 from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted, _keyed_by_class
 from llm.training.core.optim import lr_factor
 from llm.training.core.registry import resolve_data_module
@@ -987,6 +987,29 @@ def test_a_save_one_ranks_clock_calls_for_is_made_by_every_rank(tmp_path):
     assert saved_steps(tmp_path / "run") == [4, 6]
     assert sorted(p.name for p in (tmp_path / "run/checkpoints/step_00000004").glob("rank_*.pt")) == \
         ["rank_00000.pt", "rank_00001.pt"]
+
+
+def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    try:
+        config = tiny_config(Path(directory), training={"max_steps": 6}, checkpoint={"every_n_steps": 2})
+        TrainingEngine(config, RegressionTask(config), rank, 2).train()
+        if rank == 1:  # this rank's view of the folder lags: the newest checkpoint, and what latest names, unseen
+            listed = checkpoint_module._checkpoints
+            checkpoint_module._checkpoints = lambda directory: [p for p in listed(directory) if p.name != "step_00000006"]
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=8),
+                                     checkpoint=dataclasses.replace(config.checkpoint, resume="auto"))
+        engine = TrainingEngine(config, RegressionTask(config), rank, 2)
+        engine.setup()
+        Path(directory, f"resumed_rank{rank}").write_text(str(engine.step))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_found_though_its_own_view_of_the_folder_lags(tmp_path):
+    spawn(lagging_listing_worker, str(tmp_path), free_port(), timeout=90)
+    assert [(tmp_path / f"resumed_rank{rank}").read_text() for rank in range(2)] == ["6", "6"]
 
 
 def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path):
