@@ -126,14 +126,15 @@ class CheckpointManager:
         self.retain(keep=final)  # after the agreement: the new checkpoint is saved, whatever pruning runs into
         return final
 
-    def latest_valid(self) -> Path | None:
-        """The checkpoint of the last completed save, or the newest valid one; None if there are none.
+    def latest_valid(self, hashes: bool = True) -> Path | None:
+        """The checkpoint of the last completed save, or the newest valid one (``hashes``: as verify() checks
+        it); None if there are none.
 
         Raises CheckpointError when there are checkpoints but none is valid: a run that started
         over instead would write over them and over the run they belong to.
         """
         self._restore_replaced()
-        found, seen = _newest_valid(self.directory)
+        found, seen = _newest_valid(self.directory, hashes=hashes)
         if found is None and seen:
             raise CheckpointError(
                 f"no valid checkpoint in {self.directory} ({seen} found, none valid): resume from one you trust "
@@ -321,11 +322,11 @@ def _delete_pruned(aside: Path) -> None:
 # -- finding and checking checkpoints ---------------------------------------------------------
 
 
-def verify(path: str | Path) -> str | None:
-    """None if the checkpoint at path is complete and its checksums match, else the reason (one line). For a
-    checkpoint to load: one this user may not read is refused (CheckpointError), not passed over as damaged,
-    since a run resumed from an earlier one would save over it."""
-    return _check(Path(path), hashes=True, refuse_unreadable=True)
+def verify(path: str | Path, hashes: bool = True) -> str | None:
+    """None if the checkpoint at path is complete and its checksums match (``hashes``; else its files' sizes),
+    else the reason (one line). For a checkpoint to load: one this user may not read is refused
+    (CheckpointError), not passed over as damaged, since a run resumed from an earlier one would save over it."""
+    return _check(Path(path), hashes=hashes, refuse_unreadable=True)
 
 
 def check_checkpoint_dir(directory: str | Path, fresh: bool) -> None:
@@ -362,9 +363,9 @@ def unwritable_reason(directory: str | Path) -> str | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, hashes: bool = True) -> Path:
     """The checkpoint at ``path``, the one a folder of checkpoints' ``best`` or ``latest`` file names, or the
-    newest valid one in a folder of checkpoints or a run folder."""
+    newest valid one in a folder of checkpoints or a run folder; ``hashes``: as verify() checks them."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -380,11 +381,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
         path = path / "checkpoints"  # a run directory
     if _STEP_DIR.fullmatch(path.name) or (path / MANIFEST).exists() or (path / SHARED).exists():
-        reason = verify(path)
+        reason = verify(path, hashes)
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is not valid: {reason}")
         return path
-    found, seen = _newest_valid(path)
+    found, seen = _newest_valid(path, hashes=hashes)
     if found is not None:
         return found
     if seen == 0:
@@ -483,7 +484,7 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _newest_valid(directory: Path, rescans: int = 2) -> tuple[Path | None, int]:
+def _newest_valid(directory: Path, rescans: int = 2, hashes: bool = True) -> tuple[Path | None, int]:
     """The valid checkpoint `latest` names, else the newest valid one; also how many were looked at.
 
     A checkpoint deleted meanwhile, by the retention of a run saving newer ones there, is passed over in
@@ -496,7 +497,7 @@ def _newest_valid(directory: Path, rescans: int = 2) -> tuple[Path | None, int]:
         candidates = _candidates(directory, notes)
         vanished = False
         for path in candidates:
-            reason = invalid.get(path) or verify(path)
+            reason = invalid.get(path) or verify(path, hashes)
             if reason is None:
                 found = path
                 break

@@ -482,7 +482,8 @@ class TrainingEngine:
         D.check_same_settings(cfg)  # before anything the settings steer: the checkpoint to resume, the data
         found: list[resume.Start] = []
         with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
-            D.agree_on_errors(lambda: found.append(resume.find_start(cfg, self.run_dir)))
+            # rank 0 alone reads every file to check its hash: not each rank all of every rank's FSDP shards
+            D.agree_on_errors(lambda: found.append(resume.find_start(cfg, self.run_dir, hashes=self.is_main)))
         # every rank goes on from the checkpoint rank 0 found: a node whose view of a shared folder lags could find
         # an older one, and its ranks would train on from another step than the others
         start = found[0]

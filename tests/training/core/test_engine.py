@@ -1001,15 +1001,21 @@ def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=8),
                                      checkpoint=dataclasses.replace(config.checkpoint, resume="auto"))
         engine = TrainingEngine(config, RegressionTask(config), rank, 2)
+        hashed, sha256 = [], checkpoint_module._sha256
+        checkpoint_module._sha256 = lambda path, sync=False: hashed.append(path.name) or sha256(path, sync)
         engine.setup()
-        Path(directory, f"resumed_rank{rank}").write_text(str(engine.step))
+        Path(directory, f"resumed_rank{rank}").write_text(json.dumps([engine.step, hashed]))
     finally:
         dist.destroy_process_group()
 
 
-def test_every_rank_resumes_the_checkpoint_rank_0_found_though_its_own_view_of_the_folder_lags(tmp_path):
+def test_every_rank_resumes_the_checkpoint_rank_0_found_and_checked_though_its_own_view_of_the_folder_lags(tmp_path):
     spawn(lagging_listing_worker, str(tmp_path), free_port(), timeout=90)
-    assert [(tmp_path / f"resumed_rank{rank}").read_text() for rank in range(2)] == ["6", "6"]
+    (step0, hashed0), (step1, hashed1) = (json.loads((tmp_path / f"resumed_rank{r}").read_text()) for r in range(2))
+    assert step0 == step1 == 6
+    # rank 0 read each file of the checkpoint to check its hash; rank 1 none (every rank all of them, before)
+    files = json.loads((tmp_path / "run/checkpoints/step_00000006/manifest.json").read_text())["files"]
+    assert sorted(hashed0) == sorted(Path(name).name for name in files) and hashed1 == []
 
 
 def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path):
