@@ -117,7 +117,8 @@ class CheckpointManager:
         # every file is in place (the agreement is a barrier): the ranks hash them together, each its share
         share: dict[str, dict] = {}
         self._agree(_attempt(lambda: share.update(self._hash_share(staging))), staging, "hashing")
-        hashed = {name: entry for part in D.gather(share) for name, entry in part.items()}
+        parts = D.gather(share) if self._distributed() else [share]  # one rank's manager in a group: its own
+        hashed = {name: entry for part in parts for name, entry in part.items()}
         error = None
         if self.rank == 0:
             error = _attempt(lambda: self._commit(step, staging, final, metrics or {}, hashed))
@@ -126,15 +127,14 @@ class CheckpointManager:
         self.retain(keep=final)  # after the agreement: the new checkpoint is saved, whatever pruning runs into
         return final
 
-    def latest_valid(self, hashes: bool = True) -> Path | None:
-        """The checkpoint of the last completed save, or the newest valid one (``hashes``: as verify() checks
-        it); None if there are none.
+    def latest_valid(self) -> Path | None:
+        """The checkpoint of the last completed save, or the newest valid one; None if there are none.
 
         Raises CheckpointError when there are checkpoints but none is valid: a run that started
         over instead would write over them and over the run they belong to.
         """
         self._restore_replaced()
-        found, seen = _newest_valid(self.directory, hashes=hashes)
+        found, seen = _newest_valid(self.directory)
         if found is None and seen:
             raise CheckpointError(
                 f"no valid checkpoint in {self.directory} ({seen} found, none valid): resume from one you trust "
@@ -363,9 +363,9 @@ def unwritable_reason(directory: str | Path) -> str | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path, hashes: bool = True) -> Path:
+def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint at ``path``, the one a folder of checkpoints' ``best`` or ``latest`` file names, or the
-    newest valid one in a folder of checkpoints or a run folder; ``hashes``: as verify() checks them."""
+    newest valid one in a folder of checkpoints or a run folder."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -381,11 +381,11 @@ def resolve_checkpoint(path: str | Path, hashes: bool = True) -> Path:
     if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
         path = path / "checkpoints"  # a run directory
     if _STEP_DIR.fullmatch(path.name) or (path / MANIFEST).exists() or (path / SHARED).exists():
-        reason = verify(path, hashes)
+        reason = verify(path)
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is not valid: {reason}")
         return path
-    found, seen = _newest_valid(path, hashes=hashes)
+    found, seen = _newest_valid(path)
     if found is not None:
         return found
     if seen == 0:
@@ -484,7 +484,7 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _newest_valid(directory: Path, rescans: int = 2, hashes: bool = True) -> tuple[Path | None, int]:
+def _newest_valid(directory: Path, rescans: int = 2) -> tuple[Path | None, int]:
     """The valid checkpoint `latest` names, else the newest valid one; also how many were looked at.
 
     A checkpoint deleted meanwhile, by the retention of a run saving newer ones there, is passed over in
@@ -497,7 +497,7 @@ def _newest_valid(directory: Path, rescans: int = 2, hashes: bool = True) -> tup
         candidates = _candidates(directory, notes)
         vanished = False
         for path in candidates:
-            reason = invalid.get(path) or verify(path, hashes)
+            reason = invalid.get(path) or verify(path)
             if reason is None:
                 found = path
                 break

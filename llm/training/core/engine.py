@@ -45,6 +45,7 @@ from llm.training.core.checkpoint import (
     load_weights_strictly,
     model_weights,
     resolve_checkpoint,
+    verify,
 )
 from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.metrics import RunningMeans, TrainingSums
@@ -480,17 +481,7 @@ class TrainingEngine:
         # again: it sets this run's GPU and float32 matmul precision, which another engine built since may have set
         self.device = D.pick_device(cfg, self.local_rank)
         D.check_same_settings(cfg)  # before anything the settings steer: the checkpoint to resume, the data
-        found: list[resume.Start] = []
-        with self._warned_by_rank_0():  # checkpoints skipped on the way: the same on every rank
-            # rank 0 alone reads every file to check its hash: not each rank all of every rank's FSDP shards
-            D.agree_on_errors(lambda: found.append(resume.find_start(cfg, self.run_dir, hashes=self.is_main)))
-        # every rank goes on from the checkpoint rank 0 found: a node whose view of a shared folder lags could find
-        # an older one, and its ranks would train on from another step than the others
-        start = found[0]
-        mine = str(start.checkpoint.resolve()) if start.checkpoint is not None else ""
-        chosen = D.broadcast_from_rank0(mine)
-        if chosen != mine:  # as this rank names it where it is the same: the path its lines print
-            start = start._replace(checkpoint=Path(chosen) if chosen else None)
+        start = self._find_start()
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         # the same random numbers on every rank, run and resume for a data module that draws them in setup (a
@@ -602,6 +593,26 @@ class TrainingEngine:
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
                 iterator._shutdown_workers()
                 loader._iterator = None
+
+    def _find_start(self) -> resume.Start:
+        """Where this run starts, as rank 0 finds it: every rank goes on from that checkpoint, which rank 0 alone
+        reads whole to check its hashes (each rank read every file, every rank's FSDP shards included), and a
+        node whose view of a shared folder lags does not go on from an older one. Each other rank checks that it
+        sees the checkpoint whole, by its files' sizes: one that does not says so, rather than fail alone later."""
+        found: list[resume.Start] = []
+        D.agree_on_errors(lambda: found.append(resume.find_start(self.config, self.run_dir)), run_here=self.is_main)
+        start, named = (found[0], _name_for_every_node(found[0].checkpoint, self.config)) if found else (None, "")
+        start, named = D.broadcast_from_rank0((start, named))
+        if not self.is_main and named:
+            start = start._replace(checkpoint=Path(self.config.checkpoint.dir) / named)  # an absolute path stays so
+
+        def seen() -> None:
+            reason = verify(start.checkpoint, hashes=False)
+            if reason is not None:
+                raise CheckpointError(f"checkpoint {start.checkpoint} is not valid on rank {self.rank}: {reason}")
+        if start.checkpoint is not None:  # rank 0's start, on every rank
+            D.agree_on_errors(seen, run_here=not self.is_main)
+        return start
 
     @contextlib.contextmanager
     def _warned_by_rank_0(self) -> Iterator[None]:
@@ -1665,6 +1676,15 @@ def _keyed_by_class(states: dict[str, Any]) -> dict[str, Any]:
     if not by_place:
         return states
     return dict(zip(_numbered([key.split(":", 1)[1] for _, key in by_place]), (states[key] for _, key in by_place)))
+
+
+def _name_for_every_node(checkpoint: Path | None, config: Config) -> str:
+    """How the other ranks find ``checkpoint``: its name within checkpoint.dir, which every node may mount
+    elsewhere, or its absolute path; "" for none."""
+    if checkpoint is None:
+        return ""
+    path = checkpoint.resolve()
+    return path.name if path.parent == Path(config.checkpoint.dir).resolve() else str(path)
 
 
 def _callback_keys(callbacks: list[Callback]) -> list[str]:

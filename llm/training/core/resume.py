@@ -277,26 +277,24 @@ class Start(NamedTuple):
     own_folder: bool  # the run folder holds this very run: restarted by torchrun, or the same branch again
 
 
-def find_start(config: Config, run_dir: Path, hashes: bool = True) -> Start:
+def find_start(config: Config, run_dir: Path) -> Start:
     """The checkpoint to start from, if any.
 
     'auto': the newest valid one in checkpoint.dir. A run that continues in its
     own folder resumes that way too, once it has saved a checkpoint there: a
     worker that torchrun restarted, or the command that started a branch from a
-    checkpoint, run again. ``hashes``: checkpoints are checked against their
-    manifest's hashes, else only its sizes (a rank that goes on from what rank 0
-    found and checked).
+    checkpoint, run again.
     """
     spec, directory = config.checkpoint.resume, Path(config.checkpoint.dir)
     resuming = bool(spec) or D.restarted()
     own_folder = _restarted_here(run_dir) or _branched_here(config, run_dir, spec)
     # a restart of a launch that wrote nothing yet (it failed in set-up) starts where the launch was told to
     if spec == "auto" or own_folder or (D.restarted() and not spec):
-        own = CheckpointManager(directory).latest_valid(hashes) if directory.exists() else None
+        own = CheckpointManager(directory).latest_valid() if directory.exists() else None
         if own is not None or spec in ("", "auto"):
             return Start(own, resuming, own_folder)
     try:
-        return Start(resolve_checkpoint(spec, hashes) if spec else None, resuming, own_folder)
+        return Start(resolve_checkpoint(spec) if spec else None, resuming, own_folder)
     except CheckpointError as e:  # named as a setting: the error then says where it was set, a file or a variable
         raise CheckpointError(f"checkpoint.resume: {e}") from None
 

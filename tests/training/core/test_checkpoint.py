@@ -573,6 +573,10 @@ def two_rank_worker(rank: int, directory: str, port: int, scenario: str) -> None
         manager = CheckpointManager(directory, rank=rank, world_size=2)
         result["first"] = str(manager.save(1, shared_state(1), {"rank": rank, "rng": torch.get_rng_state()},
                                            write_sharded=write_sharded))
+        result["hashed"] = list(hashed)  # those of the save above
+        if scenario == "ok" and rank == 0:  # a manager of one rank's own, in the group: it waits for no other
+            result["alone"] = str(CheckpointManager(Path(directory) / "alone").save(1, shared_state(1), {}))
+        dist.barrier()
         if scenario not in ("ok", "rank1_lists_nothing"):
             if rank == 1:
                 def disk_full(obj, f):
@@ -605,6 +609,7 @@ def test_two_ranks_save_one_checkpoint_with_both_rank_files_and_hash_its_files_b
     assert {"state.pt", "rank_00000.pt", "rank_00001.pt", "sharded/.metadata"} <= set(manifest["files"])
     assert [load_rank_state(path, r)["rank"] for r in range(2)] == [0, 1]
     assert torch.equal(load_shared_state(path)["model"]["w"], shared_state(1)["model"]["w"])
+    assert verify(results[0]["alone"]) is None
     # each file read and hashed once, by one rank or the other, and each rank hashed some: rank 0 did not read
     # the whole checkpoint while rank 1 waited
     names = [Path(name).name for name in manifest["files"]]

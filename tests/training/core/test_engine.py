@@ -995,24 +995,35 @@ def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
     try:
         config = tiny_config(Path(directory), training={"max_steps": 6}, checkpoint={"every_n_steps": 2})
         TrainingEngine(config, RegressionTask(config), rank, 2).train()
-        if rank == 1:  # this rank's view of the folder lags: the newest checkpoint, and what latest names, unseen
-            listed = checkpoint_module._checkpoints
-            checkpoint_module._checkpoints = lambda directory: [p for p in listed(directory) if p.name != "step_00000006"]
+        if rank == 1:  # this rank's view of the folder lags: no checkpoint in it yet
+            checkpoint_module._checkpoints = lambda directory: []
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, max_steps=8),
                                      checkpoint=dataclasses.replace(config.checkpoint, resume="auto"))
         engine = TrainingEngine(config, RegressionTask(config), rank, 2)
         hashed, sha256 = [], checkpoint_module._sha256
         checkpoint_module._sha256 = lambda path, sync=False: hashed.append(path.name) or sha256(path, sync)
         engine.setup()
-        Path(directory, f"resumed_rank{rank}").write_text(json.dumps([engine.step, hashed]))
+        at_resume = list(hashed)  # those of the resume above
+        # and a rank that cannot see the checkpoint rank 0 found: every rank stops with its one line
+        if rank == 1:
+            engine_module.verify = lambda path, hashes=True: "state.pt is missing"
+        try:
+            TrainingEngine(config, RegressionTask(config), rank, 2).setup()
+            refused = ""
+        except UsageError as e:
+            refused = str(e)
+        Path(directory, f"resumed_rank{rank}").write_text(json.dumps([engine.step, at_resume, refused]))
     finally:
         dist.destroy_process_group()
 
 
 def test_every_rank_resumes_the_checkpoint_rank_0_found_and_checked_though_its_own_view_of_the_folder_lags(tmp_path):
     spawn(lagging_listing_worker, str(tmp_path), free_port(), timeout=90)
-    (step0, hashed0), (step1, hashed1) = (json.loads((tmp_path / f"resumed_rank{r}").read_text()) for r in range(2))
-    assert step0 == step1 == 6
+    (step0, hashed0, refused0), (step1, hashed1, refused1) = \
+        (json.loads((tmp_path / f"resumed_rank{r}").read_text()) for r in range(2))
+    assert step0 == step1 == 6  # rank 1 did not start over
+    assert refused0 == refused1 == f"checkpoint {tmp_path / 'run/checkpoints/step_00000006'} is not valid on rank 1: " \
+        "state.pt is missing"
     # rank 0 read each file of the checkpoint to check its hash; rank 1 none (every rank all of them, before)
     files = json.loads((tmp_path / "run/checkpoints/step_00000006/manifest.json").read_text())["files"]
     assert sorted(hashed0) == sorted(Path(name).name for name in files) and hashed1 == []
