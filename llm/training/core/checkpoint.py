@@ -214,10 +214,8 @@ class CheckpointManager:
         callback's extra file may not be). Every rank lists the folder and deals the files out, largest first,
         each to the rank with the fewest bytes so far: each rank reads about 1/world_size of the checkpoint
         (FSDP's shards are every rank's), where rank 0 alone would read all of it while the others wait."""
-        files = sorted(((path.relative_to(staging).as_posix(), path.stat().st_size)
-                        for path in staging.rglob("*") if path.is_file()), key=lambda file: (-file[1], file[0]))
         load, share = [0] * self.world_size, {}
-        for name, size in files:
+        for name, size in sorted(_staged(staging), key=lambda file: (-file[1], file[0])):
             rank = load.index(min(load))
             load[rank] += size
             if rank == self.rank:
@@ -230,12 +228,10 @@ class CheckpointManager:
         then move the checkpoint into place. A file no rank hashed, or of another size now (a shared file
         system whose listing or sizes lag on another node), is hashed here."""
         files = {}
-        for path in sorted(staging.rglob("*")):
-            if path.is_file():
-                name, size = path.relative_to(staging).as_posix(), path.stat().st_size
-                entry = hashed.get(name)
-                files[name] = entry if entry is not None and entry["size"] == size else \
-                    {"size": size, "sha256": _sha256(path, sync=True)}
+        for name, size in _staged(staging):
+            entry = hashed.get(name)
+            files[name] = entry if entry is not None and entry["size"] == size else \
+                {"size": size, "sha256": _sha256(staging / name, sync=True)}
         manifest = {"step": step, "world_size": self.world_size,
                     "metrics": {k: float(v) for k, v in metrics.items()}, "files": files,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -628,6 +624,12 @@ def _failure_code(error: BaseException) -> int:
     """What a rank tells the others of its failure: the negated errno, which they can name, or _UNKNOWN's."""
     found = _os_error(error)
     return -(found.errno if found is not None else _UNKNOWN)
+
+
+def _staged(staging: Path) -> list[tuple[str, int]]:
+    """The files in a staging folder, each as (its path within the folder, its size), in order of their paths."""
+    return [(path.relative_to(staging).as_posix(), path.stat().st_size)
+            for path in sorted(staging.rglob("*")) if path.is_file()]
 
 
 def _one_line(error: BaseException | None) -> str:
