@@ -991,7 +991,7 @@ def test_a_save_one_ranks_clock_calls_for_is_made_by_every_rank(tmp_path):
 
 def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=20))
+                            timeout=timedelta(seconds=60))
     try:
         config = tiny_config(Path(directory), training={"max_steps": 6}, checkpoint={"every_n_steps": 2})
         TrainingEngine(config, RegressionTask(config), rank, 2).train()
