@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -99,10 +100,43 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ---- processes ---------------------------------------------------------------------
 
 
+_PORTS = random.Random()  # its own: a test that seeds the module's generator must not repeat the ports
+_HANDED: set[int] = set()  # not bound yet, maybe: never handed out twice
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that is free now, for a process the test starts to bind later (a rendezvous).
+
+    Not one the system hands out (bind to port 0): until the process binds it, any connection made meanwhile
+    (gloo's, another worker's run) could take that port from the system's range. These come from below that
+    range, 20000-31999, in a band of 1500 for each pytest-xdist worker, so workers never draw the same one.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    low = 20000 + 1500 * (int(worker) % 8 if worker.isdigit() else 0)
+    for _ in range(200):
+        port = _PORTS.randrange(low, low + 1500)
+        if port in _HANDED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or waiting out a closed connection
+                continue
+        _HANDED.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{low + 1499}")
+
+
+def stacks_then_kill(process: subprocess.Popen) -> str:
+    """The end of the stderr of a ``process`` that hangs (text, piped), with where each of its threads was:
+    SIGABRT makes its faulthandler write that (PYTHONFAULTHANDLER, set in conftest.py), then it is killed."""
+    process.send_signal(signal.SIGABRT)
+    try:
+        err = process.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        err = process.communicate()[1]
+    return err[-4000:]
 
 
 def spawn(worker: Any, *args: Any, nprocs: int = 2, timeout: float = 60) -> None:

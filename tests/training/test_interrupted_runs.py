@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import SCRIPTS, cli_env, run, torchrun, two_nodes
+from tests.helpers import SCRIPTS, cli_env, run, stacks_then_kill, torchrun, two_nodes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 FLAGS = ["--model-n-layer", "2", "--model-n-embd", "16", "--model-dropout", "0.1", "--data-num-samples", "512",
@@ -171,11 +171,18 @@ def test_ctrl_c_before_training_starts_ends_in_one_line_and_leaves_no_run_folder
     flags = [*FLAGS, "--data-module", "tests.helpers:SlowSetupData", "--logging-log-dir", str(tmp_path / "run")]
     process = subprocess.Popen([sys.executable, str(WORKER), *flags], cwd=tmp_path, env=cli_env({"SETUP_MARKER": str(marker)}),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    # however long torch takes to import on a busy machine: a Ctrl-C sent during the import could be taken by
+    # it, and the run would go on into the setup's minute
+    deadline = time.monotonic() + 300
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    if not marker.exists():
+        pytest.fail(f"the run never reached its data's setup:\n{stacks_then_kill(process)}")
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not stop on Ctrl-C:\n{stacks_then_kill(process)}")
     assert process.returncode == 130, err
     assert err == ("interrupted (Ctrl-C): outside the training steps (setting up, or a callback's work at the start "
                    "or the end): stopped at once; the checkpoints saved before are kept\n")
