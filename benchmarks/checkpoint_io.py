@@ -21,7 +21,9 @@ its shards and writes them with torch.distributed.checkpoint, as FSDP's ranks
 do, inside ``CheckpointManager.save``. The ranks share the reading and hashing
 of the checkpoint's files for its manifest; the other contender leaves it all
 to rank 0 (rank 1 lists no files, so rank 0 hashes those too, as every save did
-before 2026-12-06). Timed from a barrier to the last rank's return.
+before 2026-12-06). The same for the check of the newest checkpoint's hashes
+that a resume makes: shared out by rank 0's search, or rank 0 alone (as every
+resume did before 2026-12-06). Timed from a barrier to the last rank's return.
 
 Resume at step k of an epoch (one epoch of 12,500 steps of synthetic data):
 the time until the first batch arrives, (a) through the engine's
@@ -58,8 +60,11 @@ from llm.models.gpt import GPT, GPTConfig  # noqa: E402
 from llm.training.core.checkpoint import (  # noqa: E402
     SHARED,
     CheckpointManager,
+    hash_for_rank_0,
+    hashes_shared_out,
     load_shared_state,
     resolve_checkpoint,
+    verify,
 )
 from llm.training.core import sharded  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
@@ -141,6 +146,8 @@ def save_load_rounds(folder: Path, state: dict, rounds: int) -> tuple[dict[str, 
 # ---- two ranks: the checkpoint's files hashed by both, or by rank 0 alone ------------------------------
 
 BOTH, ALONE = "save, 2 ranks: files hashed by both ranks", "save, 2 ranks: files hashed by rank 0 alone"
+CHECK_BOTH, CHECK_ALONE = "resume's check, 2 ranks: files hashed by both ranks", \
+    "resume's check, 2 ranks: files hashed by rank 0 alone"
 
 
 def two_rank_worker(rank: int, folder: str, port: int, rounds: int) -> None:
@@ -168,7 +175,21 @@ def two_rank_worker(rank: int, folder: str, port: int, rounds: int) -> None:
             dist.all_reduce(took, op=dist.ReduceOp.MAX)
             return took.item()
 
-        seconds = common.interleaved({BOTH: lambda: save(False), ALONE: lambda: save(True)}, rounds)
+        def check(alone: bool) -> float:
+            newest = manager.directory / (manager.directory / "latest").read_text().strip()
+            dist.barrier()
+            began = time.perf_counter()
+            if rank == 0:
+                with contextlib.nullcontext() if alone else hashes_shared_out(manager.directory):
+                    assert verify(newest) is None
+            elif not alone:
+                hash_for_rank_0(manager.directory)
+            took = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+            return took.item()
+
+        seconds = common.interleaved({BOTH: lambda: save(False), ALONE: lambda: save(True),
+                                      CHECK_BOTH: lambda: check(False), CHECK_ALONE: lambda: check(True)}, rounds)
         if rank == 0:
             size = sum(p.stat().st_size for p in manager.latest_valid().rglob("*") if p.is_file())
             torch.save({"seconds": seconds, "bytes": size}, Path(folder) / "two-ranks.pt")
@@ -278,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         ("operation", "median ms", "min-max ms", "MB/s", "speed vs plain torch.save / torch.load"), rows)
 
     both, alone = common.median(ranks_seconds[BOTH]), common.median(ranks_seconds[ALONE])
+    check_both, check_alone = common.median(ranks_seconds[CHECK_BOTH]), common.median(ranks_seconds[CHECK_ALONE])
     rows = [(name, f"{1000 * common.median(values):.0f}", common.spread([1000 * v for v in values]),
              f"{ranks_size / 1e6 / common.median(values):,.0f}")
             for name, values in ranks_seconds.items()]
     ranks_table = common.markdown_table(("operation", "median ms", "min-max ms", "MB/s"), rows)
-    ranks_line = (f"Both ranks hashing against rank 0 alone: {alone / both:.2f}x the speed "
+    ranks_line = (f"Both ranks hashing against rank 0 alone: {alone / both:.2f}x the speed of a save, "
+                  f"{check_alone / check_both:.2f}x that of a resume's check of the checkpoint's hashes "
                   f"({ranks_size / 1e6:.1f} MB of files, half of them each rank's shards).")
 
     rows = []

@@ -14,6 +14,7 @@ All ranks must see the same directory (a shared filesystem on multi-node jobs).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -214,13 +215,8 @@ class CheckpointManager:
         callback's extra file may not be). Every rank lists the folder and deals the files out, largest first,
         each to the rank with the fewest bytes so far: each rank reads about 1/world_size of the checkpoint
         (FSDP's shards are every rank's), where rank 0 alone would read all of it while the others wait."""
-        load, share = [0] * self.world_size, {}
-        for name, size in sorted(_staged(staging), key=lambda file: (-file[1], file[0])):
-            rank = load.index(min(load))
-            load[rank] += size
-            if rank == self.rank:
-                share[name] = {"size": size, "sha256": _sha256(staging / name, sync=True)}
-        return share
+        return {name: {"size": size, "sha256": _sha256(staging / name, sync=True)}
+                for name, size in _share(_staged(staging), self.rank, self.world_size)}
 
     def _commit(self, step: int, staging: Path, final: Path, metrics: dict[str, float],
                 hashed: dict[str, dict]) -> None:
@@ -585,13 +581,85 @@ def _problem(path: Path, hashes: bool) -> str | None:
             size = file.stat().st_size
             if size != entry.get("size"):
                 return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
-            if hashes and _sha256(file) != entry.get("sha256"):
-                return f"{name} does not match its sha256 checksum"
         except PermissionError:
             raise
         except OSError as error:  # unreadable, or gone since it was listed (pruned by a run saving beside it)
             return f"{name} cannot be read ({_one_line(error)})"
+    if not hashes:
+        return None
+    hash_out = _HASH_OUT.get()
+    hashed = hash_out(path, [(name, entry["size"]) for name, entry in files.items()]) if hash_out else {}
+    for name, entry in files.items():
+        try:
+            digest = hashed.get(name) or _sha256(path / name)  # one no other rank could read: here, to say why
+        except PermissionError:
+            raise
+        except OSError as error:
+            return f"{name} cannot be read ({_one_line(error)})"
+        if digest != entry.get("sha256"):
+            return f"{name} does not match its sha256 checksum"
     return None
+
+
+_HASH_OUT: contextvars.ContextVar[Callable[[Path, list[tuple[str, int]]], dict[str, str]] | None] = \
+    contextvars.ContextVar("hash_out", default=None)
+"""Set on rank 0 by hashes_shared_out: what hashes a checkpoint's files (name, size) for _problem."""
+
+
+@contextlib.contextmanager
+def hashes_shared_out(directory: Path) -> Iterator[None]:
+    """On rank 0, around its search for the checkpoint a run resumes from, while every other rank is in
+    hash_for_rank_0: each checkpoint whose hashes it checks, the ranks hash between them, dealt out by size as
+    at a save. Rank 0 alone would read the whole checkpoint, every rank's FSDP shards, while the others wait.
+    ``directory``: the checkpoint folder, which each node may mount at another path."""
+    def hash_out(path: Path, files: list[tuple[str, int]]) -> dict[str, str]:
+        D.broadcast_from_rank0((name_for_every_node(path, directory), files))
+        return {name: digest for part in D.gather(_hash_my_share(path, files)) for name, digest in part.items()}
+
+    token = _HASH_OUT.set(hash_out)
+    try:
+        yield
+    finally:
+        _HASH_OUT.reset(token)
+        D.broadcast_from_rank0(None)  # the others' hash_for_rank_0 returns
+
+
+def hash_for_rank_0(directory: Path) -> None:
+    """The other ranks' side of hashes_shared_out: hash their share of each checkpoint rank 0 checks, until
+    its search ends."""
+    while (asked := D.broadcast_from_rank0(None)) is not None:
+        name, files = asked
+        D.gather(_hash_my_share(directory / name, files))  # an absolute path stays one
+
+
+def name_for_every_node(checkpoint: Path, directory: Path) -> str:
+    """How the other ranks find ``checkpoint``: its name within the checkpoint folder ``directory``, which
+    every node may mount elsewhere, or its absolute path."""
+    path = checkpoint.resolve()
+    return path.name if path.parent == directory.resolve() else str(path)
+
+
+def _hash_my_share(path: Path, files: list[tuple[str, int]]) -> dict[str, str]:
+    """sha256 of this rank's share of ``files`` (name, size) of the checkpoint at ``path``. A file it cannot
+    read, or sees at another size (a node whose view of a shared folder lags), is left out: rank 0 hashes it."""
+    hashed = {}
+    for name, size in _share(files, dist.get_rank(), dist.get_world_size()):
+        with contextlib.suppress(OSError):
+            if (path / name).stat().st_size == size:
+                hashed[name] = _sha256(path / name)
+    return hashed
+
+
+def _share(files: list[tuple[str, int]], rank: int, world_size: int) -> list[tuple[str, int]]:
+    """The part of ``files`` (name, size) that ``rank`` reads when the ranks read them between them: dealt
+    out largest first, each to the rank with the fewest bytes so far; every rank deals the same list alike."""
+    load, mine = [0] * world_size, []
+    for name, size in sorted(files, key=lambda file: (-file[1], file[0])):
+        taker = load.index(min(load))
+        load[taker] += size
+        if taker == rank:
+            mine.append((name, size))
+    return mine
 
 
 # -- files --------------------------------------------------------------------------------------

@@ -40,10 +40,13 @@ from llm.training.core.callbacks import HOOKS, RECORD_KEYS, Callback, ProgressBa
 from llm.training.core.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    hash_for_rank_0,
+    hashes_shared_out,
     load_rank_state,
     load_shared_state,
     load_weights_strictly,
     model_weights,
+    name_for_every_node,
     resolve_checkpoint,
     verify,
 )
@@ -595,16 +598,23 @@ class TrainingEngine:
                 loader._iterator = None
 
     def _find_start(self) -> resume.Start:
-        """Where this run starts, as rank 0 finds it: every rank goes on from that checkpoint, which rank 0 alone
-        reads whole to check its hashes (each rank read every file, every rank's FSDP shards included), and a
-        node whose view of a shared folder lags does not go on from an older one. Each other rank checks that it
-        sees the checkpoint whole, by its files' sizes: one that does not says so, rather than fail alone later."""
+        """Where this run starts, as rank 0 finds it: every rank goes on from that checkpoint, and a node whose
+        view of a shared folder lags does not go on from an older one. The ranks hash the files of each
+        checkpoint rank 0 checks between them (hashes_shared_out), each reading its share (each rank read every
+        file before, every rank's FSDP shards included). Each other rank then checks that it sees the checkpoint
+        whole, by its files' sizes: one that does not says so, rather than fail alone later."""
         found: list[resume.Start] = []
-        D.agree_on_errors(lambda: found.append(resume.find_start(self.config, self.run_dir)), run_here=self.is_main)
-        start, named = (found[0], _name_for_every_node(found[0].checkpoint, self.config)) if found else (None, "")
+        directory = Path(self.config.checkpoint.dir)
+
+        def find() -> None:
+            with hashes_shared_out(directory) if D.active() else contextlib.nullcontext():
+                found.append(resume.find_start(self.config, self.run_dir))
+        D.agree_on_errors(find if self.is_main else lambda: hash_for_rank_0(directory))
+        start = found[0] if found else None
+        named = name_for_every_node(start.checkpoint, directory) if start and start.checkpoint else ""
         start, named = D.broadcast_from_rank0((start, named))
         if not self.is_main and named:
-            start = start._replace(checkpoint=Path(self.config.checkpoint.dir) / named)  # an absolute path stays so
+            start = start._replace(checkpoint=directory / named)  # an absolute path stays one
 
         def seen() -> None:
             reason = verify(start.checkpoint, hashes=False)
@@ -1676,15 +1686,6 @@ def _keyed_by_class(states: dict[str, Any]) -> dict[str, Any]:
     if not by_place:
         return states
     return dict(zip(_numbered([key.split(":", 1)[1] for _, key in by_place]), (states[key] for _, key in by_place)))
-
-
-def _name_for_every_node(checkpoint: Path | None, config: Config) -> str:
-    """How the other ranks find ``checkpoint``: its name within checkpoint.dir, which every node may mount
-    elsewhere, or its absolute path; "" for none."""
-    if checkpoint is None:
-        return ""
-    path = checkpoint.resolve()
-    return path.name if path.parent == Path(config.checkpoint.dir).resolve() else str(path)
 
 
 def _callback_keys(callbacks: list[Callback]) -> list[str]:

@@ -1005,6 +1005,7 @@ def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
         engine.setup()
         at_resume = list(hashed)  # those of the resume above
         # and a rank that cannot see the checkpoint rank 0 found: every rank stops with its one line
+        verify = engine_module.verify
         if rank == 1:
             engine_module.verify = lambda path, hashes=True: "state.pt is missing"
         try:
@@ -1012,21 +1013,41 @@ def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
             refused = ""
         except UsageError as e:
             refused = str(e)
-        Path(directory, f"resumed_rank{rank}").write_text(json.dumps([engine.step, at_resume, refused]))
+        engine_module.verify = verify
+        # a file of step 6 that rank 1 hashes, damaged (its size kept): every rank goes on from step 4
+        newest = Path(directory, "run/checkpoints/step_00000006")
+        files = json.loads((newest / "manifest.json").read_text())["files"]
+        (damaged, size), = [f for f in checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)
+                            if f[0] != "state.pt"][:1]
+        dist.barrier()
+        if rank == 1:
+            (newest / damaged).write_bytes(bytes(size))
+        dist.barrier()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            past_damage = TrainingEngine(config, RegressionTask(config), rank, 2)
+            past_damage.setup()
+        skipped = [str(w.message) for w in said if "skipping" in str(w.message)]
+        Path(directory, f"resumed_rank{rank}").write_text(
+            json.dumps([engine.step, at_resume, refused, past_damage.step, skipped, damaged]))
     finally:
         dist.destroy_process_group()
 
 
 def test_every_rank_resumes_the_checkpoint_rank_0_found_and_checked_though_its_own_view_of_the_folder_lags(tmp_path):
     spawn(lagging_listing_worker, str(tmp_path), free_port(), timeout=90)
-    (step0, hashed0, refused0), (step1, hashed1, refused1) = \
+    (step0, hashed0, refused0, past0, skipped0, damaged), (step1, hashed1, refused1, past1, skipped1, _) = \
         (json.loads((tmp_path / f"resumed_rank{r}").read_text()) for r in range(2))
     assert step0 == step1 == 6  # rank 1 did not start over
     assert refused0 == refused1 == f"checkpoint {tmp_path / 'run/checkpoints/step_00000006'} is not valid on rank 1: " \
         "state.pt is missing"
-    # rank 0 read each file of the checkpoint to check its hash; rank 1 none (every rank all of them, before)
-    files = json.loads((tmp_path / "run/checkpoints/step_00000006/manifest.json").read_text())["files"]
-    assert sorted(hashed0) == sorted(Path(name).name for name in files) and hashed1 == []
+    # the ranks read the files of the checkpoint between them to check their hashes, each file once (each rank
+    # read all of them, before; then rank 0 alone)
+    files = json.loads((tmp_path / "run/checkpoints/dropped/step_00000006/manifest.json").read_text())["files"]
+    assert sorted(hashed0 + hashed1) == sorted(Path(name).name for name in files) and hashed0 and hashed1
+    # the damage that rank 1 found passed over on both (step 6 then set aside): rank 0 said so, once
+    assert past0 == past1 == 4
+    assert len(skipped0) == 1 and f"{damaged} does not match its sha256 checksum" in skipped0[0] and skipped1 == []
 
 
 def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path):
