@@ -108,13 +108,13 @@ def free_port() -> int:
     """A port on 127.0.0.1 that is free now, for a process the test starts to bind later (a rendezvous).
 
     Not one the system hands out (bind to port 0): until the process binds it, any connection made meanwhile
-    (gloo's, another worker's run) could take that port from the system's range. These come from below that
-    range, 20000-31999, in a band of 1500 for each pytest-xdist worker, so workers never draw the same one.
+    (gloo's, another worker's run) could take that port from the system's range. These come from below Linux's
+    usual one (32768-60999), 20000-31999, in a band for each pytest-xdist worker: no two workers draw the same.
     """
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    low = 20000 + 1500 * (int(worker) % 8 if worker.isdigit() else 0)
+    band = 12000 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    low = 20000 + band * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     for _ in range(200):
-        port = _PORTS.randrange(low, low + 1500)
+        port = _PORTS.randrange(low, low + band)
         if port in _HANDED:
             continue
         with socket.socket() as s:
@@ -124,7 +124,7 @@ def free_port() -> int:
                 continue
         _HANDED.add(port)
         return port
-    raise RuntimeError(f"no free port in {low}-{low + 1499}")
+    raise RuntimeError(f"no free port in {low}-{low + band - 1}")
 
 
 def stacks_then_kill(process: subprocess.Popen) -> str:

@@ -612,16 +612,22 @@ def hashes_shared_out(directory: Path) -> Iterator[None]:
     hash_for_rank_0: each checkpoint whose hashes it checks, the ranks hash between them, dealt out by size as
     at a save. Rank 0 alone would read the whole checkpoint, every rank's FSDP shards, while the others wait.
     ``directory``: the checkpoint folder, which each node may mount at another path."""
+    asked = [False]  # the others are hashing: their next collective is the gather
+
     def hash_out(path: Path, files: list[tuple[str, int]]) -> dict[str, str]:
         D.broadcast_from_rank0((name_for_every_node(path, directory), files))
-        return {name: digest for part in D.gather(_hash_my_share(path, files)) for name, digest in part.items()}
+        asked[0] = True
+        parts = D.gather(_hash_my_share(path, files))
+        asked[0] = False
+        return {name: digest for part in parts for name, digest in part.items()}
 
     token = _HASH_OUT.set(hash_out)
     try:
         yield
     finally:
         _HASH_OUT.reset(token)
-        D.broadcast_from_rank0(None)  # the others' hash_for_rank_0 returns
+        if not asked[0]:  # else stopped part way (Ctrl-C): a broadcast would meet their gather
+            D.broadcast_from_rank0(None)  # the others' hash_for_rank_0 returns
 
 
 def hash_for_rank_0(directory: Path) -> None:
