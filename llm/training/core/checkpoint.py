@@ -608,7 +608,7 @@ _HASH_OUT: contextvars.ContextVar[Callable[[Path, list[tuple[str, int]]], dict[s
 
 @contextlib.contextmanager
 def hashes_shared_out(directory: Path) -> Iterator[None]:
-    """On rank 0, around its search for the checkpoint a run resumes from, while every other rank is in
+    """On rank 0, around its search for the checkpoint a run resumes or starts from, while every other rank is in
     hash_for_rank_0: each checkpoint whose hashes it checks, the ranks hash between them, dealt out by size as
     at a save. Rank 0 alone would read the whole checkpoint, every rank's FSDP shards, while the others wait.
     ``directory``: the checkpoint folder, which each node may mount at another path."""

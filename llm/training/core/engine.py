@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -84,12 +84,12 @@ class CallbackError(RuntimeError):
 
 OUT_OF_TIME = "reached training.max_minutes"
 """How the stop_reason of a run stopped by its time limit begins."""
-SAID_BY_RANK_0 = ("skipping checkpoint ", ".* does not hold a checkpoint's name", "resuming .*-process state on ",
+SAID_BY_RANK_0 = ("resuming .*-process state on ",
                   "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not",
                   "resuming a stream with ", "replaying the ", "the stream's loader keeps its workers",
                   "the stream's loader was saved with ")
-"""The starts of the warnings every rank meets alike in set-up: finding and loading a checkpoint, a data set that
-its loader workers cannot seed batch by batch."""
+"""The starts of the warnings every rank meets alike in set-up: loading a checkpoint (rank 0 alone looks for it), a
+data set that its loader workers cannot seed batch by batch."""
 
 
 HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|auroc|precision|recall|bleu|rouge\w*|iou|dice|r2)($|_)",
@@ -599,17 +599,12 @@ class TrainingEngine:
 
     def _find_start(self) -> resume.Start:
         """Where this run starts, as rank 0 finds it: every rank goes on from that checkpoint, and a node whose
-        view of a shared folder lags does not go on from an older one. The ranks hash the files of each
-        checkpoint rank 0 checks between them (hashes_shared_out), each reading its share (each rank read every
-        file before, every rank's FSDP shards included). Each other rank then checks that it sees the checkpoint
-        whole, by its files' sizes: one that does not says so, rather than fail alone later."""
+        view of a shared folder lags does not go on from an older one (_searched_by_rank_0). Each other rank
+        then checks that it sees the checkpoint whole, by its files' sizes: one that does not says so, rather than
+        fail alone later."""
         found: list[resume.Start] = []
         directory = Path(self.config.checkpoint.dir)
-
-        def find() -> None:
-            with hashes_shared_out(directory) if D.active() else contextlib.nullcontext():
-                found.append(resume.find_start(self.config, self.run_dir))
-        D.agree_on_errors(find if self.is_main else lambda: hash_for_rank_0(directory))
+        self._searched_by_rank_0(lambda: found.append(resume.find_start(self.config, self.run_dir)), directory)
         start = found[0] if found else None
         named = name_for_every_node(start.checkpoint, directory) if start and start.checkpoint else ""
         start, named = D.broadcast_from_rank0((start, named))
@@ -623,6 +618,16 @@ class TrainingEngine:
         if start.checkpoint is not None:  # rank 0's start, on every rank
             D.agree_on_errors(seen, run_here=not self.is_main)
         return start
+
+    def _searched_by_rank_0(self, search: Callable[[], None], directory: Path) -> None:
+        """Run ``search``, a look for a checkpoint, on rank 0, while the other ranks hash their share of the files
+        of each checkpoint it checks (checkpoint.hashes_shared_out): rank 0 alone would read every file, every
+        rank's FSDP shards included, while the others wait. ``directory``: where the checkpoints are, which each
+        node may mount at another path. A UsageError it raises is raised on every rank."""
+        def on_rank_0() -> None:
+            with hashes_shared_out(directory) if D.active() else contextlib.nullcontext():
+                search()
+        D.agree_on_errors(on_rank_0 if self.is_main else lambda: hash_for_rank_0(directory))
 
     @contextlib.contextmanager
     def _warned_by_rank_0(self) -> Iterator[None]:
@@ -682,8 +687,7 @@ class TrainingEngine:
             except CheckpointError as e:
                 raise CheckpointError(f"checkpoint.init_from: {e}") from None
 
-        with self._warned_by_rank_0():  # a damaged newest checkpoint passed over: said once
-            D.agree_on_errors(pick, run_here=self.is_main)
+        self._searched_by_rank_0(pick, Path(init_from))  # its checkpoints sent to the others by absolute path
         ckpt = Path(D.broadcast_from_rank0(str(picked[0].resolve()) if picked else ""))  # whatever each one's cwd
 
         def load() -> None:

@@ -1050,6 +1050,54 @@ def test_every_rank_resumes_the_checkpoint_rank_0_found_and_checked_though_its_o
     assert len(skipped0) == 1 and f"{damaged} does not match its sha256 checksum" in skipped0[0] and skipped1 == []
 
 
+def init_from_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        source = tiny_config(Path(directory, "a"), training={"max_steps": 2}, checkpoint={"every_n_steps": 1})
+        TrainingEngine(source, RegressionTask(source), rank, 2).train()
+        checkpoints = Path(directory, "a/run/checkpoints")
+        hashed, sha256 = [], checkpoint_module._sha256
+        checkpoint_module._sha256 = lambda path, sync=False: hashed.append(path.name) or sha256(path, sync)
+        starts = {}
+        for name in ("b", "c"):
+            if name == "c":  # a file of step 2 that rank 1 hashes, damaged (its size kept): step 1's weights
+                files = json.loads((checkpoints / "step_00000002/manifest.json").read_text())["files"]
+                damaged, size = checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)[0]
+                dist.barrier()
+                if rank == 1:
+                    (checkpoints / "step_00000002" / damaged).write_bytes(bytes(size))
+                dist.barrier()
+            config = tiny_config(Path(directory, name), checkpoint={"init_from": str(Path(directory, "a/run"))})
+            engine = TrainingEngine(config, RegressionTask(config), rank, 2)
+            hashed.clear()
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                engine.setup()
+            at_start = engine.raw_model.state_dict()
+            started_from = [step for step in (1, 2) if all(torch.equal(at_start[k], v) for k, v in
+                            checkpoint_module.model_weights(checkpoints / f"step_{step:08d}").items())]
+            starts[name] = [started_from, list(hashed), [str(w.message) for w in said if "skipping" in str(w.message)]]
+        Path(directory, f"started_rank{rank}").write_text(json.dumps([starts, damaged]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_starts_from_the_init_from_checkpoint_rank_0_picked_whose_files_the_ranks_hashed_between_them(
+        tmp_path):
+    spawn(init_from_worker, str(tmp_path), free_port(), timeout=90)
+    (starts0, damaged), (starts1, _) = (json.loads((tmp_path / f"started_rank{r}").read_text()) for r in range(2))
+    assert starts0["b"][0] == starts1["b"][0] == [2]  # the run's newest checkpoint
+    # each file of it hashed once, by one rank or the other (rank 0 hashed them all, before, while rank 1 waited)
+    files = json.loads((tmp_path / "a/run/checkpoints/step_00000002/manifest.json").read_text())["files"]
+    assert sorted(starts0["b"][1] + starts1["b"][1]) == sorted(Path(name).name for name in files)
+    assert starts0["b"][1] and starts1["b"][1]
+    # the damage that rank 1 found passes step 2 over on both ranks: rank 0 says so, once
+    assert starts0["c"][0] == starts1["c"][0] == [1]
+    (skipped,), none = starts0["c"][2], starts1["c"][2]
+    assert f"{damaged} does not match its sha256 checksum" in skipped and none == []
+
+
 def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path):
     train(tiny_config(tmp_path, training={"max_steps": 3}))
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
