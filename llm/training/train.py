@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import gc
 import glob
 import os
 import re
@@ -331,6 +332,11 @@ def run() -> None:
     ignores the signals for it.
     """
     atexit.register(_ignore_stop_signals)  # registered before main(): run after the exit functions a run adds
+    # what the imports built (torch's and the others' objects, most of this process's) lives until the exit: left
+    # out of the garbage collector's way, each full collection walks a fraction of what it did, in the run and at
+    # the exit, and a forked loader worker's collections copy none of its pages; a short run's process takes
+    # about 0.9 s less (benchmarks/process_start.py)
+    gc.freeze()
     code = main(exiting=True)
     _exit_on_signals(code)
     sys.exit(code)
