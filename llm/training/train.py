@@ -335,7 +335,7 @@ def run() -> None:
     # what the imports built (torch's and the others' objects, most of this process's) lives until the exit: left
     # out of the garbage collector's way, each full collection walks a fraction of what it did, in the run and at
     # the exit, and a forked loader worker's collections copy none of its pages; a short run's process takes
-    # about 0.9 s less (benchmarks/process_start.py)
+    # 0.7-0.9 s less, a 20-step one 1.24x as long without (BENCHMARKS.md)
     gc.freeze()
     code = main(exiting=True)
     _exit_on_signals(code)
