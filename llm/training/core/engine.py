@@ -687,7 +687,8 @@ class TrainingEngine:
             except CheckpointError as e:
                 raise CheckpointError(f"checkpoint.init_from: {e}") from None
 
-        self._searched_by_rank_0(pick, Path(init_from))  # its checkpoints sent to the others by absolute path
+        # the folder as rank 0 sees it, whatever each one's cwd: a checkpoint in it reaches the others by its name
+        self._searched_by_rank_0(pick, Path(D.broadcast_from_rank0(os.path.abspath(init_from))))
         ckpt = Path(D.broadcast_from_rank0(str(picked[0].resolve()) if picked else ""))  # whatever each one's cwd
 
         def load() -> None:

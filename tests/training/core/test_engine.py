@@ -1057,13 +1057,19 @@ def init_from_worker(rank: int, directory: str, port: int) -> None:
         source = tiny_config(Path(directory, "a"), training={"max_steps": 2}, checkpoint={"every_n_steps": 1})
         TrainingEngine(source, RegressionTask(source), rank, 2).train()
         checkpoints = Path(directory, "a/run/checkpoints")
-        hashed, sha256 = [], checkpoint_module._sha256
-        checkpoint_module._sha256 = lambda path, sync=False: hashed.append(path.name) or sha256(path, sync)
+        hashed, sha256, stale = [], checkpoint_module._sha256, [False]
+
+        def counted(path: Path, sync: bool = False) -> str:
+            hashed.append(path.name)
+            return "0" * 64 if stale[0] else sha256(path, sync)
+        checkpoint_module._sha256 = counted
         starts = {}
-        for name in ("b", "c"):
+        for name in ("b", "stale", "c"):
+            stale[0] = name == "stale" and rank == 1  # rank 1's view of the files differs from rank 0's
             if name == "c":  # a file of step 2 that rank 1 hashes, damaged (its size kept): step 1's weights
                 files = json.loads((checkpoints / "step_00000002/manifest.json").read_text())["files"]
-                damaged, size = checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)[0]
+                damaged, size = [f for f in checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)
+                                 if f[0] != "state.pt"][0]
                 dist.barrier()
                 if rank == 1:
                     (checkpoints / "step_00000002" / damaged).write_bytes(bytes(size))
@@ -1092,6 +1098,9 @@ def test_every_rank_starts_from_the_init_from_checkpoint_rank_0_picked_whose_fil
     files = json.loads((tmp_path / "a/run/checkpoints/step_00000002/manifest.json").read_text())["files"]
     assert sorted(starts0["b"][1] + starts1["b"][1]) == sorted(Path(name).name for name in files)
     assert starts0["b"][1] and starts1["b"][1]
+    # what rank 1 read otherwise than the manifest says, rank 0 reads again and decides by: the checkpoint is whole
+    assert starts0["stale"][0] == starts1["stale"][0] == [2] and starts0["stale"][2] == starts1["stale"][2] == []
+    assert set(starts1["stale"][1]) <= set(starts0["stale"][1])
     # the damage that rank 1 found passes step 2 over on both ranks: rank 0 says so, once
     assert starts0["c"][0] == starts1["c"][0] == [1]
     (skipped,), none = starts0["c"][2], starts1["c"][2]
