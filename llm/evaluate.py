@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.cli import ArgParser, add_checkpoint, add_device, run_tool
+from llm.cli import ArgParser, add_checkpoint, add_device, run_program, run_tool
 from llm.data.text_data_module import corpus_files, encode_pieces, read_pieces
 from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
@@ -229,5 +229,10 @@ def _score(argv: list[str] | None) -> str:
     return f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}"
 
 
+def run() -> NoReturn:
+    """The command line's entry (llm-evaluate, ``python -m llm.evaluate``): main() as a process (cli.run_program)."""
+    run_program(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

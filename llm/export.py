@@ -23,15 +23,14 @@ import dataclasses
 import json
 import os
 import stat
-import sys
 from pathlib import Path
-
+from typing import NoReturn
 import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.cli import ArgParser, run_tool
+from llm.cli import ArgParser, run_program, run_tool
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
@@ -325,5 +324,10 @@ def _export(argv: list[str] | None) -> str:
             f"(config.json, model.safetensors; {tokenizer})")
 
 
+def run() -> NoReturn:
+    """The command line's entry (llm-export, ``python -m llm.export``): main() as a process (cli.run_program)."""
+    run_program(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

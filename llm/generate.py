@@ -14,10 +14,10 @@ import io
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-
+from typing import NoReturn
 import torch
 
-from llm.cli import ArgParser, add_checkpoint, add_device, interrupted, one_line_warnings, stdout_gone
+from llm.cli import ArgParser, add_checkpoint, add_device, interrupted, one_line_warnings, run_program, stdout_gone
 from llm.data.tokenizers import Tokenizer
 from llm.errors import EXIT_USAGE, UsageError, print_error
 from llm.models.gpt import GPT
@@ -215,5 +215,10 @@ def _write(text: str) -> None:
         raise _OutputFailed(e.strerror or str(e)) from None
 
 
+def run() -> NoReturn:
+    """The command line's entry (llm-generate, ``python -m llm.generate``): main() as a process (cli.run_program)."""
+    run_program(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
-
+from typing import NoReturn
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from llm.cli import ArgParser, run_tool
+from llm.cli import ArgParser, run_program, run_tool
 from llm.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 from llm.errors import UsageError, one_line
 from llm.files import write_atomically
@@ -207,5 +206,10 @@ def _import(argv: list[str] | None) -> str:
             f"{Path(args.out) / FINETUNE} --data-path FILE")
 
 
+def run() -> NoReturn:
+    """The command line's entry (llm-import-hf, ``python -m llm.import_hf``): main() as a process (cli.run_program)."""
+    run_program(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from llm.cli import ArgParser, run_tool
+from llm.cli import ArgParser, run_program, run_tool
 from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
 
@@ -228,5 +227,10 @@ def _plot_runs(argv: list[str] | None) -> str:
     return str(args.out)
 
 
+def run() -> NoReturn:
+    """The command line's entry (llm-plot, ``python -m llm.plot``): main() as a process (cli.run_program)."""
+    run_program(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,3 +1,6 @@
+import gc
+import importlib
+import tomllib
 import warnings
 
 import pytest
@@ -6,6 +9,7 @@ from llm import evaluate, export, generate, import_hf, plot
 from llm.cli import ArgParser, one_line_warnings
 from llm.errors import UsageError, print_error
 from llm.training import train
+from tests.helpers import REPO
 
 TOOLS = {
     "generate": (generate.main, ["--checkpoint", "x", "--prompt", "y"]),
@@ -135,3 +139,19 @@ def test_ctrl_c_in_a_tool_ends_in_one_line_and_exit_130_not_a_traceback(tool, wo
     monkeypatch.setattr(tool, work, pressed)
     assert tool.main(argv) == 130
     assert capsys.readouterr().err == f"interrupted (Ctrl-C): {left}\n"
+
+
+def test_each_console_script_freezes_its_imports_then_exits_with_the_code_main_returns(monkeypatch):
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) == 6
+    for script, entry in scripts.items():
+        name, function = entry.split(":")
+        assert function == "run", script
+        if name == "llm.training.train":  # its run() has more to do: tests/training/test_train.py
+            continue
+        module, frozen = importlib.import_module(name), []
+        monkeypatch.setattr(gc, "freeze", lambda: frozen.append(script))
+        monkeypatch.setattr(module, "main", lambda: 3)
+        with pytest.raises(SystemExit) as exited:
+            module.run()
+        assert frozen == [script] and exited.value.code == 3

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import gc
 import glob
 import os
 import re
@@ -34,7 +33,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).re
 
 import torch.distributed as dist
 
-from llm.cli import interrupted, one_line_warnings, say
+from llm.cli import freeze_imports, interrupted, one_line_warnings, say
 from llm.errors import EXIT_USAGE, UsageError, causes, one_line, print_error
 from llm.files import FolderLock, run_files
 from llm.training.core import distributed as D
@@ -332,11 +331,7 @@ def run() -> None:
     ignores the signals for it.
     """
     atexit.register(_ignore_stop_signals)  # registered before main(): run after the exit functions a run adds
-    # what the imports built (torch's and the others' objects, most of this process's) lives until the exit: left
-    # out of the garbage collector's way, each full collection walks a fraction of what it did, in the run and at
-    # the exit, and a forked loader worker's collections copy none of its pages; a short run's process takes
-    # 0.7-0.9 s less, a 20-step one 1.24x as long without (BENCHMARKS.md)
-    gc.freeze()
+    freeze_imports()
     code = main(exiting=True)
     _exit_on_signals(code)
     sys.exit(code)
