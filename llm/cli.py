@@ -92,7 +92,7 @@ def run_tool(work: Callable[[], str], if_interrupted: str) -> int:
 def freeze_imports() -> None:
     """At a command's start: what its imports built (torch's objects, most of the process's), which lives until
     the exit, is left out of the garbage collector's way (gc.freeze). Each full collection then walks a fraction
-    of what it did, in the work and at the exit: a short training run's process takes 0.7-0.9 s less
+    of what it did, in the work and at the exit: a short training run's process takes about 0.7 s less
     (BENCHMARKS.md), llm-generate's 0.4 s; a forked loader worker's collections copy none of those pages. For a
     process's entry only: a freeze in code called again and again keeps the reference cycles of that moment."""
     gc.freeze()
