@@ -14,7 +14,8 @@ the work and at the interpreter's exit. This times, in fresh processes:
   trains first on text it writes;
 - each frozen (``run()`` as it is) and not frozen (the same ``run()`` with
   ``gc.freeze`` made a no-op);
-- import only: a process that imports ``llm.training.train`` and exits, the floor.
+- import only: a process that imports ``llm.training.train`` and exits, unfrozen: the floor under train (its
+  ratio is to train, frozen).
 
 Each process also reports the time its collections took while it ran
 (``gc.callbacks``; the collections of the interpreter's exit come after the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     gained = {command: common.median([n[0] - f[0] for n, f in zip(rounds[f"{command}, not frozen"],
                                                                    rounds[f"{command}, frozen"], strict=True)])
               for command in ("train", "generate")}
-    facts = [("work", f"python -c running run() of llm.training.train with {' '.join(TRAIN_FLAGS)}, and of "
-                      f"llm.generate with {' '.join(GENERATE_FLAGS)}; one torch thread"),
+    facts = [("work", f"python -c running run() of llm.training.train with {shlex.join(TRAIN_FLAGS)}, and of "
+                      f"llm.generate with {shlex.join(GENERATE_FLAGS)}; one torch thread"),
              ("repetitions", f"a warm-up round, then {args.rounds} rounds, contenders interleaved")]
     text = common.section("Process start and exit: gc.freeze() at each command's start" +
                           (" (quick)" if args.quick else ""), facts,

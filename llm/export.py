@@ -25,6 +25,7 @@ import os
 import stat
 from pathlib import Path
 from typing import NoReturn
+
 import torch
 import yaml
 from safetensors import safe_open

@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import NoReturn
+
 import torch
 
 from llm.cli import ArgParser, add_checkpoint, add_device, interrupted, one_line_warnings, run_program, stdout_gone

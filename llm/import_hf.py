@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import NoReturn
+
 import torch
 import yaml
 from safetensors.torch import load_file

@@ -592,8 +592,6 @@ def _problem(path: Path, hashes: bool) -> str | None:
     for name, entry in files.items():
         try:
             digest = hashed.get(name) or _sha256(path / name)  # one no other rank could read: here, to say why
-            if digest != entry.get("sha256") and name in hashed:  # another node's view, stale: this one decides
-                digest = _sha256(path / name)
         except PermissionError:
             raise
         except OSError as error:
@@ -613,9 +611,9 @@ def hashes_shared_out(directory: Path) -> Iterator[None]:
     """On rank 0, around its search for the checkpoint a run resumes or starts from, while every other rank is in
     hash_for_rank_0: each checkpoint whose hashes it checks, the ranks hash between them, dealt out by size as
     at a save. Rank 0 alone would read the whole checkpoint, every rank's FSDP shards, while the others wait.
-    A file another rank found not to match, rank 0 reads again (_problem): a node whose view of the folder lags
-    does not make it pass a whole checkpoint over. ``directory``: the checkpoint folder, which each node may
-    mount at another path."""
+    A file any rank reads otherwise than it was saved is not trusted: rank 0 passes that checkpoint over, also
+    when only a node whose view of the folder lags sees it so, since that node would load those bytes.
+    ``directory``: the checkpoint folder, which each node may mount at another path."""
     asked = [False]  # the others are hashing: their next collective is the gather
 
     def hash_out(path: Path, files: list[tuple[str, int]]) -> dict[str, str]:

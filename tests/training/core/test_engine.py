@@ -1061,11 +1061,11 @@ def init_from_worker(rank: int, directory: str, port: int) -> None:
 
         def counted(path: Path, sync: bool = False) -> str:
             hashed.append(path.name)
-            return "0" * 64 if stale[0] else sha256(path, sync)
+            return "0" * 64 if stale[0] and path.parent.name == "step_00000002" else sha256(path, sync)
         checkpoint_module._sha256 = counted
         starts = {}
         for name in ("b", "stale", "c"):
-            stale[0] = name == "stale" and rank == 1  # rank 1's view of the files differs from rank 0's
+            stale[0] = name == "stale" and rank == 1  # rank 1's view of step 2's files differs from rank 0's
             if name == "c":  # a file of step 2 that rank 1 hashes, damaged (its size kept): step 1's weights
                 files = json.loads((checkpoints / "step_00000002/manifest.json").read_text())["files"]
                 damaged, size = [f for f in checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)
@@ -1098,9 +1098,9 @@ def test_every_rank_starts_from_the_init_from_checkpoint_rank_0_picked_whose_fil
     files = json.loads((tmp_path / "a/run/checkpoints/step_00000002/manifest.json").read_text())["files"]
     assert sorted(starts0["b"][1] + starts1["b"][1]) == sorted(Path(name).name for name in files)
     assert starts0["b"][1] and starts1["b"][1]
-    # what rank 1 read otherwise than the manifest says, rank 0 reads again and decides by: the checkpoint is whole
-    assert starts0["stale"][0] == starts1["stale"][0] == [2] and starts0["stale"][2] == starts1["stale"][2] == []
-    assert set(starts1["stale"][1]) <= set(starts0["stale"][1])
+    # files that rank 1 alone reads otherwise than saved (a lagging view of a shared folder, whose bytes it would
+    # load) pass step 2 over too
+    assert starts0["stale"][0] == starts1["stale"][0] == [1] and len(starts0["stale"][2]) == 1
     # the damage that rank 1 found passes step 2 over on both ranks: rank 0 says so, once
     assert starts0["c"][0] == starts1["c"][0] == [1]
     (skipped,), none = starts0["c"][2], starts1["c"][2]
