@@ -989,6 +989,19 @@ def test_a_save_one_ranks_clock_calls_for_is_made_by_every_rank(tmp_path):
         ["rank_00000.pt", "rank_00001.pt"]
 
 
+def damage_in_rank_1s_share(checkpoint: Path, rank: int) -> str:
+    """Zero a file of ``checkpoint`` that rank 1 hashes when the ranks share the check out, its size kept (not
+    state.pt, which every rank loads), written by rank 1 between barriers of two ranks; its name."""
+    files = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    name, size = [f for f in checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)
+                  if f[0] != "state.pt"][0]
+    dist.barrier()
+    if rank == 1:
+        (checkpoint / name).write_bytes(bytes(size))
+    dist.barrier()
+    return name
+
+
 def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
@@ -1015,14 +1028,7 @@ def lagging_listing_worker(rank: int, directory: str, port: int) -> None:
             refused = str(e)
         engine_module.verify = verify
         # a file of step 6 that rank 1 hashes, damaged (its size kept): every rank goes on from step 4
-        newest = Path(directory, "run/checkpoints/step_00000006")
-        files = json.loads((newest / "manifest.json").read_text())["files"]
-        (damaged, size), = [f for f in checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)
-                            if f[0] != "state.pt"][:1]
-        dist.barrier()
-        if rank == 1:
-            (newest / damaged).write_bytes(bytes(size))
-        dist.barrier()
+        damaged = damage_in_rank_1s_share(Path(directory, "run/checkpoints/step_00000006"), rank)
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             past_damage = TrainingEngine(config, RegressionTask(config), rank, 2)
@@ -1067,13 +1073,7 @@ def init_from_worker(rank: int, directory: str, port: int) -> None:
         for name in ("b", "stale", "c"):
             stale[0] = name == "stale" and rank == 1  # rank 1's view of step 2's files differs from rank 0's
             if name == "c":  # a file of step 2 that rank 1 hashes, damaged (its size kept): step 1's weights
-                files = json.loads((checkpoints / "step_00000002/manifest.json").read_text())["files"]
-                damaged, size = [f for f in checkpoint_module._share([(n, e["size"]) for n, e in files.items()], 1, 2)
-                                 if f[0] != "state.pt"][0]
-                dist.barrier()
-                if rank == 1:
-                    (checkpoints / "step_00000002" / damaged).write_bytes(bytes(size))
-                dist.barrier()
+                damaged = damage_in_rank_1s_share(checkpoints / "step_00000002", rank)
             config = tiny_config(Path(directory, name), checkpoint={"init_from": str(Path(directory, "a/run"))})
             engine = TrainingEngine(config, RegressionTask(config), rank, 2)
             hashed.clear()
