@@ -192,7 +192,7 @@ class Checks:
         text = f"{backend}, {strategy}: {summary['steps']} steps, val_loss {summary['val_loss']:.3f}"
         if strategy == "fsdp":
             out = self.work / "fsdp.safetensors"
-            self.command([sys.executable, "-m", "llm.export", str(run), "--out", str(out)])
+            self.command([sys.executable, "-m", "llm.export", "--checkpoint", str(run), "--out", str(out)])
             text += (f"; exported {out.stat().st_size / 1e6:.1f} MB of weights from the "
                      f"{'sharded checkpoint' if sharded else 'checkpoint, not sharded'}")
         if self.nproc == 1:  # parallel.wrap and is_sharded need world_size > 1, and so does a process group

@@ -1,4 +1,4 @@
-"""Export a checkpoint's model weights: ``python -m llm.export CHECKPOINT --out model.safetensors``.
+"""Export a checkpoint's model weights: ``python -m llm.export --checkpoint PATH --out model.safetensors``.
 
 Writes the consolidated weights as safetensors and, beside them
 (``model.json`` for ``model.safetensors``), the task, the model's config and
@@ -31,7 +31,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.cli import ArgParser, run_program, run_tool
+from llm.cli import ArgParser, add_checkpoint, run_program, run_tool
 from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 def _export(argv: list[str] | None) -> str:
     parser = ArgParser(prog="llm-export", description="Export a checkpoint's model weights as safetensors, or as a "
                                                        "Hugging Face Llama, Qwen2 or GPT-2 (--format hf).")
-    parser.add_argument("checkpoint", help="a checkpoint, a directory of checkpoints, a run directory, or a "
-                                           "directory of checkpoints' best file (the best by checkpoint.monitor)")
+    add_checkpoint(parser)
     parser.add_argument("--out", required=True,
                         help="where to write: the .safetensors file, or for --format hf a folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors",

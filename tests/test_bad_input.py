@@ -198,7 +198,7 @@ BROKEN_CHECKPOINTS = [
 
 
 def checkpoint_flag(tool: str, path: str) -> list[str]:
-    return [path, "--out", "model.safetensors"] if tool == "export" else ["--checkpoint", path]
+    return ["--checkpoint", path, "--out", "model.safetensors"] if tool == "export" else ["--checkpoint", path]
 
 
 
@@ -413,13 +413,13 @@ CASES = [
     *[Case(f"{tool}-checkpoint-of-another-model", tool, checkpoint_flag(tool, "other"),
            ["other", "belong to a different model", "size mismatch"]) for tool in ("generate", "evaluate", "export")],
     # export and plot: outputs that would write over an earlier run's files
-    Case("export-out-over-a-file-of-the-run", "export", ["run", "--out", "run/model_config.safetensors"],
+    Case("export-out-over-a-file-of-the-run", "export", ["--checkpoint", "run", "--out", "run/model_config.safetensors"],
          ["run/model_config.json", "left as it is", "choose another --out"]),
-    Case("export-out-ending-in-json", "export", ["run", "--out", "model.json"],
+    Case("export-out-ending-in-json", "export", ["--checkpoint", "run", "--out", "model.json"],
          ["model.json", "another suffix"], absent=["model.json"]),
-    Case("export-out-under-a-file", "export", ["run", "--out", "afile.txt/model.safetensors"],
+    Case("export-out-under-a-file", "export", ["--checkpoint", "run", "--out", "afile.txt/model.safetensors"],
          ["afile.txt", "is a file, not a folder"]),
-    Case("export-without-out", "export", ["run"], ["required", "--out"]),
+    Case("export-without-out", "export", ["--checkpoint", "run"], ["required", "--out"]),
     Case("plot-out-over-a-file-of-the-run", "plot", ["run", "--out", "run/metrics.jsonl"],
          ["run/metrics.jsonl", "cannot write .jsonl files"]),
 ]

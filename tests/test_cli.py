@@ -13,7 +13,7 @@ from tests.helpers import REPO
 TOOLS = {
     "generate": (generate.main, ["--checkpoint", "x", "--prompt", "y"]),
     "evaluate": (evaluate.main, ["--checkpoint", "x", "--data-path", "y"]),
-    "export": (export.main, ["x", "--out", "y"]),
+    "export": (export.main, ["--checkpoint", "x", "--out", "y"]),
     "plot": (plot.main, ["run"]),
     "train": (train.main, []),
 }
@@ -42,7 +42,7 @@ def test_an_unknown_flag_exits_2_with_one_line_on_stderr(tool, capsys):
 MISSPELLED = {  # each tool's flag misspelled, the one it meant named
     "generate": (["--checkpoint", "x", "--promt", "y"], "--promt (did you mean --prompt?)"),  # a required one
     "evaluate": (["--checkpoint", "x", "--data-path", "y", "--batchsize", "4"], "--batchsize 4 (did you mean --batch-size?)"),
-    "export": (["x", "--out", "y", "--fromat", "hf"], "--fromat hf (did you mean --format?)"),
+    "export": (["--checkpoint", "x", "--out", "y", "--fromat", "hf"], "--fromat hf (did you mean --format?)"),
     "plot": (["run", "--outt", "y.png"], "--outt y.png (did you mean --out?)"),
     "train": (["--training-max-step", "3"], "--training-max-step 3 (did you mean --training-max-steps?)"),
 }
@@ -102,7 +102,7 @@ def test_tools_that_load_checkpoints_print_warnings_in_one_line(tool, capsys):
     assert warnings.formatwarning("skipping x", UserWarning, "/a/b.py", 12) == "warning: skipping x\n"
 
 
-@pytest.mark.parametrize("tool, flag", [("generate", "--checkpoint"), ("evaluate", "--checkpoint"), ("export", None),
+@pytest.mark.parametrize("tool, flag", [("generate", "--checkpoint"), ("evaluate", "--checkpoint"), ("export", "--checkpoint"),
                                         ("plot", None), ("train", "--data-path")])
 def test_a_path_with_a_newline_or_an_escape_in_its_name_is_named_on_one_line(tool, flag, capsys, tmp_path,
                                                                           monkeypatch):
@@ -125,7 +125,7 @@ def test_only_what_breaks_a_line_or_steers_the_terminal_is_escaped_in_errors_and
 
 @pytest.mark.parametrize("tool, work, argv, left", [
     (evaluate, "load_lm", ["--checkpoint", "run", "--data-path", "text.txt"], "no loss computed"),
-    (export, "read_checkpoint", ["run", "--out", "model.safetensors"], "the export may be incomplete: export again"),
+    (export, "read_checkpoint", ["--checkpoint", "run", "--out", "model.safetensors"], "the export may be incomplete: export again"),
     (plot, "read_curves", ["run", "--out", "loss.png"], "no figure written"),
     (import_hf, "_read_config", ["hf", "--out", "ours"], "nothing was imported: import again"),
 ])

@@ -28,7 +28,7 @@ def test_export_regression_weights_load_back_strictly(tmp_path, monkeypatch):
     reads = []
     monkeypatch.setattr(checkpoint, "_load_torch", lambda path, *a, _load=checkpoint._load_torch: reads.append(path)
                         or _load(path, *a))
-    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert [path.name for path in reads] == ["state.pt"]  # read once: it holds the optimizer's state too
     description = json.loads(out.with_suffix(".json").read_text())
     assert description["task"] == "regression" and description["step"] == engine.step
@@ -42,12 +42,12 @@ def test_each_export_has_a_description_of_its_own_whatever_dots_its_name_holds(t
     config = tiny_config(tmp_path)
     TrainingEngine(config, RegressionTask(config), 0, 1).train()
     for name in ("gpt-v1.1", "gpt-v1.2"):  # no suffix to replace: the second must not take the first's .json
-        assert main([str(tmp_path / "run"), "--out", str(tmp_path / name)]) == 0
+        assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / name)]) == 0
         assert capsys.readouterr().out.endswith(f"(+ {name}.json)\n")
         assert json.loads((tmp_path / f"{name}.json").read_text())["weights"] == name
     assert not (tmp_path / "gpt-v1.json").exists()
     (tmp_path / "a.json").write_text((tmp_path / "gpt-v1.1.json").read_text())  # another export's description
-    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "a.safetensors")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "a.safetensors")]) == 2
     assert "a.json exists and is not the description of an export to a.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "a.safetensors").exists()
 
@@ -56,7 +56,7 @@ def test_export_lm_with_tied_embeddings(tmp_path, capsys):
     config = lm_config(tmp_path, training={"max_steps": 3})
     TrainingEngine(config, LMTask(config), 0, 1).train()
     out = tmp_path / "lm.safetensors"
-    assert main([str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0
     description = json.loads(out.with_suffix(".json").read_text())
     model = GPT(GPTConfig.from_dict(description["model_config"]))
     model.load_state_dict(load_file(out), strict=True)
@@ -66,16 +66,16 @@ def test_export_lm_with_tied_embeddings(tmp_path, capsys):
     _, trained, _ = load_lm(tmp_path / "run")
     exported = load_tokenizer(tmp_path / "lm.tokenizer.json")
     assert exported.fingerprint() == trained.fingerprint() and exported.decode(trained.encode("the cat")) == "the cat"
-    assert main([str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0  # an earlier export's: replaced
+    assert main(["--checkpoint", str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0  # an earlier export's: replaced
     regression = tiny_config(tmp_path / "regression")
     TrainingEngine(regression, RegressionTask(regression), 0, 1).train()
-    assert main([str(tmp_path / "regression/run"), "--out", str(out)]) == 0  # no tokenizer: the earlier one goes
+    assert main(["--checkpoint", str(tmp_path / "regression/run"), "--out", str(out)]) == 0  # no tokenizer: the earlier one goes
     assert not (tmp_path / "lm.tokenizer.json").exists()
     capsys.readouterr()
-    assert main([str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.endswith(f"to {out} (+ lm.json, lm.tokenizer.json)\n")
     (tmp_path / "other.tokenizer.json").write_text("notes of mine\n")
-    assert main([str(tmp_path / "run/checkpoints"), "--out", str(tmp_path / "other.safetensors")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "run/checkpoints"), "--out", str(tmp_path / "other.safetensors")]) == 2
     assert (tmp_path / "other.tokenizer.json").read_text() == "notes of mine\n"
     assert not (tmp_path / "other.safetensors").exists()
 
@@ -84,12 +84,12 @@ def test_export_replaces_an_earlier_export_but_not_another_safetensors_file(tmp_
     config = tiny_config(tmp_path)
     TrainingEngine(config, RegressionTask(config), 0, 1).train()
     out = tmp_path / "model.safetensors"
-    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0
-    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0  # an earlier export: replaced
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0  # an earlier export: replaced
     downloaded = tmp_path / "downloaded.safetensors"
     save_file({"wte": torch.zeros(3)}, str(downloaded), metadata={"format": "pt"})
     before = downloaded.read_bytes()
-    assert main([str(tmp_path / "run"), "--out", str(downloaded)]) == 2
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(downloaded)]) == 2
     assert "is not an earlier export" in capsys.readouterr().err and downloaded.read_bytes() == before
 
 
@@ -106,7 +106,7 @@ def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_lin
         ("run/checkpoints/step_00000028/mine.safetensors", "would write into a checkpoint folder"),
         ("run/checkpoints/mine.safetensors", "would write into a checkpoint folder"),
     ]:
-        assert main(["run", "--out", out]) == 2
+        assert main(["--checkpoint", "run", "--out", out]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, out
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
@@ -123,7 +123,7 @@ def test_exported_files_follow_the_umask(tmp_path, umask_002):
     config = tiny_config(tmp_path)
     TrainingEngine(config, RegressionTask(config), 0, 1).train()
     out = tmp_path / "model.safetensors"
-    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0  # safetensors alone makes its files 0600
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0  # safetensors alone makes its files 0600
     assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in (out, out.with_suffix(".json"))] == [oct(0o664)] * 2
 
 
@@ -134,7 +134,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_one_line_warning(tmp_path
     state = bytearray((newest / "state.pt").read_bytes())
     state[-100] ^= 0xFF
     (newest / "state.pt").write_bytes(bytes(state))
-    result = run([sys.executable, "-m", "llm.export", "run", "--out", "m.safetensors"], cwd=tmp_path)
+    result = run([sys.executable, "-m", "llm.export", "--checkpoint", "run", "--out", "m.safetensors"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == f"warning: skipping checkpoint {newest.relative_to(tmp_path)}: " \
                             f"state.pt does not match its sha256 checksum\n"
@@ -167,7 +167,7 @@ def test_an_export_of_a_live_runs_folder_takes_the_newest_again_when_the_one_it_
 
 
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
-    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert capsys.readouterr().err == f"error: checkpoint path {tmp_path / 'nope'} does not exist\n"
 
 
@@ -204,7 +204,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_
                            "--data-tokenizer", "bpe", "--data-vocab-size", "300")
     out = tmp_path / "hf"
     capsys.readouterr()
-    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "GPT2LMHeadModel" in printed and "tokenizer.json" in printed
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
@@ -236,7 +236,7 @@ def test_export_hf_tokenizer_adds_no_special_tokens_training_did_not(tmp_path):
     made.save(str(tmp_path / "tokenizer.json"))
     run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--data-tokenizer", str(tmp_path / "tokenizer.json"))
     out = tmp_path / "hf"
-    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
 
     _, tokenizer, _ = load_lm(run_dir)
     text = "the lazy dog jumps"
@@ -249,7 +249,7 @@ def test_export_hf_cuts_a_padded_vocabulary_back_to_the_tokenizers(tmp_path):
     transformers = pytest.importorskip("transformers")
     run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--model-vocab-size", "64")
     out = tmp_path / "hf"
-    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
     ours, tokenizer, _ = load_lm(run_dir)
     vocab = tokenizer.vocab_size
     assert ours.config.vocab_size == 64 > vocab
@@ -265,10 +265,10 @@ def test_export_hf_without_biases_writes_zero_biases(tmp_path, capsys):
     run_dir = train_lm(tmp_path, *GPT2_FLAGS, "--model-tie-embeddings", "false")  # bias false by default
     out = tmp_path / "hf"
     for _ in range(2):  # the second replaces the first export: its model.safetensors carries the mark
-        assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # in-process: transformers is loaded
+        assert main(["--checkpoint", str(run_dir), "--format", "hf", "--out", str(out)]) == 0  # in-process: transformers is loaded
     assert "no tokenizer" in capsys.readouterr().out  # char: no Hugging Face form
     # nor does that mark let the plain export write its own tensor names over the folder's weights
-    assert main([str(run_dir), "--out", str(out / "model.safetensors")]) == 2
+    assert main(["--checkpoint", str(run_dir), "--out", str(out / "model.safetensors")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     weights = load_file(out / "model.safetensors")
@@ -284,7 +284,7 @@ def test_export_hf_files_follow_the_umask(tmp_path, umask_002):
     config = lm_config(tmp_path, model={"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"})
     TrainingEngine(config, LMTask(config), 0, 1).train()
     out = tmp_path / "hf"
-    assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 0
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
     assert modes == {"config.json": oct(0o664), "model.safetensors": oct(0o664)}
 
@@ -295,7 +295,7 @@ def test_export_hf_of_a_default_model_is_a_llama_with_the_same_logits_and_tokeni
                        "--model-vocab-size", "320")  # rope, rmsnorm, swiglu; a padded vocabulary
     out = tmp_path / "hf"
     capsys.readouterr()
-    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
     assert "as a transformers LlamaForCausalLM (config.json, model.safetensors; tokenizer.json)" in capsys.readouterr().out
     ours, tokenizer, _ = load_lm(run_dir)
     vocab = tokenizer.vocab_size
@@ -317,7 +317,7 @@ def test_export_hf_of_grouped_queries_and_other_widths_is_a_llama_of_them_with_t
     run_dir = train_lm(tmp_path, "--model-n-kv-head", "1", "--model-mlp-hidden", "48", "--model-rope-base",
                        "500000", "--model-norm-eps", "1e-6", "--model-rope-scaling", "8")
     out = tmp_path / "hf"
-    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 48)
     rope = config.get("rope_parameters") or config  # transformers 5 keeps the base there
@@ -329,7 +329,7 @@ def test_export_hf_of_grouped_queries_and_other_widths_is_a_llama_of_them_with_t
 def test_export_hf_of_biases_in_the_query_key_and_value_alone_is_a_qwen2_with_the_same_logits(tmp_path, capsys):
     run_dir = train_lm(tmp_path, "--model-qkv-bias", "true", "--model-n-kv-head", "1")
     out = tmp_path / "hf"
-    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["--checkpoint", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
     assert "as a transformers Qwen2ForCausalLM" in capsys.readouterr().out
     assert_same_logits(run_dir, out, load_lm(run_dir)[1].encode("the lazy fox"))
 
@@ -339,7 +339,7 @@ def test_export_hf_of_a_mix_no_architecture_has_exits_2_naming_every_setting(tmp
     config = lm_config(tmp_path, model={"norm": "layernorm", "mlp": "gelu"})  # with rope: neither GPT-2 nor Llama
     TrainingEngine(config, LMTask(config), 0, 1).train()
     out = tmp_path / "hf"
-    assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 2
+    assert main(["--checkpoint", str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
         "error: --format hf: model.pos_emb rope has no GPT-2 form, and the model no other Hugging Face one; train "
         "with --model-pos-emb learned to export a GPT-2 (or with --model-norm rmsnorm --model-mlp swiglu for a "
@@ -350,7 +350,7 @@ def test_export_hf_of_a_mix_no_architecture_has_exits_2_naming_every_setting(tmp
 def test_export_hf_without_transformers_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     # checked before the checkpoint is read, so a missing one is not reached
-    assert main([str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err == "error: --format hf needs the transformers package: pip install transformers\n"
 
 
@@ -358,12 +358,12 @@ def test_export_hf_leaves_a_folder_of_other_files_alone(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert main([str(tmp_path / "nope"), "--format", "hf", "--out", str(out)]) == 2
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--format", "hf", "--out", str(out)]) == 2
     assert "holds files --format hf does not write (notes.txt)" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     theirs = tmp_path / "bert"  # the names an export writes, of another model: not replaced either
     theirs.mkdir()
     (theirs / "config.json").write_text('{"model_type": "bert"}')
-    assert main([str(tmp_path / "nope"), "--format", "hf", "--out", str(theirs)]) == 2
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--format", "hf", "--out", str(theirs)]) == 2
     assert "holds config.json of another model" in capsys.readouterr().err
     assert (theirs / "config.json").read_text() == '{"model_type": "bert"}'

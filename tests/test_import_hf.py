@@ -263,7 +263,7 @@ def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(t
     assert not torch.equal(first["model"]["pos_emb.weight"], ours.pos_emb.weight[:32])  # trained on from there
     from llm.export import main as export
 
-    assert export([str(tmp_path / "runs/ft"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
+    assert export(["--checkpoint", str(tmp_path / "runs/ft"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
     assert json.loads((tmp_path / "back/config.json").read_text())["activation_function"] == "gelu_new"
 
 

@@ -420,7 +420,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path):
     for rank in (0, 1):  # each rank's final shard of the weights, as a plain state dict
         assert_same(weights(tmp_path / "ref", rank), weights(tmp_path / "run", rank))
     assert_logged_the_same(tmp_path / "ref", tmp_path / "run")
-    exported = run([sys.executable, "-m", "llm.export", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")],
+    exported = run([sys.executable, "-m", "llm.export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")],
                    cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     # the export gathers the shards: each tensor is rank 0's rows, then rank 1's
