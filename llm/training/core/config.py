@@ -106,9 +106,11 @@ class OptimizerConfig:
     warmup_steps: int = 0
     """Linear warmup over this many optimizer steps, the first at lr/(warmup_steps+1)."""
     scheduler: Literal["constant", "cosine", "linear", "wsd"] = "cosine"
-    """Learning-rate decay after warmup, reaching min_lr as the last step ends; wsd (warmup, stable, decay): lr until the last decay_fraction of the steps, then linear, so that a run given more steps while still at lr trains on as if it had always been given them."""
+    """Learning-rate decay after warmup, reaching min_lr as the last step ends; wsd (warmup, stable, decay): lr until the last decay_fraction of the steps, then down to min_lr as decay_shape says, so that a run given more steps while still at lr trains on as if it had always been given them."""
     decay_fraction: float = 0.2
     """wsd: the share of the steps after warmup over which the rate falls to min_lr."""
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
+    """wsd: how the rate falls over that share: linear, or 1-sqrt (min_lr + (lr - min_lr)(1 - sqrt(p)) at progress p of the decay), which falls faster at first and slower near the end."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
 

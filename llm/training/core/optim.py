@@ -116,9 +116,11 @@ def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     after_warmup = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / after_warmup)
     floor = cfg.min_lr / cfg.lr
-    if cfg.scheduler == "wsd":  # lr, then linear over the last decay_fraction of the steps, each of them below lr
+    if cfg.scheduler == "wsd":  # lr, then down to min_lr over the last decay_fraction of the steps, each below lr
         decay = math.ceil(cfg.decay_fraction * after_warmup - 1e-9)  # 0.1 of 30 steps: 3, not 4
         progress = max(0.0, min(1.0, (step - (total_steps - decay - 1)) / (decay + 1)))
+        if cfg.decay_shape == "1-sqrt":
+            return floor + (1.0 - floor) * (1.0 - math.sqrt(progress))
     if cfg.scheduler == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * (1.0 - progress)

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import math
 
@@ -37,6 +38,18 @@ def test_wsd_holds_the_rate_then_decays_linearly_over_the_last_share_of_the_step
     assert [lr_factor(s, short, 3) for s in range(3)] == pytest.approx([1.0, 1.0, 0.5])
     tenth = OptimizerConfig(lr=1.0, scheduler="wsd", decay_fraction=0.1)
     assert [lr_factor(s, tenth, 30) for s in range(26, 30)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_wsd_with_the_1_sqrt_shape_falls_faster_at_first_and_ends_at_min_lr_as_the_linear_one_does():
+    cfg = OptimizerConfig(lr=1.0, min_lr=0.1, warmup_steps=4, scheduler="wsd", decay_fraction=0.25, decay_shape="1-sqrt")
+    linear = dataclasses.replace(cfg, decay_shape="linear")
+    assert [lr_factor(s, cfg, 20) for s in range(16)] == [lr_factor(s, linear, 20) for s in range(16)]
+    # progress 1/5 ... 5/5 of the decay: 0.1 + 0.9 (1 - sqrt(p))
+    assert [lr_factor(s, cfg, 20) for s in range(16, 21)] == pytest.approx(
+        [0.1 + 0.9 * (1 - math.sqrt(p / 5)) for p in range(1, 6)])
+    drops = lambda c: [lr_factor(s - 1, c, 20) - lr_factor(s, c, 20) for s in (16, 20)]  # noqa: E731
+    assert drops(cfg)[0] > drops(linear)[0] and drops(cfg)[1] < drops(linear)[1]  # the first step's, the last's
+    assert lr_factor(20, cfg, 20) == pytest.approx(0.1) and lr_factor(25, cfg, 20) == pytest.approx(0.1)
 
 
 def test_weight_decay_only_on_matrices():
