@@ -711,3 +711,6 @@ def test_reliability_doc_names_tests_that_exist():
         if case:
             assert path == "tests/test_bad_input.py" and case in ids, f"{path}::{name}[{case}]"
     assert {case for _, _, case in named} >= ids  # and every case is in the table
+    sources = "\n".join(path.read_text() for path in (REPO / "tests").rglob("test_*.py"))
+    for name in re.findall(r"(?<!::)`(test_\w+)`", doc):  # named without its file
+        assert re.search(rf"^def {name}\(", sources, re.M), name

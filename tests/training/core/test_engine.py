@@ -2193,8 +2193,12 @@ def test_a_run_stopped_early_stays_stopped_when_resumed(tmp_path):
         assert torch.equal(w_first, w), name
     patient = tiny_config(tmp_path, **{**settings, "training": {**settings["training"], "patience": 2},
                                        "checkpoint": {"every_n_steps": 2, "resume": "auto"}})
-    longer, _ = train(patient, callbacks=default_callbacks(patient))  # more patience: it trains on
-    assert longer.step > first.step
+    longer, metrics = train(patient, callbacks=default_callbacks(patient))  # more patience: it trains on
+    assert longer.step > first.step and metrics["stop_reason"].startswith("early stopping")
+    # the same patience, a best sought the other way: the stop held for the other best is lifted
+    other_way = dataclasses.replace(patient, checkpoint=dataclasses.replace(patient.checkpoint, mode="max"))
+    lifted, _ = train(other_way, callbacks=default_callbacks(other_way))
+    assert lifted.step > longer.step
 
 
 def test_a_resume_that_monitors_another_metric_starts_its_best_and_patience_afresh(tmp_path):
