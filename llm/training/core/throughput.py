@@ -17,19 +17,28 @@ if TYPE_CHECKING:
 PEAK_FLOPS = (
     # (part of the device name, dense bf16 tensor-core FLOP/s without sparsity; fp16 for V100).
     # The first entry whose part is in the name wins, so longer names come before their prefixes.
+    ("GB200", 2500e12),
+    ("B200", 2250e12),
     ("GH200", 989e12),
     ("H200 NVL", 835e12),
     ("H200", 989e12),  # SXM
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H800", 989e12),
+    ("H20", 148e12),  # after H200, of which it is a prefix
     ("A100", 312e12),
+    ("A800", 312e12),
     ("A10G", 125e12),
     ("L40S", 362e12),
     ("L40", 181e12),
     ("L4", 121e12),
     ("RTX 4090", 165e12),
     ("V100", 125e12),
+    ("MI355X", 2500e12),  # AMD Instinct, under ROCm's torch.cuda
+    ("MI325X", 1307e12),
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
 )
 """The MFU denominator per device."""
 
