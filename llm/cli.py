@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import gc
+import re
 import signal
 import sys
 import warnings
@@ -36,7 +37,22 @@ class ArgParser(argparse.ArgumentParser):
             message = f"unrecognized arguments: {unknown[0]}"  # --promt hi: the flag misspelled, not one left out
         if unknown and message.startswith("unrecognized arguments"):
             message += self._meant(unknown[0][2:])
+        missing = re.fullmatch(r"the following arguments are required: (--[\w-]+)", message)
+        stray = self._stray_words()
+        if missing and stray and not self._get_positional_actions():  # llm-export runs/lm: the path, flag left out
+            message += f"; give it as {missing[1]} {stray[0]}"
         raise UsageError(message)
+
+    def _stray_words(self) -> list[str]:
+        """The words given that are neither flags nor the value of the flag before them."""
+        stray, words = [], self._given
+        for i, word in enumerate(words):
+            if word == "--":
+                break
+            before = self._option_string_actions.get(words[i - 1].split("=")[0]) if i else None
+            if not word.startswith("-") and not (before is not None and before.nargs != 0 and "=" not in words[i - 1]):
+                stray.append(word)
+        return stray
 
     def _unknown_flags(self) -> list[str]:
         """The flags given that the parser does not know, past the values of those it knows, up to a ``--``."""

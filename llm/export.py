@@ -4,7 +4,7 @@ Writes the consolidated weights as safetensors and, beside them
 (``model.json`` for ``model.safetensors``), the task, the model's config and
 the run's full config, so the weights can be rebuilt without this package's
 checkpoint format; for a language model, its tokenizer too
-(``model.tokenizer.json``). CHECKPOINT is one checkpoint, a directory of them, or a run
+(``model.tokenizer.json``). PATH is one checkpoint, a directory of them, or a run
 directory (its newest valid checkpoint), or ``<checkpoints>/best`` (the best by the
 run's checkpoint.monitor).
 

@@ -83,6 +83,16 @@ def test_a_misspelled_flag_is_named_with_the_one_meant(tool, capsys):
     assert capsys.readouterr().err == f"error: unrecognized arguments: {named}\n"
 
 
+@pytest.mark.parametrize("tool, argv", [("export", ["runs/lm", "--out", "m.safetensors"]),
+                                        ("generate", ["--prompt", "hi", "runs/lm"])])
+def test_a_checkpoint_given_without_its_flag_is_named_with_the_flag_it_needs(tool, argv, capsys):
+    assert TOOLS[tool][0](argv) == 2  # as llm-export took it before it had --checkpoint
+    assert capsys.readouterr().err == ("error: the following arguments are required: --checkpoint; "
+                                       "give it as --checkpoint runs/lm\n")
+    assert TOOLS[tool][0](["--prompt", "runs/x"] if tool == "generate" else ["--out", "runs/x"]) == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --checkpoint\n"  # no path
+
+
 def test_no_tool_takes_an_abbreviated_flag():
     with pytest.raises(UsageError, match=r"^unrecognized arguments: --ou x \(did you mean --out\?\)$"):
         parser = ArgParser(prog="tool")

@@ -25,6 +25,7 @@ PEAK_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H800 PCIe", 756e12),
     ("H800", 989e12),
     ("H20", 148e12),  # after H200, of which it is a prefix
     ("A100", 312e12),
@@ -38,7 +39,7 @@ PEAK_FLOPS = (
     ("MI355X", 2500e12),  # AMD Instinct, under ROCm's torch.cuda
     ("MI325X", 1307e12),
     ("MI300X", 1307e12),
-    ("MI250X", 383e12),
+    ("MI250X", 191.5e12),  # per die: torch sees each of its two as a device
 )
 """The MFU denominator per device."""
 

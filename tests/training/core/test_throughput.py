@@ -60,6 +60,7 @@ def test_peak_flops_by_device_name():
         "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "Tesla V100-SXM2-16GB": 125e12,
         "NVIDIA B200": 2250e12, "NVIDIA GB200": 2500e12, "NVIDIA H800": 989e12, "NVIDIA H20": 148e12,
         "NVIDIA A800-SXM4-80GB": 312e12, "AMD Instinct MI300X": 1307e12, "AMD Instinct MI355X": 2500e12,
+        "NVIDIA H800 PCIe": 756e12, "AMD Instinct MI325X": 1307e12, "AMD Instinct MI250X": 191.5e12,
     }
     for name, peak in names.items():
         assert peak_flops_of(name) == peak, name
