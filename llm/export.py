@@ -11,7 +11,8 @@ run's checkpoint.monitor).
 ``--format hf --out DIR`` writes a language model as a Hugging Face
 ``transformers`` model instead, a Llama (``LlamaForCausalLM``: rotary positions,
 RMSNorm, SwiGLU, the defaults; a ``Qwen2ForCausalLM`` with biases in the query, key
-and value projections alone) or a GPT-2 (``GPT2LMHeadModel``: learned
+and value projections alone; a ``Qwen3ForCausalLM`` with each head's query and key
+normalised, ``model.qk_norm``) or a GPT-2 (``GPT2LMHeadModel``: learned
 positions, LayerNorm, GELU or its tanh form), which ``AutoModelForCausalLM.from_pretrained(DIR)``
 loads: ``config.json``, ``model.safetensors`` and, for a Hugging Face tokenizer,
 ``tokenizer.json`` with a ``tokenizer_config.json`` that loads it as it is.
@@ -91,7 +92,7 @@ def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, bool]:
-    """Write the folder ``out`` for ``transformers`` (a Llama, a Qwen2 or a GPT-2); returns the checkpoint, the
+    """Write the folder ``out`` for ``transformers`` (a Llama, a Qwen2, a Qwen3 or a GPT-2); returns the checkpoint, the
     architecture and whether the tokenizer went with it (only a Hugging Face one has a form transformers reads)."""
     out = Path(out)
     check_hf_out(out)
@@ -306,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(argv: list[str] | None) -> str:
     parser = ArgParser(prog="llm-export", description="Export a checkpoint's model weights as safetensors, or as a "
-                                                       "Hugging Face Llama, Qwen2 or GPT-2 (--format hf).")
+                                                       "Hugging Face Llama, Qwen2, Qwen3 or GPT-2 (--format hf).")
     add_checkpoint(parser)
     parser.add_argument("--out", required=True,
                         help="where to write: the .safetensors file, or for --format hf a folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="safetensors: our weights and a .json description (default); "
-                             "hf: a Hugging Face transformers folder, Llama, Qwen2 or GPT-2 (language models)")
+                             "hf: a Hugging Face transformers folder, Llama, Qwen2, Qwen3 or GPT-2 (language models)")
     args = parser.parse_args(argv)
     if args.format != "hf":
         ckpt = export(args.checkpoint, args.out)

@@ -1,4 +1,4 @@
-"""Import a Hugging Face GPT-2, Llama, Mistral or Qwen2 as a checkpoint: ``python -m llm.import_hf HF_DIR --out DIR``.
+"""Import a Hugging Face GPT-2, Llama, Mistral, Qwen2 or Qwen3 as a checkpoint: ``python -m llm.import_hf HF_DIR --out DIR``.
 
 HF_DIR is a ``transformers`` model folder on this machine (``config.json``, the
 weights as ``model.safetensors``, shards with their ``.index.json``, or
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _import(argv: list[str] | None) -> str:
-    parser = ArgParser(prog="llm-import-hf", description="Import a Hugging Face GPT-2, Llama, Mistral or Qwen2 model "
+    parser = ArgParser(prog="llm-import-hf", description="Import a Hugging Face GPT-2, Llama, Mistral, Qwen2 or Qwen3 model "
                                                          "folder as a checkpoint, with the settings to fine-tune it.")
     parser.add_argument("hf_dir", help="a transformers model folder: config.json, weights, tokenizer")
     parser.add_argument("--out", required=True, help="a new folder for the checkpoint and finetune.yaml")

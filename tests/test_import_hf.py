@@ -178,6 +178,31 @@ def test_a_qwen2_and_a_llama_3_2_with_its_rotary_scaling_import_with_their_logit
     same_logits(theirs, tokenizer, tmp_path / "llama-llm")
 
 
+def test_a_qwen3_imports_with_its_query_and_key_norms_and_exports_back_as_a_qwen3(tmp_path, capsys):
+    """Qwen3 normalises each head's query and key before the rotary positions, our model.qk_norm."""
+    from llm.export import main as export
+
+    settings = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 1e6}
+    theirs, tokenizer, hf = hf_folder(tmp_path, "qwen3", transformers.Qwen3Config(head_dim=8, **settings))
+    assert main([str(hf), "--out", str(tmp_path / "qwen3-llm")]) == 0
+    model = yaml.safe_load((tmp_path / "qwen3-llm" / FINETUNE).read_text())["model"]
+    assert model["qk_norm"] is True and model["qkv_bias"] is False and model["bias"] is False
+    same_logits(theirs, tokenizer, tmp_path / "qwen3-llm")
+    assert export(["--checkpoint", str(tmp_path / "qwen3-llm"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(back).__name__ == "Qwen3ForCausalLM"
+    x = torch.tensor([tokenizer("the lazy fox sleeps in the sun")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, theirs(x).logits, rtol=1e-4, atol=1e-5)
+    # released Qwen3s of some sizes have heads wider than hidden_size / heads: ours cannot compute them
+    _, _, wide = hf_folder(tmp_path, "wide", transformers.Qwen3Config(head_dim=16, **settings))
+    capsys.readouterr()
+    assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Qwen3 with head_dim 16 (ours: hidden_size / heads, 8)" in err
+
+
 def test_a_qwen2_whose_later_layers_slide_imports_with_its_window_as_the_context(tmp_path, capsys):
     config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

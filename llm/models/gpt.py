@@ -49,6 +49,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False
     """Biases in the query, key and value projections, whatever ``bias`` says (Qwen2 has them alone)."""
+    qk_norm: bool = False
+    """Each head's query and key normalised (``norm``, over head_dim) before the rotary positions, as Qwen3 has them."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -104,10 +106,12 @@ def swiglu_hidden(n_embd: int, multiple_of: int = 64) -> int:
     return multiple_of * math.ceil(8 * n_embd / 3 / multiple_of)
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
+def make_norm(config: GPTConfig, width: int = 0) -> nn.Module:
+    """The normalisation ``config.norm`` names, over ``width`` features (0: n_embd)."""
+    width = width or config.n_embd
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)  # has no bias by definition
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        return nn.RMSNorm(width, eps=config.norm_eps)  # has no bias by definition
+    return nn.LayerNorm(width, eps=config.norm_eps, bias=config.bias)
 
 
 def make_rotary(config: GPTConfig) -> Rotary | None:
@@ -205,7 +209,9 @@ class KVCache:
 
 class CausalSelfAttention(nn.Module):
     """Queries of n_head heads; keys and values of n_kv_head, each read by n_head / n_kv_head queries (grouped-query
-    attention: a smaller KV cache), laid out in ``qkv`` as the queries' rows, the keys', the values'."""
+    attention: a smaller KV cache), laid out in ``qkv`` as the queries' rows, the keys', the values'. With
+    ``qk_norm`` each head's query and key is normalised first (one norm for all query heads, one for all key
+    heads), which keeps the attention logits in range as training goes on."""
 
     def __init__(self, config: GPTConfig, rope: Rotary | None = None):
         super().__init__()
@@ -214,6 +220,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.rope = rope if rope is not None else make_rotary(config)
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.resid_dropout = nn.Dropout(config.dropout)
         self.grouped = config.kv_heads != config.n_head
 
@@ -221,6 +229,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, -1, C // self.n_head) for t in self.qkv(x).split(self.sizes, dim=2))
         start = 0 if cache is None else cache.length
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rope(q, start), self.rope(k, start)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -1,11 +1,12 @@
-"""Our GPT as a Hugging Face ``transformers`` model: GPT-2, Llama or Qwen2, config and weights.
+"""Our GPT as a Hugging Face ``transformers`` model: GPT-2, Llama, Qwen2 or Qwen3, config and weights.
 
 Pure tensor renaming, no ``transformers`` import: :func:`to_hf_state_dict` gives
 the ``config.json`` contents and the state dict of an equivalent
 ``GPT2LMHeadModel`` (learned positions, LayerNorm, GELU: :data:`HF_SHAPES`) or
 ``LlamaForCausalLM`` (rotary positions, RMSNorm, SwiGLU: this package's
 defaults; ``Qwen2ForCausalLM`` when only the query, key and value projections
-have biases), so that both models compute the same logits. Other mixes have no
+have biases; ``Qwen3ForCausalLM`` when each head's query and key are normalised),
+so that both models compute the same logits. Other mixes have no
 ``transformers`` form and raise :class:`NoHFForm`. :func:`from_hf_state_dict`
 goes the other way, for the models our GPT computes exactly; others raise
 :class:`NoOurForm`.
@@ -24,8 +25,10 @@ Why each choice is exact:
 - Our :class:`~llm.models.gpt.Rotary` rotates the two halves of each head
   ("rotate half", of base ``rope_theta``), as Llama's default rotary embedding does,
   and stretches its frequencies as Llama 3.1's ``rope_type`` "llama3" does.
-- Mistral and Qwen2 name their weights as Llama does; Qwen2 has biases in
-  ``q_proj``, ``k_proj`` and ``v_proj`` only, our ``qkv_bias``.
+- Mistral, Qwen2 and Qwen3 name their weights as Llama does; Qwen2 has biases in
+  ``q_proj``, ``k_proj`` and ``v_proj`` only, our ``qkv_bias``; Qwen3 has no
+  biases, and an RMSNorm over each head's query and key (``q_norm``, ``k_norm``)
+  before the rotary positions, our ``qk_norm``.
 - Our SwiGLU ``fc`` is Llama's ``gate_proj`` rows then its ``up_proj`` rows;
   ``silu(gate) * up`` in both.
 - A model trained without biases equals one whose biases are all zero (GPT-2
@@ -46,7 +49,7 @@ HF_SHAPES = {
 }
 """The GPTConfig values each ``transformers`` architecture has; other mixes have no form there."""
 HF_NAMES = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral",
-            "Qwen2ForCausalLM": "Qwen2"}
+            "Qwen2ForCausalLM": "Qwen2", "Qwen3ForCausalLM": "Qwen3"}
 LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 """Llama 3.1's rotary scaling besides its factor: Meta's values, which ``llm.models.gpt.llama3_scaled`` takes."""
 
@@ -72,6 +75,10 @@ def shape_mismatches(config: GPTConfig, architecture: str) -> list[tuple[str, ob
                   if value(field) != needed]
     if architecture == "GPT2LMHeadModel" and config.kv_heads != config.n_head:
         mismatches.append(("n_kv_head", config.n_kv_head, f"0 or {config.n_head}"))  # GPT-2 has no grouped queries
+    if config.qk_norm:  # Qwen3's: a Llama without biases
+        if architecture == "GPT2LMHeadModel":
+            mismatches.append(("qk_norm", True, False))
+        mismatches += [(field, True, False) for field in ("bias", "qkv_bias") if getattr(config, field)]
     return mismatches
 
 
@@ -82,6 +89,8 @@ def hf_architecture(config: GPTConfig) -> str:
     mismatches = shape_mismatches(config, nearest)
     if mismatches:
         raise NoHFForm(nearest, mismatches)
+    if nearest == "LlamaForCausalLM" and config.qk_norm:
+        return "Qwen3ForCausalLM"  # a Llama without biases whose heads' queries and keys are normalised
     if nearest == "LlamaForCausalLM" and config.qkv_bias and not config.bias:
         return "Qwen2ForCausalLM"  # a Llama with biases in its query, key and value projections alone
     return nearest
@@ -98,7 +107,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tuple
     ``hf_config_dict["architectures"][0]`` names."""
     if hf_architecture(config) == "GPT2LMHeadModel":
         return to_gpt2_state_dict(state, config)
-    return to_llama_state_dict(state, config)  # or a Qwen2
+    return to_llama_state_dict(state, config)  # or a Qwen2, a Qwen3
 
 
 def has_bias(config: GPTConfig, name: str) -> bool:
@@ -203,9 +212,11 @@ def to_llama_state_dict(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(hf_config_dict, hf_state)`` for ``LlamaForCausalLM``, from the state dict of ``GPT(config)``: new CPU
     tensors, as :func:`to_gpt2_state_dict` gives. A model with biases in its query, key and value projections
-    alone (``qkv_bias`` without ``bias``) is a ``Qwen2ForCausalLM``, which has the same names."""
+    alone (``qkv_bias`` without ``bias``) is a ``Qwen2ForCausalLM``, one with ``qk_norm`` a ``Qwen3ForCausalLM``,
+    which have the same names (Qwen3's two norms besides)."""
     _check_shape(config, "LlamaForCausalLM")
-    qwen2 = hf_architecture(config) == "Qwen2ForCausalLM"
+    architecture = hf_architecture(config)
+    qwen2, qwen3 = architecture == "Qwen2ForCausalLM", architecture == "Qwen3ForCausalLM"
     take = _Taker(state, config)
     c, hidden, kv = config, config.mlp_width, config.kv_heads * config.head_dim
 
@@ -225,16 +236,18 @@ def to_llama_state_dict(
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
         hf[f"{theirs}.input_layernorm.weight"] = take(f"{ours}.norm1.weight")
         hf |= linear(f"{ours}.attn.qkv", [f"{theirs}.self_attn.{x}_proj" for x in "qkv"], c.n_embd, kv, kv)
+        if qwen3:
+            hf |= {f"{theirs}.self_attn.{x}_norm.weight": take(f"{ours}.attn.{x}_norm.weight") for x in "qk"}
         hf |= linear(f"{ours}.attn.proj", [f"{theirs}.self_attn.o_proj"], c.n_embd)
         hf[f"{theirs}.post_attention_layernorm.weight"] = take(f"{ours}.norm2.weight")
         hf |= linear(f"{ours}.mlp.fc", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"], hidden, hidden)
         hf |= linear(f"{ours}.mlp.proj", [f"{theirs}.mlp.down_proj"], c.n_embd)
     hf |= {"model.norm.weight": take("norm_f.weight")} | take.head()
-    take.check_all_taken("LlamaForCausalLM")
+    take.check_all_taken(architecture)
 
     hf_config = {
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen2 else "llama",
+        "architectures": [architecture],
+        "model_type": {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}.get(architecture, "llama"),
         "vocab_size": c.vocab_size,
         "hidden_size": c.n_embd,
         "intermediate_size": hidden,
@@ -257,6 +270,8 @@ def to_llama_state_dict(
     }
     if qwen2:
         hf_config["use_sliding_window"] = False  # its query, key and value biases are implied
+    elif qwen3:
+        hf_config |= {"use_sliding_window": False, "attention_bias": False}
     else:
         hf_config |= {"attention_bias": c.bias, "mlp_bias": c.bias}
     if c.rope_scaling:
@@ -274,7 +289,7 @@ def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tu
     :class:`NoOurForm` for other models, and for settings ours does not have."""
     kind = hf_config.get("model_type")
     read = {"gpt2": from_gpt2_state_dict, "llama": from_llama_state_dict, "mistral": from_llama_state_dict,
-            "qwen2": from_llama_state_dict}.get(kind)
+            "qwen2": from_llama_state_dict, "qwen3": from_llama_state_dict}.get(kind)
     if read is not None:
         try:
             return read(hf_config, hf_state)
@@ -283,7 +298,7 @@ def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tu
         except (ValueError, TypeError) as e:  # a size our GPT cannot have (heads that do not divide), a null
             raise NoOurForm(f"config.json: {e}") from None
     raise NoOurForm(f"model_type {kind!r}: the models read are gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM), "
-                    f"mistral (MistralForCausalLM) and qwen2 (Qwen2ForCausalLM)")
+                    f"mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM) and qwen3 (Qwen3ForCausalLM)")
 
 
 class _HFTaker:
@@ -335,11 +350,11 @@ def _rotary(c: dict, problems: list[str]) -> tuple[float, dict, bool]:
 
 
 def _slides(c: dict) -> bool:
-    """Whether some layer of a Mistral or Qwen2 config attends within a sliding window: every layer of a
-    Mistral's; a Qwen2's from max_window_layers on, when use_sliding_window (or as ``layer_types`` lists them)."""
+    """Whether some layer of a Mistral, Qwen2 or Qwen3 config attends within a sliding window: every layer of a
+    Mistral's; a Qwen's from max_window_layers on, when use_sliding_window (or as ``layer_types`` lists them)."""
     if isinstance(c.get("layer_types"), list):
         return "sliding_attention" in c["layer_types"]
-    if c.get("model_type") == "qwen2":
+    if c.get("model_type") in ("qwen2", "qwen3"):
         return bool(c.get("use_sliding_window")) and c.get("max_window_layers", 28) < c.get("num_hidden_layers", 32)
     return c.get("model_type") == "mistral"
 
@@ -398,11 +413,12 @@ def from_gpt2_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfi
 
 def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Our GPT with rotary positions, RMSNorm and SwiGLU, from the config and weights of a ``LlamaForCausalLM``,
-    or of a ``MistralForCausalLM`` or ``Qwen2ForCausalLM``, which have the same names: one whose heads are
-    hidden_size / heads wide, with no rotary scaling but Llama 3.1's, and biases in all of the attention and
-    the MLP, in neither, or (Qwen2) in the query, key and value projections alone.
+    or of a ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``, which have the same names (Qwen3's
+    query and key norms besides): one whose heads are hidden_size / heads wide, with no rotary scaling but Llama
+    3.1's, and biases in all of the attention and the MLP, in neither, or (Qwen2) in the query, key and value
+    projections alone.
 
-    A sliding window (Mistral's, that of a Qwen2's later layers) is a full causal attention over any context no
+    A sliding window (Mistral's, that of a Qwen's later layers) is a full causal attention over any context no
     longer than it: the model gets the window as its context (block_size) when that is shorter than
     max_position_embeddings."""
     kind = c.get("model_type")
@@ -424,6 +440,7 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     tied = c.get("tie_word_embeddings", False)
     qkv_bias = kind == "qwen2"  # which has no other biases, whatever attention_bias or mlp_bias say
     bias = not qkv_bias and bool(c.get("attention_bias", False))
+    qk_norm = kind == "qwen3"
     # the settings at their defaults are left 0, as a model trained here has them
     config = GPTConfig(vocab_size=c.get("vocab_size", 32000), block_size=context,
                        n_layer=c.get("num_hidden_layers", 32), n_head=heads, n_embd=hidden,
@@ -431,7 +448,7 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
                        mlp="swiglu", tie_embeddings=tied, n_kv_head=0 if kv_heads == heads else kv_heads,
                        mlp_hidden=0 if width == swiglu_hidden(hidden) else width, rope_base=base,
                        rope_scaling=float(scaling["factor"]) if llama3 else 0.0,
-                       norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias)
+                       norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias, qk_norm=qk_norm)
     take = _HFTaker(hf, ("",), ignored=r"rotary_emb\.inv_freq$")  # a buffer older versions saved
 
     def joined(theirs: list[str], ours: str) -> dict[str, torch.Tensor]:
@@ -445,6 +462,8 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
         theirs, ours = f"model.layers.{i}", f"blocks.{i}"
         state[f"{ours}.norm1.weight"] = take(f"{theirs}.input_layernorm.weight")
         state |= joined([f"{theirs}.self_attn.{x}_proj" for x in "qkv"], f"{ours}.attn.qkv")
+        if qk_norm:
+            state |= {f"{ours}.attn.{x}_norm.weight": take(f"{theirs}.self_attn.{x}_norm.weight") for x in "qk"}
         state |= joined([f"{theirs}.self_attn.o_proj"], f"{ours}.attn.proj")
         state[f"{ours}.norm2.weight"] = take(f"{theirs}.post_attention_layernorm.weight")
         state |= joined([f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"], f"{ours}.mlp.fc")

@@ -131,6 +131,28 @@ def test_llama_computes_the_same_logits(bias, tie, other):
     assert generated == list(model.generate_stream(idx[0, :4], 10, temperature=0))
 
 
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("other", [{}, {"n_kv_head": 2, "rope_base": 1e6, **NOT_OUR_DEFAULTS}])
+def test_queries_and_keys_normed_per_head_are_a_qwen3_that_computes_the_same_logits(tie, other):
+    model = tiny(qk_norm=True, tie_embeddings=tie, **LLAMA_SHAPED, **other)
+    ours = {name: t.clone() for name, t in model.state_dict().items()}
+    hf_config, hf_state = to_hf_state_dict(ours, model.config)
+    assert hf_config["architectures"] == ["Qwen3ForCausalLM"] and hf_config["head_dim"] == 8
+    assert torch.equal(hf_state["model.layers.1.self_attn.k_norm.weight"], ours["blocks.1.attn.k_norm.weight"])
+    config, state = from_hf_state_dict(hf_config, hf_state)  # and back: the same model
+    assert config == model.config and state.keys() == ours.keys()
+    assert all(torch.equal(state[name], t) for name, t in ours.items())
+    hf = as_hf(model)
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=1e-5)
+        generated = hf.generate(idx[:1, :4], max_new_tokens=10, do_sample=False)[0, 4:].tolist()
+        assert generated == list(model.generate_stream(idx[0, :4], 10, temperature=0))  # through the cache
+        for block in model.blocks:  # the norms matter: without them the logits are others
+            block.attn.q_norm = block.attn.k_norm = torch.nn.Identity()
+        assert (hf(idx).logits - model(idx)).abs().max() > 1e-3
+
+
 def test_the_llama_comparison_tells_the_rotary_layouts_apart():
     # rotating adjacent pairs (GPT-J's layout) instead of the two halves is a mapping a test must catch
     model = tiny(**LLAMA_SHAPED)
@@ -170,6 +192,8 @@ def test_each_shape_gets_the_architecture_that_has_it(shape, architecture):
 @pytest.mark.parametrize("mix, nearest, mismatches", [
     ({"pos_emb": "rope", "norm": "layernorm", "mlp": "swiglu"}, "LlamaForCausalLM", [("norm", "layernorm", "rmsnorm")]),
     ({"pos_emb": "rope", "norm": "layernorm", "mlp": "gelu"}, "GPT2LMHeadModel", [("pos_emb", "rope", "learned")]),
+    ({**GPT2_SHAPED, "qk_norm": True}, "GPT2LMHeadModel", [("qk_norm", True, False)]),
+    ({**LLAMA_SHAPED, "qk_norm": True, "bias": True}, "LlamaForCausalLM", [("bias", True, False)]),  # Qwen3 has none
 ])
 def test_a_mix_of_no_architecture_is_refused_against_the_nearest(mix, nearest, mismatches):
     model = tiny(**mix)

@@ -133,6 +133,8 @@ class ModelConfig:
     """Bias terms in linear and norm layers (lm)."""
     qkv_bias: bool = False
     """Bias terms in the query, key and value projections, whatever model.bias says (lm; Qwen2 has them alone)."""
+    qk_norm: bool = False
+    """Normalise each attention head's query and key (model.norm, over the head's width) before the rotary positions (lm; as Qwen3 does), which keeps the attention logits from growing as training goes on."""
     pos_emb: Literal["rope", "learned"] = "rope"
     """Position encoding (lm): rotary or learned absolute."""
     rope_base: float = 10000.0
