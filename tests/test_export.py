@@ -343,7 +343,7 @@ def test_export_hf_of_a_mix_no_architecture_has_exits_2_naming_every_setting(tmp
     assert capsys.readouterr().err == (
         "error: --format hf: model.pos_emb rope has no GPT-2 form, and the model no other Hugging Face one; train "
         "with --model-pos-emb learned to export a GPT-2 (or with --model-norm rmsnorm --model-mlp swiglu for a "
-        "Llama)\n")
+        "Llama; with --model-norm rmsnorm --model-mlp swiglu --model-qk-norm True for a Qwen3)\n")
     assert not out.exists()
 
 

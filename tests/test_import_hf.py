@@ -201,6 +201,14 @@ def test_a_qwen3_imports_with_its_query_and_key_norms_and_exports_back_as_a_qwen
     assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Qwen3 with head_dim 16 (ours: hidden_size / heads, 8)" in err
+    # a config.json without head_dim has transformers' default for a Qwen3, 128, not hidden_size / heads
+    saved = json.loads((hf / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "head_dim"}))
+    assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 2
+    assert "Qwen3 with head_dim 128 (ours: hidden_size / heads, 8)" in capsys.readouterr().err
+    (wide / "config.json").write_text(json.dumps({**saved, "attention_bias": True}))  # o_proj's too: not ours
+    assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 2
+    assert "Qwen3 with attention_bias true (ours: none in a Qwen3)" in capsys.readouterr().err
 
 
 def test_a_qwen2_whose_later_layers_slide_imports_with_its_window_as_the_context(tmp_path, capsys):

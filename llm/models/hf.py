@@ -44,8 +44,10 @@ import torch
 from llm.models.gpt import GPTConfig, swiglu_hidden
 
 HF_SHAPES = {
-    "GPT2LMHeadModel": {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"},
-    "LlamaForCausalLM": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+    "GPT2LMHeadModel": {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False},
+    "LlamaForCausalLM": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False},
+    "Qwen3ForCausalLM": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": False,
+                         "qkv_bias": False},
 }
 """The GPTConfig values each ``transformers`` architecture has; other mixes have no form there."""
 HF_NAMES = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral",
@@ -75,10 +77,6 @@ def shape_mismatches(config: GPTConfig, architecture: str) -> list[tuple[str, ob
                   if value(field) != needed]
     if architecture == "GPT2LMHeadModel" and config.kv_heads != config.n_head:
         mismatches.append(("n_kv_head", config.n_kv_head, f"0 or {config.n_head}"))  # GPT-2 has no grouped queries
-    if config.qk_norm:  # Qwen3's: a Llama without biases
-        if architecture == "GPT2LMHeadModel":
-            mismatches.append(("qk_norm", True, False))
-        mismatches += [(field, True, False) for field in ("bias", "qkv_bias") if getattr(config, field)]
     return mismatches
 
 
@@ -89,8 +87,6 @@ def hf_architecture(config: GPTConfig) -> str:
     mismatches = shape_mismatches(config, nearest)
     if mismatches:
         raise NoHFForm(nearest, mismatches)
-    if nearest == "LlamaForCausalLM" and config.qk_norm:
-        return "Qwen3ForCausalLM"  # a Llama without biases whose heads' queries and keys are normalised
     if nearest == "LlamaForCausalLM" and config.qkv_bias and not config.bias:
         return "Qwen2ForCausalLM"  # a Llama with biases in its query, key and value projections alone
     return nearest
@@ -214,7 +210,7 @@ def to_llama_state_dict(
     tensors, as :func:`to_gpt2_state_dict` gives. A model with biases in its query, key and value projections
     alone (``qkv_bias`` without ``bias``) is a ``Qwen2ForCausalLM``, one with ``qk_norm`` a ``Qwen3ForCausalLM``,
     which have the same names (Qwen3's two norms besides)."""
-    _check_shape(config, "LlamaForCausalLM")
+    _check_shape(config, "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM")
     architecture = hf_architecture(config)
     qwen2, qwen3 = architecture == "Qwen2ForCausalLM", architecture == "Qwen3ForCausalLM"
     take = _Taker(state, config)
@@ -429,9 +425,12 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     if c.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {c['hidden_act']!r} (ours: silu)")
     base, scaling, llama3 = _rotary(c, problems)
-    if (c.get("head_dim") or hidden // heads) != hidden // heads:
-        problems.append(f"head_dim {c['head_dim']} (ours: hidden_size / heads, {hidden // heads})")
-    if kind != "qwen2" and bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
+    head_dim = c.get("head_dim", 128 if kind == "qwen3" else None) or hidden // heads  # Qwen3Config's default: 128
+    if head_dim != hidden // heads:
+        problems.append(f"head_dim {head_dim} (ours: hidden_size / heads, {hidden // heads})")
+    if kind == "qwen3" and c.get("attention_bias"):  # in o_proj too, with none in the MLP
+        problems.append("attention_bias true (ours: none in a Qwen3)")
+    elif kind not in ("qwen2", "qwen3") and bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
         problems.append("biases in the attention or the MLP alone (ours: both or neither)")
     context = c.get("max_position_embeddings", 2048)
     if c.get("sliding_window") and _slides(c):  # within the window, a full causal attention
