@@ -120,13 +120,15 @@ def test_a_released_llamas_grouped_queries_width_rotary_base_and_epsilon_import_
 
 
 def test_a_mistral_imports_with_its_sliding_window_as_the_context(tmp_path, capsys):
-    """Over a context no longer than the window, Mistral's sliding-window attention is a full causal one."""
+    """Over a context no longer than the window, Mistral's sliding-window attention is a full causal one. Its
+    heads are wider than hidden_size / heads here, as Mistral NeMo's are: model.head_size."""
     config = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-                                        sliding_window=6, rms_norm_eps=1e-5, rope_theta=1e6)
+                                        sliding_window=6, rms_norm_eps=1e-5, rope_theta=1e6, head_dim=12)
     theirs, tokenizer, hf = hf_folder(tmp_path, "mistral", config)
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
     assert "imported MistralForCausalLM (2 layers, 32 wide, context 6," in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "ours" / FINETUNE).read_text())["model"]["head_size"] == 12
     ours, our_tokenizer, _ = load_lm(tmp_path / "ours")
     x = torch.tensor([our_tokenizer.encode("the lazy fox sleeps in the sun")[:6]])
     assert x.size(1) == 6
@@ -195,19 +197,21 @@ def test_a_qwen3_imports_with_its_query_and_key_norms_and_exports_back_as_a_qwen
     x = torch.tensor([tokenizer("the lazy fox sleeps in the sun")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, theirs(x).logits, rtol=1e-4, atol=1e-5)
-    # released Qwen3s of some sizes have heads wider than hidden_size / heads: ours cannot compute them
-    _, _, wide = hf_folder(tmp_path, "wide", transformers.Qwen3Config(head_dim=16, **settings))
-    capsys.readouterr()
-    assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Qwen3 with head_dim 16 (ours: hidden_size / heads, 8)" in err
-    # a config.json without head_dim has transformers' default for a Qwen3, 128, not hidden_size / heads
-    saved = json.loads((hf / "config.json").read_text())
+    # released Qwen3s of some sizes (0.6B, 4B) have heads wider than hidden_size / heads: model.head_size
+    theirs, tokenizer, wide = hf_folder(tmp_path, "wide", transformers.Qwen3Config(head_dim=16, **settings))
+    assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 0
+    assert yaml.safe_load((tmp_path / "wide-llm" / FINETUNE).read_text())["model"]["head_size"] == 16
+    same_logits(theirs, tokenizer, tmp_path / "wide-llm")
+    # a config.json without head_dim has transformers' default for a Qwen3, 128, not hidden_size / heads: these
+    # weights are not of the model it describes
+    saved = json.loads((wide / "config.json").read_text())
     (wide / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "head_dim"}))
-    assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 2
-    assert "Qwen3 with head_dim 128 (ours: hidden_size / heads, 8)" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([str(wide), "--out", str(tmp_path / "no-head-dim")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "size mismatch" in err and "blocks.0.attn.qkv.weight" in err, err
     (wide / "config.json").write_text(json.dumps({**saved, "attention_bias": True}))  # o_proj's too: not ours
-    assert main([str(wide), "--out", str(tmp_path / "wide-llm")]) == 2
+    assert main([str(wide), "--out", str(tmp_path / "biased")]) == 2
     assert "Qwen3 with attention_bias true (ours: none in a Qwen3)" in capsys.readouterr().err
 
 
@@ -250,11 +254,11 @@ def test_rotary_settings_that_cannot_be_read_are_one_line(tmp_path, capsys, rope
 
 
 def test_what_our_gpt_cannot_compute_is_refused_in_one_line_naming_it(tmp_path, capsys):
-    _, _, hf = llama(tmp_path, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    _, _, hf = llama(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True)
     capsys.readouterr()  # transformers' own progress lines
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "head_dim 16 (ours: hidden_size / heads, 8)" in err
+    assert err.count("\n") == 1 and "biases in the attention or the MLP alone (ours: both or neither)" in err
     assert "rotary scaling" in err and "'linear'" in err and not (tmp_path / "ours").exists()
     (hf / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2

@@ -51,12 +51,14 @@ class GPTConfig:
     """Biases in the query, key and value projections, whatever ``bias`` says (Qwen2 has them alone)."""
     qk_norm: bool = False
     """Each head's query and key normalised (``norm``, over head_dim) before the rotary positions, as Qwen3 has them."""
+    head_size: int = 0
+    """Each attention head's width (0: n_embd // n_head, the usual); :attr:`head_dim` is the one in use."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_kv_head", "mlp_hidden"):
+        for name in ("n_kv_head", "mlp_hidden", "head_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GPTConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("rope_base", "norm_eps"):
@@ -64,7 +66,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.rope_scaling and not self.rope_scaling >= 1:
             raise ValueError(f"GPTConfig.rope_scaling must be 0 (none) or >= 1, got {self.rope_scaling}")
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and not self.head_size:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
             raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
@@ -74,11 +76,16 @@ class GPTConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head size, got n_embd/n_head = {self.head_dim}")
+            raise ValueError(f"rotary positions need an even head size, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def attn_width(self) -> int:
+        """The queries' width, all heads together: n_embd unless ``head_size`` says otherwise."""
+        return self.n_head * self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -216,9 +223,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, rope: Rotary | None = None):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
-        self.sizes = [config.n_embd] + [config.kv_heads * config.head_dim] * 2
+        self.sizes = [config.attn_width] + [config.kv_heads * config.head_dim] * 2
+        self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.attn_width, config.n_embd, bias=config.bias)
         self.rope = rope if rope is not None else make_rotary(config)
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
@@ -226,8 +234,8 @@ class CausalSelfAttention(nn.Module):
         self.grouped = config.kv_heads != config.n_head
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, -1, C // self.n_head) for t in self.qkv(x).split(self.sizes, dim=2))
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in self.qkv(x).split(self.sizes, dim=2))
         start = 0 if cache is None else cache.length
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -245,7 +253,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
             enable_gqa=self.grouped,
         )
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.sizes[0])))
 
 
 class MLP(nn.Module):
@@ -358,15 +366,15 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token at context ``seq_len`` (default block_size).
 
-        ``6 * N + 12 * n_layer * n_embd * seq_len`` (PaLM, appendix B): N = num_params()
+        ``6 * N + 12 * n_layer * n_head * head_dim * seq_len`` (PaLM, appendix B): N = num_params()
         costs 2 FLOPs per weight forward and 4 backward; attention scores and the
-        weighted sum of values cost 2 * 2 * n_embd * seq_len forward per layer, x3 with
+        weighted sum of values cost 2 * 2 * n_head * head_dim * seq_len forward per layer, x3 with
         backward. The causal mask's saving (about half of the attention term) is not
         subtracted, as is usual when reporting MFU.
         """
         c = self.config
         seq_len = c.block_size if seq_len is None else seq_len
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.attn_width * seq_len
 
     @torch.no_grad()
     def generate_stream(

@@ -77,6 +77,8 @@ def shape_mismatches(config: GPTConfig, architecture: str) -> list[tuple[str, ob
                   if value(field) != needed]
     if architecture == "GPT2LMHeadModel" and config.kv_heads != config.n_head:
         mismatches.append(("n_kv_head", config.n_kv_head, f"0 or {config.n_head}"))  # GPT-2 has no grouped queries
+    if architecture == "GPT2LMHeadModel" and config.attn_width != config.n_embd:
+        mismatches.append(("head_size", config.head_size, 0))  # GPT-2's heads are n_embd / n_head wide
     return mismatches
 
 
@@ -231,7 +233,7 @@ def to_llama_state_dict(
     for i in range(c.n_layer):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
         hf[f"{theirs}.input_layernorm.weight"] = take(f"{ours}.norm1.weight")
-        hf |= linear(f"{ours}.attn.qkv", [f"{theirs}.self_attn.{x}_proj" for x in "qkv"], c.n_embd, kv, kv)
+        hf |= linear(f"{ours}.attn.qkv", [f"{theirs}.self_attn.{x}_proj" for x in "qkv"], c.attn_width, kv, kv)
         if qwen3:
             hf |= {f"{theirs}.self_attn.{x}_norm.weight": take(f"{ours}.attn.{x}_norm.weight") for x in "qk"}
         hf |= linear(f"{ours}.attn.proj", [f"{theirs}.self_attn.o_proj"], c.n_embd)
@@ -410,7 +412,7 @@ def from_gpt2_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfi
 def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Our GPT with rotary positions, RMSNorm and SwiGLU, from the config and weights of a ``LlamaForCausalLM``,
     or of a ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``, which have the same names (Qwen3's
-    query and key norms besides): one whose heads are hidden_size / heads wide, with no rotary scaling but Llama
+    query and key norms besides): one with heads of any width (``head_dim``), no rotary scaling but Llama
     3.1's, and biases in all of the attention and the MLP, in neither, or (Qwen2) in the query, key and value
     projections alone.
 
@@ -426,8 +428,6 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
         problems.append(f"hidden_act {c['hidden_act']!r} (ours: silu)")
     base, scaling, llama3 = _rotary(c, problems)
     head_dim = c.get("head_dim", 128 if kind == "qwen3" else None) or hidden // heads  # Qwen3Config's default: 128
-    if head_dim != hidden // heads:
-        problems.append(f"head_dim {head_dim} (ours: hidden_size / heads, {hidden // heads})")
     if kind == "qwen3" and c.get("attention_bias"):  # in o_proj too, with none in the MLP
         problems.append("attention_bias true (ours: none in a Qwen3)")
     elif kind not in ("qwen2", "qwen3") and bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
@@ -447,7 +447,8 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
                        mlp="swiglu", tie_embeddings=tied, n_kv_head=0 if kv_heads == heads else kv_heads,
                        mlp_hidden=0 if width == swiglu_hidden(hidden) else width, rope_base=base,
                        rope_scaling=float(scaling["factor"]) if llama3 else 0.0,
-                       norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias, qk_norm=qk_norm)
+                       norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias, qk_norm=qk_norm,
+                       head_size=0 if head_dim * heads == hidden else head_dim)
     take = _HFTaker(hf, ("",), ignored=r"rotary_emb\.inv_freq$")  # a buffer older versions saved
 
     def joined(theirs: list[str], ours: str) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ VARIANTS = {
     "rope-ln-gelu": dict(norm="layernorm", mlp="gelu"),
     "learned-rms-swiglu-untied": dict(pos_emb="learned", tie_embeddings=False),
     "grouped-queries-and-other-widths": dict(n_kv_head=1, mlp_hidden=40, rope_base=500000.0, norm_eps=1e-6),
+    "wide-heads-normed-queries-and-keys": dict(head_size=24, qk_norm=True, n_kv_head=1),  # as a Qwen3 0.6B
 }
 
 
@@ -139,6 +140,9 @@ def test_flops_per_token_is_six_n_plus_the_attention_term():
     model = tiny()
     assert model.flops_per_token(8) == 6 * model.num_params() + 12 * L * C * 8
     assert model.flops_per_token() == model.flops_per_token(T)
+    wide = tiny(head_size=24)  # the attention's scores and sums are over heads of 24, 48 wide in all
+    assert wide.blocks[0].attn.qkv.weight.shape == (3 * 48, C) and wide.blocks[0].attn.proj.weight.shape == (C, 48)
+    assert wide.flops_per_token(8) == 6 * wide.num_params() + 12 * L * 48 * 8
 
 
 def test_init_scales_residual_projections_by_depth():

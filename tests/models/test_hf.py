@@ -117,7 +117,7 @@ LLAMA_SHAPED = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # the de
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("other", [{}, {"n_kv_head": 2, "rope_base": 500000.0, **NOT_OUR_DEFAULTS},
-                                   {"n_kv_head": 1, "qkv_bias": True}])
+                                   {"n_kv_head": 1, "qkv_bias": True}, {"head_size": 12, "n_kv_head": 2}])
 def test_llama_computes_the_same_logits(bias, tie, other):
     """With biases in the query, key and value projections alone, a Qwen2."""
     model = tiny(bias=bias, tie_embeddings=tie, **LLAMA_SHAPED, **other)
@@ -132,12 +132,12 @@ def test_llama_computes_the_same_logits(bias, tie, other):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("other", [{}, {"n_kv_head": 2, "rope_base": 1e6, **NOT_OUR_DEFAULTS}])
+@pytest.mark.parametrize("other", [{}, {"n_kv_head": 2, "rope_base": 1e6, "head_size": 16, **NOT_OUR_DEFAULTS}])
 def test_queries_and_keys_normed_per_head_are_a_qwen3_that_computes_the_same_logits(tie, other):
     model = tiny(qk_norm=True, tie_embeddings=tie, **LLAMA_SHAPED, **other)
     ours = {name: t.clone() for name, t in model.state_dict().items()}
     hf_config, hf_state = to_hf_state_dict(ours, model.config)
-    assert hf_config["architectures"] == ["Qwen3ForCausalLM"] and hf_config["head_dim"] == 8
+    assert hf_config["architectures"] == ["Qwen3ForCausalLM"] and hf_config["head_dim"] == other.get("head_size", 8)
     assert torch.equal(hf_state["model.layers.1.self_attn.k_norm.weight"], ours["blocks.1.attn.k_norm.weight"])
     config, state = from_hf_state_dict(hf_config, hf_state)  # and back: the same model
     assert config == model.config and state.keys() == ours.keys()
@@ -194,6 +194,7 @@ def test_each_shape_gets_the_architecture_that_has_it(shape, architecture):
     ({"pos_emb": "rope", "norm": "layernorm", "mlp": "gelu"}, "GPT2LMHeadModel", [("pos_emb", "rope", "learned")]),
     ({**GPT2_SHAPED, "qk_norm": True}, "GPT2LMHeadModel", [("qk_norm", True, False)]),
     ({**GPT2_SHAPED, "qk_norm": True, "bias": True}, "GPT2LMHeadModel", [("qk_norm", True, False)]),
+    ({**GPT2_SHAPED, "head_size": 12}, "GPT2LMHeadModel", [("head_size", 12, 0)]),
     # a Llama's biases, or a Qwen3's norms (whose biases it has not): either retrain exports
     ({**LLAMA_SHAPED, "qk_norm": True, "bias": True}, "LlamaForCausalLM", [("qk_norm", True, False)]),
 ])

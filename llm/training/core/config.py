@@ -125,6 +125,8 @@ class ModelConfig:
     """Key-value heads per block (lm): fewer than n_head share each among n_head/n_kv_head query heads (grouped-query attention, a smaller KV cache); 0: as many as n_head."""
     n_embd: int = 128
     """Embedding width (lm) or hidden units (regression, classification)."""
+    head_size: int = 0
+    """Width of each attention head (lm; 0: n_embd / n_head). Another width makes the queries n_head x head_size wide, as some Qwen3 and Mistral models have them."""
     block_size: int = 128
     """Context length in tokens (lm)."""
     dropout: float = 0.0
@@ -487,12 +489,13 @@ class Config:
         _fraction("model.dropout", m.dropout)
         _at_least("model.n_kv_head", m.n_kv_head, 0)
         _at_least("model.mlp_hidden", m.mlp_hidden, 0)
+        _at_least("model.head_size", m.head_size, 0)
         _positive("model.rope_base", m.rope_base)
         _positive("model.norm_eps", m.norm_eps)
         if m.rope_scaling and not m.rope_scaling >= 1:
             raise ConfigError("model.rope_scaling", m.rope_scaling, "0 (none) or a factor >= 1")
-        if lm and m.n_embd % m.n_head:  # a custom task's GPT says so when built
-            raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
+        if lm and m.n_embd % m.n_head and not m.head_size:  # a custom task's GPT says so when built
+            raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head}), or a model.head_size")
         if lm and m.n_kv_head and m.n_head % m.n_kv_head:
             raise ConfigError("model.n_kv_head", m.n_kv_head, f"a divisor of model.n_head ({m.n_head}), or 0")
         for name in ("num_samples", "input_dim", "vocab_size"):
