@@ -129,10 +129,14 @@ def _no_hf_form(config: GPTConfig, error: NoHFForm) -> str:
     def flags(mismatches: list[tuple[str, object, str]]) -> str:
         return " ".join(f"--model-{field.replace('_', '-')} {needed}" for field, _, needed in mismatches)
 
+    def named(architecture: str) -> str:  # a Llama's shape with biases in the query, key and value alone: a Qwen2
+        qwen2 = architecture == "LlamaForCausalLM" and config.qkv_bias and not config.bias
+        return HF_NAMES["Qwen2ForCausalLM" if qwen2 else architecture]
+
     has = ", ".join(f"model.{field} {value}" for field, value, _ in error.mismatches)
-    nearest = HF_NAMES[error.architecture]
+    nearest = named(error.architecture)
     lacks = {name: shape_mismatches(config, name) for name in HF_SHAPES if name != error.architecture}
-    others = "; ".join(f"with {flags(mismatches)} for a {HF_NAMES[name]}" for name, mismatches in lacks.items())
+    others = "; ".join(f"with {flags(mismatches)} for a {named(name)}" for name, mismatches in lacks.items())
     return (f"{has} {'has' if len(error.mismatches) == 1 else 'have'} no {nearest} form, and the model no other "
             f"Hugging Face one; train with {flags(error.mismatches)} to export a {nearest} (or {others})")
 

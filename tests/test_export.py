@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -345,6 +346,22 @@ def test_export_hf_of_a_mix_no_architecture_has_exits_2_naming_every_setting(tmp
         "with --model-pos-emb learned to export a GPT-2 (or with --model-norm rmsnorm --model-mlp swiglu for a "
         "Llama; with --model-norm rmsnorm --model-mlp swiglu --model-qk-norm True for a Qwen3)\n")
     assert not out.exists()
+
+
+def test_a_refused_export_names_the_architecture_each_retrain_would_export():
+    from llm.export import _no_hf_form
+    from llm.models.gpt import GPTConfig
+    from llm.models.hf import NoHFForm, hf_architecture
+
+    # normed queries and keys with query, key and value biases: without the norms, a Qwen2; without the biases, a Qwen3
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32, qk_norm=True, qkv_bias=True)
+    with pytest.raises(NoHFForm) as e:
+        hf_architecture(config)
+    said = _no_hf_form(config, e.value)
+    assert said.startswith("model.qk_norm True has no Qwen2 form") and "--model-qk-norm False to export a Qwen2" in said
+    assert "with --model-qkv-bias False for a Qwen3" in said
+    assert hf_architecture(dataclasses.replace(config, qk_norm=False)) == "Qwen2ForCausalLM"
+    assert hf_architecture(dataclasses.replace(config, qkv_bias=False)) == "Qwen3ForCausalLM"
 
 
 def test_export_hf_without_transformers_exits_2(tmp_path, capsys, monkeypatch):

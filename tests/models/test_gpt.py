@@ -29,6 +29,8 @@ def test_config_round_trips_through_a_dict_and_rejects_unknown_fields():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="n_heads"):
         GPTConfig.from_dict({**cfg.to_dict(), "n_heads": 4})
+    # heads given the usual width, n_embd / n_head, are the usual model: one config, as an import reads it back
+    assert dataclasses.replace(cfg, head_size=C // H) == cfg and dataclasses.replace(cfg, head_size=8).head_size == 8
 
 
 @pytest.mark.parametrize("field, value, words", [

@@ -496,6 +496,8 @@ class Config:
             raise ConfigError("model.rope_scaling", m.rope_scaling, "0 (none) or a factor >= 1")
         if lm and m.n_embd % m.n_head and not m.head_size:  # a custom task's GPT says so when built
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head}), or a model.head_size")
+        if lm and m.head_size % 2 and m.pos_emb == "rope":
+            raise ConfigError("model.head_size", m.head_size, "an even number, for model.pos_emb rope")
         if lm and m.n_kv_head and m.n_head % m.n_kv_head:
             raise ConfigError("model.n_kv_head", m.n_kv_head, f"a divisor of model.n_head ({m.n_head}), or 0")
         for name in ("num_samples", "input_dim", "vocab_size"):

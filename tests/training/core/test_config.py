@@ -166,6 +166,8 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"lr": 0.1}, ["lr", "did you mean optimizer.lr?"]),  # a field put at the top level: where it goes
         ({"epochs": 20}, ["epochs", "did you mean training.epochs?"]),  # --epochs is a flag, not a YAML key
         ({"task": "lm", "model": {"n_embd": 100, "n_head": 3}}, ["model.n_embd", "100", "multiple of model.n_head"]),
+        ({"task": "lm", "model": {"head_size": 7}}, ["model.head_size", "7", "an even number, for model.pos_emb rope"]),
+        ({"task": "lm", "model": {"head_size": -2}}, ["model.head_size", "-2", ">= 0"]),
         ({"task": "lm", "model": {"n_layer": 0}}, ["model.n_layer", "0", ">= 1"]),
         ({"model": {"n_layer": -1}}, ["model.n_layer", "-1", ">= 0"]),
         ({"optimizer": {"name": "AdamWW"}}, ["optimizer.name", "'AdamWW'", "did you mean adamw?"]),
