@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from llm.errors import EXIT_USAGE, UsageError, on_one_line, output_gone, print_error
@@ -21,7 +21,8 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 class ArgParser(argparse.ArgumentParser):
     """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting, names the flag
-    nearest to one it does not know, and takes no abbreviated flag (``--out`` is not ``--o``)."""
+    nearest to one it does not know, says how to give a required flag's value given alone (``llm-export runs/lm``:
+    ``--checkpoint runs/lm``), and takes no abbreviated flag (``--out`` is not ``--o``)."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**{"allow_abbrev": False, **kwargs})
@@ -38,36 +39,27 @@ class ArgParser(argparse.ArgumentParser):
         if unknown and message.startswith("unrecognized arguments"):
             message += self._meant(unknown[0][2:])
         missing = re.fullmatch(r"the following arguments are required: (--[\w-]+)", message)
-        stray = self._stray_words()
-        if missing and stray and not self._get_positional_actions():  # llm-export runs/lm: the path, flag left out
+        stray = [word for word, value in self._words() if not value and not word.startswith("-")]
+        if missing and len(stray) == 1 and not self._get_positional_actions():  # llm-export runs/lm: flag left out
             message += f"; give it as {missing[1]} {stray[0]}"
         raise UsageError(message)
 
-    def _stray_words(self) -> list[str]:
-        """The words given that are neither flags nor the value of the flag before them."""
-        stray, words = [], self._given
+    def _words(self) -> Iterator[tuple[str, bool]]:
+        """The words given, up to a ``--``, each with whether it is the value of the flag before it (which may
+        start with --: "--prompt '--a story'")."""
+        words = self._given
         for i, word in enumerate(words):
             if word == "--":
-                break
+                return
             before = self._option_string_actions.get(words[i - 1].split("=")[0]) if i else None
-            if not word.startswith("-") and not (before is not None and before.nargs != 0 and "=" not in words[i - 1]):
-                stray.append(word)
-        return stray
+            yield word, before is not None and before.nargs != 0 and "=" not in words[i - 1] and \
+                self._parse_optional(word) is None
 
     def _unknown_flags(self) -> list[str]:
         """The flags given that the parser does not know, past the values of those it knows, up to a ``--``."""
-        unknown, words = [], self._given
-        for i, word in enumerate(words):
-            name = word.split("=")[0]
-            if word == "--":
-                break
-            before = self._option_string_actions.get(words[i - 1].split("=")[0]) if i else None
-            if before is not None and before.nargs != 0 and "=" not in words[i - 1] and \
-                    self._parse_optional(word) is None:
-                continue  # the value of the flag before, which may start with -- ("--prompt '--a story'")
-            if word.startswith("--") and name not in self._option_string_actions and " " not in word:
-                unknown.append(name)
-        return unknown
+        return [word.split("=")[0] for word, value in self._words()
+                if not value and word.startswith("--") and word.split("=")[0] not in self._option_string_actions
+                and " " not in word]
 
     def _meant(self, name: str) -> str:
         """' (did you mean --X?)': the flag that is ``name`` after a section's (--lr: --optimizer-lr), else the

@@ -37,7 +37,7 @@ from llm.data.tokenizers import HFTokenizer, load_tokenizer
 from llm.errors import UsageError
 from llm.files import refuse_checkpoint_folder, replacing
 from llm.models.gpt import GPTConfig
-from llm.models.hf import HF_NAMES, HF_SHAPES, NoHFForm, shape_mismatches, to_hf_state_dict
+from llm.models.hf import HF_NAMES, HF_SHAPES, NoHFForm, as_qwen2, shape_mismatches, to_hf_state_dict
 from llm.training.core.checkpoint import load_shared_state, model_weights, read_checkpoint
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER, check_lm_weights
 
@@ -129,9 +129,8 @@ def _no_hf_form(config: GPTConfig, error: NoHFForm) -> str:
     def flags(mismatches: list[tuple[str, object, str]]) -> str:
         return " ".join(f"--model-{field.replace('_', '-')} {needed}" for field, _, needed in mismatches)
 
-    def named(architecture: str) -> str:  # a Llama's shape with biases in the query, key and value alone: a Qwen2
-        qwen2 = architecture == "LlamaForCausalLM" and config.qkv_bias and not config.bias
-        return HF_NAMES["Qwen2ForCausalLM" if qwen2 else architecture]
+    def named(architecture: str) -> str:
+        return HF_NAMES[as_qwen2(config, architecture)]
 
     has = ", ".join(f"model.{field} {value}" for field, value, _ in error.mismatches)
     nearest = named(error.architecture)

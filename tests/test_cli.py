@@ -91,6 +91,8 @@ def test_a_checkpoint_given_without_its_flag_is_named_with_the_flag_it_needs(too
                                        "give it as --checkpoint runs/lm\n")
     assert TOOLS[tool][0](["--prompt", "runs/x"] if tool == "generate" else ["--out", "runs/x"]) == 2
     assert capsys.readouterr().err == "error: the following arguments are required: --checkpoint\n"  # no path
+    assert TOOLS[tool][0]([*argv, "upon", "a", "time"]) == 2  # several loose words: which was the path is not known
+    assert capsys.readouterr().err == "error: the following arguments are required: --checkpoint\n"
 
 
 def test_no_tool_takes_an_abbreviated_flag():

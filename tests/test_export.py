@@ -172,7 +172,7 @@ def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: checkpoint path {tmp_path / 'nope'} does not exist\n"
 
 
-# ---- --format hf: a Hugging Face transformers GPT-2 or Llama ---------------------------
+# ---- --format hf: a Hugging Face transformers GPT-2, Llama, Qwen2 or Qwen3 --------------
 
 GPT2_FLAGS = ["--model-pos-emb", "learned", "--model-norm", "layernorm", "--model-mlp", "gelu"]
 

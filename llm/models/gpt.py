@@ -224,7 +224,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, rope: Rotary | None = None):
         super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.dropout = config.dropout
         self.sizes = [config.attn_width] + [config.kv_heads * config.head_dim] * 2
         self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)

@@ -89,9 +89,13 @@ def hf_architecture(config: GPTConfig) -> str:
     mismatches = shape_mismatches(config, nearest)
     if mismatches:
         raise NoHFForm(nearest, mismatches)
-    if nearest == "LlamaForCausalLM" and config.qkv_bias and not config.bias:
-        return "Qwen2ForCausalLM"  # a Llama with biases in its query, key and value projections alone
-    return nearest
+    return as_qwen2(config, nearest)
+
+
+def as_qwen2(config: GPTConfig, architecture: str) -> str:
+    """``architecture``, but a Qwen2 for a Llama's shape with biases in the query, key and value projections alone."""
+    return "Qwen2ForCausalLM" if architecture == "LlamaForCausalLM" and config.qkv_bias and not config.bias \
+        else architecture
 
 
 def _check_shape(config: GPTConfig, architecture: str) -> None:
@@ -282,7 +286,8 @@ class NoOurForm(ValueError):
 
 
 def from_hf_state_dict(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """``(config, state)`` of our GPT that computes what a ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` does, from
+    """``(config, state)`` of our GPT that computes what a ``GPT2LMHeadModel``, ``LlamaForCausalLM``,
+    ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` does, from
     its ``config.json`` contents and weights: the inverse of :func:`to_hf_state_dict`. Raises
     :class:`NoOurForm` for other models, and for settings ours does not have."""
     kind = hf_config.get("model_type")
@@ -448,7 +453,7 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
                        mlp_hidden=0 if width == swiglu_hidden(hidden) else width, rope_base=base,
                        rope_scaling=float(scaling["factor"]) if llama3 else 0.0,
                        norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias, qk_norm=qk_norm,
-                       head_size=0 if head_dim * heads == hidden else head_dim)
+                       head_size=head_dim)  # 0 where it is hidden / heads: GPTConfig has one form of each
     take = _HFTaker(hf, ("",), ignored=r"rotary_emb\.inv_freq$")  # a buffer older versions saved
 
     def joined(theirs: list[str], ours: str) -> dict[str, torch.Tensor]:

@@ -31,7 +31,8 @@ def tiny(**kw) -> GPT:
 
 
 def as_hf(model: GPT, **config_changes):
-    """The transformers model to_hf_state_dict describes, with its weights loaded: GPT-2 or Llama."""
+    """The transformers model to_hf_state_dict describes, with its weights loaded: GPT-2, Llama,
+    Qwen2 or Qwen3."""
     transformers = pytest.importorskip("transformers")
     hf_config, hf_state = to_hf_state_dict(model.state_dict(), model.config)
     config = transformers.AutoConfig.for_model(**hf_config | config_changes)

@@ -51,9 +51,10 @@ def test_the_model_follows_the_config_and_the_tokenizer(task):
     assert isinstance(model, GPT) and task.tokens_per_sample == 16
     vocab = task.data_module.tokenizer.vocab_size
     assert model.config == GPTConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    task.config.model.qk_norm = True  # each model setting reaches the model by its name
+    task.config.model.qk_norm, task.config.model.head_size = True, 12  # each model setting reaches it by its name
     normed = task.build_model()
-    assert normed.config.qk_norm and normed.blocks[0].attn.q_norm.weight.shape == (16,)
+    assert normed.config.qk_norm and normed.blocks[0].attn.q_norm.weight.shape == (12,)
+    assert normed.blocks[0].attn.proj.weight.shape == (32, 2 * 12)
 
 
 def test_model_vocab_size_pads_the_vocabulary_and_may_not_cut_it(task):
