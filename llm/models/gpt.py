@@ -63,6 +63,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.head_size * self.n_head == self.n_embd:  # the usual width, given: one form of each model
             self.head_size = 0
+        if self.n_kv_head == self.n_head:  # and the usual count of key-value heads
+            self.n_kv_head = 0
         for name in ("rope_base", "norm_eps"):
             if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"GPTConfig.{name} must be > 0, got {getattr(self, name)}")

@@ -31,6 +31,7 @@ def test_config_round_trips_through_a_dict_and_rejects_unknown_fields():
         GPTConfig.from_dict({**cfg.to_dict(), "n_heads": 4})
     # heads given the usual width, n_embd / n_head, are the usual model: one config, as an import reads it back
     assert dataclasses.replace(cfg, head_size=C // H) == cfg and dataclasses.replace(cfg, head_size=8).head_size == 8
+    assert dataclasses.replace(cfg, n_kv_head=H) == cfg and dataclasses.replace(cfg, n_kv_head=1).n_kv_head == 1
 
 
 @pytest.mark.parametrize("field, value, words", [

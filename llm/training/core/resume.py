@@ -535,8 +535,8 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ``world_size`` entry), but for those that say how to resume (HOW_TO_RESUME: what a checkpoint of the run
     has taken the place of, such as the weights it started from).
     Give ``saved`` with_defaults: a setting newer than the checkpoint counts as saved at its default."""
-    return sorted(k for k in saved.keys() | now.keys()
-                  if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME and not _same_file(k, saved, now))
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in HOW_TO_RESUME
+                  and not _same_file(k, saved, now) and not _same_in_effect(k, saved, now))
 
 
 def with_defaults(saved: dict[str, Any], config: Config) -> dict[str, Any]:
@@ -555,6 +555,21 @@ def _same_file(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
     if key not in DATA_FILES or not (isinstance(a, str) and isinstance(b, str) and a and b):
         return False
     return _same_place(a, b)
+
+
+def _same_in_effect(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether ``key`` is model.n_kv_head or model.head_size, given in one config as the number its 0 stands for in
+    the other (n_head heads; n_embd / n_head wide): the same model."""
+    def effective(flat: dict[str, Any]) -> Any:
+        n_head, n_embd = flat.get("model.n_head"), flat.get("model.n_embd")
+        if key == "model.n_kv_head":
+            return flat.get(key) or n_head
+        usual = n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0 and \
+            n_embd % n_head == 0 else None
+        return flat.get(key) or usual
+
+    return key in ("model.n_kv_head", "model.head_size") and effective(saved) is not None and \
+        effective(saved) == effective(now)
 
 
 def _same_place(a: str, b: str) -> bool:

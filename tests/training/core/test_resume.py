@@ -64,6 +64,17 @@ def test_config_changes_lists_what_changed_and_refuses_what_binds_unless_allowed
         check_changes([], allowed=False, path=Path("ckpt"), files=["tokenizer.json"])
 
 
+def test_a_count_or_width_given_as_what_its_0_stands_for_is_no_change():
+    saved = {"model.n_head": 4, "model.n_embd": 128, "model.n_kv_head": 0, "model.head_size": 0}
+    same = {**saved, "model.n_kv_head": 4, "model.head_size": 32}  # 4 key-value heads, 128 / 4 wide: the defaults
+    assert config_changes(saved, same) == [] and config_changes(same, saved) == []
+    assert config_changes(saved, {**saved, "model.n_kv_head": 2, "model.head_size": 64}) == \
+        ["model.head_size", "model.n_kv_head"]
+    # twice the heads: that is the change, however the other two are given
+    assert config_changes(saved, {**same, "model.n_head": 8}) == ["model.n_head"]
+    assert config_changes(saved, {**saved, "model.n_head": 8}) == ["model.n_head"]
+
+
 def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():
     def optimizer_and_schedule(t_max):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, weight_decay=0.0)
