@@ -37,6 +37,7 @@ from llm.data.data_module import BaseDataModule
 from llm.data.tokenizers import BUILTIN, Tokenizer, UncoveredText, build_tokenizer, check_spec, load_tokenizer
 from llm.errors import UsageError
 from llm.files import is_run_output
+from llm.training.core import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +90,26 @@ def _path_hash(path: Path) -> str:
 def corpus_files(spec: str, setting: str = "data.path") -> list[Path]:
     """``data.path`` (or ``setting``) as a sorted list of files: one file, a folder (recursively) or a glob.
 
-    Hidden files and folders (names starting with a dot) and what runs wrote (run
-    and checkpoint folders, files.is_run_output) are skipped in folders; linked
-    folders are followed. Each file is read once, however many paths lead to it.
+    Hidden files and folders (names starting with a dot), what runs wrote (run and
+    checkpoint folders, files.is_run_output) and token caches (any run's entries,
+    is_cache_entry) are skipped in folders; linked folders are followed. Each file
+    is read once, however many paths lead to it.
     """
     if not spec:
         return default_corpus_files()
     if glob.has_magic(spec) and not Path(spec).expanduser().exists():  # a name with [ ] * ? is a name first
-        files = _each_once(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+        matched = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p)]
+        files = _each_once(f for f in matched if not is_cache_entry(f.parent))  # tokens, not text
         if not files:
-            raise UsageError(f"{setting}: the glob {spec!r} matches no files")
+            raise UsageError(f"{setting}: the glob {spec!r} matches no files{', only token caches' if matched else ''}")
         return files
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files, others, walked = [], [], set()
+        if is_cache_entry(path):
+            raise UsageError(f"{setting}: {spec} is a token cache entry (tokens.bin), not text")
+        files, others, walked, caches = [], [], set(), []
         for dirpath, dirnames, filenames in os.walk(path, followlinks=True):  # a linked folder is below it too
             if os.path.realpath(dirpath) in walked:  # reached again through a link: a loop ends here
                 dirnames[:] = []
@@ -112,6 +117,8 @@ def corpus_files(spec: str, setting: str = "data.path") -> list[Path]:
             walked.add(os.path.realpath(dirpath))
             # a run's folder inside the data folder (--data-path . and runs/ below it): checkpoints and logs, no text
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_run_output(Path(dirpath, d)))
+            entries = [d for d in dirnames if is_cache_entry(Path(dirpath, d))]  # tokens, not text
+            dirnames[:], caches = [d for d in dirnames if d not in entries], caches + entries
             for name in filenames:
                 if not name.startswith("."):  # a broken link or a pipe is no text to read (a pipe never ends)
                     (files if os.path.isfile(os.path.join(dirpath, name)) else others).append(Path(dirpath, name))
@@ -119,11 +126,17 @@ def corpus_files(spec: str, setting: str = "data.path") -> list[Path]:
             warnings.warn(f"{setting}: skipping {len(others)} entries of {spec} that are not files (broken links, "
                           f"pipes, ...), such as {min(others)}", stacklevel=2)
         if not files:
-            raise UsageError(f"{setting}: the folder {spec} holds no files")
+            raise UsageError(f"{setting}: the folder {spec} holds no files{', only token caches' if caches else ''}")
         return _each_once(files)
     if path.exists():
         raise UsageError(f"{setting}: {spec} is neither a file nor a folder (expected a text file, a folder or a glob)")
     raise UsageError(f"{setting}: {spec} does not exist (expected a text file, a folder or a glob)")
+
+
+def is_cache_entry(folder: Path) -> bool:
+    """Whether ``folder`` is an entry of a token cache, this run's or another's (it holds tokens.bin and
+    tokens.size): tokens, which a corpus never reads as text."""
+    return (folder / TOKENS).is_file() and (folder / SIZE).is_file()
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -303,14 +316,6 @@ class TextDataModule(BaseDataModule):
 
     def _text_files(self, spec: str, setting: str) -> list[Path]:
         files = corpus_files(spec, setting)
-        cache = self._cache_dir().resolve()
-        # a cache folder inside the data folder: its entries' files are tokens, not text
-        ours = [f for f in files if f.name in (TOKENS, TOKENIZER, SIZE) and f.resolve().parent.parent == cache]
-        if ours:
-            files = [f for f in files if f not in ours]
-            if not files:
-                raise UsageError(f"{setting}: {spec} holds only the token cache "
-                                 f"(data.cache_dir {self.config.data.cache_dir}), no text")
         if spec and sum(f.stat().st_size for f in files) == 0:
             raise UsageError(f"{setting}: {spec} is empty (0 bytes of text)")
         return files
@@ -362,6 +367,7 @@ class TextDataModule(BaseDataModule):
         files, n_train = self._files()
         entry = self.cache_path = self._cache_entry(files, n_train)
         with _readable(entry):
+            found = entry.exists()
             tokenizer, unreadable = _read_tokenizer(entry)
             damage = _damage(entry, split=bool(self.config.data.val_path)) or unreadable
             self.cache_hit = (entry / TOKENS).is_file() and tokenizer is not None and not damage
@@ -370,7 +376,9 @@ class TextDataModule(BaseDataModule):
             return
         if damage:
             warnings.warn(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): tokenizing again")
-        if entry.exists():  # an entry damaged or emptied by hand: the rename below needs the name free
+        # an entry damaged or emptied by hand: the rename below needs the name free. Only one found so: one that
+        # another node sharing the cache renamed into place since is whole, and the rename below keeps it
+        if found:
             shutil.rmtree(entry, ignore_errors=True)  # another node sharing the cache may be deleting it too
         d = self.config.data
         # trained on the training files alone: the validation text is held out of the vocabulary too
@@ -475,6 +483,7 @@ class TextDataModule(BaseDataModule):
         if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
                              f"again to tokenize the corpus afresh")
+        self._check_same_tokens_on_every_rank()
         n = size // np.dtype(dtype).itemsize
         d, bs = self.config.data, self.config.model.block_size
         n_train = boundary if d.val_path else n - int(n * d.val_fraction)
@@ -495,6 +504,18 @@ class TextDataModule(BaseDataModule):
         val_offsets = np.arange((n_val - 1) // bs) * bs
         self.train_set = TokenWindows(entry / TOKENS, dtype, 0, n_train, bs, train_offsets)
         self.val_set = TokenWindows(entry / TOKENS, dtype, n_train, n, bs, val_offsets)
+
+    def _check_same_tokens_on_every_rank(self) -> None:
+        """Refuse, on every rank, ranks whose tokens differ: each node reads and tokenizes its own copy of the
+        corpus, and a node given other files under the same path (or another Python's standard library, the
+        default corpus) would train on other text with no error, where the vocabulary comes out the same size."""
+        every = D.gather(self.tokens_digest or self.cache_path.name)  # an entry of an earlier version: its key
+        other = next((rank for rank, tokens in enumerate(every) if tokens != every[0]), None)
+        if other is not None:
+            d = self.config.data
+            raise UsageError(f"data: rank {other} tokenized another corpus than rank 0 (data.path "
+                             f"{d.path or 'the default corpus'}, data.tokenizer {d.tokenizer}): its files or their "
+                             f"tokens differ; give every node the same text and tokenizer")
 
     def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.train_set, rank, world_size, train=True, collate_fn=already_batched)
@@ -600,12 +621,13 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
     """The text of ``blocks`` joined, as pieces of about ``size`` characters: the same pieces however the text
     is split into blocks.
 
-    Each is cut before its last whitespace that follows text, in its second half: no pre-token of the byte,
-    char or bpe tokenizers (nor of a WordPiece) spans that point (GPT-2's joins a run of whitespace with what
-    follows it, never with what comes before), so the tokens are those of the whole text whatever the size of
-    the pieces; a cut after a newline split indented code otherwise. A tokenizer file of another kind (one
-    that marks the start of each text, SentencePiece's) may tokenize the cuts otherwise. With no such point,
-    a piece is cut after its last newline, else at ``size``."""
+    Each is cut before its last whitespace that follows a letter or a digit, in its second half: no pre-token
+    of the byte, char or bpe tokenizers, nor of GPT-2's, Llama 3's, Qwen's or a WordPiece's tokenizer file,
+    spans that point (they join a run of whitespace with what follows it, and punctuation with the newlines
+    after it, never a word with the whitespace after it), so the tokens are those of the whole text whatever
+    the size of the pieces; a cut after a newline split indented code otherwise. A tokenizer file of another
+    kind (one that marks the start of each text, SentencePiece's) may tokenize the cuts otherwise. With no such
+    point, a piece is cut after its last newline, else at ``size``."""
     buffer = ""
     for block in blocks:
         buffer += block
@@ -622,5 +644,6 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
         yield buffer
 
 
-_BEFORE_SPACE = re.compile(r"(?<=\S)[ \t\r\n]")
-"""An ASCII whitespace right after a character that is not whitespace: where _pieces cuts."""
+_BEFORE_SPACE = re.compile(r"(?<=[^\W_])[ \t\r\n]")
+"""An ASCII whitespace right after a letter or a digit: where _pieces cuts. Not after punctuation, which the
+pre-tokenizer of Llama 3's and Qwen's tokenizer files joins with the newlines after it (``.\\n``)."""

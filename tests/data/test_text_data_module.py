@@ -1,5 +1,7 @@
 import fcntl
 import hashlib
+import itertools
+import json
 import os
 import re
 import signal
@@ -7,17 +9,21 @@ import socket
 import subprocess
 import sys
 import sysconfig
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from llm.data import text_data_module as tdm
 from llm.data.text_data_module import TextDataModule, corpus_files, default_corpus_files, token_dtype
 from llm.data.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
 from llm.errors import UsageError
+from llm.training.core import distributed as D
 from llm.training.core.config import Config
+from tests.helpers import free_port, spawn
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(40))  # 2130 chars
 BS = 16
@@ -202,6 +208,57 @@ def test_a_damaged_entry_another_node_deletes_at_the_same_time_is_rebuilt(tmp_pa
     assert tokens.read_bytes() == whole
 
 
+def test_an_entry_another_node_renames_into_place_after_this_one_found_none_is_kept(tmp_path, corpus, monkeypatch):
+    other, here = make(tmp_path, corpus, tokenizer="byte"), make(tmp_path, corpus, tokenizer="byte")
+    damage, removed = tdm._damage, []
+
+    def other_node_finishes(entry, *args, **kwargs):  # between this node's look at the cache and what it does next
+        found = damage(entry, *args, **kwargs)
+        if not other.cache_path:
+            other.prepare_data()
+        return found
+
+    monkeypatch.setattr(tdm, "_damage", other_node_finishes)
+    monkeypatch.setattr(tdm.shutil, "rmtree", lambda path, *args, **kwargs: removed.append(Path(path)))
+    here.prepare_data()
+    assert not here.cache_hit and here.cache_path == other.cache_path
+    assert other.cache_path not in removed  # the other node's ranks read it in their setup() now
+    assert damage(other.cache_path) == "" and tokens_of(other).tolist() == list(corpus.read_bytes())
+
+
+def corpus_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    try:
+        outcomes = []
+        # each node its own copy of the corpus and its own cache: the same text, then another on rank 1, as long
+        # and with the same vocabulary, so that nothing else would tell
+        for i, text in enumerate((TEXT, TEXT.replace("fox", "cat") if rank else TEXT)):
+            node = Path(directory, f"node{rank}_{i}")
+            node.mkdir()
+            (node / "corpus.txt").write_text(text)
+            dm = make(node, node / "corpus.txt", tokenizer="byte")
+            dm.prepare_data()
+            try:
+                dm.setup()
+                outcomes.append("same")
+            except UsageError as e:
+                outcomes.append(str(e))
+        Path(directory, f"corpus_{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        D.destroy_process_group()
+
+
+def test_ranks_whose_copies_of_the_corpus_differ_are_refused_in_one_line_on_every_rank(tmp_path):
+    spawn(corpus_worker, str(tmp_path), free_port())
+    for rank in (0, 1):
+        same, differ = json.loads((tmp_path / f"corpus_{rank}.json").read_text())
+        assert same == "same"
+        assert re.fullmatch(rf"data: rank 1 tokenized another corpus than rank 0 \(data.path \S+node{rank}_1/corpus.txt, "
+                            r"data.tokenizer byte\): its files or their tokens differ; give every node the same text "
+                            r"and tokenizer", differ), differ
+
+
 def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -214,9 +271,19 @@ def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
     second.prepare_data()
     assert second.cache_hit and second.cache_path == first.cache_path
     assert len(list((data / "cache").iterdir())) == 1
-    only_cache = Config.from_dict({"data": {"path": str(data / "cache"), "cache_dir": str(data / "cache")}})
-    with pytest.raises(UsageError, match=r"holds only the token cache"):
-        TextDataModule(only_cache).prepare_data()
+    # another run's cache in the data folder, this one's elsewhere: tokens still, not text
+    elsewhere = Config.from_dict({"data": {"path": str(data), "cache_dir": str(tmp_path / "other"), "tokenizer": "char"},
+                                  "model": {"block_size": BS}})
+    third = TextDataModule(elsewhere)
+    third.prepare_data()
+    assert third.cache_path.name == first.cache_path.name  # the key hashes the corpus: the same text, a.txt alone
+    for spec in (data / "cache", data / "cache" / "*" / "*"):
+        only_cache = Config.from_dict({"data": {"path": str(spec), "cache_dir": str(tmp_path / "other")}})
+        with pytest.raises(UsageError, match=r"(holds|matches) no files.*, only token caches$"):
+            TextDataModule(only_cache).prepare_data()
+    entry = Config.from_dict({"data": {"path": str(first.cache_path), "cache_dir": str(tmp_path / "other")}})
+    with pytest.raises(UsageError, match=r"is a token cache entry \(tokens.bin\), not text"):
+        TextDataModule(entry).prepare_data()
     # the other way round, text inside the cache folder, is text
     inside = Config.from_dict({"data": {"path": str(data / "a.txt"), "cache_dir": str(data), "tokenizer": "char"},
                                "model": {"block_size": BS}})
@@ -487,13 +554,32 @@ def test_long_texts_are_tokenized_in_chunks_cut_before_whitespace():
         assert list(tdm._pieces([text[:cut], "", text[cut:]], size=10)) == pieces, cut
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""The rule Llama 3's and Qwen's tokenizer files split text into words by: punctuation keeps the newlines after it."""
+
+
+def llama3_style_bpe(text: str, vocab_size: int) -> HFTokenizer:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return HFTokenizer(tok)
+
+
 def test_pieces_are_cut_before_whitespace_so_a_bpe_gives_the_tokens_of_the_whole_text():
     # code: GPT-2's pre-tokenizer joins a newline with the indentation after it (and a run of spaces with the word
-    # after it); cut inside such a run, the pieces would tokenize otherwise than the whole, and otherwise again
-    # with another piece size. A class body has no newline with text on both sides, a CRLF file none at all
-    body = "".join(f"    def f{i}(self, x):  \n        return x + {i}\n\n" for i in range(120))
-    for text in ("class A:\n" + body, ("class A:\n" + body).replace("\n", "\r\n")):
-        tokenizer = HFTokenizer.train_bpe([text], 300)
+    # after it), Llama 3's a newline with the punctuation before it; cut inside such a run, the pieces would
+    # tokenize otherwise than the whole, and otherwise again with another piece size. A class body has no newline
+    # with text on both sides, a CRLF file none at all
+    body = "".join(f"    def f{i}(self, x):  \n        return x + {i}\n\n    y{i} = g(x).\n    z = h();\n"
+                   for i in range(120))
+    texts = ("class A:\n" + body, ("class A:\n" + body).replace("\n", "\r\n"))
+    for text, train in itertools.product(texts, (HFTokenizer.train_bpe, llama3_style_bpe)):
+        tokenizer = train([text], 300)
         whole = tokenizer.encode(text)
         for size in (50, 150, 400, 1000):
             pieces = list(tdm._pieces([text], size=size))
