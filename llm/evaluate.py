@@ -96,6 +96,8 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer, separator: str = "") -> 
     Read and encoded in pieces, as training's cache is: a large file is never held whole as text, nor as
     the tokenizer's objects for every token, only as its ids.
     """
+    if not str(path).strip():  # an unset shell variable: corpus_files reads "" as training's default corpus
+        raise UsageError("--data-path: got an empty path; give a text file, a folder or a glob")
     files = corpus_files(str(path), "--data-path")
     path = Path(path).expanduser()
     parts = []
@@ -193,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="without --data-path: the split of the run's data module to score, the validation "
                              "one (default) or its test one")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
-                        help="windows of block_size tokens per forward pass with --data-path (default: 8), else "
+                        help="windows of tokens per forward pass with --data-path (default: 8), else "
                              "samples per batch (default: the run's)")
+    parser.add_argument("--block-size", type=int, default=None, metavar="T",
+                        help="with --data-path: tokens per window, at most the model's block_size (the default); "
+                             "a long-context model's whole windows may not fit in memory, each holding "
+                             "T x vocab_size logits")
     add_device(parser)
     return parser
 
@@ -213,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _score(argv: list[str] | None) -> str:
     args = build_parser().parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size: got {args.batch_size}, expected an integer >= 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--block-size", args.block_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag}: got {value}, expected an integer >= 1")
     if args.data_path is None:
+        if args.block_size is not None:
+            raise UsageError("--block-size sets the windows of a text file's tokens (--data-path); a split is "
+                             "scored in the samples its data module makes")
         split = args.split or "val"
         metrics, samples, ckpt = score_split(args.checkpoint, split, args.device, args.batch_size)
         loss = f"{split}_loss"
@@ -224,8 +234,12 @@ def _score(argv: list[str] | None) -> str:
     if args.split is not None:
         raise UsageError("--split scores a split of the run's data module, --data-path a text file: give one of them")
     model, tokenizer, ckpt = load_lm(args.checkpoint, args.device)
+    block_size = args.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise UsageError(f"--block-size: got {block_size}, more than the model's block_size "
+                         f"{model.config.block_size}, the most it was built to see")
     ids = read_tokens(args.data_path, tokenizer, _separator(ckpt))
-    loss, n_tokens = evaluate(model, ids, model.config.block_size, args.batch_size or 8)
+    loss, n_tokens = evaluate(model, ids, block_size, args.batch_size or 8)
     return f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n_tokens}  checkpoint {ckpt}"
 
 

@@ -224,6 +224,10 @@ def _check_hf_names(transformers, architecture: str, config, hf_state: dict[str,
                          f"please report it, with the transformers version")
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+"""Suffixes of files that torch.save writes: refused for an export, which is safetensors."""
+
+
 def check_out(given: str | os.PathLike) -> None:
     """Refuse an ``--out`` whose weights or description would replace a file that is not an earlier export."""
     out = Path(given)
@@ -234,6 +238,9 @@ def check_out(given: str | os.PathLike) -> None:
     if out.suffix == ".json":  # the name of a description, not of weights
         raise UsageError(f"--out {out}: the weights are safetensors and their description beside them is JSON, "
                          f"so the weights need another suffix, such as .safetensors")
+    if out.suffix in TORCH_SUFFIXES:  # a name that promises what torch.load reads, which it cannot
+        raise UsageError(f"--out {out}: the weights are written as safetensors, which torch.load does not read: "
+                         f"name them {out.with_suffix('.safetensors')}")
     description = description_of(out)
     folder = next((p for p in out.parents if p.exists()), Path("."))
     if not folder.is_dir():

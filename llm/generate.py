@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random seed: the same seed gives the same text (default: 0)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="end the text where it first holds TEXT, which is not printed (given more than once: "
-                             "at the first of them); e.g. <|endoftext|> for a GPT-2")
+                             "at the one the text completes first); e.g. <|endoftext|> for a GPT-2")
     add_device(parser)
     return parser
 
@@ -111,16 +111,19 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
 
 
 def until_stop(pieces: Iterable[str], stops: list[str]) -> Iterator[str]:
-    """The text of ``pieces`` up to where it first holds one of ``stops``, without it; the tokens after it are
-    never sampled. A piece's end that may begin a stop is held back until the next piece tells."""
+    """The text of ``pieces`` up to the stop of ``stops`` it completes first, without it; the tokens after it
+    are never sampled. Of two stops that end together, the one that starts first; so where the text ends does
+    not depend on how it is split into pieces (one stop may begin before another and end after it). A piece's
+    end that may begin a stop is held back until the next piece tells."""
     held = ""
     try:
         for piece in pieces:
             held += piece
-            found = [at for at in (held.find(stop) for stop in stops) if at >= 0]
+            found = [(at + len(stop), at) for at, stop in ((held.find(stop), stop) for stop in stops) if at >= 0]
             if found:
-                if min(found):
-                    yield held[:min(found)]
+                _, at = min(found)
+                if at:
+                    yield held[:at]
                 return
             keep = max((k for stop in stops for k in range(1, len(stop)) if held.endswith(stop[:k])), default=0)
             if len(held) > keep:
@@ -161,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        model, tokenizer, _ = load_lm(args.checkpoint, args.device)
+        model, tokenizer, ckpt = load_lm(args.checkpoint, args.device)
+        broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if broken:  # a run that diverged: its probabilities are NaN, which no token can be drawn from
+            raise UsageError(f"checkpoint {ckpt}: {broken} holds NaN or inf, so the model's probabilities are not "
+                             f"numbers: sample from an earlier checkpoint")
         try:
             prompt_ids = tokenizer.encode(args.prompt)  # before any output: a char the vocabulary lacks fails here
         except UsageError as e:

@@ -27,10 +27,10 @@ from safetensors.torch import load_file
 from llm.cli import ArgParser, run_program, run_tool
 from llm.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 from llm.errors import UsageError, one_line
-from llm.files import write_atomically
+from llm.files import refuse_checkpoint_folder, write_atomically
 from llm.models.gpt import GPT, GPTConfig
 from llm.models.hf import NoOurForm, from_hf_state_dict
-from llm.training.core.checkpoint import CheckpointManager, load_weights_strictly
+from llm.training.core.checkpoint import CheckpointManager, load_weights_strictly, unwritable_reason
 from llm.training.tasks.lm_task import MODEL_CONFIG, TOKENIZER
 
 FINETUNE = "finetune.yaml"
@@ -43,6 +43,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> tuple[Path, GPTConfig, str
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder: import into a new one")
+    refuse_checkpoint_folder(out, "import into a new folder elsewhere")
+    problem = unwritable_reason(out.parent)
+    if problem:  # found before the weights are read, which can take minutes
+        raise UsageError(f"--out: cannot write {out}: {problem}; choose a writable folder")
     hf_config = _read_config(hf_dir)
     try:
         config, state = from_hf_state_dict(hf_config, _read_weights(hf_dir))

@@ -221,6 +221,12 @@ def _plot_runs(argv: list[str] | None) -> str:
         raise UsageError(f"--width/--height x --dpi: at most {MAX_PIXELS} pixels a side")
     if min(args.width, args.height) * args.dpi < MIN_PIXELS:
         raise UsageError(f"--width/--height x --dpi: at least {MIN_PIXELS} pixels a side")
+    seen: dict[Path, Path] = {}
+    for d in args.run_dirs:  # one curve each: a run given twice would be drawn once, its legend one short
+        first = seen.setdefault(d.resolve(), d)
+        if first is not d:
+            raise UsageError(f"{d} is given twice{'' if str(first) == str(d) else f' (as {first} too)'}: "
+                             f"name each run once")
     runs = {label: read_curves(d) for label, d in zip(labels(args.run_dirs), args.run_dirs)}
     fmt = check_out(args.out)
     save(draw(runs, args.width, args.height, args.dpi), args.out, fmt, args.dpi)

@@ -39,11 +39,11 @@ def loaded(step_dir):
     return model, tokenizer
 
 
-def window_by_window(model, ids: list[int]) -> float:
-    """The mean loss written out plainly: each window of BLOCK targets on its own, no batching."""
+def window_by_window(model, ids: list[int], block: int = BLOCK) -> float:
+    """The mean loss written out plainly: each window of ``block`` targets on its own, no batching."""
     total = 0.0
-    for start in range(0, len(ids) - 1, BLOCK):
-        chunk = torch.tensor(ids[start:start + BLOCK + 1])
+    for start in range(0, len(ids) - 1, block):
+        chunk = torch.tensor(ids[start:start + block + 1])
         with torch.no_grad():
             logits = model(chunk[None, :-1])[0]
         total += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
@@ -151,6 +151,11 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_one_line_warning(step_dir
      "error: --data-path: missing.txt does not exist (expected a text file, a folder or a glob)"),
     ("", [], "error: --data-path: data.txt is empty"),
     ("the cat", ["--checkpoint", "nope"], "error: checkpoint path nope does not exist"),
+    # an unset shell variable, not training's default corpus (the standard library's sources) scored instead
+    ("the cat", ["--data-path", ""], "error: --data-path: got an empty path; give a text file, a folder or a glob"),
+    ("the cat", ["--block-size", str(BLOCK + 1)],
+     f"error: --block-size: got {BLOCK + 1}, more than the model's block_size {BLOCK}, the most it was built to see"),
+    ("the cat", ["--block-size", "0"], "error: --block-size: got 0, expected an integer >= 1"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_traceback(step_dir, tmp_path, monkeypatch, capsys, data, flags, message):
     monkeypatch.chdir(tmp_path)
@@ -199,6 +204,21 @@ def test_a_folder_is_scored_as_its_files_read_as_a_corpus_with_the_runs_separato
         assert main(["--checkpoint", str(tmp_path / "lm"), "--data-path", str(given)]) == 0
         loss, n = evaluate(model, joined, BLOCK, 8)
         assert capsys.readouterr().out.startswith(f"loss {loss:.4f}  ppl {perplexity(loss):.3f}  tokens {n}  ")
+
+
+def test_windows_shorter_than_the_models_score_each_token_from_the_tokens_before_it_in_its_window(
+        step_dir, loaded, tmp_path, capsys):
+    model, tokenizer = loaded
+    (tmp_path / "held_out.txt").write_text(HELD_OUT)
+    ids = tokenizer.encode(HELD_OUT)
+    assert main(["--checkpoint", str(step_dir), "--data-path", str(tmp_path / "held_out.txt"), "--block-size", "8",
+                 "--batch-size", "3"]) == 0
+    found = re.match(r"loss (\S+)  ppl \S+  tokens (\d+)  ", capsys.readouterr().out)
+    assert float(found[1]) == pytest.approx(window_by_window(model, ids, 8), abs=1e-4)
+    assert float(found[1]) != pytest.approx(window_by_window(model, ids), abs=1e-3)  # not the model's windows
+    assert int(found[2]) == len(ids) - 1
+    assert main(["--checkpoint", str(step_dir), "--block-size", "8"]) == 2  # a split: its data module's samples
+    assert "--block-size sets the windows of a text file's tokens (--data-path)" in capsys.readouterr().err
 
 
 def test_a_batch_size_below_1_exits_2(step_dir, capsys):

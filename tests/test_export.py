@@ -106,6 +106,8 @@ def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_lin
         ("exports/.", "--out exports is a folder: name the file to write, such as exports/model.safetensors"),
         ("run/checkpoints/step_00000028/mine.safetensors", "would write into a checkpoint folder"),
         ("run/checkpoints/mine.safetensors", "would write into a checkpoint folder"),
+        ("model.pt", "--out model.pt: the weights are written as safetensors, which torch.load does not read: "
+                     "name them model.safetensors"),
     ]:
         assert main(["--checkpoint", "run", "--out", out]) == 2
         err = capsys.readouterr().err

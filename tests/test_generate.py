@@ -251,6 +251,11 @@ def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
         config = json.loads((ckpt / "model_config.json").read_text())
         (ckpt / "model_config.json").write_text(json.dumps({**config, "dropout": 7}))
         reseal(ckpt)
+    elif how == "diverged weights":  # a run whose loss went to NaN saved them so
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        state["model"]["norm_f.weight"][0] = float("nan")
+        torch.save(state, ckpt / "state.pt")
+        reseal(ckpt)
     elif how == "tokenizer swapped after the save":
         CharTokenizer("abc").save(ckpt / "tokenizer.json")
     elif how == "truncated state":
@@ -268,6 +273,8 @@ def broken_copy(step_dir: Path, tmp_path: Path, how: str) -> Path:
      r"error: the vocabulary does not fit the model in \S+: tokenizer.json has 20 tokens, model_config.json .*"),
     ("dropout out of range",
      r"error: \S+model_config.json is not a valid model config: GPTConfig.dropout must be in \[0, 1\), got 7"),
+    ("diverged weights", r"error: checkpoint \S+: norm_f.weight holds NaN or inf, so the model's probabilities are "
+                         r"not numbers: sample from an earlier checkpoint"),
     ("tokenizer swapped after the save",
      r"error: checkpoint \S+ is not valid: tokenizer.json has \d+ bytes, the manifest says \d+"),
     ("truncated state", r"error: checkpoint \S+ is not valid: state.pt has \d+ bytes, the manifest says \d+"),
@@ -379,6 +386,12 @@ def test_the_text_ends_before_the_first_stop_and_no_later_token_is_sampled(step_
     assert "".join(until_stop(["a.", "\n\nb"], ["\n\n", "."])) == "a"  # the first of them in the text
     assert "".join(until_stop(["abc"], [])) == "abc"
     assert "".join(until_stop(["aa", "ab"], ["aab"])) == "a" and list(until_stop(["END"], ["END"])) == []
+    # one stop inside another: the one completed first, as the text is read, however it is split into pieces
+    text, stops = "xEND\n\n\ny", ["\n\n", "END\n\n\n"]
+    for pieces in ([text], list(text), ["xEN", "D\n\n\ny"], ["xEND\n", "\n\ny"]):
+        assert "".join(until_stop(pieces, stops)) == "xEND"
+    for pieces in (["xab.y"], list("xab.y")):
+        assert "".join(until_stop(pieces, ["b.", "ab."])) == "x"  # ending together: the one that starts first
 
     def stopped_by_ctrl_c():
         yield "ab"

@@ -275,6 +275,13 @@ def test_an_import_writes_only_into_a_new_folder(tmp_path, capsys):
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 2
     assert "exists and is not an empty folder: import into a new one" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "ours").iterdir()] == ["notes.txt"]
+    assert main([str(hf), "--out", str(tmp_path / "ours" / "notes.txt" / "model")]) == 2  # under a file
+    assert "--out: cannot write" in capsys.readouterr().err
+    assert main([str(hf), "--out", str(tmp_path / "first")]) == 0
+    inside = tmp_path / "first" / "checkpoints" / "step_00000000" / "again"
+    assert main([str(hf), "--out", str(inside)]) == 2  # retention would delete it with the checkpoint
+    assert "would write into a checkpoint folder" in capsys.readouterr().err
+    assert not inside.exists() and not inside.with_name(".again.importing").exists()
 
 
 def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(tmp_path):
