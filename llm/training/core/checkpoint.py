@@ -244,8 +244,17 @@ class CheckpointManager:
                 _remove(trash)
         else:
             os.replace(staging, final)
-        fsync(self.directory)
-        write_atomically(self.directory / LATEST, final.name + "\n", durable=True)
+        try:  # the checkpoint is in place, whole: what fails from here on does not unmake the save
+            fsync(self.directory)
+            write_atomically(self.directory / LATEST, final.name + "\n", durable=True)
+        except OSError as error:
+            # a latest naming an older checkpoint would have a resume take that one and set this one aside:
+            # without it, a resume takes the newest valid checkpoint, this one
+            with contextlib.suppress(OSError):
+                (self.directory / LATEST).unlink()
+            warnings.warn(f"checkpoint {final.name} saved, but {self.directory / LATEST} not updated "
+                          f"({_one_line(error)}): removed, so that a resume takes the newest valid checkpoint",
+                          stacklevel=3)
 
     def retain(self, keep: Path) -> None:
         """Delete the checkpoints retention does not keep, beside ``keep``; rank 0 alone. Each save does it;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -228,9 +229,11 @@ def seed_everything(seed: int, devices: bool = True) -> None:
 
 
 def mixed_seed(*numbers: int) -> int:
-    """One seed from several whole numbers, the same in every process: hash() of ints, and tuples of them, is
-    (of a str it is not: Python draws a new hash key per process)."""
-    return hash(numbers) % 2**63
+    """One seed from several whole numbers, the same in every process and another for any other numbers (as far
+    as 63 bits of a hash tell). Not hash() of them: CPython's hash(-1) is hash(-2), which gave the training
+    loader of epochs 0 and 1 (salts -1 and -2) the same seed; nor of a str, which each process keys anew."""
+    digest = hashlib.blake2b(",".join(map(str, numbers)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -394,6 +394,28 @@ def test_failed_extra_write_keeps_previous_checkpoint_and_latest(tmp_path):
         assert not list(tmp_path.glob(".staging-*"))
 
 
+def test_a_latest_that_cannot_be_written_after_the_checkpoint_is_in_place_is_removed_with_a_warning(
+        tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 10)
+    write = ckpt_mod.write_atomically
+
+    def disk_full_for_latest(path, *args, **kwargs):  # the small file after the rename: the save is made
+        if Path(path).name == "latest":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "write_atomically", disk_full_for_latest)
+    saved_anyway = (r"checkpoint step_00000020 saved, but \S+latest not updated \(\[Errno 28\] No space left on "
+                    r"device\): removed, so that a resume takes the newest valid checkpoint")
+    with pytest.warns(UserWarning, match=saved_anyway):
+        assert save(manager, 20) == tmp_path / "step_00000020"
+    assert verify(tmp_path / "step_00000020") is None and not (tmp_path / "latest").exists()
+    # a resume takes it, and sets nothing aside: a latest still naming step 10 would have it take that one
+    assert manager.latest_valid() == tmp_path / "step_00000020"
+    assert manager.set_aside_after(20) == [] and (tmp_path / "step_00000020").is_dir()
+
+
 def test_failed_torch_save_raises_with_the_os_error(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path)
     save(manager, 1)

@@ -15,9 +15,18 @@ from llm.training.core.resume import (
     config_changes,
     course_changes,
     keep_optimizer_settings,
+    mixed_seed,
     rng_state,
     set_rng_state,
 )
+
+
+def test_mixed_seeds_differ_for_every_rank_and_salt_the_engine_gives():
+    # the training loader's salt is -1 - epoch: hash() of the numbers gave epochs 0 and 1 one seed (hash(-1) is -2)
+    seeds = [mixed_seed(3, rank, 4, salt) for rank in range(4) for salt in range(-50, 50)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= seed < 2**63 for seed in seeds)
+    assert mixed_seed(3, 0, 4, -1) == mixed_seed(3, 0, 4, -1) != mixed_seed(3, 0, 4, -2)
+    assert mixed_seed(1, 23) != mixed_seed(12, 3)  # the numbers, not their digits run together
 
 
 def test_the_position_in_an_epoch_converts_across_processes_and_batch_sizes():
