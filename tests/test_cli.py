@@ -52,6 +52,10 @@ MISSPELLED = {  # each tool's flag misspelled, the one it meant named
     (["--lr", "0.1"], "unrecognized arguments: --lr 0.1 (did you mean --optimizer-lr?)"),  # a setting's own name
     (["--batch-size", "4"], "unrecognized arguments: --batch-size 4 (did you mean --training-batch-size?)"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["-epochs", "3"], "unrecognized argument -epochs: flags take two dashes (did you mean --epochs?)"),
+    (["-training-max-step", "3"],
+     "unrecognized argument -training-max-step: flags take two dashes (did you mean --training-max-steps?)"),
+    (["3"], "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"),
 ])
 def test_a_settings_name_without_its_section_is_named_with_it(argv, error, capsys):
     assert train.main(argv) == 2

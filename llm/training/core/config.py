@@ -735,8 +735,12 @@ class _Parser(ArgParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments:") and not any(
-                given.startswith("--") for given in message.split(":", 1)[1].split()):
+        given = message.split(":", 1)[1].split() if message.startswith("unrecognized arguments:") else []
+        one_dash = next((word for word in given if re.fullmatch(r"-[A-Za-z][\w-]+", word)), None)
+        if one_dash:  # -epochs: a flag with one dash too few, which argparse reads as short options
+            flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+            message = f"unrecognized argument {one_dash}: flags take two dashes{closest('-' + one_dash, flags)}"
+        elif given and not any(word.startswith("--") for word in given):
             message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
         elif message.startswith("unrecognized arguments:") and "--custom-" in message:
             message += " (--custom-<field> sets a field of the task's Settings: --task ... --help lists them)"

@@ -87,9 +87,9 @@ OUT_OF_TIME = "reached training.max_minutes"
 SAID_BY_RANK_0 = ("resuming .*-process state on ",
                   "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not",
                   "resuming a stream with ", "replaying the ", "the stream's loader keeps its workers",
-                  "the stream's loader was saved with ")
+                  "the stream's loader was saved with ", "optimizer.warmup_steps .* outlasts the run's")
 """The starts of the warnings every rank meets alike in set-up: loading a checkpoint (rank 0 alone looks for it), a
-data set that its loader workers cannot seed batch by batch."""
+data set that its loader workers cannot seed batch by batch, a warmup longer than the run."""
 
 
 HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|auroc|precision|recall|bleu|rouge\w*|iou|dice|r2)($|_)",
@@ -551,7 +551,8 @@ class TrainingEngine:
         self.raw_model = parallel.prepare(model, cfg, self.world_size)
         self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)
-        self.scheduler = self.task.build_scheduler(self.optimizer)
+        with self._warned_by_rank_0():  # a warmup longer than the run: the same on every rank
+            self.scheduler = self.task.build_scheduler(self.optimizer)
         _check_plateau(self.scheduler, cfg, type(self.task).__name__)
         decay = cfg.training.ema_decay
         self.ema = WeightAverage(self.raw_model, decay) if decay else None  # validation's weights, and the tools'

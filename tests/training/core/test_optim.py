@@ -1,6 +1,7 @@
 import dataclasses
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ def test_warmup_then_cosine_to_min_lr():
     linear = OptimizerConfig(lr=1.0, min_lr=0.0, scheduler="linear")
     assert lr_factor(5, linear, 10) == pytest.approx(0.5)
     assert lr_factor(7, OptimizerConfig(scheduler="constant"), 10) == 1.0
+
+
+def test_a_warmup_that_outlasts_the_run_is_a_warning_naming_the_rate_it_ends_at():
+    optimizer = torch.optim.SGD(mlp(2, 4, 1, 1).parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"^optimizer.warmup_steps 100 outlasts the run's 3 optimizer steps: the "
+                                         r"learning rate never reaches optimizer.lr 0.1 \(it ends at 0.00297\)$"):
+        build_scheduler(optimizer, OptimizerConfig(lr=0.1, warmup_steps=100), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_scheduler(optimizer, OptimizerConfig(lr=0.1, warmup_steps=2), 3)  # reached at the last step
 
 
 def test_wsd_holds_the_rate_then_decays_linearly_over_the_last_share_of_the_steps():
