@@ -515,7 +515,7 @@ class TextDataModule(BaseDataModule):
             d = self.config.data
             raise UsageError(f"data: rank {other} tokenized another corpus than rank 0 (data.path "
                              f"{d.path or 'the default corpus'}, data.tokenizer {d.tokenizer}): its files or their "
-                             f"tokens differ; give every node the same text and tokenizer")
+                             f"tokens differ; give every node the same text, tokenizer and version of llm")
 
     def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.train_set, rank, world_size, train=True, collate_fn=already_batched)
@@ -621,18 +621,21 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
     """The text of ``blocks`` joined, as pieces of about ``size`` characters: the same pieces however the text
     is split into blocks.
 
-    Each is cut before its last whitespace that follows a letter or a digit, in its second half: no pre-token
-    of the byte, char or bpe tokenizers, nor of GPT-2's, Llama 3's, Qwen's or a WordPiece's tokenizer file,
-    spans that point (they join a run of whitespace with what follows it, and punctuation with the newlines
-    after it, never a word with the whitespace after it), so the tokens are those of the whole text whatever
-    the size of the pieces; a cut after a newline split indented code otherwise. A tokenizer file of another
-    kind (one that marks the start of each text, SentencePiece's) may tokenize the cuts otherwise. With no such
-    point, a piece is cut after its last newline, else at ``size``."""
+    Each is cut before the last whitespace in its second half that follows text, where no pre-token of the
+    byte, char or bpe tokenizers (nor of GPT-2's or a WordPiece's tokenizer file) spans: they join a run of
+    whitespace with what follows it, never with what comes before, so the tokens are those of the whole text
+    whatever the size of the pieces (a cut after a newline split indented code otherwise). Llama 3's and
+    Qwen's also join punctuation with the newlines after it, so of those points the first kind of
+    :data:`_CUTS` that the half holds is taken, safe for them too but where text has only newlines after
+    punctuation (CJK prose). A tokenizer file of another kind (one that marks the start of each text,
+    SentencePiece's) may tokenize the cuts otherwise. With no such point, a piece is cut after its last
+    newline, else at ``size``."""
     buffer = ""
     for block in blocks:
         buffer += block
         while len(buffer) > size:  # there is text after this piece: cut it
-            cuts = [m.start() for m in _BEFORE_SPACE.finditer(buffer, size // 2, size + 1)]
+            cuts = next(filter(None, ([m.start() for m in cut.finditer(buffer, size // 2, size + 1)]
+                                      for cut in _CUTS)), None)
             if cuts:
                 stop = cuts[-1]
             else:
@@ -644,6 +647,7 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
         yield buffer
 
 
-_BEFORE_SPACE = re.compile(r"(?<=[^\W_])[ \t\r\n]")
-"""An ASCII whitespace right after a letter or a digit: where _pieces cuts. Not after punctuation, which the
-pre-tokenizer of Llama 3's and Qwen's tokenizer files joins with the newlines after it (``.\\n``)."""
+_CUTS = (re.compile(r"(?<=[^\W_])[ \t\r\n]"), re.compile(r"(?<=\S)[ \t]"), re.compile(r"(?<=\S)[\r\n]"))
+"""Where _pieces cuts, the first kind a piece's second half holds: an ASCII whitespace after a letter or a
+digit; a space or a tab after any other text; a newline after it (which Llama 3's and Qwen's tokenizer files
+join with punctuation before it: ``.\\n``)."""

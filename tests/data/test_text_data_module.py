@@ -255,8 +255,8 @@ def test_ranks_whose_copies_of_the_corpus_differ_are_refused_in_one_line_on_ever
         same, differ = json.loads((tmp_path / f"corpus_{rank}.json").read_text())
         assert same == "same"
         assert re.fullmatch(rf"data: rank 1 tokenized another corpus than rank 0 \(data.path \S+node{rank}_1/corpus.txt, "
-                            r"data.tokenizer byte\): its files or their tokens differ; give every node the same text "
-                            r"and tokenizer", differ), differ
+                            r"data.tokenizer byte\): its files or their tokens differ; give every node the same text, "
+                            r"tokenizer and version of llm", differ), differ
 
 
 def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
@@ -548,8 +548,11 @@ def test_long_texts_are_tokenized_in_chunks_cut_before_whitespace():
     text = "abc\n" * 10 + "x" * 25
     pieces = list(tdm._pieces([text], size=10))
     assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
-    # before the last whitespace after text in each piece's second half; a piece with none is cut at its size
+    # before the last whitespace after a letter in each piece's second half; a piece with none is cut at its size
     assert pieces == ["abc\nabc"] + ["\nabc\nabc"] * 4 + ["\n" + "x" * 9, "x" * 10, "x" * 6]
+    # without one, before a space after other text, else before a newline after it
+    assert list(tdm._pieces(["x.\n,. y" * 6], size=10))[:2] == ["x.\n,.", " yx.\n,."]
+    assert list(tdm._pieces([".,\n" * 8], size=10)) == [".,\n.,\n.,", "\n.,\n.,\n.,", "\n.,\n.,\n"]
     for cut in range(len(text) + 1):  # however the file's blocks split the text, the pieces are the same
         assert list(tdm._pieces([text[:cut], "", text[cut:]], size=10)) == pieces, cut
 
@@ -574,7 +577,7 @@ def test_pieces_are_cut_before_whitespace_so_a_bpe_gives_the_tokens_of_the_whole
     # code: GPT-2's pre-tokenizer joins a newline with the indentation after it (and a run of spaces with the word
     # after it), Llama 3's a newline with the punctuation before it; cut inside such a run, the pieces would
     # tokenize otherwise than the whole, and otherwise again with another piece size. A class body has no newline
-    # with text on both sides, a CRLF file none at all
+    # with text on both sides, a CRLF file none at all: each piece is cut after a letter or a digit
     body = "".join(f"    def f{i}(self, x):  \n        return x + {i}\n\n    y{i} = g(x).\n    z = h();\n"
                    for i in range(120))
     texts = ("class A:\n" + body, ("class A:\n" + body).replace("\n", "\r\n"))
@@ -586,6 +589,16 @@ def test_pieces_are_cut_before_whitespace_so_a_bpe_gives_the_tokens_of_the_whole
             assert "".join(pieces) == text and len(pieces) > 1 and max(map(len, pieces)) <= size
             assert all(not p[-1].isspace() and q[0].isspace() for p, q in zip(pieces, pieces[1:]))
             assert np.concatenate(list(tdm.encode_pieces(tokenizer, pieces))).tolist() == whole, size
+    # text with only newlines after punctuation for whitespace (CJK prose, a JSON list): GPT-2's rule keeps its
+    # tokens where those are cut before (no cut suits Llama 3's there); after a newline, as a last resort, not
+    prose = "".join(f"\u3000\u3000第{i}章。这是一个句子，没有空格。\n" for i in range(300))  # indented: ideographic spaces
+    strings = "[\n" + ",\n".join(f'  "item-{i}"' for i in range(300)) + "\n]\n"
+    for text in (prose, strings):
+        tokenizer = HFTokenizer.train_bpe([text], 300)
+        whole = tokenizer.encode(text)
+        for size in (50, 150, 400):
+            pieces = list(tdm._pieces([text], size=size))
+            assert len(pieces) > 1 and np.concatenate(list(tdm.encode_pieces(tokenizer, pieces))).tolist() == whole
 
 
 def test_a_file_is_read_in_blocks_and_a_bad_byte_is_named_where_it_is(tmp_path, monkeypatch):

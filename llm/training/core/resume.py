@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -229,11 +228,12 @@ def seed_everything(seed: int, devices: bool = True) -> None:
 
 
 def mixed_seed(*numbers: int) -> int:
-    """One seed from several whole numbers, the same in every process and another for any other numbers (as far
-    as 63 bits of a hash tell). Not hash() of them: CPython's hash(-1) is hash(-2), which gave the training
-    loader of epochs 0 and 1 (salts -1 and -2) the same seed; nor of a str, which each process keys anew."""
-    digest = hashlib.blake2b(",".join(map(str, numbers)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
+    """One seed from several whole numbers, the same in every process: hash() of ints, and tuples of them, is
+    (of a str it is not: Python draws a new hash key per process). CPython's hash(-1) is hash(-2), which gave
+    the training loader of epochs 0 and 1 (salts -1 and -2) one seed: -2 is hashed as the tuple (-2,), and
+    every other number as itself, so each seed but that one is the one earlier versions drew (a run resumed
+    across the change draws its split and batches as it did)."""
+    return hash(tuple((n,) if n == -2 else n for n in numbers)) % 2**63
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
