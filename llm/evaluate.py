@@ -96,8 +96,6 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer, separator: str = "") -> 
     Read and encoded in pieces, as training's cache is: a large file is never held whole as text, nor as
     the tokenizer's objects for every token, only as its ids.
     """
-    if not str(path).strip():  # an unset shell variable: corpus_files reads "" as training's default corpus
-        raise UsageError("--data-path: got an empty path; give a text file, a folder or a glob")
     files = corpus_files(str(path), "--data-path")
     path = Path(path).expanduser()
     parts = []
@@ -233,6 +231,8 @@ def _score(argv: list[str] | None) -> str:
         return f"{shown}  samples {samples}  checkpoint {ckpt}"
     if args.split is not None:
         raise UsageError("--split scores a split of the run's data module, --data-path a text file: give one of them")
+    if not args.data_path.strip():  # an unset shell variable: "" would be training's default corpus
+        raise UsageError("--data-path: got an empty path; give a text file, a folder or a glob")
     model, tokenizer, ckpt = load_lm(args.checkpoint, args.device)
     block_size = args.block_size or model.config.block_size
     if block_size > model.config.block_size:

@@ -238,7 +238,7 @@ def check_out(given: str | os.PathLike) -> None:
     if out.suffix == ".json":  # the name of a description, not of weights
         raise UsageError(f"--out {out}: the weights are safetensors and their description beside them is JSON, "
                          f"so the weights need another suffix, such as .safetensors")
-    if out.suffix in TORCH_SUFFIXES:  # a name that promises what torch.load reads, which it cannot
+    if out.suffix.lower() in TORCH_SUFFIXES:  # a name that promises what torch.load reads, which it cannot
         raise UsageError(f"--out {out}: the weights are written as safetensors, which torch.load does not read: "
                          f"name them {out.with_suffix('.safetensors')}")
     description = description_of(out)

@@ -503,13 +503,18 @@ def test_a_claim_cut_short_lets_go_of_the_folder_it_made(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
-def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path):
+def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path, capsys):
     out = train_cli("--print-config", "--optimizer-lr", "0.25", cwd=tmp_path)
     assert out.returncode == 0 and not (tmp_path / "runs").exists()
     saved = tmp_path / "c.yaml"
     saved.write_text(out.stdout)
     from llm.training.core.config import Config
     assert Config.from_yaml(saved) == Config.from_args_and_env(["--optimizer-lr", "0.25"], environ={})
+    from llm.training import train
+
+    # a task the run could not import: a config printed for it would fail only when used
+    assert train.main(["--task", "my_tasks:Missing", "--print-config"]) == 2
+    assert capsys.readouterr() == ("", "error: cannot import task module 'my_tasks': No module named 'my_tasks'\n")
 
 
 def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):

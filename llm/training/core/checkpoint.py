@@ -250,11 +250,13 @@ class CheckpointManager:
         except OSError as error:
             # a latest naming an older checkpoint would have a resume take that one and set this one aside:
             # without it, a resume takes the newest valid checkpoint, this one
-            with contextlib.suppress(OSError):
-                (self.directory / LATEST).unlink()
+            try:
+                (self.directory / LATEST).unlink(missing_ok=True)
+                after = "removed, so that a resume takes the newest valid checkpoint"
+            except OSError:
+                after = f"nor removed: resume with --checkpoint-resume {final}"
             warnings.warn(f"checkpoint {final.name} saved, but {self.directory / LATEST} not updated "
-                          f"({_one_line(error)}): removed, so that a resume takes the newest valid checkpoint",
-                          stacklevel=3)
+                          f"({_one_line(error)}): {after}", stacklevel=3)
 
     def retain(self, keep: Path) -> None:
         """Delete the checkpoints retention does not keep, beside ``keep``; rank 0 alone. Each save does it;

@@ -736,8 +736,8 @@ class _Parser(ArgParser):
 
     def error(self, message: str) -> NoReturn:
         given = message.split(":", 1)[1].split() if message.startswith("unrecognized arguments:") else []
-        one_dash = next((word for word in given if re.fullmatch(r"-[A-Za-z][\w-]+", word)), None)
-        if one_dash:  # -epochs: a flag with one dash too few, which argparse reads as short options
+        one_dash = next((word for word in given if re.fullmatch(r"-[A-Za-z][\w-]*", word)), None)
+        if one_dash and not any(word.startswith("--") for word in given):  # -epochs: a dash short (else a value)
             flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
             message = f"unrecognized argument {one_dash}: flags take two dashes{closest('-' + one_dash, flags)}"
         elif given and not any(word.startswith("--") for word in given):

@@ -84,10 +84,12 @@ class CallbackError(RuntimeError):
 
 OUT_OF_TIME = "reached training.max_minutes"
 """How the stop_reason of a run stopped by its time limit begins."""
+WARMUP_OUTLASTS = "optimizer.warmup_steps .* outlasts the run's"
+"""The start of optim.build_scheduler's warning of a warmup longer than the run."""
 SAID_BY_RANK_0 = ("resuming .*-process state on ",
                   "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not",
                   "resuming a stream with ", "replaying the ", "the stream's loader keeps its workers",
-                  "the stream's loader was saved with ", "optimizer.warmup_steps .* outlasts the run's")
+                  "the stream's loader was saved with ", WARMUP_OUTLASTS)
 """The starts of the warnings every rank meets alike in set-up: loading a checkpoint (rank 0 alone looks for it), a
 data set that its loader workers cannot seed batch by batch, a warmup longer than the run."""
 
@@ -552,6 +554,8 @@ class TrainingEngine:
         self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)
         with self._warned_by_rank_0():  # a warmup longer than the run: the same on every rank
+            if start.checkpoint is not None:  # said as the resume builds it over the steps of its own layout
+                warnings.filterwarnings("ignore", message=WARMUP_OUTLASTS)
             self.scheduler = self.task.build_scheduler(self.optimizer)
         _check_plateau(self.scheduler, cfg, type(self.task).__name__)
         decay = cfg.training.ema_decay
