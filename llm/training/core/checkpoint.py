@@ -371,6 +371,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     newest valid one in a folder of checkpoints or a run folder."""
     path = Path(path)
     if not path.exists():
+        if (path.parent / f".trash-{path.name}").is_dir():  # a save that replaced it stopped between its renames
+            raise CheckpointError(f"checkpoint path {path} does not exist: a save that was replacing it stopped, and "
+                                  f"left it as {path.parent / ('.trash-' + path.name)}; the run's next save or "
+                                  f"resume puts it back")
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if path.is_file() and path.name in POINTERS:
         name = _pointed_at(path)

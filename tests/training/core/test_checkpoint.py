@@ -363,6 +363,10 @@ def test_a_checkpoint_moved_aside_by_a_replacing_save_that_crashed_is_put_back(t
     os.replace(tmp_path / "step_00000002", tmp_path / ".trash-step_00000002")
     (tmp_path / ".staging-step_00000002").mkdir()
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_00000001"  # read-only tools see what is there
+    with pytest.raises(CheckpointError, match=r"step_00000002 does not exist: a save that was replacing it stopped, "
+                                              r"and left it as \S+/.trash-step_00000002; the run's next save or "
+                                              r"resume puts it back$"):
+        resolve_checkpoint(tmp_path / "step_00000002")  # named itself
     assert CheckpointManager(tmp_path).latest_valid() == tmp_path / "step_00000002"  # a resume puts it back
     assert verify(tmp_path / "step_00000002") is None and not (tmp_path / ".trash-step_00000002").exists()
     save(manager, 3)
