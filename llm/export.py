@@ -235,7 +235,7 @@ def check_out(given: str | os.PathLike) -> None:
     # "exports/" and "exports/." name a folder even where none is yet, though Path() drops the "/" and the "."
     if out.is_dir() or os.path.basename(os.fspath(given)) in ("", ".", ".."):
         raise UsageError(f"--out {out} is a folder: name the file to write, such as {out / 'model.safetensors'}")
-    if out.suffix == ".json":  # the name of a description, not of weights
+    if out.suffix.lower() == ".json":  # the name of a description, not of weights
         raise UsageError(f"--out {out}: the weights are safetensors and their description beside them is JSON, "
                          f"so the weights need another suffix, such as .safetensors")
     if out.suffix.lower() in TORCH_SUFFIXES:  # a name that promises what torch.load reads, which it cannot

@@ -55,6 +55,7 @@ MISSPELLED = {  # each tool's flag misspelled, the one it meant named
     (["-epochs", "3"], "unrecognized argument -epochs: flags take two dashes (did you mean --epochs?)"),
     (["-training-max-step", "3"],
      "unrecognized argument -training-max-step: flags take two dashes (did you mean --training-max-steps?)"),
+    (["-e", "3"], "unrecognized argument -e: flags take two dashes"),  # too short to tell which (not --help)
     (["3"], "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"),
 ])
 def test_a_settings_name_without_its_section_is_named_with_it(argv, error, capsys):

@@ -621,15 +621,14 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
     """The text of ``blocks`` joined, as pieces of about ``size`` characters: the same pieces however the text
     is split into blocks.
 
-    Each is cut before the last whitespace in its second half that follows text, where no pre-token of the
-    byte, char or bpe tokenizers (nor of GPT-2's or a WordPiece's tokenizer file) spans: they join a run of
-    whitespace with what follows it, never with what comes before, so the tokens are those of the whole text
-    whatever the size of the pieces (a cut after a newline split indented code otherwise). Llama 3's and
-    Qwen's also join punctuation with the newlines after it, so of those points the first kind of
-    :data:`_CUTS` that the half holds is taken, safe for them too but where text has only newlines after
-    punctuation (CJK prose). A tokenizer file of another kind (one that marks the start of each text,
-    SentencePiece's) may tokenize the cuts otherwise. With no such point, a piece is cut after its last
-    newline, else at ``size``."""
+    Each is cut at the last point in its second half of the first kind of :data:`_CUTS` it holds, where no
+    pre-token of the byte, char or bpe tokenizers (nor of GPT-2's or a WordPiece's tokenizer file) spans:
+    they join a run of whitespace with what follows it, never with what comes before, so the tokens are those
+    of the whole text whatever the size of the pieces (a cut after a newline split indented code otherwise).
+    Llama 3's and Qwen's also join punctuation with the newlines after it: the kinds taken first suit them too,
+    the last (a newline after punctuation, with whitespace after it: indented CJK prose) does not. A tokenizer
+    file of another kind (one that marks the start of each text, SentencePiece's) may tokenize the cuts
+    otherwise. With no such point, a piece is cut after its last newline, else at ``size``."""
     buffer = ""
     for block in blocks:
         buffer += block
@@ -647,7 +646,9 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
         yield buffer
 
 
-_CUTS = (re.compile(r"(?<=[^\W_])[ \t\r\n]"), re.compile(r"(?<=\S)[ \t]"), re.compile(r"(?<=\S)[\r\n]"))
-"""Where _pieces cuts, the first kind a piece's second half holds: an ASCII whitespace after a letter or a
-digit; a space or a tab after any other text; a newline after it (which Llama 3's and Qwen's tokenizer files
-join with punctuation before it: ``.\\n``)."""
+_CUTS = (re.compile(r"(?<=[^\W_])[ \t\r\n]"), re.compile(r"(?<=\S)[ \t]"), re.compile(r"(?<=\S\n)(?=\S)"),
+         re.compile(r"(?<=\S)[\r\n]"))
+"""Where _pieces cuts, the first kind a piece's second half holds: before an ASCII whitespace after a letter or
+a digit; before a space or a tab after any other text; after a lone newline between text (a run of them GPT-2's
+pre-tokenizer splits otherwise); before a newline after text (which Llama 3's and Qwen's tokenizer files join
+with punctuation before it: ``.\\n``)."""

@@ -550,9 +550,10 @@ def test_long_texts_are_tokenized_in_chunks_cut_before_whitespace():
     assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
     # before the last whitespace after a letter in each piece's second half; a piece with none is cut at its size
     assert pieces == ["abc\nabc"] + ["\nabc\nabc"] * 4 + ["\n" + "x" * 9, "x" * 10, "x" * 6]
-    # without one, before a space after other text, else before a newline after it
+    # without one, before a space after other text, else after a lone newline between text, else before a newline
     assert list(tdm._pieces(["x.\n,. y" * 6], size=10))[:2] == ["x.\n,.", " yx.\n,."]
-    assert list(tdm._pieces([".,\n" * 8], size=10)) == [".,\n.,\n.,", "\n.,\n.,\n.,", "\n.,\n.,\n"]
+    assert list(tdm._pieces([".,\n" * 8], size=10)) == [".,\n.,\n.,\n", ".,\n.,\n.,\n", ".,\n.,\n"]
+    assert list(tdm._pieces([".,\n\n" * 6], size=10)) == [".,\n\n.,\n\n.,", "\n\n.,\n\n.,", "\n\n.,\n\n"]
     for cut in range(len(text) + 1):  # however the file's blocks split the text, the pieces are the same
         assert list(tdm._pieces([text[:cut], "", text[cut:]], size=10)) == pieces, cut
 
@@ -562,13 +563,13 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 """The rule Llama 3's and Qwen's tokenizer files split text into words by: punctuation keeps the newlines after it."""
 
 
-def llama3_style_bpe(text: str, vocab_size: int) -> HFTokenizer:
+def llama3_style_bpe(texts: list[str], vocab_size: int) -> HFTokenizer:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return HFTokenizer(tok)
 
@@ -589,12 +590,16 @@ def test_pieces_are_cut_before_whitespace_so_a_bpe_gives_the_tokens_of_the_whole
             assert "".join(pieces) == text and len(pieces) > 1 and max(map(len, pieces)) <= size
             assert all(not p[-1].isspace() and q[0].isspace() for p, q in zip(pieces, pieces[1:]))
             assert np.concatenate(list(tdm.encode_pieces(tokenizer, pieces))).tolist() == whole, size
-    # text with only newlines after punctuation for whitespace (CJK prose, a JSON list): GPT-2's rule keeps its
-    # tokens where those are cut before (no cut suits Llama 3's there); after a newline, as a last resort, not
-    prose = "".join(f"\u3000\u3000第{i}章。这是一个句子，没有空格。\n" for i in range(300))  # indented: ideographic spaces
-    strings = "[\n" + ",\n".join(f'  "item-{i}"' for i in range(300)) + "\n]\n"
-    for text in (prose, strings):
-        tokenizer = HFTokenizer.train_bpe([text], 300)
+    # text whose only whitespace is newlines after punctuation (CJK prose, JSON lines) is cut after a lone newline,
+    # which both keep; indented, or with the newlines doubled, before a newline, which GPT-2's keeps, Llama 3's not
+    lines = ("".join(f"第{i}章。这是一个句子，没有空格。\n" for i in range(300)),
+             "".join(f'{{"a":[{i},2]}}\n' for i in range(300)))
+    indented = ("".join(f"\u3000\u3000第{i}章。这是一个句子，没有空格。\n" for i in range(300)),  # ideographic spaces
+                "[\n" + ",\n".join(f'  "item-{i}"' for i in range(300)) + "\n]\n")
+    cases = [*itertools.product(lines, (HFTokenizer.train_bpe, llama3_style_bpe)),
+             *itertools.product(indented, (HFTokenizer.train_bpe,))]
+    for text, train in cases:
+        tokenizer = train([text], 300)
         whole = tokenizer.encode(text)
         for size in (50, 150, 400):
             pieces = list(tdm._pieces([text], size=size))

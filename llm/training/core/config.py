@@ -739,7 +739,8 @@ class _Parser(ArgParser):
         one_dash = next((word for word in given if re.fullmatch(r"-[A-Za-z][\w-]*", word)), None)
         if one_dash and not any(word.startswith("--") for word in given):  # -epochs: a dash short (else a value)
             flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
-            message = f"unrecognized argument {one_dash}: flags take two dashes{closest('-' + one_dash, flags)}"
+            meant = closest("-" + one_dash, flags) if len(one_dash) > 3 else ""  # -e: too short to tell
+            message = f"unrecognized argument {one_dash}: flags take two dashes{meant}"
         elif given and not any(word.startswith("--") for word in given):
             message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
         elif message.startswith("unrecognized arguments:") and "--custom-" in message:

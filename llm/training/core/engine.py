@@ -52,7 +52,7 @@ from llm.training.core.checkpoint import (
 )
 from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.metrics import RunningMeans, TrainingSums
-from llm.training.core.optim import WeightAverage
+from llm.training.core.optim import WeightAverage, warmup_outlasting
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
 
@@ -84,14 +84,12 @@ class CallbackError(RuntimeError):
 
 OUT_OF_TIME = "reached training.max_minutes"
 """How the stop_reason of a run stopped by its time limit begins."""
-WARMUP_OUTLASTS = "optimizer.warmup_steps .* outlasts the run's"
-"""The start of optim.build_scheduler's warning of a warmup longer than the run."""
 SAID_BY_RANK_0 = ("resuming .*-process state on ",
                   "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not",
                   "resuming a stream with ", "replaying the ", "the stream's loader keeps its workers",
-                  "the stream's loader was saved with ", WARMUP_OUTLASTS)
+                  "the stream's loader was saved with ")
 """The starts of the warnings every rank meets alike in set-up: loading a checkpoint (rank 0 alone looks for it), a
-data set that its loader workers cannot seed batch by batch, a warmup longer than the run."""
+data set that its loader workers cannot seed batch by batch."""
 
 
 HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|auroc|precision|recall|bleu|rouge\w*|iou|dice|r2)($|_)",
@@ -553,10 +551,7 @@ class TrainingEngine:
         self.raw_model = parallel.prepare(model, cfg, self.world_size)
         self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)
-        with self._warned_by_rank_0():  # a warmup longer than the run: the same on every rank
-            if start.checkpoint is not None:  # said as the resume builds it over the steps of its own layout
-                warnings.filterwarnings("ignore", message=WARMUP_OUTLASTS)
-            self.scheduler = self.task.build_scheduler(self.optimizer)
+        self.scheduler = self.task.build_scheduler(self.optimizer)
         _check_plateau(self.scheduler, cfg, type(self.task).__name__)
         decay = cfg.training.ema_decay
         self.ema = WeightAverage(self.raw_model, decay) if decay else None  # validation's weights, and the tools'
@@ -573,6 +568,9 @@ class TrainingEngine:
         if start.checkpoint is not None:
             with self._warned_by_rank_0():  # resuming on another number of processes, samples seen again
                 self.load_checkpoint(start.checkpoint)
+        outlasting = warmup_outlasting(cfg.optimizer, self.total_steps)  # over the steps of the run's own layout
+        if outlasting and self.is_main and type(self.task).build_scheduler is TrainingTask.build_scheduler:
+            warnings.warn(outlasting)  # the config's schedule; a task's own may not warm up
         # a ReduceLROnPlateau steps on checkpoint.monitor after each validation (see validate), any other per step
         self._per_step_scheduler = None if isinstance(self.scheduler, ReduceLROnPlateau) else self.scheduler
         self.model = parallel.wrap(self.raw_model, cfg, self.world_size, self.device)

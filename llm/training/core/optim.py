@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -128,12 +127,17 @@ def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int) -> LambdaLR:
-    """cfg's schedule (:func:`lr_factor`) over ``total_steps``; a warning when the warmup outlasts them."""
-    if 0 < total_steps <= cfg.warmup_steps:  # the run may be given more steps later: a warning, not a refusal
-        warnings.warn(f"optimizer.warmup_steps {cfg.warmup_steps} outlasts the run's {total_steps} optimizer steps: "
-                      f"the learning rate never reaches optimizer.lr {cfg.lr:g} (it ends at "
-                      f"{cfg.lr * lr_factor(total_steps - 1, cfg, total_steps):.3g})", stacklevel=2)
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def warmup_outlasting(cfg: OptimizerConfig, total_steps: int) -> str:
+    """What to warn of when cfg's warmup outlasts the run's ``total_steps`` ("" when it does not): a warning,
+    not a refusal, since the run may be given more steps later."""
+    if not 0 < total_steps <= cfg.warmup_steps:
+        return ""
+    return (f"optimizer.warmup_steps {cfg.warmup_steps} outlasts the run's {total_steps} optimizer steps: the "
+            f"learning rate never reaches optimizer.lr {cfg.lr:g} (it ends at "
+            f"{cfg.lr * lr_factor(total_steps - 1, cfg, total_steps):.3g})")
 
 
 class WeightAverage:

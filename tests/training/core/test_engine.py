@@ -46,6 +46,31 @@ def train(config, task_cls=RegressionTask, callbacks=None):
     return engine, engine.train()
 
 
+
+def test_a_warmup_that_outlasts_the_run_is_said_once_for_the_configs_schedule_not_a_tasks_own(tmp_path):
+    config = tiny_config(tmp_path, training={"max_steps": 3}, optimizer={"warmup_steps": 100})
+    with pytest.warns(UserWarning, match=r"^optimizer.warmup_steps 100 outlasts the run's 3 optimizer steps") as said:
+        TrainingEngine(config, RegressionTask(config), 0, 1).train()
+    assert len([w for w in said if "outlasts" in str(w.message)]) == 1
+
+    class Constant(RegressionTask):
+        def build_scheduler(self, optimizer):
+            return None
+
+    config = tiny_config(tmp_path / "own", training={"max_steps": 3}, optimizer={"warmup_steps": 100})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        TrainingEngine(config, Constant(config), 0, 1).train()
+    assert not [w for w in said if "outlasts" in str(w.message)]
+    # a resume given a warmup that now outlasts the run says so too
+    first = tiny_config(tmp_path / "resumed", training={"max_steps": 3})
+    TrainingEngine(first, RegressionTask(first), 0, 1).train()
+    config = tiny_config(tmp_path / "resumed", training={"max_steps": 6}, optimizer={"warmup_steps": 8},
+                         checkpoint={"resume": "auto", "allow_config_change": True})
+    with pytest.warns(UserWarning, match=r"^optimizer.warmup_steps 8 outlasts the run's 6 optimizer steps"):
+        TrainingEngine(config, RegressionTask(config), 0, 1).train()
+
+
 def test_training_lowers_loss_and_fills_the_run_dir(tmp_path):
     config = tiny_config(tmp_path, training={"epochs": 4})
     engine, metrics = train(config, callbacks=default_callbacks(config))
