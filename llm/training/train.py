@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
     try:
         config = Config.from_args_and_env(argv)
         if "--print-config" in argv:
-            resolve_task(config.task)  # a task the run could not import: refused now, not when the config is used
+            # a task or data module the run could not import: refused now, not when the config is used
+            resolve_data_module(data_module_of(config, resolve_task(config.task)(config)))
             say(config.to_yaml().rstrip("\n"))
             return 0
         rank, world_size, local_rank = D.env_ranks()

@@ -512,9 +512,11 @@ def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path, caps
     assert Config.from_yaml(saved) == Config.from_args_and_env(["--optimizer-lr", "0.25"], environ={})
     from llm.training import train
 
-    # a task the run could not import: a config printed for it would fail only when used
+    # a task or data module the run could not import: a config printed for it would fail only when used
     assert train.main(["--task", "my_tasks:Missing", "--print-config"]) == 2
     assert capsys.readouterr() == ("", "error: cannot import task module 'my_tasks': No module named 'my_tasks'\n")
+    assert train.main(["--data-module", "my_data:Missing", "--print-config"]) == 2
+    assert capsys.readouterr() == ("", "error: cannot import data module 'my_data': No module named 'my_data'\n")
 
 
 def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
