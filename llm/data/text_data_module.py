@@ -633,17 +633,25 @@ def _pieces(blocks: Iterable[str], size: int = _CHUNK_CHARS) -> Iterator[str]:
     for block in blocks:
         buffer += block
         while len(buffer) > size:  # there is text after this piece: cut it
-            cuts = next(filter(None, ([m.start() for m in cut.finditer(buffer, size // 2, size + 1)]
-                                      for cut in _CUTS)), None)
-            if cuts:
-                stop = cuts[-1]
-            else:
+            stop = _last_cut(buffer, size)
+            if stop is None:
                 newline = buffer.rfind("\n", 0, size)
                 stop = newline + 1 if newline > 0 else size
             yield buffer[:stop]
             buffer = buffer[stop:]
     if buffer:
         yield buffer
+
+
+def _last_cut(buffer: str, size: int) -> int | None:
+    """The last point of the first kind of :data:`_CUTS` in ``buffer``'s second half of ``size``, if any."""
+    for kind in _CUTS:
+        last = None
+        for last in kind.finditer(buffer, size // 2, size + 1):
+            pass
+        if last is not None:
+            return last.start()
+    return None
 
 
 _CUTS = (re.compile(r"(?<=[^\W_])[ \t\r\n]"), re.compile(r"(?<=\S)[ \t]"), re.compile(r"(?<=\S\n)(?=\S)"),

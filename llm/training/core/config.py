@@ -736,13 +736,14 @@ class _Parser(ArgParser):
 
     def error(self, message: str) -> NoReturn:
         given = message.split(":", 1)[1].split() if message.startswith("unrecognized arguments:") else []
-        one_dash = next((word for word in given if re.fullmatch(r"-[A-Za-z][\w-]*", word)), None)
-        if one_dash and not any(word.startswith("--") for word in given):  # -epochs: a dash short (else a value)
-            flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
-            meant = closest("-" + one_dash, flags) if len(one_dash) > 3 else ""  # -e: too short to tell
-            message = f"unrecognized argument {one_dash}: flags take two dashes{meant}"
-        elif given and not any(word.startswith("--") for word in given):
-            message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
+        if given and not any(word.startswith("--") for word in given):  # else a flag's value may start with -
+            one_dash = next((word for word in given if re.fullmatch(r"-[A-Za-z][\w-]*", word)), None)
+            if one_dash:  # -epochs: a dash short
+                flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+                meant = closest("-" + one_dash, flags) if len(one_dash) > 3 else ""  # -e: too short to tell
+                message = f"unrecognized argument {one_dash}: flags take two dashes{meant}"
+            else:
+                message = "unexpected positional argument(s): every setting is given as --<section>-<field> VALUE"
         elif message.startswith("unrecognized arguments:") and "--custom-" in message:
             message += " (--custom-<field> sets a field of the task's Settings: --task ... --help lists them)"
         super().error(message)
