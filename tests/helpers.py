@@ -280,7 +280,9 @@ class RankMetricTask(RegressionTask):
 
 
 class NaNRegressionTask(RegressionTask):
-    """Regression whose loss turns NaN on one rank at one optimizer step (env NAN_AT_STEP, NAN_ON_RANK)."""
+    """Regression whose loss turns NaN on one rank at one optimizer step (env NAN_AT_STEP, NAN_ON_RANK): times
+    NaN, and its gradients with it, or with NAN_PLUS=1 plus NaN, its gradients left finite (as a mean over
+    no items is: every label ignored)."""
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -294,7 +296,7 @@ class NaNRegressionTask(RegressionTask):
         rank = int(os.environ.get("RANK", 0))
         step = (self.calls - 1) // self.config.training.grad_accum_steps + 1
         if step == self.nan_at_step and rank == self.nan_on_rank:
-            loss = loss * float("nan")
+            loss = loss + float("nan") if os.environ.get("NAN_PLUS") == "1" else loss * float("nan")
         return loss, metrics
 
 

@@ -351,7 +351,7 @@ def test_nan_on_one_rank_stops_both_and_names_it(tmp_path):
                    "--checkpoint-every-n-steps", "2", cwd=tmp_path, timeout=120,
                    env={"NAN_AT_STEP": "5", "NAN_ON_RANK": "1", "PYTHONPATH": f"{REPO}"})
     assert out.returncode != 0
-    assert out.stderr.count("at step 5, loss non-finite on rank(s) [1]") == 2  # both ranks say so
+    assert out.stderr.count("non-finite loss at step 5 on rank(s) [1]") == 2  # both ranks say so
     assert re.search(r"exitcode\s*:\s*3\b", out.stderr), out.stderr[-2000:]  # torchrun reports each worker's 3
     latest = tmp_path / "runs/nanregressiontask/checkpoints/latest"
     assert latest.read_text().strip() == "step_00000004"
@@ -374,7 +374,7 @@ def test_a_non_finite_loss_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NAN_AT_STEP", "3")
     assert main(["--task", "tests.helpers:NaNRegressionTask", *SMALL, "--training-max-steps", "5"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("error: non-finite gradient norm at step 3, loss non-finite on rank(s) [0]: stopping "
+    assert err[-1] == ("error: non-finite loss at step 3 on rank(s) [0]: stopping "
                        "(training.nan_policy=stop); the last checkpoint is left as it was")
 
 
@@ -558,12 +558,13 @@ def test_hsdp_on_two_nodes_of_two_processes_shards_within_a_node_copies_across_n
 
 
 def test_two_ranks_skip_a_nan_step_everywhere_and_stop_with_the_reason_of_the_rank_that_asked(tmp_path):
+    # rank 1's loss alone is NaN, its gradients finite (NAN_PLUS): the ranks agree on the losses too
     out = torchrun(2, WORKER, "--task", "tests.helpers:NaNRegressionTask", *SMALL, "--training-nan-policy", "skip",
                    "--epochs", "1", "--logging-log-dir", "run", cwd=tmp_path, timeout=120,
-                   env={"NAN_AT_STEP": "3", "NAN_ON_RANK": "1", "STOP_AT_STEP": "5", "STOP_RANK": "1",
-                        "PYTHONPATH": f"{REPO}"})
+                   env={"NAN_AT_STEP": "3", "NAN_ON_RANK": "1", "NAN_PLUS": "1", "STOP_AT_STEP": "5",
+                        "STOP_RANK": "1", "PYTHONPATH": f"{REPO}"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "at step 3, loss non-finite on rank(s) [1]: step skipped" in out.stdout
+    assert "non-finite loss at step 3 on rank(s) [1]: step skipped" in out.stdout
     summary = json.loads((tmp_path / "run/summary.json").read_text())  # written by rank 0
     assert summary["skipped_steps"] == 1 and summary["steps"] == 5 and summary["stop_reason"] == "asked by rank 1"
     state = torch.load(tmp_path / "run/checkpoints/step_00000005/state.pt", weights_only=False)

@@ -356,13 +356,9 @@ class TrainingEngine:
             scaler.unscale_(self.optimizer)
             overflowed = _overflowed(scaler, self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
-        # whether to take the step: the same on every rank, whose gradients are all-reduced already; on the CPU
-        # a bool the host reads at no cost, elsewhere a flag left on the device until the next step reads it
         if self._host_reads:
             grad_norm = grad_norm.item()
-            taken = math.isfinite(grad_norm)
-        else:
-            taken = torch.isfinite(grad_norm)
+        taken = self._finite_everywhere(grad_norm, losses)
         if self._unchecked:  # the last step's: its work is done by now, so reading it stalls nothing
             self._check_steps()
         self._update(taken, scaler)
@@ -388,9 +384,22 @@ class TrainingEngine:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began
 
+    def _finite_everywhere(self, grad_norm: float | torch.Tensor, losses: list[Any]) -> bool | torch.Tensor:
+        """Whether to take the step: the gradient norm and every rank's losses finite. A NaN loss may come with
+        finite gradients (a mean over no items: every label ignored), whose step must not count it in the means.
+        The norm is the same on every rank (gradients are all-reduced before it); the losses are each rank's, so
+        with several ranks one more small all-reduce agrees on them. On the CPU a bool the host reads at no cost,
+        elsewhere a flag left on the device until the next step reads it (_check_steps)."""
+        if self._host_reads:
+            return not D.any_rank([not (math.isfinite(grad_norm) and all(map(math.isfinite, losses)))])[0]
+        # each loss as one number (a task may return a one-element tensor of any shape), in one precision
+        losses = torch.stack([loss.reshape(()).float() for loss in losses])
+        return D.every_rank(torch.isfinite(grad_norm) & torch.isfinite(losses).all())
+
     def _update(self, taken: bool | torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
-        """The optimizer's update, or none where the gradient norm is not finite (``taken`` is false). With a loss
-        scaler too: its own check, which unscale_ made, passes gradients each finite whose norm overflows."""
+        """The optimizer's update, or none where a loss or the gradient norm is not finite (``taken`` is false).
+        With a loss scaler too: its own check, which unscale_ made, passes gradients each finite whose norm
+        overflows."""
         if self._found_inf_step:
             # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
             # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the host
@@ -1150,7 +1159,8 @@ class TrainingEngine:
         return self.should_stop, save_due
 
     def _check_steps(self) -> None:
-        """Act on the steps since the last check whose gradient norm was not finite, as training.nan_policy says.
+        """Act on the steps since the last check not taken (a loss or the gradient norm not finite), as
+        training.nan_policy says.
 
         Each step leaves its flags on their way to the host (``_unchecked``; on the CPU,
         where the host knows them at once, only a step not taken); the next step reads
@@ -1176,16 +1186,16 @@ class TrainingEngine:
         self._unchecked.clear()
 
     def _non_finite(self, step: int, bad_loss: list[bool]) -> None:
-        """Step ``step`` had a non-finite gradient norm and was not taken: count it or stop, as
+        """Step ``step`` had a non-finite loss or gradient norm and was not taken: count it or stop, as
         training.nan_policy says. ``bad_loss``: by rank, whether its loss was not finite."""
         ranks = [r for r, bad in enumerate(bad_loss) if bad]
-        where = f"at step {step}, " + (f"loss non-finite on rank(s) {ranks}" if ranks else "every rank's loss finite")
+        what = f"non-finite loss at step {step} on rank(s) {ranks}" if ranks else \
+            f"non-finite gradient norm at step {step}, every rank's loss finite"
         if self.config.training.nan_policy == "skip":
             self.skipped_steps += 1
-            self.print(f"warning: non-finite gradient norm {where}: step skipped")
+            self.print(f"warning: {what}: step skipped")
             return
-        raise NonFiniteError(f"non-finite gradient norm {where}: stopping (training.nan_policy=stop); "
-                             f"the last checkpoint is left as it was")
+        raise NonFiniteError(f"{what}: stopping (training.nan_policy=stop); the last checkpoint is left as it was")
 
     def _close_epoch_loss(self) -> float:
         """Mean training loss of the epoch over micro-batches and ranks, the window not yet logged included."""

@@ -1431,10 +1431,12 @@ def test_a_signal_after_the_last_stop_agreement_lets_the_run_finish_as_every_ran
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000005"
 
 
-def test_nan_policy_stop_names_the_step_and_saves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("plus", ["0", "1"])  # gradients NaN too, or finite
+def test_nan_policy_stop_names_the_step_and_saves_nothing(tmp_path, monkeypatch, plus):
     monkeypatch.setenv("NAN_AT_STEP", "4")
+    monkeypatch.setenv("NAN_PLUS", plus)
     config = tiny_config(tmp_path, checkpoint={"every_n_steps": 2})
-    with pytest.raises(NonFiniteError, match=r"at step 4, loss non-finite on rank\(s\) \[0\]"):
+    with pytest.raises(NonFiniteError, match=r"^non-finite loss at step 4 on rank\(s\) \[0\]: stopping"):
         train(config, task_cls=NaNRegressionTask)
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000002"
 
@@ -1483,7 +1485,7 @@ def test_with_a_loss_scaler_an_overflow_is_skipped_by_the_scaler_and_a_nan_loss_
     with pytest.raises(NonFiniteError, match=r"^non-finite gradient norm at step 3, every rank's loss finite: stopping"):
         train(tiny_config(tmp_path / "d", training={"max_steps": 5}), task_cls=OverflowAt, callbacks=[LossScaled()])
     monkeypatch.setenv("NAN_AT_STEP", "3")
-    with pytest.raises(NonFiniteError, match=r"at step 3, loss non-finite on rank\(s\) \[0\]"):
+    with pytest.raises(NonFiniteError, match=r"^non-finite loss at step 3 on rank\(s\) \[0\]"):
         train(tiny_config(tmp_path / "b", training={"max_steps": 5}), task_cls=NaNRegressionTask,
               callbacks=[LossScaled()])
 
@@ -1514,8 +1516,10 @@ def test_an_fp16_run_logs_its_loss_scale_and_counts_the_steps_the_scaler_skipped
     assert "overflow_steps" not in metrics and not any("loss_scale" in r for r in records)
 
 
-def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(tmp_path, monkeypatch):
+@pytest.mark.parametrize("plus", ["0", "1"])  # gradients NaN too, or finite: the step is skipped all the same
+def test_nan_policy_skip_counts_the_skipped_step_and_leaves_it_out_of_the_means(tmp_path, monkeypatch, plus):
     monkeypatch.setenv("NAN_AT_STEP", "4")
+    monkeypatch.setenv("NAN_PLUS", plus)
     records = []
 
     class Records(Callback):
@@ -1568,13 +1572,16 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-@pytest.mark.parametrize("optimizer, on_device", [("adamw", True), ("adamw", False), ("muon", False)])
+@pytest.mark.parametrize("optimizer, on_device, plus", [("adamw", True, "0"), ("adamw", False, "0"),
+                                                        ("muon", False, "0"), ("adamw", True, "1"),
+                                                        ("adamw", False, "1")])
 def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_path, monkeypatch, optimizer,
-                                                                          on_device):
+                                                                          on_device, plus):
     """On a GPU adamw is skipped on the device (the fused optimizer's found_inf), with no sync; here on the
     CPU too, for the test. On the CPU, and for muon anywhere, the host decides. Either way the run ends where
     the one that stopped before that step does."""
     monkeypatch.setenv("NAN_AT_STEP", "3")
+    monkeypatch.setenv("NAN_PLUS", plus)  # a NaN loss whose gradients are finite: skipped too
     monkeypatch.setattr(engine_module, "_skips_on_device",
                         lambda opt, device: on_device and opt._step_supports_amp_scaling)
     monkeypatch.setattr(engine_module, "_read_now", lambda device: not on_device)  # the flag stays a tensor there
