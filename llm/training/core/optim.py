@@ -40,7 +40,14 @@ def _optimizer(params: list[nn.Parameter], name: str, cfg: OptimizerConfig) -> t
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     if params and _is_dtensor(params[0]):  # FSDP2's shards: torch has no sharded fused SGD kernel
         fused = {}
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
+    sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
+    if cfg.beta1:
+        # momentum buffers made now, as zeros: with no dampening the first step's 0·momentum + grad is the copy of
+        # the gradient torch's first step makes. Made lazily instead, fused SGD makes them (empty_like) at a step
+        # whose update found_inf skips, as the engine skips a non-finite step on a GPU, and reads that memory next
+        for p in params:
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return sgd
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -1606,6 +1606,30 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
             assert torch.equal(value, theirs[key]), key
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_first_step_skipped_on_the_device_leaves_the_optimizer_as_the_hosts_skip_does(tmp_path, monkeypatch,
+                                                                                       optimizer):
+    """Fused SGD made its momentum buffers (uninitialised memory, empty_like) at its first step, also one that
+    found_inf skips, and the next step read them: build_optimizer makes them beforehand, as zeros."""
+    monkeypatch.setenv("NAN_AT_STEP", "1")
+    runs = []
+    for on_device in (True, False):
+        monkeypatch.setattr(engine_module, "_skips_on_device",
+                            lambda opt, device, on_device=on_device: on_device and opt._step_supports_amp_scaling)
+        monkeypatch.setattr(engine_module, "_read_now", lambda device, on_device=on_device: not on_device)
+        config = tiny_config(tmp_path / str(on_device), training={"nan_policy": "skip", "max_steps": 3},
+                             optimizer={"name": optimizer, "scheduler": "constant"})
+        runs.append(train(config, task_cls=NaNRegressionTask)[0])
+    device, host = runs
+    assert device.optimizer.defaults.get("fused") and device._found_inf_step  # the device's own skip was there
+    for name, value in weights(host.raw_model).items():
+        assert torch.equal(value, weights(device.raw_model)[name]), name
+    for p, q in zip(host.optimizer.param_groups[0]["params"], device.optimizer.param_groups[0]["params"]):
+        assert host.optimizer.state[p].keys() == device.optimizer.state[q].keys()
+        for key, value in host.optimizer.state[p].items():
+            assert torch.equal(value, device.optimizer.state[q][key]), key
+
+
 def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_path, monkeypatch):
     """On a GPU, reading a step's own flag would make the host wait for that step's work; read during the
     next step, after its backward is queued, the flag is long on the host and the GPU never idles."""
@@ -2050,7 +2074,9 @@ class RatesAtStart(Callback):
     def on_train_start(self, engine):
         self.lrs = [g["lr"] for g in engine.optimizer.param_groups]
         self.decays = [g["weight_decay"] for g in engine.optimizer.param_groups]
-        self.moments = len(engine.optimizer.state)
+        # what the state holds, not its entries: SGD makes its momentum buffers as zeros before any step
+        self.moments = sum(bool(v.any()) for state in engine.optimizer.state.values() for v in state.values()
+                           if torch.is_tensor(v))
 
 
 def test_a_resume_with_a_new_learning_rate_and_weight_decay_uses_them_where_the_schedule_stands(tmp_path):
