@@ -22,7 +22,9 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 FLAGS = ["--model-n-layer", "2", "--model-n-embd", "16", "--model-dropout", "0.1", "--data-num-samples", "512",
          "--data-input-dim", "4", "--logging-progress-bar", "false", "--training-batch-size", "16", "--epochs", "2",
          "--checkpoint-every-n-steps", "4", "--training-eval-every-steps", "6", "--checkpoint-resume", "auto",
-         "--logging-log-every-steps", "4"]
+         "--logging-log-every-steps", "4", "--checkpoint-keep-best", "0"]
+"""Saves every 4 steps, and none for a validation's score (--checkpoint-keep-best 0): the faults below are placed
+against that schedule."""
 STEPS = 2 * ((512 - 51) // 16)  # 28 per epoch on one process
 TIMING = ("samples_per_s", "step_time_ms", "data_wait_pct", "peak_mem_mb")
 
@@ -402,8 +404,8 @@ def fsdp_flags(tmp_path: Path) -> list[str]:
             "--data-cache-dir", str(tmp_path / "cache"), "--model-n-layer", "2", "--model-n-head", "2",
             "--model-n-embd", "32", "--model-block-size", "16", "--model-dropout", "0.1",
             "--training-batch-size", "4", "--training-max-steps", "12", "--training-eval-every-steps", "6",
-            "--training-eval-batches", "2", "--checkpoint-every-n-steps", "4", "--checkpoint-resume", "auto",
-            "--logging-progress-bar", "false"]
+            "--training-eval-batches", "2", "--checkpoint-every-n-steps", "4", "--checkpoint-keep-best", "0",
+            "--checkpoint-resume", "auto", "--logging-progress-bar", "false"]
 
 
 def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path):

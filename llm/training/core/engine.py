@@ -62,9 +62,10 @@ TRAINING_FIGURES = ("grad_norm", "skipped_steps", "loss_scale", "overflow_steps"
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
 """The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` and
 ``scheduler_kind`` are read when there: checkpoints of earlier versions lack them)."""
-SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, LOADER_STREAM = 1, 2, 3, 4
+SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, LOADER_STREAM, RANK_STREAM = 1, 2, 3, 4, 5
 """What the seeds made from training.seed are for: the data module's set-up, the training and validation batches
-loader workers load, and the generator of each loader iterator (each a stream of its own)."""
+loader workers load, the generator of each loader iterator, and each rank's own draws beside them (dropout and
+the like): each a stream of its own."""
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
@@ -87,7 +88,7 @@ OUT_OF_TIME = "reached training.max_minutes"
 SAID_BY_RANK_0 = ("resuming .*-process state on ",
                   "resuming mid-epoch with ", ".* takes no new attribute", "the training loader's batch sampler is not",
                   "resuming a stream with ", "replaying the ", "the stream's loader keeps its workers",
-                  "the stream's loader was saved with ")
+                  "the stream's loader was saved with ", "a pass over the stream took ")
 """The starts of the warnings every rank meets alike in set-up: loading a checkpoint (rank 0 alone looks for it), a
 data set that its loader workers cannot seed batch by batch."""
 
@@ -157,6 +158,7 @@ class TrainingEngine:
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.stream = False  # the training loader is a stream (set in setup): its epochs end when it does
+        self._steps_a_pass: int | None = None  # a stream's: the steps of the first whole pass this process made
         self._loader_restored = False  # a stream's loader put back where a checkpoint's stood, to go on from
         self._stream_state: dict[str, Any] | None = None  # where it stood after the last group yielded
         self.samples_seen = 0  # training samples over all ranks
@@ -182,6 +184,7 @@ class TrainingEngine:
         self.train_metrics: dict[str, float] = {}  # the last logged training record
         self.val_metrics: dict[str, float] = {}  # the last validation, with the step it ran at
         self.best_metric: float | None = None  # best value of checkpoint.monitor so far
+        self._best_step: int | None = None  # the step whose validation set it, in this process
         self._pending: dict[str, dict[str, float]] = {}  # engine.log() values by the record they go to
         self._clashed: set[tuple[str, str]] = set()  # (split, key) of engine.log() values that a record had
         self._hook = ""  # the hook now firing
@@ -245,19 +248,23 @@ class TrainingEngine:
         self._fire("on_epoch_start")
         if self._stop_before_a_step():
             return
+        first_step, whole = self.step, self.batch_in_epoch == 0  # a whole pass, to count a stream's steps by
         self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
         for micro_batches, last_of_epoch in self._epoch_batches():
             self.optimizer_step(micro_batches)
             self._fire("on_step_end")
             if self._due(self.config.logging.log_every_steps):
                 self._flush_log("train", self._window_metrics())
-            if self._due(t.eval_every_steps):
+            if self._due(t.eval_every_steps) and not last_of_epoch:  # the epoch's own comes below, as it closes
                 self.validate()
             if last_of_epoch:
                 break  # the epoch's end comes first: its validation, then the stop and the save below
             if self._end_step():
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if self.stream and whole and self._steps_a_pass is None:
+            self._steps_a_pass = self.step - first_step
+            self._warn_if_passes_end_first()
         metrics = {"train_loss": self._close_epoch_loss(), **self._validated()}
         began = time.perf_counter()  # the validation counts itself aside
         self._fire("on_epoch_end", metrics)
@@ -265,9 +272,20 @@ class TrainingEngine:
         self.aside_s += time.perf_counter() - began
         self._end_step()
 
+    def _warn_if_passes_end_first(self) -> None:
+        """After a stream's first whole pass: warn if training.epochs passes like it end the run before max_steps,
+        which the learning-rate schedule spans (it would end far from its end)."""
+        t = self.config.training
+        ends_at = self.step + (t.epochs - self.epoch) * self._steps_a_pass
+        if ends_at < t.max_steps:
+            with self._warned_by_rank_0():
+                warnings.warn(f"a pass over the stream took {self._steps_a_pass} steps: training.epochs={t.epochs} passes "
+                              f"end the run at about step {ends_at}, before training.max_steps={t.max_steps}, which "
+                              f"the learning-rate schedule spans; raise training.epochs to train to max_steps")
+
     def _end_step(self) -> bool:
-        """After a step, and after the epoch it ends: agree whether to stop and whether the clock calls for a
-        save, then save if due. A run about to finish is saved by finish(), after its last validation. Returns
+        """After a step, and after the epoch it ends: agree whether to stop and whether the clock or a better
+        validation calls for a save, then save if due. A run about to finish is saved by finish(), after its last validation. Returns
         whether to stop."""
         self._stop_at_max_steps()
         if self._deadline is not None and not self._finished() and time.monotonic() >= self._deadline:
@@ -275,8 +293,13 @@ class TrainingEngine:
             self.should_stop = True
             self.stop_reason = f"{OUT_OF_TIME}={self.config.training.max_minutes:g}"
         minutes = self.config.checkpoint.every_n_minutes
-        stop, clock_due = self._agree_to_stop(bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes)
-        due = clock_due or self._due(self.config.checkpoint.every_n_steps)
+        clock_due = bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes
+        # a validation that beat the best is saved (where checkpoints are kept for their score), so that the best
+        # checkpoint holds the best weights validated, not the best of those the schedule happened to save; agreed
+        # with the clock's, as a task's whole-set score may differ between ranks in its last bit
+        best_due = self._best_step == self.step and self.config.checkpoint.keep_best > 0
+        stop, save_due = self._agree_to_stop(clock_due or best_due)
+        due = save_due or self._due(self.config.checkpoint.every_n_steps)
         if due and not self._finished() and self._saved_step != self.step:
             self.save_checkpoint()
         return stop
@@ -428,7 +451,9 @@ class TrainingEngine:
         counts = [first, *(self.task.loss_weight(batch) for batch in batches[1:])]
         counts = [torch.as_tensor(c, dtype=torch.float32, device=self.device) for c in counts]
         total = D.mean_tensor_over_ranks(torch.stack(counts).sum())
-        return [c / total.clamp(min=1.0) for c in counts], counts
+        # clamped only to keep a step with no items anywhere at 0/tiny = 0: not to one item a rank, which would
+        # scale down a step whose few items (fewer than the ranks) sit on some ranks
+        return [c / total.clamp(min=torch.finfo(total.dtype).tiny) for c in counts], counts
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -569,7 +594,7 @@ class TrainingEngine:
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self._host_reads, self._found_inf_step = _read_now(self.device), _skips_on_device(self.optimizer, self.device)
-        resume.seed_everything(cfg.training.seed + self.rank)  # dropout and the like differ per rank
+        resume.seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
             cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.keep_best,
@@ -1104,7 +1129,7 @@ class TrainingEngine:
     def _note_best(self, metrics: dict[str, float]) -> None:
         monitor = self.config.checkpoint.monitor
         if monitor in metrics and improves(metrics[monitor], self.best_metric, self.config.checkpoint.mode):
-            self.best_metric = metrics[monitor]
+            self.best_metric, self._best_step = metrics[monitor], self.step
 
     def _last_step(self, batches: int | None) -> int:
         """The step this run will end at, from where it stands: the rest of this epoch and the epochs after it,
@@ -1134,8 +1159,8 @@ class TrainingEngine:
         return every > 0 and self.step % every == 0
 
     def _agree_to_stop(self, save_due: bool) -> tuple[bool, bool]:
-        """Whether any rank asked to stop or was signalled, and whether any rank's clock says a save is due
-        (``save_due``: this rank's); every rank gets the same answers, from one agreement.
+        """Whether any rank asked to stop or was signalled, and whether any rank's clock (or a better validation)
+        says a save is due (``save_due``: this rank's); every rank gets the same answers, from one agreement.
 
         A signal that lands after the last agreement is not acted on: every rank then
         finishes the same way, validating and saving, rather than some skipping the
@@ -1391,6 +1416,13 @@ def _overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) 
     GradScaler does not say."""
     found = getattr(scaler, "_found_inf_per_device", None)
     return True if found is None else list(found(optimizer).values())
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s own draws (dropout and the like): ``seed`` itself on rank 0, as on one process, and a
+    stream of its own on the others, so that rank 1 of seed 0 draws apart from rank 0 of seed 1 (seed + rank did
+    not) and from the streams the data draws from."""
+    return seed if rank == 0 else resume.mixed_seed(seed, rank, RANK_STREAM)
 
 
 def _read_now(device: torch.device) -> bool:

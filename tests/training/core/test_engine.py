@@ -348,7 +348,11 @@ def test_each_pass_over_a_finite_stream_is_an_epoch_and_max_steps_spans_the_sche
     recorder = Recorder()
     engine = stream_engine(tmp_path, {0: 160}, callbacks=[recorder], optimizer={"scheduler": "cosine"},
                            training={"epochs": 3, "max_steps": 100, "grad_accum_steps": 2})
-    engine.train()
+    with pytest.warns(UserWarning, match=r"^a pass over the stream took 5 steps: training\.epochs=3 passes end the "
+                                         r"run at about step 15, before training\.max_steps=100, which the "
+                                         r"learning-rate schedule spans; raise training\.epochs") as warned:
+        engine.train()
+    assert len([w for w in warned if "a pass over the stream" in str(w.message)]) == 1  # once, after the first
     assert engine.step == 15 and engine.epoch == 3 and engine.total_steps == 100
     assert recorder.names().count("on_epoch_end") == 3
     assert engine.data_module.samples.epoch == 2  # told each epoch, to reshuffle by
@@ -588,6 +592,66 @@ def test_grad_accumulation_gives_the_gradient_of_the_larger_batch(tmp_path):
         torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_micro_batchs_share_is_of_the_items_over_all_ranks_however_few_they_are(tmp_path, monkeypatch):
+    """One item counted on this rank and none on the other is the whole step's, which DDP's mean over two ranks
+    halves: its loss is scaled by 2, not by 1 (a count clamped to one item per rank)."""
+    config = tiny_config(tmp_path)
+    engine = TrainingEngine(config, PartlyIgnoredRegressionTask(config))
+    monkeypatch.setattr(engine_module.D, "mean_tensor_over_ranks", lambda total: total / 2)  # the other has none
+    one_kept = torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]])
+    scales, counts = engine._loss_scales([(one_kept, torch.zeros(2, 1))])
+    assert [c.item() for c in counts] == [1.0] and [s.item() for s in scales] == [2.0]
+    scales, counts = engine._loss_scales([(-one_kept.abs(), torch.zeros(2, 1))])  # none anywhere: no weight
+    assert [c.item() for c in counts] == [0.0] and [s.item() for s in scales] == [0.0]
+
+
+class Records(Callback):
+    def __init__(self):
+        self.records = []
+
+    def on_log(self, engine, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("keep_best", [1, 0])
+def test_a_validation_that_beats_the_best_is_saved_where_checkpoints_are_kept_for_their_score(tmp_path, keep_best):
+    # a rate high enough that the validations go up and down; no saves by steps, none by the clock
+    config = tiny_config(tmp_path, training={"eval_every_steps": 2}, data={"num_samples": 256},
+                         optimizer={"lr": 0.5, "scheduler": "constant"}, checkpoint={"keep_best": keep_best})
+    recorded = Records()
+    engine, metrics = train(config, callbacks=[recorded])
+    scores = {r["step"]: r["val_loss"] for r in recorded.records if r["split"] == "val"}
+    best = min(scores, key=scores.get)
+    assert best != engine.step and metrics["best_val_loss"] == scores[best]  # the last is not the best
+    saved = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
+    if keep_best:  # the best's weights are kept, and named
+        assert f"step_{best:08d}" in saved
+        assert (tmp_path / "run/checkpoints/best").read_text().strip() == f"step_{best:08d}"
+    else:  # checkpoints kept for being new only: the schedule's saves alone, here the last
+        assert saved == [f"step_{engine.step:08d}"]
+
+
+def test_the_validation_that_closes_an_epoch_carries_the_epoch_it_closes_whatever_the_cadence(tmp_path):
+    # 14 steps an epoch: eval_every_steps 7 lands on each epoch's last step, whose validation is the epoch's own
+    recorded = Records()
+    engine, _ = train(tiny_config(tmp_path, training={"eval_every_steps": 7}), callbacks=[recorded])
+    assert engine.step == 28
+    assert [(r["step"], r["epoch"]) for r in recorded.records if r["split"] == "val"] == \
+        [(7, 0), (14, 1), (21, 1), (28, 2)]  # once each, as a run without eval_every_steps labels them
+
+
+def test_each_rank_of_each_seed_draws_a_stream_of_its_own_and_rank_0_the_seed_itself():
+    from llm.training.core.engine import LOADER_STREAM, SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, rank_seed
+
+    seeds = [rank_seed(seed, rank) for seed in range(100) for rank in range(8)]
+    assert len(set(seeds)) == len(seeds)  # seed + rank gave rank 1 of seed 0 the stream of rank 0 of seed 1
+    assert [rank_seed(seed, 0) for seed in range(100)] == list(range(100))  # one process draws as it did
+    data = {resume.mixed_seed(seed, SETUP_STREAM) for seed in range(100)} | {
+        resume.mixed_seed(seed, rank, stream) for seed in range(100) for rank in range(8)
+        for stream in (TRAIN_STREAM, VAL_STREAM, LOADER_STREAM)}
+    assert not data & set(seeds)  # rank 1's dropout replayed the data module's set-up draws with (seed, 1)
+
+
 class CrashAt(Callback):
     def __init__(self, step):
         self.step = step
@@ -700,16 +764,16 @@ class LogsOnOddSteps(Callback):
 
 @pytest.mark.parametrize("crash_step", [9, 14, 20])
 def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path, crash_step):
-    # saves every 5 steps, logs every 2: the saves at 5 and 15 hold a log window still open, and a logged
-    # value waiting for the next record
-    settings = {"training": {"epochs": 3, "eval_every_steps": 4}, "checkpoint": {"every_n_steps": 5},
+    # saves every 5 steps (and none for a validation's score), logs every 2: the saves at 5 and 15 hold a log
+    # window still open, and a logged value waiting for the next record
+    settings = {"training": {"epochs": 3, "eval_every_steps": 4}, "checkpoint": {"every_n_steps": 5, "keep_best": 0},
                 "model": {"dropout": 0.1}}
     ref = tiny_config(tmp_path / "ref", **settings)
     reference, _ = train(ref, callbacks=[*default_callbacks(ref), LogsOnOddSteps()])
     crashed = tiny_config(tmp_path / "crash", **settings)
     with pytest.raises(CallbackError, match="CrashAt.on_step_end failed: RuntimeError: simulated crash"):
         train(crashed, callbacks=[CrashAt(crash_step), *default_callbacks(crashed), LogsOnOddSteps()])
-    resumed_config = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 5, "resume": "auto"},
+    resumed_config = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 5, "keep_best": 0, "resume": "auto"},
                                  **{k: v for k, v in settings.items() if k != "checkpoint"})
     started = StartedAt()
     resumed, _ = train(resumed_config, callbacks=[*default_callbacks(resumed_config), LogsOnOddSteps(), started])
@@ -910,14 +974,15 @@ def test_a_save_comes_at_the_first_step_every_n_minutes_after_the_last(tmp_path,
 
 
 def test_a_run_killed_without_warning_resumes_from_its_last_save_by_the_clock(tmp_path, monkeypatch):
-    settings = {"training": {"epochs": 3}, "checkpoint": {"every_n_minutes": 4}}  # every_n_steps: 0, the default
+    # every_n_steps: 0, the default; and no save for a validation's score
+    settings = {"training": {"epochs": 3}, "checkpoint": {"every_n_minutes": 4, "keep_best": 0}}
     reference, _ = train(tiny_config(tmp_path / "ref", **settings))
     with pytest.raises(CallbackError, match="simulated crash"):
         train_a_minute_per_step(tiny_config(tmp_path / "crash", **settings), monkeypatch, callbacks=[CrashAt(18)])
     assert saved_steps(tmp_path / "crash/run") == [8, 12, 16]  # the last three (keep_last): 4 was pruned
     started = StartedAt()
-    resumed, _ = train(tiny_config(tmp_path / "crash", training={"epochs": 3}, checkpoint={"resume": "auto"}),
-                       callbacks=[started])
+    resumed, _ = train(tiny_config(tmp_path / "crash", training={"epochs": 3},
+                                   checkpoint={"resume": "auto", "keep_best": 0}), callbacks=[started])
     assert started.step == 16 and resumed.step == reference.step
     assert all(torch.equal(a, b) for a, b in zip(weights(reference.raw_model).values(), weights(resumed.raw_model).values()))
 
