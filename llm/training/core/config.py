@@ -247,7 +247,7 @@ class DistributedConfig:
     strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     """Data parallel (DDP), fully sharded across all processes (FSDP2, per block), or hsdp: sharded across the processes of each node and replicated across nodes (gradients all-reduced between nodes: FSDP's memory, DDP's traffic between nodes)."""
     timeout_s: int = 600
-    """Seconds a collective may wait for another rank before the run fails."""
+    """Seconds a collective may wait for another rank before the run fails (ranks preparing the data are waited for as long as they are alive)."""
     find_unused_parameters: bool = False
     """DDP: find each step the parameters the loss does not depend on (a branch some steps skip), at the cost of a pass over the autograd graph; without it, such a model stops in one line naming them."""
 

@@ -16,16 +16,19 @@ prepares the next one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import gc
+import itertools
 import os
 import re
 import socket
+import threading
 import time
 import weakref
 import zlib
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -180,8 +183,8 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
         backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-    global _store, _attempt, _words, _host_timeout
-    _host_timeout = timeout
+    global _store, _attempt, _words, _host_timeout, _arrivals
+    _host_timeout, _arrivals = timeout, itertools.count()
     # this start's count, and a number rank 0 draws: torchrun's store outlives its restarts, and an elastic job's
     # count of them can repeat, so the word ranks leave each other there is keyed by both
     drawn = float(int.from_bytes(os.urandom(4), "little")) if rank == 0 else 0.0
@@ -211,6 +214,9 @@ _hosts_of: tuple[weakref.ref, weakref.ref | None] | None = None
 """(the default group, the group host values go over), weakly: held here, a group torch has destroyed would be
 freed at the interpreter's exit, where gloo's aborts the process."""
 _STORE_WAIT = datetime.timedelta(seconds=5)
+_arrivals = itertools.count()
+"""How many store barriers this process has made in its process group: the same on every rank, as they all make
+them at the same points (reset with the group)."""
 
 
 def _key(kind: str, rank: int | None = None) -> str:
@@ -278,6 +284,65 @@ def lost_ranks(rank: int, world_size: int, settle_s: float = 2.0) -> str:
         return f"rank {', '.join(silent)} did not answer (hung, or killed)" if silent else ""
     except Exception:  # noqa: BLE001
         return ""
+
+
+class _StoreBarrier:
+    """A barrier kept in the rendezvous store, after work that only some ranks do, before the collective that
+    follows: tokenizing a large corpus on one rank per node can take longer than distributed.timeout_s, which
+    bounds a collective's wait and would end the run.
+
+    The ranks doing the work add to a heartbeat count every second, from a thread;
+    the others wait for every rank to arrive as long as that count moves. A rank
+    that fails says so in the store (record_failure), which ends the wait at once;
+    one killed, or hung, stops beating, and timeout_s later the wait ends, so
+    that the collective after it names what became of that rank. Each waiting
+    rank reads two keys, less and less often the longer it waits (up to once a
+    second). Without the engine's own process group (a caller's, no store kept),
+    it does nothing: the collective's timeout bounds the wait.
+    """
+
+    def __init__(self) -> None:
+        n = next(_arrivals)
+        self.arrived, self.beats = _key(f"arrived/{n}"), _key(f"beats/{n}")
+
+    @contextlib.contextmanager
+    def beating(self) -> Iterator[None]:
+        """While the body runs, add one to the heartbeat count every second."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(1.0):
+                try:
+                    _store.add(self.beats, 1)
+                except Exception:  # noqa: BLE001 - the store went with the agent hosting it: nothing to wait on
+                    return
+
+        thread = threading.Thread(target=beat, name="llm-heartbeat", daemon=True)
+        if _store is not None:
+            thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if thread.is_alive():
+                thread.join()
+
+    def wait(self) -> None:
+        if _store is None or _host_timeout is None:
+            return
+        world_size, patience = dist.get_world_size(), _host_timeout.total_seconds()
+        try:
+            arrived, beats, moved, pause = _store.add(self.arrived, 1), -1, time.monotonic(), 0.001
+            while arrived < world_size and not run_ended():
+                time.sleep(pause)
+                pause = min(1.0, 2 * pause)
+                arrived, now = _store.add(self.arrived, 0), _store.add(self.beats, 0)
+                if now != beats:
+                    beats, moved = now, time.monotonic()
+                elif time.monotonic() - moved > patience:
+                    return  # no working rank alive: the collective names the ones missing
+        except Exception:  # noqa: BLE001 - the store went with the torchrun agent hosting it: the collective waits
+            pass
 
 
 def destroy_process_group() -> None:
@@ -469,17 +534,22 @@ def agree_on_errors(fn: Callable[[], None], run_here: bool = True) -> None:
     """Run ``fn`` where ``run_here``; if it raised a UsageError on any rank, raise it on every rank.
 
     Used around work that only some ranks do (preparing data on one rank per
-    node): the ranks that wait learn of a failure instead of waiting for ever.
+    node): the ranks that wait learn of a failure instead of waiting for ever,
+    and wait however long the work takes, while the ranks doing it are alive
+    (_StoreBarrier).
     """
     message = None
+    barrier = _StoreBarrier() if active() else None
     if run_here:
         try:
-            fn()
+            with barrier.beating() if barrier else contextlib.nullcontext():
+                fn()
         except UsageError as e:
             message = str(e)
             if not active():
                 raise
-    if active():
+    if barrier:
+        barrier.wait()
         message = next((m for m in gather(message) if m), None)
         if message:
             raise UsageError(message)

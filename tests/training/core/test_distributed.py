@@ -3,10 +3,12 @@ import io
 import json
 import os
 import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from llm.errors import UsageError
@@ -226,6 +228,44 @@ def test_hsdp_on_nodes_of_different_sizes_is_refused_in_one_line_on_every_rank(t
             "evenly; torchrun started nodes of 1 and 2 (LOCAL_WORLD_SIZE): give every node the same "
             "--nproc-per-node, or use fsdp"]), err
     assert not (tmp_path / "runs").exists()  # the run folder it claimed, let go of
+
+
+def slow_preparation_worker(rank: int, directory: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    config = Config.from_dict({"distributed": {"timeout_s": 1}, "training": {"device": "cpu"}})
+    D.init_process_group(config, rank, 2, rank)
+    outcomes = []
+    try:
+        for fails in (False, True):  # rank 0 works 3 s, three times the collectives' timeout, and may fail
+            def prepare():
+                time.sleep(3)
+                if fails:
+                    raise UsageError("the corpus is empty")
+            try:
+                D.agree_on_errors(prepare, run_here=rank == 0)
+                outcomes.append("ok")
+            except UsageError as e:
+                outcomes.append(str(e))
+        # whether a step is taken, agreed on the device (a GPU's path): an AND over the ranks
+        outcomes += [bool(D.every_rank(torch.tensor(rank == 0))), bool(D.every_rank(torch.tensor(True)))]
+        if rank == 1:  # killed while it prepares: rank 0 is told within the timeouts, not left waiting
+            D.agree_on_errors(lambda: os._exit(0))
+        else:
+            began = time.monotonic()
+            try:
+                D.agree_on_errors(lambda: None, run_here=False)
+            except Exception as e:  # noqa: BLE001 - the gather's own error, whatever the backend calls it
+                outcomes.append(f"told after {time.monotonic() - began < 30}: {type(e).__name__}")
+        Path(directory, f"slow_{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        D.destroy_process_group()
+
+
+def test_ranks_wait_for_one_ranks_preparation_longer_than_the_timeout_while_it_is_alive(tmp_path):
+    spawn(slow_preparation_worker, str(tmp_path), free_port(), timeout=90)
+    assert json.loads((tmp_path / "slow_0.json").read_text())[:4] == ["ok", "the corpus is empty", False, True]
+    assert json.loads((tmp_path / "slow_0.json").read_text())[4].startswith("told after True: ")
+    assert not (tmp_path / "slow_1.json").exists()  # gone without a word
 
 
 def test_the_run_is_over_for_every_rank_once_one_fails_or_loses_contact_but_not_after_a_signals_stop(monkeypatch):
