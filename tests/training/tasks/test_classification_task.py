@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -85,3 +87,40 @@ def test_labels_the_loss_ignores_have_no_class_in_the_f1(tmp_path):
     task = ClassificationTask(config(tmp_path))
     label, predicted = torch.tensor([0, 1, 2, -100, -100]), torch.tensor([0, 1, 2, 1, 0])
     assert task.score_collected({"label": label, "predicted": predicted})["f1"] == 1.0
+
+
+def test_labels_the_loss_ignores_count_in_neither_the_loss_nor_the_accuracy(tmp_path):
+    task = ClassificationTask(config(tmp_path))
+    model, criterion = task.build_model(), task.build_criterion()
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, -100, -100])
+    loss, metrics = task.train_step((x, y), model, criterion)
+    logits = model(x)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[:4], y[:4]).item(), rel=1e-6)
+    hits = (logits[:4].argmax(-1) == y[:4]).sum().item()
+    assert metrics["acc"].item() == pytest.approx(hits / 4) and task.loss_weight((x, y)).item() == 4
+    # a batch whose labels are all ignored: loss 0 and no weight in the means, not 0/0 = NaN
+    loss, metrics = task.train_step((x, torch.full((6,), -100)), model, criterion)
+    assert loss.item() == 0.0 and metrics["acc"].item() == 0.0 and task.loss_weight((x, torch.full((6,), -100))) == 0
+    # soft targets: every row counts, accuracy against the likeliest class
+    soft = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
+    loss, metrics = task.train_step((x, soft), model, criterion)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, soft).item(), rel=1e-6)
+    assert metrics["acc"].item() == pytest.approx((logits.argmax(-1) == soft.argmax(-1)).float().mean().item())
+
+
+def test_a_training_batch_of_ignored_labels_leaves_the_run_and_its_means_finite(tmp_path):
+    from llm.data.classification_data_module import ClassificationDataModule
+
+    class SomeUnlabelled(ClassificationDataModule):  # the first two training batches carry no label
+        def setup(self, stage=None):
+            super().setup(stage)
+            self.train_set.tensors[1][:64] = -100
+
+        def train_dataloader(self, rank, world_size):  # in order, unshuffled
+            return self.build_dataloader(self.train_set, rank, world_size, train=False)
+
+    cfg = config(tmp_path)
+    cfg.training.epochs = 1
+    engine = TrainingEngine(cfg, ClassificationTask(cfg), data_module=SomeUnlabelled(cfg))
+    metrics = engine.train()
+    assert metrics["skipped_steps"] == 0 and all(map(math.isfinite, (metrics["train_loss"], metrics["val_loss"])))
