@@ -247,7 +247,7 @@ class TensorBoardLogger(Callback):
     def __init__(self, log_dir: str | None = None, flush_secs: float = 30.0):
         self.log_dir, self.flush_secs = log_dir, flush_secs
         self._writer = None
-        self._batch: list[tuple[Any, int]] = []
+        self._batch: list[tuple[Any, int, float]] = []
         self._handed_at = 0.0
 
     def on_train_start(self, engine: TrainingEngine) -> None:
@@ -272,7 +272,7 @@ class TensorBoardLogger(Callback):
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars(record)]
-        self._batch.append((Summary(value=values), record["step"]))
+        self._batch.append((Summary(value=values), record["step"], time.time()))  # the time it was logged
         self._hand_over_if_due()
 
     def on_step_end(self, engine: TrainingEngine) -> None:
@@ -296,8 +296,8 @@ class TensorBoardLogger(Callback):
             self._hand_over()
 
     def _hand_over(self) -> None:
-        for summary, step in self._batch:
-            self._writer.file_writer.add_summary(summary, step)
+        for summary, step, walltime in self._batch:
+            self._writer.file_writer.add_summary(summary, step, walltime)
         self._batch, self._handed_at = [], time.monotonic()
 
 

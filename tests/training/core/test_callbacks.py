@@ -175,18 +175,22 @@ def test_metrics_logger_resumed_at_a_step_moves_the_records_logged_after_it_asid
                               f"starts, moved to metrics.dropped.jsonl"]
 
 
-def test_tensorboard_logger_events_read_back(tmp_path):
+def test_tensorboard_logger_events_read_back(tmp_path, monkeypatch):
     engine = StubEngine()
-    cb = TensorBoardLogger(log_dir=str(tmp_path))
+    cb = TensorBoardLogger(log_dir=str(tmp_path))  # records held together for up to 30 s, then written at once
     cb.on_train_start(engine)
     for step in (1, 2, 3):
+        monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0 + 10 * step)
         cb.on_log(engine, {"split": "train", "step": step, "epoch": 0, "loss": 1.0 / step})
     cb.on_log(engine, {"split": "val", "step": 3, "epoch": 1, "val_loss": 0.25})
+    monkeypatch.undo()
     cb.on_train_end(engine, {})
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
     assert [e.value for e in events.Scalars("val/val_loss")] == [0.25]
+    # each at the time it was logged, not the time the batch was written: TensorBoard's wall-time axis
+    assert [e.wall_time - 1_700_000_000 for e in events.Scalars("train/loss")] == [10, 20, 30]
 
 
 def test_tensorboard_events_of_a_run_that_died_before_its_first_save_are_purged_when_it_starts_again(tmp_path):
