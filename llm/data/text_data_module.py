@@ -48,7 +48,8 @@ file's byte order mark left out; 4: tokens.size holds the tokens' digest; 5: pie
 WRITING = ".writing"
 """In an entry being written: a file its writer holds locked (flock) for as long as it is at work."""
 DEFAULT_CORPUS_BYTES = 4 << 20
-"""Cap on the default corpus (the stdlib sources): about a million tokens, tokenized in seconds."""
+"""Cap on the default corpus (the stdlib sources): 4 MiB, about four million tokens of the char tokenizer,
+tokenized in seconds."""
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _CHUNK_CHARS = 1 << 17
 """Characters per piece the tokenizer encodes (cut before whitespace, see _pieces): the tokenizers library's
