@@ -291,46 +291,59 @@ class _StoreBarrier:
     follows: tokenizing a large corpus on one rank per node can take longer than distributed.timeout_s, which
     bounds a collective's wait and would end the run.
 
-    The ranks doing the work add to a heartbeat count every second, from a thread;
-    the others wait for every rank to arrive as long as that count moves. A rank
-    that fails says so in the store (record_failure), which ends the wait at once;
-    one killed, or hung, stops beating, and timeout_s later the wait ends, so
-    that the collective after it names what became of that rank. Each waiting
-    rank reads two keys, less and less often the longer it waits (up to once a
-    second). Without the engine's own process group (a caller's, no store kept),
-    it does nothing: the collective's timeout bounds the wait.
+    The ranks doing the work add to a heartbeat count from a thread, at once and
+    then every BEAT_S (at most a quarter of timeout_s), while their process keeps
+    using the CPU; the others wait for every rank to arrive as long as that count
+    moves. A rank that fails says so in the store (record_failure), which ends
+    the wait at once; one killed, or hung (no CPU used: a deadlock, a stalled
+    file system), stops beating, and about timeout_s later the wait ends, so that
+    the collective after it names that rank. A waiting rank reads two keys, less
+    and less often the longer it waits (up to once a second). Without the
+    engine's own process group (a caller's: no store kept), it does nothing: the
+    collective's timeout bounds the wait.
     """
+
+    BEAT_S = 1.0
 
     def __init__(self) -> None:
         n = next(_arrivals)
         self.arrived, self.beats = _key(f"arrived/{n}"), _key(f"beats/{n}")
+        self.period = min(self.BEAT_S, _host_timeout.total_seconds() / 4) if _host_timeout else self.BEAT_S
 
     @contextlib.contextmanager
     def beating(self) -> Iterator[None]:
-        """While the body runs, add one to the heartbeat count every second."""
+        """While the body runs, add one to the heartbeat count at once and then each period in which this process
+        used the CPU (a hundredth of the period at least: more than the beat itself costs)."""
         done = threading.Event()
 
         def beat() -> None:
-            while not done.wait(1.0):
+            used = -1.0
+            while True:
+                now = time.process_time()
                 try:
-                    _store.add(self.beats, 1)
+                    if now - used >= self.period / 100:
+                        _store.add(self.beats, 1)
                 except Exception:  # noqa: BLE001 - the store went with the agent hosting it: nothing to wait on
+                    return
+                used = now
+                if done.wait(self.period):
                     return
 
         thread = threading.Thread(target=beat, name="llm-heartbeat", daemon=True)
-        if _store is not None:
+        if self._kept():
             thread.start()
         try:
             yield
         finally:
             done.set()
             if thread.is_alive():
-                thread.join()
+                thread.join(timeout=2)  # a daemon: a store call stuck in it keeps no one from going on
 
     def wait(self) -> None:
-        if _store is None or _host_timeout is None:
+        if not self._kept():
             return
-        world_size, patience = dist.get_world_size(), _host_timeout.total_seconds()
+        world_size = dist.get_world_size()
+        patience = max(_host_timeout.total_seconds(), 3 * self.period + 1)  # beats land a period apart, polls 1 s
         try:
             arrived, beats, moved, pause = _store.add(self.arrived, 1), -1, time.monotonic(), 0.001
             while arrived < world_size and not run_ended():
@@ -344,9 +357,14 @@ class _StoreBarrier:
         except Exception:  # noqa: BLE001 - the store went with the torchrun agent hosting it: the collective waits
             pass
 
+    @staticmethod
+    def _kept() -> bool:
+        """Whether the engine made the process group, and keeps its store and timeout."""
+        return _store is not None and _host_timeout is not None
+
 
 def destroy_process_group() -> None:
-    global _hosts_of, _host_timeout
+    global _hosts_of, _host_timeout, _store
     try:
         if dist.is_initialized():
             # objects still holding gloo work (a DDP reducer in a reference cycle) must go while the
@@ -354,7 +372,7 @@ def destroy_process_group() -> None:
             gc.collect()
             dist.destroy_process_group()  # every group, the host values' too
     finally:
-        _hosts_of = _host_timeout = None
+        _hosts_of = _host_timeout = _store = None
 
 
 def active() -> bool:
