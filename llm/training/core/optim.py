@@ -42,12 +42,20 @@ def _optimizer(params: list[nn.Parameter], name: str, cfg: OptimizerConfig) -> t
         fused = {}
     sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
     if cfg.beta1:
-        # momentum buffers made now, as zeros: with no dampening the first step's 0·momentum + grad is the copy of
-        # the gradient torch's first step makes. Made lazily instead, fused SGD makes them (empty_like) at a step
-        # whose update found_inf skips, as the engine skips a non-finite step on a GPU, and reads that memory next
-        for p in params:
-            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        _zero_momentum(sgd)
+        sgd.register_load_state_dict_post_hook(_zero_momentum)  # a checkpoint's state may lack some, or all
     return sgd
+
+
+def _zero_momentum(sgd: torch.optim.SGD) -> None:
+    """Give every parameter without a momentum buffer one of zeros: with no dampening the first step's
+    0·momentum + grad is the copy of the gradient torch's first step makes. Made lazily instead, fused SGD makes
+    them (empty_like) at a step whose update found_inf skips, as the engine skips a non-finite step on a GPU, and
+    reads that memory as momentum at the next."""
+    for group in sgd.param_groups:
+        for p in group["params"]:
+            if sgd.state[p].get("momentum_buffer") is None:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -219,3 +219,24 @@ def test_the_weight_average_follows_the_steps_taken_with_its_ramp_and_swaps_in_a
     assert all(torch.equal(a, p) for a, p in zip(average.average, model.parameters()))
     with pytest.raises(UsageError, match="the saved weight average lacks"):
         average.load({"tok_emb.weight": torch.zeros(11, 8)})
+
+
+def test_sgd_holds_zero_momentum_buffers_from_the_start_and_after_loading_a_state_without_them():
+    """Fused SGD made its buffers (empty_like) at its first step, also one that found_inf skips, and read that
+    memory as momentum at the next: every parameter has one of zeros, also after a checkpoint's state that
+    lacks some or all of them is loaded."""
+    model = mlp(4, 8, 1, 1, 0.0)
+    sgd = build_optimizer(model, OptimizerConfig(name="sgd"))
+    params = list(model.parameters())
+    assert all(torch.equal(sgd.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
+    older = sgd.state_dict()
+    older["state"] = {0: {"momentum_buffer": torch.ones_like(params[0])}, 1: {"momentum_buffer": None}}
+    sgd.load_state_dict(older)
+    assert torch.equal(sgd.state[params[0]]["momentum_buffer"], torch.ones_like(params[0]))
+    assert all(torch.equal(sgd.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params[1:])
+    stepped = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    sgd.step()  # fused on the CPU too: it takes the loaded and the filled-in buffers alike
+    assert all(not torch.equal(p, q) for p, q in zip(params, stepped))
+    assert not build_optimizer(model, OptimizerConfig(name="sgd", beta1=0.0)).state  # no momentum: none to make
