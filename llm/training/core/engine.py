@@ -294,10 +294,12 @@ class TrainingEngine:
             self.stop_reason = f"{OUT_OF_TIME}={self.config.training.max_minutes:g}"
         minutes = self.config.checkpoint.every_n_minutes
         clock_due = bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes
-        # a validation that beat the best is saved (where checkpoints are kept for their score), so that the best
-        # checkpoint holds the best weights validated, not the best of those the schedule happened to save; agreed
-        # with the clock's, as a task's whole-set score may differ between ranks in its last bit
-        best_due = self._best_step == self.step and self.config.checkpoint.keep_best > 0
+        # a validation that beat the best is saved (where checkpoints are kept for their score, and saved before
+        # the end), so that the best checkpoint holds the best weights validated, not the best of those the
+        # schedule happened to save; agreed with the clock's, as a task's whole-set score may differ between ranks
+        # in its last bit
+        c = self.config.checkpoint
+        best_due = self._best_step == self.step and c.keep_best > 0 and bool(c.every_n_steps or c.every_n_minutes)
         stop, save_due = self._agree_to_stop(clock_due or best_due)
         due = save_due or self._due(self.config.checkpoint.every_n_steps)
         if due and not self._finished() and self._saved_step != self.step:
@@ -416,7 +418,7 @@ class TrainingEngine:
         if self._host_reads:
             return not D.any_rank([not (math.isfinite(grad_norm) and all(map(math.isfinite, losses)))])[0]
         # each loss as one number (a task may return a one-element tensor of any shape), in one precision
-        losses = torch.stack([loss.reshape(()).float() for loss in losses])
+        losses = torch.stack([loss.reshape(()).float().to(grad_norm.device) for loss in losses])
         return D.every_rank(torch.isfinite(grad_norm) & torch.isfinite(losses).all())
 
     def _update(self, taken: bool | torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:

@@ -613,21 +613,24 @@ class Records(Callback):
         self.records.append(record)
 
 
-@pytest.mark.parametrize("keep_best", [1, 0])
-def test_a_validation_that_beats_the_best_is_saved_where_checkpoints_are_kept_for_their_score(tmp_path, keep_best):
-    # a rate high enough that the validations go up and down; no saves by steps, none by the clock
+@pytest.mark.parametrize("keep_best, minutes", [(1, 30.0), (0, 30.0), (1, 0.0)])
+def test_a_validation_that_beats_the_best_is_saved_where_checkpoints_are_kept_for_their_score(tmp_path, keep_best,
+                                                                                            minutes):
+    # a rate high enough that the validations go up and down; no saves by steps, none due by the clock (with
+    # minutes 0 none at all before the end: no save for a score either)
     config = tiny_config(tmp_path, training={"eval_every_steps": 2}, data={"num_samples": 256},
-                         optimizer={"lr": 0.5, "scheduler": "constant"}, checkpoint={"keep_best": keep_best})
+                         optimizer={"lr": 0.5, "scheduler": "constant"},
+                         checkpoint={"keep_best": keep_best, "every_n_minutes": minutes})
     recorded = Records()
     engine, metrics = train(config, callbacks=[recorded])
     scores = {r["step"]: r["val_loss"] for r in recorded.records if r["split"] == "val"}
     best = min(scores, key=scores.get)
     assert best != engine.step and metrics["best_val_loss"] == scores[best]  # the last is not the best
     saved = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
-    if keep_best:  # the best's weights are kept, and named
+    if keep_best and minutes:  # the best's weights are kept, and named
         assert f"step_{best:08d}" in saved
         assert (tmp_path / "run/checkpoints/best").read_text().strip() == f"step_{best:08d}"
-    else:  # checkpoints kept for being new only: the schedule's saves alone, here the last
+    else:  # checkpoints kept for being new only, or no saves before the end: the schedule's alone, the last
         assert saved == [f"step_{engine.step:08d}"]
 
 
