@@ -413,7 +413,6 @@ def any_rank(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-
 def every_rank(flag: torch.Tensor) -> torch.Tensor:
     """A boolean tensor's AND over all ranks, on its own device in the default group: on a GPU the host does
     not wait for it."""
@@ -422,6 +421,7 @@ def every_rank(flag: torch.Tensor) -> torch.Tensor:
     t = flag.float()
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t.bool()
+
 
 def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Each metric's mean over all ranks' items, from each rank's (weighted sum, total weight).

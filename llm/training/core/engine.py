@@ -279,29 +279,29 @@ class TrainingEngine:
         ends_at = self.step + (t.epochs - self.epoch) * self._steps_a_pass
         if ends_at < t.max_steps:
             with self._warned_by_rank_0():
-                warnings.warn(f"a pass over the stream took {self._steps_a_pass} steps: training.epochs={t.epochs} passes "
-                              f"end the run at about step {ends_at}, before training.max_steps={t.max_steps}, which "
-                              f"the learning-rate schedule spans; raise training.epochs to train to max_steps")
+                warnings.warn(f"a pass over the stream took {self._steps_a_pass} steps: training.epochs={t.epochs} "
+                              f"passes end the run at about step {ends_at}, before training.max_steps="
+                              f"{t.max_steps}, which the learning-rate schedule spans; raise training.epochs to "
+                              f"train to max_steps")
 
     def _end_step(self) -> bool:
         """After a step, and after the epoch it ends: agree whether to stop and whether the clock or a better
-        validation calls for a save, then save if due. A run about to finish is saved by finish(), after its last validation. Returns
-        whether to stop."""
+        validation calls for a save, then save if due. A run about to finish is saved by finish(), after its last
+        validation. Returns whether to stop."""
         self._stop_at_max_steps()
         if self._deadline is not None and not self._finished() and time.monotonic() >= self._deadline:
             # not held in the checkpoint, as request_stop's is: a resume has a time limit of its own
             self.should_stop = True
             self.stop_reason = f"{OUT_OF_TIME}={self.config.training.max_minutes:g}"
-        minutes = self.config.checkpoint.every_n_minutes
-        clock_due = bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes
+        c = self.config.checkpoint
+        clock_due = bool(c.every_n_minutes) and time.monotonic() - self._saved_at >= 60 * c.every_n_minutes
         # a validation that beat the best is saved (where checkpoints are kept for their score, and saved before
         # the end), so that the best checkpoint holds the best weights validated, not the best of those the
         # schedule happened to save; agreed with the clock's, as a task's whole-set score may differ between ranks
         # in its last bit
-        c = self.config.checkpoint
         best_due = self._best_step == self.step and c.keep_best > 0 and bool(c.every_n_steps or c.every_n_minutes)
         stop, save_due = self._agree_to_stop(clock_due or best_due)
-        due = save_due or self._due(self.config.checkpoint.every_n_steps)
+        due = save_due or self._due(c.every_n_steps)
         if due and not self._finished() and self._saved_step != self.step:
             self.save_checkpoint()
         return stop
