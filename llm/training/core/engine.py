@@ -52,7 +52,7 @@ from llm.training.core.checkpoint import (
 )
 from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.metrics import RunningMeans, TrainingSums
-from llm.training.core.optim import WeightAverage, warmup_outlasting
+from llm.training.core.optim import WeightAverage, ready_for_skips, warmup_outlasting
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
 
@@ -595,7 +595,8 @@ class TrainingEngine:
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self._host_reads, self._found_inf_step = _read_now(self.device), _skips_on_device(self.optimizer, self.device)
+        self._host_reads = _read_now(self.device)
+        self._found_inf_step = _skips_on_device(self.optimizer, self.device) and ready_for_skips(self.optimizer)
         resume.seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,

@@ -40,20 +40,32 @@ def _optimizer(params: list[nn.Parameter], name: str, cfg: OptimizerConfig) -> t
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     if params and _is_dtensor(params[0]):  # FSDP2's shards: torch has no sharded fused SGD kernel
         fused = {}
-    sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
-    if cfg.beta1:
-        _zero_momentum(sgd)
-        sgd.register_load_state_dict_post_hook(_zero_momentum)  # a checkpoint's state may lack some, or all
-    return sgd
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1, **fused)
+
+
+def ready_for_skips(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a fused ``optimizer``'s steps may be skipped on the device by found_inf, as the engine skips a
+    non-finite step on a GPU; made so where it can be.
+
+    Fused SGD makes its momentum buffers (empty_like) at its first step, also one
+    that found_inf skips, and reads that memory as momentum at the next. So they
+    are made now, and after loading a state that lacks some or all of them, as
+    zeros: with no dampening, the first step's 0·momentum + grad is exactly the
+    copy of the gradient torch's own first step makes. With dampening it is not:
+    such an SGD's steps are skipped by the host.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return True
+    if any(group["momentum"] and group["dampening"] for group in optimizer.param_groups):
+        return False
+    _zero_momentum(optimizer)
+    optimizer.register_load_state_dict_post_hook(_zero_momentum)
+    return True
 
 
 def _zero_momentum(sgd: torch.optim.SGD) -> None:
-    """Give every parameter without a momentum buffer one of zeros: with no dampening the first step's
-    0·momentum + grad is the copy of the gradient torch's first step makes. Made lazily instead, fused SGD makes
-    them (empty_like) at a step whose update found_inf skips, as the engine skips a non-finite step on a GPU, and
-    reads that memory as momentum at the next."""
     for group in sgd.param_groups:
-        for p in group["params"]:
+        for p in group["params"] if group["momentum"] else ():
             if sgd.state[p].get("momentum_buffer") is None:
                 sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

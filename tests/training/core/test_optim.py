@@ -9,7 +9,7 @@ from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
 from llm.training.core.config import OptimizerConfig
 from llm.training.core.optim import (MuonWithAdamW, WeightAverage, build_optimizer, build_scheduler, lr_factor,
-                                     warmup_outlasting)
+                                     ready_for_skips, warmup_outlasting)
 from llm.training.tasks.regression_task import mlp
 
 
@@ -221,13 +221,14 @@ def test_the_weight_average_follows_the_steps_taken_with_its_ramp_and_swaps_in_a
         average.load({"tok_emb.weight": torch.zeros(11, 8)})
 
 
-def test_sgd_holds_zero_momentum_buffers_from_the_start_and_after_loading_a_state_without_them():
+def test_sgd_made_ready_for_skips_on_the_device_holds_zero_momentum_buffers_also_after_a_load_without_them():
     """Fused SGD made its buffers (empty_like) at its first step, also one that found_inf skips, and read that
     memory as momentum at the next: every parameter has one of zeros, also after a checkpoint's state that
     lacks some or all of them is loaded."""
     model = mlp(4, 8, 1, 1, 0.0)
     sgd = build_optimizer(model, OptimizerConfig(name="sgd"))
     params = list(model.parameters())
+    assert ready_for_skips(sgd)
     assert all(torch.equal(sgd.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
     older = sgd.state_dict()
     older["state"] = {0: {"momentum_buffer": torch.ones_like(params[0])}, 1: {"momentum_buffer": None}}
@@ -239,4 +240,8 @@ def test_sgd_holds_zero_momentum_buffers_from_the_start_and_after_loading_a_stat
         p.grad = torch.ones_like(p)
     sgd.step()  # fused on the CPU too: it takes the loaded and the filled-in buffers alike
     assert all(not torch.equal(p, q) for p, q in zip(params, stepped))
-    assert not build_optimizer(model, OptimizerConfig(name="sgd", beta1=0.0)).state  # no momentum: none to make
+    plain = build_optimizer(model, OptimizerConfig(name="sgd", beta1=0.0))
+    assert ready_for_skips(plain) and not plain.state  # no momentum: none to make
+    # a user's own SGD with dampening: zeros would not give torch's first step, so the host skips its steps
+    assert not ready_for_skips(torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1))
+    assert ready_for_skips(build_optimizer(model, OptimizerConfig(name="adamw")))
