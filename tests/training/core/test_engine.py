@@ -605,14 +605,6 @@ def test_a_micro_batchs_share_is_of_the_items_over_all_ranks_however_few_they_ar
     assert [c.item() for c in counts] == [0.0] and [s.item() for s in scales] == [0.0]
 
 
-class Records(Callback):
-    def __init__(self):
-        self.records = []
-
-    def on_log(self, engine, record):
-        self.records.append(record)
-
-
 @pytest.mark.parametrize("keep_best, minutes", [(1, 30.0), (0, 30.0), (1, 0.0)])
 def test_a_validation_that_beats_the_best_is_saved_where_checkpoints_are_kept_for_their_score(tmp_path, keep_best,
                                                                                             minutes):
@@ -621,9 +613,9 @@ def test_a_validation_that_beats_the_best_is_saved_where_checkpoints_are_kept_fo
     config = tiny_config(tmp_path, training={"eval_every_steps": 2}, data={"num_samples": 256},
                          optimizer={"lr": 0.5, "scheduler": "constant"},
                          checkpoint={"keep_best": keep_best, "every_n_minutes": minutes})
-    recorded = Records()
-    engine, metrics = train(config, callbacks=[recorded])
-    scores = {r["step"]: r["val_loss"] for r in recorded.records if r["split"] == "val"}
+    records = []
+    engine, metrics = train(config, callbacks=[Recorded(records)])
+    scores = {r["step"]: r["val_loss"] for r in records if r["split"] == "val"}
     best = min(scores, key=scores.get)
     assert best != engine.step and metrics["best_val_loss"] == scores[best]  # the last is not the best
     saved = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
@@ -636,10 +628,10 @@ def test_a_validation_that_beats_the_best_is_saved_where_checkpoints_are_kept_fo
 
 def test_the_validation_that_closes_an_epoch_carries_the_epoch_it_closes_whatever_the_cadence(tmp_path):
     # 14 steps an epoch: eval_every_steps 7 lands on each epoch's last step, whose validation is the epoch's own
-    recorded = Records()
-    engine, _ = train(tiny_config(tmp_path, training={"eval_every_steps": 7}), callbacks=[recorded])
+    records = []
+    engine, _ = train(tiny_config(tmp_path, training={"eval_every_steps": 7}), callbacks=[Recorded(records)])
     assert engine.step == 28
-    assert [(r["step"], r["epoch"]) for r in recorded.records if r["split"] == "val"] == \
+    assert [(r["step"], r["epoch"]) for r in records if r["split"] == "val"] == \
         [(7, 0), (14, 1), (21, 1), (28, 2)]  # once each, as a run without eval_every_steps labels them
 
 
