@@ -1171,7 +1171,9 @@ class TrainingEngine:
         """
         stop, signalled = self.should_stop, self._signal is not None
         if self.world_size > 1:
-            stop, signalled, save_due, self._agent_gone = D.any_rank([stop, signalled, save_due, self._agent_gone])
+            stop, signalled, save_due, agent_gone = D.any_rank([stop, signalled, save_due, self._agent_gone])
+            # or'ed, not assigned: _watch_agent may have found the agent gone while the all-reduce waited
+            self._agent_gone = self._agent_gone or agent_gone
         if signalled:  # a rank that got none stops as if by SIGTERM
             self.interrupted_by = signal.Signals(self._signal or signal.SIGTERM)
             if not self.should_stop:

@@ -3017,3 +3017,18 @@ def test_collected_rows_are_copies_on_the_cpu_and_half_floats_are_widened():
     assert half.dtype == torch.float32
     task.collect(score=torch.zeros(2))  # outside a validation: nothing kept
     assert len(collected) == 1
+
+
+def test_an_agent_found_gone_while_the_ranks_agree_on_stopping_is_still_named_as_the_reason(tmp_path, monkeypatch):
+    engine = TrainingEngine(tiny_config(tmp_path), RegressionTask(tiny_config(tmp_path)), 0, 1)
+    engine.world_size = 2  # only the agreement is exercised; its all-reduce is the one below
+
+    def any_rank(flags):  # every rank's watch (_watch_agent) sees the agent gone while the all-reduce waits
+        engine._agent_gone, engine._signal = True, signal.SIGTERM
+        return flags
+
+    monkeypatch.setattr(engine_module.D, "any_rank", any_rank)
+    assert engine._agree_to_stop(False) == (False, False)  # asked for after this agreement read the flags
+    assert engine._agree_to_stop(False) == (True, False)
+    assert engine.stop_reason == "a torchrun agent of this job is gone"
+    assert engine.interrupted_by == signal.SIGTERM
