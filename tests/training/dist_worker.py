@@ -108,8 +108,8 @@ _init = TrainingEngine.__init__
 
 def _init_after_maybe_killing_the_agent(self, config, task, rank=0, *args, **kwargs):
     if os.environ.get("KILL_AGENT_BEFORE_ENGINE"):
+        agent = os.getppid()  # before the barrier, after which rank 0 may kill it before this rank looks
         torch.distributed.barrier()  # every rank has joined the group, which needs the agent's store to form
-        agent = os.getppid()
         if rank == 0:
             os.kill(agent, signal.SIGKILL)
         while os.getppid() == agent:  # every rank orphaned: no engine sees its agent as its parent
