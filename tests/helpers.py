@@ -164,8 +164,33 @@ def _collected(rank: int, worker: Any, *args: Any) -> None:
 
 
 def run(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a command with the repo importable; output captured as text."""
-    return subprocess.run(args, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+    """Run a command with the repo importable; output captured as text.
+
+    Past ``timeout``, every process the command started is killed too, before TimeoutExpired is raised:
+    torchrun's workers, in sessions of their own and perhaps orphaned, would otherwise train on, slowing
+    every test after."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        return subprocess.run(args, cwd=cwd, env=cli_env({**(env or {}), RUN_TAG: tag}), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tagged(tag)
+        raise
+
+
+RUN_TAG = "TESTS_RUN_TAG"
+"""The variable in whose value run() marks the environment of each command it starts."""
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment holds run()'s ``tag`` (Linux; elsewhere none)."""
+    needle = f"{RUN_TAG}={tag}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not this user's
+            pass
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
