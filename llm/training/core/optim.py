@@ -117,14 +117,64 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:  # torch's optimizer contract: re-evaluate the loss first, with gradients on
             with torch.enable_grad():
                 loss = closure()
-        self.muon.step()
+        if any(_is_dtensor(p) for group in self.muon.param_groups for p in group["params"]):
+            self._sharded_muon_step()
+        else:
+            self.muon.step()
         self.adamw.step()
         return loss
+
+    def _sharded_muon_step(self) -> None:
+        """torch's Muon step on FSDP2's shards, with one all-gather per matrix.
+
+        Muon's momentum and weight updates are elementwise, and are made on each
+        rank's shard; its orthogonalisation needs the whole matrix. torch's Muon
+        runs it on the sharded DTensor, where each of its matrix products and
+        norms is a collective of its own (some 18 a matrix); here each rank
+        gathers the matrix's update once, orthogonalises it whole, as torch's
+        Muon would, and keeps its own rows. The momentum buffers stay sharded,
+        under the same name, so checkpoints are as before.
+        """
+        from torch.distributed.tensor import DTensor, Replicate
+
+        for group in self.muon.param_groups:
+            assert group["adjust_lr_fn"] == "match_rms_adamw", "built with it in __init__"
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                whole = orthogonalised(update.full_tensor(), group["ns_coefficients"], group["ns_steps"],
+                                       group["eps"])
+                mesh = p.device_mesh  # Replicate to Shard is a local slice: no more communication
+                mine = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, p.placements)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(mine, alpha=-(lr * (0.2 * math.sqrt(max(p.shape)))))  # match_rms_adamw: AdamW's RMS
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # the load replaced self.state and rebuilt the group dicts: the inner optimizers must follow
         self._share_state_and_groups(self.param_groups)
+
+
+def orthogonalised(m: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                   eps: float) -> torch.Tensor:
+    """Muon's Newton-Schulz orthogonalisation of the matrix ``m``, in bfloat16, with the same operations in the
+    same order as torch.optim.Muon's: a sharded step (MuonWithAdamW) gives what an unsharded one would."""
+    a, b, c = coefficients
+    x = m.bfloat16()
+    tall = m.size(0) > m.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:

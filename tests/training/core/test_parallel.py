@@ -280,6 +280,53 @@ def test_fsdp_with_muon_saves_resumes_exactly_and_its_checkpoint_loads_unsharded
     assert {"momentum_buffer", "exp_avg"} <= {key for state in saved.values() for key in state}
 
 
+def sharded_muon_step_worker(rank: int, directory: str, port: int) -> None:
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        config = Config()
+        config.distributed.strategy = "fsdp"
+        shape = GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=3, n_embd=15, head_size=4,
+                          mlp_hidden=21)  # 15-row matrices: uneven shards
+        models = []
+        for world_size in (1, 2):
+            torch.manual_seed(0)
+            model = prepare(GPT(shape), config, world_size)
+            models.append((model, build_optimizer(model, OptimizerConfig(name="muon", lr=0.02, weight_decay=0.1))))
+        (whole, whole_opt), (shards, shards_opt) = models
+        matrices = sum(len(group["params"]) for group in shards_opt.muon.param_groups)
+        counts = []
+        for step in range(3):  # the same gradients for both, on every rank
+            g = torch.Generator().manual_seed(step)
+            for p, s in zip(whole.parameters(), shards.parameters()):
+                p.grad = torch.randn(p.shape, generator=g)
+                mesh = s.device_mesh
+                s.grad = DTensor.from_local(p.grad.clone(), mesh, [Replicate()]).redistribute(mesh, s.placements)
+            whole_opt.step()
+            with CommDebugMode() as comms:
+                shards_opt.step()
+            counts.append(comms.get_comm_counts())
+        torch.save({"whole": {n: p.detach() for n, p in whole.named_parameters()},
+                    "shards": {n: p.full_tensor() for n, p in shards.named_parameters()},
+                    "matrices": matrices, "counts": [{str(k): v for k, v in c.items()} for c in counts]},
+                   Path(directory, f"muon_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_muon_on_fsdp_shards_steps_as_on_whole_matrices_with_one_all_gather_each(tmp_path):
+    spawn(sharded_muon_step_worker, str(tmp_path), free_port(), timeout=120)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"muon_rank{rank}.pt")
+        assert out["matrices"] == 8
+        for count in out["counts"]:  # the orthogonalisation's matrix products and norms are local
+            assert count == {"c10d_functional.all_gather_into_tensor": 8}, count
+        assert_close(out["whole"], out["shards"], rtol=0, atol=0)
+
+
 def fsdp_optimizers_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
