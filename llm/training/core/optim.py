@@ -130,7 +130,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         Muon's momentum and weight updates are elementwise, and are made on each
         rank's shard; its orthogonalisation needs the whole matrix. torch's Muon
         runs it on the sharded DTensor, where each of its matrix products and
-        norms is a collective of its own (some 18 a matrix); here each rank
+        norms is a collective of its own (a dozen or more a matrix); here each rank
         gathers the matrix's update once, orthogonalises it whole, as torch's
         Muon would, and keeps its own rows. The momentum buffers stay sharded,
         under the same name, so checkpoints are as before.
@@ -138,8 +138,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         from torch.distributed.tensor import DTensor, Replicate
 
         for group in self.muon.param_groups:
-            assert group["adjust_lr_fn"] == "match_rms_adamw", "built with it in __init__"
             lr, momentum = group["lr"], group["momentum"]
+            lr = lr.squeeze() if isinstance(lr, torch.Tensor) else lr  # torch's Muon takes a 1-element tensor too
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -153,7 +153,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 mesh = p.device_mesh  # Replicate to Shard is a local slice: no more communication
                 mine = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, p.placements)
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(mine, alpha=-(lr * (0.2 * math.sqrt(max(p.shape)))))  # match_rms_adamw: AdamW's RMS
+                p.add_(mine, alpha=-(lr * _muon_lr_ratio(group["adjust_lr_fn"], p.shape)))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -175,6 +175,16 @@ def orthogonalised(m: torch.Tensor, coefficients: tuple[float, float, float], st
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+def _muon_lr_ratio(adjust: str | None, shape: torch.Size) -> float:
+    """What torch's Muon multiplies the learning rate by for a matrix of ``shape`` (global, not a shard's)."""
+    rows, cols = shape[:2]
+    if adjust is None or adjust == "original":
+        return math.sqrt(max(1, rows / cols))
+    if adjust == "match_rms_adamw":  # the update's RMS matched to AdamW's: one learning rate serves both
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
 
 
 def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:

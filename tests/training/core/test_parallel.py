@@ -299,7 +299,10 @@ def sharded_muon_step_worker(rank: int, directory: str, port: int) -> None:
         (whole, whole_opt), (shards, shards_opt) = models
         matrices = sum(len(group["params"]) for group in shards_opt.muon.param_groups)
         counts = []
-        for step in range(3):  # the same gradients for both, on every rank
+        for step in range(4):  # the same gradients for both, on every rank
+            if step == 3:  # settings torch's Muon takes that build_optimizer does not give: handled alike
+                for group in (*whole_opt.muon.param_groups, *shards_opt.muon.param_groups):
+                    group.update(lr=torch.tensor(0.01), adjust_lr_fn="original", nesterov=False)
             g = torch.Generator().manual_seed(step)
             for p, s in zip(whole.parameters(), shards.parameters()):
                 p.grad = torch.randn(p.shape, generator=g)
