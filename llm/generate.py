@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -66,8 +67,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens: got {args.max_new_tokens}, expected an integer >= 0")
     if args.num_samples < 1:
         raise UsageError(f"--num-samples: got {args.num_samples}, expected an integer >= 1")
-    if not args.temperature >= 0:  # also rejects nan
-        raise UsageError(f"--temperature: got {args.temperature}, expected a number >= 0")
+    if not 0 <= args.temperature < math.inf:  # also rejects nan
+        raise UsageError(f"--temperature: got {args.temperature}, expected a finite number >= 0")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k: got {args.top_k}, expected an integer >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # also rejects nan

@@ -328,8 +328,9 @@ def test_a_prompt_of_bytes_that_are_not_utf8_exits_2_with_one_line(step_dir, tmp
 
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "-1"], "--max-new-tokens: got -1, expected an integer >= 0"),
-    (["--temperature", "-0.5"], "--temperature: got -0.5, expected a number >= 0"),
-    (["--temperature", "nan"], "--temperature: got nan, expected a number >= 0"),
+    (["--temperature", "-0.5"], "--temperature: got -0.5, expected a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature: got nan, expected a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature: got inf, expected a finite number >= 0"),
     (["--top-k", "0"], "--top-k: got 0, expected an integer >= 1"),
     (["--top-p", "0"], "--top-p: got 0.0, expected a number above 0 and at most 1"),
     (["--top-p", "1.5"], "--top-p: got 1.5, expected a number above 0 and at most 1"),

@@ -405,8 +405,8 @@ class GPT(nn.Module):
         position moves, and each token reads the last block_size tokens again. Call
         ``model.eval()`` first to turn dropout off.
         """
-        if not temperature >= 0:  # NaN too
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 <= temperature < math.inf:  # NaN too
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
@@ -429,10 +429,12 @@ class GPT(nn.Module):
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
                 # the largest logit subtracted first: a tiny temperature then gives -inf, not inf - inf = nan
-                logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-                if top_k is not None:
+                logits = logits - logits.max(dim=-1, keepdim=True).values
+                if top_k is not None:  # chosen before the temperature, whose division can round every logit to 0
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                    logits = (logits / temperature).masked_fill(logits < kth, float("-inf"))
+                else:
+                    logits = logits / temperature
                 if top_p is not None and top_p < 1:
                     logits = _nucleus(logits, top_p)
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

@@ -239,6 +239,17 @@ def test_sampling_is_reproducible_with_a_generator_and_stays_in_the_top_k():
         assert next(model.generate_stream(prompt, 1, temperature=2.0, top_k=3, generator=g)) in first_top3
 
 
+def test_top_k_holds_at_a_temperature_so_high_that_it_rounds_every_logit_to_zero():
+    model = tiny()
+    prompt = torch.tensor([1, 2, 3])
+    greedy = list(model.generate_stream(prompt, 8, temperature=0))
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        assert list(model.generate_stream(prompt, 8, temperature=1e300, top_k=1, generator=g)) == greedy
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got inf"):
+        next(model.generate_stream(prompt, 1, temperature=math.inf))
+
+
 def test_top_p_samples_only_from_the_smallest_set_of_likeliest_tokens_that_reaches_p():
     model = tiny()
     prompt = torch.tensor([1, 2, 3])
