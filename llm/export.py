@@ -20,10 +20,12 @@ loads: ``config.json``, ``model.safetensors`` and, for a Hugging Face tokenizer,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -56,18 +58,32 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     ckpt, tensors, description = read_checkpoint(checkpoint, _read_for_export)
     tokenizer = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None  # a language model's, any kind
     description = {"weights": out.name, **({"tokenizer": tokenizer_of(out).name} if tokenizer else {}), **description}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _save_safetensors(tensors, out, metadata={"format": "pt", "task": str(description["task"])})
-        if tokenizer is not None:
-            with replacing(tokenizer_of(out)) as tmp:
-                tmp.write_bytes(tokenizer.read_bytes())
-        else:  # an earlier export's to this --out (check_out let it through), which these weights do not use
-            tokenizer_of(out).unlink(missing_ok=True)
-        description_of(out).write_text(json.dumps(description, indent=2) + "\n")
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    metadata = {"format": "pt", "task": str(description["task"])}
+    files = {out: lambda tmp: _save_safetensors(tensors, tmp, metadata)}
+    if tokenizer is not None:
+        files[tokenizer_of(out)] = lambda tmp: tmp.write_bytes(tokenizer.read_bytes())
+    files[description_of(out)] = lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n")
+    # an earlier export's tokenizer at this --out (check_out let it through), which these weights do not use, goes
+    _write_together(out.parent, files, stale=[] if tokenizer is not None else [tokenizer_of(out)])
     return ckpt
+
+
+def _write_together(folder: Path, files: dict[Path, Callable[[Path], None]], stale: list[Path] = ()) -> None:
+    """Write each of ``files`` (``write(tmp)``) to a temporary file beside it, and only once all are written
+    rename them into place, the first last, then delete ``stale``: a failed or interrupted export leaves an
+    earlier one to the same place as it was, not new weights beside an old description."""
+    writing = folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as renames:  # replacing() renames as it exits: in reverse, once all are written
+            for path, write in files.items():
+                writing = path
+                write(renames.enter_context(replacing(path)))
+            writing = folder
+        for path in stale:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write {writing}: {e.strerror or e}") from None
 
 
 def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
@@ -106,20 +122,18 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, bool]
     architecture = hf_config["architectures"][0]
     model_config = transformers.AutoConfig.for_model(**hf_config)  # its class by hf_config's model_type
     _check_hf_names(transformers, architecture, model_config, hf_state)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # transformers reads "format" only; the mark tells a folder that a new export may replace
-        _save_safetensors(hf_state, out / HF_WEIGHTS, metadata={"format": "pt", HF_MARK[0]: HF_MARK[1]})
-        model_config.save_pretrained(out)
-        for name in (TOKENIZER, HF_TOKENIZER_CONFIG):  # none stale from an earlier export
-            (out / name).unlink(missing_ok=True)
-        if tokenizer_json is not None:
-            (out / TOKENIZER).write_bytes(tokenizer_json)
-            # without it AutoTokenizer takes the model type's own tokenizer class, which adds
-            # GPT-2's <|endoftext|> or Llama's <s>; this class loads tokenizer.json as it is
-            (out / HF_TOKENIZER_CONFIG).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    # transformers reads "format" only; the mark tells a folder that a new export may replace
+    metadata = {"format": "pt", HF_MARK[0]: HF_MARK[1]}
+    files = {out / HF_WEIGHTS: lambda tmp: _save_safetensors(hf_state, tmp, metadata),
+             out / HF_CONFIG: lambda tmp: model_config.to_json_file(tmp, use_diff=True)}  # as save_pretrained
+    tokenizer_files = [out / TOKENIZER, out / HF_TOKENIZER_CONFIG]
+    if tokenizer_json is not None:
+        files[out / TOKENIZER] = lambda tmp: tmp.write_bytes(tokenizer_json)
+        # without it AutoTokenizer takes the model type's own tokenizer class, which adds
+        # GPT-2's <|endoftext|> or Llama's <s>; this class loads tokenizer.json as it is
+        files[out / HF_TOKENIZER_CONFIG] = lambda tmp: tmp.write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
+    _write_together(out, files, stale=[] if tokenizer_json is not None else tokenizer_files)  # none stale
     return ckpt, architecture, tokenizer_json is not None
 
 
@@ -168,16 +182,15 @@ def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, 
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``save_file`` through a temporary file beside ``path``, then rename, so a reader never sees half a file.
+    """``save_file`` to the new file ``path`` (a temporary one: see _write_together).
 
     safetensors makes its files 0600; the export gets the mode every other new file gets (0666 less the
-    umask), read off the temporary file as ``open`` creates it rather than by setting the process's umask.
+    umask), read off the file as ``open`` creates it rather than by setting the process's umask.
     """
-    with replacing(path) as tmp:
-        tmp.touch()
-        mode = stat.S_IMODE(tmp.stat().st_mode)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, mode)
+    path.touch()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, mode)
 
 
 def check_hf_out(out: Path) -> None:
@@ -190,7 +203,7 @@ def check_hf_out(out: Path) -> None:
     if not folder.is_dir():
         raise UsageError(f"--out {out}: {folder} is a file, not a folder")
     if folder == out:
-        names = sorted(p.name for p in out.iterdir() if p.name != f".{HF_WEIGHTS}.tmp")
+        names = sorted(p.name for p in out.iterdir() if p.name not in {f".{name}.tmp" for name in HF_FILES})
         others = [name for name in names if name not in HF_FILES]
         if others:
             raise UsageError(f"--out {out} holds files --format hf does not write ({', '.join(others[:3])}"
@@ -311,7 +324,7 @@ def _run_config(ckpt: Path, state: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # each file is whole or absent; a folder may lack some of its files
+    # an earlier export to --out is left as it was, unless the stop falls among the renames that end the export
     return run_tool(lambda: _export(argv), if_interrupted="the export may be incomplete: export again")
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -92,6 +93,30 @@ def test_export_replaces_an_earlier_export_but_not_another_safetensors_file(tmp_
     before = downloaded.read_bytes()
     assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(downloaded)]) == 2
     assert "is not an earlier export" in capsys.readouterr().err and downloaded.read_bytes() == before
+
+
+def test_an_export_that_fails_part_way_leaves_the_earlier_export_whole(tmp_path, monkeypatch, capsys):
+    runs = []
+    for name, seed in (("a", 0), ("b", 1)):
+        config = tiny_config(tmp_path / name)
+        config.training.seed = seed
+        TrainingEngine(config, RegressionTask(config), 0, 1).train()
+        runs.append(str(tmp_path / name / "run"))
+    out = tmp_path / "model.safetensors"
+    assert main(["--checkpoint", runs[0], "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert sorted(before) == ["model.json", "model.safetensors"]
+    write_text = type(out).write_text
+
+    def disk_full_at_the_description(path, *args, **kwargs):  # the weights are written by then
+        if path.name.lstrip(".").startswith("model.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(out), "write_text", disk_full_at_the_description)
+    assert main(["--checkpoint", runs[1], "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'model.json'}: No space left on device\n"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # no temporary file left
 
 
 def test_an_out_that_is_a_folder_or_inside_the_checkpoints_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
