@@ -267,7 +267,7 @@ def test_what_our_gpt_cannot_compute_is_refused_in_one_line_naming_it(tmp_path, 
     assert "holds no config.json: name a transformers model folder" in capsys.readouterr().err
 
 
-def test_an_import_writes_only_into_a_new_folder(tmp_path, capsys):
+def test_an_import_writes_only_into_a_new_folder(tmp_path, capsys, monkeypatch):
     _, _, hf = gpt2(tmp_path)
     capsys.readouterr()
     (tmp_path / "ours").mkdir()
@@ -282,6 +282,12 @@ def test_an_import_writes_only_into_a_new_folder(tmp_path, capsys):
     assert main([str(hf), "--out", str(inside)]) == 2  # retention would delete it with the checkpoint
     assert "would write into a checkpoint folder" in capsys.readouterr().err
     assert not inside.exists() and not inside.with_name(".again.importing").exists()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for here in (".", str(tmp_path / "empty")):  # empty, but a folder no rename can replace
+        assert main([str(hf), "--out", here]) == 2
+        assert f"--out {here} is the current folder or its parent: name a new folder" in capsys.readouterr().err
+    assert not any((tmp_path / "empty").iterdir())
 
 
 def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(tmp_path):
