@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from llm.data.data_module import BaseDataModule
 from llm.data.tokenizers import BUILTIN, Tokenizer, UncoveredText, build_tokenizer, check_spec, load_tokenizer
 from llm.errors import UsageError
-from llm.files import is_run_output
+from llm.files import fsync, is_run_output
 from llm.training.core import distributed as D
 
 log = logging.getLogger(__name__)
@@ -442,11 +442,14 @@ class TextDataModule(BaseDataModule):
             split = "" if boundary is None else f"{boundary}\n"  # where validation begins, with data.val_path
             (tmp / SIZE).write_text(f"{(tmp / TOKENS).stat().st_size}\n{digest.hexdigest()}\n{split}")
             (tmp / WRITING).unlink()  # the entry holds its three files only; the lock is held until the close below
+            for path in (tmp / TOKENIZER, tmp / TOKENS, tmp / SIZE, tmp):  # on disk before the rename shows them
+                fsync(path)
             try:
                 os.replace(tmp, entry)
             except OSError:  # another node sharing the cache folder finished first
                 if not (entry / TOKENS).is_file():
                     raise
+            fsync(entry.parent)
         finally:
             os.close(writing)
             for folder in (unlocked, tmp):
@@ -538,8 +541,8 @@ def _readable(entry: Path) -> Iterator[None]:
 
 def _recorded(entry: Path) -> tuple[int | None, str | None, int | None]:
     """What the writer of ``entry`` recorded in tokens.size: the size of tokens.bin, its sha256 and, with
-    data.val_path, the token where validation begins (None for what is not there: an entry of an earlier
-    version, or a file a crash left empty or garbled)."""
+    data.val_path, the token where validation begins (None for what is not there: a file lost, or left empty or
+    garbled by a crash of the machine)."""
     try:
         fields = (entry / SIZE).read_bytes().decode("ascii").split()
         size = int(fields[0]) if fields else None
@@ -551,18 +554,21 @@ def _recorded(entry: Path) -> tuple[int | None, str | None, int | None]:
 
 def _damage(entry: Path, recorded: tuple[int | None, str | None, int | None] | None = None,
             split: bool = False) -> str:
-    """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): not the
-    size recorded beside it (``recorded``, _recorded's, read here if not given; entries of earlier versions record
-    none), or, with ``split`` (data.val_path), no record of where validation begins."""
+    """Why ``entry``'s tokens.bin is not what was written ("" if it is, or if there is none to judge): no size and
+    digest recorded beside it (``recorded``, _recorded's, read here if not given: every writer of an entry at a
+    key of this CACHE_FORMAT records them), not that size, or, with ``split`` (data.val_path), no record of where
+    validation begins."""
     recorded = _recorded(entry) if recorded is None else recorded
     written = recorded[0]
     try:
         size = (entry / TOKENS).stat().st_size
     except OSError:
         return ""
+    if written is None or recorded[1] is None:
+        return f"{SIZE} is missing or garbled"
     if split and recorded[2] is None:
         return f"{SIZE} holds no start of validation"
-    return "" if written is None or size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
+    return "" if size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
 
 
 def _read_tokenizer(entry: Path) -> tuple[Tokenizer | None, str]:

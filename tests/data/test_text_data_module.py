@@ -153,12 +153,21 @@ def test_a_damaged_cache_entry_is_tokenized_again_not_trusted(tmp_path, corpus):
                                              rf"{cut:,} bytes of the {len(whole):,} written\): tokenizing again"):
             again.prepare_data()
         assert not again.cache_hit and tokens.read_bytes() == whole
-    # a rank that finds it damaged after rank 0 prepared it, or an entry that records no size: one line
+    # a rank that finds it damaged after rank 0 prepared it: one line
     tokens.write_bytes(whole[:1001])
-    (first.cache_path / "tokens.size").unlink()
-    with pytest.raises(UsageError, match=r"^data.cache_dir: the cache entry .* is damaged \(tokens.bin ends inside "
-                                         r"a token\): delete it and run again"):
+    with pytest.raises(UsageError, match=r"^data.cache_dir: the cache entry .* is damaged \(tokens.bin holds 1,001 "
+                                         r"bytes of the .* written\): delete it and run again"):
         make(tmp_path, corpus, tokenizer="byte").setup()
+    # its record of the size and digest lost or emptied (a machine's crash before the record reached the disk)
+    size = first.cache_path / "tokens.size"
+    for record in (None, "", "garbled\n"):
+        size.unlink() if record is None else size.write_text(record)
+        with pytest.raises(UsageError, match=r"is damaged \(tokens.size is missing or garbled\): delete it"):
+            make(tmp_path, corpus, tokenizer="byte").setup()
+        again = make(tmp_path, corpus, tokenizer="byte")
+        with pytest.warns(UserWarning, match=r"is damaged \(tokens.size is missing or garbled\): tokenizing again"):
+            again.prepare_data()
+        assert not again.cache_hit and tokens.read_bytes() == whole
 
 
 def test_a_cache_entry_whose_tokenizer_is_damaged_is_tokenized_again_or_named_in_one_line(tmp_path, corpus):
