@@ -159,6 +159,10 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
     if changed:
         raise UsageError(f"the data here gives the model otherwise than {ckpt} holds it ({', '.join(changed)}): "
                          f"run where the run was started, with its data and tokenizer")
+    if "corpus.json" in resume.changed_artifacts(task, ckpt):  # a language model's corpus, edited since
+        raise UsageError(f"the corpus at data.path is not the one {ckpt} was trained on (it was edited since), so "
+                         f"its {split} split is not the run's: score a text file with --data-path FILE instead"
+                         f"{where_to_run}")
     load_weights_strictly(model, weights, f"the weights in {ckpt}", than=f" than {config.task} builds from its config")
     model.to(device).eval()
     criterion = task.build_criterion().to(device)
