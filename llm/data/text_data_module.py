@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import sysconfig
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -317,7 +318,9 @@ class TextDataModule(BaseDataModule):
 
     def _text_files(self, spec: str, setting: str) -> list[Path]:
         files = corpus_files(spec, setting)
-        if spec and sum(f.stat().st_size for f in files) == 0:
+        # a byte order mark alone is no text either: a char tokenizer would have no character to hold
+        if spec and all(f.stat().st_size <= len(BOM.encode()) and not f.read_bytes().removeprefix(BOM.encode())
+                        for f in files):
             raise UsageError(f"{setting}: {spec} is empty (0 bytes of text)")
         return files
 
@@ -582,18 +585,31 @@ def _read_tokenizer(entry: Path) -> tuple[Tokenizer | None, str]:
         return None, f"its {TOKENIZER} is not a tokenizer file"
 
 
+NEW_FOLDER_AGE_S = 3600.0
+"""How old a cache entry's folder still under the name it is made under must be for _remove_abandoned to take it
+for abandoned: its writer takes it over within moments."""
+
+
 def _remove_abandoned(cache_dir: Path) -> None:
     """Delete what tokenizations on this machine left half-written when their process was killed: their
     folders (``.<key>.<host>.<pid>.<random>``) would otherwise hold a partial token file for good. A folder
     whose lock is free has no writer, whatever pid namespace it ran in; another machine's is left alone,
-    since a lock on a shared file system may not reach across machines."""
+    since a lock on a shared file system may not reach across machines. A folder still under the name it is
+    made and locked under (``.new``), which a writer killed at once leaves, is deleted only once NEW_FOLDER_AGE_S
+    old: a young one may be about to be locked."""
     for tmp in cache_dir.glob(".*"):
-        name = tmp.name[1:].partition(".")[2].rsplit(".", 2)  # host, pid, random
+        made = tmp.name.endswith(".new")
+        name = tmp.name[1:].removesuffix(".new").partition(".")[2].rsplit(".", 2)  # host, pid, random
         if len(name) != 3 or name[0] != socket.gethostname():
             continue
+        with contextlib.suppress(OSError):
+            if made and time.time() - tmp.stat().st_mtime < NEW_FOLDER_AGE_S:
+                continue
         try:
             lock = os.open(tmp / WRITING, os.O_RDWR)
         except OSError:  # none: not an entry being written, or one about to be renamed into place
+            if made:  # or one whose writer was killed before it made its lock
+                shutil.rmtree(tmp, ignore_errors=True)
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

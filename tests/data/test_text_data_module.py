@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -348,8 +349,8 @@ make(Path({str(tmp_path)!r}), Path({str(corpus)!r})).prepare_data()
     assert left.name.startswith(".") and (left / "tokenizer.json").is_file()
     host, gone = socket.gethostname(), int(left.name.rsplit(".", 2)[1])  # a pid no process has now, likely
 
-    def folder(name: str) -> Path:
-        path = tmp_path / "cache" / f".{'0' * 32}.{name}.0000"
+    def folder(name: str, made: str = "") -> Path:  # made: ".new", the name a writer makes it under
+        path = tmp_path / "cache" / f".{'0' * 32}.{name}.0000{made}"
         path.mkdir()
         (path / tdm.WRITING).touch()
         return path
@@ -358,6 +359,13 @@ make(Path({str(tmp_path)!r}), Path({str(corpus)!r})).prepare_data()
     lock = os.open(at_work / tdm.WRITING, os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_EX)
     kept = [at_work, folder(f"other-host.{gone}"), folder(f"{host}.cluster.{gone}")]  # other machines' folders
+    # still under the name a writer makes it under (.new): killed before or after it made its lock file, an
+    # hour ago; a young one may be about to be locked, and stays
+    made_long_ago = [folder(f"{host}.{gone}", ".new"), folder(f"{host}.{gone + 1}", ".new")]
+    (made_long_ago[1] / tdm.WRITING).unlink()
+    for path in made_long_ago:
+        os.utime(path, (time.time() - tdm.NEW_FOLDER_AGE_S - 60,) * 2)
+    kept.append(folder(f"{host}.{gone + 2}", ".new"))
     try:
         dm = make(tmp_path, corpus)
         dm.prepare_data()
@@ -724,6 +732,7 @@ def test_bpe_from_the_config_vocab_size(tmp_path, corpus):
     ("missing.txt", None, "missing.txt does not exist"),
     ("empty", "folder", "the folder .*empty holds no files"),
     ("e.txt", b"", "e.txt is empty"),
+    ("bom.txt", "\ufeff".encode(), "bom.txt is empty"),  # a byte order mark alone
     ("*.nothing", None, "matches no files"),
     ("bin.txt", b"ok\xff\xfe", "bin.txt is not UTF-8 text"),
 ])
