@@ -60,6 +60,9 @@ class BaseDataModule(ABC):
                              f"index; {type(dataset).__name__} {what} (a stream needs a DataLoader of the data "
                              f"module's own)")
         size = len(dataset)  # type: ignore[arg-type]
+        if train and size == 0:  # no batch size or process count would help
+            raise UsageError(f"the training set of {type(self).__name__} is empty: give it more data (the built-in "
+                             f"data modules: a larger data.num_samples or a smaller data.val_fraction)")
         if train and size < batch_size * world_size:
             raise UsageError(
                 f"the training set has {size} samples, fewer than one batch per rank "
