@@ -160,8 +160,10 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
         raise UsageError(f"the data here gives the model otherwise than {ckpt} holds it ({', '.join(changed)}): "
                          f"run where the run was started, with its data and tokenizer")
     if "corpus.json" in resume.changed_artifacts(task, ckpt):  # a language model's corpus, edited since
-        raise UsageError(f"the corpus at data.path is not the one {ckpt} was trained on (it was edited since), so "
-                         f"its {split} split is not the run's: score a text file with --data-path FILE instead"
+        corpus = f"data.path {config.data.path}" if config.data.path else \
+            "the default corpus (this Python's standard library)"
+        raise UsageError(f"{corpus} is not the corpus {ckpt} was trained on (edited since, or another), so its "
+                         f"{split} split is not the run's: score a text file with --data-path FILE instead"
                          f"{where_to_run}")
     load_weights_strictly(model, weights, f"the weights in {ckpt}", than=f" than {config.task} builds from its config")
     model.to(device).eval()

@@ -70,13 +70,14 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
 def _write_together(folder: Path, files: dict[Path, Callable[[Path], None]], stale: list[Path] = ()) -> None:
     """Write each of ``files`` (``write(tmp)``) to a temporary file beside it, and only once all are written
-    rename them into place, the first last, then delete ``stale``: a failed or interrupted export leaves an
-    earlier one to the same place as it was, not new weights beside an old description."""
+    rename them into place, in order, then delete ``stale``: a failed or interrupted export leaves an earlier
+    one to the same place as it was, not new weights beside an old description. The weights go first: theirs
+    is the mark that lets an export that was stopped among the renames be made again to the same place."""
     writing = folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as renames:  # replacing() renames as it exits: in reverse, once all are written
-            for path, write in files.items():
+            for path, write in reversed(files.items()):
                 writing = path
                 write(renames.enter_context(replacing(path)))
             writing = folder

@@ -41,8 +41,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> tuple[Path, GPTConfig, str
     """Write ``out/checkpoints/step_00000000`` and ``out/finetune.yaml`` from the model in ``hf_dir``; returns the
     checkpoint, the model's config and the architecture read."""
     hf_dir, out = Path(hf_dir), Path(out)
-    if os.path.abspath(out) in (os.getcwd(), os.path.dirname(os.getcwd())):  # renamed onto: the kernel refuses
-        raise UsageError(f"--out {out} is the current folder or its parent: name a new folder, such as "
+    if os.path.basename(os.path.normpath(out)) in (".", ".."):  # no rename can replace the folder so named
+        raise UsageError(f"--out {out} names the current folder or its parent: name a new folder, such as "
                          f"{out / 'imported'}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder: import into a new one")

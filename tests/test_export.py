@@ -398,6 +398,27 @@ def test_export_hf_without_transformers_exits_2(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == "error: --format hf needs the transformers package: pip install transformers\n"
 
 
+def test_an_export_stopped_among_its_renames_can_be_made_again(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    run_dir = train_lm(tmp_path)
+    replace, renamed = os.replace, []
+
+    def stopped_after_the_first(src, dst):
+        if renamed:
+            raise KeyboardInterrupt
+        renamed.append(os.path.basename(dst))
+        replace(src, dst)
+
+    for flags, out in ((["--format", "hf"], tmp_path / "hf"), ([], tmp_path / "model.safetensors")):
+        renamed.clear()
+        monkeypatch.setattr(os, "replace", stopped_after_the_first)
+        assert main(["--checkpoint", str(run_dir), *flags, "--out", str(out)]) == 130
+        monkeypatch.setattr(os, "replace", replace)
+        assert renamed == [out.name if not flags else "model.safetensors"]  # the weights, which mark an export
+        capsys.readouterr()
+        assert main(["--checkpoint", str(run_dir), *flags, "--out", str(out)]) == 0, capsys.readouterr().err
+
+
 def test_export_hf_leaves_a_folder_of_other_files_alone(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()

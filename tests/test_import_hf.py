@@ -284,10 +284,12 @@ def test_an_import_writes_only_into_a_new_folder(tmp_path, capsys, monkeypatch):
     assert not inside.exists() and not inside.with_name(".again.importing").exists()
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path / "empty")
-    for here in (".", str(tmp_path / "empty")):  # empty, but a folder no rename can replace
+    for here in (".", "./", "sub/.."):  # empty, but a folder no rename can replace so named
         assert main([str(hf), "--out", here]) == 2
-        assert f"--out {here} is the current folder or its parent: name a new folder" in capsys.readouterr().err
+        assert "names the current folder or its parent: name a new folder" in capsys.readouterr().err
     assert not any((tmp_path / "empty").iterdir())
+    assert main([str(hf), "--out", str(tmp_path / "empty")]) == 0  # named by its path, it can
+    assert (tmp_path / "empty" / "finetune.yaml").is_file()
 
 
 def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(tmp_path):

@@ -445,14 +445,15 @@ class TextDataModule(BaseDataModule):
             split = "" if boundary is None else f"{boundary}\n"  # where validation begins, with data.val_path
             (tmp / SIZE).write_text(f"{(tmp / TOKENS).stat().st_size}\n{digest.hexdigest()}\n{split}")
             (tmp / WRITING).unlink()  # the entry holds its three files only; the lock is held until the close below
-            for path in (tmp / TOKENIZER, tmp / TOKENS, tmp / SIZE, tmp):  # on disk before the rename shows them
+            for path in (tmp / TOKENIZER, tmp / TOKENS, tmp / SIZE):  # on disk before the rename shows them
                 fsync(path)
+            _sync_folder(tmp)
             try:
                 os.replace(tmp, entry)
             except OSError:  # another node sharing the cache folder finished first
                 if not (entry / TOKENS).is_file():
                     raise
-            fsync(entry.parent)
+            _sync_folder(entry.parent)
         finally:
             os.close(writing)
             for folder in (unlocked, tmp):
@@ -481,13 +482,13 @@ class TextDataModule(BaseDataModule):
             # prepare_data() read it in this process when it found the entry whole; other ranks read it here
             self.tokenizer, damage = (self.tokenizer, "") if self.cache_hit else _read_tokenizer(entry)
             size = (entry / TOKENS).stat().st_size
+            recorded = _recorded(entry)
         self.cache_path = entry
-        recorded = _recorded(entry)
         _, self.tokens_digest, boundary = recorded
         dtype = token_dtype(self.tokenizer.vocab_size) if self.tokenizer is not None else np.uint8
         damage = damage or _damage(entry, recorded, split=bool(self.config.data.val_path)) or \
             (size % np.dtype(dtype).itemsize and f"{TOKENS} ends inside a token")
-        if damage:  # on a rank that found it so after rank 0 prepared it, or in an entry of an earlier version
+        if damage:  # on a rank that found it so after rank 0 prepared it
             raise UsageError(f"data.cache_dir: the cache entry {entry} is damaged ({damage}): delete it and run "
                              f"again to tokenize the corpus afresh")
         self._check_same_tokens_on_every_rank()
@@ -516,7 +517,7 @@ class TextDataModule(BaseDataModule):
         """Refuse, on every rank, ranks whose tokens differ: each node reads and tokenizes its own copy of the
         corpus, and a node given other files under the same path (or another Python's standard library, the
         default corpus) would train on other text with no error, where the vocabulary comes out the same size."""
-        every = D.gather(self.tokens_digest or self.cache_path.name)  # an entry of an earlier version: its key
+        every = D.gather(self.tokens_digest)
         other = next((rank for rank, tokens in enumerate(every) if tokens != every[0]), None)
         if other is not None:
             d = self.config.data
@@ -550,6 +551,8 @@ def _recorded(entry: Path) -> tuple[int | None, str | None, int | None]:
         fields = (entry / SIZE).read_bytes().decode("ascii").split()
         size = int(fields[0]) if fields else None
         boundary = int(fields[2]) if len(fields) > 2 else None
+    except PermissionError:  # another user's entry: see _readable
+        raise
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None, None, None
     return size, fields[1] if len(fields) > 1 else None, boundary
@@ -572,6 +575,13 @@ def _damage(entry: Path, recorded: tuple[int | None, str | None, int | None] | N
     if split and recorded[2] is None:
         return f"{SIZE} holds no start of validation"
     return "" if size == written else f"{TOKENS} holds {size:,} bytes of the {written:,} written"
+
+
+def _sync_folder(folder: Path) -> None:
+    """Put ``folder``'s entries on disk where that can be done: a shared cache folder may be write-only to this
+    user (mode 1733), and some file systems sync no folder; the entry is whole either way."""
+    with contextlib.suppress(OSError):
+        fsync(folder)
 
 
 def _read_tokenizer(entry: Path) -> tuple[Tokenizer | None, str]:

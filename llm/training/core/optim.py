@@ -117,7 +117,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:  # torch's optimizer contract: re-evaluate the loss first, with gradients on
             with torch.enable_grad():
                 loss = closure()
-        if any(_is_dtensor(p) for group in self.muon.param_groups for p in group["params"]):
+        if all(_is_dtensor(p) for group in self.muon.param_groups for p in group["params"]):
             self._sharded_muon_step()
         else:
             self.muon.step()
