@@ -831,6 +831,8 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
+        if type(value) is int and value in (0, 1):  # YAML's 1 and 0, as "1" and "0" are on the command line
+            return bool(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -854,6 +856,8 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             # YAML read it as a number, so its text is gone (0750 is 488, 2024_01 is 202401, 1.10 is 1.1)
             raise ConfigError(name, value, "a string: in a YAML file, write it in quotes")
+        if isinstance(value, bool):  # YAML reads yes, no, on and off as true and false
+            raise ConfigError(name, value, "a string: in a YAML file, write it in quotes ('yes', 'off')")
     raise ConfigError(name, value, describe(tp))
 
 

@@ -102,7 +102,7 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name or module_name.startswith("."):
         raise UsageError(f"{kind} {name!r}: expected a built-in name or package.module:Class")
-    if module_name == "__main__" and not hasattr(sys.modules["__main__"], class_name):
+    if module_name == "__main__" and not hasattr(sys.modules["__main__"], class_name.partition(".")[0]):
         raise UsageError(f"{kind} {name!r} is a class of a script run as __main__ (python script.py, which trained "
                          f"from code), and cannot be found from here: name it by its module, module:{class_name}")
     whose = kind if kind.endswith(" module") else f"{kind} module"  # a data module's: not "data module module"
@@ -110,9 +110,11 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UsageError(f"cannot import {whose} {module_name!r}: {e}{_not_searched(e)}") from None
-    except Exception as e:  # noqa: BLE001 - the user's module failed while it ran: say where, in one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while it ran: say where, in one line
         raise UsageError(f"cannot import {whose} {module_name!r}: {_where(e)}") from None
-    cls = getattr(module, class_name, None)
+    cls = module
+    for part in class_name.split("."):  # a class nested in another (Outer.Task), as its __qualname__ names it
+        cls = getattr(cls, part, None)
     if cls is None:
         raise UsageError(f"module {module_name!r} has no {class_name!r} for the {kind}")
     if not (isinstance(cls, type) and issubclass(cls, base)):

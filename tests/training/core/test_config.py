@@ -188,6 +188,8 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         # YAML reads 0750 as 488 and 2024_01 as 202401: the text was lost before the config saw it
         ({"checkpoint": {"dir": 488}}, ["checkpoint.dir", "488", "a string: in a YAML file, write it in quotes"]),
         ({"logging": {"log_dir": 1.1}}, ["logging.log_dir", "1.1", "in quotes"]),
+        ({"checkpoint": {"monitor": True}}, ["checkpoint.monitor", "True", "in quotes ('yes', 'off')"]),  # yes
+        ({"training": {"tf32": 2}}, ["training.tf32", "2", "true or false"]),
         ({"distributed": {"timeout_s": 10**11}}, ["distributed.timeout_s", str(10**11), "at most 100000000"]),
     ],
 )
@@ -197,6 +199,15 @@ def test_bad_values_name_the_field_value_and_what_is_allowed(overrides, words):
     assert "\n" not in str(err.value)
     for word in words:
         assert word in str(err.value)
+
+
+def test_yaml_1_and_0_are_true_and_false_as_on_the_command_line(tmp_path):
+    settings = tmp_path / "bools.yaml"
+    settings.write_text("training:\n  tf32: 1\n  compile: 0\n")
+    config = Config.from_yaml(settings)
+    assert config.training.tf32 is True and config.training.compile is False
+    flags = Config.from_args_and_env(["--training-tf32", "1", "--training-compile", "0"], environ={})
+    assert flags.training == config.training
 
 
 def test_bad_yaml_files(tmp_path):

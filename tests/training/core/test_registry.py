@@ -48,3 +48,25 @@ def test_a_module_in_the_working_directory_the_import_path_lacks_is_named_with_t
         resolve_task("tasks_of_mine.sine:Sine")
     monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
     assert resolve_task("mine:Mine").__name__ == "RegressionTask"
+
+
+def test_a_class_nested_in_another_is_found_by_the_name_a_run_records_for_it(tmp_path, monkeypatch):
+    (tmp_path / "nested_tasks.py").write_text(
+        "from llm.training.tasks.regression_task import RegressionTask\n\n\n"
+        "class Outer:\n    class Mine(RegressionTask):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from llm.training.core.registry import task_name
+
+    task = resolve_task("nested_tasks:Outer.Mine")
+    assert task.__qualname__ == "Outer.Mine"
+    assert task_name(task, "regression") == "nested_tasks:Outer.Mine"  # what config.yaml records, read back
+    with pytest.raises(UsageError, match=r"^module 'nested_tasks' has no 'Outer.Theirs' for the task$"):
+        resolve_task("nested_tasks:Outer.Theirs")
+
+
+def test_a_module_that_exits_as_it_is_imported_is_named_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(5)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError, match=r"^cannot import task module 'exits_at_import': SystemExit: 5 \(raised at "
+                                         r".*exits_at_import.py:2\)$"):
+        resolve_task("exits_at_import:Task")
