@@ -182,7 +182,13 @@ def test_a_resume_on_the_same_corpus_tokenized_otherwise_is_refused_naming_the_v
 
     train("pinned", 3)
     with monkeypatch.context() as earlier:  # a version whose checkpoints pin no tokens
-        earlier.setattr(tdm, "_recorded", lambda entry: (None, None, None))
+        setup = tdm.TextDataModule.setup
+
+        def pinning_no_tokens(self, stage=None):
+            setup(self, stage)
+            self.tokens_digest = None
+
+        earlier.setattr(tdm.TextDataModule, "setup", pinning_no_tokens)
         train("earlier", 3)
     real = tdm._without_bom
     monkeypatch.setattr(tdm, "CACHE_FORMAT", "another")
