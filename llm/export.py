@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -68,7 +68,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return ckpt
 
 
-def _write_together(folder: Path, files: dict[Path, Callable[[Path], None]], stale: list[Path] = ()) -> None:
+def _write_together(folder: Path, files: dict[Path, Callable[[Path], None]], stale: Iterable[Path] = ()) -> None:
     """Write each of ``files`` (``write(tmp)``) to a temporary file beside it, and only once all are written
     rename them into place, in order, then delete ``stale``: a failed or interrupted export leaves an earlier
     one to the same place as it was, not new weights beside an old description. The weights go first: theirs

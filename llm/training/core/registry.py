@@ -110,7 +110,7 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UsageError(f"cannot import {whose} {module_name!r}: {e}{_not_searched(e)}") from None
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while it ran: say where, in one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed as it ran: say where, in one line
         raise UsageError(f"cannot import {whose} {module_name!r}: {_where(e)}") from None
     cls = module
     for part in class_name.split("."):  # a class nested in another (Outer.Task), as its __qualname__ names it
