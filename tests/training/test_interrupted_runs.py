@@ -408,13 +408,17 @@ def fsdp_flags(tmp_path: Path) -> list[str]:
             "--checkpoint-resume", "auto", "--logging-progress-bar", "false"]
 
 
-def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["saved-in-the-loop", "saved-in-the-background"])
+def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path, background):
     flags = fsdp_flags(tmp_path)
     ref = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "ref"), cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert (tmp_path / "ref/checkpoints/step_00000004/sharded").is_dir()
-    killed = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path,
-                      env={"KILL_AT_STEP": "7", "KILL_RANK": "1"})
+    # in the background, the shards go over a group of their own while the loop's collectives go on: rank 0 dies
+    # on its saving thread, part way through checkpoint 8
+    flags += ["--checkpoint-async-save", str(background)]
+    fault = {"KILL_IN_SAVE": "8", "KILL_RANK": "0"} if background else {"KILL_AT_STEP": "7", "KILL_RANK": "1"}
+    killed = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, env=fault)
     assert killed.returncode != 0
     resumed = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -72,7 +74,10 @@ class CheckpointManager:
     """Saves checkpoints of one run into ``directory`` and prunes old ones."""
 
     def __init__(self, directory: str | Path, rank: int = 0, world_size: int = 1, keep_last: int = 3,
-                 monitor: str = "val_loss", mode: str = "min", keep_best: int = 1):
+                 monitor: str = "val_loss", mode: str = "min", keep_best: int = 1,
+                 group: dist.ProcessGroup | None = None):
+        """``group``: the gloo group of all ranks that saves agree over (distributed.new_host_group), for saves
+        made on a thread of their own while the main thread makes collectives of its own (None: the hosts')."""
         if keep_last < 1:
             raise CheckpointError(f"keep_last: got {keep_last!r}, expected an int >= 1")
         if keep_best < 0:
@@ -84,6 +89,7 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
+        self.group = group
 
     def save(self, step: int, shared: dict, per_rank: dict, metrics: dict[str, float] | None = None,
              write_extra: Callable[[Path], None] | None = None,
@@ -118,7 +124,8 @@ class CheckpointManager:
         # every file is in place (the agreement is a barrier): the ranks hash them together, each its share
         share: dict[str, dict] = {}
         self._agree(_attempt(lambda: share.update(self._hash_share(staging))), staging, "hashing")
-        parts = D.gather(share) if self._distributed() else [share]  # one rank's manager in a group: its own
+        # one rank's manager in a group: its own
+        parts = D.gather(share, self.group) if self._distributed() else [share]
         hashed = {name: entry for part in parts for name, entry in part.items()}
         error = None
         if self.rank == 0:
@@ -193,7 +200,7 @@ class CheckpointManager:
         if error is not None:
             codes[self.rank] = _failure_code(error)
         if self._distributed():
-            D.all_reduce_on_hosts(codes, dist.ReduceOp.MIN)
+            D.all_reduce_on_hosts(codes, dist.ReduceOp.MIN, self.group)
         failed = [r for r in range(self.world_size) if codes[r] < 0]
         if not failed:
             return
@@ -299,6 +306,57 @@ class CheckpointManager:
             if isinstance(value, (int, float)) and not math.isnan(value):
                 scored.append((sign * value, path))
         return scored
+
+
+class BackgroundSave:
+    """Runs one save at a time on a thread of its own, so that training goes on while the checkpoint is
+    written, synced and hashed. What it saves must be a copy (``copied_to_cpu``): the step after the save
+    changes the live tensors. ``wait()`` joins the save in flight and raises its error, if it failed."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, save: Callable[[], object]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                save()
+            except BaseException as e:  # noqa: BLE001 - raised where wait() is called, on the main thread
+                self._error = e
+        # a daemon: a process ending in an error it did not wait through is not held up by a save that hangs
+        # on a lost rank; the staging folder it leaves is cleared at the next save
+        self._thread = threading.Thread(target=run, name="checkpoint-save", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def copied_to_cpu(state: _T) -> _T:
+    """``state`` with every tensor (a DTensor too, as a DTensor) copied into host memory, and the dicts, lists
+    and tuples holding them rebuilt; other values are shared, not copied."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, (dict, list)):
+        copied = copy.copy(state)  # of the same type, with its attributes (a module state dict's _metadata)
+        for key, value in (state.items() if isinstance(state, dict) else enumerate(state)):
+            copied[key] = copied_to_cpu(value)
+        return copied
+    if isinstance(state, tuple):
+        values = [copied_to_cpu(value) for value in state]
+        return type(state)(*values) if hasattr(state, "_fields") else type(state)(values)
+    return state
 
 
 def _prune(path: Path) -> None:

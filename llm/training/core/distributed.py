@@ -387,21 +387,28 @@ def _hosts() -> dist.ProcessGroup | None:
     world = dist.group.WORLD
     if _hosts_of is None or _hosts_of[0]() is not world:
         cpu = any(part.startswith("cpu:") for part in dist.get_backend_config().split(","))
-        try:
-            group = None if cpu else dist.new_group(backend="gloo", timeout=_host_timeout)
-        except dist.DistError:
-            raise  # a rank that never came, or the store gone: a lost rank, said as such
-        except RuntimeError as e:  # gloo's own: it could not make its connections
-            raise UsageError(f"the processes could not connect over gloo, which they use beside nccl for small "
-                             f"values such as whether to stop: {one_line(e)}; name the network interface to use "
-                             f"with GLOO_SOCKET_IFNAME=<interface> on every node") from None
+        group = None if cpu else new_host_group("beside nccl for small values such as whether to stop")
         _hosts_of = (weakref.ref(world), None if group is None else weakref.ref(group))
     return None if _hosts_of[1] is None else _hosts_of[1]()
 
 
-def all_reduce_on_hosts(t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
-    """``t``, a CPU tensor, reduced over all ranks in place between the hosts: nothing waits for a GPU."""
-    dist.all_reduce(t, op=op, group=_hosts())
+def new_host_group(use: str) -> dist.ProcessGroup:
+    """A gloo group of all ranks, for CPU tensors; ``use`` says what for, in the error if the ranks cannot connect.
+    Collective: every rank makes it at the same point."""
+    try:
+        return dist.new_group(backend="gloo", timeout=_host_timeout)
+    except dist.DistError:
+        raise  # a rank that never came, or the store gone: a lost rank, said as such
+    except RuntimeError as e:  # gloo's own: it could not make its connections
+        raise UsageError(f"the processes could not connect over gloo, which they use {use}: {one_line(e)}; name "
+                         f"the network interface to use with GLOO_SOCKET_IFNAME=<interface> on every node") from None
+
+
+def all_reduce_on_hosts(t: torch.Tensor, op: Any = dist.ReduceOp.SUM,
+                        group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``t``, a CPU tensor, reduced over all ranks in place between the hosts: nothing waits for a GPU. Over
+    ``group`` if given (a gloo group of all ranks, new_host_group)."""
+    dist.all_reduce(t, op=op, group=_hosts() if group is None else group)
     return t
 
 
@@ -493,12 +500,13 @@ def broadcast_buffers(buffers: list[torch.Tensor]) -> None:
             buffer.copy_(part.view_as(buffer))
 
 
-def gather(value: Any) -> list[Any]:
-    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` on one process."""
+def gather(value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` on one process. Over ``group``
+    if given (a gloo group of all ranks, new_host_group)."""
     if not active():
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value, group=_hosts())
+    dist.all_gather_object(gathered, value, group=_hosts() if group is None else group)
     return gathered
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 import numbers
@@ -38,8 +39,10 @@ from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
 from llm.training.core.callbacks import HOOKS, RECORD_KEYS, Callback, ProgressBar, flatten, improves
 from llm.training.core.checkpoint import (
+    BackgroundSave,
     CheckpointError,
     CheckpointManager,
+    copied_to_cpu,
     hash_for_rank_0,
     hashes_shared_out,
     load_rank_state,
@@ -48,6 +51,7 @@ from llm.training.core.checkpoint import (
     model_weights,
     name_for_every_node,
     resolve_checkpoint,
+    step_name,
     verify,
 )
 from llm.training.core.config import Config, fitted_settings, settings_of
@@ -173,7 +177,8 @@ class TrainingEngine:
         self._held_stop = ""  # a stop asked for with request_stop, which a resume from here keeps
         self.validation_metrics: list[str] | None = None  # the names validation reports, once checked in setup
         self.ema: WeightAverage | None = None  # the weight average (training.ema_decay), built in setup
-        self._saved_step: int | None = None  # the step of this process's last checkpoint
+        self._saved_step: int | None = None  # the step of this process's last checkpoint (maybe still being written)
+        self._saves: BackgroundSave | None = None  # the save in flight, with checkpoint.async_save
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
         self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
         self._per_step_scheduler: Any = None  # the scheduler, unless it steps on validations (ReduceLROnPlateau)
@@ -229,6 +234,7 @@ class TrainingEngine:
             ok = True
         finally:
             try:
+                self._wait_for_save(failing=not ok)  # a run failing: the save in flight is work kept
                 self._fire_cleanup(metrics, ok)
             finally:  # even when Ctrl-C ends a callback's cleanup (a tracker's upload)
                 self.model = self.raw_model  # let go of the DDP wrapper and its pending communication
@@ -342,6 +348,7 @@ class TrainingEngine:
             self._validated()
         if trained or validating or self._saved_step != self.step:
             checkpoint = self.save_checkpoint(state)  # first: what the summary fails to write must not cost it
+            self._wait_for_save()
             return self._summary(elapsed, rate), checkpoint
         # nothing new to save: the checkpoints are pruned, as a save that was killed before pruning would have,
         # and summary.json stays the run's (it is written if a full disk lost it)
@@ -598,10 +605,15 @@ class TrainingEngine:
         self._host_reads = _read_now(self.device)
         self._found_inf_step = _skips_on_device(self.optimizer, self.device) and ready_for_skips(self.optimizer)
         resume.seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
+        # a save in the background agrees between the ranks over a group of its own: its collectives, made on
+        # its thread, would interleave with the main thread's in a different order on each rank over a shared one
+        background = cfg.checkpoint.async_save
+        group = D.new_host_group("for checkpoints saved in the background") if background and D.active() else None
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
-            cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.keep_best,
+            cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.keep_best, group,
         )
+        self._saves = BackgroundSave() if background else None
         if start.checkpoint is not None:
             with self._warned_by_rank_0():  # resuming on another number of processes, samples seen again
                 self.load_checkpoint(start.checkpoint)
@@ -804,13 +816,15 @@ class TrainingEngine:
         _resumable_state() gave earlier in this step, for the parts that have changed since."""
         began = time.perf_counter()
         self._check_steps()  # a non-finite step with nan_policy=stop leaves the last checkpoint as it was
+        self._wait_for_save()  # one save at a time, and one copy of the state in host memory
         state = state or self._resumable_state()
         if self.sharded:  # each rank's buffers are saved as one: rank 0's, as DDP's are, which a resume trains on
             D.broadcast_buffers(self._buffers)
+        background = self._saves is not None
         weights, write_sharded = parallel.model_and_optimizer_state(
-            self.raw_model, self.optimizer, self.sharded, self.ema.state() if self.ema else None)
-        shared = {
-            **weights,
+            self.raw_model, self.optimizer, self.sharded, self.ema.state() if self.ema else None,
+            copy=background, group=self.checkpoints.group)
+        others = {
             "scheduler": state["scheduler"],
             "scheduler_kind": resume.schedule_kind(self.scheduler),
             "scaler": self.scaler.state_dict(),
@@ -826,14 +840,33 @@ class TrainingEngine:
             "callbacks": state["callbacks"],
             "config": dataclasses.asdict(self.config),
         }
+        per_rank = state["rank"]
+        if background:  # copies, as the weights are: the steps that follow change these while the thread writes
+            others, per_rank = copied_to_cpu((others, per_rank))
         metrics = {k: v for k, v in self.val_metrics.items() if k != "step"} if self.val_metrics.get("step") == self.step else {}
-        saved = self.checkpoints.save(
-            self.step, shared, state["rank"], metrics=metrics, write_extra=self._write_artifacts,
-            write_sharded=write_sharded,
-        )
+        save = functools.partial(self.checkpoints.save, self.step, {**weights, **others}, per_rank, metrics=metrics,
+                                 write_extra=self._write_artifacts, write_sharded=write_sharded)
+        if background:
+            self._saves.start(save)
+            saved = self.checkpoints.directory / step_name(self.step)
+        else:
+            saved = save()
         self._saved_step, self._saved_at = self.step, time.monotonic()
         self.aside_s += time.perf_counter() - began
         return saved
+
+    def _wait_for_save(self, failing: bool = False) -> None:
+        """Wait for the save in flight in the background, if any, and raise its error; ``failing``: the run is
+        failing already, with an error of its own, which this one must not replace: this one is warned of."""
+        if self._saves is None:
+            return
+        try:
+            self._saves.wait()
+        except Exception as e:
+            if not failing:
+                raise
+            if self.is_main:
+                warnings.warn(f"the checkpoint saved in the background failed too: {one_line(e)}")
 
     def _resumable_state(self) -> dict[str, Any]:
         """The state that logging and validating change: the callbacks', the best metric, a stop they asked

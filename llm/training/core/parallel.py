@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from llm.errors import UsageError
 from llm.training.core import distributed as D
-from llm.training.core.checkpoint import SHARDED, CheckpointError, error_cause, load_weights_strictly
+from llm.training.core.checkpoint import SHARDED, CheckpointError, copied_to_cpu, error_cause, load_weights_strictly
 from llm.training.core.config import Config
 
 
@@ -197,20 +198,25 @@ def is_sharded(config: Config, world_size: int) -> bool:
 
 def model_and_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool, average: dict[str, torch.Tensor] | None = None,
+    copy: bool = False, group: dist.ProcessGroup | None = None,
 ) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
     """Entries for the checkpoint's shared state, and for FSDP a writer of the shards (run on every rank); the
-    weight ``average`` (WeightAverage.state) goes with the weights, under ``ema``."""
+    weight ``average`` (WeightAverage.state) goes with the weights, under ``ema``. With ``copy``, the tensors are
+    copies in host memory (for a save in the background, while training changes the live ones); the shards are
+    written over ``group`` if given (the default group otherwise)."""
     if not sharded:
         whole = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        return whole if average is None else {**whole, "ema": average}, None
+        whole = whole if average is None else {**whole, "ema": average}
+        return copied_to_cpu(whole) if copy else whole, None
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from llm.training.core import sharded  # torch.distributed.checkpoint takes a second to import: only for FSDP
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, **({} if average is None else {"ema": average})}
+    state = copied_to_cpu(state) if copy else state
     marker = {} if average is None else {"ema": SHARDED}  # the shared state says where the average is
-    return marker, lambda staging: sharded.save(state, staging / SHARDED)
+    return marker, lambda staging: sharded.save(state, staging / SHARDED, group)
 
 
 def load_model_and_optimizer(

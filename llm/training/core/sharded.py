@@ -108,15 +108,16 @@ class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
     load_bytes = _load_bytes_safely
 
 
-def save(state: dict[str, Any], directory: Path) -> None:
-    """Write this rank's shards of ``state`` into ``directory``; collective: every rank calls it.
+def save(state: dict[str, Any], directory: Path, group: dist.ProcessGroup | None = None) -> None:
+    """Write this rank's shards of ``state`` into ``directory``; collective: every rank of ``group`` (default: the
+    default group) calls it.
 
     Raises only this rank's own failure, in one line: an OSError as itself, so that its errno
     reaches the other ranks. A rank whose own part was written returns even when another
     rank's failed: the caller agrees across ranks afterwards, as CheckpointManager.save does.
     """
     try:
-        dcp.save(state, checkpoint_id=str(directory))
+        dcp.save(state, checkpoint_id=str(directory), process_group=group)
     except CheckpointException as e:  # a BaseException, holding every rank's failure: `except Exception` misses it
         mine = e.failures.get(dist.get_rank() if dist.is_initialized() else 0)
         if mine is None:

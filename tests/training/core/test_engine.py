@@ -1,5 +1,6 @@
 import dataclasses
 import enum
+import errno
 import itertools
 import json
 import math
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from datetime import timedelta
@@ -782,6 +784,98 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_bit_for_bit(tmp_path
         return {(r["split"], r["step"]): {k: v for k, v in r.items() if k not in timings} for r in records}
 
     assert logged("crash") == logged("ref")  # to the bit: the open log window was saved entry by entry
+
+
+class HeldSave(Callback):
+    """Holds the writing of checkpoint ``step``, when it runs on a thread of its own, until training has gone two
+    steps past it; records the engine's step each time that save writes a file."""
+
+    def __init__(self, monkeypatch, step):
+        self.step, self.release, self.steps_at_writes = step, threading.Event(), []
+        write = checkpoint_module._save_torch
+
+        def held(state, path):
+            if path.parent.name == f".staging-step_{step:08d}" and threading.current_thread() is not threading.main_thread():
+                assert self.release.wait(timeout=60), "training did not go on while the checkpoint was written"
+                self.steps_at_writes.append(self.engine.step)
+            write(state, path)
+        monkeypatch.setattr(checkpoint_module, "_save_torch", held)
+
+    def on_step_end(self, engine):
+        self.engine = engine
+        if engine.step == self.step + 2:
+            self.release.set()
+
+
+def test_a_checkpoint_saved_in_the_background_holds_its_steps_state_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    # the save at step 5 writes its files while steps 6 and 7 change the live weights, moments and log window:
+    # what it wrote must be the state of step 5, copied when it was taken, for the resume to end where a run
+    # that never stopped (and saved in the loop) ends
+    settings = {"training": {"epochs": 3, "eval_every_steps": 4}, "model": {"dropout": 0.1}}
+    ref = tiny_config(tmp_path / "ref", checkpoint={"every_n_steps": 5, "keep_best": 0}, **settings)
+    reference, _ = train(ref, callbacks=[*default_callbacks(ref), LogsOnOddSteps()])
+    crashed = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 5, "keep_best": 0, "async_save": True},
+                          **settings)
+    held = HeldSave(monkeypatch, 5)
+    with pytest.raises(CallbackError, match="simulated crash"):
+        train(crashed, callbacks=[held, CrashAt(9), *default_callbacks(crashed), LogsOnOddSteps()])
+    # the shared state and rank 0's, written two steps (or more) after the save began
+    assert len(held.steps_at_writes) == 2 and min(held.steps_at_writes) >= 7
+    resumed_config = tiny_config(tmp_path / "crash", checkpoint={"every_n_steps": 5, "keep_best": 0, "resume": "auto",
+                                                                 "async_save": True}, **settings)
+    started = StartedAt()
+    resumed, _ = train(resumed_config, callbacks=[*default_callbacks(resumed_config), LogsOnOddSteps(), started])
+    assert started.step == 5 and resumed.step == reference.step
+    for (name, w_ref), w in zip(weights(reference.raw_model).items(), weights(resumed.raw_model).values()):
+        assert torch.equal(w_ref, w), name
+    records = {run: [json.loads(line) for line in (tmp_path / run / "run/metrics.jsonl").read_text().splitlines()]
+               for run in ("ref", "crash")}
+    timings = ("samples_per_s", "step_time_ms", "data_wait_pct", "peak_mem_mb")
+    assert [{k: v for k, v in r.items() if k not in timings} for r in records["crash"]] == \
+        [{k: v for k, v in r.items() if k not in timings} for r in records["ref"]]
+    # the run's end waited for its last save: the checkpoint is whole, and named latest
+    last = tmp_path / "crash/run/checkpoints" / f"step_{reference.step:08d}"
+    assert checkpoint_module.verify(last) is None
+    assert (tmp_path / "crash/run/checkpoints/latest").read_text().strip() == last.name
+
+
+def test_a_checkpoint_that_fails_in_the_background_fails_the_run_at_the_next_save_keeping_the_last_good(
+        tmp_path, monkeypatch):
+    write = checkpoint_module._save_torch
+
+    def full_disk_at_step_10(state, path):
+        if path.parent.name == ".staging-step_00000010":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(state, path)
+    monkeypatch.setattr(checkpoint_module, "_save_torch", full_disk_at_step_10)
+    config = tiny_config(tmp_path, training={"max_steps": 20},
+                         checkpoint={"every_n_steps": 5, "keep_best": 0, "async_save": True})
+    steps = []
+
+    class Steps(Callback):
+        def on_step_end(self, engine):
+            steps.append(engine.step)
+    with pytest.raises(CheckpointError, match=r"^checkpoint step_00000010 not saved \(writing failed on rank 0: "
+                                              r"\[Errno 28\] No space left on device\)$"):
+        train(config, callbacks=[Steps()])
+    assert steps[-1] == 15  # raised where the next save waited for it
+    checkpoints = tmp_path / "run/checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000005"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000005"]
+
+
+def test_a_run_failing_while_its_background_save_fails_raises_its_own_error_and_warns_of_the_save(
+        tmp_path, monkeypatch):
+    def full_disk(state, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpoint_module, "_save_torch", full_disk)
+    config = tiny_config(tmp_path, checkpoint={"every_n_steps": 5, "keep_best": 0, "async_save": True})
+    with pytest.warns(UserWarning, match=r"^the checkpoint saved in the background failed too: checkpoint "
+                                         r"step_00000005 not saved \(writing failed on rank 0: \[Errno 28\] No "
+                                         r"space left on device\)$"):
+        with pytest.raises(CallbackError, match="simulated crash"):
+            train(config, callbacks=[CrashAt(7)])
+    assert not (tmp_path / "run/checkpoints/latest").exists()
 
 
 def test_augmentation_in_loader_workers_resumes_mid_epoch_bit_for_bit_whatever_the_workers(tmp_path):
@@ -2267,8 +2361,6 @@ def test_retention_keeps_the_newest_and_an_old_best_checkpoint(tmp_path):
 
 
 def test_a_save_that_fails_mid_run_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import errno
-    import os
 
     from llm.training.core import checkpoint
 
