@@ -98,7 +98,8 @@ _write_artifacts = TrainingEngine._write_artifacts
 
 def _write_artifacts_then_maybe_die(self, directory):
     _write_artifacts(self, directory)  # state.pt is written; the manifest is not
-    if _fire_once(self, "KILL_IN_SAVE", self.step):
+    # the step saved, from the staging folder's name: a save in the background is written while the loop goes on
+    if _fire_once(self, "KILL_IN_SAVE", int(directory.name.rsplit("_", 1)[1])):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

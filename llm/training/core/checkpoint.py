@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,7 +76,7 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, rank: int = 0, world_size: int = 1, keep_last: int = 3,
                  monitor: str = "val_loss", mode: str = "min", keep_best: int = 1,
                  group: dist.ProcessGroup | None = None):
-        """``group``: the gloo group of all ranks that saves agree over (distributed.new_host_group), for saves
+        """``group``: the gloo group of all ranks that saves agree over (distributed.background_group), for saves
         made on a thread of their own while the main thread makes collectives of its own (None: the hosts')."""
         if keep_last < 1:
             raise CheckpointError(f"keep_last: got {keep_last!r}, expected an int >= 1")
@@ -345,18 +345,29 @@ class BackgroundSave:
 
 def copied_to_cpu(state: _T) -> _T:
     """``state`` with every tensor (a DTensor too, as a DTensor) copied into host memory, and the dicts, lists
-    and tuples holding them rebuilt; other values are shared, not copied."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, (dict, list)):
-        copied = copy.copy(state)  # of the same type, with its attributes (a module state dict's _metadata)
-        for key, value in (state.items() if isinstance(state, dict) else enumerate(state)):
-            copied[key] = copied_to_cpu(value)
-        return copied
-    if isinstance(state, tuple):
-        values = [copied_to_cpu(value) for value in state]
-        return type(state)(*values) if hasattr(state, "_fields") else type(state)(values)
-    return state
+    and tuples holding them rebuilt; other values are shared, not copied. Tensors that are one view of the same
+    memory (tied weights, under each of their names) are copied once, and stay one: saved once, as torch.save
+    saves the originals."""
+    copies: dict[tuple, torch.Tensor] = {}
+
+    def copied(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor's own part
+            view = (local.untyped_storage().data_ptr(), local.device, local.dtype, local.storage_offset(),
+                    tuple(local.shape), local.stride(), type(value))
+            if view not in copies or not local.untyped_storage().data_ptr():  # an empty tensor has no memory
+                copies[view] = value.detach().to("cpu", copy=True)
+            return copies[view]
+        if isinstance(value, (dict, list)):
+            rebuilt = copy.copy(value)  # of the same type, with its attributes (a module state dict's _metadata)
+            for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+                rebuilt[key] = copied(item)
+            return rebuilt
+        if isinstance(value, tuple):
+            items = [copied(item) for item in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        return value
+    return copied(state)
 
 
 def _prune(path: Path) -> None:

@@ -196,7 +196,7 @@ class CheckpointConfig:
     every_n_minutes: float = 30.0
     """Also save at the first step this many minutes after the last save (0: not by the clock), so that a run killed without warning (out of memory, a lost node) loses at most about that much."""
     async_save: bool = False
-    """Write each checkpoint on a background thread while training goes on: a save stops the loop only to copy the state into host memory (which needs as much free), and the next save, the run's end or a stop waits for it to finish; a save that fails in the background fails the run there."""
+    """Write each checkpoint on a background thread while training goes on: a save stops the loop only to copy the state into host memory (rank 0 the whole of it, or under FSDP each rank its shards: that much must be free), and the next save, the run's end or a stop waits for it to finish; a save that fails in the background fails the run there."""
     keep_last: int = 3
     """Newest checkpoints kept, besides the best (keep_best)."""
     keep_best: int = 1

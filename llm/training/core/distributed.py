@@ -213,6 +213,8 @@ _host_timeout: datetime.timedelta | None = None  # the configured one; a process
 _hosts_of: tuple[weakref.ref, weakref.ref | None] | None = None
 """(the default group, the group host values go over), weakly: held here, a group torch has destroyed would be
 freed at the interpreter's exit, where gloo's aborts the process."""
+_background_of: tuple[weakref.ref, weakref.ref] | None = None
+"""(the default group, the group of checkpoints saved in the background), weakly as ``_hosts_of``."""
 _STORE_WAIT = datetime.timedelta(seconds=5)
 _arrivals = itertools.count()
 """How many store barriers this process has made in its process group: the same on every rank, as they all make
@@ -364,7 +366,7 @@ class _StoreBarrier:
 
 
 def destroy_process_group() -> None:
-    global _hosts_of, _host_timeout, _store
+    global _hosts_of, _background_of, _host_timeout, _store
     try:
         if dist.is_initialized():
             # objects still holding gloo work (a DDP reducer in a reference cycle) must go while the
@@ -372,7 +374,7 @@ def destroy_process_group() -> None:
             gc.collect()
             dist.destroy_process_group()  # every group, the host values' too
     finally:
-        _hosts_of = _host_timeout = _store = None
+        _hosts_of = _background_of = _host_timeout = _store = None
 
 
 def active() -> bool:
@@ -390,6 +392,19 @@ def _hosts() -> dist.ProcessGroup | None:
         group = None if cpu else new_host_group("beside nccl for small values such as whether to stop")
         _hosts_of = (weakref.ref(world), None if group is None else weakref.ref(group))
     return None if _hosts_of[1] is None else _hosts_of[1]()
+
+
+def background_group() -> dist.ProcessGroup:
+    """A gloo group of all ranks for the collectives of a checkpoint saved on a thread of its own: made on a group
+    of the loop's, they would interleave with the loop's in a different order on each rank. Made at the first
+    call, which every rank makes at the same point, and again for a new default group."""
+    global _background_of
+    world = dist.group.WORLD
+    group = None if _background_of is None or _background_of[0]() is not world else _background_of[1]()
+    if group is None:
+        group = new_host_group("for checkpoints saved in the background")
+        _background_of = (weakref.ref(world), weakref.ref(group))
+    return group
 
 
 def new_host_group(use: str) -> dist.ProcessGroup:

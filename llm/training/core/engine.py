@@ -605,10 +605,8 @@ class TrainingEngine:
         self._host_reads = _read_now(self.device)
         self._found_inf_step = _skips_on_device(self.optimizer, self.device) and ready_for_skips(self.optimizer)
         resume.seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
-        # a save in the background agrees between the ranks over a group of its own: its collectives, made on
-        # its thread, would interleave with the main thread's in a different order on each rank over a shared one
         background = cfg.checkpoint.async_save
-        group = D.new_host_group("for checkpoints saved in the background") if background and D.active() else None
+        group = D.background_group() if background and D.active() else None
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.dir, self.rank, self.world_size, cfg.checkpoint.keep_last,
             cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.keep_best, group,
@@ -821,9 +819,11 @@ class TrainingEngine:
         if self.sharded:  # each rank's buffers are saved as one: rank 0's, as DDP's are, which a resume trains on
             D.broadcast_buffers(self._buffers)
         background = self._saves is not None
-        weights, write_sharded = parallel.model_and_optimizer_state(
-            self.raw_model, self.optimizer, self.sharded, self.ema.state() if self.ema else None,
-            copy=background, group=self.checkpoints.group)
+        weights, write_sharded = {}, None  # rank 0 alone writes the shared state; under FSDP every rank its shards
+        if self.sharded or self.is_main:  # (in the background, the other ranks of DDP copy no weights)
+            weights, write_sharded = parallel.model_and_optimizer_state(
+                self.raw_model, self.optimizer, self.sharded, self.ema.state() if self.ema else None,
+                copy=background, group=self.checkpoints.group)
         others = {
             "scheduler": state["scheduler"],
             "scheduler_kind": resume.schedule_kind(self.scheduler),
@@ -857,11 +857,17 @@ class TrainingEngine:
 
     def _wait_for_save(self, failing: bool = False) -> None:
         """Wait for the save in flight in the background, if any, and raise its error; ``failing``: the run is
-        failing already, with an error of its own, which this one must not replace: this one is warned of."""
+        failing already, with an error of its own, which this one must not replace: this one is warned of, and
+        a Ctrl-C while waiting gives the save up."""
         if self._saves is None:
             return
         try:
             self._saves.wait()
+        except KeyboardInterrupt:
+            if not failing:
+                raise
+            warnings.warn("the checkpoint being saved in the background was not waited for (Ctrl-C): if this "
+                          "process ends before it is saved, a resume takes the one before it")
         except Exception as e:
             if not failing:
                 raise

@@ -22,6 +22,7 @@ from llm.training.core import sharded
 from llm.training.core.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    copied_to_cpu,
     load_rank_state,
     load_shared_state,
     read_checkpoint,
@@ -65,6 +66,29 @@ def test_roundtrip_restores_tensors_and_keys(tmp_path):
     assert state["config"] == {"name": "tiny", "seed": None}
     per_rank = load_rank_state(path, 0)
     assert torch.equal(per_rank["rng"], rng) and per_rank["rank"] == 0
+
+
+def test_a_copy_for_a_save_in_the_background_owns_its_tensors_keeps_its_containers_and_ties(tmp_path):
+    embedding = torch.nn.Embedding(50, 8)
+    model = torch.nn.ModuleDict({"embedding": embedding, "head": torch.nn.Linear(8, 50, bias=False)})
+    model["head"].weight = embedding.weight  # tied: one tensor under two names
+    optimizer = torch.optim.AdamW(model.parameters())
+    model["head"](model["embedding"](torch.tensor([1, 2]))).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pair": (1, torch.ones(2))}
+    copied = copied_to_cpu(state)
+    with torch.no_grad():  # the live state moves on; the copy stays as it was
+        embedding.weight.add_(1)
+        state["pair"][1].add_(1)
+    assert torch.equal(copied["model"]["embedding.weight"] + 1, embedding.weight)
+    assert torch.equal(copied["pair"][1], torch.ones(2)) and copied["pair"][0] == 1
+    assert copied["model"]["embedding.weight"] is copied["model"]["head.weight"]  # copied once, tied still
+    assert type(copied["model"]) is type(state["model"]) and copied["model"]._metadata == state["model"]._metadata
+    assert copied["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    # saved as the live state saves: the tied weight once
+    torch.save(state, tmp_path / "live.pt")
+    torch.save(copied, tmp_path / "copy.pt")
+    assert (tmp_path / "copy.pt").stat().st_size == (tmp_path / "live.pt").stat().st_size
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):

@@ -839,6 +839,23 @@ def test_a_checkpoint_saved_in_the_background_holds_its_steps_state_and_resumes_
     assert (tmp_path / "crash/run/checkpoints/latest").read_text().strip() == last.name
 
 
+def test_a_run_saving_in_the_background_writes_its_summary_once_its_last_checkpoint_is_in_place(tmp_path, monkeypatch):
+    write, summary, latest_at_summary = checkpoint_module._save_torch, TrainingEngine._summary, []
+
+    def slow_last_save(state, path):
+        if path.parent.name == ".staging-step_00000012" and threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        write(state, path)
+
+    def summarised(self, *args, **kwargs):
+        latest_at_summary.append((self.checkpoints.directory / "latest").read_text().strip())
+        return summary(self, *args, **kwargs)
+    monkeypatch.setattr(checkpoint_module, "_save_torch", slow_last_save)
+    monkeypatch.setattr(TrainingEngine, "_summary", summarised)
+    train(tiny_config(tmp_path, training={"max_steps": 12}, checkpoint={"every_n_steps": 5, "async_save": True}))
+    assert latest_at_summary == ["step_00000012"]
+
+
 def test_a_checkpoint_that_fails_in_the_background_fails_the_run_at_the_next_save_keeping_the_last_good(
         tmp_path, monkeypatch):
     write = checkpoint_module._save_torch
