@@ -207,6 +207,7 @@ CASES = [
     # config: YAML, flags, environment
     Case("yaml-does-not-parse", "train", ["--config", "bad.yaml", *CONTINUE], ["bad.yaml", "not valid YAML", "line 3, column 14"],
          files={"bad.yaml": "training:\n  epochs: 1\n   batch_size: 2\n"}),
+    Case("config-path-empty", "train", ["--config=", *CONTINUE], ["config file path is empty"]),
     Case("yaml-top-level-not-a-mapping", "train", ["--config", "list.yaml", *CONTINUE],
          ["list.yaml", "top level must be a mapping"], files={"list.yaml": "- 1\n- 2\n"}),
     Case("yaml-unknown-section", "train", ["--config", "c.yaml", *CONTINUE], ["trainin", "did you mean training?"],

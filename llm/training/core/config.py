@@ -891,6 +891,8 @@ def _fraction(name: str, value: float) -> None:
 
 
 def _read_yaml(path: str | os.PathLike) -> Any:
+    if not str(path):  # Path("") is the current folder: "Is a directory" would name nothing
+        raise UsageError("the config file path is empty: give the YAML file's path")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
