@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -124,22 +125,26 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw.step()
         return loss
 
-    def _sharded_muon_step(self) -> None:
-        """torch's Muon step on FSDP2's shards, with one all-gather per matrix.
+    @torch.no_grad()
+    def _sharded_muon_step(self, deal: bool = True) -> None:
+        """torch's Muon step on FSDP2's shards, each matrix orthogonalised once, by one rank.
 
         Muon's momentum and weight updates are elementwise, and are made on each
         rank's shard; its orthogonalisation needs the whole matrix. torch's Muon
         runs it on the sharded DTensor, where each of its matrix products and
-        norms is a collective of its own (a dozen or more a matrix); here each rank
-        gathers the matrix's update once, orthogonalises it whole, as torch's
-        Muon would, and keeps its own rows. The momentum buffers stay sharded,
-        under the same name, so checkpoints are as before.
+        norms is a collective of its own (a dozen or more a matrix). Here the
+        matrices are dealt out among the ranks that shard them, by their cost:
+        each matrix's owner gathers its momentum-updated gradient, orthogonalises
+        it whole with the operations of torch's Muon, and scatters the rows back,
+        so that each rank does its share of the work rather than all of it.
+        ``deal=False`` (and a layout other than rows sharded over one mesh
+        dimension) has every rank gather every matrix and orthogonalise it. The
+        momentum buffers stay sharded, under the same name, so checkpoints are as
+        before.
         """
-        from torch.distributed.tensor import DTensor, Replicate
-
+        work = []
         for group in self.muon.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            lr = lr.squeeze() if isinstance(lr, torch.Tensor) else lr  # torch's Muon takes a 1-element tensor too
+            momentum = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -147,18 +152,87 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 if buf is None:
                     buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                whole = orthogonalised(update.full_tensor(), group["ns_coefficients"], group["ns_steps"],
-                                       group["eps"])
-                mesh = p.device_mesh  # Replicate to Shard is a local slice: no more communication
-                mine = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, p.placements)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(mine, alpha=-(lr * _muon_lr_ratio(group["adjust_lr_fn"], p.shape)))
+                work.append((p, group, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
+        rows = [_row_shard_dim(p) for p, _, _ in work]
+        if deal and work and all(d is not None and d == rows[0] for d in rows):
+            mine = _dealt_orthogonalised([(u, g["ns_coefficients"], g["ns_steps"], g["eps"]) for _, g, u in work],
+                                         work[0][0].device_mesh.get_group(rows[0]))
+        else:
+            mine = [_my_rows(p, orthogonalised(u.full_tensor(), g["ns_coefficients"], g["ns_steps"], g["eps"]))
+                    for p, g, u in work]
+        for (p, group, _), update in zip(work, mine):
+            lr = group["lr"]
+            lr = lr.squeeze() if isinstance(lr, torch.Tensor) else lr  # torch's Muon takes a 1-element tensor too
+            p.mul_(1 - lr * group["weight_decay"])
+            p.to_local().add_(update, alpha=-(lr * _muon_lr_ratio(group["adjust_lr_fn"], p.shape)))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # the load replaced self.state and rebuilt the group dicts: the inner optimizers must follow
         self._share_state_and_groups(self.param_groups)
+
+
+def _row_shard_dim(p: torch.Tensor) -> int | None:
+    """The mesh dimension a DTensor's rows are sharded over, if that is its only sharding (FSDP2's, HSDP's)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shards = [d for d, placement in enumerate(p.placements) if placement == Shard(0)]
+    others = all(isinstance(placement, Replicate) for d, placement in enumerate(p.placements) if d not in shards)
+    return shards[0] if len(shards) == 1 and others else None
+
+
+def _my_rows(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``whole``, laid out as the DTensor ``p`` is: Replicate to Shard is a local slice."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = p.device_mesh
+    return DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, p.placements).to_local()
+
+
+def _dealt_orthogonalised(updates: list[tuple[torch.Tensor, tuple[float, float, float], int, float]],
+                          group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """Each rank's rows of each orthogonalised update (DTensors with rows sharded over ``group``), with each
+    matrix orthogonalised by one rank of the group: dealt out by cost, largest first, each to the rank with the
+    least so far. All gathers go out first, then all scatters, so that the transfers overlap each other."""
+    ranks, me = dist.get_world_size(group), dist.get_rank(group)
+    load, owner = [0.0] * ranks, {}
+    cost = [u.shape[0] * u.shape[1] * min(u.shape[0], u.shape[1]) for u, *_ in updates]
+    for i in sorted(range(len(updates)), key=lambda i: -cost[i]):  # the same on every rank: shapes are global
+        owner[i] = min(range(ranks), key=lambda r: load[r])
+        load[owner[i]] += cost[i]
+    chunks = [-(-u.shape[0] // ranks) for u, *_ in updates]  # rows per rank, as torch.chunk deals them
+    gathered, pending = {}, []
+    for i, (u, *_) in enumerate(updates):
+        local = u.to_local()
+        padded = local.new_zeros((chunks[i], *local.shape[1:]))
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(ranks)] if owner[i] == me else None
+        gathered[i] = parts
+        pending.append(dist.gather(padded, parts, dst=dist.get_global_rank(group, owner[i]), group=group,
+                                   async_op=True))
+    for work in pending:
+        work.wait()
+    results, pending = [], []
+    for i, (u, coefficients, steps, eps) in enumerate(updates):
+        rows = u.to_local().shape[0]
+        out = torch.empty((chunks[i], *u.shape[1:]), dtype=torch.bfloat16, device=u.to_local().device)
+        parts = None
+        if owner[i] == me:
+            whole = orthogonalised(torch.cat(gathered[i])[:u.shape[0]], coefficients, steps, eps)
+            parts = [part for part in _padded_chunks(whole, chunks[i], ranks)]
+        pending.append(dist.scatter(out, parts, src=dist.get_global_rank(group, owner[i]), group=group,
+                                    async_op=True))
+        results.append((out, rows))
+    for work in pending:
+        work.wait()
+    return [out[:rows] for out, rows in results]
+
+
+def _padded_chunks(whole: torch.Tensor, chunk: int, ranks: int) -> list[torch.Tensor]:
+    """``whole``'s rows in ``ranks`` parts of ``chunk`` rows each, the last ones padded with zeros."""
+    padded = whole.new_zeros((chunk * ranks, *whole.shape[1:]))
+    padded[:whole.shape[0]] = whole
+    return list(padded.split(chunk))
 
 
 def orthogonalised(m: torch.Tensor, coefficients: tuple[float, float, float], steps: int,

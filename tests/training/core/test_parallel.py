@@ -280,54 +280,74 @@ def test_fsdp_with_muon_saves_resumes_exactly_and_its_checkpoint_loads_unsharded
     assert {"momentum_buffer", "exp_avg"} <= {key for state in saved.values() for key in state}
 
 
-def sharded_muon_step_worker(rank: int, directory: str, port: int) -> None:
+def sharded_muon_step_worker(rank: int, directory: str, port: int, strategy: str, world_size: int) -> None:
+    import os
+
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor.debug import CommDebugMode
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # for hsdp: nodes of two processes, as torchrun tells each of them
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=30))
     try:
         config = Config()
-        config.distributed.strategy = "fsdp"
+        config.distributed.strategy = strategy
         shape = GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=3, n_embd=15, head_size=4,
                           mlp_hidden=21)  # 15-row matrices: uneven shards
         models = []
-        for world_size in (1, 2):
+        for ranks in (1, world_size, world_size):  # whole; sharded, dealt out; each rank orthogonalising every one
             torch.manual_seed(0)
-            model = prepare(GPT(shape), config, world_size)
+            model = prepare(GPT(shape), config, ranks)
             models.append((model, build_optimizer(model, OptimizerConfig(name="muon", lr=0.02, weight_decay=0.1))))
-        (whole, whole_opt), (shards, shards_opt) = models
+        (whole, whole_opt), (shards, shards_opt), (everywhere, everywhere_opt) = models
         matrices = sum(len(group["params"]) for group in shards_opt.muon.param_groups)
-        counts = []
-        for step in range(4):  # the same gradients for both, on every rank
+        counts = {"dealt": [], "everywhere": []}
+        for step in range(4):  # the same gradients for all, on every rank
             if step == 3:  # settings torch's Muon takes that build_optimizer does not give: handled alike
-                for group in (*whole_opt.muon.param_groups, *shards_opt.muon.param_groups):
-                    group.update(lr=torch.tensor(0.01), adjust_lr_fn="original", nesterov=False)
+                for _, optimizer in models:
+                    for group in optimizer.muon.param_groups:
+                        group.update(lr=torch.tensor(0.01), adjust_lr_fn="original", nesterov=False)
             g = torch.Generator().manual_seed(step)
-            for p, s in zip(whole.parameters(), shards.parameters()):
+            for p, *sharded_ps in zip(whole.parameters(), shards.parameters(), everywhere.parameters()):
                 p.grad = torch.randn(p.shape, generator=g)
-                mesh = s.device_mesh
-                s.grad = DTensor.from_local(p.grad.clone(), mesh, [Replicate()]).redistribute(mesh, s.placements)
+                for s in sharded_ps:
+                    mesh = s.device_mesh
+                    whole_grad = DTensor.from_local(p.grad.clone(), mesh, [Replicate()] * mesh.ndim)
+                    s.grad = whole_grad.redistribute(mesh, s.placements)
             whole_opt.step()
             with CommDebugMode() as comms:
                 shards_opt.step()
-            counts.append(comms.get_comm_counts())
+            counts["dealt"].append(comms.get_comm_counts())
+            with CommDebugMode() as comms:
+                everywhere_opt._sharded_muon_step(deal=False)
+            counts["everywhere"].append(comms.get_comm_counts())
+            everywhere_opt.adamw.step()
         torch.save({"whole": {n: p.detach() for n, p in whole.named_parameters()},
                     "shards": {n: p.full_tensor() for n, p in shards.named_parameters()},
-                    "matrices": matrices, "counts": [{str(k): v for k, v in c.items()} for c in counts]},
+                    "everywhere": {n: p.full_tensor() for n, p in everywhere.named_parameters()},
+                    "matrices": matrices,
+                    "counts": {k: [{str(op): n for op, n in c.items()} for c in v] for k, v in counts.items()}},
                    Path(directory, f"muon_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_muon_on_fsdp_shards_steps_as_on_whole_matrices_with_one_all_gather_each(tmp_path):
-    spawn(sharded_muon_step_worker, str(tmp_path), free_port(), timeout=120)
-    for rank in (0, 1):
+@pytest.mark.parametrize("strategy, world_size", [("fsdp", 2), ("hsdp", 4)])
+def test_muon_on_fsdp_shards_steps_as_on_whole_matrices_each_orthogonalised_by_one_rank(tmp_path, strategy,
+                                                                                      world_size):
+    # under hsdp, two nodes of two processes: each node deals the matrices out between its own two
+    spawn(sharded_muon_step_worker, str(tmp_path), free_port(), strategy, world_size, nprocs=world_size, timeout=180)
+    for rank in range(world_size):
         out = torch.load(tmp_path / f"muon_rank{rank}.pt")
         assert out["matrices"] == 8
-        for count in out["counts"]:  # the orthogonalisation's matrix products and norms are local
+        # the orthogonalisation's matrix products and norms are local: a matrix is gathered to the rank it was dealt
+        # to and its rows scattered back, or, each rank orthogonalising every matrix, gathered by all
+        for count in out["counts"]["dealt"]:
+            assert count == {"c10d.gather_": 8, "c10d.scatter_": 8}, count
+        for count in out["counts"]["everywhere"]:
             assert count == {"c10d_functional.all_gather_into_tensor": 8}, count
         assert_close(out["whole"], out["shards"], rtol=0, atol=0)
+        assert_close(out["whole"], out["everywhere"], rtol=0, atol=0)
 
 
 def fsdp_optimizers_worker(rank: int, directory: str, port: int) -> None:
