@@ -287,16 +287,18 @@ def test_resuming_two_processes_checkpoint_on_one_is_refused_unless_allowed(tmp_
     assert "world_size (2 -> 1)" in allowed.stdout and "resumed from" in allowed.stdout
 
 
-@pytest.mark.parametrize("fault", [
-    {"KILL_AT_STEP": "7", "KILL_RANK": "1"},  # mid-epoch, three steps after a checkpoint
-    {"KILL_IN_SAVE": "8", "KILL_RANK": "0"},  # rank 0 dies while writing checkpoint 8: resume from 4
+@pytest.mark.parametrize("fault, background", [
+    ({"KILL_AT_STEP": "7", "KILL_RANK": "1"}, False),  # mid-epoch, three steps after a checkpoint
+    ({"KILL_IN_SAVE": "8", "KILL_RANK": "0"}, False),  # rank 0 dies while writing checkpoint 8: resume from 4
+    ({"KILL_IN_SAVE": "8", "KILL_RANK": "0"}, True),  # the same on rank 0's saving thread, the loop going on
 ])
 def test_two_processes_sigkill_of_one_rank_then_resume_matches(tmp_path, reference_2proc, reference_2proc_dir,
-                                                             fault):
-    killed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, env=fault)
+                                                             fault, background):
+    flags = [*FLAGS, "--checkpoint-async-save", str(background)]
+    killed = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path, env=fault)
     assert killed.returncode != 0
     assert (tmp_path / "run" / f".fired-{next(iter(fault))}").exists()
-    resumed = torchrun(2, WORKER, *FLAGS, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
+    resumed = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumed_at(resumed, 4)  # the last save before step 7, or the one before the save that was cut short
     for rank in (0, 1):
@@ -408,12 +410,18 @@ def fsdp_flags(tmp_path: Path) -> list[str]:
             "--checkpoint-resume", "auto", "--logging-progress-bar", "false"]
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["saved-in-the-loop", "saved-in-the-background"])
-def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path, background):
-    flags = fsdp_flags(tmp_path)
-    ref = torchrun(2, WORKER, *flags, "--logging-log-dir", str(tmp_path / "ref"), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp-reference")
+    ref = torchrun(2, WORKER, *fsdp_flags(tmp), "--logging-log-dir", str(tmp / "ref"), cwd=tmp)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert (tmp_path / "ref/checkpoints/step_00000004/sharded").is_dir()
+    assert (tmp / "ref/checkpoints/step_00000004/sharded").is_dir()
+    return tmp / "ref"
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["saved-in-the-loop", "saved-in-the-background"])
+def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path, fsdp_reference, background):
+    flags = fsdp_flags(tmp_path)
     # in the background, the shards go over a group of their own while the loop's collectives go on: rank 0 dies
     # on its saving thread, part way through checkpoint 8
     flags += ["--checkpoint-async-save", str(background)]
@@ -424,8 +432,8 @@ def test_fsdp_sharded_checkpoints_resume_exactly_after_sigkill(tmp_path, backgro
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
     for rank in (0, 1):  # each rank's final shard of the weights, as a plain state dict
-        assert_same(weights(tmp_path / "ref", rank), weights(tmp_path / "run", rank))
-    assert_logged_the_same(tmp_path / "ref", tmp_path / "run")
+        assert_same(weights(fsdp_reference, rank), weights(tmp_path / "run", rank))
+    assert_logged_the_same(fsdp_reference, tmp_path / "run")
     exported = run([sys.executable, "-m", "llm.export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")],
                    cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
