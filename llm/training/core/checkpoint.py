@@ -330,10 +330,6 @@ class BackgroundSave:
         self._thread = threading.Thread(target=run, name="checkpoint-save", daemon=True)
         self._thread.start()
 
-    @property
-    def in_flight(self) -> bool:
-        return self._thread is not None
-
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
@@ -353,9 +349,12 @@ def copied_to_cpu(state: _T) -> _T:
     def copied(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor's own part
+            if local.layout != torch.strided or not local.untyped_storage().data_ptr():  # sparse; or empty
+                return value.detach().to("cpu", copy=True)
             view = (local.untyped_storage().data_ptr(), local.device, local.dtype, local.storage_offset(),
-                    tuple(local.shape), local.stride(), type(value))
-            if view not in copies or not local.untyped_storage().data_ptr():  # an empty tensor has no memory
+                    tuple(local.shape), local.stride(), local.is_conj(), local.is_neg(), type(value),
+                    tuple(value.shape), getattr(value, "placements", None), getattr(value, "device_mesh", None))
+            if view not in copies:
                 copies[view] = value.detach().to("cpu", copy=True)
             return copies[view]
         if isinstance(value, (dict, list)):

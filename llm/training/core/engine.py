@@ -211,6 +211,9 @@ class TrainingEngine:
         and leaves it when the process exits.
         """
         if self._started:  # again, on this engine: nothing of the last call carries over but what it saved
+            if self._saves is not None:  # a save the last call was stopped (Ctrl-C) from waiting for ends first
+                with contextlib.suppress(Exception):
+                    self._saves.wait()
             self._start_afresh()
         self._started, self._began = True, time.monotonic()  # set-up counts against training.max_minutes
         D.join_process_group(self.config, self.rank, self.world_size, self.local_rank)

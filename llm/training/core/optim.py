@@ -154,7 +154,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - momentum)
                 work.append((p, group, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
         rows = [_row_shard_dim(p) for p, _, _ in work]
-        if deal and work and all(d is not None and d == rows[0] for d in rows):
+        if deal and work and all(d is not None and d == rows[0] and p.device_mesh == work[0][0].device_mesh
+                                 for d, (p, _, _) in zip(rows, work)):
             mine = _dealt_orthogonalised([(u, g["ns_coefficients"], g["ns_steps"], g["eps"]) for _, g, u in work],
                                          work[0][0].device_mesh.get_group(rows[0]))
         else:
@@ -203,7 +204,7 @@ def _dealt_orthogonalised(updates: list[tuple[torch.Tensor, tuple[float, float, 
     chunks = [-(-u.shape[0] // ranks) for u, *_ in updates]  # rows per rank, as torch.chunk deals them
     gathered, pending = {}, []
     for i, (u, *_) in enumerate(updates):
-        local = u.to_local()
+        local = u.to_local().bfloat16()  # what the orthogonalisation takes first: half the bytes to gather
         padded = local.new_zeros((chunks[i], *local.shape[1:]))
         padded[:local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(ranks)] if owner[i] == me else None
@@ -218,8 +219,8 @@ def _dealt_orthogonalised(updates: list[tuple[torch.Tensor, tuple[float, float, 
         out = torch.empty((chunks[i], *u.shape[1:]), dtype=torch.bfloat16, device=u.to_local().device)
         parts = None
         if owner[i] == me:
-            whole = orthogonalised(torch.cat(gathered[i])[:u.shape[0]], coefficients, steps, eps)
-            parts = [part for part in _padded_chunks(whole, chunks[i], ranks)]
+            whole = orthogonalised(torch.cat(gathered.pop(i))[:u.shape[0]], coefficients, steps, eps)
+            parts = _padded_chunks(whole, chunks[i], ranks)
         pending.append(dist.scatter(out, parts, src=dist.get_global_rank(group, owner[i]), group=group,
                                     async_op=True))
         results.append((out, rows))

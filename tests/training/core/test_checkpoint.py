@@ -85,6 +85,11 @@ def test_a_copy_for_a_save_in_the_background_owns_its_tensors_keeps_its_containe
     assert copied["model"]["embedding.weight"] is copied["model"]["head.weight"]  # copied once, tied still
     assert type(copied["model"]) is type(state["model"]) and copied["model"]._metadata == state["model"]._metadata
     assert copied["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    # views that are not the same values though they share memory, and tensors without storage, copied each
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    others = copied_to_cpu({"z": z, "conj": z.conj(), "sparse": torch.eye(3).to_sparse()})
+    assert torch.equal(others["z"], z) and torch.equal(others["conj"], z.conj())
+    assert torch.equal(others["sparse"].to_dense(), torch.eye(3))
     # saved as the live state saves: the tied weight once
     torch.save(state, tmp_path / "live.pt")
     torch.save(copied, tmp_path / "copy.pt")

@@ -283,8 +283,10 @@ def test_fsdp_with_muon_saves_resumes_exactly_and_its_checkpoint_loads_unsharded
 def sharded_muon_step_worker(rank: int, directory: str, port: int, strategy: str, world_size: int) -> None:
     import os
 
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
+
+    from llm.training.core.optim import _dealt_orthogonalised, _my_rows, _row_shard_dim, orthogonalised
 
     os.environ["LOCAL_WORLD_SIZE"] = "2"  # for hsdp: nodes of two processes, as torchrun tells each of them
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -322,7 +324,18 @@ def sharded_muon_step_worker(rank: int, directory: str, port: int, strategy: str
                 everywhere_opt._sharded_muon_step(deal=False)
             counts["everywhere"].append(comms.get_comm_counts())
             everywhere_opt.adamw.step()
-        torch.save({"whole": {n: p.detach() for n, p in whole.named_parameters()},
+        # matrices of fewer rows than ranks, dealt out: some ranks' shards are empty
+        some = next(shards.parameters())
+        muon = shards_opt.muon.param_groups[0]
+        settings = (muon["ns_coefficients"], muon["ns_steps"], muon["eps"])
+        g = torch.Generator().manual_seed(7)
+        small = [distribute_tensor(torch.randn(shape, generator=g), some.device_mesh, some.placements)
+                 for shape in ((1, 4), (3, 5), (5, 1))]
+        dealt = _dealt_orthogonalised([(m, *settings) for m in small],
+                                      some.device_mesh.get_group(_row_shard_dim(some)))
+        small_alike = all(torch.equal(rows, _my_rows(m, orthogonalised(m.full_tensor(), *settings)))
+                          for m, rows in zip(small, dealt))
+        torch.save({"whole": {n: p.detach() for n, p in whole.named_parameters()}, "small_alike": small_alike,
                     "shards": {n: p.full_tensor() for n, p in shards.named_parameters()},
                     "everywhere": {n: p.full_tensor() for n, p in everywhere.named_parameters()},
                     "matrices": matrices,
@@ -348,6 +361,7 @@ def test_muon_on_fsdp_shards_steps_as_on_whole_matrices_each_orthogonalised_by_o
             assert count == {"c10d_functional.all_gather_into_tensor": 8}, count
         assert_close(out["whole"], out["shards"], rtol=0, atol=0)
         assert_close(out["whole"], out["everywhere"], rtol=0, atol=0)
+        assert out["small_alike"]
 
 
 def fsdp_optimizers_worker(rank: int, directory: str, port: int) -> None:
