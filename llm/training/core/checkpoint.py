@@ -124,8 +124,7 @@ class CheckpointManager:
         # every file is in place (the agreement is a barrier): the ranks hash them together, each its share
         share: dict[str, dict] = {}
         self._agree(_attempt(lambda: share.update(self._hash_share(staging))), staging, "hashing")
-        # one rank's manager in a group: its own
-        parts = D.gather(share, self.group) if self._distributed() else [share]
+        parts = D.gather(share, self.group) if self._distributed() else [share]  # one rank's manager: its own
         hashed = {name: entry for part in parts for name, entry in part.items()}
         error = None
         if self.rank == 0:
