@@ -17,7 +17,9 @@ reads back what the run wrote (summary.json, metrics.jsonl, the export):
   told apart from a resume error;
 - deterministic: the same runs with ``--training-deterministic true``, where
   both the straight runs and the resume must agree bit for bit (or the run
-  names the op that has no deterministic kernel);
+  names the op that has no deterministic kernel); and again with the
+  checkpoints saved in the background (``--checkpoint-async-save``), whose
+  copy of the state out of GPU memory the resume must find bit for bit;
 - torchrun on nccl with DDP, then with FSDP and an export of its sharded
   checkpoint: two processes on two GPUs. With one GPU only one process can run
   (nccl puts each on a GPU of its own), and one process forms no process group,
@@ -230,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         checks.check("exact resume, bf16, dropout", checks.exact_resume)
         checks.check("deterministic: straight and resumed, bit for bit",
                      lambda: checks.exact_resume("--training-deterministic", "true", exact=True))
+        checks.check("deterministic, saved in the background: bit for bit",
+                     lambda: checks.exact_resume("--training-deterministic", "true", "--checkpoint-async-save", "true",
+                                                 exact=True))
         checks.check("a NaN loss: skipped, or stopped at", checks.non_finite)
         checks.check(f"torchrun, {processes}, ddp", lambda: checks.torchrun("ddp"))
         checks.check(f"torchrun, {processes}, fsdp, export", lambda: checks.torchrun("fsdp"))
