@@ -45,9 +45,13 @@ class BaseDataModule(ABC):
                          f"(built in setup(\"test\")), or score the validation split with --split val")
 
     def build_dataloader(
-        self, dataset: Dataset, rank: int, world_size: int, train: bool, collate_fn: Callable | None = None
+        self, dataset: Dataset, rank: int, world_size: int, train: bool, collate_fn: Callable | None = None,
+        sampler_class: type[DistributedSampler] = DistributedSampler,
     ) -> tuple[DataLoader, DistributedSampler]:
         """A sharded loader: shuffled with the run's seed and full batches only when training.
+
+        ``sampler_class`` is the training loader's sampler: a DistributedSampler
+        whose ``set_epoch`` the engine calls at each epoch's start.
 
         Refuses a data set too small to give every rank one batch, since a rank
         with no batches would leave the others waiting in a collective.
@@ -70,7 +74,7 @@ class BaseDataModule(ABC):
             )
         if not train and 0 < size < world_size:  # none at all: a run without validation
             raise UsageError(f"the validation set has {size} samples, fewer than the {world_size} ranks")
-        sampler = (DistributedSampler if train else ShardSampler)(
+        sampler = (sampler_class if train else ShardSampler)(
             dataset, num_replicas=world_size, rank=rank, shuffle=train,
             seed=self.config.training.seed, drop_last=train,
         )

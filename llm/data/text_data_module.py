@@ -230,13 +230,16 @@ def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
 class TokenWindows(Dataset):
     """Windows of ``block_size + 1`` tokens from a token file, as (inputs, targets) shifted by one.
 
-    The file is mapped lazily in each process, so loader workers re-open it
-    instead of receiving a copy.
+    Item ``i`` is the window at ``offsets[i]``; item ``i + s * len(self)``, for a
+    shift ``s`` up to ``max_shift``, is the same window ``s`` tokens further on,
+    which an epoch of EpochShifts reads. The file is mapped lazily in each process,
+    so loader workers re-open it instead of receiving a copy.
     """
 
-    def __init__(self, path: Path, dtype: type, start: int, stop: int, block_size: int, offsets: np.ndarray):
+    def __init__(self, path: Path, dtype: type, start: int, stop: int, block_size: int, offsets: np.ndarray,
+                 max_shift: int = 0):
         self.path, self.dtype, self.start, self.stop = path, dtype, start, stop
-        self.block_size, self.offsets = block_size, offsets
+        self.block_size, self.offsets, self.max_shift = block_size, offsets, max_shift
         self._tokens: np.ndarray | None = None
         self._windows: np.ndarray | None = None
 
@@ -261,15 +264,36 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def _starts(self, indices: Any) -> Any:
+        shift, i = np.divmod(indices, len(self.offsets))
+        if np.any(shift > self.max_shift) or np.any(shift < 0):
+            raise IndexError(f"no window {indices}: there are {len(self.offsets)}, each shifted by 0 to "
+                             f"{self.max_shift} tokens")
+        return self.offsets[i] + shift
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = torch.from_numpy(self.windows[self.offsets[i]].astype(np.int64))
+        chunk = torch.from_numpy(self.windows[self._starts(i)].astype(np.int64))
         return chunk[:-1], chunk[1:]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch in one gather: the DataLoader calls this instead of __getitem__ per window,
         which saves a tensor and a collate per window (about 20x less time per batch)."""
-        batch = self.windows[self.offsets[indices]].astype(np.int64)
+        batch = self.windows[self._starts(np.asarray(indices))].astype(np.int64)
         return torch.from_numpy(batch[:, :-1].copy()), torch.from_numpy(batch[:, 1:].copy())
+
+
+class EpochShifts(DistributedSampler):
+    """DistributedSampler over TokenWindows that tile the training tokens, which moves every window of an epoch
+    by one shift, drawn from the seed and the epoch: each epoch reads all but fewer than 2 * block_size of the
+    tokens once, and the windows' edges fall elsewhere from one epoch to the next. The same on every rank and in
+    a resumed run, as the order is."""
+
+    def shift(self) -> int:
+        return int(np.random.default_rng([self.seed, self.epoch]).integers(self.dataset.max_shift + 1))
+
+    def __iter__(self) -> Iterator[int]:
+        moved = self.shift() * len(self.dataset)  # type: ignore[arg-type]
+        return (i + moved for i in super().__iter__())
 
 
 def already_batched(batch: Any) -> Any:
@@ -507,10 +531,11 @@ class TextDataModule(BaseDataModule):
                     f"data.val_fraction={d.val_fraction}) is shorter than one window of model.block_size+1 = "
                     f"{bs + 1} tokens: lower model.block_size, adjust data.val_fraction or use more text"
                 )
-        rng = np.random.default_rng(self.config.training.seed)
-        train_offsets = rng.integers(0, n_train - bs, size=(n_train - 1) // bs)
+        # training windows tile the tokens with a block's worth of slack, for EpochShifts to move them by
+        windows = max(1, (n_train - bs) // bs)
+        max_shift = min(bs - 1, n_train - 1 - windows * bs)
         val_offsets = np.arange((n_val - 1) // bs) * bs
-        self.train_set = TokenWindows(entry / TOKENS, dtype, 0, n_train, bs, train_offsets)
+        self.train_set = TokenWindows(entry / TOKENS, dtype, 0, n_train, bs, np.arange(windows) * bs, max_shift)
         self.val_set = TokenWindows(entry / TOKENS, dtype, n_train, n, bs, val_offsets)
 
     def _check_same_tokens_on_every_rank(self) -> None:
@@ -526,7 +551,8 @@ class TextDataModule(BaseDataModule):
                              f"tokens differ; give every node the same text, tokenizer and version of llm")
 
     def train_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
-        return self.build_dataloader(self.train_set, rank, world_size, train=True, collate_fn=already_batched)
+        return self.build_dataloader(self.train_set, rank, world_size, train=True, collate_fn=already_batched,
+                                     sampler_class=EpochShifts)
 
     def val_dataloader(self, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
         return self.build_dataloader(self.val_set, rank, world_size, train=False, collate_fn=already_batched)

@@ -85,23 +85,56 @@ def test_training_windows_are_shifted_pairs_from_the_training_split(tmp_path, co
     dm = ready(tmp_path, corpus, val_fraction=0.25)
     tokens = tokens_of(dm)
     train = tokens[:len(tokens) - int(len(tokens) * 0.25)]
-    assert len(dm.train_set) == (len(train) - 1) // BS
-    offsets = dm.train_set.offsets
-    assert offsets.min() >= 0 and offsets.max() + BS + 1 <= len(train)  # never reaches into validation
-    assert len(set(offsets.tolist())) > len(offsets) // 2  # spread out, not one repeated window
-    for i, o in enumerate(offsets):
-        x, y = dm.train_set[i]
+    windows = dm.train_set
+    assert len(windows) == len(train) // BS - 1 and windows.max_shift == BS - 1
+    for i in range(len(windows) * BS):  # each window, moved by each shift an epoch may draw
+        x, y = windows[i]
+        o = i % len(windows) * BS + i // len(windows)
+        assert o + BS + 1 <= len(train)  # never reaches into validation
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (BS,)
         assert x.tolist() == train[o:o + BS].tolist() and y.tolist() == train[o + 1:o + BS + 1].tolist()
+    with pytest.raises(IndexError):
+        windows[len(windows) * BS]
 
 
-def test_training_windows_depend_only_on_the_seed(tmp_path, corpus):
+def test_a_training_split_of_one_window_shifts_only_within_its_tokens(tmp_path, corpus):
+    dm = ready(tmp_path, corpus, val_fraction=1 - (BS + 5) / len(TEXT))  # 21 training tokens: one window of 17
+    assert len(dm.train_set) == 1 and dm.train_set.max_shift == 4
+    assert dm.train_set[4][1].tolist() == tokens_of(dm)[5:BS + 5].tolist()
+
+
+def epoch_inputs(dm, epoch, rank=0, world_size=1) -> list[tuple[int, list[int]]]:
+    """The windows the training loader of ``rank`` reads in ``epoch``: (where each starts, its inputs)."""
+    _, sampler = dm.train_dataloader(rank=rank, world_size=world_size)
+    sampler.set_epoch(epoch)
+    n = len(dm.train_set)
+    return [(i % n * BS + i // n, dm.train_set[i][0].tolist()) for i in sampler]
+
+
+def test_each_epoch_reads_every_training_token_once_but_its_edges_moved_by_a_shift_of_its_own(tmp_path, corpus):
+    dm = ready(tmp_path, corpus, val_fraction=0.25)
+    train = tokens_of(dm)[:len(dm.train_set.tokens)]
+    shifts = set()
+    for epoch in range(8):
+        windows = sorted(epoch_inputs(dm, epoch))
+        shift = windows[0][0]
+        read = [token for _, x in windows for token in x]  # in the order of the text: each window's inputs
+        assert read == train[shift:shift + len(read)].tolist()  # every token from the shift on, once
+        assert len(train) - len(read) < 2 * BS  # all but the edges
+        shifts.add(shift)
+    assert len(shifts) > 2  # the edges move from epoch to epoch
+
+
+def test_training_windows_depend_only_on_the_seed_and_the_epoch_and_are_split_between_ranks(tmp_path, corpus):
     a, b = ready(tmp_path, corpus), ready(tmp_path, corpus)
-    assert all(torch.equal(a.train_set[i][0], b.train_set[i][0]) for i in range(len(a.train_set)))
+    assert epoch_inputs(a, 2) == epoch_inputs(b, 2) != epoch_inputs(a, 3)
+    ranks = [epoch_inputs(a, 2, rank, world_size=2) for rank in range(2)]
+    assert not {o for o, _ in ranks[0]} & {o for o, _ in ranks[1]}  # one shift for both: no window read twice
+    assert len(ranks[0]) + len(ranks[1]) >= len(a.train_set) - 1
     c = make(tmp_path, corpus)
     c.config.training.seed = 4
     c.setup()
-    assert not np.array_equal(a.train_set.offsets, c.train_set.offsets)
+    assert epoch_inputs(a, 2) != epoch_inputs(c, 2)
 
 
 def test_loaders_batch_the_windows(tmp_path, corpus):
