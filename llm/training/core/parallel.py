@@ -50,12 +50,15 @@ def prepare(model: nn.Module, config: Config, world_size: int) -> nn.Module:
         for part in blocks(model) or [model]:
             compile_in_place(part, t.compile_mode)
     if is_sharded(config, world_size):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = None  # fsdp: all ranks, one dimension
+        # the model's device, not the machine's: torch's default mesh is a GPU's wherever there is one
+        device = next(model.parameters(), torch.empty(0)).device
         if config.distributed.strategy == "hsdp":
-            device = next(model.parameters(), torch.empty(0)).device
             mesh = D.node_mesh(world_size, device.type)
+        else:  # all ranks, one dimension
+            mesh = init_device_mesh(device.type, (world_size,))
         for block in blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)

@@ -598,6 +598,23 @@ def test_ddp_names_the_parameters_a_loss_leaves_out_and_trains_with_find_unused_
         assert (tmp_path / f"True_rank{rank}").read_text() == "steps 3"
 
 
+def fsdp_device_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        torch._C._get_accelerator = lambda: torch.device("cuda")  # as on a machine with GPUs
+        model = prepare(torch.nn.Linear(4, 2), Config.from_dict({"distributed": {"strategy": "fsdp"}}), 2)
+        Path(directory, f"rank{rank}").write_text(f"{model.weight.device_mesh.device_type} {model.weight.device}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_shards_a_model_on_the_cpu_over_the_cpu_on_a_machine_with_gpus(tmp_path):
+    """--training-device cpu: torch's default mesh is the GPUs' wherever there are some."""
+    spawn(fsdp_device_worker, str(tmp_path), free_port(), timeout=60)
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["cpu cpu"] * 2
+
+
 def bucket_layout_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
                             timeout=timedelta(seconds=30))
