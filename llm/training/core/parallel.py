@@ -215,7 +215,11 @@ def model_and_optimizer_state(
 
     from llm.training.core import sharded  # torch.distributed.checkpoint takes a second to import: only for FSDP
 
+    fresh = not optimizer.state
     model_state, optim_state = get_state_dict(model, optimizer)
+    if fresh:  # no step taken yet: torch made the state with a step of rate 0 (AdamW's count at 1), undone here
+        optimizer.state.clear()
+        optim_state["state"] = {}
     state = {"model": model_state, "optimizer": optim_state, **({} if average is None else {"ema": average})}
     state = copied_to_cpu(state) if copy else state
     marker = {} if average is None else {"ema": SHARDED}  # the shared state says where the average is
@@ -239,7 +243,8 @@ def load_model_and_optimizer(
         if average is not None and saved_average:
             average.load(shared["ema"])
         return saved_average
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
 
     from llm.training.core import sharded  # torch.distributed.checkpoint takes a second to import: only for FSDP
 
@@ -249,11 +254,17 @@ def load_model_and_optimizer(
     if average is not None and saved_average:
         state["ema"] = average.state()  # its tensors, filled in place
     try:
+        if optimizer is not None:  # torch made state for every parameter; the checkpoint's is for those stepped
+            saved = sharded.read_metadata(path / SHARDED / ".metadata").state_dict_metadata
+            optim_state["state"] = {name: values for name, values in optim_state["state"].items()
+                                    if any(f"optimizer.state.{name}.{key}" in saved for key in values)}
         sharded.load_into(state, path / SHARDED)
     except Exception as e:  # noqa: BLE001 - shapes that differ, or metadata that is not checkpoint metadata
         raise CheckpointError(f"cannot load the sharded state in {path}: {error_cause(e)}") from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        # not strict: parameters no step has reached yet have no moments in the checkpoint, as in the optimizer
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=False))
     return saved_average

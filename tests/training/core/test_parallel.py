@@ -615,6 +615,65 @@ def test_fsdp_shards_a_model_on_the_cpu_over_the_cpu_on_a_machine_with_gpus(tmp_
     assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["cpu cpu"] * 2
 
 
+def sharded_adamw_worker(rank: int, directory: str, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        fsdp = Config.from_dict({"distributed": {"strategy": "fsdp"}})
+        batches = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(rank))
+
+        def built():
+            torch.manual_seed(0)
+            model = prepare(WithAnUnusedLayer.Model(torch.nn.Linear(4, 2)), fsdp, 2)
+            return model, build_optimizer(model, OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.1))
+
+        def stepped(model, optimizer, steps):
+            for x in steps:
+                model(x).square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return {name: value.full_tensor() for name, value in model.state_dict().items()}
+
+        def saved(model, optimizer, name):
+            _, write = model_and_optimizer_state(model, optimizer, sharded=True)
+            (Path(directory) / name).mkdir(exist_ok=True)
+            write(Path(directory) / name)
+            dist.barrier()
+            return Path(directory) / name
+
+        def loaded(checkpoint):
+            model, optimizer = built()
+            load_model_and_optimizer(model, optimizer, {}, checkpoint, fsdp=True)
+            return model, optimizer
+
+        straight = stepped(*built(), batches)
+        model, optimizer = built()  # saved before its first step: as if it never was
+        at_0 = saved(model, optimizer, "step_0")
+        outcomes = {"saved at step 0": stepped(model, optimizer, batches),
+                    "resumed at step 0": stepped(*loaded(at_0), batches)}
+        model, optimizer = built()  # the unused layer has no optimizer state to save
+        stepped(model, optimizer, batches[:1])
+        at_1 = saved(model, optimizer, "step_1")
+        model, optimizer = loaded(at_1)
+        outcomes["resumed at step 1"] = stepped(model, optimizer, batches[1:])
+        moments = sorted(name for name, p in model.named_parameters() if optimizer.state.get(p))
+        for name, outcome in outcomes.items():
+            assert straight.keys() == outcome.keys()
+            for key in straight:
+                assert torch.equal(straight[key], outcome[key]), (name, key)
+        Path(directory, f"rank{rank}").write_text(" ".join(moments))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_fsdp_checkpoint_holds_adamws_state_as_stepped_and_resumes_bit_for_bit(tmp_path):
+    """torch's get_state_dict makes an optimizer's state with a step of rate 0 where it has none: it made a save
+    before the first step count one more AdamW step, and a resume asked for moments of parameters that no loss
+    had reached, which the checkpoint lacks."""
+    spawn(sharded_adamw_worker, str(tmp_path), free_port(), timeout=120)
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["used.bias used.weight"] * 2
+
+
 def bucket_layout_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
                             timeout=timedelta(seconds=30))
