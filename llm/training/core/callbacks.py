@@ -312,6 +312,8 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping patience: got {patience}, expected an integer >= 0")
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping mode: got {mode!r}, expected 'min' or 'max'")
+        if not min_delta >= 0:  # below 0, worse values would count as better ones
+            raise ValueError(f"EarlyStopping min_delta: got {min_delta}, expected a number >= 0")
         self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
         self.best: float | None = None
         self.wait = 0

@@ -169,7 +169,7 @@ class TrainingEngine:
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
         self.overflow_steps = 0  # steps a loss scaler (fp16) skipped: gradients that overflowed its scale
         self.data_wait_s = 0.0  # time spent waiting for the training loader
-        self.aside_s = 0.0  # time spent validating and saving, which throughput figures leave out
+        self.aside_s = 0.0  # time spent validating, saving and writing profiles, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
         self._after_first_step = (0.0, 0.0, 0)  # when that step ended, aside_s then, samples_seen then
         self.should_stop, self.stop_reason = False, ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,9 +73,11 @@ def _write(done: profile, begin: int, end: int, engine: TrainingEngine) -> None:
     other nodes than rank 0's it may not be there yet. Nothing for a run that ended before the window."""
     if end < begin:
         return
+    began = time.perf_counter()  # writing is no training: counted aside, as a save is
     out = Path(engine.run_dir) / "profile" / f"steps_{begin}-{end}.rank{engine.rank}"
     out.parent.mkdir(parents=True, exist_ok=True)
     done.export_chrome_trace(str(out.with_name(out.name + ".json")))
     sort_by = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
     out.with_name(out.name + ".txt").write_text(done.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS) + "\n")
     engine.print(f"profile of steps {begin}-{end} written to {out.parent}")
+    engine.aside_s += time.perf_counter() - began

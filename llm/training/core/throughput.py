@@ -62,8 +62,8 @@ class ThroughputMonitor(Callback):
     ``peak_mem_mb`` (CUDA allocator peak, or the process's peak RSS on CPU; 10**6 bytes) and,
     when the model reports ``flops_per_token`` and the device's peak is known,
     ``mfu``: achieved model FLOP/s over the peak of all devices in the run.
-    The figures are of training: the time spent validating and saving is left out
-    (``engine.aside_s``), and so is the first step after a start, since it holds
+    The figures are of training: the time spent validating, saving and writing a
+    profile is left out (``engine.aside_s``), and so is the first step after a start, since it holds
     compilation, unless a record falls on it (``log_every_steps`` 1, a resume one
     step before a record): that record measures the first step alone.
     Samples are counted as validation weighs batches, by the first dimension of a

@@ -97,6 +97,9 @@ def test_early_stopping_state_roundtrip_and_bad_arguments():
     assert (restored.best, restored.wait) == (2.0, 1)
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=-1)
+    for min_delta in (-0.1, float("nan")):  # below 0, a worse value would count as better and never stop the run
+        with pytest.raises(ValueError, match="min_delta"):
+            EarlyStopping(min_delta=min_delta)
     with pytest.raises(KeyError, match="val_acc"):
         EarlyStopping(monitor="val_acc").on_validation_end(StubEngine(), {"val_loss": 1.0})
 
