@@ -6,6 +6,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from llm.evaluate import main as evaluate_main
 from llm.import_hf import FINETUNE, main
 from llm.models.gpt import swiglu_hidden
 from llm.training.tasks.lm_task import load_lm
@@ -80,6 +81,19 @@ def test_a_gpt2_of_another_mlp_width_and_epsilon_imports_with_its_logits(tmp_pat
     theirs, tokenizer, hf = gpt2(tmp_path, n_inner=48, layer_norm_epsilon=1e-6)
     assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
     same_logits(theirs, tokenizer, tmp_path / "ours")
+
+
+def test_an_imported_model_is_scored_on_a_text_and_asked_for_one_without_it(tmp_path, capsys):
+    _, _, hf = gpt2(tmp_path)
+    assert main([str(hf), "--out", str(tmp_path / "ours")]) == 0
+    (tmp_path / "text.txt").write_text(CORPUS)
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(tmp_path / "ours")]) == 2  # no run: no split of its data to score
+    err = capsys.readouterr().err
+    assert "no run's (a model llm.import_hf brought in)" in err and "--data-path FILE" in err
+    assert len(err.strip().splitlines()) == 1
+    assert evaluate_main(["--checkpoint", str(tmp_path / "ours"), "--data-path", str(tmp_path / "text.txt")]) == 0
+    assert capsys.readouterr().out.startswith("loss ")
 
 
 def test_gpt2s_own_files_without_the_transformer_prefix_nor_a_tokenizer_json_import_too(tmp_path):

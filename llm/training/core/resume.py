@@ -461,6 +461,9 @@ def config_as_started(checkpoint: Path) -> tuple[Config, str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UsageError(f"{checkpoint / 'config.yaml'} cannot be read ({one_line(e)}), so the task and data "
                          f"its weights were trained on are unknown") from None
+    if isinstance(saved, dict) and isinstance(saved.get("model"), dict) and "data" not in saved:
+        raise UsageError(f"{checkpoint} holds a model's settings but no run's (a model llm.import_hf brought in): "
+                         f"the data it was trained on is unknown; score it on a text with --data-path FILE")
     if not isinstance(saved, dict) or not isinstance(saved.get("checkpoint"), dict) or \
             not isinstance(saved.get("logging"), dict) or not isinstance(saved.get("data"), dict):
         raise UsageError(f"{checkpoint / 'config.yaml'} is no run's record of its settings")
