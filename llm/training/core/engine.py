@@ -180,7 +180,7 @@ class TrainingEngine:
         self._saved_step: int | None = None  # the step of this process's last checkpoint (maybe still being written)
         self._saves: BackgroundSave | None = None  # the save in flight, with checkpoint.async_save
         self._saved_at = 0.0  # time.monotonic() at that save, or when training started: for every_n_minutes
-        self._run_lock: FolderLock | None = None  # rank 0's hold on the run folder while it trains
+        self._run_locks: list[FolderLock] = []  # rank 0's holds on the run and checkpoint folders while it trains
         self._per_step_scheduler: Any = None  # the scheduler, unless it steps on validations (ReduceLROnPlateau)
         self._found_empty = False  # rank 0 found the run folder empty: nothing there is another run's
         self._logged = False  # a record went to the loggers: a failure leaves the run's folder as it is
@@ -700,8 +700,18 @@ class TrainingEngine:
                        f"when no longer needed)")
 
     def _hold_run_dir(self) -> None:
-        self._run_lock = FolderLock(self.run_dir)
+        """Hold the run folder, and the checkpoint folder where it lies outside it: two runs given one
+        checkpoint.dir (a sweep's settings) would each write over and prune the other's checkpoints, and the
+        check that refuses another run's checkpoints finds none before the first save."""
+        self._run_locks = [FolderLock(self.run_dir)]
         self._found_empty = not run_files(self.run_dir)
+        checkpoints = Path(self.config.checkpoint.dir).resolve()
+        if not checkpoints.is_relative_to(self.run_dir.resolve()):
+            try:
+                self._run_locks.append(FolderLock(checkpoints))
+            except UsageError as e:
+                self._run_locks.pop().release()
+                raise UsageError(f"checkpoint.dir: {e}") from None
 
     def _let_go_of_run_dir(self, failed: bool) -> None:
         """Let go of this engine's hold on the run folder. The last hold on it to go (the command line's, when it
@@ -713,7 +723,7 @@ class TrainingEngine:
         there, its config.yaml and an event file: the same command, once the cause
         is mended, trains in that folder, not in the next free one.
         """
-        if self._run_lock is None:
+        if not self._run_locks:
             return
         if failed and self._found_empty and not self._logged and self._saved_step is None:
             for name in run_files(self.run_dir):
@@ -722,8 +732,9 @@ class TrainingEngine:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-        self._run_lock.release()
-        self._run_lock = None
+        for lock in reversed(self._run_locks):
+            lock.release()
+        self._run_locks = []
 
     def _start_from_weights(self, model: torch.nn.Module, init_from: str) -> None:
         """Load the weights of the checkpoint ``init_from`` names into the model, before it is sharded or wrapped:

@@ -40,7 +40,7 @@ from llm.training.tasks.regression_task import RegressionTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.train import default_callbacks, main
 from tests.helpers import (REPO, AugmentedData, Jittered, NaNRegressionTask, PartlyIgnoredRegressionTask, Recorder,
-                           free_port, hold, reseal, spawn, tiny_config, weights)
+                           free_port, hold, reseal, spawn, tiny_config, train_cli, weights)
 
 
 def train(config, task_cls=RegressionTask, callbacks=None):
@@ -1316,6 +1316,25 @@ def test_a_run_started_in_the_folder_of_a_run_still_training_is_refused(tmp_path
         holder.wait()
     engine, _ = train(tiny_config(tmp_path, training={"max_steps": 6}, checkpoint={"resume": "auto"}))
     assert engine.step == 6 and not (tmp_path / "run/.llm.lock").exists()
+
+
+def test_a_run_given_the_checkpoint_folder_of_a_run_still_training_is_refused_before_its_first_save(tmp_path):
+    """Two runs of a sweep given one checkpoint.dir: before the first one's first save, nothing there told the
+    second that the folder was taken, and each went on to write over and prune the other's checkpoints."""
+    shared = tmp_path / "shared"
+
+    class StartAnother(Callback):
+        def on_train_start(self, engine):
+            self.other = train_cli("--task", "regression", "--training-max-steps", "2", "--checkpoint-dir",
+                                   str(shared), "--logging-log-dir", str(tmp_path / "other"), cwd=tmp_path)
+
+    another = StartAnother()
+    engine, _ = train(tiny_config(tmp_path, training={"max_steps": 4}, checkpoint={"dir": str(shared)}),
+                      callbacks=[another])
+    assert another.other.returncode == 2 and another.other.stderr.count("\n") == 1, another.other.stderr
+    assert f"error: checkpoint.dir: {shared} is in use by process {os.getpid()} on " in another.other.stderr
+    assert not (tmp_path / "other").exists()  # refused before it wrote anything
+    assert sorted(p.name for p in shared.iterdir()) == ["best", "latest", "step_00000004"] and engine.step == 4
 
 
 def test_a_run_in_a_held_folder_is_refused_before_it_prepares_data_or_reads_a_checkpoint(tmp_path, monkeypatch):
