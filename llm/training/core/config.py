@@ -500,6 +500,11 @@ class Config:
             raise ConfigError("model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head}), or a model.head_size")
         if lm and m.head_size % 2 and m.pos_emb == "rope":
             raise ConfigError("model.head_size", m.head_size, "an even number, for model.pos_emb rope")
+        if lm and not m.head_size and m.n_embd // m.n_head % 2 and m.pos_emb == "rope":
+            raise ConfigError("model.n_embd", m.n_embd, f"a multiple of 2 x model.n_head ({m.n_head}) for model.pos_emb "
+                                                        f"rope, whose rotary positions need an even head size (here "
+                                                        f"{m.n_embd // m.n_head}); or give a model.head_size, or use "
+                                                        f"--model-pos-emb learned")
         if lm and m.n_kv_head and m.n_head % m.n_kv_head:
             raise ConfigError("model.n_kv_head", m.n_kv_head, f"a divisor of model.n_head ({m.n_head}), or 0")
         for name in ("num_samples", "input_dim", "vocab_size"):

@@ -60,11 +60,9 @@ class LMTask(TrainingTask):
             # GPTConfig's fields are model's, by name: all but the vocabulary are as the config says
             shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
             return GPTConfig(vocab_size=m.vocab_size or tokenizer.vocab_size, **shared)
-        except ValueError as e:  # what only a GPT needs, e.g. an even head size for rotary positions
-            raise UsageError(
-                f"model: {e} (model.n_embd={m.n_embd}, model.n_head={m.n_head}, model.pos_emb={m.pos_emb}): "
-                f"change model.n_embd or model.n_head, or use --model-pos-emb learned"
-            ) from None
+        except ValueError as e:  # what only a GPT needs, which the config checks for task lm alone
+            named = str(e).replace("GPTConfig.", "model.")
+            raise UsageError(named if named.startswith("model.") else f"model: {named}") from None
 
     def build_model(self) -> nn.Module:
         return GPT(self.gpt_config())

@@ -167,6 +167,8 @@ def test_numpy_numbers_and_paths_set_in_code_become_what_yaml_writes(tmp_path):
         ({"epochs": 20}, ["epochs", "did you mean training.epochs?"]),  # --epochs is a flag, not a YAML key
         ({"task": "lm", "model": {"n_embd": 100, "n_head": 3}}, ["model.n_embd", "100", "multiple of model.n_head"]),
         ({"task": "lm", "model": {"head_size": 7}}, ["model.head_size", "7", "an even number, for model.pos_emb rope"]),
+        ({"task": "lm", "model": {"n_embd": 12, "n_head": 4}},  # an odd head size implied, refused before any data
+         ["model.n_embd", "12", "a multiple of 2 x model.n_head (4)", "(here 3)", "--model-pos-emb learned"]),
         ({"task": "lm", "model": {"head_size": -2}}, ["model.head_size", "-2", ">= 0"]),
         ({"task": "lm", "model": {"n_layer": 0}}, ["model.n_layer", "0", ">= 1"]),
         ({"model": {"n_layer": -1}}, ["model.n_layer", "-1", ">= 0"]),

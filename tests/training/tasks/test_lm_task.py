@@ -70,6 +70,15 @@ def test_model_vocab_size_pads_the_vocabulary_and_may_not_cut_it(task):
         task.build_model()
 
 
+def test_a_gpt_the_config_could_not_check_is_refused_naming_the_setting(task):
+    """The config checks a GPT's settings for task lm; the task named by its path, or a custom task's GPT, gets
+    GPTConfig's own check, which named another setting's remedy."""
+    task.config.model.n_kv_head = 3
+    with pytest.raises(UsageError) as refused:
+        task.build_model()
+    assert str(refused.value) == "model.n_head (2) must be a multiple of n_kv_head (3)"
+
+
 def test_steps_return_next_token_cross_entropy(task):
     torch.manual_seed(0)
     model, criterion = task.build_model(), task.build_criterion()
