@@ -124,6 +124,30 @@ def append_section(out: Path, text: str) -> None:
     print(f"appended to {out}")
 
 
+class GrowingSection:
+    """A section appended to ``out`` as its rows come in, each ``write`` replacing the last in place: a run
+    killed midway (on a device lent by the minute) leaves in the file what it measured so far."""
+
+    def __init__(self, out: Path, title: str, facts: Sequence[tuple[str, str]] = ()):
+        self.out, self.title, self.facts = out, title, facts
+        self._at: int | None = None  # where the section starts in the file
+
+    def write(self, body: Sequence[str], done: bool = False) -> None:
+        """The section with ``body``; ``done``: the last write, which prints it."""
+        text = section(self.title, self.facts, body if done else [*body, "(in progress: the run has not ended)"])
+        if self._at is None:
+            if not self.out.exists():
+                self.out.write_text(BENCHMARKS_HEADER, encoding="utf-8")
+            self._at = self.out.stat().st_size
+        with open(self.out, "r+b") as f:  # (nothing else may append to ``out`` meanwhile: it would be cut)
+            f.seek(self._at)
+            f.truncate()
+            f.write(("\n" + text).encode("utf-8"))
+        if done:
+            print("\n" + text)
+            print(f"appended to {self.out}")
+
+
 def run_summary(run: Path) -> dict[str, Any]:
     """A run's summary.json, a number it writes null (not finite: a diverged loss) read back as NaN."""
     return _nan_for_null(json.loads((run / "summary.json").read_text()))
