@@ -182,7 +182,15 @@ def init_process_group(config: Config, rank: int, world_size: int, local_rank: i
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    except dist.DistNetworkError as e:  # rank 0 serves the store on MASTER_PORT, set by hand (an srun script)
+        where = f"MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={os.environ['MASTER_PORT']}"
+        if "EADDRINUSE" in str(e):
+            raise UsageError(f"rank {rank} cannot serve the process group's store at {where}: another process "
+                             f"listens on that port; choose a free MASTER_PORT, or start the processes with "
+                             f"torchrun, which finds one") from None
+        raise UsageError(f"rank {rank} cannot join the process group at {where}: {one_line(e)}") from None
     global _store, _attempt, _words, _host_timeout, _arrivals
     _host_timeout, _arrivals = timeout, itertools.count()
     # this start's count, and a number rank 0 draws: torchrun's store outlives its restarts, and an elastic job's

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import re
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,23 @@ def test_world_size_without_a_launcher_is_one_line_not_a_traceback(tmp_path, mon
     err = capsys.readouterr().err
     assert err == (f"error: WORLD_SIZE=2 is set but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not: "
                    f"start the processes with torchrun, which sets them all, or unset WORLD_SIZE\n")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_master_port_in_use_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Set by hand (an srun script without torchrun), MASTER_PORT may be another program's."""
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(name, value)
+        assert train.main(["--task", "regression", "--training-max-steps", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: rank 0 cannot serve the process group's store at MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: another "
+        f"process listens on that port; choose a free MASTER_PORT, or start the processes with torchrun, which "
+        f"finds one\n")
     assert not (tmp_path / "runs").exists()
 
 
