@@ -7,8 +7,8 @@ Exit codes: 0 done; 1 another rank failed or hung (one line naming it); 2 bad
 input (one line on stderr); 3 stopped on a non-finite loss or gradient norm
 (training.nan_policy=stop); 75 stopped at training.max_minutes,
 validated and saved (0 under torchrun, which restarts workers that exit
-otherwise); 128+signal when SIGTERM, SIGINT or SIGHUP stopped the run after
-saving a checkpoint (143, 130, 129).
+otherwise); 128+signal when SIGTERM, SIGINT, SIGHUP or SIGUSR1 stopped the run
+after saving a checkpoint (143, 130, 129, 138).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def run() -> None:
 
 
 def _exit_on_signals(code: int) -> None:
-    """From now on SIGTERM, SIGINT or SIGHUP ends the process at once with ``code``: the run's files are written."""
+    """From now on SIGTERM, SIGINT, SIGHUP or SIGUSR1 ends the process at once with ``code``: the run's files are written."""
     def handler(signum: int, frame: Any) -> None:
         os._exit(code)  # stdout is flushed line by line (say)
 

@@ -115,10 +115,11 @@ def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resumes_
     assert_logged_the_same(reference, tmp_path / "run")
 
 
-def test_a_sigterm_that_reaches_the_loader_workers_too_still_saves_and_resumes_exactly(tmp_path, reference):
-    # SLURM and systemd send SIGTERM to every process of a job: the workers leave the stop to the main process,
-    # which saves; a worker that died of it failed the run wherever it stood (torch raises on a dead worker)
-    name = "TERM"
+@pytest.mark.parametrize("name", ["TERM", "USR1"])
+def test_a_signal_that_reaches_the_loader_workers_too_still_saves_and_resumes_exactly(tmp_path, reference, name):
+    # SLURM and systemd send SIGTERM to every process of a job, and SLURM's --signal=USR1@N SIGUSR1 ahead of its
+    # time limit: the workers leave the stop to the main process, which saves; a worker that died of it failed the
+    # run wherever it stood (torch raises on a dead worker), and the main process died of SIGUSR1 unsaved
     workers = ["--data-num-workers", "1"]
     stopped = run([sys.executable, str(WORKER), *FLAGS, *workers, "--logging-log-dir", str(tmp_path / "run")],
                   cwd=tmp_path, env={"ALL_AT_STEP": "10", "ALL_SIGNAL": name})

@@ -74,8 +74,9 @@ RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-"""The signals that stop a run after its step, with a checkpoint (_stop_on_signals)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+"""The signals that stop a run after its step, with a checkpoint (_stop_on_signals). SIGUSR1 is what SLURM sends
+ahead of a job's time limit (``--signal=USR1@90``); its default action ends a process at once."""
 ENDED_WAIT_S = 10.0
 """How long a stuck rank that has learned the run is over waits before it ends itself (_watch_agent)."""
 REPEAT_S = 2.0
@@ -1380,8 +1381,8 @@ class TrainingEngine:
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM, SIGINT and SIGHUP (the terminal gone: an SSH connection dropped) finish the current step, save a
-        checkpoint and stop (see train.py's exit code).
+        """SIGTERM, SIGINT, SIGHUP (the terminal gone: an SSH connection dropped) and SIGUSR1 (SLURM's warning of
+        the time limit) finish the current step, save a checkpoint and stop (see train.py's exit code).
 
         A second signal does not wait. Under the command line (``exit_on_second_signal``)
         the default action ends the process at once (a second Ctrl-C, or a rank stuck where
@@ -1521,7 +1522,7 @@ _END = object()
 
 
 class TrainingInterrupted(BaseException):
-    """SIGTERM, SIGINT or SIGHUP stopped training after a step, or the death of the torchrun agent (taken as
+    """SIGTERM, SIGINT, SIGHUP or SIGUSR1 stopped training after a step, or the death of the torchrun agent (taken as
     SIGTERM, ``agent_gone``); a checkpoint was saved. Not an Exception, as KeyboardInterrupt is not: a sweep's
     ``except Exception`` does not swallow it. Nor a KeyboardInterrupt, which torch.multiprocessing's spawn
     drops in its workers: a stopped run would look finished there."""

@@ -152,8 +152,8 @@ class WorkerStart:
       is the same whichever worker loads it and however many there are. Other batches load as they would.
     - the stop signals a job sends to all its processes are the main process's to act on, by saving a checkpoint
       (SLURM's scancel and systemd send SIGTERM to every process, a terminal's Ctrl-C sends SIGINT to a torchrun
-      job's, a hang-up SIGHUP): a worker that died of one would fail the run wherever it stood, unsaved. SIGINT
-      and SIGHUP are ignored. SIGTERM still ends the worker when its parent sends it (the loader ending a worker
+      job's, a hang-up SIGHUP, SLURM's warning of the time limit SIGUSR1): a worker that died of one would fail
+      the run wherever it stood, unsaved. SIGINT, SIGHUP and SIGUSR1 are ignored. SIGTERM still ends the worker when its parent sends it (the loader ending a worker
       that does not stop, the interpreter's exit), as torch's own handler does: a thread waits for it, with the
       signal blocked elsewhere, and reads who sent it.
     """
@@ -189,8 +189,8 @@ def _seed_each_batch(dataset: Any) -> None:
 
 
 def _leave_stop_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to read the sender; torch's handler stays
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
