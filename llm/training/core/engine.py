@@ -56,7 +56,7 @@ from llm.training.core.checkpoint import (
 )
 from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.metrics import RunningMeans, TrainingSums
-from llm.training.core.optim import WeightAverage, ready_for_skips, warmup_outlasting
+from llm.training.core.optim import WeightAverage, ready_for_skips, warmup_outlasting, zero_missing_momentum
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.tasks.base_task import TrainingTask
 
@@ -969,6 +969,10 @@ class TrainingEngine:
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
         elif self.scheduler is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
+        if self._found_inf_step and isinstance(self.optimizer, torch.optim.SGD):
+            # this run's settings, back after the load, may give momentum to a run saved without it: its buffers
+            # made now, as for a fresh run, else a step skipped on the device leaves them uninitialised
+            zero_missing_momentum(self.optimizer)
         if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
             self.scaler.load_state_dict(shared["scaler"])
         self.val_metrics = shared["val_metrics"]

@@ -59,12 +59,13 @@ def ready_for_skips(optimizer: torch.optim.Optimizer) -> bool:
         return True
     if any(group["momentum"] and group["dampening"] for group in optimizer.param_groups):
         return False
-    _zero_momentum(optimizer)
-    optimizer.register_load_state_dict_post_hook(_zero_momentum)
+    zero_missing_momentum(optimizer)
+    optimizer.register_load_state_dict_post_hook(zero_missing_momentum)
     return True
 
 
-def _zero_momentum(sgd: torch.optim.SGD) -> None:
+def zero_missing_momentum(sgd: torch.optim.SGD) -> None:
+    """Zeros as the momentum buffers ``sgd`` lacks, where its groups have momentum (see ready_for_skips)."""
     for group in sgd.param_groups:
         for p in group["params"] if group["momentum"] else ():
             if sgd.state[p].get("momentum_buffer") is None:
@@ -94,6 +95,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
                              f"last layers go to AdamW): add layers, or choose --optimizer-name adamw")
         hidden_ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
+        if not rest:  # torch's AdamW refuses an empty parameter list, in words that name no setting
+            raise UsageError(f"optimizer muon: every trainable parameter of {type(model).__name__} is a hidden matrix "
+                             f"(in its .blocks), which leaves none for the AdamW that Muon pairs with (embeddings, "
+                             f"the output head, biases and norms): choose --optimizer-name adamw")
         self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
                                      adjust_lr_fn="match_rms_adamw")
         self.adamw = _optimizer(rest, "adamw", cfg)

@@ -1820,6 +1820,29 @@ def test_a_first_step_skipped_on_the_device_leaves_the_optimizer_as_the_hosts_sk
             assert torch.equal(value, device.optimizer.state[q][key]), key
 
 
+def test_sgd_given_momentum_by_a_resume_skips_its_first_step_on_the_device_as_the_host_does(tmp_path, monkeypatch):
+    """A run without momentum (beta1 0) saved no momentum buffers; resumed with beta1 0.9, its settings come back
+    after the load that made the missing buffers for skipping on the device: fused SGD then made them from
+    uninitialised memory at a skipped step, and the next step read them (1.8e31 seen in a weight)."""
+    runs = []
+    for on_device in (True, False):
+        monkeypatch.setattr(engine_module, "_skips_on_device",
+                            lambda opt, device, on_device=on_device: on_device and opt._step_supports_amp_scaling)
+        monkeypatch.setattr(engine_module, "_read_now", lambda device, on_device=on_device: not on_device)
+        sections = {"optimizer": {"name": "sgd", "beta1": 0.0, "scheduler": "constant"},
+                    "training": {"nan_policy": "skip", "max_steps": 2}}
+        monkeypatch.setenv("NAN_AT_STEP", "100")
+        train(tiny_config(tmp_path / str(on_device), **sections), task_cls=NaNRegressionTask)
+        monkeypatch.setenv("NAN_AT_STEP", "1")  # the resumed run's first step
+        sections["optimizer"]["beta1"], sections["training"]["max_steps"] = 0.9, 5
+        runs.append(train(tiny_config(tmp_path / str(on_device), **sections, checkpoint={"resume": "auto"}),
+                          task_cls=NaNRegressionTask)[0])
+    device, host = runs
+    assert device._found_inf_step and device.optimizer.param_groups[0]["momentum"] == 0.9
+    for name, value in weights(host.raw_model).items():
+        assert torch.equal(value, weights(device.raw_model)[name]), name
+
+
 def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_path, monkeypatch):
     """On a GPU, reading a step's own flag would make the host wait for that step's work; read during the
     next step, after its backward is queued, the flag is long on the host and the GPU never idles."""

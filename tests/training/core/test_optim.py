@@ -110,6 +110,10 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
 def test_muon_on_a_model_without_hidden_matrices_is_refused_in_one_line():
     with pytest.raises(UsageError, match="Sequential has no hidden matrices for Muon"):
         build_optimizer(mlp(4, 8, 1, 1), OptimizerConfig(name="muon"))  # one hidden layer: two matrices
+    only_blocks = torch.nn.Module()
+    only_blocks.blocks = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(8, 1, bias=False))
+    with pytest.raises(UsageError, match="every trainable parameter of Module is a hidden matrix .* none for the AdamW"):
+        build_optimizer(only_blocks, OptimizerConfig(name="muon"))
 
 
 def lm_loss(model, x):
