@@ -132,8 +132,10 @@ class GrowingSection:
         self.out, self.title, self.facts = out, title, facts
         self._at: int | None = None  # where the section starts in the file
 
-    def write(self, body: Sequence[str], done: bool = False) -> None:
-        """The section with ``body``; ``done``: the last write, which prints it."""
+    def write(self, body: Sequence[str], done: bool = False, facts: Sequence[tuple[str, str]] | None = None) -> None:
+        """The section with ``body`` (and ``facts``, if given, in place of the earlier ones); ``done``: the last
+        write, which prints it."""
+        self.facts = self.facts if facts is None else facts
         text = section(self.title, self.facts, body if done else [*body, "(in progress: the run has not ended)"])
         if self._at is None:
             if not self.out.exists():
@@ -205,13 +207,15 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def interleaved(contenders: dict[K, Callable[[], T]], rounds: int, warmup: bool = True) -> dict[K, list[T]]:
+def interleaved(contenders: dict[K, Callable[[], T]], rounds: int, warmup: bool = True,
+                after_round: Callable[[dict[K, list[T]]], None] | None = None) -> dict[K, list[T]]:
     """Run every contender once per round, in turn, ``rounds`` times; each call returns one measurement.
 
     Interleaving spreads the slow patches of a shared machine over all
     contenders instead of letting one of them take a whole slow patch. The
     warm-up round, not kept, pays for first-use costs (lazy imports, allocator
-    growth) that would otherwise land on whoever runs first.
+    growth) that would otherwise land on whoever runs first. ``after_round`` is
+    given the measurements so far after each round (to write them down).
     """
     if warmup:
         for name, run in contenders.items():
@@ -221,4 +225,6 @@ def interleaved(contenders: dict[K, Callable[[], T]], rounds: int, warmup: bool 
         for name, run in contenders.items():
             results[name].append(run())
             print(f"round {r + 1}/{rounds}: {name}: {results[name][-1]}", flush=True)
+        if after_round is not None:
+            after_round(results)
     return results

@@ -297,9 +297,23 @@ def main(argv: list[str] | None = None) -> int:
                           "engine, bf16, eager": contender(run_engine, "bf16", False),
                           "engine, fp32, compiled": contender(run_engine, "fp32", True)}
             engine_name, hand_name = "engine, fp32, eager", "hand, fp32, eager"
-        # no warm-up round: each run warms up itself, and the first compiled run shows the cold compile time
-        runs = common.interleaved(contenders, args.rounds, warmup=False)
+        title = "LM throughput: engine vs hand-written loop" + (", GPU preset (GPT-2 124M shape)" if args.gpu_preset
+                                                                 else "")
+        report = common.GrowingSection(args.out, title + (" (quick)" if args.quick else ""))
 
+        def write(runs: dict[str, list[Measure]], done: bool = False) -> None:  # after each round: a run cut short
+            facts, body = summary(args, runs, contenders, engine_name, hand_name, peak, peak_note)  # keeps them
+            report.write(body, done=done, facts=facts)
+
+        # no warm-up round: each run warms up itself, and the first compiled run shows the cold compile time
+        runs = common.interleaved(contenders, args.rounds, warmup=False, after_round=write)
+    write(runs, done=True)
+    return 0
+
+
+def summary(args: argparse.Namespace, runs: dict[str, list[Measure]], contenders: dict[str, Callable[[], Measure]],
+            engine_name: str, hand_name: str, peak: float | None, peak_note: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The section's facts and body (table and notes) for the rounds measured so far."""
     # on the CPU, CPU time is the measure: other processes on a shared machine stretch the wall clock
     metric = "tokens_per_cpu_s" if args.device == "cpu" else "tokens_per_s"
     rates = {name: [getattr(m, metric) for m in ms] for name, ms in runs.items()}
@@ -323,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device != "cpu":
             row.append("n/a" if mfu is None else f"{mfu:.1%}")
         rows.append((*row, f"{ms[-1].train_loss:.4f}"))
-    central = common.median_label(args.rounds)
+    central = common.median_label(len(runs[engine_name]))
     header = ["run", f"{central} tokens/s" + (" per CPU second" if args.device == "cpu" else ""), "min-max",
               f"vs {engine_name}, paired by round (min-max)"]
     if args.device == "cpu":
@@ -369,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                    + f"{first.params / 1e6:.2f}M parameters, {first.flops_per_token / 1e6:,.1f} MFLOPs per token "
                    f"(GPT.flops_per_token), char tokenizer on {Path(args.data_path).name}, batch {s['batch_size']} "
                    f"({s['batch_size'] * s['block_size']:,} tokens/step), on {args.device}")),
-        ("repetitions", (f"{args.rounds} rounds, contenders interleaved; each run takes {args.warmup} warm-up steps, "
+        ("repetitions", (f"{len(runs[engine_name])}"
+                         + ("" if len(runs[engine_name]) == args.rounds else f" of {args.rounds}")
+                         + f" rounds, contenders interleaved; each run takes {args.warmup} warm-up steps, "
                          f"then {args.steps} timed steps; tokens/s from the timed steps only; the first compiled run "
                          f"starts from an empty inductor cache, later ones reuse what this process compiled")),
         ("clocks", ("the process's CPU time (all threads) and the wall clock; on the CPU with "
@@ -378,10 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the wall clock, with the GPU synchronised at the end of warm-up and of the run")),
         ("MFU peak", f"{peak / 1e12:,.4g} TFLOP/s ({peak_note})" if peak else peak_note),
     ]
-    title = "LM throughput: engine vs hand-written loop" + (", GPU preset (GPT-2 124M shape)" if args.gpu_preset else "")
-    text = common.section(title + (" (quick)" if args.quick else ""), facts, [table, " ".join(notes)])
-    common.append_section(args.out, text)
-    return 0
+    return facts, [table, " ".join(notes)]
 
 
 if __name__ == "__main__":
