@@ -562,6 +562,11 @@ class TrainingEngine:
                 warnings.warn(f"the stream's loader keeps its workers (persistent_workers=True): the copies of "
                               f"{type(dataset).__name__} they made at the first pass do not see set_epoch, and a "
                               f"resumed run's, made at its first pass, do; build the loader without it")
+        if resume.is_stream(self.val_loader) and not cfg.training.eval_batches:
+            with self._warned_by_rank_0():  # an endless one would hold the run at its first evaluation for ever
+                warnings.warn(f"{type(self.data_module).__name__}.val_dataloader() is a stream: each evaluation "
+                              f"reads it to its end; if it has none, set training.eval_batches, the batches an "
+                              f"evaluation reads")
         if self.stream and not cfg.training.max_steps:
             raise UsageError(
                 f"{type(self.data_module).__name__}.train_dataloader() is a stream (an IterableDataset, or no "

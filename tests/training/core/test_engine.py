@@ -453,6 +453,23 @@ def test_a_stream_whose_loader_keeps_its_workers_is_warned_of(tmp_path):
         TrainingEngine(config, RegressionTask(config), data_module=Data(config)).train()
 
 
+@pytest.mark.parametrize("eval_batches", [0, 2])
+def test_a_validation_stream_read_to_its_end_is_warned_of_unless_eval_batches_bounds_it(tmp_path, eval_batches):
+    """An endless one held the run at its first evaluation for ever, with nothing said."""
+    class Data(SyntheticDataModule):
+        def val_dataloader(self, rank, world_size):
+            return torch.utils.data.DataLoader(Samples(rank, 64), batch_size=16), None
+
+    config = tiny_config(tmp_path, training={"max_steps": 2, "eval_batches": eval_batches})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TrainingEngine(config, RegressionTask(config), data_module=Data(config)).train()
+    said = [str(w.message) for w in caught if "is a stream: each evaluation" in str(w.message)]
+    assert said == ([] if eval_batches else ["Data.val_dataloader() is a stream: each evaluation reads it to its end; "
+                                             "if it has none, set training.eval_batches, the batches an evaluation "
+                                             "reads"])
+
+
 def test_a_stream_that_gives_no_step_is_refused_in_one_line(tmp_path):
     with pytest.raises(UsageError, match=r"Data\.train_dataloader\(\) gave no 2 batches \(training\.grad_accum_steps\) "
                                          r"in epoch 0: a stream must yield batches on every rank"):
