@@ -1617,6 +1617,10 @@ def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> t
             if loss.numel() != 1:
                 raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
                                  f"the batch's mean, such as loss.mean()")
+            if method == "train_step" and not loss.requires_grad and torch.is_grad_enabled():
+                raise UsageError(f"{where} returned a loss that no gradient flows back from (requires_grad False): "
+                                 f"compute it from the model's output, not under torch.no_grad(), .detach() or "
+                                 f".item()")
             own = ("loss", *(TRAINING_FIGURES if method == "train_step" else ()), *RECORD_KEYS)
             if clash := [name for name in own if name in metrics]:
                 raise UsageError(f"{where} returned a metric named {clash[0]!r}, a field its record has already "

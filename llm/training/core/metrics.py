@@ -136,16 +136,20 @@ class RunningMeans:
         same sums to the bit, however their kinds were mixed.
         """
         weights = self._weights() if weights is None else weights
+        values = self._numbers(key)
+        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken
+        return _sum(value * weight for value, weight in zip(values, weights) if weight), _sum(weights)
+
+    def _numbers(self, key: str) -> list[float]:
+        """``key``'s values on the host, in one sync for the window."""
         try:
-            values = _on_host(self.values.get(key, []))  # one sync for the window
+            return _on_host(self.values.get(key, []))
         except RuntimeError:  # a tensor of more than one number, where the first step's had one
             shapes = [tuple(v.shape) for v in self.values[key] if isinstance(v, torch.Tensor) and v.numel() != 1]
             if not shapes:
                 raise
             raise UsageError(f"a step returned metric {key!r} as a tensor of shape {shapes[0]}, expected a number "
                              f"or a one-element tensor: the batch's mean, such as .mean()") from None
-        # an entry that weighs nothing adds nothing, not even the NaN of a step not taken
-        return _sum(value * weight for value, weight in zip(values, weights) if weight), _sum(weights)
 
     def _weights(self) -> list[float]:
         """Each entry's weight, or 0 for one not kept whose loss is not finite: a step not taken (a skipped one,
@@ -163,7 +167,7 @@ class RunningMeans:
     def entries(self) -> dict[str, Any]:
         """Every entry as numbers on the host, for a checkpoint: a window rebuilt from them (from_entries)
         sums the same numbers in the same order as the one that kept going, so its means match to the bit."""
-        return {"values": {key: list(_on_host(values)) for key, values in self.values.items()},
+        return {"values": {key: list(self._numbers(key)) for key in self.values},
                 "weights": list(_on_host(self.weights)), "kept": list(_on_host(self.kept))}
 
     @classmethod

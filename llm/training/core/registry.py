@@ -106,6 +106,10 @@ def _resolve(name: str, builtins: dict[str, str], base: type, kind: str) -> type
         raise UsageError(f"{kind} {name!r} is a class of a script run as __main__ (python script.py, which trained "
                          f"from code), and cannot be found from here: name it by its module, module:{class_name}")
     whose = kind if kind.endswith(" module") else f"{kind} module"  # a data module's: not "data module module"
+    if module_name.endswith(".py") or "/" in module_name:  # a file's name or path, where a module's is asked for
+        raise UsageError(f"{kind} {name!r}: {module_name!r} is a file's name, expected a module's: "
+                         f"{Path(module_name).stem}:{class_name}, from the folder that holds it (python -m searches "
+                         f"it; else PYTHONPATH=.)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

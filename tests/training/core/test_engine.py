@@ -2069,8 +2069,10 @@ def test_a_metric_missing_from_some_batches_or_named_loss_is_one_line(tmp_path):
                     r"one-element tensor: the batch's mean, such as .mean\(\)$"),
     ("n/a", r"^a step returned metric 'mae' as a str, expected a number or a one-element tensor$"),
 ])
-def test_a_metric_that_turns_into_no_number_after_the_first_step_is_one_line(tmp_path, later, words):
-    """The first step's metrics are checked; a later step's that are not one number are found by the window."""
+@pytest.mark.parametrize("saved", [False, True], ids=["logged", "saved-before-logged"])
+def test_a_metric_that_turns_into_no_number_after_the_first_step_is_one_line(tmp_path, later, words, saved):
+    """The first step's metrics are checked; a later step's that are not one number are found by the window,
+    when it is logged or when a checkpoint saves it (which gave torch's error)."""
     class Turns(RegressionTask):
         calls = 0
 
@@ -2080,7 +2082,8 @@ def test_a_metric_that_turns_into_no_number_after_the_first_step_is_one_line(tmp
             return loss, {"mae": later if self.calls == 3 else loss.detach()}
 
     with pytest.raises(UsageError, match=words):
-        train(tiny_config(tmp_path, logging={"log_every_steps": 4}), task_cls=Turns)
+        train(tiny_config(tmp_path, logging={"log_every_steps": 4}, checkpoint={"every_n_steps": 3 if saved else 0}),
+              task_cls=Turns)
 
 
 def test_a_training_metric_named_like_the_engines_figures_is_refused_and_a_validation_one_is_not(tmp_path):
@@ -2781,6 +2784,24 @@ def test_a_loss_per_sample_on_a_later_step_is_the_same_one_line(tmp_path):
                                          r"expected one number"):
         engine.train()
     assert engine.step == 2
+
+
+@pytest.mark.parametrize("when", [1, 3])
+def test_a_loss_cut_off_from_the_model_is_one_line_on_its_first_step_or_a_later_one(tmp_path, when):
+    """It gave torch's "element 0 of tensors does not require grad" traceback."""
+    class Detaches(RegressionTask):
+        calls = 0
+
+        def train_step(self, batch, model, criterion):
+            loss, metrics = super().train_step(batch, model, criterion)
+            self.calls += 1
+            return (loss.detach() if self.calls == when else loss), metrics
+
+    engine = TrainingEngine(tiny_config(tmp_path), Detaches(tiny_config(tmp_path)))
+    with pytest.raises(UsageError, match=r"^Detaches.train_step returned a loss that no gradient flows back from "
+                                         r"\(requires_grad False\): compute it from the model's output"):
+        engine.train()
+    assert engine.step == when - 1
 
 
 def test_a_finalize_metrics_that_returns_nothing_is_one_line_before_the_run_writes(tmp_path):

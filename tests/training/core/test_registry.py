@@ -64,6 +64,13 @@ def test_a_class_nested_in_another_is_found_by_the_name_a_run_records_for_it(tmp
         resolve_task("nested_tasks:Outer.Theirs")
 
 
+@pytest.mark.parametrize("given", ["sine.py", "tasks/sine.py", "/abs/tasks/sine.py"])
+def test_a_files_name_given_for_a_module_is_told_the_modules(given):
+    with pytest.raises(UsageError, match=rf"^task '{given}:SineTask': '{given}' is a file's name, expected a "
+                                         rf"module's: sine:SineTask, from the folder that holds it"):
+        resolve_task(f"{given}:SineTask")
+
+
 def test_a_module_that_exits_as_it_is_imported_is_named_in_one_line(tmp_path, monkeypatch):
     (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(5)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
