@@ -165,6 +165,7 @@ class TrainingEngine:
         self.stream = False  # the training loader is a stream (set in setup): its epochs end when it does
         self._steps_a_pass: int | None = None  # a stream's: the steps of the first whole pass this process made
         self._loader_restored = False  # a stream's loader put back where a checkpoint's stood, to go on from
+        self._read_ahead_rng: dict[str, Any] | None = None  # the host's random streams its first read draws from
         self._stream_state: dict[str, Any] | None = None  # where it stood after the last group yielded
         self.samples_seen = 0  # training samples over all ranks
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
@@ -1020,6 +1021,7 @@ class TrainingEngine:
             return
         self.train_loader.load_state_dict(saved["state"])
         self._loader_restored = True
+        self._read_ahead_rng = saved.get("rng")  # absent from checkpoints of earlier versions
 
     # ---- what callbacks use ----------------------------------------------------------
 
@@ -1127,7 +1129,14 @@ class TrainingEngine:
             short = len(group) < k  # a last group shorter than k is dropped, like a last partial batch
             return group, D.any_rank([short])[0] if self.world_size > 1 else short
 
-        group, ended = read()
+        if self._read_ahead_rng is None:
+            group, ended = read()
+        else:  # read again as the saved run read it, before its last step drew; then on from where that step left
+            after, host = resume.rng_state(torch.device("cpu")), torch.device("cpu")
+            resume.set_rng_state(self._read_ahead_rng, host)
+            group, ended = read()
+            resume.set_rng_state(after, host)
+            self._read_ahead_rng = None
         if ended and not self.batch_in_epoch:  # every rank: the agreement says the same
             raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() gave no "
                              f"{'batch' if k == 1 else f'{k} batches (training.grad_accum_steps)'} in epoch "
@@ -1141,10 +1150,13 @@ class TrainingEngine:
 
     def _loader_state(self) -> dict[str, Any]:
         """Where the stream's loader stands, as a checkpoint keeps it: with its worker count, which its state
-        holds one part for each of."""
+        holds one part for each of; and, without workers, the host's random streams as they stand before the
+        read ahead, which a stream reading in this process draws from (_stream_groups)."""
         state = _checkpointable(copy.deepcopy(self.train_loader.state_dict()),
                                 f"{type(self.train_loader).__name__}.state_dict()")
-        return {"state": state, "num_workers": getattr(self.train_loader, "num_workers", 0)}
+        workers = getattr(self.train_loader, "num_workers", 0)
+        rng = {} if workers else {"rng": resume.rng_state(torch.device("cpu"))}
+        return {"state": state, "num_workers": workers, **rng}
 
     def _iterate(self, loader: Any, salt: int) -> Iterator[Any]:
         """An iterator over a loader that leaves the global RNG alone.

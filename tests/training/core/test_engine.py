@@ -498,6 +498,39 @@ def test_a_stream_resumed_mid_epoch_ends_with_the_weights_of_a_run_never_stopped
                                              "as torchdata's StatefulDataLoader, resumes where it stood)"])
 
 
+class NoisySamples(Samples):
+    """Samples whose targets take noise from torch's global generator, as a stream's augmentation might."""
+
+    def __iter__(self):
+        for x, y in super().__iter__():
+            yield x, y + 0.1 * torch.randn(1)
+
+
+def test_a_stream_drawing_from_the_global_generator_resumes_where_it_stood_with_the_same_draws(tmp_path):
+    """The next step's batches are read ahead of each step: a checkpoint held the generator as it was after that
+    read, and the resumed run read those batches again from there, each draw one batch late."""
+    loader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
+
+    class Noisy(StreamData):
+        def train_dataloader(self, rank, world_size):
+            self.samples = NoisySamples(rank)
+            return loader(self.samples, batch_size=self.config.training.batch_size), None
+
+    def engine(name, max_steps, **sections):
+        config = tiny_config(tmp_path / name, optimizer={"scheduler": "constant"}, model={"dropout": 0.1},
+                             training={"max_steps": max_steps}, **sections)
+        return TrainingEngine(config, RegressionTask(config), data_module=Noisy(config))
+
+    straight = engine("straight", 12)
+    straight.train()
+    engine("resumed", 7).train()
+    resumed = engine("resumed", 12, checkpoint={"resume": "auto"})
+    resumed.train()
+    assert resumed.step == 12
+    for name, value in weights(straight.model).items():
+        assert torch.equal(value, weights(resumed.model)[name]), name
+
+
 def uneven_stream_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
