@@ -506,6 +506,7 @@ class NoisySamples(Samples):
             yield x, y + 0.1 * torch.randn(1)
 
 
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")  # torchdata's own, at each loader it builds
 def test_a_stream_drawing_from_the_global_generator_resumes_where_it_stood_with_the_same_draws(tmp_path):
     """The next step's batches are read ahead of each step: a checkpoint held the generator as it was after that
     read, and the resumed run read those batches again from there, each draw one batch late."""
