@@ -340,7 +340,8 @@ def run() -> None:
 
 
 def _exit_on_signals(code: int) -> None:
-    """From now on SIGTERM, SIGINT, SIGHUP or SIGUSR1 ends the process at once with ``code``: the run's files are written."""
+    """From now on SIGTERM, SIGINT, SIGHUP or SIGUSR1 ends the process at once with ``code``: the run's files
+    are written."""
     def handler(signum: int, frame: Any) -> None:
         os._exit(code)  # stdout is flushed line by line (say)
 

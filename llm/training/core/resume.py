@@ -153,9 +153,9 @@ class WorkerStart:
     - the stop signals a job sends to all its processes are the main process's to act on, by saving a checkpoint
       (SLURM's scancel and systemd send SIGTERM to every process, a terminal's Ctrl-C sends SIGINT to a torchrun
       job's, a hang-up SIGHUP, SLURM's warning of the time limit SIGUSR1): a worker that died of one would fail
-      the run wherever it stood, unsaved. SIGINT, SIGHUP and SIGUSR1 are ignored. SIGTERM still ends the worker when its parent sends it (the loader ending a worker
-      that does not stop, the interpreter's exit), as torch's own handler does: a thread waits for it, with the
-      signal blocked elsewhere, and reads who sent it.
+      the run wherever it stood, unsaved. SIGINT, SIGHUP and SIGUSR1 are ignored. SIGTERM still ends the worker
+      when its parent sends it (the loader ending a worker that does not stop, the interpreter's exit), as
+      torch's own handler does: a thread waits for it, with the signal blocked elsewhere, and reads who sent it.
     """
 
     def __init__(self, then: Callable[[int], None] | None):
