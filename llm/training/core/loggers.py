@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,15 +124,22 @@ class MLflowLogger(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(key, value, now, record["step"]) for key, value in scalars(record)]
         if metrics:
-            self._client.log_batch(self.run_id, metrics=metrics)
+            try:
+                self._client.log_batch(self.run_id, metrics=metrics)
+            except Exception as e:  # noqa: BLE001 - a tracking server down longer than MLflow's own retries
+                self._client = None
+                _gone_on_without("MLflow", f"logging step {record['step']} to run {self.run_id}", e)
 
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._client is None:
             return
         # the engine hands empty metrics when training raised; a run stopped by a signal is saved, to be resumed
         status = "FAILED" if not metrics else "KILLED" if engine.interrupted_by is not None else "FINISHED"
-        self._client.set_terminated(self.run_id, status=status)
-        self._client = None
+        client, self._client = self._client, None
+        try:
+            client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # noqa: BLE001 - as in on_log: the run's own records are whole
+            _gone_on_without("MLflow", f"marking run {self.run_id} {status}", e)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}
@@ -173,15 +181,20 @@ class WandbLogger(Callback):
         run_dir = Path(engine.run_dir)
         if not engine.continues_run:  # a branch from another run's checkpoint is a run of its own
             self.run_id = None
-        self._run = wandb.init(
-            project=self.project,
-            mode=self.mode,
-            dir=str(self.dir or run_dir),  # wandb creates it
-            name=self.run_name or run_dir.name,
-            config=dataclasses.asdict(engine.config),
-            id=self.run_id,  # None starts a new run; a restored id continues it
-            resume="allow" if self.run_id else None,
-        )
+        where = str(self.dir or run_dir)  # wandb creates it
+        try:
+            self._run = wandb.init(
+                project=self.project,
+                mode=self.mode,
+                dir=where,
+                name=self.run_name or run_dir.name,
+                config=dataclasses.asdict(engine.config),
+                id=self.run_id,  # None starts a new run; a restored id continues it
+                resume="allow" if self.run_id else None,
+            )
+        except Exception as e:  # noqa: BLE001 - wandb raises its own errors and the OS's: one line, as MLflow's
+            raise UsageError(f"W&B ({self.mode}, in {where}): cannot start a run: {type(e).__name__}: "
+                             f"{one_line(e)}") from None
         self.run_id = self._run.id
 
     def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
@@ -189,8 +202,13 @@ class WandbLogger(Callback):
             return
         values = dict(scalars(record))
         if values:
-            # wandb keeps a row per step; the train and val records of one step share it
-            self._run.log(values, step=record["step"])
+            try:  # wandb keeps a row per step; the train and val records of one step share it
+                self._run.log(values, step=record["step"])
+            except Exception as e:  # noqa: BLE001 - as MLflowLogger's: the run goes on without the tracker
+                run, self._run = self._run, None
+                with contextlib.suppress(Exception):
+                    run.finish(exit_code=1)
+                _gone_on_without("W&B", f"logging step {record['step']} to run {self.run_id}", e)
 
     def on_train_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self._run is None:
@@ -209,6 +227,13 @@ class WandbLogger(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_id = state.get("run_id")
+
+
+def _gone_on_without(tracker: str, what: str, error: Exception) -> None:
+    """Warn that a tracker failed mid-run and the run goes on without it: an outage of a tracking server is no
+    reason to lose the training since the last checkpoint."""
+    warnings.warn(f"{tracker}: {what} failed ({type(error).__name__}: {one_line(error)}): the run goes on without "
+                  f"{tracker}; metrics.jsonl keeps every record")
 
 
 LOGGERS: dict[str, type[MLflowLogger] | type[WandbLogger]] = {"mlflow": MLflowLogger, "wandb": WandbLogger}

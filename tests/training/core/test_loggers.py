@@ -78,6 +78,30 @@ def test_mlflow_logs_params_and_every_numeric_metric_by_step(tmp_path):
     assert params["logging.log_dir"] == str(tmp_path / "run")
 
 
+def test_a_tracker_that_fails_mid_run_is_warned_of_once_and_the_run_goes_on_without_it(tmp_path, monkeypatch):
+    """A tracking server down for longer than MLflow's retries raised out of the callback: the run failed with a
+    traceback, and lost the training since its last checkpoint."""
+    mlflow = pytest.importorskip("mlflow")
+    logger = MLflowLogger(tracking_uri=(tmp_path / "store").as_uri(), experiment="exp")
+    engine = engine_for(tmp_path)
+    logger.on_train_start(engine)
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(args)
+        raise mlflow.exceptions.MlflowException("503 Service Unavailable")
+
+    monkeypatch.setattr(logger._client, "log_batch", down)
+    monkeypatch.setattr(logger._client, "set_terminated", down)
+    with pytest.warns(UserWarning, match=r"^MLflow: logging step 2 to run \w+ failed \(MlflowException: 503 Service "
+                                         r"Unavailable\): the run goes on without MLflow; metrics.jsonl keeps every "
+                                         r"record$") as warned:
+        for record in RECORDS:
+            logger.on_log(engine, record)
+        logger.on_train_end(engine, {"train_loss": 1.0})
+    assert len(calls) == 1 and len(warned) == 1  # given up at once: no further calls, nor warnings
+
+
 def test_mlflow_defaults_to_a_file_store_in_the_run_dir_named_after_it(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     logger = MLflowLogger()
@@ -295,6 +319,14 @@ def test_wandb_offline_run_in_the_run_dir_with_config_and_metrics(tmp_path):
     while b"val/val_loss" not in files[0].read_bytes() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert b"val/val_loss" in files[0].read_bytes()
+
+
+def test_wandb_that_cannot_start_is_one_line_naming_where(tmp_path):
+    pytest.importorskip("wandb")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb").write_text("a file where wandb makes its folder")
+    with pytest.raises(UsageError, match=rf"^W&B \(offline, in {tmp_path / 'run'}\): cannot start a run: "):
+        WandbLogger().on_train_start(engine_for(tmp_path))
 
 
 def test_wandb_continues_its_own_run_on_resume_and_starts_another_on_a_branch(tmp_path):
