@@ -253,12 +253,8 @@ def load_model_and_optimizer(
     state = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
     if average is not None and saved_average:
         state["ema"] = average.state()  # its tensors, filled in place
-    try:
-        if optimizer is not None:  # torch made state for every parameter; the checkpoint's is for those stepped
-            saved = sharded.read_metadata(path / SHARDED / ".metadata").state_dict_metadata
-            optim_state["state"] = {name: values for name, values in optim_state["state"].items()
-                                    if any(f"optimizer.state.{name}.{key}" in saved for key in values)}
-        sharded.load_into(state, path / SHARDED)
+    try:  # torch made state for every parameter; the checkpoint's is for those stepped
+        sharded.load_into(state, path / SHARDED, optional=None if optimizer is None else "optimizer.state")
     except Exception as e:  # noqa: BLE001 - shapes that differ, or metadata that is not checkpoint metadata
         raise CheckpointError(f"cannot load the sharded state in {path}: {error_cause(e)}") from None
     if optimizer is None:

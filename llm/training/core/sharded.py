@@ -128,9 +128,21 @@ def save(state: dict[str, Any], directory: Path, group: dist.ProcessGroup | None
         raise ShardedWriteError(_describe(error)) from None
 
 
-def load_into(state: dict[str, Any], directory: Path) -> None:
-    """Fill ``state`` (laid out as it was saved, sharded as this process group is) from ``directory``."""
-    read_metadata(Path(directory) / ".metadata")  # refused here, before torch logs its fallbacks
+def load_into(state: dict[str, Any], directory: Path, optional: str | None = None) -> None:
+    """Fill ``state`` (laid out as it was saved, sharded as this process group is) from ``directory``.
+
+    ``optional`` is the dotted path of a dict in ``state`` (``"optimizer.state"``)
+    whose entries the checkpoint may lack: those are dropped from it, not refused
+    (an optimizer's moments of parameters no step had reached when it was saved).
+    """
+    saved = read_metadata(Path(directory) / ".metadata").state_dict_metadata  # refused here, before torch logs
+    if optional is not None:
+        entries = state
+        for key in optional.split("."):
+            entries = entries[key]
+        for name in [name for name, values in entries.items()  # torch's keys: the flattened path of each tensor
+                     if not any(f"{optional}.{name}.{key}" in saved for key in values)]:
+            del entries[name]
     with _one_line_errors(), warnings.catch_warnings():
         # one process reading shards of several (a resume on fewer processes) is what it is for, not a guess
         warnings.filterwarnings("ignore", message="torch.distributed is .*assuming the intent is to load")
