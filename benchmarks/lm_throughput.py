@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         report = common.GrowingSection(args.out, title + (" (quick)" if args.quick else ""))
 
         def write(runs: dict[str, list[Measure]], done: bool = False) -> None:  # after each round: a run cut short
-            facts, body = summary(args, runs, contenders, engine_name, hand_name, peak, peak_note)  # keeps them
+            facts, body = summary(args, runs, engine_name, hand_name, peak, peak_note)  # keeps them
             report.write(body, done=done, facts=facts)
 
         # no warm-up round: each run warms up itself, and the first compiled run shows the cold compile time
@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summary(args: argparse.Namespace, runs: dict[str, list[Measure]], contenders: dict[str, Callable[[], Measure]],
-            engine_name: str, hand_name: str, peak: float | None, peak_note: str) -> tuple[list[tuple[str, str]], list[str]]:
+def summary(args: argparse.Namespace, runs: dict[str, list[Measure]], engine_name: str, hand_name: str,
+            peak: float | None, peak_note: str) -> tuple[list[tuple[str, str]], list[str]]:
     """The section's facts and body (table and notes) for the rounds measured so far."""
     # on the CPU, CPU time is the measure: other processes on a shared machine stretch the wall clock
     metric = "tokens_per_cpu_s" if args.device == "cpu" else "tokens_per_s"
@@ -374,7 +374,7 @@ def summary(args: argparse.Namespace, runs: dict[str, list[Measure]], contenders
         notes.append("Through the engine, against fp32 eager: "
                      + "; ".join(f"{name.removeprefix('engine, ')}: {vs_base[name][0]:.2f}x the tokens/s "
                                  f"({wall_vs_base[name][0]:.2f}x by the wall clock)"
-                                 for name in contenders if name.startswith("engine, ") and name != engine_name) + ".")
+                                 for name in runs if name.startswith("engine, ") and name != engine_name) + ".")
 
     s, first = args.shape, runs[engine_name][0]
     facts = [
