@@ -196,14 +196,18 @@ class WandbLogger(Callback):
             raise UsageError(f"W&B ({self.mode}, in {where}): cannot start a run: {type(e).__name__}: "
                              f"{one_line(e)}") from None
         self.run_id = self._run.id
+        # Each record is a row of its own, sent as it is logged, on the run's own step as x axis: a row keyed by
+        # wandb's step stays in this process until a later step's comes, so a kill lost the last one logged
+        self._run.define_metric("step")
+        self._run.define_metric("*", step_metric="step")
 
     def on_log(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
         if self._run is None:
             return
         values = dict(scalars(record))
         if values:
-            try:  # wandb keeps a row per step; the train and val records of one step share it
-                self._run.log(values, step=record["step"])
+            try:
+                self._run.log({**values, "step": record["step"]})
             except Exception as e:  # noqa: BLE001 - as MLflowLogger's: the run goes on without the tracker
                 run, self._run = self._run, None
                 with contextlib.suppress(Exception):
