@@ -27,6 +27,8 @@ class ArgParser(argparse.ArgumentParser):
     def __init__(self, **kwargs: Any):
         super().__init__(**{"allow_abbrev": False, **kwargs})
         self._given: list[str] = []
+        # a value such as -1e-3 is a number, not a flag (argparse before Python 3.13 takes only -1 and -0.5)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._given = list(sys.argv[1:] if args is None else args)

@@ -31,6 +31,13 @@ def test_a_parse_error_raises_usage_error_instead_of_exiting():
         ArgParser(prog="tool").parse_args(["--nope"])
 
 
+@pytest.mark.parametrize("value", ["-1e-3", "-2E+2", "-.5", "-3", "-inf"])
+def test_a_negative_number_in_any_form_is_a_value_not_a_flag(value):
+    parser = ArgParser(prog="tool")
+    parser.add_argument("--width", type=float)
+    assert parser.parse_args(["--width", value]).width == float(value)  # argparse before 3.13: -1e-3 is a flag
+
+
 @pytest.mark.parametrize("tool", TOOLS)
 def test_an_unknown_flag_exits_2_with_one_line_on_stderr(tool, capsys):
     main, required = TOOLS[tool]

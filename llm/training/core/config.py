@@ -736,11 +736,6 @@ ALIASES = {"training.epochs": ["--epochs"], "task": ["--task"]}
 class _Parser(ArgParser):
     """ArgParser for the config's flags, which are all --<section>-<field> VALUE: none positional."""
 
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        # a value such as -1e-3 is a number, not a flag (argparse before Python 3.13 takes only -1 and -0.5)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
-
     def error(self, message: str) -> NoReturn:
         given = message.split(":", 1)[1].split() if message.startswith("unrecognized arguments:") else []
         if given and not any(word.startswith("--") for word in given):  # else a flag's value may start with -
