@@ -922,8 +922,8 @@ class TrainingEngine:
         saved, now = resume.with_defaults(flatten(shared["config"]), self.config), flatten(dataclasses.asdict(self.config))
         saved["world_size"], now["world_size"] = shared["progress"]["world_size"], self.world_size
         changed = resume.config_changes(saved, now)
-        # the task's files, when no setting already says why they would differ (model.*, data.*)
-        files = [] if resume.binding_changes(changed) else resume.changed_artifacts(self.task, path)
+        # the task's files, but those a changed setting already says why they differ (model.*, data.*)
+        files = resume.unexplained(resume.changed_artifacts(self.task, path), changed)
         resume.check_changes(changed, self.config.checkpoint.allow_config_change, path, files, saved, now)
         if changed or files:
             self.print("resuming with a changed config: " + ", ".join(

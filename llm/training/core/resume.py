@@ -697,6 +697,19 @@ def change(key: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
     return f"{key} ({before!r} -> {after!r}{note})"
 
 
+def unexplained(files: list[str], changed: list[str]) -> list[str]:
+    """The task's ``files`` (from changed_artifacts) that no setting among ``changed`` explains: the model's
+    shape by a model setting, a language model's corpus and tokenizer by a data setting. Another task, or its own
+    settings, may write other files altogether: none is named then."""
+    binding = binding_changes(changed)
+    if any(key == "task" or key.startswith("custom.") for key in binding):
+        return []
+    model = any(key.startswith("model.") for key in binding)
+    data = any(key.startswith("data.") for key in binding)
+    return [name for name in files if not (model and name == "model_config.json")
+            and not (data and name in ("corpus.json", "tokenizer.json", TOKENIZED_OTHERWISE, RETRAINED_OTHERWISE))]
+
+
 def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = (),
                   saved: dict[str, Any] | None = None, now: dict[str, Any] | None = None) -> None:
     """Refuse changes that break the model, the data order or the optimizer's state, unless ``allowed``:
@@ -706,9 +719,13 @@ def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str
     binding = shown + [name if name in (TOKENIZED_OTHERWISE, RETRAINED_OTHERWISE) else f"{name} (as this run builds it)"
                        for name in files]
     if binding and not allowed:
+        tokenizer = "tokenizer.json" in files or RETRAINED_OTHERWISE in files
+        keep = (f" (its weights would then read other tokens: to keep the tokenizer they were trained with, copy "
+                f"{path / 'tokenizer.json'} out of the run's folder and give it as --data-tokenizer too)"
+                if tokenizer else "")
         raise UsageError(
             f"cannot resume {path}: {', '.join(binding)} changed, which changes the model, the data order or "
-            f"the optimizer; pass --checkpoint-allow-config-change true to resume anyway"
+            f"the optimizer; pass --checkpoint-allow-config-change true to resume anyway{keep}"
         )
 
 

@@ -209,7 +209,8 @@ def test_a_resume_on_the_same_corpus_tokenized_otherwise_is_refused_naming_the_v
     assert train("earlier", 5)["steps"] == 5  # resumed as it was, on the corpus's digest alone
 
 
-def test_a_resume_whose_bpe_comes_out_otherwise_from_the_same_corpus_says_so(tmp_path, monkeypatch):
+def test_a_resume_whose_bpe_comes_out_otherwise_from_the_same_corpus_says_so_and_how_to_keep_it(tmp_path,
+                                                                                                monkeypatch):
     # another version of the package whose BPE training gives another tokenizer (simulated: fewer merges)
     from llm.data import text_data_module as tdm
     from llm.data.tokenizers import HFTokenizer
@@ -219,13 +220,14 @@ def test_a_resume_whose_bpe_comes_out_otherwise_from_the_same_corpus_says_so(tmp
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 4)
 
-    def train(steps):
+    def train(steps, batch_size=8, tokenizer="bpe", allow=False):
         config = Config.from_dict({
-            "task": "lm", "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "tokenizer": "bpe",
+            "task": "lm", "data": {"path": str(corpus), "cache_dir": str(tmp_path / "cache"), "tokenizer": tokenizer,
                                    "vocab_size": 300},
             "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 320},
-            "training": {"batch_size": 8, "max_steps": steps, "epochs": 1},
-            "logging": {"log_dir": str(tmp_path / "run"), "progress_bar": False}, "checkpoint": {"resume": "auto"},
+            "training": {"batch_size": batch_size, "max_steps": steps, "epochs": 1},
+            "logging": {"log_dir": str(tmp_path / "run"), "progress_bar": False},
+            "checkpoint": {"resume": "auto", "allow_config_change": allow},
         })
         return TrainingEngine(config, LMTask(config)).train()
 
@@ -234,9 +236,24 @@ def test_a_resume_whose_bpe_comes_out_otherwise_from_the_same_corpus_says_so(tmp
     monkeypatch.setattr(tdm, "CACHE_FORMAT", "another")
     monkeypatch.setattr(HFTokenizer, "train_bpe",
                         classmethod(lambda cls, texts, vocab, special=(): real(cls, texts, 260, special)))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
+    keep = (f"(its weights would then read other tokens: to keep the tokenizer they were trained with, copy "
+            f"{ckpt / 'tokenizer.json'} out of the run's folder and give it as --data-tokenizer too)")
     with pytest.raises(UsageError) as refused:
         train(5)
     assert f"step_00000003: {RETRAINED_OTHERWISE} changed" in str(refused.value), str(refused.value)
+    assert str(refused.value).endswith(keep)
+    # named beside a setting changed on purpose too (another batch size): not left to pass unseen with it
+    with pytest.raises(UsageError) as refused:
+        train(5, batch_size=4)
+    assert f"step_00000003: training.batch_size (8 -> 4), {RETRAINED_OTHERWISE} changed" in str(refused.value)
+    assert str(refused.value).endswith(keep)
+    # the way out it names: the run goes on with the tokenizer its weights were trained with
+    kept = tmp_path / "tokenizer.json"
+    kept.write_bytes((ckpt / "tokenizer.json").read_bytes())
+    assert train(5, tokenizer=str(kept), allow=True)["steps"] == 5
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step_00000005" / "tokenizer.json").read_text()) == \
+        json.loads(kept.read_text())
 
 
 @pytest.mark.parametrize("edited", ["corpus", "corpus, the same characters", "tokenizer file"])
@@ -277,7 +294,8 @@ def test_a_resume_on_an_edited_corpus_or_tokenizer_is_refused_unless_allowed(tmp
     with pytest.raises(UsageError) as refused:
         train(config())
     assert f"step_00000003: {files} changed" in str(refused.value), str(refused.value)
-    assert str(refused.value).endswith("--checkpoint-allow-config-change true to resume anyway")
+    assert "--checkpoint-allow-config-change true to resume anyway" in str(refused.value)
+    assert ("to keep the tokenizer they were trained with" in str(refused.value)) == ("tokenizer.json" in files)
     assert "resuming" not in capsys.readouterr().out  # a refused resume does not first announce itself
     assert train(config(allow_config_change=True)).step == 3
 
