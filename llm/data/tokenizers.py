@@ -68,6 +68,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def ends_unsettled(self, ids: Sequence[int]) -> bool:
+        """Whether the text of ``ids`` may still change before their end when more tokens follow: a run of byte
+        tokens that a byte-fallback decoder reads as one (Llama's and Mistral's ``<0x0A>``), whose bytes are
+        all replacement characters until they make whole characters. Not a character cut in half, which a
+        decode shows as one replacement character at the end."""
+        return False
+
     @abstractmethod
     def to_json(self) -> str:
         """The whole tokenizer as the text of a ``tokenizer.json``."""
@@ -102,18 +109,20 @@ class ByteTokenizer(Tokenizer):
 
 
 class CharTokenizer(Tokenizer):
-    """One id per character of the training text, in sorted order."""
+    """One id per character: ``chars[i]`` is id i. Trained, the characters of the text in sorted order."""
 
-    def __init__(self, chars: Iterable[str]):
-        self.chars = sorted(set(chars))
+    def __init__(self, chars: Sequence[str]):
+        self.chars = list(chars)  # a file's order is its numbering: loaded as written, not sorted again
         self._ids = {c: i for i, c in enumerate(self.chars)}
+        if len(self._ids) < len(self.chars):
+            raise ValueError("CharTokenizer: the characters must be distinct")
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
         seen: set[str] = set()
         for text in texts:
             seen.update(text)
-        return cls(seen)
+        return cls(sorted(seen))
 
     @property
     def vocab_size(self) -> int:
@@ -213,7 +222,36 @@ class HFTokenizer(Tokenizer):
         return self.hf.token_to_id(model["unk_token"]) if model.get("unk_token") else None
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+        ids = list(ids)
+        verbatim = self._decoded_otherwise
+        if not verbatim.keys() & set(ids):
+            return self.hf.decode(ids, skip_special_tokens=False)
+        parts, run = [], []
+        for i in ids:
+            if i in verbatim:
+                parts += [self.hf.decode(run, skip_special_tokens=False), verbatim[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts) + self.hf.decode(run, skip_special_tokens=False)
+
+    @functools.cached_property
+    def _decoded_otherwise(self) -> dict[int, str]:
+        """Special tokens that the decoder gives back otherwise than as written, by id: a byte-level decoder
+        reads each character of a token as a byte where its table has it, so a separator of Latin-1 characters
+        (``§``) came back as replacement characters. Those are put in as written."""
+        return {i: text for i, text in self.special.items() if self.hf.decode([i], skip_special_tokens=False) != text}
+
+    def ends_unsettled(self, ids: Sequence[int]) -> bool:
+        return bool(ids) and ids[-1] in self._fallback_bytes
+
+    @functools.cached_property
+    def _fallback_bytes(self) -> frozenset[int]:
+        """The ids of the byte tokens (``<0x0A>``) of a tokenizer whose decoder reads runs of them as bytes."""
+        if '"ByteFallback"' not in json.dumps(self._document.get("decoder")):
+            return frozenset()
+        return frozenset(i for token, i in self.hf.get_vocab(with_added_tokens=False).items()
+                         if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token))
 
     def to_json(self) -> str:
         return self.hf.to_str()

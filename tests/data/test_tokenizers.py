@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tokenizers import Tokenizer as HF
-from tokenizers import models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llm.data.tokenizers import (
     ByteTokenizer, CharTokenizer, HFTokenizer, _training_pieces, build_tokenizer, load_tokenizer,
@@ -53,6 +53,36 @@ def test_bpe_honours_the_vocab_size_and_round_trips(bpe):
     assert len(bpe.encode(code)) < len(code.encode())  # merges learned from the corpus compress it
     # bytes never seen in training still encode (byte-level: no unknown token)
     assert bpe.decode(bpe.encode("ǅ∑")) == "ǅ∑"
+
+
+@pytest.mark.parametrize("separator", ["\u00a7", "\u00abEND\u00bb", "<|endoftext|>", "<doc \u00e9>"])
+def test_a_bpe_separator_decodes_as_written_whatever_its_characters(separator):
+    # a byte-level decoder reads each character it has in its table as a byte: "§" was byte 0xA7 alone, "\ufffd"
+    tok = build_tokenizer("bpe", iter(["hello world", separator, "foo"]), 300, separator)
+    ids = tok.encode("ab" + separator + "cd")
+    assert ids.count(tok.encode(separator)[0]) == 1
+    assert tok.decode(ids) == "ab" + separator + "cd"
+    assert tok.decode(tok.encode("é" + separator + "\U0001f642")) == "é" + separator + "\U0001f642"
+
+
+def test_a_char_tokenizer_file_numbers_its_characters_in_the_order_it_lists_them(tmp_path):
+    path = tmp_path / "chars.json"
+    path.write_text(json.dumps({"type": "char", "chars": ["\n", " ", "b", "a"]}))  # nanoGPT's meta.pkl, converted
+    tok = load_tokenizer(path)
+    assert tok.encode("ab") == [3, 2] and tok.decode([2, 3, 0]) == "ba\n"
+    tok.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["chars"] == ["\n", " ", "b", "a"]
+
+
+def test_a_byte_fallback_tokenizer_ends_unsettled_after_a_byte_token_only():
+    vocab = {"<unk>": 0, "a": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    hf = HF(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = HFTokenizer(hf)
+    line_feed, first_of_e_acute = 2 + 0x0A, 2 + 0xC3
+    assert tok.decode([line_feed]) == "\n" and tok.decode([line_feed, first_of_e_acute]) == "\ufffd\ufffd"
+    assert tok.ends_unsettled([1, line_feed]) and not tok.ends_unsettled([line_feed, 1])
+    assert not tok.ends_unsettled([]) and not ByteTokenizer().ends_unsettled([0xC3])
 
 
 def test_bpe_needs_room_for_the_byte_alphabet(corpus):
