@@ -87,7 +87,8 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
     Each step decodes the tokens since an anchor and yields what is new, so tokens
     that are only part of a character (byte and BPE tokenizers) print once the
     character is complete: a trailing replacement character is held back until
-    the last token. The anchor moves up every ANCHOR_EVERY tokens, where decoding
+    the last token, and so is a run of byte tokens a byte-fallback decoder reads
+    as one (Tokenizer.ends_unsettled). The anchor moves up every ANCHOR_EVERY tokens, where decoding
     from it is seen to give the same text as decoding everything (not so before a
     token whose decoder drops a leading space, or inside a character): each step
     then decodes a few hundred tokens, not the whole text, however long it grows.
@@ -103,10 +104,13 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
         ids.append(token)
         if i % ANCHOR_EVERY == 0:
             anchor, before, skip, shown = _moved_anchor(tokenizer, ids, anchor, before, skip, shown)
+        if i < max_new_tokens and tokenizer.ends_unsettled(ids):  # its bytes make characters with the next ones
+            continue
         text = tokenizer.decode(ids[anchor:])[skip:]
         if i < max_new_tokens:
             text = text.rstrip(_REPLACEMENT)
-        if len(text) > len(shown) and text.startswith(shown):
+        if len(text) > len(shown):
+            # the text shown is kept to, even where a decoder would now give it otherwise: what follows it prints
             yield text[len(shown):]
             shown = text
 

@@ -223,6 +223,9 @@ def test_a_long_stream_decodes_a_bounded_tail_per_token_and_prints_what_a_whole_
             decoded.append(len(some))
             return tokenizer.decode(some)
 
+        def ends_unsettled(self, some):
+            return tokenizer.ends_unsettled(some)
+
     monkeypatch.setattr(llm.generate, "ANCHOR_EVERY", 64)
     pieces = list(stream_text(Scripted(ids), Counting(), prompt_ids, len(ids)))
     assert "".join(pieces) == tokenizer.decode(prompt_ids + ids)[len("x"):]
@@ -230,6 +233,22 @@ def test_a_long_stream_decodes_a_bounded_tail_per_token_and_prints_what_a_whole_
     assert n > 1500 and sum(decoded) < 0.3 * n * n / 2, (n, sum(decoded))  # a whole decode per token: n*n/2
     monkeypatch.setattr(llm.generate, "ANCHOR_EVERY", 10**9)  # never moved: the same pieces
     assert list(stream_text(Scripted(ids), tokenizer, prompt_ids, len(ids))) == pieces
+
+
+def test_a_run_of_byte_fallback_tokens_prints_once_its_characters_are_whole_and_the_text_goes_on():
+    # Llama's and Mistral's tokenizers: text outside the vocabulary is byte tokens, <0x0A>, decoded a run at once
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    hf = HF(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = HFTokenizer(hf)
+    for sampled in ([3 + 0x0A, 3 + 0xC3, 3 + 0xA9, 1, 2], [3 + 0x0A, 3 + 0xF8, 1, 2, 1, 2]):  # "\né", bytes no text
+        pieces = list(stream_text(Scripted(sampled), tokenizer, [1], len(sampled)))
+        # a "\n" printed alone would have been taken back by the run's decode: the text stopped there
+        assert "".join(pieces) == tokenizer.decode([1] + sampled)[1:], pieces
+    assert "".join(pieces).endswith("abab")
 
 
 def test_char_pieces_follow_the_tokens_one_by_one():
