@@ -36,10 +36,10 @@ SHAPES = {
 
 @torch.no_grad()
 def whole_context(model: GPT, prompt: torch.Tensor, n: int) -> list[int]:
-    """Greedy tokens, each from the model run over the last block_size tokens."""
+    """Greedy tokens, each from the model run over the last block_size tokens (the head on the last one)."""
     idx = prompt[None]
     for _ in range(n):
-        next_id = model(idx[:, -model.config.block_size:])[:, -1].argmax(dim=-1, keepdim=True)
+        next_id = model(idx[:, -model.config.block_size:], last_only=True)[:, -1].argmax(dim=-1, keepdim=True)
         idx = torch.cat([idx, next_id], dim=1)
     return idx[0, prompt.numel():].tolist()
 

@@ -338,9 +338,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits for the positions of ``idx``; with ``cache``, they follow the positions it holds, and their
-        keys and values are added to it."""
+        keys and values are added to it. ``last_only``: the last position's alone, (B, 1, vocab), all that
+        sampling reads (the head over a 32k-token prompt of a 128k vocabulary is 16 GB of float32 logits)."""
         start = 0 if cache is None else cache.length
         T = idx.size(1)
         if start + T > self.config.block_size:
@@ -351,6 +352,8 @@ class GPT(nn.Module):
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x) if cache is None else block(x, cache.layers[i])
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm_f(x))
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -421,9 +424,9 @@ class GPT(nn.Module):
         cache, unread = KVCache(self.config), idx[:, -block_size:]
         for _ in range(max_new_tokens):
             if cache.length + unread.size(1) <= block_size:
-                logits = self(unread, cache)[:, -1, :].float()
+                logits = self(unread, cache, last_only=True)[:, -1, :].float()
             else:
-                logits = self(idx[:, -block_size:])[:, -1, :].float()
+                logits = self(idx[:, -block_size:], last_only=True)[:, -1, :].float()
             logits = logits[:, :vocab]  # ids past a padded vocabulary's tokens are never sampled
             if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that float32 rounds it to 0
                 next_id = logits.argmax(dim=-1, keepdim=True)

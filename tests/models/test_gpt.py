@@ -216,6 +216,19 @@ def test_the_kv_cache_gives_the_logits_of_reading_the_whole_context(variant):
         model(idx[:, :1], cache)
 
 
+def test_generation_runs_the_head_on_the_last_position_alone():
+    model = tiny()
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        assert model(torch.randint(0, V, (2, 5)), last_only=True).shape == (2, 1, V)
+        torch.testing.assert_close(model(torch.ones(1, 5, dtype=torch.long), last_only=True),
+                                   model(torch.ones(1, 5, dtype=torch.long))[:, -1:])
+        shapes.clear()
+        list(model.generate_stream(torch.randint(0, V, (T - 2,)), 4, temperature=0))  # the cache fills, then slides
+    assert shapes == [(1, 1, V)] * 4  # a prompt's worth of logits to read one row was T x vocab
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_generation_from_a_short_prompt_reads_as_the_whole_context_would_past_the_block(variant):
     model = tiny(**VARIANTS[variant])
@@ -270,8 +283,8 @@ def test_generation_never_picks_an_id_past_vocab_even_when_those_logits_lead(sam
     model, vocab = tiny(), 30  # as if the tokenizer had 30 tokens and the model's vocabulary were padded to V
     original = model.forward
 
-    def leading_padding(idx, cache=None):  # the padded ids' logits far ahead of the rest
-        logits = original(idx, cache)
+    def leading_padding(idx, cache=None, last_only=False):  # the padded ids' logits far ahead of the rest
+        logits = original(idx, cache, last_only)
         return torch.cat([logits[..., :vocab], logits[..., vocab:] + 100.0], dim=-1)
 
     model.forward = leading_padding
