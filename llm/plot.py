@@ -117,11 +117,24 @@ def _is_number(value: Any) -> bool:
 
 
 def labels(run_dirs: list[Path]) -> list[str]:
-    """Each run's folder name, or the path as given when two runs share a name."""
-    names = [d.resolve().name or str(d) for d in run_dirs]
-    shown = [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
-    # a folder name that is not UTF-8 holds lone surrogates, which no font draws: shown as replacement characters
-    return [label.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for label in shown]
+    """Each run's folder name, or the path as given when two runs share a name; no two runs get the same label."""
+    names = [_drawable(d.resolve().name or str(d)) for d in run_dirs]
+    shown = [name if names.count(name) == 1 else _drawable(str(d)) for name, d in zip(names, run_dirs)]
+    # Paths that differ only in bytes that are not UTF-8 (r\xff and r\xfe in one folder) still read the same.
+    # The runs are keyed by label, so a second run under one would replace the first: it is numbered instead.
+    unique: list[str] = []
+    for label in shown:
+        candidate, number = label, 1
+        while candidate in unique:
+            number += 1
+            candidate = f"{label} ({number})"
+        unique.append(candidate)
+    return unique
+
+
+def _drawable(text: str) -> str:
+    """``text`` with the lone surrogates of a name that is not UTF-8, which no font draws, as replacement characters."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def draw(runs: dict[str, dict[str, Curve]], width: float, height: float, dpi: float) -> Any:

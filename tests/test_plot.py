@@ -132,6 +132,17 @@ def test_a_folder_name_that_is_not_utf8_is_drawn_with_replacement_characters(tmp
     assert main([str(write_run(tmp_path / name)), "--out", str(out)]) == 0 and size(out)[0] > 0
 
 
+def test_runs_whose_names_read_the_same_once_drawn_get_labels_of_their_own(tmp_path):
+    r_ff = b"r\xff".decode("utf-8", "surrogateescape")  # as Python reads such names from the command line
+    r_fe = b"r\xfe".decode("utf-8", "surrogateescape")
+    assert labels([tmp_path / "a" / r_ff, tmp_path / "b" / r_fe]) == [
+        str(tmp_path / "a" / "r\ufffd"), str(tmp_path / "b" / "r\ufffd")]
+    assert labels([tmp_path / r_ff, tmp_path / r_fe]) == [str(tmp_path / "r\ufffd"), str(tmp_path / "r\ufffd") + " (2)"]
+    out = tmp_path / "x.png"
+    assert main([str(write_run(tmp_path / r_ff)), str(write_run(tmp_path / r_fe, scale=0.8)), "--out", str(out)]) == 0
+    assert BLUE in colours(out) and ORANGE in colours(out)  # both runs were drawn, neither replaced by the other
+
+
 def test_folder_names_are_shown_as_written_in_the_legend(tmp_path):
     import io
 
