@@ -196,6 +196,8 @@ def check_out(out: Path) -> str:
         raise UsageError(f"--out {out} has no suffix to pick the image format: end it in one of {formats}")
     if fmt not in written:
         raise UsageError(f"--out {out}: cannot write .{fmt} files, expected one of {formats}")
+    if out.exists() and not out.is_file():  # a named pipe or a device: opening it to read its first bytes may block
+        raise UsageError(f"--out {out} exists and is not a regular file, so it is left as it is: choose another --out")
     if out.exists() and not _starts_as(out, IMAGE_STARTS.get(fmt, ())):
         raise UsageError(f"--out {out} exists and is not a .{fmt} image (by its first bytes), so it is left "
                          f"as it is: choose another --out")

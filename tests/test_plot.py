@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -251,6 +252,7 @@ def write_checkpoints(run_dir: Path) -> Path:
     ("text in a .png", ["report.png exists and is not a .png image (by its first bytes)", "choose another --out"]),
     ("a png named .pdf", ["plot.pdf exists and is not a .pdf image"]),
     ("raw data", ["data.raw exists and is not a .raw image"]),
+    ("named pipe", ["pipe.png exists and is not a regular file", "choose another --out"]),
 ])
 def test_out_over_a_file_that_is_not_an_image_of_its_format_is_refused_and_left_alone(tmp_path, case, expected):
     good = write_run(tmp_path / "good")
@@ -259,6 +261,8 @@ def test_out_over_a_file_that_is_not_an_image_of_its_format_is_refused_and_left_
     (tmp_path / "report.png").write_text("not an image")
     (tmp_path / "plot.pdf").write_bytes(PNG_START + b"...")
     (tmp_path / "data.raw").write_bytes(bytes(range(256)))  # raw pixels have no header to recognise
+    # Opening a named pipe to read its first bytes waits for a writer that never comes: plot()'s timeout ends it.
+    os.mkfifo(tmp_path / "pipe.png")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     out = {
         "checkpoint pointer": checkpoints / "latest",
@@ -269,6 +273,7 @@ def test_out_over_a_file_that_is_not_an_image_of_its_format_is_refused_and_left_
         "text in a .png": tmp_path / "report.png",
         "a png named .pdf": tmp_path / "plot.pdf",
         "raw data": tmp_path / "data.raw",
+        "named pipe": tmp_path / "pipe.png",
     }[case]
     assert_usage_error(plot(good, "--out", out, cwd=tmp_path), *expected)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or changed
@@ -292,7 +297,6 @@ def test_without_matplotlib_exits_2_with_the_install_line(tmp_path, capsys, monk
 
 
 def test_a_reader_of_stdout_that_went_away_costs_no_traceback(tmp_path):
-    import os
     import subprocess
 
     write_run(tmp_path / "a")
