@@ -8,9 +8,10 @@ training loader times every ``next()`` on it. The share is the time spent in
 those calls over the wall time of the same steps, first step excluded (it
 builds the iterator). Two models: the default lm GPT, and a tiny one whose
 steps are short enough to show the loader's own cost. Beside each, a
-hand-written loop trains the same model and fetches its batches the way
-many do by hand (nanoGPT's ``get_batch``: one slice per window, stacked),
-timed the same way, as a reference for what a fetch costs on this machine.
+hand-written loop trains the same model with the engine's optimizer and
+clipping, and fetches its batches the way many do by hand (nanoGPT's
+``get_batch``: one slice per window, stacked), timed the same way, as a
+reference for what a fetch costs on this machine.
 
 Tokenization: ``TextDataModule.prepare_data()`` with an empty cache folder, for
 the byte, char and bpe tokenizers (bpe trains its vocabulary first): corpus
@@ -43,6 +44,7 @@ from llm.models.gpt import GPT, GPTConfig  # noqa: E402
 from llm.training.core.callbacks import Callback  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
 from llm.training.core.engine import TrainingEngine  # noqa: E402
+from llm.training.core.optim import build_optimizer  # noqa: E402
 from llm.training.tasks.lm_task import LMTask  # noqa: E402
 from llm.training.train import default_callbacks  # noqa: E402
 
@@ -166,7 +168,8 @@ def hand_wait(args: argparse.Namespace, work: Path, shape: dict[str, int]) -> Wa
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=bs, n_layer=shape["n_layer"],
                           n_head=shape["n_head"], n_embd=shape["n_embd"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # The engine's own optimizer (fused AdamW, decay on matrices only), so that only the fetching differs.
+    optimizer = build_optimizer(model, config.optimizer)
 
     def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(tokens) - bs, (batch_size,)).tolist()
@@ -182,7 +185,7 @@ def hand_wait(args: argparse.Namespace, work: Path, shape: dict[str, int]) -> Wa
         waits.append((stop[0] - start[0], stop[1] - start[1]))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(common.clock())
