@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = common.section("Checkpoint I/O: save, load and resume mid-epoch" + (" (quick)" if args.quick else ""),
                           facts, ["Save and load of the same state:", io_table,
-                                  "Two ranks, each writing its half as shards (torch.distributed.checkpoint):",
+                                  "Two ranks (one torch thread each), each writing its half as shards "
+                                  "(torch.distributed.checkpoint):",
                                   ranks_table, ranks_line,
                                   "Resuming at step k of an epoch, time to the first batch:", resume_table,
                                   "What a save costs the training loop:", loop_table, loop_line])

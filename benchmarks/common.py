@@ -48,8 +48,12 @@ def check_data_path(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"--data-path: {path} is not a file")
 
 
-def machine() -> str:
-    """CPU model, core and thread counts, GPU if any, torch and Python versions, OS."""
+def machine(threads: int | None = None) -> str:
+    """CPU model, core and thread counts, GPU if any, torch and Python versions, OS.
+
+    ``threads``: the torch threads of the processes measured, where they are not this one (children started
+    on one thread); by default this process's own.
+    """
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -59,7 +63,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
     return (f"{cpu}, {os.cpu_count()} CPUs ({threads} torch thread{'s' if threads != 1 else ''}){gpu}, "
             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}")
 
@@ -94,15 +98,17 @@ STARTED = datetime.now(timezone.utc), git_commit()
 it runs (a commit made meanwhile would otherwise stamp a run of uncommitted code as that commit)."""
 
 
-def section(title: str, facts: Sequence[tuple[str, str]] = (), body: Sequence[str] = ()) -> str:
+def section(title: str, facts: Sequence[tuple[str, str]] = (), body: Sequence[str] = (),
+            threads: int | None = None) -> str:
     """A BENCHMARKS.md section: title, start date, machine, commit, command, then ``facts`` as bullets, then ``body``.
 
-    Each entry of ``body`` is a paragraph or a table; they are separated by blank lines.
+    Each entry of ``body`` is a paragraph or a table; they are separated by blank lines. ``threads``: the torch
+    threads of the measured processes, for the machine line, when they are child processes; see ``machine``.
     """
     started, commit = STARTED
     bullets = [
         ("date", started.strftime("%Y-%m-%d %H:%M UTC")),
-        ("machine", machine()),
+        ("machine", machine(threads)),
         ("commit", commit),
         ("command", f"`{command_line()}`"),
         *facts,

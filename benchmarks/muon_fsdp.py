@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         [table, " ".join(f"The engine's step is {ratio:.2f}x as fast as {what} ({label} of the per-round ratios, "
                          f"{low:.2f}-{high:.2f}, over {args.rounds} rounds)."
                          for what, (ratio, low, high) in (("every rank orthogonalising every matrix", ratios[GATHERED]),
-                                                          ("torch's Muon on the shards", ratios[TORCH])))])
+                                                          ("torch's Muon on the shards", ratios[TORCH])))],
+        threads=1)  # the ranks measured set one thread each, not this process's count
     common.append_section(args.out, text)
     return 0
 

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                           (" (quick)" if args.quick else ""), facts,
                           [table, f"The freeze takes {gained['train']:.2f} s off each training process and "
                                   f"{gained['generate']:.2f} s off each generate (median of the rounds' "
-                                  f"differences, wall clock)."])
+                                  f"differences, wall clock)."],
+                          threads=1)  # the commands measured run with OMP_NUM_THREADS=1, not on this process's threads
     common.append_section(args.out, text)
     return 0
 
