@@ -22,6 +22,7 @@ import torch
 
 from llm.training.core.callbacks import HOOKS, Callback
 from llm.training.core.config import Config
+from llm.training.core.engine import TrainingEngine
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = str(Path(sys.executable).parent)
@@ -82,6 +83,9 @@ class StubEngine:
         self.logged: dict[str, float] = {}
         self.printed: list[str] = []
         self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        self._log_dir_given = self.config.logging.log_dir
+
+    log_dir_of = TrainingEngine.log_dir_of
 
     def request_stop(self, reason: str) -> None:
         self.should_stop, self.stop_reason = True, reason

@@ -234,7 +234,8 @@ class TensorBoardLogger(Callback):
     """Writes every logged metric as a TensorBoard scalar, tagged ``<split>/<name>``.
 
     ``log_dir`` defaults to the engine's run directory (``logging.log_dir``; a
-    ``{task}`` in it is filled in as there). Records are handed to the event writer
+    ``{task}`` in it is filled in as there, and the config's own ``log_dir`` is
+    the run directory: see ``TrainingEngine.log_dir_of``). Records are handed to the event writer
     in batches, at the first step or record ``flush_secs`` seconds after the last
     batch, and at the end: its writer thread wakes once per batch rather than once
     per record, which cost a few hundred microseconds each. The writer itself puts
@@ -255,7 +256,7 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard import SummaryWriter
             from torch.utils.tensorboard.summary import hparams
 
-            log_dir = engine.run_dir if self.log_dir is None else engine.config.fill_in(str(self.log_dir))
+            log_dir = engine.run_dir if self.log_dir is None else engine.log_dir_of(self.log_dir)
             # events past the resumed step go, at step 0 too: a run that died before its first save wrote some
             self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=max(1, round(self.flush_secs)),
                                          purge_step=engine.step + 1)

@@ -138,6 +138,9 @@ class TrainingEngine:
                 with contextlib.suppress(AttributeError):  # a config of its own, read-only
                     holder.config = config
         # config.yaml names the classes that train, not those the config named: a resume and the tools rebuild them
+        # the run directory as the caller's config names it: filled in for its own task, which a task given in
+        # code may not be (Config.from_yaml, then TensorBoardLogger(log_dir=config.logging.log_dir) and MyTask)
+        self._log_dir_given = config.logging.log_dir
         named_task, config.task = config.task, task_name(type(task), config.task)
         config.custom = fitted_settings(config, settings_of(type(task)), config.task)
         if config.task != named_task:  # Config() left at its default task: {task} in log_dir is this task's
@@ -155,6 +158,14 @@ class TrainingEngine:
         self.exit_on_second_signal = False  # the command line's choice: see _stop_on_signals
         self._started = False  # train() was called: a second call starts from the state below again
         self._start_afresh()
+
+    def log_dir_of(self, path: str | os.PathLike) -> Path:
+        """Where a callback given ``path`` for its files writes: ``{task}`` filled in with this run's task, and
+        the caller's ``logging.log_dir``, filled in before the engine named the run after its task, taken as
+        the run directory it now names."""
+        if os.path.realpath(os.path.expanduser(path)) == os.path.realpath(self._log_dir_given):
+            return self.run_dir
+        return Path(self.config.fill_in(os.path.expanduser(path)))
 
     def _start_afresh(self) -> None:
         """The state of a run that has not started; setup() and a resume fill it in."""

@@ -1,5 +1,6 @@
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from llm.training.core.callbacks import (
     TensorBoardLogger,
     improves,
 )
+from llm.training.core.config import Config
+from llm.training.core.engine import TrainingEngine
+from llm.training.tasks.regression_task import RegressionTask
 from tests.helpers import StubEngine
 
 
@@ -194,6 +198,28 @@ def test_tensorboard_logger_events_read_back(tmp_path, monkeypatch):
     assert [e.value for e in events.Scalars("val/val_loss")] == [0.25]
     # each at the time it was logged, not the time the batch was written: TensorBoard's wall-time axis
     assert [e.wall_time - 1_700_000_000 for e in events.Scalars("train/loss")] == [10, 20, 30]
+
+
+class MyTask(RegressionTask):
+    """A task of the user's own, whose name the run folder takes."""
+
+
+def test_tensorboard_logger_given_the_configs_log_dir_writes_into_the_run_of_a_task_of_ones_own(tmp_path,
+                                                                                               monkeypatch):
+    # the usage guide's callbacks: a config read from a file fills {task} in with its own task, regression
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("training: {epochs: 1, batch_size: 16}\ndata: {num_samples: 64, input_dim: 4}\n"
+                                     "model: {n_layer: 1, n_embd: 8}\nlogging: {progress_bar: false}\n")
+    config = Config.from_yaml("c.yaml")
+    assert config.logging.log_dir == "runs/regression"
+    engine = TrainingEngine(config, MyTask(config), callbacks=[TensorBoardLogger(log_dir=config.logging.log_dir)])
+    engine.train()
+    assert engine.run_dir == Path("runs/mytask") and not Path("runs/regression").exists()
+    events = EventAccumulator("runs/mytask")
+    events.Reload()
+    assert events.Scalars("val/val_loss")
+    # another folder is the caller's to choose, with {task} filled in
+    assert engine.log_dir_of("tb/{task}") == Path("tb/mytask") and engine.log_dir_of("runs/mytask") == engine.run_dir
 
 
 def test_tensorboard_events_of_a_run_that_died_before_its_first_save_are_purged_when_it_starts_again(tmp_path):
