@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -34,7 +35,8 @@ class FolderLock:
 
     It is a POSIX lock (fcntl.lockf) on ``<folder>/.llm.lock``: the kernel lets go of it when the process ends,
     however it ends (SIGKILL too), and processes forked from it (data loader workers) do not inherit it. On a
-    file system that takes no locks, or a folder that cannot be made, nothing is held.
+    file system that takes no locks, or a folder that cannot be made, nothing is held. A lock file that is a
+    symlink is refused in one line, never followed.
 
     A process that takes a folder it holds already shares that hold, which ends at the last release: the command
     line holds a fresh run's folder from the moment it picks it, then the engine that trains there takes it.
@@ -71,19 +73,19 @@ class _Hold:
         while True:
             existed = path.exists()
             try:
-                file = open(path, "a+")
-            except OSError:  # not writable: what writes into the folder next says so
+                # never through a symlink: the file it points to would be emptied, and on release the link removed
+                file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+")
+            except OSError as e:
                 _remove_empty(made)
-                return None
+                if e.errno == errno.ELOOP:
+                    raise UsageError(f"{path} is a symbolic link, which a run's lock file never is: remove it "
+                                     f"(what it points to is left alone) before starting a run in {folder}") from None
+                return None  # the folder is not writable: what writes into it next says so
             try:
                 fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):
-                file.seek(0)
-                holder = file.read().strip() or "another process"
-                file.close()
                 _remove_empty(made)
-                raise UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, "
-                                 f"before starting another run there") from None
+                raise _in_use(folder, file) from None
             except OSError:  # a file system without locks (some network ones): no lock file, nothing held
                 if not existed:
                     path.unlink(missing_ok=True)
@@ -124,6 +126,15 @@ def _close_held_at_exit() -> None:
             hold.file.close()
 
 
+def _in_use(folder: Path, file: IO[str]) -> UsageError:
+    """The refusal of ``folder``, whose lock file ``file`` (open, and closed here) another live process holds."""
+    file.seek(0)
+    holder = file.read().strip() or "another process"
+    file.close()
+    return UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, "
+                      f"before starting another run there")
+
+
 def _remove_empty(folders: list[Path]) -> None:
     """Remove ``folders``, the deepest first, up to the first that is not empty."""
     for folder in folders:
@@ -152,8 +163,8 @@ def run_files(folder: Path) -> list[str]:
 
 
 def _same_file(file: IO[str], path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    try:  # lstat: a symlink put there since is not the file held
+        return os.path.samestat(os.fstat(file.fileno()), os.lstat(path))
     except FileNotFoundError:
         return False
 

@@ -126,3 +126,13 @@ def test_on_a_file_system_without_locks_nothing_is_held_and_nothing_is_left(tmp_
     assert (tmp_path / "runs/x").is_dir()
     second.release()
     assert not (tmp_path / "runs").exists()  # nothing written there: a run refused in set-up leaves no trace
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_what_it_points_to_is_left_alone(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/.llm.lock").symlink_to("../victim.txt")
+    with pytest.raises(UsageError, match=rf"{tmp_path / 'run/.llm.lock'} is a symbolic link"):
+        FolderLock(tmp_path / "run")
+    assert victim.read_text() == "precious\n" and (tmp_path / "run/.llm.lock").is_symlink()

@@ -443,6 +443,14 @@ def test_a_folder_holding_only_a_lock_is_free_unless_a_live_process_holds_it(tmp
     assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
 
 
+def test_a_folder_whose_lock_file_is_a_symlink_is_passed_over_and_what_it_points_to_is_left_alone(tmp_path):
+    (tmp_path / "victim.txt").write_text("precious\n")
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm/.llm.lock").symlink_to("../victim.txt")
+    assert free_run_dir(tmp_path / "lm") == tmp_path / "lm-2"
+    assert (tmp_path / "victim.txt").read_text() == "precious\n"
+
+
 def test_the_folder_picked_is_held_until_released_and_left_out_if_nothing_was_written(tmp_path):
     folder, lock = _free_run_dir(tmp_path / "runs/lm")
     assert folder == tmp_path / "runs/lm" and (folder / ".llm.lock").is_file()
