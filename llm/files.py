@@ -35,8 +35,9 @@ class FolderLock:
 
     It is a POSIX lock (fcntl.lockf) on ``<folder>/.llm.lock``: the kernel lets go of it when the process ends,
     however it ends (SIGKILL too), and processes forked from it (data loader workers) do not inherit it. On a
-    file system that takes no locks, or a folder that cannot be made, nothing is held. A lock file that is a
-    symlink is refused in one line, never followed.
+    file system that takes no locks, or a folder that cannot be made, nothing is held. A lock file that cannot be
+    taken as it is, a symlink (never followed) or another user's file that this one cannot write, is refused in
+    one line, as a live holder is.
 
     A process that takes a folder it holds already shares that hold, which ends at the last release: the command
     line holds a fresh run's folder from the moment it picks it, then the engine that trains there takes it.
@@ -80,6 +81,8 @@ class _Hold:
                 if e.errno == errno.ELOOP:
                     raise UsageError(f"{path} is a symbolic link, which a run's lock file never is: remove it "
                                      f"(what it points to is left alone) before starting a run in {folder}") from None
+                if e.errno in (errno.EACCES, errno.EPERM) and path.exists():
+                    raise _unwritable(folder, path) from None
                 return None  # the folder is not writable: what writes into it next says so
             try:
                 fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -133,6 +136,27 @@ def _in_use(folder: Path, file: IO[str]) -> UsageError:
     file.close()
     return UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, "
                       f"before starting another run there")
+
+
+def _unwritable(folder: Path, path: Path) -> UsageError:
+    """The refusal of ``folder``, whose lock file ``path`` is there but not this user's to write (another user's,
+    in a folder shared by a group): held by a live process or not, a hold cannot be taken on it.
+
+    A shared lock (read-only, which the file allows) tells whether a process holds it, to name that process."""
+    try:
+        file = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "r")
+    except OSError:  # not readable either: whether it is held cannot be told
+        file = None
+    if file is not None:
+        try:
+            fcntl.lockf(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            return _in_use(folder, file)
+        except OSError:  # a file system without locks: nothing to tell
+            pass
+        file.close()  # (which lets go of the shared lock)
+    return UsageError(f"{path} cannot be written by this user, so no run can hold {folder}: if no run uses "
+                      f"{folder}, deleting {path} frees it")
 
 
 def _remove_empty(folders: list[Path]) -> None:

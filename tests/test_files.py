@@ -136,3 +136,46 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_what_it_points_to_is_left_
     with pytest.raises(UsageError, match=rf"{tmp_path / 'run/.llm.lock'} is a symbolic link"):
         FolderLock(tmp_path / "run")
     assert victim.read_text() == "precious\n" and (tmp_path / "run/.llm.lock").is_symlink()
+
+
+def cannot_write(path, monkeypatch):
+    """Opening ``path`` to write fails as it does for another user's file of mode 0644 (root, who runs the
+    tests, is never refused), by ``os.open`` or ``open``; opening it to read works."""
+    real_os_open, real_open = os.open, open
+
+    def refused(file) -> PermissionError:
+        return PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+
+    def os_open(file, flags, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise refused(file)
+        return real_os_open(file, flags, *args, **kwargs)
+
+    def builtin_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == os.fspath(path) and set(mode) & set("wa+"):
+            raise refused(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr("builtins.open", builtin_open)
+
+
+def test_a_lock_file_this_user_cannot_write_is_refused_naming_the_live_process_that_holds_it(tmp_path, monkeypatch):
+    holder = hold(tmp_path)
+    try:
+        cannot_write(tmp_path / ".llm.lock", monkeypatch)
+        with pytest.raises(UsageError, match=rf"{tmp_path} is in use by process {holder.pid} on .+, which trains in it"):
+            FolderLock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_file_this_user_cannot_write_and_no_one_holds_is_refused_saying_how_to_free_the_folder(tmp_path,
+                                                                                                     monkeypatch):
+    (tmp_path / ".llm.lock").write_text("process 1 on elsewhere\n")  # another user's run, killed in set-up
+    cannot_write(tmp_path / ".llm.lock", monkeypatch)
+    with pytest.raises(UsageError, match=rf"{tmp_path / '.llm.lock'} cannot be written by this user, so no run can "
+                                         rf"hold {tmp_path}: if no run uses {tmp_path}, deleting .+ frees it"):
+        FolderLock(tmp_path)
+    assert (tmp_path / ".llm.lock").read_text() == "process 1 on elsewhere\n"

@@ -156,12 +156,12 @@ def _free_run_dir(base: Path) -> tuple[Path, FolderLock | None]:
 def _hold_if_free(folder: Path) -> FolderLock | None:
     """A lock on ``folder`` if it holds no run: no file but a lock file, and no live process holding it (a run
     still setting up). A lock file alone, left by a run killed in set-up, holds nothing; one that cannot be taken
-    (a symlink) is passed over, as a held one is."""
+    (a symlink, another user's file this one cannot write) is passed over, as a held one is."""
     if run_files(folder):
         return None
     try:
         lock = FolderLock(folder)
-    except UsageError:  # another run holds it and has written nothing there yet, or its lock file is a symlink
+    except UsageError:  # another run holds it and has written nothing there yet, or its lock file is not ours
         return None
     if run_files(folder):  # a run wrote there and let go between the look above and the lock
         lock.release()
