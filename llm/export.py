@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -59,7 +60,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     tokenizer = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None  # a language model's, any kind
     description = {"weights": out.name, **({"tokenizer": tokenizer_of(out).name} if tokenizer else {}), **description}
     metadata = {"format": "pt", "task": str(description["task"])}
-    files = {out: lambda tmp: _save_safetensors(tensors, tmp, metadata)}
+    files = {out: lambda tmp: _save_safetensors(tensors, tmp, metadata, staging_of(out))}
     if tokenizer is not None:
         files[tokenizer_of(out)] = lambda tmp: tmp.write_bytes(tokenizer.read_bytes())
     files[description_of(out)] = lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n")
@@ -125,7 +126,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, bool]
     _check_hf_names(transformers, architecture, model_config, hf_state)
     # transformers reads "format" only; the mark tells a folder that a new export may replace
     metadata = {"format": "pt", HF_MARK[0]: HF_MARK[1]}
-    files = {out / HF_WEIGHTS: lambda tmp: _save_safetensors(hf_state, tmp, metadata),
+    files = {out / HF_WEIGHTS: lambda tmp: _save_safetensors(hf_state, tmp, metadata, staging_of(out / HF_WEIGHTS)),
              out / HF_CONFIG: lambda tmp: model_config.to_json_file(tmp, use_diff=True)}  # as save_pretrained
     tokenizer_files = [out / TOKENIZER, out / HF_TOKENIZER_CONFIG]
     if tokenizer_json is not None:
@@ -182,16 +183,36 @@ def _read_for_hf(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], GPTConfig, 
     return ckpt, weights, config, json.dumps(document, ensure_ascii=False).encode()
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``save_file`` to the new file ``path`` (a temporary one: see _write_together).
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], staging: Path) -> None:
+    """``save_file`` to the new file ``path`` (a temporary one: see _write_together), by way of the folder
+    ``staging`` (``staging_of`` the weights).
+
+    save_file writes a temporary file of its own (``.tmpXXXXXX``) beside the path it is given, then renames it:
+    an export killed meanwhile left that file, as big as the weights, under a name no export knows, in the
+    folder a new export of ``--format hf`` must find holding its own files alone. Written in the staging
+    folder, which each export removes first, it is found and removed. (``safetensors.torch.save`` would need no
+    file, but holds all of the weights a second time in memory, as bytes.)
 
     safetensors makes its files 0600; the export gets the mode every other new file gets (0666 less the
     umask), read off the file as ``open`` creates it rather than by setting the process's umask.
     """
     path.touch()
     mode = stat.S_IMODE(path.stat().st_mode)
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, mode)
+    shutil.rmtree(staging, ignore_errors=True)  # what an export killed here left
+    staging.mkdir()
+    try:
+        staged = staging / path.name
+        save_file(tensors, str(staged), metadata=metadata)
+        os.chmod(staged, mode)
+        os.rename(staged, path)  # onto the empty file made above; the rename into place comes with the others
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_of(weights: Path) -> Path:
+    """The folder beside ``weights`` where safetensors writes them: ``.model.safetensors.staging`` for
+    ``model.safetensors``."""
+    return weights.with_name(f".{weights.name}.staging")
 
 
 def check_hf_out(out: Path) -> None:
@@ -204,7 +225,8 @@ def check_hf_out(out: Path) -> None:
     if not folder.is_dir():
         raise UsageError(f"--out {out}: {folder} is a file, not a folder")
     if folder == out:
-        names = sorted(p.name for p in out.iterdir() if p.name not in {f".{name}.tmp" for name in HF_FILES})
+        ours = {f".{name}.tmp" for name in HF_FILES} | {staging_of(out / HF_WEIGHTS).name}  # left by a killed export
+        names = sorted(p.name for p in out.iterdir() if p.name not in ours)
         others = [name for name in names if name not in HF_FILES]
         if others:
             raise UsageError(f"--out {out} holds files --format hf does not write ({', '.join(others[:3])}"

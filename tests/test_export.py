@@ -432,3 +432,26 @@ def test_export_hf_leaves_a_folder_of_other_files_alone(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope"), "--format", "hf", "--out", str(theirs)]) == 2
     assert "holds config.json of another model" in capsys.readouterr().err
     assert (theirs / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hf"])
+def test_an_export_killed_as_safetensors_writes_is_made_again_and_leaves_nothing_of_the_killed_one(tmp_path, fmt,
+                                                                                                   capsys):
+    if fmt == "hf":
+        pytest.importorskip("transformers")
+    run_dir = train_lm(tmp_path)
+    out = tmp_path / "exports" / ("hf" if fmt == "hf" else "model.safetensors")
+    flags = ["--checkpoint", str(run_dir), "--format", fmt, "--out", str(out)]
+    # save_file writes a temporary file beside the path it is given, then renames it; the kill falls in between
+    killed = ("import os, signal, sys; from pathlib import Path; from llm import export\n"
+              "def killed(tensors, filename, metadata=None):\n"
+              "    Path(filename).with_name('.tmpK1lled').write_bytes(b'half of the weights')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "export.save_file = killed\n"
+              "export.main(sys.argv[1:])\n")
+    assert run([sys.executable, "-c", killed, *flags], cwd=tmp_path).returncode == -9
+    assert main(flags) == 0, capsys.readouterr().err
+    written = sorted(str(p.relative_to(out.parent)) for p in out.parent.rglob("*"))
+    assert written == (["hf", "hf/config.json", "hf/model.safetensors"] if fmt == "hf" else
+                       ["model.json", "model.safetensors", "model.tokenizer.json"])
+

@@ -414,6 +414,23 @@ def from_gpt2_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfi
     return config, state
 
 
+LLAMA_LIKE_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "intermediate_size": 11008, "num_key_value_heads": None,
+              "max_position_embeddings": 2048, "head_dim": None, "sliding_window": None},
+    "mistral": {"vocab_size": 32000, "intermediate_size": 14336, "num_key_value_heads": 8,
+                "max_position_embeddings": 131072, "head_dim": None, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768, "head_dim": None, "sliding_window": 4096},
+    "qwen3": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768, "head_dim": 128, "sliding_window": 4096},
+}
+"""What a ``config.json`` that leaves these settings out has, as transformers reads it: the defaults of its
+LlamaConfig, MistralConfig, Qwen2Config and Qwen3Config, copied (reading them would import transformers). The
+settings not here have the same default in all four (4096 wide, 32 heads and layers, rms_norm_eps 1e-6,
+rope_theta 10000); a null num_key_value_heads or head_dim is worked out from the heads, and a Qwen's sliding
+window is used only with use_sliding_window."""
+
+
 def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Our GPT with rotary positions, RMSNorm and SwiGLU, from the config and weights of a ``LlamaForCausalLM``,
     or of a ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``, which have the same names (Qwen3's
@@ -425,19 +442,20 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     longer than it: the model gets the window as its context (block_size) when that is shorter than
     max_position_embeddings."""
     kind = c.get("model_type")
+    c = LLAMA_LIKE_DEFAULTS[kind] | c  # a Mistral's or a Qwen's defaults are not a Llama's
     hidden, heads = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
-    kv_heads = c.get("num_key_value_heads") or heads  # null: as many as heads, as transformers reads it
-    width = c.get("intermediate_size", 11008)
+    kv_heads = c["num_key_value_heads"] or heads  # null: as many as heads, as transformers reads it
+    width = c["intermediate_size"]
     problems = []
     if c.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {c['hidden_act']!r} (ours: silu)")
     base, scaling, llama3 = _rotary(c, problems)
-    head_dim = c.get("head_dim", 128 if kind == "qwen3" else None) or hidden // heads  # Qwen3Config's default: 128
+    head_dim = c["head_dim"] or hidden // heads
     if kind == "qwen3" and c.get("attention_bias"):  # in o_proj too, with none in the MLP
         problems.append("attention_bias true (ours: none in a Qwen3)")
     elif kind not in ("qwen2", "qwen3") and bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
         problems.append("biases in the attention or the MLP alone (ours: both or neither)")
-    context = c.get("max_position_embeddings", 2048)
+    context = c["max_position_embeddings"]
     if c.get("sliding_window") and _slides(c):  # within the window, a full causal attention
         context = min(context, c["sliding_window"])
     _refuse(HF_NAMES[f"{kind.capitalize()}ForCausalLM"], problems)
@@ -446,7 +464,7 @@ def from_llama_state_dict(c: dict, hf: dict[str, torch.Tensor]) -> tuple[GPTConf
     bias = not qkv_bias and bool(c.get("attention_bias", False))
     qk_norm = kind == "qwen3"
     # the settings at their defaults are left 0, as a model trained here has them
-    config = GPTConfig(vocab_size=c.get("vocab_size", 32000), block_size=context,
+    config = GPTConfig(vocab_size=c["vocab_size"], block_size=context,
                        n_layer=c.get("num_hidden_layers", 32), n_head=heads, n_embd=hidden,
                        dropout=c.get("attention_dropout", 0.0), bias=bias, pos_emb="rope", norm="rmsnorm",
                        mlp="swiglu", tie_embeddings=tied, n_kv_head=0 if kv_heads == heads else kv_heads,

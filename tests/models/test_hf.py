@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llm.models.gpt import GPT, GPTConfig
+from llm.models.gpt import GPT, GPTConfig, swiglu_hidden
 from llm.models.hf import (
     NoHFForm,
     from_hf_state_dict,
@@ -269,3 +269,20 @@ def test_a_llama_with_llama3_rotary_scaling_computes_the_same_logits_and_without
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=1e-5)
         assert (hf(idx).logits - unscaled(idx)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_what_a_config_json_leaves_out_is_read_as_transformers_reads_it_for_its_model_type(model_type):
+    transformers = pytest.importorskip("transformers")
+    given = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 1}  # no vocabulary, heads nor context
+    theirs = transformers.AutoConfig.for_model(**given)
+    with torch.device("meta"):  # the shapes alone: a Qwen's default vocabulary is large
+        shapes = transformers.AutoModelForCausalLM.from_config(theirs).state_dict()
+    ours, _ = from_hf_state_dict(given, {name: torch.zeros(t.shape) for name, t in shapes.items()})
+    window = getattr(theirs, "sliding_window", None)  # a Mistral's, on every layer; a Qwen's, unless use_sliding_window
+    assert ours.vocab_size == theirs.vocab_size
+    assert ours.block_size == min(theirs.max_position_embeddings, window or theirs.max_position_embeddings)
+    assert (ours.n_kv_head or ours.n_head) == theirs.num_key_value_heads
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads  # Qwen2: none
+    assert (ours.head_size or ours.n_embd // ours.n_head) == head_dim
+    assert (ours.mlp_hidden or swiglu_hidden(ours.n_embd)) == theirs.intermediate_size
