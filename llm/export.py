@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable
@@ -32,7 +33,7 @@ from typing import NoReturn
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llm.cli import ArgParser, add_checkpoint, run_program, run_tool
@@ -84,8 +85,17 @@ def _write_together(folder: Path, files: dict[Path, Callable[[Path], None]], sta
             writing = folder
         for path in stale:
             path.unlink(missing_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot write {writing}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"cannot write {writing}: {_why_not_written(e)}") from None
+
+
+def _why_not_written(error: OSError | SafetensorError) -> str:
+    """Why a write failed, in OSError's words: safetensors raises its own error for its own writes, saying
+    "Error while serializing: I/O error: No space left on device (os error 28)"."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    return os.strerror(int(code.group(1))) if code else str(error)
 
 
 def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:

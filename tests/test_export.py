@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llm import export
@@ -455,3 +456,19 @@ def test_an_export_killed_as_safetensors_writes_is_made_again_and_leaves_nothing
     assert written == (["hf", "hf/config.json", "hf/model.safetensors"] if fmt == "hf" else
                        ["model.json", "model.safetensors", "model.tokenizer.json"])
 
+
+def test_a_disk_full_as_safetensors_writes_is_one_line_and_leaves_the_earlier_export_whole(tmp_path, monkeypatch,
+                                                                                             capsys):
+    config = tiny_config(tmp_path)
+    TrainingEngine(config, RegressionTask(config), 0, 1).train()
+    out = tmp_path / "exports" / "model.safetensors"
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+
+    def disk_full(tensors, filename, metadata=None):  # as safetensors reports an error of its own write
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "save_file", disk_full)
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {out}: No space left on device\n"
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # nothing left of the failed one
