@@ -496,8 +496,7 @@ class TextDataModule(BaseDataModule):
     # ---- splits and loaders ------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        # the entry prepare_data() found in this process; other ranks hash the corpus themselves
-        entry = self.cache_path or self._cache_entry(*self._files())
+        entry = self._prepared_entry()
         with _readable(entry):
             if not (entry / TOKENS).is_file():
                 raise RuntimeError(f"no tokenized corpus at {entry}: call prepare_data() before setup()")
@@ -537,6 +536,18 @@ class TextDataModule(BaseDataModule):
         val_offsets = np.arange((n_val - 1) // bs) * bs
         self.train_set = TokenWindows(entry / TOKENS, dtype, 0, n_train, bs, np.arange(windows) * bs, max_shift)
         self.val_set = TokenWindows(entry / TOKENS, dtype, n_train, n, bs, val_offsets)
+
+    def _prepared_entry(self) -> Path:
+        """The cache entry to read: the one prepare_data() found in this process, else the one this node's first
+        process found there (with its corpus's digest), which the engine has run it alone; a process whose node
+        ran no prepare_data() (a tool) hashes the corpus itself. Every rank calls it: a node of 8 processes
+        read a corpus of many GB 7 times more, at once, just to name the entry."""
+        found = D.gather((str(self.cache_path), self.corpus_digest) if self.cache_path else None)
+        first = (torch.distributed.get_rank() if D.active() else 0) - D.env_ranks()[2]  # torchrun numbers a node's
+        first_of_node = found[first] if 0 <= first < len(found) else None  # processes one after the other
+        if self.cache_path is None and first_of_node is not None:
+            self.cache_path, self.corpus_digest = Path(first_of_node[0]), first_of_node[1]
+        return self.cache_path or self._cache_entry(*self._files())
 
     def _check_same_tokens_on_every_rank(self) -> None:
         """Refuse, on every rank, ranks whose tokens differ: each node reads and tokenizes its own copy of the

@@ -302,6 +302,34 @@ def test_ranks_whose_copies_of_the_corpus_differ_are_refused_in_one_line_on_ever
                             r"tokenizer and version of llm", differ), differ
 
 
+def node_worker(rank: int, directory: str, port: int) -> None:
+    """Two processes of one node, as torchrun starts them: the first prepares the data, then both set it up."""
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    try:
+        hashed = []
+        real = tdm._hash_file
+        tdm._hash_file = lambda digest, path: (hashed.append(str(path)), real(digest, path))[1]
+        dm = make(Path(directory), Path(directory, "corpus.txt"), tokenizer="byte")
+        if rank == 0:
+            dm.prepare_data()
+        dist.barrier()
+        dm.setup()
+        Path(directory, f"node_{rank}.json").write_text(json.dumps(
+            {"hashed": hashed, "entry": str(dm.cache_path), "digest": dm.corpus_digest, "n": len(dm.train_set)}))
+    finally:
+        D.destroy_process_group()
+
+
+def test_the_processes_of_a_node_read_the_entry_its_first_one_prepared_without_hashing_the_corpus_again(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    spawn(node_worker, str(tmp_path), free_port())
+    first, second = (json.loads((tmp_path / f"node_{rank}.json").read_text()) for rank in (0, 1))
+    assert first["hashed"] == [str(tmp_path / "corpus.txt")] and second["hashed"] == []
+    assert second == {**first, "hashed": []} and first["digest"]  # the digest corpus.json records, on each
+
+
 def test_a_cache_folder_inside_the_data_folder_is_not_read_as_text(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -449,6 +477,7 @@ def test_folders_and_globs_are_read_recursively_in_sorted_order(tmp_path):
     assert dm.tokenizer.decode(tokens_of(dm).tolist()) == "first\n" * 40 + "middle\n" * 40 + "second\n" * 40
 
 
+@pytest.mark.filterwarnings("ignore:data.vocab_size")  # a corpus too small for the vocabulary asked
 @pytest.mark.parametrize("tokenizer", ["char", "bpe"])
 def test_the_separator_stands_between_files_and_a_bpe_trained_here_takes_it_as_one_token(tmp_path, tokenizer):
     root = tmp_path / "texts"
