@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -317,7 +318,11 @@ def build_tokenizer(spec: str, texts: Iterable[str], vocab_size: int, separator:
         return CharTokenizer.train(itertools.chain(texts, [separator] if separator else []))
     if spec == "bpe":  # the separator's own text is not counted: merges of it would be tokens never used
         texts = (text for text in texts if not separator or text != separator)
-        return HFTokenizer.train_bpe(texts, vocab_size, [separator] if separator else [])
+        tokenizer = HFTokenizer.train_bpe(texts, vocab_size, [separator] if separator else [])
+        if tokenizer.vocab_size < vocab_size:  # a size chosen as a multiple of 64 for the matmuls, say
+            warnings.warn(f"data.vocab_size {vocab_size}: the corpus has merges for {tokenizer.vocab_size} tokens "
+                          f"alone, which the BPE tokenizer has (--model-vocab-size pads the model's vocabulary)")
+        return tokenizer
     check_spec(spec)
     return load_tokenizer(spec)
 

@@ -58,7 +58,7 @@ def test_bpe_honours_the_vocab_size_and_round_trips(bpe):
 @pytest.mark.parametrize("separator", ["\u00a7", "\u00abEND\u00bb", "<|endoftext|>", "<doc \u00e9>"])
 def test_a_bpe_separator_decodes_as_written_whatever_its_characters(separator):
     # a byte-level decoder reads each character it has in its table as a byte: "§" was byte 0xA7 alone, "\ufffd"
-    tok = build_tokenizer("bpe", iter(["hello world", separator, "foo"]), 300, separator)
+    tok = build_tokenizer("bpe", iter(["hello world", separator, "foo"]), 262, separator)
     ids = tok.encode("ab" + separator + "cd")
     assert ids.count(tok.encode(separator)[0]) == 1
     assert tok.decode(ids) == "ab" + separator + "cd"
@@ -83,6 +83,11 @@ def test_a_byte_fallback_tokenizer_ends_unsettled_after_a_byte_token_only():
     assert tok.decode([line_feed]) == "\n" and tok.decode([line_feed, first_of_e_acute]) == "\ufffd\ufffd"
     assert tok.ends_unsettled([1, line_feed]) and not tok.ends_unsettled([line_feed, 1])
     assert not tok.ends_unsettled([]) and not ByteTokenizer().ends_unsettled([0xC3])
+
+
+def test_a_bpe_vocabulary_larger_than_the_corpus_has_merges_for_is_warned_of(corpus):
+    with pytest.warns(UserWarning, match=r"^data.vocab_size 5000: the corpus has merges for 2\d\d tokens alone"):
+        assert build_tokenizer("bpe", ["hello world, hello"], 5000).vocab_size < 300
 
 
 def test_bpe_needs_room_for_the_byte_alphabet(corpus):

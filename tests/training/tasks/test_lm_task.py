@@ -209,6 +209,7 @@ def test_a_resume_on_the_same_corpus_tokenized_otherwise_is_refused_naming_the_v
     assert train("earlier", 5)["steps"] == 5  # resumed as it was, on the corpus's digest alone
 
 
+@pytest.mark.filterwarnings("ignore:data.vocab_size")  # a corpus too small for the vocabulary asked
 def test_a_resume_whose_bpe_comes_out_otherwise_from_the_same_corpus_says_so_and_how_to_keep_it(tmp_path,
                                                                                                 monkeypatch):
     # another version of the package whose BPE training gives another tokenizer (simulated: fewer merges)
