@@ -276,12 +276,15 @@ NONE, IN_LOOP, BACKGROUND = "no saves", "saved in the loop", "saved in the backg
 
 
 class _Stopwatch(Callback):
-    """Wall and save-stall seconds from the end of the first step to the end of the last (the final save aside)."""
+    """Wall and save-stall seconds from the end of the first step to the end of the last (the final save aside),
+    a background save still in flight then included: the time its work took from the loop is counted whole."""
 
     def on_step_end(self, engine: TrainingEngine) -> None:
         if engine.step == 1:
             self.began = (time.perf_counter(), engine.aside_s)
         elif engine.step == LOOP_STEPS:
+            if engine._saves is not None:
+                engine._saves.wait()
             self.wall, self.stalled = time.perf_counter() - self.began[0], engine.aside_s - self.began[1]
 
 

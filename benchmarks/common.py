@@ -70,12 +70,14 @@ def machine(threads: int | None = None) -> str:
 
 def git_commit() -> str:
     """The short commit of the checkout, marked when tracked files other than BENCHMARKS.md
-    (which a run of several benchmarks keeps appending to) have uncommitted changes."""
+    (which a run of several benchmarks keeps appending to) have uncommitted changes, or the
+    code measured (llm/, benchmarks/) has files git does not track."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)BENCHMARKS.md")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)BENCHMARKS.md") or \
+            git("status", "--porcelain", "--", "llm", "benchmarks")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + (" + uncommitted changes" if dirty else "")
@@ -218,7 +220,9 @@ def interleaved(contenders: dict[K, Callable[[], T]], rounds: int, warmup: bool 
     """Run every contender once per round, in turn, ``rounds`` times; each call returns one measurement.
 
     Interleaving spreads the slow patches of a shared machine over all
-    contenders instead of letting one of them take a whole slow patch. The
+    contenders instead of letting one of them take a whole slow patch; the
+    order turns by one each round, so that what one leaves behind (garbage to
+    collect, a grown allocator) does not always land on the same next one. The
     warm-up round, not kept, pays for first-use costs (lazy imports, allocator
     growth) that would otherwise land on whoever runs first. ``after_round`` is
     given the measurements so far after each round (to write them down).
@@ -227,8 +231,10 @@ def interleaved(contenders: dict[K, Callable[[], T]], rounds: int, warmup: bool 
         for name, run in contenders.items():
             print(f"warm-up: {name}: {run()}", flush=True)
     results: dict[K, list[T]] = {name: [] for name in contenders}
+    names = list(contenders)
     for r in range(rounds):
-        for name, run in contenders.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = contenders[name]
             results[name].append(run())
             print(f"round {r + 1}/{rounds}: {name}: {results[name][-1]}", flush=True)
         if after_round is not None:
