@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(f"error: {e}")
         return EXIT_USAGE
+    except FloatingPointError as e:  # finite weights whose logits are not: nothing to draw a token from
+        if writing:
+            print()  # off the line the text was printed on
+        print_error(f"error: {e}: sample from an earlier checkpoint")
+        return 1
     except KeyboardInterrupt:
         if not writing:  # loading the model
             return interrupted("no text generated")

@@ -306,6 +306,20 @@ def test_a_broken_checkpoint_exits_2_with_one_line(step_dir, tmp_path, capsys, h
     assert re.fullmatch(message, out.err.strip()), out.err
 
 
+def test_finite_weights_whose_logits_overflow_end_the_sample_in_one_line_not_a_traceback(step_dir, tmp_path, capsys):
+    ckpt = tmp_path / "checkpoints" / "step_00000030"
+    shutil.copytree(step_dir, ckpt)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    state["model"]["norm_f.weight"].fill_(3e38)  # finite, but the logits overflow to inf
+    torch.save(state, ckpt / "state.pt")
+    reseal(ckpt)
+    assert main(["--checkpoint", str(ckpt), "--prompt", PROMPT]) == 1
+    out = capsys.readouterr()
+    assert out.out == PROMPT + "\n" and out.err == (
+        f"error: the model's probabilities for token {len(PROMPT)} are not numbers (its logits overflowed to inf, "
+        f"or are NaN): sample from an earlier checkpoint\n")
+
+
 def test_a_corrupt_newest_checkpoint_in_a_folder_is_skipped_with_a_warning(step_dir, tmp_path):
     newest = broken_copy(step_dir, tmp_path, "flipped byte in state")
     shutil.copytree(step_dir, tmp_path / "checkpoints" / "step_00000010")

@@ -440,7 +440,11 @@ class GPT(nn.Module):
                     logits = logits / temperature
                 if top_p is not None and top_p < 1:
                     logits = _nucleus(logits, top_p)
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                try:
+                    next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                except RuntimeError as e:  # torch's "probability tensor contains either inf, nan or element < 0"
+                    raise FloatingPointError(f"the model's probabilities for token {idx.size(1)} are not numbers "
+                                             f"(its logits overflowed to inf, or are NaN)") from e
             idx, unread = torch.cat([idx, next_id], dim=1), next_id
             yield int(next_id)  # a device-to-host sync per token: the caller consumes it now
 
