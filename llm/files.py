@@ -88,7 +88,7 @@ class _Hold:
                 fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):
                 _remove_empty(made)
-                raise _in_use(folder, file) from None
+                raise _in_use(folder, path, file) from None
             except OSError:  # a file system without locks (some network ones): no lock file, nothing held
                 if not existed:
                     path.unlink(missing_ok=True)
@@ -129,13 +129,17 @@ def _close_held_at_exit() -> None:
             hold.file.close()
 
 
-def _in_use(folder: Path, file: IO[str]) -> UsageError:
-    """The refusal of ``folder``, whose lock file ``file`` (open, and closed here) another live process holds."""
+def _in_use(folder: Path, path: Path, file: IO[str]) -> UsageError:
+    """The refusal of ``folder``, whose lock file ``path`` (open as ``file``, closed here) another live process
+    holds."""
     file.seek(0)
     holder = file.read().strip() or "another process"
     file.close()
+    host = holder.rpartition(" on ")[2] if " on " in holder else ""
+    gone = (f" (if {host} is gone, its file system lets go of the lock once it notices; deleting {path} "
+            f"frees the folder at once)" if host and host != socket.gethostname() else "")
     return UsageError(f"{folder} is in use by {holder}, which trains in it: let it end, or stop it, "
-                      f"before starting another run there")
+                      f"before starting another run there{gone}")
 
 
 def _unwritable(folder: Path, path: Path) -> UsageError:
@@ -151,7 +155,7 @@ def _unwritable(folder: Path, path: Path) -> UsageError:
         try:
             fcntl.lockf(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
-            return _in_use(folder, file)
+            return _in_use(folder, path, file)
         except OSError:  # a file system without locks: nothing to tell
             pass
         file.close()  # (which lets go of the shared lock)

@@ -2,6 +2,7 @@ import errno
 import fcntl
 import os
 import stat
+import socket
 import subprocess
 import sys
 
@@ -96,6 +97,22 @@ def test_a_lock_taken_as_its_holder_lets_go_is_taken_on_the_file_there_now(tmp_p
     assert let_go and other.returncode != 0
     assert f"is in use by process {os.getpid()} on " in other.stderr  # the file there is ours, and held
     lock.release()
+
+
+def test_a_folder_held_from_another_machine_is_refused_saying_how_to_free_it_if_that_machine_is_gone(tmp_path,
+                                                                                                   monkeypatch):
+    holder = hold(tmp_path)  # a file system shared between machines: the holder's name is not this one's
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-machine")
+    try:
+        with pytest.raises(UsageError) as refused:
+            FolderLock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    host = (tmp_path / ".llm.lock").read_text().strip().rpartition(" on ")[2]
+    assert str(refused.value).endswith(
+        f"before starting another run there (if {host} is gone, its file system lets go of the lock once it "
+        f"notices; deleting {tmp_path / '.llm.lock'} frees the folder at once)")
 
 
 def test_a_lock_is_let_go_of_where_it_was_taken_after_a_change_of_directory_or_symlink(tmp_path, monkeypatch):
