@@ -835,3 +835,4 @@ def keep_optimizer_settings(optimizer: torch.optim.Optimizer, fresh_groups: list
         else:
             for _ in range(step):
                 scheduler.step()
+    scheduler._step_count = step + 1  # as an uninterrupted run's counts its calls: the state saved next is the same

@@ -107,6 +107,18 @@ def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():
     keep_optimizer_settings(resumed, fresh, new, step=7)
     assert resumed.param_groups[0]["lr"] == pytest.approx(uninterrupted.param_groups[0]["lr"], rel=1e-12)
     assert resumed.param_groups[0]["weight_decay"] == 0.0
+    assert new.state_dict() == schedule.state_dict()  # its count of calls too: the next checkpoint's is the same
+    # a LambdaLR jumps to the step, which counted one call where an uninterrupted run counts one a step
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    jumped = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    keep_optimizer_settings(optimizer, [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+                            jumped, step=7)
+    stepped = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1),
+                                                lambda step: 1 / (1 + step))
+    for _ in range(7):
+        stepped.optimizer.step()
+        stepped.step()
+    assert jumped.last_epoch == stepped.last_epoch and jumped._step_count == stepped._step_count
 
 
 def test_resumable_sampler_skips_indices_already_trained_on():
