@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
 PEAK_FLOPS = (
     # (part of the device name, dense bf16 tensor-core FLOP/s without sparsity; fp16 for V100).
-    # The first entry whose part is in the name wins, so longer names come before their prefixes.
+    # The first entry whose part is a whole word of the name wins ("A100" is not in "RTX A1000"), so longer
+    # names come before their prefixes.
     ("GB200", 2500e12),
     ("B200", 2250e12),
     ("GH200", 989e12),
@@ -31,10 +33,13 @@ PEAK_FLOPS = (
     ("A100", 312e12),
     ("A800", 312e12),
     ("A10G", 125e12),
+    ("A10", 125e12),
+    ("A40", 149.7e12),
     ("L40S", 362e12),
     ("L40", 181e12),
     ("L4", 121e12),
     ("RTX 4090", 165e12),
+    ("V100-PCIE", 112e12),
     ("V100", 125e12),
     ("MI355X", 2500e12),  # AMD Instinct, under ROCm's torch.cuda
     ("MI325X", 1307e12),
@@ -44,14 +49,27 @@ PEAK_FLOPS = (
 """The MFU denominator per device."""
 
 
-def peak_flops_of(name: str) -> float | None:
-    """The table's peak for a device name such as ``torch.cuda.get_device_name()`` gives, or None."""
-    return next((peak for part, peak in PEAK_FLOPS if part in name), None)
+def peak_flops_of(name: str, precision: str = "bf16", tf32: bool = False) -> float | None:
+    """The peak for a device name such as ``torch.cuda.get_device_name()`` gives, at the precision its matmuls
+    run in, or None where it is not known:
+
+    - bf16 and fp16: the table's;
+    - fp32 in TensorFloat-32 (``training.tf32``): half of it, as on every tensor-core part since Ampere (V100
+      has none: None);
+    - fp32 otherwise: None, since its matmuls run on no tensor core and the table holds no such peak;
+    - a laptop part (clocked below its desktop namesake) or a MIG slice (a share of the GPU): None.
+    """
+    if "Laptop" in name or re.search(r"\bMIG\b", name):
+        return None
+    peak = next((peak for part, peak in PEAK_FLOPS if re.search(rf"(?<![\w-]){re.escape(part)}(?!\w)", name)), None)
+    if peak is None or precision in ("bf16", "fp16"):
+        return peak
+    return peak / 2 if tf32 and "V100" not in name else None
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The table's peak for a CUDA device, or None (CPUs and unknown devices get no MFU)."""
-    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+def peak_flops(device: torch.device, precision: str = "bf16", tf32: bool = False) -> float | None:
+    """peak_flops_of a CUDA device, or None (CPUs and unknown devices get no MFU)."""
+    return peak_flops_of(torch.cuda.get_device_name(device), precision, tf32) if device.type == "cuda" else None
 
 
 class ThroughputMonitor(Callback):
@@ -61,7 +79,8 @@ class ThroughputMonitor(Callback):
     ``data_wait_pct`` (share of the time spent waiting for the loader),
     ``peak_mem_mb`` (CUDA allocator peak, or the process's peak RSS on CPU; 10**6 bytes) and,
     when the model reports ``flops_per_token`` and the device's peak is known,
-    ``mfu``: achieved model FLOP/s over the peak of all devices in the run.
+    ``mfu``: achieved model FLOP/s over the peak of all devices in the run, at the
+    precision the matmuls run in (peak_flops_of: none for plain fp32).
     The figures are of training: the time spent validating, saving and writing a
     profile is left out (``engine.aside_s``), and so is the first step after a start, since it holds
     compilation, unless a record falls on it (``log_every_steps`` 1, a resume one
@@ -77,7 +96,8 @@ class ThroughputMonitor(Callback):
         self._first = True
 
     def on_train_start(self, engine: TrainingEngine) -> None:
-        self.peak = self.peak or peak_flops(engine.device)
+        t = engine.config.training
+        self.peak = self.peak or peak_flops(engine.device, t.precision, t.tf32)
         self._first = True
         self._set_mark(engine)
 

@@ -65,3 +65,22 @@ def test_peak_flops_by_device_name():
     for name, peak in names.items():
         assert peak_flops_of(name) == peak, name
     assert peak_flops_of("Some Future GPU") is None
+    # a whole word of the name: a small workstation card is no A100, a laptop part or a MIG slice no desktop GPU
+    for name in ("NVIDIA RTX A1000", "NVIDIA RTX A1000 6GB Laptop GPU", "NVIDIA GeForce RTX 4090 Laptop GPU",
+                 "NVIDIA A100-SXM4-40GB MIG 3g.20gb"):
+        assert peak_flops_of(name) is None, name
+    assert peak_flops_of("NVIDIA A10") == 125e12 and peak_flops_of("Tesla V100-PCIE-16GB") == 112e12
+
+
+def test_the_peak_is_that_of_the_precision_the_matmuls_run_in(monkeypatch):
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB", "fp16") == 312e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12  # TensorFloat-32: half of bf16's
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB", "fp32") is None  # no tensor core: an fp32 run was put at 5% MFU
+    assert peak_flops_of("Tesla V100-SXM2-16GB", "fp32", tf32=True) is None  # no TensorFloat-32 on a V100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    for training, peak in (({"precision": "bf16"}, 989e12), ({"tf32": True}, 494.5e12), ({}, None)):
+        engine = SimpleNamespace(config=Config.from_dict({"training": training}), device=torch.device("cuda"),
+                                 step=0, samples_seen=0, data_wait_s=0.0, aside_s=0.0)
+        monitor = ThroughputMonitor()
+        monitor.on_train_start(engine)
+        assert monitor.peak == peak, training
