@@ -381,11 +381,12 @@ class TrainingEngine:
         scales, counts = self._loss_scales(batches)
         losses, recorded = [], []
         for i, batch in enumerate(batches):
-            if self._bare_forward:  # one process in fp32: no context to enter
-                returned = self.task.train_step(batch, self.model, self.criterion)
-            else:  # gradients are all-reduced once, on the last micro-step, not k times
-                with self._gradient_sync(i == k - 1), self._autocast():
+            with _broadcast_refused(self.task, "train_step", first):
+                if self._bare_forward:  # one process in fp32: no context to enter
                     returned = self.task.train_step(batch, self.model, self.criterion)
+                else:  # gradients are all-reduced once, on the last micro-step, not k times
+                    with self._gradient_sync(i == k - 1), self._autocast():
+                        returned = self.task.train_step(batch, self.model, self.criterion)
             try:
                 # checked on this process's first step; a later step's only if it fails below (a loss per sample
                 # fails backward), which costs the steps that return what the first one did nothing
@@ -805,8 +806,7 @@ class TrainingEngine:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 with self._autocast(), warnings.catch_warnings(), collecting(self.task) as collected:
-                    # a loss that broadcasts targets against predictions of another shape trains on nonsense
-                    warnings.filterwarnings("error", message=".*different to the input size", category=UserWarning)
+                    warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
                     returned = self.task.validation_step(self._to_device(batch), model, self.criterion)
         except torch.OutOfMemoryError:
             raise
@@ -1564,6 +1564,29 @@ class TrainingInterrupted(BaseException):
         why = (f"stopped at step {step}: a torchrun agent of this job is gone (taken as {signal.Signals(signum).name})"
                if agent_gone else f"stopped by {signal.Signals(signum).name} at step {step}")
         super().__init__(f"{why}; checkpoint saved at {checkpoint}")
+
+
+@contextlib.contextmanager
+def _broadcast_refused(task: TrainingTask, method: str, check: bool) -> Iterator[None]:
+    """With ``check``, a loss of ``task.<method>`` that broadcasts its targets against predictions of another
+    shape is a UsageError: MSE of (B,) against (B, 1) is the mean of a B x B grid, which trains on nonsense with
+    no error, only torch's warning. The first validation batch is checked so too (_check_task_takes_the_data),
+    but a run may have none, or a train_step of its own."""
+    if not check:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
+        try:
+            yield
+        except UserWarning as e:
+            said = one_line(str(e).split(". ")[0], 200)  # torch's first sentence names the two sizes
+            raise UsageError(f"{type(task).__name__}.{method}: the loss would broadcast its targets against "
+                             f"predictions of another shape: {said} ({_where(e)}); make them the same shape") from None
+
+
+BROADCAST_WARNING = ".*different to the input size"
+"""What torch warns of when a loss broadcasts targets against predictions of another shape."""
 
 
 @contextlib.contextmanager

@@ -88,6 +88,11 @@ class TrainingTask(ABC):
         default): every micro-batch weighs the same, and validation batches by
         the first dimension of their first tensor, their number of samples when
         they are batch-first (a time-major batch returns its count here).
+
+        A micro-batch may hold no item (every label ignored): its loss must then be
+        0, not the NaN of a mean over nothing, which stops the run as any loss that
+        is not a number does (training.nan_policy). Compute it as a sum over
+        ``count.clamp(min=1)``, as the built-in classification and LM tasks do.
         """
         return None
 

@@ -49,6 +49,25 @@ def train(config, task_cls=RegressionTask, callbacks=None):
 
 
 
+class SqueezedTrainStepTask(RegressionTask):
+    """A train_step that squeezes its predictions to (B,) against (B, 1) targets: MSE over a B x B grid."""
+
+    def train_step(self, batch, model, criterion):
+        x, y = batch
+        return criterion(model(x).squeeze(-1), y), {}
+
+
+def test_a_train_step_whose_loss_broadcasts_its_targets_stops_at_the_first_step_in_one_line(tmp_path):
+    # its validation_step is right, so the check of the first validation batch passed it
+    with pytest.raises(UsageError, match=r"^SqueezedTrainStepTask.train_step: the loss would broadcast its targets "
+                                         r"against predictions of another shape: Using a target size "
+                                         r"\(torch.Size\(\[16, 1\]\)\) that is different to the input size "
+                                         r"\(torch.Size\(\[16\]\)\) \(\S+test_engine.py:\d+\); make them the same "
+                                         r"shape$"):
+        train(tiny_config(tmp_path), SqueezedTrainStepTask)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_warmup_that_outlasts_the_run_is_said_once_for_the_configs_schedule_not_a_tasks_own(tmp_path):
     config = tiny_config(tmp_path, training={"max_steps": 3}, optimizer={"warmup_steps": 100})
     with pytest.warns(UserWarning, match=r"^optimizer.warmup_steps 100 outlasts the run's 3 optimizer steps") as said:
