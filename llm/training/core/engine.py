@@ -817,7 +817,7 @@ class TrainingEngine:
             raise UsageError(
                 f"{task}.validation_step failed on the first batch of {data}: {type(e).__name__}: "
                 f"{one_line(e, 200)} ({_where(e)}); does the data module yield what the task "
-                f"takes? Choose another with --data-module"
+                f"takes? Choose another with --data-module, or make the task's steps take its batches"
             ) from None
         finally:
             model.train()

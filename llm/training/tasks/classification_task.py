@@ -35,6 +35,8 @@ class ClassificationTask(TrainingTask):
 
     def train_step(self, batch, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
         x, y = batch
+        if not y.is_floating_point() and y.dtype != torch.long:  # a data set's own int32 labels: the loss takes long
+            y = y.long()
         logits = model(x)
         try:
             loss = criterion(logits, y)

@@ -52,6 +52,24 @@ def test_a_label_outside_the_classes_is_one_line(tmp_path, label):
         engine.train()
 
 
+def test_integer_labels_of_any_width_train_as_long_ones_do(tmp_path):
+    from llm.data.classification_data_module import ClassificationDataModule
+
+    class Int32Labels(ClassificationDataModule):  # as numpy and many data sets give them
+        def setup(self, stage=None):
+            super().setup(stage)
+            for split in (self.train_set, self.val_set):
+                split.tensors = (split.tensors[0], split.tensors[1].int())
+
+    runs = {}
+    for name, data in (("long", ClassificationDataModule), ("int32", Int32Labels)):
+        cfg = config(tmp_path / name)
+        cfg.training.epochs = 1
+        metrics = TrainingEngine(cfg, ClassificationTask(cfg), data_module=data(cfg)).train()
+        runs[name] = {k: v for k, v in metrics.items() if k.startswith(("val_", "train_"))}
+    assert runs["int32"] == runs["long"] and runs["long"]["val_acc"] > 0
+
+
 def test_macro_f1_is_over_the_whole_set_and_the_classes_seen_in_it(tmp_path):
     task = ClassificationTask(config(tmp_path))  # 3 classes
     g = torch.Generator().manual_seed(0)
