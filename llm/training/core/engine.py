@@ -1579,14 +1579,20 @@ def _broadcast_refused(task: TrainingTask, method: str, check: bool) -> Iterator
         warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
         try:
             yield
-        except UserWarning as e:
-            said = one_line(str(e).split(". ")[0], 200)  # torch's first sentence names the two sizes
+        except Exception as e:  # the warning itself, or wrapped in torch.compile's error where it traced the loss
+            sizes = BROADCAST_SIZES.search(str(e))
+            if sizes is None:  # another warning an outer filter (python -W error) made an error, or another failure
+                raise
             raise UsageError(f"{type(task).__name__}.{method}: the loss would broadcast its targets against "
-                             f"predictions of another shape: {said} ({_where(e)}); make them the same shape") from None
+                             f"predictions of another shape: {sizes[0]} ({_where(e)}); make them the same "
+                             f"shape") from None
 
 
 BROADCAST_WARNING = ".*different to the input size"
-"""What torch warns of when a loss broadcasts targets against predictions of another shape."""
+"""What torch warns of when a loss broadcasts targets against predictions of another shape (a filter's message)."""
+BROADCAST_SIZES = re.compile(r"Using a target size \(torch\.Size\(\[[^\]]*\]\)\) that is different to the input size "
+                             r"\(torch\.Size\(\[[^\]]*\]\)\)")
+"""The two sizes in that warning."""
 
 
 @contextlib.contextmanager

@@ -57,6 +57,21 @@ class SqueezedTrainStepTask(RegressionTask):
         return criterion(model(x).squeeze(-1), y), {}
 
 
+class WarningTrainStepTask(RegressionTask):
+    """A train_step that warns of something else on its first call."""
+
+    def train_step(self, batch, model, criterion):
+        warnings.warn("a warning of the task's own")
+        return super().train_step(batch, model, criterion)
+
+
+def test_another_warning_that_an_outer_filter_makes_an_error_is_left_as_it_is(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # python -W error
+        with pytest.raises(UserWarning, match="^a warning of the task's own$"):
+            train(tiny_config(tmp_path), WarningTrainStepTask)
+
+
 def test_a_train_step_whose_loss_broadcasts_its_targets_stops_at_the_first_step_in_one_line(tmp_path):
     # its validation_step is right, so the check of the first validation batch passed it
     with pytest.raises(UsageError, match=r"^SqueezedTrainStepTask.train_step: the loss would broadcast its targets "
