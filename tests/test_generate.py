@@ -316,8 +316,8 @@ def test_finite_weights_whose_logits_overflow_end_the_sample_in_one_line_not_a_t
     assert main(["--checkpoint", str(ckpt), "--prompt", PROMPT]) == 1
     out = capsys.readouterr()
     assert out.out == PROMPT + "\n" and out.err == (
-        f"error: the model's probabilities for token {len(PROMPT)} are not numbers (its logits overflowed to inf, "
-        f"or are NaN): sample from an earlier checkpoint\n")
+        f"error: the model's logits for token {len(PROMPT)} are not numbers (NaN, or overflowed to inf): sample "
+        f"from an earlier checkpoint\n")
 
 
 def test_a_corrupt_newest_checkpoint_in_a_folder_is_skipped_with_a_warning(step_dir, tmp_path):

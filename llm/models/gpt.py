@@ -428,6 +428,10 @@ class GPT(nn.Module):
             else:
                 logits = self(idx[:, -block_size:], last_only=True)[:, -1, :].float()
             logits = logits[:, :vocab]  # ids past a padded vocabulary's tokens are never sampled
+            # logits that are not numbers (NaN, or overflowed to inf) are sampled from as zeros, which cannot fail
+            # on the device, and the token drawn is marked -1: the read of the token tells the host at no cost
+            finite = torch.isfinite(logits).all()
+            logits = torch.where(finite, logits, 0.0)
             if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that float32 rounds it to 0
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -440,13 +444,14 @@ class GPT(nn.Module):
                     logits = logits / temperature
                 if top_p is not None and top_p < 1:
                     logits = _nucleus(logits, top_p)
-                try:
-                    next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-                except RuntimeError as e:  # torch's "probability tensor contains either inf, nan or element < 0"
-                    raise FloatingPointError(f"the model's probabilities for token {idx.size(1)} are not numbers "
-                                             f"(its logits overflowed to inf, or are NaN)") from e
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            next_id = torch.where(finite, next_id, -1)
+            token = int(next_id)  # a device-to-host sync per token: the caller consumes it now
+            if token < 0:
+                raise FloatingPointError(f"the model's logits for token {idx.size(1)} are not numbers (NaN, or "
+                                         f"overflowed to inf)")
             idx, unread = torch.cat([idx, next_id], dim=1), next_id
-            yield int(next_id)  # a device-to-host sync per token: the caller consumes it now
+            yield token
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:

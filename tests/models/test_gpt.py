@@ -296,6 +296,15 @@ def test_generation_never_picks_an_id_past_vocab_even_when_those_logits_lead(sam
     assert len(kept) == 10 and all(i < vocab for i in kept)
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=5), dict(top_p=0.9)])
+def test_logits_that_are_not_numbers_end_generation_with_an_error_not_a_token(sampling):
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")  # one token's logit: greedy's argmax took it, silently
+    with pytest.raises(FloatingPointError, match=r"^the model's logits for token 3 are not numbers"):
+        list(model.generate_stream(torch.tensor([1, 2, 3]), 5, **sampling))
+
+
 def test_generation_rejects_bad_arguments():
     model = tiny()
     for kwargs in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=0.0),
