@@ -697,17 +697,22 @@ def change(key: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
     return f"{key} ({before!r} -> {after!r}{note})"
 
 
+_CORPUS = ("data.path", "data.val_path", "data.separator")
+_TOKENIZER = (*_CORPUS, "data.tokenizer", "data.vocab_size")
+EXPLAINED_BY = {"model_config.json": ("model.", "data.tokenizer", "data.vocab_size"), "corpus.json": _CORPUS,
+                "tokenizer.json": _TOKENIZER, TOKENIZED_OTHERWISE: _TOKENIZER, RETRAINED_OTHERWISE: _TOKENIZER}
+"""The settings whose change explains why a file the task writes beside the weights differs (by prefix)."""
+
+
 def unexplained(files: list[str], changed: list[str]) -> list[str]:
-    """The task's ``files`` (from changed_artifacts) that no setting among ``changed`` explains: the model's
-    shape by a model setting, a language model's corpus and tokenizer by a data setting. Another task, or its own
+    """The task's ``files`` (from changed_artifacts) that no setting among ``changed`` explains (EXPLAINED_BY):
+    the model's shape by a model setting, a language model's corpus by its paths, its tokenizer by those and the
+    tokenizer's settings; another data setting (data.val_fraction) explains neither. Another task, or its own
     settings, may write other files altogether: none is named then."""
     binding = binding_changes(changed)
     if any(key == "task" or key.startswith("custom.") for key in binding):
         return []
-    model = any(key.startswith("model.") for key in binding)
-    data = any(key.startswith("data.") for key in binding)
-    return [name for name in files if not (model and name == "model_config.json")
-            and not (data and name in ("corpus.json", "tokenizer.json", TOKENIZED_OTHERWISE, RETRAINED_OTHERWISE))]
+    return [name for name in files if not any(key.startswith(EXPLAINED_BY.get(name, ())) for key in binding)]
 
 
 def check_changes(changed: list[str], allowed: bool, path: Path, files: list[str] = (),

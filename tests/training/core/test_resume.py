@@ -86,6 +86,18 @@ def test_a_count_or_width_given_as_what_its_0_stands_for_is_no_change():
     assert config_changes(saved, {**saved, "model.n_head": 8}) == ["model.n_head"]
 
 
+def test_a_file_that_differs_is_named_unless_a_changed_setting_explains_it():
+    from llm.training.core.resume import unexplained
+
+    files = ["corpus.json", "tokenizer.json", "model_config.json"]
+    assert unexplained(files, ["data.path"]) == ["model_config.json"]
+    assert unexplained(files, ["data.vocab_size"]) == ["corpus.json"]  # the tokenizer's, and the embedding's size
+    assert unexplained(files, ["data.val_fraction"]) == files  # the split moves, not the corpus's text
+    assert unexplained(files, ["training.batch_size", "world_size"]) == files
+    assert unexplained(files, ["model.n_head"]) == ["corpus.json", "tokenizer.json"]
+    assert unexplained(files, ["task"]) == [] and unexplained(["notes.txt"], ["data.path"]) == ["notes.txt"]
+
+
 def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():
     def optimizer_and_schedule(t_max):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, weight_decay=0.0)
