@@ -542,11 +542,13 @@ class TextDataModule(BaseDataModule):
         process found there (with its corpus's digest), which the engine has run it alone; a process whose node
         ran no prepare_data() (a tool) hashes the corpus itself. Every rank calls it: a node of 8 processes
         read a corpus of many GB 7 times more, at once, just to name the entry."""
-        found = D.gather((str(self.cache_path), self.corpus_digest) if self.cache_path else None)
-        first = (torch.distributed.get_rank() if D.active() else 0) - D.env_ranks()[2]  # torchrun numbers a node's
-        first_of_node = found[first] if 0 <= first < len(found) else None  # processes one after the other
+        host = socket.gethostname()
+        found = D.gather((host, D.env_ranks()[2], str(self.cache_path), self.corpus_digest) if self.cache_path
+                         else None)
+        # by host, not by rank: a launcher may number a node's processes otherwise than one after the other
+        first_of_node = next((f for f in found if f is not None and f[:2] == (host, 0)), None)
         if self.cache_path is None and first_of_node is not None:
-            self.cache_path, self.corpus_digest = Path(first_of_node[0]), first_of_node[1]
+            self.cache_path, self.corpus_digest = Path(first_of_node[2]), first_of_node[3]
         return self.cache_path or self._cache_entry(*self._files())
 
     def _check_same_tokens_on_every_rank(self) -> None:

@@ -39,6 +39,7 @@ PEAK_FLOPS = (
     ("L40", 181e12),
     ("L4", 121e12),
     ("RTX 4090", 165e12),
+    ("V100S", 130e12),
     ("V100-PCIE", 112e12),
     ("V100", 125e12),
     ("MI355X", 2500e12),  # AMD Instinct, under ROCm's torch.cuda

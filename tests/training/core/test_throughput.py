@@ -70,6 +70,7 @@ def test_peak_flops_by_device_name():
                  "NVIDIA A100-SXM4-40GB MIG 3g.20gb"):
         assert peak_flops_of(name) is None, name
     assert peak_flops_of("NVIDIA A10") == 125e12 and peak_flops_of("Tesla V100-PCIE-16GB") == 112e12
+    assert peak_flops_of("Tesla V100S-PCIE-32GB") == 130e12
 
 
 def test_the_peak_is_that_of_the_precision_the_matmuls_run_in(monkeypatch):
