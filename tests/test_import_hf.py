@@ -312,6 +312,7 @@ def test_the_imported_model_fine_tunes_from_its_finetune_yaml_and_exports_back(t
     settings = yaml.safe_load((tmp_path / "gpt2-llm" / FINETUNE).read_text())
     assert settings["model"]["mlp"] == "gelu_tanh" and settings["model"]["pos_emb"] == "learned"
     assert settings["data"]["separator"] == "<|endoftext|>"  # between the documents, as GPT-2 was trained
+    assert settings["optimizer"] == {"lr": 3e-5, "scheduler": "constant"}  # a fine-tune's, not training from scratch's
     (tmp_path / "docs").mkdir()
     for name in ("a.txt", "b.txt"):
         (tmp_path / "docs" / name).write_text(CORPUS * 3)
