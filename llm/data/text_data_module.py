@@ -538,10 +538,10 @@ class TextDataModule(BaseDataModule):
         self.val_set = TokenWindows(entry / TOKENS, dtype, n_train, n, bs, val_offsets)
 
     def _prepared_entry(self) -> Path:
-        """The cache entry to read: the one prepare_data() found in this process, else the one this node's first
-        process found there (with its corpus's digest), which the engine has run it alone; a process whose node
-        ran no prepare_data() (a tool) hashes the corpus itself. Every rank calls it: a node of 8 processes
-        read a corpus of many GB 7 times more, at once, just to name the entry."""
+        """The cache entry to read: the one prepare_data() found in this process, else, with the corpus's digest,
+        the one it found in this node's first process, where the engine runs it alone; a process whose node ran
+        no prepare_data() (a tool) hashes the corpus itself. Every rank calls it: each hashing the corpus, a node
+        of 8 processes read a corpus of many GB 7 times more, at once, just to name the entry."""
         host = socket.gethostname()
         found = D.gather((host, D.env_ranks()[2], str(self.cache_path), self.corpus_digest) if self.cache_path
                          else None)
