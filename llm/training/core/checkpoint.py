@@ -154,6 +154,7 @@ class CheckpointManager:
         resume passed over damaged ones) into ``dropped/``, once ``latest`` names that one; returns where they
         went. The run saves those steps again: the old ones would mix with its own, be taken by a resume for its
         newest, and push its own out at retention. Kept, not deleted; retention leaves ``dropped/`` alone."""
+        self._restore_replaced()  # one of them a save that crashed had moved aside: the next save would put it back
         later = [p for p in _checkpoints(self.directory) if int(p.name[5:]) > step]
         if later:  # first: a run killed part way through goes on from this one, then sets the rest aside
             write_atomically(self.directory / LATEST, step_name(step) + "\n", durable=True)
@@ -383,7 +384,7 @@ def _prune(path: Path) -> None:
 
 def _delete_pruned(aside: Path) -> None:
     try:
-        shutil.rmtree(aside)
+        _remove(aside)  # a symlinked checkpoint too: the link goes, what it names is left alone
     except OSError as error:
         warnings.warn(f"old checkpoint {aside} not deleted ({_one_line(error)}): the next save tries again, "
                       f"or delete it by hand", stacklevel=5)

@@ -712,6 +712,31 @@ def test_the_checkpoints_after_the_one_a_run_goes_back_to_are_set_aside_each_tim
     assert manager.set_aside_after(16) == []
 
 
+def test_a_later_checkpoint_a_crashed_save_had_moved_aside_is_set_aside_too_not_put_back_into_the_new_course(
+        tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    for step in (4, 9):
+        save(manager, step)
+    os.replace(tmp_path / "step_00000009", tmp_path / ".trash-step_00000009")  # a save replacing it crashed
+    assert [p.name for p in manager.set_aside_after(4)] == ["step_00000009"]
+    save(manager, 5)  # the new course's first save puts back no checkpoint of the old one
+    assert sorted(p.name for p in tmp_path.glob("*step_*")) == ["step_00000004", "step_00000005"]
+
+
+def test_a_symlinked_checkpoint_pruned_loses_its_link_and_keeps_what_it_names(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    save(CheckpointManager(elsewhere), 2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "step_00000002").symlink_to(elsewhere / "step_00000002")
+    manager = CheckpointManager(run, keep_last=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Cannot call rmtree on a symbolic link", and a hidden link left for ever
+        save(manager, 4)
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step_00000004"]
+    assert verify(elsewhere / "step_00000002") is None
+
+
 def test_a_set_aside_cut_short_leaves_latest_naming_the_checkpoint_gone_back_to(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path, keep_last=5)
     for step in (4, 8, 12):
