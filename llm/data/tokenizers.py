@@ -225,7 +225,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         ids = list(ids)
         verbatim = self._decoded_otherwise
-        if not verbatim.keys() & set(ids):
+        if not verbatim or verbatim.keys().isdisjoint(ids):  # most tokenizers: no such token
             return self.hf.decode(ids, skip_special_tokens=False)
         parts, run = [], []
         for i in ids:

@@ -381,7 +381,8 @@ class TrainingEngine:
         scales, counts = self._loss_scales(batches)
         losses, recorded = [], []
         for i, batch in enumerate(batches):
-            with _broadcast_refused(self.task, "train_step", first):
+            # the steps after the first enter a context that does nothing: no cost added to the loop
+            with _broadcast_refused(self.task, "train_step") if first else _UNCHECKED:
                 if self._bare_forward:  # one process in fp32: no context to enter
                     returned = self.task.train_step(batch, self.model, self.criterion)
                 else:  # gradients are all-reduced once, on the last micro-step, not k times
@@ -1567,14 +1568,11 @@ class TrainingInterrupted(BaseException):
 
 
 @contextlib.contextmanager
-def _broadcast_refused(task: TrainingTask, method: str, check: bool) -> Iterator[None]:
-    """With ``check``, a loss of ``task.<method>`` that broadcasts its targets against predictions of another
-    shape is a UsageError: MSE of (B,) against (B, 1) is the mean of a B x B grid, which trains on nonsense with
-    no error, only torch's warning. The first validation batch is checked so too (_check_task_takes_the_data),
-    but a run may have none, or a train_step of its own."""
-    if not check:
-        yield
-        return
+def _broadcast_refused(task: TrainingTask, method: str) -> Iterator[None]:
+    """A loss of ``task.<method>`` that broadcasts its targets against predictions of another shape is a
+    UsageError in this context: MSE of (B,) against (B, 1) is the mean of a B x B grid, which trains on nonsense
+    with no error, only torch's warning. The first validation batch is checked so too
+    (_check_task_takes_the_data), but a run may have none, or a train_step of its own."""
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
         try:
@@ -1588,6 +1586,8 @@ def _broadcast_refused(task: TrainingTask, method: str, check: bool) -> Iterator
                              f"shape") from None
 
 
+_UNCHECKED = contextlib.nullcontext()
+"""The context of the steps after the first (optimizer_step): entered again and again, it does nothing."""
 BROADCAST_WARNING = ".*different to the input size"
 """What torch warns of when a loss broadcasts targets against predictions of another shape (a filter's message)."""
 BROADCAST_SIZES = re.compile(r"Using a target size \(torch\.Size\(\[[^\]]*\]\)\) that is different to the input size "
