@@ -38,9 +38,10 @@ from llm.data.tokenizers import Tokenizer, UncoveredText
 from llm.errors import UsageError
 from llm.training.core import distributed as D, resume
 from llm.training.core.checkpoint import load_weights_strictly, model_weights, read_checkpoint
-from llm.training.core.engine import (AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM, batch_len, collecting,
-                                     finalized_metrics, loaders_of, moved_to, whole_set_metrics)
-from llm.training.core.metrics import RunningMeans
+from llm.training.core.batches import batch_len, moved_to
+from llm.training.core.checks import loaders_of
+from llm.training.core.engine import AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM
+from llm.training.core.metrics import RunningMeans, collecting, finalized_metrics, whole_set_metrics
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
 from llm.training.tasks.lm_task import load_lm, perplexity, usable_device
 

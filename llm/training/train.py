@@ -47,7 +47,8 @@ from llm.training.core.callbacks import (
 )
 from llm.training.core.checkpoint import best_checkpoint
 from llm.training.core.config import Config
-from llm.training.core.engine import OUT_OF_TIME, STOP_SIGNALS, NonFiniteError, TrainingEngine, TrainingInterrupted
+from llm.training.core.engine import OUT_OF_TIME, NonFiniteError, TrainingEngine
+from llm.training.core.signals import STOP_SIGNALS, TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.profiler import Profiler
 from llm.training.core.registry import data_module_of, resolve_callback, resolve_data_module, resolve_task

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -421,3 +422,38 @@ class ProgressBar(Callback):
             return False
         self._bar.write(line)
         return True
+
+
+# ---- callbacks in a checkpoint, and their failures ----------------------------------------
+
+class CallbackError(RuntimeError):
+    """A user callback raised; the message names it."""
+
+
+def callback_error(cb: Callback, hook: str, e: Exception) -> CallbackError:
+    return CallbackError(f"callback {type(cb).__name__}.{hook} failed: {type(e).__name__}: {e}")
+
+
+def keyed_by_class(states: dict[str, Any]) -> dict[str, Any]:
+    """Callback states as callback_keys names them. Earlier versions keyed them by place in the list
+    (``3:EarlyStopping``), which a callback added or left out since shifts: those are matched by class, in order."""
+    by_place = sorted((int(key.split(":", 1)[0]), key) for key in states if re.fullmatch(r"\d+:\w+", key))
+    if not by_place:
+        return states
+    return dict(zip(_numbered([key.split(":", 1)[1] for _, key in by_place]), (states[key] for _, key in by_place)))
+
+
+def callback_keys(callbacks: list[Callback]) -> list[str]:
+    """Each callback's key in a checkpoint: its class name, so that adding, dropping or reordering others keeps
+    its state its own."""
+    return _numbered([type(cb).__name__ for cb in callbacks])
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """``names`` with each repeat numbered from the second on: ``Announce``, ``Announce#2``."""
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys

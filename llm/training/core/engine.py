@@ -12,32 +12,28 @@ import dataclasses
 import functools
 import itertools
 import math
-import numbers
 import os
 import re
 import shutil
 import signal
-import sys
-import threading
 import time
-import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import numpy as np
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.utils.data import DistributedSampler
 
 from llm.cli import stdout_gone
-from llm.data.data_module import BaseDataModule, ShardSampler
-from llm.errors import UsageError, closest, one_line
+from llm.data.data_module import BaseDataModule
+from llm.errors import UsageError, one_line
 from llm.files import FolderLock, json_text, run_files, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
-from llm.training.core.callbacks import HOOKS, RECORD_KEYS, Callback, ProgressBar, flatten, improves
+from llm.training.core.batches import batch_len, moved_to
+from llm.training.core.callbacks import (HOOKS, RECORD_KEYS, Callback, ProgressBar, callback_error, callback_keys,
+                                         flatten, improves, keyed_by_class)
 from llm.training.core.checkpoint import (
     BackgroundSave,
     CheckpointError,
@@ -54,15 +50,18 @@ from llm.training.core.checkpoint import (
     step_name,
     verify,
 )
+from llm.training.core.checks import (BROADCAST_WARNING, HIGHER_IS_BETTER, LOWER_IS_BETTER, broadcast_refused,
+                                      check_plateau, checkpointable, loaders_of, loss_and_metrics, no_monitor,
+                                      out_of_memory, raised_at)
 from llm.training.core.config import Config, fitted_settings, settings_of
-from llm.training.core.metrics import RunningMeans, TrainingSums
+from llm.training.core.metrics import (RunningMeans, TrainingSums, built_in_number, collecting, finalized_metrics,
+                                       whole_set_metrics)
 from llm.training.core.optim import WeightAverage, ready_for_skips, warmup_outlasting, zero_missing_momentum
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
+from llm.training.core.signals import TrainingInterrupted, stop_on_signals
 from llm.training.tasks.base_task import TrainingTask
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TRAINING_FIGURES = ("grad_norm", "skipped_steps", "loss_scale", "overflow_steps")
-"""What the engine adds to a training record beside the loss: a task's metric may not take these names."""
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
 """The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` and
 ``scheduler_kind`` are read when there: checkpoints of earlier versions lack them)."""
@@ -74,20 +73,6 @@ RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-"""The signals that stop a run after its step, with a checkpoint (_stop_on_signals). SIGUSR1 is what SLURM sends
-ahead of a job's time limit (``--signal=USR1@90``); its default action ends a process at once."""
-ENDED_WAIT_S = 10.0
-"""How long a stuck rank that has learned the run is over waits before it ends itself (_watch_agent)."""
-REPEAT_S = 2.0
-"""Under torchrun, a signal within this many seconds of the first one is the same request, delivered twice (see
-_stop_on_signals)."""
-
-
-class CallbackError(RuntimeError):
-    """A user callback raised; the message names it."""
-
-
 OUT_OF_TIME = "reached training.max_minutes"
 """How the stop_reason of a run stopped by its time limit begins."""
 SAID_BY_RANK_0 = ("resuming .*-process state on ",
@@ -96,13 +81,6 @@ SAID_BY_RANK_0 = ("resuming .*-process state on ",
                   "the stream's loader was saved with ", "a pass over the stream took ")
 """The starts of the warnings every rank meets alike in set-up: loading a checkpoint (rank 0 alone looks for it), a
 data set that its loader workers cannot seed batch by batch."""
-
-
-HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|auc|auroc|precision|recall|bleu|rouge\w*|iou|dice|r2)($|_)",
-                              re.IGNORECASE)
-LOWER_IS_BETTER = re.compile(r"(^|_)(loss|err|error|errors|mse|mae|rmse|ppl|perplexity)($|_)", re.IGNORECASE)
-"""Metric names that usually grow as a model improves, and those that shrink (a dice loss, a recall error):
-one of the first, none of the second, monitored with checkpoint.mode min is likely a slip."""
 
 
 class TrainingEngine:
@@ -155,7 +133,7 @@ class TrainingEngine:
         self.is_main = rank == 0
         self.run_dir = Path(config.logging.log_dir)
         self.device = D.pick_device(config, self.local_rank)
-        self.exit_on_second_signal = False  # the command line's choice: see _stop_on_signals
+        self.exit_on_second_signal = False  # the command line's choice: see stop_on_signals
         self._started = False  # train() was called: a second call starts from the state below again
         self._start_afresh()
 
@@ -243,7 +221,7 @@ class TrainingEngine:
         try:
             self._fire("on_train_start")
             self._stop_before_a_step()
-            with self._stop_on_signals():
+            with stop_on_signals(self):
                 while not self._finished():
                     self.train_epoch()
                 metrics, checkpoint = self.finish(time.perf_counter() - started)
@@ -382,7 +360,7 @@ class TrainingEngine:
         losses, recorded = [], []
         for i, batch in enumerate(batches):
             # the steps after the first enter a context that does nothing: no cost added to the loop
-            with _broadcast_refused(self.task, "train_step") if first else _UNCHECKED:
+            with broadcast_refused(self.task, "train_step") if first else _UNCHECKED:
                 if self._bare_forward:  # one process in fp32: no context to enter
                     returned = self.task.train_step(batch, self.model, self.criterion)
                 else:  # gradients are all-reduced once, on the last micro-step, not k times
@@ -391,13 +369,13 @@ class TrainingEngine:
             try:
                 # checked on this process's first step; a later step's only if it fails below (a loss per sample
                 # fails backward), which costs the steps that return what the first one did nothing
-                loss, metrics = _loss_and_metrics(self.task, returned) if first else returned
+                loss, metrics = loss_and_metrics(self.task, returned) if first else returned
                 scaled = loss * scales[i] if k > 1 or counts else loss
                 (scaled if scaler is None else scaler.scale(scaled)).backward()
                 # the window and the check below keep its value, not its graph: on the CPU a number, read at no cost
                 loss = loss.item() if self._host_reads else loss.detach()
             except Exception:
-                _loss_and_metrics(self.task, returned)  # one line if what it returned is amiss
+                loss_and_metrics(self.task, returned)  # one line if what it returned is amiss
                 raise
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
             losses.append(loss)
@@ -509,7 +487,7 @@ class TrainingEngine:
         metrics = self._finalized({**means, **whole_set_metrics(self.task, collected, beside=means)})
         self.val_metrics = {**metrics, "step": self.step}
         if local and self.config.checkpoint.monitor not in metrics:  # a name set-up could not check
-            _no_monitor(self.config.checkpoint.monitor, sorted(metrics), self.task)
+            no_monitor(self.config.checkpoint.monitor, sorted(metrics), self.task)
         if local:  # else there is no validation data (an empty set, a run without validation): nothing to report
             if not math.isfinite(metrics.get("val_loss", 0.0)):  # training goes on: its weights are not at fault
                 self.print(f"warning: val_loss is {metrics['val_loss']} at step {self.step}: non-finite values in "
@@ -552,7 +530,7 @@ class TrainingEngine:
         # split, a shuffle, generated data) without a generator of its own: after prepare_data, which one process
         # a node runs, and only when its cache is missing; not the model's initial weights' (torch's seed below)
         resume.seed_everything(resume.mixed_seed(cfg.training.seed, SETUP_STREAM))
-        with _out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
+        with out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
             self.data_module.setup("fit")
         ranks = self.rank, self.world_size
         self.train_loader, self.train_sampler = loaders_of(self.data_module, "train_dataloader", *ranks)
@@ -601,7 +579,7 @@ class TrainingEngine:
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
-        with _out_of_memory(f"{type(self.task).__name__}.build_model()", "a smaller model (model.n_embd, ...)"):
+        with out_of_memory(f"{type(self.task).__name__}.build_model()", "a smaller model (model.n_embd, ...)"):
             model = self.task.build_model()
             if not isinstance(model, torch.nn.Module):
                 raise UsageError(f"{type(self.task).__name__}.build_model() returned a {type(model).__name__}, "
@@ -618,7 +596,7 @@ class TrainingEngine:
         self.sharded = parallel.is_sharded(cfg, self.world_size)
         self.optimizer = self.task.build_optimizer(self.raw_model)
         self.scheduler = self.task.build_scheduler(self.optimizer)
-        _check_plateau(self.scheduler, cfg, type(self.task).__name__)
+        check_plateau(self.scheduler, cfg, type(self.task).__name__)
         decay = cfg.training.ema_decay
         self.ema = WeightAverage(self.raw_model, decay) if decay else None  # validation's weights, and the tools'
         precision = cfg.training.precision
@@ -817,12 +795,12 @@ class TrainingEngine:
             task, data = type(self.task).__name__, type(self.data_module).__name__
             raise UsageError(
                 f"{task}.validation_step failed on the first batch of {data}: {type(e).__name__}: "
-                f"{one_line(e, 200)} ({_where(e)}); does the data module yield what the task "
+                f"{one_line(e, 200)} ({raised_at(e)}); does the data module yield what the task "
                 f"takes? Choose another with --data-module, or make the task's steps take its batches"
             ) from None
         finally:
             model.train()
-        _, metrics = _loss_and_metrics(self.task, returned, "validation_step")
+        _, metrics = loss_and_metrics(self.task, returned, "validation_step")
         means = {f"val_{k}": 1.0 for k in ("loss", *metrics)}
         try:
             whole = whole_set_metrics(self.task, collected, everywhere=False, beside=means)
@@ -834,7 +812,7 @@ class TrainingEngine:
         self.validation_metrics = names if whole is not None else None
         monitor = self.config.checkpoint.monitor
         if monitor not in names and whole is not None:  # found now, not at the first validation after an epoch
-            _no_monitor(monitor, names, self.task)
+            no_monitor(monitor, names, self.task)
         if (self.config.checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor)
                 and not LOWER_IS_BETTER.search(monitor) and self.is_main):
             warnings.warn(f"checkpoint.monitor {monitor} is kept at its lowest (checkpoint.mode min), as a loss "
@@ -911,8 +889,8 @@ class TrainingEngine:
         """The state that logging and validating change: the callbacks', the best metric, a stop they asked
         for, engine.log() values waiting for their record, and each rank's own (random streams, and the losses
         of the epoch and of the log window so far)."""
-        callbacks = {key: _checkpointable(copy.deepcopy(cb.state_dict()), f"{type(cb).__name__}.state_dict()")
-                     for key, cb in zip(_callback_keys(self.callbacks), self.callbacks)}
+        callbacks = {key: checkpointable(copy.deepcopy(cb.state_dict()), f"{type(cb).__name__}.state_dict()")
+                     for key, cb in zip(callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": resume.rng_state(self.device), **self._sums.state_dict()}
         if self.stream and self.batch_in_epoch and self._stream_state is not None:
             rank["loader"] = self._stream_state
@@ -996,8 +974,8 @@ class TrainingEngine:
         self.val_metrics = shared["val_metrics"]
         if not monitor_changed:
             self.best_metric = shared["best_metric"]
-        states = _keyed_by_class(shared["callbacks"])
-        for key, cb in zip(_callback_keys(self.callbacks), self.callbacks):
+        states = keyed_by_class(shared["callbacks"])
+        for key, cb in zip(callback_keys(self.callbacks), self.callbacks):
             if key in states:
                 try:
                     cb.load_state_dict(states[key])
@@ -1056,7 +1034,7 @@ class TrainingEngine:
             if key in RECORD_KEYS:
                 raise UsageError(f"engine.log in {self._hook or 'training'}: {key!r} is a field every record has "
                                  f"({', '.join(RECORD_KEYS)}), set by the engine: log it under another name")
-            number = _built_in_number(value)
+            number = built_in_number(value)
             if number is None:
                 raise UsageError(f"engine.log in {self._hook or 'training'}: {key} is a {type(value).__name__}, "
                                  f"expected a number or a one-element tensor")
@@ -1164,7 +1142,7 @@ class TrainingEngine:
         """Where the stream's loader stands, as a checkpoint keeps it: with its worker count, which its state
         holds one part for each of; and, without workers, the host's random streams as they stand before the
         read ahead, which a stream reading in this process draws from (_stream_groups)."""
-        state = _checkpointable(copy.deepcopy(self.train_loader.state_dict()),
+        state = checkpointable(copy.deepcopy(self.train_loader.state_dict()),
                                 f"{type(self.train_loader).__name__}.state_dict()")
         workers = getattr(self.train_loader, "num_workers", 0)
         rng = {} if workers else {"rng": resume.rng_state(torch.device("cpu"))}
@@ -1259,7 +1237,7 @@ class TrainingEngine:
         stop, signalled = self.should_stop, self._signal is not None
         if self.world_size > 1:
             stop, signalled, save_due, agent_gone = D.any_rank([stop, signalled, save_due, self._agent_gone])
-            # or'ed, not assigned: _watch_agent may have found the agent gone while the all-reduce waited
+            # or'ed, not assigned: signals._watch_agent may have found the agent gone while the all-reduce waited
             self._agent_gone = self._agent_gone or agent_gone
         if signalled:  # a rank that got none stops as if by SIGTERM
             self.interrupted_by = signal.Signals(self._signal or signal.SIGTERM)
@@ -1386,7 +1364,7 @@ class TrainingEngine:
             except UsageError:
                 raise  # a callback refusing its settings: one line, exit 2
             except Exception as e:
-                raise _callback_error(cb, hook, e) from e
+                raise callback_error(cb, hook, e) from e
 
     def _fire_cleanup(self, metrics: dict[str, float], ok: bool) -> None:
         """on_train_end for every callback, though one fails (a tracker's upload): every writer is closed. After
@@ -1401,7 +1379,7 @@ class TrainingEngine:
             cb, e = failed
             if isinstance(e, UsageError):
                 raise e
-            raise _callback_error(cb, "on_train_end", e) from e
+            raise callback_error(cb, "on_train_end", e) from e
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES.get(self.config.training.precision)
@@ -1411,95 +1389,6 @@ class TrainingEngine:
 
     def _to_device(self, batch: Any) -> Any:
         return batch if self.device.type == "cpu" else moved_to(batch, self.device)  # loaders yield CPU tensors
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM, SIGINT, SIGHUP (the terminal gone: an SSH connection dropped) and SIGUSR1 (SLURM's warning of
-        the time limit) finish the current step, save a checkpoint and stop (see train.py's exit code).
-
-        A second signal does not wait. Under the command line (``exit_on_second_signal``)
-        the default action ends the process at once (a second Ctrl-C, or a rank stuck where
-        the first one cannot be acted on). In a notebook or a script the handler there before
-        train() takes it: a second Ctrl-C raises KeyboardInterrupt, and the interpreter
-        lives on. Under torchrun one that comes within REPEAT_S of the first is the same
-        request delivered twice: SLURM and systemd signal every process of a job, and
-        torchrun forwards the signal it got to its workers as well.
-
-        Under torchrun, a worker whose agent dies stops the same way, and one stuck after another rank gave the
-        run up ends (_watch_agent).
-        """
-        def handler(signum: int, frame: Any) -> None:
-            if self._signal is None:
-                self._signal, self._signalled_at = signum, time.monotonic()
-            elif self._agent is None or time.monotonic() - self._signalled_at > REPEAT_S:
-                before = previous.get(signum)
-                if callable(before) and not self.exit_on_second_signal:
-                    signal.signal(signum, before)
-                    before(signum, frame)  # Python's own for SIGINT raises KeyboardInterrupt here
-                    return
-                signal.signal(signum, signal.SIG_DFL)
-                signal.raise_signal(signum)
-
-        previous: dict[int, Any] = {}  # the handlers before train()'s, put back after it
-        try:
-            for s in STOP_SIGNALS:
-                previous[s] = signal.signal(s, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        done = threading.Event()
-        watch = threading.Thread(target=self._watch_agent, args=(done,), name="llm-watch-agent", daemon=True)
-        if self._agent is not None:
-            watch.start()
-        try:
-            yield
-        finally:
-            done.set()
-            if watch.is_alive():  # gone before train() returns: it holds the engine, whose DDP wrapper and gloo
-                watch.join()  # work must be freed before the process group is, not at the interpreter's exit
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    def _watch_agent(self, done: threading.Event) -> None:
-        """Stop as on SIGTERM once the torchrun agent that started this worker has died (checked each second).
-
-        torchrun starts each worker in a session of its own and forwards the signals
-        it gets; killed outright (SIGKILL, the OOM killer) it forwards none, and its
-        workers would train on unseen, holding the run folder. This asks for the stop
-        without a signal: one already received stays the only one.
-
-        Also end this worker, in one line saying where it stood, when it has taken no step
-        for min(distributed.timeout_s, 60) s and another rank gave the run up in the
-        rendezvous store ENDED_WAIT_S before (it failed, or lost contact: D.run_ended,
-        looked up every 5 s while no step is taken, never while steps come). A rank hung
-        outside any collective (in a task's step, a loader) never learns of the failure
-        itself, and on several nodes its torchrun agent, which sees a worker still
-        running, would hold the job's nodes for ever.
-        """
-        grace = min(self.config.distributed.timeout_s, 60)
-        seen, since, ticks, ended = self.step, time.monotonic(), 0, None
-        while not done.wait(1.0):
-            if os.getppid() != self._agent:
-                if self._signal is None:
-                    self._agent_gone = True
-                    self._signal, self._signalled_at = signal.SIGTERM, time.monotonic()
-                return
-            if self.step != seen:
-                seen, since, ended = self.step, time.monotonic(), None
-                continue
-            ticks += 1
-            stuck = time.monotonic() - since
-            if ended is None and stuck >= grace and ticks % 5 == 0:
-                reason = D.run_ended()
-                ended = (reason, time.monotonic()) if reason else None
-            # not at once: the rank that gave up says why first, and on its node torchrun may end this one anyway
-            if ended is not None and time.monotonic() - ended[1] >= ENDED_WAIT_S:
-                frame = sys._current_frames().get(threading.main_thread().ident)
-                at = traceback.extract_stack(frame)[-1] if frame is not None else None
-                where = f"{at.filename}:{at.lineno} in {at.name}" if at else "an unknown place"
-                sys.stderr.write(f"error: rank {self.rank} ends: {ended[0]}, and this rank has taken no step for "
-                                 f"{stuck:.0f} s (stuck at {where})\n")
-                sys.stderr.flush()
-                os._exit(1)
 
 
 def _overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | bool:
@@ -1554,327 +1443,7 @@ class NonFiniteError(RuntimeError):
 _END = object()
 
 
-class TrainingInterrupted(BaseException):
-    """SIGTERM, SIGINT, SIGHUP or SIGUSR1 stopped training after a step, or the death of the torchrun agent (taken as
-    SIGTERM, ``agent_gone``); a checkpoint was saved. Not an Exception, as KeyboardInterrupt is not: a sweep's
-    ``except Exception`` does not swallow it. Nor a KeyboardInterrupt, which torch.multiprocessing's spawn
-    drops in its workers: a stopped run would look finished there."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path, agent_gone: bool = False):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        why = (f"stopped at step {step}: a torchrun agent of this job is gone (taken as {signal.Signals(signum).name})"
-               if agent_gone else f"stopped by {signal.Signals(signum).name} at step {step}")
-        super().__init__(f"{why}; checkpoint saved at {checkpoint}")
-
-
-@contextlib.contextmanager
-def _broadcast_refused(task: TrainingTask, method: str) -> Iterator[None]:
-    """A loss of ``task.<method>`` that broadcasts its targets against predictions of another shape is a
-    UsageError in this context: MSE of (B,) against (B, 1) is the mean of a B x B grid, which trains on nonsense
-    with no error, only torch's warning. The first validation batch is checked so too
-    (_check_task_takes_the_data), but a run may have none, or a train_step of its own."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
-        try:
-            yield
-        except Exception as e:  # the warning itself, or wrapped in torch.compile's error where it traced the loss
-            sizes = BROADCAST_SIZES.search(str(e))
-            if sizes is None:  # another warning an outer filter (python -W error) made an error, or another failure
-                raise
-            raise UsageError(f"{type(task).__name__}.{method}: the loss would broadcast its targets against "
-                             f"predictions of another shape: {sizes[0]} ({_where(e)}); make them the same "
-                             f"shape") from None
-
-
 _UNCHECKED = contextlib.nullcontext()
 """The context of the steps after the first (optimizer_step): entered again and again, it does nothing."""
-BROADCAST_WARNING = ".*different to the input size"
-"""What torch warns of when a loss broadcasts targets against predictions of another shape (a filter's message)."""
-BROADCAST_SIZES = re.compile(r"Using a target size \(torch\.Size\(\[[^\]]*\]\)\) that is different to the input size "
-                             r"\(torch\.Size\(\[[^\]]*\]\)\)")
-"""The two sizes in that warning."""
-
-
-@contextlib.contextmanager
-def _out_of_memory(what: str, instead: str) -> Iterator[None]:
-    """An allocation larger than the machine can give, in one line (not one the kernel grants and then kills)."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as e:
-        # the CPU allocator says "tried to allocate 4000 bytes", CUDA's "Tried to allocate 20.00 GiB"
-        asked = re.search(r"(?i)tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", str(e))
-        overflowed = "size calculation overflowed" in str(e)  # more bytes than a 64-bit count holds
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and asked is None and not overflowed:
-            raise
-        scale = {"bytes": 2**-30, "kib": 2**-20, "mib": 2**-10, "gib": 1, "tib": 2**10}
-        size = f": it asked for {float(asked[1]) * scale[asked[2].lower()]:,.1f} GiB at once" if asked else \
-            ": it asked for more bytes than a 64-bit count holds" if overflowed else ""
-        raise UsageError(f"{what} ran out of memory{size}; ask for {instead}, "
-                         f"or use a machine with more memory") from None
-
-
-def _checkpointable(value: Any, where: str) -> Any:
-    """``value`` as a checkpoint can hold it, which loads it without running code: numbers, strings, tensors, and
-    dicts, lists, tuples and sets of them; a NumPy number becomes a Python one. Anything else is refused in one
-    line naming ``where`` it came from, at the first save, not found unreadable at the resume."""
-    if isinstance(value, np.generic) and type(value.item()) in _PLAIN:
-        return value.item()  # first: a float64 is a float too, but pickled as NumPy's
-    if type(value) in _PLAIN or isinstance(value, torch.Tensor):  # not a subclass (an IntEnum): pickled as itself
-        return value
-    if isinstance(value, dict):  # an OrderedDict or a defaultdict too, as a dict
-        return {_checkpointable(k, where): _checkpointable(v, where) for k, v in value.items()}
-    if type(value) in (list, tuple, set):
-        return type(value)(_checkpointable(v, where) for v in value)
-    raise UsageError(f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
-                     f"cannot hold: it holds numbers, strings, tensors, and dicts, lists, tuples and sets of them "
-                     f"(a NumPy array as a tensor, a deque as a list, an Enum as its value)")
-
-
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
-"""What a checkpoint holds as it is, besides tensors (torch.load with weights_only reads these)."""
-
-
-def _built_in_number(value: Any) -> int | float | None:
-    """A number, a NumPy number or a one-element tensor as a built-in int or float, which the JSON and TensorBoard
-    writers and a checkpoint take; None for anything else."""
-    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
-        value = value.item()
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return float(value) if isinstance(value, numbers.Real) else None
-
-
-def _no_monitor(monitor: str, names: list[str], task: TrainingTask) -> NoReturn:
-    raise UsageError(f"checkpoint.monitor: got {monitor!r}, expected a validation metric of "
-                     f"{type(task).__name__}: {', '.join(names)}{closest(monitor, names)}")
-
-
-def _check_plateau(scheduler: Any, config: Config, task: str) -> None:
-    """A ReduceLROnPlateau is stepped with checkpoint.monitor's value: it must count the same direction as better."""
-    if isinstance(scheduler, ReduceLROnPlateau) and scheduler.mode != config.checkpoint.mode:
-        c = config.checkpoint
-        better = "lower" if c.mode == "min" else "higher"
-        raise UsageError(f"{task}.build_scheduler returned ReduceLROnPlateau(mode={scheduler.mode!r}), which is "
-                         f"stepped with checkpoint.monitor {c.monitor}, better {better} (checkpoint.mode {c.mode}): "
-                         f"give it mode={c.mode!r}")
-
-
-def _loss_and_metrics(task: Any, returned: Any, method: str = "train_step") -> tuple[torch.Tensor, dict[str, Any]]:
-    """What ``train_step`` (or ``validation_step``) returned, checked: a one-number loss tensor and a dict of
-    numbers; else one line naming what is wrong, not an unpacking error or a shape error steps later."""
-    where = f"{type(task).__name__}.{method}"
-    if isinstance(returned, (tuple, list)) and len(returned) == 2:
-        loss, metrics = returned
-        if isinstance(loss, torch.Tensor) and isinstance(metrics, Mapping):
-            if loss.numel() != 1:
-                raise UsageError(f"{where} returned a loss of shape {tuple(loss.shape)}, expected one number: "
-                                 f"the batch's mean, such as loss.mean()")
-            if method == "train_step" and not loss.requires_grad and torch.is_grad_enabled():
-                raise UsageError(f"{where} returned a loss that no gradient flows back from (requires_grad False): "
-                                 f"compute it from the model's output, not under torch.no_grad(), .detach() or "
-                                 f".item()")
-            own = ("loss", *(TRAINING_FIGURES if method == "train_step" else ()), *RECORD_KEYS)
-            if clash := [name for name in own if name in metrics]:
-                raise UsageError(f"{where} returned a metric named {clash[0]!r}, a field its record has already "
-                                 f"({', '.join(own)}): name the metric otherwise")
-            for key, value in metrics.items():
-                if not (value.numel() == 1 if isinstance(value, torch.Tensor) else isinstance(value, numbers.Real)):
-                    shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
-                        f"a {type(value).__name__}"
-                    raise UsageError(f"{where} returned metric {key!r} as {shown}, expected a number or a "
-                                     f"one-element tensor: the batch's mean, such as .mean()")
-            return loss, metrics
-    shown = f"({', '.join(type(x).__name__ for x in returned)})" if isinstance(returned, (tuple, list)) else \
-        type(returned).__name__
-    raise UsageError(f"{where} returned {shown}, expected (loss, metrics): the loss "
-                     f"tensor and a dict of metrics, such as (loss, {{}})")
-
-
-def finalized_metrics(task: TrainingTask, metrics: dict[str, float]) -> dict[str, float]:
-    """The task's finalize_metrics of rank-averaged metrics, as floats; one line for a method that changes
-    the dict in place and returns nothing, or returns what is no number (found in setup, on a first batch)."""
-    return _numbers(task.finalize_metrics(metrics), f"{type(task).__name__}.finalize_metrics",
-                    "the dict of metrics: return it, changed or not")
-
-
-def _numbers(returned: Any, where: str, expected: str) -> dict[str, float]:
-    """The metrics a task's method returned, as floats; else one line naming what is wrong."""
-    if not isinstance(returned, Mapping):
-        raise UsageError(f"{where} returned {type(returned).__name__}, expected {expected}")
-    numbers_only = {}
-    for key, value in returned.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
-        if key in RECORD_KEYS:
-            raise UsageError(f"{where} returned {key!r}, a field every record has "
-                             f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
-        number = _built_in_number(value)
-        if number is None:
-            raise UsageError(f"{where} returned {key!r} as a {type(value).__name__}, expected a "
-                             f"number or a one-element tensor")
-        numbers_only[key] = float(number)
-    return numbers_only
-
-
-@contextlib.contextmanager
-def collecting(task: TrainingTask) -> Iterator[list[dict[str, Any]] | None]:
-    """What ``task.collect`` keeps while the block runs, a list of each call's tensors; None, and nothing kept,
-    for a task that scores nothing over the whole set (no score_collected of its own)."""
-    if type(task).score_collected is TrainingTask.score_collected:
-        yield None
-        return
-    task._collected = []
-    try:
-        yield task._collected
-    finally:
-        task._collected = None
-
-
-def whole_set_metrics(task: TrainingTask, collected: list[dict[str, Any]] | None, everywhere: bool = True,
-                      beside: Mapping[str, float] = {}) -> dict[str, float]:
-    """``task.score_collected`` of what every rank collected (this one's alone unless ``everywhere``), as
-    ``val_*`` metrics to log ``beside`` the validation means; {} when nothing was collected."""
-    if collected is None:
-        return {}
-    every = [rows for ranks in (D.gather(collected) if everywhere else [collected]) for rows in ranks]
-    if not every:
-        return {}
-    where, names = type(task).__name__, set(every[0])
-    for rows in every:
-        if set(rows) != names:
-            raise UsageError(f"{where}.collect was given {', '.join(sorted(rows))} for one batch and "
-                             f"{', '.join(sorted(names))} for another: collect the same names for every batch")
-        for name, value in rows.items():
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                shown = "a one-number tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-                raise UsageError(f"{where}.collect got {name} as {shown}, expected a tensor of rows, one per "
-                                 f"sample (or token) of the batch along its first dimension")
-    joined = {}
-    for name in sorted(names):
-        try:
-            joined[name] = torch.cat([rows[name] for rows in every])
-        except RuntimeError as e:
-            raise UsageError(f"{where}.collect: the rows of {name} cannot be joined across batches: "
-                             f"{one_line(e)}") from None
-    scored = task.score_collected(joined)
-    if not isinstance(scored, Mapping):
-        raise UsageError(f"{where}.score_collected returned {type(scored).__name__}, expected a dict of metrics")
-    # named as logged: a metric "step" is val_step, no field of the record
-    metrics = _numbers({f"val_{key}": value for key, value in scored.items()}, f"{where}.score_collected",
-                       "a dict of metrics")
-    if clash := sorted(metrics.keys() & beside.keys()):
-        raise UsageError(f"{where}.score_collected returned {clash[0][4:]!r}, a metric validation_step returns "
-                         f"too: name one of them otherwise")
-    return metrics
-
-
-def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: int) -> tuple[Any, Any]:
-    """The data module's ``method`` (train_dataloader, ...), checked: a (loader, sampler) pair; else one line,
-    not a traceback."""
-    got = getattr(data_module, method)(rank, world_size)
-    name = f"{type(data_module).__name__}.{method}()"
-    pair = isinstance(got, (tuple, list)) and len(got) == 2
-    if not pair or got[0] is None:
-        shown = f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, (tuple, list)) else \
-            type(got).__name__
-        raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
-                         f"self.build_dataloader(...) gives; without data for it, a loader over an empty data set")
-    loader, sampler = got
-    if method != "train_dataloader" and isinstance(sampler, DistributedSampler) and not sampler.drop_last and \
-            type(sampler).__iter__ is DistributedSampler.__iter__ and sampler.total_size > len(sampler.dataset):
-        # it repeats a few items to even out the ranks' shares, which validation would count twice
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if getattr(batch_sampler, "sampler", None) is sampler:  # each item once instead, the loader as it was
-            sampler = ShardSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
-                                   shuffle=False)
-            batch_sampler.sampler = sampler
-            return loader, sampler
-        raise UsageError(f"{name}: its DistributedSampler repeats {sampler.total_size - len(sampler.dataset)} "
-                         f"of the {len(sampler.dataset)} {'test' if method == 'test_dataloader' else 'validation'} "
-                         f"items to even out {sampler.num_replicas} ranks' "
-                         f"shares, which validation would count twice: build the loader with "
-                         f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
-    return loader, sampler
-
-
-def batch_len(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor that has one, at any depth (1 if none)."""
-    found = _first_dim(batch)
-    return 1 if found is None else found
-
-
-def _first_dim(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else None
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else \
-        _fields(batch).values()
-    for item in items:  # past names, ids and scalars: a list of strings is no count of samples
-        found = _first_dim(item)
-        if found is not None:
-            return found
-    return None
-
-
-def moved_to(batch: Any, device: torch.device) -> Any:
-    """``batch`` with its tensors on ``device``, in lists, tuples, named tuples, mappings and dataclasses at any
-    depth."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields one by one
-        return type(batch)(*(moved_to(b, device) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(moved_to(b, device) for b in batch)
-    if isinstance(batch, Mapping):  # a dict, or a UserDict such as transformers' BatchEncoding
-        moved = {k: moved_to(v, device) for k, v in batch.items()}
-        try:
-            return type(batch)(moved)
-        except TypeError:  # a mapping that is not built from a dict (defaultdict): a plain one
-            return moved
-    if fields := _fields(batch):  # a dataclass: a copy with its fields moved, __init__ and __post_init__ not run
-        moved = copy.copy(batch)  # again (one that transforms its inputs would do it twice)
-        for name, value in fields.items():
-            object.__setattr__(moved, name, moved_to(value, device))  # a frozen dataclass's too
-        return moved
-    return batch
-
-
-def _fields(batch: Any) -> dict[str, Any]:
-    """The fields of a dataclass batch that are set, by name, in order; empty for anything else."""
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if hasattr(batch, f.name)}
-    return {}
-
-
-def _callback_error(cb: Callback, hook: str, e: Exception) -> CallbackError:
-    return CallbackError(f"callback {type(cb).__name__}.{hook} failed: {type(e).__name__}: {e}")
-
-
-def _where(e: BaseException) -> str:
-    """file:line of the innermost frame of ``e`` outside torch: most often the task's own code."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
-    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "inside torch"
-
-
-def _keyed_by_class(states: dict[str, Any]) -> dict[str, Any]:
-    """Callback states as _callback_keys names them. Earlier versions keyed them by place in the list
-    (``3:EarlyStopping``), which a callback added or left out since shifts: those are matched by class, in order."""
-    by_place = sorted((int(key.split(":", 1)[0]), key) for key in states if re.fullmatch(r"\d+:\w+", key))
-    if not by_place:
-        return states
-    return dict(zip(_numbered([key.split(":", 1)[1] for _, key in by_place]), (states[key] for _, key in by_place)))
-
-
-def _callback_keys(callbacks: list[Callback]) -> list[str]:
-    """Each callback's key in a checkpoint: its class name, so that adding, dropping or reordering others keeps
-    its state its own."""
-    return _numbered([type(cb).__name__ for cb in callbacks])
-
-
-def _numbered(names: list[str]) -> list[str]:
-    """``names`` with each repeat numbered from the second on: ``Announce``, ``Announce#2``."""
-    seen: dict[str, int] = {}
-    keys = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return keys
 
 

@@ -7,13 +7,19 @@ reads with one device sync for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+import numbers
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from llm.errors import UsageError
+from llm.errors import UsageError, one_line
+from llm.training.core import distributed as D
+from llm.training.core.callbacks import RECORD_KEYS
+from llm.training.tasks.base_task import TrainingTask
 
 
 class TrainingSums:
@@ -220,3 +226,91 @@ def _on_host(items: list[float | torch.Tensor]) -> list[float]:
     for i, value in zip([i for at in by_dtype.values() for i in at], torch.cat(stacked).cpu().tolist()):
         out[i] = value
     return out
+
+
+# ---- what a task's methods return, as the records take them ----------------------------
+
+def finalized_metrics(task: TrainingTask, metrics: dict[str, float]) -> dict[str, float]:
+    """The task's finalize_metrics of rank-averaged metrics, as floats; one line for a method that changes
+    the dict in place and returns nothing, or returns what is no number (found in setup, on a first batch)."""
+    return _as_numbers(task.finalize_metrics(metrics), f"{type(task).__name__}.finalize_metrics",
+                    "the dict of metrics: return it, changed or not")
+
+
+def _as_numbers(returned: Any, where: str, expected: str) -> dict[str, float]:
+    """The metrics a task's method returned, as floats; else one line naming what is wrong."""
+    if not isinstance(returned, Mapping):
+        raise UsageError(f"{where} returned {type(returned).__name__}, expected {expected}")
+    numbers_only = {}
+    for key, value in returned.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
+        if key in RECORD_KEYS:
+            raise UsageError(f"{where} returned {key!r}, a field every record has "
+                             f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
+        number = built_in_number(value)
+        if number is None:
+            raise UsageError(f"{where} returned {key!r} as a {type(value).__name__}, expected a "
+                             f"number or a one-element tensor")
+        numbers_only[key] = float(number)
+    return numbers_only
+
+
+def built_in_number(value: Any) -> int | float | None:
+    """A number, a NumPy number or a one-element tensor as a built-in int or float, which the JSON and TensorBoard
+    writers and a checkpoint take; None for anything else."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else None
+
+
+@contextlib.contextmanager
+def collecting(task: TrainingTask) -> Iterator[list[dict[str, Any]] | None]:
+    """What ``task.collect`` keeps while the block runs, a list of each call's tensors; None, and nothing kept,
+    for a task that scores nothing over the whole set (no score_collected of its own)."""
+    if type(task).score_collected is TrainingTask.score_collected:
+        yield None
+        return
+    task._collected = []
+    try:
+        yield task._collected
+    finally:
+        task._collected = None
+
+
+def whole_set_metrics(task: TrainingTask, collected: list[dict[str, Any]] | None, everywhere: bool = True,
+                      beside: Mapping[str, float] = {}) -> dict[str, float]:
+    """``task.score_collected`` of what every rank collected (this one's alone unless ``everywhere``), as
+    ``val_*`` metrics to log ``beside`` the validation means; {} when nothing was collected."""
+    if collected is None:
+        return {}
+    every = [rows for ranks in (D.gather(collected) if everywhere else [collected]) for rows in ranks]
+    if not every:
+        return {}
+    where, names = type(task).__name__, set(every[0])
+    for rows in every:
+        if set(rows) != names:
+            raise UsageError(f"{where}.collect was given {', '.join(sorted(rows))} for one batch and "
+                             f"{', '.join(sorted(names))} for another: collect the same names for every batch")
+        for name, value in rows.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                shown = "a one-number tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+                raise UsageError(f"{where}.collect got {name} as {shown}, expected a tensor of rows, one per "
+                                 f"sample (or token) of the batch along its first dimension")
+    joined = {}
+    for name in sorted(names):
+        try:
+            joined[name] = torch.cat([rows[name] for rows in every])
+        except RuntimeError as e:
+            raise UsageError(f"{where}.collect: the rows of {name} cannot be joined across batches: "
+                             f"{one_line(e)}") from None
+    scored = task.score_collected(joined)
+    if not isinstance(scored, Mapping):
+        raise UsageError(f"{where}.score_collected returned {type(scored).__name__}, expected a dict of metrics")
+    # named as logged: a metric "step" is val_step, no field of the record
+    metrics = _as_numbers({f"val_{key}": value for key, value in scored.items()}, f"{where}.score_collected",
+                       "a dict of metrics")
+    if clash := sorted(metrics.keys() & beside.keys()):
+        raise UsageError(f"{where}.score_collected returned {clash[0][4:]!r}, a metric validation_step returns "
+                         f"too: name one of them otherwise")
+    return metrics

@@ -9,9 +9,7 @@ import itertools
 import json
 import os
 import random
-import signal
 import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +34,7 @@ from llm.training.core.checkpoint import (
 )
 from llm.training.core.callbacks import flatten, metrics_files
 from llm.training.core.config import BUILTIN_TOKENIZERS, Config
+from llm.training.core.signals import leave_stop_signals
 
 
 class ResumableSampler:
@@ -171,7 +170,7 @@ class WorkerStart:
         if self.then is not None:
             self.then(worker_id)
         _seed_each_batch(torch.utils.data.get_worker_info().dataset)
-        _leave_stop_signals()
+        leave_stop_signals()
 
 
 def _seed_each_batch(dataset: Any) -> None:
@@ -186,23 +185,6 @@ def _seed_each_batch(dataset: Any) -> None:
     # that takes no new attribute) keeps the worker's own streams
     with contextlib.suppress(Exception):
         dataset.__getitems__ = seeded
-
-
-def _leave_stop_signals() -> None:
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to read the sender; torch's handler stays
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
-    parent = os.getppid()
-
-    def wait() -> None:
-        while True:
-            sent = signal.sigwaitinfo({signal.SIGTERM})
-            if sent.si_pid == parent or os.getppid() != parent:
-                os._exit(0)
-
-    threading.Thread(target=wait, name="llm-worker-sigterm", daemon=True).start()
 
 
 def _takes_attributes(dataset: Any) -> bool:

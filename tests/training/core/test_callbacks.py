@@ -13,6 +13,7 @@ from llm.training.core.callbacks import (
     ProgressBar,
     TensorBoardLogger,
     improves,
+    keyed_by_class,
 )
 from llm.training.core.config import Config
 from llm.training.core.engine import TrainingEngine
@@ -284,3 +285,13 @@ def test_progress_bar_stays_off_without_a_terminal(capsys):
     bar = ProgressBar()
     bar.on_train_start(engine)  # pytest's stderr is not a terminal
     assert bar._bar is None and bar.write("x") is False
+
+
+def test_callback_state_of_earlier_versions_is_matched_by_class_in_order():
+    # keyed by place, which a callback added or left out since (a progress bar turned off) would shift
+    old = {"0:MetricsLogger": {}, "4:ProgressBar": {}, "5:MLflowLogger": {"run_id": "x"}, "11:Announce": {"n": 2},
+           "7:Announce": {"n": 1}}
+    assert keyed_by_class(old) == {"MetricsLogger": {}, "ProgressBar": {}, "MLflowLogger": {"run_id": "x"},
+                                    "Announce": {"n": 1}, "Announce#2": {"n": 2}}
+    new = {"MLflowLogger": {"run_id": "y"}, "Announce#2": {}}
+    assert keyed_by_class(new) == new

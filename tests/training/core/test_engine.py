@@ -33,7 +33,9 @@ from llm.training.core.callbacks import (HOOKS, Callback, EarlyStopping, LRSched
 from llm.training.core.checkpoint import CheckpointError, load_shared_state
 from llm.training.core.config import Config, ConfigError
 from llm.training.core import checkpoint as checkpoint_module, engine as engine_module, resume
-from llm.training.core.engine import CallbackError, NonFiniteError, TrainingEngine, TrainingInterrupted, _keyed_by_class
+from llm.training.core.callbacks import CallbackError
+from llm.training.core.engine import NonFiniteError, TrainingEngine
+from llm.training.core.signals import TrainingInterrupted
 from llm.training.core.optim import lr_factor
 from llm.training.core.registry import resolve_data_module
 from llm.training.tasks.regression_task import RegressionTask
@@ -2010,48 +2012,6 @@ def test_engine_log_takes_tensors_and_numpy_numbers_and_refuses_the_rest_in_one_
         train(tiny_config(tmp_path / "b"), callbacks=[Extra([1.0])])
 
 
-def test_batches_are_counted_and_moved_whatever_holds_their_tensors():
-    from collections import UserDict, namedtuple
-
-    assert engine_module.batch_len({"id": ["a", "b", "c"], "x": torch.zeros(3, 2)}) == 3  # names first
-    assert engine_module.batch_len((["a"] * 5, {"scale": torch.tensor(2.0), "x": torch.zeros(5)})) == 5
-    assert engine_module.batch_len(["just", "text"]) == 1
-    Pair = namedtuple("Pair", "x y")
-    moved = engine_module.moved_to([Pair(torch.ones(2), torch.ones(2)), UserDict(x=torch.ones(2))], torch.device("meta"))
-    assert type(moved[0]) is Pair and moved[0].y.device.type == "meta"
-    assert type(moved[1]) is UserDict and moved[1]["x"].device.type == "meta"
-
-    @dataclasses.dataclass(frozen=True)
-    class Batch:
-        ids: list[str]
-        x: torch.Tensor
-        scale: float = 1.0
-        y: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(4))
-
-    batch = Batch(["a"] * 4, torch.ones(4, 3), 2.0)
-    assert engine_module.batch_len(batch) == 4 and engine_module.batch_len([batch]) == 4
-    moved = engine_module.moved_to({"b": batch}, torch.device("meta"))["b"]
-    assert type(moved) is Batch and moved.x.device.type == moved.y.device.type == "meta"
-    assert moved.ids == ["a"] * 4 and moved.scale == 2.0 and batch.x.device.type == "cpu"
-
-    @dataclasses.dataclass
-    class Shifted:  # __init__ and __post_init__ run once, when the loader makes the batch, not again when moved
-        x: torch.Tensor
-        scale: dataclasses.InitVar[float]
-        mask: torch.Tensor | None = dataclasses.field(init=False, default=None)
-        later: torch.Tensor = dataclasses.field(init=False)  # set by the collate function, or not at all
-
-        def __post_init__(self, scale):
-            self.x = self.x * scale - 1
-
-    batch = Shifted(torch.ones(3, 2), 2.0)
-    assert engine_module.batch_len(batch) == 3  # its unset field passed over
-    batch.mask = torch.ones(3, dtype=torch.bool)
-    moved = engine_module.moved_to(batch, torch.device("meta"))
-    assert moved.x.device.type == moved.mask.device.type == "meta" and not hasattr(moved, "later")
-    assert torch.equal(engine_module.moved_to(batch, torch.device("cpu")).x, torch.ones(3, 2))
-
-
 @pytest.mark.parametrize("returned, words", [
     ("loader", "train_dataloader() returned DataLoader, expected a (DataLoader, DistributedSampler) pair"),
     ("no sampler", "train_dataloader() returned the sampler NoneType, expected one with set_epoch"),
@@ -2802,17 +2762,17 @@ def test_a_resume_mid_epoch_with_another_batch_size_goes_on_from_the_samples_alr
 
 
 def test_an_allocation_too_large_is_one_line_with_its_size_from_either_allocator():
-    from llm.training.core.engine import _out_of_memory
+    from llm.training.core.checks import out_of_memory
 
     for error, size in ((RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                                       "64000000000 bytes. Error code 12"), "59.6"),
                         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0)"), "20.0")):
         with pytest.raises(UsageError, match=rf"^build_model\(\) ran out of memory: it asked for {size} GiB at once; "
                                              rf"ask for less, or use a machine with more memory$"):
-            with _out_of_memory("build_model()", "less"):
+            with out_of_memory("build_model()", "less"):
                 raise error
     with pytest.raises(RuntimeError, match="^another error$"):  # anything else goes through as it is
-        with _out_of_memory("build_model()", "less"):
+        with out_of_memory("build_model()", "less"):
             raise RuntimeError("another error")
 
 
@@ -2826,16 +2786,6 @@ def test_a_build_model_returning_no_module_is_one_line_before_the_run_folder_is_
                                          r"torch.nn.Module$"):
         TrainingEngine(config, ReturnsAFunction(config), 0, 1).train()
     assert not (tmp_path / "run").exists()
-
-
-def test_callback_state_of_earlier_versions_is_matched_by_class_in_order():
-    # keyed by place, which a callback added or left out since (a progress bar turned off) would shift
-    old = {"0:MetricsLogger": {}, "4:ProgressBar": {}, "5:MLflowLogger": {"run_id": "x"}, "11:Announce": {"n": 2},
-           "7:Announce": {"n": 1}}
-    assert _keyed_by_class(old) == {"MetricsLogger": {}, "ProgressBar": {}, "MLflowLogger": {"run_id": "x"},
-                                    "Announce": {"n": 1}, "Announce#2": {"n": 2}}
-    new = {"MLflowLogger": {"run_id": "y"}, "Announce#2": {}}
-    assert _keyed_by_class(new) == new
 
 
 def test_a_loss_per_sample_on_a_later_step_is_the_same_one_line(tmp_path):
@@ -3261,7 +3211,7 @@ def test_a_whole_set_metric_that_one_batch_cannot_give_is_checked_at_the_first_v
 
 
 def test_collected_rows_are_copies_on_the_cpu_and_half_floats_are_widened():
-    from llm.training.core.engine import collecting
+    from llm.training.core.metrics import collecting
     from tests.helpers import WholeSetTask
 
     task = WholeSetTask(Config())
