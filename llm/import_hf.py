@@ -55,8 +55,9 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> tuple[Path, GPTConfig, str
         config, state = from_hf_state_dict(hf_config, _read_weights(hf_dir))
     except NoOurForm as e:
         raise UsageError(f"{hf_dir}: {e}") from None
-    model = GPT(config)
-    load_weights_strictly(model, state, f"the weights in {hf_dir}", " than its config.json describes")
+    model = GPT.from_weights(config, state, lambda model, weights: load_weights_strictly(
+        model, weights, f"the weights in {hf_dir}", " than its config.json describes", assign=True))
+    del state  # the weights as read, which the model holds now in float32
     tokenizer = _read_tokenizer(hf_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise UsageError(f"{hf_dir}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "

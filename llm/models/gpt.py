@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,6 +321,28 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_weights(cls, config: GPTConfig, state: dict[str, Any],
+                     load: Callable[[GPT, dict[str, Any]], None]) -> GPT:
+        """A GPT holding the weights ``state``, in float32, put in by ``load(model, state)``: a
+        ``load_state_dict(state, assign=True)``. Built on the meta device, so that no random weights are made
+        only to be written over: for a model of billions of parameters, minutes, and a second copy of it in
+        memory."""
+        # float32 and contiguous, as the parameters of a model built to take them would copy them (a bfloat16
+        # import's, a transposed view)
+        state = {key: value.float().contiguous() if isinstance(value, torch.Tensor) and value.is_floating_point()
+                 else value for key, value in state.items()}
+        with torch.device("meta"):
+            model = cls(config)
+        load(model, state)
+        if config.tie_embeddings:  # assign gave the head and the embedding a tensor each: one again, as built
+            model.tok_emb.weight = model.lm_head.weight
+        rope = make_rotary(config)  # derived from the config, in no checkpoint: made now, on the CPU
+        for module in model.modules():
+            if isinstance(module, Rotary):
+                module.cos, module.sin = rope.cos, rope.sin
+        return model
 
     def fit_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Another GPT's weights, to start from, fitted to this one: a longer table of learned positions cut to

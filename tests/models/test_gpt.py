@@ -185,6 +185,29 @@ def test_all_blocks_share_one_pair_of_rotary_tables():
     assert GPT(dataclasses.replace(config, pos_emb="learned")).blocks[0].attn.rope is None
 
 
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_model_built_from_weights_computes_as_one_built_then_loaded(variant):
+    built = tiny(**VARIANTS[variant])
+    state = built.state_dict()
+    given = {}
+
+    def load(model, weights):
+        given.update(weights)
+        model.load_state_dict(weights, strict=True, assign=True)
+
+    model = GPT.from_weights(built.config, state, load).eval()
+    idx = torch.randint(0, V, (2, T))
+    assert torch.equal(model(idx), built(idx))
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    assert (model.lm_head.weight is model.tok_emb.weight) == built.config.tie_embeddings
+    # the weights given are the model's own: no second copy of them, and no random ones made first
+    assert model.blocks[0].mlp.proj.weight.data_ptr() == state["blocks.0.mlp.proj.weight"].data_ptr()
+    # bfloat16 weights (an import's) are taken in float32, as a model built to take them copies them
+    half = GPT.from_weights(built.config, {k: v.bfloat16() for k, v in state.items()}, load)
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    assert torch.equal(half.norm_f.weight, state["norm_f.weight"].bfloat16().float())
+
 def test_greedy_generation_follows_the_argmax_and_crops_the_context():
     model = tiny()
     prompt = torch.randint(0, V, (T + 5,))  # longer than block_size: cropped

@@ -509,8 +509,12 @@ def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
     validated. ``shared``: the checkpoint's shared state when the caller has it already (it is not read again)."""
     ckpt = Path(ckpt)
     if not (ckpt / SHARDED).is_dir():
-        state = load_shared_state(ckpt) if shared is None else shared
-        return _averaged(state.get("model"), state.get("ema"))
+        if shared is not None:
+            return _averaged(shared.get("model"), shared.get("ema"))
+        # mapped, not read: of a training checkpoint's state.pt (the weights and the optimizer's moments, 3x the
+        # weights under Adam) only the weights are read into memory
+        state = _load_torch(ckpt / SHARED, "cpu", mmap=True)
+        return _in_memory(_averaged(state.get("model"), state.get("ema")))
     from llm.training.core import sharded
 
     try:
@@ -524,6 +528,26 @@ def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
 
 def _averaged(weights: dict | None, average: dict | None) -> dict | None:
     return {**weights, **average} if isinstance(weights, dict) and isinstance(average, dict) else weights
+
+
+def _in_memory(weights: Any) -> Any:
+    """``weights`` copied out of the file they are mapped from, into memory: a checkpoint that its run prunes
+    meanwhile (on NFS, from another machine) would fault on a page not read yet. Tensors that shared a storage
+    (tied weights) share their copy."""
+    if not isinstance(weights, dict):
+        return weights
+    copies: dict[int, torch.UntypedStorage] = {}
+
+    def copied(tensor: Any) -> Any:
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in copies:
+            copies[storage.data_ptr()] = storage.clone()
+        return torch.empty(0, dtype=tensor.dtype).set_(copies[storage.data_ptr()], tensor.storage_offset(),
+                                                       tensor.size(), tensor.stride())
+
+    return {key: copied(value) for key, value in weights.items()}
 
 
 def load_weights_strictly(model: torch.nn.Module, state: dict, source: str, than: str = "",
@@ -802,9 +826,9 @@ def _save_torch(obj: dict, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _load_torch(path: Path, map_location) -> dict:
+def _load_torch(path: Path, map_location, mmap: bool = False) -> dict:
     try:
-        return _load_torch_file(path, map_location)
+        return _load_torch_file(path, map_location, mmap)
     except CheckpointError:
         if path.parent.is_dir():
             raise
@@ -816,11 +840,11 @@ def _deleted(ckpt: Path, advice: str = "run again to take the newest checkpoint"
             f"saving beside it: {advice}")
 
 
-def _load_torch_file(path: Path, map_location) -> dict:
+def _load_torch_file(path: Path, map_location, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise CheckpointError(f"{path} is truncated or corrupt ({_one_line(error)})") from None

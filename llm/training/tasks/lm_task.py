@@ -137,8 +137,7 @@ def _read_lm(ckpt: Path) -> tuple[GPT, Tokenizer, Path]:
     state = model_weights(ckpt)
     if not isinstance(state, dict):
         raise UsageError(f"{ckpt / SHARED} holds no model weights (no 'model' entry)")
-    model = GPT(config)
-    _load_weights(model, state, ckpt)
+    model = GPT.from_weights(config, state, lambda model, weights: _load_weights(model, weights, ckpt, assign=True))
     return model, tokenizer, ckpt
 
 

@@ -25,6 +25,7 @@ from llm.training.core.checkpoint import (
     copied_to_cpu,
     load_rank_state,
     load_shared_state,
+    model_weights,
     read_checkpoint,
     resolve_checkpoint,
     verify,
@@ -67,6 +68,23 @@ def test_roundtrip_restores_tensors_and_keys(tmp_path):
     per_rank = load_rank_state(path, 0)
     assert torch.equal(per_rank["rng"], rng) and per_rank["rank"] == 0
 
+
+
+def test_model_weights_are_read_out_of_the_file_into_memory_with_ties_kept(tmp_path):
+    # state.pt is mapped so that the optimizer's moments are never read; the weights are copied out of the
+    # mapping at once: a checkpoint pruned or rewritten under a reader (another machine's run, on NFS) must
+    # not fault the reader later (a mapped page past a truncated file's end is a SIGBUS)
+    embedding = torch.randn(50, 8)
+    model = {"tok_emb.weight": embedding, "lm_head.weight": embedding, "w": torch.randn(3, 4),
+             "steps": torch.tensor(7)}
+    path = CheckpointManager(tmp_path).save(1, {"model": model, "optimizer": {"state": {0: torch.ones(50, 8)}}}, {})
+    weights = model_weights(path)
+    os.truncate(path / "state.pt", 0)
+    assert sorted(weights) == sorted(model)
+    assert all(torch.equal(weights[key], value) for key, value in model.items())
+    tied = weights["tok_emb.weight"], weights["lm_head.weight"]
+    assert tied[0].untyped_storage().data_ptr() == tied[1].untyped_storage().data_ptr()  # one copy of a tied matrix
+    assert weights["steps"].dtype == torch.int64
 
 def test_a_copy_for_a_save_in_the_background_owns_its_tensors_keeps_its_containers_and_ties(tmp_path):
     embedding = torch.nn.Embedding(50, 8)
