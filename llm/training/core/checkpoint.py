@@ -537,6 +537,7 @@ def _in_memory(weights: Any) -> Any:
     if not isinstance(weights, dict):
         return weights
     copies: dict[int, torch.UntypedStorage] = {}
+    copied_weights = copy.copy(weights)  # a state dict's own type, with the module versions load_state_dict reads
 
     def copied(tensor: Any) -> Any:
         if not isinstance(tensor, torch.Tensor):
@@ -547,7 +548,9 @@ def _in_memory(weights: Any) -> Any:
         return torch.empty(0, dtype=tensor.dtype).set_(copies[storage.data_ptr()], tensor.storage_offset(),
                                                        tensor.size(), tensor.stride())
 
-    return {key: copied(value) for key, value in weights.items()}
+    for key, value in weights.items():
+        copied_weights[key] = copied(value)
+    return copied_weights
 
 
 def load_weights_strictly(model: torch.nn.Module, state: dict, source: str, than: str = "",
@@ -844,6 +847,8 @@ def _load_torch_file(path: Path, map_location, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
+        with open(path, "rb") as f:  # torch maps only its zip format; a file of the older one is read
+            mmap = mmap and f.read(4) == b"PK\x03\x04"
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):

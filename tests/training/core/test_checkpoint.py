@@ -86,6 +86,17 @@ def test_model_weights_are_read_out_of_the_file_into_memory_with_ties_kept(tmp_p
     assert tied[0].untyped_storage().data_ptr() == tied[1].untyped_storage().data_ptr()  # one copy of a tied matrix
     assert weights["steps"].dtype == torch.int64
 
+
+def test_model_weights_of_the_older_file_format_are_read_with_their_module_versions(tmp_path):
+    # torch maps only files of its zip format: one saved in the older format is read as it was before
+    norm = torch.nn.BatchNorm1d(3)
+    path = CheckpointManager(tmp_path).save(1, {"model": norm.state_dict()}, {})
+    assert model_weights(path)._metadata[""]["version"] == 2  # BatchNorm's, which its load_state_dict reads
+    torch.save({"model": norm.state_dict()}, path / "state.pt", _use_new_zipfile_serialization=False)
+    weights = model_weights(path)
+    assert all(torch.equal(weights[key], value) for key, value in norm.state_dict().items())
+    assert weights._metadata[""]["version"] == 2
+
 def test_a_copy_for_a_save_in_the_background_owns_its_tensors_keeps_its_containers_and_ties(tmp_path):
     embedding = torch.nn.Embedding(50, 8)
     model = torch.nn.ModuleDict({"embedding": embedding, "head": torch.nn.Linear(8, 50, bias=False)})
