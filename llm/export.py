@@ -100,7 +100,7 @@ def _why_not_written(error: OSError | SafetensorError) -> str:
 
 def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
     """``ckpt``, its weights as safetensors takes them, and the description written beside them."""
-    state = load_shared_state(ckpt)
+    state = load_shared_state(ckpt, mmap=True)  # the weights alone are read, by the copies below
     model = model_weights(ckpt, state)
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise UsageError(f"{ckpt} holds no model weights")

@@ -180,12 +180,12 @@ def test_an_export_of_a_live_runs_folder_takes_the_newest_again_when_the_one_it_
     folder = tmp_path / "run/checkpoints"
 
     def saved_and_pruned(read):  # as the export starts reading, the run saves step 9 and its retention deletes step 6
-        def reading(ckpt, *rest):
+        def reading(ckpt, *rest, **options):
             if ckpt.name == "step_00000006" and ckpt.exists():
                 shutil.copytree(ckpt, folder / "step_00000009")
                 (folder / "latest").write_text("step_00000009\n")
                 shutil.rmtree(ckpt)
-            return read(ckpt, *rest)
+            return read(ckpt, *rest, **options)
         return reading
 
     for name in ("load_shared_state", "model_weights"):  # whichever reads first

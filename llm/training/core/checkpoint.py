@@ -498,9 +498,10 @@ def _kept_elsewhere(run_dir: Path) -> str:
     return f"; its run kept them in {folder} (checkpoint.dir in its config.yaml, from where it was started)"
 
 
-def load_shared_state(ckpt: Path, map_location="cpu") -> dict:
-    """The shared state (model, optimizer, ...) of a checkpoint."""
-    return _load_torch(Path(ckpt) / SHARED, map_location)
+def load_shared_state(ckpt: Path, map_location="cpu", mmap: bool = False) -> dict:
+    """The shared state (model, optimizer, ...) of a checkpoint. ``mmap``: the file mapped, its tensors read only
+    when touched, for a reader of the weights alone: copy them out before the file can go (see _in_memory)."""
+    return _load_torch(Path(ckpt) / SHARED, map_location, mmap)
 
 
 def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
@@ -513,7 +514,7 @@ def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
             return _averaged(shared.get("model"), shared.get("ema"))
         # mapped, not read: of a training checkpoint's state.pt (the weights and the optimizer's moments, 3x the
         # weights under Adam) only the weights are read into memory
-        state = _load_torch(ckpt / SHARED, "cpu", mmap=True)
+        state = load_shared_state(ckpt, mmap=True)
         return _in_memory(_averaged(state.get("model"), state.get("ema")))
     from llm.training.core import sharded
 
