@@ -57,13 +57,12 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out`` (safetensors) and its ``.json`` description; returns the checkpoint used."""
     check_out(out)  # before loading: a big checkpoint takes a while
     out = Path(out)
-    ckpt, tensors, description = read_checkpoint(checkpoint, _read_for_export)
-    tokenizer = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None  # a language model's, any kind
-    description = {"weights": out.name, **({"tokenizer": tokenizer_of(out).name} if tokenizer else {}), **description}
+    ckpt, tensors, description, tokenizer = read_checkpoint(checkpoint, _read_for_export)
+    description = {"weights": out.name, **({"tokenizer": tokenizer_of(out).name} if tokenizer is not None else {}), **description}
     metadata = {"format": "pt", "task": str(description["task"])}
     files = {out: lambda tmp: _save_safetensors(tensors, tmp, metadata, staging_of(out))}
     if tokenizer is not None:
-        files[tokenizer_of(out)] = lambda tmp: tmp.write_bytes(tokenizer.read_bytes())
+        files[tokenizer_of(out)] = lambda tmp: tmp.write_bytes(tokenizer)
     files[description_of(out)] = lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n")
     # an earlier export's tokenizer at this --out (check_out let it through), which these weights do not use, goes
     _write_together(out.parent, files, stale=[] if tokenizer is not None else [tokenizer_of(out)])
@@ -98,8 +97,10 @@ def _why_not_written(error: OSError | SafetensorError) -> str:
     return os.strerror(int(code.group(1))) if code else str(error)
 
 
-def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
-    """``ckpt``, its weights as safetensors takes them, and the description written beside them."""
+def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict, bytes | None]:
+    """``ckpt``, its weights as safetensors takes them, the description written beside them, and its tokenizer
+    (a language model's, any kind), read here with the rest: read_checkpoint sees whether the checkpoint
+    stayed whole meanwhile."""
     state = load_shared_state(ckpt, mmap=True)  # the weights alone are read, by the copies below
     model = model_weights(ckpt, state)
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
@@ -111,12 +112,13 @@ def _read_for_export(ckpt: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
     # clone: tied weights share storage, and safetensors refuses shared tensors
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.items()}
     config = _run_config(ckpt, state)
+    tokenizer = (ckpt / TOKENIZER).read_bytes() if (ckpt / TOKENIZER).is_file() else None
     return ckpt, tensors, {
         "task": config["task"],
         "step": (state.get("progress") or {}).get("step"),
         "model_config": json.loads(model_config_file.read_text()) if is_lm else config.get("model"),
         "config": config,
-    }
+    }, tokenizer
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, bool]:

@@ -195,6 +195,38 @@ def test_an_export_of_a_live_runs_folder_takes_the_newest_again_when_the_one_it_
     assert (taken[0] if fmt == "hf" else taken) == folder / "step_00000009"
 
 
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hf"])
+def test_an_export_whose_checkpoint_is_pruned_after_its_weights_are_read_is_made_from_the_newest_whole(
+        tmp_path, monkeypatch, fmt):
+    # the weights read, the run's retention deletes the checkpoint before its tokenizer is looked for: found
+    # missing, it had been taken as a model without one, and exported so
+    if fmt == "hf":
+        pytest.importorskip("transformers")
+    config = lm_config(tmp_path, model={"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"},
+                       data={"tokenizer": "bpe", "vocab_size": 300})
+    TrainingEngine(config, LMTask(config), 0, 1).train()
+    folder = tmp_path / "run/checkpoints"
+    read = export.model_weights
+
+    def read_then_pruned(ckpt, *rest):
+        weights = read(ckpt, *rest)
+        if ckpt.name == "step_00000006":
+            shutil.copytree(ckpt, folder / "step_00000009")
+            (folder / "latest").write_text("step_00000009\n")
+            shutil.rmtree(ckpt)
+        return weights
+
+    monkeypatch.setattr(export, "model_weights", read_then_pruned)
+    if fmt == "hf":
+        taken, _, with_tokenizer = export.export_hf(folder, tmp_path / "out")
+        assert with_tokenizer and (tmp_path / "out/tokenizer.json").is_file()
+    else:
+        taken = export.export(folder, tmp_path / "out/model.safetensors")
+        assert json.loads((tmp_path / "out/model.json").read_text())["tokenizer"] == "model.tokenizer.json"
+        assert (tmp_path / "out/model.tokenizer.json").is_file()
+    assert taken == folder / "step_00000009"
+
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert capsys.readouterr().err == f"error: checkpoint path {tmp_path / 'nope'} does not exist\n"

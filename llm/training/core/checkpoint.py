@@ -473,17 +473,22 @@ def read_checkpoint(path: str | Path, read: Callable[[Path], _T], attempts: int 
 
     When ``path`` is a folder of checkpoints or a run folder and the checkpoint taken is deleted while it
     is read (the retention of that run removing it after its next save), the newest one then is read
-    instead, up to ``attempts`` times in all. A checkpoint named itself is not swapped for another.
+    instead, up to ``attempts`` times in all. A checkpoint named itself is not swapped for another. A read
+    that went well counts only if its checkpoint is still there at its end: a file it found missing (the
+    tokenizer of a language model) may have been deleted, not absent; a checkpoint gone stays gone.
     """
     for _ in range(attempts):
         ckpt = resolve_checkpoint(path)
         try:
-            return read(ckpt)
+            read_whole = read(ckpt)
         except Exception:
             if ckpt.is_dir():
                 raise
-            if ckpt == Path(path):  # named by the user: another checkpoint is not what was asked for
-                raise CheckpointError(_deleted(ckpt, f"give its folder {ckpt.parent} to take the newest")) from None
+        else:
+            if ckpt.is_dir():
+                return read_whole
+        if ckpt == Path(path):  # named by the user: another checkpoint is not what was asked for
+            raise CheckpointError(_deleted(ckpt, f"give its folder {ckpt.parent} to take the newest")) from None
     raise CheckpointError(_deleted(ckpt, f"the newest was taken {attempts} times and deleted each time; run again"))
 
 
