@@ -505,7 +505,7 @@ def _kept_elsewhere(run_dir: Path) -> str:
 
 def load_shared_state(ckpt: Path, map_location="cpu", mmap: bool = False) -> dict:
     """The shared state (model, optimizer, ...) of a checkpoint. ``mmap``: the file mapped, its tensors read only
-    when touched, for a reader of the weights alone: copy them out before the file can go (see _in_memory)."""
+    when touched, for a reader of the weights alone: copy them out before the file can go (model_weights)."""
     return _load_torch(Path(ckpt) / SHARED, map_location, mmap)
 
 
@@ -518,9 +518,10 @@ def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
         if shared is not None:
             return _averaged(shared.get("model"), shared.get("ema"))
         # mapped, not read: of a training checkpoint's state.pt (the weights and the optimizer's moments, 3x the
-        # weights under Adam) only the weights are read into memory
+        # weights under Adam) only the weights are read, copied into memory at once: a checkpoint its run prunes
+        # meanwhile (on NFS, from another machine) would fault on a page not read yet
         state = load_shared_state(ckpt, mmap=True)
-        return _in_memory(_averaged(state.get("model"), state.get("ema")))
+        return copied_to_cpu(_averaged(state.get("model"), state.get("ema")))
     from llm.training.core import sharded
 
     try:
@@ -534,29 +535,6 @@ def model_weights(ckpt: Path, shared: dict | None = None) -> dict | None:
 
 def _averaged(weights: dict | None, average: dict | None) -> dict | None:
     return {**weights, **average} if isinstance(weights, dict) and isinstance(average, dict) else weights
-
-
-def _in_memory(weights: Any) -> Any:
-    """``weights`` copied out of the file they are mapped from, into memory: a checkpoint that its run prunes
-    meanwhile (on NFS, from another machine) would fault on a page not read yet. Tensors that shared a storage
-    (tied weights) share their copy."""
-    if not isinstance(weights, dict):
-        return weights
-    copies: dict[int, torch.UntypedStorage] = {}
-    copied_weights = copy.copy(weights)  # a state dict's own type, with the module versions load_state_dict reads
-
-    def copied(tensor: Any) -> Any:
-        if not isinstance(tensor, torch.Tensor):
-            return tensor
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in copies:
-            copies[storage.data_ptr()] = storage.clone()
-        return torch.empty(0, dtype=tensor.dtype).set_(copies[storage.data_ptr()], tensor.storage_offset(),
-                                                       tensor.size(), tensor.stride())
-
-    for key, value in weights.items():
-        copied_weights[key] = copied(value)
-    return copied_weights
 
 
 def load_weights_strictly(model: torch.nn.Module, state: dict, source: str, than: str = "",
