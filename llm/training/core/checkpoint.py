@@ -833,7 +833,7 @@ def _load_torch_file(path: Path, map_location, mmap: bool = False) -> dict:
     try:
         with open(path, "rb") as f:  # torch maps only its zip format; a file of the older one is read
             mmap = mmap and f.read(4) == b"PK\x03\x04"
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        obj = _torch_load(path, map_location, mmap)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise CheckpointError(f"{path} is truncated or corrupt ({_one_line(error)})") from None
@@ -846,6 +846,17 @@ def _load_torch_file(path: Path, map_location, mmap: bool = False) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _torch_load(path: Path, map_location, mmap: bool) -> Any:
+    """``torch.load`` of plain tensors and containers; mapped if ``mmap``, but read whole where the filesystem
+    refuses to map a file (some FUSE mounts do)."""
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except (OSError, RuntimeError):  # a file that is corrupt fails again below, and is reported from there
+            pass
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _sha256(path: Path, sync: bool = False) -> str:

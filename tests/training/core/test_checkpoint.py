@@ -97,6 +97,19 @@ def test_model_weights_of_the_older_file_format_are_read_with_their_module_versi
     assert all(torch.equal(weights[key], value) for key, value in norm.state_dict().items())
     assert weights._metadata[""]["version"] == 2
 
+def test_model_weights_are_read_whole_where_the_filesystem_cannot_map_the_file(tmp_path, monkeypatch):
+    # some FUSE mounts refuse mmap: the weights are then read as they were before mapping, not called corrupt
+    path = CheckpointManager(tmp_path).save(1, {"model": {"w": torch.arange(4.0)}}, {})
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unable to mmap 1024 bytes from file <state.pt>: No such device (19)")
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", refuse)
+    assert torch.equal(model_weights(path)["w"], torch.arange(4.0))
+    os.truncate(path / "state.pt", (path / "state.pt").stat().st_size // 2)  # still called corrupt when it is
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        model_weights(path)
+
+
 def test_a_copy_for_a_save_in_the_background_owns_its_tensors_keeps_its_containers_and_ties(tmp_path):
     embedding = torch.nn.Embedding(50, 8)
     model = torch.nn.ModuleDict({"embedding": embedding, "head": torch.nn.Linear(8, 50, bias=False)})
