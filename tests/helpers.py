@@ -524,3 +524,42 @@ def hold(folder) -> subprocess.Popen:
                               env=cli_env())
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+def train(config, task_cls=RegressionTask, callbacks=None):
+    engine = TrainingEngine(config, task_cls(config), 0, 1, callbacks=callbacks)
+    return engine, engine.train()
+
+
+class CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, engine):
+        if engine.step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class StartedAt(Callback):
+    """The step a run starts from: that of the checkpoint it resumed from, 0 for one that started over (which a
+    deterministic run would end on the same weights as a resume)."""
+
+    step = None
+
+    def on_train_start(self, engine):
+        self.step = engine.step
+
+
+def records_of(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+class LearningRates(Callback):
+    """The learning rate after each step: the one the next step takes."""
+
+    def __init__(self):
+        self.after_step = {}
+
+    def on_step_end(self, engine):
+        self.after_step[engine.step] = engine.optimizer.param_groups[0]["lr"]

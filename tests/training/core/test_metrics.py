@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
+from llm.errors import UsageError
+from llm.training.core.callbacks import Callback
+from llm.training.core.config import Config
 from llm.training.core.metrics import RunningMeans, TrainingSums, _on_host
+from llm.training.tasks.regression_task import RegressionTask
+from tests.helpers import tiny_config, train
+
 
 TAKEN, NOT_TAKEN = torch.tensor(True), torch.tensor(False)
 
@@ -156,3 +162,116 @@ def test_a_window_of_numbers_with_infinite_values_sums_to_what_tensors_would():
     sums.add_step([(1.0, {"m": -math.inf}, 1.0)], 3e38, True)
     got = sums.take_window()
     assert math.isnan(got["m"][0]) and got["loss"] == (2.0, 2.0) and got["grad_norm"] == (1.0 + 3e38, 2.0)
+
+
+# ---- in a run: what tasks and callbacks report, whole-set metrics ------------------------------------
+
+
+def test_numpy_numbers_and_one_element_tensors_from_a_task_or_a_callback_leave_checkpoints_readable(tmp_path):
+    import numpy as np
+
+    class NumPyRmse(RegressionTask):
+        def finalize_metrics(self, metrics):
+            rmse = {"val_rmse": np.sqrt(metrics["val_loss"]), "val_low": np.float64(metrics["val_loss"]) < 0.5} \
+                if "val_loss" in metrics else {}
+            return {**metrics, **rmse, "doubled": torch.tensor(2.0) * metrics["val_loss" if rmse else "loss"]}
+
+    class Counter(Callback):
+        def __init__(self):
+            self.state = {"mean": np.float64(0.0), "seen": [np.int64(0)], "names": {"a"}, "dtype": torch.float16,
+                          "shape": torch.Size([2]), "device": torch.device("cpu")}
+
+        def on_step_end(self, engine):
+            self.state["mean"] += np.float64(1.0)
+
+        def state_dict(self):
+            return self.state
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    settings = {"training": {"max_steps": 4}, "checkpoint": {"monitor": "val_rmse"}}
+    train(tiny_config(tmp_path, **settings), NumPyRmse, callbacks=[Counter()])
+    again, counter = tiny_config(tmp_path, **{**settings, "training": {"max_steps": 6}}), Counter()
+    again.checkpoint.resume = "auto"
+    engine, metrics = train(again, NumPyRmse, callbacks=[counter])  # the checkpoint reads back
+    assert engine.step == 6 and counter.state == {"mean": 6.0, "seen": [0], "names": {"a"}, "dtype": torch.float16,
+                                                  "shape": torch.Size([2]), "device": torch.device("cpu")}
+    assert type(metrics["val_rmse"]) is float and type(engine.best_metric) is float
+
+
+def test_whole_set_metrics_see_every_validation_row_once_and_can_be_monitored(tmp_path):
+    from tests.helpers import WholeSetTask
+
+    config = tiny_config(tmp_path, training={"epochs": 1}, checkpoint={"monitor": "val_rows", "mode": "max"})
+    engine, metrics = train(config, WholeSetTask)
+    targets = engine.data_module.val_set.tensors[1]
+    assert metrics["val_rows"] == len(targets) == 25  # batches of 16: 16 and 9
+    assert metrics["val_target_sum"] == pytest.approx(targets.double().sum().item())
+    assert "val_rows" in engine.validation_metrics and engine.best_metric == 25
+    assert engine.task._collected is None  # kept only while a validation runs
+    _, metrics = train(tiny_config(tmp_path / "b", training={"epochs": 1, "eval_batches": 1}), WholeSetTask)
+    assert metrics["val_rows"] == 16
+
+
+@pytest.mark.parametrize("collect, score, message", [
+    (lambda task, batch: task.collect(target=batch[1][: 1 + task._collected.__len__() % 2].sum()), None,
+     r"^WholeSetTask\.collect got target as a one-number tensor, expected a tensor of rows"),
+    (lambda task, batch: task.collect(**{"target" if task._collected else "first": batch[1]}), None,
+     r"^WholeSetTask\.collect was given target for one batch and first for another: collect the same names"),
+    (lambda task, batch: task.collect(target=batch[1].T if task._collected else batch[1]), None,
+     r"^WholeSetTask\.collect: the rows of target cannot be joined across batches: "),
+    (None, lambda task, collected: [1.0], r"^WholeSetTask\.score_collected returned list, expected a dict of metrics$"),
+    (None, lambda task, collected: {"loss": 1.0},
+     r"^WholeSetTask\.score_collected returned 'loss', a metric validation_step returns too: name one of them"),
+])
+def test_what_a_task_collects_or_scores_wrongly_is_one_line(tmp_path, collect, score, message):
+    from tests.helpers import WholeSetTask
+
+    class Wrong(WholeSetTask):
+        def validation_step(self, batch, model, criterion):
+            if collect is not None and self._collected is not None:
+                collect(self, batch)
+                return RegressionTask.validation_step(self, batch, model, criterion)
+            return super().validation_step(batch, model, criterion)
+
+        def score_collected(self, collected):
+            return score(self, collected) if score is not None else {"rows": sum(map(len, collected.values()))}
+
+    Wrong.__name__ = "WholeSetTask"
+    with pytest.raises(UsageError, match=message):
+        train(tiny_config(tmp_path, training={"epochs": 1}), Wrong)
+
+
+def test_a_whole_set_metric_that_one_batch_cannot_give_is_checked_at_the_first_validation(tmp_path):
+    from tests.helpers import WholeSetTask
+
+    class OneBatchIsTooFew(WholeSetTask):  # as an AUC is, for a first batch of one class
+        def score_collected(self, collected):
+            if len(collected["target"]) <= 16:
+                raise ValueError("Only one class present in y_true")
+            return super().score_collected(collected)
+
+    config = tiny_config(tmp_path, training={"epochs": 1}, checkpoint={"monitor": "val_rows", "mode": "max"})
+    engine, metrics = train(config, OneBatchIsTooFew)
+    assert metrics["val_rows"] == 25 and engine.best_metric == 25 and engine.validation_metrics is None
+    config = tiny_config(tmp_path / "b", training={"epochs": 1}, checkpoint={"monitor": "val_row", "mode": "max"})
+    with pytest.raises(UsageError, match=r"^checkpoint\.monitor: got 'val_row', expected a validation metric of "
+                                         r"OneBatchIsTooFew: .*\(did you mean val_rows\?\)"):
+        train(config, OneBatchIsTooFew)
+
+
+def test_collected_rows_are_copies_on_the_cpu_and_half_floats_are_widened():
+    from llm.training.core.metrics import collecting
+    from tests.helpers import WholeSetTask
+
+    task = WholeSetTask(Config())
+    with collecting(task) as collected:
+        logits = torch.zeros(64, 5000)
+        task.collect(score=logits[:, 1], half=torch.ones(3, dtype=torch.bfloat16))
+        logits.add_(7)
+    score, half = collected[0]["score"], collected[0]["half"]
+    assert torch.equal(score, torch.zeros(64)) and score.untyped_storage().nbytes() == 64 * 4  # not the batch's
+    assert half.dtype == torch.float32
+    task.collect(score=torch.zeros(2))  # outside a validation: nothing kept
+    assert len(collected) == 1

@@ -7,10 +7,12 @@ import torch
 
 from llm.errors import UsageError
 from llm.models.gpt import GPT, GPTConfig
+from llm.training.core.checkpoint import load_shared_state
 from llm.training.core.config import OptimizerConfig
 from llm.training.core.optim import (MuonWithAdamW, WeightAverage, build_optimizer, build_scheduler, lr_factor,
                                      ready_for_skips, warmup_outlasting)
 from llm.training.tasks.regression_task import mlp
+from tests.helpers import tiny_config, train
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -120,7 +122,7 @@ def lm_loss(model, x):
     return torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
 
 
-def train(model, opt, sched, x, steps):
+def train_steps(model, opt, sched, x, steps):
     losses = []
     for _ in range(steps):
         loss = lm_loss(model, x)
@@ -136,7 +138,7 @@ def test_muon_learns_and_follows_the_schedule():
     model = tiny_gpt()
     cfg = OptimizerConfig(name="muon", lr=0.02, warmup_steps=2)
     opt = build_optimizer(model, cfg)
-    losses = train(model, opt, build_scheduler(opt, cfg, total_steps=30), torch.randint(0, 20, (8, 8)), 30)
+    losses = train_steps(model, opt, build_scheduler(opt, cfg, total_steps=30), torch.randint(0, 20, (8, 8)), 30)
     assert losses[-1] < 0.75 * losses[0] and not math.isnan(losses[-1])
     # the scheduler's lr reaches both inner optimizers
     assert opt.muon.param_groups[0]["lr"] == opt.adamw.param_groups[0]["lr"] == pytest.approx(0.0)
@@ -156,7 +158,7 @@ def test_muon_state_round_trips_and_the_restored_optimizer_steps_identically():
     model = tiny_gpt()
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, total_steps=10)
-    train(model, opt, sched, x, 3)
+    train_steps(model, opt, sched, x, 3)
     state = saved_and_loaded(opt.state_dict())
     assert state["state"].keys() == set(range(len(list(model.parameters()))))  # torch's form, every parameter
 
@@ -167,8 +169,8 @@ def test_muon_state_round_trips_and_the_restored_optimizer_steps_identically():
     restored.load_state_dict(state)
     restored_sched.load_state_dict(sched.state_dict())
     # momenta and the schedule's rate must reach the inner optimizers, or these steps differ
-    train(model, opt, sched, x, 3)
-    train(restored_model, restored, restored_sched, x, 3)
+    train_steps(model, opt, sched, x, 3)
+    train_steps(restored_model, restored, restored_sched, x, 3)
     for (name, a), b in zip(model.named_parameters(), restored_model.parameters()):
         assert torch.equal(a, b), name
 
@@ -249,3 +251,36 @@ def test_sgd_made_ready_for_skips_on_the_device_holds_zero_momentum_buffers_also
     # a user's own SGD with dampening: zeros would not give torch's first step, so the host skips its steps
     assert not ready_for_skips(torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1))
     assert ready_for_skips(build_optimizer(model, OptimizerConfig(name="adamw")))
+
+
+def test_the_weight_average_is_validated_saved_resumed_bit_for_bit_and_what_the_tools_read(tmp_path, capsys):
+    from llm.evaluate import score_split
+    from llm.training.core.checkpoint import model_weights
+
+    def averaged(name, **settings):
+        return tiny_config(tmp_path / name, training={"ema_decay": 0.9, **settings},
+                           checkpoint={"every_n_steps": 7, "keep_last": 5})
+
+    straight, metrics = train(averaged("a"))
+    ckpt = tmp_path / "a/run/checkpoints/step_00000028"
+    shared = load_shared_state(ckpt)
+    weights = model_weights(ckpt)
+    assert set(weights) == set(shared["model"]) and any(not torch.equal(weights[k], shared["model"][k]) for k in weights)
+    assert score_split(ckpt)[0]["val_loss"] == metrics["val_loss"]  # the average was validated, and is read back
+    raw = tiny_config(tmp_path / "raw", training={"epochs": 2})
+    assert train(raw)[1]["val_loss"] != metrics["val_loss"]  # the same training, validated on its own weights
+    resumed_config = averaged("b")
+    resumed_config.checkpoint.resume = str(tmp_path / "a/run/checkpoints/step_00000007")
+    resumed, again = train(resumed_config)
+    assert again["val_loss"] == metrics["val_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(straight.ema.average, resumed.ema.average))
+    # from a checkpoint that holds none, the average starts from the weights resumed
+    plain = tiny_config(tmp_path / "c", checkpoint={"every_n_steps": 7, "keep_last": 5})
+    train(plain)
+    capsys.readouterr()
+    later = averaged("d")
+    later.checkpoint.resume = str(tmp_path / "c/run/checkpoints/step_00000007")
+    engine, _ = train(later)
+    assert "the weight average (training.ema_decay 0.9) starts at step 7, from the weights resumed" in \
+        capsys.readouterr().out
+    assert engine.ema is not None
