@@ -68,8 +68,10 @@ def test_a_run_that_ends_in_the_window_writes_its_steps_and_a_resume_records_tho
 
 def test_a_run_that_ends_before_the_window_writes_nothing(tmp_path):
     for max_steps in (3, 4):  # 4: the warm-up step, whose on_step_end turns recording on
-        train(tiny_config(tmp_path, training={"max_steps": max_steps},
-                          logging={"profile_steps": 2, "profile_from_step": 5}))
+        with pytest.warns(UserWarning, match=f"^logging.profile_from_step 5 comes after the run's last step "
+                                             f"{max_steps}: no step is profiled$"):
+            train(tiny_config(tmp_path, training={"max_steps": max_steps},
+                              logging={"profile_steps": 2, "profile_from_step": 5}))
         assert not (tmp_path / "run" / "profile").exists()
         shutil.rmtree(tmp_path / "run")
 
