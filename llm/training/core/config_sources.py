@@ -227,8 +227,8 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         loader = yaml.SafeLoader(text)  # yaml.safe_load's steps, with a look at the keys between them
         try:
             node = loader.get_single_node()
-            repeated = _repeated_key(node, "", set()) if node is not None else None
-            data = loader.construct_document(node) if node is not None and not repeated else None
+            problem = _problem(node, "", set()) if node is not None else None
+            data = loader.construct_document(node) if node is not None and not problem else None
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
@@ -238,25 +238,26 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
     except RecursionError:  # the parser recurses once per level: a config is a few levels deep
         raise UsageError(f"{path}: nested too deeply to be a config file") from None
-    if repeated:
-        name, first, again = repeated
-        shown = name if re.fullmatch(r"[\w.\[\]]+", name) else repr(name)  # a key of any text stays on one line
-        raise UsageError(f"{path}: {shown} is given twice (lines {first} and {again}); keep one")
+    if problem:
+        raise UsageError(f"{path}: {problem}")
     return {} if data is None else data
 
 
-def _repeated_key(node: yaml.Node, prefix: str, seen: set[int]) -> tuple[str, int, int] | None:
-    """The first key given twice in one mapping, as (dotted name, line, line again), or None.
+def _problem(node: yaml.Node, prefix: str, seen: set[int]) -> str | None:
+    """The first of what PyYAML would take without a word, said in a line, or None: a key given twice in one
+    mapping (PyYAML keeps the last), or a number that YAML 1.1 reads otherwise than the command line does.
 
-    PyYAML keeps the last of the two without a word. Looked for in the composed nodes, before merge keys
-    (``<<: *base``) are applied: a key overriding a merged one is written once.
+    Looked for in the composed nodes, before merge keys (``<<: *base``) are applied: a key overriding a merged
+    one is written once.
     """
     if id(node) in seen:  # an alias of a node already looked at, maybe of its own parent
         return None
     seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        return _misread_number(node, prefix.rstrip("."))
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            found = _repeated_key(item, f"{prefix.rstrip('.')}[{i}].", seen)
+            found = _problem(item, f"{prefix.rstrip('.')}[{i}].", seen)
             if found:
                 return found
     elif isinstance(node, yaml.MappingNode):
@@ -266,12 +267,31 @@ def _repeated_key(node: yaml.Node, prefix: str, seen: set[int]) -> tuple[str, in
                 continue
             line = key.start_mark.line + 1
             if (key.tag, key.value) in lines:  # the tag tells the string "1" from the integer 1
-                return prefix + key.value, lines[key.tag, key.value], line
+                return f"{_shown(prefix + key.value)} is given twice (lines {lines[key.tag, key.value]} and {line}); keep one"
             lines[key.tag, key.value] = line
-            found = _repeated_key(value, f"{prefix}{key.value}.", seen)
+            found = _problem(value, f"{prefix}{key.value}.", seen)
             if found:
                 return found
     return None
+
+
+_MISREAD = ((re.compile(r"[-+]?0[0-7_]+"), "a leading 0 makes it octal"), (re.compile(r"[-+]?0b[01_]+"), "0b makes it binary"),
+            (re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?"), "a colon makes it base 60"))
+"""Numbers that YAML 1.1 (PyYAML's) reads in another base than the command line: 010 is 8, 1:30 is 90."""
+
+
+def _misread_number(node: yaml.ScalarNode, name: str) -> str | None:
+    if node.style or node.tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):  # quoted: text
+        return None
+    why = next((why for pattern, why in _MISREAD if pattern.fullmatch(node.value)), None)
+    if why is None:
+        return None
+    return (f"{_shown(name)} is written {node.value}, which YAML reads as {yaml.safe_load(node.value)} ({why}): "
+            f"write the number meant, or put it in quotes if it is text")
+
+
+def _shown(name: str) -> str:
+    return name if re.fullmatch(r"[\w.\[\]]+", name) else repr(name)  # a key of any text stays on one line
 
 
 def _keys(overrides: dict[str, Any]) -> list[str]:

@@ -171,6 +171,22 @@ def test_a_key_given_twice_is_refused(text, words, tmp_path, monkeypatch, capsys
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("written, read, why", [("010", 8, "a leading 0 makes it octal"), ("-0_10", -8, "octal"),
+                                               ("0b101", 5, "binary"), ("1:30", 90, "a colon makes it base 60")])
+def test_a_number_yaml_reads_in_another_base_than_the_command_line_is_refused(written, read, why, tmp_path, capsys):
+    # YAML 1.1 reads 010 as 8 and 1:30 as 90, where --training-seed 010 is 10
+    (tmp_path / "b.yaml").write_text(f"training:\n  seed: {written}\n")
+    assert main(["--config", str(tmp_path / "b.yaml")]) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and f"b.yaml: training.seed is written {written}, which YAML reads as {read} (" in line
+    assert why in line and not (tmp_path / "runs").exists()
+    for kept in ("seed: '010'", "seed: 0", "seed: 1_0", "seed: 0x10"):  # text, or read as the command line reads it
+        (tmp_path / "b.yaml").write_text(f"training:\n  {kept}\ndata:\n  separator: '010'\n")
+        config = Config.from_args_and_env(["--config", str(tmp_path / "b.yaml")], environ={})
+        assert config.data.separator == "010"
+    assert Config.from_args_and_env(["--training-seed", "010"], environ={}).training.seed == 10
+
+
 def test_a_key_over_a_merged_one_is_not_a_repeat(tmp_path):
     path = tmp_path / "b.yaml"
     # <<: merges base's keys into training, and epochs written beside it wins, as YAML means it to
