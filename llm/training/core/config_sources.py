@@ -38,6 +38,9 @@ def config_from(cls: type[Config], argv: list[str], environ: Mapping[str, str]) 
         or any(k.startswith(f"{ENV_PREFIX}CUSTOM_") for k in environ) or any(isinstance(f, dict) and "custom" in f for f in files)
     settings = task_settings(task, needed=custom_given)
     args = vars(build_parser(settings).parse_args(argv))
+    # every flag takes one value: a list is --flag=--, whose value Python 3.11's argparse drops as the '--' that
+    # ends the options
+    args = {dest: "--" if value == [] else value for dest, value in args.items()}
     config = cls()
     if (parsed := args.pop("config_paths", [])) != paths:  # the glance missed one: read what the parser found
         files = [_read_yaml(path) for path in parsed]

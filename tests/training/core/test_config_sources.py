@@ -187,6 +187,12 @@ def test_a_number_yaml_reads_in_another_base_than_the_command_line_is_refused(wr
     assert Config.from_args_and_env(["--training-seed", "010"], environ={}).training.seed == 10
 
 
+def test_a_flag_given_two_dashes_as_its_value_takes_them():
+    # argparse drops a value of "--" (the end of the options) from --data-separator=--, leaving nothing
+    config = Config.from_args_and_env(["--data-separator=--", "--task", "lm"], environ={})
+    assert config.data.separator == "--" and config.task == "lm"
+
+
 def test_a_key_over_a_merged_one_is_not_a_repeat(tmp_path):
     path = tmp_path / "b.yaml"
     # <<: merges base's keys into training, and epochs written beside it wins, as YAML means it to
