@@ -165,18 +165,28 @@ def read_text(path: Path, strict: bool = True) -> str:
     return "".join(read_pieces(path, strict))
 
 
-def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS, setting: str = "data.path") -> Iterator[str]:
+def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS, setting: str = "data.path",
+                digest: Any = None) -> Iterator[str]:
     """A UTF-8 file as pieces of about ``size`` characters, cut where _pieces cuts, read a block at a time,
     so a corpus larger than memory is never held whole. ``strict`` False (for the default corpus) skips
     a file that is not UTF-8 or cannot be read; such files are small, so they are read whole first.
-    Otherwise such a file is a UsageError naming ``setting``, the option that gave the path."""
+    Otherwise such a file is a UsageError naming ``setting``, the option that gave the path. ``digest``: a
+    hash given the bytes read, as _hash_file gives them."""
     if not strict:
         try:
-            yield from _pieces([path.read_bytes().decode("utf-8").removeprefix(BOM)], size)
-        except (UnicodeDecodeError, OSError):
-            pass
+            data = path.read_bytes()
+        except OSError:
+            return
+        if digest is not None:
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        yield from _pieces([text.removeprefix(BOM)], size)
         return
-    yield from _pieces(_without_bom(_decoded_blocks(path, setting)), size)
+    yield from _pieces(_without_bom(_decoded_blocks(path, setting, digest)), size)
 
 
 BOM = "\ufeff"
@@ -202,13 +212,17 @@ def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str]) -> Iterator[np.nd
             yield np.asarray(ids, dtype=dtype)
 
 
-def _decoded_blocks(path: Path, setting: str) -> Iterator[str]:
+def _decoded_blocks(path: Path, setting: str, digest: Any = None) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # bytes read before this block
     try:
         with open(path, "rb") as f:
+            if digest is not None:
+                digest.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
             while True:
                 block = f.read(_BLOCK_BYTES)
+                if digest is not None:
+                    digest.update(block)
                 pending = len(decoder.getstate()[0])  # the tail of a character cut by the last block
                 try:
                     yield decoder.decode(block, final=not block)
@@ -322,6 +336,7 @@ class TextDataModule(BaseDataModule):
         pin, since the same corpus tokenized otherwise moves the windows too."""
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
+        self._file_digests: dict[Path, str] = {}  # of each file the cache key hashed
 
     # ---- the cache ---------------------------------------------------------------
 
@@ -360,7 +375,10 @@ class TextDataModule(BaseDataModule):
         for i, f in enumerate(files):
             if i and separator:
                 yield separator
-            yield from read_pieces(f, strict, setting=setting)
+            read = hashlib.sha256()
+            yield from read_pieces(f, strict, setting=setting, digest=read)
+            if read.hexdigest() != self._file_digests.get(f, read.hexdigest()):  # edited since the cache key
+                raise UsageError(f"{setting}: {f} changed while it was tokenized; run again once it is written")
 
     def _cache_entry(self, files: list[Path], n_train: int) -> Path:
         """``<cache_dir>/<key>``, the key hashing the corpus bytes and the tokenizer recipe (and where the
@@ -374,9 +392,12 @@ class TextDataModule(BaseDataModule):
         else:
             recipe = "file:" + load_tokenizer(d.tokenizer).fingerprint()
         corpus = hashlib.sha256()
+        self._file_digests = {}
         for i, f in enumerate(files):
+            own = hashlib.sha256()  # each file's too: _texts checks that what it tokenizes is what was hashed
             try:
-                _hash_file(corpus, f)
+                _hash_file(_Both(corpus, own), f)
+                self._file_digests[f] = own.hexdigest()
             except OSError as e:
                 if i >= n_train or d.path:
                     setting = "data.path" if i < n_train else "data.val_path"
@@ -680,6 +701,17 @@ def _hash_file(h: Any, path: Path) -> None:
             size -= len(block)
     if size:
         raise UsageError(f"data.path: {path} changed while it was read; run again once it is written")
+
+
+class _Both:
+    """Two hashes given the same bytes."""
+
+    def __init__(self, first: Any, second: Any):
+        self.first, self.second = first, second
+
+    def update(self, data: bytes) -> None:
+        self.first.update(data)
+        self.second.update(data)
 
 
 def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:

@@ -738,6 +738,40 @@ def test_a_file_that_grows_while_it_is_hashed_is_named(tmp_path, corpus, monkeyp
         tdm._hash_file(hashlib.sha256(), corpus)
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+@pytest.mark.parametrize("edited_while", ["the tokenizer is trained", "the tokens are written"])
+def test_a_file_edited_while_the_cache_is_built_is_named_and_leaves_no_entry(tmp_path, corpus, monkeypatch,
+                                                                            tokenizer, edited_while):
+    # the cache key hashes the text first: an entry of the edited text under the first text's key would give
+    # every later run on that text the tokens of the other, and no word of it
+    edited = TEXT.replace("fox", "cat")  # the same size
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT)
+    build, encode = tdm.build_tokenizer, tdm.encode_pieces
+
+    def train_on_edited(spec, texts, *args):
+        corpus.write_text(edited)
+        return build(spec, texts, *args)
+
+    def write_edited(tok, texts):
+        corpus.write_text(edited)
+        return encode(tok, texts)
+    if edited_while == "the tokenizer is trained":
+        monkeypatch.setattr(tdm, "build_tokenizer", train_on_edited)
+    else:
+        monkeypatch.setattr(tdm, "encode_pieces", write_edited)
+    dm = make(tmp_path, tmp_path / "*.txt", tokenizer=tokenizer, vocab_size=300)
+    with pytest.raises(UsageError, match=r"^data.path: \S+corpus.txt changed while it was tokenized; run again "
+                                         r"once it is written$"):
+        dm.prepare_data()
+    assert not list((tmp_path / "cache").glob("*"))  # nor a folder of its own left behind
+    monkeypatch.undo()
+    corpus.write_text(TEXT)
+    dm.prepare_data()  # the text as it was hashed: tokenized, and the tokens are its own
+    dm.setup()
+    assert not dm.cache_hit and dm.tokenizer.decode(tokens_of(dm).tolist()) == TEXT + TEXT
+
+
 def test_text_outside_a_tokenizer_files_vocabulary_is_counted_in_a_warning(tmp_path, corpus):
     import warnings
 
