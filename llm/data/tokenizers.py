@@ -160,10 +160,10 @@ class HFTokenizer(Tokenizer):
         """Byte-level BPE (GPT-2 style): any text encodes, with no unknown token; each of ``special`` is one
         token, wherever it stands in a text."""
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        if vocab_size < len(alphabet):
-            raise UsageError(
-                f"data.vocab_size: got {vocab_size}, a byte-level bpe tokenizer needs at least {len(alphabet)}"
-            )
+        if vocab_size < len(alphabet) + len(special):  # the 256 bytes are kept whatever the size: else it is passed
+            needs = f"{len(alphabet) + len(special)}: the {len(alphabet)} bytes and data.separator" if special \
+                else len(alphabet)
+            raise UsageError(f"data.vocab_size: got {vocab_size}, a byte-level bpe tokenizer needs at least {needs}")
         tok = hf.Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()

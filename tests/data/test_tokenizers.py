@@ -90,9 +90,15 @@ def test_a_bpe_vocabulary_larger_than_the_corpus_has_merges_for_is_warned_of(cor
         assert build_tokenizer("bpe", ["hello world, hello"], 5000).vocab_size < 300
 
 
-def test_bpe_needs_room_for_the_byte_alphabet(corpus):
-    with pytest.raises(UsageError, match="data.vocab_size: got 100"):
+def test_bpe_needs_room_for_the_byte_alphabet_and_the_separator(corpus):
+    with pytest.raises(UsageError, match="data.vocab_size: got 100, a byte-level bpe tokenizer needs at least 256$"):
         build_tokenizer("bpe", corpus, vocab_size=100)
+    assert build_tokenizer("bpe", corpus, vocab_size=256).vocab_size == 256
+    # the separator's token comes on top of the 256 bytes, which are kept whatever the size: 257 tokens of 256
+    with pytest.raises(UsageError, match="got 256, a byte-level bpe tokenizer needs at least 257: the 256 bytes and "
+                                         "data.separator$"):
+        build_tokenizer("bpe", corpus, vocab_size=256, separator="<|endoftext|>")
+    assert build_tokenizer("bpe", corpus, vocab_size=257, separator="<|endoftext|>").vocab_size == 257
 
 
 @pytest.mark.parametrize("spec", ["byte", "char", "bpe"])
