@@ -93,8 +93,14 @@ def test_training_windows_are_shifted_pairs_from_the_training_split(tmp_path, co
         assert o + BS + 1 <= len(train)  # never reaches into validation
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (BS,)
         assert x.tolist() == train[o:o + BS].tolist() and y.tolist() == train[o + 1:o + BS + 1].tolist()
-    with pytest.raises(IndexError):
-        windows[len(windows) * BS]
+    batch = list(range(0, len(windows) * BS, 7))  # the loader's way: a batch in one call
+    xs, ys = windows.__getitems__(batch)
+    assert xs.tolist() == [windows[i][0].tolist() for i in batch] and ys.tolist() == [windows[i][1].tolist() for i in batch]
+    for outside in (len(windows) * BS, -1):
+        with pytest.raises(IndexError):
+            windows[outside]
+        with pytest.raises(IndexError):
+            windows.__getitems__([0, outside])
 
 
 def test_a_training_split_of_one_window_shifts_only_within_its_tokens(tmp_path, corpus):
