@@ -319,7 +319,7 @@ def already_batched(batch: Any) -> Any:
 class TextDataModule(BaseDataModule):
     """Next-token windows of a text corpus (``data.path``; by default the stdlib sources).
 
-    Training windows start at random offsets drawn once from ``training.seed``;
+    Training windows tile the training tokens, all moved by a shift drawn per epoch (EpochShifts);
     validation is the last ``data.val_fraction`` of the token stream, or the text of
     ``data.val_path``'s files, put after the training files, cut into consecutive windows.
     """

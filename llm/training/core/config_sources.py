@@ -37,10 +37,7 @@ def config_from(cls: type[Config], argv: list[str], environ: Mapping[str, str]) 
     custom_given = any(a.startswith("--custom-") for a in argv) \
         or any(k.startswith(f"{ENV_PREFIX}CUSTOM_") for k in environ) or any(isinstance(f, dict) and "custom" in f for f in files)
     settings = task_settings(task, needed=custom_given)
-    args = vars(build_parser(settings).parse_args(argv))
-    # every flag takes one value: a list is --flag=--, whose value Python 3.11's argparse drops as the '--' that
-    # ends the options
-    args = {dest: "--" if value == [] else value for dest, value in args.items()}
+    args = {dest: _dashes(value) for dest, value in vars(build_parser(settings).parse_args(argv)).items()}
     config = cls()
     if (parsed := args.pop("config_paths", [])) != paths:  # the glance missed one: read what the parser found
         files = [_read_yaml(path) for path in parsed]
@@ -230,7 +227,8 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         loader = yaml.SafeLoader(text)  # yaml.safe_load's steps, with a look at the keys between them
         try:
             node = loader.get_single_node()
-            problem = _problem(node, "", set()) if node is not None else None
+            # a top level of another shape than a mapping is refused as such once built
+            problem = _problem(node, "", set()) if isinstance(node, yaml.MappingNode) else None
             data = loader.construct_document(node) if node is not None and not problem else None
         finally:
             loader.dispose()
@@ -278,19 +276,26 @@ def _problem(node: yaml.Node, prefix: str, seen: set[int]) -> str | None:
     return None
 
 
-_MISREAD = ((re.compile(r"[-+]?0[0-7_]+"), "a leading 0 makes it octal"), (re.compile(r"[-+]?0b[01_]+"), "0b makes it binary"),
-            (re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?"), "a colon makes it base 60"))
-"""Numbers that YAML 1.1 (PyYAML's) reads in another base than the command line: 010 is 8, 1:30 is 90."""
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 def _misread_number(node: yaml.ScalarNode, name: str) -> str | None:
-    if node.style or node.tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):  # quoted: text
+    """What is wrong with a number that YAML 1.1 (PyYAML's) reads otherwise than its digits, and the command line,
+    say: 010 is 8, 0b101 is 5, 1:30 is 90 (07 is 7, as written: let through). None for any other scalar."""
+    if node.style or node.tag not in (_INT, _FLOAT):  # quoted: text
         return None
-    why = next((why for pattern, why in _MISREAD if pattern.fullmatch(node.value)), None)
-    if why is None:
+    digits = node.value.replace("_", "")
+    read = yaml.constructor.SafeConstructor().construct_object(node)
+    if re.fullmatch(r"[-+]?[0-9]+(:[0-5]?[0-9])+(\.[0-9]*)?", digits):
+        why = "a colon makes it base 60"
+    elif node.tag == _INT and re.fullmatch(r"[-+]?0b[01]+", digits):
+        why = "0b makes it binary"
+    elif node.tag == _INT and re.fullmatch(r"[-+]?0[0-7]+", digits) and read != int(digits):
+        why = "a leading 0 makes it octal"
+    else:
         return None
-    return (f"{_shown(name)} is written {node.value}, which YAML reads as {yaml.safe_load(node.value)} ({why}): "
-            f"write the number meant, or put it in quotes if it is text")
+    return (f"{_shown(name)} is written {node.value}, which YAML reads as {read} ({why}): write the number meant, "
+            f"or put it in quotes if it is text")
 
 
 def _shown(name: str) -> str:
@@ -321,7 +326,16 @@ def _glance(argv: list[str]) -> tuple[list[str], str | None]:
         found, _ = parser.parse_known_args(argv)
     except _Unread:  # the whole parser says what is wrong
         return [], None
-    return found.config_paths, found.task
+    return [_dashes(path) for path in found.config_paths], _dashes(found.task)
+
+
+def _dashes(value: Any) -> Any:
+    """A flag's value as given: argparse (Python 3.11's) drops a value of ``--`` (``--flag=--``) as the end of the
+    options, leaving an empty list where every flag here takes one value (``--config``: a list of them, one per
+    use)."""
+    if value == []:
+        return "--"
+    return [_dashes(v) for v in value] if isinstance(value, list) else value
 
 
 class _Unread(Exception):
@@ -344,7 +358,8 @@ def _env_overrides(environ: dict[str, str] | os._Environ, settings: type = NoSet
         if not key.startswith(ENV_PREFIX):
             continue
         if key not in known:
-            warnings.warn(f"ignoring environment variable {key}: it names no config field{closest(key, known)}", stacklevel=3)
+            warnings.warn(f"ignoring environment variable {key}: it names no config field{closest(key, known)}",
+                          stacklevel=4)  # at from_args_and_env's caller
             continue
         section, name = known[key]
         if name is None:

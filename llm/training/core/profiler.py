@@ -40,7 +40,7 @@ class Profiler(Callback):
         begin = max(self.first, engine.step + 1)
         if begin > self.last:
             return
-        if begin > engine.total_steps and engine.is_main:  # as a warmup that outlasts the run is said
+        if self.first > engine.total_steps and engine.is_main:  # as a warmup that outlasts the run is said
             warnings.warn(f"logging.profile_from_step {self.first} comes after the run's last step "
                           f"{engine.total_steps}: no step is profiled")
         warm_up = begin - 1 if begin - 1 > engine.step else None  # none for a window that starts at once

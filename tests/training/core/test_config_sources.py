@@ -33,8 +33,9 @@ def test_precedence_defaults_yaml_env_flags(tmp_path):
 
 
 def test_unknown_env_variable_warns_and_is_ignored():
-    with pytest.warns(UserWarning, match="LLM_TRAINING_BATCHSIZE.*did you mean LLM_TRAINING_BATCH_SIZE"):
+    with pytest.warns(UserWarning, match="LLM_TRAINING_BATCHSIZE.*did you mean LLM_TRAINING_BATCH_SIZE") as said:
         config = Config.from_args_and_env([], environ={"LLM_TRAINING_BATCHSIZE": "3"})
+    assert said[0].filename == __file__  # said at the caller's line, for a script's warning filters
     assert config.training.batch_size == Config().training.batch_size
 
 
@@ -180,17 +181,30 @@ def test_a_number_yaml_reads_in_another_base_than_the_command_line_is_refused(wr
     line = capsys.readouterr().err
     assert line.count("\n") == 1 and f"b.yaml: training.seed is written {written}, which YAML reads as {read} (" in line
     assert why in line and not (tmp_path / "runs").exists()
-    for kept in ("seed: '010'", "seed: 0", "seed: 1_0", "seed: 0x10"):  # text, or read as the command line reads it
+    for kept in ("seed: '010'", "seed: 0", "seed: 1_0", "seed: 0x10", "seed: 07", "seed: 00"):
+        # text, or read as the command line reads it
         (tmp_path / "b.yaml").write_text(f"training:\n  {kept}\ndata:\n  separator: '010'\n")
         config = Config.from_args_and_env(["--config", str(tmp_path / "b.yaml")], environ={})
         assert config.data.separator == "010"
+    (tmp_path / "b.yaml").write_text("optimizer:\n  lr: !!float 010\n")  # told how to read it: as written
+    assert Config.from_args_and_env(["--config", str(tmp_path / "b.yaml")], environ={}).optimizer.lr == 10.0
     assert Config.from_args_and_env(["--training-seed", "010"], environ={}).training.seed == 10
 
 
-def test_a_flag_given_two_dashes_as_its_value_takes_them():
+def test_a_flag_given_two_dashes_as_its_value_takes_them(tmp_path, monkeypatch, capsys):
     # argparse drops a value of "--" (the end of the options) from --data-separator=--, leaving nothing
     config = Config.from_args_and_env(["--data-separator=--", "--task", "lm"], environ={})
     assert config.data.separator == "--" and config.task == "lm"
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config=--"]) == 2  # a file named --, which is not there: one line, not a traceback
+    assert capsys.readouterr().err == "error: cannot read config file --: No such file or directory\n"
+
+
+def test_a_number_at_the_top_level_is_refused_as_no_mapping_of_sections(tmp_path):
+    for text, shape in (("010\n", "int"), ("- 010\n", "list")):
+        (tmp_path / "b.yaml").write_text(text)
+        with pytest.raises(UsageError, match=f"b.yaml: the top level must be a mapping of sections, got {shape}$"):
+            Config.from_args_and_env(["--config", str(tmp_path / "b.yaml")], environ={})
 
 
 def test_a_key_over_a_merged_one_is_not_a_repeat(tmp_path):

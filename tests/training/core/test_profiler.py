@@ -1,6 +1,7 @@
 import json
 import shutil
 import time
+import warnings
 
 import pytest
 
@@ -74,6 +75,12 @@ def test_a_run_that_ends_before_the_window_writes_nothing(tmp_path):
                               logging={"profile_steps": 2, "profile_from_step": 5}))
         assert not (tmp_path / "run" / "profile").exists()
         shutil.rmtree(tmp_path / "run")
+    config = tiny_config(tmp_path, training={"max_steps": 4}, logging={"profile_steps": 20, "profile_from_step": 2},
+                         checkpoint={"resume": "auto"})
+    train(config)
+    with warnings.catch_warnings():  # a finished run started again: no step left, and nothing to warn of
+        warnings.simplefilter("error")
+        train(config)
 
 
 def test_the_window_starts_at_the_first_step_too(tmp_path):
