@@ -160,7 +160,8 @@ class HFTokenizer(Tokenizer):
         """Byte-level BPE (GPT-2 style): any text encodes, with no unknown token; each of ``special`` is one
         token, wherever it stands in a text."""
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        if vocab_size < len(alphabet) + len(special):  # the 256 bytes are kept whatever the size: else it is passed
+        if vocab_size < len(alphabet) + len(special):  # the 256 bytes are kept whatever the size: the special
+            # tokens would come on top of a size below that
             needs = f"{len(alphabet) + len(special)}: the {len(alphabet)} bytes and data.separator" if special \
                 else len(alphabet)
             raise UsageError(f"data.vocab_size: got {vocab_size}, a byte-level bpe tokenizer needs at least {needs}")
