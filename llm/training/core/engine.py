@@ -32,8 +32,8 @@ from llm.files import FolderLock, json_text, run_files, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
 from llm.training.core.batches import batch_len, moved_to
-from llm.training.core.callbacks import (HOOKS, RECORD_KEYS, Callback, ProgressBar, callback_error, callback_keys,
-                                         flatten, improves, keyed_by_class)
+from llm.training.core.callbacks import (HOOKS, Callback, ProgressBar, callback_error, callback_keys, flatten,
+                                         improves, keyed_by_class)
 from llm.training.core.checkpoint import (
     BackgroundSave,
     CheckpointError,
@@ -54,7 +54,7 @@ from llm.training.core.checks import (BROADCAST_WARNING, HIGHER_IS_BETTER, LOWER
                                       check_plateau, checkpointable, loaders_of, loss_and_metrics, no_monitor,
                                       out_of_memory, raised_at)
 from llm.training.core.config import Config, fitted_settings, settings_of
-from llm.training.core.metrics import (RunningMeans, TrainingSums, built_in_number, collecting, finalized_metrics,
+from llm.training.core.metrics import (RunningMeans, TrainingSums, collecting, finalized_metrics, record_numbers,
                                        whole_set_metrics)
 from llm.training.core.optim import WeightAverage, ready_for_skips, warmup_outlasting, zero_missing_momentum
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
@@ -1029,16 +1029,7 @@ class TrainingEngine:
         if self._hook == "on_train_end":  # the last record was written, and the checkpoint that would keep values
             raise UsageError("engine.log in on_train_end: no record follows the end of training; log in "
                              "on_validation_end or on_epoch_end, or write the value yourself")
-        values = {}
-        for key, value in metrics.items():
-            if key in RECORD_KEYS:
-                raise UsageError(f"engine.log in {self._hook or 'training'}: {key!r} is a field every record has "
-                                 f"({', '.join(RECORD_KEYS)}), set by the engine: log it under another name")
-            number = built_in_number(value)
-            if number is None:
-                raise UsageError(f"engine.log in {self._hook or 'training'}: {key} is a {type(value).__name__}, "
-                                 f"expected a number or a one-element tensor")
-            values[key] = number
+        values = record_numbers(metrics, f"engine.log in {self._hook or 'training'}: logged", "log it under another name")
         self._pending.setdefault(RECORD_OF_HOOK.get(self._hook, "train"), {}).update(values)
 
     def print(self, line: str) -> None:

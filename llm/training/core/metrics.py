@@ -241,17 +241,23 @@ def _as_numbers(returned: Any, where: str, expected: str) -> dict[str, float]:
     """The metrics a task's method returned, as floats; else one line naming what is wrong."""
     if not isinstance(returned, Mapping):
         raise UsageError(f"{where} returned {type(returned).__name__}, expected {expected}")
-    numbers_only = {}
-    for key, value in returned.items():  # a NumPy number or a one-element tensor is a float in a checkpoint
+    return {key: float(number) for key, number in  # a float in a checkpoint, whatever number it was
+            record_numbers(returned, f"{where} returned", "name the metric otherwise").items()}
+
+
+def record_numbers(values: Mapping[str, Any], where: str, advice: str) -> dict[str, int | float]:
+    """``values`` as built-in numbers, for a record (see built_in_number); else one line, ``where`` then the
+    name: a field every record has, which ``advice`` says what to do about, or a value that is no number."""
+    numbers = {}
+    for key, value in values.items():
         if key in RECORD_KEYS:
-            raise UsageError(f"{where} returned {key!r}, a field every record has "
-                             f"({', '.join(RECORD_KEYS)}), set by the engine: name the metric otherwise")
+            raise UsageError(f"{where} {key!r}, a field every record has ({', '.join(RECORD_KEYS)}), set by the "
+                             f"engine: {advice}")
         number = built_in_number(value)
         if number is None:
-            raise UsageError(f"{where} returned {key!r} as a {type(value).__name__}, expected a "
-                             f"number or a one-element tensor")
-        numbers_only[key] = float(number)
-    return numbers_only
+            raise UsageError(f"{where} {key!r} as a {type(value).__name__}, expected a number or a one-element tensor")
+        numbers[key] = number
+    return numbers
 
 
 def built_in_number(value: Any) -> int | float | None:

@@ -1297,7 +1297,7 @@ def test_engine_log_takes_tensors_and_numpy_numbers_and_refuses_the_rest_in_one_
     train(tiny_config(tmp_path / "a"), callbacks=[Extra(1.5), MetricsLogger()])
     record = [json.loads(line) for line in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()][-2]
     assert record["split"] == "val" and (record["a"], record["b"], record["c"], record["d"]) == (0.5, 0.25, 3, 1.5)
-    with pytest.raises(UsageError, match=r"^engine.log in on_validation_end: d is a list, expected a number or a "
+    with pytest.raises(UsageError, match=r"^engine.log in on_validation_end: logged 'd' as a list, expected a number or a "
                                          r"one-element tensor$"):
         train(tiny_config(tmp_path / "b"), callbacks=[Extra([1.0])])
 
@@ -1844,7 +1844,7 @@ def test_engine_log_refuses_the_fields_every_record_has_and_a_record_that_never_
         def on_step_end(self, engine):
             engine.log({"epoch": engine.step / 14})
 
-    with pytest.raises(UsageError, match=r"^engine.log in on_step_end: 'epoch' is a field every record has \(split, "
+    with pytest.raises(UsageError, match=r"^engine.log in on_step_end: logged 'epoch', a field every record has \(split, "
                                          r"step, epoch\), set by the engine: log it under another name$"):
         train(tiny_config(tmp_path), callbacks=[LogsAnEpoch()])
 
