@@ -178,7 +178,7 @@ def read_pieces(path: Path, strict: bool = True, size: int = _CHUNK_CHARS, setti
         except OSError:
             return
         if digest is not None:
-            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(_length(len(data)))
             digest.update(data)
         try:
             text = data.decode("utf-8")
@@ -218,7 +218,7 @@ def _decoded_blocks(path: Path, setting: str, digest: Any = None) -> Iterator[st
     try:
         with open(path, "rb") as f:
             if digest is not None:
-                digest.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
+                digest.update(_length(os.fstat(f.fileno()).st_size))
             while True:
                 block = f.read(_BLOCK_BYTES)
                 if digest is not None:
@@ -691,11 +691,17 @@ def _remove_abandoned(cache_dir: Path) -> None:
             os.close(lock)
 
 
+def _length(size: int) -> bytes:
+    """A file's length as hashed before its bytes, by _hash_file and by the reads checked against it: file
+    boundaries are part of the content."""
+    return size.to_bytes(8, "little")
+
+
 def _hash_file(h: Any, path: Path) -> None:
     """Add the file's length, then its bytes, to the hash ``h``, reading a block at a time."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        h.update(size.to_bytes(8, "little"))  # file boundaries are part of the content
+        h.update(_length(size))
         for block in iter(lambda: f.read(_BLOCK_BYTES), b""):
             h.update(block)
             size -= len(block)
