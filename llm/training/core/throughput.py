@@ -48,6 +48,9 @@ PEAK_FLOPS = (
     ("MI250X", 191.5e12),  # per die: torch sees each of its two as a device
 )
 """The MFU denominator per device."""
+NO_TF32 = ("V100", "MI250X", "MI355X")
+"""Parts whose float32 matmuls have no TensorFloat-32 form at half their bf16 rate: V100 has no such tensor core;
+MI250X's float32 matrix rate is a quarter of its bf16 one, and MI355X has no TF32."""
 
 
 def peak_flops_of(name: str, precision: str = "bf16", tf32: bool = False) -> float | None:
@@ -55,8 +58,8 @@ def peak_flops_of(name: str, precision: str = "bf16", tf32: bool = False) -> flo
     run in, or None where it is not known:
 
     - bf16 and fp16: the table's;
-    - fp32 in TensorFloat-32 (``training.tf32``): half of it, as on every tensor-core part since Ampere (V100
-      has none: None);
+    - fp32 in TensorFloat-32 (``training.tf32``): half of it, as on every tensor-core part since Ampere and
+      on MI300X and MI325X (the parts of NO_TF32 have no such rate: None);
     - fp32 otherwise: None, since its matmuls run on no tensor core and the table holds no such peak;
     - a laptop part (clocked below its desktop namesake) or a MIG slice (a share of the GPU): None.
     """
@@ -65,7 +68,7 @@ def peak_flops_of(name: str, precision: str = "bf16", tf32: bool = False) -> flo
     peak = next((peak for part, peak in PEAK_FLOPS if re.search(rf"(?<![\w-]){re.escape(part)}(?!\w)", name)), None)
     if peak is None or precision in ("bf16", "fp16"):
         return peak
-    return peak / 2 if tf32 and "V100" not in name else None
+    return peak / 2 if tf32 and not any(part in name for part in NO_TF32) else None
 
 
 def peak_flops(device: torch.device, precision: str = "bf16", tf32: bool = False) -> float | None:

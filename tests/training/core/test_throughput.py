@@ -78,6 +78,8 @@ def test_the_peak_is_that_of_the_precision_the_matmuls_run_in(monkeypatch):
     assert peak_flops_of("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12  # TensorFloat-32: half of bf16's
     assert peak_flops_of("NVIDIA A100-SXM4-80GB", "fp32") is None  # no tensor core: an fp32 run was put at 5% MFU
     assert peak_flops_of("Tesla V100-SXM2-16GB", "fp32", tf32=True) is None  # no TensorFloat-32 on a V100
+    assert peak_flops_of("AMD Instinct MI250X", "fp32", tf32=True) is None  # fp32 matrices at a quarter of bf16's
+    assert peak_flops_of("AMD Instinct MI300X", "fp32", tf32=True) == 653.5e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     for training, peak in (({"precision": "bf16"}, 989e12), ({"tf32": True}, 494.5e12), ({}, None)):
         engine = SimpleNamespace(config=Config.from_dict({"training": training}), device=torch.device("cuda"),
