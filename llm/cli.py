@@ -4,7 +4,9 @@ and output that outlives its reader."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
+import os
 import gc
 import re
 import signal
@@ -108,11 +110,42 @@ def freeze_imports() -> None:
     gc.freeze()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+"""The signals that stop a run after its step, with a checkpoint (signals.stop_on_signals), or a tool: a
+scheduler's, Ctrl-C's, a terminal's hang-up, and SIGUSR1, which SLURM sends ahead of a job's time limit
+(``--signal=USR1@90``) and whose default action ends a process at once."""
+
+
 def run_program(main: Callable[[], int]) -> NoReturn:
-    """A tool's process, from its console script or ``python -m``: ``main()`` after freeze_imports(), then the
-    exit with main's code."""
+    """A command's process, from its console script or ``python -m``: ``main()`` after freeze_imports(), then
+    the exit with main's code.
+
+    Once main has returned, a signal (Ctrl-C as the command ends, a scheduler's
+    SIGTERM as the job ends) must not turn work done into work stopped (130,
+    143), which a script or scheduler would take for a failure. From then on,
+    until the interpreter's teardown, a signal ends the process at once with
+    main's code: also while the exit waits for a thread a library left running
+    (a compiler's pool). The teardown itself takes most of a second to unload
+    torch and runs no Python handler: the last exit function ignores the signals
+    for it.
+    """
+    atexit.register(_ignore_stop_signals)  # registered before main(): run after the exit functions it adds
     freeze_imports()
-    sys.exit(main())
+    code = main()
+    exit_on_signals(code)
+    sys.exit(code)
+
+
+def exit_on_signals(code: int) -> None:
+    """From now on a stop signal ends the process at once with ``code``: the command's work is done, and its
+    output written (stdout is flushed line by line: say)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: os._exit(code))
+
+
+def _ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def interrupted(left: str) -> int:

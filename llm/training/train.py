@@ -13,18 +13,16 @@ after saving a checkpoint (143, 130, 129, 138).
 
 from __future__ import annotations
 
-import atexit
 import errno
+import functools
 import glob
-import os
 import re
 import shlex
-import signal
 import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     # run by path (torchrun llm/training/train.py): Python put this file's folder first, whose tasks/ and
@@ -33,7 +31,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).re
 
 import torch.distributed as dist
 
-from llm.cli import freeze_imports, interrupted, one_line_warnings, say
+from llm.cli import exit_on_signals, interrupted, one_line_warnings, run_program, say
 from llm.errors import EXIT_USAGE, UsageError, causes, one_line, print_error
 from llm.files import FolderLock, run_files
 from llm.training.core import distributed as D
@@ -48,7 +46,7 @@ from llm.training.core.callbacks import (
 from llm.training.core.checkpoint import best_checkpoint
 from llm.training.core.config import Config
 from llm.training.core.engine import OUT_OF_TIME, NonFiniteError, TrainingEngine
-from llm.training.core.signals import STOP_SIGNALS, TrainingInterrupted
+from llm.training.core.signals import TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.profiler import Profiler
 from llm.training.core.registry import data_module_of, resolve_callback, resolve_data_module, resolve_task
@@ -268,7 +266,7 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
             # (--max-restarts), each with a limit of its own, 0
             code = EXIT_OUT_OF_TIME if out_of_time and D.torchrun_agent() is None else 0
             if exiting:
-                _exit_on_signals(code)  # a signal now (the job's own time limit, near) does not change it
+                exit_on_signals(code)  # a signal now (the job's own time limit, near) does not change it
         except (Exception, TrainingInterrupted) as e:
             if dist.is_initialized():  # else the frames keep their locals, for a post-mortem debugger
                 # the frames of the error and of those it came from let go of what they held (the DDP wrapper a
@@ -323,37 +321,11 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
     return code
 
 
-def run() -> None:
-    """The command line's entry (``python -m``, torchrun, llm-train): main(), then the exit.
-
-    Once the run has ended, a signal (a scheduler's SIGTERM as the job ends) must not
-    turn a finished run into one stopped by that signal (143), which a scheduler would
-    run again. From then on, until the interpreter's teardown, a signal ends the process
-    at once with the run's exit code (``_exit_on_signals``): also while the exit waits
-    for a thread a library left running (a compiler's pool). The teardown itself takes
-    most of a second to unload torch and runs no Python handler: the last exit function
-    ignores the signals for it.
-    """
-    atexit.register(_ignore_stop_signals)  # registered before main(): run after the exit functions a run adds
-    freeze_imports()
-    code = main(exiting=True)
-    _exit_on_signals(code)
-    sys.exit(code)
-
-
-def _exit_on_signals(code: int) -> None:
-    """From now on SIGTERM, SIGINT, SIGHUP or SIGUSR1 ends the process at once with ``code``: the run's files
-    are written."""
-    def handler(signum: int, frame: Any) -> None:
-        os._exit(code)  # stdout is flushed line by line (say)
-
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, handler)
-
-
-def _ignore_stop_signals() -> None:
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+def run() -> NoReturn:
+    """The command line's entry (``python -m``, torchrun, llm-train): main() as a process (cli.run_program), which
+    ends it at once with the run's code on a signal once the run has ended: a finished run is not one stopped by
+    a scheduler's SIGTERM as the job ends (143), which the scheduler would run again."""
+    run_program(functools.partial(main, exiting=True))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm.cli import STOP_SIGNALS
 from llm.training.core import distributed as D
 
 if TYPE_CHECKING:
     from llm.training.core.engine import TrainingEngine
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-"""The signals that stop a run after its step, with a checkpoint (stop_on_signals). SIGUSR1 is what SLURM sends
-ahead of a job's time limit (``--signal=USR1@90``); its default action ends a process at once."""
 
 
 ENDED_WAIT_S = 10.0
