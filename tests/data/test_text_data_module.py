@@ -387,6 +387,10 @@ def test_what_runs_wrote_inside_the_data_folder_is_not_read_as_text(tmp_path):
             (tmp_path / folder / name).write_text("x\n")
     assert [p.relative_to(tmp_path).as_posix() for p in corpus_files(str(tmp_path))] == [
         "a.txt", "notes/config.yaml", "notes/todo.txt", "papers/paper.txt", "papers/summary.json"]
+    for folder in ("runs/charted", "runs/saved/checkpoints", "ckpts/step_00000010"):  # named itself: refused
+        with pytest.raises(UsageError, match=rf"^data.path: {tmp_path / folder} is what a training run wrote"):
+            corpus_files(str(tmp_path / folder))
+    assert [p.name for p in corpus_files(str(tmp_path / "papers"))] == ["paper.txt", "summary.json"]
 
 
 def test_a_crash_while_tokenizing_leaves_no_cache(tmp_path, corpus, monkeypatch):
