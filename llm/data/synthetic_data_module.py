@@ -17,9 +17,10 @@ class SyntheticDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         d, seed = self.config.data, self.config.training.seed
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(d.num_samples, d.input_dim, generator=g)
+        # the function first: the same for any number of samples (a learning curve over data.num_samples)
         w = torch.randn(d.input_dim, 1, generator=g)
         b = torch.randn(1, generator=g)
+        x = torch.randn(d.num_samples, d.input_dim, generator=g)
         y = x @ w + b + d.noise * torch.randn(d.num_samples, 1, generator=g)
         n_val = max(1, int(d.num_samples * d.val_fraction))
         self.train_set = TensorDataset(x[n_val:], y[n_val:])
