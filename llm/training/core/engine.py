@@ -889,7 +889,8 @@ class TrainingEngine:
         """The state that logging and validating change: the callbacks', the best metric, a stop they asked
         for, engine.log() values waiting for their record, and each rank's own (random streams, and the losses
         of the epoch and of the log window so far)."""
-        callbacks = {key: checkpointable(copy.deepcopy(cb.state_dict()), f"{type(cb).__name__}.state_dict()")
+        # checked first: what a checkpoint cannot hold may not copy either (a lock), and is refused in one line
+        callbacks = {key: copy.deepcopy(checkpointable(cb.state_dict(), f"{type(cb).__name__}.state_dict()"))
                      for key, cb in zip(callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": resume.rng_state(self.device), **self._sums.state_dict()}
         if self.stream and self.batch_in_epoch and self._stream_state is not None:
@@ -1133,8 +1134,8 @@ class TrainingEngine:
         """Where the stream's loader stands, as a checkpoint keeps it: with its worker count, which its state
         holds one part for each of; and, without workers, the host's random streams as they stand before the
         read ahead, which a stream reading in this process draws from (_stream_groups)."""
-        state = checkpointable(copy.deepcopy(self.train_loader.state_dict()),
-                                f"{type(self.train_loader).__name__}.state_dict()")
+        state = copy.deepcopy(checkpointable(self.train_loader.state_dict(),
+                                             f"{type(self.train_loader).__name__}.state_dict()"))
         workers = getattr(self.train_loader, "num_workers", 0)
         rng = {} if workers else {"rng": resume.rng_state(torch.device("cpu"))}
         return {"state": state, "num_workers": workers, **rng}

@@ -1,5 +1,6 @@
 import enum
 import re
+import threading
 import warnings
 
 import pytest
@@ -281,6 +282,13 @@ def test_what_a_checkpoint_cannot_hold_is_one_line_naming_where_it_came_from(tmp
         train(tiny_config(tmp_path / "deque", training={"max_steps": 2}), callbacks=[Recent()])
     with pytest.raises(UsageError, match=r"^Phased.state_dict\(\) holds a test_checks.Phase, which a checkpoint"):
         train(tiny_config(tmp_path / "enum", training={"max_steps": 2}), callbacks=[Phased()])
+
+    class Locked(Callback):
+        def state_dict(self):
+            return {"lock": threading.Lock()}  # which no deep copy takes either
+
+    with pytest.raises(UsageError, match=r"^Locked.state_dict\(\) holds a _thread.lock, which a checkpoint"):
+        train(tiny_config(tmp_path / "lock", training={"max_steps": 2}), callbacks=[Locked()])
     with pytest.raises(UsageError, match=r"^Worded.finalize_metrics returned 'grade' as a str, expected a number"):
         train(tiny_config(tmp_path / "str"), Worded)
 
