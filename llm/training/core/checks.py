@@ -149,7 +149,8 @@ def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: 
     got = getattr(data_module, method)(rank, world_size)
     name = f"{type(data_module).__name__}.{method}()"
     pair = isinstance(got, (tuple, list)) and len(got) == 2
-    if not pair or got[0] is None:
+    # batches where the loader should be: a list of two batches (list(loader)) unpacks as a pair too
+    if not pair or got[0] is None or isinstance(got[0], (tuple, list, dict, torch.Tensor)):
         shown = f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, (tuple, list)) else \
             type(got).__name__
         raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "

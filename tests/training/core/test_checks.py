@@ -1,4 +1,5 @@
 import enum
+import itertools
 import re
 import threading
 import warnings
@@ -53,12 +54,14 @@ def test_a_train_step_whose_loss_broadcasts_its_targets_stops_at_the_first_step_
     ("no sampler", "train_dataloader() returned the sampler NoneType, expected one with set_epoch"),
     ("no validation", "val_dataloader() returned (NoneType, NoneType), expected a (DataLoader, DistributedSampler) "
                       "pair, as self.build_dataloader(...) gives; without data for it, a loader over an empty data"),
+    ("two batches", "train_dataloader() returned (list, list), expected a (DataLoader, DistributedSampler) pair"),
 ])
 def test_a_data_module_that_returns_no_loader_and_sampler_pair_is_refused_in_one_line(tmp_path, returned, words):
     class Odd(SyntheticDataModule):
         def train_dataloader(self, rank, world_size):
             loader, sampler = super().train_dataloader(rank, world_size)
-            return {"loader": loader, "no sampler": (loader, None)}.get(returned, (loader, sampler))
+            batches = {"two batches": list(itertools.islice(loader, 2))}  # the loader's batches, listed
+            return {"loader": loader, "no sampler": (loader, None), **batches}.get(returned, (loader, sampler))
 
         def val_dataloader(self, rank, world_size):
             return (None, None) if returned == "no validation" else super().val_dataloader(rank, world_size)
@@ -192,6 +195,22 @@ def test_a_build_model_returning_no_module_is_one_line_before_the_run_folder_is_
                                          r"torch.nn.Module$"):
         TrainingEngine(config, ReturnsAFunction(config), 0, 1).train()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_task_or_data_module_whose_init_skipped_the_base_classs_is_one_line(tmp_path):
+    class Unset(RegressionTask):
+        def __init__(self, config):
+            self.hidden = 8  # and no super().__init__(config): no self.config for build_model
+
+    class Unready(SyntheticDataModule):
+        def __init__(self, config):
+            pass
+
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError, match=r"^Unset.__init__ did not call super\(\).__init__\(config\), which gives"):
+        TrainingEngine(config, Unset(config))
+    with pytest.raises(UsageError, match=r"^Unready.__init__ did not call super\(\).__init__\(config\), which "):
+        TrainingEngine(config, RegressionTask(config), data_module=Unready(config))
 
 
 def test_a_loss_per_sample_on_a_later_step_is_the_same_one_line(tmp_path):
