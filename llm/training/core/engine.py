@@ -934,6 +934,9 @@ class TrainingEngine:
         if progress["stop"] and not monitor_changed and not stopping_changed:  # early stop holds
             self.should_stop, self.stop_reason = True, progress["stop"]
             self._held_stop = progress["stop"]
+            self.print(f"{path} holds the stop asked for at step {self.step} ({progress['stop']}): this run ends "
+                       f"there too (another training.patience, training.early_stopping or checkpoint.monitor "
+                       f"lifts it)")
         last_step = self._last_step(self._epoch_length)
         if last_step != self.total_steps:  # resumed in another layout, now or before: the schedule spans the steps
             # this run takes, counted in its own; built before the optimizer's state is loaded, like the first one

@@ -1474,14 +1474,17 @@ def test_a_save_that_fails_mid_run_stops_training_and_keeps_the_last_checkpoint(
     assert max(steps) == 12  # training stopped at the failed save instead of going on without it
 
 
-def test_a_run_stopped_early_stays_stopped_when_resumed(tmp_path):
+def test_a_run_stopped_early_stays_stopped_when_resumed_and_says_so(tmp_path, capsys):
     settings = {"training": {"epochs": 20, "eval_every_steps": 2, "patience": 0},
                 "optimizer": {"lr": 0.3, "scheduler": "constant"}, "checkpoint": {"every_n_steps": 2}}
     first, metrics = train(tiny_config(tmp_path, **settings), callbacks=default_callbacks(tiny_config(tmp_path, **settings)))
     assert metrics["stop_reason"].startswith("early stopping") and first.step < 20 * 14
     again = tiny_config(tmp_path, **{**settings, "checkpoint": {"every_n_steps": 2, "resume": "auto"}})
+    capsys.readouterr()
     resumed, metrics = train(again, callbacks=default_callbacks(again))
     assert resumed.step == first.step and metrics["stop_reason"] == first.stop_reason  # not trained any further
+    assert (f"holds the stop asked for at step {first.step} ({first.stop_reason}): this run ends there too"
+            in capsys.readouterr().out)
     for (name, w_first), w in zip(weights(first.raw_model).items(), weights(resumed.raw_model).values()):
         assert torch.equal(w_first, w), name
     patient = tiny_config(tmp_path, **{**settings, "training": {**settings["training"], "patience": 2},
