@@ -467,7 +467,9 @@ def weighted_mean_over_ranks(totals: dict[str, tuple[float, float]]) -> dict[str
         if keys:
             summed = all_reduce_on_hosts(torch.tensor([totals[k][0] for k in keys] + [totals[k][1] for k in keys],
                                                       dtype=torch.float64)).tolist()
-            totals = {k: (summed[i], summed[len(keys) + i]) for i, k in enumerate(keys)}
+            summed_up = {k: (summed[i], summed[len(keys) + i]) for i, k in enumerate(keys)}
+            totals = {k: summed_up[k] for k in totals}
+    # in the task's order, as one process gives them (val_loss first): the same lines and records on any count
     return {k: total / weight if weight else float("nan") for k, (total, weight) in totals.items()}
 
 

@@ -150,7 +150,8 @@ def host_values_worker(rank: int, directory: str, ports: tuple[int, int]) -> Non
     dist.init_process_group("cuda:gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=20))
     seen["stop"] = D.any_rank([rank == 1, False])
-    seen["mean"] = D.weighted_mean_over_ranks({"loss": (float(rank + 1), 1.0)})
+    seen["mean"] = D.weighted_mean_over_ranks({"loss": (float(rank + 1), 1.0), "acc": (rank * 0.5, 1.0)})
+    seen["order"] = list(seen["mean"])  # the task's, as one process gives it: JSON keeps it
     seen["names"] = D.gather(f"rank {rank}")
     seen["host group made"] = D._hosts() is not None
     CheckpointManager(Path(directory) / "ckpt", rank, 2)._agree(None, Path(directory), "save")
@@ -167,7 +168,8 @@ def test_host_values_go_over_gloo_whatever_the_default_group_carries(tmp_path):
     spawn(host_values_worker, str(tmp_path), (free_port(), free_port()))
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"seen_{rank}.json").read_text())
-        assert seen == {"stop": [True, False], "mean": {"loss": 1.5}, "names": ["rank 0", "rank 1"],
+        assert seen == {"stop": [True, False], "mean": {"loss": 1.5, "acc": 0.25}, "order": ["loss", "acc"],
+                        "names": ["rank 0", "rank 1"],
                         "host group made": True, "again": [True], "default group again": True}
 
 
