@@ -359,10 +359,12 @@ def summary(args: argparse.Namespace, runs: dict[str, list[Measure]], engine_nam
               ([m.train_loss for m in runs[name]] for name in (engine_name, hand_name)))
     tolerance = max(1e-4 if args.device == "cpu" else 1e-2, own)
     best = max(rates[engine_name]) / max(rates[hand_name])
+    met, interval_low, interval_high = common.against_target(rates[engine_name], rates[hand_name], TARGET)
     notes = [f"engine/hand tokens/s = {ratio:.3f} {measured}, the median over rounds of each round's ratio "
-             f"(rounds {low:.3f}-{high:.3f}; best run against best run {best:.3f}, since noise only slows)"
+             f"(rounds {low:.3f}-{high:.3f}; 90% interval of the median {interval_low:.3f}-{interval_high:.3f}; "
+             f"best run against best run {best:.3f}, since noise only slows)"
              + (f", {wall_ratio:.3f} by the wall clock" if args.device == "cpu" else "")
-             + f" (target >= {TARGET} {measured}: {'met' if ratio >= TARGET else 'NOT met'}); the engine's and the hand loop's "
+             + f" (target >= {TARGET} {measured}: {met}); the engine's and the hand loop's "
              + f"train losses differ by {gap:.1e} (each one's own runs by up to {own:.1e}), "
              + (f"within {tolerance:.0e}: the same work on the same batches." if gap <= tolerance
                 else f"more than {tolerance:.0e}: check they do the same work.")]
