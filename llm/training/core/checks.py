@@ -149,8 +149,8 @@ def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: 
     got = getattr(data_module, method)(rank, world_size)
     name = f"{type(data_module).__name__}.{method}()"
     pair = isinstance(got, (tuple, list)) and len(got) == 2
-    # batches where the loader should be: a list of two batches (list(loader)) unpacks as a pair too
-    if not pair or got[0] is None or isinstance(got[0], (tuple, list, dict, torch.Tensor)):
+    # a list of two batches (list(loader)) unpacks as a pair too: a batch where the sampler should be
+    if not pair or got[0] is None or _a_batch(got[1]):
         shown = f"({', '.join(type(x).__name__ for x in got)})" if isinstance(got, (tuple, list)) else \
             type(got).__name__
         raise UsageError(f"{name} returned {shown}, expected a (DataLoader, DistributedSampler) pair, as "
@@ -171,6 +171,14 @@ def loaders_of(data_module: BaseDataModule, method: str, rank: int, world_size: 
                          f"shares, which validation would count twice: build the loader with "
                          f"self.build_dataloader(dataset, rank, world_size, train=False), whose sampler does not")
     return loader, sampler
+
+
+def _a_batch(value: Any) -> bool:
+    """Whether ``value`` is what a loader yields, not a sampler: a tensor, or a dict, list or tuple holding one."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple))
+                                               and any(isinstance(v, torch.Tensor) for v in value))
 
 
 def raised_at(e: BaseException) -> str:
