@@ -197,20 +197,18 @@ def test_a_build_model_returning_no_module_is_one_line_before_the_run_folder_is_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_task_or_data_module_whose_init_skipped_the_base_classs_is_one_line(tmp_path):
+def test_a_task_or_data_module_whose_init_skipped_the_base_classs_is_given_the_runs_config(tmp_path):
     class Unset(RegressionTask):
         def __init__(self, config):
-            self.hidden = 8  # and no super().__init__(config): no self.config for build_model
+            pass  # no super().__init__(config): no self.config for build_model
 
     class Unready(SyntheticDataModule):
         def __init__(self, config):
             pass
 
-    config = tiny_config(tmp_path)
-    with pytest.raises(UsageError, match=r"^Unset.__init__ did not call super\(\).__init__\(config\), which gives"):
-        TrainingEngine(config, Unset(config))
-    with pytest.raises(UsageError, match=r"^Unready.__init__ did not call super\(\).__init__\(config\), which "):
-        TrainingEngine(config, RegressionTask(config), data_module=Unready(config))
+    config = tiny_config(tmp_path, training={"max_steps": 3})
+    engine = TrainingEngine(config, Unset(config), data_module=Unready(config))
+    assert engine.train()["steps"] == 3 and engine.task.config is engine.data_module.config is engine.config
 
 
 def test_a_loss_per_sample_on_a_later_step_is_the_same_one_line(tmp_path):
