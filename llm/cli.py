@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import difflib
-import os
 import gc
+import os
 import re
 import signal
 import sys
@@ -138,9 +139,15 @@ def run_program(main: Callable[[], int]) -> NoReturn:
 
 def exit_on_signals(code: int) -> None:
     """From now on a stop signal ends the process at once with ``code``: the command's work is done, and its
-    output written (stdout is flushed line by line: say)."""
+    output written (the commands flush it line by line, say; what print() left buffered goes out first)."""
+    def handler(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a reader gone (| head): nothing more to give it
+                stream.flush()
+        os._exit(code)
+
     for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda signum, frame: os._exit(code))
+        signal.signal(signum, handler)
 
 
 def _ignore_stop_signals() -> None:

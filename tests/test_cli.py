@@ -3,6 +3,7 @@ import importlib
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -188,19 +189,30 @@ def test_each_console_script_freezes_its_imports_then_exits_with_the_code_main_r
 
 def test_a_signal_once_a_commands_work_is_done_leaves_its_exit_code(tmp_path):
     """Ctrl-C as a tool ends, or a scheduler's SIGTERM as the job does: the exit waits for a thread a library
-    left running (here 30 s), and the signal ends the process at once with the code main returned, not with a
-    traceback and 130 (an export written whole, taken by a script for one that failed)."""
-    program = ("import threading, time\n"
+    left running (here 30 s), and the signal ends the process at once with the code main returned, its output
+    given out whole, not with a traceback and 130 (an export written whole, taken by a script for one that
+    failed)."""
+    program = ("import pathlib, signal, threading, time\n"
                "from llm.cli import run_program\n"
+               "def linger():  # says the work is done once run_program has taken the signals, then holds the exit\n"
+               "    deadline = time.monotonic() + 10\n"
+               "    while signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and time.monotonic() < deadline:\n"
+               "        time.sleep(0.01)\n"
+               "    print('exported')  # left in the buffer of the pipe: the signal's exit gives it out\n"
+               "    pathlib.Path('done').touch()\n"
+               "    time.sleep(30)\n"
                "def main():\n"
-               "    threading.Thread(target=time.sleep, args=(30,)).start()\n"
-               "    print('exported', flush=True)\n"
+               "    threading.Thread(target=linger).start()\n"
                "    return 0\n"
                "run_program(main)\n")
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}
     for signum in (signal.SIGINT, signal.SIGTERM):
-        process = subprocess.Popen([sys.executable, "-c", program], cwd=tmp_path, env=cli_env(),
+        (tmp_path / "done").unlink(missing_ok=True)
+        process = subprocess.Popen([sys.executable, "-c", program], cwd=tmp_path, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert process.stdout.readline() == "exported\n"
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "done").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         process.send_signal(signum)
         out, err = process.communicate(timeout=20)
-        assert (process.returncode, err) == (0, ""), signum
+        assert (process.returncode, out, err) == (0, "exported\n", ""), signum
