@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import random
 import shlex
 import statistics
 import subprocess
@@ -202,13 +201,24 @@ def paired_ratio(values: Sequence[float], references: Sequence[float]) -> tuple[
 
 def against_target(values: Sequence[float], references: Sequence[float], target: float) -> tuple[str, float, float]:
     """Whether the median over rounds of ``values[r] / references[r]`` reaches ``target``, told apart from the
-    noise: "met" when the 90% interval of that median (a bootstrap over the rounds, seeded) lies at or above
-    it, "NOT met" when below it, and "not told apart from the target" when the interval holds it. With the
-    interval. A median a hair past the target on a machine whose rounds spread by 10% says nothing."""
-    ratios = [v / r for v, r in zip(values, references, strict=True)]
-    draws = random.Random(0)
-    medians = sorted(statistics.median(draws.choices(ratios, k=len(ratios))) for _ in range(2000))
-    low, high = medians[len(medians) // 20], medians[-1 - len(medians) // 20]
+    noise: "met" when a 90% interval of that median lies at or above it, "NOT met" when below it, and "not told
+    apart from the target" when the interval holds it; with the interval. A median a hair past the target on a
+    machine whose rounds spread by 10% says nothing.
+
+    The interval is the order statistics' (distribution-free, exact): the k-th lowest and the k-th highest of the
+    n ratios, for the largest k whose interval holds the median with 90% probability or more; under 5 rounds
+    there is none (all of them cover it with less), and the figure is "too few rounds to tell".
+    """
+    ratios = sorted(v / r for v, r in zip(values, references, strict=True))
+    n = len(ratios)
+    below = 0.0  # P(fewer than k of the n ratios fall below the median), growing with k
+    k = 0
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= 0.05:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return f"too few rounds to tell ({n})", ratios[0], ratios[-1]
+    low, high = ratios[k - 1], ratios[n - k]
     said = "met" if low >= target else "NOT met" if high < target else "not told apart from the target"
     return said, low, high
 
