@@ -144,3 +144,20 @@ def test_the_hook_loop_in_the_usage_guide_is_the_one_in_callbacks_py():
     shown = next(c for _, c in blocks(REPO / "docs/usage.md", "text") if "on_train_start(engine)" in c)
     docstring = callbacks.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]
     assert shown == textwrap.dedent(docstring) + "\n"
+
+
+def test_the_usage_guides_callback_logs_into_the_validation_record_stops_the_run_and_keeps_its_count(tmp_path):
+    from llm.training.core.callbacks import MetricsLogger
+    from tests.helpers import records_of, tiny_config, train
+
+    [code] = [code for _, code in blocks(REPO / "docs" / "usage.md", "python") if "class StopBelow" in code]
+    namespace: dict = {"__name__": "__docs__"}
+    exec(compile(code, "usage.md:StopBelow", "exec"), namespace)
+    settings = {"training": {"max_steps": 40, "eval_every_steps": 5}, "checkpoint": {"every_n_steps": 5}}
+    stopper = namespace["StopBelow"](target=1e9)  # every validation is below it: the first one stops the run
+    engine, metrics = train(tiny_config(tmp_path, **settings), callbacks=[stopper, MetricsLogger()])
+    assert engine.step == 5 and metrics["stop_reason"].startswith("val_loss ") and stopper.validations == 1
+    assert [r["validations"] for r in records_of(tmp_path / "run", "val")] == [1]
+    again = namespace["StopBelow"](target=1e9)
+    train(tiny_config(tmp_path, **{**settings, "checkpoint": {"every_n_steps": 5, "resume": "auto"}}), callbacks=[again])
+    assert again.validations == 1  # its count, from the checkpoint; the stop held, nothing validated again

@@ -112,7 +112,8 @@ def corpus_files(spec: str, setting: str = "data.path") -> list[Path]:
         if is_cache_entry(path):
             raise UsageError(f"{setting}: {spec} is a token cache entry (tokens.bin), not text")
         if is_run_output(path):  # checkpoints and logs, which a folder of text skips below it
-            raise UsageError(f"{setting}: {spec} is what a training run wrote (a run or checkpoint folder), not text")
+            raise UsageError(f"{setting}: {spec} is what a training run wrote (a run or checkpoint folder), not text; "
+                             f"for text in it, give a glob such as '{os.path.join(spec, '**', '*.txt')}'")
         files, others, walked, caches = [], [], set(), []
         for dirpath, dirnames, filenames in os.walk(path, followlinks=True):  # a linked folder is below it too
             if os.path.realpath(dirpath) in walked:  # reached again through a link: a loop ends here
