@@ -378,9 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     told = {clock: common.against_target([getattr(r, field) for r in runs["engine"]],
                                          [getattr(r, field) for r in runs["hand"]], TARGET)
             for clock, field in (("wall", "steps_per_s"), ("CPU", "steps_per_cpu_s"))}
-    said = [verdict for verdict, _, _ in told.values()]
-    met = next((verdict for verdict in said if verdict.startswith("too few")), None) or \
-        ("NOT met" if "NOT met" in said else "met" if set(said) == {"met"} else "not told apart from the target")
+    said = {verdict for verdict, _, _ in told.values()}  # both clocks have as many rounds: too few for both or neither
+    met = said.pop() if len(said) == 1 else "NOT met" if "NOT met" in said else "not told apart from the target"
     best = max(r.steps_per_s for r in runs["engine"]) / max(r.steps_per_s for r in runs["hand"])
     verdicts = [f"engine/hand = {ratio:.3f} on the wall clock (rounds {low:.3f}-{high:.3f}; best run against best "
                 f"run {best:.3f}, since noise only slows), {cpu_ratio:.3f} in CPU time, each the median over rounds "
