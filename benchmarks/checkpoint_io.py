@@ -76,7 +76,7 @@ from llm.training.core import sharded  # noqa: E402
 from llm.training.core.callbacks import Callback  # noqa: E402
 from llm.training.core.config import Config  # noqa: E402
 from llm.training.core.engine import TrainingEngine  # noqa: E402
-from llm.training.core.resume import ResumableSampler  # noqa: E402
+from llm.training.core.loading import ResumableSampler  # noqa: E402
 from llm.training.tasks.regression_task import RegressionTask  # noqa: E402
 
 GPT_SHAPE = {"vocab_size": 65, "block_size": 256, "n_layer": 8, "n_head": 8, "n_embd": 256}
@@ -231,7 +231,7 @@ def resume_config(log_dir: Path, resume: str = "") -> Config:
 
 
 def first_batch_skipping(data: SyntheticDataModule, k: int) -> float:
-    """Seconds to the first batch after step k, skipping indices with the resume.ResumableSampler."""
+    """Seconds to the first batch after step k, skipping indices with the loading.ResumableSampler."""
     loader, sampler = data.train_dataloader(0, 1)
     resumable = ResumableSampler.install(loader, sampler)
     sampler.set_epoch(0)
@@ -262,7 +262,7 @@ def engine_resume(folder: Path, k: int) -> tuple[float, float]:
         setup_s, _ = common.timed(engine.setup)
     assert engine.batch_in_epoch == k, (engine.batch_in_epoch, k)
     engine.train_sampler.set_epoch(engine.epoch)
-    batch_s, _ = common.timed(lambda: next(iter(engine._epoch_batches())))
+    batch_s, _ = common.timed(lambda: next(iter(engine.batches.groups(engine.epoch, engine.batch_in_epoch))))
     shutil.rmtree(run)
     return setup_s, batch_s
 

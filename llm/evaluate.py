@@ -40,7 +40,9 @@ from llm.training.core import distributed as D, resume
 from llm.training.core.checkpoint import load_weights_strictly, model_weights, read_checkpoint
 from llm.training.core.batches import batch_len, moved_to
 from llm.training.core.checks import loaders_of
-from llm.training.core.engine import AUTOCAST_DTYPES, SETUP_STREAM, VAL_STREAM
+from llm.training.core.engine import AUTOCAST_DTYPES
+from llm.training.core.loading import (SETUP_STREAM, VAL_STREAM, SeededBatches, WorkerStart, mixed_seed,
+                                       seed_everything)
 from llm.training.core.metrics import RunningMeans, collecting, finalized_metrics, whole_set_metrics
 from llm.training.core.registry import data_module_of, resolve_data_module, resolve_task
 from llm.training.tasks.lm_task import load_lm, perplexity, usable_device
@@ -144,7 +146,7 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
     try:  # it may tokenize a corpus into its cache again, if the cache is gone
         data_module.prepare_data()
         # the random numbers training's set-up drew from: a split drawn at random is the one it validated on
-        resume.seed_everything(resume.mixed_seed(config.training.seed, SETUP_STREAM))
+        seed_everything(mixed_seed(config.training.seed, SETUP_STREAM))
         data_module.setup("fit" if split == "val" else "test")
     except UsageError as e:
         raise UsageError(f"{e}{where_to_run}") from None
@@ -152,8 +154,8 @@ def score_split(checkpoint: str | Path, split: str = "val", device: str = "cpu",
     # what a data set draws at random in loader workers, from the seeds training's validation gave each batch
     with warnings.catch_warnings():  # of a data set that takes no seed: said of a resume, not of a score
         warnings.simplefilter("ignore")
-        resume.SeededBatches.install(loader, resume.mixed_seed(config.training.seed, 0, VAL_STREAM))
-    resume.WorkerStart.install(loader)
+        SeededBatches.install(loader, mixed_seed(config.training.seed, 0, VAL_STREAM))
+    WorkerStart.install(loader)
     task.data_module = data_module
     model = task.build_model()
     changed = resume.weights_changes(task, ckpt)  # a tokenizer built otherwise here would number tokens otherwise

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import itertools
 import math
 import os
 import re
@@ -54,6 +53,9 @@ from llm.training.core.checks import (BROADCAST_WARNING, HIGHER_IS_BETTER, LOWER
                                       check_plateau, checkpointable, loaders_of, loss_and_metrics, no_monitor,
                                       out_of_memory, raised_at)
 from llm.training.core.config import Config, fitted_settings, settings_of
+from llm.training.core.loading import (SETUP_STREAM, VAL_STREAM, SeededBatches, TrainingBatches, WorkerStart,
+                                       is_stream, iterate, keeps_its_place, mixed_seed, rank_seed, rng_state,
+                                       seed_everything, set_rng_state, validation_batches)
 from llm.training.core.metrics import (RunningMeans, TrainingSums, collecting, finalized_metrics, record_numbers,
                                        whole_set_metrics)
 from llm.training.core.optim import WeightAverage, ready_for_skips, warmup_outlasting, zero_missing_momentum
@@ -65,10 +67,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARED_STATE = ("scheduler", "scaler", "best_metric", "val_metrics", "train_metrics", "progress", "callbacks", "config")
 """The entries of a checkpoint's state.pt, beside the weights, that a resume needs (``pending_log`` and
 ``scheduler_kind`` are read when there: checkpoints of earlier versions lack them)."""
-SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, LOADER_STREAM, RANK_STREAM = 1, 2, 3, 4, 5
-"""What the seeds made from training.seed are for: the data module's set-up, the training and validation batches
-loader workers load, the generator of each loader iterator, and each rank's own draws beside them (dropout and
-the like): each a stream of its own."""
 RECORD_OF_HOOK = {"on_validation_end": "val", "on_epoch_end": "epoch"}
 """The log record that engine.log() adds to, by the hook it is called from; any other hook's: the training one."""
 
@@ -146,21 +144,22 @@ class TrainingEngine:
             return self.run_dir
         return Path(self.config.fill_in(os.path.expanduser(path)))
 
+    @property
+    def data_wait_s(self) -> float:
+        """Seconds spent waiting for the training loader (ThroughputMonitor reads it)."""
+        return self.batches.wait_s if self.batches is not None else 0.0
+
     def _start_afresh(self) -> None:
         """The state of a run that has not started; setup() and a resume fill it in."""
         # progress: what a checkpoint must hold to continue exactly
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
-        self.stream = False  # the training loader is a stream (set in setup): its epochs end when it does
+        self.batches: TrainingBatches | None = None  # the training loader's, built in setup
         self._steps_a_pass: int | None = None  # a stream's: the steps of the first whole pass this process made
-        self._loader_restored = False  # a stream's loader put back where a checkpoint's stood, to go on from
-        self._read_ahead_rng: dict[str, Any] | None = None  # the host's random streams its first read draws from
-        self._stream_state: dict[str, Any] | None = None  # where it stood after the last group yielded
         self.samples_seen = 0  # training samples over all ranks
         self.skipped_steps = 0  # steps dropped by nan_policy=skip
         self.overflow_steps = 0  # steps a loss scaler (fp16) skipped: gradients that overflowed its scale
-        self.data_wait_s = 0.0  # time spent waiting for the training loader
         self.aside_s = 0.0  # time spent validating, saving and writing profiles, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
         self._after_first_step = (0.0, 0.0, 0)  # when that step ended, aside_s then, samples_seen then
@@ -242,16 +241,13 @@ class TrainingEngine:
     def train_epoch(self) -> None:
         """Optimizer steps until the epoch ends or a stop is agreed, with logs, evaluations and saves due."""
         t = self.config.training
-        if self.stream:  # a sampler or data set of the stream's that takes the epoch, to reshuffle by
-            resume.set_stream_epoch(self.train_loader, self.train_sampler, self.epoch)
-        else:
-            self.train_sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
+        self.batches.set_epoch(self.epoch)
         self._fire("on_epoch_start")
         if self._stop_before_a_step():
             return
         first_step, whole = self.step, self.batch_in_epoch == 0  # a whole pass, to count a stream's steps by
         self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
-        for micro_batches, last_of_epoch in self._epoch_batches():
+        for micro_batches, last_of_epoch in self.batches.groups(self.epoch, self.batch_in_epoch):
             self.optimizer_step(micro_batches)
             self._fire("on_step_end")
             if self._due(self.config.logging.log_every_steps):
@@ -263,7 +259,7 @@ class TrainingEngine:
             if self._end_step():
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        if self.stream and whole and self._steps_a_pass is None:
+        if self.batches.stream and whole and self._steps_a_pass is None:
             self._steps_a_pass = self.step - first_step
             self._warn_if_passes_end_first()
         metrics = {"train_loss": self._close_epoch_loss(), **self._validated()}
@@ -472,7 +468,8 @@ class TrainingEngine:
         model.eval()
         sums = RunningMeans()
         with collecting(self.task) as collected, self.ema.swapped_in() if self.ema else contextlib.nullcontext():
-            for batch, counted in self._validation_batches():
+            for batch, counted in validation_batches(self.val_loader, self.config.training.seed, self.rank, self.step,
+                                                     self.config.training.eval_batches or None, self.sharded):
                 batch = self._to_device(batch)
                 kept = len(collected or ())
                 with self._autocast():
@@ -530,53 +527,26 @@ class TrainingEngine:
         # the same random numbers on every rank, run and resume for a data module that draws them in setup (a
         # split, a shuffle, generated data) without a generator of its own: after prepare_data, which one process
         # a node runs, and only when its cache is missing; not the model's initial weights' (torch's seed below)
-        resume.seed_everything(resume.mixed_seed(cfg.training.seed, SETUP_STREAM))
+        seed_everything(mixed_seed(cfg.training.seed, SETUP_STREAM))
         with out_of_memory(f"{type(self.data_module).__name__}.setup()", "smaller data (data.num_samples, ...)"):
             self.data_module.setup("fit")
         ranks = self.rank, self.world_size
         self.train_loader, self.train_sampler = loaders_of(self.data_module, "train_dataloader", *ranks)
         self.val_loader, self.val_sampler = loaders_of(self.data_module, "val_dataloader", *ranks)
-        self._resumable = resume.ResumableSampler.install(self.train_loader, self.train_sampler)
         # with loader workers, what a data set draws at random comes from a seed per batch, kept by no worker: the
         # training batches' differ by epoch, and each validation draws the same numbers as the others
+        t, name = cfg.training, type(self.data_module).__name__
+        self.batches = TrainingBatches(self.train_loader, self.train_sampler, t.seed, t.grad_accum_steps, t.max_steps,
+                                       *ranks, name, self._warned_by_rank_0)
         with self._warned_by_rank_0():  # a data set that takes no seeding: the same on every rank
-            self._seeded = resume.SeededBatches.install(
-                self.train_loader, resume.mixed_seed(cfg.training.seed, self.rank, TRAIN_STREAM))
-            resume.SeededBatches.install(self.val_loader, resume.mixed_seed(cfg.training.seed, self.rank, VAL_STREAM))
+            SeededBatches.install(self.val_loader, mixed_seed(t.seed, self.rank, VAL_STREAM))
         for loader in (self.train_loader, self.val_loader):  # before the workers start: the first batch checked
-            resume.WorkerStart.install(loader)
-        k = cfg.training.grad_accum_steps
-        self.stream = resume.is_stream(self.train_loader)
-        batches = None if self.stream else len(self.train_loader)
-        dataset = getattr(self.train_loader, "dataset", None)
-        if self.stream and getattr(self.train_loader, "persistent_workers", False) and \
-                callable(getattr(dataset, "set_epoch", None)):
-            with self._warned_by_rank_0():
-                warnings.warn(f"the stream's loader keeps its workers (persistent_workers=True): the copies of "
-                              f"{type(dataset).__name__} they made at the first pass do not see set_epoch, and a "
-                              f"resumed run's, made at its first pass, do; build the loader without it")
-        if resume.is_stream(self.val_loader) and not cfg.training.eval_batches:
+            WorkerStart.install(loader)
+        if is_stream(self.val_loader) and not t.eval_batches:
             with self._warned_by_rank_0():  # an endless one would hold the run at its first evaluation for ever
-                warnings.warn(f"{type(self.data_module).__name__}.val_dataloader() is a stream: each evaluation "
-                              f"reads it to its end; if it has none, set training.eval_batches, the batches an "
-                              f"evaluation reads")
-        if self.stream and not cfg.training.max_steps:
-            raise UsageError(
-                f"{type(self.data_module).__name__}.train_dataloader() is a stream (an IterableDataset, or no "
-                f"length): set training.max_steps, the steps the schedule spans; each pass over it is an epoch"
-            )
-        if not self.stream and not hasattr(self.train_sampler, "set_epoch"):
-            raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() returned the sampler "
-                             f"{type(self.train_sampler).__name__}, expected one with set_epoch, such as the "
-                             f"DistributedSampler of self.build_dataloader(...): it shards each epoch across ranks, "
-                             f"reshuffles it and resumes it mid-epoch")
-        if batches is not None and batches < k:
-            raise UsageError(
-                f"one epoch has {batches} batches per rank, fewer than "
-                f"training.grad_accum_steps={k}: lower it or the batch size"
-            )
-        self._epoch_length = batches  # None: a stream's, known when it ends
-        self.total_steps = self._last_step(batches)
+                warnings.warn(f"{name}.val_dataloader() is a stream: each evaluation reads it to its end; if it has "
+                              f"none, set training.eval_batches, the batches an evaluation reads")
+        self.total_steps = self._last_step(self.batches.length)
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
@@ -606,7 +576,7 @@ class TrainingEngine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self._host_reads = _read_now(self.device)
         self._found_inf_step = _skips_on_device(self.optimizer, self.device) and ready_for_skips(self.optimizer)
-        resume.seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
+        seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
         background = cfg.checkpoint.async_save
         group = D.background_group() if background and D.active() else None
         self.checkpoints = CheckpointManager(
@@ -779,7 +749,7 @@ class TrainingEngine:
         in eval mode without gradients, and on forked random streams, so the run
         itself is the same with or without it.
         """
-        batch = next(self._iterate(self.val_loader, 0), None)
+        batch = next(iterate(self.val_loader, self.config.training.seed, self.rank, 0), None)
         if batch is None:
             return
         model.eval()
@@ -893,9 +863,9 @@ class TrainingEngine:
         # checked first: what a checkpoint cannot hold may not copy either (a lock), and is refused in one line
         callbacks = {key: copy.deepcopy(checkpointable(cb.state_dict(), f"{type(cb).__name__}.state_dict()"))
                      for key, cb in zip(callback_keys(self.callbacks), self.callbacks)}
-        rank = {"rng": resume.rng_state(self.device), **self._sums.state_dict()}
-        if self.stream and self.batch_in_epoch and self._stream_state is not None:
-            rank["loader"] = self._stream_state
+        rank = {"rng": rng_state(self.device), **self._sums.state_dict()}
+        if self.batches.stream and self.batch_in_epoch and self.batches.state is not None:
+            rank["loader"] = self.batches.state
         # the scheduler's too: a ReduceLROnPlateau counts validations, and the last one of a run may be off schedule
         scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
@@ -924,7 +894,7 @@ class TrainingEngine:
         self.step, self.epoch = progress["step"], progress["epoch"]
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
                                                            self.config.training.batch_size, self.world_size,
-                                                           self.stream)
+                                                           self.batches.stream)
         self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
         self.overflow_steps = progress.get("overflow_steps", 0)  # not in checkpoints saved before it was counted
         monitor_changed = bool({"checkpoint.monitor", "checkpoint.mode"} & set(changed))  # a best of another metric
@@ -935,7 +905,7 @@ class TrainingEngine:
             self.print(f"{path} holds the stop asked for at step {self.step} ({progress['stop']}): this run ends "
                        f"there too (another training.patience, training.early_stopping or checkpoint.monitor "
                        f"lifts it)")
-        last_step = self._last_step(self._epoch_length)
+        last_step = self._last_step(self.batches.length)
         if last_step != self.total_steps:  # resumed in another layout, now or before: the schedule spans the steps
             # this run takes, counted in its own; built before the optimizer's state is loaded, like the first one
             self.total_steps = self.task.total_steps = last_step
@@ -991,10 +961,10 @@ class TrainingEngine:
                                           f"take it, or give the other class another name") from None
         if progress["world_size"] == self.world_size:
             mine = load_rank_state(path, self.rank)
-            resume.set_rng_state(mine["rng"], self.device)
+            set_rng_state(mine["rng"], self.device)
             self._sums.load_state_dict(mine)
-            if self.stream and self.batch_in_epoch and "loader" in mine and resume.keeps_its_place(self.train_loader):
-                self._restore_loader(mine["loader"])
+            if self.batches.stream and self.batch_in_epoch and "loader" in mine and keeps_its_place(self.train_loader):
+                self.batches.restore(mine["loader"])
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.train_metrics = shared["train_metrics"]
@@ -1004,19 +974,6 @@ class TrainingEngine:
         if self.continues_run:
             self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-
-    def _restore_loader(self, saved: dict[str, Any]) -> None:
-        """Put the stream's loader back where the checkpoint's stood; with another worker count, whose state has
-        other parts, its epoch's batches are read again instead."""
-        workers = getattr(self.train_loader, "num_workers", 0)
-        if saved["num_workers"] != workers:
-            with self._warned_by_rank_0():
-                warnings.warn(f"the stream's loader was saved with {saved['num_workers']} worker(s), not {workers}: "
-                              f"its state is not put back")
-            return
-        self.train_loader.load_state_dict(saved["state"])
-        self._loader_restored = True
-        self._read_ahead_rng = saved.get("rng")  # absent from checkpoints of earlier versions
 
     # ---- what callbacks use ----------------------------------------------------------
 
@@ -1048,139 +1005,6 @@ class TrainingEngine:
             stdout_gone()  # metrics.jsonl
 
     # ---- helpers -------------------------------------------------------------------
-
-    def _epoch_batches(self) -> Iterator[tuple[list[Any], bool]]:
-        """Groups of grad_accum_steps micro-batches, starting where a resumed epoch stopped, each with whether
-        it is the epoch's last full group."""
-        k = self.config.training.grad_accum_steps
-        if self._seeded is not None:
-            self._seeded.epoch = self.epoch
-        if self.stream:
-            yield from self._stream_groups(k)
-            return
-        if self._resumable is not None:  # set before the iterator starts: workers draw indices at once
-            # the loader's own batches, which batch_in_epoch counts (a data module's loader may batch otherwise)
-            self._resumable.skip = self.batch_in_epoch * self.train_loader.batch_sampler.batch_size
-        left = len(self.train_loader)  # the skipped batches are not counted
-        batches = self._iterate(self.train_loader, -1 - self.epoch)
-        if self._resumable is None and self.batch_in_epoch:  # a loader we cannot fast-forward: replay it
-            with self._warned_by_rank_0():
-                warnings.warn("the training loader's batch sampler is not torch's own BatchSampler over its sampler: "
-                              "replaying batches to resume mid-epoch")
-            batches = itertools.islice(batches, self.batch_in_epoch, None)
-            left -= self.batch_in_epoch
-        group: list[Any] = []
-        try:
-            while True:
-                waited = time.perf_counter()
-                batch = next(batches, _END)
-                self.data_wait_s += time.perf_counter() - waited  # read by ThroughputMonitor
-                if batch is _END:
-                    break
-                group.append(batch)
-                if len(group) == k:
-                    left -= k
-                    yield group, left < k
-                    group = []
-            # a last group shorter than k is dropped, like a last partial batch
-        finally:  # also when the epoch's last step or a stop closes this generator at its yield
-            if self._resumable is not None:
-                self._resumable.skip = 0  # the loader its whole length again, for callbacks and the next epoch
-
-    def _stream_groups(self, k: int) -> Iterator[tuple[list[Any], bool]]:
-        """Groups of k micro-batches of a stream, each with whether it is the epoch's last: a rank's stream has
-        run out after it.
-
-        Each group is yielded once the next one is read and the ranks agree (a host all-reduce) whether every
-        one of them has it: a rank that stepped alone would wait in the gradients' all-reduce forever, and the
-        epoch's end is known at its last step, as a sized loader's is. A resumed epoch goes on where its loader
-        stood (one of its own that keeps its place, ``state_dict``/``load_state_dict``, such as torchdata's
-        StatefulDataLoader: its state before the group read ahead is what a checkpoint keeps), else after the
-        batches it had trained on, read again and dropped.
-        """
-        batches = self._iterate(self.train_loader, -1 - self.epoch)
-        if self.batch_in_epoch and not self._loader_restored:
-            with self._warned_by_rank_0():
-                warnings.warn(f"replaying the {self.batch_in_epoch} batches of the stream that epoch {self.epoch} "
-                              f"trained on to resume after them (a loader with state_dict and load_state_dict, "
-                              f"such as torchdata's StatefulDataLoader, resumes where it stood)")
-            batches = itertools.islice(batches, self.batch_in_epoch, None)
-        self._loader_restored = False
-        keeps_place = resume.keeps_its_place(self.train_loader)
-
-        def read() -> tuple[list[Any], bool]:
-            waited = time.perf_counter()
-            group = list(itertools.islice(batches, k))
-            self.data_wait_s += time.perf_counter() - waited  # read by ThroughputMonitor
-            short = len(group) < k  # a last group shorter than k is dropped, like a last partial batch
-            return group, D.any_rank([short])[0] if self.world_size > 1 else short
-
-        if self._read_ahead_rng is None:
-            group, ended = read()
-        else:  # read again as the saved run read it, before its last step drew; then on from where that step left
-            after, host = resume.rng_state(torch.device("cpu")), torch.device("cpu")
-            resume.set_rng_state(self._read_ahead_rng, host)
-            group, ended = read()
-            resume.set_rng_state(after, host)
-            self._read_ahead_rng = None
-        if ended and not self.batch_in_epoch:  # every rank: the agreement says the same
-            raise UsageError(f"{type(self.data_module).__name__}.train_dataloader() gave no "
-                             f"{'batch' if k == 1 else f'{k} batches (training.grad_accum_steps)'} in epoch "
-                             f"{self.epoch}{' on some rank' if self.world_size > 1 else ''}: a stream must "
-                             f"yield batches on every rank, each time it is iterated")
-        while not ended:
-            self._stream_state = self._loader_state() if keeps_place else None
-            following, ended = read()
-            yield group, ended
-            group = following
-
-    def _loader_state(self) -> dict[str, Any]:
-        """Where the stream's loader stands, as a checkpoint keeps it: with its worker count, which its state
-        holds one part for each of; and, without workers, the host's random streams as they stand before the
-        read ahead, which a stream reading in this process draws from (_stream_groups)."""
-        state = copy.deepcopy(checkpointable(self.train_loader.state_dict(),
-                                             f"{type(self.train_loader).__name__}.state_dict()"))
-        workers = getattr(self.train_loader, "num_workers", 0)
-        rng = {} if workers else {"rng": resume.rng_state(torch.device("cpu"))}
-        return {"state": state, "num_workers": workers, **rng}
-
-    def _iterate(self, loader: Any, salt: int) -> Iterator[Any]:
-        """An iterator over a loader that leaves the global RNG alone.
-
-        Starting a DataLoader iterator draws a worker seed from the global torch RNG
-        unless the loader has its own generator; that draw would shift dropout's
-        random stream by where a resumed run happened to start. A generator seeded
-        from (seed, rank, salt) keeps it off the global stream and reproducible.
-        """
-        if isinstance(loader, torch.utils.data.DataLoader):
-            seed = resume.mixed_seed(self.config.training.seed, self.rank, LOADER_STREAM, salt)
-            loader.generator = torch.Generator().manual_seed(seed)
-        return iter(loader)
-
-    def _validation_batches(self) -> Iterator[tuple[Any, bool]]:
-        """This rank's validation batches (eval_batches of them, if set), each with whether it counts.
-
-        The validation sampler repeats no item, so ranks can have a batch more or less. Under FSDP each forward
-        gathers the weights with collectives that every rank must join: there the ranks agree before each batch
-        (a host all-reduce) whether any still has one, and a rank that has run out repeats its last batch, which
-        counts for nothing.
-        """
-        limit = self.config.training.eval_batches or None
-        batches = itertools.islice(self._iterate(self.val_loader, 1 + self.step), limit)
-        if not self.sharded:
-            yield from ((batch, True) for batch in batches)
-            return
-        last = _END
-        while True:
-            batch = next(batches, _END)
-            more, stranded = D.any_rank([batch is not _END, batch is _END and last is _END])
-            if not more:
-                return
-            if stranded:  # a loader of its own that gives some rank no batch at all
-                raise UsageError("a rank has no validation batch where others have some: under FSDP every rank "
-                                 "must make as many forwards; give every rank validation data")
-            yield (last, False) if batch is _END else (batch, True)
-            last = last if batch is _END else batch
 
     def _validated(self) -> dict[str, float]:
         """The validation of the current step: run now unless it already ran (eval_every_steps may end an epoch)."""
@@ -1395,13 +1219,6 @@ def _overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) 
     return True if found is None else list(found(optimizer).values())
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of ``rank``'s own draws (dropout and the like): ``seed`` itself on rank 0, as on one process, and a
-    stream of its own on the others, so that rank 1 of seed 0 draws apart from rank 0 of seed 1 (seed + rank did
-    not) and from the streams the data draws from."""
-    return seed if rank == 0 else resume.mixed_seed(seed, rank, RANK_STREAM)
-
-
 def _read_now(device: torch.device) -> bool:
     """Whether the host reads each step's losses and gradient norm at once: on the CPU, where that costs
     nothing. On a GPU it would make the host wait for the step's work (see _check_steps)."""
@@ -1434,9 +1251,6 @@ class _HostCopy:
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under training.nan_policy=stop."""
-
-
-_END = object()
 
 
 _UNCHECKED = contextlib.nullcontext()

@@ -1,25 +1,22 @@
-"""Resuming: which checkpoint a run starts from and whether its folder may be used, what a config may change
-on resume, and what a run must restore to continue exactly where it stopped (random streams, data position)."""
+"""Resuming: which checkpoint a run starts from and whether its folder may be used, and what a config may change
+on resume (what a run restores to read its data exactly as before, its random streams and data position, is
+loading.py's)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import os
-import random
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import yaml
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
-from torch.utils.data import BatchSampler
 
 from llm.errors import UsageError, one_line
 from llm.files import checkpoint_folder, run_files
@@ -34,222 +31,6 @@ from llm.training.core.checkpoint import (
 )
 from llm.training.core.callbacks import flatten, metrics_files
 from llm.training.core.config import BUILTIN_TOKENIZERS, Config
-from llm.training.core.signals import leave_stop_signals
-
-
-class ResumableSampler:
-    """Stands between a DataLoader's BatchSampler and its sampler to skip indices already trained on.
-
-    Skipping indices costs nothing, unlike replaying batches through the loader. The
-    engine sets ``skip`` before each epoch's iterator starts.
-    """
-
-    def __init__(self, sampler: Any):
-        self.sampler, self.skip = sampler, 0
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self.skip
-
-    @classmethod
-    def install(cls, loader: Any, sampler: Any) -> ResumableSampler | None:
-        """Put a ResumableSampler under ``loader``'s BatchSampler, if it is torch's own over ``sampler``; the one
-        an earlier engine of this process put there, if there is one. None for any other loader: a batch sampler
-        of its own may read ahead (buckets by length), so skipping whole batches' indices would not resume it."""
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if type(batch_sampler) not in (BatchSampler, SeededBatches):
-            return None
-        inner = batch_sampler.sampler
-        if isinstance(inner, ResumableSampler) and inner.sampler is sampler:
-            inner.skip = 0
-            return inner
-        if inner is not sampler:
-            return None
-        wrapper = cls(sampler)
-        batch_sampler.sampler = wrapper
-        return wrapper
-
-
-class SeededBatch(list):
-    """A batch's indices, and the seed its random numbers are drawn from in the loader worker that loads it."""
-
-    seed: int
-
-
-def is_stream(loader: Any) -> bool:
-    """Whether a training loader is a stream, whose batches are counted as they come: one over an
-    IterableDataset (a length it may have is a guess), or one of no length."""
-    if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
-        return True
-    try:
-        len(loader)
-    except TypeError:
-        return True
-    return False
-
-
-def set_stream_epoch(loader: Any, sampler: Any, epoch: int) -> None:
-    """Tell a stream the epoch that starts, through its sampler's or its data set's ``set_epoch`` (a Hugging Face
-    ``datasets.IterableDataset`` reshuffles its shards by it), if it has one."""
-    for owner in (sampler, getattr(loader, "dataset", None)):
-        if callable(getattr(owner, "set_epoch", None)):
-            owner.set_epoch(epoch)
-
-
-def keeps_its_place(loader: Any) -> bool:
-    """Whether a loader saves and restores where it stands (``state_dict``, ``load_state_dict``), as torchdata's
-    StatefulDataLoader does: a stream then resumes without reading again the batches it had trained on."""
-    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
-
-
-class SeededBatches(BatchSampler):
-    """torch's BatchSampler whose batches carry a seed: (``seed``, ``epoch``, the batch's place in the epoch),
-    the same in a run that never stopped and in one resumed mid-epoch (over a ResumableSampler, the place
-    counts the batches it skips). The engine sets ``epoch`` before each epoch's iterator starts."""
-
-    seed: int
-    epoch: int
-
-    @classmethod
-    def install(cls, loader: Any, seed: int) -> SeededBatches | None:
-        """Give each batch of ``loader`` a seed, which the worker that loads it draws from (WorkerStart), if it has
-        workers and torch's own BatchSampler (or this kind, from an earlier engine of this process); None, leaving
-        it as it is, otherwise, with a warning for a data set that takes no new attribute (frozen, read-only)."""
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if type(batch_sampler) not in (BatchSampler, cls) or not getattr(loader, "num_workers", 0):
-            return None
-        if isinstance(loader.dataset, torch.utils.data.IterableDataset):  # a stream: its workers fetch no batch
-            return None
-        if type(batch_sampler) is BatchSampler:
-            if not _takes_attributes(loader.dataset):
-                warnings.warn(f"{type(loader.dataset).__name__} takes no new attribute (frozen or read-only): what it "
-                              f"draws at random in loader workers comes from each worker's own stream, so a resume "
-                              f"goes on from the same samples but not bit for bit")
-                return None
-            # the loader refuses a new batch sampler once built: this one becomes the seeding kind in place
-            batch_sampler.__class__ = cls
-        batch_sampler.seed, batch_sampler.epoch = seed, 0
-        return batch_sampler
-
-    def __iter__(self) -> Iterator[list[int]]:
-        first = self.sampler.skip // self.batch_size if isinstance(self.sampler, ResumableSampler) else 0
-        for place, indices in enumerate(super().__iter__(), first):
-            batch = SeededBatch(indices)
-            batch.seed = mixed_seed(self.seed, self.epoch, place)
-            yield batch
-
-
-class WorkerStart:
-    """The worker_init_fn the engine puts on each loader with workers (the loader's own one runs first). In each
-    worker:
-
-    - what a data set draws at random in ``__getitem__`` (augmentation) comes from each SeededBatch's seed, set in
-      Python's, NumPy's and torch's generators before the batch is loaded. A worker's own streams would run on
-      over whichever batches it happens to load, and a resumed run's workers start theirs afresh; a batch's seed
-      is the same whichever worker loads it and however many there are. Other batches load as they would.
-    - the stop signals a job sends to all its processes are the main process's to act on, by saving a checkpoint
-      (SLURM's scancel and systemd send SIGTERM to every process, a terminal's Ctrl-C sends SIGINT to a torchrun
-      job's, a hang-up SIGHUP, SLURM's warning of the time limit SIGUSR1): a worker that died of one would fail
-      the run wherever it stood, unsaved. SIGINT, SIGHUP and SIGUSR1 are ignored. SIGTERM still ends the worker
-      when its parent sends it (the loader ending a worker that does not stop, the interpreter's exit), as
-      torch's own handler does: a thread waits for it, with the signal blocked elsewhere, and reads who sent it.
-    """
-
-    def __init__(self, then: Callable[[int], None] | None):
-        self.then = then
-
-    @classmethod
-    def install(cls, loader: Any) -> None:
-        """On ``loader``, if it has workers; once (a later engine over the same loader finds it there)."""
-        if getattr(loader, "num_workers", 0) and not isinstance(loader.worker_init_fn, cls):
-            loader.worker_init_fn = cls(loader.worker_init_fn)
-
-    def __call__(self, worker_id: int) -> None:
-        if self.then is not None:
-            self.then(worker_id)
-        _seed_each_batch(torch.utils.data.get_worker_info().dataset)
-        leave_stop_signals()
-
-
-def _seed_each_batch(dataset: Any) -> None:
-    fetch = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
-
-    def seeded(indices: list[int]) -> list[Any]:
-        if isinstance(indices, SeededBatch):  # no worker uses a GPU: its generators need no seeding
-            seed_everything(indices.seed, devices=False)
-        return fetch(indices)
-
-    # the loader's fetch calls it, with a batch's indices; a data set that refuses it (the engine warned of one
-    # that takes no new attribute) keeps the worker's own streams
-    with contextlib.suppress(Exception):
-        dataset.__getitems__ = seeded
-
-
-def _takes_attributes(dataset: Any) -> bool:
-    """Whether a new attribute can be set on ``dataset`` (WorkerStart sets one in each worker's copy); tried
-    and taken back."""
-    try:
-        dataset._llm_probe = None
-        del dataset._llm_probe
-    except Exception:  # __slots__, a frozen dataclass, a __setattr__ that refuses
-        return False
-    return True
-
-
-def seed_everything(seed: int, devices: bool = True) -> None:
-    """Python's, NumPy's and torch's generators; without ``devices``, torch's CPU one alone (torch.manual_seed
-    seeds the GPUs' too, lazily, formatting a stack trace each time: 0.2 ms a batch in a loader worker)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    if devices:
-        torch.manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(seed)
-
-
-def mixed_seed(*numbers: int) -> int:
-    """One seed from several whole numbers, the same in every process: hash() of ints, and tuples of them, is
-    (of a str it is not: Python draws a new hash key per process). CPython's hash(-1) is hash(-2), which gave
-    the training loader of epochs 0 and 1 (salts -1 and -2) one seed: -2 is hashed as the tuple (-2,), and
-    every other number as itself, so each seed but that one is the one earlier versions drew (a run resumed
-    across the change draws its split and batches as it did)."""
-    return hash(tuple((n,) if n == -2 else n for n in numbers)) % 2**63
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random streams: Python's, NumPy's, torch's, and on a GPU that of the one it trains on
-    (not every visible GPU's: a resume may see fewer, or give this rank another)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    saved = state.get("cuda")
-    if saved is None or device.type != "cuda":
-        return
-    if isinstance(saved, (list, tuple)):  # an earlier version saved every visible GPU's: this rank's is its own
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= len(saved):
-            warnings.warn(f"the checkpoint holds the random state of {len(saved)} GPUs, none for cuda:{index}: "
-                          f"its random stream (dropout) starts anew")
-            return
-        saved = saved[index]
-    torch.cuda.set_rng_state(saved, device)
 
 
 # ---- where a run starts from -------------------------------------------------------------

@@ -354,18 +354,6 @@ def test_the_validation_that_closes_an_epoch_carries_the_epoch_it_closes_whateve
         [(7, 0), (14, 1), (21, 1), (28, 2)]  # once each, as a run without eval_every_steps labels them
 
 
-def test_each_rank_of_each_seed_draws_a_stream_of_its_own_and_rank_0_the_seed_itself():
-    from llm.training.core.engine import LOADER_STREAM, SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, rank_seed
-
-    seeds = [rank_seed(seed, rank) for seed in range(100) for rank in range(8)]
-    assert len(set(seeds)) == len(seeds)  # seed + rank gave rank 1 of seed 0 the stream of rank 0 of seed 1
-    assert [rank_seed(seed, 0) for seed in range(100)] == list(range(100))  # one process draws as it did
-    data = {resume.mixed_seed(seed, SETUP_STREAM) for seed in range(100)} | {
-        resume.mixed_seed(seed, rank, stream) for seed in range(100) for rank in range(8)
-        for stream in (TRAIN_STREAM, VAL_STREAM, LOADER_STREAM)}
-    assert not data & set(seeds)  # rank 1's dropout replayed the data module's set-up draws with (seed, 1)
-
-
 class Recorded(Callback):
     def __init__(self, records):
         self.records = records

@@ -16,23 +16,12 @@ from llm.training.core.checkpoint import load_shared_state
 from llm.training.core.engine import TrainingEngine
 from llm.training.core.optim import lr_factor
 from llm.training.core.registry import resolve_task
-from llm.training.core.resume import (ResumableSampler, SeededBatches, batches_done_in_epoch, change, check_changes,
-                                      config_changes, course_changes, keep_optimizer_settings, mixed_seed, rng_state,
-                                      set_rng_state)
+from llm.training.core.resume import (batches_done_in_epoch, change, check_changes, config_changes, course_changes,
+                                      keep_optimizer_settings)
 from llm.training.core.signals import TrainingInterrupted
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.train import default_callbacks
 from tests.helpers import CrashAt, LearningRates, records_of, tiny_config, train, weights
-
-
-def test_mixed_seeds_differ_for_every_rank_and_salt_the_engine_gives():
-    # the training loader's salt is -1 - epoch: hash() of the numbers gave epochs 0 and 1 one seed (hash(-1) is -2)
-    seeds = [mixed_seed(3, rank, 4, salt) for rank in range(4) for salt in range(-50, 50)]
-    assert len(set(seeds)) == len(seeds) and all(0 <= seed < 2**63 for seed in seeds)
-    assert mixed_seed(3, 0, 4, -1) == mixed_seed(3, 0, 4, -1) != mixed_seed(3, 0, 4, -2)
-    # every other seed is the one earlier versions drew: a run resumed across the change draws as it did
-    assert [mixed_seed(3, 0, salt) for salt in range(-50, 50) if salt != -2] == \
-        [hash((3, 0, salt)) % 2**63 for salt in range(-50, 50) if salt != -2]
 
 
 def test_the_position_in_an_epoch_converts_across_processes_and_batch_sizes():
@@ -43,16 +32,6 @@ def test_the_position_in_an_epoch_converts_across_processes_and_batch_sizes():
     assert batches_done_in_epoch(progress, 8, 32, 1) == 3
     with pytest.warns(UserWarning, match="1 process.* of batch 10: 6 samples of the epoch are seen again"):
         assert batches_done_in_epoch(progress, 8, 10, 1) == 9
-
-
-def test_a_stream_loaded_by_workers_is_left_as_it_is():
-    class Stream(torch.utils.data.IterableDataset):  # its workers fetch no batch of indices: nothing to seed
-        def __iter__(self):
-            return iter(range(4))
-
-    loader = torch.utils.data.DataLoader(Stream(), batch_size=2, num_workers=1)
-    assert SeededBatches.install(loader, seed=0) is None and type(loader.batch_sampler) is torch.utils.data.BatchSampler
-    assert loader.worker_init_fn is None
 
 
 def test_loader_workers_changed_from_or_to_none_say_the_run_is_no_longer_exact():
@@ -137,17 +116,6 @@ def test_a_changed_schedule_takes_this_runs_rates_at_the_resumed_step():
     assert jumped.last_epoch == stepped.last_epoch and jumped._step_count == stepped._step_count
 
 
-def test_resumable_sampler_skips_indices_already_trained_on():
-    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
-    sampler = ResumableSampler.install(loader, loader.batch_sampler.sampler)
-    sampler.skip = 4
-    assert [batch.tolist() for batch in loader] == [[4, 5, 6], [7, 8, 9]] and len(loader) == 2
-    sampler.skip = 0
-    assert len(list(loader)) == 4
-    other = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
-    assert ResumableSampler.install(other, torch.utils.data.SequentialSampler(range(10))) is None
-
-
 def test_a_setting_newer_than_the_checkpoint_counts_as_saved_at_its_default():
     from llm.training.core.callbacks import flatten
     from llm.training.core.config import Config
@@ -220,24 +188,6 @@ def test_a_bpe_tokenizer_that_differs_is_put_down_to_another_version_only_when_b
     (checkpoint / "corpus.json").write_text(json.dumps({"sha256": "abc"}))
     assert changed_artifacts(Task("abc"), checkpoint) == [RETRAINED_OTHERWISE]
     assert changed_artifacts(Task("abd"), checkpoint) == ["corpus.json", "tokenizer.json"]  # an edited corpus
-
-
-def test_a_gpu_process_keeps_the_random_state_of_its_own_gpu_and_finds_it_in_older_checkpoints(monkeypatch):
-    # each GPU's state a tensor of its index; a process saves and restores only the one it trains on
-    states = {i: torch.tensor([i], dtype=torch.uint8) for i in range(4)}
-    restored = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[device.index])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state), device.index)))
-    gpu = torch.device("cuda", 2)
-    saved = rng_state(gpu)
-    assert torch.equal(saved["cuda"], states[2]) and "cuda" not in rng_state(torch.device("cpu"))
-    set_rng_state(saved, gpu)
-    set_rng_state({**saved, "cuda": [states[i] for i in range(4)]}, gpu)  # an earlier version's: every GPU's
-    set_rng_state(saved, torch.device("cpu"))  # a GPU run resumed on the CPU: nothing to restore there
-    assert restored == [(2, 2), (2, 2)]
-    with pytest.warns(UserWarning, match="random state of 2 GPUs, none for cuda:2"):  # saved where fewer were seen
-        set_rng_state({**saved, "cuda": [states[0], states[1]]}, gpu)
-    assert len(restored) == 2
 
 
 @pytest.mark.parametrize("data", ["UnskippableData", "BucketedData"])
