@@ -45,7 +45,8 @@ from llm.training.core.callbacks import (
 )
 from llm.training.core.checkpoint import best_checkpoint
 from llm.training.core.config import Config
-from llm.training.core.engine import OUT_OF_TIME, NonFiniteError, TrainingEngine
+from llm.training.core.engine import OUT_OF_TIME, TrainingEngine
+from llm.training.core.nonfinite import NonFiniteError
 from llm.training.core.signals import TrainingInterrupted
 from llm.training.core.loggers import LOGGERS, missing_package
 from llm.training.core.profiler import Profiler

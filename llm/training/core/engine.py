@@ -58,7 +58,8 @@ from llm.training.core.loading import (SETUP_STREAM, VAL_STREAM, SeededBatches, 
                                        seed_everything, set_rng_state, validation_batches)
 from llm.training.core.metrics import (RunningMeans, TrainingSums, collecting, finalized_metrics, record_numbers,
                                        whole_set_metrics)
-from llm.training.core.optim import WeightAverage, ready_for_skips, warmup_outlasting, zero_missing_momentum
+from llm.training.core.nonfinite import StepChecks, overflowed
+from llm.training.core.optim import WeightAverage, warmup_outlasting, zero_missing_momentum
 from llm.training.core.registry import data_module_name, data_module_of, resolve_data_module, task_name
 from llm.training.core.signals import TrainingInterrupted, stop_on_signals
 from llm.training.tasks.base_task import TrainingTask
@@ -158,8 +159,7 @@ class TrainingEngine:
         self.batches: TrainingBatches | None = None  # the training loader's, built in setup
         self._steps_a_pass: int | None = None  # a stream's: the steps of the first whole pass this process made
         self.samples_seen = 0  # training samples over all ranks
-        self.skipped_steps = 0  # steps dropped by nan_policy=skip
-        self.overflow_steps = 0  # steps a loss scaler (fp16) skipped: gradients that overflowed its scale
+        self.step_checks: StepChecks | None = None  # which steps were taken, and the count of those not: in setup
         self.aside_s = 0.0  # time spent validating, saving and writing profiles, which throughput figures leave out
         self.first_step_s: float | None = None  # the first step of this process, compilation included
         self._after_first_step = (0.0, 0.0, 0)  # when that step ended, aside_s then, samples_seen then
@@ -185,8 +185,6 @@ class TrainingEngine:
         self._clashed: set[tuple[str, str]] = set()  # (split, key) of engine.log() values that a record had
         self._hook = ""  # the hook now firing
         self._sums = TrainingSums()  # this rank's training metrics since the last log, and the epoch's loss
-        # (step, taken, losses, a loss scaler's flags: whether it found an overflow) of steps to check
-        self._unchecked: list[tuple[int, _HostCopy, list[Any], Any]] = []
         self._signal: int | None = None  # a signal this process received
         self._signalled_at = 0.0  # time.monotonic() when it came
         self._agent = D.torchrun_agent()  # the pid of the torchrun agent that started this process, if one did
@@ -352,6 +350,7 @@ class TrainingEngine:
         began = time.perf_counter()
         k, first = len(micro_batches), self.first_step_s is None
         scaler = self.scaler if self.scaler.is_enabled() else None
+        checks = self.step_checks
         batches = self._to_device(micro_batches)
         scales, counts = self._loss_scales(batches)
         losses, recorded = [], []
@@ -370,23 +369,22 @@ class TrainingEngine:
                 scaled = loss * scales[i] if k > 1 or counts else loss
                 (scaled if scaler is None else scaler.scale(scaled)).backward()
                 # the window and the check below keep its value, not its graph: on the CPU a number, read at no cost
-                loss = loss.item() if self._host_reads else loss.detach()
+                loss = loss.item() if checks.host_reads else loss.detach()
             except Exception:
                 loss_and_metrics(self.task, returned)  # one line if what it returned is amiss
                 raise
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
             losses.append(loss)
-        overflowed = None
+        overflows = None
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-            overflowed = _overflowed(scaler, self.optimizer)
+            overflows = overflowed(scaler, self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
-        if self._host_reads:
+        if checks.host_reads:
             grad_norm = grad_norm.item()
-        taken = self._finite_everywhere(grad_norm, losses)
-        if self._unchecked:  # the last step's: its work is done by now, so reading it stalls nothing
-            self._check_steps()
-        self._update(taken, scaler)
+        taken = checks.taken(grad_norm, losses)
+        checks.check()  # the last step's: its work is done by now, so reading it stalls nothing
+        checks.update(taken, scaler)
         if self.ema is not None:
             self.ema.update(self.step + 1, taken)
         if self._per_step_scheduler is not None:
@@ -398,8 +396,7 @@ class TrainingEngine:
                 self._per_step_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sums.add_step(recorded, grad_norm, taken)
-        if taken is not True:  # a step the host knows was taken needs no check
-            self._unchecked.append((self.step + 1, _HostCopy(taken), losses, overflowed))
+        checks.note(self.step + 1, taken, losses, overflows)
         self.step += 1
         self.batch_in_epoch += k
         # counted in this rank's batches, which a loader of the data module's own may size otherwise (a short last
@@ -408,33 +405,6 @@ class TrainingEngine:
         if first:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began
-
-    def _finite_everywhere(self, grad_norm: float | torch.Tensor, losses: list[Any]) -> bool | torch.Tensor:
-        """Whether to take the step: the gradient norm and every rank's losses finite. A NaN loss may come with
-        finite gradients (a mean over no items: every label ignored), whose step must not count it in the means.
-        The norm is the same on every rank (gradients are all-reduced before it); the losses are each rank's, so
-        with several ranks one more small all-reduce agrees on them. On the CPU a bool the host reads at no cost,
-        elsewhere a flag left on the device until the next step reads it (_check_steps)."""
-        if self._host_reads:
-            return not D.any_rank([not (math.isfinite(grad_norm) and all(map(math.isfinite, losses)))])[0]
-        # each loss as one number (a task may return a one-element tensor of any shape), in one precision
-        losses = torch.stack([loss.reshape(()).float().to(grad_norm.device) for loss in losses])
-        return D.every_rank(torch.isfinite(grad_norm) & torch.isfinite(losses).all())
-
-    def _update(self, taken: bool | torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
-        """The optimizer's update, or none where a loss or the gradient norm is not finite (``taken`` is false).
-        With a loss scaler too: its own check, which unscale_ made, passes gradients each finite whose norm
-        overflows."""
-        if self._found_inf_step:
-            # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
-            # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the host
-            self.optimizer.found_inf = (~taken).float()
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        elif bool(taken):  # on the CPU reading the flag costs nothing; any other optimizer pays a sync for it
-            self.optimizer.step()
-        if scaler is not None:
-            scaler.update()  # lowers the scale after gradients that unscale_ found not finite
 
     def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
         """What each micro-batch's loss is multiplied by before backward, and the task's item counts.
@@ -574,8 +544,7 @@ class TrainingEngine:
         if precision == "fp16" and self.device.type != "cuda":
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self._host_reads = _read_now(self.device)
-        self._found_inf_step = _skips_on_device(self.optimizer, self.device) and ready_for_skips(self.optimizer)
+        self.step_checks = StepChecks(self.optimizer, self.device, cfg.training.nan_policy, self.print)
         seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
         background = cfg.checkpoint.async_save
         group = D.background_group() if background and D.active() else None
@@ -795,7 +764,7 @@ class TrainingEngine:
         """Save everything needed to continue exactly; every rank must call this. ``state``: what
         _resumable_state() gave earlier in this step, for the parts that have changed since."""
         began = time.perf_counter()
-        self._check_steps()  # a non-finite step with nan_policy=stop leaves the last checkpoint as it was
+        self.step_checks.check()  # a non-finite step with nan_policy=stop leaves the last checkpoint as it was
         self._wait_for_save()  # one save at a time, and one copy of the state in host memory
         state = state or self._resumable_state()
         if self.sharded:  # each rank's buffers are saved as one: rank 0's, as DDP's are, which a resume trains on
@@ -816,8 +785,8 @@ class TrainingEngine:
             "pending_log": state["pending"],  # engine.log() values waiting for the next record
             "progress": {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
-                "overflow_steps": self.overflow_steps, "world_size": self.world_size, "stop": state["held_stop"],
+                "samples_seen": self.samples_seen, "skipped_steps": self.step_checks.skipped,
+                "overflow_steps": self.step_checks.overflows, "world_size": self.world_size, "stop": state["held_stop"],
             },
             "callbacks": state["callbacks"],
             "config": dataclasses.asdict(self.config),
@@ -895,8 +864,8 @@ class TrainingEngine:
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
                                                            self.config.training.batch_size, self.world_size,
                                                            self.batches.stream)
-        self.samples_seen, self.skipped_steps = progress["samples_seen"], progress["skipped_steps"]
-        self.overflow_steps = progress.get("overflow_steps", 0)  # not in checkpoints saved before it was counted
+        self.samples_seen, self.step_checks.skipped = progress["samples_seen"], progress["skipped_steps"]
+        self.step_checks.overflows = progress.get("overflow_steps", 0)  # absent from checkpoints before it was counted
         monitor_changed = bool({"checkpoint.monitor", "checkpoint.mode"} & set(changed))  # a best of another metric
         stopping_changed = {"training.patience", "training.early_stopping"} & set(changed)
         if progress["stop"] and not monitor_changed and not stopping_changed:  # early stop holds
@@ -940,7 +909,7 @@ class TrainingEngine:
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
         elif self.scheduler is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
-        if self._found_inf_step and isinstance(self.optimizer, torch.optim.SGD):
+        if self.step_checks.on_device and isinstance(self.optimizer, torch.optim.SGD):
             # this run's settings, back after the load, may give momentum to a run saved without it: its buffers
             # made now, as for a fresh run, else a step skipped on the device leaves them uninitialised
             zero_missing_momentum(self.optimizer)
@@ -1073,59 +1042,20 @@ class TrainingEngine:
         self.should_stop = stop or signalled
         return self.should_stop, save_due
 
-    def _check_steps(self) -> None:
-        """Act on the steps since the last check not taken (a loss or the gradient norm not finite), as
-        training.nan_policy says.
-
-        Each step leaves its flags on their way to the host (``_unchecked``; on the CPU,
-        where the host knows them at once, only a step not taken); the next step reads
-        them after queuing its own forward and backward, so the GPU never waits for the
-        host. Whatever logs, saves or finishes checks first: a run that
-        stops leaves its last checkpoint as it was. Such a step's update was not
-        applied (optimizer_step), so reading it a step late changes no weights. Every
-        rank checks at the same points and sees the same norms: the collectives match.
-        """
-        for step, taken, losses, overflowed in self._unchecked:
-            if bool(taken.wait()):
-                continue
-            bad_loss = not all(math.isfinite(loss) for loss in losses)  # numbers, or one-element tensors
-            if overflowed is not None:
-                # with a loss scaler, finite losses whose gradients overflowed are the scaler's to skip; a norm
-                # that overflows from finite gradients is not. Read for a step not taken only, as its losses are
-                found = overflowed if isinstance(overflowed, bool) else any(bool(flag) for flag in overflowed)
-                any_bad_loss, any_overflow = D.any_rank([bad_loss, found])
-                if any_overflow and not any_bad_loss:
-                    self.overflow_steps += 1
-                    continue
-            self._non_finite(step, D.gather(bad_loss))
-        self._unchecked.clear()
-
-    def _non_finite(self, step: int, bad_loss: list[bool]) -> None:
-        """Step ``step`` had a non-finite loss or gradient norm and was not taken: count it or stop, as
-        training.nan_policy says. ``bad_loss``: by rank, whether its loss was not finite."""
-        ranks = [r for r, bad in enumerate(bad_loss) if bad]
-        what = f"non-finite loss at step {step} on rank(s) {ranks}" if ranks else \
-            f"non-finite gradient norm at step {step}, every rank's loss finite"
-        if self.config.training.nan_policy == "skip":
-            self.skipped_steps += 1
-            self.print(f"warning: {what}: step skipped")
-            return
-        raise NonFiniteError(f"{what}: stopping (training.nan_policy=stop); the last checkpoint is left as it was")
-
     def _close_epoch_loss(self) -> float:
         """Mean training loss of the epoch over micro-batches and ranks, the window not yet logged included."""
         return D.weighted_mean_over_ranks({"loss": self._sums.close_epoch()})["loss"]
 
     def _window_metrics(self) -> dict[str, float]:
         """Training metrics since the last log: means over micro-batches and ranks."""
-        self._check_steps()
+        self.step_checks.check()
         local = self._sums.take_window()
         metrics = self._finalized(D.weighted_mean_over_ranks(local))
-        if self.skipped_steps:
-            metrics["skipped_steps"] = float(self.skipped_steps)
+        if self.step_checks.skipped:
+            metrics["skipped_steps"] = float(self.step_checks.skipped)
         if self.scaler.is_enabled():  # what an fp16 run's health is read from: a scale that keeps falling is not
             metrics["loss_scale"] = self.scaler.get_scale()
-            metrics["overflow_steps"] = float(self.overflow_steps)
+            metrics["overflow_steps"] = float(self.step_checks.overflows)
         return metrics
 
     def _finalized(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -1150,7 +1080,7 @@ class TrainingEngine:
             "train_loss": self.train_metrics.get("loss"),  # None when this run took no step
             **{k: v for k, v in self.val_metrics.items() if k != "step"},
             "steps": self.step, "epochs": self.epoch, "samples_seen": self.samples_seen,
-            "skipped_steps": self.skipped_steps, "elapsed_s": elapsed,
+            "skipped_steps": self.step_checks.skipped, "elapsed_s": elapsed,
             "stop_reason": self.stop_reason or f"trained training.epochs={self.config.training.epochs}",
             f"best_{self.config.checkpoint.monitor}": self.best_metric,
             "samples_per_s": samples_per_s,
@@ -1159,7 +1089,7 @@ class TrainingEngine:
         if self.task.tokens_per_sample:
             final["tokens_per_s"] = final["samples_per_s"] and final["samples_per_s"] * self.task.tokens_per_sample
         if self.scaler.is_enabled():
-            final["overflow_steps"] = self.overflow_steps
+            final["overflow_steps"] = self.step_checks.overflows
         if self.is_main and write:
             write_atomically(self.run_dir / "summary.json", json_text(final, indent=2) + "\n")
         return final
@@ -1209,48 +1139,6 @@ class TrainingEngine:
 
     def _to_device(self, batch: Any) -> Any:
         return batch if self.device.type == "cpu" else moved_to(batch, self.device)  # loaders yield CPU tensors
-
-
-def _overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | bool:
-    """Whether the scaler's unscale_ found gradients that are not finite (an fp16 overflow, which lowers the
-    scale): its flags, one a device, left there, to read only for a step not taken; True where this torch's
-    GradScaler does not say."""
-    found = getattr(scaler, "_found_inf_per_device", None)
-    return True if found is None else list(found(optimizer).values())
-
-
-def _read_now(device: torch.device) -> bool:
-    """Whether the host reads each step's losses and gradient norm at once: on the CPU, where that costs
-    nothing. On a GPU it would make the host wait for the step's work (see _check_steps)."""
-    return device.type == "cpu"
-
-
-def _skips_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
-    """Whether a step not to take is skipped by the optimizer on the device (found_inf) rather than by the
-    host. Not on the CPU: there the host reads the flag at no cost, and found_inf costs the fused step a
-    few operations more (about 30 us of a 1.1 ms step of a small MLP)."""
-    return device.type != "cpu" and getattr(optimizer, "_step_supports_amp_scaling", False)
-
-
-class _HostCopy:
-    """A small tensor on its way to the host: copied without blocking the host, read once the copy is done."""
-
-    def __init__(self, tensor: torch.Tensor | bool):
-        cuda = isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda"
-        # into pinned memory, behind the work queued so far; a bool is on the host already
-        self.value = tensor.to("cpu", non_blocking=cuda) if isinstance(tensor, torch.Tensor) else tensor
-        self.done = torch.cuda.Event() if cuda else None
-        if self.done is not None:
-            self.done.record()
-
-    def wait(self) -> torch.Tensor:
-        if self.done is not None:
-            self.done.synchronize()
-        return self.value
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient under training.nan_policy=stop."""
 
 
 _UNCHECKED = contextlib.nullcontext()

@@ -53,7 +53,8 @@ class TrainingBatches:
         self.stream = is_stream(loader)
         self.length = None if self.stream else len(loader)  # batches an epoch; a stream's is known when it ends
         dataset = getattr(loader, "dataset", None)
-        if self.stream and getattr(loader, "persistent_workers", False) and callable(getattr(dataset, "set_epoch", None)):
+        if self.stream and getattr(loader, "persistent_workers", False) and \
+                callable(getattr(dataset, "set_epoch", None)):
             with warned():
                 warnings.warn(f"the stream's loader keeps its workers (persistent_workers=True): the copies of "
                               f"{type(dataset).__name__} they made at the first pass do not see set_epoch, and a "

@@ -22,12 +22,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.errors import UsageError
-from llm.training.core import checkpoint as checkpoint_module, engine as engine_module, resume
+from llm.training.core import checkpoint as checkpoint_module, engine as engine_module, nonfinite, resume
 from llm.training.core.callbacks import (Callback, CallbackError, EarlyStopping, HOOKS, LRSchedulerCallback,
                                          MetricsLogger, TensorBoardLogger)
 from llm.training.core.checkpoint import CheckpointError
 from llm.training.core.config import Config, ConfigError
-from llm.training.core.engine import NonFiniteError, TrainingEngine
+from llm.training.core.engine import TrainingEngine
+from llm.training.core.nonfinite import NonFiniteError
 from llm.training.core.optim import lr_factor
 from llm.training.core.registry import resolve_data_module
 from llm.training.core.signals import TrainingInterrupted
@@ -1137,9 +1138,9 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
     the one that stopped before that step does."""
     monkeypatch.setenv("NAN_AT_STEP", "3")
     monkeypatch.setenv("NAN_PLUS", plus)  # a NaN loss whose gradients are finite: skipped too
-    monkeypatch.setattr(engine_module, "_skips_on_device",
+    monkeypatch.setattr(nonfinite, "_skips_on_device",
                         lambda opt, device: on_device and opt._step_supports_amp_scaling)
-    monkeypatch.setattr(engine_module, "_read_now", lambda device: not on_device)  # the flag stays a tensor there
+    monkeypatch.setattr(nonfinite, "_read_now", lambda device: not on_device)  # the flag stays a tensor there
     runs = {}
     for steps in (2, 3):  # a constant schedule: the first two steps are the same in both runs
         config = tiny_config(tmp_path / str(steps), training={"nan_policy": "skip", "max_steps": steps},
@@ -1169,14 +1170,14 @@ def test_a_first_step_skipped_on_the_device_leaves_the_optimizer_as_the_hosts_sk
     monkeypatch.setenv("NAN_AT_STEP", "1")
     runs = []
     for on_device in (True, False):
-        monkeypatch.setattr(engine_module, "_skips_on_device",
+        monkeypatch.setattr(nonfinite, "_skips_on_device",
                             lambda opt, device, on_device=on_device: on_device and opt._step_supports_amp_scaling)
-        monkeypatch.setattr(engine_module, "_read_now", lambda device, on_device=on_device: not on_device)
+        monkeypatch.setattr(nonfinite, "_read_now", lambda device, on_device=on_device: not on_device)
         config = tiny_config(tmp_path / str(on_device), training={"nan_policy": "skip", "max_steps": 3},
                              optimizer={"name": optimizer, "scheduler": "constant"})
         runs.append(train(config, task_cls=NaNRegressionTask)[0])
     device, host = runs
-    assert device.optimizer.defaults.get("fused") and device._found_inf_step  # the device's own skip was there
+    assert device.optimizer.defaults.get("fused") and device.step_checks.on_device  # the device's own skip was there
     for name, value in weights(host.raw_model).items():
         assert torch.equal(value, weights(device.raw_model)[name]), name
     for p, q in zip(host.optimizer.param_groups[0]["params"], device.optimizer.param_groups[0]["params"]):
@@ -1191,9 +1192,9 @@ def test_sgd_given_momentum_by_a_resume_skips_its_first_step_on_the_device_as_th
     uninitialised memory at a skipped step, and the next step read them (1.8e31 seen in a weight)."""
     runs = []
     for on_device in (True, False):
-        monkeypatch.setattr(engine_module, "_skips_on_device",
+        monkeypatch.setattr(nonfinite, "_skips_on_device",
                             lambda opt, device, on_device=on_device: on_device and opt._step_supports_amp_scaling)
-        monkeypatch.setattr(engine_module, "_read_now", lambda device, on_device=on_device: not on_device)
+        monkeypatch.setattr(nonfinite, "_read_now", lambda device, on_device=on_device: not on_device)
         sections = {"optimizer": {"name": "sgd", "beta1": 0.0, "scheduler": "constant"},
                     "training": {"nan_policy": "skip", "max_steps": 2}}
         monkeypatch.setenv("NAN_AT_STEP", "100")
@@ -1203,7 +1204,7 @@ def test_sgd_given_momentum_by_a_resume_skips_its_first_step_on_the_device_as_th
         runs.append(train(tiny_config(tmp_path / str(on_device), **sections, checkpoint={"resume": "auto"}),
                           task_cls=NaNRegressionTask)[0])
     device, host = runs
-    assert device._found_inf_step and device.optimizer.param_groups[0]["momentum"] == 0.9
+    assert device.step_checks.on_device and device.optimizer.param_groups[0]["momentum"] == 0.9
     for name, value in weights(host.raw_model).items():
         assert torch.equal(value, weights(device.raw_model)[name]), name
 
@@ -1212,7 +1213,7 @@ def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_p
     """On a GPU, reading a step's own flag would make the host wait for that step's work; read during the
     next step, after its backward is queued, the flag is long on the host and the GPU never idles."""
     events = []
-    made, wait = engine_module._HostCopy.__init__, engine_module._HostCopy.wait
+    made, wait = nonfinite._HostCopy.__init__, nonfinite._HostCopy.wait
 
     def made_at(copy, tensor):
         made(copy, tensor)
@@ -1227,9 +1228,9 @@ def test_whether_a_step_was_taken_is_read_during_the_next_step_not_its_own(tmp_p
         def on_step_end(self, engine):
             events.append(("end", engine.step))
 
-    monkeypatch.setattr(engine_module, "_read_now", lambda device: False)  # as on a GPU: the CPU reads at once
-    monkeypatch.setattr(engine_module._HostCopy, "__init__", made_at)
-    monkeypatch.setattr(engine_module._HostCopy, "wait", read)
+    monkeypatch.setattr(nonfinite, "_read_now", lambda device: False)  # as on a GPU: the CPU reads at once
+    monkeypatch.setattr(nonfinite._HostCopy, "__init__", made_at)
+    monkeypatch.setattr(nonfinite._HostCopy, "wait", read)
     engine, _ = train(tiny_config(tmp_path, training={"max_steps": 6}, logging={"log_every_steps": 1000}),
                       callbacks=[Ends()])
     assert engine.step == 6 and sorted(e for e in events if e[0] == "read") == [("read", k) for k in range(1, 7)]
