@@ -49,9 +49,8 @@ from llm.training.core.checkpoint import (
     step_name,
     verify,
 )
-from llm.training.core.checks import (BROADCAST_WARNING, HIGHER_IS_BETTER, LOWER_IS_BETTER, broadcast_refused,
-                                      check_plateau, checkpointable, loaders_of, loss_and_metrics, no_monitor,
-                                      out_of_memory, raised_at)
+from llm.training.core.checks import (broadcast_refused, check_plateau, checkpointable, first_validation_step,
+                                      loaders_of, loss_and_metrics, no_monitor, out_of_memory)
 from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.loading import (SETUP_STREAM, VAL_STREAM, SeededBatches, TrainingBatches, WorkerStart,
                                        is_stream, iterate, keeps_its_place, mixed_seed, rank_seed, rng_state,
@@ -711,52 +710,13 @@ class TrainingEngine:
         self.print(f"started from the weights of {ckpt}: the optimizer, schedule, step and data order start afresh")
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
-        """One validation step on one batch, before anything is written or wrapped.
-
-        A task given a data module whose batches it cannot use then fails here in
-        one line, not at its first training step with a traceback. The step runs
-        in eval mode without gradients, and on forked random streams, so the run
-        itself is the same with or without it.
-        """
+        """One validation step on one batch, before anything is written or wrapped (checks.first_validation_step),
+        and the names validation reports found there."""
         batch = next(iterate(self.val_loader, self.config.training.seed, self.rank, 0), None)
-        if batch is None:
-            return
-        model.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                with self._autocast(), warnings.catch_warnings(), collecting(self.task) as collected:
-                    warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
-                    returned = self.task.validation_step(self._to_device(batch), model, self.criterion)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, UserWarning) as e:
-            if D.op_with_no_deterministic_form(e):  # the setting's fault, not the data module's
-                raise
-            task, data = type(self.task).__name__, type(self.data_module).__name__
-            raise UsageError(
-                f"{task}.validation_step failed on the first batch of {data}: {type(e).__name__}: "
-                f"{one_line(e, 200)} ({raised_at(e)}); does the data module yield what the task "
-                f"takes? Choose another with --data-module, or make the task's steps take its batches"
-            ) from None
-        finally:
-            model.train()
-        _, metrics = loss_and_metrics(self.task, returned, "validation_step")
-        means = {f"val_{k}": 1.0 for k in ("loss", *metrics)}
-        try:
-            whole = whole_set_metrics(self.task, collected, everywhere=False, beside=means)
-        except UsageError:
-            raise
-        except Exception:  # noqa: BLE001 - what one batch cannot give (an AUC of one class): the first validation names them
-            whole = None
-        names = sorted(self._finalized({**means, **(whole or {})}))
-        self.validation_metrics = names if whole is not None else None
-        monitor = self.config.checkpoint.monitor
-        if monitor not in names and whole is not None:  # found now, not at the first validation after an epoch
-            no_monitor(monitor, names, self.task)
-        if (self.config.checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor)
-                and not LOWER_IS_BETTER.search(monitor) and self.is_main):
-            warnings.warn(f"checkpoint.monitor {monitor} is kept at its lowest (checkpoint.mode min), as a loss "
-                          f"is: if higher is better, give --checkpoint-mode max")
+        if batch is not None:
+            self.validation_metrics = first_validation_step(
+                self.task, type(self.data_module).__name__, model, self.criterion, self._to_device(batch), self.device,
+                self._autocast(), self.config.checkpoint, warn=self.is_main)
 
     # ---- checkpoints ---------------------------------------------------------------
 
