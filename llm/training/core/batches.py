@@ -28,6 +28,11 @@ def _first_dim(batch: Any) -> int | None:
     return None
 
 
+def on_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` on ``device``: on the CPU as it is (loaders yield CPU tensors), else ``moved_to`` it."""
+    return batch if device.type == "cpu" else moved_to(batch, device)
+
+
 def moved_to(batch: Any, device: torch.device) -> Any:
     """``batch`` with its tensors on ``device``, in lists, tuples, named tuples, mappings and dataclasses at any
     depth."""

@@ -23,6 +23,7 @@ from torch.utils.data import DistributedSampler
 from llm.data.data_module import BaseDataModule, ShardSampler
 from llm.errors import UsageError, closest, one_line
 from llm.training.core import distributed as D
+from llm.training.core.batches import on_device
 from llm.training.core.callbacks import RECORD_KEYS
 from llm.training.core.config import CheckpointConfig, Config
 from llm.training.core.metrics import collecting, finalized_metrics, whole_set_metrics
@@ -68,7 +69,7 @@ def broadcast_refused(task: TrainingTask, method: str) -> Iterator[None]:
     """A loss of ``task.<method>`` that broadcasts its targets against predictions of another shape is a
     UsageError in this context: MSE of (B,) against (B, 1) is the mean of a B x B grid, which trains on nonsense
     with no error, only torch's warning. The first validation batch is checked so too
-    (first_validation_step), but a run may have none, or a train_step of its own."""
+    (check_task_takes_the_data), but a run may have none, or a train_step of its own."""
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
         try:
@@ -198,12 +199,12 @@ LOWER_IS_BETTER = re.compile(r"(^|_)(loss|err|error|errors|mse|mae|rmse|ppl|perp
 one of the first, none of the second, monitored with checkpoint.mode min is likely a slip."""
 
 
-def first_validation_step(task: TrainingTask, data_name: str, model: torch.nn.Module, criterion: Any, batch: Any,
+def check_task_takes_the_data(task: TrainingTask, data_name: str, model: torch.nn.Module, criterion: Any, batch: Any,
                           device: torch.device, autocast: contextlib.AbstractContextManager,
                           checkpoint: CheckpointConfig, warn: bool) -> list[str] | None:
-    """One validation step of ``task`` on the first ``batch`` of the data module ``data_name``, in set-up,
-    before anything is written or wrapped; the names validation reports, or None where one batch cannot
-    tell (a whole-set metric such as an AUC of one class).
+    """One validation step of ``task`` on the first ``batch`` of the data module ``data_name``, moved to
+    ``device``, in set-up, before anything is written or wrapped; returns the names validation reports, or
+    None where one batch cannot tell (a whole-set metric such as an AUC of one class).
 
     A task given a data module whose batches it cannot use then fails here in
     one line, not at its first training step with a traceback; so does a
@@ -217,7 +218,7 @@ def first_validation_step(task: TrainingTask, data_name: str, model: torch.nn.Mo
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             with autocast, warnings.catch_warnings(), collecting(task) as collected:
                 warnings.filterwarnings("error", message=BROADCAST_WARNING, category=UserWarning)
-                returned = task.validation_step(batch, model, criterion)
+                returned = task.validation_step(on_device(batch, device), model, criterion)
     except torch.OutOfMemoryError:
         raise
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, UserWarning) as e:
@@ -236,13 +237,14 @@ def first_validation_step(task: TrainingTask, data_name: str, model: torch.nn.Mo
         whole = whole_set_metrics(task, collected, everywhere=False, beside=means)
     except UsageError:
         raise
-    except Exception:  # noqa: BLE001 - what one batch cannot give (an AUC of one class): the first validation names them
+    except Exception:  # noqa: BLE001 - what one batch cannot give (an AUC of one class): the first validation says
         whole = None
     names = sorted(finalized_metrics(task, {**means, **(whole or {})}))
     monitor = checkpoint.monitor
     if monitor not in names and whole is not None:  # found now, not at the first validation after an epoch
         no_monitor(monitor, names, task)
-    if checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor) and not LOWER_IS_BETTER.search(monitor) and warn:
+    if (checkpoint.mode == "min" and HIGHER_IS_BETTER.search(monitor) and not LOWER_IS_BETTER.search(monitor)
+            and warn):
         warnings.warn(f"checkpoint.monitor {monitor} is kept at its lowest (checkpoint.mode min), as a loss "
                       f"is: if higher is better, give --checkpoint-mode max")
     return names if whole is not None else None

@@ -30,7 +30,7 @@ from llm.errors import UsageError, one_line
 from llm.files import FolderLock, json_text, run_files, write_atomically
 from llm.training.core import distributed as D
 from llm.training.core import parallel, resume
-from llm.training.core.batches import batch_len, moved_to
+from llm.training.core.batches import batch_len, on_device
 from llm.training.core.callbacks import (HOOKS, Callback, ProgressBar, callback_error, callback_keys, flatten,
                                          improves, keyed_by_class)
 from llm.training.core.checkpoint import (
@@ -49,11 +49,11 @@ from llm.training.core.checkpoint import (
     step_name,
     verify,
 )
-from llm.training.core.checks import (broadcast_refused, check_plateau, checkpointable, first_validation_step,
+from llm.training.core.checks import (broadcast_refused, check_plateau, checkpointable, check_task_takes_the_data,
                                       loaders_of, loss_and_metrics, no_monitor, out_of_memory)
 from llm.training.core.config import Config, fitted_settings, settings_of
-from llm.training.core.loading import (SETUP_STREAM, VAL_STREAM, SeededBatches, TrainingBatches, WorkerStart,
-                                       is_stream, iterate, keeps_its_place, mixed_seed, rank_seed, rng_state,
+from llm.training.core.loading import (SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, SeededBatches, TrainingBatches,
+                                       WorkerStart, is_stream, iterate, mixed_seed, rank_seed, rng_state,
                                        seed_everything, set_rng_state, validation_batches)
 from llm.training.core.metrics import (RunningMeans, TrainingSums, collecting, finalized_metrics, record_numbers,
                                        whole_set_metrics)
@@ -147,7 +147,7 @@ class TrainingEngine:
     @property
     def data_wait_s(self) -> float:
         """Seconds spent waiting for the training loader (ThroughputMonitor reads it)."""
-        return self.batches.wait_s if self.batches is not None else 0.0
+        return self.train_batches.wait_s if self.train_batches is not None else 0.0
 
     def _start_afresh(self) -> None:
         """The state of a run that has not started; setup() and a resume fill it in."""
@@ -155,7 +155,7 @@ class TrainingEngine:
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
-        self.batches: TrainingBatches | None = None  # the training loader's, built in setup
+        self.train_batches: TrainingBatches | None = None  # the training loader's, built in setup
         self._steps_a_pass: int | None = None  # a stream's: the steps of the first whole pass this process made
         self.samples_seen = 0  # training samples over all ranks
         self.step_checks: StepChecks | None = None  # which steps were taken, and the count of those not: in setup
@@ -238,13 +238,13 @@ class TrainingEngine:
     def train_epoch(self) -> None:
         """Optimizer steps until the epoch ends or a stop is agreed, with logs, evaluations and saves due."""
         t = self.config.training
-        self.batches.set_epoch(self.epoch)
+        self.train_batches.set_epoch(self.epoch)
         self._fire("on_epoch_start")
         if self._stop_before_a_step():
             return
         first_step, whole = self.step, self.batch_in_epoch == 0  # a whole pass, to count a stream's steps by
         self.model.train()  # once per epoch, not per step: validate() puts the mode back as it found it
-        for micro_batches, last_of_epoch in self.batches.groups(self.epoch, self.batch_in_epoch):
+        for micro_batches, last_of_epoch in self.train_batches.groups(self.epoch, self.batch_in_epoch):
             self.optimizer_step(micro_batches)
             self._fire("on_step_end")
             if self._due(self.config.logging.log_every_steps):
@@ -256,7 +256,7 @@ class TrainingEngine:
             if self._end_step():
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        if self.batches.stream and whole and self._steps_a_pass is None:
+        if self.train_batches.stream and whole and self._steps_a_pass is None:
             self._steps_a_pass = self.step - first_step
             self._warn_if_passes_end_first()
         metrics = {"train_loss": self._close_epoch_loss(), **self._validated()}
@@ -374,10 +374,10 @@ class TrainingEngine:
                 raise
             recorded.append((loss, metrics, counts[i] if counts else 1.0))
             losses.append(loss)
-        overflows = None
+        found_inf = None
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-            overflows = overflowed(scaler, self.optimizer)
+            found_inf = overflowed(scaler, self.optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(self._params, self._clip))
         if checks.host_reads:
             grad_norm = grad_norm.item()
@@ -395,7 +395,7 @@ class TrainingEngine:
                 self._per_step_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sums.add_step(recorded, grad_norm, taken)
-        checks.note(self.step + 1, taken, losses, overflows)
+        checks.note(self.step + 1, taken, losses, found_inf)
         self.step += 1
         self.batch_in_epoch += k
         # counted in this rank's batches, which a loader of the data module's own may size otherwise (a short last
@@ -505,17 +505,18 @@ class TrainingEngine:
         # with loader workers, what a data set draws at random comes from a seed per batch, kept by no worker: the
         # training batches' differ by epoch, and each validation draws the same numbers as the others
         t, name = cfg.training, type(self.data_module).__name__
-        self.batches = TrainingBatches(self.train_loader, self.train_sampler, t.seed, t.grad_accum_steps, t.max_steps,
-                                       *ranks, name, self._warned_by_rank_0)
         with self._warned_by_rank_0():  # a data set that takes no seeding: the same on every rank
-            SeededBatches.install(self.val_loader, mixed_seed(t.seed, self.rank, VAL_STREAM))
+            for loader, stream in ((self.train_loader, TRAIN_STREAM), (self.val_loader, VAL_STREAM)):
+                SeededBatches.install(loader, mixed_seed(t.seed, self.rank, stream))
         for loader in (self.train_loader, self.val_loader):  # before the workers start: the first batch checked
             WorkerStart.install(loader)
         if is_stream(self.val_loader) and not t.eval_batches:
             with self._warned_by_rank_0():  # an endless one would hold the run at its first evaluation for ever
                 warnings.warn(f"{name}.val_dataloader() is a stream: each evaluation reads it to its end; if it has "
                               f"none, set training.eval_batches, the batches an evaluation reads")
-        self.total_steps = self._last_step(self.batches.length)
+        self.train_batches = TrainingBatches(self.train_loader, self.train_sampler, t.seed, t.grad_accum_steps,
+                                             t.max_steps, *ranks, name, self._warned_by_rank_0)
+        self.total_steps = self._last_step(self.train_batches.length)
 
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
@@ -710,12 +711,12 @@ class TrainingEngine:
         self.print(f"started from the weights of {ckpt}: the optimizer, schedule, step and data order start afresh")
 
     def _check_task_takes_the_data(self, model: torch.nn.Module) -> None:
-        """One validation step on one batch, before anything is written or wrapped (checks.first_validation_step),
-        and the names validation reports found there."""
+        """One validation step on the first batch, before anything is written or wrapped
+        (checks.check_task_takes_the_data), and the names validation reports, found there."""
         batch = next(iterate(self.val_loader, self.config.training.seed, self.rank, 0), None)
         if batch is not None:
-            self.validation_metrics = first_validation_step(
-                self.task, type(self.data_module).__name__, model, self.criterion, self._to_device(batch), self.device,
+            self.validation_metrics = check_task_takes_the_data(
+                self.task, type(self.data_module).__name__, model, self.criterion, batch, self.device,
                 self._autocast(), self.config.checkpoint, warn=self.is_main)
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -793,8 +794,8 @@ class TrainingEngine:
         callbacks = {key: copy.deepcopy(checkpointable(cb.state_dict(), f"{type(cb).__name__}.state_dict()"))
                      for key, cb in zip(callback_keys(self.callbacks), self.callbacks)}
         rank = {"rng": rng_state(self.device), **self._sums.state_dict()}
-        if self.batches.stream and self.batch_in_epoch and self.batches.state is not None:
-            rank["loader"] = self.batches.state
+        if self.train_batches.stream and self.batch_in_epoch and self.train_batches.loader_state is not None:
+            rank["loader"] = self.train_batches.loader_state
         # the scheduler's too: a ReduceLROnPlateau counts validations, and the last one of a run may be off schedule
         scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         return {"callbacks": callbacks, "best_metric": self.best_metric, "held_stop": self._held_stop, "rank": rank,
@@ -823,7 +824,7 @@ class TrainingEngine:
         self.step, self.epoch = progress["step"], progress["epoch"]
         self.batch_in_epoch = resume.batches_done_in_epoch(progress, shared["config"]["training"]["batch_size"],
                                                            self.config.training.batch_size, self.world_size,
-                                                           self.batches.stream)
+                                                           self.train_batches.stream)
         self.samples_seen, self.step_checks.skipped = progress["samples_seen"], progress["skipped_steps"]
         self.step_checks.overflows = progress.get("overflow_steps", 0)  # absent from checkpoints before it was counted
         monitor_changed = bool({"checkpoint.monitor", "checkpoint.mode"} & set(changed))  # a best of another metric
@@ -834,7 +835,7 @@ class TrainingEngine:
             self.print(f"{path} holds the stop asked for at step {self.step} ({progress['stop']}): this run ends "
                        f"there too (another training.patience, training.early_stopping or checkpoint.monitor "
                        f"lifts it)")
-        last_step = self._last_step(self.batches.length)
+        last_step = self._last_step(self.train_batches.length)
         if last_step != self.total_steps:  # resumed in another layout, now or before: the schedule spans the steps
             # this run takes, counted in its own; built before the optimizer's state is loaded, like the first one
             self.total_steps = self.task.total_steps = last_step
@@ -869,7 +870,7 @@ class TrainingEngine:
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
         elif self.scheduler is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
-        if self.step_checks.on_device and isinstance(self.optimizer, torch.optim.SGD):
+        if self.step_checks.skips_on_device and isinstance(self.optimizer, torch.optim.SGD):
             # this run's settings, back after the load, may give momentum to a run saved without it: its buffers
             # made now, as for a fresh run, else a step skipped on the device leaves them uninitialised
             zero_missing_momentum(self.optimizer)
@@ -892,8 +893,8 @@ class TrainingEngine:
             mine = load_rank_state(path, self.rank)
             set_rng_state(mine["rng"], self.device)
             self._sums.load_state_dict(mine)
-            if self.batches.stream and self.batch_in_epoch and "loader" in mine and keeps_its_place(self.train_loader):
-                self.batches.restore(mine["loader"])
+            if self.train_batches.stream and self.batch_in_epoch and "loader" in mine:
+                self.train_batches.restore(mine["loader"])
         else:
             warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
         self.train_metrics = shared["train_metrics"]
@@ -1098,7 +1099,7 @@ class TrainingEngine:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _to_device(self, batch: Any) -> Any:
-        return batch if self.device.type == "cpu" else moved_to(batch, self.device)  # loaders yield CPU tensors
+        return on_device(batch, self.device)
 
 
 _UNCHECKED = contextlib.nullcontext()

@@ -41,15 +41,17 @@ class TrainingBatches:
 
     def __init__(self, loader: Any, sampler: Any, seed: int, grad_accum_steps: int, max_steps: int, rank: int,
                  world_size: int, name: str, warned: Callable[[], contextlib.AbstractContextManager]):
-        self.loader, self.sampler, self.seed, self.k = loader, sampler, seed, grad_accum_steps
+        self.loader, self.sampler, self.seed, self.group_size = loader, sampler, seed, grad_accum_steps
         self.rank, self.world_size, self.name, self.warned = rank, world_size, name, warned
         self.wait_s = 0.0  # time spent waiting for the loader: read by ThroughputMonitor
-        self.state: dict[str, Any] | None = None  # a stream's: where its loader stood after the last group yielded
+        # a stream's: where its loader stood after the last group yielded, which a checkpoint keeps
+        self.loader_state: dict[str, Any] | None = None
         self._restored = False  # a stream's loader put back where a checkpoint's stood, to go on from
         self._read_ahead_rng: dict[str, Any] | None = None  # the host's random streams its first read draws from
         self.resumable = ResumableSampler.install(loader, sampler)
-        with warned():  # a data set that takes no seeding: the same on every rank
-            self.seeded = SeededBatches.install(loader, mixed_seed(seed, rank, TRAIN_STREAM))
+        # the batch seeds (SeededBatches.install), which the engine gives both loaders before their workers start
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        self.seeded = batch_sampler if isinstance(batch_sampler, SeededBatches) else None
         self.stream = is_stream(loader)
         self.length = None if self.stream else len(loader)  # batches an epoch; a stream's is known when it ends
         dataset = getattr(loader, "dataset", None)
@@ -81,7 +83,7 @@ class TrainingBatches:
     def groups(self, epoch: int, batch_in_epoch: int) -> Iterator[tuple[list[Any], bool]]:
         """Groups of grad_accum_steps micro-batches of ``epoch``, starting after the ``batch_in_epoch`` it trained
         on, each with whether it is the epoch's last full group."""
-        k = self.k
+        k = self.group_size
         if self.seeded is not None:
             self.seeded.epoch = epoch
         if self.stream:
@@ -127,7 +129,7 @@ class TrainingBatches:
         StatefulDataLoader: its state before the group read ahead is what a checkpoint keeps), else after the
         batches it had trained on, read again and dropped.
         """
-        k = self.k
+        k = self.group_size
         batches = iterate(self.loader, self.seed, self.rank, -1 - epoch)
         if batch_in_epoch and not self._restored:
             with self.warned():
@@ -159,7 +161,7 @@ class TrainingBatches:
                              f"{epoch}{' on some rank' if self.world_size > 1 else ''}: a stream must "
                              f"yield batches on every rank, each time it is iterated")
         while not ended:
-            self.state = self._loader_state() if keeps_place else None
+            self.loader_state = self._loader_state() if keeps_place else None
             following, ended = read()
             yield group, ended
             group = following
@@ -174,8 +176,11 @@ class TrainingBatches:
         return {"state": state, "num_workers": workers, **rng}
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Put the stream's loader back where the checkpoint's stood (``state`` then); with another worker count,
-        whose state has other parts, its epoch's batches are read again instead."""
+        """Put the stream's loader back where it stood when ``saved`` was its ``loader_state``, if it keeps its
+        place; with another worker count, whose state has other parts, or a loader that cannot take it, the
+        epoch's batches are read again instead."""
+        if not keeps_its_place(self.loader):
+            return
         workers = getattr(self.loader, "num_workers", 0)
         if saved["num_workers"] != workers:
             with self.warned():
@@ -185,13 +190,6 @@ class TrainingBatches:
         self.loader.load_state_dict(saved["state"])
         self._restored = True
         self._read_ahead_rng = saved.get("rng")  # absent from checkpoints of earlier versions
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of ``rank``'s own draws (dropout and the like): ``seed`` itself on rank 0, as on one process, and a
-    stream of its own on the others, so that rank 1 of seed 0 draws apart from rank 0 of seed 1 (seed + rank did
-    not) and from the streams the data draws from."""
-    return seed if rank == 0 else mixed_seed(seed, rank, RANK_STREAM)
 
 
 def iterate(loader: Any, seed: int, rank: int, salt: int) -> Iterator[Any]:
@@ -236,8 +234,8 @@ def validation_batches(loader: Any, seed: int, rank: int, step: int, limit: int 
 class ResumableSampler:
     """Stands between a DataLoader's BatchSampler and its sampler to skip indices already trained on.
 
-    Skipping indices costs nothing, unlike replaying batches through the loader. The
-    engine sets ``skip`` before each epoch's iterator starts.
+    Skipping indices costs nothing, unlike replaying batches through the loader.
+    TrainingBatches sets ``skip`` before each epoch's iterator starts.
     """
 
     def __init__(self, sampler: Any):
@@ -268,12 +266,6 @@ class ResumableSampler:
         return wrapper
 
 
-class SeededBatch(list):
-    """A batch's indices, and the seed its random numbers are drawn from in the loader worker that loads it."""
-
-    seed: int
-
-
 def is_stream(loader: Any) -> bool:
     """Whether a training loader is a stream, whose batches are counted as they come: one over an
     IterableDataset (a length it may have is a guess), or one of no length."""
@@ -300,10 +292,16 @@ def keeps_its_place(loader: Any) -> bool:
     return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
 
 
+class SeededBatch(list):
+    """A batch's indices, and the seed its random numbers are drawn from in the loader worker that loads it."""
+
+    seed: int
+
+
 class SeededBatches(BatchSampler):
     """torch's BatchSampler whose batches carry a seed: (``seed``, ``epoch``, the batch's place in the epoch),
     the same in a run that never stopped and in one resumed mid-epoch (over a ResumableSampler, the place
-    counts the batches it skips). The engine sets ``epoch`` before each epoch's iterator starts."""
+    counts the batches it skips). TrainingBatches sets ``epoch`` before each epoch's iterator starts."""
 
     seed: int
     epoch: int
@@ -414,6 +412,13 @@ def mixed_seed(*numbers: int) -> int:
     return hash(tuple((n,) if n == -2 else n for n in numbers)) % 2**63
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s own draws (dropout and the like): ``seed`` itself on rank 0, as on one process, and a
+    stream of its own on the others, so that rank 1 of seed 0 draws apart from rank 0 of seed 1 (seed + rank did
+    not) and from the streams the data draws from."""
+    return seed if rank == 0 else mixed_seed(seed, rank, RANK_STREAM)
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random streams: Python's, NumPy's, torch's, and on a GPU that of the one it trains on
     (not every visible GPU's: a resume may see fewer, or give this rank another)."""
@@ -433,7 +438,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     saved = state.get("cuda")
     if saved is None or device.type != "cuda":

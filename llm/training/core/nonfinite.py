@@ -22,7 +22,7 @@ class StepChecks:
 
     On the CPU the host reads each step's losses and gradient norm at once (``host_reads``): that costs
     nothing there. On a GPU the flag stays on the device: a fused optimizer skips its update there
-    (found_inf, ``on_device``), and the host reads the flag a step later (``check``), so the GPU never
+    (found_inf, ``skips_on_device``), and the host reads the flag a step later (``check``), so the GPU never
     waits for the host. ``say``: how a skipped step is reported.
     """
 
@@ -30,7 +30,7 @@ class StepChecks:
                  say: Callable[[str], None]):
         self.optimizer, self.nan_policy, self.say = optimizer, nan_policy, say
         self.host_reads = _read_now(device)
-        self.on_device = _skips_on_device(optimizer, device) and ready_for_skips(optimizer)
+        self.skips_on_device = _skips_on_device(optimizer, device) and ready_for_skips(optimizer)
         self.skipped = 0  # steps dropped by nan_policy=skip
         self.overflows = 0  # steps a loss scaler (fp16) skipped: gradients that overflowed its scale
         # (step, taken, losses, a loss scaler's flags: whether it found an overflow) of steps to check
@@ -52,7 +52,7 @@ class StepChecks:
         """The optimizer's update, or none where a loss or the gradient norm is not finite (``taken`` is false).
         With a loss scaler too: its own check, which unscale_ made, passes gradients each finite whose norm
         overflows."""
-        if self.on_device:
+        if self.skips_on_device:
             # a fused optimizer (what build_optimizer makes) skips its update on the device when found_inf
             # is 1, the way GradScaler drives it: no CPU-GPU sync, and the GPU never waits for the host
             self.optimizer.found_inf = (~taken).float()

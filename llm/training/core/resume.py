@@ -1,6 +1,5 @@
 """Resuming: which checkpoint a run starts from and whether its folder may be used, and what a config may change
-on resume (what a run restores to read its data exactly as before, its random streams and data position, is
-loading.py's)."""
+on resume (how a run resumed reads its data exactly as before, the loaders and random streams, is loading.py's)."""
 
 from __future__ import annotations
 

@@ -320,10 +320,10 @@ def test_what_a_checkpoint_cannot_hold_is_one_line_naming_where_it_came_from(tmp
         train(tiny_config(tmp_path / "field"), Stepped)
 
 
-def test_the_first_validation_step_names_what_validation_reports_and_refuses_batches_the_task_cannot_take(tmp_path):
+def test_the_first_validation_batch_names_what_validation_reports_and_refuses_one_the_task_cannot_take(tmp_path):
     from contextlib import nullcontext
 
-    from llm.training.core.checks import first_validation_step
+    from llm.training.core.checks import check_task_takes_the_data
 
     config = tiny_config(tmp_path)
     task = RegressionTask(config)
@@ -331,11 +331,18 @@ def test_the_first_validation_step_names_what_validation_reports_and_refuses_bat
     x = torch.randn(4, config.data.input_dim)
     step = (task, "Numbers", model, criterion)
     after = (torch.device("cpu"), nullcontext(), config.checkpoint)
-    assert first_validation_step(*step, (x, torch.randn(4, 1)), *after, warn=True) == ["val_loss", "val_mae"]
+    assert check_task_takes_the_data(*step, (x, torch.randn(4, 1)), *after, warn=True) == ["val_loss", "val_mae"]
     assert model.training  # put back as it was found
     with pytest.raises(UsageError, match=r"^RegressionTask.validation_step failed on the first batch of Numbers: "
                                          r"RuntimeError: .*does the data module yield what the task takes\?"):
-        first_validation_step(*step, (x[:, :1], torch.randn(4, 1)), *after, warn=True)
+        check_task_takes_the_data(*step, (x[:, :1], torch.randn(4, 1)), *after, warn=True)
+
+    class Pair(tuple):  # a batch that cannot be rebuilt on the device from its moved items
+        def __new__(cls, x, y):
+            return super().__new__(cls, (x, y))
+
+    with pytest.raises(UsageError, match="failed on the first batch of Numbers: TypeError"):
+        check_task_takes_the_data(*step, Pair(x, torch.randn(4, 1)), torch.device("meta"), *after[1:], warn=True)
     config.checkpoint.monitor = "val_acc"  # not among them
     with pytest.raises(UsageError, match="val_acc"):
-        first_validation_step(*step, (x, torch.randn(4, 1)), *after, warn=True)
+        check_task_takes_the_data(*step, (x, torch.randn(4, 1)), *after, warn=True)

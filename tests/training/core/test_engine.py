@@ -1177,7 +1177,7 @@ def test_a_first_step_skipped_on_the_device_leaves_the_optimizer_as_the_hosts_sk
                              optimizer={"name": optimizer, "scheduler": "constant"})
         runs.append(train(config, task_cls=NaNRegressionTask)[0])
     device, host = runs
-    assert device.optimizer.defaults.get("fused") and device.step_checks.on_device  # the device's own skip was there
+    assert device.optimizer.defaults.get("fused") and device.step_checks.skips_on_device  # the device's own skip was there
     for name, value in weights(host.raw_model).items():
         assert torch.equal(value, weights(device.raw_model)[name]), name
     for p, q in zip(host.optimizer.param_groups[0]["params"], device.optimizer.param_groups[0]["params"]):
@@ -1204,7 +1204,7 @@ def test_sgd_given_momentum_by_a_resume_skips_its_first_step_on_the_device_as_th
         runs.append(train(tiny_config(tmp_path / str(on_device), **sections, checkpoint={"resume": "auto"}),
                           task_cls=NaNRegressionTask)[0])
     device, host = runs
-    assert device.step_checks.on_device and device.optimizer.param_groups[0]["momentum"] == 0.9
+    assert device.step_checks.skips_on_device and device.optimizer.param_groups[0]["momentum"] == 0.9
     for name, value in weights(host.raw_model).items():
         assert torch.equal(value, weights(device.raw_model)[name]), name
 

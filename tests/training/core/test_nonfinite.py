@@ -15,7 +15,7 @@ def checks_of(nan_policy="skip"):
 
 def test_a_step_with_a_non_finite_loss_or_norm_is_not_taken_and_is_counted_or_stops_as_the_policy_says():
     checks, _, said = checks_of("skip")
-    assert checks.host_reads and not checks.on_device  # on the CPU the host decides, at once
+    assert checks.host_reads and not checks.skips_on_device  # on the CPU the host decides, at once
     assert checks.taken(1.0, [0.5, 0.25]) is True
     checks.note(1, True, [0.5, 0.25], None)  # a step the host knows was taken leaves nothing to check
     bad_loss, bad_norm = checks.taken(1.0, [0.5, math.nan]), checks.taken(math.inf, [0.5])
