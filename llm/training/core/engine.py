@@ -492,6 +492,13 @@ class TrainingEngine:
         D.check_same_settings(cfg)  # before anything the settings steer: the checkpoint to resume, the data
         start = self._find_start()
         D.agree_on_errors(lambda: resume.check_run_dir(cfg, self.run_dir, start), run_here=self.is_main)
+        self._set_up_data()
+        self._set_up_model(start)
+        self._set_up_run(start)
+
+    def _set_up_data(self) -> None:
+        """The data module prepared and set up, its loaders checked and seeded, and the steps the run takes."""
+        cfg = self.config
         D.agree_on_errors(self.data_module.prepare_data, run_here=self.local_rank == 0)
         # the same random numbers on every rank, run and resume for a data module that draws them in setup (a
         # split, a shuffle, generated data) without a generator of its own: after prepare_data, which one process
@@ -518,6 +525,10 @@ class TrainingEngine:
                                              t.max_steps, *ranks, name, self._warned_by_rank_0)
         self.total_steps = self._last_step(self.train_batches.length)
 
+    def _set_up_model(self, start: resume.Start) -> None:
+        """The model (checked on a validation batch, started from init_from's weights if given), its loss, the
+        optimizer, the schedule, the weight average and the loss scaler."""
+        cfg = self.config
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
         self.task.data_module, self.task.total_steps = self.data_module, self.total_steps
         with out_of_memory(f"{type(self.task).__name__}.build_model()", "a smaller model (model.n_embd, ...)"):
@@ -545,6 +556,11 @@ class TrainingEngine:
             raise UsageError("training.precision fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.step_checks = StepChecks(self.optimizer, self.device, cfg.training.nan_policy, self.print)
+
+    def _set_up_run(self, start: resume.Start) -> None:
+        """The checkpoints: the resume from ``start``, if any, and the ones to save; then the model wrapped for
+        DDP or FSDP, and the run's config and artifacts written."""
+        cfg = self.config
         seed_everything(rank_seed(cfg.training.seed, self.rank))  # dropout and the like differ per rank
         background = cfg.checkpoint.async_save
         group = D.background_group() if background and D.active() else None
