@@ -221,14 +221,10 @@ def check_task_takes_the_data(task: TrainingTask, data_name: str, model: torch.n
                 returned = task.validation_step(on_device(batch, device), model, criterion)
     except torch.OutOfMemoryError:
         raise
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, UserWarning) as e:
+    except (*NOT_FITTING, UserWarning) as e:
         if D.op_with_no_deterministic_form(e):  # the setting's fault, not the data module's
             raise
-        raise UsageError(
-            f"{type(task).__name__}.validation_step failed on the first batch of {data_name}: {type(e).__name__}: "
-            f"{one_line(e, 200)} ({raised_at(e)}); does the data module yield what the task takes? Choose another "
-            f"with --data-module, or make the task's steps take its batches"
-        ) from None
+        raise not_fitting(task, "validation_step", data_name, e) from None
     finally:
         model.train()
     _, metrics = loss_and_metrics(task, returned, "validation_step")
@@ -248,3 +244,33 @@ def check_task_takes_the_data(task: TrainingTask, data_name: str, model: torch.n
         warnings.warn(f"checkpoint.monitor {monitor} is kept at its lowest (checkpoint.mode min), as a loss "
                       f"is: if higher is better, give --checkpoint-mode max")
     return names if whole is not None else None
+
+
+NOT_FITTING = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError)
+"""What a task's step raises on a batch it cannot take: a shape, a type, a key or an index that does not fit."""
+
+
+def not_fitting(task: TrainingTask, method: str, data_name: str, e: BaseException) -> UsageError:
+    """The one line for ``task.<method>`` failing with ``e`` on the first batch of the data module ``data_name``:
+    the error, the line of the task's code it came from, and what to change."""
+    return UsageError(f"{type(task).__name__}.{method} failed on the first batch of {data_name}: {type(e).__name__}: "
+                      f"{one_line(e, 200)} ({raised_at(e)}); does the data module yield what the task takes? Choose "
+                      f"another with --data-module, or make the task's steps take its batches")
+
+
+@contextlib.contextmanager
+def first_training_batch(task: TrainingTask, data_name: str) -> Iterator[None]:
+    """The context of ``task.train_step`` on this process's first training batch, which the validation batch
+    checked in set-up (check_task_takes_the_data) may not be like (a data module whose two loaders differ, or
+    no validation data): a loss that broadcasts its targets (broadcast_refused), or an error of a batch the task
+    cannot take (NOT_FITTING), is a UsageError in one line. Not for a compiled model, whose errors at its first
+    step are most often the compiler's."""
+    try:
+        with broadcast_refused(task, "train_step"):
+            yield
+    except (UsageError, torch.OutOfMemoryError):
+        raise
+    except NOT_FITTING as e:
+        if D.op_with_no_deterministic_form(e):  # the setting's fault, not the data module's
+            raise
+        raise not_fitting(task, "train_step", data_name, e) from None

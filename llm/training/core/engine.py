@@ -49,8 +49,8 @@ from llm.training.core.checkpoint import (
     step_name,
     verify,
 )
-from llm.training.core.checks import (broadcast_refused, check_plateau, checkpointable, check_task_takes_the_data,
-                                      loaders_of, loss_and_metrics, no_monitor, out_of_memory)
+from llm.training.core.checks import (broadcast_refused, check_plateau, check_task_takes_the_data, checkpointable,
+                                      first_training_batch, loaders_of, loss_and_metrics, no_monitor, out_of_memory)
 from llm.training.core.config import Config, fitted_settings, settings_of
 from llm.training.core.loading import (SETUP_STREAM, TRAIN_STREAM, VAL_STREAM, SeededBatches, TrainingBatches,
                                        WorkerStart, is_stream, iterate, mixed_seed, rank_seed, rng_state,
@@ -355,7 +355,7 @@ class TrainingEngine:
         losses, recorded = [], []
         for i, batch in enumerate(batches):
             # the steps after the first enter a context that does nothing: no cost added to the loop
-            with broadcast_refused(self.task, "train_step") if first else _UNCHECKED:
+            with self._first_batch_checked() if first else _UNCHECKED:
                 if self._bare_forward:  # one process in fp32: no context to enter
                     returned = self.task.train_step(batch, self.model, self.criterion)
                 else:  # gradients are all-reduced once, on the last micro-step, not k times
@@ -404,6 +404,14 @@ class TrainingEngine:
         if first:
             self._after_first_step = (time.perf_counter(), self.aside_s, self.samples_seen)
             self.first_step_s = self._after_first_step[0] - began
+
+    def _first_batch_checked(self) -> contextlib.AbstractContextManager:
+        """The context of the first step's forward: its errors of a batch the task cannot take, one line each
+        (checks.first_training_batch); a compiled model's are the compiler's, left as they are, but for a loss
+        that broadcasts its targets."""
+        if self.config.training.compile:
+            return broadcast_refused(self.task, "train_step")
+        return first_training_batch(self.task, type(self.data_module).__name__)
 
     def _loss_scales(self, batches: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
         """What each micro-batch's loss is multiplied by before backward, and the task's item counts.

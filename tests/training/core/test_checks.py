@@ -346,3 +346,30 @@ def test_the_first_validation_batch_names_what_validation_reports_and_refuses_on
     config.checkpoint.monitor = "val_acc"  # not among them
     with pytest.raises(UsageError, match="val_acc"):
         check_task_takes_the_data(*step, (x, torch.randn(4, 1)), *after, warn=True)
+
+
+class TrainBatchesOfThree(SyntheticDataModule):
+    """Training batches of 3 features, where the model takes data.input_dim; validation batches that fit."""
+
+    def setup(self, stage):
+        super().setup(stage)
+        n = len(self.train_set)
+        self.train_set = torch.utils.data.TensorDataset(torch.randn(n, 3), torch.randn(n, 1))
+
+
+def test_a_training_batch_the_task_cannot_take_stops_the_first_step_in_one_line_and_leaves_no_run(tmp_path):
+    # the validation batch checked in set-up fits: the training one does not
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError, match=r"^RegressionTask.train_step failed on the first batch of "
+                                         r"TrainBatchesOfThree: RuntimeError: mat1 and mat2 shapes cannot be multiplied \(16x3 and 4x\d+\) "
+                                         r"\(\S+regression_task.py:\d+\); does the data module yield what the task "
+                                         r"takes\? Choose another with --data-module"):
+        TrainingEngine(config, RegressionTask(config), data_module=TrainBatchesOfThree(config)).train()
+    assert not (tmp_path / "run").exists()  # taken back: the same command, mended, trains there
+
+
+def test_a_compiled_models_first_step_errors_are_the_compilers_not_read_as_the_datas(tmp_path):
+    config = tiny_config(tmp_path, training={"compile": True})
+    with pytest.raises(Exception, match=r"same reduction dim, but got \[16, 3\]") as raised:
+        TrainingEngine(config, RegressionTask(config), data_module=TrainBatchesOfThree(config)).train()
+    assert not isinstance(raised.value, UsageError)
