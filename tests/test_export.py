@@ -57,13 +57,19 @@ def test_each_export_has_a_description_of_its_own_whatever_dots_its_name_holds(t
 
 def test_export_lm_with_tied_embeddings(tmp_path, capsys):
     config = lm_config(tmp_path, training={"max_steps": 3})
-    TrainingEngine(config, LMTask(config), 0, 1).train()
+    engine = TrainingEngine(config, LMTask(config), 0, 1)
+    engine.train()
     out = tmp_path / "lm.safetensors"
     assert main(["--checkpoint", str(tmp_path / "run/checkpoints"), "--out", str(out)]) == 0
     description = json.loads(out.with_suffix(".json").read_text())
     model = GPT(GPTConfig.from_dict(description["model_config"]))
     model.load_state_dict(load_file(out), strict=True)
     assert description["model_config"]["tie_embeddings"] is True
+    trained_weights = engine.raw_model.state_dict()  # the trained weights themselves, the tied ones once
+    assert model.state_dict().keys() == trained_weights.keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained_weights[name]), name
+    assert model.lm_head.weight is model.tok_emb.weight  # tied again on load
     # the tokenizer goes beside the weights: the export alone turns ids back into text
     assert description["tokenizer"] == "lm.tokenizer.json"
     _, trained, _ = load_lm(tmp_path / "run")

@@ -349,7 +349,8 @@ def test_retention_keeps_last_k_plus_best(tmp_path, keep_last, survivors):
     assert manager.latest_valid() == tmp_path / "step_00000006"
 
 
-@pytest.mark.parametrize("keep_best, survivors, best", [(0, [6], None), (1, [1, 6], 1), (3, [1, 3, 4, 6], 1)])
+@pytest.mark.parametrize("keep_best, survivors, best",
+                         [(0, [6], None), (1, [1, 6], 1), (2, [1, 3, 6], 1), (3, [1, 3, 4, 6], 1)])
 def test_retention_keeps_the_best_k_and_the_best_file_names_the_best(tmp_path, keep_best, survivors, best):
     manager = CheckpointManager(tmp_path, keep_last=1, keep_best=keep_best, monitor="val_loss", mode="min")
     losses = {1: 0.1, 2: 0.9, 3: 0.3, 4: 0.3, 5: 0.6, 6: 0.5}  # 3 and 4 tie: the earlier ranks first

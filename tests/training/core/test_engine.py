@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from llm.data.synthetic_data_module import SyntheticDataModule
 from llm.errors import UsageError
@@ -84,8 +85,13 @@ def test_training_lowers_loss_and_fills_the_run_dir(tmp_path):
     assert len(events.Scalars("train/loss")) == len(train_losses)
     assert events.Scalars("val/val_loss")[-1].value == pytest.approx(metrics["val_loss"], rel=1e-6)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{engine.step:08d}"
-    hparams = events.PluginTagToContent("hparams")  # the config, logged as TensorBoard hparams
-    assert hparams and any(b"training.batch_size" in content for content in hparams.values())
+    hparams = events.PluginTagToContent("hparams")  # the config, logged as TensorBoard hparams, read back as such
+    logged = [HParamsPluginData.FromString(content).session_start_info.hparams for content in hparams.values()]
+    logged = next(values for values in logged if values)
+    assert logged["training.batch_size"].number_value == config.training.batch_size == 16
+    assert logged["optimizer.lr"].number_value == pytest.approx(config.optimizer.lr)
+    assert logged["optimizer.name"].string_value == config.optimizer.name
+    assert logged["logging.log_dir"].string_value == str(run_dir) and logged["task"].string_value == "regression"
 
 
 def test_a_config_built_in_code_is_checked_and_writes_under_the_task_name(tmp_path, monkeypatch):
