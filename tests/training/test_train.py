@@ -134,6 +134,25 @@ def test_two_ranks_match_each_other_and_one_process_on_the_combined_batch(tmp_pa
     assert d["val_loss"] == pytest.approx(s["val_loss"], rel=1e-4)
 
 
+def test_fsdp_on_two_ranks_holds_half_of_each_tensor_and_trains_as_one_process_on_the_combined_batch(tmp_path):
+    # SGD: a gradient summed over the ranks rather than averaged would double each step, which Adam would hide
+    common = [*SMALL, "--epochs", "2", "--optimizer-name", "sgd", "--optimizer-lr", "0.05"]
+    fsdp = torchrun(2, WORKER, *common, "--distributed-strategy", "fsdp", "--training-batch-size", "16",
+                    "--logging-log-dir", "fsdp", cwd=tmp_path)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    single = run([sys.executable, str(WORKER), *common, "--training-batch-size", "32", "--logging-log-dir", "one"],
+                 cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    first, second, one = (torch.load(tmp_path / p, weights_only=True)
+                          for p in ("fsdp/weights_rank0.pt", "fsdp/weights_rank1.pt", "one/weights_rank0.pt"))
+    for name, whole in one.items():
+        assert first[name].shape[0] == -(-whole.shape[0] // 2), name  # a half (rounded up), not a copy
+        torch.testing.assert_close(torch.cat([first[name], second[name]]), whole, rtol=1e-4, atol=1e-5, msg=name)
+    f, s = (json.loads((tmp_path / p / "summary.json").read_text()) for p in ("fsdp", "one"))
+    assert f["steps"] == s["steps"] == 2 * (461 // 32) and f["samples_seen"] == s["samples_seen"]
+    assert f["val_loss"] == pytest.approx(s["val_loss"], rel=1e-4)
+
+
 def test_two_ranks_split_each_epoch_reshuffle_every_epoch_and_only_rank_0_writes(tmp_path):
     out = torchrun(2, REPO / "llm/training/train.py", "--task", "tests.helpers:SampleRecordingTask", *SMALL,
                    "--epochs", "2", "--logging-log-every-steps", "2", cwd=tmp_path, timeout=120,

@@ -368,20 +368,28 @@ def fsdp_optimizers_worker(rank: int, directory: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
     try:
-        batches = torch.randint(0, 20, (2, 4, 8), generator=torch.Generator().manual_seed(rank))
+        # each rank's two steps of 4 sequences; both ranks' together, 8 a step, for one process to train on
+        each = [torch.randint(0, 20, (2, 4, 8), generator=torch.Generator().manual_seed(r)) for r in (0, 1)]
+        config = GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16)
         for name in ("adamw", "adam", "sgd"):
             torch.manual_seed(0)
-            model = prepare(GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16)),
-                            Config.from_dict({"distributed": {"strategy": "fsdp"}}), 2)
+            model = prepare(GPT(config), Config.from_dict({"distributed": {"strategy": "fsdp"}}), 2)
             before = local_weights(model)
-            lm_steps(model, build_optimizer(model, OptimizerConfig(name=name, lr=0.1)), batches)
+            lm_steps(model, build_optimizer(model, OptimizerConfig(name=name, lr=0.1)), each[rank])
             moved = any(not torch.equal(before[k], v) for k, v in local_weights(model).items())
+            trained = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            if rank == 0:  # the shards' steps are one process's on both ranks' batches
+                torch.manual_seed(0)
+                whole = GPT(config)
+                lm_steps(whole, build_optimizer(whole, OptimizerConfig(name=name, lr=0.1)), torch.cat(each, dim=1))
+                for key, value in whole.state_dict().items():
+                    torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
             Path(directory, f"{name}_rank{rank}").write_text(str(moved))
     finally:
         dist.destroy_process_group()
 
 
-def test_each_optimizer_steps_fsdp_shards(tmp_path):
+def test_each_optimizer_steps_fsdp_shards_as_one_process_steps_on_both_ranks_batches(tmp_path):
     spawn(fsdp_optimizers_worker, str(tmp_path), free_port(), timeout=120)
     for name in ("adamw", "adam", "sgd"):  # sgd's fused kernel has no sharded version: it used to fail
         assert [(tmp_path / f"{name}_rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"], name
