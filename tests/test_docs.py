@@ -34,6 +34,14 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__docs__"}
     for name, code in blocks(doc, "python"):
         exec(compile(code, f"{doc.name}:{name or 'block'}", "exec"), namespace)
+    if doc.name == "usage.md":  # its last block, the guide's training script: 3 epochs, each logged where it says
+        assert namespace["metrics"]["epochs"] == 3
+        run = tmp_path / "runs/guide-example"
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records if r["split"] == "epoch"] == [1, 2, 3]
+        val = [r["val_loss"] for r in records if r["split"] == "val"]
+        assert val[-1] == pytest.approx(namespace["metrics"]["val_loss"]) and val[-1] < val[0]
+        assert "lr" in records[0] and len(list(run.glob("events.out.tfevents.*"))) == 1
 
 
 def shell_script(doc: Path) -> str:
@@ -64,6 +72,15 @@ def test_shell_commands_run_in_order(doc, tmp_path):
     out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert list(tmp_path.glob("runs/*/summary.json"))
+    if doc.name == "checkpoints.md":  # what the page says the commands do
+        checkpoints = tmp_path / "runs/ckpt-demo/checkpoints"
+        assert re.search(r"^step_00000030$", out.stdout, re.M), out.stdout[-2000:]  # `latest` after the first run
+        assert "training.max_steps (30 -> 0" in out.stdout, out.stdout[-2000:]
+        assert json.loads((tmp_path / "runs/ckpt-demo/summary.json").read_text())["steps"] == 114
+        assert sorted(p.name for p in checkpoints.glob("step_*")) == [
+            "step_00000100", "step_00000110", "step_00000114"]
+        assert (checkpoints / "best").read_text().strip() == "step_00000114"
+        assert (tmp_path / "regression.safetensors").is_file() and (tmp_path / "regression.json").is_file()
     if doc.name == "README.md":  # the main job: the validation loss falls, and a sample is printed at the end
         parts = re.split(r"^(def .*)$", out.stdout, maxsplit=1, flags=re.M)  # the sample starts with the prompt
         assert len(parts) == 3 and len(parts[1]) > len("def "), out.stdout[-2000:]
