@@ -438,9 +438,9 @@ def case_of(param) -> Case:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under folder, by relative path, as a hash of its bytes."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under folder, by relative path, as a hash of its bytes; every folder, empty ones too."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_dir()}
 
 
 @dataclass
