@@ -830,6 +830,9 @@ class TrainingEngine:
         self.task.save_artifacts(directory)
 
     def load_checkpoint(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path``: its config compared with this run's (changes refused unless
+        allowed, or said), then its progress, weights, optimizer, schedule, scaler, callbacks, and each rank's
+        random streams and data position; called in set-up, after the model and optimizer are built."""
         shared = load_shared_state(path)
         missing = [key for key in SHARED_STATE if key not in shared]
         if missing:
@@ -873,6 +876,38 @@ class TrainingEngine:
             self.ema.restart()
             self.print(f"the weight average (training.ema_decay {self.config.training.ema_decay}) starts at step "
                        f"{self.step}, from the weights resumed: {path} holds none")
+        self._restore_schedule(shared, changed, fresh_groups)
+        if self.step_checks.skips_on_device and isinstance(self.optimizer, torch.optim.SGD):
+            # this run's settings, back after the load, may give momentum to a run saved without it: its buffers
+            # made now, as for a fresh run, else a step skipped on the device leaves them uninitialised
+            zero_missing_momentum(self.optimizer)
+        if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
+            self.scaler.load_state_dict(shared["scaler"])
+        self.val_metrics = shared["val_metrics"]
+        if not monitor_changed:
+            self.best_metric = shared["best_metric"]
+        self._restore_callbacks(shared["callbacks"], path)
+        if progress["world_size"] == self.world_size:
+            mine = load_rank_state(path, self.rank)
+            set_rng_state(mine["rng"], self.device)
+            self._sums.load_state_dict(mine)
+            if self.train_batches.stream and self.batch_in_epoch and "loader" in mine:
+                self.train_batches.restore(mine["loader"])
+        else:
+            warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
+        self.train_metrics = shared["train_metrics"]
+        self._pending = shared.get("pending_log", {})  # absent from checkpoints of earlier versions
+        self._loaded = path
+        self.continues_run = path.parent.resolve() == Path(self.config.checkpoint.dir).resolve()
+        if self.continues_run:
+            self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
+        self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def _restore_schedule(self, shared: dict[str, Any], changed: list[str],
+                          fresh_groups: list[dict[str, Any]]) -> None:
+        """The learning-rate schedule where the checkpoint's stood, with this run's settings (``fresh_groups``:
+        the optimizer's groups as this run built them) where they changed, or this run's schedule where its kind
+        did (another task's build_scheduler, or none)."""
         settings_changed = any(k not in resume.HARMLESS_CONFIG for k in changed)
         # the task's build_scheduler may have changed since (another class, or none): this run's schedule takes over
         saved_kind = shared.get("scheduler_kind", resume.UNRECORDED)  # absent from earlier versions' checkpoints
@@ -894,16 +929,10 @@ class TrainingEngine:
             resume.keep_optimizer_settings(self.optimizer, fresh_groups, self.scheduler, min(self.step, self.total_steps))
         elif self.scheduler is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
-        if self.step_checks.skips_on_device and isinstance(self.optimizer, torch.optim.SGD):
-            # this run's settings, back after the load, may give momentum to a run saved without it: its buffers
-            # made now, as for a fresh run, else a step skipped on the device leaves them uninitialised
-            zero_missing_momentum(self.optimizer)
-        if self.scaler.is_enabled() and shared["scaler"]:  # saved without fp16: the scaler starts afresh
-            self.scaler.load_state_dict(shared["scaler"])
-        self.val_metrics = shared["val_metrics"]
-        if not monitor_changed:
-            self.best_metric = shared["best_metric"]
-        states = keyed_by_class(shared["callbacks"])
+
+    def _restore_callbacks(self, states: dict[str, Any], path: Path) -> None:
+        """Each callback's saved state, found by its class name; one that cannot take it is refused in one line."""
+        states = keyed_by_class(states)
         for key, cb in zip(callback_keys(self.callbacks), self.callbacks):
             if key in states:
                 try:
@@ -913,21 +942,6 @@ class TrainingEngine:
                                           f"({type(e).__name__}: {one_line(e)}): one saved by another version of "
                                           f"that class, or by another class of that name; make its load_state_dict "
                                           f"take it, or give the other class another name") from None
-        if progress["world_size"] == self.world_size:
-            mine = load_rank_state(path, self.rank)
-            set_rng_state(mine["rng"], self.device)
-            self._sums.load_state_dict(mine)
-            if self.train_batches.stream and self.batch_in_epoch and "loader" in mine:
-                self.train_batches.restore(mine["loader"])
-        else:
-            warnings.warn(f"resuming {progress['world_size']}-process state on {self.world_size} processes: random streams restart")
-        self.train_metrics = shared["train_metrics"]
-        self._pending = shared.get("pending_log", {})  # absent from checkpoints of earlier versions
-        self._loaded = path
-        self.continues_run = path.parent.resolve() == Path(self.config.checkpoint.dir).resolve()
-        if self.continues_run:
-            self._saved_step = self.step  # this run's own checkpoint: finish() need not write it again
-        self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ---- what callbacks use ----------------------------------------------------------
 
